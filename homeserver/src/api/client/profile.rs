@@ -1,0 +1,58 @@
+//! Profiles: the whole profile and single fields (`displayname`, `avatar_url`, custom).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use ruma::{
+    api::client::profile::{delete_profile_field, get_profile, get_profile_field, set_profile_field},
+    profile::ProfileFieldValue,
+};
+
+use crate::{
+    api::ruma::{Ruma, RumaResponse},
+    error::{Error, Result},
+    service::Services,
+};
+
+pub async fn get(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_profile::v3::Request>,
+) -> Result<RumaResponse<get_profile::v3::Response>> {
+    let profile = services.profile(&req.body.user_id).await?;
+    let mut response = get_profile::v3::Response::new();
+    for (field, value) in profile {
+        response.data.set(field, value);
+    }
+    Ok(RumaResponse(response))
+}
+
+pub async fn get_field(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_profile_field::v3::Request>,
+) -> Result<RumaResponse<get_profile_field::v3::Response>> {
+    let field = req.body.field.as_str();
+    let value = services.profile_field(&req.body.user_id, field).await?;
+    let value = ProfileFieldValue::new(field, value)
+        .map_err(|e| Error::internal(format!("stored profile field {field} has the wrong type: {e}")))?;
+    Ok(RumaResponse(get_profile_field::v3::Response::new(value)))
+}
+
+pub async fn set_field(
+    State(services): State<Arc<Services>>,
+    req: Ruma<set_profile_field::v3::Request>,
+) -> Result<RumaResponse<set_profile_field::v3::Response>> {
+    let user = req.user()?;
+    let field = req.body.value.field_name();
+    let value = req.body.value.value();
+    services.set_profile_field(&user.user_id, &req.body.user_id, field.as_str(), &value).await?;
+    Ok(RumaResponse(set_profile_field::v3::Response::new()))
+}
+
+pub async fn delete_field(
+    State(services): State<Arc<Services>>,
+    req: Ruma<delete_profile_field::v3::Request>,
+) -> Result<RumaResponse<delete_profile_field::v3::Response>> {
+    let user = req.user()?;
+    services.delete_profile_field(&user.user_id, &req.body.user_id, req.body.field.as_str()).await?;
+    Ok(RumaResponse(delete_profile_field::v3::Response::new()))
+}

@@ -1,0 +1,65 @@
+//! Registration: `/register`, `/register/available`, registration token validity.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use ruma::api::client::account::{
+    check_registration_token_validity, get_username_availability,
+    register::{self, RegistrationKind},
+};
+
+use crate::{
+    api::ruma::{Ruma, RumaResponse},
+    config::RegistrationMode,
+    error::{Error, Result},
+    service::{Services, accounts::Registration, rate_limit::Action},
+};
+
+pub async fn register(
+    State(services): State<Arc<Services>>,
+    req: Ruma<register::v3::Request>,
+) -> Result<RumaResponse<register::v3::Response>> {
+    let ip = req.client_ip;
+    let body = req.body;
+    let registered = services
+        .register(
+            ip,
+            Registration {
+                username: body.username,
+                password: body.password,
+                device_id: body.device_id.map(|d| d.to_string()),
+                initial_device_display_name: body.initial_device_display_name,
+                inhibit_login: body.inhibit_login,
+                auth: body.auth,
+                is_guest: body.kind == RegistrationKind::Guest,
+            },
+        )
+        .await?;
+    let mut response = register::v3::Response::new(registered.user_id);
+    if let Some(session) = registered.session {
+        response.access_token = Some(session.access_token);
+        response.device_id = Some(session.device_id.into());
+    }
+    Ok(RumaResponse(response))
+}
+
+pub async fn available(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_username_availability::v3::Request>,
+) -> Result<RumaResponse<get_username_availability::v3::Response>> {
+    services.rate_limits.check(Action::Register, req.client_ip)?;
+    services.check_username_available(&req.body.username).await?;
+    Ok(RumaResponse(get_username_availability::v3::Response::new(true)))
+}
+
+pub async fn token_validity(
+    State(services): State<Arc<Services>>,
+    req: Ruma<check_registration_token_validity::v1::Request>,
+) -> Result<RumaResponse<check_registration_token_validity::v1::Response>> {
+    if services.settings.registration != RegistrationMode::Token {
+        return Err(Error::Forbidden("This server does not use registration tokens".to_owned()));
+    }
+    services.rate_limits.check(Action::Register, req.client_ip)?;
+    let valid = services.registration_token_valid(&req.body.token).await?;
+    Ok(RumaResponse(check_registration_token_validity::v1::Response::new(valid)))
+}

@@ -1,0 +1,127 @@
+//! HTTP: the router, the layers around it, and the Matrix endpoints.
+
+pub mod client;
+pub mod ops;
+pub mod ruma;
+
+use std::{sync::Arc, time::Instant};
+
+use ::ruma::api::{IncomingRequest, path_builder::PathBuilder};
+use axum::{
+    Router,
+    extract::{MatchedPath, Request, State},
+    handler::Handler,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{MethodFilter, get, on},
+};
+use http::{HeaderValue, Method, header};
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    cors::{Any, CorsLayer},
+    trace::TraceLayer,
+};
+
+use crate::{
+    error::Error,
+    metrics::{EndpointLabels, RequestLabels},
+    service::Services,
+};
+
+/// Registers `handler` for every path (stable, legacy and unstable) ruma knows for `T`.
+fn ruma_route<T, H, M>(mut router: Router<Arc<Services>>, handler: H) -> Router<Arc<Services>>
+where
+    T: IncomingRequest,
+    H: Handler<M, Arc<Services>> + Clone,
+    M: 'static,
+{
+    let filter = MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
+    for path in T::PATH_BUILDER.all_paths() {
+        router = router.route(path, on(filter, handler.clone()));
+    }
+    router
+}
+
+/// The whole HTTP application.
+pub fn router(services: Arc<Services>) -> Router {
+    use ::ruma::api::client::{account, device, discovery, profile, session};
+    use client::{account as acc, devices as dev, discovery as disc, profile as prof, register as reg, session as ses};
+
+    let mut r = Router::new();
+    r = ruma_route::<discovery::get_supported_versions::Request, _, _>(r, disc::versions);
+    r = ruma_route::<discovery::discover_homeserver::Request, _, _>(r, disc::well_known_client);
+    r = ruma_route::<discovery::get_capabilities::v3::Request, _, _>(r, disc::capabilities);
+    r = ruma_route::<account::register::v3::Request, _, _>(r, reg::register);
+    r = ruma_route::<account::get_username_availability::v3::Request, _, _>(r, reg::available);
+    r = ruma_route::<account::check_registration_token_validity::v1::Request, _, _>(r, reg::token_validity);
+    r = ruma_route::<session::get_login_types::v3::Request, _, _>(r, ses::login_types);
+    r = ruma_route::<session::login::v3::Request, _, _>(r, ses::login);
+    r = ruma_route::<session::logout::v3::Request, _, _>(r, ses::logout);
+    r = ruma_route::<session::logout_all::v3::Request, _, _>(r, ses::logout_all);
+    r = ruma_route::<account::whoami::v3::Request, _, _>(r, acc::whoami);
+    r = ruma_route::<account::change_password::v3::Request, _, _>(r, acc::change_password);
+    r = ruma_route::<account::deactivate::v3::Request, _, _>(r, acc::deactivate);
+    r = ruma_route::<device::get_devices::v3::Request, _, _>(r, dev::list);
+    r = ruma_route::<device::get_device::v3::Request, _, _>(r, dev::get);
+    r = ruma_route::<device::update_device::v3::Request, _, _>(r, dev::update);
+    r = ruma_route::<device::delete_device::v3::Request, _, _>(r, dev::delete);
+    r = ruma_route::<device::delete_devices::v3::Request, _, _>(r, dev::delete_many);
+    r = ruma_route::<profile::get_profile::v3::Request, _, _>(r, prof::get);
+    r = ruma_route::<profile::get_profile_field::v3::Request, _, _>(r, prof::get_field);
+    r = ruma_route::<profile::set_profile_field::v3::Request, _, _>(r, prof::set_field);
+    r = ruma_route::<profile::delete_profile_field::v3::Request, _, _>(r, prof::delete_field);
+    r = r
+        .route("/.well-known/matrix/server", get(disc::well_known_server))
+        .route("/health", get(ops::health))
+        .route("/metrics", get(ops::metrics))
+        .fallback(unrecognized)
+        .method_not_allowed_fallback(method_not_allowed);
+
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            "x-requested-with".parse().expect("valid header name"),
+        ]);
+
+    r.layer(CatchPanicLayer::custom(|_panic| {
+        tracing::error!("a request handler panicked");
+        Error::internal("handler panicked").into_response()
+    }))
+    .layer(middleware::from_fn_with_state(services.clone(), record_metrics))
+    .layer(cors)
+    .layer(TraceLayer::new_for_http())
+    .with_state(services)
+}
+
+async fn unrecognized() -> Error {
+    Error::UnrecognizedEndpoint
+}
+
+async fn method_not_allowed() -> Error {
+    Error::MethodNotAllowed
+}
+
+/// Counts requests and their latency per route template.
+async fn record_metrics(State(services): State<Arc<Services>>, request: Request, next: Next) -> Response {
+    let endpoint = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = request.method().as_str().to_owned();
+    let metrics = &services.metrics;
+    metrics.requests_in_flight.inc();
+    let started = Instant::now();
+    let mut response = next.run(request).await;
+    metrics.requests_in_flight.dec();
+    let labels = EndpointLabels { method: method.clone(), endpoint: endpoint.clone() };
+    metrics.request_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    metrics.requests.get_or_create(&RequestLabels { method, endpoint, status: response.status().as_u16() }).inc();
+    // Matrix clients cache nothing from the API; say so explicitly.
+    response.headers_mut().entry(header::CACHE_CONTROL).or_insert(HeaderValue::from_static("no-cache"));
+    response
+}

@@ -1,0 +1,150 @@
+//! The bridge between axum and ruma: [`Ruma<T>`] parses any ruma request type (and
+//! authenticates it as its metadata says), [`RumaResponse<T>`] sends any ruma response.
+
+use std::{
+    any::TypeId,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use axum::{
+    body::Body,
+    extract::{ConnectInfo, FromRequest, FromRequestParts, Path, Request, rejection::PathRejection},
+    response::{IntoResponse, Response},
+};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use ruma::api::{
+    IncomingRequest, IncomingRequestExt, OutgoingResponse, OutgoingResponseExt,
+    auth_scheme::{AccessToken, AccessTokenOptional, extract_bearer_or_query_token},
+    error::{DeserializationError, FromHttpRequestError},
+};
+
+use crate::{
+    error::Error,
+    service::{Services, auth::AuthedUser},
+};
+
+/// A parsed ruma request, the authenticated user (when the endpoint takes a token) and the
+/// client's address.
+pub struct Ruma<T> {
+    pub body: T,
+    pub user: Option<AuthedUser>,
+    pub client_ip: IpAddr,
+}
+
+impl<T> Ruma<T> {
+    /// The authenticated user; only `None` for endpoints without (required) authentication.
+    pub fn user(&self) -> Result<&AuthedUser, Error> {
+        self.user.as_ref().ok_or(Error::MissingToken)
+    }
+}
+
+impl<T> FromRequest<Arc<Services>> for Ruma<T>
+where
+    T: IncomingRequest + Send + 'static,
+{
+    type Rejection = Error;
+
+    async fn from_request(req: Request, services: &Arc<Services>) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let client_ip = client_ip(&parts, services.settings.trust_x_forwarded_for);
+
+        let path_args: Vec<String> = match <Path<Vec<String>> as FromRequestParts<Arc<Services>>>::from_request_parts(
+            &mut parts, services,
+        )
+        .await
+        {
+            Ok(Path(args)) => args,
+            Err(PathRejection::MissingPathParams(_)) => Vec::new(),
+            Err(e) => return Err(Error::InvalidParam(format!("Invalid path parameter: {}", e.body_text()))),
+        };
+
+        // Authenticate before reading the body: an unauthenticated client should not make
+        // us buffer megabytes.
+        let scheme = TypeId::of::<T::Authentication>();
+        let user = if scheme == TypeId::of::<AccessToken>() || scheme == TypeId::of::<AccessTokenOptional>() {
+            let head = http::Request::from_parts(parts.clone(), ());
+            let token = extract_bearer_or_query_token(&head).map_err(|_| Error::MissingToken)?;
+            match token {
+                Some(token) => Some(services.authenticate(&token, client_ip).await?),
+                None if scheme == TypeId::of::<AccessToken>() => return Err(Error::MissingToken),
+                None => None,
+            }
+        } else {
+            None
+        };
+
+        let limit = services.settings.max_request_bytes;
+        let bytes = read_body(body, limit).await?;
+        let http_req = http::Request::from_parts(parts, bytes.as_ref());
+        let path_refs: Vec<&str> = path_args.iter().map(String::as_str).collect();
+        let body = T::try_from_http_request(http_req, &path_refs).map_err(request_error)?;
+        Ok(Ruma { body, user, client_ip })
+    }
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(Error::TooLarge { limit }),
+        Err(e) => Err(Error::BadJson(format!("Cannot read the request body: {e}"))),
+    }
+}
+
+/// The client's address: the socket peer, or the first `X-Forwarded-For` hop when the
+/// operator said a trusted proxy sets it.
+pub fn client_ip(parts: &http::request::Parts, trust_forwarded: bool) -> IpAddr {
+    if trust_forwarded {
+        if let Some(ip) = parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.trim().parse().ok())
+        {
+            return ip;
+        }
+    }
+    parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| addr.ip())
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+}
+
+/// Maps ruma's parse failures to the errcodes the spec asks for: syntax errors are
+/// `M_NOT_JSON`, well-formed JSON of the wrong shape is `M_BAD_JSON`.
+fn request_error(e: FromHttpRequestError) -> Error {
+    match e {
+        FromHttpRequestError::MethodMismatch { .. } => Error::MethodNotAllowed,
+        FromHttpRequestError::Deserialization(e) => match e {
+            DeserializationError::Json(json) => {
+                use serde_json::error::Category;
+                match json.classify() {
+                    Category::Syntax | Category::Eof | Category::Io => {
+                        Error::NotJson(format!("The request body is not valid JSON: {json}"))
+                    }
+                    Category::Data => Error::BadJson(format!("The request body has the wrong shape: {json}")),
+                }
+            }
+            DeserializationError::Utf8(_) => Error::NotJson("The request body is not UTF-8".to_owned()),
+            DeserializationError::Ident(id) => Error::InvalidParam(format!("Invalid identifier: {id}")),
+            DeserializationError::Query(q) => Error::InvalidParam(format!("Invalid query parameter: {q}")),
+            other => Error::BadJson(other.to_string()),
+        },
+        other => Error::BadJson(other.to_string()),
+    }
+}
+
+/// Any ruma response, serialized by ruma.
+pub struct RumaResponse<T>(pub T);
+
+impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
+    fn into_response(self) -> Response {
+        match self.0.try_into_http_response::<Vec<u8>>() {
+            Ok(response) => response.map(Body::from).into_response(),
+            Err(e) => Error::internal(format!("cannot serialize a response: {e}")).into_response(),
+        }
+    }
+}

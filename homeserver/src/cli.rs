@@ -1,0 +1,255 @@
+//! The command line: `serve` (default), `generate-config`, `migrate`, `user ...`,
+//! `registration-token ...`.
+
+use std::{io::BufRead, path::PathBuf, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    config::{EXAMPLE_CONFIG, LogFormat, Settings},
+    server,
+    store::now_ms,
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "homeserver", version, about = "The Obmin Matrix homeserver")]
+pub struct Cli {
+    /// TOML configuration file; every option can also be set with an OBMIN_* variable.
+    #[arg(long, short, global = true, env = "OBMIN_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the homeserver (the default).
+    Serve,
+    /// Print a complete, commented configuration file.
+    GenerateConfig,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Manage accounts.
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Manage registration tokens (for `registration = "token"`).
+    #[command(subcommand)]
+    RegistrationToken(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCommand {
+    /// Create an account. Without --password, the password is read from standard input.
+    Create {
+        /// The localpart, e.g. `alice` for @alice:server.
+        localpart: String,
+        #[command(flatten)]
+        password: PasswordArg,
+        /// Make the account a server administrator.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List every account.
+    List,
+    /// Set a new password and log out every device.
+    ResetPassword {
+        /// `alice` or `@alice:server`.
+        user: String,
+        #[command(flatten)]
+        password: PasswordArg,
+    },
+    /// Deactivate an account for good (the user id is never reused).
+    Deactivate {
+        /// `alice` or `@alice:server`.
+        user: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct PasswordArg {
+    /// The password (visible in the process list; prefer standard input).
+    #[arg(long)]
+    password: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token and print it.
+    Create {
+        /// The token itself (default: 16 random characters).
+        #[arg(long)]
+        token: Option<String>,
+        /// How many registrations it allows (default: unlimited).
+        #[arg(long)]
+        uses_allowed: Option<u32>,
+        /// How long it stays valid, e.g. `30m`, `12h`, `7d` (default: forever).
+        #[arg(long, value_parser = parse_duration_ms)]
+        expires_in: Option<i64>,
+    },
+    /// List tokens with their use counts.
+    List,
+    /// Delete a token.
+    Revoke { token: String },
+}
+
+fn parse_duration_ms(s: &str) -> Result<i64, String> {
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: i64 = number.parse().map_err(|_| format!("`{s}` is not a duration like 30m, 12h or 7d"))?;
+    let factor = match unit {
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" | "" => 86_400_000,
+        _ => return Err(format!("unknown unit `{unit}`: use s, m, h or d")),
+    };
+    n.checked_mul(factor).filter(|v| *v > 0).ok_or_else(|| format!("`{s}` is out of range"))
+}
+
+/// Runs the command line and returns the process exit code.
+pub async fn run(cli: Cli) -> ExitCode {
+    if let Some(Command::GenerateConfig) = cli.command {
+        print!("{EXAMPLE_CONFIG}");
+        return ExitCode::SUCCESS;
+    }
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let serving = matches!(cli.command, None | Some(Command::Serve));
+    init_logging(&settings, serving);
+    let result = match cli.command {
+        None | Some(Command::Serve) => server::serve(settings).await.map_err(|e| e.to_string()),
+        Some(Command::GenerateConfig) => Ok(()),
+        Some(Command::Migrate) => server::open_store(&settings)
+            .await
+            .map(|store| {
+                println!("database is up to date");
+                drop(store);
+            })
+            .map_err(|e| e.to_string()),
+        Some(Command::User(cmd)) => user_command(settings, cmd).await,
+        Some(Command::RegistrationToken(cmd)) => token_command(settings, cmd).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(settings: &Settings, serving: bool) {
+    // Admin commands print their results; only warnings and errors are logged there.
+    let filter = if serving { settings.log.filter.as_str() } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match settings.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+    if let Err(e) = result {
+        eprintln!("warning: cannot initialise logging: {e}");
+    }
+}
+
+fn read_password(arg: PasswordArg) -> Result<String, String> {
+    if let Some(p) = arg.password {
+        return Ok(p);
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).map_err(|e| format!("cannot read the password: {e}"))?;
+    let password = line.trim_end_matches(['\n', '\r']).to_owned();
+    if password.is_empty() {
+        return Err("no password given (use --password or write it to standard input)".to_owned());
+    }
+    Ok(password)
+}
+
+async fn user_command(settings: Settings, cmd: UserCommand) -> Result<(), String> {
+    let services = server::build_services(settings).await.map_err(|e| e.to_string())?;
+    let result = match cmd {
+        UserCommand::Create { localpart, password, admin } => {
+            let password = read_password(password)?;
+            let user_id = services.create_user_admin(&localpart, password, admin).await.map_err(|e| e.to_string())?;
+            println!("{user_id}");
+            Ok(())
+        }
+        UserCommand::List => {
+            let users = services.store.users().await.map_err(|e| e.to_string())?;
+            println!("{:<40} {:<6} {:<12} created", "user_id", "admin", "deactivated");
+            for u in users {
+                println!("{:<40} {:<6} {:<12} {}", u.user_id, u.is_admin, u.deactivated, format_ts(u.created_ts));
+            }
+            Ok(())
+        }
+        UserCommand::ResetPassword { user, password } => {
+            let user_id = services.resolve_local_user(&user).map_err(|e| e.to_string())?;
+            let password = read_password(password)?;
+            services.reset_password_admin(&user_id, password).await.map_err(|e| e.to_string())?;
+            println!("password changed for {user_id}; every device was logged out");
+            Ok(())
+        }
+        UserCommand::Deactivate { user } => {
+            let user_id = services.resolve_local_user(&user).map_err(|e| e.to_string())?;
+            match services.store.user(user_id.as_str()).await.map_err(|e| e.to_string())? {
+                None => Err(format!("no such user: {user_id}")),
+                Some(_) => {
+                    if services.deactivate(&user_id).await.map_err(|e| e.to_string())? {
+                        println!("deactivated {user_id}");
+                    } else {
+                        println!("{user_id} was already deactivated");
+                    }
+                    Ok(())
+                }
+            }
+        }
+    };
+    services.store.close().await;
+    result
+}
+
+async fn token_command(settings: Settings, cmd: TokenCommand) -> Result<(), String> {
+    let services = server::build_services(settings).await.map_err(|e| e.to_string())?;
+    let result = match cmd {
+        TokenCommand::Create { token, uses_allowed, expires_in } => {
+            let expiry = expires_in.map(|ms| now_ms().saturating_add(ms));
+            let row = services
+                .create_registration_token(token, uses_allowed.map(i64::from), expiry)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("{}", row.token);
+            Ok(())
+        }
+        TokenCommand::List => {
+            let rows = services.store.registration_tokens().await.map_err(|e| e.to_string())?;
+            println!("{:<24} {:>8} {:>8} {:<24} valid", "token", "allowed", "used", "expires");
+            let now = now_ms();
+            for r in rows {
+                let allowed = r.uses_allowed.map_or("-".to_owned(), |n| n.to_string());
+                let expires = r.expiry_ts.map_or("never".to_owned(), format_ts);
+                println!("{:<24} {:>8} {:>8} {:<24} {}", r.token, allowed, r.completed, expires, r.is_valid_at(now));
+            }
+            Ok(())
+        }
+        TokenCommand::Revoke { token } => {
+            if services.store.revoke_registration_token(&token).await.map_err(|e| e.to_string())? {
+                println!("revoked {token}");
+                Ok(())
+            } else {
+                Err(format!("no such token: {token}"))
+            }
+        }
+    };
+    services.store.close().await;
+    result
+}
+
+/// Milliseconds since the epoch as seconds since the epoch with a `Z`-less label; kept
+/// numeric so scripts can parse it without a date library.
+fn format_ts(ms: i64) -> String {
+    format!("{}s", ms / 1000)
+}

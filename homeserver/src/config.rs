@@ -1,0 +1,427 @@
+//! Configuration: a TOML file, then environment overrides, then validation.
+//!
+//! Every option has a default that works with no file at all, a documented place in
+//! `config/homeserver.toml` (also printed by `homeserver generate-config`) and an
+//! environment variable (see [`ENV_OVERRIDES`]). A bad value is reported with the option's
+//! name and the reason; nothing here panics.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use ruma::{OwnedServerName, ServerName};
+use serde::{Deserialize, Serialize};
+
+/// The documented example configuration, printed by `generate-config`.
+pub const EXAMPLE_CONFIG: &str = include_str!("../../config/homeserver.toml");
+
+/// Who may create accounts through the Client-Server API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RegistrationMode {
+    /// Anybody who can reach the server (`m.login.dummy`).
+    Open,
+    /// Only with a registration token (`m.login.registration_token`).
+    Token,
+    /// Nobody; accounts are made with `homeserver user create`.
+    Disabled,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// SQLite's `synchronous` setting: what a commit waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSynchronous {
+    /// Commits survive a killed process; an OS crash or power cut may lose the last ones.
+    Normal,
+    /// Every commit is fsynced: also survives an OS crash or power cut, at a cost per write.
+    Full,
+}
+
+/// The whole configuration, as read from the file (all fields optional there).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The server name: the part after `:` in user ids. Cannot change once users exist.
+    pub server_name: String,
+    /// Address the Client-Server API listens on.
+    pub listen: String,
+    /// Base URL clients use to reach this server (for `/.well-known/matrix/client`).
+    pub public_baseurl: Option<String>,
+    /// Directory for the SQLite database and the signing key.
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH` or `postgres://...`; default: `sqlite://<data_dir>/homeserver.db`.
+    pub database_url: Option<String>,
+    /// `open`, `token` or `disabled`; default: `open` for `localhost` without a config
+    /// file, `disabled` otherwise.
+    pub registration: Option<RegistrationMode>,
+    /// Maximum size of a JSON request body in bytes.
+    pub max_request_bytes: u64,
+    /// Take the client address from `X-Forwarded-For` (only behind a trusted reverse proxy).
+    pub trust_x_forwarded_for: bool,
+    /// `m.server` delegation served at `/.well-known/matrix/server`, e.g. `matrix.example.org:443`.
+    pub well_known_server: Option<String>,
+    pub database: DatabaseConfig,
+    pub log: LogConfig,
+    pub rate_limits: RateLimitsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Maximum connections in the pool.
+    pub max_connections: u32,
+    /// SQLite only: `normal` or `full`.
+    pub sqlite_synchronous: SqliteSynchronous,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. `info` or `homeserver=debug,tower_http=info`.
+    pub filter: String,
+    /// `pretty` or `json`.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitsConfig {
+    /// Switch rate limiting off entirely (benchmarks, tests).
+    pub enabled: bool,
+    pub login: RateLimit,
+    pub register: RateLimit,
+}
+
+/// A token bucket: `per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server_name: "localhost".to_owned(),
+            listen: "127.0.0.1:8008".to_owned(),
+            public_baseurl: None,
+            data_dir: PathBuf::from("./data"),
+            database_url: None,
+            registration: None,
+            max_request_bytes: 8 * 1024 * 1024,
+            trust_x_forwarded_for: false,
+            well_known_server: None,
+            database: DatabaseConfig::default(),
+            log: LogConfig::default(),
+            rate_limits: RateLimitsConfig::default(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self { max_connections: 16, sqlite_synchronous: SqliteSynchronous::Normal }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { filter: "info".to_owned(), format: LogFormat::Pretty }
+    }
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            login: RateLimit { per_second: 0.2, burst: 5 },
+            register: RateLimit { per_second: 0.1, burst: 5 },
+        }
+    }
+}
+
+/// What kind of value an environment variable carries, so `OBMIN_X=5` is parsed right.
+#[derive(Clone, Copy)]
+enum EnvKind {
+    String,
+    Integer,
+    Float,
+    Bool,
+}
+
+/// Every option and the environment variable that overrides it.
+const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
+    ("OBMIN_SERVER_NAME", "server_name", EnvKind::String),
+    ("OBMIN_LISTEN", "listen", EnvKind::String),
+    ("OBMIN_PUBLIC_BASEURL", "public_baseurl", EnvKind::String),
+    ("OBMIN_DATA_DIR", "data_dir", EnvKind::String),
+    ("OBMIN_DATABASE_URL", "database_url", EnvKind::String),
+    ("OBMIN_REGISTRATION", "registration", EnvKind::String),
+    ("OBMIN_MAX_REQUEST_BYTES", "max_request_bytes", EnvKind::Integer),
+    ("OBMIN_TRUST_X_FORWARDED_FOR", "trust_x_forwarded_for", EnvKind::Bool),
+    ("OBMIN_WELL_KNOWN_SERVER", "well_known_server", EnvKind::String),
+    ("OBMIN_DATABASE_MAX_CONNECTIONS", "database.max_connections", EnvKind::Integer),
+    ("OBMIN_DATABASE_SQLITE_SYNCHRONOUS", "database.sqlite_synchronous", EnvKind::String),
+    ("OBMIN_LOG", "log.filter", EnvKind::String),
+    ("OBMIN_LOG_FORMAT", "log.format", EnvKind::String),
+    ("OBMIN_RATE_LIMITS_ENABLED", "rate_limits.enabled", EnvKind::Bool),
+    ("OBMIN_RATE_LIMITS_LOGIN_PER_SECOND", "rate_limits.login.per_second", EnvKind::Float),
+    ("OBMIN_RATE_LIMITS_LOGIN_BURST", "rate_limits.login.burst", EnvKind::Integer),
+    ("OBMIN_RATE_LIMITS_REGISTER_PER_SECOND", "rate_limits.register.per_second", EnvKind::Float),
+    ("OBMIN_RATE_LIMITS_REGISTER_BURST", "rate_limits.register.burst", EnvKind::Integer),
+];
+
+/// A configuration problem, naming the option (or file) and the reason.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: `{}`: {}", self.key, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError { key: key.into(), reason: reason.into() }
+}
+
+/// The validated configuration the server runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub server_name: OwnedServerName,
+    pub listen: SocketAddr,
+    pub public_baseurl: String,
+    pub data_dir: PathBuf,
+    pub database_url: String,
+    pub registration: RegistrationMode,
+    pub max_request_bytes: usize,
+    pub trust_x_forwarded_for: bool,
+    pub well_known_server: Option<String>,
+    pub database: DatabaseConfig,
+    pub log: LogConfig,
+    pub rate_limits: RateLimitsConfig,
+}
+
+impl Settings {
+    /// Reads the file (if any), applies the process environment and validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, |name| std::env::var(name).ok())
+    }
+
+    /// Like [`Settings::load`], with the environment given as a lookup function.
+    pub fn load_with_env(file: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| err(path.display().to_string(), format!("cannot read: {e}")))?;
+                toml::from_str::<toml::Table>(&text)
+                    .map_err(|e| err(path.display().to_string(), e.message().to_owned()))?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, key, kind) in ENV_OVERRIDES {
+            if let Some(raw) = env(name) {
+                let value = parse_env(&raw, *kind).map_err(|reason| err(*name, reason))?;
+                set_path(&mut table, key, value);
+            }
+        }
+        let config: Config =
+            Config::deserialize(toml::Value::Table(table)).map_err(|e| config_deserialize_error(&e))?;
+        Self::validate(config, file.is_some())
+    }
+
+    fn validate(config: Config, has_file: bool) -> Result<Self, ConfigError> {
+        let server_name = ServerName::parse(&config.server_name)
+            .map_err(|e| err("server_name", format!("`{}` is not a server name: {e}", config.server_name)))?;
+        let listen: SocketAddr = config
+            .listen
+            .parse()
+            .map_err(|_| err("listen", format!("`{}` is not an address like 127.0.0.1:8008", config.listen)))?;
+        let public_baseurl = match config.public_baseurl {
+            Some(url) => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(err("public_baseurl", "must start with http:// or https://"));
+                }
+                if url.ends_with('/') { url } else { format!("{url}/") }
+            }
+            None if server_name.as_str() == "localhost" => format!("http://localhost:{}/", listen.port()),
+            None => format!("https://{server_name}/"),
+        };
+        let database_url = match config.database_url {
+            Some(url) => {
+                if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    return Err(err("database_url", "must start with sqlite:// or postgres://"));
+                }
+                url
+            }
+            None => format!("sqlite://{}", config.data_dir.join("homeserver.db").display()),
+        };
+        let registration = config.registration.unwrap_or(if !has_file && server_name.as_str() == "localhost" {
+            RegistrationMode::Open
+        } else {
+            RegistrationMode::Disabled
+        });
+        if config.max_request_bytes < 65_536 {
+            return Err(err("max_request_bytes", "must be at least 65536 (a Matrix event may be 64 KiB)"));
+        }
+        let max_request_bytes = usize::try_from(config.max_request_bytes)
+            .map_err(|_| err("max_request_bytes", "too large for this machine"))?;
+        if config.database.max_connections == 0 {
+            return Err(err("database.max_connections", "must be at least 1"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&config.log.filter).map_err(|e| err("log.filter", e.to_string()))?;
+        for (key, limit) in
+            [("rate_limits.login", config.rate_limits.login), ("rate_limits.register", config.rate_limits.register)]
+        {
+            if !(limit.per_second.is_finite() && limit.per_second > 0.0) {
+                return Err(err(format!("{key}.per_second"), "must be a positive number"));
+            }
+            if limit.burst == 0 {
+                return Err(err(format!("{key}.burst"), "must be at least 1"));
+            }
+        }
+        Ok(Self {
+            server_name: server_name.to_owned(),
+            listen,
+            public_baseurl,
+            data_dir: config.data_dir,
+            database_url,
+            registration,
+            max_request_bytes,
+            trust_x_forwarded_for: config.trust_x_forwarded_for,
+            well_known_server: config.well_known_server,
+            database: config.database,
+            log: config.log,
+            rate_limits: config.rate_limits,
+        })
+    }
+
+    /// Where the server's ed25519 signing key lives.
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.data_dir.join("signing.key")
+    }
+}
+
+fn parse_env(raw: &str, kind: EnvKind) -> Result<toml::Value, String> {
+    Ok(match kind {
+        EnvKind::String => toml::Value::String(raw.to_owned()),
+        EnvKind::Integer => {
+            toml::Value::Integer(raw.trim().parse().map_err(|_| format!("`{raw}` is not a whole number"))?)
+        }
+        EnvKind::Float => toml::Value::Float(raw.trim().parse().map_err(|_| format!("`{raw}` is not a number"))?),
+        EnvKind::Bool => toml::Value::Boolean(match raw.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            _ => return Err(format!("`{raw}` is not true or false")),
+        }),
+    })
+}
+
+fn set_path(table: &mut toml::Table, dotted: &str, value: toml::Value) {
+    let mut parts = dotted.split('.').peekable();
+    let mut current = table;
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            current.insert(part.to_owned(), value);
+            return;
+        }
+        let entry = current.entry(part.to_owned()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        current = entry.as_table_mut().expect("just made a table");
+    }
+}
+
+/// serde's messages already name the field for unknown keys and bad variants; prefix them so
+/// the operator sees which setting is wrong.
+fn config_deserialize_error(e: &toml::de::Error) -> ConfigError {
+    let message = e.message().to_owned();
+    let key = message
+        .split('`')
+        .nth(1)
+        .filter(|_| message.starts_with("unknown field"))
+        .unwrap_or("configuration")
+        .to_owned();
+    err(key, message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Settings::load_with_env(None, |k| env.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_serve_localhost_openly() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.server_name.as_str(), "localhost");
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8008");
+        assert_eq!(s.registration, RegistrationMode::Open);
+        assert_eq!(s.database_url, "sqlite://./data/homeserver.db");
+    }
+
+    #[test]
+    fn a_real_server_name_closes_registration_by_default() {
+        let s = load(&[("OBMIN_SERVER_NAME", "example.org")]).unwrap();
+        assert_eq!(s.registration, RegistrationMode::Disabled);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = load(&[("OBMIN_LISTEN", "nope")]).unwrap_err();
+        assert_eq!(e.key, "listen");
+        let e = load(&[("OBMIN_REGISTRATION", "sometimes")]).unwrap_err();
+        assert!(e.to_string().contains("sometimes"), "{e}");
+        let e = load(&[("OBMIN_RATE_LIMITS_LOGIN_BURST", "x")]).unwrap_err();
+        assert_eq!(e.key, "OBMIN_RATE_LIMITS_LOGIN_BURST");
+        let e = load(&[("OBMIN_SERVER_NAME", "bad name!")]).unwrap_err();
+        assert_eq!(e.key, "server_name");
+    }
+
+    #[test]
+    fn example_config_is_complete_and_valid() {
+        // Every key of the default config must be documented, and the documented file must parse.
+        let parsed: Config = toml::from_str(EXAMPLE_CONFIG).expect("example config parses");
+        let documented = toml::Value::try_from(&parsed).unwrap();
+        let defaults = toml::Value::try_from(Config::default()).unwrap();
+        fn keys(v: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+            if let toml::Value::Table(t) = v {
+                for (k, v) in t {
+                    let key = format!("{prefix}{k}");
+                    keys(v, &format!("{key}."), out);
+                    out.push(key);
+                }
+            }
+        }
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        keys(&documented, "", &mut a);
+        keys(&defaults, "", &mut b);
+        for key in b {
+            assert!(a.contains(&key), "config/homeserver.toml does not document `{key}`");
+        }
+        for (_, key, _) in ENV_OVERRIDES {
+            assert!(EXAMPLE_CONFIG.contains(key.rsplit('.').next().unwrap()), "{key} undocumented");
+        }
+    }
+}

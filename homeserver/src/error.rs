@@ -1,0 +1,151 @@
+//! The one error type of the homeserver, and how it becomes Matrix error JSON.
+//!
+//! Services return [`Error`]; the API layer turns it into `{"errcode", "error"}` with the
+//! status the spec gives that errcode. Storage and other internal failures are logged with
+//! their cause and answered with a generic 500 `M_UNKNOWN`, never with their details.
+
+use std::time::Duration;
+
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use ruma::api::{
+    OutgoingResponseExt,
+    client::uiaa::{UiaaInfo, UiaaResponse},
+    error::{
+        Error as RumaError, ErrorBody, ErrorKind, LimitExceededErrorData, RetryAfter, StandardErrorBody,
+        UnknownTokenErrorData,
+    },
+};
+
+/// Everything that can go wrong while answering a request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    NotJson(String),
+    #[error("{0}")]
+    BadJson(String),
+    #[error("{0}")]
+    InvalidParam(String),
+    #[error("{0}")]
+    MissingParam(String),
+    #[error("Unrecognized request")]
+    UnrecognizedEndpoint,
+    #[error("Method not allowed")]
+    MethodNotAllowed,
+    #[error("Request body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("Missing access token")]
+    MissingToken,
+    #[error("Unknown or expired access token")]
+    UnknownToken,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    InvalidUsername(String),
+    #[error("User ID already taken")]
+    UserInUse,
+    #[error("This account has been deactivated")]
+    UserDeactivated,
+    #[error("Guest access is not allowed on this server")]
+    GuestAccessForbidden,
+    #[error("{0}")]
+    WeakPassword(String),
+    #[error("Too many requests")]
+    LimitExceeded { retry_after: Duration },
+    #[error("{0}")]
+    ProfileTooLarge(String),
+    #[error("{0}")]
+    Unknown(String),
+    /// User-interactive authentication is required (or a stage failed): a 401 carrying the
+    /// flows, the session and, optionally, why the last attempt failed.
+    #[error("User-interactive authentication required")]
+    Uiaa(Box<UiaaInfo>),
+    /// The database failed; details are logged, not sent.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Any other internal failure; details are logged, not sent.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// The Matrix errcode and HTTP status for this error.
+    fn kind_and_status(&self) -> (ErrorKind, StatusCode) {
+        use StatusCode as S;
+        match self {
+            Error::NotJson(_) => (ErrorKind::NotJson, S::BAD_REQUEST),
+            Error::BadJson(_) => (ErrorKind::BadJson, S::BAD_REQUEST),
+            Error::InvalidParam(_) => (ErrorKind::InvalidParam, S::BAD_REQUEST),
+            Error::MissingParam(_) => (ErrorKind::MissingParam, S::BAD_REQUEST),
+            Error::UnrecognizedEndpoint => (ErrorKind::Unrecognized, S::NOT_FOUND),
+            Error::MethodNotAllowed => (ErrorKind::Unrecognized, S::METHOD_NOT_ALLOWED),
+            Error::TooLarge { .. } => (ErrorKind::TooLarge, S::PAYLOAD_TOO_LARGE),
+            Error::MissingToken => (ErrorKind::MissingToken, S::UNAUTHORIZED),
+            Error::UnknownToken => (ErrorKind::UnknownToken(UnknownTokenErrorData::new()), S::UNAUTHORIZED),
+            Error::Forbidden(_) => (ErrorKind::Forbidden, S::FORBIDDEN),
+            Error::NotFound(_) => (ErrorKind::NotFound, S::NOT_FOUND),
+            Error::InvalidUsername(_) => (ErrorKind::InvalidUsername, S::BAD_REQUEST),
+            Error::UserInUse => (ErrorKind::UserInUse, S::BAD_REQUEST),
+            Error::UserDeactivated => (ErrorKind::UserDeactivated, S::FORBIDDEN),
+            Error::GuestAccessForbidden => (ErrorKind::GuestAccessForbidden, S::FORBIDDEN),
+            Error::WeakPassword(_) => (ErrorKind::WeakPassword, S::BAD_REQUEST),
+            Error::LimitExceeded { retry_after } => {
+                let mut data = LimitExceededErrorData::new();
+                data.retry_after = Some(RetryAfter::Delay(*retry_after));
+                (ErrorKind::LimitExceeded(data), S::TOO_MANY_REQUESTS)
+            }
+            Error::ProfileTooLarge(_) => (ErrorKind::ProfileTooLarge, S::BAD_REQUEST),
+            Error::Unknown(_) => (ErrorKind::Unknown, S::BAD_REQUEST),
+            Error::Uiaa(_) => (ErrorKind::Forbidden, S::UNAUTHORIZED),
+            Error::Database(_) | Error::Internal(_) => (ErrorKind::Unknown, S::INTERNAL_SERVER_ERROR),
+        }
+    }
+
+    /// The standard error body (errcode + message) for this error.
+    pub fn to_standard_body(&self) -> StandardErrorBody {
+        let (kind, _) = self.kind_and_status();
+        StandardErrorBody::new(kind, self.public_message())
+    }
+
+    fn public_message(&self) -> String {
+        match self {
+            Error::Database(_) | Error::Internal(_) => "Internal server error".to_owned(),
+            other => other.to_string(),
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Error::Internal(message.into())
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (kind, status) = self.kind_and_status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let outgoing = match self {
+            Error::Uiaa(info) => UiaaResponse::AuthResponse(*info),
+            other => {
+                let message = other.public_message();
+                UiaaResponse::MatrixError(RumaError::new(
+                    status,
+                    ErrorBody::Standard(StandardErrorBody::new(kind, message)),
+                ))
+            }
+        };
+        match outgoing.try_into_http_response::<Vec<u8>>() {
+            Ok(response) => response.map(axum::body::Body::from).into_response(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serialize an error response");
+                (StatusCode::INTERNAL_SERVER_ERROR, "{\"errcode\":\"M_UNKNOWN\",\"error\":\"Internal server error\"}")
+                    .into_response()
+            }
+        }
+    }
+}

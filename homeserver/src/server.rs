@@ -1,0 +1,118 @@
+//! Starting and stopping the homeserver.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use federation::SigningKey;
+use tokio::net::TcpListener;
+
+use crate::{
+    api,
+    config::Settings,
+    service::Services,
+    store::{Store, StoreOptions},
+};
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error("cannot open the database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(transparent)]
+    SigningKey(#[from] federation::SigningKeyError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("server error: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Opens the database (creating the data directory for SQLite) and applies migrations.
+pub async fn open_store(settings: &Settings) -> Result<Store, StartError> {
+    std::fs::create_dir_all(&settings.data_dir)
+        .map_err(|source| StartError::DataDir { path: settings.data_dir.display().to_string(), source })?;
+    let store = Store::connect(
+        &settings.database_url,
+        &StoreOptions {
+            max_connections: settings.database.max_connections,
+            sqlite_synchronous: settings.database.sqlite_synchronous,
+        },
+    )
+    .await?;
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Builds the services: database, signing key and the rest.
+pub async fn build_services(settings: Settings) -> Result<Arc<Services>, StartError> {
+    let store = open_store(&settings).await?;
+    let signing_key = SigningKey::load_or_generate(&settings.signing_key_path())?;
+    Ok(Arc::new(Services::new(settings, store, signing_key)))
+}
+
+/// Serves until SIGTERM or Ctrl-C, then lets in-flight requests finish and closes the
+/// database cleanly.
+pub async fn serve(settings: Settings) -> Result<(), StartError> {
+    let listen = settings.listen;
+    let services = build_services(settings).await?;
+    let listener = TcpListener::bind(listen).await.map_err(|source| StartError::Listen { addr: listen, source })?;
+    tracing::info!(
+        server_name = %services.settings.server_name,
+        address = %listen,
+        registration = ?services.settings.registration,
+        database = if services.store.backend() == crate::store::Backend::Sqlite { "sqlite" } else { "postgres" },
+        key_id = %services.signing_key.key_id(),
+        "homeserver listening"
+    );
+
+    let housekeeping = tokio::spawn(housekeeping(services.clone()));
+    let app = api::router(services.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
+    housekeeping.abort();
+    services.store.close().await;
+    tracing::info!("homeserver stopped");
+    result.map_err(StartError::Serve)
+}
+
+/// Periodic clean-up: expired UIA sessions, idle rate-limit buckets.
+async fn housekeeping(services: Arc<Services>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tick.tick().await;
+        services.rate_limits.forget_idle();
+        let cutoff = crate::store::now_ms() - crate::service::uiaa::SESSION_LIFETIME_MS;
+        if let Err(e) = services.store.expire_uiaa_sessions(cutoff).await {
+            tracing::warn!(error = %e, "cannot expire UIA sessions");
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}

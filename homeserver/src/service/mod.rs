@@ -1,0 +1,31 @@
+//! Domain logic, one module per concern. Services know nothing of HTTP; they take parsed
+//! values, talk to the [`Store`] and return [`crate::error::Result`].
+
+pub mod accounts;
+pub mod auth;
+pub mod credentials;
+pub mod devices;
+pub mod profile;
+pub mod rate_limit;
+pub mod registration_tokens;
+pub mod uiaa;
+
+use federation::SigningKey;
+
+use crate::{config::Settings, metrics::Metrics, store::Store};
+
+/// Everything a request handler may need, built once at start and shared by reference.
+pub struct Services {
+    pub settings: Settings,
+    pub store: Store,
+    pub signing_key: SigningKey,
+    pub rate_limits: rate_limit::RateLimits,
+    pub metrics: Metrics,
+}
+
+impl Services {
+    pub fn new(settings: Settings, store: Store, signing_key: SigningKey) -> Self {
+        let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
+        Self { settings, store, signing_key, rate_limits, metrics: Metrics::new() }
+    }
+}

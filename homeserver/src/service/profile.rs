@@ -1,0 +1,108 @@
+//! Profiles: display name, avatar and custom fields (Matrix v1.16 extensible profiles).
+
+use std::collections::BTreeMap;
+
+use ruma::UserId;
+use serde_json::Value as JsonValue;
+
+use super::Services;
+use crate::error::{Error, Result};
+
+/// The spec's limit on a whole profile (MSC4133): 64 KiB.
+pub const MAX_PROFILE_BYTES: usize = 65_536;
+/// Longest field name the spec allows.
+const MAX_FIELD_NAME_BYTES: usize = 255;
+
+impl Services {
+    /// Makes sure `user_id` is a local, existing, active user; profiles of others are not found.
+    async fn require_local_profile_owner(&self, user_id: &UserId) -> Result<()> {
+        if user_id.server_name() != self.settings.server_name {
+            // Remote profiles arrive with federation (issue 6).
+            return Err(Error::NotFound("Profile not found".to_owned()));
+        }
+        match self.store.user(user_id.as_str()).await? {
+            Some(u) if !u.deactivated => Ok(()),
+            _ => Err(Error::NotFound("Profile not found".to_owned())),
+        }
+    }
+
+    pub async fn profile(&self, user_id: &UserId) -> Result<BTreeMap<String, JsonValue>> {
+        self.require_local_profile_owner(user_id).await?;
+        let mut profile = BTreeMap::new();
+        for (field, value) in self.store.profile_fields(user_id.as_str()).await? {
+            match serde_json::from_str(&value) {
+                Ok(v) => {
+                    profile.insert(field, v);
+                }
+                Err(e) => tracing::error!(%user_id, field, error = %e, "stored profile field is not JSON"),
+            }
+        }
+        Ok(profile)
+    }
+
+    pub async fn profile_field(&self, user_id: &UserId, field: &str) -> Result<JsonValue> {
+        self.require_local_profile_owner(user_id).await?;
+        let value = self
+            .store
+            .profile_field(user_id.as_str(), field)
+            .await?
+            .ok_or_else(|| Error::NotFound("Profile field not set".to_owned()))?;
+        serde_json::from_str(&value).map_err(|e| Error::internal(format!("stored profile field is not JSON: {e}")))
+    }
+
+    /// Sets a field of the requester's own profile.
+    pub async fn set_profile_field(
+        &self,
+        requester: &UserId,
+        target: &UserId,
+        field: &str,
+        value: &JsonValue,
+    ) -> Result<()> {
+        if requester != target {
+            return Err(Error::Forbidden("You may only change your own profile".to_owned()));
+        }
+        check_field_name(field)?;
+        match field {
+            "displayname" if !value.is_string() && !value.is_null() => {
+                return Err(Error::BadJson("displayname must be a string".to_owned()));
+            }
+            "displayname" if value.as_str().is_some_and(|s| s.len() > 256) => {
+                return Err(Error::InvalidParam("displayname is longer than 256 bytes".to_owned()));
+            }
+            "avatar_url"
+                if !value.as_str().is_some_and(|s| s.is_empty() || s.starts_with("mxc://")) && !value.is_null() =>
+            {
+                return Err(Error::InvalidParam("avatar_url must be an mxc:// URI".to_owned()));
+            }
+            _ => {}
+        }
+        self.require_local_profile_owner(target).await?;
+        // Clients clear a field by setting it to null or "", as they did before DELETE existed.
+        if value.is_null() || value.as_str() == Some("") {
+            self.store.delete_profile_field(target.as_str(), field).await?;
+            return Ok(());
+        }
+        let json = serde_json::to_string(value).map_err(|e| Error::internal(e.to_string()))?;
+        if !self.store.set_profile_field(target.as_str(), field, &json, MAX_PROFILE_BYTES).await? {
+            return Err(Error::ProfileTooLarge("The profile would be larger than 64 KiB".to_owned()));
+        }
+        Ok(())
+    }
+
+    pub async fn delete_profile_field(&self, requester: &UserId, target: &UserId, field: &str) -> Result<()> {
+        if requester != target {
+            return Err(Error::Forbidden("You may only change your own profile".to_owned()));
+        }
+        check_field_name(field)?;
+        self.require_local_profile_owner(target).await?;
+        self.store.delete_profile_field(target.as_str(), field).await?;
+        Ok(())
+    }
+}
+
+fn check_field_name(field: &str) -> Result<()> {
+    if field.is_empty() || field.len() > MAX_FIELD_NAME_BYTES {
+        return Err(Error::InvalidParam("A profile field name must be 1 to 255 bytes".to_owned()));
+    }
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! All SQL of the homeserver lives under this module.
+//!
+//! One [`Store`] wraps a sqlx `Any` pool over SQLite or PostgreSQL, chosen by the database
+//! URL. Queries are written once in the SQL both engines accept (`$1` placeholders, BIGINT
+//! times in milliseconds, 0/1 booleans); the few places that differ ask [`Store::backend`].
+//! Schema changes are migrations under `migrations/sqlite` and `migrations/postgres`,
+//! embedded in the binary and applied at start.
+
+mod devices;
+mod profile;
+mod registration_tokens;
+mod uiaa;
+mod users;
+
+use std::{str::FromStr, time::Duration};
+
+use sqlx::{
+    Any, AnyPool, Transaction,
+    any::{AnyConnectOptions, AnyPoolOptions},
+    migrate::Migrator,
+};
+
+pub use devices::{AccessTokenOwner, DeviceRow, NewDevice};
+pub use registration_tokens::RegistrationTokenRow;
+pub use uiaa::UiaaSessionRow;
+pub use users::{CreateAccountOutcome, LogoutDevices, NewAccount, UserRow};
+
+use crate::config::SqliteSynchronous;
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../migrations/postgres");
+
+/// Which database engine the store talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Options for opening the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub max_connections: u32,
+    pub sqlite_synchronous: SqliteSynchronous,
+}
+
+/// The database handle shared by all services.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Opens (and for SQLite creates) the database. Does not run migrations.
+    pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, sqlx::Error> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") { Backend::Sqlite } else { Backend::Postgres };
+        let pool_options =
+            AnyPoolOptions::new().max_connections(options.max_connections).acquire_timeout(Duration::from_secs(30));
+        let pool = match backend {
+            Backend::Sqlite => {
+                let url = sqlite_url_with_create(url);
+                let synchronous = match options.sqlite_synchronous {
+                    SqliteSynchronous::Normal => "NORMAL",
+                    SqliteSynchronous::Full => "FULL",
+                };
+                let pragmas = match synchronous {
+                    "FULL" => {
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;"
+                    }
+                    _ => {
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;"
+                    }
+                };
+                pool_options
+                    .after_connect(move |conn, _meta| {
+                        Box::pin(async move {
+                            sqlx::raw_sql(pragmas).execute(conn).await?;
+                            Ok(())
+                        })
+                    })
+                    .connect_with(AnyConnectOptions::from_str(&url)?)
+                    .await?
+            }
+            Backend::Postgres => pool_options.connect_with(AnyConnectOptions::from_str(url)?).await?,
+        };
+        Ok(Self { pool, backend })
+    }
+
+    /// Applies every migration not yet applied.
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        match self.backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await,
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await,
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// A trivial query, for `/health`.
+    pub async fn ping(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map(|_| ())
+    }
+
+    /// (open connections, idle connections), for metrics.
+    pub fn pool_stats(&self) -> (u32, usize) {
+        (self.pool.size(), self.pool.num_idle())
+    }
+
+    /// Waits for in-flight queries and closes every connection (SQLite checkpoints its WAL).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Starts a transaction that will write. On SQLite it takes the write lock up front
+    /// (`BEGIN IMMEDIATE`), so two writers queue on the busy timeout instead of failing
+    /// with SQLITE_BUSY when a read lock would have to be upgraded.
+    async fn begin_write(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            Backend::Postgres => self.pool.begin().await,
+        }
+    }
+}
+
+/// sqlx refuses to create a missing SQLite file unless asked to (`mode=rwc`).
+fn sqlite_url_with_create(url: &str) -> String {
+    if url.contains("mode=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&mode=rwc")
+    } else {
+        format!("{url}?mode=rwc")
+    }
+}
+
+/// Milliseconds since the Unix epoch, as stored in every `*_ts` column.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

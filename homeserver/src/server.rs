@@ -58,9 +58,11 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let listen = settings.listen;
     let services = build_services(settings).await?;
     let listener = TcpListener::bind(listen).await.map_err(|source| StartError::Listen { addr: listen, source })?;
+    // The bound address, not the configured one: with port 0 the OS picks it (tests do).
+    let bound = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
     tracing::info!(
         server_name = %services.settings.server_name,
-        address = %listen,
+        address = %bound,
         registration = ?services.settings.registration,
         database = if services.store.backend() == crate::store::Backend::Sqlite { "sqlite" } else { "postgres" },
         key_id = %services.signing_key.key_id(),

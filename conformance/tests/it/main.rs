@@ -1,1 +1,12 @@
+//! Conformance tests: each starts real homeserver processes and drives them over HTTP.
+//! Every test in a `backend_tests!` list runs twice, on SQLite and on PostgreSQL.
 
+mod account;
+mod cli;
+mod devices;
+mod discovery;
+mod errors;
+mod login;
+mod operations;
+mod profile;
+mod register;

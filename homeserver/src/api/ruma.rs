@@ -77,11 +77,32 @@ where
 
         let limit = services.settings.max_request_bytes;
         let bytes = read_body(body, limit).await?;
+        // PostgreSQL cannot store U+0000 in text, SQLite truncates at it in places, and no
+        // Matrix identifier or message needs it: refuse it at the door, the same on both.
+        if contains_escaped_nul(&bytes) {
+            return Err(Error::BadJson("U+0000 is not allowed in requests".to_owned()));
+        }
+        if parts.uri.path().contains("%00") || parts.uri.query().is_some_and(|q| q.contains("%00")) {
+            return Err(Error::InvalidParam("U+0000 is not allowed in requests".to_owned()));
+        }
         let http_req = http::Request::from_parts(parts, bytes.as_ref());
         let path_refs: Vec<&str> = path_args.iter().map(String::as_str).collect();
-        let body = T::try_from_http_request(http_req, &path_refs).map_err(request_error)?;
+        // ruma's deserializers can panic on some malformed bodies (for example a login body
+        // without `type` indexes a missing key); a bad request must never become a 500.
+        let parsed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| T::try_from_http_request(http_req, &path_refs)));
+        let body = match parsed {
+            Ok(result) => result.map_err(|e| request_error(e, &bytes))?,
+            Err(_) => return Err(Error::BadJson("The request body has the wrong shape".to_owned())),
+        };
         Ok(Ruma { body, user, client_ip })
     }
+}
+
+/// A JSON `\u0000` escape anywhere in the body (a raw NUL is not JSON at all and fails
+/// parsing anyway).
+fn contains_escaped_nul(body: &[u8]) -> bool {
+    body.windows(6).any(|w| w.eq_ignore_ascii_case(b"\\u0000"))
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {
@@ -95,16 +116,15 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {
 /// The client's address: the socket peer, or the first `X-Forwarded-For` hop when the
 /// operator said a trusted proxy sets it.
 pub fn client_ip(parts: &http::request::Parts, trust_forwarded: bool) -> IpAddr {
-    if trust_forwarded {
-        if let Some(ip) = parts
+    if trust_forwarded
+        && let Some(ip) = parts
             .headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.split(',').next())
             .and_then(|v| v.trim().parse().ok())
-        {
-            return ip;
-        }
+    {
+        return ip;
     }
     parts
         .extensions
@@ -115,7 +135,7 @@ pub fn client_ip(parts: &http::request::Parts, trust_forwarded: bool) -> IpAddr 
 
 /// Maps ruma's parse failures to the errcodes the spec asks for: syntax errors are
 /// `M_NOT_JSON`, well-formed JSON of the wrong shape is `M_BAD_JSON`.
-fn request_error(e: FromHttpRequestError) -> Error {
+fn request_error(e: FromHttpRequestError, body: &[u8]) -> Error {
     match e {
         FromHttpRequestError::MethodMismatch { .. } => Error::MethodNotAllowed,
         FromHttpRequestError::Deserialization(e) => match e {
@@ -124,6 +144,11 @@ fn request_error(e: FromHttpRequestError) -> Error {
                 match json.classify() {
                     Category::Syntax | Category::Eof | Category::Io => {
                         Error::NotJson(format!("The request body is not valid JSON: {json}"))
+                    }
+                    // serde stops at the first mismatch, so `[1, 2` is reported as "wrong
+                    // type"; only a body that parses as JSON is merely the wrong shape.
+                    Category::Data if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() => {
+                        Error::NotJson("The request body is not valid JSON".to_owned())
                     }
                     Category::Data => Error::BadJson(format!("The request body has the wrong shape: {json}")),
                 }

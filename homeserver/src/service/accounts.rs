@@ -278,10 +278,8 @@ impl Services {
 }
 
 fn check_device_fields(device_id: Option<&str>, display_name: Option<&str>) -> Result<()> {
-    if let Some(id) = device_id {
-        if id.is_empty() || id.len() > MAX_DEVICE_FIELD_BYTES {
-            return Err(Error::InvalidParam("device_id must be 1 to 512 bytes".to_owned()));
-        }
+    if device_id.is_some_and(|id| id.is_empty() || id.len() > MAX_DEVICE_FIELD_BYTES) {
+        return Err(Error::InvalidParam("device_id must be 1 to 512 bytes".to_owned()));
     }
     if display_name.is_some_and(|n| n.len() > MAX_DEVICE_FIELD_BYTES) {
         return Err(Error::InvalidParam("The device display name is longer than 512 bytes".to_owned()));

@@ -58,6 +58,14 @@ pub enum Error {
     ProfileTooLarge(String),
     #[error("{0}")]
     Unknown(String),
+    #[error("{0}")]
+    UnsupportedRoomVersion(String),
+    #[error("The room alias is already taken")]
+    RoomInUse,
+    #[error("{0}")]
+    BadAlias(String),
+    #[error("{0}")]
+    Conflict(String),
     /// User-interactive authentication is required (or a stage failed): a 401 carrying the
     /// flows, the session and, optionally, why the last attempt failed.
     #[error("User-interactive authentication required")]
@@ -100,6 +108,10 @@ impl Error {
             }
             Error::ProfileTooLarge(_) => (ErrorKind::ProfileTooLarge, S::BAD_REQUEST),
             Error::Unknown(_) => (ErrorKind::Unknown, S::BAD_REQUEST),
+            Error::UnsupportedRoomVersion(_) => (ErrorKind::UnsupportedRoomVersion, S::BAD_REQUEST),
+            Error::RoomInUse => (ErrorKind::RoomInUse, S::BAD_REQUEST),
+            Error::BadAlias(_) => (ErrorKind::BadAlias, S::BAD_REQUEST),
+            Error::Conflict(_) => (ErrorKind::Unknown, S::CONFLICT),
             Error::Uiaa(_) => (ErrorKind::Forbidden, S::UNAUTHORIZED),
             Error::Database(_) | Error::Internal(_) => (ErrorKind::Unknown, S::INTERNAL_SERVER_ERROR),
         }

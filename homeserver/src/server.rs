@@ -49,7 +49,8 @@ pub async fn open_store(settings: &Settings) -> Result<Store, StartError> {
 pub async fn build_services(settings: Settings) -> Result<Arc<Services>, StartError> {
     let store = open_store(&settings).await?;
     let signing_key = SigningKey::load_or_generate(&settings.signing_key_path())?;
-    Ok(Arc::new(Services::new(settings, store, signing_key)))
+    let max_position = store.max_stream_position().await?;
+    Ok(Arc::new(Services::new(settings, store, signing_key, max_position)))
 }
 
 /// Serves until SIGTERM or Ctrl-C, then lets in-flight requests finish and closes the
@@ -70,9 +71,11 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     );
 
     let housekeeping = tokio::spawn(housekeeping(services.clone()));
+    let typing_expiry = tokio::spawn(expire_typing(services.clone()));
     let app = api::router(services.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
     housekeeping.abort();
+    typing_expiry.abort();
     services.store.close().await;
     tracing::info!("homeserver stopped");
     result.map_err(StartError::Serve)
@@ -88,6 +91,15 @@ async fn housekeeping(services: Arc<Services>) {
         if let Err(e) = services.store.expire_uiaa_sessions(cutoff).await {
             tracing::warn!(error = %e, "cannot expire UIA sessions");
         }
+    }
+}
+
+/// Ends typing notifications whose timeout passed, so syncs see them stop.
+async fn expire_typing(services: Arc<Services>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        services.typing.expire(|| services.streams.bump_typing());
     }
 }
 

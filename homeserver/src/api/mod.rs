@@ -44,8 +44,14 @@ where
 
 /// The whole HTTP application.
 pub fn router(services: Arc<Services>) -> Router {
-    use ::ruma::api::client::{account, device, discovery, profile, session};
-    use client::{account as acc, devices as dev, discovery as disc, profile as prof, register as reg, session as ses};
+    use ::ruma::api::client::{
+        account, alias, config, device, directory, discovery, filter, membership, message, profile, push, read_marker,
+        receipt, redact, room, session, state, sync::sync_events, typing,
+    };
+    use client::{
+        account as acc, account_data as ad, devices as dev, discovery as disc, messages as msg, profile as prof,
+        register as reg, rooms as rm, session as ses, sync as sy,
+    };
 
     let mut r = Router::new();
     r = ruma_route::<discovery::get_supported_versions::Request, _, _>(r, disc::versions);
@@ -70,6 +76,41 @@ pub fn router(services: Arc<Services>) -> Router {
     r = ruma_route::<profile::get_profile_field::v3::Request, _, _>(r, prof::get_field);
     r = ruma_route::<profile::set_profile_field::v3::Request, _, _>(r, prof::set_field);
     r = ruma_route::<profile::delete_profile_field::v3::Request, _, _>(r, prof::delete_field);
+    r = ruma_route::<room::create_room::v3::Request, _, _>(r, rm::create);
+    r = ruma_route::<membership::join_room_by_id::v3::Request, _, _>(r, rm::join_by_id);
+    r = ruma_route::<membership::join_room_by_id_or_alias::v3::Request, _, _>(r, rm::join_by_id_or_alias);
+    r = ruma_route::<membership::invite_user::v3::Request, _, _>(r, rm::invite);
+    r = ruma_route::<membership::leave_room::v3::Request, _, _>(r, rm::leave);
+    r = ruma_route::<membership::kick_user::v3::Request, _, _>(r, rm::kick);
+    r = ruma_route::<membership::ban_user::v3::Request, _, _>(r, rm::ban);
+    r = ruma_route::<membership::unban_user::v3::Request, _, _>(r, rm::unban);
+    r = ruma_route::<membership::joined_rooms::v3::Request, _, _>(r, rm::joined);
+    r = ruma_route::<membership::get_member_events::v3::Request, _, _>(r, rm::members);
+    r = ruma_route::<membership::joined_members::v3::Request, _, _>(r, rm::joined_members_list);
+    r = ruma_route::<state::get_state_events::v3::Request, _, _>(r, rm::state);
+    r = ruma_route::<state::get_state_event_for_key::v3::Request, _, _>(r, rm::state_event);
+    r = ruma_route::<state::send_state_event::v3::Request, _, _>(r, rm::send_state);
+    r = ruma_route::<alias::create_alias::v3::Request, _, _>(r, rm::alias_create);
+    r = ruma_route::<alias::get_alias::v3::Request, _, _>(r, rm::alias_get);
+    r = ruma_route::<alias::delete_alias::v3::Request, _, _>(r, rm::alias_delete);
+    r = ruma_route::<directory::get_room_visibility::v3::Request, _, _>(r, rm::visibility_get);
+    r = ruma_route::<directory::set_room_visibility::v3::Request, _, _>(r, rm::visibility_set);
+    r = ruma_route::<directory::get_public_rooms::v3::Request, _, _>(r, rm::public_rooms);
+    r = ruma_route::<message::send_message_event::v3::Request, _, _>(r, msg::send);
+    r = ruma_route::<message::get_message_events::v3::Request, _, _>(r, msg::messages);
+    r = ruma_route::<redact::redact_event::v3::Request, _, _>(r, msg::redact);
+    r = ruma_route::<room::get_room_event::v3::Request, _, _>(r, msg::event);
+    r = ruma_route::<typing::create_typing_event::v3::Request, _, _>(r, msg::typing);
+    r = ruma_route::<receipt::create_receipt::v3::Request, _, _>(r, msg::receipt);
+    r = ruma_route::<read_marker::set_read_marker::v3::Request, _, _>(r, msg::read_markers);
+    r = ruma_route::<sync_events::v3::Request, _, _>(r, sy::sync);
+    r = ruma_route::<filter::create_filter::v3::Request, _, _>(r, sy::filter_create);
+    r = ruma_route::<filter::get_filter::v3::Request, _, _>(r, sy::filter_get);
+    r = ruma_route::<config::set_global_account_data::v3::Request, _, _>(r, ad::set_global);
+    r = ruma_route::<config::get_global_account_data::v3::Request, _, _>(r, ad::get_global);
+    r = ruma_route::<config::set_room_account_data::v3::Request, _, _>(r, ad::set_room);
+    r = ruma_route::<config::get_room_account_data::v3::Request, _, _>(r, ad::get_room);
+    r = ruma_route::<push::get_pushrules_all::v3::Request, _, _>(r, ad::push_rules);
     r = r
         .route("/.well-known/matrix/server", get(disc::well_known_server))
         .route("/health", get(ops::health))

@@ -5,10 +5,18 @@ pub mod accounts;
 pub mod auth;
 pub mod credentials;
 pub mod devices;
+pub mod events;
 pub mod profile;
 pub mod rate_limit;
 pub mod registration_tokens;
+pub mod rooms;
+pub mod streams;
+pub mod sync;
+pub mod timeline;
+pub mod typing;
 pub mod uiaa;
+
+use std::sync::Arc;
 
 use federation::SigningKey;
 
@@ -21,11 +29,24 @@ pub struct Services {
     pub signing_key: SigningKey,
     pub rate_limits: rate_limit::RateLimits,
     pub metrics: Metrics,
+    pub streams: Arc<streams::Streams>,
+    pub typing: typing::Typing,
+    room_locks: timeline::RoomLocks,
 }
 
 impl Services {
-    pub fn new(settings: Settings, store: Store, signing_key: SigningKey) -> Self {
+    /// `max_stream_position` is the highest stream position already in the database.
+    pub fn new(settings: Settings, store: Store, signing_key: SigningKey, max_stream_position: i64) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
-        Self { settings, store, signing_key, rate_limits, metrics: Metrics::new() }
+        Self {
+            settings,
+            store,
+            signing_key,
+            rate_limits,
+            metrics: Metrics::new(),
+            streams: streams::Streams::new(max_stream_position),
+            typing: typing::Typing::default(),
+            room_locks: timeline::RoomLocks::default(),
+        }
     }
 }

@@ -6,9 +6,11 @@
 //! Schema changes are migrations under `migrations/sqlite` and `migrations/postgres`,
 //! embedded in the binary and applied at start.
 
+mod account_data;
 mod devices;
 mod profile;
 mod registration_tokens;
+mod rooms;
 mod uiaa;
 mod users;
 
@@ -20,8 +22,10 @@ use sqlx::{
     migrate::Migrator,
 };
 
+pub use account_data::{AccountDataRow, ReceiptRow};
 pub use devices::{AccessTokenOwner, DeviceRow, NewDevice};
 pub use registration_tokens::RegistrationTokenRow;
+pub use rooms::{AppendEvent, AppendOutcome, EventRow, NewRoom, RoomRow};
 pub use uiaa::UiaaSessionRow;
 pub use users::{CreateAccountOutcome, LogoutDevices, NewAccount, UserRow};
 

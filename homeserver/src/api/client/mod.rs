@@ -1,8 +1,12 @@
 //! Client-Server API endpoints, one module per area of the spec.
 
 pub mod account;
+pub mod account_data;
 pub mod devices;
 pub mod discovery;
+pub mod messages;
 pub mod profile;
 pub mod register;
+pub mod rooms;
 pub mod session;
+pub mod sync;

@@ -1,0 +1,115 @@
+//! Account data (global and per room) and push rules.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use ruma::{
+    UserId,
+    api::client::{
+        config::{get_global_account_data, get_room_account_data, set_global_account_data, set_room_account_data},
+        push::get_pushrules_all,
+    },
+    push::Ruleset,
+};
+use serde_json::Value as JsonValue;
+
+use crate::{
+    api::ruma::{Ruma, RumaResponse},
+    error::{Error, Result},
+    service::{Services, events::to_raw},
+};
+
+fn require_self(requester: &UserId, target: &UserId) -> Result<()> {
+    if requester != target {
+        return Err(Error::Forbidden("You may only access your own account data".to_owned()));
+    }
+    Ok(())
+}
+
+impl Services {
+    async fn put_account_data(&self, user_id: &UserId, room_id: &str, kind: &str, content: &str) -> Result<()> {
+        let value: JsonValue = serde_json::from_str(content).map_err(|e| Error::BadJson(e.to_string()))?;
+        if !value.is_object() {
+            return Err(Error::BadJson("Account data must be a JSON object".to_owned()));
+        }
+        if kind == "m.fully_read" || kind == "m.push_rules" {
+            return Err(Error::BadJson(format!("{kind} cannot be set through account data")));
+        }
+        let position = self.streams.allocate();
+        self.store.set_account_data(user_id.as_str(), room_id, kind, &value.to_string(), position.position()).await?;
+        Ok(())
+    }
+
+    async fn get_account_data(&self, user_id: &UserId, room_id: &str, kind: &str) -> Result<JsonValue> {
+        let text = self
+            .store
+            .account_data(user_id.as_str(), room_id, kind)
+            .await?
+            .ok_or_else(|| Error::NotFound("Account data not found".to_owned()))?;
+        serde_json::from_str(&text).map_err(|e| Error::internal(e.to_string()))
+    }
+}
+
+pub async fn set_global(
+    State(services): State<Arc<Services>>,
+    req: Ruma<set_global_account_data::v3::Request>,
+) -> Result<RumaResponse<set_global_account_data::v3::Response>> {
+    let user = req.user()?.clone();
+    require_self(&user.user_id, &req.body.user_id)?;
+    services.put_account_data(&user.user_id, "", &req.body.event_type.to_string(), req.body.data.json().get()).await?;
+    Ok(RumaResponse(set_global_account_data::v3::Response::new()))
+}
+
+pub async fn get_global(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_global_account_data::v3::Request>,
+) -> Result<RumaResponse<get_global_account_data::v3::Response>> {
+    let user = req.user()?.clone();
+    require_self(&user.user_id, &req.body.user_id)?;
+    let value = services.get_account_data(&user.user_id, "", &req.body.event_type.to_string()).await?;
+    Ok(RumaResponse(get_global_account_data::v3::Response::new(to_raw(&value)?)))
+}
+
+pub async fn set_room(
+    State(services): State<Arc<Services>>,
+    req: Ruma<set_room_account_data::v3::Request>,
+) -> Result<RumaResponse<set_room_account_data::v3::Response>> {
+    let user = req.user()?.clone();
+    require_self(&user.user_id, &req.body.user_id)?;
+    services
+        .put_account_data(
+            &user.user_id,
+            req.body.room_id.as_str(),
+            &req.body.event_type.to_string(),
+            req.body.data.json().get(),
+        )
+        .await?;
+    Ok(RumaResponse(set_room_account_data::v3::Response::new()))
+}
+
+pub async fn get_room(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_room_account_data::v3::Request>,
+) -> Result<RumaResponse<get_room_account_data::v3::Response>> {
+    let user = req.user()?.clone();
+    require_self(&user.user_id, &req.body.user_id)?;
+    let value =
+        services.get_account_data(&user.user_id, req.body.room_id.as_str(), &req.body.event_type.to_string()).await?;
+    Ok(RumaResponse(get_room_account_data::v3::Response::new(to_raw(&value)?)))
+}
+
+/// The user's push rules: the server defaults (ruma's), or the user's stored set.
+pub async fn push_rules(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_pushrules_all::v3::Request>,
+) -> Result<RumaResponse<get_pushrules_all::v3::Response>> {
+    let user = req.user()?.clone();
+    let ruleset = match services.store.account_data(user.user_id.as_str(), "", "m.push_rules").await? {
+        Some(text) => serde_json::from_str::<JsonValue>(&text)
+            .ok()
+            .and_then(|v| serde_json::from_value::<Ruleset>(v["global"].clone()).ok())
+            .unwrap_or_else(|| Ruleset::server_default(&user.user_id)),
+        None => Ruleset::server_default(&user.user_id),
+    };
+    Ok(RumaResponse(get_pushrules_all::v3::Response::new(ruleset)))
+}

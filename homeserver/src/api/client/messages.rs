@@ -1,0 +1,295 @@
+//! Messages: sending, redacting, reading history (`/messages`, `/event`), typing, receipts
+//! and read markers.
+
+use std::{sync::Arc, time::Duration};
+
+use axum::extract::State;
+use ruma::{
+    RoomId, UserId,
+    api::{
+        Direction,
+        client::{
+            message::{get_message_events, send_message_event},
+            read_marker::set_read_marker,
+            receipt::create_receipt::{self, v3::ReceiptType},
+            redact::redact_event,
+            room::get_room_event,
+            typing::create_typing_event,
+        },
+    },
+    events::receipt::ReceiptThread,
+};
+use serde_json::{Value as JsonValue, json};
+
+use crate::{
+    api::ruma::{Ruma, RumaResponse},
+    error::{Error, Result},
+    service::{
+        Services,
+        events::Viewer,
+        streams::Positions,
+        sync::{EventFilter, event_filter_from_json},
+        timeline::{EventDraft, Txn},
+    },
+    store::{ReceiptRow, now_ms},
+};
+
+pub async fn send(
+    State(services): State<Arc<Services>>,
+    req: Ruma<send_message_event::v3::Request>,
+) -> Result<RumaResponse<send_message_event::v3::Response>> {
+    let user = req.user()?.clone();
+    let content: JsonValue =
+        serde_json::from_str(req.body.body.json().get()).map_err(|e| Error::BadJson(e.to_string()))?;
+    if !content.is_object() {
+        return Err(Error::BadJson("Event content must be an object".to_owned()));
+    }
+    let kind = req.body.event_type.to_string();
+    if kind == "m.room.redaction" {
+        return Err(Error::BadJson("Use the /redact endpoint to redact events".to_owned()));
+    }
+    let event_id = services
+        .append_event(
+            &req.body.room_id,
+            &user.user_id,
+            EventDraft::message(&kind, content),
+            Some(Txn { device_id: user.device_id.as_str(), txn_id: req.body.txn_id.as_str() }),
+        )
+        .await?;
+    Ok(RumaResponse(send_message_event::v3::Response::new(event_id)))
+}
+
+pub async fn redact(
+    State(services): State<Arc<Services>>,
+    req: Ruma<redact_event::v3::Request>,
+) -> Result<RumaResponse<redact_event::v3::Response>> {
+    let user = req.user()?.clone();
+    let target = services.store.event(req.body.event_id.as_str()).await?;
+    if target.as_ref().is_none_or(|t| t.room_id != req.body.room_id.as_str()) {
+        return Err(Error::NotFound("Event not found".to_owned()));
+    }
+    let mut content = serde_json::Map::new();
+    if let Some(reason) = &req.body.reason {
+        content.insert("reason".into(), JsonValue::from(reason.as_str()));
+    }
+    let draft = EventDraft {
+        event_type: "m.room.redaction".to_owned(),
+        state_key: None,
+        content: JsonValue::Object(content),
+        redacts: Some(req.body.event_id.clone()),
+    };
+    let event_id = services
+        .append_event(
+            &req.body.room_id,
+            &user.user_id,
+            draft,
+            Some(Txn { device_id: user.device_id.as_str(), txn_id: req.body.txn_id.as_str() }),
+        )
+        .await?;
+    Ok(RumaResponse(redact_event::v3::Response::new(event_id)))
+}
+
+/// Members and former members may read history (subject to history visibility).
+async fn require_ever_member(services: &Services, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+    if services.store.room(room_id.as_str()).await?.is_none() {
+        return Err(Error::NotFound("Unknown room".to_owned()));
+    }
+    if services.store.membership_history(room_id.as_str(), user_id.as_str()).await?.iter().any(|(_, m)| m == "join") {
+        return Ok(());
+    }
+    Err(Error::Forbidden("You are not a member of this room".to_owned()))
+}
+
+pub async fn messages(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_message_events::v3::Request>,
+) -> Result<RumaResponse<get_message_events::v3::Response>> {
+    let user = req.user()?.clone();
+    let body = req.body;
+    let room_id = body.room_id.as_str();
+    require_ever_member(&services, &body.room_id, &user.user_id).await?;
+    let parse =
+        |t: &str| Positions::parse(t).ok_or_else(|| Error::InvalidParam(format!("Invalid pagination token {t}")));
+    let backwards = body.dir == Direction::Backward;
+    let from = match &body.from {
+        Some(t) => parse(t)?.stream,
+        None if backwards => services.streams.current().stream,
+        None => 0,
+    };
+    let to = body.to.as_deref().map(parse).transpose()?.map(|p| p.stream);
+    let limit = i64::try_from(u64::from(body.limit)).unwrap_or(10).clamp(1, 1000);
+    let filter_json = serde_json::to_value(&body.filter).map_err(|e| Error::internal(e.to_string()))?;
+    let filter: EventFilter = event_filter_from_json(&json!({"room": {"timeline": filter_json, "state": filter_json}}));
+
+    // Read in pages until `limit` visible events that pass the filter are found or the room
+    // runs out; `cursor` is always just past the last event looked at.
+    let wanted = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut chunk_rows = Vec::new();
+    let mut cursor = from;
+    let mut more = true;
+    'pages: loop {
+        let page = if backwards {
+            services.store.room_events(room_id, to.unwrap_or(0), cursor, limit, true).await?
+        } else {
+            let upto = to.unwrap_or(i64::MAX).min(services.streams.current().stream);
+            services.store.room_events(room_id, cursor, upto, limit, false).await?
+        };
+        let page_len = page.len();
+        let visible: std::collections::HashSet<String> = services
+            .visible_events(room_id, user.user_id.as_str(), page.clone())
+            .await?
+            .into_iter()
+            .map(|r| r.event_id)
+            .collect();
+        for row in page {
+            cursor = if backwards { row.stream_ordering - 1 } else { row.stream_ordering };
+            if visible.contains(&row.event_id) && filter.allows_event(&row) {
+                chunk_rows.push(row);
+                if chunk_rows.len() == wanted {
+                    break 'pages;
+                }
+            }
+        }
+        if page_len < wanted {
+            more = false;
+            break;
+        }
+    }
+    let end = more.then_some(Positions { stream: cursor, typing: 0 });
+
+    let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
+    let mut chunk = Vec::new();
+    for row in &chunk_rows {
+        chunk.push(services.raw_client_event(row, viewer, true).await?);
+    }
+    let mut state = Vec::new();
+    if filter.lazy_load_members {
+        let mut senders: Vec<&str> = chunk_rows.iter().map(|r| r.sender.as_str()).collect();
+        senders.sort();
+        senders.dedup();
+        for sender in senders {
+            if let Some(row) = services.store.current_state_event(room_id, "m.room.member", sender).await? {
+                state.push(services.raw_client_event(&row, viewer, true).await?);
+            }
+        }
+    }
+    let mut response = get_message_events::v3::Response::new();
+    response.start = body.from.unwrap_or_else(|| Positions { stream: from, typing: 0 }.to_string());
+    response.end = end.map(|p| p.to_string());
+    response.chunk = chunk;
+    response.state = state;
+    Ok(RumaResponse(response))
+}
+
+pub async fn event(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_room_event::v3::Request>,
+) -> Result<RumaResponse<get_room_event::v3::Response>> {
+    let user = req.user()?.clone();
+    let not_found = || Error::NotFound("Event not found".to_owned());
+    let row = services.store.event(req.body.event_id.as_str()).await?.ok_or_else(not_found)?;
+    if row.room_id != req.body.room_id.as_str() {
+        return Err(not_found());
+    }
+    let room_id = row.room_id.clone();
+    let visible = services.visible_events(&room_id, user.user_id.as_str(), vec![row]).await?;
+    let row = visible.into_iter().next().ok_or_else(not_found)?;
+    let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
+    Ok(RumaResponse(get_room_event::v3::Response::new(services.raw_client_event(&row, viewer, true).await?)))
+}
+
+pub async fn typing(
+    State(services): State<Arc<Services>>,
+    req: Ruma<create_typing_event::v3::Request>,
+) -> Result<RumaResponse<create_typing_event::v3::Response>> {
+    let user = req.user()?.clone();
+    if req.body.user_id != user.user_id {
+        return Err(Error::Forbidden("You may only set your own typing state".to_owned()));
+    }
+    services.require_joined(req.body.room_id.as_str(), user.user_id.as_str()).await?;
+    let timeout = match req.body.state {
+        ruma::api::client::typing::create_typing_event::v3::Typing::Yes(info) => Some(info.timeout),
+        _ => None,
+    };
+    services
+        .typing
+        .set(&req.body.room_id, &user.user_id, timeout.map(|t: Duration| t), || services.streams.bump_typing());
+    Ok(RumaResponse(create_typing_event::v3::Response::new()))
+}
+
+impl Services {
+    /// Records a receipt (`m.read`, `m.read.private`) or the `m.fully_read` marker.
+    async fn set_receipt(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        kind: &str,
+        event_id: &ruma::EventId,
+        thread: &str,
+    ) -> Result<()> {
+        let event = self.store.event(event_id.as_str()).await?;
+        if event.as_ref().is_none_or(|e| e.room_id != room_id.as_str()) {
+            return Err(Error::NotFound("Event not found".to_owned()));
+        }
+        let position = self.streams.allocate();
+        if kind == "m.fully_read" {
+            let content = json!({"event_id": event_id}).to_string();
+            self.store
+                .set_account_data(user_id.as_str(), room_id.as_str(), "m.fully_read", &content, position.position())
+                .await?;
+        } else {
+            self.store
+                .set_receipt(&ReceiptRow {
+                    room_id: room_id.to_string(),
+                    receipt_type: kind.to_owned(),
+                    user_id: user_id.to_string(),
+                    thread_id: thread.to_owned(),
+                    event_id: event_id.to_string(),
+                    ts: now_ms(),
+                    stream_id: position.position(),
+                })
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+pub async fn receipt(
+    State(services): State<Arc<Services>>,
+    req: Ruma<create_receipt::v3::Request>,
+) -> Result<RumaResponse<create_receipt::v3::Response>> {
+    let user = req.user()?.clone();
+    services.require_joined(req.body.room_id.as_str(), user.user_id.as_str()).await?;
+    let kind = match &req.body.receipt_type {
+        ReceiptType::Read => "m.read",
+        ReceiptType::ReadPrivate => "m.read.private",
+        ReceiptType::FullyRead => "m.fully_read",
+        other => return Err(Error::InvalidParam(format!("Unknown receipt type {other}"))),
+    };
+    let thread = match &req.body.thread {
+        ReceiptThread::Unthreaded => String::new(),
+        ReceiptThread::Main => "main".to_owned(),
+        ReceiptThread::Thread(id) => id.to_string(),
+        _ => String::new(),
+    };
+    services.set_receipt(&req.body.room_id, &user.user_id, kind, &req.body.event_id, &thread).await?;
+    Ok(RumaResponse(create_receipt::v3::Response::new()))
+}
+
+pub async fn read_markers(
+    State(services): State<Arc<Services>>,
+    req: Ruma<set_read_marker::v3::Request>,
+) -> Result<RumaResponse<set_read_marker::v3::Response>> {
+    let user = req.user()?.clone();
+    services.require_joined(req.body.room_id.as_str(), user.user_id.as_str()).await?;
+    for (kind, event_id) in [
+        ("m.fully_read", &req.body.fully_read),
+        ("m.read", &req.body.read_receipt),
+        ("m.read.private", &req.body.private_read_receipt),
+    ] {
+        if let Some(event_id) = event_id {
+            services.set_receipt(&req.body.room_id, &user.user_id, kind, event_id, "").await?;
+        }
+    }
+    Ok(RumaResponse(set_read_marker::v3::Response::new()))
+}

@@ -1,0 +1,534 @@
+//! Rooms: creation, membership, state, aliases and the public directory.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use axum::extract::State;
+use ruma::{
+    OwnedUserId, RoomId, UserId,
+    api::client::{
+        alias::{create_alias, delete_alias, get_alias},
+        directory::{get_public_rooms, get_room_visibility, set_room_visibility},
+        membership::{
+            ban_user, get_member_events, invite_user, join_room_by_id, join_room_by_id_or_alias, joined_members,
+            joined_rooms, kick_user, leave_room, unban_user,
+        },
+        room::{Visibility, create_room},
+        state::{get_state_event_for_key, get_state_events, send_state_event},
+    },
+    directory::{PublicRoomsChunk, PublicRoomsChunkInit},
+    room::RoomType,
+};
+use serde_json::Value as JsonValue;
+
+use crate::{
+    api::ruma::{Ruma, RumaResponse},
+    error::{Error, Result},
+    service::{
+        Services,
+        events::{Viewer, to_raw},
+        rooms::{Membership, NewRoomRequest, Preset},
+        timeline::EventDraft,
+    },
+    store::now_ms,
+};
+
+fn json_of<T>(raw: &ruma::serde::Raw<T>) -> Result<JsonValue> {
+    serde_json::from_str(raw.json().get()).map_err(|e| Error::BadJson(e.to_string()))
+}
+
+fn object_of<T>(raw: &ruma::serde::Raw<T>) -> Result<serde_json::Map<String, JsonValue>> {
+    match json_of(raw)? {
+        JsonValue::Object(map) => Ok(map),
+        _ => Err(Error::BadJson("expected a JSON object".to_owned())),
+    }
+}
+
+pub async fn create(
+    State(services): State<Arc<Services>>,
+    req: Ruma<create_room::v3::Request>,
+) -> Result<RumaResponse<create_room::v3::Response>> {
+    let user = req.user()?.clone();
+    let body = req.body;
+    let preset = body.preset.as_ref().map(|p| match p.as_str() {
+        "public_chat" => Ok(Preset::PublicChat),
+        "trusted_private_chat" => Ok(Preset::TrustedPrivateChat),
+        "private_chat" => Ok(Preset::PrivateChat),
+        other => Err(Error::BadJson(format!("Unknown preset {other}"))),
+    });
+    let preset = preset.transpose()?;
+    let mut initial_state = Vec::new();
+    for raw in &body.initial_state {
+        let event = json_of(raw)?;
+        let kind =
+            event["type"].as_str().ok_or_else(|| Error::BadJson("initial_state event without type".to_owned()))?;
+        let key = event["state_key"].as_str().unwrap_or_default();
+        let content = event.get("content").cloned().unwrap_or_else(|| JsonValue::Object(Default::default()));
+        initial_state.push((kind.to_owned(), key.to_owned(), content));
+    }
+    let request = NewRoomRequest {
+        preset,
+        public: body.visibility == Visibility::Public,
+        name: body.name,
+        topic: body.topic,
+        invite: body.invite,
+        is_direct: body.is_direct,
+        room_alias_name: body.room_alias_name,
+        room_version: body.room_version,
+        creation_content: body.creation_content.as_ref().map(object_of).transpose()?,
+        initial_state,
+        power_level_content_override: body.power_level_content_override.as_ref().map(object_of).transpose()?,
+    };
+    let room_id = services.create_room(&user.user_id, request).await?;
+    Ok(RumaResponse(create_room::v3::Response::new(room_id)))
+}
+
+pub async fn join_by_id(
+    State(services): State<Arc<Services>>,
+    req: Ruma<join_room_by_id::v3::Request>,
+) -> Result<RumaResponse<join_room_by_id::v3::Response>> {
+    let user = req.user()?.clone();
+    let room_id = req.body.room_id;
+    services
+        .change_membership(&room_id, &user.user_id, &user.user_id, Membership::Join, req.body.reason.as_deref(), false)
+        .await?;
+    Ok(RumaResponse(join_room_by_id::v3::Response::new(room_id)))
+}
+
+pub async fn join_by_id_or_alias(
+    State(services): State<Arc<Services>>,
+    req: Ruma<join_room_by_id_or_alias::v3::Request>,
+) -> Result<RumaResponse<join_room_by_id_or_alias::v3::Response>> {
+    let user = req.user()?.clone();
+    let room_id = services.resolve_room(req.body.room_id_or_alias.as_str()).await?;
+    services
+        .change_membership(&room_id, &user.user_id, &user.user_id, Membership::Join, req.body.reason.as_deref(), false)
+        .await?;
+    Ok(RumaResponse(join_room_by_id_or_alias::v3::Response::new(room_id)))
+}
+
+pub async fn invite(
+    State(services): State<Arc<Services>>,
+    req: Ruma<invite_user::v3::Request>,
+) -> Result<RumaResponse<invite_user::v3::Response>> {
+    let user = req.user()?.clone();
+    let invite_user::v3::InvitationRecipient::UserId(invitee) = &req.body.recipient else {
+        return Err(Error::Forbidden("Third-party invites are not supported".to_owned()));
+    };
+    services
+        .change_membership(
+            &req.body.room_id,
+            &user.user_id,
+            &invitee.user_id,
+            Membership::Invite,
+            invitee.reason.as_deref(),
+            false,
+        )
+        .await?;
+    Ok(RumaResponse(invite_user::v3::Response::new()))
+}
+
+pub async fn leave(
+    State(services): State<Arc<Services>>,
+    req: Ruma<leave_room::v3::Request>,
+) -> Result<RumaResponse<leave_room::v3::Response>> {
+    let user = req.user()?.clone();
+    services
+        .change_membership(
+            &req.body.room_id,
+            &user.user_id,
+            &user.user_id,
+            Membership::Leave,
+            req.body.reason.as_deref(),
+            false,
+        )
+        .await?;
+    Ok(RumaResponse(leave_room::v3::Response::new()))
+}
+
+async fn moderate(
+    services: &Services,
+    room_id: &RoomId,
+    sender: &UserId,
+    target: &UserId,
+    change: Membership,
+    reason: Option<&str>,
+) -> Result<()> {
+    let current = services.membership(room_id.as_str(), target.as_str()).await?;
+    match change {
+        // Kicking somebody who is not in the room (or banned) is not a kick.
+        Membership::Leave if !matches!(current.as_deref(), Some("join" | "invite" | "knock")) && sender != target => {
+            return Err(Error::Forbidden("The user is not in the room".to_owned()));
+        }
+        _ => {}
+    }
+    services.change_membership(room_id, sender, target, change, reason, false).await?;
+    Ok(())
+}
+
+pub async fn kick(
+    State(services): State<Arc<Services>>,
+    req: Ruma<kick_user::v3::Request>,
+) -> Result<RumaResponse<kick_user::v3::Response>> {
+    let user = req.user()?.clone();
+    moderate(
+        &services,
+        &req.body.room_id,
+        &user.user_id,
+        &req.body.user_id,
+        Membership::Leave,
+        req.body.reason.as_deref(),
+    )
+    .await?;
+    Ok(RumaResponse(kick_user::v3::Response::new()))
+}
+
+pub async fn ban(
+    State(services): State<Arc<Services>>,
+    req: Ruma<ban_user::v3::Request>,
+) -> Result<RumaResponse<ban_user::v3::Response>> {
+    let user = req.user()?.clone();
+    moderate(
+        &services,
+        &req.body.room_id,
+        &user.user_id,
+        &req.body.user_id,
+        Membership::Ban,
+        req.body.reason.as_deref(),
+    )
+    .await?;
+    Ok(RumaResponse(ban_user::v3::Response::new()))
+}
+
+pub async fn unban(
+    State(services): State<Arc<Services>>,
+    req: Ruma<unban_user::v3::Request>,
+) -> Result<RumaResponse<unban_user::v3::Response>> {
+    let user = req.user()?.clone();
+    if services.membership(req.body.room_id.as_str(), req.body.user_id.as_str()).await?.as_deref() != Some("ban") {
+        return Err(Error::Forbidden("The user is not banned".to_owned()));
+    }
+    services
+        .change_membership(
+            &req.body.room_id,
+            &user.user_id,
+            &req.body.user_id,
+            Membership::Leave,
+            req.body.reason.as_deref(),
+            false,
+        )
+        .await?;
+    Ok(RumaResponse(unban_user::v3::Response::new()))
+}
+
+pub async fn joined(
+    State(services): State<Arc<Services>>,
+    req: Ruma<joined_rooms::v3::Request>,
+) -> Result<RumaResponse<joined_rooms::v3::Response>> {
+    let user = req.user()?;
+    let mut rooms = Vec::new();
+    for (room_id, membership) in services.store.rooms_for_user(user.user_id.as_str()).await? {
+        if membership == "join"
+            && let Ok(id) = RoomId::parse(room_id)
+        {
+            rooms.push(id);
+        }
+    }
+    Ok(RumaResponse(joined_rooms::v3::Response::new(rooms)))
+}
+
+/// Members may read the state; so may former members, of the state when they left. (Former
+/// members get the current state here, a simplification noted in the issue.)
+async fn require_member_or_former(services: &Services, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+    if services.store.room(room_id.as_str()).await?.is_none() {
+        return Err(Error::NotFound("Unknown room".to_owned()));
+    }
+    match services.membership(room_id.as_str(), user_id.as_str()).await?.as_deref() {
+        Some("join") => Ok(()),
+        _ => Err(Error::Forbidden("You are not a member of this room".to_owned())),
+    }
+}
+
+pub async fn state(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_state_events::v3::Request>,
+) -> Result<RumaResponse<get_state_events::v3::Response>> {
+    let user = req.user()?.clone();
+    require_member_or_former(&services, &req.body.room_id, &user.user_id).await?;
+    let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
+    let mut events = Vec::new();
+    for row in services.store.current_state(req.body.room_id.as_str()).await? {
+        events.push(services.raw_client_event(&row, viewer, true).await?);
+    }
+    Ok(RumaResponse(get_state_events::v3::Response::new(events)))
+}
+
+pub async fn state_event(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_state_event_for_key::v3::Request>,
+) -> Result<RumaResponse<get_state_event_for_key::v3::Response>> {
+    let user = req.user()?.clone();
+    require_member_or_former(&services, &req.body.room_id, &user.user_id).await?;
+    let row = services
+        .store
+        .current_state_event(req.body.room_id.as_str(), &req.body.event_type.to_string(), &req.body.state_key)
+        .await?
+        .ok_or_else(|| Error::NotFound("Event not found".to_owned()))?;
+    let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
+    let event = services.client_event(&row, viewer, true).await?;
+    let value = match req.body.format {
+        get_state_event_for_key::v3::StateEventFormat::Event => event,
+        _ => event["content"].clone(),
+    };
+    let raw = serde_json::value::to_raw_value(&value).map_err(|e| Error::internal(e.to_string()))?;
+    Ok(RumaResponse(get_state_event_for_key::v3::Response::new(raw)))
+}
+
+pub async fn send_state(
+    State(services): State<Arc<Services>>,
+    req: Ruma<send_state_event::v3::Request>,
+) -> Result<RumaResponse<send_state_event::v3::Response>> {
+    let user = req.user()?.clone();
+    let content = json_of(&req.body.body)?;
+    if !content.is_object() {
+        return Err(Error::BadJson("State event content must be an object".to_owned()));
+    }
+    let kind = req.body.event_type.to_string();
+    if kind == "m.room.canonical_alias" {
+        check_canonical_alias(&services, &req.body.room_id, &content).await?;
+    }
+    let event_id = services
+        .append_event(&req.body.room_id, &user.user_id, EventDraft::state(&kind, &req.body.state_key, content), None)
+        .await?;
+    Ok(RumaResponse(send_state_event::v3::Response::new(event_id)))
+}
+
+/// A canonical alias must point at this room.
+async fn check_canonical_alias(services: &Services, room_id: &RoomId, content: &JsonValue) -> Result<()> {
+    let aliases = content["alias"]
+        .as_str()
+        .into_iter()
+        .chain(content["alt_aliases"].as_array().into_iter().flatten().filter_map(|a| a.as_str()));
+    for alias in aliases {
+        match services.store.alias(alias).await? {
+            Some((target, _)) if target == room_id.as_str() => {}
+            _ => return Err(Error::BadAlias(format!("{alias} does not point to this room"))),
+        }
+    }
+    Ok(())
+}
+
+pub async fn members(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_member_events::v3::Request>,
+) -> Result<RumaResponse<get_member_events::v3::Response>> {
+    let user = req.user()?.clone();
+    require_member_or_former(&services, &req.body.room_id, &user.user_id).await?;
+    let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
+    let membership = req.body.membership.as_ref().map(|m| m.to_string());
+    let not_membership = req.body.not_membership.as_ref().map(|m| m.to_string());
+    let mut chunk = Vec::new();
+    for row in services.store.current_state(req.body.room_id.as_str()).await? {
+        if row.event_type != "m.room.member" {
+            continue;
+        }
+        let event = services.client_event(&row, viewer, true).await?;
+        let m = event["content"]["membership"].as_str().unwrap_or_default().to_owned();
+        if membership.as_ref().is_some_and(|x| *x != m) || not_membership.as_ref().is_some_and(|x| *x == m) {
+            continue;
+        }
+        chunk.push(to_raw(&event)?);
+    }
+    Ok(RumaResponse(get_member_events::v3::Response::new(chunk)))
+}
+
+pub async fn joined_members_list(
+    State(services): State<Arc<Services>>,
+    req: Ruma<joined_members::v3::Request>,
+) -> Result<RumaResponse<joined_members::v3::Response>> {
+    let user = req.user()?.clone();
+    require_member_or_former(&services, &req.body.room_id, &user.user_id).await?;
+    let mut joined = BTreeMap::new();
+    for member in services.store.room_members(req.body.room_id.as_str(), "join").await? {
+        let Some(row) = services.store.current_state_event(req.body.room_id.as_str(), "m.room.member", &member).await?
+        else {
+            continue;
+        };
+        let pdu: JsonValue = serde_json::from_str(&row.json).unwrap_or_default();
+        let mut info = joined_members::v3::RoomMember::new();
+        info.display_name = pdu["content"]["displayname"].as_str().map(str::to_owned);
+        info.avatar_url = pdu["content"]["avatar_url"].as_str().map(|s| s.into());
+        if let Ok(id) = OwnedUserId::try_from(member) {
+            joined.insert(id, info);
+        }
+    }
+    Ok(RumaResponse(joined_members::v3::Response::new(joined)))
+}
+
+pub async fn alias_create(
+    State(services): State<Arc<Services>>,
+    req: Ruma<create_alias::v3::Request>,
+) -> Result<RumaResponse<create_alias::v3::Response>> {
+    let user = req.user()?.clone();
+    let alias = req.body.room_alias;
+    if alias.server_name() != services.settings.server_name {
+        return Err(Error::InvalidParam("Aliases must be on this server".to_owned()));
+    }
+    services.require_joined(req.body.room_id.as_str(), user.user_id.as_str()).await?;
+    if !services.store.create_alias(alias.as_str(), req.body.room_id.as_str(), user.user_id.as_str(), now_ms()).await? {
+        return Err(Error::Conflict("The room alias already exists".to_owned()));
+    }
+    Ok(RumaResponse(create_alias::v3::Response::new()))
+}
+
+pub async fn alias_get(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_alias::v3::Request>,
+) -> Result<RumaResponse<get_alias::v3::Response>> {
+    let (room_id, _) = services
+        .store
+        .alias(req.body.room_alias.as_str())
+        .await?
+        .ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
+    let room_id = RoomId::parse(room_id).map_err(|e| Error::internal(e.to_string()))?;
+    Ok(RumaResponse(get_alias::v3::Response::new(room_id, vec![services.settings.server_name.clone()])))
+}
+
+pub async fn alias_delete(
+    State(services): State<Arc<Services>>,
+    req: Ruma<delete_alias::v3::Request>,
+) -> Result<RumaResponse<delete_alias::v3::Response>> {
+    let user = req.user()?.clone();
+    let (room_id, creator) = services
+        .store
+        .alias(req.body.room_alias.as_str())
+        .await?
+        .ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
+    let admin = services.store.user(user.user_id.as_str()).await?.is_some_and(|u| u.is_admin);
+    if creator != user.user_id.as_str()
+        && !admin
+        && !services.can_send_state(&room_id, &user.user_id, "m.room.canonical_alias").await?
+    {
+        return Err(Error::Forbidden("You may not delete this alias".to_owned()));
+    }
+    services.store.delete_alias(req.body.room_alias.as_str()).await?;
+    Ok(RumaResponse(delete_alias::v3::Response::new()))
+}
+
+pub async fn visibility_get(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_room_visibility::v3::Request>,
+) -> Result<RumaResponse<get_room_visibility::v3::Response>> {
+    let room = services
+        .store
+        .room(req.body.room_id.as_str())
+        .await?
+        .ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
+    let visibility = if room.published { Visibility::Public } else { Visibility::Private };
+    Ok(RumaResponse(get_room_visibility::v3::Response::new(visibility)))
+}
+
+pub async fn visibility_set(
+    State(services): State<Arc<Services>>,
+    req: Ruma<set_room_visibility::v3::Request>,
+) -> Result<RumaResponse<set_room_visibility::v3::Response>> {
+    let user = req.user()?.clone();
+    let room_id = req.body.room_id.as_str();
+    services.store.room(room_id).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
+    if !services.can_send_state(room_id, &user.user_id, "m.room.canonical_alias").await? {
+        return Err(Error::Forbidden("You may not change the directory visibility of this room".to_owned()));
+    }
+    services.store.set_room_published(room_id, req.body.visibility == Visibility::Public).await?;
+    Ok(RumaResponse(set_room_visibility::v3::Response::new()))
+}
+
+pub async fn public_rooms(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_public_rooms::v3::Request>,
+) -> Result<RumaResponse<get_public_rooms::v3::Response>> {
+    let chunk = services.public_room_chunks(None).await?;
+    let limit = req.body.limit.map(|l| usize::try_from(u64::from(l)).unwrap_or(usize::MAX)).unwrap_or(usize::MAX);
+    let start: usize = req.body.since.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let total = chunk.len();
+    let page: Vec<PublicRoomsChunk> = chunk.into_iter().skip(start).take(limit).collect();
+    let mut response = get_public_rooms::v3::Response::new(Vec::new());
+    if start + page.len() < total {
+        response.next_batch = Some((start + page.len()).to_string());
+    }
+    if start > 0 {
+        response.prev_batch = Some(start.saturating_sub(limit).to_string());
+    }
+    response.total_room_count_estimate = ruma::UInt::new(total as u64);
+    response.chunk = page;
+    Ok(RumaResponse(response))
+}
+
+impl Services {
+    /// Whether `user` has the power to send state of `event_type` in the room now.
+    pub async fn can_send_state(&self, room_id: &str, user: &UserId, event_type: &str) -> Result<bool> {
+        let room = self.store.room(room_id).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
+        let version = self.room_version(room_id).await?;
+        // Room version 12 gives the creator unlimited power outside the power levels.
+        if room.creator == user.as_str()
+            && version.rules().is_some_and(|r| r.authorization.explicitly_privilege_room_creators)
+        {
+            return Ok(true);
+        }
+        let Some(row) = self.store.current_state_event(room_id, "m.room.power_levels", "").await? else {
+            return Ok(false);
+        };
+        let pl: JsonValue = serde_json::from_str(&row.json).unwrap_or_default();
+        let content = &pl["content"];
+        let user_level = content["users"][user.as_str()].as_i64().or(content["users_default"].as_i64()).unwrap_or(0);
+        let needed = content["events"][event_type].as_i64().or(content["state_default"].as_i64()).unwrap_or(50);
+        Ok(user_level >= needed)
+    }
+
+    /// Public rooms on this server, filtered by a search term.
+    pub async fn public_room_chunks(&self, search: Option<&str>) -> Result<Vec<PublicRoomsChunk>> {
+        let mut out = Vec::new();
+        for room_id in self.store.published_rooms().await? {
+            let Ok(id) = RoomId::parse(room_id.as_str()) else { continue };
+            let state = |kind: &'static str, field: &'static str| {
+                let room_id = room_id.clone();
+                async move {
+                    Ok::<_, Error>(self.store.current_state_event(&room_id, kind, "").await?.and_then(|row| {
+                        serde_json::from_str::<JsonValue>(&row.json)
+                            .ok()
+                            .and_then(|v| v["content"][field].as_str().map(str::to_owned))
+                    }))
+                }
+            };
+            let name = state("m.room.name", "name").await?;
+            let topic = state("m.room.topic", "topic").await?;
+            let alias = state("m.room.canonical_alias", "alias").await?;
+            let avatar = state("m.room.avatar", "url").await?;
+            let join_rule = state("m.room.join_rules", "join_rule").await?;
+            let history = state("m.room.history_visibility", "history_visibility").await?;
+            if let Some(term) = search {
+                let term = term.to_lowercase();
+                let hit = [&name, &topic, &alias]
+                    .iter()
+                    .any(|f| f.as_ref().is_some_and(|v| v.to_lowercase().contains(&term)));
+                if !hit {
+                    continue;
+                }
+            }
+            let joined = self.store.room_members(&room_id, "join").await?.len();
+            let mut chunk = PublicRoomsChunk::from(PublicRoomsChunkInit {
+                num_joined_members: ruma::UInt::new(joined as u64).unwrap_or_default(),
+                room_id: id,
+                world_readable: history.as_deref() == Some("world_readable"),
+                guest_can_join: false,
+            });
+            chunk.name = name;
+            chunk.topic = topic;
+            chunk.canonical_alias = alias.and_then(|a| a.try_into().ok());
+            chunk.avatar_url = avatar.map(Into::into);
+            chunk.join_rule = join_rule.as_deref().unwrap_or("public").into();
+            chunk.room_type = None::<RoomType>;
+            out.push(chunk);
+        }
+        out.sort_by(|a, b| b.num_joined_members.cmp(&a.num_joined_members));
+        Ok(out)
+    }
+}

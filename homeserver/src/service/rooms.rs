@@ -1,0 +1,280 @@
+//! Rooms: creation with presets, membership changes, state, aliases and the directory.
+
+use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, RoomVersionId, UserId};
+use serde_json::{Map, Value as JsonValue, json};
+
+use super::{
+    Services,
+    timeline::{CreateRoom, EventDraft},
+};
+use crate::{
+    error::{Error, Result},
+    store::now_ms,
+};
+
+/// Room versions we create and accept for new rooms.
+pub const SUPPORTED_ROOM_VERSIONS: [RoomVersionId; 3] = [RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12];
+/// The version of new rooms unless the client asks for another.
+pub const DEFAULT_ROOM_VERSION: RoomVersionId = RoomVersionId::V12;
+
+/// `createRoom` presets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    PrivateChat,
+    TrustedPrivateChat,
+    PublicChat,
+}
+
+/// What `createRoom` asks for.
+#[derive(Debug, Default)]
+pub struct NewRoomRequest {
+    pub preset: Option<Preset>,
+    pub public: bool,
+    pub name: Option<String>,
+    pub topic: Option<String>,
+    pub invite: Vec<OwnedUserId>,
+    pub is_direct: bool,
+    pub room_alias_name: Option<String>,
+    pub room_version: Option<RoomVersionId>,
+    pub creation_content: Option<Map<String, JsonValue>>,
+    /// (type, state_key, content)
+    pub initial_state: Vec<(String, String, JsonValue)>,
+    pub power_level_content_override: Option<Map<String, JsonValue>>,
+}
+
+/// A membership change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    Join,
+    Invite,
+    Leave,
+    Ban,
+}
+
+impl Membership {
+    fn as_str(self) -> &'static str {
+        match self {
+            Membership::Join => "join",
+            Membership::Invite => "invite",
+            Membership::Leave => "leave",
+            Membership::Ban => "ban",
+        }
+    }
+}
+
+impl Services {
+    /// `POST /createRoom`.
+    pub async fn create_room(&self, creator: &UserId, req: NewRoomRequest) -> Result<OwnedRoomId> {
+        let version = req.room_version.clone().unwrap_or(DEFAULT_ROOM_VERSION);
+        if !SUPPORTED_ROOM_VERSIONS.contains(&version) {
+            return Err(Error::UnsupportedRoomVersion(format!("Room version {version} is not supported")));
+        }
+        let rules = version.rules().ok_or_else(|| Error::internal("rules for a supported version"))?;
+        let preset = req.preset.unwrap_or(if req.public { Preset::PublicChat } else { Preset::PrivateChat });
+        let alias = match &req.room_alias_name {
+            Some(name) => {
+                let alias = self.local_alias(name)?;
+                if self.store.alias(alias.as_str()).await?.is_some() {
+                    return Err(Error::RoomInUse);
+                }
+                Some(alias)
+            }
+            None => None,
+        };
+        for user in &req.invite {
+            if user.server_name() != self.settings.server_name {
+                return Err(Error::Forbidden(
+                    "Inviting users of other servers needs federation, which this server does not have yet".to_owned(),
+                ));
+            }
+        }
+
+        let mut create_content = req.creation_content.clone().unwrap_or_default();
+        create_content.insert("room_version".into(), JsonValue::from(version.as_str()));
+        if !rules.authorization.use_room_create_sender {
+            create_content.insert("creator".into(), JsonValue::from(creator.as_str()));
+        }
+        let room_id =
+            if rules.authorization.room_create_event_id_as_room_id { None } else { Some(self.new_room_id()?) };
+        let room_id = self
+            .append_create_event(
+                creator,
+                CreateRoom { version: &version, published: req.public, room_id },
+                JsonValue::Object(create_content),
+            )
+            .await?;
+
+        // The creator joins.
+        let member = self.member_content(creator, "join", None).await?;
+        self.append_event(&room_id, creator, EventDraft::state("m.room.member", creator.as_str(), member), None)
+            .await?;
+
+        // Power levels: the spec's defaults, the preset's, then the client's override.
+        let mut users = Map::new();
+        if !rules.authorization.explicitly_privilege_room_creators {
+            users.insert(creator.to_string(), json!(100));
+        }
+        if preset == Preset::TrustedPrivateChat {
+            for invitee in &req.invite {
+                users.insert(invitee.to_string(), json!(100));
+            }
+        }
+        let mut power_levels = json!({
+            "users": users,
+            "users_default": 0,
+            "events": {
+                "m.room.name": 50, "m.room.power_levels": 100, "m.room.history_visibility": 100,
+                "m.room.canonical_alias": 50, "m.room.avatar": 50, "m.room.tombstone": 100,
+                "m.room.server_acl": 100, "m.room.encryption": 100, "m.room.topic": 50,
+            },
+            "events_default": 0,
+            "state_default": 50,
+            "ban": 50,
+            "kick": 50,
+            "redact": 50,
+            "invite": 0,
+            "notifications": {"room": 50},
+        });
+        if let Some(overrides) = &req.power_level_content_override
+            && let Some(map) = power_levels.as_object_mut()
+        {
+            for (k, v) in overrides {
+                map.insert(k.clone(), v.clone());
+            }
+        }
+        self.append_event(&room_id, creator, EventDraft::state("m.room.power_levels", "", power_levels), None).await?;
+
+        if let Some(alias) = &alias {
+            self.append_event(
+                &room_id,
+                creator,
+                EventDraft::state("m.room.canonical_alias", "", json!({"alias": alias})),
+                None,
+            )
+            .await?;
+        }
+        let (join_rule, guest_access) = match preset {
+            Preset::PublicChat => ("public", "forbidden"),
+            _ => ("invite", "can_join"),
+        };
+        let mut preset_state = vec![
+            ("m.room.join_rules", json!({"join_rule": join_rule})),
+            ("m.room.history_visibility", json!({"history_visibility": "shared"})),
+            ("m.room.guest_access", json!({"guest_access": guest_access})),
+        ];
+        preset_state.retain(|(kind, _)| !req.initial_state.iter().any(|(t, k, _)| t == kind && k.is_empty()));
+        for (kind, content) in preset_state {
+            self.append_event(&room_id, creator, EventDraft::state(kind, "", content), None).await?;
+        }
+        for (kind, key, content) in &req.initial_state {
+            if kind == "m.room.create" || kind == "m.room.member" || kind == "m.room.power_levels" {
+                return Err(Error::BadJson(format!("initial_state may not contain {kind}")));
+            }
+            self.append_event(&room_id, creator, EventDraft::state(kind, key, content.clone()), None).await?;
+        }
+        if let Some(name) = &req.name {
+            self.append_event(&room_id, creator, EventDraft::state("m.room.name", "", json!({"name": name})), None)
+                .await?;
+        }
+        if let Some(topic) = &req.topic {
+            self.append_event(&room_id, creator, EventDraft::state("m.room.topic", "", json!({"topic": topic})), None)
+                .await?;
+        }
+        for invitee in &req.invite {
+            self.change_membership(&room_id, creator, invitee, Membership::Invite, None, req.is_direct).await?;
+        }
+        if let Some(alias) = alias {
+            self.store.create_alias(alias.as_str(), room_id.as_str(), creator.as_str(), now_ms()).await?;
+        }
+        tracing::info!(%room_id, %creator, %version, "created a room");
+        Ok(room_id)
+    }
+
+    fn new_room_id(&self) -> Result<OwnedRoomId> {
+        let local = super::credentials::random_string(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", 18);
+        RoomId::parse(format!("!{local}:{}", self.settings.server_name)).map_err(|e| Error::internal(e.to_string()))
+    }
+
+    /// `#name:server` for a local alias name.
+    pub fn local_alias(&self, name: &str) -> Result<OwnedRoomAliasId> {
+        if name.is_empty() || name.contains(':') || name.contains(char::is_whitespace) {
+            return Err(Error::InvalidParam("Invalid room alias name".to_owned()));
+        }
+        RoomAliasId::parse(format!("#{name}:{}", self.settings.server_name))
+            .map_err(|e| Error::InvalidParam(format!("Invalid room alias: {e}")))
+    }
+
+    /// Membership content with the member's profile (display name and avatar).
+    async fn member_content(&self, user: &UserId, membership: &str, reason: Option<&str>) -> Result<JsonValue> {
+        let mut content = Map::new();
+        content.insert("membership".into(), JsonValue::from(membership));
+        if membership == "join" || membership == "invite" {
+            if let Ok(profile) = self.profile(user).await {
+                for key in ["displayname", "avatar_url"] {
+                    if let Some(v) = profile.get(key) {
+                        content.insert(key.into(), v.clone());
+                    }
+                }
+            }
+        }
+        if let Some(reason) = reason {
+            content.insert("reason".into(), JsonValue::from(reason));
+        }
+        Ok(JsonValue::Object(content))
+    }
+
+    /// Changes `target`'s membership as `sender`: join, invite, leave (also kick, unban) or
+    /// ban. The auth rules decide whether it is allowed.
+    pub async fn change_membership(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        target: &UserId,
+        membership: Membership,
+        reason: Option<&str>,
+        is_direct: bool,
+    ) -> Result<ruma::OwnedEventId> {
+        if self.store.room(room_id.as_str()).await?.is_none() {
+            // Remote rooms arrive with federation.
+            return Err(Error::NotFound("Unknown room".to_owned()));
+        }
+        if target.server_name() != self.settings.server_name && membership == Membership::Invite {
+            return Err(Error::Forbidden(
+                "Inviting users of other servers needs federation, which this server does not have yet".to_owned(),
+            ));
+        }
+        let mut content = self.member_content(target, membership.as_str(), reason).await?;
+        if is_direct && let Some(map) = content.as_object_mut() {
+            map.insert("is_direct".into(), JsonValue::Bool(true));
+        }
+        self.append_event(room_id, sender, EventDraft::state("m.room.member", target.as_str(), content), None).await
+    }
+
+    /// The user's current membership in a room, if any.
+    pub async fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<String>> {
+        let row = self.store.current_state_event(room_id, "m.room.member", user_id).await?;
+        Ok(row.and_then(|r| {
+            serde_json::from_str::<JsonValue>(&r.json)
+                .ok()
+                .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
+        }))
+    }
+
+    /// Fails unless `user` is joined to the room.
+    pub async fn require_joined(&self, room_id: &str, user_id: &str) -> Result<()> {
+        match self.membership(room_id, user_id).await?.as_deref() {
+            Some("join") => Ok(()),
+            _ => Err(Error::Forbidden("You are not a member of this room".to_owned())),
+        }
+    }
+
+    /// Resolves a room id or a local alias.
+    pub async fn resolve_room(&self, id_or_alias: &str) -> Result<OwnedRoomId> {
+        if id_or_alias.starts_with('#') {
+            let (room_id, _) =
+                self.store.alias(id_or_alias).await?.ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
+            return RoomId::parse(room_id).map_err(|e| Error::internal(e.to_string()));
+        }
+        RoomId::parse(id_or_alias).map_err(|e| Error::InvalidParam(format!("Invalid room id: {e}")))
+    }
+}

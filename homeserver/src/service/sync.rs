@@ -1,0 +1,498 @@
+//! `/sync` (v3): initial, incremental and long-polling, and the history visibility rules
+//! shared with `/messages`.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::Duration,
+};
+
+use ruma::{
+    OwnedUserId, RoomId, UInt, UserId,
+    api::client::sync::sync_events::v3::{
+        InviteState, InvitedRoom, JoinedRoom, LeftRoom, Response, RoomSummary, State, StateEvents, Timeline,
+    },
+};
+use serde_json::{Map, Value as JsonValue, json};
+
+use super::{
+    Services,
+    events::{Viewer, to_raw},
+    streams::Positions,
+};
+use crate::{
+    error::{Error, Result},
+    store::EventRow,
+};
+
+/// Longest a client may long-poll.
+pub const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What of the rooms a sync (or `/messages`) should return: the parts of the Matrix filter
+/// this server applies.
+#[derive(Debug, Clone)]
+pub struct EventFilter {
+    pub limit: usize,
+    pub types: Option<Vec<String>>,
+    pub not_types: Vec<String>,
+    pub senders: Option<Vec<String>>,
+    pub not_senders: Vec<String>,
+    pub rooms: Option<Vec<String>>,
+    pub not_rooms: Vec<String>,
+    pub lazy_load_members: bool,
+    pub include_leave: bool,
+}
+
+impl Default for EventFilter {
+    fn default() -> Self {
+        Self {
+            limit: 10,
+            types: None,
+            not_types: Vec::new(),
+            senders: None,
+            not_senders: Vec::new(),
+            rooms: None,
+            not_rooms: Vec::new(),
+            lazy_load_members: false,
+            include_leave: false,
+        }
+    }
+}
+
+/// `*` at the end of a filter type is a prefix wildcard.
+fn type_matches(pattern: &str, value: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => value.starts_with(prefix),
+        None => pattern == value,
+    }
+}
+
+impl EventFilter {
+    pub fn allows_event(&self, row: &EventRow) -> bool {
+        if self.types.as_ref().is_some_and(|t| !t.iter().any(|p| type_matches(p, &row.event_type))) {
+            return false;
+        }
+        if self.not_types.iter().any(|p| type_matches(p, &row.event_type)) {
+            return false;
+        }
+        if self.senders.as_ref().is_some_and(|s| !s.contains(&row.sender)) || self.not_senders.contains(&row.sender) {
+            return false;
+        }
+        true
+    }
+
+    pub fn allows_room(&self, room_id: &str) -> bool {
+        self.rooms.as_ref().is_none_or(|r| r.iter().any(|x| x == room_id))
+            && !self.not_rooms.iter().any(|x| x == room_id)
+    }
+}
+
+/// A `/sync` request, parsed.
+#[derive(Debug, Clone)]
+pub struct SyncRequest {
+    pub since: Option<Positions>,
+    pub filter: EventFilter,
+    pub full_state: bool,
+    pub timeout: Duration,
+}
+
+/// The key of a state event.
+type StateKey = (String, String);
+
+impl Services {
+    /// Answers a sync: at once if there is anything new (or it is an initial sync),
+    /// otherwise when something arrives or the timeout passes.
+    pub async fn sync(&self, user_id: &UserId, device_id: &str, req: SyncRequest) -> Result<Response> {
+        let deadline = tokio::time::Instant::now() + req.timeout.min(MAX_SYNC_TIMEOUT);
+        let mut changes = self.streams.subscribe();
+        loop {
+            changes.borrow_and_update();
+            let upto = self.streams.current();
+            let response = self.sync_once(user_id, device_id, &req, upto).await?;
+            let nothing_new = req.since.is_some() && is_empty(&response);
+            if !nothing_new || tokio::time::Instant::now() >= deadline {
+                return Ok(response);
+            }
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                // Timed out: answer with the (empty) response and the same position.
+                return Ok(response);
+            }
+        }
+    }
+
+    async fn sync_once(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+        req: &SyncRequest,
+        upto: Positions,
+    ) -> Result<Response> {
+        let viewer = Viewer { user_id: user_id.as_str(), device_id };
+        let since = req.since.unwrap_or_default();
+        let mut response = Response::new(upto.to_string());
+
+        // Membership changes in the window, per room, oldest first.
+        let mut changed: HashMap<String, Vec<EventRow>> = HashMap::new();
+        if req.since.is_some() {
+            for row in self.store.membership_changes(user_id.as_str(), since.stream, upto.stream).await? {
+                changed.entry(row.room_id.clone()).or_default().push(row);
+            }
+        }
+
+        for (room_id, membership) in self.store.rooms_for_user(user_id.as_str()).await? {
+            if !req.filter.allows_room(&room_id) {
+                continue;
+            }
+            let Ok(room) = RoomId::parse(room_id.as_str()) else { continue };
+            let window_changes = changed.get(&room_id);
+            match membership.as_str() {
+                "join" => {
+                    let newly_joined = match window_changes {
+                        Some(rows) => {
+                            let before = self.membership_at(&room_id, user_id.as_str(), since.stream).await?;
+                            before.as_deref() != Some("join")
+                                && rows.iter().any(|r| membership_of(r).as_deref() == Some("join"))
+                        }
+                        None => false,
+                    };
+                    let full = req.since.is_none() || req.full_state || newly_joined;
+                    if let Some(joined) = self.joined_room(&room, user_id, viewer, req, since, upto, full).await? {
+                        response.rooms.join.insert(room.clone(), joined);
+                    }
+                }
+                "invite" if req.since.is_none() || window_changes.is_some() => {
+                    let mut invited = InvitedRoom::new();
+                    invited.invite_state = InviteState::from(self.invite_state(&room_id, user_id.as_str()).await?);
+                    response.rooms.invite.insert(room.clone(), invited);
+                }
+                "leave" | "ban"
+                    if (req.since.is_some() && window_changes.is_some())
+                        || (req.since.is_none() && req.filter.include_leave) =>
+                {
+                    let left = self.left_room(&room, user_id, viewer, req, since).await?;
+                    response.rooms.leave.insert(room.clone(), left);
+                }
+                _ => {}
+            }
+        }
+
+        for row in self.store.account_data_since(user_id.as_str(), since.stream, upto.stream).await? {
+            let event = account_data_event(&row.data_type, &row.content);
+            if row.room_id.is_empty() {
+                response.account_data.events.push(to_raw(&event)?);
+            } else if let Ok(room) = RoomId::parse(row.room_id.as_str())
+                && let Some(joined) = response.rooms.join.get_mut(&room)
+            {
+                joined.account_data.events.push(to_raw(&event)?);
+            } else if let Ok(room) = RoomId::parse(row.room_id.as_str())
+                && self.membership(room.as_str(), user_id.as_str()).await?.as_deref() == Some("join")
+            {
+                let mut joined = JoinedRoom::new();
+                joined.account_data.events.push(to_raw(&event)?);
+                response.rooms.join.insert(room, joined);
+            }
+        }
+        Ok(response)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn joined_room(
+        &self,
+        room: &RoomId,
+        user_id: &UserId,
+        viewer: Viewer<'_>,
+        req: &SyncRequest,
+        since: Positions,
+        upto: Positions,
+        full: bool,
+    ) -> Result<Option<JoinedRoom>> {
+        let room_id = room.as_str();
+        let from = if full { 0 } else { since.stream };
+        let limit = req.filter.limit.max(1);
+        let mut rows = self
+            .store
+            .room_events(room_id, from, upto.stream, i64::try_from(limit + 1).unwrap_or(i64::MAX), true)
+            .await?;
+        let limited = rows.len() > limit;
+        rows.truncate(limit);
+        rows.reverse();
+        let rows = self.visible_events(room_id, user_id.as_str(), rows).await?;
+        let timeline_start = rows.first().map(|r| r.stream_ordering - 1).unwrap_or(upto.stream);
+
+        let mut joined = JoinedRoom::new();
+        // State before the timeline: everything for a full sync, else what changed between
+        // `since` and the start of a gapped timeline.
+        let state_rows = if full {
+            self.state_at(room_id, timeline_start).await?
+        } else if limited {
+            let changed: HashSet<StateKey> = self
+                .store
+                .state_events_after(room_id, since.stream)
+                .await?
+                .into_iter()
+                .filter(|r| r.stream_ordering <= timeline_start)
+                .filter_map(|r| r.state_key.map(|k| (r.event_type, k)))
+                .collect();
+            self.state_at(room_id, timeline_start)
+                .await?
+                .into_iter()
+                .filter(|r| changed.contains(&(r.event_type.clone(), r.state_key.clone().unwrap_or_default())))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let senders: HashSet<&str> = rows.iter().map(|r| r.sender.as_str()).collect();
+        let mut state_events = Vec::new();
+        for row in &state_rows {
+            let member_key = row.state_key.as_deref().unwrap_or_default();
+            if req.filter.lazy_load_members
+                && row.event_type == "m.room.member"
+                && member_key != user_id.as_str()
+                && !senders.contains(member_key)
+            {
+                continue;
+            }
+            state_events.push(self.raw_client_event(row, viewer, false).await?);
+        }
+        let mut timeline_events = Vec::new();
+        for row in rows.iter().filter(|r| req.filter.allows_event(r)) {
+            timeline_events.push(self.raw_client_event(row, viewer, false).await?);
+        }
+
+        let mut ephemeral = Vec::new();
+        if let Some(users) = self.typing.changed_since(room, since.typing) {
+            ephemeral.push(to_raw(&json!({"type": "m.typing", "content": {"user_ids": users}}))?);
+        }
+        let receipts = self.store.receipts_since(room_id, if full { 0 } else { since.stream }, upto.stream).await?;
+        let mut receipt_content: Map<String, JsonValue> = Map::new();
+        for r in receipts {
+            if r.receipt_type == "m.read.private" && r.user_id != user_id.as_str() {
+                continue;
+            }
+            let mut receipt = Map::new();
+            receipt.insert("ts".into(), json!(r.ts));
+            if !r.thread_id.is_empty() {
+                receipt.insert("thread_id".into(), json!(r.thread_id));
+            }
+            let by_event = receipt_content.entry(r.event_id).or_insert_with(|| json!({}));
+            by_event[&r.receipt_type][&r.user_id] = JsonValue::Object(receipt);
+        }
+        if !receipt_content.is_empty() {
+            ephemeral.push(to_raw(&json!({"type": "m.receipt", "content": receipt_content}))?);
+        }
+
+        if !full && timeline_events.is_empty() && state_events.is_empty() && ephemeral.is_empty() {
+            return Ok(None);
+        }
+        joined.timeline = Timeline::new();
+        joined.timeline.limited = limited;
+        joined.timeline.prev_batch = Some(Positions { stream: timeline_start, typing: 0 }.to_string());
+        joined.timeline.events = timeline_events;
+        let mut state = StateEvents::new();
+        state.events = state_events;
+        joined.state = State::Before(state);
+        joined.ephemeral.events = ephemeral;
+        if full || !state_rows.is_empty() || rows.iter().any(|r| r.event_type == "m.room.member") {
+            joined.summary = self.room_summary(room_id, user_id.as_str()).await?;
+        }
+        Ok(Some(joined))
+    }
+
+    async fn left_room(
+        &self,
+        room: &RoomId,
+        user_id: &UserId,
+        viewer: Viewer<'_>,
+        req: &SyncRequest,
+        since: Positions,
+    ) -> Result<LeftRoom> {
+        let room_id = room.as_str();
+        // The timeline runs up to the user's leave, nothing after it.
+        let history = self.store.membership_history(room_id, user_id.as_str()).await?;
+        let left_at = history.last().map(|(pos, _)| *pos).unwrap_or(since.stream);
+        let limit = req.filter.limit.max(1);
+        let from = if req.since.is_some() { since.stream } else { 0 };
+        let mut rows =
+            self.store.room_events(room_id, from, left_at, i64::try_from(limit + 1).unwrap_or(i64::MAX), true).await?;
+        let limited = rows.len() > limit;
+        rows.truncate(limit);
+        rows.reverse();
+        let rows = self.visible_events(room_id, user_id.as_str(), rows).await?;
+        let mut left = LeftRoom::new();
+        left.timeline.limited = limited;
+        left.timeline.prev_batch =
+            rows.first().map(|r| Positions { stream: r.stream_ordering - 1, typing: 0 }.to_string());
+        for row in &rows {
+            left.timeline.events.push(self.raw_client_event(row, viewer, false).await?);
+        }
+        Ok(left)
+    }
+
+    /// Stripped state shown with an invite.
+    async fn invite_state(
+        &self,
+        room_id: &str,
+        user_id: &str,
+    ) -> Result<Vec<ruma::serde::Raw<ruma::events::AnyStrippedStateEvent>>> {
+        let mut out = Vec::new();
+        for (kind, key) in [
+            ("m.room.create", ""),
+            ("m.room.join_rules", ""),
+            ("m.room.name", ""),
+            ("m.room.avatar", ""),
+            ("m.room.topic", ""),
+            ("m.room.canonical_alias", ""),
+            ("m.room.encryption", ""),
+            ("m.room.member", user_id),
+        ] {
+            if let Some(row) = self.store.current_state_event(room_id, kind, key).await? {
+                let pdu: JsonValue = serde_json::from_str(&row.json).unwrap_or_default();
+                out.push(to_raw(&json!({
+                    "type": row.event_type, "state_key": key, "sender": row.sender, "content": pdu["content"],
+                }))?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn room_summary(&self, room_id: &str, user_id: &str) -> Result<RoomSummary> {
+        let joined = self.store.room_members(room_id, "join").await?;
+        let invited = self.store.room_members(room_id, "invite").await?;
+        let mut summary = RoomSummary::new();
+        summary.joined_member_count = UInt::new(joined.len() as u64);
+        summary.invited_member_count = UInt::new(invited.len() as u64);
+        let mut heroes: Vec<OwnedUserId> = joined
+            .iter()
+            .chain(invited.iter())
+            .filter(|u| u.as_str() != user_id)
+            .filter_map(|u| UserId::parse(u.as_str()).ok())
+            .collect();
+        heroes.sort();
+        heroes.truncate(5);
+        summary.heroes = heroes;
+        Ok(summary)
+    }
+
+    /// The user's membership as of position `at`.
+    async fn membership_at(&self, room_id: &str, user_id: &str, at: i64) -> Result<Option<String>> {
+        let history = self.store.membership_history(room_id, user_id).await?;
+        Ok(history.into_iter().rev().find(|(pos, _)| *pos <= at).map(|(_, m)| m))
+    }
+
+    /// The room state as of position `at`: the current state with every later state change
+    /// rolled back.
+    pub async fn state_at(&self, room_id: &str, at: i64) -> Result<Vec<EventRow>> {
+        let current = self.store.current_state(room_id).await?;
+        let mut by_key: BTreeMap<StateKey, Option<String>> = BTreeMap::new();
+        let mut rows: HashMap<String, EventRow> = HashMap::new();
+        for row in current {
+            by_key.insert(
+                (row.event_type.clone(), row.state_key.clone().unwrap_or_default()),
+                Some(row.event_id.clone()),
+            );
+            rows.insert(row.event_id.clone(), row);
+        }
+        for later in self.store.state_events_after(room_id, at).await? {
+            let key = (later.event_type.clone(), later.state_key.clone().unwrap_or_default());
+            by_key.insert(key, later.prev_state_event_id.clone());
+        }
+        let mut out = Vec::new();
+        for event_id in by_key.into_values().flatten() {
+            match rows.remove(&event_id) {
+                Some(row) => out.push(row),
+                None => {
+                    if let Some(row) = self.store.event(&event_id).await? {
+                        out.push(row);
+                    }
+                }
+            }
+        }
+        out.sort_by_key(|r| r.stream_ordering);
+        Ok(out)
+    }
+
+    /// Keeps the events `user_id` may see under the room's history visibility (the spec's
+    /// rules: world_readable; joined at the event; shared and joined at some later point;
+    /// invited at the event under `invited`).
+    pub async fn visible_events(&self, room_id: &str, user_id: &str, rows: Vec<EventRow>) -> Result<Vec<EventRow>> {
+        if rows.is_empty() {
+            return Ok(rows);
+        }
+        let memberships = self.store.membership_history(room_id, user_id).await?;
+        let visibility = self.store.state_history(room_id, "m.room.history_visibility").await?;
+        Ok(rows
+            .into_iter()
+            .filter(|row| {
+                // A user's own membership event counts as "at" the event.
+                let member_at =
+                    memberships.iter().rev().find(|(pos, _)| *pos <= row.stream_ordering).map(|(_, m)| m.as_str());
+                let history = visibility
+                    .iter()
+                    .rev()
+                    .find(|(pos, _)| *pos < row.stream_ordering)
+                    .and_then(|(_, c)| c["history_visibility"].as_str())
+                    .unwrap_or("shared");
+                match history {
+                    "world_readable" => true,
+                    _ if member_at == Some("join") => true,
+                    "shared" => memberships.iter().any(|(pos, m)| *pos >= row.stream_ordering && m == "join"),
+                    "invited" => member_at == Some("invite"),
+                    _ => false,
+                }
+            })
+            .collect())
+    }
+
+    /// Parses a filter given inline (JSON) or by id.
+    pub async fn resolve_filter(&self, user_id: &str, filter: Option<&str>) -> Result<EventFilter> {
+        let Some(filter) = filter else { return Ok(EventFilter::default()) };
+        let json = if filter.trim_start().starts_with('{') {
+            filter.to_owned()
+        } else {
+            let id: i64 = filter.parse().map_err(|_| Error::InvalidParam("Unknown filter".to_owned()))?;
+            self.store.filter(user_id, id).await?.ok_or_else(|| Error::NotFound("Unknown filter".to_owned()))?
+        };
+        let value: JsonValue =
+            serde_json::from_str(&json).map_err(|e| Error::NotJson(format!("Invalid filter: {e}")))?;
+        Ok(event_filter_from_json(&value))
+    }
+}
+
+/// The parts of a Matrix filter definition that apply to room timelines.
+pub fn event_filter_from_json(filter: &JsonValue) -> EventFilter {
+    let strings = |v: &JsonValue| -> Option<Vec<String>> {
+        v.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+    };
+    let room = &filter["room"];
+    let timeline = &room["timeline"];
+    EventFilter {
+        limit: timeline["limit"].as_u64().map(|l| l.clamp(1, 100) as usize).unwrap_or(10),
+        types: strings(&timeline["types"]),
+        not_types: strings(&timeline["not_types"]).unwrap_or_default(),
+        senders: strings(&timeline["senders"]),
+        not_senders: strings(&timeline["not_senders"]).unwrap_or_default(),
+        rooms: strings(&room["rooms"]),
+        not_rooms: strings(&room["not_rooms"]).unwrap_or_default(),
+        lazy_load_members: room["state"]["lazy_load_members"].as_bool().unwrap_or(false),
+        include_leave: room["include_leave"].as_bool().unwrap_or(false),
+    }
+}
+
+fn membership_of(row: &EventRow) -> Option<String> {
+    serde_json::from_str::<JsonValue>(&row.json)
+        .ok()
+        .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
+}
+
+fn account_data_event(data_type: &str, content: &str) -> JsonValue {
+    json!({"type": data_type, "content": serde_json::from_str::<JsonValue>(content).unwrap_or_default()})
+}
+
+fn is_empty(r: &Response) -> bool {
+    r.rooms.join.is_empty()
+        && r.rooms.invite.is_empty()
+        && r.rooms.leave.is_empty()
+        && r.rooms.knock.is_empty()
+        && r.account_data.events.is_empty()
+        && r.presence.events.is_empty()
+        && r.to_device.events.is_empty()
+}

@@ -1,0 +1,283 @@
+//! Appending events to rooms: build the PDU, authorize it against the room state, persist it,
+//! wake the syncs. Appends to one room are serialized by a per-room lock; different rooms
+//! proceed in parallel.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use federation::{
+    auth,
+    pdu::{NewEvent, Pdu, room_id_from_create_event, room_version_rules, sign_new_event},
+};
+use ruma::{
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, UInt, UserId,
+    events::StateEventType,
+};
+use serde_json::Value as JsonValue;
+
+use super::Services;
+use crate::{
+    error::{Error, Result},
+    store::{AppendEvent, AppendOutcome, NewRoom},
+};
+
+/// Most prev_events a new event points at.
+const MAX_PREV_EVENTS: usize = 10;
+/// Largest PDU the spec allows.
+pub const MAX_PDU_BYTES: usize = 65_536;
+
+/// An event a local user wants to add to a room.
+#[derive(Debug, Clone)]
+pub struct EventDraft {
+    pub event_type: String,
+    pub state_key: Option<String>,
+    pub content: JsonValue,
+    pub redacts: Option<OwnedEventId>,
+}
+
+impl EventDraft {
+    pub fn state(event_type: &str, state_key: &str, content: JsonValue) -> Self {
+        Self { event_type: event_type.to_owned(), state_key: Some(state_key.to_owned()), content, redacts: None }
+    }
+
+    pub fn message(event_type: &str, content: JsonValue) -> Self {
+        Self { event_type: event_type.to_owned(), state_key: None, content, redacts: None }
+    }
+}
+
+/// A client transaction: (device, transaction id), for idempotent sends.
+#[derive(Debug, Clone, Copy)]
+pub struct Txn<'a> {
+    pub device_id: &'a str,
+    pub txn_id: &'a str,
+}
+
+/// Per-room append locks.
+#[derive(Default)]
+pub struct RoomLocks {
+    locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl RoomLocks {
+    fn get(&self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(room_id.to_owned()).or_default().clone()
+    }
+}
+
+/// A new room's first event: the create event, whose id may name the room.
+pub struct CreateRoom<'a> {
+    pub version: &'a RoomVersionId,
+    pub published: bool,
+    /// For room versions before 12, the room id chosen by the caller.
+    pub room_id: Option<OwnedRoomId>,
+}
+
+impl Services {
+    pub async fn room_version(&self, room_id: &str) -> Result<RoomVersionId> {
+        let room = self.store.room(room_id).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
+        RoomVersionId::try_from(room.room_version.as_str())
+            .map_err(|e| Error::internal(format!("stored room version: {e}")))
+    }
+
+    /// Creates a room with its `m.room.create` event and returns the room id.
+    pub async fn append_create_event(
+        &self,
+        sender: &UserId,
+        create: CreateRoom<'_>,
+        content: JsonValue,
+    ) -> Result<OwnedRoomId> {
+        let new = NewEvent {
+            room_id: create.room_id.clone(),
+            sender: sender.to_owned(),
+            event_type: "m.room.create".to_owned(),
+            state_key: Some(String::new()),
+            content,
+            redacts: None,
+            prev_events: Vec::new(),
+            auth_events: Vec::new(),
+            depth: 1,
+            origin_server_ts: now_ts(),
+        };
+        let (event_id, object) = sign_new_event(new, create.version, &self.settings.server_name, &self.signing_key)
+            .map_err(|e| Error::BadJson(e.to_string()))?;
+        let room_id =
+            match room_id_from_create_event(create.version, &event_id).map_err(|e| Error::internal(e.to_string()))? {
+                Some(id) => id,
+                None => create.room_id.ok_or_else(|| Error::internal("a room id is needed for this room version"))?,
+            };
+        let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
+        let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
+        let rules = room_version_rules(create.version).map_err(|e| Error::internal(e.to_string()))?;
+        auth::authorize(&rules.authorization, &pdu, &HashMap::new(), &HashMap::new()).map_err(Error::Forbidden)?;
+        let lock = self.room_locks.get(&room_id);
+        let _guard = lock.lock().await;
+        let position = self.streams.allocate();
+        self.store
+            .append_event(AppendEvent {
+                stream_ordering: position.position(),
+                event_id: event_id.as_str(),
+                room_id: room_id.as_str(),
+                depth: 1,
+                event_type: "m.room.create",
+                state_key: Some(""),
+                sender: sender.as_str(),
+                origin_server_ts: i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX),
+                json: &json,
+                prev_events: &[],
+                membership: None,
+                txn: None,
+                redacts: None,
+                new_room: Some(NewRoom {
+                    room_version: create.version.as_str(),
+                    creator: sender.as_str(),
+                    published: create.published,
+                }),
+            })
+            .await?;
+        Ok(room_id)
+    }
+
+    /// Builds, authorizes and appends an event; with a transaction, a retry returns the
+    /// event stored the first time instead of a second copy.
+    pub async fn append_event(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        draft: EventDraft,
+        txn: Option<Txn<'_>>,
+    ) -> Result<OwnedEventId> {
+        if let Some(t) = txn
+            && let Some(existing) = self.store.event_id_for_txn(sender.as_str(), t.device_id, t.txn_id).await?
+        {
+            return EventId::parse(existing).map_err(|e| Error::internal(e.to_string()));
+        }
+        let version = self.room_version(room_id.as_str()).await?;
+        let rules = room_version_rules(&version).map_err(|e| Error::internal(e.to_string()))?;
+        let lock = self.room_locks.get(room_id);
+        let _guard = lock.lock().await;
+
+        let extremities = self.store.forward_extremities(room_id.as_str()).await?;
+        let depth = extremities.iter().map(|(_, d)| *d).max().unwrap_or(0) + 1;
+        let prev_events: Vec<OwnedEventId> = extremities
+            .iter()
+            .rev()
+            .take(MAX_PREV_EVENTS)
+            .filter_map(|(id, _)| EventId::parse(id.as_str()).ok())
+            .collect();
+
+        // Work out the auth events from the current state with a draft of the event.
+        let draft_pdu = Pdu {
+            event_id: EventId::parse("$draft").expect("valid"),
+            room_id: Some(room_id.to_owned()),
+            sender: sender.to_owned(),
+            origin_server_ts: now_ts(),
+            kind: draft.event_type.as_str().into(),
+            content: serde_json::value::to_raw_value(&draft.content).map_err(|e| Error::BadJson(e.to_string()))?,
+            state_key: draft.state_key.clone(),
+            prev_events: Vec::new(),
+            auth_events: Vec::new(),
+            redacts: draft.redacts.clone(),
+            depth: UInt::MIN,
+            rejected: false,
+        };
+        let auth_types = auth::auth_types(&draft_pdu, &rules.authorization).map_err(Error::BadJson)?;
+        let mut state: HashMap<(StateEventType, String), Pdu> = HashMap::new();
+        let mut events: HashMap<OwnedEventId, Pdu> = HashMap::new();
+        let mut auth_events = Vec::new();
+        let mut wanted: Vec<(StateEventType, String, bool)> =
+            auth_types.into_iter().map(|(kind, key)| (kind, key, true)).collect();
+        // The create event is always consulted, even where (v12) it is not an auth event.
+        wanted.push((StateEventType::RoomCreate, String::new(), false));
+        for (kind, key, is_auth) in wanted {
+            if state.contains_key(&(kind.clone(), key.clone())) {
+                continue;
+            }
+            if let Some(row) = self.store.current_state_event(room_id.as_str(), &kind.to_string(), &key).await? {
+                let id = EventId::parse(row.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
+                let pdu = Pdu::from_json(id.clone(), &row.json).map_err(|e| Error::internal(e.to_string()))?;
+                if is_auth {
+                    auth_events.push(id.clone());
+                }
+                events.insert(id, pdu.clone());
+                state.insert((kind, key), pdu);
+            }
+        }
+        if !rules.authorization.room_create_event_id_as_room_id {
+            // Before v12 the create event is itself an auth event.
+            if let Some(create) = state.get(&(StateEventType::RoomCreate, String::new())) {
+                if !auth_events.contains(&create.event_id) {
+                    auth_events.push(create.event_id.clone());
+                }
+            }
+        }
+
+        let new = NewEvent {
+            room_id: Some(room_id.to_owned()),
+            sender: sender.to_owned(),
+            event_type: draft.event_type.clone(),
+            state_key: draft.state_key.clone(),
+            content: draft.content,
+            redacts: draft.redacts.clone(),
+            prev_events: prev_events.clone(),
+            auth_events,
+            depth: u64::try_from(depth).unwrap_or(u64::MAX),
+            origin_server_ts: now_ts(),
+        };
+        let (event_id, object) =
+            sign_new_event(new, &version, &self.settings.server_name, &self.signing_key).map_err(|e| match e {
+                federation::pdu::PduError::TooLarge => Error::TooLarge { limit: MAX_PDU_BYTES },
+                other => Error::BadJson(other.to_string()),
+            })?;
+        let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
+        if json.len() > MAX_PDU_BYTES {
+            return Err(Error::TooLarge { limit: MAX_PDU_BYTES });
+        }
+        let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
+        auth::authorize(&rules.authorization, &pdu, &events, &state).map_err(Error::Forbidden)?;
+
+        let membership = (draft.event_type == "m.room.member").then(|| pdu_membership(&pdu)).flatten();
+        let prev_ids: Vec<String> = prev_events.iter().map(|id| id.to_string()).collect();
+        let position = self.streams.allocate();
+        let outcome = self
+            .store
+            .append_event(AppendEvent {
+                stream_ordering: position.position(),
+                event_id: event_id.as_str(),
+                room_id: room_id.as_str(),
+                depth,
+                event_type: &draft.event_type,
+                state_key: draft.state_key.as_deref(),
+                sender: sender.as_str(),
+                origin_server_ts: i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX),
+                json: &json,
+                prev_events: &prev_ids,
+                membership: membership.as_deref(),
+                txn: txn.map(|t| (sender.as_str(), t.device_id, t.txn_id)),
+                redacts: draft.redacts.as_ref().map(|r| r.as_str()),
+                new_room: None,
+            })
+            .await?;
+        drop(position);
+        match outcome {
+            AppendOutcome::Appended => Ok(event_id),
+            AppendOutcome::DuplicateTransaction(existing) => {
+                EventId::parse(existing).map_err(|e| Error::internal(e.to_string()))
+            }
+        }
+    }
+}
+
+fn pdu_membership(pdu: &Pdu) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Membership {
+        membership: String,
+    }
+    serde_json::from_str::<Membership>(pdu.content.get()).ok().map(|m| m.membership)
+}
+
+fn now_ts() -> MilliSecondsSinceUnixEpoch {
+    MilliSecondsSinceUnixEpoch::now()
+}

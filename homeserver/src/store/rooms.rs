@@ -1,0 +1,464 @@
+//! Rooms and their events: appending signed PDUs, current state, timelines.
+
+use sqlx::{Row, any::AnyRow};
+
+use super::Store;
+
+/// One row of `rooms`.
+#[derive(Debug, Clone)]
+pub struct RoomRow {
+    pub room_id: String,
+    pub room_version: String,
+    pub creator: String,
+    pub published: bool,
+}
+
+/// One stored event.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub stream_ordering: i64,
+    pub event_id: String,
+    pub room_id: String,
+    pub depth: i64,
+    pub event_type: String,
+    pub state_key: Option<String>,
+    pub sender: String,
+    pub origin_server_ts: i64,
+    pub json: String,
+    pub prev_state_event_id: Option<String>,
+    pub redacted_by: Option<String>,
+    pub txn_user: Option<String>,
+    pub txn_device: Option<String>,
+    pub txn_id: Option<String>,
+}
+
+const EVENT_COLUMNS: &str = "stream_ordering, event_id, room_id, depth, type, state_key, sender, origin_server_ts, json, prev_state_event_id, redacted_by, txn_user, txn_device, txn_id";
+
+fn event_row(r: &AnyRow) -> Result<EventRow, sqlx::Error> {
+    Ok(EventRow {
+        stream_ordering: r.try_get("stream_ordering")?,
+        event_id: r.try_get("event_id")?,
+        room_id: r.try_get("room_id")?,
+        depth: r.try_get("depth")?,
+        event_type: r.try_get("type")?,
+        state_key: r.try_get("state_key")?,
+        sender: r.try_get("sender")?,
+        origin_server_ts: r.try_get("origin_server_ts")?,
+        json: r.try_get("json")?,
+        prev_state_event_id: r.try_get("prev_state_event_id")?,
+        redacted_by: r.try_get("redacted_by")?,
+        txn_user: r.try_get("txn_user")?,
+        txn_device: r.try_get("txn_device")?,
+        txn_id: r.try_get("txn_id")?,
+    })
+}
+
+/// A room row to create in the same transaction as its first event.
+#[derive(Debug, Clone)]
+pub struct NewRoom<'a> {
+    pub room_version: &'a str,
+    pub creator: &'a str,
+    pub published: bool,
+}
+
+/// A signed event to append to its room.
+#[derive(Debug, Clone)]
+pub struct AppendEvent<'a> {
+    pub stream_ordering: i64,
+    pub event_id: &'a str,
+    pub room_id: &'a str,
+    pub depth: i64,
+    pub event_type: &'a str,
+    pub state_key: Option<&'a str>,
+    pub sender: &'a str,
+    pub origin_server_ts: i64,
+    pub json: &'a str,
+    pub prev_events: &'a [String],
+    /// For `m.room.member` events: the new membership.
+    pub membership: Option<&'a str>,
+    /// (user, device, transaction id) of a client send, for idempotent retries.
+    pub txn: Option<(&'a str, &'a str, &'a str)>,
+    pub redacts: Option<&'a str>,
+    pub new_room: Option<NewRoom<'a>>,
+}
+
+/// The result of an append.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AppendOutcome {
+    Appended,
+    /// The same client transaction was already stored as this event.
+    DuplicateTransaction(String),
+}
+
+impl Store {
+    pub async fn room(&self, room_id: &str) -> Result<Option<RoomRow>, sqlx::Error> {
+        let row = sqlx::query("SELECT room_id, room_version, creator, published FROM rooms WHERE room_id = $1")
+            .bind(room_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(RoomRow {
+                room_id: r.try_get("room_id")?,
+                room_version: r.try_get("room_version")?,
+                creator: r.try_get("creator")?,
+                published: r.try_get::<i64, _>("published")? != 0,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn set_room_published(&self, room_id: &str, published: bool) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE rooms SET published = $1 WHERE room_id = $2")
+            .bind(i64::from(published))
+            .bind(room_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Published rooms, oldest first.
+    pub async fn published_rooms(&self) -> Result<Vec<String>, sqlx::Error> {
+        let rows = sqlx::query("SELECT room_id FROM rooms WHERE published = 1 ORDER BY created_ts, room_id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| r.try_get("room_id")).collect()
+    }
+
+    /// Appends one event: the event row, the current state, the forward extremities and the
+    /// transaction id, in one transaction.
+    pub async fn append_event(&self, ev: AppendEvent<'_>) -> Result<AppendOutcome, sqlx::Error> {
+        let mut tx = self.begin_write().await?;
+        if let Some((user, device, txn_id)) = ev.txn {
+            let existing =
+                sqlx::query("SELECT event_id FROM events WHERE txn_user = $1 AND txn_device = $2 AND txn_id = $3")
+                    .bind(user)
+                    .bind(device)
+                    .bind(txn_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(row) = existing {
+                return Ok(AppendOutcome::DuplicateTransaction(row.try_get("event_id")?));
+            }
+        }
+        if let Some(room) = &ev.new_room {
+            sqlx::query(
+                "INSERT INTO rooms (room_id, room_version, creator, published, created_ts) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(ev.room_id)
+            .bind(room.room_version)
+            .bind(room.creator)
+            .bind(i64::from(room.published))
+            .bind(ev.origin_server_ts)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut prev_state = None;
+        if let Some(state_key) = ev.state_key {
+            let row = sqlx::query(
+                "SELECT event_id FROM room_current_state WHERE room_id = $1 AND type = $2 AND state_key = $3",
+            )
+            .bind(ev.room_id)
+            .bind(ev.event_type)
+            .bind(state_key)
+            .fetch_optional(&mut *tx)
+            .await?;
+            prev_state = row.map(|r| r.try_get::<String, _>("event_id")).transpose()?;
+            sqlx::query(
+                "INSERT INTO room_current_state (room_id, type, state_key, event_id, membership) VALUES ($1, $2, $3, $4, $5)
+                 ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = $4, membership = $5",
+            )
+            .bind(ev.room_id)
+            .bind(ev.event_type)
+            .bind(state_key)
+            .bind(ev.event_id)
+            .bind(ev.membership)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let (txn_user, txn_device, txn_id) = match ev.txn {
+            Some((u, d, t)) => (Some(u), Some(d), Some(t)),
+            None => (None, None, None),
+        };
+        sqlx::query(
+            "INSERT INTO events (stream_ordering, event_id, room_id, depth, type, state_key, sender, origin_server_ts, json,
+                                 prev_state_event_id, txn_user, txn_device, txn_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(ev.stream_ordering)
+        .bind(ev.event_id)
+        .bind(ev.room_id)
+        .bind(ev.depth)
+        .bind(ev.event_type)
+        .bind(ev.state_key)
+        .bind(ev.sender)
+        .bind(ev.origin_server_ts)
+        .bind(ev.json)
+        .bind(prev_state)
+        .bind(txn_user)
+        .bind(txn_device)
+        .bind(txn_id)
+        .execute(&mut *tx)
+        .await?;
+        for prev in ev.prev_events {
+            sqlx::query("DELETE FROM room_forward_extremities WHERE room_id = $1 AND event_id = $2")
+                .bind(ev.room_id)
+                .bind(prev)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query("INSERT INTO room_forward_extremities (room_id, event_id) VALUES ($1, $2)")
+            .bind(ev.room_id)
+            .bind(ev.event_id)
+            .execute(&mut *tx)
+            .await?;
+        if let Some(redacts) = ev.redacts {
+            sqlx::query(
+                "UPDATE events SET redacted_by = $1 WHERE event_id = $2 AND room_id = $3 AND redacted_by IS NULL",
+            )
+            .bind(ev.event_id)
+            .bind(redacts)
+            .bind(ev.room_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(AppendOutcome::Appended)
+    }
+
+    pub async fn event_id_for_txn(
+        &self,
+        user: &str,
+        device: &str,
+        txn_id: &str,
+    ) -> Result<Option<String>, sqlx::Error> {
+        let row = sqlx::query("SELECT event_id FROM events WHERE txn_user = $1 AND txn_device = $2 AND txn_id = $3")
+            .bind(user)
+            .bind(device)
+            .bind(txn_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| r.try_get("event_id")).transpose()
+    }
+
+    /// The room's forward extremities with their depths.
+    pub async fn forward_extremities(&self, room_id: &str) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT f.event_id, e.depth FROM room_forward_extremities f JOIN events e ON e.event_id = f.event_id
+             WHERE f.room_id = $1 ORDER BY e.stream_ordering",
+        )
+        .bind(room_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get("event_id")?, r.try_get("depth")?))).collect()
+    }
+
+    pub async fn event(&self, event_id: &str) -> Result<Option<EventRow>, sqlx::Error> {
+        let sql = sqlx::AssertSqlSafe(format!("SELECT {EVENT_COLUMNS} FROM events WHERE event_id = $1"));
+        let row = sqlx::query(sql).bind(event_id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(event_row).transpose()
+    }
+
+    /// The current state event for (type, state key).
+    pub async fn current_state_event(
+        &self,
+        room_id: &str,
+        event_type: &str,
+        state_key: &str,
+    ) -> Result<Option<EventRow>, sqlx::Error> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM room_current_state s JOIN events e ON e.event_id = s.event_id
+             WHERE s.room_id = $1 AND s.type = $2 AND s.state_key = $3",
+            prefixed_columns("e")
+        ));
+        let row = sqlx::query(sql).bind(room_id).bind(event_type).bind(state_key).fetch_optional(&self.pool).await?;
+        row.as_ref().map(event_row).transpose()
+    }
+
+    /// The whole current state of a room.
+    pub async fn current_state(&self, room_id: &str) -> Result<Vec<EventRow>, sqlx::Error> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM room_current_state s JOIN events e ON e.event_id = s.event_id WHERE s.room_id = $1",
+            prefixed_columns("e")
+        ));
+        let rows = sqlx::query(sql).bind(room_id).fetch_all(&self.pool).await?;
+        rows.iter().map(event_row).collect()
+    }
+
+    /// State events of a room after `after` (exclusive), newest first: what to roll back to
+    /// rebuild the state at `after`.
+    pub async fn state_events_after(&self, room_id: &str, after: i64) -> Result<Vec<EventRow>, sqlx::Error> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = $1 AND stream_ordering > $2 AND state_key IS NOT NULL
+             ORDER BY stream_ordering DESC"
+        ));
+        let rows = sqlx::query(sql).bind(room_id).bind(after).fetch_all(&self.pool).await?;
+        rows.iter().map(event_row).collect()
+    }
+
+    pub async fn events_by_id(&self, ids: &[String]) -> Result<Vec<EventRow>, sqlx::Error> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(row) = self.event(id).await? {
+                out.push(row);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Events of a room with `from < stream_ordering <= to`: the newest `limit` of them when
+    /// `newest_first`, else the oldest; always returned in the order they were read.
+    pub async fn room_events(
+        &self,
+        room_id: &str,
+        from: i64,
+        to: i64,
+        limit: i64,
+        newest_first: bool,
+    ) -> Result<Vec<EventRow>, sqlx::Error> {
+        let order = if newest_first { "DESC" } else { "ASC" };
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE room_id = $1 AND stream_ordering > $2 AND stream_ordering <= $3
+             ORDER BY stream_ordering {order} LIMIT $4"
+        ));
+        let rows = sqlx::query(sql).bind(room_id).bind(from).bind(to).bind(limit).fetch_all(&self.pool).await?;
+        rows.iter().map(event_row).collect()
+    }
+
+    /// The user's membership events with `from < stream_ordering <= to`, oldest first.
+    pub async fn membership_changes(&self, user_id: &str, from: i64, to: i64) -> Result<Vec<EventRow>, sqlx::Error> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE type = 'm.room.member' AND state_key = $1
+             AND stream_ordering > $2 AND stream_ordering <= $3 ORDER BY stream_ordering"
+        ));
+        let rows = sqlx::query(sql).bind(user_id).bind(from).bind(to).fetch_all(&self.pool).await?;
+        rows.iter().map(event_row).collect()
+    }
+
+    /// The user's current membership in every room they ever were in: (room, membership).
+    pub async fn rooms_for_user(&self, user_id: &str) -> Result<Vec<(String, String)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT room_id, membership FROM room_current_state WHERE type = 'm.room.member' AND state_key = $1",
+        )
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("room_id")?, r.try_get::<Option<String>, _>("membership")?.unwrap_or_default())))
+            .collect()
+    }
+
+    /// Current members of a room with a given membership.
+    pub async fn room_members(&self, room_id: &str, membership: &str) -> Result<Vec<String>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT state_key FROM room_current_state WHERE room_id = $1 AND type = 'm.room.member' AND membership = $2",
+        )
+        .bind(room_id)
+        .bind(membership)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| r.try_get("state_key")).collect()
+    }
+
+    /// Highest position of the persistent streams, to resume the sequence after a restart.
+    pub async fn max_stream_position(&self) -> Result<i64, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT MAX(p) AS p FROM (
+                SELECT MAX(stream_ordering) AS p FROM events
+                UNION ALL SELECT MAX(stream_id) AS p FROM account_data
+                UNION ALL SELECT MAX(stream_id) AS p FROM receipts) AS positions",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<Option<i64>, _>("p")?.unwrap_or(0))
+    }
+
+    // Aliases.
+
+    /// Creates an alias; false if it exists.
+    pub async fn create_alias(&self, alias: &str, room_id: &str, creator: &str, now: i64) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "INSERT INTO room_aliases (alias, room_id, creator, created_ts) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(alias)
+        .bind(room_id)
+        .bind(creator)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// (room id, creator) of an alias.
+    pub async fn alias(&self, alias: &str) -> Result<Option<(String, String)>, sqlx::Error> {
+        let row = sqlx::query("SELECT room_id, creator FROM room_aliases WHERE alias = $1")
+            .bind(alias)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| Ok((r.try_get("room_id")?, r.try_get("creator")?))).transpose()
+    }
+
+    pub async fn delete_alias(&self, alias: &str) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query("DELETE FROM room_aliases WHERE alias = $1").bind(alias).execute(&self.pool).await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn room_aliases(&self, room_id: &str) -> Result<Vec<String>, sqlx::Error> {
+        let rows = sqlx::query("SELECT alias FROM room_aliases WHERE room_id = $1 ORDER BY alias")
+            .bind(room_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| r.try_get("alias")).collect()
+    }
+}
+
+fn prefixed_columns(prefix: &str) -> String {
+    EVENT_COLUMNS.split(", ").map(|c| format!("{prefix}.{c}")).collect::<Vec<_>>().join(", ")
+}
+
+impl Store {
+    /// Every membership event of `user_id` in the room: (position, membership), oldest first.
+    pub async fn membership_history(&self, room_id: &str, user_id: &str) -> Result<Vec<(i64, String)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT stream_ordering, json FROM events WHERE room_id = $1 AND type = 'm.room.member' AND state_key = $2
+             ORDER BY stream_ordering",
+        )
+        .bind(room_id)
+        .bind(user_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let json: String = r.try_get("json")?;
+                let membership = serde_json::from_str::<serde_json::Value>(&json)
+                    .ok()
+                    .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                Ok((r.try_get("stream_ordering")?, membership))
+            })
+            .collect()
+    }
+
+    /// Every state event of one type (state key '') in the room: (position, content JSON).
+    pub async fn state_history(
+        &self,
+        room_id: &str,
+        event_type: &str,
+    ) -> Result<Vec<(i64, serde_json::Value)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT stream_ordering, json FROM events WHERE room_id = $1 AND type = $2 AND state_key = ''
+             ORDER BY stream_ordering",
+        )
+        .bind(room_id)
+        .bind(event_type)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let json: String = r.try_get("json")?;
+                let content =
+                    serde_json::from_str::<serde_json::Value>(&json).map(|v| v["content"].clone()).unwrap_or_default();
+                Ok((r.try_get("stream_ordering")?, content))
+            })
+            .collect()
+    }
+}

@@ -113,6 +113,8 @@ pub struct Server {
     env: Vec<(String, String)>,
     config_path: Option<PathBuf>,
     log_path: PathBuf,
+    /// Copies the process's log to `log_path`; ends when the process does.
+    log_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// A registered user with a session.
@@ -184,6 +186,7 @@ impl Server {
             env,
             config_path,
             log_path,
+            log_thread: None,
         };
         server.spawn().await;
         server
@@ -221,7 +224,7 @@ impl Server {
         let log_path = self.log_path.clone();
         // Drain the log for the whole life of the process (a full pipe would block the
         // server), copy it to a file for debugging, and report the bound address.
-        std::thread::spawn(move || {
+        let log_thread = std::thread::spawn(move || {
             let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).ok();
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -248,6 +251,7 @@ impl Server {
             });
         self.base_url = format!("http://{addr}");
         self.child = Some(child);
+        self.log_thread = Some(log_thread);
     }
 
     /// The server's log so far.
@@ -264,15 +268,25 @@ impl Server {
         let mut child = self.child.take().expect("running");
         let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().expect("kill");
         assert!(status.success());
+        let log_thread = self.log_thread.take();
         tokio::task::spawn_blocking(move || {
+            let mut clean = false;
             for _ in 0..300 {
                 if let Some(status) = child.try_wait().expect("wait") {
-                    return status.success();
+                    clean = status.success();
+                    break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = child.kill();
-            false
+            if !clean {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            // The log is complete once the process's stderr is closed and copied.
+            if let Some(thread) = log_thread {
+                let _ = thread.join();
+            }
+            clean
         })
         .await
         .expect("join")
@@ -283,6 +297,9 @@ impl Server {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(thread) = self.log_thread.take() {
+            let _ = thread.join();
         }
     }
 
@@ -378,6 +395,55 @@ impl Server {
             json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": password}),
         )
         .await
+    }
+}
+
+/// Percent-encodes a path segment (room ids, aliases, user ids).
+pub fn enc(segment: &str) -> String {
+    let mut out = String::new();
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+impl Server {
+    /// Creates a room with the given `createRoom` body; returns its id.
+    pub async fn create_room(&self, user: &User, body: Value) -> String {
+        let resp = self.post("/_matrix/client/v3/createRoom", Some(&user.access_token), body).await;
+        resp.assert_ok()["room_id"].as_str().expect("room_id").to_owned()
+    }
+
+    /// Joins a room by id or alias.
+    pub async fn join(&self, user: &User, room: &str) -> Response {
+        self.post(&format!("/_matrix/client/v3/join/{}", enc(room)), Some(&user.access_token), json!({})).await
+    }
+
+    /// Sends an `m.room.message` text with a fresh transaction id; returns the response.
+    pub async fn send_text(&self, user: &User, room_id: &str, body: &str) -> Response {
+        let txn = random_suffix();
+        self.put(
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room_id)),
+            Some(&user.access_token),
+            json!({"msgtype": "m.text", "body": body}),
+        )
+        .await
+    }
+
+    /// `GET /sync` with optional since token, timeout (ms) and inline filter.
+    pub async fn sync(&self, user: &User, since: Option<&str>, timeout_ms: u64, filter: Option<Value>) -> Value {
+        let mut url = format!("/_matrix/client/v3/sync?timeout={timeout_ms}");
+        if let Some(since) = since {
+            url.push_str(&format!("&since={}", enc(since)));
+        }
+        if let Some(filter) = filter {
+            url.push_str(&format!("&filter={}", enc(&filter.to_string())));
+        }
+        self.get(&url, Some(&user.access_token)).await.assert_ok().clone()
     }
 }
 

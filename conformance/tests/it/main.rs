@@ -10,3 +10,5 @@ mod login;
 mod operations;
 mod profile;
 mod register;
+mod rooms;
+mod sync;

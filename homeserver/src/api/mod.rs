@@ -8,7 +8,7 @@ use std::{sync::Arc, time::Instant};
 
 use ::ruma::api::{IncomingRequest, path_builder::PathBuilder};
 use axum::{
-    Router,
+    Extension, Router,
     extract::{MatchedPath, Request, State},
     handler::Handler,
     middleware::{self, Next},
@@ -38,6 +38,13 @@ where
     let filter = MethodFilter::try_from(T::METHOD).expect("ruma endpoints use standard methods");
     for path in T::PATH_BUILDER.all_paths() {
         router = router.route(path, on(filter, handler.clone()));
+        // An empty state key leaves `/state/{type}/` (or `/state/{type}`), which a router
+        // cannot match against `/{state_key}`: route those forms too, marked as such.
+        if let Some(prefix) = path.strip_suffix("/{state_key}") {
+            for variant in [prefix.to_owned(), format!("{prefix}/")] {
+                router = router.route(&variant, on(filter, handler.clone()).layer(Extension(ruma::EmptyStateKey)));
+            }
+        }
     }
     router
 }

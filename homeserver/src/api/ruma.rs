@@ -25,6 +25,10 @@ use crate::{
     service::{Services, auth::AuthedUser},
 };
 
+/// Marks a route whose last path parameter (an empty state key) is not in the URL.
+#[derive(Debug, Clone, Copy)]
+pub struct EmptyStateKey;
+
 /// A parsed ruma request, the authenticated user (when the endpoint takes a token) and the
 /// client's address.
 pub struct Ruma<T> {
@@ -50,15 +54,17 @@ where
         let (mut parts, body) = req.into_parts();
         let client_ip = client_ip(&parts, services.settings.trust_x_forwarded_for);
 
-        let path_args: Vec<String> = match <Path<Vec<String>> as FromRequestParts<Arc<Services>>>::from_request_parts(
-            &mut parts, services,
-        )
-        .await
-        {
-            Ok(Path(args)) => args,
-            Err(PathRejection::MissingPathParams(_)) => Vec::new(),
-            Err(e) => return Err(Error::InvalidParam(format!("Invalid path parameter: {}", e.body_text()))),
-        };
+        let mut path_args: Vec<String> =
+            match <Path<Vec<String>> as FromRequestParts<Arc<Services>>>::from_request_parts(&mut parts, services).await
+            {
+                Ok(Path(args)) => args,
+                Err(PathRejection::MissingPathParams(_)) => Vec::new(),
+                Err(e) => return Err(Error::InvalidParam(format!("Invalid path parameter: {}", e.body_text()))),
+            };
+
+        if parts.extensions.get::<EmptyStateKey>().is_some() {
+            path_args.push(String::new());
+        }
 
         // Authenticate before reading the body: an unauthenticated client should not make
         // us buffer megabytes.

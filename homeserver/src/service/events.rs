@@ -46,23 +46,24 @@ impl Services {
             out.insert("room_id".into(), JsonValue::from(row.room_id.as_str()));
         }
         unsigned.insert("age".into(), JsonValue::from((now_ms() - row.origin_server_ts).max(0)));
-        if row.txn_user.as_deref() == Some(viewer.user_id) && row.txn_device.as_deref() == Some(viewer.device_id) {
-            if let Some(txn_id) = &row.txn_id {
-                unsigned.insert("transaction_id".into(), JsonValue::from(txn_id.as_str()));
-            }
+        if row.txn_user.as_deref() == Some(viewer.user_id)
+            && row.txn_device.as_deref() == Some(viewer.device_id)
+            && let Some(txn_id) = &row.txn_id
+        {
+            unsigned.insert("transaction_id".into(), JsonValue::from(txn_id.as_str()));
         }
-        if row.state_key.is_some() {
-            if let Some(prev_id) = &row.prev_state_event_id {
-                unsigned.insert("replaces_state".into(), JsonValue::from(prev_id.as_str()));
-                if let Some(prev) = self.store.event(prev_id).await? {
-                    let prev_pdu: Map<String, JsonValue> = serde_json::from_str(&prev.json).unwrap_or_default();
-                    let mut prev_content = prev_pdu.get("content").cloned().unwrap_or_default();
-                    if prev.redacted_by.is_some() {
-                        let version = self.room_version(&row.room_id).await?;
-                        prev_content = redacted_content(&prev.event_type, prev_content, &version)?;
-                    }
-                    unsigned.insert("prev_content".into(), prev_content);
+        if row.state_key.is_some()
+            && let Some(prev_id) = &row.prev_state_event_id
+        {
+            unsigned.insert("replaces_state".into(), JsonValue::from(prev_id.as_str()));
+            if let Some(prev) = self.store.event(prev_id).await? {
+                let prev_pdu: Map<String, JsonValue> = serde_json::from_str(&prev.json).unwrap_or_default();
+                let mut prev_content = prev_pdu.get("content").cloned().unwrap_or_default();
+                if prev.redacted_by.is_some() {
+                    let version = self.room_version(&row.room_id).await?;
+                    prev_content = redacted_content(&prev.event_type, prev_content, &version)?;
                 }
+                unsigned.insert("prev_content".into(), prev_content);
             }
         }
         out.insert("unsigned".into(), JsonValue::Object(unsigned));

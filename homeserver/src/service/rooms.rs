@@ -208,12 +208,12 @@ impl Services {
     async fn member_content(&self, user: &UserId, membership: &str, reason: Option<&str>) -> Result<JsonValue> {
         let mut content = Map::new();
         content.insert("membership".into(), JsonValue::from(membership));
-        if membership == "join" || membership == "invite" {
-            if let Ok(profile) = self.profile(user).await {
-                for key in ["displayname", "avatar_url"] {
-                    if let Some(v) = profile.get(key) {
-                        content.insert(key.into(), v.clone());
-                    }
+        if (membership == "join" || membership == "invite")
+            && let Ok(profile) = self.profile(user).await
+        {
+            for key in ["displayname", "avatar_url"] {
+                if let Some(v) = profile.get(key) {
+                    content.insert(key.into(), v.clone());
                 }
             }
         }
@@ -266,6 +266,33 @@ impl Services {
             Some("join") => Ok(()),
             _ => Err(Error::Forbidden("You are not a member of this room".to_owned())),
         }
+    }
+
+    /// Whether `user` reaches the level that `required` reads from the room's power levels
+    /// content. Room version 12 creators have unlimited power.
+    pub async fn has_power(&self, room_id: &str, user: &UserId, required: impl Fn(&JsonValue) -> i64) -> Result<bool> {
+        let room = self.store.room(room_id).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
+        let version = self.room_version(room_id).await?;
+        let is_creator = room.creator == user.as_str();
+        if is_creator && version.rules().is_some_and(|r| r.authorization.explicitly_privilege_room_creators) {
+            return Ok(true);
+        }
+        let Some(row) = self.store.current_state_event(room_id, "m.room.power_levels", "").await? else {
+            // Without a power levels event the creator has 100 and everybody else 0.
+            return Ok(required(&JsonValue::Null) <= if is_creator { 100 } else { 0 });
+        };
+        let pl: JsonValue = serde_json::from_str(&row.json).unwrap_or_default();
+        let content = &pl["content"];
+        let level = content["users"][user.as_str()].as_i64().or(content["users_default"].as_i64()).unwrap_or(0);
+        Ok(level >= required(content))
+    }
+
+    /// Whether `user` may send state events of `event_type` in the room.
+    pub async fn can_send_state(&self, room_id: &str, user: &UserId, event_type: &str) -> Result<bool> {
+        self.has_power(room_id, user, |c| {
+            c["events"][event_type].as_i64().or(c["state_default"].as_i64()).unwrap_or(50)
+        })
+        .await
     }
 
     /// Resolves a room id or a local alias.

@@ -422,7 +422,10 @@ impl Services {
         Ok(rows
             .into_iter()
             .filter(|row| {
-                // A user's own membership event counts as "at" the event.
+                // Users always see changes to their own membership (an invite, a kick).
+                if row.event_type == "m.room.member" && row.state_key.as_deref() == Some(user_id) {
+                    return true;
+                }
                 let member_at =
                     memberships.iter().rev().find(|(pos, _)| *pos <= row.stream_ordering).map(|(_, m)| m.as_str());
                 let history = visibility

@@ -207,10 +207,10 @@ impl Services {
         }
         if !rules.authorization.room_create_event_id_as_room_id {
             // Before v12 the create event is itself an auth event.
-            if let Some(create) = state.get(&(StateEventType::RoomCreate, String::new())) {
-                if !auth_events.contains(&create.event_id) {
-                    auth_events.push(create.event_id.clone());
-                }
+            if let Some(create) = state.get(&(StateEventType::RoomCreate, String::new()))
+                && !auth_events.contains(&create.event_id)
+            {
+                auth_events.push(create.event_id.clone());
             }
         }
 

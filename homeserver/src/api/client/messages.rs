@@ -65,8 +65,15 @@ pub async fn redact(
 ) -> Result<RumaResponse<redact_event::v3::Response>> {
     let user = req.user()?.clone();
     let target = services.store.event(req.body.event_id.as_str()).await?;
-    if target.as_ref().is_none_or(|t| t.room_id != req.body.room_id.as_str()) {
+    let Some(target) = target.filter(|t| t.room_id == req.body.room_id.as_str()) else {
         return Err(Error::NotFound("Event not found".to_owned()));
+    };
+    // The auth rules let any member send a redaction; whether it may redact somebody else's
+    // event is the server's check (the sender's `redact` power).
+    if target.sender != user.user_id.as_str()
+        && !services.has_power(target.room_id.as_str(), &user.user_id, |c| c["redact"].as_i64().unwrap_or(50)).await?
+    {
+        return Err(Error::Forbidden("You may only redact your own events".to_owned()));
     }
     let mut content = serde_json::Map::new();
     if let Some(reason) = &req.body.reason {

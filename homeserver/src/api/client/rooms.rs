@@ -463,26 +463,6 @@ pub async fn public_rooms(
 }
 
 impl Services {
-    /// Whether `user` has the power to send state of `event_type` in the room now.
-    pub async fn can_send_state(&self, room_id: &str, user: &UserId, event_type: &str) -> Result<bool> {
-        let room = self.store.room(room_id).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
-        let version = self.room_version(room_id).await?;
-        // Room version 12 gives the creator unlimited power outside the power levels.
-        if room.creator == user.as_str()
-            && version.rules().is_some_and(|r| r.authorization.explicitly_privilege_room_creators)
-        {
-            return Ok(true);
-        }
-        let Some(row) = self.store.current_state_event(room_id, "m.room.power_levels", "").await? else {
-            return Ok(false);
-        };
-        let pl: JsonValue = serde_json::from_str(&row.json).unwrap_or_default();
-        let content = &pl["content"];
-        let user_level = content["users"][user.as_str()].as_i64().or(content["users_default"].as_i64()).unwrap_or(0);
-        let needed = content["events"][event_type].as_i64().or(content["state_default"].as_i64()).unwrap_or(50);
-        Ok(user_level >= needed)
-    }
-
     /// Public rooms on this server, filtered by a search term.
     pub async fn public_room_chunks(&self, search: Option<&str>) -> Result<Vec<PublicRoomsChunk>> {
         let mut out = Vec::new();
@@ -528,7 +508,7 @@ impl Services {
             chunk.room_type = None::<RoomType>;
             out.push(chunk);
         }
-        out.sort_by(|a, b| b.num_joined_members.cmp(&a.num_joined_members));
+        out.sort_by_key(|c| std::cmp::Reverse(c.num_joined_members));
         Ok(out)
     }
 }

@@ -73,6 +73,20 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
+    pub presence: PresenceConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// Track and share online / offline state and status messages.
+    pub enabled: bool,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,6 +139,7 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             log: LogConfig::default(),
             rate_limits: RateLimitsConfig::default(),
+            presence: PresenceConfig::default(),
         }
     }
 }
@@ -180,6 +195,7 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_RATE_LIMITS_LOGIN_BURST", "rate_limits.login.burst", EnvKind::Integer),
     ("OBMIN_RATE_LIMITS_REGISTER_PER_SECOND", "rate_limits.register.per_second", EnvKind::Float),
     ("OBMIN_RATE_LIMITS_REGISTER_BURST", "rate_limits.register.burst", EnvKind::Integer),
+    ("OBMIN_PRESENCE_ENABLED", "presence.enabled", EnvKind::Bool),
 ];
 
 /// A configuration problem, naming the option (or file) and the reason.
@@ -216,6 +232,7 @@ pub struct Settings {
     pub database: DatabaseConfig,
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
+    pub presence: PresenceConfig,
 }
 
 impl Settings {
@@ -309,6 +326,7 @@ impl Settings {
             database: config.database,
             log: config.log,
             rate_limits: config.rate_limits,
+            presence: config.presence,
         })
     }
 

@@ -72,10 +72,12 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
 
     let housekeeping = tokio::spawn(housekeeping(services.clone()));
     let typing_expiry = tokio::spawn(expire_typing(services.clone()));
+    let presence_expiry = tokio::spawn(expire_presence(services.clone()));
     let app = api::router(services.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
     housekeeping.abort();
     typing_expiry.abort();
+    presence_expiry.abort();
     services.store.close().await;
     tracing::info!("homeserver stopped");
     result.map_err(StartError::Serve)
@@ -100,6 +102,17 @@ async fn expire_typing(services: Arc<Services>) {
     loop {
         tick.tick().await;
         services.typing.expire(|| services.streams.bump_typing());
+    }
+}
+
+/// Marks users offline who stopped syncing.
+async fn expire_presence(services: Arc<Services>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(15));
+    loop {
+        tick.tick().await;
+        if let Err(e) = services.expire_presence().await {
+            tracing::warn!(error = %e, "cannot expire presence");
+        }
     }
 }
 

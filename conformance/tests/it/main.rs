@@ -8,6 +8,7 @@ mod discovery;
 mod errors;
 mod login;
 mod operations;
+mod presence;
 mod profile;
 mod register;
 mod rooms;

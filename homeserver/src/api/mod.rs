@@ -52,12 +52,12 @@ where
 /// The whole HTTP application.
 pub fn router(services: Arc<Services>) -> Router {
     use ::ruma::api::client::{
-        account, alias, config, device, directory, discovery, filter, membership, message, profile, push, read_marker,
-        receipt, redact, room, session, state, sync::sync_events, typing,
+        account, alias, config, device, directory, discovery, filter, membership, message, presence, profile, push,
+        read_marker, receipt, redact, room, session, state, sync::sync_events, typing,
     };
     use client::{
-        account as acc, account_data as ad, devices as dev, discovery as disc, messages as msg, profile as prof,
-        register as reg, rooms as rm, session as ses, sync as sy,
+        account as acc, account_data as ad, devices as dev, discovery as disc, messages as msg, presence as pres,
+        profile as prof, register as reg, rooms as rm, session as ses, sync as sy,
     };
 
     let mut r = Router::new();
@@ -118,6 +118,8 @@ pub fn router(services: Arc<Services>) -> Router {
     r = ruma_route::<config::set_room_account_data::v3::Request, _, _>(r, ad::set_room);
     r = ruma_route::<config::get_room_account_data::v3::Request, _, _>(r, ad::get_room);
     r = ruma_route::<push::get_pushrules_all::v3::Request, _, _>(r, ad::push_rules);
+    r = ruma_route::<presence::set_presence::v3::Request, _, _>(r, pres::set);
+    r = ruma_route::<presence::get_presence::v3::Request, _, _>(r, pres::get);
     r = r
         .route("/.well-known/matrix/server", get(disc::well_known_server))
         .route("/health", get(ops::health))

@@ -93,6 +93,8 @@ pub struct SyncRequest {
     pub filter: EventFilter,
     pub full_state: bool,
     pub timeout: Duration,
+    /// `online`, `unavailable` or `offline` (do not mark the user online).
+    pub set_presence: String,
 }
 
 /// The key of a state event.
@@ -103,6 +105,7 @@ impl Services {
     /// otherwise when something arrives or the timeout passes.
     pub async fn sync(&self, user_id: &UserId, device_id: &str, req: SyncRequest) -> Result<Response> {
         let deadline = tokio::time::Instant::now() + req.timeout.min(MAX_SYNC_TIMEOUT);
+        self.presence_on_sync(user_id, &req.set_presence).await?;
         let mut changes = self.streams.subscribe();
         loop {
             changes.borrow_and_update();
@@ -173,6 +176,10 @@ impl Services {
                 }
                 _ => {}
             }
+        }
+
+        for event in self.presence_events(user_id, since.stream, upto.stream).await? {
+            response.presence.events.push(to_raw(&event)?);
         }
 
         for row in self.store.account_data_since(user_id.as_str(), since.stream, upto.stream).await? {

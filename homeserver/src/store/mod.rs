@@ -8,6 +8,7 @@
 
 mod account_data;
 mod devices;
+mod presence;
 mod profile;
 mod registration_tokens;
 mod rooms;
@@ -24,6 +25,7 @@ use sqlx::{
 
 pub use account_data::{AccountDataRow, ReceiptRow};
 pub use devices::{AccessTokenOwner, DeviceRow, NewDevice};
+pub use presence::PresenceRow;
 pub use registration_tokens::RegistrationTokenRow;
 pub use rooms::{AppendEvent, AppendOutcome, EventRow, NewRoom, RoomRow};
 pub use uiaa::UiaaSessionRow;

@@ -365,7 +365,8 @@ impl Store {
             "SELECT MAX(p) AS p FROM (
                 SELECT MAX(stream_ordering) AS p FROM events
                 UNION ALL SELECT MAX(stream_id) AS p FROM account_data
-                UNION ALL SELECT MAX(stream_id) AS p FROM receipts) AS positions",
+                UNION ALL SELECT MAX(stream_id) AS p FROM receipts
+                UNION ALL SELECT MAX(stream_id) AS p FROM presence) AS positions",
         )
         .fetch_one(&self.pool)
         .await?;

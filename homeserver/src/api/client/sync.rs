@@ -35,8 +35,13 @@ pub async fn sync(
         None => None,
     };
     let filter = services.resolve_filter(user.user_id.as_str(), filter_text.as_deref()).await?;
-    let request =
-        SyncRequest { since, filter, full_state: body.full_state, timeout: body.timeout.unwrap_or(Duration::ZERO) };
+    let request = SyncRequest {
+        since,
+        filter,
+        full_state: body.full_state,
+        timeout: body.timeout.unwrap_or(Duration::ZERO),
+        set_presence: body.set_presence.to_string(),
+    };
     let response = services.sync(&user.user_id, user.device_id.as_str(), request).await?;
     Ok(RumaResponse(response))
 }

@@ -1,0 +1,63 @@
+use conformance::{Backend, Server, ServerOptions, backend_tests, enc};
+use serde_json::json;
+
+backend_tests!(presence_is_shared_with_room_members, presence_can_be_switched_off);
+
+async fn presence_is_shared_with_room_members(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = server.register("alice", "secret-pass").await;
+    let bob = server.register("bob", "bob-pass").await;
+    let carol = server.register("carol", "carol-pass").await;
+    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    server.join(&bob, &room).await.assert_ok();
+    let since = server.sync(&bob, None, 0, None).await["next_batch"].as_str().unwrap().to_owned();
+
+    let path = format!("/_matrix/client/v3/presence/{}/status", enc("@alice:localhost"));
+    server
+        .put(&path, Some(&alice.access_token), json!({"presence": "online", "status_msg": "at lunch"}))
+        .await
+        .assert_ok();
+    server.put(&path, Some(&bob.access_token), json!({"presence": "online"})).await.assert_error(403, "M_FORBIDDEN");
+    server
+        .put(&path, Some(&alice.access_token), json!({"presence": "sleeping"}))
+        .await
+        .assert_error(400, "M_INVALID_PARAM");
+
+    let seen = server.get(&path, Some(&bob.access_token)).await;
+    assert_eq!(seen.assert_ok()["presence"], "online");
+    assert_eq!(seen.body["status_msg"], "at lunch");
+    assert!(seen.body["last_active_ago"].is_u64());
+    // Carol shares no room with alice.
+    server.get(&path, Some(&carol.access_token)).await.assert_error(403, "M_FORBIDDEN");
+
+    let sync = server.sync(&bob, Some(&since), 0, None).await;
+    let events = sync["presence"]["events"].as_array().cloned().unwrap_or_default();
+    let alice_presence =
+        events.iter().find(|e| e["sender"] == "@alice:localhost").expect("alice's presence in bob's sync");
+    assert_eq!(alice_presence["content"]["presence"], "online");
+    assert_eq!(alice_presence["content"]["status_msg"], "at lunch");
+    let carol_sync = server.sync(&carol, None, 0, None).await;
+    let carol_events = carol_sync["presence"]["events"].as_array().cloned().unwrap_or_default();
+    assert!(!carol_events.iter().any(|e| e["sender"] == "@alice:localhost"), "{carol_events:?}");
+
+    // Syncing marks a user online.
+    server.sync(&carol, None, 0, None).await;
+    let carol_state = server
+        .get(&format!("/_matrix/client/v3/presence/{}/status", enc("@carol:localhost")), Some(&carol.access_token))
+        .await;
+    assert_eq!(carol_state.assert_ok()["presence"], "online");
+    let offline_sync = server.get("/_matrix/client/v3/sync?set_presence=offline", Some(&bob.access_token)).await;
+    offline_sync.assert_ok();
+}
+
+async fn presence_can_be_switched_off(backend: Backend) {
+    let server = ServerOptions::new(backend).env("OBMIN_PRESENCE_ENABLED", "false").start().await;
+    let alice = server.register("alice", "secret-pass").await;
+    let path = format!("/_matrix/client/v3/presence/{}/status", enc("@alice:localhost"));
+    server.put(&path, Some(&alice.access_token), json!({"presence": "online", "status_msg": "hi"})).await.assert_ok();
+    let state = server.get(&path, Some(&alice.access_token)).await;
+    assert_eq!(state.assert_ok()["presence"], "offline");
+    assert!(state.body.get("status_msg").is_none());
+    let sync = server.sync(&alice, None, 0, None).await;
+    assert!(sync["presence"]["events"].as_array().is_none_or(|e| e.is_empty()));
+}

@@ -66,6 +66,11 @@ pub enum Error {
     BadAlias(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    InvalidSignature(String),
+    /// A key backup write to a version that is not the current one (carries the current).
+    #[error("Wrong backup version; the current one is {0}")]
+    WrongRoomKeysVersion(String),
     /// User-interactive authentication is required (or a stage failed): a 401 carrying the
     /// flows, the session and, optionally, why the last attempt failed.
     #[error("User-interactive authentication required")]
@@ -112,6 +117,11 @@ impl Error {
             Error::RoomInUse => (ErrorKind::RoomInUse, S::BAD_REQUEST),
             Error::BadAlias(_) => (ErrorKind::BadAlias, S::BAD_REQUEST),
             Error::Conflict(_) => (ErrorKind::Unknown, S::CONFLICT),
+            Error::InvalidSignature(_) => (ErrorKind::InvalidParam, S::BAD_REQUEST),
+            Error::WrongRoomKeysVersion(current) => (
+                ErrorKind::WrongRoomKeysVersion(ruma::api::error::WrongRoomKeysVersionErrorData::new(current.clone())),
+                S::FORBIDDEN,
+            ),
             Error::Uiaa(_) => (ErrorKind::Forbidden, S::UNAUTHORIZED),
             Error::Database(_) | Error::Internal(_) => (ErrorKind::Unknown, S::INTERNAL_SERVER_ERROR),
         }

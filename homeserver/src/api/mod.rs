@@ -52,12 +52,12 @@ where
 /// The whole HTTP application.
 pub fn router(services: Arc<Services>) -> Router {
     use ::ruma::api::client::{
-        account, alias, config, device, directory, discovery, filter, membership, message, presence, profile, push,
-        read_marker, receipt, redact, room, session, state, sync::sync_events, typing,
+        account, alias, backup, config, device, directory, discovery, filter, keys, membership, message, presence,
+        profile, push, read_marker, receipt, redact, room, session, state, sync::sync_events, to_device, typing,
     };
     use client::{
-        account as acc, account_data as ad, devices as dev, discovery as disc, messages as msg, presence as pres,
-        profile as prof, register as reg, rooms as rm, session as ses, sync as sy,
+        account as acc, account_data as ad, devices as dev, discovery as disc, keys as k, messages as msg,
+        presence as pres, profile as prof, register as reg, rooms as rm, session as ses, sync as sy,
     };
 
     let mut r = Router::new();
@@ -120,6 +120,27 @@ pub fn router(services: Arc<Services>) -> Router {
     r = ruma_route::<push::get_pushrules_all::v3::Request, _, _>(r, ad::push_rules);
     r = ruma_route::<presence::set_presence::v3::Request, _, _>(r, pres::set);
     r = ruma_route::<presence::get_presence::v3::Request, _, _>(r, pres::get);
+    r = ruma_route::<keys::upload_keys::v3::Request, _, _>(r, k::upload);
+    r = ruma_route::<keys::get_keys::v3::Request, _, _>(r, k::query);
+    r = ruma_route::<keys::claim_keys::v3::Request, _, _>(r, k::claim);
+    r = ruma_route::<keys::get_key_changes::v3::Request, _, _>(r, k::changes);
+    r = ruma_route::<keys::upload_signing_keys::v3::Request, _, _>(r, k::upload_cross_signing);
+    r = ruma_route::<keys::upload_signatures::v3::Request, _, _>(r, k::upload_signatures_handler);
+    r = ruma_route::<to_device::send_event_to_device::v3::Request, _, _>(r, k::send_to_device);
+    r = ruma_route::<backup::create_backup_version::v3::Request, _, _>(r, k::backup_create);
+    r = ruma_route::<backup::get_latest_backup_info::v3::Request, _, _>(r, k::backup_latest);
+    r = ruma_route::<backup::get_backup_info::v3::Request, _, _>(r, k::backup_info);
+    r = ruma_route::<backup::update_backup_version::v3::Request, _, _>(r, k::backup_update);
+    r = ruma_route::<backup::delete_backup_version::v3::Request, _, _>(r, k::backup_delete);
+    r = ruma_route::<backup::add_backup_keys::v3::Request, _, _>(r, k::backup_put_all);
+    r = ruma_route::<backup::add_backup_keys_for_room::v3::Request, _, _>(r, k::backup_put_room);
+    r = ruma_route::<backup::add_backup_keys_for_session::v3::Request, _, _>(r, k::backup_put_session);
+    r = ruma_route::<backup::get_backup_keys::v3::Request, _, _>(r, k::backup_get_all);
+    r = ruma_route::<backup::get_backup_keys_for_room::v3::Request, _, _>(r, k::backup_get_room);
+    r = ruma_route::<backup::get_backup_keys_for_session::v3::Request, _, _>(r, k::backup_get_session);
+    r = ruma_route::<backup::delete_backup_keys::v3::Request, _, _>(r, k::backup_delete_all);
+    r = ruma_route::<backup::delete_backup_keys_for_room::v3::Request, _, _>(r, k::backup_delete_room);
+    r = ruma_route::<backup::delete_backup_keys_for_session::v3::Request, _, _>(r, k::backup_delete_session);
     r = r
         .route("/.well-known/matrix/server", get(disc::well_known_server))
         .route("/health", get(ops::health))

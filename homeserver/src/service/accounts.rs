@@ -234,13 +234,14 @@ impl Services {
     /// `POST /logout`: ends this session and removes its device.
     pub async fn logout(&self, user: &AuthedUser) -> Result<()> {
         self.store.delete_devices(user.user_id.as_str(), &[user.device_id.as_str()]).await?;
-        Ok(())
+        self.devices_removed(user.user_id.as_str(), &[user.device_id.to_string()]).await
     }
 
     /// `POST /logout/all`: ends every session of the account.
     pub async fn logout_all(&self, user: &AuthedUser) -> Result<()> {
+        let before = self.device_ids(user.user_id.as_str()).await?;
         self.store.delete_all_devices(user.user_id.as_str()).await?;
-        Ok(())
+        self.devices_removed(user.user_id.as_str(), &before).await
     }
 
     /// `POST /account/password` (after UIA).
@@ -248,10 +249,11 @@ impl Services {
         let hash = hash_password(new_password).await?;
         let logout =
             if logout_devices { LogoutDevices::AllExcept(user.device_id.as_str()) } else { LogoutDevices::None };
+        let before = self.device_ids(user.user_id.as_str()).await?;
         if !self.store.set_password(user.user_id.as_str(), &hash, logout).await? {
             return Err(Error::UserDeactivated);
         }
-        Ok(())
+        self.forget_removed_devices(user.user_id.as_str(), before).await
     }
 
     /// Sets a password from the command line, logging out every device.
@@ -261,19 +263,36 @@ impl Services {
             None => Err(Error::NotFound(format!("No such user: {user_id}"))),
             Some(u) if u.deactivated => Err(Error::UserDeactivated),
             Some(_) => {
+                let before = self.device_ids(user_id.as_str()).await?;
                 self.store.set_password(user_id.as_str(), &hash, LogoutDevices::All).await?;
-                Ok(())
+                self.forget_removed_devices(user_id.as_str(), before).await
             }
         }
     }
 
     /// Deactivates an account for good; false if it was already deactivated.
     pub async fn deactivate(&self, user_id: &UserId) -> Result<bool> {
+        let before = self.device_ids(user_id.as_str()).await?;
         let done = self.store.deactivate_user(user_id.as_str()).await?;
+        self.forget_removed_devices(user_id.as_str(), before).await?;
         if done {
             tracing::info!(%user_id, "deactivated an account");
         }
         Ok(done)
+    }
+}
+
+impl Services {
+    /// The ids of a user's devices.
+    pub async fn device_ids(&self, user_id: &str) -> Result<Vec<String>> {
+        Ok(self.store.devices(user_id).await?.into_iter().map(|d| d.device_id).collect())
+    }
+
+    /// Cleans up after devices that were in `before` and are gone now.
+    pub async fn forget_removed_devices(&self, user_id: &str, before: Vec<String>) -> Result<()> {
+        let after = self.device_ids(user_id).await?;
+        let removed: Vec<String> = before.into_iter().filter(|d| !after.contains(d)).collect();
+        self.devices_removed(user_id, &removed).await
     }
 }
 

@@ -29,6 +29,9 @@ impl Services {
     /// Deletes devices (after UIA); unknown ids are ignored, as the spec says for
     /// `/delete_devices`.
     pub async fn delete_devices(&self, user_id: &str, device_ids: &[&str]) -> Result<u64> {
-        Ok(self.store.delete_devices(user_id, device_ids).await?)
+        let before = self.device_ids(user_id).await?;
+        let deleted = self.store.delete_devices(user_id, device_ids).await?;
+        self.forget_removed_devices(user_id, before).await?;
+        Ok(deleted)
     }
 }

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod credentials;
 pub mod devices;
 pub mod events;
+pub mod keys;
 pub mod presence;
 pub mod profile;
 pub mod rate_limit;

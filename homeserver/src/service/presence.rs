@@ -40,6 +40,7 @@ impl Services {
                 stream_id: position.position(),
             })
             .await?;
+        position.commit();
         Ok(())
     }
 
@@ -82,6 +83,7 @@ impl Services {
                         stream_id: position.position(),
                     })
                     .await?;
+                position.commit();
             }
         }
         Ok(())
@@ -97,6 +99,7 @@ impl Services {
             row.state = "offline".to_owned();
             row.stream_id = position.position();
             self.store.set_presence(&row).await?;
+            position.commit();
         }
         Ok(())
     }

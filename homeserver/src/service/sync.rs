@@ -131,7 +131,44 @@ impl Services {
     ) -> Result<Response> {
         let viewer = Viewer { user_id: user_id.as_str(), device_id };
         let since = req.since.unwrap_or_default();
-        let mut response = Response::new(upto.to_string());
+        let mut response = Response::new(String::new());
+
+        // To-device: what the last response delivered is acknowledged (deleted) now.
+        let to_device =
+            self.to_device_for_sync(user_id.as_str(), device_id, req.since.map(|s| s.to_device), upto.stream).await?;
+        let delivered_to = if i64::try_from(to_device.len()).unwrap_or(i64::MAX) >= super::keys::TO_DEVICE_PER_SYNC {
+            to_device.last().map(|m| m.stream_id).unwrap_or(upto.stream)
+        } else {
+            upto.stream
+        };
+        response.next_batch = Positions { to_device: delivered_to, ..upto }.to_string();
+        for m in &to_device {
+            let content: JsonValue = serde_json::from_str(&m.content).unwrap_or_default();
+            response
+                .to_device
+                .events
+                .push(to_raw(&json!({"sender": m.sender, "type": m.event_type, "content": content}))?);
+        }
+
+        // Device lists and key counts for end-to-end encryption.
+        if req.since.is_some() {
+            let (changed, left) = self.device_list_delta(user_id.as_str(), since.stream, upto.stream).await?;
+            response.device_lists.changed = changed;
+            response.device_lists.left = left;
+        }
+        for (algorithm, count) in self.store.one_time_key_counts(user_id.as_str(), device_id).await? {
+            response
+                .device_one_time_keys_count
+                .insert(algorithm.as_str().into(), UInt::new(count.max(0) as u64).unwrap_or_default());
+        }
+        response.device_unused_fallback_key_types = Some(
+            self.store
+                .unused_fallback_algorithms(user_id.as_str(), device_id)
+                .await?
+                .iter()
+                .map(|a| a.as_str().into())
+                .collect(),
+        );
 
         // Membership changes in the window, per room, oldest first.
         let mut changed: HashMap<String, Vec<EventRow>> = HashMap::new();
@@ -292,7 +329,7 @@ impl Services {
         }
         joined.timeline = Timeline::new();
         joined.timeline.limited = limited;
-        joined.timeline.prev_batch = Some(Positions { stream: timeline_start, typing: 0 }.to_string());
+        joined.timeline.prev_batch = Some(Positions::at(timeline_start).to_string());
         joined.timeline.events = timeline_events;
         let mut state = StateEvents::new();
         state.events = state_events;
@@ -326,8 +363,7 @@ impl Services {
         let rows = self.visible_events(room_id, user_id.as_str(), rows).await?;
         let mut left = LeftRoom::new();
         left.timeline.limited = limited;
-        left.timeline.prev_batch =
-            rows.first().map(|r| Positions { stream: r.stream_ordering - 1, typing: 0 }.to_string());
+        left.timeline.prev_batch = rows.first().map(|r| Positions::at(r.stream_ordering - 1).to_string());
         for row in &rows {
             left.timeline.events.push(self.raw_client_event(row, viewer, false).await?);
         }
@@ -377,6 +413,49 @@ impl Services {
         heroes.truncate(5);
         summary.heroes = heroes;
         Ok(summary)
+    }
+
+    /// Users whose devices to re-query (changed keys, or newly sharing a room) and users
+    /// who no longer share any room, for an incremental sync.
+    async fn device_list_delta(
+        &self,
+        user_id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<(Vec<OwnedUserId>, Vec<OwnedUserId>)> {
+        let mut changed: std::collections::BTreeSet<String> =
+            self.store.device_list_changes_for(user_id, from, to).await?.into_iter().collect();
+        let mut left = std::collections::BTreeSet::new();
+        for (member, membership) in self.store.membership_changes_in_my_rooms(user_id, from, to).await? {
+            if member == user_id {
+                continue;
+            }
+            if membership == "join" {
+                changed.insert(member);
+            } else if !self.store.share_a_room(user_id, &member).await? {
+                left.insert(member);
+            }
+        }
+        // Rooms the user left: the members there may no longer share a room with them.
+        for row in self.store.membership_changes(user_id, from, to).await? {
+            if membership_of(&row).as_deref() != Some("join") {
+                for member in self.store.room_members(&row.room_id, "join").await? {
+                    if member != user_id && !self.store.share_a_room(user_id, &member).await? {
+                        left.insert(member);
+                    }
+                }
+            } else {
+                for member in self.store.room_members(&row.room_id, "join").await? {
+                    if member != user_id {
+                        changed.insert(member);
+                    }
+                }
+            }
+        }
+        let parse =
+            |set: std::collections::BTreeSet<String>| set.into_iter().filter_map(|u| UserId::parse(u).ok()).collect();
+        let left: Vec<OwnedUserId> = parse(left.into_iter().filter(|u| !changed.contains(u)).collect());
+        Ok((parse(changed), left))
     }
 
     /// The user's membership as of position `at`.
@@ -505,4 +584,6 @@ fn is_empty(r: &Response) -> bool {
         && r.account_data.events.is_empty()
         && r.presence.events.is_empty()
         && r.to_device.events.is_empty()
+        && r.device_lists.changed.is_empty()
+        && r.device_lists.left.is_empty()
 }

@@ -137,6 +137,7 @@ impl Services {
                 }),
             })
             .await?;
+        position.commit();
         Ok(room_id)
     }
 
@@ -260,7 +261,7 @@ impl Services {
                 new_room: None,
             })
             .await?;
-        drop(position);
+        position.commit();
         match outcome {
             AppendOutcome::Appended => Ok(event_id),
             AppendOutcome::DuplicateTransaction(existing) => {

@@ -29,6 +29,7 @@ pub enum UiaaAction {
     ChangePassword,
     Deactivate,
     DeleteDevices,
+    UploadCrossSigningKeys,
 }
 
 impl UiaaAction {
@@ -38,6 +39,7 @@ impl UiaaAction {
             UiaaAction::ChangePassword => "change_password",
             UiaaAction::Deactivate => "deactivate",
             UiaaAction::DeleteDevices => "delete_devices",
+            UiaaAction::UploadCrossSigningKeys => "upload_cross_signing_keys",
         }
     }
 }

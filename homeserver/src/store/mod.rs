@@ -8,6 +8,7 @@
 
 mod account_data;
 mod devices;
+mod keys;
 mod presence;
 mod profile;
 mod registration_tokens;
@@ -25,6 +26,7 @@ use sqlx::{
 
 pub use account_data::{AccountDataRow, ReceiptRow};
 pub use devices::{AccessTokenOwner, DeviceRow, NewDevice};
+pub use keys::{BackupVersionRow, NewToDevice, ToDeviceRow};
 pub use presence::PresenceRow;
 pub use registration_tokens::RegistrationTokenRow;
 pub use rooms::{AppendEvent, AppendOutcome, EventRow, NewRoom, RoomRow};

@@ -110,3 +110,37 @@ impl Store {
         rows.iter().map(presence_row).collect()
     }
 }
+
+impl Store {
+    /// Membership changes of other users in `(from, to]` in rooms `user_id` is joined to:
+    /// (member, new membership), oldest first.
+    pub async fn membership_changes_in_my_rooms(
+        &self,
+        user_id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, String)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT e.state_key, e.json FROM events e
+             JOIN room_current_state mine ON mine.room_id = e.room_id
+             WHERE mine.type = 'm.room.member' AND mine.state_key = $1 AND mine.membership = 'join'
+               AND e.type = 'm.room.member' AND e.stream_ordering > $2 AND e.stream_ordering <= $3
+             ORDER BY e.stream_ordering",
+        )
+        .bind(user_id)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let json: String = r.try_get("json")?;
+                let membership = serde_json::from_str::<serde_json::Value>(&json)
+                    .ok()
+                    .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                Ok((r.try_get("state_key")?, membership))
+            })
+            .collect()
+    }
+}

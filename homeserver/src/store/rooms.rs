@@ -366,7 +366,10 @@ impl Store {
                 SELECT MAX(stream_ordering) AS p FROM events
                 UNION ALL SELECT MAX(stream_id) AS p FROM account_data
                 UNION ALL SELECT MAX(stream_id) AS p FROM receipts
-                UNION ALL SELECT MAX(stream_id) AS p FROM presence) AS positions",
+                UNION ALL SELECT MAX(stream_id) AS p FROM presence
+                UNION ALL SELECT MAX(stream_id) AS p FROM device_list_changes
+                UNION ALL SELECT MAX(stream_id) AS p FROM to_device_messages
+                UNION ALL SELECT MAX(position) AS p FROM stream_high_water) AS positions",
         )
         .fetch_one(&self.pool)
         .await?;

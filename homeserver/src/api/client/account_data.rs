@@ -37,6 +37,7 @@ impl Services {
         }
         let position = self.streams.allocate();
         self.store.set_account_data(user_id.as_str(), room_id, kind, &value.to_string(), position.position()).await?;
+        position.commit();
         Ok(())
     }
 

@@ -162,7 +162,7 @@ pub async fn messages(
             break;
         }
     }
-    let end = more.then_some(Positions { stream: cursor, typing: 0 });
+    let end = more.then_some(Positions::at(cursor));
 
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
     let mut chunk = Vec::new();
@@ -181,7 +181,7 @@ pub async fn messages(
         }
     }
     let mut response = get_message_events::v3::Response::new();
-    response.start = body.from.unwrap_or_else(|| Positions { stream: from, typing: 0 }.to_string());
+    response.start = body.from.unwrap_or_else(|| Positions::at(from).to_string());
     response.end = end.map(|p| p.to_string());
     response.chunk = chunk;
     response.state = state;
@@ -257,6 +257,7 @@ impl Services {
                 })
                 .await?;
         }
+        position.commit();
         Ok(())
     }
 }

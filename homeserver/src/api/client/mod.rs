@@ -4,6 +4,7 @@ pub mod account;
 pub mod account_data;
 pub mod devices;
 pub mod discovery;
+pub mod keys;
 pub mod messages;
 pub mod presence;
 pub mod profile;

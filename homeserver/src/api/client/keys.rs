@@ -1,0 +1,503 @@
+//! End-to-end encryption endpoints: keys, cross-signing, signatures, to-device, key backup.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use axum::extract::State;
+use ruma::{
+    OwnedDeviceId, OwnedUserId, UInt, UserId,
+    api::client::{
+        backup::{
+            RoomKeyBackup, add_backup_keys, add_backup_keys_for_room, add_backup_keys_for_session,
+            create_backup_version, delete_backup_keys, delete_backup_keys_for_room, delete_backup_keys_for_session,
+            delete_backup_version, get_backup_info, get_backup_keys, get_backup_keys_for_room,
+            get_backup_keys_for_session, get_latest_backup_info, update_backup_version,
+        },
+        keys::{claim_keys, get_key_changes, get_keys, upload_keys, upload_signatures, upload_signing_keys},
+        to_device::send_event_to_device,
+    },
+    to_device::DeviceIdOrAllDevices,
+};
+use serde_json::{Value as JsonValue, json};
+
+use crate::{
+    api::ruma::{Ruma, RumaResponse},
+    error::{Error, Result},
+    service::{Services, events::to_raw, streams::Positions, uiaa::UiaaAction},
+};
+
+fn json_of<T>(raw: &ruma::serde::Raw<T>) -> Result<JsonValue> {
+    serde_json::from_str(raw.json().get()).map_err(|e| Error::BadJson(e.to_string()))
+}
+
+fn counts(map: BTreeMap<String, i64>) -> BTreeMap<ruma::OneTimeKeyAlgorithm, UInt> {
+    map.into_iter().map(|(k, v)| (k.as_str().into(), UInt::new(v.max(0) as u64).unwrap_or_default())).collect()
+}
+
+pub async fn upload(
+    State(services): State<Arc<Services>>,
+    req: Ruma<upload_keys::v3::Request>,
+) -> Result<RumaResponse<upload_keys::v3::Response>> {
+    let user = req.user()?.clone();
+    let device_keys = req.body.device_keys.as_ref().map(json_of).transpose()?;
+    let otks = req
+        .body
+        .one_time_keys
+        .iter()
+        .map(|(id, raw)| Ok((id.to_string(), json_of(raw)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let fallback = req
+        .body
+        .fallback_keys
+        .iter()
+        .map(|(id, raw)| Ok((id.to_string(), json_of(raw)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let counts_now = services.upload_keys(&user.user_id, user.device_id.as_str(), device_keys, otks, fallback).await?;
+    Ok(RumaResponse(upload_keys::v3::Response::new(counts(counts_now))))
+}
+
+pub async fn query(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_keys::v3::Request>,
+) -> Result<RumaResponse<get_keys::v3::Response>> {
+    let user = req.user()?.clone();
+    let mut response = get_keys::v3::Response::new();
+    for (target, devices) in &req.body.device_keys {
+        if target.server_name() != services.settings.server_name {
+            // Remote users need federation.
+            response.failures.insert(
+                target.server_name().to_string(),
+                json!({"errcode": "M_UNAVAILABLE", "error": "Federation is not available"}),
+            );
+            continue;
+        }
+        let only: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
+        let mut keys = BTreeMap::new();
+        for (device_id, value) in services.query_device_keys(target.as_str(), &only).await? {
+            keys.insert(OwnedDeviceId::from(device_id), to_raw(&value)?);
+        }
+        response.device_keys.insert(target.clone(), keys);
+        if let Some(master) = services.cross_signing_key(target.as_str(), "master").await? {
+            response.master_keys.insert(target.clone(), to_raw(&master)?);
+        }
+        if let Some(key) = services.cross_signing_key(target.as_str(), "self_signing").await? {
+            response.self_signing_keys.insert(target.clone(), to_raw(&key)?);
+        }
+        if *target == user.user_id
+            && let Some(key) = services.cross_signing_key(target.as_str(), "user_signing").await?
+        {
+            response.user_signing_keys.insert(target.clone(), to_raw(&key)?);
+        }
+    }
+    Ok(RumaResponse(response))
+}
+
+pub async fn claim(
+    State(services): State<Arc<Services>>,
+    req: Ruma<claim_keys::v3::Request>,
+) -> Result<RumaResponse<claim_keys::v3::Response>> {
+    req.user()?;
+    let mut wanted = Vec::new();
+    for (user_id, devices) in &req.body.one_time_keys {
+        if user_id.server_name() != services.settings.server_name {
+            continue;
+        }
+        for (device_id, algorithm) in devices {
+            wanted.push((user_id.to_string(), device_id.to_string(), algorithm.to_string()));
+        }
+    }
+    let claimed = services.claim_keys(wanted).await?;
+    let value = serde_json::to_value(&claimed).map_err(|e| Error::internal(e.to_string()))?;
+    let one_time_keys = serde_json::from_value(value).map_err(|e| Error::internal(format!("claimed keys: {e}")))?;
+    Ok(RumaResponse(claim_keys::v3::Response::new(one_time_keys)))
+}
+
+pub async fn changes(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_key_changes::v3::Request>,
+) -> Result<RumaResponse<get_key_changes::v3::Response>> {
+    let user = req.user()?.clone();
+    let parse = |t: &str| Positions::parse(t).ok_or_else(|| Error::InvalidParam(format!("Invalid token {t}")));
+    let (from, to) = (parse(&req.body.from)?, parse(&req.body.to)?);
+    let changed = services.store.device_list_changes_for(user.user_id.as_str(), from.stream, to.stream).await?;
+    let changed: Vec<OwnedUserId> = changed.into_iter().filter_map(|u| UserId::parse(u).ok()).collect();
+    Ok(RumaResponse(get_key_changes::v3::Response::new(changed, Vec::new())))
+}
+
+pub async fn upload_cross_signing(
+    State(services): State<Arc<Services>>,
+    req: Ruma<upload_signing_keys::v3::Request>,
+) -> Result<RumaResponse<upload_signing_keys::v3::Response>> {
+    let user = req.user()?.clone();
+    let master = req.body.master_key.as_ref().map(json_of).transpose()?;
+    let self_signing = req.body.self_signing_key.as_ref().map(json_of).transpose()?;
+    let user_signing = req.body.user_signing_key.as_ref().map(json_of).transpose()?;
+    // The first upload needs no re-authentication (Matrix 1.11); replacing keys does, unless
+    // the same keys are uploaded again (a client retrying).
+    let existing = services.cross_signing_key(user.user_id.as_str(), "master").await?;
+    let replacing = existing.is_some()
+        && master.as_ref().is_some_and(|m| Some(&m["keys"]) != existing.as_ref().map(|e| &e["keys"]));
+    let uiaa = if replacing || (existing.is_some() && master.is_none()) {
+        Some(
+            services
+                .check_uiaa(UiaaAction::UploadCrossSigningKeys, Some(&user.user_id), req.body.auth.as_ref())
+                .await?,
+        )
+    } else {
+        None
+    };
+    services.upload_cross_signing_keys(&user.user_id, master, self_signing, user_signing).await?;
+    if let Some(uiaa) = uiaa {
+        services.finish_uiaa(uiaa).await;
+    }
+    Ok(RumaResponse(upload_signing_keys::v3::Response::new()))
+}
+
+pub async fn upload_signatures_handler(
+    State(services): State<Arc<Services>>,
+    req: Ruma<upload_signatures::v3::Request>,
+) -> Result<RumaResponse<upload_signatures::v3::Response>> {
+    let user = req.user()?.clone();
+    let mut signed = Vec::new();
+    for (target, keys) in &req.body.signed_keys {
+        for (key_id, raw) in keys.iter() {
+            let value: JsonValue = serde_json::from_str(raw.get()).map_err(|e| Error::BadJson(e.to_string()))?;
+            signed.push((target.to_string(), key_id.to_owned(), value));
+        }
+    }
+    let failures = services.upload_signatures(&user.user_id, signed).await?;
+    let mut response = upload_signatures::v3::Response::new();
+    let value = serde_json::to_value(
+        failures
+            .into_iter()
+            .map(|(u, m)| {
+                (
+                    u,
+                    m.into_iter()
+                        .map(|(k, e)| (k, json!({"errcode": "M_INVALID_SIGNATURE", "error": e})))
+                        .collect::<BTreeMap<_, _>>(),
+                )
+            })
+            .collect::<BTreeMap<_, _>>(),
+    )
+    .map_err(|e| Error::internal(e.to_string()))?;
+    response.failures = serde_json::from_value(value).map_err(|e| Error::internal(e.to_string()))?;
+    Ok(RumaResponse(response))
+}
+
+pub async fn send_to_device(
+    State(services): State<Arc<Services>>,
+    req: Ruma<send_event_to_device::v3::Request>,
+) -> Result<RumaResponse<send_event_to_device::v3::Response>> {
+    let user = req.user()?.clone();
+    let mut messages = Vec::new();
+    for (target, devices) in &req.body.messages {
+        for (device, raw) in devices {
+            let device = match device {
+                DeviceIdOrAllDevices::DeviceId(id) => id.to_string(),
+                DeviceIdOrAllDevices::AllDevices => "*".to_owned(),
+            };
+            messages.push((target.to_string(), device, json_of(raw)?));
+        }
+    }
+    services
+        .send_to_device(
+            &user.user_id,
+            user.device_id.as_str(),
+            req.body.txn_id.as_str(),
+            &req.body.event_type.to_string(),
+            messages,
+        )
+        .await?;
+    Ok(RumaResponse(send_event_to_device::v3::Response::new()))
+}
+
+// Key backup.
+
+fn parse_version(version: &str) -> Result<i64> {
+    version.parse().map_err(|_| Error::NotFound("Unknown backup version".to_owned()))
+}
+
+async fn live_version(services: &Services, user: &UserId, version: &str) -> Result<crate::store::BackupVersionRow> {
+    let version = parse_version(version)?;
+    services
+        .store
+        .backup_version(user.as_str(), Some(version))
+        .await?
+        .ok_or_else(|| Error::NotFound("Unknown backup version".to_owned()))
+}
+
+/// Writes to a version other than the current one are refused (M_WRONG_ROOM_KEYS_VERSION),
+/// so a client with an outdated idea of the backup does not scatter keys.
+async fn writable_version(services: &Services, user: &UserId, version: &str) -> Result<i64> {
+    let current = services.store.backup_version(user.as_str(), None).await?;
+    let requested = parse_version(version)?;
+    match current {
+        Some(c) if c.version == requested => Ok(requested),
+        Some(c) => Err(Error::WrongRoomKeysVersion(c.version.to_string())),
+        None => Err(Error::NotFound("Unknown backup version".to_owned())),
+    }
+}
+
+fn raw_algorithm(text: &str) -> Result<ruma::serde::Raw<ruma::api::client::backup::BackupAlgorithm>> {
+    let value: JsonValue = serde_json::from_str(text).map_err(|e| Error::internal(e.to_string()))?;
+    to_raw(&value)
+}
+
+pub async fn backup_create(
+    State(services): State<Arc<Services>>,
+    req: Ruma<create_backup_version::v3::Request>,
+) -> Result<RumaResponse<create_backup_version::v3::Response>> {
+    let user = req.user()?.clone();
+    let algorithm = req.body.algorithm.json().get().to_owned();
+    let version = services.store.create_backup_version(user.user_id.as_str(), &algorithm).await?;
+    Ok(RumaResponse(create_backup_version::v3::Response::new(version.to_string())))
+}
+
+pub async fn backup_latest(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_latest_backup_info::v3::Request>,
+) -> Result<RumaResponse<get_latest_backup_info::v3::Response>> {
+    let user = req.user()?.clone();
+    let row = services
+        .store
+        .backup_version(user.user_id.as_str(), None)
+        .await?
+        .ok_or_else(|| Error::NotFound("No backup".to_owned()))?;
+    Ok(RumaResponse(get_latest_backup_info::v3::Response::new(
+        raw_algorithm(&row.algorithm)?,
+        UInt::new(row.count as u64).unwrap_or_default(),
+        row.etag.to_string(),
+        row.version.to_string(),
+    )))
+}
+
+pub async fn backup_info(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_backup_info::v3::Request>,
+) -> Result<RumaResponse<get_backup_info::v3::Response>> {
+    let user = req.user()?.clone();
+    let row = live_version(&services, &user.user_id, &req.body.version).await?;
+    Ok(RumaResponse(get_backup_info::v3::Response::new(
+        raw_algorithm(&row.algorithm)?,
+        UInt::new(row.count as u64).unwrap_or_default(),
+        row.etag.to_string(),
+        row.version.to_string(),
+    )))
+}
+
+pub async fn backup_update(
+    State(services): State<Arc<Services>>,
+    req: Ruma<update_backup_version::v3::Request>,
+) -> Result<RumaResponse<update_backup_version::v3::Response>> {
+    let user = req.user()?.clone();
+    let current = live_version(&services, &user.user_id, &req.body.version).await?;
+    let new: JsonValue = json_of(&req.body.algorithm)?;
+    let old: JsonValue = serde_json::from_str(&current.algorithm).unwrap_or_default();
+    if new["algorithm"] != old["algorithm"] {
+        return Err(Error::InvalidParam("The algorithm of a backup cannot change".to_owned()));
+    }
+    services.store.update_backup_version(user.user_id.as_str(), current.version, &new.to_string()).await?;
+    Ok(RumaResponse(update_backup_version::v3::Response::new()))
+}
+
+pub async fn backup_delete(
+    State(services): State<Arc<Services>>,
+    req: Ruma<delete_backup_version::v3::Request>,
+) -> Result<RumaResponse<delete_backup_version::v3::Response>> {
+    let user = req.user()?.clone();
+    let version = parse_version(&req.body.version)?;
+    if !services.store.delete_backup_version(user.user_id.as_str(), version).await? {
+        return Err(Error::NotFound("Unknown backup version".to_owned()));
+    }
+    Ok(RumaResponse(delete_backup_version::v3::Response::new()))
+}
+
+/// Keeps the better of two backed-up copies of a session, as the spec orders them: verified
+/// over unverified, then the lower first message index, then fewer forwards.
+fn better(new: &JsonValue, old: &JsonValue) -> bool {
+    let key = |v: &JsonValue| {
+        (
+            !v["is_verified"].as_bool().unwrap_or(false),
+            v["first_message_index"].as_u64().unwrap_or(u64::MAX),
+            v["forwarded_count"].as_u64().unwrap_or(u64::MAX),
+        )
+    };
+    key(new) < key(old)
+}
+
+async fn store_backup_keys(
+    services: &Services,
+    user: &UserId,
+    version: &str,
+    keys: Vec<(String, String, JsonValue)>,
+) -> Result<(String, UInt)> {
+    let version = writable_version(services, user, version).await?;
+    let mut to_store = Vec::new();
+    for (room_id, session_id, data) in keys {
+        let existing = services.store.backup_keys(user.as_str(), version, Some(&room_id), Some(&session_id)).await?;
+        let keep_old =
+            existing.first().is_some_and(|(_, _, old)| !better(&data, &serde_json::from_str(old).unwrap_or_default()));
+        if !keep_old {
+            to_store.push((room_id, session_id, data.to_string()));
+        }
+    }
+    services.store.put_backup_keys(user.as_str(), version, &to_store).await?;
+    let row = services
+        .store
+        .backup_version(user.as_str(), Some(version))
+        .await?
+        .ok_or_else(|| Error::internal("backup vanished"))?;
+    Ok((row.etag.to_string(), UInt::new(row.count as u64).unwrap_or_default()))
+}
+
+pub async fn backup_put_all(
+    State(services): State<Arc<Services>>,
+    req: Ruma<add_backup_keys::v3::Request>,
+) -> Result<RumaResponse<add_backup_keys::v3::Response>> {
+    let user = req.user()?.clone();
+    let mut keys = Vec::new();
+    for (room_id, room) in &req.body.rooms {
+        for (session_id, raw) in &room.sessions {
+            keys.push((room_id.to_string(), session_id.clone(), json_of(raw)?));
+        }
+    }
+    let (etag, count) = store_backup_keys(&services, &user.user_id, &req.body.version, keys).await?;
+    Ok(RumaResponse(add_backup_keys::v3::Response::new(etag, count)))
+}
+
+pub async fn backup_put_room(
+    State(services): State<Arc<Services>>,
+    req: Ruma<add_backup_keys_for_room::v3::Request>,
+) -> Result<RumaResponse<add_backup_keys_for_room::v3::Response>> {
+    let user = req.user()?.clone();
+    let keys = req
+        .body
+        .sessions
+        .iter()
+        .map(|(session_id, raw)| Ok((req.body.room_id.to_string(), session_id.clone(), json_of(raw)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let (etag, count) = store_backup_keys(&services, &user.user_id, &req.body.version, keys).await?;
+    Ok(RumaResponse(add_backup_keys_for_room::v3::Response::new(etag, count)))
+}
+
+pub async fn backup_put_session(
+    State(services): State<Arc<Services>>,
+    req: Ruma<add_backup_keys_for_session::v3::Request>,
+) -> Result<RumaResponse<add_backup_keys_for_session::v3::Response>> {
+    let user = req.user()?.clone();
+    let keys = vec![(req.body.room_id.to_string(), req.body.session_id.clone(), json_of(&req.body.session_data)?)];
+    let (etag, count) = store_backup_keys(&services, &user.user_id, &req.body.version, keys).await?;
+    Ok(RumaResponse(add_backup_keys_for_session::v3::Response::new(etag, count)))
+}
+
+async fn read_backup(
+    services: &Services,
+    user: &UserId,
+    version: &str,
+    room: Option<&str>,
+    session: Option<&str>,
+) -> Result<Vec<(String, String, JsonValue)>> {
+    let row = live_version(services, user, version).await?;
+    let keys = services.store.backup_keys(user.as_str(), row.version, room, session).await?;
+    Ok(keys.into_iter().map(|(r, s, j)| (r, s, serde_json::from_str(&j).unwrap_or_default())).collect())
+}
+
+pub async fn backup_get_all(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_backup_keys::v3::Request>,
+) -> Result<RumaResponse<get_backup_keys::v3::Response>> {
+    let user = req.user()?.clone();
+    let mut rooms: BTreeMap<ruma::OwnedRoomId, RoomKeyBackup> = BTreeMap::new();
+    for (room_id, session_id, data) in read_backup(&services, &user.user_id, &req.body.version, None, None).await? {
+        let Ok(room_id) = ruma::RoomId::parse(room_id) else { continue };
+        rooms
+            .entry(room_id)
+            .or_insert_with(|| RoomKeyBackup::new(BTreeMap::new()))
+            .sessions
+            .insert(session_id, to_raw(&data)?);
+    }
+    Ok(RumaResponse(get_backup_keys::v3::Response::new(rooms)))
+}
+
+pub async fn backup_get_room(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_backup_keys_for_room::v3::Request>,
+) -> Result<RumaResponse<get_backup_keys_for_room::v3::Response>> {
+    let user = req.user()?.clone();
+    let mut sessions = BTreeMap::new();
+    for (_, session_id, data) in
+        read_backup(&services, &user.user_id, &req.body.version, Some(req.body.room_id.as_str()), None).await?
+    {
+        sessions.insert(session_id, to_raw(&data)?);
+    }
+    Ok(RumaResponse(get_backup_keys_for_room::v3::Response::new(sessions)))
+}
+
+pub async fn backup_get_session(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_backup_keys_for_session::v3::Request>,
+) -> Result<RumaResponse<get_backup_keys_for_session::v3::Response>> {
+    let user = req.user()?.clone();
+    let keys = read_backup(
+        &services,
+        &user.user_id,
+        &req.body.version,
+        Some(req.body.room_id.as_str()),
+        Some(&req.body.session_id),
+    )
+    .await?;
+    let (_, _, data) = keys.into_iter().next().ok_or_else(|| Error::NotFound("No key for this session".to_owned()))?;
+    Ok(RumaResponse(get_backup_keys_for_session::v3::Response::new(to_raw(&data)?)))
+}
+
+async fn delete_backup(
+    services: &Services,
+    user: &UserId,
+    version: &str,
+    room: Option<&str>,
+    session: Option<&str>,
+) -> Result<(String, UInt)> {
+    let row = live_version(services, user, version).await?;
+    services.store.delete_backup_keys(user.as_str(), row.version, room, session).await?;
+    let row = services
+        .store
+        .backup_version(user.as_str(), Some(row.version))
+        .await?
+        .ok_or_else(|| Error::internal("backup vanished"))?;
+    Ok((row.etag.to_string(), UInt::new(row.count as u64).unwrap_or_default()))
+}
+
+pub async fn backup_delete_all(
+    State(services): State<Arc<Services>>,
+    req: Ruma<delete_backup_keys::v3::Request>,
+) -> Result<RumaResponse<delete_backup_keys::v3::Response>> {
+    let user = req.user()?.clone();
+    let (etag, count) = delete_backup(&services, &user.user_id, &req.body.version, None, None).await?;
+    Ok(RumaResponse(delete_backup_keys::v3::Response::new(etag, count)))
+}
+
+pub async fn backup_delete_room(
+    State(services): State<Arc<Services>>,
+    req: Ruma<delete_backup_keys_for_room::v3::Request>,
+) -> Result<RumaResponse<delete_backup_keys_for_room::v3::Response>> {
+    let user = req.user()?.clone();
+    let (etag, count) =
+        delete_backup(&services, &user.user_id, &req.body.version, Some(req.body.room_id.as_str()), None).await?;
+    Ok(RumaResponse(delete_backup_keys_for_room::v3::Response::new(etag, count)))
+}
+
+pub async fn backup_delete_session(
+    State(services): State<Arc<Services>>,
+    req: Ruma<delete_backup_keys_for_session::v3::Request>,
+) -> Result<RumaResponse<delete_backup_keys_for_session::v3::Response>> {
+    let user = req.user()?.clone();
+    let (etag, count) = delete_backup(
+        &services,
+        &user.user_id,
+        &req.body.version,
+        Some(req.body.room_id.as_str()),
+        Some(&req.body.session_id),
+    )
+    .await?;
+    Ok(RumaResponse(delete_backup_keys_for_session::v3::Response::new(etag, count)))
+}

@@ -1,0 +1,368 @@
+//! End-to-end encryption, server side: storing and relaying device keys, one-time and
+//! fallback keys, cross-signing keys and signatures, to-device messages and key backups.
+//! The server checks what it can (signatures by the keys it is given) and never holds a
+//! private key.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ruma::{CanonicalJsonObject, CanonicalJsonValue, UserId, serde::Base64, signatures::verify_json};
+use serde_json::{Map, Value as JsonValue, json};
+
+use super::Services;
+use crate::{
+    error::{Error, Result},
+    store::{NewToDevice, ToDeviceRow},
+};
+
+/// Most to-device messages queued for one device; beyond it senders get 429.
+pub const MAX_TO_DEVICE_QUEUE: i64 = 10_000;
+/// Most to-device messages in one sync response.
+pub const TO_DEVICE_PER_SYNC: i64 = 100;
+
+fn canonical(value: &JsonValue) -> Result<CanonicalJsonObject> {
+    match CanonicalJsonValue::try_from(value.clone()) {
+        Ok(CanonicalJsonValue::Object(object)) => Ok(object),
+        Ok(_) => Err(Error::BadJson("Expected a JSON object".to_owned())),
+        Err(e) => Err(Error::BadJson(format!("Not canonical JSON: {e}"))),
+    }
+}
+
+/// Checks that `object` carries a valid signature of `signer` by the ed25519 key `key_id`
+/// whose public half is `public_key` (unpadded base64).
+pub fn check_signature(object: &JsonValue, signer: &str, key_id: &str, public_key: &str) -> Result<()> {
+    let key = Base64::parse(public_key).map_err(|_| Error::InvalidParam(format!("{key_id} is not a base64 key")))?;
+    let mut set = BTreeMap::new();
+    set.insert(key_id.to_owned(), key);
+    let mut map = BTreeMap::new();
+    map.insert(signer.to_owned(), set);
+    verify_json(&map, &canonical(object)?)
+        .map_err(|e| Error::InvalidSignature(format!("Signature by {key_id} does not verify: {e}")))
+}
+
+/// Merges the `signatures` of `from` into `into`.
+fn merge_signatures(into: &mut JsonValue, from: &JsonValue) {
+    if let Some(sigs) = from["signatures"].as_object() {
+        for (signer, keys) in sigs {
+            if let Some(keys) = keys.as_object() {
+                for (key_id, sig) in keys {
+                    into["signatures"][signer][key_id] = sig.clone();
+                }
+            }
+        }
+    }
+}
+
+/// The only key of a cross-signing key object (`keys: {"ed25519:<pub>": "<pub>"}`).
+fn single_key(key: &JsonValue) -> Option<(String, String)> {
+    let keys = key["keys"].as_object()?;
+    let (id, value) = keys.iter().next()?;
+    Some((id.clone(), value.as_str()?.to_owned()))
+}
+
+impl Services {
+    /// Positions a device-list change of `user_id` in the stream (syncs of users who share a
+    /// room with them will list them in `device_lists.changed`).
+    pub async fn announce_device_change(&self, user_id: &str) -> Result<()> {
+        let position = self.streams.allocate();
+        self.store.record_device_list_change(user_id, position.position()).await?;
+        position.commit();
+        Ok(())
+    }
+
+    /// Forgets the keys and queued messages of removed devices and announces the change.
+    pub async fn devices_removed(&self, user_id: &str, device_ids: &[String]) -> Result<()> {
+        for device_id in device_ids {
+            self.store.delete_device_e2ee(user_id, device_id).await?;
+        }
+        if !device_ids.is_empty() {
+            self.announce_device_change(user_id).await?;
+        }
+        Ok(())
+    }
+
+    /// `POST /keys/upload`.
+    pub async fn upload_keys(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+        device_keys: Option<JsonValue>,
+        one_time_keys: Vec<(String, JsonValue)>,
+        fallback_keys: Vec<(String, JsonValue)>,
+    ) -> Result<BTreeMap<String, i64>> {
+        if let Some(keys) = device_keys {
+            if keys["user_id"] != user_id.as_str() || keys["device_id"] != device_id {
+                return Err(Error::InvalidParam("device_keys must be for this user and device".to_owned()));
+            }
+            let key_id = format!("ed25519:{device_id}");
+            let public = keys["keys"][&key_id]
+                .as_str()
+                .ok_or_else(|| Error::InvalidParam(format!("device_keys has no {key_id} key")))?;
+            check_signature(&keys, user_id.as_str(), &key_id, public)?;
+            // Keep signatures other parties added (cross-signing) if the keys are unchanged.
+            let mut stored = keys.clone();
+            if let Some(old) = self.store.device_keys(user_id.as_str(), device_id).await? {
+                let old: JsonValue = serde_json::from_str(&old).unwrap_or_default();
+                if old["keys"] == keys["keys"] {
+                    merge_signatures(&mut stored, &old);
+                    merge_signatures(&mut stored, &keys);
+                }
+            }
+            let position = self.streams.allocate();
+            self.store.set_device_keys(user_id.as_str(), device_id, &stored.to_string(), position.position()).await?;
+            position.commit();
+        }
+        let mut otks = Vec::new();
+        for (key_id, key) in one_time_keys {
+            let algorithm = key_id.split(':').next().unwrap_or_default().to_owned();
+            otks.push((key_id, algorithm, key.to_string()));
+        }
+        if !otks.is_empty() && !self.store.add_one_time_keys(user_id.as_str(), device_id, &otks).await? {
+            return Err(Error::InvalidParam(
+                "A one-time key with this id was already uploaded with different content".to_owned(),
+            ));
+        }
+        for (key_id, key) in fallback_keys {
+            let algorithm = key_id.split(':').next().unwrap_or_default().to_owned();
+            self.store.set_fallback_key(user_id.as_str(), device_id, &algorithm, &key_id, &key.to_string()).await?;
+        }
+        Ok(self.store.one_time_key_counts(user_id.as_str(), device_id).await?.into_iter().collect())
+    }
+
+    /// Device keys of a user as `/keys/query` shows them (with the device display name).
+    pub async fn query_device_keys(&self, user_id: &str, only: &[String]) -> Result<BTreeMap<String, JsonValue>> {
+        let mut out = BTreeMap::new();
+        for (device_id, json, display_name) in self.store.all_device_keys(user_id).await? {
+            if !only.is_empty() && !only.contains(&device_id) {
+                continue;
+            }
+            let mut keys: JsonValue = serde_json::from_str(&json).unwrap_or_default();
+            if let Some(name) = display_name {
+                keys["unsigned"] = json!({"device_display_name": name});
+            }
+            out.insert(device_id, keys);
+        }
+        Ok(out)
+    }
+
+    /// A cross-signing key, as stored.
+    pub async fn cross_signing_key(&self, user_id: &str, key_type: &str) -> Result<Option<JsonValue>> {
+        Ok(self.store.cross_signing_key(user_id, key_type).await?.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    /// `POST /keys/claim`: one key per (user, device, algorithm), each handed out once.
+    pub async fn claim_keys(
+        &self,
+        wanted: Vec<(String, String, String)>,
+    ) -> Result<BTreeMap<String, BTreeMap<String, Map<String, JsonValue>>>> {
+        let mut out: BTreeMap<String, BTreeMap<String, Map<String, JsonValue>>> = BTreeMap::new();
+        for (user_id, device_id, algorithm) in wanted {
+            if let Some((key_id, json)) = self.store.claim_one_time_key(&user_id, &device_id, &algorithm).await? {
+                let key: JsonValue = serde_json::from_str(&json).unwrap_or_default();
+                out.entry(user_id).or_default().entry(device_id).or_default().insert(key_id, key);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `POST /keys/device_signing/upload` (after UIA where needed).
+    pub async fn upload_cross_signing_keys(
+        &self,
+        user_id: &UserId,
+        master: Option<JsonValue>,
+        self_signing: Option<JsonValue>,
+        user_signing: Option<JsonValue>,
+    ) -> Result<()> {
+        let owner = |key: &JsonValue, usage: &str| -> Result<()> {
+            if key["user_id"] != user_id.as_str() {
+                return Err(Error::InvalidParam(format!("The {usage} key must belong to you")));
+            }
+            if !key["usage"].as_array().is_some_and(|u| u.iter().any(|x| x == usage)) {
+                return Err(Error::InvalidParam(format!("The {usage} key must have usage {usage}")));
+            }
+            if single_key(key).is_none() {
+                return Err(Error::InvalidParam(format!("The {usage} key must hold exactly one key")));
+            }
+            Ok(())
+        };
+        let master = match master {
+            Some(key) => {
+                owner(&key, "master")?;
+                Some(key)
+            }
+            None => self.cross_signing_key(user_id.as_str(), "master").await?,
+        };
+        let master_key = master.as_ref().and_then(single_key);
+        for (key, usage) in [(&self_signing, "self_signing"), (&user_signing, "user_signing")] {
+            if let Some(key) = key {
+                owner(key, usage)?;
+                let (master_id, master_public) =
+                    master_key.clone().ok_or_else(|| Error::InvalidParam("Upload a master key first".to_owned()))?;
+                check_signature(key, user_id.as_str(), &master_id, &master_public)?;
+            }
+        }
+        if let Some(key) = &master {
+            self.store.set_cross_signing_key(user_id.as_str(), "master", &key.to_string()).await?;
+        }
+        if let Some(key) = &self_signing {
+            self.store.set_cross_signing_key(user_id.as_str(), "self_signing", &key.to_string()).await?;
+        }
+        if let Some(key) = &user_signing {
+            self.store.set_cross_signing_key(user_id.as_str(), "user_signing", &key.to_string()).await?;
+        }
+        self.announce_device_change(user_id.as_str()).await
+    }
+
+    /// `POST /keys/signatures/upload`: signatures of our own devices and master key (by our
+    /// self-signing or master key), or of other users' master keys (by our user-signing
+    /// key). Returns failures by user and key id.
+    pub async fn upload_signatures(
+        &self,
+        signer: &UserId,
+        signed: Vec<(String, String, JsonValue)>,
+    ) -> Result<BTreeMap<String, BTreeMap<String, String>>> {
+        let mut failures: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut changed: BTreeSet<String> = BTreeSet::new();
+        for (user_id, key_id, object) in signed {
+            let result = self.apply_signature(signer, &user_id, &key_id, &object).await;
+            match result {
+                Ok(()) => {
+                    changed.insert(user_id);
+                }
+                Err(e) => {
+                    failures.entry(user_id).or_default().insert(key_id, e.to_string());
+                }
+            }
+        }
+        for user in changed {
+            self.announce_device_change(&user).await?;
+        }
+        Ok(failures)
+    }
+
+    async fn apply_signature(
+        &self,
+        signer: &UserId,
+        target_user: &str,
+        key_id: &str,
+        object: &JsonValue,
+    ) -> Result<()> {
+        let signatures = object["signatures"][signer.as_str()].as_object().cloned().unwrap_or_default();
+        if signatures.is_empty() {
+            return Err(Error::InvalidParam("No signature by you".to_owned()));
+        }
+        if target_user == signer.as_str() {
+            // One of our devices (signed by our self-signing key) or our master key (signed by
+            // one of our devices).
+            if let Some(json) = self.store.device_keys(target_user, key_id).await? {
+                let mut stored: JsonValue = serde_json::from_str(&json).unwrap_or_default();
+                let self_signing = self
+                    .cross_signing_key(signer.as_str(), "self_signing")
+                    .await?
+                    .and_then(|k| single_key(&k))
+                    .ok_or_else(|| Error::InvalidParam("You have no self-signing key".to_owned()))?;
+                check_signature(object, signer.as_str(), &self_signing.0, &self_signing.1)?;
+                if object["keys"] != stored["keys"] {
+                    return Err(Error::InvalidParam("The signed device keys differ from the stored ones".to_owned()));
+                }
+                merge_signatures(&mut stored, object);
+                self.store.replace_device_keys(target_user, key_id, &stored.to_string()).await?;
+                return Ok(());
+            }
+            let mut master = self
+                .cross_signing_key(signer.as_str(), "master")
+                .await?
+                .ok_or_else(|| Error::NotFound("Unknown key".to_owned()))?;
+            if single_key(&master).map(|k| k.1) != Some(key_id.to_owned()) {
+                return Err(Error::NotFound("Unknown key".to_owned()));
+            }
+            // Signed by one of our devices.
+            let mut verified = false;
+            for (sig_key_id, _) in &signatures {
+                let Some(device_id) = sig_key_id.strip_prefix("ed25519:") else { continue };
+                if let Some(json) = self.store.device_keys(signer.as_str(), device_id).await? {
+                    let device: JsonValue = serde_json::from_str(&json).unwrap_or_default();
+                    if let Some(public) = device["keys"][sig_key_id.as_str()].as_str() {
+                        check_signature(object, signer.as_str(), sig_key_id, public)?;
+                        verified = true;
+                    }
+                }
+            }
+            if !verified {
+                return Err(Error::InvalidSignature("No signature by a known device".to_owned()));
+            }
+            merge_signatures(&mut master, object);
+            self.store.set_cross_signing_key(signer.as_str(), "master", &master.to_string()).await?;
+            return Ok(());
+        }
+        // Another user's master key, signed by our user-signing key.
+        let mut master = self
+            .cross_signing_key(target_user, "master")
+            .await?
+            .ok_or_else(|| Error::NotFound("Unknown key".to_owned()))?;
+        if single_key(&master).map(|k| k.1) != Some(key_id.to_owned()) {
+            return Err(Error::NotFound("Unknown key".to_owned()));
+        }
+        let user_signing = self
+            .cross_signing_key(signer.as_str(), "user_signing")
+            .await?
+            .and_then(|k| single_key(&k))
+            .ok_or_else(|| Error::InvalidParam("You have no user-signing key".to_owned()))?;
+        check_signature(object, signer.as_str(), &user_signing.0, &user_signing.1)?;
+        merge_signatures(&mut master, object);
+        self.store.set_cross_signing_key(target_user, "master", &master.to_string()).await?;
+        Ok(())
+    }
+
+    /// `PUT /sendToDevice/{type}/{txnId}`: queues messages for local devices (`*` = all of a
+    /// user's devices). A retried transaction is accepted and not queued again.
+    pub async fn send_to_device(
+        &self,
+        sender: &UserId,
+        sender_device: &str,
+        txn_id: &str,
+        event_type: &str,
+        messages: Vec<(String, String, JsonValue)>,
+    ) -> Result<()> {
+        let mut queued = Vec::new();
+        for (user_id, device, content) in messages {
+            if UserId::parse(user_id.as_str()).map(|u| u.server_name() != self.settings.server_name).unwrap_or(true) {
+                // Remote users are reached through federation (not built yet); their messages
+                // are dropped, as a server that cannot reach them would.
+                continue;
+            }
+            let devices: Vec<String> = if device == "*" {
+                self.store.devices(&user_id).await?.into_iter().map(|d| d.device_id).collect()
+            } else {
+                vec![device]
+            };
+            for device_id in devices {
+                if self.store.pending_to_device_count(&user_id, &device_id).await? >= MAX_TO_DEVICE_QUEUE {
+                    return Err(Error::LimitExceeded { retry_after: std::time::Duration::from_secs(10) });
+                }
+                queued.push((user_id.clone(), device_id, content.to_string()));
+            }
+        }
+        let rows: Vec<NewToDevice> =
+            queued.iter().map(|(u, d, c)| NewToDevice { user_id: u, device_id: d, content: c.clone() }).collect();
+        let position = self.streams.allocate();
+        self.store
+            .queue_to_device(sender.as_str(), sender_device, txn_id, event_type, &rows, position.position())
+            .await?;
+        position.commit();
+        Ok(())
+    }
+
+    /// To-device messages for a sync: acknowledges those before `since` and returns the next.
+    pub async fn to_device_for_sync(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        since: Option<i64>,
+        upto: i64,
+    ) -> Result<Vec<ToDeviceRow>> {
+        if let Some(since) = since {
+            self.store.ack_to_device(user_id, device_id, since).await?;
+        }
+        Ok(self.store.to_device_messages(user_id, device_id, upto, TO_DEVICE_PER_SYNC).await?)
+    }
+}

@@ -5,6 +5,7 @@ mod account;
 mod cli;
 mod devices;
 mod discovery;
+mod e2ee;
 mod errors;
 mod login;
 mod operations;

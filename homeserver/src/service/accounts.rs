@@ -116,7 +116,7 @@ impl Services {
         // trip that only asks for the flows does not use up a client's allowance.
         self.rate_limits.check(Action::Register, ip)?;
 
-        let password_hash = hash_password(password).await?;
+        let password_hash = hash_password(&self.hashing, password).await?;
         let now = now_ms();
         let session = (!req.inhibit_login).then(|| {
             let token = new_access_token();
@@ -158,7 +158,7 @@ impl Services {
     /// Creates an account from the command line (no UIA, no registration mode check).
     pub async fn create_user_admin(&self, localpart: &str, password: String, is_admin: bool) -> Result<OwnedUserId> {
         let user_id = self.check_username_available(localpart).await?;
-        let password_hash = hash_password(password).await?;
+        let password_hash = hash_password(&self.hashing, password).await?;
         let outcome = self
             .store
             .create_account(NewAccount {
@@ -206,7 +206,7 @@ impl Services {
         };
         let user = self.store.user(user_id.as_str()).await?;
         let stored = user.as_ref().filter(|u| !u.deactivated).and_then(|u| u.password_hash.clone());
-        if !verify_password(password, stored).await? {
+        if !verify_password(&self.hashing, password, stored).await? {
             if user.is_some_and(|u| u.deactivated) {
                 return Err(Error::UserDeactivated);
             }
@@ -246,7 +246,7 @@ impl Services {
 
     /// `POST /account/password` (after UIA).
     pub async fn change_password(&self, user: &AuthedUser, new_password: String, logout_devices: bool) -> Result<()> {
-        let hash = hash_password(new_password).await?;
+        let hash = hash_password(&self.hashing, new_password).await?;
         let logout =
             if logout_devices { LogoutDevices::AllExcept(user.device_id.as_str()) } else { LogoutDevices::None };
         let before = self.device_ids(user.user_id.as_str()).await?;
@@ -258,7 +258,7 @@ impl Services {
 
     /// Sets a password from the command line, logging out every device.
     pub async fn reset_password_admin(&self, user_id: &UserId, new_password: String) -> Result<()> {
-        let hash = hash_password(new_password).await?;
+        let hash = hash_password(&self.hashing, new_password).await?;
         match self.store.user(user_id.as_str()).await? {
             None => Err(Error::NotFound(format!("No such user: {user_id}"))),
             Some(u) if u.deactivated => Err(Error::UserDeactivated),

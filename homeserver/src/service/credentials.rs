@@ -13,10 +13,34 @@ use crate::error::{Error, Result};
 /// denial-of-service, not a password.
 pub const MAX_PASSWORD_BYTES: usize = 1024;
 
+/// Bounds how many argon2 hashes run at once. Each takes 19 MiB for its duration; without a
+/// bound, a burst of logins (or a login flood) multiplies that by the burst size.
+pub struct Hashing {
+    permits: tokio::sync::Semaphore,
+}
+
+impl Hashing {
+    pub fn new() -> Self {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        Self { permits: tokio::sync::Semaphore::new(cores) }
+    }
+
+    async fn permit(&self) -> Result<tokio::sync::SemaphorePermit<'_>> {
+        self.permits.acquire().await.map_err(|_| Error::internal("hashing closed"))
+    }
+}
+
+impl Default for Hashing {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Hashes a password with argon2id (the crate's defaults: 19 MiB, 2 passes), off the
 /// async runtime because it deliberately takes tens of milliseconds.
-pub async fn hash_password(password: String) -> Result<String> {
+pub async fn hash_password(hashing: &Hashing, password: String) -> Result<String> {
     check_password_shape(&password)?;
+    let _permit = hashing.permit().await?;
     tokio::task::spawn_blocking(move || {
         let salt = SaltString::generate(&mut OsRng);
         Argon2::default()
@@ -30,10 +54,11 @@ pub async fn hash_password(password: String) -> Result<String> {
 
 /// Checks `password` against a stored hash. With no stored hash (unknown user, deactivated
 /// account) a dummy hash is checked instead so the answer takes as long either way.
-pub async fn verify_password(password: String, stored: Option<String>) -> Result<bool> {
+pub async fn verify_password(hashing: &Hashing, password: String, stored: Option<String>) -> Result<bool> {
     if password.len() > MAX_PASSWORD_BYTES {
         return Ok(false);
     }
+    let _permit = hashing.permit().await?;
     tokio::task::spawn_blocking(move || {
         const DUMMY: &str =
             "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$2B9YPbRZV2q3x6m1bNdPfmzhF7y2XKp4h7JfQ5lVh4s";
@@ -91,11 +116,12 @@ mod tests {
 
     #[tokio::test]
     async fn hashes_verify_and_reject() {
-        let hash = hash_password("correct horse".to_owned()).await.unwrap();
+        let hashing = Hashing::new();
+        let hash = hash_password(&hashing, "correct horse".to_owned()).await.unwrap();
         assert!(hash.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse".to_owned(), Some(hash.clone())).await.unwrap());
-        assert!(!verify_password("wrong".to_owned(), Some(hash)).await.unwrap());
-        assert!(!verify_password("anything".to_owned(), None).await.unwrap());
+        assert!(verify_password(&hashing, "correct horse".to_owned(), Some(hash.clone())).await.unwrap());
+        assert!(!verify_password(&hashing, "wrong".to_owned(), Some(hash)).await.unwrap());
+        assert!(!verify_password(&hashing, "anything".to_owned(), None).await.unwrap());
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub struct Services {
     pub metrics: Metrics,
     pub streams: Arc<streams::Streams>,
     pub typing: typing::Typing,
+    pub hashing: credentials::Hashing,
     room_locks: timeline::RoomLocks,
 }
 
@@ -48,6 +49,7 @@ impl Services {
             metrics: Metrics::new(),
             streams: streams::Streams::new(max_stream_position),
             typing: typing::Typing::default(),
+            hashing: credentials::Hashing::new(),
             room_locks: timeline::RoomLocks::default(),
         }
     }

@@ -166,6 +166,6 @@ impl Services {
             return Ok(false);
         }
         let stored = self.store.user(user.as_str()).await?.filter(|u| !u.deactivated).and_then(|u| u.password_hash);
-        credentials::verify_password(password.to_owned(), stored).await
+        credentials::verify_password(&self.hashing, password.to_owned(), stored).await
     }
 }

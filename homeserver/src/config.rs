@@ -74,6 +74,34 @@ pub struct Config {
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
     pub presence: PresenceConfig,
+    pub user_directory: UserDirectoryConfig,
+    pub turn: TurnConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserDirectoryConfig {
+    /// Let searches find every user of the server, not only those sharing a room or in a
+    /// public room.
+    pub search_all_users: bool,
+}
+
+/// A TURN server (coturn with `use-auth-secret`) for calls.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// `turn:` / `turns:` URIs handed to clients; empty means no TURN server.
+    pub uris: Vec<String>,
+    /// coturn's `static-auth-secret`.
+    pub shared_secret: String,
+    /// How long the credentials are valid, in seconds.
+    pub credential_lifetime_secs: u64,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self { uris: Vec::new(), shared_secret: String::new(), credential_lifetime_secs: 86_400 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +168,8 @@ impl Default for Config {
             log: LogConfig::default(),
             rate_limits: RateLimitsConfig::default(),
             presence: PresenceConfig::default(),
+            user_directory: UserDirectoryConfig::default(),
+            turn: TurnConfig::default(),
         }
     }
 }
@@ -173,6 +203,8 @@ enum EnvKind {
     Integer,
     Float,
     Bool,
+    /// Comma-separated strings.
+    List,
 }
 
 /// Every option and the environment variable that overrides it.
@@ -196,6 +228,10 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_RATE_LIMITS_REGISTER_PER_SECOND", "rate_limits.register.per_second", EnvKind::Float),
     ("OBMIN_RATE_LIMITS_REGISTER_BURST", "rate_limits.register.burst", EnvKind::Integer),
     ("OBMIN_PRESENCE_ENABLED", "presence.enabled", EnvKind::Bool),
+    ("OBMIN_USER_DIRECTORY_SEARCH_ALL_USERS", "user_directory.search_all_users", EnvKind::Bool),
+    ("OBMIN_TURN_URIS", "turn.uris", EnvKind::List),
+    ("OBMIN_TURN_SHARED_SECRET", "turn.shared_secret", EnvKind::String),
+    ("OBMIN_TURN_CREDENTIAL_LIFETIME_SECS", "turn.credential_lifetime_secs", EnvKind::Integer),
 ];
 
 /// A configuration problem, naming the option (or file) and the reason.
@@ -233,6 +269,8 @@ pub struct Settings {
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
     pub presence: PresenceConfig,
+    pub user_directory: UserDirectoryConfig,
+    pub turn: TurnConfig,
 }
 
 impl Settings {
@@ -299,6 +337,17 @@ impl Settings {
         }
         let max_request_bytes = usize::try_from(config.max_request_bytes)
             .map_err(|_| err("max_request_bytes", "too large for this machine"))?;
+        if !config.turn.uris.is_empty() && config.turn.shared_secret.is_empty() {
+            return Err(err("turn.shared_secret", "is required when turn.uris is set"));
+        }
+        if let Some(uri) = config
+            .turn
+            .uris
+            .iter()
+            .find(|u| !(u.starts_with("turn:") || u.starts_with("turns:") || u.starts_with("stun:")))
+        {
+            return Err(err("turn.uris", format!("`{uri}` is not a turn:, turns: or stun: URI")));
+        }
         if config.database.max_connections == 0 {
             return Err(err("database.max_connections", "must be at least 1"));
         }
@@ -327,6 +376,8 @@ impl Settings {
             log: config.log,
             rate_limits: config.rate_limits,
             presence: config.presence,
+            user_directory: config.user_directory,
+            turn: config.turn,
         })
     }
 
@@ -343,6 +394,13 @@ fn parse_env(raw: &str, kind: EnvKind) -> Result<toml::Value, String> {
             toml::Value::Integer(raw.trim().parse().map_err(|_| format!("`{raw}` is not a whole number"))?)
         }
         EnvKind::Float => toml::Value::Float(raw.trim().parse().map_err(|_| format!("`{raw}` is not a number"))?),
+        EnvKind::List => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_owned()))
+                .collect(),
+        ),
         EnvKind::Bool => toml::Value::Boolean(match raw.trim().to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "on" => true,
             "false" | "0" | "no" | "off" => false,

@@ -12,5 +12,6 @@ mod operations;
 mod presence;
 mod profile;
 mod register;
+mod room_extras;
 mod rooms;
 mod sync;

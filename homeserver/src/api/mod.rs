@@ -52,12 +52,14 @@ where
 /// The whole HTTP application.
 pub fn router(services: Arc<Services>) -> Router {
     use ::ruma::api::client::{
-        account, alias, backup, config, device, directory, discovery, filter, keys, membership, message, presence,
-        profile, push, read_marker, receipt, redact, room, session, state, sync::sync_events, to_device, typing,
+        account, alias, backup, config, context, device, directory, discovery, filter, keys, membership, message,
+        presence, profile, push, read_marker, receipt, redact, relations, room, session, state, sync::sync_events, tag,
+        threads, to_device, typing, user_directory, voip,
     };
     use client::{
         account as acc, account_data as ad, devices as dev, discovery as disc, keys as k, messages as msg,
-        presence as pres, profile as prof, register as reg, rooms as rm, session as ses, sync as sy,
+        presence as pres, profile as prof, register as reg, relations as rel, rooms as rm, session as ses, sync as sy,
+        user_directory as ud, voip as vo,
     };
 
     let mut r = Router::new();
@@ -118,6 +120,20 @@ pub fn router(services: Arc<Services>) -> Router {
     r = ruma_route::<config::set_room_account_data::v3::Request, _, _>(r, ad::set_room);
     r = ruma_route::<config::get_room_account_data::v3::Request, _, _>(r, ad::get_room);
     r = ruma_route::<push::get_pushrules_all::v3::Request, _, _>(r, ad::push_rules);
+    r = ruma_route::<membership::forget_room::v3::Request, _, _>(r, rm::forget);
+    r = ruma_route::<tag::get_tags::v3::Request, _, _>(r, ad::tags);
+    r = ruma_route::<tag::create_tag::v3::Request, _, _>(r, ad::tag_put);
+    r = ruma_route::<tag::delete_tag::v3::Request, _, _>(r, ad::tag_delete);
+    r = ruma_route::<relations::get_relating_events::v1::Request, _, _>(r, rel::relating);
+    r = ruma_route::<relations::get_relating_events_with_rel_type::v1::Request, _, _>(r, rel::relating_with_type);
+    r = ruma_route::<relations::get_relating_events_with_rel_type_and_event_type::v1::Request, _, _>(
+        r,
+        rel::relating_with_type_and_event_type,
+    );
+    r = ruma_route::<threads::get_threads::v1::Request, _, _>(r, rel::threads);
+    r = ruma_route::<context::get_context::v3::Request, _, _>(r, rel::context);
+    r = ruma_route::<user_directory::search_users::v3::Request, _, _>(r, ud::search);
+    r = ruma_route::<voip::get_turn_server_info::v3::Request, _, _>(r, vo::turn_server);
     r = ruma_route::<presence::set_presence::v3::Request, _, _>(r, pres::set);
     r = ruma_route::<presence::get_presence::v3::Request, _, _>(r, pres::get);
     r = ruma_route::<keys::upload_keys::v3::Request, _, _>(r, k::upload);

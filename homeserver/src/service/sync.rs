@@ -178,8 +178,11 @@ impl Services {
             }
         }
 
+        let forgotten = self.store.forgotten_rooms(user_id.as_str()).await?;
         for (room_id, membership) in self.store.rooms_for_user(user_id.as_str()).await? {
-            if !req.filter.allows_room(&room_id) {
+            if !req.filter.allows_room(&room_id)
+                || (forgotten.contains(&room_id) && membership != "join" && membership != "invite")
+            {
                 continue;
             }
             let Ok(room) = RoomId::parse(room_id.as_str()) else { continue };

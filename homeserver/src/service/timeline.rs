@@ -130,6 +130,7 @@ impl Services {
                 membership: None,
                 txn: None,
                 redacts: None,
+                relates_to: None,
                 new_room: Some(NewRoom {
                     room_version: create.version.as_str(),
                     creator: sender.as_str(),
@@ -241,6 +242,7 @@ impl Services {
 
         let membership = (draft.event_type == "m.room.member").then(|| pdu_membership(&pdu)).flatten();
         let prev_ids: Vec<String> = prev_events.iter().map(|id| id.to_string()).collect();
+        let relates_to = relation_of(&pdu);
         let position = self.streams.allocate();
         let outcome = self
             .store
@@ -259,6 +261,7 @@ impl Services {
                 txn: txn.map(|t| (sender.as_str(), t.device_id, t.txn_id)),
                 redacts: draft.redacts.as_ref().map(|r| r.as_str()),
                 new_room: None,
+                relates_to: relates_to.as_ref().map(|(t, r)| (t.as_str(), r.as_str())),
             })
             .await?;
         position.commit();
@@ -269,6 +272,16 @@ impl Services {
             }
         }
     }
+}
+
+/// `m.relates_to` (target event, rel_type) of an event, for the relations index. Replies
+/// (`m.in_reply_to`) are not relations in this sense.
+fn relation_of(pdu: &Pdu) -> Option<(String, String)> {
+    let content: JsonValue = serde_json::from_str(pdu.content.get()).ok()?;
+    let relation = content.get("m.relates_to")?;
+    let target = relation.get("event_id")?.as_str()?;
+    let rel_type = relation.get("rel_type")?.as_str()?;
+    Some((target.to_owned(), rel_type.to_owned()))
 }
 
 fn pdu_membership(pdu: &Pdu) -> Option<String> {

@@ -80,6 +80,8 @@ pub struct AppendEvent<'a> {
     pub txn: Option<(&'a str, &'a str, &'a str)>,
     pub redacts: Option<&'a str>,
     pub new_room: Option<NewRoom<'a>>,
+    /// `m.relates_to` of the content: (target event id, rel_type).
+    pub relates_to: Option<(&'a str, &'a str)>,
 }
 
 /// The result of an append.
@@ -211,6 +213,32 @@ impl Store {
             .bind(ev.event_id)
             .execute(&mut *tx)
             .await?;
+        if let Some((target, rel_type)) = ev.relates_to {
+            sqlx::query(
+                "INSERT INTO event_relations (event_id, relates_to_id, rel_type, room_id, event_type, sender, stream_ordering)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(ev.event_id)
+            .bind(target)
+            .bind(rel_type)
+            .bind(ev.room_id)
+            .bind(ev.event_type)
+            .bind(ev.sender)
+            .bind(ev.stream_ordering)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if (ev.membership == Some("join") || ev.membership == Some("invite"))
+            && let Some(target) = ev.state_key
+        {
+            {
+                sqlx::query("DELETE FROM forgotten_rooms WHERE user_id = $1 AND room_id = $2")
+                    .bind(target)
+                    .bind(ev.room_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         if let Some(redacts) = ev.redacts {
             sqlx::query(
                 "UPDATE events SET redacted_by = $1 WHERE event_id = $2 AND room_id = $3 AND redacted_by IS NULL",
@@ -464,5 +492,159 @@ impl Store {
                 Ok((r.try_get("stream_ordering")?, content))
             })
             .collect()
+    }
+}
+
+impl Store {
+    /// Events relating to `target`, with `from < stream_ordering <= to`, filtered by
+    /// relation and event type; newest first when `newest_first`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn relations(
+        &self,
+        target: &str,
+        rel_type: Option<&str>,
+        event_type: Option<&str>,
+        from: i64,
+        to: i64,
+        limit: i64,
+        newest_first: bool,
+    ) -> Result<Vec<EventRow>, sqlx::Error> {
+        let order = if newest_first { "DESC" } else { "ASC" };
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM event_relations r JOIN events e ON e.event_id = r.event_id
+             WHERE r.relates_to_id = $1 AND ($2 IS NULL OR r.rel_type = $2) AND ($3 IS NULL OR r.event_type = $3)
+               AND r.stream_ordering > $4 AND r.stream_ordering <= $5
+             ORDER BY r.stream_ordering {order} LIMIT $6",
+            prefixed_columns("e")
+        ));
+        let rows = sqlx::query(sql)
+            .bind(target)
+            .bind(rel_type)
+            .bind(event_type)
+            .bind(from)
+            .bind(to)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_row).collect()
+    }
+
+    /// Thread roots of a room with the position of their latest reply, latest first:
+    /// (root event id, latest reply position), restricted to threads `participant` took
+    /// part in when given.
+    pub async fn thread_roots(
+        &self,
+        room_id: &str,
+        participant: Option<&str>,
+        before: i64,
+        limit: i64,
+    ) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT r.relates_to_id AS root, MAX(r.stream_ordering) AS latest FROM event_relations r
+             WHERE r.room_id = $1 AND r.rel_type = 'm.thread'
+             GROUP BY r.relates_to_id
+             HAVING MAX(r.stream_ordering) < $3 AND ($2 IS NULL OR SUM(CASE WHEN r.sender = $2 THEN 1 ELSE 0 END) > 0
+                OR EXISTS (SELECT 1 FROM events root WHERE root.event_id = r.relates_to_id AND root.sender = $2))
+             ORDER BY latest DESC LIMIT $4",
+        )
+        .bind(room_id)
+        .bind(participant)
+        .bind(before)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get("root")?, r.try_get("latest")?))).collect()
+    }
+
+    /// (count, latest event id, whether `user` took part) of a thread.
+    pub async fn thread_summary(&self, root: &str, user: &str) -> Result<Option<(i64, String, bool)>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n, MAX(stream_ordering) AS latest, SUM(CASE WHEN sender = $2 THEN 1 ELSE 0 END) AS mine
+             FROM event_relations WHERE relates_to_id = $1 AND rel_type = 'm.thread'",
+        )
+        .bind(root)
+        .bind(user)
+        .fetch_one(&self.pool)
+        .await?;
+        let n: i64 = row.try_get("n")?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let latest: i64 = row.try_get("latest")?;
+        let mine: Option<i64> = row.try_get("mine")?;
+        let latest_id = sqlx::query("SELECT event_id FROM events WHERE stream_ordering = $1")
+            .bind(latest)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Some((n, latest_id.try_get("event_id")?, mine.unwrap_or(0) > 0)))
+    }
+
+    /// The newest edit (`m.replace`) of an event by its own sender.
+    pub async fn latest_edit(&self, target: &str, sender: &str) -> Result<Option<EventRow>, sqlx::Error> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {} FROM event_relations r JOIN events e ON e.event_id = r.event_id
+             WHERE r.relates_to_id = $1 AND r.rel_type = 'm.replace' AND r.sender = $2 AND e.redacted_by IS NULL
+             ORDER BY r.stream_ordering DESC LIMIT 1",
+            prefixed_columns("e")
+        ));
+        let row = sqlx::query(sql).bind(target).bind(sender).fetch_optional(&self.pool).await?;
+        row.as_ref().map(event_row).transpose()
+    }
+
+    pub async fn forget_room(&self, user_id: &str, room_id: &str) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO forgotten_rooms (user_id, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(user_id)
+            .bind(room_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn forgotten_rooms(&self, user_id: &str) -> Result<Vec<String>, sqlx::Error> {
+        let rows = sqlx::query("SELECT room_id FROM forgotten_rooms WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| r.try_get("room_id")).collect()
+    }
+
+    /// Users matching `term` (in the user id or display name) who share a room with
+    /// `requester`, are in a public room, or (with `all_users`) any active user.
+    pub async fn search_users(
+        &self,
+        requester: &str,
+        term: &str,
+        all_users: bool,
+        limit: i64,
+    ) -> Result<Vec<(String, Option<String>, Option<String>)>, sqlx::Error> {
+        let pattern =
+            format!("%{}%", term.to_lowercase().replace('\\', "\\\\").replace('%', "\\%").replace('_', "\\_"));
+        let rows = sqlx::query(
+            "SELECT u.user_id,
+                    (SELECT value FROM profile_fields p WHERE p.user_id = u.user_id AND p.field = 'displayname') AS displayname,
+                    (SELECT value FROM profile_fields p WHERE p.user_id = u.user_id AND p.field = 'avatar_url') AS avatar_url
+             FROM users u
+             WHERE u.deactivated = 0
+               AND (LOWER(u.user_id) LIKE $2 ESCAPE '\\' OR EXISTS (
+                    SELECT 1 FROM profile_fields p WHERE p.user_id = u.user_id AND p.field = 'displayname'
+                    AND LOWER(p.value) LIKE $2 ESCAPE '\\'))
+               AND ($3 = 1 OR u.user_id = $1 OR u.user_id IN (
+                    SELECT other.state_key FROM room_current_state other
+                    WHERE other.type = 'm.room.member' AND other.membership = 'join' AND other.room_id IN (
+                        SELECT mine.room_id FROM room_current_state mine
+                        WHERE mine.type = 'm.room.member' AND mine.state_key = $1 AND mine.membership = 'join'
+                        UNION
+                        SELECT jr.room_id FROM room_current_state jr JOIN events e ON e.event_id = jr.event_id
+                        -- public rooms: the stored PDU is canonical JSON, without spaces
+                        WHERE jr.type = 'm.room.join_rules' AND e.json LIKE '%\"join_rule\":\"public\"%')))
+             ORDER BY u.user_id LIMIT $4",
+        )
+        .bind(requester)
+        .bind(pattern)
+        .bind(i64::from(all_users))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| Ok((r.try_get("user_id")?, r.try_get("displayname")?, r.try_get("avatar_url")?))).collect()
     }
 }

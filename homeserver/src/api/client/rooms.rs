@@ -9,8 +9,8 @@ use ruma::{
         alias::{create_alias, delete_alias, get_alias},
         directory::{get_public_rooms, get_room_visibility, set_room_visibility},
         membership::{
-            ban_user, get_member_events, invite_user, join_room_by_id, join_room_by_id_or_alias, joined_members,
-            joined_rooms, kick_user, leave_room, unban_user,
+            ban_user, forget_room, get_member_events, invite_user, join_room_by_id, join_room_by_id_or_alias,
+            joined_members, joined_rooms, kick_user, leave_room, unban_user,
         },
         room::{Visibility, create_room},
         state::{get_state_event_for_key, get_state_events, send_state_event},
@@ -218,6 +218,25 @@ pub async fn unban(
         )
         .await?;
     Ok(RumaResponse(unban_user::v3::Response::new()))
+}
+
+pub async fn forget(
+    State(services): State<Arc<Services>>,
+    req: Ruma<forget_room::v3::Request>,
+) -> Result<RumaResponse<forget_room::v3::Response>> {
+    let user = req.user()?.clone();
+    let room_id = req.body.room_id.as_str();
+    match services.membership(room_id, user.user_id.as_str()).await?.as_deref() {
+        Some("join" | "invite" | "knock") => {
+            return Err(Error::Unknown("Leave the room before forgetting it".to_owned()));
+        }
+        None if services.store.room(room_id).await?.is_none() => {
+            return Err(Error::NotFound("Unknown room".to_owned()));
+        }
+        _ => {}
+    }
+    services.store.forget_room(user.user_id.as_str(), room_id).await?;
+    Ok(RumaResponse(forget_room::v3::Response::new()))
 }
 
 pub async fn joined(

@@ -11,6 +11,7 @@ mod login;
 mod operations;
 mod presence;
 mod profile;
+mod push;
 mod register;
 mod room_extras;
 mod rooms;

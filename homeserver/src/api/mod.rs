@@ -58,8 +58,8 @@ pub fn router(services: Arc<Services>) -> Router {
     };
     use client::{
         account as acc, account_data as ad, devices as dev, discovery as disc, keys as k, messages as msg,
-        presence as pres, profile as prof, register as reg, relations as rel, rooms as rm, session as ses, sync as sy,
-        user_directory as ud, voip as vo,
+        presence as pres, profile as prof, push as pu, register as reg, relations as rel, rooms as rm, session as ses,
+        sync as sy, user_directory as ud, voip as vo,
     };
 
     let mut r = Router::new();
@@ -119,7 +119,15 @@ pub fn router(services: Arc<Services>) -> Router {
     r = ruma_route::<config::get_global_account_data::v3::Request, _, _>(r, ad::get_global);
     r = ruma_route::<config::set_room_account_data::v3::Request, _, _>(r, ad::set_room);
     r = ruma_route::<config::get_room_account_data::v3::Request, _, _>(r, ad::get_room);
-    r = ruma_route::<push::get_pushrules_all::v3::Request, _, _>(r, ad::push_rules);
+    r = ruma_route::<push::get_pushrules_all::v3::Request, _, _>(r, pu::all);
+    r = ruma_route::<push::get_pushrule::v3::Request, _, _>(r, pu::get);
+    r = ruma_route::<push::set_pushrule::v3::Request, _, _>(r, pu::set);
+    r = ruma_route::<push::delete_pushrule::v3::Request, _, _>(r, pu::delete);
+    r = ruma_route::<push::get_pushrule_enabled::v3::Request, _, _>(r, pu::enabled);
+    r = ruma_route::<push::set_pushrule_enabled::v3::Request, _, _>(r, pu::set_enabled);
+    r = ruma_route::<push::get_pushrule_actions::v3::Request, _, _>(r, pu::actions);
+    r = ruma_route::<push::set_pushrule_actions::v3::Request, _, _>(r, pu::set_actions);
+    r = ruma_route::<push::get_notifications::v3::Request, _, _>(r, pu::notifications);
     r = ruma_route::<membership::forget_room::v3::Request, _, _>(r, rm::forget);
     r = ruma_route::<tag::get_tags::v3::Request, _, _>(r, ad::tags);
     r = ruma_route::<tag::create_tag::v3::Request, _, _>(r, ad::tag_put);

@@ -9,6 +9,7 @@ pub mod events;
 pub mod keys;
 pub mod presence;
 pub mod profile;
+pub mod push;
 pub mod rate_limit;
 pub mod registration_tokens;
 pub mod rooms;
@@ -35,6 +36,7 @@ pub struct Services {
     pub typing: typing::Typing,
     pub hashing: credentials::Hashing,
     room_locks: timeline::RoomLocks,
+    push_rule_cache: push::PushRuleCache,
 }
 
 impl Services {
@@ -50,6 +52,7 @@ impl Services {
             streams: streams::Streams::new(max_stream_position),
             typing: typing::Typing::default(),
             hashing: credentials::Hashing::new(),
+            push_rule_cache: push::PushRuleCache::default(),
             room_locks: timeline::RoomLocks::default(),
         }
     }

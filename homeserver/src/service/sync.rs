@@ -218,6 +218,13 @@ impl Services {
             }
         }
 
+        // Clients read their push rules from account data; until a user changes them the
+        // server defaults stand in, on the initial sync.
+        if req.since.is_none() && self.store.account_data(user_id.as_str(), "", "m.push_rules").await?.is_none() {
+            let rules = self.push_rules(user_id).await?;
+            response.account_data.events.push(to_raw(&json!({"type": "m.push_rules", "content": {"global": *rules}}))?);
+        }
+
         for event in self.presence_events(user_id, since.stream, upto.stream).await? {
             response.presence.events.push(to_raw(&event)?);
         }
@@ -338,6 +345,9 @@ impl Services {
         state.events = state_events;
         joined.state = State::Before(state);
         joined.ephemeral.events = ephemeral;
+        let (notifications, highlights) = self.store.unread_counts(user_id.as_str(), room_id).await?;
+        joined.unread_notifications.notification_count = UInt::new(notifications.max(0) as u64);
+        joined.unread_notifications.highlight_count = UInt::new(highlights.max(0) as u64);
         if full || !state_rows.is_empty() || rows.iter().any(|r| r.event_type == "m.room.member") {
             joined.summary = self.room_summary(room_id, user_id.as_str()).await?;
         }

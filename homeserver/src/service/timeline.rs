@@ -131,6 +131,7 @@ impl Services {
                 txn: None,
                 redacts: None,
                 relates_to: None,
+                push_actions: &[],
                 new_room: Some(NewRoom {
                     room_version: create.version.as_str(),
                     creator: sender.as_str(),
@@ -243,6 +244,7 @@ impl Services {
         let membership = (draft.event_type == "m.room.member").then(|| pdu_membership(&pdu)).flatten();
         let prev_ids: Vec<String> = prev_events.iter().map(|id| id.to_string()).collect();
         let relates_to = relation_of(&pdu);
+        let push_actions = self.push_actions_for(room_id, sender, &object).await?;
         let position = self.streams.allocate();
         let outcome = self
             .store
@@ -262,6 +264,7 @@ impl Services {
                 redacts: draft.redacts.as_ref().map(|r| r.as_str()),
                 new_room: None,
                 relates_to: relates_to.as_ref().map(|(t, r)| (t.as_str(), r.as_str())),
+                push_actions: &push_actions,
             })
             .await?;
         position.commit();

@@ -82,6 +82,8 @@ pub struct AppendEvent<'a> {
     pub new_room: Option<NewRoom<'a>>,
     /// `m.relates_to` of the content: (target event id, rel_type).
     pub relates_to: Option<(&'a str, &'a str)>,
+    /// Local members this event notifies: (user, highlight, actions JSON).
+    pub push_actions: &'a [(String, bool, String)],
 }
 
 /// The result of an append.
@@ -238,6 +240,21 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
+        }
+        for (user, highlight, actions) in ev.push_actions {
+            sqlx::query(
+                "INSERT INTO event_push_actions (user_id, room_id, event_id, stream_ordering, highlight, actions, ts)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(user)
+            .bind(ev.room_id)
+            .bind(ev.event_id)
+            .bind(ev.stream_ordering)
+            .bind(i64::from(*highlight))
+            .bind(actions)
+            .bind(ev.origin_server_ts)
+            .execute(&mut *tx)
+            .await?;
         }
         if let Some(redacts) = ev.redacts {
             sqlx::query(
@@ -556,41 +573,6 @@ impl Store {
         rows.iter().map(|r| Ok((r.try_get("root")?, r.try_get("latest")?))).collect()
     }
 
-    /// (count, latest event id, whether `user` took part) of a thread.
-    pub async fn thread_summary(&self, root: &str, user: &str) -> Result<Option<(i64, String, bool)>, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT COUNT(*) AS n, MAX(stream_ordering) AS latest, SUM(CASE WHEN sender = $2 THEN 1 ELSE 0 END) AS mine
-             FROM event_relations WHERE relates_to_id = $1 AND rel_type = 'm.thread'",
-        )
-        .bind(root)
-        .bind(user)
-        .fetch_one(&self.pool)
-        .await?;
-        let n: i64 = row.try_get("n")?;
-        if n == 0 {
-            return Ok(None);
-        }
-        let latest: i64 = row.try_get("latest")?;
-        let mine: Option<i64> = row.try_get("mine")?;
-        let latest_id = sqlx::query("SELECT event_id FROM events WHERE stream_ordering = $1")
-            .bind(latest)
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(Some((n, latest_id.try_get("event_id")?, mine.unwrap_or(0) > 0)))
-    }
-
-    /// The newest edit (`m.replace`) of an event by its own sender.
-    pub async fn latest_edit(&self, target: &str, sender: &str) -> Result<Option<EventRow>, sqlx::Error> {
-        let sql = sqlx::AssertSqlSafe(format!(
-            "SELECT {} FROM event_relations r JOIN events e ON e.event_id = r.event_id
-             WHERE r.relates_to_id = $1 AND r.rel_type = 'm.replace' AND r.sender = $2 AND e.redacted_by IS NULL
-             ORDER BY r.stream_ordering DESC LIMIT 1",
-            prefixed_columns("e")
-        ));
-        let row = sqlx::query(sql).bind(target).bind(sender).fetch_optional(&self.pool).await?;
-        row.as_ref().map(event_row).transpose()
-    }
-
     pub async fn forget_room(&self, user_id: &str, room_id: &str) -> Result<(), sqlx::Error> {
         sqlx::query("INSERT INTO forgotten_rooms (user_id, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
             .bind(user_id)
@@ -646,5 +628,80 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|r| Ok((r.try_get("user_id")?, r.try_get("displayname")?, r.try_get("avatar_url")?))).collect()
+    }
+}
+
+impl Store {
+    /// Joined members of a room with the display name of their membership event.
+    pub async fn joined_members_with_names(&self, room_id: &str) -> Result<Vec<(String, Option<String>)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT s.state_key, e.json FROM room_current_state s JOIN events e ON e.event_id = s.event_id
+             WHERE s.room_id = $1 AND s.type = 'm.room.member' AND s.membership = 'join'",
+        )
+        .bind(room_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let json: String = r.try_get("json")?;
+                let name = serde_json::from_str::<serde_json::Value>(&json)
+                    .ok()
+                    .and_then(|v| v["content"]["displayname"].as_str().map(str::to_owned));
+                Ok((r.try_get("state_key")?, name))
+            })
+            .collect()
+    }
+
+    /// (notifications, highlights) for `user_id` in a room after their read receipt.
+    pub async fn unread_counts(&self, user_id: &str, room_id: &str) -> Result<(i64, i64), sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(highlight), 0) AS BIGINT) AS h FROM event_push_actions
+             WHERE user_id = $1 AND room_id = $2 AND stream_ordering > COALESCE((
+                SELECT MAX(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id
+                WHERE r.room_id = $2 AND r.user_id = $1 AND r.receipt_type IN ('m.read', 'm.read.private')), 0)",
+        )
+        .bind(user_id)
+        .bind(room_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.try_get("n")?, row.try_get("h")?))
+    }
+
+    /// The user's notifications before `before`, newest first: (event row, actions, ts, read).
+    pub async fn notifications(
+        &self,
+        user_id: &str,
+        before: i64,
+        limit: i64,
+        only_highlight: bool,
+    ) -> Result<Vec<(EventRow, String, i64, bool)>, sqlx::Error> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {}, a.actions AS push_actions, a.ts AS push_ts,
+                    CASE WHEN a.stream_ordering <= COALESCE((
+                        SELECT MAX(re.stream_ordering) FROM receipts r JOIN events re ON re.event_id = r.event_id
+                        WHERE r.room_id = a.room_id AND r.user_id = $1 AND r.receipt_type IN ('m.read', 'm.read.private')), 0)
+                    THEN 1 ELSE 0 END AS is_read
+             FROM event_push_actions a JOIN events e ON e.event_id = a.event_id
+             WHERE a.user_id = $1 AND a.stream_ordering < $2 AND ($3 = 0 OR a.highlight = 1)
+             ORDER BY a.stream_ordering DESC LIMIT $4",
+            prefixed_columns("e")
+        ));
+        let rows = sqlx::query(sql)
+            .bind(user_id)
+            .bind(before)
+            .bind(i64::from(only_highlight))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    event_row(r)?,
+                    r.try_get("push_actions")?,
+                    r.try_get("push_ts")?,
+                    r.try_get::<i64, _>("is_read")? != 0,
+                ))
+            })
+            .collect()
     }
 }

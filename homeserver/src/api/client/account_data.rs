@@ -7,10 +7,8 @@ use ruma::{
     UserId,
     api::client::{
         config::{get_global_account_data, get_room_account_data, set_global_account_data, set_room_account_data},
-        push::get_pushrules_all,
         tag::{create_tag, delete_tag, get_tags},
     },
-    push::Ruleset,
 };
 use serde_json::Value as JsonValue;
 
@@ -98,22 +96,6 @@ pub async fn get_room(
     let value =
         services.get_account_data(&user.user_id, req.body.room_id.as_str(), &req.body.event_type.to_string()).await?;
     Ok(RumaResponse(get_room_account_data::v3::Response::new(to_raw(&value)?)))
-}
-
-/// The user's push rules: the server defaults (ruma's), or the user's stored set.
-pub async fn push_rules(
-    State(services): State<Arc<Services>>,
-    req: Ruma<get_pushrules_all::v3::Request>,
-) -> Result<RumaResponse<get_pushrules_all::v3::Response>> {
-    let user = req.user()?.clone();
-    let ruleset = match services.store.account_data(user.user_id.as_str(), "", "m.push_rules").await? {
-        Some(text) => serde_json::from_str::<JsonValue>(&text)
-            .ok()
-            .and_then(|v| serde_json::from_value::<Ruleset>(v["global"].clone()).ok())
-            .unwrap_or_else(|| Ruleset::server_default(&user.user_id)),
-        None => Ruleset::server_default(&user.user_id),
-    };
-    Ok(RumaResponse(get_pushrules_all::v3::Response::new(ruleset)))
 }
 
 impl Services {

@@ -8,6 +8,7 @@ pub mod keys;
 pub mod messages;
 pub mod presence;
 pub mod profile;
+pub mod push;
 pub mod register;
 pub mod relations;
 pub mod rooms;

@@ -1,0 +1,145 @@
+//! Push rules CRUD and `/notifications`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use ruma::{
+    MilliSecondsSinceUnixEpoch, RoomId, UInt,
+    api::client::push::{
+        delete_pushrule,
+        get_notifications::{self, v3::Notification},
+        get_pushrule, get_pushrule_actions, get_pushrule_enabled, get_pushrules_all, set_pushrule,
+        set_pushrule_actions, set_pushrule_enabled,
+    },
+    push::Action,
+};
+
+use crate::{
+    api::ruma::{Ruma, RumaResponse},
+    error::{Error, Result},
+    service::{Services, events::Viewer, streams::Positions},
+};
+
+fn not_found() -> Error {
+    Error::NotFound("Unknown push rule".to_owned())
+}
+
+pub async fn all(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_pushrules_all::v3::Request>,
+) -> Result<RumaResponse<get_pushrules_all::v3::Response>> {
+    let user = req.user()?.clone();
+    let rules = services.push_rules(&user.user_id).await?;
+    Ok(RumaResponse(get_pushrules_all::v3::Response::new((*rules).clone())))
+}
+
+pub async fn get(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_pushrule::v3::Request>,
+) -> Result<RumaResponse<get_pushrule::v3::Response>> {
+    let user = req.user()?.clone();
+    let rules = services.push_rules(&user.user_id).await?;
+    let rule = rules.get(req.body.kind.clone(), &req.body.rule_id).ok_or_else(not_found)?;
+    Ok(RumaResponse(get_pushrule::v3::Response::new(rule.into())))
+}
+
+pub async fn set(
+    State(services): State<Arc<Services>>,
+    req: Ruma<set_pushrule::v3::Request>,
+) -> Result<RumaResponse<set_pushrule::v3::Response>> {
+    let user = req.user()?.clone();
+    let mut rules = (*services.push_rules(&user.user_id).await?).clone();
+    rules.insert(req.body.rule.clone(), req.body.after.as_deref(), req.body.before.as_deref()).map_err(
+        |e| match e {
+            ruma::push::InsertPushRuleError::UnknownRuleId => Error::NotFound(e.to_string()),
+            other => Error::InvalidParam(other.to_string()),
+        },
+    )?;
+    services.save_push_rules(&user.user_id, rules).await?;
+    Ok(RumaResponse(set_pushrule::v3::Response::new()))
+}
+
+pub async fn delete(
+    State(services): State<Arc<Services>>,
+    req: Ruma<delete_pushrule::v3::Request>,
+) -> Result<RumaResponse<delete_pushrule::v3::Response>> {
+    let user = req.user()?.clone();
+    let mut rules = (*services.push_rules(&user.user_id).await?).clone();
+    rules.remove(req.body.kind.clone(), &req.body.rule_id).map_err(|e| match e {
+        ruma::push::RemovePushRuleError::NotFound => not_found(),
+        other => Error::Forbidden(other.to_string()),
+    })?;
+    services.save_push_rules(&user.user_id, rules).await?;
+    Ok(RumaResponse(delete_pushrule::v3::Response::new()))
+}
+
+pub async fn enabled(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_pushrule_enabled::v3::Request>,
+) -> Result<RumaResponse<get_pushrule_enabled::v3::Response>> {
+    let user = req.user()?.clone();
+    let rules = services.push_rules(&user.user_id).await?;
+    let rule = rules.get(req.body.kind.clone(), &req.body.rule_id).ok_or_else(not_found)?;
+    Ok(RumaResponse(get_pushrule_enabled::v3::Response::new(rule.enabled())))
+}
+
+pub async fn set_enabled(
+    State(services): State<Arc<Services>>,
+    req: Ruma<set_pushrule_enabled::v3::Request>,
+) -> Result<RumaResponse<set_pushrule_enabled::v3::Response>> {
+    let user = req.user()?.clone();
+    let mut rules = (*services.push_rules(&user.user_id).await?).clone();
+    rules.set_enabled(req.body.kind.clone(), &req.body.rule_id, req.body.enabled).map_err(|_| not_found())?;
+    services.save_push_rules(&user.user_id, rules).await?;
+    Ok(RumaResponse(set_pushrule_enabled::v3::Response::new()))
+}
+
+pub async fn actions(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_pushrule_actions::v3::Request>,
+) -> Result<RumaResponse<get_pushrule_actions::v3::Response>> {
+    let user = req.user()?.clone();
+    let rules = services.push_rules(&user.user_id).await?;
+    let rule = rules.get(req.body.kind.clone(), &req.body.rule_id).ok_or_else(not_found)?;
+    Ok(RumaResponse(get_pushrule_actions::v3::Response::new(rule.actions().to_vec())))
+}
+
+pub async fn set_actions(
+    State(services): State<Arc<Services>>,
+    req: Ruma<set_pushrule_actions::v3::Request>,
+) -> Result<RumaResponse<set_pushrule_actions::v3::Response>> {
+    let user = req.user()?.clone();
+    let mut rules = (*services.push_rules(&user.user_id).await?).clone();
+    rules.set_actions(req.body.kind.clone(), &req.body.rule_id, req.body.actions.clone()).map_err(|_| not_found())?;
+    services.save_push_rules(&user.user_id, rules).await?;
+    Ok(RumaResponse(set_pushrule_actions::v3::Response::new()))
+}
+
+pub async fn notifications(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_notifications::v3::Request>,
+) -> Result<RumaResponse<get_notifications::v3::Response>> {
+    let user = req.user()?.clone();
+    let before = match req.body.from.as_deref() {
+        Some(t) => Positions::parse(t).ok_or_else(|| Error::InvalidParam(format!("Invalid token {t}")))?.stream,
+        None => i64::MAX,
+    };
+    let limit = req.body.limit.map(|l| i64::try_from(u64::from(l)).unwrap_or(20)).unwrap_or(20).clamp(1, 100);
+    let only_highlight = req.body.only.as_deref() == Some("highlight");
+    let rows = services.store.notifications(user.user_id.as_str(), before, limit, only_highlight).await?;
+    let next_token = (i64::try_from(rows.len()).unwrap_or(0) == limit)
+        .then(|| rows.last().map(|(r, ..)| Positions::at(r.stream_ordering).to_string()))
+        .flatten();
+    let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
+    let mut notifications = Vec::new();
+    for (row, actions, ts, read) in rows {
+        let actions: Vec<Action> = serde_json::from_str(&actions).unwrap_or_default();
+        let room_id = RoomId::parse(row.room_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
+        let event = services.raw_client_event(&row, viewer, true).await?;
+        let ts = MilliSecondsSinceUnixEpoch(UInt::new(ts.max(0) as u64).unwrap_or_default());
+        notifications.push(Notification::new(actions, event, read, room_id, ts));
+    }
+    let mut response = get_notifications::v3::Response::new(notifications);
+    response.next_token = next_token;
+    Ok(RumaResponse(response))
+}

@@ -15,4 +15,5 @@ mod push;
 mod register;
 mod room_extras;
 mod rooms;
+mod search;
 mod sync;

@@ -53,13 +53,13 @@ where
 pub fn router(services: Arc<Services>) -> Router {
     use ::ruma::api::client::{
         account, alias, backup, config, context, device, directory, discovery, filter, keys, membership, message,
-        presence, profile, push, read_marker, receipt, redact, relations, room, session, state, sync::sync_events, tag,
-        threads, to_device, typing, user_directory, voip,
+        presence, profile, push, read_marker, receipt, redact, relations, room, search::search_events, session, state,
+        sync::sync_events, tag, threads, to_device, typing, user_directory, voip,
     };
     use client::{
         account as acc, account_data as ad, devices as dev, discovery as disc, keys as k, messages as msg,
-        presence as pres, profile as prof, push as pu, register as reg, relations as rel, rooms as rm, session as ses,
-        sync as sy, user_directory as ud, voip as vo,
+        presence as pres, profile as prof, push as pu, register as reg, relations as rel, rooms as rm, search as se,
+        session as ses, sync as sy, user_directory as ud, voip as vo,
     };
 
     let mut r = Router::new();
@@ -142,6 +142,7 @@ pub fn router(services: Arc<Services>) -> Router {
     r = ruma_route::<context::get_context::v3::Request, _, _>(r, rel::context);
     r = ruma_route::<user_directory::search_users::v3::Request, _, _>(r, ud::search);
     r = ruma_route::<voip::get_turn_server_info::v3::Request, _, _>(r, vo::turn_server);
+    r = ruma_route::<search_events::v3::Request, _, _>(r, se::search);
     r = ruma_route::<presence::set_presence::v3::Request, _, _>(r, pres::set);
     r = ruma_route::<presence::get_presence::v3::Request, _, _>(r, pres::get);
     r = ruma_route::<keys::upload_keys::v3::Request, _, _>(r, k::upload);

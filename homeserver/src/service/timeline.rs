@@ -132,6 +132,7 @@ impl Services {
                 redacts: None,
                 relates_to: None,
                 push_actions: &[],
+                search_text: None,
                 new_room: Some(NewRoom {
                     room_version: create.version.as_str(),
                     creator: sender.as_str(),
@@ -245,6 +246,7 @@ impl Services {
         let prev_ids: Vec<String> = prev_events.iter().map(|id| id.to_string()).collect();
         let relates_to = relation_of(&pdu);
         let push_actions = self.push_actions_for(room_id, sender, &object).await?;
+        let search_text = searchable_text(&draft.event_type, &pdu);
         let position = self.streams.allocate();
         let outcome = self
             .store
@@ -265,6 +267,7 @@ impl Services {
                 new_room: None,
                 relates_to: relates_to.as_ref().map(|(t, r)| (t.as_str(), r.as_str())),
                 push_actions: &push_actions,
+                search_text: search_text.as_ref().map(|(k, v)| (*k, v.as_str())),
             })
             .await?;
         position.commit();
@@ -285,6 +288,20 @@ fn relation_of(pdu: &Pdu) -> Option<(String, String)> {
     let target = relation.get("event_id")?.as_str()?;
     let rel_type = relation.get("rel_type")?.as_str()?;
     Some((target.to_owned(), rel_type.to_owned()))
+}
+
+/// The text `/search` looks in: message bodies, room names and topics (never encrypted
+/// content, which the server cannot read).
+fn searchable_text(event_type: &str, pdu: &Pdu) -> Option<(&'static str, String)> {
+    let (key, field) = match event_type {
+        "m.room.message" => ("content.body", "body"),
+        "m.room.name" => ("content.name", "name"),
+        "m.room.topic" => ("content.topic", "topic"),
+        _ => return None,
+    };
+    let content: JsonValue = serde_json::from_str(pdu.content.get()).ok()?;
+    let text = content.get(field)?.as_str()?;
+    (!text.trim().is_empty()).then(|| (key, text.to_owned()))
 }
 
 fn pdu_membership(pdu: &Pdu) -> Option<String> {

@@ -84,6 +84,8 @@ pub struct AppendEvent<'a> {
     pub relates_to: Option<(&'a str, &'a str)>,
     /// Local members this event notifies: (user, highlight, actions JSON).
     pub push_actions: &'a [(String, bool, String)],
+    /// Searchable text: (`content.body` | `content.name` | `content.topic`, text).
+    pub search_text: Option<(&'a str, &'a str)>,
 }
 
 /// The result of an append.
@@ -241,6 +243,17 @@ impl Store {
                     .await?;
             }
         }
+        if let Some((key, value)) = ev.search_text {
+            let sql = match self.backend {
+                super::Backend::Sqlite => {
+                    "INSERT INTO event_search (event_id, room_id, key, value) VALUES ($1, $2, $3, $4)"
+                }
+                super::Backend::Postgres => {
+                    "INSERT INTO event_search (event_id, room_id, key, value, vector) VALUES ($1, $2, $3, $4, to_tsvector('simple', $4))"
+                }
+            };
+            sqlx::query(sql).bind(ev.event_id).bind(ev.room_id).bind(key).bind(value).execute(&mut *tx).await?;
+        }
         for (user, highlight, actions) in ev.push_actions {
             sqlx::query(
                 "INSERT INTO event_push_actions (user_id, room_id, event_id, stream_ordering, highlight, actions, ts)
@@ -257,6 +270,8 @@ impl Store {
             .await?;
         }
         if let Some(redacts) = ev.redacts {
+            // A redacted message is no longer searchable.
+            sqlx::query("DELETE FROM event_search WHERE event_id = $1").bind(redacts).execute(&mut *tx).await?;
             sqlx::query(
                 "UPDATE events SET redacted_by = $1 WHERE event_id = $2 AND room_id = $3 AND redacted_by IS NULL",
             )
@@ -703,5 +718,68 @@ impl Store {
                 ))
             })
             .collect()
+    }
+}
+
+impl Store {
+    /// Full-text search in the rooms `user_id` is joined to: (event row, rank), best or
+    /// newest first, skipping `offset`. `keys` are fixed identifiers chosen by the caller.
+    pub async fn search_events(
+        &self,
+        user_id: &str,
+        terms: &[String],
+        keys: &[&'static str],
+        by_rank: bool,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Vec<(EventRow, f64)>, sqlx::Error> {
+        let keys_sql = keys.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ");
+        let (query, sql) = match self.backend {
+            super::Backend::Sqlite => {
+                // Each term as a quoted prefix query: the user's text is never FTS syntax.
+                let query =
+                    terms.iter().map(|t| format!("\"{}\"*", t.replace('"', "\"\""))).collect::<Vec<_>>().join(" ");
+                let order = if by_rank { "rank ASC" } else { "e.stream_ordering DESC" };
+                let sql = format!(
+                    "SELECT {}, bm25(event_search) AS rank FROM event_search s JOIN events e ON e.event_id = s.event_id
+                     WHERE event_search MATCH $1 AND s.key IN ({keys_sql}) AND s.room_id IN (
+                        SELECT room_id FROM room_current_state WHERE type = 'm.room.member' AND state_key = $2 AND membership = 'join')
+                     ORDER BY {order} LIMIT $3 OFFSET $4",
+                    prefixed_columns("e")
+                );
+                (query, sql)
+            }
+            super::Backend::Postgres => {
+                // Prefix terms joined with AND; everything that is tsquery syntax is dropped.
+                let query = terms
+                    .iter()
+                    .map(|t| t.chars().filter(|c| c.is_alphanumeric()).collect::<String>())
+                    .filter(|t| !t.is_empty())
+                    .map(|t| format!("{t}:*"))
+                    .collect::<Vec<_>>()
+                    .join(" & ");
+                let order = if by_rank { "rank DESC" } else { "e.stream_ordering DESC" };
+                let sql = format!(
+                    "SELECT {}, CAST(ts_rank(s.vector, to_tsquery('simple', $1)) AS DOUBLE PRECISION) AS rank
+                     FROM event_search s JOIN events e ON e.event_id = s.event_id
+                     WHERE s.vector @@ to_tsquery('simple', $1) AND s.key IN ({keys_sql}) AND s.room_id IN (
+                        SELECT room_id FROM room_current_state WHERE type = 'm.room.member' AND state_key = $2 AND membership = 'join')
+                     ORDER BY {order} LIMIT $3 OFFSET $4",
+                    prefixed_columns("e")
+                );
+                (query, sql)
+            }
+        };
+        if query.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(query)
+            .bind(user_id)
+            .bind(limit)
+            .bind(offset)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((event_row(r)?, r.try_get::<f64, _>("rank")?))).collect()
     }
 }

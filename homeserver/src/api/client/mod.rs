@@ -12,6 +12,7 @@ pub mod push;
 pub mod register;
 pub mod relations;
 pub mod rooms;
+pub mod search;
 pub mod session;
 pub mod sync;
 pub mod user_directory;

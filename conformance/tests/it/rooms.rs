@@ -8,7 +8,8 @@ backend_tests!(
     membership_lifecycle_and_forbidden_actions,
     power_levels_guard_state_and_moderation,
     aliases_and_public_directory,
-    state_endpoints
+    state_endpoints,
+    room_upgrade
 );
 
 async fn create_room_with_presets_and_versions(backend: Backend) {
@@ -316,4 +317,46 @@ async fn state_endpoints(backend: Backend) {
         .assert_error(400, "M_BAD_JSON");
     let members = server.get(&format!("/_matrix/client/v3/rooms/{r}/members"), Some(&alice.access_token)).await;
     assert_eq!(members.assert_ok()["chunk"].as_array().unwrap().len(), 1);
+}
+
+async fn room_upgrade(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = server.register("alice", "secret-pass").await;
+    let bob = server.register("bob", "bob-pass").await;
+    let old = server
+        .create_room(
+            &alice,
+            json!({"room_version": "10", "preset": "public_chat", "name": "Old hall", "room_alias_name": "hall"}),
+        )
+        .await;
+    server.join(&bob, &old).await.assert_ok();
+    let o = enc(&old);
+    server
+        .post(&format!("/_matrix/client/v3/rooms/{o}/upgrade"), Some(&bob.access_token), json!({"new_version": "12"}))
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    server
+        .post(&format!("/_matrix/client/v3/rooms/{o}/upgrade"), Some(&alice.access_token), json!({"new_version": "99"}))
+        .await
+        .assert_error(400, "M_UNSUPPORTED_ROOM_VERSION");
+    let resp = server
+        .post(&format!("/_matrix/client/v3/rooms/{o}/upgrade"), Some(&alice.access_token), json!({"new_version": "12"}))
+        .await;
+    let new = resp.assert_ok()["replacement_room"].as_str().unwrap().to_owned();
+    let n = enc(&new);
+    let tombstone =
+        server.get(&format!("/_matrix/client/v3/rooms/{o}/state/m.room.tombstone/"), Some(&bob.access_token)).await;
+    assert_eq!(tombstone.assert_ok()["replacement_room"], new.as_str());
+    let create =
+        server.get(&format!("/_matrix/client/v3/rooms/{n}/state/m.room.create/"), Some(&alice.access_token)).await;
+    assert_eq!(create.assert_ok()["predecessor"]["room_id"], old.as_str());
+    assert_eq!(create.body["room_version"], "12");
+    let name = server.get(&format!("/_matrix/client/v3/rooms/{n}/state/m.room.name/"), Some(&alice.access_token)).await;
+    assert_eq!(name.assert_ok()["name"], "Old hall");
+    let alias = server.get(&format!("/_matrix/client/v3/directory/room/{}", enc("#hall:localhost")), None).await;
+    assert_eq!(alias.assert_ok()["room_id"], new.as_str());
+    // The old room is locked for ordinary members; bob follows to the new room.
+    server.send_text(&bob, &old, "hello?").await.assert_error(403, "M_FORBIDDEN");
+    server.join(&bob, &new).await.assert_ok();
+    server.send_text(&bob, &new, "hello!").await.assert_ok();
 }

@@ -86,6 +86,7 @@ pub fn router(services: Arc<Services>) -> Router {
     r = ruma_route::<profile::set_profile_field::v3::Request, _, _>(r, prof::set_field);
     r = ruma_route::<profile::delete_profile_field::v3::Request, _, _>(r, prof::delete_field);
     r = ruma_route::<room::create_room::v3::Request, _, _>(r, rm::create);
+    r = ruma_route::<room::upgrade_room::v3::Request, _, _>(r, rm::upgrade);
     r = ruma_route::<membership::join_room_by_id::v3::Request, _, _>(r, rm::join_by_id);
     r = ruma_route::<membership::join_room_by_id_or_alias::v3::Request, _, _>(r, rm::join_by_id_or_alias);
     r = ruma_route::<membership::invite_user::v3::Request, _, _>(r, rm::invite);

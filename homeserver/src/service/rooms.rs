@@ -268,6 +268,133 @@ impl Services {
         }
     }
 
+    /// `POST /rooms/{roomId}/upgrade`: a new room of `new_version` with the old room's
+    /// important state, the old room tombstoned and locked, local aliases moved.
+    pub async fn upgrade_room(
+        &self,
+        old_room: &RoomId,
+        user: &UserId,
+        new_version: RoomVersionId,
+        additional_creators: Vec<OwnedUserId>,
+    ) -> Result<OwnedRoomId> {
+        if !SUPPORTED_ROOM_VERSIONS.contains(&new_version) {
+            return Err(Error::UnsupportedRoomVersion(format!("Room version {new_version} is not supported")));
+        }
+        self.require_joined(old_room.as_str(), user.as_str()).await?;
+        if !self.can_send_state(old_room.as_str(), user, "m.room.tombstone").await? {
+            return Err(Error::Forbidden("You may not upgrade this room".to_owned()));
+        }
+        let rules = new_version.rules().ok_or_else(|| Error::internal("rules for a supported version"))?;
+        let content_of = |kind: &'static str| async move {
+            Ok::<_, Error>(
+                self.store
+                    .current_state_event(old_room.as_str(), kind, "")
+                    .await?
+                    .and_then(|row| serde_json::from_str::<JsonValue>(&row.json).ok())
+                    .map(|v| v["content"].clone()),
+            )
+        };
+        let old_create = content_of("m.room.create").await?.unwrap_or_default();
+
+        // The predecessor link; the id of the old room's last event is optional (and removed
+        // from newer specs), so only the room id is given.
+        let mut create = Map::new();
+        create.insert("room_version".into(), JsonValue::from(new_version.as_str()));
+        create.insert("predecessor".into(), json!({"room_id": old_room}));
+        if let Some(kind) = old_create.get("type") {
+            create.insert("type".into(), kind.clone());
+        }
+        if !rules.authorization.use_room_create_sender {
+            create.insert("creator".into(), JsonValue::from(user.as_str()));
+        }
+        if rules.authorization.additional_room_creators && !additional_creators.is_empty() {
+            create.insert("additional_creators".into(), json!(additional_creators));
+        }
+        let room_id =
+            if rules.authorization.room_create_event_id_as_room_id { None } else { Some(self.new_room_id()?) };
+        let new_room = self
+            .append_create_event(
+                user,
+                CreateRoom { version: &new_version, published: false, room_id },
+                JsonValue::Object(create),
+            )
+            .await?;
+        let member = self.member_content(user, "join", None).await?;
+        self.append_event(&new_room, user, EventDraft::state("m.room.member", user.as_str(), member), None).await?;
+
+        // Power levels: copied, with the upgrader able to finish the job; creators of a
+        // version-12 room must not appear in `users`.
+        let mut power_levels = content_of("m.room.power_levels").await?.unwrap_or_else(|| json!({}));
+        if let Some(users) = power_levels.get_mut("users").and_then(|u| u.as_object_mut()) {
+            if rules.authorization.explicitly_privilege_room_creators {
+                users.remove(user.as_str());
+                for creator in &additional_creators {
+                    users.remove(creator.as_str());
+                }
+            } else {
+                users.insert(user.to_string(), json!(100));
+            }
+        } else if !rules.authorization.explicitly_privilege_room_creators {
+            power_levels["users"] = json!({(user.as_str()): 100});
+        }
+        self.append_event(&new_room, user, EventDraft::state("m.room.power_levels", "", power_levels.clone()), None)
+            .await?;
+        for kind in [
+            "m.room.join_rules",
+            "m.room.history_visibility",
+            "m.room.guest_access",
+            "m.room.name",
+            "m.room.topic",
+            "m.room.avatar",
+            "m.room.encryption",
+            "m.room.server_acl",
+        ] {
+            if let Some(content) = content_of(kind).await? {
+                self.append_event(&new_room, user, EventDraft::state(kind, "", content), None).await?;
+            }
+        }
+        // Local aliases follow the room.
+        let aliases = self.store.room_aliases(old_room.as_str()).await?;
+        for alias in &aliases {
+            if let Some((_, creator)) = self.store.alias(alias).await? {
+                self.store.delete_alias(alias).await?;
+                self.store.create_alias(alias, new_room.as_str(), &creator, crate::store::now_ms()).await?;
+            }
+        }
+        if let Some(canonical) = content_of("m.room.canonical_alias").await? {
+            self.append_event(&new_room, user, EventDraft::state("m.room.canonical_alias", "", canonical), None)
+                .await?;
+            self.append_event(old_room, user, EventDraft::state("m.room.canonical_alias", "", json!({})), None).await?;
+        }
+        if let Some(room) = self.store.room(old_room.as_str()).await?
+            && room.published
+        {
+            self.store.set_room_published(old_room.as_str(), false).await?;
+            self.store.set_room_published(new_room.as_str(), true).await?;
+        }
+
+        self.append_event(
+            old_room,
+            user,
+            EventDraft::state(
+                "m.room.tombstone",
+                "",
+                json!({"body": "This room has been replaced", "replacement_room": new_room}),
+            ),
+            None,
+        )
+        .await?;
+        // Lock the old room: ordinary members can no longer talk or invite there.
+        let mut locked = power_levels_of_old(self, old_room).await?;
+        let users_default = locked["users_default"].as_i64().unwrap_or(0);
+        let restricted = (users_default + 1).max(50);
+        locked["events_default"] = json!(restricted.max(locked["events_default"].as_i64().unwrap_or(0)));
+        locked["invite"] = json!(restricted.max(locked["invite"].as_i64().unwrap_or(0)));
+        self.append_event(old_room, user, EventDraft::state("m.room.power_levels", "", locked), None).await?;
+        tracing::info!(%old_room, %new_room, %new_version, "upgraded a room");
+        Ok(new_room)
+    }
+
     /// Whether `user` reaches the level that `required` reads from the room's power levels
     /// content. Room version 12 creators have unlimited power.
     pub async fn has_power(&self, room_id: &str, user: &UserId, required: impl Fn(&JsonValue) -> i64) -> Result<bool> {
@@ -304,4 +431,14 @@ impl Services {
         }
         RoomId::parse(id_or_alias).map_err(|e| Error::InvalidParam(format!("Invalid room id: {e}")))
     }
+}
+
+async fn power_levels_of_old(services: &Services, room: &RoomId) -> Result<JsonValue> {
+    Ok(services
+        .store
+        .current_state_event(room.as_str(), "m.room.power_levels", "")
+        .await?
+        .and_then(|row| serde_json::from_str::<JsonValue>(&row.json).ok())
+        .map(|v| v["content"].clone())
+        .unwrap_or_else(|| json!({})))
 }

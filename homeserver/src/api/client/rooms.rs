@@ -12,7 +12,7 @@ use ruma::{
             ban_user, forget_room, get_member_events, invite_user, join_room_by_id, join_room_by_id_or_alias,
             joined_members, joined_rooms, kick_user, leave_room, unban_user,
         },
-        room::{Visibility, create_room},
+        room::{Visibility, create_room, upgrade_room},
         state::{get_state_event_for_key, get_state_events, send_state_event},
     },
     directory::{PublicRoomsChunk, PublicRoomsChunkInit},
@@ -80,6 +80,16 @@ pub async fn create(
     };
     let room_id = services.create_room(&user.user_id, request).await?;
     Ok(RumaResponse(create_room::v3::Response::new(room_id)))
+}
+
+pub async fn upgrade(
+    State(services): State<Arc<Services>>,
+    req: Ruma<upgrade_room::v3::Request>,
+) -> Result<RumaResponse<upgrade_room::v3::Response>> {
+    let user = req.user()?.clone();
+    let b = req.body;
+    let new_room = services.upgrade_room(&b.room_id, &user.user_id, b.new_version, b.additional_creators).await?;
+    Ok(RumaResponse(upgrade_room::v3::Response::new(new_room)))
 }
 
 pub async fn join_by_id(

@@ -417,6 +417,29 @@ async fn key_backup_versions_and_keys(backend: Backend) {
         .await;
     assert!(room.assert_ok()["sessions"]["s2"].is_object());
 
+    // Room level: put and delete; session level: delete; all: read back.
+    let room_path = format!("/_matrix/client/v3/room_keys/keys/{}?version={version}", enc("!third:localhost"));
+    let put = server.put(&room_path, token, json!({"sessions": {"s3": data(2, false), "s4": data(3, false)}})).await;
+    assert_eq!(put.assert_ok()["count"], 4);
+    let session_path = format!("/_matrix/client/v3/room_keys/keys/{}/s4?version={version}", enc("!third:localhost"));
+    assert_eq!(server.delete(&session_path, token, None).await.assert_ok()["count"], 3);
+    server.get(&session_path, token).await.assert_error(404, "M_NOT_FOUND");
+    let everything = server.get(&format!("/_matrix/client/v3/room_keys/keys?version={version}"), token).await;
+    let rooms = everything.assert_ok()["rooms"].as_object().unwrap().clone();
+    assert_eq!(rooms.len(), 3);
+    assert!(rooms["!third:localhost"]["sessions"]["s3"].is_object());
+    assert_eq!(server.delete(&room_path, token, None).await.assert_ok()["count"], 2);
+    // The auth data of a version can change, its algorithm cannot.
+    let update = json!({"algorithm": "m.megolm_backup.v1.curve25519-aes-sha2", "auth_data": {"public_key": "newkey"}, "version": version});
+    server.put(&format!("/_matrix/client/v3/room_keys/version/{version}"), token, update).await.assert_ok();
+    let info = server.get(&format!("/_matrix/client/v3/room_keys/version/{version}"), token).await;
+    assert_eq!(info.assert_ok()["auth_data"]["public_key"], "newkey");
+    let bad = json!({"algorithm": "m.other", "auth_data": {}, "version": version});
+    server
+        .put(&format!("/_matrix/client/v3/room_keys/version/{version}"), token, bad)
+        .await
+        .assert_error(400, "M_INVALID_PARAM");
+
     // Writing to an old version is refused once a new one exists.
     let newer = server.post("/_matrix/client/v3/room_keys/version", token, algorithm).await.assert_ok()["version"]
         .as_str()

@@ -261,15 +261,8 @@ impl Services {
     ) -> Result<Option<JoinedRoom>> {
         let room_id = room.as_str();
         let from = if full { 0 } else { since.stream };
-        let limit = req.filter.limit.max(1);
-        let mut rows = self
-            .store
-            .room_events(room_id, from, upto.stream, i64::try_from(limit + 1).unwrap_or(i64::MAX), true)
-            .await?;
-        let limited = rows.len() > limit;
-        rows.truncate(limit);
-        rows.reverse();
-        let rows = self.visible_events(room_id, user_id.as_str(), rows).await?;
+        let (rows, limited) =
+            self.timeline_rows(room_id, user_id.as_str(), from, upto.stream, req.filter.limit).await?;
         let timeline_start = rows.first().map(|r| r.stream_ordering - 1).unwrap_or(upto.stream);
 
         let mut joined = JoinedRoom::new();
@@ -366,14 +359,8 @@ impl Services {
         // The timeline runs up to the user's leave, nothing after it.
         let history = self.store.membership_history(room_id, user_id.as_str()).await?;
         let left_at = history.last().map(|(pos, _)| *pos).unwrap_or(since.stream);
-        let limit = req.filter.limit.max(1);
         let from = if req.since.is_some() { since.stream } else { 0 };
-        let mut rows =
-            self.store.room_events(room_id, from, left_at, i64::try_from(limit + 1).unwrap_or(i64::MAX), true).await?;
-        let limited = rows.len() > limit;
-        rows.truncate(limit);
-        rows.reverse();
-        let rows = self.visible_events(room_id, user_id.as_str(), rows).await?;
+        let (rows, limited) = self.timeline_rows(room_id, user_id.as_str(), from, left_at, req.filter.limit).await?;
         let mut left = LeftRoom::new();
         left.timeline.limited = limited;
         left.timeline.prev_batch = rows.first().map(|r| Positions::at(r.stream_ordering - 1).to_string());
@@ -381,6 +368,25 @@ impl Services {
             left.timeline.events.push(self.raw_client_event(row, viewer, false).await?);
         }
         Ok(left)
+    }
+
+    /// The newest `limit` events of a room in `(from, to]`, oldest first and visible to the
+    /// user, and whether older ones were left out.
+    async fn timeline_rows(
+        &self,
+        room_id: &str,
+        user_id: &str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<(Vec<EventRow>, bool)> {
+        let limit = limit.max(1);
+        let mut rows =
+            self.store.room_events(room_id, from, to, i64::try_from(limit + 1).unwrap_or(i64::MAX), true).await?;
+        let limited = rows.len() > limit;
+        rows.truncate(limit);
+        rows.reverse();
+        Ok((self.visible_events(room_id, user_id, rows).await?, limited))
     }
 
     /// Stripped state shown with an invite.

@@ -135,11 +135,7 @@ impl Store {
         rows.iter()
             .map(|r| {
                 let json: String = r.try_get("json")?;
-                let membership = serde_json::from_str::<serde_json::Value>(&json)
-                    .ok()
-                    .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                Ok((r.try_get("state_key")?, membership))
+                Ok((r.try_get("state_key")?, super::rooms::membership_in(&json)))
             })
             .collect()
     }

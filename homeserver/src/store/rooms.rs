@@ -493,11 +493,7 @@ impl Store {
         rows.iter()
             .map(|r| {
                 let json: String = r.try_get("json")?;
-                let membership = serde_json::from_str::<serde_json::Value>(&json)
-                    .ok()
-                    .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                Ok((r.try_get("stream_ordering")?, membership))
+                Ok((r.try_get("stream_ordering")?, membership_in(&json)))
             })
             .collect()
     }
@@ -782,4 +778,12 @@ impl Store {
             .await?;
         rows.iter().map(|r| Ok((event_row(r)?, r.try_get::<f64, _>("rank")?))).collect()
     }
+}
+
+/// The `membership` of a stored `m.room.member` PDU ("" if it has none).
+pub(super) fn membership_in(pdu_json: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(pdu_json)
+        .ok()
+        .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
+        .unwrap_or_default()
 }

@@ -74,6 +74,38 @@ pub struct Config {
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
     pub presence: PresenceConfig,
+    pub media: MediaConfig,
+}
+
+/// The media repository: uploads, downloads, thumbnails.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    /// Largest file one upload may carry, in bytes (`m.upload.size`).
+    pub max_upload_bytes: u64,
+    /// Total bytes of media one user may have stored; 0: unlimited.
+    pub quota_bytes_per_user: u64,
+    /// Media uploaded before this time (milliseconds since the Unix epoch) stays
+    /// downloadable through the legacy unauthenticated `/_matrix/media/v3/download` and
+    /// `/thumbnail` endpoints; newer media needs the authenticated ones. 0: none.
+    pub unauthenticated_cutoff_ms: i64,
+    /// Delete local media nobody downloaded for this many days; 0: keep forever.
+    pub local_retention_days: u64,
+    /// Forget an unfinished resumable or asynchronous upload after this many hours without
+    /// progress.
+    pub pending_upload_hours: u64,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 512 * 1024 * 1024,
+            quota_bytes_per_user: 0,
+            unauthenticated_cutoff_ms: 0,
+            local_retention_days: 0,
+            pending_upload_hours: 24,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -140,6 +172,7 @@ impl Default for Config {
             log: LogConfig::default(),
             rate_limits: RateLimitsConfig::default(),
             presence: PresenceConfig::default(),
+            media: MediaConfig::default(),
         }
     }
 }
@@ -196,6 +229,11 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_RATE_LIMITS_REGISTER_PER_SECOND", "rate_limits.register.per_second", EnvKind::Float),
     ("OBMIN_RATE_LIMITS_REGISTER_BURST", "rate_limits.register.burst", EnvKind::Integer),
     ("OBMIN_PRESENCE_ENABLED", "presence.enabled", EnvKind::Bool),
+    ("OBMIN_MEDIA_MAX_UPLOAD_BYTES", "media.max_upload_bytes", EnvKind::Integer),
+    ("OBMIN_MEDIA_QUOTA_BYTES_PER_USER", "media.quota_bytes_per_user", EnvKind::Integer),
+    ("OBMIN_MEDIA_UNAUTHENTICATED_CUTOFF_MS", "media.unauthenticated_cutoff_ms", EnvKind::Integer),
+    ("OBMIN_MEDIA_LOCAL_RETENTION_DAYS", "media.local_retention_days", EnvKind::Integer),
+    ("OBMIN_MEDIA_PENDING_UPLOAD_HOURS", "media.pending_upload_hours", EnvKind::Integer),
 ];
 
 /// A configuration problem, naming the option (or file) and the reason.
@@ -233,6 +271,7 @@ pub struct Settings {
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
     pub presence: PresenceConfig,
+    pub media: MediaConfig,
 }
 
 impl Settings {
@@ -313,6 +352,24 @@ impl Settings {
                 return Err(err(format!("{key}.burst"), "must be at least 1"));
             }
         }
+        if config.media.max_upload_bytes == 0 {
+            return Err(err("media.max_upload_bytes", "must be at least 1"));
+        }
+        if i64::try_from(config.media.max_upload_bytes).is_err() {
+            return Err(err("media.max_upload_bytes", "too large"));
+        }
+        if i64::try_from(config.media.quota_bytes_per_user).is_err() {
+            return Err(err("media.quota_bytes_per_user", "too large"));
+        }
+        if config.media.unauthenticated_cutoff_ms < 0 {
+            return Err(err("media.unauthenticated_cutoff_ms", "must not be negative"));
+        }
+        if config.media.local_retention_days > 365_000 {
+            return Err(err("media.local_retention_days", "must be at most 365000"));
+        }
+        if config.media.pending_upload_hours == 0 || config.media.pending_upload_hours > 24 * 365 {
+            return Err(err("media.pending_upload_hours", "must be between 1 and 8760"));
+        }
         Ok(Self {
             server_name: server_name.to_owned(),
             listen,
@@ -327,7 +384,14 @@ impl Settings {
             log: config.log,
             rate_limits: config.rate_limits,
             presence: config.presence,
+            media: config.media,
         })
+    }
+
+    /// The media repository's directory: content-addressed files, temporary and
+    /// resumable uploads.
+    pub fn media_dir(&self) -> PathBuf {
+        self.data_dir.join("media")
     }
 
     /// Where the server's ed25519 signing key lives.

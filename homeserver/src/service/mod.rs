@@ -7,6 +7,7 @@ pub mod credentials;
 pub mod devices;
 pub mod events;
 pub mod keys;
+pub mod media;
 pub mod presence;
 pub mod profile;
 pub mod rate_limit;
@@ -34,6 +35,7 @@ pub struct Services {
     pub streams: Arc<streams::Streams>,
     pub typing: typing::Typing,
     pub hashing: credentials::Hashing,
+    pub media: media::Media,
     room_locks: timeline::RoomLocks,
 }
 
@@ -41,6 +43,7 @@ impl Services {
     /// `max_stream_position` is the highest stream position already in the database.
     pub fn new(settings: Settings, store: Store, signing_key: SigningKey, max_stream_position: i64) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
+        let media = media::Media::new(settings.media_dir());
         Self {
             settings,
             store,
@@ -50,6 +53,7 @@ impl Services {
             streams: streams::Streams::new(max_stream_position),
             typing: typing::Typing::default(),
             hashing: credentials::Hashing::new(),
+            media,
             room_locks: timeline::RoomLocks::default(),
         }
     }

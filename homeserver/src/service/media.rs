@@ -520,6 +520,8 @@ impl Services {
     {
         let row = match self.own_reservation(user_id, server_name, media_id).await {
             Err(Error::CannotOverwriteMedia(m)) => return Err(Error::Conflict(m)),
+            // Someone else's upload does not exist for this user (as in the status request).
+            Err(Error::Forbidden(_)) => return Err(Error::NotFound("Upload not found".to_owned())),
             other => other?,
         };
         let Some(length) = row.upload_length.and_then(|l| u64::try_from(l).ok()) else {

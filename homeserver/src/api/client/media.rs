@@ -455,6 +455,9 @@ pub async fn resumable_append(State(services): State<Arc<Services>>, req: Reques
         .ok_or_else(|| Error::InvalidParam("Upload-Offset must be a whole number".to_owned()))?;
     if let Some(len) = content_length(&parts.headers)? {
         let status = services.resumable_upload_status(&user.user_id, &server_name, &media_id).await?;
+        if status.complete {
+            return Err(Error::Conflict("This upload is already complete".to_owned()));
+        }
         if offset.saturating_add(len) > status.length {
             return Err(Error::InvalidParam(format!(
                 "The upload is longer than its announced {} bytes",

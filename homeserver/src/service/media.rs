@@ -369,6 +369,7 @@ impl Services {
     }
 
     /// A thumbnail (cached after the first request).
+    #[allow(clippy::too_many_arguments)]
     pub async fn media_thumbnail(
         &self,
         server_name: &str,

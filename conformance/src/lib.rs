@@ -303,6 +303,12 @@ impl Server {
         }
     }
 
+    /// Sets (or replaces) an environment variable for the next start, e.g. before `restart`.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Starts the process again on the same data (a new port).
     pub async fn restart(&mut self) {
         if self.child.is_some() {

@@ -35,6 +35,31 @@ pub enum Command {
     /// Manage registration tokens (for `registration = "token"`).
     #[command(subcommand)]
     RegistrationToken(TokenCommand),
+    /// Manage the media repository.
+    #[command(subcommand)]
+    Media(MediaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MediaCommand {
+    /// List local media (media_id, owner, size, type, uploaded), optionally of one user.
+    List {
+        /// Only this user's media (`alice` or `@alice:server`).
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Delete media by id (`abc` or `mxc://server/abc`), with its thumbnails and, once
+    /// nothing else refers to it, its file.
+    Delete { media: Vec<String> },
+    /// Bytes and number of files stored per user.
+    Usage,
+    /// Delete cached remote media. Federation is not built yet, so this server never
+    /// fetches remote media: there is nothing to purge and this always reports 0.
+    PurgeRemote {
+        /// Only media not accessed for this long, e.g. `30d` (accepted for compatibility).
+        #[arg(long, value_parser = parse_duration_ms)]
+        older_than: Option<i64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,6 +157,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             .map_err(|e| e.to_string()),
         Some(Command::User(cmd)) => user_command(settings, cmd).await,
         Some(Command::RegistrationToken(cmd)) => token_command(settings, cmd).await,
+        Some(Command::Media(cmd)) => media_command(settings, cmd).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -242,6 +268,53 @@ async fn token_command(settings: Settings, cmd: TokenCommand) -> Result<(), Stri
             } else {
                 Err(format!("no such token: {token}"))
             }
+        }
+    };
+    services.store.close().await;
+    result
+}
+
+async fn media_command(settings: Settings, cmd: MediaCommand) -> Result<(), String> {
+    let services = server::build_services(settings).await.map_err(|e| e.to_string())?;
+    let result = match cmd {
+        MediaCommand::List { user } => {
+            let user_id = match user {
+                Some(u) => Some(services.resolve_local_user(&u).map_err(|e| e.to_string())?),
+                None => None,
+            };
+            let rows =
+                services.store.list_media(user_id.as_ref().map(|u| u.as_str())).await.map_err(|e| e.to_string())?;
+            println!("{:<26} {:<32} {:>12} {:<28} uploaded", "media_id", "user_id", "bytes", "content_type");
+            for r in rows {
+                let uploaded = r.uploaded_ts.map_or("pending".to_owned(), format_ts);
+                let content_type = r.content_type.unwrap_or_else(|| "-".to_owned());
+                println!("{:<26} {:<32} {:>12} {:<28} {}", r.media_id, r.user_id, r.size, content_type, uploaded);
+            }
+            Ok(())
+        }
+        MediaCommand::Delete { media } => {
+            let mut missing = Vec::new();
+            for m in media {
+                let id = m.rsplit('/').next().unwrap_or(&m).to_owned();
+                if services.delete_media(&id).await.map_err(|e| e.to_string())? {
+                    println!("deleted {id}");
+                } else {
+                    missing.push(id);
+                }
+            }
+            if missing.is_empty() { Ok(()) } else { Err(format!("no such media: {}", missing.join(", "))) }
+        }
+        MediaCommand::Usage => {
+            let rows = services.store.media_usage().await.map_err(|e| e.to_string())?;
+            println!("{:<40} {:>8} {:>14}", "user_id", "files", "bytes");
+            for r in rows {
+                println!("{:<40} {:>8} {:>14}", r.user_id, r.count, r.bytes);
+            }
+            Ok(())
+        }
+        MediaCommand::PurgeRemote { older_than: _ } => {
+            println!("purged 0 remote media (this server does not fetch remote media yet)");
+            Ok(())
         }
     };
     services.store.close().await;

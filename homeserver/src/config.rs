@@ -76,6 +76,7 @@ pub struct Config {
     pub presence: PresenceConfig,
     pub user_directory: UserDirectoryConfig,
     pub turn: TurnConfig,
+    pub media: MediaConfig,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -101,6 +102,37 @@ pub struct TurnConfig {
 impl Default for TurnConfig {
     fn default() -> Self {
         Self { uris: Vec::new(), shared_secret: String::new(), credential_lifetime_secs: 86_400 }
+    }
+}
+
+/// The media repository: uploads, downloads, thumbnails.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    /// Largest file one upload may carry, in bytes (`m.upload.size`).
+    pub max_upload_bytes: u64,
+    /// Total bytes of media one user may have stored; 0: unlimited.
+    pub quota_bytes_per_user: u64,
+    /// Media uploaded before this time (milliseconds since the Unix epoch) stays
+    /// downloadable through the legacy unauthenticated `/_matrix/media/v3/download` and
+    /// `/thumbnail` endpoints; newer media needs the authenticated ones. 0: none.
+    pub unauthenticated_cutoff_ms: i64,
+    /// Delete local media nobody downloaded for this many days; 0: keep forever.
+    pub local_retention_days: u64,
+    /// Forget an unfinished resumable or asynchronous upload after this many hours without
+    /// progress.
+    pub pending_upload_hours: u64,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            max_upload_bytes: 512 * 1024 * 1024,
+            quota_bytes_per_user: 0,
+            unauthenticated_cutoff_ms: 0,
+            local_retention_days: 0,
+            pending_upload_hours: 24,
+        }
     }
 }
 
@@ -170,6 +202,7 @@ impl Default for Config {
             presence: PresenceConfig::default(),
             user_directory: UserDirectoryConfig::default(),
             turn: TurnConfig::default(),
+            media: MediaConfig::default(),
         }
     }
 }
@@ -232,6 +265,11 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_TURN_URIS", "turn.uris", EnvKind::List),
     ("OBMIN_TURN_SHARED_SECRET", "turn.shared_secret", EnvKind::String),
     ("OBMIN_TURN_CREDENTIAL_LIFETIME_SECS", "turn.credential_lifetime_secs", EnvKind::Integer),
+    ("OBMIN_MEDIA_MAX_UPLOAD_BYTES", "media.max_upload_bytes", EnvKind::Integer),
+    ("OBMIN_MEDIA_QUOTA_BYTES_PER_USER", "media.quota_bytes_per_user", EnvKind::Integer),
+    ("OBMIN_MEDIA_UNAUTHENTICATED_CUTOFF_MS", "media.unauthenticated_cutoff_ms", EnvKind::Integer),
+    ("OBMIN_MEDIA_LOCAL_RETENTION_DAYS", "media.local_retention_days", EnvKind::Integer),
+    ("OBMIN_MEDIA_PENDING_UPLOAD_HOURS", "media.pending_upload_hours", EnvKind::Integer),
 ];
 
 /// A configuration problem, naming the option (or file) and the reason.
@@ -271,6 +309,7 @@ pub struct Settings {
     pub presence: PresenceConfig,
     pub user_directory: UserDirectoryConfig,
     pub turn: TurnConfig,
+    pub media: MediaConfig,
 }
 
 impl Settings {
@@ -362,6 +401,24 @@ impl Settings {
                 return Err(err(format!("{key}.burst"), "must be at least 1"));
             }
         }
+        if config.media.max_upload_bytes == 0 {
+            return Err(err("media.max_upload_bytes", "must be at least 1"));
+        }
+        if i64::try_from(config.media.max_upload_bytes).is_err() {
+            return Err(err("media.max_upload_bytes", "too large"));
+        }
+        if i64::try_from(config.media.quota_bytes_per_user).is_err() {
+            return Err(err("media.quota_bytes_per_user", "too large"));
+        }
+        if config.media.unauthenticated_cutoff_ms < 0 {
+            return Err(err("media.unauthenticated_cutoff_ms", "must not be negative"));
+        }
+        if config.media.local_retention_days > 365_000 {
+            return Err(err("media.local_retention_days", "must be at most 365000"));
+        }
+        if config.media.pending_upload_hours == 0 || config.media.pending_upload_hours > 24 * 365 {
+            return Err(err("media.pending_upload_hours", "must be between 1 and 8760"));
+        }
         Ok(Self {
             server_name: server_name.to_owned(),
             listen,
@@ -378,7 +435,14 @@ impl Settings {
             presence: config.presence,
             user_directory: config.user_directory,
             turn: config.turn,
+            media: config.media,
         })
+    }
+
+    /// The media repository's directory: content-addressed files, temporary and
+    /// resumable uploads.
+    pub fn media_dir(&self) -> PathBuf {
+        self.data_dir.join("media")
     }
 
     /// Where the server's ed25519 signing key lives.

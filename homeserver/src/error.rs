@@ -71,6 +71,12 @@ pub enum Error {
     /// A key backup write to a version that is not the current one (carries the current).
     #[error("Wrong backup version; the current one is {0}")]
     WrongRoomKeysVersion(String),
+    /// Asynchronous upload to an mxc:// URI that already has content (409).
+    #[error("{0}")]
+    CannotOverwriteMedia(String),
+    /// Media reserved with `/create` whose content has not arrived yet (504, as the spec says).
+    #[error("{0}")]
+    NotYetUploaded(String),
     /// User-interactive authentication is required (or a stage failed): a 401 carrying the
     /// flows, the session and, optionally, why the last attempt failed.
     #[error("User-interactive authentication required")]
@@ -122,6 +128,8 @@ impl Error {
                 ErrorKind::WrongRoomKeysVersion(ruma::api::error::WrongRoomKeysVersionErrorData::new(current.clone())),
                 S::FORBIDDEN,
             ),
+            Error::CannotOverwriteMedia(_) => (ErrorKind::CannotOverwriteMedia, S::CONFLICT),
+            Error::NotYetUploaded(_) => (ErrorKind::NotYetUploaded, S::GATEWAY_TIMEOUT),
             Error::Uiaa(_) => (ErrorKind::Forbidden, S::UNAUTHORIZED),
             Error::Database(_) | Error::Internal(_) => (ErrorKind::Unknown, S::INTERNAL_SERVER_ERROR),
         }
@@ -148,7 +156,8 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (kind, status) = self.kind_and_status();
-        if status.is_server_error() {
+        // 504 M_NOT_YET_UPLOADED is the spec's answer to a normal situation, not a failure.
+        if status.is_server_error() && !matches!(self, Error::NotYetUploaded(_)) {
             tracing::error!(error = %self, "request failed");
         }
         let outgoing = match self {

@@ -25,6 +25,8 @@ pub enum StartError {
     SigningKey(#[from] federation::SigningKeyError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot prepare the media directory: {0}")]
+    Media(String),
     #[error("server error: {0}")]
     Serve(std::io::Error),
 }
@@ -58,6 +60,9 @@ pub async fn build_services(settings: Settings) -> Result<Arc<Services>, StartEr
 pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let listen = settings.listen;
     let services = build_services(settings).await?;
+    // Only the serving process may clear the media temp directory (a CLI command running
+    // next to it must not delete uploads in flight).
+    services.prepare_media().await.map_err(|e| StartError::Media(e.to_string()))?;
     let listener = TcpListener::bind(listen).await.map_err(|source| StartError::Listen { addr: listen, source })?;
     // The bound address, not the configured one: with port 0 the OS picks it (tests do).
     let bound = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
@@ -73,11 +78,13 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let housekeeping = tokio::spawn(housekeeping(services.clone()));
     let typing_expiry = tokio::spawn(expire_typing(services.clone()));
     let presence_expiry = tokio::spawn(expire_presence(services.clone()));
+    let media_expiry = tokio::spawn(expire_media(services.clone()));
     let app = api::router(services.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
     housekeeping.abort();
     typing_expiry.abort();
     presence_expiry.abort();
+    media_expiry.abort();
     services.store.close().await;
     tracing::info!("homeserver stopped");
     result.map_err(StartError::Serve)
@@ -112,6 +119,19 @@ async fn expire_presence(services: Arc<Services>) {
         tick.tick().await;
         if let Err(e) = services.expire_presence().await {
             tracing::warn!(error = %e, "cannot expire presence");
+        }
+    }
+}
+
+/// Media retention: stale unfinished uploads and, if configured, unused local media.
+async fn expire_media(services: Arc<Services>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        match services.expire_media().await {
+            Ok(0) => {}
+            Ok(deleted) => tracing::info!(deleted, "media retention deleted media"),
+            Err(e) => tracing::warn!(error = %e, "cannot apply media retention"),
         }
     }
 }

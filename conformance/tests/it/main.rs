@@ -8,6 +8,7 @@ mod discovery;
 mod e2ee;
 mod errors;
 mod login;
+mod media;
 mod operations;
 mod presence;
 mod profile;

@@ -167,6 +167,7 @@ pub fn router(services: Arc<Services>) -> Router {
     r = ruma_route::<backup::delete_backup_keys::v3::Request, _, _>(r, k::backup_delete_all);
     r = ruma_route::<backup::delete_backup_keys_for_room::v3::Request, _, _>(r, k::backup_delete_room);
     r = ruma_route::<backup::delete_backup_keys_for_session::v3::Request, _, _>(r, k::backup_delete_session);
+    r = media_routes(r);
     r = r
         .route("/.well-known/matrix/server", get(disc::well_known_server))
         .route("/health", get(ops::health))
@@ -192,6 +193,30 @@ pub fn router(services: Arc<Services>) -> Router {
     .layer(cors)
     .layer(TraceLayer::new_for_http())
     .with_state(services)
+}
+
+/// The media repository. Uploads stream their bodies (see `client::media`), so their
+/// handlers take the raw request; the paths still come from ruma's request types.
+#[allow(deprecated)]
+fn media_routes(mut r: Router<Arc<Services>>) -> Router<Arc<Services>> {
+    use ::ruma::api::client::{authenticated_media as am, media};
+    use axum::routing::{patch, post};
+    use client::media as md;
+    r = ruma_route::<media::create_content::v3::Request, _, _>(r, md::upload);
+    r = ruma_route::<media::create_content_async::v3::Request, _, _>(r, md::upload_reserved);
+    r = ruma_route::<media::create_mxc_uri::v1::Request, _, _>(r, md::create);
+    r = ruma_route::<am::get_media_config::v1::Request, _, _>(r, md::config);
+    r = ruma_route::<media::get_media_config::v3::Request, _, _>(r, md::config_legacy);
+    r = ruma_route::<am::get_content::v1::Request, _, _>(r, md::download);
+    r = ruma_route::<am::get_content_as_filename::v1::Request, _, _>(r, md::download_as);
+    r = ruma_route::<am::get_content_thumbnail::v1::Request, _, _>(r, md::thumbnail);
+    r = ruma_route::<media::get_content::v3::Request, _, _>(r, md::download_legacy);
+    r = ruma_route::<media::get_content_as_filename::v3::Request, _, _>(r, md::download_as_legacy);
+    r = ruma_route::<media::get_content_thumbnail::v3::Request, _, _>(r, md::thumbnail_legacy);
+    r.route("/_obmin/media/v1/upload", post(md::resumable_create)).route(
+        "/_obmin/media/v1/upload/{server_name}/{media_id}",
+        get(md::resumable_status).merge(patch(md::resumable_append)),
+    )
 }
 
 async fn unrecognized() -> Error {

@@ -105,6 +105,18 @@ where
     }
 }
 
+/// Authenticates a request by its access token (header or `access_token` query) without
+/// touching its body: for handlers that stream their body and so cannot use [`Ruma<T>`].
+pub async fn authenticate_parts(
+    parts: &http::request::Parts,
+    services: &Services,
+) -> Result<(AuthedUser, IpAddr), Error> {
+    let client_ip = client_ip(parts, services.settings.trust_x_forwarded_for);
+    let head = http::Request::from_parts(parts.clone(), ());
+    let token = extract_bearer_or_query_token(&head).map_err(|_| Error::MissingToken)?.ok_or(Error::MissingToken)?;
+    Ok((services.authenticate(&token, client_ip).await?, client_ip))
+}
+
 /// A JSON `\u0000` escape anywhere in the body (a raw NUL is not JSON at all and fails
 /// parsing anyway).
 fn contains_escaped_nul(body: &[u8]) -> bool {

@@ -7,6 +7,7 @@ pub mod credentials;
 pub mod devices;
 pub mod events;
 pub mod keys;
+pub mod media;
 pub mod presence;
 pub mod profile;
 pub mod push;
@@ -35,6 +36,7 @@ pub struct Services {
     pub streams: Arc<streams::Streams>,
     pub typing: typing::Typing,
     pub hashing: credentials::Hashing,
+    pub media: media::Media,
     room_locks: timeline::RoomLocks,
     push_rule_cache: push::PushRuleCache,
 }
@@ -43,6 +45,7 @@ impl Services {
     /// `max_stream_position` is the highest stream position already in the database.
     pub fn new(settings: Settings, store: Store, signing_key: SigningKey, max_stream_position: i64) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
+        let media = media::Media::new(settings.media_dir());
         Self {
             settings,
             store,
@@ -53,6 +56,7 @@ impl Services {
             typing: typing::Typing::default(),
             hashing: credentials::Hashing::new(),
             push_rule_cache: push::PushRuleCache::default(),
+            media,
             room_locks: timeline::RoomLocks::default(),
         }
     }

@@ -9,6 +9,7 @@
 mod account_data;
 mod devices;
 mod keys;
+mod media;
 mod presence;
 mod profile;
 mod registration_tokens;
@@ -27,6 +28,7 @@ use sqlx::{
 pub use account_data::{AccountDataRow, ReceiptRow};
 pub use devices::{AccessTokenOwner, DeviceRow, NewDevice};
 pub use keys::{BackupVersionRow, NewToDevice, ToDeviceRow};
+pub use media::{MediaRow, MediaUsageRow, NewMedia, ThumbnailRow};
 pub use presence::PresenceRow;
 pub use registration_tokens::RegistrationTokenRow;
 pub use rooms::{AppendEvent, AppendOutcome, EventRow, NewRoom, RoomRow};

@@ -5,6 +5,7 @@ pub mod account_data;
 pub mod devices;
 pub mod discovery;
 pub mod keys;
+pub mod media;
 pub mod messages;
 pub mod presence;
 pub mod profile;

@@ -1,0 +1,668 @@
+//! The media repository: uploads (plain, asynchronous and resumable), downloads, thumbnails,
+//! limits, quota and retention. Files are handled by [`storage`], images by [`thumbnail`];
+//! rows by `store::media`.
+
+pub mod storage;
+pub mod thumbnail;
+
+use std::{
+    collections::HashSet,
+    io,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use ruma::{OwnedMxcUri, UserId};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+
+use self::{
+    storage::{MediaStorage, ReceiveError, receive},
+    thumbnail::Method,
+};
+use super::Services;
+use crate::{
+    error::{Error, Result},
+    store::{MediaRow, NewMedia, ThumbnailRow, now_ms},
+};
+
+/// Media ids (and temporary names) are drawn from this alphabet.
+pub const MEDIA_ID_ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+/// Most unfinished uploads (`/create` or resumable) one user may have open at once.
+const MAX_PENDING_PER_USER: i64 = 100;
+/// How often a resumable upload makes its progress durable while receiving.
+const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
+/// A download is recorded as an access at most this often (for retention), not on every read.
+const ACCESS_GRANULARITY_MS: i64 = 3_600_000;
+
+/// In-process state of the media repository.
+pub struct Media {
+    pub storage: MediaStorage,
+    /// Serialises "rename into content storage + write the row" against "delete the row +
+    /// remove the unreferenced file", so deduplicated content is never removed under a new row.
+    content_lock: tokio::sync::Mutex<()>,
+    /// Resumable uploads currently receiving a PATCH (one writer per upload).
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Media {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            storage: MediaStorage::new(root),
+            content_lock: tokio::sync::Mutex::new(()),
+            busy: Arc::new(Mutex::new(HashSet::new())),
+        }
+    }
+}
+
+/// What an upload says about itself.
+#[derive(Debug, Clone, Default)]
+pub struct UploadMeta {
+    pub content_type: Option<String>,
+    pub filename: Option<String>,
+    /// The `Content-Length` if the client sent one.
+    pub content_length: Option<u64>,
+}
+
+/// Content ready to be streamed.
+#[derive(Debug, Clone)]
+pub struct MediaContent {
+    pub path: PathBuf,
+    pub size: u64,
+    pub content_type: String,
+    pub filename: Option<String>,
+    pub sha256: String,
+}
+
+/// The state of a resumable upload.
+#[derive(Debug, Clone)]
+pub struct ResumableStatus {
+    pub content_uri: OwnedMxcUri,
+    pub offset: u64,
+    pub length: u64,
+    pub complete: bool,
+}
+
+/// A resumable upload's announcement.
+#[derive(Debug, Clone)]
+pub struct NewResumable {
+    pub length: u64,
+    pub content_type: Option<String>,
+    pub filename: Option<String>,
+    /// The whole file's sha256, hex; checked when the last byte arrives.
+    pub sha256: Option<String>,
+}
+
+fn new_media_id() -> String {
+    crate::service::credentials::random_string(MEDIA_ID_ALPHABET, 24)
+}
+
+fn io_error(e: io::Error) -> Error {
+    Error::internal(format!("media storage: {e}"))
+}
+
+/// A content type we store: a `type/subtype` without control characters, else none.
+fn clean_content_type(content_type: Option<String>) -> Option<String> {
+    content_type.filter(|ct| {
+        ct.len() <= 255 && ct.contains('/') && ct.chars().all(|c| !c.is_control()) && !ct.trim().is_empty()
+    })
+}
+
+fn check_filename(filename: &Option<String>) -> Result<()> {
+    if let Some(name) = filename
+        && (name.len() > 1024 || name.chars().any(char::is_control))
+    {
+        return Err(Error::InvalidParam("The filename is too long or has control characters".to_owned()));
+    }
+    Ok(())
+}
+
+fn check_media_id(media_id: &str) -> Result<()> {
+    if media_id.is_empty()
+        || media_id.len() > 255
+        || !media_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(Error::NotFound("Media not found".to_owned()));
+    }
+    Ok(())
+}
+
+impl Services {
+    pub fn max_upload_bytes(&self) -> u64 {
+        self.settings.media.max_upload_bytes
+    }
+
+    /// Deletes leftovers of uploads a killed process never finished. Call once at start.
+    pub async fn prepare_media(&self) -> Result<()> {
+        let removed = self.media.storage.prepare().await.map_err(io_error)?;
+        if removed > 0 {
+            tracing::info!(removed, "deleted unfinished uploads left by the last run");
+        }
+        Ok(())
+    }
+
+    fn mxc(&self, media_id: &str) -> OwnedMxcUri {
+        OwnedMxcUri::from(format!("mxc://{}/{media_id}", self.settings.server_name))
+    }
+
+    /// The most bytes this user may still upload: (limit, whether it is the quota).
+    async fn upload_allowance(&self, user_id: &UserId) -> Result<(u64, bool)> {
+        let max = self.max_upload_bytes();
+        let quota = self.settings.media.quota_bytes_per_user;
+        if quota == 0 {
+            return Ok((max, false));
+        }
+        let used = u64::try_from(self.store.user_media_bytes(user_id.as_str()).await?).unwrap_or(0);
+        let left = quota.saturating_sub(used);
+        Ok(if left < max { (left, true) } else { (max, false) })
+    }
+
+    fn quota_error(&self) -> Error {
+        Error::Forbidden(format!(
+            "This upload would exceed your media quota of {} bytes",
+            self.settings.media.quota_bytes_per_user
+        ))
+    }
+
+    /// Checks an announced size against the limit and the quota, before any byte is read.
+    async fn check_announced(&self, user_id: &UserId, length: Option<u64>) -> Result<(u64, bool)> {
+        let (allowance, is_quota) = self.upload_allowance(user_id).await?;
+        if let Some(length) = length {
+            if length > self.max_upload_bytes() {
+                return Err(Error::TooLarge { limit: usize::try_from(self.max_upload_bytes()).unwrap_or(usize::MAX) });
+            }
+            if length > allowance {
+                return Err(self.quota_error());
+            }
+        }
+        Ok((allowance, is_quota))
+    }
+
+    /// Receives a body into a temporary file within the allowance.
+    async fn receive_body<S>(&self, body: S, allowance: u64, is_quota: bool) -> Result<storage::Received>
+    where
+        S: Stream<Item = io::Result<Bytes>> + Unpin,
+    {
+        match receive(&self.media.storage, body, allowance).await {
+            Ok(received) => Ok(received),
+            Err(ReceiveError::TooLarge) if is_quota => Err(self.quota_error()),
+            Err(ReceiveError::TooLarge) => {
+                Err(Error::TooLarge { limit: usize::try_from(self.max_upload_bytes()).unwrap_or(usize::MAX) })
+            }
+            Err(ReceiveError::Io(e)) => Err(Error::Unknown(format!("The upload did not complete: {e}"))),
+        }
+    }
+
+    /// `POST /upload`: streams the body to disk and returns the new mxc URI.
+    pub async fn upload_media<S>(&self, user_id: &UserId, meta: UploadMeta, body: S) -> Result<OwnedMxcUri>
+    where
+        S: Stream<Item = io::Result<Bytes>> + Unpin,
+    {
+        check_filename(&meta.filename)?;
+        let (allowance, is_quota) = self.check_announced(user_id, meta.content_length).await?;
+        let received = self.receive_body(body, allowance, is_quota).await?;
+        let media_id = new_media_id();
+        let content_type = clean_content_type(meta.content_type);
+        let _guard = self.media.content_lock.lock().await;
+        let size = received.size;
+        let sha256 = received.sha256.clone();
+        self.media.storage.commit(received.file, &sha256).await.map_err(io_error)?;
+        self.store
+            .insert_media(&NewMedia {
+                media_id: &media_id,
+                user_id: user_id.as_str(),
+                content_type: content_type.as_deref(),
+                filename: meta.filename.as_deref(),
+                sha256: Some(&sha256),
+                size: i64::try_from(size).unwrap_or(i64::MAX),
+                upload_length: None,
+                expected_sha256: None,
+                now: now_ms(),
+            })
+            .await?;
+        Ok(self.mxc(&media_id))
+    }
+
+    /// `POST /create`: reserves an mxc URI for content to come.
+    pub async fn create_media_reservation(&self, user_id: &UserId, resumable: Option<&NewResumable>) -> Result<String> {
+        if self.store.pending_media_count(user_id.as_str()).await? >= MAX_PENDING_PER_USER {
+            return Err(Error::LimitExceeded { retry_after: Duration::from_secs(60) });
+        }
+        let media_id = new_media_id();
+        self.store
+            .insert_media(&NewMedia {
+                media_id: &media_id,
+                user_id: user_id.as_str(),
+                content_type: resumable.and_then(|r| r.content_type.as_deref()),
+                filename: resumable.and_then(|r| r.filename.as_deref()),
+                sha256: None,
+                size: 0,
+                upload_length: resumable.map(|r| i64::try_from(r.length).unwrap_or(i64::MAX)),
+                expected_sha256: resumable.and_then(|r| r.sha256.as_deref()),
+                now: now_ms(),
+            })
+            .await?;
+        Ok(media_id)
+    }
+
+    /// When an unused reservation expires.
+    pub fn reservation_expiry(&self, created_ts: i64) -> i64 {
+        created_ts.saturating_add(self.pending_lifetime_ms())
+    }
+
+    fn pending_lifetime_ms(&self) -> i64 {
+        i64::try_from(self.settings.media.pending_upload_hours).unwrap_or(24).saturating_mul(3_600_000)
+    }
+
+    /// A local reservation of `user_id` that has no content yet.
+    async fn own_reservation(&self, user_id: &UserId, server_name: &str, media_id: &str) -> Result<MediaRow> {
+        if server_name != self.settings.server_name.as_str() {
+            return Err(Error::NotFound("Media not found".to_owned()));
+        }
+        check_media_id(media_id)?;
+        let row = self.store.media(media_id).await?.ok_or_else(|| Error::NotFound("Media not found".to_owned()))?;
+        if row.user_id != user_id.as_str() {
+            return Err(Error::Forbidden("This media was reserved by another user".to_owned()));
+        }
+        if row.sha256.is_some() {
+            return Err(Error::CannotOverwriteMedia("This media already has content".to_owned()));
+        }
+        Ok(row)
+    }
+
+    /// `PUT /upload/{server}/{id}`: the content of a reservation.
+    pub async fn upload_reserved_media<S>(
+        &self,
+        user_id: &UserId,
+        server_name: &str,
+        media_id: &str,
+        meta: UploadMeta,
+        body: S,
+    ) -> Result<()>
+    where
+        S: Stream<Item = io::Result<Bytes>> + Unpin,
+    {
+        check_filename(&meta.filename)?;
+        let row = self.own_reservation(user_id, server_name, media_id).await?;
+        if row.upload_length.is_some() {
+            return Err(Error::Forbidden("This media is being uploaded with the resumable protocol".to_owned()));
+        }
+        let (allowance, is_quota) = self.check_announced(user_id, meta.content_length).await?;
+        let received = self.receive_body(body, allowance, is_quota).await?;
+        let _guard = self.media.content_lock.lock().await;
+        let sha256 = received.sha256.clone();
+        let size = received.size;
+        self.media.storage.commit(received.file, &sha256).await.map_err(io_error)?;
+        let done = self
+            .store
+            .complete_media(
+                media_id,
+                &sha256,
+                i64::try_from(size).unwrap_or(i64::MAX),
+                clean_content_type(meta.content_type).as_deref(),
+                meta.filename.as_deref(),
+                now_ms(),
+            )
+            .await?;
+        if !done {
+            // A concurrent PUT won; our copy of the file may be unreferenced now.
+            self.remove_if_unreferenced(&sha256).await?;
+            return Err(Error::CannotOverwriteMedia("This media already has content".to_owned()));
+        }
+        Ok(())
+    }
+
+    async fn remove_if_unreferenced(&self, sha256: &str) -> Result<()> {
+        if !self.store.media_content_referenced(sha256).await? {
+            self.media.storage.remove_content(sha256).await.map_err(io_error)?;
+        }
+        Ok(())
+    }
+
+    /// Finished local media for a download, waiting up to `timeout` for a reservation's
+    /// content. `authenticated` is false for the legacy endpoints, which only serve media
+    /// from before the configured cut-off.
+    pub async fn media_for_download(
+        &self,
+        server_name: &str,
+        media_id: &str,
+        timeout: Duration,
+        authenticated: bool,
+    ) -> Result<(MediaRow, MediaContent)> {
+        if server_name != self.settings.server_name.as_str() {
+            // Remote media arrives with federation.
+            return Err(Error::NotFound("Media not found".to_owned()));
+        }
+        check_media_id(media_id)?;
+        let deadline = tokio::time::Instant::now() + timeout.min(Duration::from_secs(60));
+        loop {
+            let row = self.store.media(media_id).await?.ok_or_else(|| Error::NotFound("Media not found".to_owned()))?;
+            if !authenticated && row.created_ts >= self.settings.media.unauthenticated_cutoff_ms {
+                return Err(Error::NotFound(
+                    "Media not found (use the authenticated /_matrix/client/v1/media endpoints)".to_owned(),
+                ));
+            }
+            if let Some(sha256) = row.sha256.clone() {
+                let now = now_ms();
+                if row.last_access_ts.is_none_or(|t| now - t > ACCESS_GRANULARITY_MS)
+                    && let Err(e) = self.store.touch_media(media_id, now).await
+                {
+                    tracing::warn!(error = %e, "cannot record a media access");
+                }
+                let content = MediaContent {
+                    path: self.media.storage.content_path(&sha256),
+                    size: u64::try_from(row.size).unwrap_or(0),
+                    content_type: row.content_type.clone().unwrap_or_else(|| "application/octet-stream".to_owned()),
+                    filename: row.filename.clone(),
+                    sha256,
+                };
+                return Ok((row, content));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::NotYetUploaded("The content of this media has not been uploaded yet".to_owned()));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// A thumbnail (cached after the first request).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn media_thumbnail(
+        &self,
+        server_name: &str,
+        media_id: &str,
+        width: u64,
+        height: u64,
+        method: Method,
+        timeout: Duration,
+        authenticated: bool,
+    ) -> Result<MediaContent> {
+        if width == 0 || height == 0 {
+            return Err(Error::Unknown("Thumbnail width and height must be positive".to_owned()));
+        }
+        let clamp = |v: u64| u32::try_from(v.min(u64::from(thumbnail::MAX_EDGE))).unwrap_or(thumbnail::MAX_EDGE);
+        let (width, height) = (clamp(width), clamp(height));
+        let (row, original) = self.media_for_download(server_name, media_id, timeout, authenticated).await?;
+        let thumb_content = |t: ThumbnailRow| MediaContent {
+            path: self.media.storage.content_path(&t.sha256),
+            size: u64::try_from(t.size).unwrap_or(0),
+            content_type: t.content_type,
+            filename: Some(format!("thumbnail-{width}x{height}")),
+            sha256: t.sha256,
+        };
+        let (w, h) = (i64::from(width), i64::from(height));
+        if let Some(cached) = self.store.media_thumbnail(media_id, w, h, method.as_str()).await? {
+            return Ok(thumb_content(cached));
+        }
+        if original.size > thumbnail::MAX_SOURCE_BYTES {
+            return Err(Error::Unknown("This media is too large to thumbnail".to_owned()));
+        }
+        let path = original.path.clone();
+        let generated = tokio::task::spawn_blocking(move || thumbnail::generate(path, width, height, method))
+            .await
+            .map_err(|e| Error::internal(format!("thumbnail task failed: {e}")))?;
+        let generated = match generated {
+            Ok(t) => t,
+            Err(thumbnail::ThumbnailError::Unsupported(reason)) => return Err(Error::Unknown(reason)),
+            Err(thumbnail::ThumbnailError::Internal(reason)) => return Err(Error::internal(reason)),
+        };
+        let _guard = self.media.content_lock.lock().await;
+        let sha256 = self.media.storage.store_bytes(&generated.bytes).await.map_err(io_error)?;
+        let row_thumb = ThumbnailRow {
+            content_type: generated.content_type.to_owned(),
+            sha256,
+            size: i64::try_from(generated.bytes.len()).unwrap_or(i64::MAX),
+        };
+        self.store.insert_media_thumbnail(&row.media_id, w, h, method.as_str(), &row_thumb).await?;
+        Ok(thumb_content(row_thumb))
+    }
+
+    /// Deletes one piece of media with its thumbnails (and their files once unreferenced);
+    /// false if there was none.
+    pub async fn delete_media(&self, media_id: &str) -> Result<bool> {
+        let _guard = self.media.content_lock.lock().await;
+        let Some(hashes) = self.store.delete_media(media_id).await? else {
+            return Ok(false);
+        };
+        for sha256 in hashes {
+            self.remove_if_unreferenced(&sha256).await?;
+        }
+        let _ = tokio::fs::remove_file(self.media.storage.partial_path(media_id)).await;
+        Ok(true)
+    }
+
+    /// Retention: forgets stale unfinished uploads and (if configured) local media nobody
+    /// downloaded for `local_retention_days`. Returns how many were deleted.
+    pub async fn expire_media(&self) -> Result<usize> {
+        let now = now_ms();
+        let mut ids = self.store.stale_pending_media(now - self.pending_lifetime_ms()).await?;
+        let days = self.settings.media.local_retention_days;
+        if days > 0 {
+            let cutoff = now.saturating_sub(i64::try_from(days).unwrap_or(i64::MAX).saturating_mul(86_400_000));
+            ids.extend(self.store.unused_media(cutoff).await?);
+        }
+        let mut deleted = 0;
+        for id in ids {
+            if self.delete_media(&id).await? {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
+    // ---- Resumable uploads (the Obmin extension, docs/media.md) ----
+
+    /// Announces a resumable upload of `length` bytes; returns its media id.
+    pub async fn create_resumable_upload(&self, user_id: &UserId, upload: NewResumable) -> Result<String> {
+        check_filename(&upload.filename)?;
+        if let Some(sha) = &upload.sha256
+            && (sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(Error::InvalidParam("sha256 must be 64 hexadecimal digits".to_owned()));
+        }
+        self.check_announced(user_id, Some(upload.length)).await?;
+        let upload = NewResumable {
+            content_type: clean_content_type(upload.content_type),
+            sha256: upload.sha256.map(|s| s.to_ascii_lowercase()),
+            ..upload
+        };
+        let media_id = self.create_media_reservation(user_id, Some(&upload)).await?;
+        let path = self.media.storage.partial_path(&media_id);
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(io_error)?;
+        }
+        tokio::fs::File::create(&path).await.map_err(io_error)?;
+        Ok(media_id)
+    }
+
+    fn resumable_status(&self, row: &MediaRow) -> ResumableStatus {
+        let length = u64::try_from(row.upload_length.unwrap_or(row.size)).unwrap_or(0);
+        ResumableStatus {
+            content_uri: self.mxc(&row.media_id),
+            offset: if row.sha256.is_some() { length } else { u64::try_from(row.upload_offset).unwrap_or(0) },
+            length,
+            complete: row.sha256.is_some(),
+        }
+    }
+
+    /// Where a resumable upload stands (only its uploader may ask).
+    pub async fn resumable_upload_status(
+        &self,
+        user_id: &UserId,
+        server_name: &str,
+        media_id: &str,
+    ) -> Result<ResumableStatus> {
+        if server_name != self.settings.server_name.as_str() {
+            return Err(Error::NotFound("Upload not found".to_owned()));
+        }
+        check_media_id(media_id)?;
+        let row = self.store.media(media_id).await?.ok_or_else(|| Error::NotFound("Upload not found".to_owned()))?;
+        if row.user_id != user_id.as_str() || row.upload_length.is_none() {
+            return Err(Error::NotFound("Upload not found".to_owned()));
+        }
+        Ok(self.resumable_status(&row))
+    }
+
+    /// Appends bytes at `offset` (which must be where the upload stands). Whatever arrives
+    /// is kept even if the request breaks off; the last byte completes the media.
+    pub async fn append_resumable_upload<S>(
+        self: &Arc<Self>,
+        user_id: &UserId,
+        server_name: &str,
+        media_id: &str,
+        offset: u64,
+        body: S,
+    ) -> Result<ResumableStatus>
+    where
+        S: Stream<Item = io::Result<Bytes>> + Unpin + Send + 'static,
+    {
+        let row = match self.own_reservation(user_id, server_name, media_id).await {
+            Err(Error::CannotOverwriteMedia(m)) => return Err(Error::Conflict(m)),
+            // Someone else's upload does not exist for this user (as in the status request).
+            Err(Error::Forbidden(_)) => return Err(Error::NotFound("Upload not found".to_owned())),
+            other => other?,
+        };
+        let Some(length) = row.upload_length.and_then(|l| u64::try_from(l).ok()) else {
+            return Err(Error::NotFound("Upload not found".to_owned()));
+        };
+        let current = u64::try_from(row.upload_offset).unwrap_or(0);
+        if offset != current {
+            return Err(Error::Conflict(format!("Upload-Offset is {offset}, but the upload stands at {current}")));
+        }
+        {
+            let mut busy = self.media.busy.lock().expect("busy set");
+            if !busy.insert(media_id.to_owned()) {
+                return Err(Error::Conflict("Another request is appending to this upload".to_owned()));
+            }
+        }
+        // Receive in a task of its own: if the client goes away and the request future is
+        // dropped, the task still sees the body end and makes what arrived durable.
+        let services = self.clone();
+        let media_id = media_id.to_owned();
+        let task = tokio::spawn(async move {
+            let result = services.append_resumable_inner(&media_id, current, length, body).await;
+            services.media.busy.lock().expect("busy set").remove(&media_id);
+            result
+        });
+        let (new_offset, hasher) = task.await.map_err(|e| Error::internal(format!("upload task failed: {e}")))??;
+        if new_offset < length {
+            let mut status = self.resumable_status(&row);
+            status.offset = new_offset;
+            return Ok(status);
+        }
+        self.finish_resumable_upload(&row, length, hasher).await
+    }
+
+    /// Writes the body at `start`; returns the new durable offset, and the hash of the whole
+    /// file when the upload went from 0 to the end in this one request.
+    async fn append_resumable_inner<S>(
+        &self,
+        media_id: &str,
+        start: u64,
+        length: u64,
+        mut body: S,
+    ) -> Result<(u64, Option<Sha256>)>
+    where
+        S: Stream<Item = io::Result<Bytes>> + Unpin,
+    {
+        let path = self.media.storage.partial_path(media_id);
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .await
+            .map_err(io_error)?;
+        // Bytes past the last checkpoint (a crash mid-request) are not trusted: cut them off.
+        file.set_len(start).await.map_err(io_error)?;
+        file.seek(io::SeekFrom::Start(start)).await.map_err(io_error)?;
+        let mut writer = tokio::io::BufWriter::with_capacity(4 * storage::BLOCK, file);
+        let mut hasher = (start == 0).then(Sha256::new);
+        let mut offset = start;
+        let mut checkpointed = start;
+        let mut failure = None;
+        while let Some(chunk) = body.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    failure = Some(Error::Unknown(format!("The upload broke off: {e}")));
+                    break;
+                }
+            };
+            let room = usize::try_from(length - offset).unwrap_or(usize::MAX);
+            let part = &chunk[..chunk.len().min(room)];
+            writer.write_all(part).await.map_err(io_error)?;
+            if let Some(h) = hasher.as_mut() {
+                h.update(part);
+            }
+            offset += part.len() as u64;
+            if part.len() < chunk.len() {
+                failure = Some(Error::InvalidParam(format!("The upload is longer than its announced {length} bytes")));
+                break;
+            }
+            if offset - checkpointed >= CHECKPOINT_BYTES {
+                writer.flush().await.map_err(io_error)?;
+                writer.get_ref().sync_data().await.map_err(io_error)?;
+                self.store.set_upload_offset(media_id, i64::try_from(offset).unwrap_or(i64::MAX), now_ms()).await?;
+                checkpointed = offset;
+            }
+        }
+        writer.flush().await.map_err(io_error)?;
+        writer.get_ref().sync_data().await.map_err(io_error)?;
+        if offset != checkpointed {
+            self.store.set_upload_offset(media_id, i64::try_from(offset).unwrap_or(i64::MAX), now_ms()).await?;
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok((offset, hasher)),
+        }
+    }
+
+    async fn finish_resumable_upload(
+        &self,
+        row: &MediaRow,
+        length: u64,
+        hasher: Option<Sha256>,
+    ) -> Result<ResumableStatus> {
+        let path = self.media.storage.partial_path(&row.media_id);
+        let sha256 = match hasher {
+            Some(h) => hex::encode(h.finalize()),
+            None => storage::hash_file(&path).await.map_err(io_error)?,
+        };
+        if let Some(expected) = &row.expected_sha256
+            && *expected != sha256
+        {
+            // Start over: the received bytes are not the announced file.
+            tokio::fs::File::create(&path).await.map_err(io_error)?;
+            self.store.set_upload_offset(&row.media_id, 0, now_ms()).await?;
+            return Err(Error::InvalidParam(format!(
+                "The uploaded bytes have sha256 {sha256}, not the announced {expected}; the upload was reset to offset 0"
+            )));
+        }
+        let user_id = <&UserId>::try_from(row.user_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
+        let quota = self.settings.media.quota_bytes_per_user;
+        if quota > 0 {
+            let used = u64::try_from(self.store.user_media_bytes(user_id.as_str()).await?).unwrap_or(0);
+            if used.saturating_add(length) > quota {
+                return Err(self.quota_error());
+            }
+        }
+        let _guard = self.media.content_lock.lock().await;
+        self.media.storage.commit_path(&path, &sha256).await.map_err(io_error)?;
+        if !self
+            .store
+            .complete_media(&row.media_id, &sha256, i64::try_from(length).unwrap_or(i64::MAX), None, None, now_ms())
+            .await?
+        {
+            self.remove_if_unreferenced(&sha256).await?;
+            return Err(Error::Conflict("This media already has content".to_owned()));
+        }
+        let mut status = self.resumable_status(row);
+        status.offset = length;
+        status.complete = true;
+        Ok(status)
+    }
+}

@@ -1,0 +1,318 @@
+//! The media repository's rows: one per mxc:// URI, and cached thumbnails. The files
+//! themselves are on disk (see `service::media::storage`); rows only name their sha256.
+
+use sqlx::{Row, any::AnyRow};
+
+use super::Store;
+
+/// One piece of local media (or a reservation for it while `sha256` is `None`).
+#[derive(Debug, Clone)]
+pub struct MediaRow {
+    pub media_id: String,
+    pub user_id: String,
+    pub content_type: Option<String>,
+    pub filename: Option<String>,
+    pub sha256: Option<String>,
+    pub size: i64,
+    pub created_ts: i64,
+    pub uploaded_ts: Option<i64>,
+    pub last_access_ts: Option<i64>,
+    pub upload_length: Option<i64>,
+    pub upload_offset: i64,
+    pub expected_sha256: Option<String>,
+    pub updated_ts: i64,
+}
+
+impl MediaRow {
+    fn from_row(r: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            media_id: r.try_get("media_id")?,
+            user_id: r.try_get("user_id")?,
+            content_type: r.try_get("content_type")?,
+            filename: r.try_get("filename")?,
+            sha256: r.try_get("sha256")?,
+            size: r.try_get("size")?,
+            created_ts: r.try_get("created_ts")?,
+            uploaded_ts: r.try_get("uploaded_ts")?,
+            last_access_ts: r.try_get("last_access_ts")?,
+            upload_length: r.try_get("upload_length")?,
+            upload_offset: r.try_get("upload_offset")?,
+            expected_sha256: r.try_get("expected_sha256")?,
+            updated_ts: r.try_get("updated_ts")?,
+        })
+    }
+}
+
+const MEDIA_COLUMNS: &str = "media_id, user_id, content_type, filename, sha256, size, created_ts, uploaded_ts, \
+     last_access_ts, upload_length, upload_offset, expected_sha256, updated_ts";
+
+/// A new row: finished media (`sha256` set) or a reservation.
+#[derive(Debug, Clone)]
+pub struct NewMedia<'a> {
+    pub media_id: &'a str,
+    pub user_id: &'a str,
+    pub content_type: Option<&'a str>,
+    pub filename: Option<&'a str>,
+    pub sha256: Option<&'a str>,
+    pub size: i64,
+    pub upload_length: Option<i64>,
+    pub expected_sha256: Option<&'a str>,
+    pub now: i64,
+}
+
+/// A cached thumbnail.
+#[derive(Debug, Clone)]
+pub struct ThumbnailRow {
+    pub content_type: String,
+    pub sha256: String,
+    pub size: i64,
+}
+
+/// Media per user, for `homeserver media usage`.
+#[derive(Debug, Clone)]
+pub struct MediaUsageRow {
+    pub user_id: String,
+    pub count: i64,
+    pub bytes: i64,
+}
+
+impl Store {
+    pub async fn insert_media(&self, m: &NewMedia<'_>) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO media (media_id, user_id, content_type, filename, sha256, size, created_ts, uploaded_ts,
+                                upload_length, upload_offset, expected_sha256, updated_ts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $7)",
+        )
+        .bind(m.media_id)
+        .bind(m.user_id)
+        .bind(m.content_type)
+        .bind(m.filename)
+        .bind(m.sha256)
+        .bind(m.size)
+        .bind(m.now)
+        .bind(m.sha256.map(|_| m.now))
+        .bind(m.upload_length)
+        .bind(m.expected_sha256)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn media(&self, media_id: &str) -> Result<Option<MediaRow>, sqlx::Error> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {MEDIA_COLUMNS} FROM media WHERE media_id = $1")))
+            .bind(media_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(MediaRow::from_row).transpose()
+    }
+
+    /// Attaches content to a reservation; false if it already has content (or is gone).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn complete_media(
+        &self,
+        media_id: &str,
+        sha256: &str,
+        size: i64,
+        content_type: Option<&str>,
+        filename: Option<&str>,
+        now: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE media SET sha256 = $2, size = $3, content_type = COALESCE($4, content_type),
+                    filename = COALESCE($5, filename), uploaded_ts = $6, updated_ts = $6, upload_offset = $3
+             WHERE media_id = $1 AND sha256 IS NULL",
+        )
+        .bind(media_id)
+        .bind(sha256)
+        .bind(size)
+        .bind(content_type)
+        .bind(filename)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records how many bytes of a resumable upload are durably on disk.
+    pub async fn set_upload_offset(&self, media_id: &str, offset: i64, now: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE media SET upload_offset = $2, updated_ts = $3 WHERE media_id = $1 AND sha256 IS NULL")
+            .bind(media_id)
+            .bind(offset)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Bytes of finished media the user has stored (what the quota counts).
+    pub async fn user_media_bytes(&self, user_id: &str) -> Result<i64, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) AS total FROM media WHERE user_id = $1 AND sha256 IS NOT NULL",
+        )
+        .bind(user_id)
+        .fetch_one(&self.pool)
+        .await?;
+        row.try_get("total")
+    }
+
+    /// Reservations of the user still waiting for content.
+    pub async fn pending_media_count(&self, user_id: &str) -> Result<i64, sqlx::Error> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM media WHERE user_id = $1 AND sha256 IS NULL")
+            .bind(user_id)
+            .fetch_one(&self.pool)
+            .await?;
+        row.try_get("n")
+    }
+
+    /// Notes a download (for retention).
+    pub async fn touch_media(&self, media_id: &str, now: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE media SET last_access_ts = $2 WHERE media_id = $1")
+            .bind(media_id)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn media_thumbnail(
+        &self,
+        media_id: &str,
+        width: i64,
+        height: i64,
+        method: &str,
+    ) -> Result<Option<ThumbnailRow>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT content_type, sha256, size FROM media_thumbnails
+             WHERE media_id = $1 AND width = $2 AND height = $3 AND method = $4",
+        )
+        .bind(media_id)
+        .bind(width)
+        .bind(height)
+        .bind(method)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(ThumbnailRow {
+                content_type: r.try_get("content_type")?,
+                sha256: r.try_get("sha256")?,
+                size: r.try_get("size")?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn insert_media_thumbnail(
+        &self,
+        media_id: &str,
+        width: i64,
+        height: i64,
+        method: &str,
+        thumbnail: &ThumbnailRow,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO media_thumbnails (media_id, width, height, method, content_type, sha256, size)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (media_id, width, height, method) DO NOTHING",
+        )
+        .bind(media_id)
+        .bind(width)
+        .bind(height)
+        .bind(method)
+        .bind(&thumbnail.content_type)
+        .bind(&thumbnail.sha256)
+        .bind(thumbnail.size)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes a media row and its thumbnails; returns the content hashes they named (which
+    /// may now be unreferenced), or `None` if there was no such media.
+    pub async fn delete_media(&self, media_id: &str) -> Result<Option<Vec<String>>, sqlx::Error> {
+        let mut tx = self.begin_write().await?;
+        let Some(row) =
+            sqlx::query("SELECT sha256 FROM media WHERE media_id = $1").bind(media_id).fetch_optional(&mut *tx).await?
+        else {
+            return Ok(None);
+        };
+        let mut hashes: Vec<String> = row.try_get::<Option<String>, _>("sha256")?.into_iter().collect();
+        for r in sqlx::query("SELECT sha256 FROM media_thumbnails WHERE media_id = $1")
+            .bind(media_id)
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            hashes.push(r.try_get("sha256")?);
+        }
+        sqlx::query("DELETE FROM media_thumbnails WHERE media_id = $1").bind(media_id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM media WHERE media_id = $1").bind(media_id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(Some(hashes))
+    }
+
+    /// Whether any media or thumbnail row still names this content.
+    pub async fn media_content_referenced(&self, sha256: &str) -> Result<bool, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM media WHERE sha256 = $1) + (SELECT COUNT(*) FROM media_thumbnails WHERE sha256 = $1) AS n",
+        )
+        .bind(sha256)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get::<i64, _>("n")? > 0)
+    }
+
+    /// Every media row, optionally of one user, oldest first.
+    pub async fn list_media(&self, user_id: Option<&str>) -> Result<Vec<MediaRow>, sqlx::Error> {
+        let rows = match user_id {
+            Some(user) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {MEDIA_COLUMNS} FROM media WHERE user_id = $1 ORDER BY created_ts, media_id"
+                )))
+                .bind(user)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {MEDIA_COLUMNS} FROM media ORDER BY created_ts, media_id"
+                )))
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(MediaRow::from_row).collect()
+    }
+
+    /// Finished media per user.
+    pub async fn media_usage(&self) -> Result<Vec<MediaUsageRow>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT user_id, COUNT(*) AS n, CAST(COALESCE(SUM(size), 0) AS BIGINT) AS bytes FROM media
+             WHERE sha256 IS NOT NULL GROUP BY user_id ORDER BY user_id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(MediaUsageRow { user_id: r.try_get("user_id")?, count: r.try_get("n")?, bytes: r.try_get("bytes")? })
+            })
+            .collect()
+    }
+
+    /// Unfinished uploads without progress since `before_ts`.
+    pub async fn stale_pending_media(&self, before_ts: i64) -> Result<Vec<String>, sqlx::Error> {
+        let rows = sqlx::query("SELECT media_id FROM media WHERE sha256 IS NULL AND updated_ts < $1")
+            .bind(before_ts)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| r.try_get("media_id")).collect()
+    }
+
+    /// Finished media neither downloaded nor uploaded since `before_ts`.
+    pub async fn unused_media(&self, before_ts: i64) -> Result<Vec<String>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT media_id FROM media WHERE sha256 IS NOT NULL AND COALESCE(last_access_ts, uploaded_ts, created_ts) < $1",
+        )
+        .bind(before_ts)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| r.try_get("media_id")).collect()
+    }
+}

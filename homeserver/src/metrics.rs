@@ -35,6 +35,8 @@ pub struct Metrics {
     pub requests_in_flight: Gauge,
     pub db_connections: Gauge,
     pub db_connections_idle: Gauge,
+    /// `/sync` requests being answered or long-polling right now.
+    pub open_syncs: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -56,12 +58,22 @@ impl Metrics {
         let requests_in_flight = Gauge::default();
         let db_connections = Gauge::default();
         let db_connections_idle = Gauge::default();
+        let open_syncs = Gauge::default();
         registry.register("http_requests", "HTTP requests answered, by endpoint and status", requests.clone());
         registry.register("http_request_duration_seconds", "Time to answer, by endpoint", request_duration.clone());
         registry.register("http_requests_in_flight", "Requests being answered now", requests_in_flight.clone());
         registry.register("db_pool_connections", "Open database connections", db_connections.clone());
         registry.register("db_pool_idle_connections", "Idle database connections", db_connections_idle.clone());
-        Self { registry, requests, request_duration, requests_in_flight, db_connections, db_connections_idle }
+        registry.register("sync_open", "Syncs being answered or long-polling now", open_syncs.clone());
+        Self {
+            registry,
+            requests,
+            request_duration,
+            requests_in_flight,
+            db_connections,
+            db_connections_idle,
+            open_syncs,
+        }
     }
 
     /// The text exposition format.

@@ -21,6 +21,29 @@ async fn health_and_metrics(backend: Backend) {
     assert!(text.contains("endpoint=\"unmatched\""), "{text}");
     assert!(text.contains("obmin_http_request_duration_seconds_bucket"), "{text}");
     assert!(text.lines().any(|l| l.starts_with("obmin_db_pool_connections ")), "{text}");
+    assert!(text.lines().any(|l| l == "obmin_sync_open 0"), "{text}");
+    // A long-polling sync shows in the gauge while it waits.
+    let alice = server.login("alice", "secret-pass").await.body["access_token"].as_str().unwrap().to_owned();
+    let first =
+        server.get("/_matrix/client/v3/sync", Some(&alice)).await.body["next_batch"].as_str().unwrap().to_owned();
+    let poll = tokio::spawn(
+        server
+            .http
+            .get(server.url(&format!("/_matrix/client/v3/sync?timeout=3000&since={first}")))
+            .bearer_auth(alice)
+            .send(),
+    );
+    let mut seen_open = false;
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let text = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        if text.lines().any(|l| l == "obmin_sync_open 1") {
+            seen_open = true;
+            break;
+        }
+    }
+    assert!(seen_open, "the waiting sync was never counted");
+    assert_eq!(poll.await.unwrap().unwrap().status(), 200);
 }
 
 async fn state_survives_restart_and_kill(backend: Backend) {

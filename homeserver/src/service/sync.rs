@@ -105,6 +105,7 @@ impl Services {
     /// otherwise when something arrives or the timeout passes.
     pub async fn sync(&self, user_id: &UserId, device_id: &str, req: SyncRequest) -> Result<Response> {
         let deadline = tokio::time::Instant::now() + req.timeout.min(MAX_SYNC_TIMEOUT);
+        let _open = OpenSync::new(&self.metrics.open_syncs);
         self.presence_on_sync(user_id, &req.set_presence).await?;
         let mut changes = self.streams.subscribe();
         loop {
@@ -605,4 +606,20 @@ fn is_empty(r: &Response) -> bool {
         && r.to_device.events.is_empty()
         && r.device_lists.changed.is_empty()
         && r.device_lists.left.is_empty()
+}
+
+/// Counts a sync in the `obmin_sync_open` gauge for as long as it lives.
+struct OpenSync<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+
+impl<'a> OpenSync<'a> {
+    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenSync<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }

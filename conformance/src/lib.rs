@@ -393,7 +393,7 @@ impl Server {
         }
     }
 
-    /// Logs in with a password; returns (access token, device id).
+    /// Logs in with a password (`m.login.password`, `m.id.user`).
     pub async fn login(&self, user: &str, password: &str) -> Response {
         self.post(
             "/_matrix/client/v3/login",

@@ -206,7 +206,7 @@ async fn user_command(settings: Settings, cmd: UserCommand) -> Result<(), String
         }
         UserCommand::List => {
             let users = services.store.users().await.map_err(|e| e.to_string())?;
-            println!("{:<40} {:<6} {:<12} created", "user_id", "admin", "deactivated");
+            println!("{:<40} {:<6} {:<12} created (unix s)", "user_id", "admin", "deactivated");
             for u in users {
                 println!("{:<40} {:<6} {:<12} {}", u.user_id, u.is_admin, u.deactivated, format_ts(u.created_ts));
             }
@@ -252,7 +252,7 @@ async fn token_command(settings: Settings, cmd: TokenCommand) -> Result<(), Stri
         }
         TokenCommand::List => {
             let rows = services.store.registration_tokens().await.map_err(|e| e.to_string())?;
-            println!("{:<24} {:>8} {:>8} {:<24} valid", "token", "allowed", "used", "expires");
+            println!("{:<24} {:>8} {:>8} {:<24} valid", "token", "allowed", "used", "expires (unix s)");
             let now = now_ms();
             for r in rows {
                 let allowed = r.uses_allowed.map_or("-".to_owned(), |n| n.to_string());
@@ -321,8 +321,8 @@ async fn media_command(settings: Settings, cmd: MediaCommand) -> Result<(), Stri
     result
 }
 
-/// Milliseconds since the epoch as seconds since the epoch with a `Z`-less label; kept
-/// numeric so scripts can parse it without a date library.
+/// Timestamps are printed as Unix seconds (the column headers say so), which scripts can
+/// parse and `date -d @N` turns into a date.
 fn format_ts(ms: i64) -> String {
-    format!("{}s", ms / 1000)
+    (ms / 1000).to_string()
 }

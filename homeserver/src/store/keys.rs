@@ -502,11 +502,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        sqlx::query("UPDATE backup_versions SET etag = etag + 1 WHERE user_id = $1 AND version = $2")
-            .bind(user_id)
-            .bind(version)
-            .execute(&mut *tx)
-            .await?;
+        bump_backup_etag(&mut tx, user_id, version).await?;
         tx.commit().await
     }
 
@@ -549,11 +545,21 @@ impl Store {
         .bind(session_id)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE backup_versions SET etag = etag + 1 WHERE user_id = $1 AND version = $2")
-            .bind(user_id)
-            .bind(version)
-            .execute(&mut *tx)
-            .await?;
+        bump_backup_etag(&mut tx, user_id, version).await?;
         tx.commit().await
     }
+}
+
+/// Every change to a backup's keys moves its etag, so clients notice.
+async fn bump_backup_etag(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    user_id: &str,
+    version: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE backup_versions SET etag = etag + 1 WHERE user_id = $1 AND version = $2")
+        .bind(user_id)
+        .bind(version)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }

@@ -1,7 +1,7 @@
 //! Messages: sending, redacting, reading history (`/messages`, `/event`), typing, receipts
 //! and read markers.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use axum::extract::State;
 use ruma::{
@@ -218,9 +218,7 @@ pub async fn typing(
         ruma::api::client::typing::create_typing_event::v3::Typing::Yes(info) => Some(info.timeout),
         _ => None,
     };
-    services
-        .typing
-        .set(&req.body.room_id, &user.user_id, timeout.map(|t: Duration| t), || services.streams.bump_typing());
+    services.typing.set(&req.body.room_id, &user.user_id, timeout, || services.streams.bump_typing());
     Ok(RumaResponse(create_typing_event::v3::Response::new()))
 }
 

@@ -16,7 +16,6 @@ use ruma::{
         state::{get_state_event_for_key, get_state_events, send_state_event},
     },
     directory::{PublicRoomsChunk, PublicRoomsChunkInit},
-    room::RoomType,
 };
 use serde_json::Value as JsonValue;
 
@@ -265,9 +264,9 @@ pub async fn joined(
     Ok(RumaResponse(joined_rooms::v3::Response::new(rooms)))
 }
 
-/// Members may read the state; so may former members, of the state when they left. (Former
-/// members get the current state here, a simplification noted in the issue.)
-async fn require_member_or_former(services: &Services, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+/// Only joined members read a room's state, members and joined members here. (The spec also
+/// lets former members read the state as it was when they left; that is not built yet.)
+async fn require_joined_room(services: &Services, room_id: &RoomId, user_id: &UserId) -> Result<()> {
     if services.store.room(room_id.as_str()).await?.is_none() {
         return Err(Error::NotFound("Unknown room".to_owned()));
     }
@@ -282,7 +281,7 @@ pub async fn state(
     req: Ruma<get_state_events::v3::Request>,
 ) -> Result<RumaResponse<get_state_events::v3::Response>> {
     let user = req.user()?.clone();
-    require_member_or_former(&services, &req.body.room_id, &user.user_id).await?;
+    require_joined_room(&services, &req.body.room_id, &user.user_id).await?;
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
     let mut events = Vec::new();
     for row in services.store.current_state(req.body.room_id.as_str()).await? {
@@ -296,7 +295,7 @@ pub async fn state_event(
     req: Ruma<get_state_event_for_key::v3::Request>,
 ) -> Result<RumaResponse<get_state_event_for_key::v3::Response>> {
     let user = req.user()?.clone();
-    require_member_or_former(&services, &req.body.room_id, &user.user_id).await?;
+    require_joined_room(&services, &req.body.room_id, &user.user_id).await?;
     let row = services
         .store
         .current_state_event(req.body.room_id.as_str(), &req.body.event_type.to_string(), &req.body.state_key)
@@ -351,7 +350,7 @@ pub async fn members(
     req: Ruma<get_member_events::v3::Request>,
 ) -> Result<RumaResponse<get_member_events::v3::Response>> {
     let user = req.user()?.clone();
-    require_member_or_former(&services, &req.body.room_id, &user.user_id).await?;
+    require_joined_room(&services, &req.body.room_id, &user.user_id).await?;
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
     let membership = req.body.membership.as_ref().map(|m| m.to_string());
     let not_membership = req.body.not_membership.as_ref().map(|m| m.to_string());
@@ -375,7 +374,7 @@ pub async fn joined_members_list(
     req: Ruma<joined_members::v3::Request>,
 ) -> Result<RumaResponse<joined_members::v3::Response>> {
     let user = req.user()?.clone();
-    require_member_or_former(&services, &req.body.room_id, &user.user_id).await?;
+    require_joined_room(&services, &req.body.room_id, &user.user_id).await?;
     let mut joined = BTreeMap::new();
     for member in services.store.room_members(req.body.room_id.as_str(), "join").await? {
         let Some(row) = services.store.current_state_event(req.body.room_id.as_str(), "m.room.member", &member).await?
@@ -534,7 +533,6 @@ impl Services {
             chunk.canonical_alias = alias.and_then(|a| a.try_into().ok());
             chunk.avatar_url = avatar.map(Into::into);
             chunk.join_rule = join_rule.as_deref().unwrap_or("public").into();
-            chunk.room_type = None::<RoomType>;
             out.push(chunk);
         }
         out.sort_by_key(|c| std::cmp::Reverse(c.num_joined_members));

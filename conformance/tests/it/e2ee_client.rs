@@ -1,0 +1,364 @@
+//! The e2ee crate against the real homeserver: two clients, each an `OlmMachine` driven over
+//! HTTP, upload keys, claim each other's one-time keys, share Megolm room keys by to-device
+//! and read each other's encrypted messages; an encrypted attachment goes through the media
+//! repository as a stream; key backup round-trips to a new device.
+
+use std::io::Read;
+
+use conformance::{Backend, Server, User, backend_tests, enc};
+use e2ee::{
+    EncryptionSettings, OlmMachine, OutgoingRequest, SyncChanges, ToDeviceEvent,
+    attachments::{DecryptingReader, EncryptedFileJson as EncryptedFile, EncryptingReader},
+};
+use futures_util::StreamExt;
+use reqwest::Method;
+use ruma::{OwnedUserId, RoomId};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+backend_tests!(two_clients_exchange_encrypted_messages_and_an_attachment, key_backup_restores_on_a_new_device);
+
+/// A client: the account on the server, its `OlmMachine`, and its sync position.
+struct Client {
+    user: User,
+    machine: OlmMachine,
+    since: Option<String>,
+}
+
+impl Client {
+    async fn new(server: &Server, name: &str) -> Self {
+        let user = server.register(name, "secret-pass").await;
+        let machine = OlmMachine::new(user.user_id.as_str().try_into().unwrap(), user.device_id.as_str().into());
+        let mut client = Self { user, machine, since: None };
+        client.send_outgoing(server).await;
+        client
+    }
+
+    fn user_id(&self) -> OwnedUserId {
+        self.user.user_id.as_str().try_into().unwrap()
+    }
+
+    async fn send(&mut self, server: &Server, request: &OutgoingRequest) -> Value {
+        let method = Method::from_bytes(request.method().as_bytes()).unwrap();
+        let resp = server.request(method, &request.path(), Some(&self.user.access_token), Some(request.body())).await;
+        let body = resp.assert_ok().clone();
+        self.machine.mark_request_as_sent(&request.request_id, &body).unwrap();
+        body
+    }
+
+    /// Sends what the machine asks for until it has nothing more.
+    async fn send_outgoing(&mut self, server: &Server) {
+        for _ in 0..5 {
+            let requests = self.machine.outgoing_requests().unwrap();
+            if requests.is_empty() {
+                return;
+            }
+            for request in &requests {
+                self.send(server, request).await;
+            }
+        }
+        panic!("the machine keeps asking for requests");
+    }
+
+    /// One `/sync`: feeds the machine, sends its requests; returns the response and the
+    /// to-device events.
+    async fn sync(&mut self, server: &Server) -> (Value, Vec<ToDeviceEvent>) {
+        let response = server.sync(&self.user, self.since.as_deref(), 0, None).await;
+        self.since = response["next_batch"].as_str().map(str::to_owned);
+        let to_device = self.machine.receive_sync_changes(SyncChanges::from_sync_response(&response)).unwrap();
+        self.send_outgoing(server).await;
+        (response, to_device)
+    }
+
+    /// Makes sure every member's device has our room key; returns the encrypted content.
+    async fn encrypt(
+        &mut self,
+        server: &Server,
+        room_id: &RoomId,
+        members: &[OwnedUserId],
+        event_type: &str,
+        content: Value,
+    ) -> Value {
+        self.machine.update_tracked_users(members.iter().cloned());
+        self.send_outgoing(server).await;
+        if let Some(claim) = self.machine.get_missing_sessions(members) {
+            let answer = self.send(server, &claim).await;
+            assert!(answer["failures"].as_object().is_none_or(|f| f.is_empty()), "{answer}");
+        }
+        for request in self.machine.share_room_key(room_id, members, EncryptionSettings::default()).unwrap() {
+            self.send(server, &request).await;
+        }
+        self.machine.encrypt_room_event(room_id, event_type, content).unwrap()
+    }
+
+    async fn send_encrypted(
+        &mut self,
+        server: &Server,
+        room_id: &RoomId,
+        members: &[OwnedUserId],
+        content: Value,
+    ) -> String {
+        let encrypted = self.encrypt(server, room_id, members, "m.room.message", content).await;
+        let txn = format!("t{}", rand_suffix());
+        let resp = server
+            .put(
+                &format!("/_matrix/client/v3/rooms/{}/send/m.room.encrypted/{txn}", enc(room_id.as_str())),
+                Some(&self.user.access_token),
+                encrypted,
+            )
+            .await;
+        resp.assert_ok()["event_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Syncs and decrypts the room's new encrypted timeline events (to-device events, room
+    /// keys among them, are taken in first).
+    async fn read_room(&mut self, server: &Server, room_id: &RoomId) -> Vec<Value> {
+        self.read_room_with_sync(server, room_id).await.0
+    }
+
+    async fn read_room_with_sync(
+        &mut self,
+        server: &Server,
+        room_id: &RoomId,
+    ) -> (Vec<Value>, Value, Vec<ToDeviceEvent>) {
+        let (response, to_device) = self.sync(server).await;
+        let events =
+            response["rooms"]["join"][room_id.as_str()]["timeline"]["events"].as_array().cloned().unwrap_or_default();
+        let decrypted = events
+            .iter()
+            .filter(|e| e["type"] == "m.room.encrypted")
+            .map(|e| {
+                let decrypted = self.machine.decrypt_room_event(room_id, e).unwrap_or_else(|err| panic!("{err}: {e}"));
+                decrypted.event
+            })
+            .collect();
+        (decrypted, response, to_device)
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+/// Deterministic bytes, generated as they are read (no big buffer).
+struct Generated {
+    position: u64,
+    len: u64,
+}
+
+impl Read for Generated {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (self.len - self.position).min(buf.len() as u64) as usize;
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            let p = self.position + i as u64;
+            *b = (p.wrapping_mul(2_654_435_761) >> 7) as u8;
+        }
+        self.position += n as u64;
+        Ok(n)
+    }
+}
+
+async fn encrypted_room(server: &Server, alice: &Client, bob: &Client) -> ruma::OwnedRoomId {
+    let room = server
+        .create_room(
+            &alice.user,
+            json!({
+                "invite": [bob.user.user_id],
+                "initial_state": [{"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}],
+            }),
+        )
+        .await;
+    server.join(&bob.user, &room).await.assert_ok();
+    room.try_into().unwrap()
+}
+
+async fn two_clients_exchange_encrypted_messages_and_an_attachment(backend: Backend) {
+    let server = Server::start(backend).await;
+    let mut alice = Client::new(&server, "alice").await;
+    let mut bob = Client::new(&server, "bob").await;
+    let room = encrypted_room(&server, &alice, &bob).await;
+    alice.sync(&server).await;
+    bob.sync(&server).await;
+    let members = vec![alice.user_id(), bob.user_id()];
+
+    // Alice -> Bob: the room key travels by Olm to-device, the message by Megolm.
+    alice.send_encrypted(&server, &room, &members, json!({"msgtype": "m.text", "body": "hello bob"})).await;
+    let (events, response, to_device) = bob.read_room_with_sync(&server, &room).await;
+    assert!(
+        to_device.iter().any(|e| matches!(e, ToDeviceEvent::Decrypted { event, .. } if event["type"] == "m.room_key")),
+        "Bob got the room key: {to_device:?}"
+    );
+    // Alice claimed one of Bob's one-time keys: the count in sync dropped and Bob topped it up.
+    assert!(response["device_one_time_keys_count"]["signed_curve25519"].as_u64().unwrap() < 50, "{response}");
+    let counts = server.post("/_matrix/client/v3/keys/upload", Some(&bob.user.access_token), json!({})).await;
+    assert_eq!(counts.assert_ok()["one_time_key_counts"]["signed_curve25519"], 50);
+
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0]["content"]["body"], "hello bob");
+    assert_eq!(events[0]["sender"], alice.user.user_id);
+
+    // Bob -> Alice.
+    bob.send_encrypted(&server, &room, &members, json!({"msgtype": "m.text", "body": "hi alice"})).await;
+    let events = alice.read_room(&server, &room).await;
+    let bodies: Vec<&str> = events.iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert!(bodies.contains(&"hi alice"), "{bodies:?}");
+
+    // An encrypted attachment: streamed through the cipher into the upload, the key and hash
+    // in an encrypted m.file message, streamed back through the decryptor.
+    let len = 3 * 1024 * 1024 + 17;
+    let mut expected = Sha256::new();
+    let mut source = Generated { position: 0, len };
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = source.read(&mut chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        expected.update(&chunk[..n]);
+    }
+    let expected = expected.finalize();
+
+    let encryptor =
+        std::sync::Arc::new(std::sync::Mutex::new(Some(EncryptingReader::new(Generated { position: 0, len }))));
+    let reader = encryptor.clone();
+    let body = futures_util::stream::unfold(reader, |reader| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let n = reader.lock().unwrap().as_mut().unwrap().read(&mut buf).unwrap();
+        if n == 0 {
+            return None;
+        }
+        buf.truncate(n);
+        Some((Ok::<_, std::io::Error>(buf), reader))
+    });
+    let resp = server
+        .http
+        .post(server.url("/_matrix/media/v3/upload?filename=secret.bin"))
+        .bearer_auth(&alice.user.access_token)
+        .header("content-type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(body))
+        .send()
+        .await
+        .unwrap();
+    let resp = Server::read(resp).await;
+    let mxc = resp.assert_ok()["content_uri"].as_str().unwrap().to_owned();
+    let encryptor = encryptor.lock().unwrap().take().unwrap();
+    let file = encryptor.finish(mxc.as_str().into()).unwrap();
+    alice
+        .send_encrypted(
+            &server,
+            &room,
+            &members,
+            json!({"msgtype": "m.file", "body": "secret.bin", "file": file, "info": {"size": len, "mimetype": "application/octet-stream"}}),
+        )
+        .await;
+
+    let events = bob.read_room(&server, &room).await;
+    let message = events.iter().find(|e| e["content"]["msgtype"] == "m.file").expect("the file message");
+    let file: EncryptedFile = serde_json::from_value(message["content"]["file"].clone()).unwrap();
+    let media_id = file.url.as_str().rsplit('/').next().unwrap().to_owned();
+    let resp = server
+        .http
+        .get(server.url(&format!("/_matrix/client/v1/media/download/localhost/{media_id}")))
+        .bearer_auth(&bob.user.access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // Chunks go through the decryptor as they arrive (a pipe of bounded chunks: the whole
+    // file is never in memory at once).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    let decrypt = std::thread::spawn(move || {
+        let mut decryptor = DecryptingReader::new(ChannelReader { rx, pending: Vec::new(), offset: 0 }, &file).unwrap();
+        let mut hasher = Sha256::new();
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = decryptor.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            hasher.update(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>((total, hasher.finalize()))
+    });
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        tx.send(chunk.unwrap().to_vec()).unwrap();
+    }
+    drop(tx);
+    let (total, digest) = decrypt.join().unwrap().expect("the hash matches");
+    assert_eq!(total, len);
+    assert_eq!(digest, expected);
+}
+
+/// A `Read` over chunks arriving on a channel.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    pending: Vec<u8>,
+    offset: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.offset == self.pending.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.pending = chunk;
+                    self.offset = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.pending.len() - self.offset);
+        buf[..n].copy_from_slice(&self.pending[self.offset..self.offset + n]);
+        self.offset += n;
+        Ok(n)
+    }
+}
+
+async fn key_backup_restores_on_a_new_device(backend: Backend) {
+    let server = Server::start(backend).await;
+    let mut alice = Client::new(&server, "alice").await;
+    let bob = Client::new(&server, "bob").await;
+    let room = encrypted_room(&server, &alice, &bob).await;
+    let members = vec![alice.user_id(), bob.user_id()];
+    alice.sync(&server).await;
+    alice.send_encrypted(&server, &room, &members, json!({"msgtype": "m.text", "body": "for later"})).await;
+
+    let (key, body) = alice.machine.create_backup().unwrap();
+    let created = server.post("/_matrix/client/v3/room_keys/version", Some(&alice.user.access_token), body).await;
+    let version = created.assert_ok()["version"].as_str().unwrap().to_owned();
+    let recovery_key = key.to_recovery_key();
+    alice.machine.enable_backup(key, version.clone());
+    let upload = alice.machine.backup_room_keys().unwrap().expect("a session to back up");
+    let answer = alice.send(&server, &upload).await;
+    assert_eq!(answer["count"], 1, "{answer}");
+    assert!(alice.machine.backup_room_keys().unwrap().is_none());
+
+    // A new login of Alice's: restore with the recovery key, then read the old message.
+    let login = server.login("alice", "secret-pass").await;
+    let login = login.assert_ok();
+    let user = User {
+        access_token: login["access_token"].as_str().unwrap().to_owned(),
+        device_id: login["device_id"].as_str().unwrap().to_owned(),
+        ..alice.user.clone()
+    };
+    let mut alice2 = Client {
+        machine: OlmMachine::new(user.user_id.as_str().try_into().unwrap(), user.device_id.as_str().into()),
+        user,
+        since: None,
+    };
+    alice2.send_outgoing(&server).await;
+    let info = server.get("/_matrix/client/v3/room_keys/version", Some(&alice2.user.access_token)).await;
+    let keys = server
+        .get(&format!("/_matrix/client/v3/room_keys/keys?version={version}"), Some(&alice2.user.access_token))
+        .await;
+    let restored_key = e2ee::backup::BackupKey::from_recovery_key(&recovery_key).unwrap();
+    let imported = alice2.machine.restore_backup(&restored_key, info.assert_ok(), keys.assert_ok()).unwrap();
+    assert_eq!(imported, 1);
+    let events = alice2.read_room(&server, &room).await;
+    let bodies: Vec<&str> = events.iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert_eq!(bodies, vec!["for later"]);
+}

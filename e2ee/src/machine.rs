@@ -470,15 +470,13 @@ impl OlmMachine {
         settings: EncryptionSettings,
     ) -> Result<Vec<OutgoingRequest>> {
         let room_id = room_id.to_owned();
+        let recipient_of = |d: &Device| Recipient {
+            user_id: d.user_id.clone(),
+            device_id: d.device_id.clone(),
+            curve25519: d.curve25519.clone(),
+        };
         let devices = self.devices_of(members);
-        let recipients: BTreeSet<Recipient> = devices
-            .iter()
-            .map(|d| Recipient {
-                user_id: d.user_id.clone(),
-                device_id: d.device_id.clone(),
-                curve25519: d.curve25519.clone(),
-            })
-            .collect();
+        let recipients: BTreeSet<Recipient> = devices.iter().map(recipient_of).collect();
         let rotate = match self.groups.outbound.get(&room_id) {
             None => true,
             Some(s) => s.expired() || s.settings != settings || !s.shared_with.is_subset(&recipients),
@@ -500,7 +498,10 @@ impl OlmMachine {
         let room_key = outbound.room_key_content();
         let to_share: Vec<(Device, Recipient)> = devices
             .into_iter()
-            .zip(recipients.iter().cloned())
+            .map(|d| {
+                let r = recipient_of(&d);
+                (d, r)
+            })
             .filter(|(_, r)| !outbound.shared_with.contains(r) && !pending.contains(r))
             .collect();
 

@@ -362,3 +362,116 @@ async fn key_backup_restores_on_a_new_device(backend: Backend) {
     let bodies: Vec<&str> = events.iter().filter_map(|e| e["content"]["body"].as_str()).collect();
     assert_eq!(bodies, vec!["for later"]);
 }
+
+/// Where the shared interop install keeps matrix-js-sdk (`scripts/interop` installs it there,
+/// as `../shared/interop/run.sh` does): `$OBMIN_INTEROP_CACHE`, else `~/.cache/obmin-interop`.
+fn js_sdk_install() -> std::path::PathBuf {
+    let dir = std::env::var_os("OBMIN_INTEROP_CACHE").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
+        cache.join("obmin-interop")
+    });
+    assert!(
+        dir.join("node_modules/matrix-js-sdk").is_dir(),
+        "matrix-js-sdk is not installed in {}: run scripts/interop once (it installs it), or point OBMIN_INTEROP_CACHE at an install",
+        dir.display()
+    );
+    dir
+}
+
+/// A line from the peer, with a timeout (the peer has its own backstop too).
+fn expect_line(lines: &std::sync::mpsc::Receiver<String>, prefix: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line =
+            lines.recv_timeout(left).unwrap_or_else(|_| panic!("the matrix-js-sdk peer did not say {prefix} in time"));
+        // Anything else on its stdout is the SDK's own logging.
+        let Some(said) = line.strip_prefix("PEER ") else { continue };
+        assert!(said.starts_with(prefix), "expected {prefix} from the matrix-js-sdk peer, got {said}");
+        return said[prefix.len()..].trim().to_owned();
+    }
+}
+
+/// Interop with matrix-js-sdk's Rust crypto: it decrypts a Megolm message our crate
+/// encrypted (room key shared by our Olm), and we decrypt its reply. One backend suffices:
+/// this is about the two crypto implementations, not the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matrix_js_sdk_reads_our_messages_and_we_read_its() {
+    use std::io::{BufRead, BufReader, Write};
+    let install = js_sdk_install();
+    let server = Server::start(Backend::Sqlite).await;
+    let mut rusty = Client::new(&server, "rusty").await;
+    let room: ruma::OwnedRoomId = server
+        .create_room(
+            &rusty.user,
+            json!({"initial_state": [{"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}]}),
+        )
+        .await
+        .try_into()
+        .unwrap();
+
+    // The peer runs from a directory that links the shared node_modules.
+    let work = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(install.join("node_modules"), work.path().join("node_modules")).unwrap();
+    let script = work.path().join("e2ee_peer.mjs");
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/interop/e2ee_peer.mjs"), &script).unwrap();
+    let mut peer = std::process::Command::new("node")
+        .arg(&script)
+        .args(["--url", server.base_url.trim_end_matches('/')])
+        .args(["--room", room.as_str(), "--rust-user", &rusty.user.user_id, "--reply", "hello from matrix-js-sdk"])
+        .current_dir(work.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("node (Node.js 20+) runs the matrix-js-sdk peer");
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = peer.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let ready: Value = serde_json::from_str(&expect_line(&lines, "READY")).unwrap();
+    let js_user: OwnedUserId = ready["user_id"].as_str().unwrap().try_into().unwrap();
+
+    server
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(room.as_str())),
+            Some(&rusty.user.access_token),
+            json!({"user_id": js_user}),
+        )
+        .await
+        .assert_ok();
+    expect_line(&lines, "JOINED");
+    rusty.sync(&server).await;
+    let members = vec![rusty.user_id(), js_user.clone()];
+    rusty.send_encrypted(&server, &room, &members, json!({"msgtype": "m.text", "body": "hello from obmin e2ee"})).await;
+    assert_eq!(expect_line(&lines, "GOT"), "hello from obmin e2ee");
+    let reply_id = expect_line(&lines, "SENT");
+
+    // Its room key comes by to-device, its message in the timeline.
+    let mut reply = None;
+    for _ in 0..20 {
+        let (response, _) = rusty.sync(&server).await;
+        let events =
+            response["rooms"]["join"][room.as_str()]["timeline"]["events"].as_array().cloned().unwrap_or_default();
+        if let Some(event) = events.iter().find(|e| e["event_id"] == reply_id.as_str()) {
+            assert_eq!(event["type"], "m.room.encrypted");
+            let decrypted = rusty.machine.decrypt_room_event(&room, event).unwrap_or_else(|e| panic!("{e}: {event}"));
+            assert_eq!(decrypted.sender_device.as_deref().map(|d| d.as_str()), ready["device_id"].as_str());
+            reply = Some(decrypted.event);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let reply = reply.expect("the matrix-js-sdk reply reached us");
+    assert_eq!(reply["content"]["body"], "hello from matrix-js-sdk");
+
+    let _ = writeln!(peer.stdin.as_mut().unwrap(), "DONE");
+    let status = peer.wait().unwrap();
+    assert!(status.success(), "the matrix-js-sdk peer failed: {status}");
+}

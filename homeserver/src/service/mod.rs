@@ -8,11 +8,13 @@ pub mod devices;
 pub mod events;
 pub mod keys;
 pub mod media;
+pub mod notifier;
 pub mod presence;
 pub mod profile;
 pub mod push;
 pub mod rate_limit;
 pub mod registration_tokens;
+pub mod room_cache;
 pub mod rooms;
 pub mod streams;
 pub mod sync;
@@ -38,6 +40,9 @@ pub struct Services {
     pub hashing: credentials::Hashing,
     pub media: media::Media,
     room_locks: timeline::RoomLocks,
+    pub room_cache: room_cache::RoomCaches,
+    key_counts: keys::KeyCountCache,
+    presence_touches: presence::PresenceTouches,
     push_rule_cache: push::PushRuleCache,
 }
 
@@ -58,6 +63,9 @@ impl Services {
             push_rule_cache: push::PushRuleCache::default(),
             media,
             room_locks: timeline::RoomLocks::default(),
+            room_cache: room_cache::RoomCaches::default(),
+            key_counts: keys::KeyCountCache::default(),
+            presence_touches: presence::PresenceTouches::default(),
         }
     }
 }

@@ -3,14 +3,14 @@
 //! of the ciphertext, described by an `EncryptedFile` (ruma's type, which also checks the JSON
 //! Web Key fields when parsing).
 //!
-//! Both directions are `Read` adapters, so a file of any size streams through a fixed-size
-//! buffer: wrap the file in an [`EncryptingReader`] and stream it as the upload body; wrap the
-//! download in a [`DecryptingReader`] and copy it to disk. The decrypting reader checks the
-//! hash when the ciphertext ends and fails the final read if it does not match, so a caller
-//! that copies to a temporary file and keeps it only when the copy succeeds never keeps
-//! tampered plaintext.
+//! Both directions come as `Read` adapters (pull: wrap the file in an [`EncryptingReader`]
+//! and stream it as the upload body) and `Write` adapters (push: feed download chunks into a
+//! [`DecryptingWriter`] over the destination file), so a file of any size streams through a
+//! fixed-size buffer. Decryption checks the hash when the ciphertext ends (the final read,
+//! or [`DecryptingWriter::finish`]) and fails if it does not match, so a caller that writes
+//! to a temporary file and keeps it only when that succeeded never keeps tampered plaintext.
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 
 use aes::Aes256;
 use ctr::cipher::{KeyIvInit, StreamCipher};
@@ -103,20 +103,8 @@ pub struct DecryptingReader<R> {
 impl<R: Read> DecryptingReader<R> {
     /// Checks that `file` is a v2 AES-CTR file with a SHA-256 hash.
     pub fn new(inner: R, file: &EncryptedFile) -> Result<Self> {
-        let EncryptedFileInfo::V2(info) = &file.info else {
-            return Err(Error::Attachment(format!("unsupported version {}", file.info.version())));
-        };
-        let Some(EncryptedFileHash::Sha256(hash)) = file.hashes.get(&EncryptedFileHashAlgorithm::Sha256) else {
-            return Err(Error::Attachment("no sha256 hash".into()));
-        };
-        let key: Zeroizing<[u8; 32]> = Zeroizing::new(*info.k.as_inner());
-        let iv: [u8; 16] = *info.iv.as_inner();
-        Ok(Self {
-            inner,
-            cipher: Aes256Ctr::new(&(*key).into(), &iv.into()),
-            hasher: Some(Sha256::new()),
-            expected: *hash.as_inner(),
-        })
+        let (key, iv, expected) = file_parameters(file)?;
+        Ok(Self { inner, cipher: Aes256Ctr::new(&(*key).into(), &iv.into()), hasher: Some(Sha256::new()), expected })
     }
 }
 
@@ -142,6 +130,123 @@ impl<R: Read> Read for DecryptingReader<R> {
         self.cipher.apply_keystream(&mut buf[..n]);
         Ok(n)
     }
+}
+
+/// Encrypts everything written through it into `inner`.
+pub struct EncryptingWriter<W> {
+    inner: W,
+    cipher: Aes256Ctr,
+    hasher: Sha256,
+    key: Zeroizing<[u8; 32]>,
+    iv: [u8; 16],
+    buf: Vec<u8>,
+}
+
+impl<W: Write> EncryptingWriter<W> {
+    /// A fresh random key and IV (see [`EncryptingReader::new`]).
+    pub fn new(inner: W) -> Self {
+        let mut key = Zeroizing::new([0u8; 32]);
+        let mut iv = [0u8; 16];
+        let mut rng = rand::rng();
+        rng.fill_bytes(key.as_mut());
+        rng.fill_bytes(&mut iv[..8]);
+        Self {
+            inner,
+            cipher: Aes256Ctr::new(&(*key).into(), &iv.into()),
+            hasher: Sha256::new(),
+            key,
+            iv,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Flushes and returns the inner writer with the `EncryptedFile` for the ciphertext once
+    /// it is uploaded at `url`.
+    pub fn finish(mut self, url: OwnedMxcUri) -> Result<(W, EncryptedFile)> {
+        self.inner.flush().map_err(|e| Error::Attachment(e.to_string()))?;
+        let hash: [u8; 32] = self.hasher.finalize().into();
+        let info: EncryptedFileInfo = V2EncryptedFileInfo::encode(*self.key, self.iv).into();
+        Ok((self.inner, EncryptedFile::new(url, info, EncryptedFileHashes::with_sha256(hash))))
+    }
+}
+
+impl<W: Write> Write for EncryptingWriter<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        // Encrypt a copy: the caller's buffer is not ours to change.
+        self.buf.clear();
+        self.buf.extend_from_slice(data);
+        self.cipher.apply_keystream(&mut self.buf);
+        self.inner.write_all(&self.buf)?;
+        self.hasher.update(&self.buf);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Decrypts everything written through it into `inner`; [`DecryptingWriter::finish`] checks
+/// the ciphertext's SHA-256.
+pub struct DecryptingWriter<W> {
+    inner: W,
+    cipher: Aes256Ctr,
+    hasher: Sha256,
+    expected: [u8; 32],
+    buf: Vec<u8>,
+}
+
+impl<W: Write> DecryptingWriter<W> {
+    pub fn new(inner: W, file: &EncryptedFile) -> Result<Self> {
+        let (key, iv, expected) = file_parameters(file)?;
+        Ok(Self {
+            inner,
+            cipher: Aes256Ctr::new(&(*key).into(), &iv.into()),
+            hasher: Sha256::new(),
+            expected,
+            buf: Vec::new(),
+        })
+    }
+
+    /// All ciphertext was written: checks the hash and returns the inner writer (flushed).
+    /// On a mismatch the plaintext written so far must be thrown away.
+    pub fn finish(mut self) -> Result<W> {
+        let actual: [u8; 32] = self.hasher.finalize().into();
+        if actual != self.expected {
+            return Err(Error::Attachment("hash mismatch: the file was altered".into()));
+        }
+        self.inner.flush().map_err(|e| Error::Attachment(e.to_string()))?;
+        Ok(self.inner)
+    }
+}
+
+impl<W: Write> Write for DecryptingWriter<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.hasher.update(data);
+        self.buf.clear();
+        self.buf.extend_from_slice(data);
+        self.cipher.apply_keystream(&mut self.buf);
+        self.inner.write_all(&self.buf)?;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Key, IV and expected ciphertext hash.
+type FileParameters = (Zeroizing<[u8; 32]>, [u8; 16], [u8; 32]);
+
+/// The parameters of a v2 AES-CTR file with a SHA-256 hash.
+fn file_parameters(file: &EncryptedFile) -> Result<FileParameters> {
+    let EncryptedFileInfo::V2(info) = &file.info else {
+        return Err(Error::Attachment(format!("unsupported version {}", file.info.version())));
+    };
+    let Some(EncryptedFileHash::Sha256(hash)) = file.hashes.get(&EncryptedFileHashAlgorithm::Sha256) else {
+        return Err(Error::Attachment("no sha256 hash".into()));
+    };
+    Ok((Zeroizing::new(*info.k.as_inner()), *info.iv.as_inner(), *hash.as_inner()))
 }
 
 /// Convenience for small files: encrypt a whole buffer.
@@ -227,6 +332,28 @@ mod tests {
         tampered[500] ^= 1;
         assert!(matches!(decrypt_bytes(&tampered, &parsed), Err(Error::Attachment(_))));
         assert!(decrypt_bytes(&ciphertext[..ciphertext.len() - 1], &parsed).is_err());
+    }
+
+    #[test]
+    fn writers_interoperate_with_readers() {
+        let data: Vec<u8> = (0..70_001u32).map(|i| (i * 7 % 256) as u8).collect();
+        let mut writer = EncryptingWriter::new(Vec::new());
+        for chunk in data.chunks(999) {
+            writer.write_all(chunk).unwrap();
+        }
+        let (ciphertext, file) = writer.finish(mxc_uri!("mxc://localhost/w").to_owned()).unwrap();
+        assert_eq!(decrypt_bytes(&ciphertext, &file).unwrap(), data);
+
+        let mut decryptor = DecryptingWriter::new(Vec::new(), &file).unwrap();
+        for chunk in ciphertext.chunks(4096) {
+            decryptor.write_all(chunk).unwrap();
+        }
+        assert_eq!(decryptor.finish().unwrap(), data);
+
+        let mut tampered = DecryptingWriter::new(Vec::new(), &file).unwrap();
+        tampered.write_all(&ciphertext[..ciphertext.len() - 1]).unwrap();
+        tampered.write_all(&[ciphertext[ciphertext.len() - 1] ^ 0x80]).unwrap();
+        assert!(matches!(tampered.finish(), Err(Error::Attachment(_))));
     }
 
     #[test]

@@ -146,3 +146,57 @@ impl SyncChanges {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ruma::{device_id, user_id};
+
+    use super::*;
+
+    #[test]
+    fn requests_have_the_spec_paths_and_bodies() {
+        let query = OutgoingRequest::new(Request::KeysQuery { users: vec![user_id!("@a:x").to_owned()] });
+        assert_eq!((query.method(), query.path().as_str()), ("POST", "/_matrix/client/v3/keys/query"));
+        assert_eq!(query.body()["device_keys"], json!({"@a:x": []}));
+
+        let one_time_keys = BTreeMap::from([(
+            user_id!("@a:x").to_owned(),
+            BTreeMap::from([(device_id!("D").to_owned(), SIGNED_CURVE25519.to_owned())]),
+        )]);
+        let claim = OutgoingRequest::new(Request::KeysClaim { one_time_keys });
+        assert_eq!(claim.body()["one_time_keys"], json!({"@a:x": {"D": "signed_curve25519"}}));
+
+        let messages =
+            BTreeMap::from([(user_id!("@a:x").to_owned(), BTreeMap::from([("D".to_owned(), json!({"k": 1}))]))]);
+        let to_device = OutgoingRequest::new(Request::ToDevice { event_type: "m.room.encrypted".into(), messages });
+        assert_eq!(to_device.method(), "PUT");
+        assert_eq!(
+            to_device.path(),
+            format!("/_matrix/client/v3/sendToDevice/m.room.encrypted/{}", to_device.request_id)
+        );
+        assert!(to_device.request_id.chars().all(|c| c.is_ascii_alphanumeric()));
+        assert_eq!(to_device.body(), json!({"messages": {"@a:x": {"D": {"k": 1}}}}));
+
+        let upload = OutgoingRequest::new(Request::KeysUpload(KeysUpload::default()));
+        assert_eq!(upload.body(), json!({}), "empty parts are left out");
+    }
+
+    #[test]
+    fn sync_changes_from_a_sync_body() {
+        let sync = json!({
+            "next_batch": "s1",
+            "to_device": {"events": [{"type": "m.dummy", "sender": "@a:x", "content": {}}]},
+            "device_lists": {"changed": ["@a:x", "not a user id"], "left": ["@b:x"]},
+            "device_one_time_keys_count": {"signed_curve25519": 7},
+            "device_unused_fallback_key_types": ["signed_curve25519"],
+        });
+        let changes = SyncChanges::from_sync_response(&sync);
+        assert_eq!(changes.to_device_events.len(), 1);
+        assert_eq!(changes.changed, vec![user_id!("@a:x").to_owned()]);
+        assert_eq!(changes.left, vec![user_id!("@b:x").to_owned()]);
+        assert_eq!(changes.one_time_keys_counts["signed_curve25519"], 7);
+        assert_eq!(changes.unused_fallback_key_types, Some(vec!["signed_curve25519".to_owned()]));
+        // A server that does not report fallback keys: None, not "none left".
+        assert_eq!(SyncChanges::from_sync_response(&json!({})).unused_fallback_key_types, None);
+    }
+}

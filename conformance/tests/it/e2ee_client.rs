@@ -3,12 +3,12 @@
 //! and read each other's encrypted messages; an encrypted attachment goes through the media
 //! repository as a stream; key backup round-trips to a new device.
 
-use std::io::Read;
+use std::io::{Read, Write};
 
 use conformance::{Backend, Server, User, backend_tests, enc};
 use e2ee::{
     EncryptionSettings, OlmMachine, OutgoingRequest, SyncChanges, ToDeviceEvent,
-    attachments::{DecryptingReader, EncryptedFileJson as EncryptedFile, EncryptingReader},
+    attachments::{DecryptingWriter, EncryptedFileJson as EncryptedFile, EncryptingReader},
 };
 use futures_util::StreamExt;
 use reqwest::Method;
@@ -265,56 +265,34 @@ async fn two_clients_exchange_encrypted_messages_and_an_attachment(backend: Back
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    // Chunks go through the decryptor as they arrive (a pipe of bounded chunks: the whole
-    // file is never in memory at once).
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
-    let decrypt = std::thread::spawn(move || {
-        let mut decryptor = DecryptingReader::new(ChannelReader { rx, pending: Vec::new(), offset: 0 }, &file).unwrap();
-        let mut hasher = Sha256::new();
-        let mut total = 0u64;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = decryptor.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-            hasher.update(&buf[..n]);
-        }
-        Ok::<_, std::io::Error>((total, hasher.finalize()))
-    });
+    // Chunks go through the decryptor as they arrive: the whole file is never in memory.
+    let mut decryptor = DecryptingWriter::new(HashingSink::default(), &file).unwrap();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        tx.send(chunk.unwrap().to_vec()).unwrap();
+        decryptor.write_all(&chunk.unwrap()).unwrap();
     }
-    drop(tx);
-    let (total, digest) = decrypt.join().unwrap().expect("the hash matches");
+    let sink = decryptor.finish().expect("the hash matches");
+    let (total, digest) = (sink.len, sink.hasher.finalize());
     assert_eq!(total, len);
     assert_eq!(digest, expected);
 }
 
-/// A `Read` over chunks arriving on a channel.
-struct ChannelReader {
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
-    pending: Vec<u8>,
-    offset: usize,
+/// Counts and hashes what is written to it (stands in for the destination file).
+#[derive(Default)]
+struct HashingSink {
+    len: u64,
+    hasher: Sha256,
 }
 
-impl Read for ChannelReader {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.offset == self.pending.len() {
-            match self.rx.recv() {
-                Ok(chunk) => {
-                    self.pending = chunk;
-                    self.offset = 0;
-                }
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.pending.len() - self.offset);
-        buf[..n].copy_from_slice(&self.pending[self.offset..self.offset + n]);
-        self.offset += n;
-        Ok(n)
+impl std::io::Write for HashingSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.len += data.len() as u64;
+        self.hasher.update(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -600,7 +600,8 @@ impl OlmMachine {
                 return Err(Error::SenderMismatch { owner: device.user_id.to_string(), sender: sender.to_string() });
             }
             Some(device) => {
-                let trust = if device.locally_verified || self.is_cross_signed_by_us(device) {
+                let ours = device.user_id == self.account.user_id && device.device_id == self.account.device_id;
+                let trust = if ours || device.locally_verified || self.is_cross_signed_by_us(device) {
                     SenderTrust::Verified
                 } else {
                     SenderTrust::Unverified

@@ -47,6 +47,10 @@ impl OlmSessions {
         });
     }
 
+    pub fn has_session_id(&self, sender_key: &str, session_id: &str) -> bool {
+        self.by_key.get(sender_key).is_some_and(|s| s.iter().any(|s| s.session.session_id() == session_id))
+    }
+
     pub fn has_session(&self, sender_key: &str) -> bool {
         self.by_key.get(sender_key).is_some_and(|s| !s.is_empty())
     }
@@ -181,6 +185,13 @@ pub(crate) fn decrypt(
     let plaintext = match sessions.decrypt_existing(sender_key, &message) {
         Some(plaintext) => plaintext,
         None => match &message {
+            // Its session exists but did not decrypt it: a duplicate (or replayed) message, not
+            // a broken session, so no new session is made.
+            OlmMessage::PreKey(pre_key) if sessions.has_session_id(sender_key, &pre_key.session_id()) => {
+                return Err(plain(Error::Olm(
+                    "a pre-key message its session cannot decrypt again (duplicate?)".into(),
+                )));
+            }
             OlmMessage::PreKey(pre_key) => {
                 match account.inner.create_inbound_session(SessionConfig::version_1(), sender_curve, pre_key) {
                     Ok(created) => {

@@ -97,8 +97,10 @@ fn megolm_message_round_trip_with_replay_protection() {
     forged["event_id"] = json!("$e3");
     assert!(matches!(bob.decrypt_room_event(room, &forged), Err(Error::SenderMismatch { .. })));
 
-    // Alice reads her own message.
-    assert_eq!(alice.decrypt_room_event(room, &event).unwrap().event["content"]["body"], "hello bob");
+    // Alice reads her own message, from a device she trusts: her own.
+    let own = alice.decrypt_room_event(room, &event).unwrap();
+    assert_eq!(own.event["content"]["body"], "hello bob");
+    assert_eq!(own.trust, SenderTrust::Verified);
 }
 
 #[test]
@@ -225,4 +227,47 @@ fn our_other_devices_get_the_room_key() {
     let event = room_event(content, &alice, "$x", 5);
     assert_eq!(alice2.decrypt_room_event(room, &event).unwrap().event["content"]["body"], "to all");
     assert_eq!(bob.decrypt_room_event(room, &event).unwrap().event["content"]["body"], "to all");
+}
+
+#[test]
+fn garbage_is_an_error_not_a_panic() {
+    let mut server = FakeServer::default();
+    let (mut alice, mut bob) = pair(&mut server);
+    let room = room_id!("!room:localhost");
+    let garbage = [
+        json!(null),
+        json!([]),
+        json!({"type": "m.room.encrypted"}),
+        json!({"type": "m.room.encrypted", "sender": "nope", "content": {"algorithm": "m.olm.v1.curve25519-aes-sha2"}}),
+        json!({"type": "m.room.encrypted", "sender": "@a:x", "content": {"algorithm": "m.olm.v1.curve25519-aes-sha2", "sender_key": "!!", "ciphertext": 5}}),
+        json!({"type": "m.room.encrypted", "sender": "@a:x", "content": {
+            "algorithm": "m.olm.v1.curve25519-aes-sha2", "sender_key": alice.curve25519_key(),
+            "ciphertext": {bob.curve25519_key(): {"type": 0, "body": "AAAA"}}}}),
+        json!({"type": "m.room.encrypted", "sender": "@a:x", "content": {
+            "algorithm": "m.olm.v1.curve25519-aes-sha2", "sender_key": alice.curve25519_key(),
+            "ciphertext": {bob.curve25519_key(): {"type": 7, "body": 1}}}}),
+        json!({"type": "m.key.verification.start", "sender": "@a:x", "content": {"transaction_id": 1}}),
+        json!({"type": "m.key.verification.key", "sender": "@a:x", "content": {"transaction_id": "t", "key": "x"}}),
+    ];
+    let out = bob
+        .receive_sync_changes(crate::SyncChanges { to_device_events: garbage.to_vec(), ..Default::default() })
+        .unwrap();
+    assert_eq!(out.len(), garbage.len());
+    for event in &garbage {
+        assert!(bob.decrypt_room_event(room, event).is_err());
+    }
+    let bad_megolm = [
+        json!({"sender": "@a:x", "event_id": "$1", "origin_server_ts": 1, "content": {"algorithm": "m.megolm.v1.aes-sha2"}}),
+        json!({"sender": "@a:x", "event_id": "$1", "origin_server_ts": 1, "content": {"algorithm": "m.megolm.v1.aes-sha2", "session_id": "s", "ciphertext": "%%%"}}),
+        json!({"sender": "@a:x", "content": {"algorithm": "m.megolm.v1.aes-sha2", "session_id": "s", "ciphertext": "AAAA"}}),
+    ];
+    for event in &bad_megolm {
+        assert!(bob.decrypt_room_event(room, event).is_err());
+    }
+    // Bad answers to our requests do not break the machine either.
+    let requests = alice.outgoing_requests().unwrap();
+    for request in requests {
+        alice.mark_request_as_sent(&request.request_id, &json!({"device_keys": 5, "one_time_keys": [1]})).unwrap();
+    }
+    assert!(matches!(alice.mark_request_as_sent("nope", &json!({})), Err(Error::UnknownRequest(_))));
 }

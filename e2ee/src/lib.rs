@@ -19,6 +19,7 @@ pub mod backup;
 pub mod cross_signing;
 pub mod devices;
 pub mod error;
+mod key_sharing;
 mod machine;
 pub mod megolm;
 mod olm;

@@ -83,6 +83,7 @@ pub struct OlmMachine {
     pub(crate) verifications: Verifications,
     pub(crate) cross_signing: Option<crate::cross_signing::PrivateCrossSigningKeys>,
     pub(crate) backup: Option<crate::backup::BackupKey>,
+    pub(crate) key_requests: crate::key_sharing::KeyRequests,
     in_flight: BTreeMap<String, (OutgoingRequest, InFlight, bool)>,
     /// Sender curve25519 key -> sender user, for wedged sessions awaiting a new session.
     pending_recovery: BTreeMap<String, OwnedUserId>,
@@ -108,6 +109,7 @@ impl OlmMachine {
             verifications: Verifications::default(),
             cross_signing: None,
             backup: None,
+            key_requests: Default::default(),
             in_flight: BTreeMap::new(),
             pending_recovery: BTreeMap::new(),
             recovered_at: HashMap::new(),
@@ -283,6 +285,9 @@ impl OlmMachine {
 
     fn receive_to_device(&mut self, event: Value) -> ToDeviceEvent {
         if event["type"] != "m.room.encrypted" {
+            if event["type"] == "m.room_key_request" {
+                self.receive_key_request(&event);
+            }
             return ToDeviceEvent::PlainText(event);
         }
         if event["content"]["algorithm"] != OLM_V1 {
@@ -322,6 +327,9 @@ impl OlmMachine {
     }
 
     fn handle_decrypted(&mut self, decrypted: &olm::DecryptedOlm) -> Result<()> {
+        if decrypted.event["type"] == "m.forwarded_room_key" {
+            return self.receive_forwarded_room_key(decrypted);
+        }
         if decrypted.event["type"] == "m.room_key" {
             let content = &decrypted.event["content"];
             if content["algorithm"] != MEGOLM_V1 {

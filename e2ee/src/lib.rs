@@ -19,6 +19,7 @@ pub mod backup;
 pub mod cross_signing;
 pub mod devices;
 pub mod error;
+pub mod key_export;
 mod key_sharing;
 mod machine;
 pub mod megolm;

@@ -25,6 +25,9 @@ pub enum Error {
     /// A Megolm message for a session we do not have (yet).
     #[error("unknown Megolm session {session_id} in {room_id}")]
     UnknownMegolmSession { room_id: String, session_id: String },
+    /// The sender told us it will not share this session's key with us (`m.room_key.withheld`).
+    #[error("the room key was withheld: {code}: {reason}")]
+    Withheld { code: String, reason: String },
     /// Megolm decryption failed (bad MAC, index before the first known one, ...).
     #[error("Megolm decryption failed: {0}")]
     Megolm(String),

@@ -288,6 +288,9 @@ impl OlmMachine {
             if event["type"] == "m.room_key_request" {
                 self.receive_key_request(&event);
             }
+            if event["type"] == "m.room_key.withheld" {
+                self.receive_withheld(&event);
+            }
             return ToDeviceEvent::PlainText(event);
         }
         if event["content"]["algorithm"] != OLM_V1 {
@@ -349,6 +352,21 @@ impl OlmMachine {
             self.groups.add_inbound(session);
         }
         Ok(())
+    }
+
+    /// Remembers an `m.room_key.withheld` notice, to explain a missing key later.
+    fn receive_withheld(&mut self, event: &Value) {
+        let content = &event["content"];
+        let (Some(sender), Some(room_id), Some(session_id), Some(code)) = (
+            event["sender"].as_str().and_then(|s| UserId::parse(s).ok()),
+            content["room_id"].as_str().and_then(|r| RoomId::parse(r).ok()),
+            content["session_id"].as_str(),
+            content["code"].as_str(),
+        ) else {
+            return;
+        };
+        let reason = content["reason"].as_str().unwrap_or_default().to_owned();
+        self.groups.withheld.insert((room_id, session_id.to_owned()), (sender, code.to_owned(), reason));
     }
 
     fn note_wedged(&mut self, sender_key: String, sender: OwnedUserId) {
@@ -513,6 +531,8 @@ impl OlmMachine {
             .filter(|(_, r)| !outbound.shared_with.contains(r) && !pending.contains(r))
             .collect();
 
+        let already_withheld = outbound.withheld.clone();
+        let mut withheld = Vec::new();
         let mut requests = Vec::new();
         for chunk in to_share.chunks(MAX_TO_DEVICE_MESSAGES) {
             let mut messages: BTreeMap<OwnedUserId, BTreeMap<String, Value>> = BTreeMap::new();
@@ -526,9 +546,13 @@ impl OlmMachine {
                             .insert(device.device_id.to_string(), content);
                         chunk_recipients.push(recipient.clone());
                     }
-                    // No Olm session (no one-time key could be claimed): it cannot get the key.
+                    // No Olm session (no one-time key could be claimed): it cannot get the key,
+                    // and is told so once, so it can explain the missing key to its user.
                     Err(Error::MissingOlmSession { .. }) => {
-                        tracing::debug!(user = %device.user_id, device = %device.device_id, "no Olm session; room key not shared");
+                        tracing::debug!(user = %device.user_id, device = %device.device_id, "no Olm session; room key withheld");
+                        if !already_withheld.contains(recipient) {
+                            withheld.push(recipient.clone());
+                        }
                     }
                     Err(e) => return Err(e),
                 }
@@ -547,7 +571,41 @@ impl OlmMachine {
                 false,
             ));
         }
+        if !withheld.is_empty() {
+            requests.push(self.withheld_request(&room_id, &session_id, &withheld));
+            if let Some(outbound) = self.groups.outbound.get_mut(&room_id) {
+                outbound.withheld.extend(withheld);
+                self.groups.changed_outbound.insert(room_id.clone());
+            }
+        }
         Ok(requests)
+    }
+
+    /// `m.room_key.withheld` with code `m.no_olm` for devices we could not reach.
+    fn withheld_request(
+        &mut self,
+        room_id: &OwnedRoomId,
+        session_id: &str,
+        recipients: &[Recipient],
+    ) -> OutgoingRequest {
+        let content = json!({
+            "algorithm": MEGOLM_V1,
+            "room_id": room_id,
+            "session_id": session_id,
+            "sender_key": self.curve25519_key(),
+            "from_device": self.device_id(),
+            "code": "m.no_olm",
+            "reason": "Unable to establish a secure channel.",
+        });
+        let mut messages: BTreeMap<OwnedUserId, BTreeMap<String, Value>> = BTreeMap::new();
+        for r in recipients {
+            messages.entry(r.user_id.clone()).or_default().insert(r.device_id.to_string(), content.clone());
+        }
+        self.hand_out(
+            Request::ToDevice { event_type: "m.room_key.withheld".into(), messages },
+            InFlight::ToDevice,
+            false,
+        )
     }
 
     fn create_outbound_session(&mut self, room_id: &OwnedRoomId, settings: EncryptionSettings) -> Result<()> {
@@ -593,7 +651,17 @@ impl OlmMachine {
         let ts =
             event["origin_server_ts"].as_u64().ok_or_else(|| Error::malformed("room event", "no origin_server_ts"))?;
         let room = room_id.to_owned();
-        let (payload, index, info) = self.groups.decrypt(&room, content)?;
+        let (payload, index, info) = match self.groups.decrypt(&room, content) {
+            Err(Error::UnknownMegolmSession { room_id, session_id }) => {
+                return Err(match self.groups.withheld.get(&(room.clone(), session_id.clone())) {
+                    Some((by, code, reason)) if *by == sender => {
+                        Error::Withheld { code: code.clone(), reason: reason.clone() }
+                    }
+                    _ => Error::UnknownMegolmSession { room_id, session_id },
+                });
+            }
+            other => other?,
+        };
         if payload["room_id"].as_str() != Some(room_id.as_str()) {
             return Err(Error::RoomMismatch {
                 claimed: payload["room_id"].as_str().unwrap_or_default().to_owned(),

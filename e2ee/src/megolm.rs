@@ -61,6 +61,8 @@ pub(crate) struct OutboundSession {
     pub settings: EncryptionSettings,
     /// Devices the key was sent to (acknowledged by the server).
     pub shared_with: BTreeSet<Recipient>,
+    /// Devices told `m.room_key.withheld` (no Olm session could be made with them).
+    pub withheld: BTreeSet<Recipient>,
 }
 
 impl OutboundSession {
@@ -72,6 +74,7 @@ impl OutboundSession {
             message_count: 0,
             settings,
             shared_with: BTreeSet::new(),
+            withheld: BTreeSet::new(),
         }
     }
 
@@ -104,6 +107,8 @@ pub(crate) struct OutboundMeta {
     pub message_count: u64,
     pub settings: EncryptionSettings,
     pub shared_with: BTreeSet<Recipient>,
+    #[serde(default)]
+    pub withheld: BTreeSet<Recipient>,
 }
 
 pub(crate) struct InboundSession {
@@ -193,6 +198,8 @@ pub(crate) struct GroupSessions {
     /// Inbound sessions by (room, session id).
     pub inbound: BTreeMap<(OwnedRoomId, String), InboundSession>,
     pub replay: ReplayGuard,
+    /// `m.room_key.withheld` notices: (room, session id) -> (sending user, code, reason).
+    pub withheld: HashMap<(OwnedRoomId, String), (OwnedUserId, String, String)>,
     pub changed_outbound: BTreeSet<OwnedRoomId>,
     pub changed_inbound: BTreeSet<(OwnedRoomId, String)>,
 }

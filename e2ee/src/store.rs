@@ -345,6 +345,7 @@ impl Store {
                             message_count: session.message_count,
                             settings: session.settings,
                             shared_with: session.shared_with.clone(),
+                            withheld: session.withheld.clone(),
                         },
                     };
                     self.put(&mut tx, "outbound_group", room_id.as_str(), &record).await?;
@@ -427,6 +428,7 @@ impl Store {
                     message_count: m.message_count,
                     settings: m.settings,
                     shared_with: m.shared_with,
+                    withheld: m.withheld,
                 },
             );
         }

@@ -271,3 +271,27 @@ fn garbage_is_an_error_not_a_panic() {
     }
     assert!(matches!(alice.mark_request_as_sent("nope", &json!({})), Err(Error::UnknownRequest(_))));
 }
+
+#[test]
+fn a_device_without_keys_is_told_the_key_is_withheld() {
+    let mut server = FakeServer::default();
+    let (mut alice, mut bob) = pair(&mut server);
+    let room = room_id!("!room:localhost");
+    // Bob's device has no one-time keys left and no fallback key on the server.
+    server.one_time_keys.clear();
+    server.fallback_keys.clear();
+    let both = members(&[&alice, &bob]);
+    let claim = alice.get_missing_sessions(&both).unwrap();
+    server.send(&mut alice, &claim);
+    let requests = alice.share_room_key(room, &both, EncryptionSettings::default()).unwrap();
+    assert_eq!(requests.len(), 1);
+    assert!(
+        matches!(&requests[0].request, crate::Request::ToDevice { event_type, .. } if event_type == "m.room_key.withheld")
+    );
+    server.send(&mut alice, &requests[0]);
+    assert!(alice.share_room_key(room, &both, EncryptionSettings::default()).unwrap().is_empty(), "told once");
+    let content = alice.encrypt_room_event(room, "m.room.message", json!({"body": "secret"})).unwrap();
+    server.sync(&mut bob);
+    let event = room_event(content, &alice, "$w", 1);
+    assert!(matches!(bob.decrypt_room_event(room, &event), Err(Error::Withheld { code, .. }) if code == "m.no_olm"));
+}

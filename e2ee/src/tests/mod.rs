@@ -14,8 +14,8 @@ use crate::{OlmMachine, OutgoingRequest, Request, SyncChanges, ToDeviceEvent};
 #[derive(Default)]
 pub(crate) struct FakeServer {
     device_keys: BTreeMap<String, BTreeMap<String, Value>>,
-    one_time_keys: BTreeMap<(String, String), BTreeMap<String, Value>>,
-    fallback_keys: BTreeMap<(String, String), BTreeMap<String, Value>>,
+    pub one_time_keys: BTreeMap<(String, String), BTreeMap<String, Value>>,
+    pub fallback_keys: BTreeMap<(String, String), BTreeMap<String, Value>>,
     inbox: BTreeMap<(String, String), Vec<Value>>,
     changed: Vec<OwnedUserId>,
 }

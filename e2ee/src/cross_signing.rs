@@ -181,12 +181,19 @@ impl OlmMachine {
             .ok_or_else(|| Error::Signature(format!("{user_id} has no master key")))?;
         let (_, master_public) = cross_signing_public_key(&master)?;
         let own: OwnedUserId = self.account.user_id.clone();
-        sign_json(&usk, own.as_str(), &format!("ed25519:{}", usk.public_key().to_base64()), &mut master)?;
+        let usk_id = format!("ed25519:{}", usk.public_key().to_base64());
+        sign_json(&usk, own.as_str(), &usk_id, &mut master)?;
         if let Some(k) = self.devices.cross_signing.get_mut(user_id) {
             k.master = Some(master.clone());
             self.devices.changed.insert(user_id.to_owned());
         }
-        Ok(self.hand_out_signature_upload(json!({ user_id.as_str(): { master_public.to_base64(): master } })))
+        // Upload the key with only our new signature: the server merges it into what it has,
+        // and a server that checks every signature present could not check the owner's
+        // device signature against our keys.
+        let mut upload = master;
+        let ours = upload["signatures"][own.as_str()][&usk_id].clone();
+        upload["signatures"] = json!({ own.as_str(): { usk_id: ours } });
+        Ok(self.hand_out_signature_upload(json!({ user_id.as_str(): { master_public.to_base64(): upload } })))
     }
 
     /// The device's keys carry its owner's self-signing signature, and we trust the owner's

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 
 use conformance::{Backend, Server, User, backend_tests, enc};
 use e2ee::{
-    EncryptionSettings, OlmMachine, OutgoingRequest, SyncChanges, ToDeviceEvent,
+    EncryptionSettings, OlmMachine, OutgoingRequest, SenderTrust, SyncChanges, ToDeviceEvent,
     attachments::{DecryptingWriter, EncryptedFileJson as EncryptedFile, EncryptingReader},
 };
 use futures_util::StreamExt;
@@ -16,7 +16,11 @@ use ruma::{OwnedUserId, RoomId};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-backend_tests!(two_clients_exchange_encrypted_messages_and_an_attachment, key_backup_restores_on_a_new_device);
+backend_tests!(
+    two_clients_exchange_encrypted_messages_and_an_attachment,
+    key_backup_restores_on_a_new_device,
+    cross_signing_and_sas_verification_through_the_server
+);
 
 /// A client: the account on the server, its `OlmMachine`, and its sync position.
 struct Client {
@@ -452,4 +456,87 @@ async fn matrix_js_sdk_reads_our_messages_and_we_read_its() {
     let _ = writeln!(peer.stdin.as_mut().unwrap(), "DONE");
     let status = peer.wait().unwrap();
     assert!(status.success(), "the matrix-js-sdk peer failed: {status}");
+}
+
+async fn cross_signing_and_sas_verification_through_the_server(backend: Backend) {
+    use e2ee::verification::VerificationState;
+    let server = Server::start(backend).await;
+    let mut alice = Client::new(&server, "alice").await;
+    let mut bob = Client::new(&server, "bob").await;
+    let room = encrypted_room(&server, &alice, &bob).await;
+    let members = vec![alice.user_id(), bob.user_id()];
+    alice.sync(&server).await;
+    bob.sync(&server).await;
+
+    // Both publish cross-signing keys and sign their device with them.
+    for client in [&mut alice, &mut bob] {
+        let upload = client.machine.bootstrap_cross_signing().unwrap();
+        server
+            .post(
+                "/_matrix/client/v3/keys/device_signing/upload",
+                Some(&client.user.access_token),
+                upload.device_signing_body,
+            )
+            .await
+            .assert_ok();
+        let answer = client.send(&server, &upload.signatures).await;
+        assert!(answer["failures"].as_object().is_none_or(|f| f.is_empty()), "{answer}");
+    }
+
+    // Bob reads Alice: her device is signed by her self-signing key, but Bob has not vouched
+    // for her master key yet.
+    alice.send_encrypted(&server, &room, &members, json!({"msgtype": "m.text", "body": "signed"})).await;
+    bob.machine.update_tracked_users(members.clone());
+    bob.send_outgoing(&server).await;
+    let (response, _) = bob.sync(&server).await;
+    let event = response["rooms"]["join"][room.as_str()]["timeline"]["events"]
+        .as_array()
+        .and_then(|events| events.iter().find(|e| e["type"] == "m.room.encrypted").cloned())
+        .expect("Alice's message");
+    assert_eq!(bob.machine.decrypt_room_event(&room, &event).unwrap().trust, SenderTrust::Unverified);
+    let sign = bob.machine.sign_user(alice.user.user_id.as_str().try_into().unwrap()).unwrap();
+    let answer = bob.send(&server, &sign).await;
+    assert!(answer["failures"].as_object().is_none_or(|f| f.is_empty()), "{answer}");
+    assert_eq!(bob.machine.decrypt_room_event(&room, &event).unwrap().trust, SenderTrust::Verified);
+    // The server kept Bob's signature on Alice's master key.
+    let query = server
+        .post(
+            "/_matrix/client/v3/keys/query",
+            Some(&bob.user.access_token),
+            json!({"device_keys": {(alice.user.user_id.as_str()): []}}),
+        )
+        .await;
+    let signatures =
+        &query.assert_ok()["master_keys"][alice.user.user_id.as_str()]["signatures"][bob.user.user_id.as_str()];
+    assert!(signatures.as_object().is_some_and(|s| !s.is_empty()), "{}", query.body);
+
+    // SAS verification of Bob's device by Alice, over the server's to-device messages.
+    alice.machine.update_tracked_users(members.clone());
+    alice.send_outgoing(&server).await;
+    let txn = alice.machine.request_verification(&bob.user_id(), &bob.user.device_id);
+    alice.send_outgoing(&server).await;
+    bob.sync(&server).await;
+    assert_eq!(bob.machine.incoming_verification_requests().len(), 1);
+    bob.machine.accept_verification(&txn).unwrap();
+    bob.send_outgoing(&server).await;
+    for _ in 0..4 {
+        alice.sync(&server).await;
+        bob.sync(&server).await;
+    }
+    assert_eq!(alice.machine.verification_state(&txn), Some(VerificationState::ShowSas));
+    assert_eq!(bob.machine.verification_state(&txn), Some(VerificationState::ShowSas));
+    let emoji = alice.machine.sas_emoji(&txn).unwrap();
+    assert_eq!(Some(emoji), bob.machine.sas_emoji(&txn));
+    alice.machine.confirm_verification(&txn).unwrap();
+    bob.machine.confirm_verification(&txn).unwrap();
+    alice.send_outgoing(&server).await;
+    bob.send_outgoing(&server).await;
+    for _ in 0..2 {
+        alice.sync(&server).await;
+        bob.sync(&server).await;
+    }
+    assert_eq!(alice.machine.verification_state(&txn), Some(VerificationState::Done));
+    assert_eq!(bob.machine.verification_state(&txn), Some(VerificationState::Done));
+    assert!(alice.machine.get_device(&bob.user_id(), &bob.user.device_id).unwrap().locally_verified);
+    assert!(bob.machine.get_device(&alice.user_id(), &alice.user.device_id).unwrap().locally_verified);
 }

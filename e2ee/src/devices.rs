@@ -102,6 +102,9 @@ pub struct KeysQueryOutcome {
     pub rejected: Vec<(OwnedUserId, String, String)>,
 }
 
+/// How long a user whose server failed a query waits before being asked again.
+const QUERY_RETRY_MS: u64 = 60_000;
+
 #[derive(Debug, Default)]
 pub struct DeviceStore {
     pub(crate) devices: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, Device>>,
@@ -109,6 +112,10 @@ pub struct DeviceStore {
     /// staleness only if the counter is still the one it was sent with.
     pub(crate) tracked: BTreeMap<OwnedUserId, u64>,
     pub(crate) fresh: BTreeMap<OwnedUserId, u64>,
+    /// Users a query did not answer for (their server failed): (counter, when). They are not
+    /// asked again for a while unless their list changes, so a failing server does not turn
+    /// every `outgoing_requests` into a new query.
+    pub(crate) failed: BTreeMap<OwnedUserId, (u64, u64)>,
     pub(crate) cross_signing: BTreeMap<OwnedUserId, CrossSigningKeys>,
     /// Users whose records changed since the last save.
     pub(crate) changed: BTreeSet<OwnedUserId>,
@@ -169,9 +176,13 @@ impl DeviceStore {
 
     /// Tracked users whose device lists need a query, with the counter to clear.
     pub fn stale_users(&self) -> Vec<(OwnedUserId, u64)> {
+        let now = crate::types::now_ms();
         self.tracked
             .iter()
             .filter(|(user, counter)| self.fresh.get(*user) != Some(counter))
+            .filter(|(user, counter)| {
+                !self.failed.get(*user).is_some_and(|(c, at)| c == *counter && now.saturating_sub(*at) < QUERY_RETRY_MS)
+            })
             .map(|(u, c)| (u.clone(), *c))
             .collect()
     }
@@ -185,15 +196,13 @@ impl DeviceStore {
             .map(|f| f.keys().map(String::as_str).collect())
             .unwrap_or_default();
         for (user_id, counter) in queried {
-            if failed_servers.contains(user_id.server_name().as_str()) {
-                continue;
-            }
-            let Some(listed) =
-                response.get("device_keys").and_then(|d| d.get(user_id.as_str())).and_then(Value::as_object)
-            else {
-                // Not answered for this user: leave the list stale and try again later.
+            let listed = response.get("device_keys").and_then(|d| d.get(user_id.as_str())).and_then(Value::as_object);
+            let Some(listed) = listed.filter(|_| !failed_servers.contains(user_id.server_name().as_str())) else {
+                // Not answered for this user: the list stays stale, asked again later.
+                self.failed.insert(user_id.clone(), (*counter, crate::types::now_ms()));
                 continue;
             };
+            self.failed.remove(user_id);
             let known = self.devices.entry(user_id.clone()).or_default();
             let mut seen = BTreeSet::new();
             for (device_id, keys) in listed {
@@ -311,6 +320,19 @@ mod tests {
         store.stop_tracking(&[bob.to_owned()]);
         assert!(store.get(bob, "B2").is_none());
         assert!(store.stale_users().is_empty());
+    }
+
+    #[test]
+    fn an_unanswered_user_is_not_asked_again_at_once() {
+        let remote = user_id!("@carol:remote.example");
+        let mut store = DeviceStore::default();
+        store.track([remote.to_owned()]);
+        let stale = store.stale_users();
+        store.receive_keys_query(&stale, &json!({"device_keys": {}, "failures": {"remote.example": {}}}));
+        assert!(store.stale_users().is_empty(), "backing off");
+        // A new change to the list asks again.
+        store.mark_changed(&[remote.to_owned()]);
+        assert_eq!(store.stale_users().len(), 1);
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //   -> JOINED                             joined, the room is encrypted for our crypto
 //   -> GOT <body>                         decrypted the first m.room.message from RUST_USER
 //   -> SENT <event_id>                    sent an encrypted reply
+//   (the Rust client asks to verify our device: we accept, it starts SAS)
+//   -> SAS <emoji names, comma-separated> the SAS we show; we confirm it
+//   -> VERIFIED                           the verification finished on our side
 //   <- DONE (or stdin closes)             stop
 //
 // Run from a directory whose node_modules holds matrix-js-sdk (the test links the shared
@@ -38,6 +41,8 @@ for (const m of ["trace", "debug", "info", "warn", "log"]) {
     if (typeof logger[m] === "function") logger[m] = () => {};
 }
 const { createClient, RoomEvent, RoomMemberEvent } = sdk;
+const { CryptoEvent } = await import("matrix-js-sdk/lib/crypto-api/index.js");
+const { VerifierEvent } = await import("matrix-js-sdk/lib/crypto-api/verification.js");
 
 const { values: args } = parseArgs({
     options: {
@@ -107,6 +112,8 @@ const fromRust = [];
 client.on(RoomEvent.Timeline, (event, room) => {
     if (room?.roomId === args.room && event.getSender() === args["rust-user"]) fromRust.push(event);
 });
+const verificationRequests = [];
+client.on(CryptoEvent.VerificationRequestReceived, (request) => verificationRequests.push(request));
 await client.startClient({ initialSyncLimit: 20, lazyLoadMembers: false, pollTimeout: 5_000 });
 // Our device keys must be on the server before the Rust side queries them.
 await waitFor("our device keys on the server", async () => {
@@ -128,6 +135,19 @@ try {
 
     const { event_id: eventId } = await client.sendMessage(args.room, { msgtype: "m.text", body: args.reply });
     say(`SENT ${eventId}`);
+
+    // SAS verification, requested by the Rust client.
+    const request = await waitFor("a verification request", () =>
+        verificationRequests.find((r) => r.otherUserId === args["rust-user"]),
+    );
+    await request.accept();
+    const verifier = await waitFor("the Rust client to start SAS", () => request.verifier);
+    verifier.on(VerifierEvent.ShowSas, (sas) => {
+        say(`SAS ${sas.sas.emoji.map(([, name]) => name).join(",")}`);
+        sas.confirm().catch((e) => fail(`confirm: ${e.message}`));
+    });
+    await verifier.verify();
+    say("VERIFIED");
 } catch (e) {
     fail(e.message);
 }

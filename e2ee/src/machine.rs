@@ -40,6 +40,14 @@ enum InFlight {
     BackupKeys { sessions: Vec<(OwnedRoomId, String)> },
 }
 
+struct Pending {
+    request: OutgoingRequest,
+    kind: InFlight,
+    /// Returned by `outgoing_requests` (others were returned by the call that made them).
+    from_outgoing: bool,
+    seq: u64,
+}
+
 /// A to-device event after decryption.
 #[derive(Debug, Clone)]
 pub enum ToDeviceEvent {
@@ -84,7 +92,11 @@ pub struct OlmMachine {
     pub(crate) cross_signing: Option<crate::cross_signing::PrivateCrossSigningKeys>,
     pub(crate) backup: Option<crate::backup::BackupKey>,
     pub(crate) key_requests: crate::key_sharing::KeyRequests,
-    in_flight: BTreeMap<String, (OutgoingRequest, InFlight, bool)>,
+    /// Requests handed out and not yet answered, by request id.
+    in_flight: BTreeMap<String, Pending>,
+    /// Hands out requests in the order they were made: to-device messages of one flow (a
+    /// verification's `mac` then `done`) must reach the other side in that order.
+    next_seq: u64,
     /// Sender curve25519 key -> sender user, for wedged sessions awaiting a new session.
     pending_recovery: BTreeMap<String, OwnedUserId>,
     /// Sender curve25519 key -> when we last replaced a wedged session with it.
@@ -111,6 +123,7 @@ impl OlmMachine {
             backup: None,
             key_requests: Default::default(),
             in_flight: BTreeMap::new(),
+            next_seq: 0,
             pending_recovery: BTreeMap::new(),
             recovered_at: HashMap::new(),
             queued: Vec::new(),
@@ -161,15 +174,21 @@ impl OlmMachine {
 
     fn hand_out(&mut self, request: Request, kind: InFlight, from_outgoing: bool) -> OutgoingRequest {
         let request = OutgoingRequest::new(request);
-        self.in_flight.insert(request.request_id.clone(), (request.clone(), kind, from_outgoing));
+        self.track_in_flight(request.clone(), kind, from_outgoing);
         request
+    }
+
+    fn track_in_flight(&mut self, request: OutgoingRequest, kind: InFlight, from_outgoing: bool) {
+        self.next_seq += 1;
+        let pending = Pending { request, kind, from_outgoing, seq: self.next_seq };
+        self.in_flight.insert(pending.request.request_id.clone(), pending);
     }
 
     /// Requests to send now: key uploads, device list queries, one-time key claims for
     /// wedged sessions, and queued to-device messages. Requests not yet marked as sent are
     /// returned again (same id), so a failed send is simply retried.
     pub fn outgoing_requests(&mut self) -> Result<Vec<OutgoingRequest>> {
-        let busy = |machine: &Self, f: fn(&InFlight) -> bool| machine.in_flight.values().any(|(_, k, _)| f(k));
+        let busy = |machine: &Self, f: fn(&InFlight) -> bool| machine.in_flight.values().any(|p| f(&p.kind));
         if !busy(self, |k| matches!(k, InFlight::KeysUpload))
             && let Some(upload) = self.account.keys_for_upload()?
         {
@@ -179,7 +198,7 @@ impl OlmMachine {
         let querying: BTreeSet<OwnedUserId> = self
             .in_flight
             .values()
-            .filter_map(|(_, k, _)| match k {
+            .filter_map(|p| match &p.kind {
                 InFlight::KeysQuery(users) => Some(users.iter().map(|(u, _)| u.clone())),
                 _ => None,
             })
@@ -197,16 +216,17 @@ impl OlmMachine {
             self.hand_out(claim, InFlight::KeysClaim { recovery: true }, true);
         }
         for (request, kind) in std::mem::take(&mut self.queued) {
-            self.in_flight.insert(request.request_id.clone(), (request, kind, true));
+            self.track_in_flight(request, kind, true);
         }
-        Ok(self.in_flight.values().filter(|(_, _, from_outgoing)| *from_outgoing).map(|(r, _, _)| r.clone()).collect())
+        let mut pending: Vec<&Pending> = self.in_flight.values().filter(|p| p.from_outgoing).collect();
+        pending.sort_by_key(|p| p.seq);
+        Ok(pending.into_iter().map(|p| p.request.clone()).collect())
     }
 
     /// The answer (JSON body of a 2xx response) to a request we handed out.
     pub fn mark_request_as_sent(&mut self, request_id: &str, response: &Value) -> Result<()> {
-        let (_, kind, _) =
-            self.in_flight.remove(request_id).ok_or_else(|| Error::UnknownRequest(request_id.to_owned()))?;
-        match kind {
+        let pending = self.in_flight.remove(request_id).ok_or_else(|| Error::UnknownRequest(request_id.to_owned()))?;
+        match pending.kind {
             InFlight::KeysUpload => {
                 let counts = counts_of(&response["one_time_key_counts"]);
                 self.account.mark_keys_as_published(&counts);
@@ -515,7 +535,7 @@ impl OlmMachine {
         let pending: BTreeSet<&Recipient> = self
             .in_flight
             .values()
-            .filter_map(|(_, k, _)| match k {
+            .filter_map(|p| match &p.kind {
                 InFlight::RoomKeyShare { session_id: s, recipients, .. } if *s == session_id => Some(recipients.iter()),
                 _ => None,
             })

@@ -377,11 +377,14 @@ fn expect_line(lines: &std::sync::mpsc::Receiver<String>, prefix: &str) -> Strin
 }
 
 /// Interop with matrix-js-sdk's Rust crypto: it decrypts a Megolm message our crate
-/// encrypted (room key shared by our Olm), and we decrypt its reply. One backend suffices:
+/// encrypted (room key shared by our Olm), we decrypt its reply, and we verify its device with
+/// SAS emoji. One backend suffices:
 /// this is about the two crypto implementations, not the database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn matrix_js_sdk_reads_our_messages_and_we_read_its() {
     use std::io::{BufRead, BufReader, Write};
+
+    use e2ee::verification::VerificationState;
     let install = js_sdk_install();
     let server = Server::start(Backend::Sqlite).await;
     let mut rusty = Client::new(&server, "rusty").await;
@@ -452,6 +455,36 @@ async fn matrix_js_sdk_reads_our_messages_and_we_read_its() {
     }
     let reply = reply.expect("the matrix-js-sdk reply reached us");
     assert_eq!(reply["content"]["body"], "hello from matrix-js-sdk");
+
+    // SAS verification of its device: we request and start, it accepts; both show the same
+    // emoji and confirm.
+    let js_device = ready["device_id"].as_str().unwrap().to_owned();
+    let txn = rusty.machine.request_verification(&js_user, &js_device);
+    rusty.send_outgoing(&server).await;
+    let mut their_sas = None;
+    for _ in 0..40 {
+        rusty.sync(&server).await;
+        if rusty.machine.verification_state(&txn) == Some(VerificationState::ShowSas) {
+            their_sas = Some(expect_line(&lines, "SAS"));
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    let their_sas = their_sas.unwrap_or_else(|| panic!("no SAS; state {:?}", rusty.machine.verification_state(&txn)));
+    let ours: Vec<&str> = rusty.machine.sas_emoji(&txn).unwrap().iter().map(|(_, name)| *name).collect();
+    assert_eq!(their_sas, ours.join(","), "both sides show the same emoji");
+    rusty.machine.confirm_verification(&txn).unwrap();
+    rusty.send_outgoing(&server).await;
+    for _ in 0..40 {
+        rusty.sync(&server).await;
+        if rusty.machine.verification_state(&txn) == Some(VerificationState::Done) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert_eq!(rusty.machine.verification_state(&txn), Some(VerificationState::Done));
+    assert!(rusty.machine.get_device(&js_user, &js_device).unwrap().locally_verified);
+    expect_line(&lines, "VERIFIED");
 
     let _ = writeln!(peer.stdin.as_mut().unwrap(), "DONE");
     let status = peer.wait().unwrap();

@@ -4,11 +4,8 @@
 //! private key.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
 };
 
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, UserId, serde::Base64, signatures::verify_json};
@@ -16,6 +13,7 @@ use serde_json::{Map, Value as JsonValue, json};
 
 use super::{
     Services,
+    cache::Cache,
     notifier::{Change, Sections},
 };
 use crate::{
@@ -77,43 +75,24 @@ pub struct KeyCounts {
 }
 
 /// [`KeyCounts`] per device, read once and kept until keys are uploaded or claimed.
-#[derive(Default)]
-pub struct KeyCountCache {
-    /// Bumped by every invalidation: a read that raced with one is not cached.
-    generation: AtomicU64,
-    counts: Mutex<HashMap<(String, String), Arc<KeyCounts>>>,
-}
+pub type KeyCountCache = Cache<(String, String), Arc<KeyCounts>>;
 
-/// Devices whose counts are kept; past this the cache starts over.
-const MAX_CACHED_KEY_COUNTS: usize = 100_000;
-
-impl KeyCountCache {
-    fn forget(&self, user_id: &str, device_id: &str) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        self.counts.lock().unwrap_or_else(|e| e.into_inner()).remove(&(user_id.to_owned(), device_id.to_owned()));
-    }
-}
+/// Devices whose counts are kept.
+pub const MAX_CACHED_KEY_COUNTS: usize = 100_000;
 
 impl Services {
     /// The key counts of a device for a sync response.
     pub async fn key_counts(&self, user_id: &str, device_id: &str) -> Result<Arc<KeyCounts>> {
-        let cache = &self.key_counts;
         let key = (user_id.to_owned(), device_id.to_owned());
-        if let Some(hit) = cache.counts.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
-            return Ok(hit.clone());
+        if let Some(hit) = self.key_counts.get(&key) {
+            return Ok(hit);
         }
-        let generation = cache.generation.load(Ordering::SeqCst);
+        let generation = self.key_counts.generation();
         let counts = Arc::new(KeyCounts {
             one_time: self.store.one_time_key_counts(user_id, device_id).await?,
             unused_fallback: self.store.unused_fallback_algorithms(user_id, device_id).await?,
         });
-        let mut map = cache.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.generation.load(Ordering::SeqCst) == generation {
-            if map.len() >= MAX_CACHED_KEY_COUNTS {
-                map.clear();
-            }
-            map.insert(key, counts.clone());
-        }
+        self.key_counts.insert_if_unchanged(key, counts.clone(), generation);
         Ok(counts)
     }
 
@@ -131,7 +110,7 @@ impl Services {
     pub async fn devices_removed(&self, user_id: &str, device_ids: &[String]) -> Result<()> {
         for device_id in device_ids {
             self.store.delete_device_e2ee(user_id, device_id).await?;
-            self.key_counts.forget(user_id, device_id);
+            self.key_counts.forget(&(user_id.to_owned(), device_id.to_owned()));
         }
         if !device_ids.is_empty() {
             self.announce_device_change(user_id).await?;
@@ -185,7 +164,7 @@ impl Services {
             let algorithm = key_id.split(':').next().unwrap_or_default().to_owned();
             self.store.set_fallback_key(user_id.as_str(), device_id, &algorithm, &key_id, &key.to_string()).await?;
         }
-        self.key_counts.forget(user_id.as_str(), device_id);
+        self.key_counts.forget(&(user_id.to_string(), device_id.to_owned()));
         Ok(self.key_counts(user_id.as_str(), device_id).await?.one_time.iter().cloned().collect())
     }
 
@@ -218,7 +197,7 @@ impl Services {
         let mut out: BTreeMap<String, BTreeMap<String, Map<String, JsonValue>>> = BTreeMap::new();
         for (user_id, device_id, algorithm) in wanted {
             let claimed = self.store.claim_one_time_key(&user_id, &device_id, &algorithm).await?;
-            self.key_counts.forget(&user_id, &device_id);
+            self.key_counts.forget(&(user_id.clone(), device_id.clone()));
             if let Some((key_id, json)) = claimed {
                 let key: JsonValue = serde_json::from_str(&json).unwrap_or_default();
                 out.entry(user_id).or_default().entry(device_id).or_default().insert(key_id, key);

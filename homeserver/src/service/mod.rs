@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod cache;
 pub mod credentials;
 pub mod devices;
 pub mod events;
@@ -42,6 +43,8 @@ pub struct Services {
     room_locks: timeline::RoomLocks,
     pub room_cache: room_cache::RoomCaches,
     key_counts: keys::KeyCountCache,
+    /// Each user's rooms with their membership, for syncs (see `rooms_of_user`).
+    user_rooms: cache::Cache<String, Arc<Vec<(String, String)>>>,
     presence_touches: presence::PresenceTouches,
     push_rule_cache: push::PushRuleCache,
 }
@@ -64,7 +67,8 @@ impl Services {
             media,
             room_locks: timeline::RoomLocks::default(),
             room_cache: room_cache::RoomCaches::default(),
-            key_counts: keys::KeyCountCache::default(),
+            key_counts: keys::KeyCountCache::new(keys::MAX_CACHED_KEY_COUNTS),
+            user_rooms: cache::Cache::new(100_000),
             presence_touches: presence::PresenceTouches::default(),
         }
     }

@@ -261,9 +261,9 @@ impl Services {
         if let Ok(user) = OwnedUserId::try_from(user) {
             changes.push(Change::user(user, sections));
         }
-        for (room_id, membership) in self.store.rooms_for_user(user).await? {
+        for (room_id, membership) in self.rooms_of_user(user).await?.iter() {
             if (membership == "join" || membership == "invite")
-                && let Ok(room_id) = OwnedRoomId::try_from(room_id)
+                && let Ok(room_id) = OwnedRoomId::try_from(room_id.as_str())
             {
                 changes.push(Change::room(room_id, sections));
             }

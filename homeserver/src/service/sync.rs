@@ -159,11 +159,11 @@ impl Services {
     /// Registers a sync's interest in the user and their joined and invited rooms.
     async fn watch(&self, user_id: &OwnedUserId) -> Result<Watch> {
         let mut rooms = HashMap::new();
-        for (room_id, membership) in self.store.rooms_for_user(user_id.as_str()).await? {
+        for (room_id, membership) in self.rooms_of_user(user_id.as_str()).await?.iter() {
             if (membership == "join" || membership == "invite")
-                && let Ok(room_id) = OwnedRoomId::try_from(room_id)
+                && let Ok(room_id) = OwnedRoomId::try_from(room_id.as_str())
             {
-                rooms.insert(room_id, membership);
+                rooms.insert(room_id, membership.clone());
             }
         }
         let mut scopes: Vec<Scope> = rooms.keys().cloned().map(Scope::Room).collect();

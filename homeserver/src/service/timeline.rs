@@ -96,6 +96,19 @@ impl Services {
         Ok(version)
     }
 
+    /// A user's rooms with their membership (`join`, `invite`, `leave`, `ban`, ...), cached
+    /// until the user's membership anywhere changes.
+    pub async fn rooms_of_user(&self, user_id: &str) -> Result<Arc<Vec<(String, String)>>> {
+        let key = user_id.to_owned();
+        if let Some(hit) = self.user_rooms.get(&key) {
+            return Ok(hit);
+        }
+        let generation = self.user_rooms.generation();
+        let rooms = Arc::new(self.store.rooms_for_user(user_id).await?);
+        self.user_rooms.insert_if_unchanged(key, rooms.clone(), generation);
+        Ok(rooms)
+    }
+
     /// A current state event, through the room cache. Only for the append path, under the
     /// room lock, which keeps the cache exact.
     async fn cached_state_event(&self, room_id: &RoomId, kind: &str, key: &str) -> Result<Option<Arc<EventRow>>> {
@@ -359,6 +372,7 @@ impl Services {
             // must pick up the room (an invite, a join, a kick).
             changes[0].sections |= Sections::DEVICE_LISTS;
             if let Some(target) = draft.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok()) {
+                self.user_rooms.forget(&target.to_string());
                 changes.push(Change::user(target, Sections::MEMBERSHIP));
             }
         }

@@ -8,7 +8,7 @@
 //!
 //! [`Store::save`] writes only what changed since the last save, in one transaction.
 
-use std::{collections::BTreeMap, path::Path, str::FromStr};
+use std::{collections::BTreeMap, path::Path};
 
 use chacha20poly1305::{
     XChaCha20Poly1305, XNonce,
@@ -211,7 +211,9 @@ impl Store {
     }
 
     async fn pool(path: &Path) -> Result<SqlitePool> {
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+        // `filename` takes the path as is (a URL would need escaping for spaces or `?`).
+        let options = SqliteConnectOptions::new()
+            .filename(path)
             .create_if_missing(true)
             .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
             .synchronous(sqlx::sqlite::SqliteSynchronous::Full);
@@ -482,7 +484,7 @@ mod tests {
     #[tokio::test]
     async fn a_reloaded_machine_carries_on() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("alice.db");
+        let path = dir.path().join("a store? with #odd name.db");
         let key = StoreKey::random();
         let mut server = FakeServer::default();
         let mut alice = OlmMachine::new("@alice:localhost".try_into().unwrap(), "ALICE1".into());

@@ -74,6 +74,16 @@ impl StoreKey {
     }
 }
 
+/// Where the caller keeps the store key outside the store: the OS keyring (Secret Service,
+/// Keychain, Credential Manager) in the desktop client. The crate has no keyring code of its
+/// own; the client implements this over the platform's API.
+pub trait KeyringHook {
+    /// The saved key, if there is one.
+    fn load(&self) -> Result<Option<[u8; 32]>>;
+    /// Saves a newly made key; called before the store is created with it.
+    fn save(&self, key: &[u8; 32]) -> Result<()>;
+}
+
 struct Cipher {
     aead: XChaCha20Poly1305,
     id_key: Zeroizing<[u8; 32]>,
@@ -183,6 +193,20 @@ impl Store {
     pub async fn open(path: &Path, key: StoreKey) -> Result<Self> {
         let pool = Self::pool(path).await?;
         Self::with_pool(pool, key).await
+    }
+
+    /// Opens the store with the key from `keyring`, making and saving a random key on first
+    /// use. A key saved but then lost from the keyring leaves the store unopenable by design.
+    pub async fn open_with_keyring(path: &Path, keyring: &dyn KeyringHook) -> Result<Self> {
+        let key = match keyring.load()? {
+            Some(bytes) => StoreKey::from_bytes(bytes),
+            None => {
+                let key = StoreKey::random();
+                keyring.save(key.as_bytes())?;
+                key
+            }
+        };
+        Self::open(path, key).await
     }
 
     /// Opens the store with a passphrase: the argon2id salt is kept in the file.
@@ -552,6 +576,33 @@ mod tests {
         assert!(matches!(Store::open(&path, StoreKey::random()).await, Err(Error::StoreCorrupt(_))));
         let store = Store::open_with_passphrase(&path, "correct horse").await.unwrap();
         assert_eq!(store.load().await.unwrap().unwrap().ed25519_key(), machine.ed25519_key());
+    }
+
+    #[tokio::test]
+    async fn keyring_hook_makes_saves_and_reuses_the_key() {
+        struct Memory(std::sync::Mutex<Option<[u8; 32]>>);
+        impl KeyringHook for Memory {
+            fn load(&self) -> Result<Option<[u8; 32]>> {
+                Ok(*self.0.lock().unwrap())
+            }
+            fn save(&self, key: &[u8; 32]) -> Result<()> {
+                *self.0.lock().unwrap() = Some(*key);
+                Ok(())
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let keyring = Memory(std::sync::Mutex::new(None));
+        let store = Store::open_with_keyring(&path, &keyring).await.unwrap();
+        let mut machine = OlmMachine::new("@a:localhost".try_into().unwrap(), "D".into());
+        store.save(&mut machine).await.unwrap();
+        store.close().await;
+        assert!(keyring.0.lock().unwrap().is_some(), "the new key was saved");
+        let store = Store::open_with_keyring(&path, &keyring).await.unwrap();
+        assert_eq!(store.load().await.unwrap().unwrap().ed25519_key(), machine.ed25519_key());
+        store.close().await;
+        let lost = Memory(std::sync::Mutex::new(None));
+        assert!(matches!(Store::open_with_keyring(&path, &lost).await, Err(Error::StoreCorrupt(_))));
     }
 
     #[test]

@@ -98,9 +98,9 @@ pub struct OlmMachine {
     /// verification's `mac` then `done`) must reach the other side in that order.
     next_seq: u64,
     /// Sender curve25519 key -> sender user, for wedged sessions awaiting a new session.
-    pending_recovery: BTreeMap<String, OwnedUserId>,
+    pub(crate) pending_recovery: BTreeMap<String, OwnedUserId>,
     /// Sender curve25519 key -> when we last replaced a wedged session with it.
-    recovered_at: HashMap<String, u64>,
+    pub(crate) recovered_at: HashMap<String, u64>,
     /// Requests made outside `outgoing_requests` (dummies, verification) waiting to be handed out.
     queued: Vec<(OutgoingRequest, InFlight)>,
     pub(crate) account_changed: bool,

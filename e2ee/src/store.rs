@@ -182,6 +182,15 @@ struct ReplayRecord {
     ts: u64,
 }
 
+/// Flows in progress: open room key requests and wedged-session recoveries (small, so written
+/// whole at every save).
+#[derive(Serialize, Deserialize, Default)]
+struct FlowsRecord {
+    key_requests: Vec<(OwnedRoomId, String, String)>,
+    pending_recovery: Vec<(String, OwnedUserId)>,
+    recovered_at: Vec<(String, u64)>,
+}
+
 pub struct Store {
     pool: SqlitePool,
     cipher: Cipher,
@@ -330,6 +339,17 @@ impl Store {
             self.put(&mut tx, "meta", "cross_signing", &machine.cross_signing).await?;
             self.put(&mut tx, "meta", "backup", &machine.backup).await?;
         }
+        let flows = FlowsRecord {
+            key_requests: machine
+                .key_requests
+                .outgoing
+                .iter()
+                .map(|((r, s), id)| (r.clone(), s.clone(), id.clone()))
+                .collect(),
+            pending_recovery: machine.pending_recovery.iter().map(|(k, u)| (k.clone(), u.clone())).collect(),
+            recovered_at: machine.recovered_at.iter().map(|(k, t)| (k.clone(), *t)).collect(),
+        };
+        self.put(&mut tx, "meta", "flows", &flows).await?;
         for (sender_key, session_id) in &machine.sessions.changed {
             let Some(stored) = machine
                 .sessions
@@ -425,6 +445,10 @@ impl Store {
         let mut machine = OlmMachine::from_parts(account);
         machine.cross_signing = self.get("meta", "cross_signing").await?.flatten();
         machine.backup = self.get("meta", "backup").await?.flatten();
+        let flows: FlowsRecord = self.get("meta", "flows").await?.unwrap_or_default();
+        machine.key_requests.outgoing = flows.key_requests.into_iter().map(|(r, s, id)| ((r, s), id)).collect();
+        machine.pending_recovery = flows.pending_recovery.into_iter().collect();
+        machine.recovered_at = flows.recovered_at.into_iter().collect();
         for record in self.all::<SessionRecord>("olm_session").await? {
             machine.sessions.by_key.entry(record.sender_key).or_default().push(StoredSession {
                 session: Session::from_pickle(record.pickle),
@@ -547,13 +571,14 @@ mod tests {
         let event = |content: &serde_json::Value, id: &str| json!({"type": "m.room.encrypted", "sender": "@alice:localhost", "event_id": id, "origin_server_ts": 1, "content": content});
         assert_eq!(bob.decrypt_room_event(room, &event(&second, "$2")).unwrap().event["content"]["body"], "two");
         assert_eq!(alice.decrypt_room_event(room, &event(&first, "$1")).unwrap().event["content"]["body"], "one");
+        // Replay records and open key requests survive a restart.
+        assert!(alice.request_room_key(room_id!("!elsewhere:localhost"), "missing").is_some());
         store.save(&mut alice).await.unwrap();
         store.close().await;
-
-        // Replay records survive a restart.
         let store = Store::open(&path, key).await.unwrap();
         let mut alice = store.load().await.unwrap().unwrap();
         assert!(matches!(alice.decrypt_room_event(room, &event(&first, "$other")), Err(Error::Replay { .. })));
+        assert!(alice.request_room_key(room_id!("!elsewhere:localhost"), "missing").is_none(), "asked already");
         store.close().await;
 
         // Nothing readable in the file.

@@ -42,7 +42,14 @@ pub fn check_signature(object: &JsonValue, signer: &str, key_id: &str, public_ke
     set.insert(key_id.to_owned(), key);
     let mut map = BTreeMap::new();
     map.insert(signer.to_owned(), set);
-    verify_json(&map, &canonical(object)?)
+    // ruma's verify_json wants keys for every entity that signed the object; only this
+    // signer's signature is checked here, so the others (e.g. the owner's own signatures on
+    // a master key that another user signs) are left out of the copy that is verified.
+    let mut only_signer = object.clone();
+    if let Some(signatures) = only_signer.get_mut("signatures").and_then(JsonValue::as_object_mut) {
+        signatures.retain(|entity, _| entity == signer);
+    }
+    verify_json(&map, &canonical(&only_signer)?)
         .map_err(|e| Error::InvalidSignature(format!("Signature by {key_id} does not verify: {e}")))
 }
 

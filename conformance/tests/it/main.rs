@@ -13,6 +13,7 @@ mod operations;
 mod presence;
 mod profile;
 mod push;
+mod pushers;
 mod register;
 mod room_extras;
 mod rooms;

@@ -129,6 +129,8 @@ pub fn router(services: Arc<Services>) -> Router {
     r = ruma_route::<push::get_pushrule_actions::v3::Request, _, _>(r, pu::actions);
     r = ruma_route::<push::set_pushrule_actions::v3::Request, _, _>(r, pu::set_actions);
     r = ruma_route::<push::get_notifications::v3::Request, _, _>(r, pu::notifications);
+    r = ruma_route::<push::get_pushers::v3::Request, _, _>(r, pu::pushers);
+    r = ruma_route::<push::set_pusher::v3::Request, _, _>(r, pu::set_pusher);
     r = ruma_route::<membership::forget_room::v3::Request, _, _>(r, rm::forget);
     r = ruma_route::<tag::get_tags::v3::Request, _, _>(r, ad::tags);
     r = ruma_route::<tag::create_tag::v3::Request, _, _>(r, ad::tag_put);

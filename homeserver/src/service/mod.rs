@@ -11,6 +11,8 @@ pub mod media;
 pub mod presence;
 pub mod profile;
 pub mod push;
+pub mod push_gateway;
+pub mod pushers;
 pub mod rate_limit;
 pub mod registration_tokens;
 pub mod rooms;
@@ -37,6 +39,7 @@ pub struct Services {
     pub typing: typing::Typing,
     pub hashing: credentials::Hashing,
     pub media: media::Media,
+    pub push_gateway: push_gateway::PushGateway,
     room_locks: timeline::RoomLocks,
     push_rule_cache: push::PushRuleCache,
 }
@@ -46,6 +49,7 @@ impl Services {
     pub fn new(settings: Settings, store: Store, signing_key: SigningKey, max_stream_position: i64) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
         let media = media::Media::new(settings.media_dir());
+        let push_gateway = push_gateway::PushGateway::new(&settings.push);
         Self {
             settings,
             store,
@@ -57,6 +61,7 @@ impl Services {
             hashing: credentials::Hashing::new(),
             push_rule_cache: push::PushRuleCache::default(),
             media,
+            push_gateway,
             room_locks: timeline::RoomLocks::default(),
         }
     }

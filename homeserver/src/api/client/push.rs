@@ -1,4 +1,4 @@
-//! Push rules CRUD and `/notifications`.
+//! Push rules CRUD, pushers and `/notifications`.
 
 use std::sync::Arc;
 
@@ -8,8 +8,8 @@ use ruma::{
     api::client::push::{
         delete_pushrule,
         get_notifications::{self, v3::Notification},
-        get_pushrule, get_pushrule_actions, get_pushrule_enabled, get_pushrules_all, set_pushrule,
-        set_pushrule_actions, set_pushrule_enabled,
+        get_pushers, get_pushrule, get_pushrule_actions, get_pushrule_enabled, get_pushrules_all, set_pusher,
+        set_pushrule, set_pushrule_actions, set_pushrule_enabled,
     },
     push::Action,
 };
@@ -142,4 +142,25 @@ pub async fn notifications(
     let mut response = get_notifications::v3::Response::new(notifications);
     response.next_token = next_token;
     Ok(RumaResponse(response))
+}
+
+pub async fn pushers(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_pushers::v3::Request>,
+) -> Result<RumaResponse<get_pushers::v3::Response>> {
+    let user = req.user()?.clone();
+    Ok(RumaResponse(get_pushers::v3::Response::new(services.pushers(&user).await?)))
+}
+
+pub async fn set_pusher(
+    State(services): State<Arc<Services>>,
+    req: Ruma<set_pusher::v3::Request>,
+) -> Result<RumaResponse<set_pusher::v3::Response>> {
+    let user = req.user()?.clone();
+    match &req.body.action {
+        set_pusher::v3::PusherAction::Post(post) => services.set_pusher(&user, &post.pusher, post.append).await?,
+        set_pusher::v3::PusherAction::Delete(ids) => services.delete_pusher(&user, ids).await?,
+        _ => return Err(Error::InvalidParam("Unknown pusher action".to_owned())),
+    }
+    Ok(RumaResponse(set_pusher::v3::Response::new()))
 }

@@ -2,6 +2,7 @@
 //! Every test in a `backend_tests!` list runs twice, on SQLite and on PostgreSQL.
 
 mod account;
+mod aggregations;
 mod cli;
 mod devices;
 mod discovery;

@@ -2,6 +2,7 @@
 //! values, talk to the [`Store`] and return [`crate::error::Result`].
 
 pub mod accounts;
+pub mod aggregations;
 pub mod auth;
 pub mod credentials;
 pub mod devices;

@@ -301,10 +301,8 @@ impl Services {
             }
             state_events.push(self.raw_client_event(row, viewer, false).await?);
         }
-        let mut timeline_events = Vec::new();
-        for row in rows.iter().filter(|r| req.filter.allows_event(r)) {
-            timeline_events.push(self.raw_client_event(row, viewer, false).await?);
-        }
+        let timeline_rows: Vec<&EventRow> = rows.iter().filter(|r| req.filter.allows_event(r)).collect();
+        let timeline_events = self.raw_client_events_of(&timeline_rows, viewer, false).await?;
 
         let mut ephemeral = Vec::new();
         if let Some(users) = self.typing.changed_since(room, since.typing) {

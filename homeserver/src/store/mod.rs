@@ -7,6 +7,7 @@
 //! embedded in the binary and applied at start.
 
 mod account_data;
+mod aggregations;
 mod devices;
 mod keys;
 mod media;

@@ -19,4 +19,5 @@ mod register;
 mod room_extras;
 mod rooms;
 mod search;
+mod sliding_sync;
 mod sync;

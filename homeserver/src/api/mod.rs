@@ -114,6 +114,7 @@ pub fn router(services: Arc<Services>) -> Router {
     r = ruma_route::<receipt::create_receipt::v3::Request, _, _>(r, msg::receipt);
     r = ruma_route::<read_marker::set_read_marker::v3::Request, _, _>(r, msg::read_markers);
     r = ruma_route::<sync_events::v3::Request, _, _>(r, sy::sync);
+    r = ruma_route::<sync_events::v5::Request, _, _>(r, client::sliding_sync::sync);
     r = ruma_route::<filter::create_filter::v3::Request, _, _>(r, sy::filter_create);
     r = ruma_route::<filter::get_filter::v3::Request, _, _>(r, sy::filter_get);
     r = ruma_route::<config::set_global_account_data::v3::Request, _, _>(r, ad::set_global);

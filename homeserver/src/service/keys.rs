@@ -73,6 +73,7 @@ impl Services {
     pub async fn devices_removed(&self, user_id: &str, device_ids: &[String]) -> Result<()> {
         for device_id in device_ids {
             self.store.delete_device_e2ee(user_id, device_id).await?;
+            self.sliding_sync_connections.forget_device(user_id, device_id);
         }
         if !device_ids.is_empty() {
             self.announce_device_change(user_id).await?;

@@ -17,6 +17,7 @@ pub mod pushers;
 pub mod rate_limit;
 pub mod registration_tokens;
 pub mod rooms;
+pub mod sliding_sync;
 pub mod streams;
 pub mod sync;
 pub mod timeline;
@@ -41,6 +42,7 @@ pub struct Services {
     pub hashing: credentials::Hashing,
     pub media: media::Media,
     pub push_gateway: push_gateway::PushGateway,
+    pub sliding_sync_connections: sliding_sync::SlidingSyncConnections,
     room_locks: timeline::RoomLocks,
     push_rule_cache: push::PushRuleCache,
 }
@@ -63,6 +65,7 @@ impl Services {
             push_rule_cache: push::PushRuleCache::default(),
             media,
             push_gateway,
+            sliding_sync_connections: sliding_sync::SlidingSyncConnections::default(),
             room_locks: timeline::RoomLocks::default(),
         }
     }

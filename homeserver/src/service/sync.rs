@@ -389,7 +389,7 @@ impl Services {
     }
 
     /// Stripped state shown with an invite.
-    async fn invite_state(
+    pub(super) async fn invite_state(
         &self,
         room_id: &str,
         user_id: &str,
@@ -435,7 +435,7 @@ impl Services {
 
     /// Users whose devices to re-query (changed keys, or newly sharing a room) and users
     /// who no longer share any room, for an incremental sync.
-    async fn device_list_delta(
+    pub(super) async fn device_list_delta(
         &self,
         user_id: &str,
         from: i64,
@@ -584,13 +584,13 @@ pub fn event_filter_from_json(filter: &JsonValue) -> EventFilter {
     }
 }
 
-fn membership_of(row: &EventRow) -> Option<String> {
+pub(super) fn membership_of(row: &EventRow) -> Option<String> {
     serde_json::from_str::<JsonValue>(&row.json)
         .ok()
         .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
 }
 
-fn account_data_event(data_type: &str, content: &str) -> JsonValue {
+pub(super) fn account_data_event(data_type: &str, content: &str) -> JsonValue {
     json!({"type": data_type, "content": serde_json::from_str::<JsonValue>(content).unwrap_or_default()})
 }
 
@@ -607,10 +607,10 @@ fn is_empty(r: &Response) -> bool {
 }
 
 /// Counts a sync in the `obmin_sync_open` gauge for as long as it lives.
-struct OpenSync<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+pub(super) struct OpenSync<'a>(&'a prometheus_client::metrics::gauge::Gauge);
 
 impl<'a> OpenSync<'a> {
-    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+    pub(super) fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
         gauge.inc();
         Self(gauge)
     }

@@ -16,6 +16,7 @@ mod profile;
 mod pushers;
 mod registration_tokens;
 mod rooms;
+mod sliding_sync;
 mod uiaa;
 mod users;
 

@@ -44,6 +44,9 @@ fn state_types(room: &Value) -> Vec<(String, String)> {
 
 async fn lists_rooms_and_positions(backend: Backend) {
     let server = Server::start(backend).await;
+    // Clients find out from /versions that sliding sync is there.
+    let versions = server.get("/_matrix/client/versions", None).await;
+    assert_eq!(versions.assert_ok()["unstable_features"]["org.matrix.simplified_msc3575"], true);
     let alice = server.register("alice", "alice-pass").await;
     let bob = server.register("bob", "bob-pass").await;
     let r1 = server.create_room(&alice, json!({"name": "One", "preset": "public_chat"})).await;
@@ -127,6 +130,35 @@ async fn lists_rooms_and_positions(backend: Backend) {
     let again = sliding(&server, &alice, Some(&pos), 0, body.clone()).await;
     let again2 = sliding(&server, &alice, Some(&pos), 0, body).await;
     assert_eq!(room_ids(&again), room_ids(&again2));
+
+    // Filters: Alice marks r3 as a direct chat.
+    let path = format!("/_matrix/client/v3/user/{}/account_data/m.direct", enc(&alice.user_id));
+    server.put(&path, Some(&alice.access_token), json!({"@bob:localhost": [r3]})).await.assert_ok();
+    let filtered = json!({"lists": {
+        "dms": {"ranges": [[0, 9]], "timeline_limit": 0, "filters": {"is_dm": true}},
+        "groups": {"ranges": [[0, 9]], "timeline_limit": 0, "filters": {"is_dm": false, "is_encrypted": false}},
+        "invites": {"ranges": [[0, 9]], "timeline_limit": 0, "filters": {"is_invite": true}},
+        "spaces": {"ranges": [[0, 9]], "timeline_limit": 0, "filters": {"room_types": ["m.space"]}},
+    }});
+    let lists = sliding(&server, &alice, None, 0, filtered).await;
+    assert_eq!(lists["lists"]["dms"]["count"], 1, "{lists}");
+    assert_eq!(lists["lists"]["groups"]["count"], 2);
+    assert_eq!(lists["lists"]["invites"]["count"], 0);
+    assert_eq!(lists["lists"]["spaces"]["count"], 0);
+    assert_eq!(lists["rooms"][&r3]["is_dm"], true);
+
+    // An invite: in the invite list, with its stripped state and no timeline.
+    let path = format!("/_matrix/client/v3/rooms/{}/invite", enc(&bobs_room));
+    server.post(&path, Some(&bob.access_token), json!({"user_id": alice.user_id})).await.assert_ok();
+    let invites =
+        json!({"lists": {"invites": {"ranges": [[0, 9]], "timeline_limit": 5, "filters": {"is_invite": true}}}});
+    let invited = sliding(&server, &alice, None, 0, invites).await;
+    assert_eq!(invited["lists"]["invites"]["count"], 1, "{invited}");
+    let room = &invited["rooms"][&bobs_room];
+    assert_eq!(room["name"], "Bob's", "{invited}");
+    let stripped = room["invite_state"].as_array().unwrap();
+    assert!(stripped.iter().any(|e| e["type"] == "m.room.member" && e["content"]["membership"] == "invite"));
+    assert!(room.get("timeline").is_none());
 
     // Leaving a room the connection knew sends the leave, once.
     let bob_body = json!({"lists": {"all": {"ranges": [[0, 9]], "timeline_limit": 5}}});

@@ -154,6 +154,8 @@ struct Candidate {
     room_id: OwnedRoomId,
     membership: String,
     bump: i64,
+    /// In the user's `m.direct` account data.
+    is_dm: bool,
 }
 
 impl Services {
@@ -202,6 +204,7 @@ impl Services {
         let memberships = self.store.rooms_for_user(user_id.as_str()).await?;
         let ids: Vec<&str> = memberships.iter().map(|(r, _)| r.as_str()).collect();
         let bumps = self.store.latest_room_positions(&ids).await?;
+        let direct = self.direct_rooms(user_id).await?;
         let mut candidates: Vec<Candidate> = memberships
             .iter()
             .filter(|(_, m)| m == "join" || m == "invite")
@@ -210,6 +213,7 @@ impl Services {
                     room_id: RoomId::parse(room.as_str()).ok()?,
                     membership: m.clone(),
                     bump: bumps.get(room).copied().unwrap_or(0),
+                    is_dm: direct.contains(room),
                 })
             })
             .collect();
@@ -217,11 +221,10 @@ impl Services {
 
         // Which rooms to send, with what.
         let mut configs: BTreeMap<OwnedRoomId, RoomConfig> = BTreeMap::new();
-        let direct = self.direct_rooms(user_id).await?;
         for (name, list) in &req.lists {
             let mut matching = Vec::new();
             for candidate in &candidates {
-                if self.list_filter_allows(list.filters.as_ref(), candidate, &direct).await? {
+                if self.list_filter_allows(list.filters.as_ref(), candidate).await? {
                     matching.push(candidate);
                 }
             }
@@ -297,18 +300,13 @@ impl Services {
             .collect())
     }
 
-    async fn list_filter_allows(
-        &self,
-        filters: Option<&request::ListFilters>,
-        candidate: &Candidate,
-        direct: &HashSet<String>,
-    ) -> Result<bool> {
+    async fn list_filter_allows(&self, filters: Option<&request::ListFilters>, candidate: &Candidate) -> Result<bool> {
         let Some(filters) = filters else { return Ok(true) };
         let room = candidate.room_id.as_str();
         if filters.is_invite.is_some_and(|want| want != (candidate.membership == "invite")) {
             return Ok(false);
         }
-        if filters.is_dm.is_some_and(|want| want != direct.contains(room)) {
+        if filters.is_dm.is_some_and(|want| want != candidate.is_dm) {
             return Ok(false);
         }
         if let Some(want) = filters.is_encrypted {
@@ -394,6 +392,7 @@ impl Services {
 
         let mut room = response::Room::new();
         room.initial = initial.then_some(true);
+        room.is_dm = (initial && candidate.is_dm).then_some(true);
         room.limited = limited;
         room.bump_stamp = UInt::new(candidate.bump.max(0) as u64);
         room.prev_batch = rows.first().map(|r| Positions::at(r.stream_ordering - 1).to_string());

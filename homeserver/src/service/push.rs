@@ -64,6 +64,9 @@ impl Services {
         let member_count = UInt::new(members.len() as u64).unwrap_or_default();
         let raw: Raw<JsonValue> =
             Raw::from_json(serde_json::value::to_raw_value(pdu).map_err(|e| Error::internal(e.to_string()))?);
+        if !members.iter().any(|(m, _)| m != sender.as_str()) {
+            return Ok(Vec::new());
+        }
         // Without the power levels ruma's `sender_notification_permission` never holds, so
         // `@room` would never highlight.
         let power_levels = self.push_power_levels(room_id).await?;

@@ -10,9 +10,23 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    future::Future,
     net::{IpAddr, SocketAddr},
+    pin::Pin,
     sync::{Arc, Mutex},
+    task::{Context, Poll},
     time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::{
+    client::legacy::{
+        Client,
+        connect::{HttpConnector, dns::Name},
+    },
+    rt::TokioExecutor,
 };
 
 use ruma::{
@@ -46,6 +60,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 const GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// One request to a gateway may take this long.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest gateway answer read (it is a short JSON object).
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// Notifications read from the database at a time for one pusher.
 const BATCH: i64 = 50;
 /// How often the worker looks for work even without a wake-up (retries are due, say).
@@ -67,7 +83,7 @@ struct Backoff {
 
 /// The HTTP client and the in-memory delivery state shared by the worker and its tasks.
 pub struct PushGateway {
-    client: reqwest::Client,
+    client: Option<Client<HttpsConnector<HttpConnector<FilteringResolver>>, Full<Bytes>>>,
     busy: Mutex<HashSet<PusherKey>>,
     backoff: Mutex<HashMap<PusherKey, Backoff>>,
     /// Woken when a delivery task ends, so the worker looks again.
@@ -87,19 +103,25 @@ enum Outcome {
 
 impl PushGateway {
     pub fn new(push: &PushSettings) -> Self {
-        // rustls with ring, the crypto provider the rest of the binary already uses.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            // A redirect could lead to a refused address; gateways do not redirect.
-            .redirect(reqwest::redirect::Policy::none())
-            .dns_resolver(Arc::new(FilteringResolver { push: push.clone() }))
-            .user_agent(concat!("Obmin/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .unwrap_or_else(|e| {
-                tracing::error!(error = %e, "cannot build the push gateway client; push delivery is off");
-                reqwest::Client::new()
-            });
+        let mut http = HttpConnector::new_with_resolver(FilteringResolver { push: Arc::new(push.clone()) });
+        // The TLS layer wraps this connector, so https URLs must get through it.
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(REQUEST_TIMEOUT));
+        // rustls with ring, the crypto provider the rest of the binary already uses, and
+        // the Mozilla roots compiled in. (This fails only if ring offered no safe protocol
+        // version; push delivery is then off, and says so.)
+        let client = match hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
+        {
+            Ok(builder) => Some(
+                Client::builder(TokioExecutor::new())
+                    .build(builder.https_or_http().enable_http1().wrap_connector(http)),
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "no TLS for push gateways: push delivery is off");
+                None
+            }
+        };
         Self { client, busy: Mutex::default(), backoff: Mutex::default(), done: tokio::sync::Notify::new() }
     }
 }
@@ -107,20 +129,32 @@ impl PushGateway {
 /// Resolves gateway host names and keeps only the addresses the configuration allows, so
 /// a name cannot point the server into its own network. (IP literals never reach a
 /// resolver; [`deliver_one`] checks those.)
+#[derive(Clone)]
 struct FilteringResolver {
-    push: PushSettings,
+    push: Arc<PushSettings>,
 }
 
-impl reqwest::dns::Resolve for FilteringResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+impl tower::Service<Name> for FilteringResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
         let push = self.push.clone();
         Box::pin(async move {
             let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
             let allowed: Vec<SocketAddr> = addrs.into_iter().filter(|a| push.gateway_address_allowed(a.ip())).collect();
             if allowed.is_empty() {
-                return Err(format!("{} resolves only to addresses push delivery may not use", name.as_str()).into());
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("{} resolves only to addresses push delivery may not use", name.as_str()),
+                ));
             }
-            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+            Ok(allowed.into_iter())
         })
     }
 }
@@ -185,7 +219,13 @@ fn record_failure(services: &Services, key: &PusherKey) -> Backoff {
 }
 
 /// Sends one pusher's notifications up to `up_to`, in order, until done or a failure.
-async fn deliver_pending(services: &Services, row: &PusherRow, up_to: i64) -> Result<()> {
+async fn deliver_pending(services: &Services, listed: &PusherRow, up_to: i64) -> Result<()> {
+    // Read again now that this task owns the pusher: the listed row may predate the
+    // cursor a previous task just advanced (and the pusher may be gone).
+    let Some(row) = services.store.pusher(&listed.user_id, &listed.app_id, &listed.pushkey).await? else {
+        return Ok(());
+    };
+    let row = &row;
     let pusher: Pusher = serde_json::from_str(&row.pusher_json).map_err(|e| Error::internal(e.to_string()))?;
     let PusherKind::Http(data) = &pusher.kind else { return Ok(()) };
     let key = key_of(row);
@@ -235,7 +275,7 @@ async fn deliver_one(
     data: &HttpPusherData,
     push: &PendingPush,
 ) -> Result<Outcome> {
-    let Ok(url) = reqwest::Url::parse(&data.url) else {
+    let Ok(url) = url::Url::parse(&data.url) else {
         return Ok(Outcome::Drop(format!("bad gateway URL {}", data.url)));
     };
     if url.path() != NOTIFY_PATH {
@@ -257,17 +297,29 @@ async fn deliver_one(
     let request = NotifyRequest::new(notification)
         .try_into_http_request::<Vec<u8>>(url.origin().ascii_serialization().as_str(), (), ())
         .map_err(|e| Error::internal(format!("push request: {e}")))?;
-    let mut request = reqwest::Request::try_from(request).map_err(|e| Error::internal(format!("push request: {e}")))?;
+    let mut request = request.map(|body| Full::new(Bytes::from(body)));
     // The pusher's URL as given (query string and all), not only its origin.
-    *request.url_mut() = url;
-    let response = match services.push_gateway.client.execute(request).await {
-        Ok(r) => r,
-        Err(e) => return Ok(Outcome::Retry(format!("{e:#}"))),
+    *request.uri_mut() = match url.as_str().parse() {
+        Ok(uri) => uri,
+        Err(e) => return Ok(Outcome::Drop(format!("gateway URL {}: {e}", data.url))),
     };
-    let status = response.status();
-    let body = match response.bytes().await {
-        Ok(b) => b,
-        Err(e) => return Ok(Outcome::Retry(format!("{e:#}"))),
+    let Some(client) = &services.push_gateway.client else {
+        return Ok(Outcome::Retry("push delivery has no TLS client".to_owned()));
+    };
+    let exchange = async {
+        let response = client.request(request).await.map_err(|e| format!("{e:?}"))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok::<_, String>((status, body))
+    };
+    let (status, body) = match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(e)) => return Ok(Outcome::Retry(e)),
+        Err(_) => return Ok(Outcome::Retry("the gateway did not answer in time".to_owned())),
     };
     if status.is_server_error() || status == http::StatusCode::TOO_MANY_REQUESTS || status.as_u16() == 408 {
         return Ok(Outcome::Retry(format!("gateway answered {status}")));

@@ -75,8 +75,7 @@ impl Services {
     /// An HTTP pusher's `data.url`: an http(s) URL of a gateway's notify endpoint, and not
     /// a literal address the configuration refuses (names are checked when they resolve).
     fn check_gateway_url(&self, url: &str) -> Result<()> {
-        let parsed =
-            reqwest::Url::parse(url).map_err(|e| Error::InvalidParam(format!("`data.url` is not a URL: {e}")))?;
+        let parsed = url::Url::parse(url).map_err(|e| Error::InvalidParam(format!("`data.url` is not a URL: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(Error::InvalidParam("`data.url` must be an http or https URL".to_owned()));
         }

@@ -105,6 +105,14 @@ impl Store {
         rows.iter().map(pusher_row).collect()
     }
 
+    pub async fn pusher(&self, user_id: &str, app_id: &str, pushkey: &str) -> Result<Option<PusherRow>, sqlx::Error> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM pushers WHERE user_id = $1 AND app_id = $2 AND pushkey = $3"
+        ));
+        let row = sqlx::query(sql).bind(user_id).bind(app_id).bind(pushkey).fetch_optional(&self.pool).await?;
+        row.as_ref().map(pusher_row).transpose()
+    }
+
     /// Pushers of `kind` that have notifications after their cursor and at most `up_to`.
     pub async fn pushers_with_pending(&self, kind: &str, up_to: i64) -> Result<Vec<PusherRow>, sqlx::Error> {
         let sql = sqlx::AssertSqlSafe(format!(

@@ -4,11 +4,13 @@
 pub mod accounts;
 pub mod aggregations;
 pub mod auth;
+pub mod cache;
 pub mod credentials;
 pub mod devices;
 pub mod events;
 pub mod keys;
 pub mod media;
+pub mod notifier;
 pub mod presence;
 pub mod profile;
 pub mod push;
@@ -16,6 +18,7 @@ pub mod push_gateway;
 pub mod pushers;
 pub mod rate_limit;
 pub mod registration_tokens;
+pub mod room_cache;
 pub mod rooms;
 pub mod sliding_sync;
 pub mod streams;
@@ -44,6 +47,11 @@ pub struct Services {
     pub push_gateway: push_gateway::PushGateway,
     pub sliding_sync_connections: sliding_sync::SlidingSyncConnections,
     room_locks: timeline::RoomLocks,
+    pub room_cache: room_cache::RoomCaches,
+    key_counts: keys::KeyCountCache,
+    /// Each user's rooms with their membership, for syncs (see `rooms_of_user`).
+    user_rooms: cache::Cache<String, Arc<Vec<(String, String)>>>,
+    presence_touches: presence::PresenceTouches,
     push_rule_cache: push::PushRuleCache,
 }
 
@@ -67,6 +75,10 @@ impl Services {
             push_gateway,
             sliding_sync_connections: sliding_sync::SlidingSyncConnections::default(),
             room_locks: timeline::RoomLocks::default(),
+            room_cache: room_cache::RoomCaches::default(),
+            key_counts: keys::KeyCountCache::new(keys::MAX_CACHED_KEY_COUNTS),
+            user_rooms: cache::Cache::new(100_000),
+            presence_touches: presence::PresenceTouches::default(),
         }
     }
 }

@@ -27,6 +27,7 @@ use serde_json::{Map, Value as JsonValue, json};
 use super::{
     Services,
     events::{Viewer, to_raw},
+    notifier::{Scope, Waiter},
     streams::Positions,
     sync::{MAX_SYNC_TIMEOUT, OpenSync, account_data_event, membership_of},
 };
@@ -167,19 +168,34 @@ impl Services {
         let deadline = tokio::time::Instant::now() + req.timeout.unwrap_or(Duration::ZERO).min(MAX_SYNC_TIMEOUT);
         let _open = OpenSync::new(&self.metrics.open_syncs);
         self.presence_on_sync(user_id, req.set_presence.as_str()).await?;
-        let mut changes = self.streams.subscribe();
         loop {
-            changes.borrow_and_update();
+            // Registered before the positions are read, so nothing committed from here on
+            // is missed; again on every pass, as the user's rooms may have changed.
+            let waiter = self.sliding_sync_watch(user_id).await?;
             let upto = self.streams.current();
             let (mut response, snapshot, news) =
                 self.sliding_sync_once(user_id, device_id, &req, previous.as_ref(), upto).await?;
             let waiting = previous.is_some() && !news && tokio::time::Instant::now() < deadline;
-            if !waiting || tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+            if !waiting || tokio::time::timeout_at(deadline, waiter.woken()).await.is_err() {
                 response.pos = self.sliding_sync_connections.save(key, snapshot);
                 response.txn_id = req.txn_id.clone();
                 return Ok(response);
             }
         }
+    }
+
+    /// The `/sync` notifier's wake-up for this user and their joined and invited rooms.
+    async fn sliding_sync_watch(&self, user_id: &UserId) -> Result<Waiter> {
+        let mut scopes: Vec<Scope> = self
+            .rooms_of_user(user_id.as_str())
+            .await?
+            .iter()
+            .filter(|(_, m)| m == "join" || m == "invite")
+            .filter_map(|(room, _)| OwnedRoomId::try_from(room.as_str()).ok())
+            .map(Scope::Room)
+            .collect();
+        scopes.push(Scope::User(user_id.to_owned()));
+        Ok(self.streams.notifier().register(scopes))
     }
 
     /// One pass: the response, the snapshot it leads to, and whether it carries news.
@@ -201,7 +217,7 @@ impl Services {
         };
 
         // The user's rooms, newest first.
-        let memberships = self.store.rooms_for_user(user_id.as_str()).await?;
+        let memberships = self.rooms_of_user(user_id.as_str()).await?;
         let ids: Vec<&str> = memberships.iter().map(|(r, _)| r.as_str()).collect();
         let bumps = self.store.latest_room_positions(&ids).await?;
         let direct = self.direct_rooms(user_id).await?;
@@ -267,7 +283,7 @@ impl Services {
             snapshot.rooms.insert(room_id.clone(), upto.stream);
         }
         // Rooms the connection knew that the user left: the leave, then they are forgotten.
-        for (room_id, membership) in &memberships {
+        for (room_id, membership) in memberships.iter() {
             let Ok(room) = RoomId::parse(room_id.as_str()) else { continue };
             if (membership == "leave" || membership == "ban")
                 && let Some(sent) = snapshot.rooms.remove(&room)

@@ -489,7 +489,7 @@ impl Services {
             }
             room.heroes = Some(out);
         }
-        let (notifications, highlights) = self.store.unread_counts(user_id.as_str(), room_id).await?;
+        let (notifications, highlights) = self.unread_counts(user_id.as_str(), &candidate.room_id, upto.stream).await?;
         room.unread_notifications.notification_count = UInt::new(notifications.max(0) as u64);
         room.unread_notifications.highlight_count = UInt::new(highlights.max(0) as u64);
         Ok(Some(room))

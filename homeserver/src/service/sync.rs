@@ -586,7 +586,7 @@ impl Services {
     /// (notifications, highlights) of a user in a room up to position `upto`: from the
     /// count cached at an earlier position plus what the room cache says arrived since, or
     /// from the database. A read receipt of the user forgets the cached count.
-    async fn unread_counts(&self, user_id: &str, room: &RoomId, upto: i64) -> Result<(i64, i64)> {
+    pub(super) async fn unread_counts(&self, user_id: &str, room: &RoomId, upto: i64) -> Result<(i64, i64)> {
         let key = (user_id.to_owned(), room.to_owned());
         let generation = self.unread.generation();
         if let Some(hit) = self.unread.get(&key) {

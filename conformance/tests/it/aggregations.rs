@@ -114,6 +114,16 @@ async fn bundled_aggregations_everywhere(backend: Backend) {
     let timeline = &sync["rooms"]["join"][&room]["timeline"]["events"];
     check_root(find(timeline, &root), true);
 
+    // /notifications (Alice's root notified Bob) and /search.
+    let notes = server.get("/_matrix/client/v3/notifications", Some(&bob.access_token)).await.assert_ok().clone();
+    let note = notes["notifications"].as_array().unwrap().iter().find(|n| n["event"]["event_id"] == root.as_str());
+    check_root(&note.expect("the root is a notification for Bob")["event"], true);
+    let search = json!({"search_categories": {"room_events": {"search_term": "root"}}});
+    let found = server.post("/_matrix/client/v3/search", Some(&bob.access_token), search).await.assert_ok().clone();
+    let results = found["search_categories"]["room_events"]["results"].as_array().unwrap();
+    let hit = results.iter().find(|r| r["result"]["event_id"] == root.as_str()).expect("the root is found");
+    check_root(&hit["result"], true);
+
     // /threads lists the root with its thread summary.
     let path = format!("/_matrix/client/v1/rooms/{}/threads", enc(&room));
     let threads = server.get(&path, Some(&carol.access_token)).await.assert_ok().clone();

@@ -31,6 +31,17 @@ impl Services {
         self.raw_client_events_of(&refs, viewer, with_room_id).await
     }
 
+    /// One event with its bundled aggregations (for endpoints that format events one by one).
+    pub async fn raw_client_event_bundled<T>(
+        &self,
+        row: &EventRow,
+        viewer: Viewer<'_>,
+        with_room_id: bool,
+    ) -> Result<Raw<T>> {
+        let mut events = self.raw_client_events_of(&[row], viewer, with_room_id).await?;
+        events.pop().ok_or_else(|| crate::error::Error::internal("no event formatted"))
+    }
+
     /// [`Services::raw_client_events`] for borrowed rows.
     pub async fn raw_client_events_of<T>(
         &self,

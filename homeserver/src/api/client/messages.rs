@@ -200,7 +200,7 @@ pub async fn event(
     let visible = services.visible_events(&room_id, user.user_id.as_str(), vec![row]).await?;
     let row = visible.into_iter().next().ok_or_else(not_found)?;
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
-    let event = services.raw_client_events(std::slice::from_ref(&row), viewer, true).await?.remove(0);
+    let event = services.raw_client_event_bundled(&row, viewer, true).await?;
     Ok(RumaResponse(get_room_event::v3::Response::new(event)))
 }
 

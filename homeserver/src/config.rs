@@ -77,6 +77,54 @@ pub struct Config {
     pub user_directory: UserDirectoryConfig,
     pub turn: TurnConfig,
     pub media: MediaConfig,
+    pub push: PushConfig,
+}
+
+/// Delivery of push notifications to push gateways (HTTP pushers).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Addresses (CIDR ranges) a push gateway may not resolve to: the server must not be
+    /// turned into a way to reach its own private network.
+    pub gateway_ip_range_denylist: Vec<String>,
+    /// Ranges allowed even when the denylist covers them (a gateway on the local network).
+    pub gateway_ip_range_allowlist: Vec<String>,
+}
+
+/// The private, loopback, link-local and reserved ranges, as in Synapse's suggested
+/// `ip_range_blacklist`.
+const DEFAULT_GATEWAY_DENYLIST: &[&str] = &[
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "192.0.0.0/24",
+    "169.254.0.0/16",
+    "192.88.99.0/24",
+    "198.18.0.0/15",
+    "192.0.2.0/24",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "0.0.0.0/8",
+    "255.255.255.255/32",
+    "::1/128",
+    "::/128",
+    "fe80::/10",
+    "fc00::/7",
+    "2001:db8::/32",
+    "ff00::/8",
+    "fec0::/10",
+];
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            gateway_ip_range_denylist: DEFAULT_GATEWAY_DENYLIST.iter().map(|s| (*s).to_owned()).collect(),
+            gateway_ip_range_allowlist: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -203,6 +251,7 @@ impl Default for Config {
             user_directory: UserDirectoryConfig::default(),
             turn: TurnConfig::default(),
             media: MediaConfig::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -270,6 +319,8 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_MEDIA_UNAUTHENTICATED_CUTOFF_MS", "media.unauthenticated_cutoff_ms", EnvKind::Integer),
     ("OBMIN_MEDIA_LOCAL_RETENTION_DAYS", "media.local_retention_days", EnvKind::Integer),
     ("OBMIN_MEDIA_PENDING_UPLOAD_HOURS", "media.pending_upload_hours", EnvKind::Integer),
+    ("OBMIN_PUSH_GATEWAY_IP_RANGE_DENYLIST", "push.gateway_ip_range_denylist", EnvKind::List),
+    ("OBMIN_PUSH_GATEWAY_IP_RANGE_ALLOWLIST", "push.gateway_ip_range_allowlist", EnvKind::List),
 ];
 
 /// A configuration problem, naming the option (or file) and the reason.
@@ -310,6 +361,35 @@ pub struct Settings {
     pub user_directory: UserDirectoryConfig,
     pub turn: TurnConfig,
     pub media: MediaConfig,
+    pub push: PushSettings,
+}
+
+/// [`PushConfig`] with its ranges parsed.
+#[derive(Debug, Clone, Default)]
+pub struct PushSettings {
+    pub gateway_ip_range_denylist: Vec<ipnet::IpNet>,
+    pub gateway_ip_range_allowlist: Vec<ipnet::IpNet>,
+}
+
+impl PushSettings {
+    /// May a push gateway be reached at this address?
+    pub fn gateway_address_allowed(&self, ip: std::net::IpAddr) -> bool {
+        // An IPv4 address in IPv6 clothing (::ffff:127.0.0.1) is judged as IPv4.
+        let ip = ip.to_canonical();
+        self.gateway_ip_range_allowlist.iter().any(|net| net.contains(&ip))
+            || !self.gateway_ip_range_denylist.iter().any(|net| net.contains(&ip))
+    }
+}
+
+fn parse_ranges(key: &str, ranges: &[String]) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    ranges
+        .iter()
+        .map(|r| {
+            r.parse::<ipnet::IpNet>()
+                .or_else(|_| r.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| err(key, format!("`{r}` is not an address range like 10.0.0.0/8")))
+        })
+        .collect()
 }
 
 impl Settings {
@@ -419,6 +499,16 @@ impl Settings {
         if config.media.pending_upload_hours == 0 || config.media.pending_upload_hours > 24 * 365 {
             return Err(err("media.pending_upload_hours", "must be between 1 and 8760"));
         }
+        let push = PushSettings {
+            gateway_ip_range_denylist: parse_ranges(
+                "push.gateway_ip_range_denylist",
+                &config.push.gateway_ip_range_denylist,
+            )?,
+            gateway_ip_range_allowlist: parse_ranges(
+                "push.gateway_ip_range_allowlist",
+                &config.push.gateway_ip_range_allowlist,
+            )?,
+        };
         Ok(Self {
             server_name: server_name.to_owned(),
             listen,
@@ -436,6 +526,7 @@ impl Settings {
             user_directory: config.user_directory,
             turn: config.turn,
             media: config.media,
+            push,
         })
     }
 
@@ -537,6 +628,20 @@ mod tests {
         assert_eq!(e.key, "OBMIN_RATE_LIMITS_LOGIN_BURST");
         let e = load(&[("OBMIN_SERVER_NAME", "bad name!")]).unwrap_err();
         assert_eq!(e.key, "server_name");
+    }
+
+    #[test]
+    fn push_gateways_on_private_addresses_are_refused_unless_allowed() {
+        let s = load(&[]).unwrap();
+        for ip in ["127.0.0.1", "10.1.2.3", "192.168.0.9", "::1", "::ffff:127.0.0.1", "fd00::1"] {
+            assert!(!s.push.gateway_address_allowed(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(s.push.gateway_address_allowed("93.184.216.34".parse().unwrap()));
+        let s = load(&[("OBMIN_PUSH_GATEWAY_IP_RANGE_ALLOWLIST", "127.0.0.1/32")]).unwrap();
+        assert!(s.push.gateway_address_allowed("127.0.0.1".parse().unwrap()));
+        assert!(!s.push.gateway_address_allowed("127.0.0.2".parse().unwrap()));
+        let e = load(&[("OBMIN_PUSH_GATEWAY_IP_RANGE_DENYLIST", "nonsense")]).unwrap_err();
+        assert_eq!(e.key, "push.gateway_ip_range_denylist");
     }
 
     #[test]

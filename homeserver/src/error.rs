@@ -77,6 +77,10 @@ pub enum Error {
     /// Media reserved with `/create` whose content has not arrived yet (504, as the spec says).
     #[error("{0}")]
     NotYetUploaded(String),
+    /// A sliding sync `pos` this server does not know (expired, or from before a restart):
+    /// the client starts the connection again (MSC4186).
+    #[error("{0}")]
+    UnknownPos(String),
     /// User-interactive authentication is required (or a stage failed): a 401 carrying the
     /// flows, the session and, optionally, why the last attempt failed.
     #[error("User-interactive authentication required")]
@@ -130,6 +134,7 @@ impl Error {
             ),
             Error::CannotOverwriteMedia(_) => (ErrorKind::CannotOverwriteMedia, S::CONFLICT),
             Error::NotYetUploaded(_) => (ErrorKind::NotYetUploaded, S::GATEWAY_TIMEOUT),
+            Error::UnknownPos(_) => (ErrorKind::UnknownPos, S::BAD_REQUEST),
             Error::Uiaa(_) => (ErrorKind::Forbidden, S::UNAUTHORIZED),
             Error::Database(_) | Error::Internal(_) => (ErrorKind::Unknown, S::INTERNAL_SERVER_ERROR),
         }

@@ -79,12 +79,14 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let typing_expiry = tokio::spawn(expire_typing(services.clone()));
     let presence_expiry = tokio::spawn(expire_presence(services.clone()));
     let media_expiry = tokio::spawn(expire_media(services.clone()));
+    let push_delivery = tokio::spawn(crate::service::push_gateway::run(services.clone()));
     let app = api::router(services.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
     housekeeping.abort();
     typing_expiry.abort();
     presence_expiry.abort();
     media_expiry.abort();
+    push_delivery.abort();
     services.store.close().await;
     tracing::info!("homeserver stopped");
     result.map_err(StartError::Serve)

@@ -2,6 +2,7 @@
 //! Every test in a `backend_tests!` list runs twice, on SQLite and on PostgreSQL.
 
 mod account;
+mod aggregations;
 mod cli;
 mod devices;
 mod discovery;
@@ -14,8 +15,10 @@ mod operations;
 mod presence;
 mod profile;
 mod push;
+mod pushers;
 mod register;
 mod room_extras;
 mod rooms;
 mod search;
+mod sliding_sync;
 mod sync;

@@ -3,7 +3,7 @@
 use conformance::{Backend, Server, backend_tests, enc};
 use serde_json::json;
 
-backend_tests!(push_rule_crud, unread_counts_and_notifications);
+backend_tests!(push_rule_crud, unread_counts_and_notifications, room_mentions_highlight_only_for_permitted_senders);
 
 async fn push_rule_crud(backend: Backend) {
     let server = Server::start(backend).await;
@@ -112,4 +112,61 @@ async fn unread_counts_and_notifications(backend: Backend) {
     assert!(counts["notification_count"] == 0 || counts["notification_count"].is_null(), "{counts}");
     let notes = server.get("/_matrix/client/v3/notifications", Some(&bob.access_token)).await;
     assert_eq!(notes.assert_ok()["notifications"][0]["read"], true);
+}
+
+/// `@room` (`.m.rule.is_room_mention`, `m.mentions.room`) highlights only when the sender's
+/// power level reaches the room's `notifications.room` (50 by default). The legacy
+/// body-matching `.m.rule.roomnotif` is no longer a default rule (MSC4210, which ruma's
+/// defaults follow): a bare "@room" in the body only notifies.
+async fn room_mentions_highlight_only_for_permitted_senders(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = server.register("alice", "alice-pass").await;
+    let bob = server.register("bob", "bob-pass").await;
+    let carol = server.register("carol", "carol-pass").await;
+    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    server.join(&bob, &room).await.assert_ok();
+    server.join(&carol, &room).await.assert_ok();
+    let send = |user: &conformance::User, txn: &str, content: serde_json::Value| {
+        let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room));
+        let token = user.access_token.clone();
+        let server = &server;
+        async move { server.put(&path, Some(&token), content).await.assert_ok()["event_id"].as_str().unwrap().to_owned() }
+    };
+    let highlights = |user: &conformance::User| {
+        let token = user.access_token.clone();
+        let server = &server;
+        async move {
+            server.get("/_matrix/client/v3/notifications?only=highlight", Some(&token)).await.assert_ok()["notifications"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["event"]["event_id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let mention = json!({"msgtype": "m.text", "body": "@room lunch!", "m.mentions": {"room": true}});
+    let legacy = json!({"msgtype": "m.text", "body": "@room lunch, said the old client"});
+
+    // Bob (power 0) may not notify the room: his @room notifies Carol, without a highlight.
+    let bob_mention = send(&bob, "b1", mention.clone()).await;
+    let bob_legacy = send(&bob, "b2", legacy.clone()).await;
+    assert!(highlights(&carol).await.is_empty());
+    let all = server.get("/_matrix/client/v3/notifications", Some(&carol.access_token)).await;
+    let notified: Vec<_> =
+        all.assert_ok()["notifications"].as_array().unwrap().iter().map(|n| n["event"]["event_id"].clone()).collect();
+    assert!(notified.contains(&json!(bob_mention)) && notified.contains(&json!(bob_legacy)), "{notified:?}");
+
+    // Alice (the creator) may: her mention highlights for Carol and Bob.
+    let alice_mention = send(&alice, "a1", mention.clone()).await;
+    send(&alice, "a2", legacy.clone()).await;
+    assert_eq!(highlights(&carol).await, vec![alice_mention.clone()]);
+    assert_eq!(highlights(&bob).await, vec![alice_mention.clone()]);
+
+    // Once the room lets everybody notify it, Bob's @room highlights too.
+    let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room));
+    let mut levels = server.get(&path, Some(&alice.access_token)).await.assert_ok().clone();
+    levels["notifications"] = json!({"room": 0});
+    server.put(&path, Some(&alice.access_token), levels).await.assert_ok();
+    let bob_later = send(&bob, "b3", mention).await;
+    assert_eq!(highlights(&carol).await[0], bob_later);
 }

@@ -114,6 +114,7 @@ pub fn router(services: Arc<Services>) -> Router {
     r = ruma_route::<receipt::create_receipt::v3::Request, _, _>(r, msg::receipt);
     r = ruma_route::<read_marker::set_read_marker::v3::Request, _, _>(r, msg::read_markers);
     r = ruma_route::<sync_events::v3::Request, _, _>(r, sy::sync);
+    r = ruma_route::<sync_events::v5::Request, _, _>(r, client::sliding_sync::sync);
     r = ruma_route::<filter::create_filter::v3::Request, _, _>(r, sy::filter_create);
     r = ruma_route::<filter::get_filter::v3::Request, _, _>(r, sy::filter_get);
     r = ruma_route::<config::set_global_account_data::v3::Request, _, _>(r, ad::set_global);
@@ -129,6 +130,8 @@ pub fn router(services: Arc<Services>) -> Router {
     r = ruma_route::<push::get_pushrule_actions::v3::Request, _, _>(r, pu::actions);
     r = ruma_route::<push::set_pushrule_actions::v3::Request, _, _>(r, pu::set_actions);
     r = ruma_route::<push::get_notifications::v3::Request, _, _>(r, pu::notifications);
+    r = ruma_route::<push::get_pushers::v3::Request, _, _>(r, pu::pushers);
+    r = ruma_route::<push::set_pusher::v3::Request, _, _>(r, pu::set_pusher);
     r = ruma_route::<membership::forget_room::v3::Request, _, _>(r, rm::forget);
     r = ruma_route::<tag::get_tags::v3::Request, _, _>(r, ad::tags);
     r = ruma_route::<tag::create_tag::v3::Request, _, _>(r, ad::tag_put);

@@ -117,6 +117,7 @@ impl Services {
     pub async fn devices_removed(&self, user_id: &str, device_ids: &[String]) -> Result<()> {
         for device_id in device_ids {
             self.store.delete_device_e2ee(user_id, device_id).await?;
+            self.sliding_sync_connections.forget_device(user_id, device_id);
             self.key_counts.forget(&(user_id.to_owned(), device_id.to_owned()));
         }
         if !device_ids.is_empty() {

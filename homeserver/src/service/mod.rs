@@ -2,6 +2,7 @@
 //! values, talk to the [`Store`] and return [`crate::error::Result`].
 
 pub mod accounts;
+pub mod aggregations;
 pub mod auth;
 pub mod cache;
 pub mod credentials;
@@ -13,10 +14,13 @@ pub mod notifier;
 pub mod presence;
 pub mod profile;
 pub mod push;
+pub mod push_gateway;
+pub mod pushers;
 pub mod rate_limit;
 pub mod registration_tokens;
 pub mod room_cache;
 pub mod rooms;
+pub mod sliding_sync;
 pub mod streams;
 pub mod sync;
 pub mod timeline;
@@ -40,6 +44,8 @@ pub struct Services {
     pub typing: typing::Typing,
     pub hashing: credentials::Hashing,
     pub media: media::Media,
+    pub push_gateway: push_gateway::PushGateway,
+    pub sliding_sync_connections: sliding_sync::SlidingSyncConnections,
     room_locks: timeline::RoomLocks,
     pub room_cache: room_cache::RoomCaches,
     key_counts: keys::KeyCountCache,
@@ -56,6 +62,7 @@ impl Services {
     pub fn new(settings: Settings, store: Store, signing_key: SigningKey, max_stream_position: i64) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
         let media = media::Media::new(settings.media_dir());
+        let push_gateway = push_gateway::PushGateway::new(&settings.push);
         Self {
             settings,
             store,
@@ -67,6 +74,8 @@ impl Services {
             hashing: credentials::Hashing::new(),
             push_rule_cache: push::PushRuleCache::default(),
             media,
+            push_gateway,
+            sliding_sync_connections: sliding_sync::SlidingSyncConnections::default(),
             room_locks: timeline::RoomLocks::default(),
             room_cache: room_cache::RoomCaches::default(),
             key_counts: keys::KeyCountCache::new(keys::MAX_CACHED_KEY_COUNTS),

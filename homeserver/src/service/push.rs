@@ -7,7 +7,8 @@ use std::{
 
 use ruma::{
     CanonicalJsonObject, OwnedUserId, RoomId, UInt, UserId,
-    push::{Action, PushConditionRoomCtx, Ruleset},
+    events::room::power_levels::{RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource},
+    push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
     serde::Raw,
 };
 use serde_json::Value as JsonValue;
@@ -74,6 +75,12 @@ impl Services {
         let member_count = UInt::new(members.len() as u64).unwrap_or_default();
         let raw: Raw<JsonValue> =
             Raw::from_json(serde_json::value::to_raw_value(pdu).map_err(|e| Error::internal(e.to_string()))?);
+        if !members.iter().any(|(m, _)| m != sender.as_str()) {
+            return Ok(Vec::new());
+        }
+        // Without the power levels ruma's `sender_notification_permission` never holds, so
+        // `@room` would never highlight.
+        let power_levels = self.push_power_levels(room_id).await?;
         let mut out = Vec::new();
         for (member, display_name) in members.iter() {
             let Ok(user) = UserId::parse(member.as_str()) else { continue };
@@ -82,7 +89,8 @@ impl Services {
             }
             let rules = self.push_rules(&user).await?;
             let name = display_name.clone().unwrap_or_else(|| user.localpart().to_owned());
-            let ctx = PushConditionRoomCtx::new(room_id.to_owned(), member_count, user.clone(), name);
+            let mut ctx = PushConditionRoomCtx::new(room_id.to_owned(), member_count, user.clone(), name);
+            ctx.power_levels = power_levels.clone();
             let actions = rules.get_actions(&raw, &ctx).await;
             if actions.iter().any(Action::should_notify) {
                 let highlight = actions.iter().any(Action::is_highlight);
@@ -91,6 +99,36 @@ impl Services {
             }
         }
         Ok(out)
+    }
+}
+
+impl Services {
+    /// The room's current power levels as the push rules see them: who may notify the whole
+    /// room (`notifications.room`), with the room version's creator privileges.
+    async fn push_power_levels(&self, room_id: &RoomId) -> Result<Option<PushConditionPowerLevelsCtx>> {
+        let version = self.room_version(room_id.as_str()).await?;
+        let Ok(rules) = federation::pdu::room_version_rules(&version) else { return Ok(None) };
+        let Some(create) = self.store.current_state_event(room_id.as_str(), "m.room.create", "").await? else {
+            return Ok(None);
+        };
+        let create: JsonValue = serde_json::from_str(&create.json).unwrap_or_default();
+        // The creators: the create event's sender, and from v12 its `additional_creators`.
+        let creators: Vec<OwnedUserId> = std::iter::once(&create["sender"])
+            .chain(create["content"]["additional_creators"].as_array().into_iter().flatten())
+            .filter_map(|v| v.as_str().and_then(|s| UserId::parse(s).ok()))
+            .collect();
+        let source = match self.store.current_state_event(room_id.as_str(), "m.room.power_levels", "").await? {
+            Some(row) => {
+                let event: JsonValue = serde_json::from_str(&row.json).unwrap_or_default();
+                match serde_json::from_value::<RoomPowerLevelsEventContent>(event["content"].clone()) {
+                    Ok(content) => RoomPowerLevelsSource::Original(content),
+                    // Authorized content always parses; if not, nobody may notify the room.
+                    Err(_) => return Ok(None),
+                }
+            }
+            None => RoomPowerLevelsSource::None,
+        };
+        Ok(Some(RoomPowerLevels::new(source, &rules.authorization, creators).into()))
     }
 }
 

@@ -404,10 +404,8 @@ impl Services {
             }
             state_events.push(self.raw_client_event(row, viewer, false).await?);
         }
-        let mut timeline_events = Vec::new();
-        for row in rows.iter().filter(|r| req.filter.allows_event(r)) {
-            timeline_events.push(self.raw_client_event(row, viewer, false).await?);
-        }
+        let timeline_rows: Vec<&EventRow> = rows.iter().filter(|r| req.filter.allows_event(r)).collect();
+        let timeline_events = self.raw_client_events_of(&timeline_rows, viewer, false).await?;
 
         let mut ephemeral = Vec::new();
         if let Some(users) = self.typing.changed_since(room, since.typing) {
@@ -498,7 +496,7 @@ impl Services {
     }
 
     /// Stripped state shown with an invite.
-    async fn invite_state(
+    pub(super) async fn invite_state(
         &self,
         room_id: &str,
         user_id: &str,
@@ -544,7 +542,7 @@ impl Services {
 
     /// Users whose devices to re-query (changed keys, or newly sharing a room) and users
     /// who no longer share any room, for an incremental sync.
-    async fn device_list_delta(
+    pub(super) async fn device_list_delta(
         &self,
         user_id: &str,
         from: i64,
@@ -588,7 +586,7 @@ impl Services {
     /// (notifications, highlights) of a user in a room up to position `upto`: from the
     /// count cached at an earlier position plus what the room cache says arrived since, or
     /// from the database. A read receipt of the user forgets the cached count.
-    async fn unread_counts(&self, user_id: &str, room: &RoomId, upto: i64) -> Result<(i64, i64)> {
+    pub(super) async fn unread_counts(&self, user_id: &str, room: &RoomId, upto: i64) -> Result<(i64, i64)> {
         let key = (user_id.to_owned(), room.to_owned());
         let generation = self.unread.generation();
         if let Some(hit) = self.unread.get(&key) {
@@ -749,13 +747,13 @@ enum RoomRead {
     Changed(Sections),
 }
 
-fn membership_of(row: &EventRow) -> Option<String> {
+pub(super) fn membership_of(row: &EventRow) -> Option<String> {
     serde_json::from_str::<JsonValue>(&row.json)
         .ok()
         .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
 }
 
-fn account_data_event(data_type: &str, content: &str) -> JsonValue {
+pub(super) fn account_data_event(data_type: &str, content: &str) -> JsonValue {
     json!({"type": data_type, "content": serde_json::from_str::<JsonValue>(content).unwrap_or_default()})
 }
 
@@ -772,10 +770,10 @@ fn is_empty(r: &Response) -> bool {
 }
 
 /// Counts a sync in the `obmin_sync_open` gauge for as long as it lives.
-struct OpenSync<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+pub(super) struct OpenSync<'a>(&'a prometheus_client::metrics::gauge::Gauge);
 
 impl<'a> OpenSync<'a> {
-    fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
+    pub(super) fn new(gauge: &'a prometheus_client::metrics::gauge::Gauge) -> Self {
         gauge.inc();
         Self(gauge)
     }

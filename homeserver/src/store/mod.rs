@@ -7,13 +7,16 @@
 //! embedded in the binary and applied at start.
 
 mod account_data;
+mod aggregations;
 mod devices;
 mod keys;
 mod media;
 mod presence;
 mod profile;
+mod pushers;
 mod registration_tokens;
 mod rooms;
+mod sliding_sync;
 mod uiaa;
 mod users;
 
@@ -30,6 +33,7 @@ pub use devices::{AccessTokenOwner, DeviceRow, NewDevice};
 pub use keys::{BackupVersionRow, NewToDevice, ToDeviceRow};
 pub use media::{MediaRow, MediaUsageRow, NewMedia, ThumbnailRow};
 pub use presence::PresenceRow;
+pub use pushers::{NewPusher, PendingPush, PusherRow};
 pub use registration_tokens::RegistrationTokenRow;
 pub use rooms::{AppendEvent, AppendOutcome, EventRow, NewRoom, RoomRow};
 pub use uiaa::UiaaSessionRow;

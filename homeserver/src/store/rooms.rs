@@ -34,7 +34,7 @@ pub struct EventRow {
 
 const EVENT_COLUMNS: &str = "stream_ordering, event_id, room_id, depth, type, state_key, sender, origin_server_ts, json, prev_state_event_id, redacted_by, txn_user, txn_device, txn_id";
 
-fn event_row(r: &AnyRow) -> Result<EventRow, sqlx::Error> {
+pub(super) fn event_row(r: &AnyRow) -> Result<EventRow, sqlx::Error> {
     Ok(EventRow {
         stream_ordering: r.try_get("stream_ordering")?,
         event_id: r.try_get("event_id")?,
@@ -476,7 +476,7 @@ impl Store {
     }
 }
 
-fn prefixed_columns(prefix: &str) -> String {
+pub(super) fn prefixed_columns(prefix: &str) -> String {
     EVENT_COLUMNS.split(", ").map(|c| format!("{prefix}.{c}")).collect::<Vec<_>>().join(", ")
 }
 

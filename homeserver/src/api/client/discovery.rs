@@ -35,7 +35,8 @@ pub async fn versions(
 ) -> Result<RumaResponse<get_supported_versions::Response>> {
     let mut response =
         get_supported_versions::Response::new(SUPPORTED_VERSIONS.iter().map(|v| (*v).to_owned()).collect());
-    response.unstable_features = BTreeMap::new();
+    // Clients (matrix-rust-sdk, Element X) look for this flag before using sliding sync.
+    response.unstable_features = BTreeMap::from([("org.matrix.simplified_msc3575".to_owned(), true)]);
     Ok(RumaResponse(response))
 }
 

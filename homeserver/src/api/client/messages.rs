@@ -166,10 +166,7 @@ pub async fn messages(
     let end = more.then_some(Positions::at(cursor));
 
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
-    let mut chunk = Vec::new();
-    for row in &chunk_rows {
-        chunk.push(services.raw_client_event(row, viewer, true).await?);
-    }
+    let chunk = services.raw_client_events(&chunk_rows, viewer, true).await?;
     let mut state = Vec::new();
     if filter.lazy_load_members {
         let mut senders: Vec<&str> = chunk_rows.iter().map(|r| r.sender.as_str()).collect();
@@ -203,7 +200,8 @@ pub async fn event(
     let visible = services.visible_events(&room_id, user.user_id.as_str(), vec![row]).await?;
     let row = visible.into_iter().next().ok_or_else(not_found)?;
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
-    Ok(RumaResponse(get_room_event::v3::Response::new(services.raw_client_event(&row, viewer, true).await?)))
+    let event = services.raw_client_event_bundled(&row, viewer, true).await?;
+    Ok(RumaResponse(get_room_event::v3::Response::new(event)))
 }
 
 pub async fn typing(

@@ -1,4 +1,4 @@
-//! Push rules CRUD and `/notifications`.
+//! Push rules CRUD, pushers and `/notifications`.
 
 use std::sync::Arc;
 
@@ -8,8 +8,8 @@ use ruma::{
     api::client::push::{
         delete_pushrule,
         get_notifications::{self, v3::Notification},
-        get_pushrule, get_pushrule_actions, get_pushrule_enabled, get_pushrules_all, set_pushrule,
-        set_pushrule_actions, set_pushrule_enabled,
+        get_pushers, get_pushrule, get_pushrule_actions, get_pushrule_enabled, get_pushrules_all, set_pusher,
+        set_pushrule, set_pushrule_actions, set_pushrule_enabled,
     },
     push::Action,
 };
@@ -135,11 +135,32 @@ pub async fn notifications(
     for (row, actions, ts, read) in rows {
         let actions: Vec<Action> = serde_json::from_str(&actions).unwrap_or_default();
         let room_id = RoomId::parse(row.room_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
-        let event = services.raw_client_event(&row, viewer, true).await?;
+        let event = services.raw_client_event_bundled(&row, viewer, true).await?;
         let ts = MilliSecondsSinceUnixEpoch(UInt::new(ts.max(0) as u64).unwrap_or_default());
         notifications.push(Notification::new(actions, event, read, room_id, ts));
     }
     let mut response = get_notifications::v3::Response::new(notifications);
     response.next_token = next_token;
     Ok(RumaResponse(response))
+}
+
+pub async fn pushers(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_pushers::v3::Request>,
+) -> Result<RumaResponse<get_pushers::v3::Response>> {
+    let user = req.user()?.clone();
+    Ok(RumaResponse(get_pushers::v3::Response::new(services.pushers(&user).await?)))
+}
+
+pub async fn set_pusher(
+    State(services): State<Arc<Services>>,
+    req: Ruma<set_pusher::v3::Request>,
+) -> Result<RumaResponse<set_pusher::v3::Response>> {
+    let user = req.user()?.clone();
+    match &req.body.action {
+        set_pusher::v3::PusherAction::Post(post) => services.set_pusher(&user, &post.pusher, post.append).await?,
+        set_pusher::v3::PusherAction::Delete(ids) => services.delete_pusher(&user, ids).await?,
+        _ => return Err(Error::InvalidParam("Unknown pusher action".to_owned())),
+    }
+    Ok(RumaResponse(set_pusher::v3::Response::new()))
 }

@@ -74,11 +74,7 @@ async fn relations_page(
 
 async fn raw_chunk<T>(services: &Services, user: &AuthedUser, rows: &[EventRow]) -> Result<Vec<ruma::serde::Raw<T>>> {
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
-    let mut out = Vec::new();
-    for row in rows {
-        out.push(services.raw_client_event(row, viewer, true).await?);
-    }
-    Ok(out)
+    services.raw_client_events(rows, viewer, true).await
 }
 
 pub async fn relating(

@@ -75,7 +75,7 @@ pub async fn search(
         let mut result = SearchResult::new();
         // FTS5's bm25 is "lower is better"; clients expect "higher is better".
         result.rank = Some(if services.store.backend() == crate::store::Backend::Sqlite { -rank } else { rank });
-        result.result = Some(services.raw_client_event(&row, viewer, true).await?);
+        result.result = Some(services.raw_client_event_bundled(&row, viewer, true).await?);
         results.push(result);
     }
     let mut room_events = ResultRoomEvents::new();

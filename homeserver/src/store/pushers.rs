@@ -45,7 +45,7 @@ impl Store {
     /// Adds or replaces a pusher. Without `append`, the same app id and pushkey is taken
     /// away from every other user, as the spec says.
     pub async fn set_pusher(&self, new: NewPusher<'_>, append: bool) -> Result<(), sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         if !append {
             sqlx::query("DELETE FROM pushers WHERE app_id = $1 AND pushkey = $2 AND user_id <> $3")
                 .bind(new.app_id)

@@ -77,6 +77,38 @@ pub struct Config {
     pub user_directory: UserDirectoryConfig,
     pub turn: TurnConfig,
     pub media: MediaConfig,
+    pub federation: FederationConfig,
+}
+
+/// Federation: the TLS listener other servers reach and the outbound client's switches.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Address of the TLS federation listener (Server-Server API and key server), e.g.
+    /// `0.0.0.0:8448`. Empty: no listener (this server cannot be reached by others).
+    pub listen: String,
+    /// PEM certificate chain for the federation listener.
+    pub tls_cert: String,
+    /// PEM private key for the federation listener.
+    pub tls_key: String,
+    /// Check other servers' TLS certificates. Only switch off for loopback tests or a
+    /// private network with self-signed certificates.
+    pub verify_certificates: bool,
+    /// Allow federation requests to loopback and private addresses.
+    pub allow_private_targets: bool,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        // Secure unless the operator explicitly says otherwise.
+        Self {
+            listen: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            verify_certificates: true,
+            allow_private_targets: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -203,6 +235,7 @@ impl Default for Config {
             user_directory: UserDirectoryConfig::default(),
             turn: TurnConfig::default(),
             media: MediaConfig::default(),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -270,6 +303,11 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_MEDIA_UNAUTHENTICATED_CUTOFF_MS", "media.unauthenticated_cutoff_ms", EnvKind::Integer),
     ("OBMIN_MEDIA_LOCAL_RETENTION_DAYS", "media.local_retention_days", EnvKind::Integer),
     ("OBMIN_MEDIA_PENDING_UPLOAD_HOURS", "media.pending_upload_hours", EnvKind::Integer),
+    ("OBMIN_FEDERATION_LISTEN", "federation.listen", EnvKind::String),
+    ("OBMIN_TLS_CERT", "federation.tls_cert", EnvKind::String),
+    ("OBMIN_TLS_KEY", "federation.tls_key", EnvKind::String),
+    ("OBMIN_FEDERATION_VERIFY_CERTIFICATES", "federation.verify_certificates", EnvKind::Bool),
+    ("OBMIN_FEDERATION_ALLOW_PRIVATE_TARGETS", "federation.allow_private_targets", EnvKind::Bool),
 ];
 
 /// A configuration problem, naming the option (or file) and the reason.
@@ -310,6 +348,23 @@ pub struct Settings {
     pub user_directory: UserDirectoryConfig,
     pub turn: TurnConfig,
     pub media: MediaConfig,
+    pub federation: FederationSettings,
+}
+
+/// Validated federation settings.
+#[derive(Debug, Clone)]
+pub struct FederationSettings {
+    /// The TLS listener: address, certificate and key files.
+    pub listener: Option<FederationListener>,
+    pub verify_certificates: bool,
+    pub allow_private_targets: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct FederationListener {
+    pub listen: SocketAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
 }
 
 impl Settings {
@@ -419,6 +474,7 @@ impl Settings {
         if config.media.pending_upload_hours == 0 || config.media.pending_upload_hours > 24 * 365 {
             return Err(err("media.pending_upload_hours", "must be between 1 and 8760"));
         }
+        let federation = validate_federation(&config.federation)?;
         Ok(Self {
             server_name: server_name.to_owned(),
             listen,
@@ -436,6 +492,7 @@ impl Settings {
             user_directory: config.user_directory,
             turn: config.turn,
             media: config.media,
+            federation,
         })
     }
 
@@ -449,6 +506,29 @@ impl Settings {
     pub fn signing_key_path(&self) -> PathBuf {
         self.data_dir.join("signing.key")
     }
+}
+
+fn validate_federation(config: &FederationConfig) -> Result<FederationSettings, ConfigError> {
+    let listener = if config.listen.trim().is_empty() {
+        None
+    } else {
+        let listen = config.listen.parse().map_err(|_| {
+            err("federation.listen", format!("`{}` is not an address like 0.0.0.0:8448", config.listen))
+        })?;
+        if config.tls_cert.is_empty() || config.tls_key.is_empty() {
+            return Err(err("federation.tls_cert", "the federation listener needs tls_cert and tls_key"));
+        }
+        Some(FederationListener {
+            listen,
+            tls_cert: PathBuf::from(&config.tls_cert),
+            tls_key: PathBuf::from(&config.tls_key),
+        })
+    };
+    Ok(FederationSettings {
+        listener,
+        verify_certificates: config.verify_certificates,
+        allow_private_targets: config.allow_private_targets,
+    })
 }
 
 fn parse_env(raw: &str, kind: EnvKind) -> Result<toml::Value, String> {
@@ -537,6 +617,27 @@ mod tests {
         assert_eq!(e.key, "OBMIN_RATE_LIMITS_LOGIN_BURST");
         let e = load(&[("OBMIN_SERVER_NAME", "bad name!")]).unwrap_err();
         assert_eq!(e.key, "server_name");
+    }
+
+    #[test]
+    fn federation_is_secure_by_default_and_needs_tls_files() {
+        let s = load(&[]).unwrap();
+        assert!(s.federation.listener.is_none());
+        assert!(s.federation.verify_certificates);
+        assert!(!s.federation.allow_private_targets);
+        let e = load(&[("OBMIN_FEDERATION_LISTEN", "127.0.0.1:8448")]).unwrap_err();
+        assert_eq!(e.key, "federation.tls_cert");
+        let s = load(&[
+            ("OBMIN_FEDERATION_LISTEN", "127.0.0.1:8448"),
+            ("OBMIN_TLS_CERT", "/c.pem"),
+            ("OBMIN_TLS_KEY", "/k.pem"),
+            ("OBMIN_FEDERATION_VERIFY_CERTIFICATES", "false"),
+            ("OBMIN_FEDERATION_ALLOW_PRIVATE_TARGETS", "true"),
+        ])
+        .unwrap();
+        assert_eq!(s.federation.listener.unwrap().listen.port(), 8448);
+        assert!(!s.federation.verify_certificates);
+        assert!(s.federation.allow_private_targets);
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod devices;
 mod discovery;
 mod e2ee;
 mod errors;
+mod federation;
 mod login;
 mod media;
 mod operations;

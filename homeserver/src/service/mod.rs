@@ -6,6 +6,7 @@ pub mod auth;
 pub mod credentials;
 pub mod devices;
 pub mod events;
+pub mod fed;
 pub mod keys;
 pub mod media;
 pub mod presence;
@@ -37,13 +38,21 @@ pub struct Services {
     pub typing: typing::Typing,
     pub hashing: credentials::Hashing,
     pub media: media::Media,
+    /// Federation: the outbound client and the key-fetch bookkeeping.
+    pub fed: fed::Federation,
     room_locks: timeline::RoomLocks,
     push_rule_cache: push::PushRuleCache,
 }
 
 impl Services {
     /// `max_stream_position` is the highest stream position already in the database.
-    pub fn new(settings: Settings, store: Store, signing_key: SigningKey, max_stream_position: i64) -> Self {
+    pub fn new(
+        settings: Settings,
+        store: Store,
+        signing_key: SigningKey,
+        max_stream_position: i64,
+        fed: fed::Federation,
+    ) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
         let media = media::Media::new(settings.media_dir());
         Self {
@@ -57,6 +66,7 @@ impl Services {
             hashing: credentials::Hashing::new(),
             push_rule_cache: push::PushRuleCache::default(),
             media,
+            fed,
             room_locks: timeline::RoomLocks::default(),
         }
     }

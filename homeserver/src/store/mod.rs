@@ -14,6 +14,7 @@ mod presence;
 mod profile;
 mod registration_tokens;
 mod rooms;
+mod server_keys;
 mod uiaa;
 mod users;
 
@@ -32,6 +33,7 @@ pub use media::{MediaRow, MediaUsageRow, NewMedia, ThumbnailRow};
 pub use presence::PresenceRow;
 pub use registration_tokens::RegistrationTokenRow;
 pub use rooms::{AppendEvent, AppendOutcome, EventRow, NewRoom, RoomRow};
+pub use server_keys::{NewServerKeys, ServerKeyRow};
 pub use uiaa::UiaaSessionRow;
 pub use users::{CreateAccountOutcome, LogoutDevices, NewAccount, UserRow};
 

@@ -1,0 +1,177 @@
+//! Federation between two real Obmin processes over TLS on loopback: keys, the notary, X-Matrix
+//! signed requests in both directions (remote profiles), and forged requests refused.
+
+use conformance::{Backend, Server, ServerOptions, backend_tests, enc, federation_http};
+use federation::{SigningKey, keys::verify_key_document, xmatrix};
+use ruma::{ServerName, api::federation::discovery::ServerSigningKeys, serde::Raw};
+use serde_json::{Value, json};
+
+async fn federating(backend: Backend) -> Server {
+    ServerOptions::new(backend).federating().start().await
+}
+
+/// GET on a federation listener, optionally signed as `origin` with `key`.
+async fn fed_get(server: &Server, path: &str, signed_as: Option<(&str, &SigningKey)>) -> (u16, Value) {
+    let url = format!("{}{path}", server.federation_url.as_ref().expect("federating server"));
+    let mut request = http::Request::get(&url).body(Vec::new()).unwrap();
+    if let Some((origin, key)) = signed_as {
+        xmatrix::sign_request(
+            &mut request,
+            &ServerName::parse(origin).unwrap(),
+            &ServerName::parse(&server.server_name).unwrap(),
+            key,
+        )
+        .unwrap();
+    }
+    let request = reqwest::Request::try_from(request).unwrap();
+    let response = federation_http().execute(request).await.expect("federation request");
+    let status = response.status().as_u16();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+fn signing_key_of(server: &Server) -> SigningKey {
+    let text = std::fs::read_to_string(server.dir.path().join("data/signing.key")).expect("signing key file");
+    SigningKey::parse(&text).unwrap()
+}
+
+async fn version_and_key_server(backend: Backend) {
+    let a = federating(backend).await;
+    let (status, body) = fed_get(&a, "/_matrix/federation/v1/version", None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["server"]["name"], "Obmin");
+
+    let (status, body) = fed_get(&a, "/_matrix/key/v2/server", None).await;
+    assert_eq!(status, 200, "{body}");
+    let raw: Raw<ServerSigningKeys> = serde_json::from_value(body.clone()).unwrap();
+    // Signed by the key it publishes, for the server's own name, valid for a while.
+    let verified = verify_key_document(&ServerName::parse(&a.server_name).unwrap(), &raw).expect("self-signed");
+    let key = signing_key_of(&a);
+    assert_eq!(verified.verify_keys.get(&key.key_id()), Some(&key.public_key_base64()));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    assert!(verified.valid_until_ts > now + 3_600_000, "{body}");
+
+    // Unknown federation endpoints are Matrix errors on this listener too.
+    let (status, body) = fed_get(&a, "/_matrix/federation/v1/nope", None).await;
+    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_UNRECOGNIZED")));
+}
+
+async fn remote_profiles_and_notary(backend: Backend) {
+    let a = federating(backend).await;
+    let b = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    a.put(
+        &format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id)),
+        Some(&alice.access_token),
+        json!({"displayname": "Alice of A"}),
+    )
+    .await
+    .assert_ok();
+    let bob = b.register("bob", "password-bob-1").await;
+    assert!(alice.user_id.ends_with(&format!(":{}", a.server_name)));
+
+    // B asks A (signed); A fetches B's key from B to check the signature.
+    let resp = b.get(&format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)), Some(&bob.access_token)).await;
+    assert_eq!(resp.assert_ok()["displayname"], "Alice of A");
+    let resp = b
+        .get(&format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id)), Some(&bob.access_token))
+        .await;
+    assert_eq!(resp.assert_ok()["displayname"], "Alice of A");
+    // And the other way round.
+    let resp = a.get(&format!("/_matrix/client/v3/profile/{}", enc(&bob.user_id)), Some(&alice.access_token)).await;
+    resp.assert_ok();
+    // A remote user who does not exist.
+    let ghost = format!("@ghost:{}", a.server_name);
+    b.get(&format!("/_matrix/client/v3/profile/{}", enc(&ghost)), Some(&bob.access_token))
+        .await
+        .assert_error(404, "M_NOT_FOUND");
+
+    // A, as a notary, vouches for B's keys: B's own signature and A's beside it.
+    let (status, body) = fed_get(&a, &format!("/_matrix/key/v2/query/{}", enc(&b.server_name)), None).await;
+    assert_eq!(status, 200, "{body}");
+    let docs = body["server_keys"].as_array().expect("server_keys");
+    assert_eq!(docs.len(), 1, "{body}");
+    let raw: Raw<ServerSigningKeys> = serde_json::from_value(docs[0].clone()).unwrap();
+    let verified = verify_key_document(&ServerName::parse(&b.server_name).unwrap(), &raw).unwrap();
+    assert_eq!(verified.verify_keys.get(&signing_key_of(&b).key_id()), Some(&signing_key_of(&b).public_key_base64()));
+    assert!(docs[0]["signatures"][&a.server_name].is_object(), "notary signature: {body}");
+    // The batch form, for B and for A itself.
+    let url = format!("{}/_matrix/key/v2/query", a.federation_url.as_ref().unwrap());
+    let body: Value = federation_http()
+        .post(url)
+        .json(&json!({"server_keys": {&b.server_name: {}, &a.server_name: {}}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> =
+        body["server_keys"].as_array().unwrap().iter().map(|d| d["server_name"].as_str().unwrap()).collect();
+    assert!(names.contains(&b.server_name.as_str()) && names.contains(&a.server_name.as_str()), "{body}");
+}
+
+async fn forged_requests_are_refused(backend: Backend) {
+    let a = federating(backend).await;
+    let b = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let path = format!("/_matrix/federation/v1/query/profile?user_id={}", enc(&alice.user_id));
+
+    // No signature at all.
+    let (status, body) = fed_get(&a, &path, None).await;
+    assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{body}");
+    // Claims to be B but signed with another key under B's key id: A fetches B's real key.
+    let real = signing_key_of(&b);
+    let forged = SigningKey::parse(&format!(
+        "ed25519 {} AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        real.key_id().trim_start_matches("ed25519:")
+    ))
+    .unwrap();
+    let (status, body) = fed_get(&a, &path, Some((&b.server_name, &forged))).await;
+    assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{body}");
+    // Signed with B's real key: accepted.
+    let (status, body) = fed_get(&a, &path, Some((&b.server_name, &real))).await;
+    assert_eq!(status, 200, "{body}");
+    // A request signed for another destination is refused.
+    let url = format!("{}{path}", a.federation_url.as_ref().unwrap());
+    let mut request = http::Request::get(&url).body(Vec::new()).unwrap();
+    xmatrix::sign_request(
+        &mut request,
+        &ServerName::parse(&b.server_name).unwrap(),
+        &ServerName::parse("elsewhere.example").unwrap(),
+        &real,
+    )
+    .unwrap();
+    let response = federation_http().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
+    assert_eq!(response.status().as_u16(), 401);
+    // A server that does not exist cannot be asked for its key.
+    let stranger = SigningKey::parse("ed25519 a_x AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA").unwrap();
+    let (status, _) = fed_get(&a, &path, Some(("localhost:1", &stranger))).await;
+    assert_eq!(status, 401);
+}
+
+async fn private_targets_are_refused_by_default(backend: Backend) {
+    let a = federating(backend).await;
+    // B keeps the defaults: no loopback targets, certificates checked.
+    let b = ServerOptions::new(backend)
+        .federating()
+        .env("OBMIN_FEDERATION_ALLOW_PRIVATE_TARGETS", "false")
+        .env("OBMIN_FEDERATION_VERIFY_CERTIFICATES", "true")
+        .start()
+        .await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let bob = b.register("bob", "password-bob-1").await;
+    let url = b.url(&format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)));
+    let response = b.http.get(url).bearer_auth(&bob.access_token).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 502);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["errcode"].is_string(), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("not allowed as federation targets"), "{body}");
+}
+
+backend_tests!(
+    version_and_key_server,
+    remote_profiles_and_notary,
+    forged_requests_are_refused,
+    private_targets_are_refused_by_default
+);

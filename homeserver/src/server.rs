@@ -149,7 +149,7 @@ async fn expire_typing(services: Arc<Services>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tick.tick().await;
-        services.typing.expire(|| services.streams.bump_typing());
+        services.typing.expire(|rooms| services.streams.bump_typing(rooms.iter().map(|r| &**r)));
     }
 }
 

@@ -13,7 +13,8 @@ backend_tests!(
     typing_and_receipts_reach_the_other_member,
     account_data_filters_and_push_rules,
     invites_and_leaves_in_sync,
-    lazy_loaded_members
+    lazy_loaded_members,
+    long_polls_wake_for_every_kind_of_change
 );
 
 fn timeline(sync: &Value, room: &str) -> Vec<Value> {
@@ -81,6 +82,108 @@ async fn long_poll_wakes_on_new_events(backend: Backend) {
     server.send_text(&alice, &room, "wake up").await.assert_ok();
     let resp: Value = poll.await.unwrap().unwrap().json().await.unwrap();
     assert_eq!(bodies(&timeline(&resp, &room)), vec!["wake up"], "{resp}");
+}
+
+/// Starts a long poll of `user` from `since`, runs `change` while it waits, and returns the
+/// response (which must come before the 20 s timeout, i.e. with something in it).
+async fn poll_across<F: std::future::Future<Output = ()>>(
+    server: &Server,
+    user: &conformance::User,
+    since: &str,
+    change: F,
+) -> Value {
+    let poll = {
+        let url = server.url(&format!("/_matrix/client/v3/sync?timeout=20000&since={}", enc(since)));
+        tokio::spawn(server.http.get(url).bearer_auth(&user.access_token).send())
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    change.await;
+    poll.await.unwrap().unwrap().json().await.unwrap()
+}
+
+/// Each kind of change ends a waiting long poll of the users it concerns (syncs wake only
+/// for their own rooms and their own user, so every writer must say whom it concerns).
+async fn long_polls_wake_for_every_kind_of_change(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = server.register("alice", "secret-pass").await;
+    let bob = server.register("bob", "bob-pass").await;
+    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    server.join(&bob, &room).await.assert_ok();
+    let first = server.sync(&bob, None, 0, None).await;
+    let mut since = first["next_batch"].as_str().unwrap().to_owned();
+    let event_id = server.send_text(&alice, &room, "hello").await.assert_ok()["event_id"].as_str().unwrap().to_owned();
+    since = server.sync(&bob, Some(&since), 0, None).await["next_batch"].as_str().unwrap().to_owned();
+
+    // A read receipt.
+    let resp = poll_across(&server, &bob, &since, async {
+        let path = format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&event_id));
+        server.post(&path, Some(&alice.access_token), json!({})).await.assert_ok();
+    })
+    .await;
+    let ephemeral = resp["rooms"]["join"][&room]["ephemeral"]["events"].to_string();
+    assert!(ephemeral.contains("m.receipt") && ephemeral.contains(&alice.user_id), "{resp}");
+    since = resp["next_batch"].as_str().unwrap().to_owned();
+
+    // Typing.
+    let resp = poll_across(&server, &bob, &since, async {
+        let path = format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&alice.user_id));
+        server.put(&path, Some(&alice.access_token), json!({"typing": true, "timeout": 10000})).await.assert_ok();
+    })
+    .await;
+    let ephemeral = resp["rooms"]["join"][&room]["ephemeral"]["events"].to_string();
+    assert!(ephemeral.contains("m.typing") && ephemeral.contains(&alice.user_id), "{resp}");
+    since = resp["next_batch"].as_str().unwrap().to_owned();
+
+    // Account data, written from another of bob's devices.
+    let phone = server.login("bob", "bob-pass").await.body["access_token"].as_str().unwrap().to_owned();
+    let resp = poll_across(&server, &bob, &since, async {
+        let path = format!("/_matrix/client/v3/user/{}/account_data/org.example.x", enc(&bob.user_id));
+        server.put(&path, Some(&phone), json!({"n": 1})).await.assert_ok();
+    })
+    .await;
+    assert!(resp["account_data"]["events"].to_string().contains("org.example.x"), "{resp}");
+    since = resp["next_batch"].as_str().unwrap().to_owned();
+
+    // A to-device message to bob's device.
+    let resp = poll_across(&server, &bob, &since, async {
+        let path = "/_matrix/client/v3/sendToDevice/org.example.ping/txn-wake";
+        let body = json!({"messages": {bob.user_id.clone(): {bob.device_id.clone(): {"n": 2}}}});
+        server.put(path, Some(&alice.access_token), body).await.assert_ok();
+    })
+    .await;
+    assert!(resp["to_device"]["events"].to_string().contains("org.example.ping"), "{resp}");
+    since = resp["next_batch"].as_str().unwrap().to_owned();
+
+    // Presence of a room-mate.
+    let resp = poll_across(&server, &bob, &since, async {
+        let path = format!("/_matrix/client/v3/presence/{}/status", enc(&alice.user_id));
+        server.put(&path, Some(&alice.access_token), json!({"presence": "unavailable"})).await.assert_ok();
+    })
+    .await;
+    assert!(resp["presence"]["events"].to_string().contains("unavailable"), "{resp}");
+    since = resp["next_batch"].as_str().unwrap().to_owned();
+
+    // An invite to a room bob is not in yet.
+    let mut other = String::new();
+    let resp = poll_across(&server, &bob, &since, async {
+        other = server.create_room(&alice, json!({"invite": [bob.user_id.clone()]})).await;
+    })
+    .await;
+    assert!(resp["rooms"]["invite"][&other].is_object(), "{resp}");
+    since = resp["next_batch"].as_str().unwrap().to_owned();
+
+    // Joining it, from another device: the new room's messages then reach the long poll.
+    server.join(&phone_user(&bob, &phone), &other).await.assert_ok();
+    since = server.sync(&bob, Some(&since), 0, None).await["next_batch"].as_str().unwrap().to_owned();
+    let resp = poll_across(&server, &bob, &since, async {
+        server.send_text(&alice, &other, "in the new room").await.assert_ok();
+    })
+    .await;
+    assert_eq!(bodies(&timeline(&resp, &other)), vec!["in the new room"], "{resp}");
+}
+
+fn phone_user(user: &conformance::User, token: &str) -> conformance::User {
+    conformance::User { access_token: token.to_owned(), ..user.clone() }
 }
 
 async fn retried_sends_are_not_duplicated(backend: Backend) {

@@ -3,12 +3,19 @@
 //! The server checks what it can (signatures by the keys it is given) and never holds a
 //! private key.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, UserId, serde::Base64, signatures::verify_json};
 use serde_json::{Map, Value as JsonValue, json};
 
-use super::Services;
+use super::{
+    Services,
+    cache::Cache,
+    notifier::{Change, Sections},
+};
 use crate::{
     error::{Error, Result},
     store::{NewToDevice, ToDeviceRow},
@@ -59,13 +66,43 @@ fn single_key(key: &JsonValue) -> Option<(String, String)> {
     Some((id.clone(), value.as_str()?.to_owned()))
 }
 
+/// One device's one-time key counts and unused fallback key algorithms, which every sync
+/// response carries.
+#[derive(Debug, Default)]
+pub struct KeyCounts {
+    pub one_time: Vec<(String, i64)>,
+    pub unused_fallback: Vec<String>,
+}
+
+/// [`KeyCounts`] per device, read once and kept until keys are uploaded or claimed.
+pub type KeyCountCache = Cache<(String, String), Arc<KeyCounts>>;
+
+/// Devices whose counts are kept.
+pub const MAX_CACHED_KEY_COUNTS: usize = 100_000;
+
 impl Services {
+    /// The key counts of a device for a sync response.
+    pub async fn key_counts(&self, user_id: &str, device_id: &str) -> Result<Arc<KeyCounts>> {
+        let key = (user_id.to_owned(), device_id.to_owned());
+        if let Some(hit) = self.key_counts.get(&key) {
+            return Ok(hit);
+        }
+        let generation = self.key_counts.generation();
+        let counts = Arc::new(KeyCounts {
+            one_time: self.store.one_time_key_counts(user_id, device_id).await?,
+            unused_fallback: self.store.unused_fallback_algorithms(user_id, device_id).await?,
+        });
+        self.key_counts.insert_if_unchanged(key, counts.clone(), generation);
+        Ok(counts)
+    }
+
     /// Positions a device-list change of `user_id` in the stream (syncs of users who share a
     /// room with them will list them in `device_lists.changed`).
     pub async fn announce_device_change(&self, user_id: &str) -> Result<()> {
+        let changes = self.changes_of_user_and_rooms(user_id, Sections::DEVICE_LISTS).await?;
         let position = self.streams.allocate();
         self.store.record_device_list_change(user_id, position.position()).await?;
-        position.commit();
+        position.commit_with(changes);
         Ok(())
     }
 
@@ -73,6 +110,7 @@ impl Services {
     pub async fn devices_removed(&self, user_id: &str, device_ids: &[String]) -> Result<()> {
         for device_id in device_ids {
             self.store.delete_device_e2ee(user_id, device_id).await?;
+            self.key_counts.forget(&(user_id.to_owned(), device_id.to_owned()));
         }
         if !device_ids.is_empty() {
             self.announce_device_change(user_id).await?;
@@ -107,9 +145,10 @@ impl Services {
                     merge_signatures(&mut stored, &keys);
                 }
             }
+            let changes = self.changes_of_user_and_rooms(user_id.as_str(), Sections::DEVICE_LISTS).await?;
             let position = self.streams.allocate();
             self.store.set_device_keys(user_id.as_str(), device_id, &stored.to_string(), position.position()).await?;
-            position.commit();
+            position.commit_with(changes);
         }
         let mut otks = Vec::new();
         for (key_id, key) in one_time_keys {
@@ -125,7 +164,8 @@ impl Services {
             let algorithm = key_id.split(':').next().unwrap_or_default().to_owned();
             self.store.set_fallback_key(user_id.as_str(), device_id, &algorithm, &key_id, &key.to_string()).await?;
         }
-        Ok(self.store.one_time_key_counts(user_id.as_str(), device_id).await?.into_iter().collect())
+        self.key_counts.forget(&(user_id.to_string(), device_id.to_owned()));
+        Ok(self.key_counts(user_id.as_str(), device_id).await?.one_time.iter().cloned().collect())
     }
 
     /// Device keys of a user as `/keys/query` shows them (with the device display name).
@@ -156,7 +196,9 @@ impl Services {
     ) -> Result<BTreeMap<String, BTreeMap<String, Map<String, JsonValue>>>> {
         let mut out: BTreeMap<String, BTreeMap<String, Map<String, JsonValue>>> = BTreeMap::new();
         for (user_id, device_id, algorithm) in wanted {
-            if let Some((key_id, json)) = self.store.claim_one_time_key(&user_id, &device_id, &algorithm).await? {
+            let claimed = self.store.claim_one_time_key(&user_id, &device_id, &algorithm).await?;
+            self.key_counts.forget(&(user_id.clone(), device_id.clone()));
+            if let Some((key_id, json)) = claimed {
                 let key: JsonValue = serde_json::from_str(&json).unwrap_or_default();
                 out.entry(user_id).or_default().entry(device_id).or_default().insert(key_id, key);
             }
@@ -344,11 +386,17 @@ impl Services {
         }
         let rows: Vec<NewToDevice> =
             queued.iter().map(|(u, d, c)| NewToDevice { user_id: u, device_id: d, content: c.clone() }).collect();
+        let recipients: std::collections::BTreeSet<&str> = queued.iter().map(|(u, _, _)| u.as_str()).collect();
+        let changes = recipients
+            .into_iter()
+            .filter_map(|u| ruma::OwnedUserId::try_from(u).ok())
+            .map(|u| Change::user(u, Sections::TO_DEVICE))
+            .collect();
         let position = self.streams.allocate();
         self.store
             .queue_to_device(sender.as_str(), sender_device, txn_id, event_type, &rows, position.position())
             .await?;
-        position.commit();
+        position.commit_with(changes);
         Ok(())
     }
 

@@ -3,17 +3,20 @@
 
 pub mod accounts;
 pub mod auth;
+pub mod cache;
 pub mod credentials;
 pub mod devices;
 pub mod events;
 pub mod fed;
 pub mod keys;
 pub mod media;
+pub mod notifier;
 pub mod presence;
 pub mod profile;
 pub mod push;
 pub mod rate_limit;
 pub mod registration_tokens;
+pub mod room_cache;
 pub mod rooms;
 pub mod streams;
 pub mod sync;
@@ -41,6 +44,11 @@ pub struct Services {
     /// Federation: the outbound client and the key-fetch bookkeeping.
     pub fed: fed::Federation,
     room_locks: timeline::RoomLocks,
+    pub room_cache: room_cache::RoomCaches,
+    key_counts: keys::KeyCountCache,
+    /// Each user's rooms with their membership, for syncs (see `rooms_of_user`).
+    user_rooms: cache::Cache<String, Arc<Vec<(String, String)>>>,
+    presence_touches: presence::PresenceTouches,
     push_rule_cache: push::PushRuleCache,
 }
 
@@ -68,6 +76,10 @@ impl Services {
             media,
             fed,
             room_locks: timeline::RoomLocks::default(),
+            room_cache: room_cache::RoomCaches::default(),
+            key_counts: keys::KeyCountCache::new(keys::MAX_CACHED_KEY_COUNTS),
+            user_rooms: cache::Cache::new(100_000),
+            presence_touches: presence::PresenceTouches::default(),
         }
     }
 }

@@ -1,10 +1,12 @@
 //! Presence: online / unavailable / offline, a status message and last activity, seen by
 //! users who share a room. Can be switched off in the configuration.
 
-use ruma::UserId;
+use std::{collections::HashMap, sync::Mutex};
+
+use ruma::{OwnedUserId, UserId};
 use serde_json::{Value as JsonValue, json};
 
-use super::Services;
+use super::{Services, notifier::Sections};
 use crate::{
     error::{Error, Result},
     store::{PresenceRow, now_ms},
@@ -15,6 +17,37 @@ use crate::{
 pub const OFFLINE_AFTER_MS: i64 = 90_000;
 /// "Currently active" means active within this window.
 const CURRENTLY_ACTIVE_MS: i64 = 60_000;
+/// How stale the stored last activity of an online user may get: syncs arrive far more often
+/// than this, and each would otherwise read (and often write) the presence row.
+const TOUCH_GRANULARITY_MS: i64 = 10_000;
+
+/// When each user was last seen online and their activity stored, so that most syncs need
+/// no database access for presence.
+#[derive(Default)]
+pub struct PresenceTouches {
+    touched: Mutex<HashMap<OwnedUserId, i64>>,
+}
+
+impl PresenceTouches {
+    fn recent(&self, user: &UserId, now: i64) -> bool {
+        let touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        touched.get(user).is_some_and(|at| now - at < TOUCH_GRANULARITY_MS)
+    }
+
+    fn record(&self, user: &UserId, now: i64) {
+        let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        if touched.len() >= 100_000 {
+            touched.clear();
+        }
+        touched.insert(user.to_owned(), now);
+    }
+
+    fn forget(&self, user: &str) {
+        if let Ok(user) = UserId::parse(user) {
+            self.touched.lock().unwrap_or_else(|e| e.into_inner()).remove(&user);
+        }
+    }
+}
 
 /// The presence states.
 pub fn valid_state(state: &str) -> bool {
@@ -30,6 +63,8 @@ impl Services {
         if !self.settings.presence.enabled {
             return Ok(());
         }
+        self.presence_touches.forget(user.as_str());
+        let changes = self.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
         let position = self.streams.allocate();
         self.store
             .set_presence(&PresenceRow {
@@ -40,7 +75,7 @@ impl Services {
                 stream_id: position.position(),
             })
             .await?;
-        position.commit();
+        position.commit_with(changes);
         Ok(())
     }
 
@@ -66,13 +101,20 @@ impl Services {
             return Ok(());
         }
         let now = now_ms();
+        if self.presence_touches.recent(user, now) {
+            return Ok(());
+        }
         match self.store.presence(user.as_str()).await? {
             Some(row) if row.state != "offline" => {
-                if now - row.last_active_ts > 10_000 {
+                if now - row.last_active_ts > TOUCH_GRANULARITY_MS {
                     self.store.touch_presence(user.as_str(), now).await?;
+                    self.presence_touches.record(user, now);
+                } else {
+                    self.presence_touches.record(user, row.last_active_ts);
                 }
             }
             previous => {
+                let changes = self.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
                 let position = self.streams.allocate();
                 self.store
                     .set_presence(&PresenceRow {
@@ -83,7 +125,8 @@ impl Services {
                         stream_id: position.position(),
                     })
                     .await?;
-                position.commit();
+                position.commit_with(changes);
+                self.presence_touches.record(user, now);
             }
         }
         Ok(())
@@ -95,11 +138,13 @@ impl Services {
             return Ok(());
         }
         for mut row in self.store.present_users_idle_since(now_ms() - OFFLINE_AFTER_MS).await? {
+            self.presence_touches.forget(&row.user_id);
+            let changes = self.changes_of_user_and_rooms(&row.user_id, Sections::PRESENCE).await?;
             let position = self.streams.allocate();
             row.state = "offline".to_owned();
             row.stream_id = position.position();
             self.store.set_presence(&row).await?;
-            position.commit();
+            position.commit_with(changes);
         }
         Ok(())
     }

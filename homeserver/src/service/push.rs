@@ -12,7 +12,10 @@ use ruma::{
 };
 use serde_json::Value as JsonValue;
 
-use super::Services;
+use super::{
+    Services,
+    notifier::{Change, Sections},
+};
 use crate::error::{Error, Result};
 
 /// Users' rule sets, cached: every event in a room is evaluated for every member.
@@ -42,7 +45,7 @@ impl Services {
         let content = serde_json::json!({"global": rules}).to_string();
         let position = self.streams.allocate();
         self.store.set_account_data(user_id.as_str(), "", "m.push_rules", &content, position.position()).await?;
-        position.commit();
+        position.commit_with(vec![Change::user(user_id.to_owned(), Sections::ACCOUNT_DATA)]);
         self.push_rule_cache
             .rules
             .lock()
@@ -59,24 +62,32 @@ impl Services {
         sender: &UserId,
         pdu: &CanonicalJsonObject,
     ) -> Result<Vec<(String, bool, String)>> {
-        let members = self.store.joined_members_with_names(room_id.as_str()).await?;
+        let members = match self.room_cache.with(room_id, |c| c.joined.clone()) {
+            Some(members) => members,
+            None => {
+                // Filled under the room lock of the append that asks (see room_cache).
+                let members = Arc::new(self.store.joined_members_with_names(room_id.as_str()).await?);
+                self.room_cache.with(room_id, |c| c.joined = Some(members.clone()));
+                members
+            }
+        };
         let member_count = UInt::new(members.len() as u64).unwrap_or_default();
         let raw: Raw<JsonValue> =
             Raw::from_json(serde_json::value::to_raw_value(pdu).map_err(|e| Error::internal(e.to_string()))?);
         let mut out = Vec::new();
-        for (member, display_name) in members {
+        for (member, display_name) in members.iter() {
             let Ok(user) = UserId::parse(member.as_str()) else { continue };
             if user == sender || user.server_name() != self.settings.server_name {
                 continue;
             }
             let rules = self.push_rules(&user).await?;
-            let name = display_name.unwrap_or_else(|| user.localpart().to_owned());
+            let name = display_name.clone().unwrap_or_else(|| user.localpart().to_owned());
             let ctx = PushConditionRoomCtx::new(room_id.to_owned(), member_count, user.clone(), name);
             let actions = rules.get_actions(&raw, &ctx).await;
             if actions.iter().any(Action::should_notify) {
                 let highlight = actions.iter().any(Action::is_highlight);
                 let json = serde_json::to_string(actions).map_err(|e| Error::internal(e.to_string()))?;
-                out.push((member, highlight, json));
+                out.push((member.clone(), highlight, json));
             }
         }
         Ok(out)

@@ -12,12 +12,15 @@
 //! what was delivered.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt,
     sync::{Arc, Mutex},
 };
 
+use ruma::RoomId;
 use tokio::sync::watch;
+
+use super::notifier::{Change, Notifier, Scope};
 
 /// Positions a sync has seen up to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -66,12 +69,17 @@ struct Allocation {
     /// Highest position whose write committed; a failed write's position never becomes
     /// visible, so no token points past what is stored.
     max_committed: i64,
+    /// What committed writes changed, until their positions become visible.
+    pending: BTreeMap<i64, Vec<Change>>,
+    /// The visible position last published.
+    visible: i64,
 }
 
 /// Hands out stream positions and publishes what readers may see.
 pub struct Streams {
     allocation: Mutex<Allocation>,
     positions: watch::Sender<Positions>,
+    notifier: Arc<Notifier>,
 }
 
 impl Streams {
@@ -83,9 +91,17 @@ impl Streams {
                 next: max_persisted + 1,
                 in_flight: BTreeSet::new(),
                 max_committed: max_persisted,
+                pending: BTreeMap::new(),
+                visible: max_persisted,
             }),
             positions,
+            notifier: Arc::new(Notifier::new(max_persisted)),
         })
+    }
+
+    /// The change log and the registry of waiting syncs.
+    pub fn notifier(&self) -> &Arc<Notifier> {
+        &self.notifier
     }
 
     /// Reserves the next position. Dropping the guard (after the commit, or on failure)
@@ -95,21 +111,31 @@ impl Streams {
         let position = a.next;
         a.next += 1;
         a.in_flight.insert(position);
-        StreamGuard { streams: self.clone(), position, committed: false }
+        StreamGuard { streams: self.clone(), position, changes: None }
     }
 
-    fn finish(&self, position: i64, committed: bool) {
+    fn finish(&self, position: i64, changes: Option<Vec<Change>>) {
         let visible = {
             let mut a = self.allocation.lock().unwrap_or_else(|e| e.into_inner());
             a.in_flight.remove(&position);
-            if committed {
+            if let Some(changes) = changes {
                 a.max_committed = a.max_committed.max(position);
+                a.pending.insert(position, changes);
             }
             let below_in_flight = match a.in_flight.first() {
                 Some(first) => first - 1,
                 None => a.next - 1,
             };
-            below_in_flight.min(a.max_committed)
+            let visible = below_in_flight.min(a.max_committed);
+            if visible > a.visible {
+                a.visible = visible;
+                let later = a.pending.split_off(&(visible + 1));
+                let now_visible = std::mem::replace(&mut a.pending, later);
+                // Published under the allocation lock, so the log stays in position order.
+                self.notifier
+                    .publish(now_visible.into_iter().flat_map(|(p, changes)| changes.into_iter().map(move |c| (p, c))));
+            }
+            visible
         };
         self.positions.send_if_modified(|p| {
             if visible > p.stream {
@@ -121,13 +147,16 @@ impl Streams {
         });
     }
 
-    /// Marks a change in typing notifications.
-    pub fn bump_typing(&self) -> u64 {
+    /// Marks a change in typing notifications in `rooms`.
+    pub fn bump_typing<'a>(&self, rooms: impl IntoIterator<Item = &'a RoomId>) -> u64 {
         let mut now = 0;
         self.positions.send_modify(|p| {
             p.typing += 1;
             now = p.typing;
         });
+        for room in rooms {
+            self.notifier.wake(&Scope::Room(room.to_owned()));
+        }
         now
     }
 
@@ -141,12 +170,12 @@ impl Streams {
     }
 }
 
-/// A reserved stream position. Call [`StreamGuard::commit`] once the write that uses it is
-/// committed; dropping it uncommitted (the write failed) leaves a gap readers skip.
+/// A reserved stream position. Call [`StreamGuard::commit_with`] once the write that uses it
+/// is committed; dropping it uncommitted (the write failed) leaves a gap readers skip.
 pub struct StreamGuard {
     streams: Arc<Streams>,
     position: i64,
-    committed: bool,
+    changes: Option<Vec<Change>>,
 }
 
 impl StreamGuard {
@@ -154,16 +183,22 @@ impl StreamGuard {
         self.position
     }
 
-    /// The write is committed: readers may see this position (once everything below it
-    /// is finished too).
-    pub fn commit(mut self) {
-        self.committed = true;
+    /// The write is committed and changed `changes`: readers may see this position (once
+    /// everything below it is finished too), and the syncs those changes concern wake up.
+    pub fn commit_with(mut self, changes: Vec<Change>) {
+        self.changes = Some(changes);
+    }
+
+    /// The write is committed, without saying what it changed: every sync wakes and reads
+    /// everything. Prefer [`StreamGuard::commit_with`].
+    pub fn commit(self) {
+        self.commit_with(vec![Change::everyone()]);
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.streams.finish(self.position, self.committed);
+        self.streams.finish(self.position, self.changes.take());
     }
 }
 
@@ -192,6 +227,26 @@ mod tests {
         let b = streams.allocate();
         b.commit();
         assert_eq!(streams.current().stream, 12);
+    }
+
+    #[test]
+    fn changes_are_published_when_their_position_becomes_visible() {
+        use ruma::owned_user_id;
+
+        use crate::service::notifier::Sections;
+
+        let streams = Streams::new(10);
+        let me = owned_user_id!("@me:x");
+        let a = streams.allocate();
+        let b = streams.allocate();
+        b.commit_with(vec![Change::user(me.clone(), Sections::ACCOUNT_DATA)]);
+        assert!(streams.notifier().relevance(10, 12, &me, |_| false).is_empty(), "12 is not visible yet");
+        a.commit_with(vec![Change::user(me.clone(), Sections::TO_DEVICE)]);
+        assert_eq!(
+            streams.notifier().relevance(10, 12, &me, |_| false).user,
+            Sections::ACCOUNT_DATA | Sections::TO_DEVICE
+        );
+        assert_eq!(streams.notifier().relevance(11, 12, &me, |_| false).user, Sections::ACCOUNT_DATA);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::{
 };
 
 use ruma::{
-    OwnedUserId, RoomId, UInt, UserId,
+    OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
     api::client::sync::sync_events::v3::{
         InviteState, InvitedRoom, JoinedRoom, LeftRoom, Response, RoomSummary, State, StateEvents, Timeline,
     },
@@ -17,6 +17,7 @@ use serde_json::{Map, Value as JsonValue, json};
 use super::{
     Services,
     events::{Viewer, to_raw},
+    notifier::{Relevance, Scope, Sections, Waiter},
     streams::Positions,
 };
 use crate::{
@@ -103,24 +104,72 @@ type StateKey = (String, String);
 impl Services {
     /// Answers a sync: at once if there is anything new (or it is an initial sync),
     /// otherwise when something arrives or the timeout passes.
-    pub async fn sync(&self, user_id: &UserId, device_id: &str, req: SyncRequest) -> Result<Response> {
+    pub async fn sync(&self, user_id: &UserId, device_id: &str, mut req: SyncRequest) -> Result<Response> {
+        if let Some(since) = req.since.as_mut()
+            && since.typing > self.streams.current().typing
+        {
+            // Typing positions live in memory and restart with the server.
+            since.typing = 0;
+        }
         let deadline = tokio::time::Instant::now() + req.timeout.min(MAX_SYNC_TIMEOUT);
         let _open = OpenSync::new(&self.metrics.open_syncs);
         self.presence_on_sync(user_id, &req.set_presence).await?;
-        let mut changes = self.streams.subscribe();
+        let me = user_id.to_owned();
+        // Registered before the first look at the positions, so nothing committed from
+        // here on is missed.
+        let mut watch = self.watch(&me).await?;
         loop {
-            changes.borrow_and_update();
             let upto = self.streams.current();
-            let response = self.sync_once(user_id, device_id, &req, upto).await?;
+            let relevance = match req.since {
+                Some(since) if !req.full_state => {
+                    let relevance = self
+                        .streams
+                        .notifier()
+                        .relevance(since.stream, upto.stream, &me, |r| watch.rooms.contains_key(r));
+                    let typing = since.typing < upto.typing
+                        && watch.rooms.keys().any(|room| self.typing.changed_after(room, since.typing));
+                    // A to-device batch cut short last time: the rest is waiting.
+                    let to_device_left = since.to_device < since.stream;
+                    if relevance.is_empty() && !typing && !to_device_left {
+                        if tokio::time::timeout_at(deadline, watch.waiter.woken()).await.is_err() {
+                            return self.sync_once(user_id, device_id, &req, upto, &relevance, &watch).await;
+                        }
+                        continue;
+                    }
+                    relevance
+                }
+                _ => Relevance::everything(),
+            };
+            if relevance.user.contains(Sections::MEMBERSHIP) {
+                // Rooms were joined or left: watch the new set.
+                watch = self.watch(&me).await?;
+            }
+            let response = self.sync_once(user_id, device_id, &req, upto, &relevance, &watch).await?;
             let nothing_new = req.since.is_some() && is_empty(&response);
             if !nothing_new || tokio::time::Instant::now() >= deadline {
                 return Ok(response);
             }
-            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, watch.waiter.woken()).await.is_err() {
                 // Timed out: answer with the (empty) response and the same position.
                 return Ok(response);
             }
         }
+    }
+
+    /// Registers a sync's interest in the user and their joined and invited rooms.
+    async fn watch(&self, user_id: &OwnedUserId) -> Result<Watch> {
+        let mut rooms = HashMap::new();
+        for (room_id, membership) in self.rooms_of_user(user_id.as_str()).await?.iter() {
+            if (membership == "join" || membership == "invite")
+                && let Ok(room_id) = OwnedRoomId::try_from(room_id.as_str())
+            {
+                rooms.insert(room_id, membership.clone());
+            }
+        }
+        let mut scopes: Vec<Scope> = rooms.keys().cloned().map(Scope::Room).collect();
+        scopes.push(Scope::User(user_id.clone()));
+        let waiter = self.streams.notifier().register(scopes);
+        Ok(Watch { rooms, waiter })
     }
 
     async fn sync_once(
@@ -129,14 +178,24 @@ impl Services {
         device_id: &str,
         req: &SyncRequest,
         upto: Positions,
+        relevance: &Relevance,
+        watch: &Watch,
     ) -> Result<Response> {
         let viewer = Viewer { user_id: user_id.as_str(), device_id };
         let since = req.since.unwrap_or_default();
         let mut response = Response::new(String::new());
+        // Everything is read for an initial sync, after the user joined or left rooms, or
+        // when the change log cannot tell what changed; otherwise only what changed.
+        let read_all = relevance.everything || relevance.user.contains(Sections::MEMBERSHIP);
 
-        // To-device: what the last response delivered is acknowledged (deleted) now.
-        let to_device =
-            self.to_device_for_sync(user_id.as_str(), device_id, req.since.map(|s| s.to_device), upto.stream).await?;
+        // To-device: what the last response delivered is acknowledged (deleted) now. With no
+        // new message for the user and the last batch complete there is nothing to read (the
+        // acknowledgement waits for the next read, which covers it).
+        let to_device = if relevance.any(Sections::TO_DEVICE) || since.to_device < since.stream {
+            self.to_device_for_sync(user_id.as_str(), device_id, req.since.map(|s| s.to_device), upto.stream).await?
+        } else {
+            Vec::new()
+        };
         let delivered_to = if i64::try_from(to_device.len()).unwrap_or(i64::MAX) >= super::keys::TO_DEVICE_PER_SYNC {
             to_device.last().map(|m| m.stream_id).unwrap_or(upto.stream)
         } else {
@@ -152,35 +211,47 @@ impl Services {
         }
 
         // Device lists and key counts for end-to-end encryption.
-        if req.since.is_some() {
+        if req.since.is_some() && (read_all || relevance.any(Sections::DEVICE_LISTS)) {
             let (changed, left) = self.device_list_delta(user_id.as_str(), since.stream, upto.stream).await?;
             response.device_lists.changed = changed;
             response.device_lists.left = left;
         }
-        for (algorithm, count) in self.store.one_time_key_counts(user_id.as_str(), device_id).await? {
+        let key_counts = self.key_counts(user_id.as_str(), device_id).await?;
+        for (algorithm, count) in &key_counts.one_time {
             response
                 .device_one_time_keys_count
-                .insert(algorithm.as_str().into(), UInt::new(count.max(0) as u64).unwrap_or_default());
+                .insert(algorithm.as_str().into(), UInt::new((*count).max(0) as u64).unwrap_or_default());
         }
-        response.device_unused_fallback_key_types = Some(
-            self.store
-                .unused_fallback_algorithms(user_id.as_str(), device_id)
-                .await?
-                .iter()
-                .map(|a| a.as_str().into())
-                .collect(),
-        );
+        response.device_unused_fallback_key_types =
+            Some(key_counts.unused_fallback.iter().map(|a| a.as_str().into()).collect());
+
+        if !read_all {
+            // Only rooms where something happened; the user's memberships did not change.
+            for (room, membership) in &watch.rooms {
+                let sections = relevance.room(room);
+                let typing = self.typing.changed_after(room, since.typing);
+                if membership != "join" || (sections.is_empty() && !typing) || !req.filter.allows_room(room.as_str()) {
+                    continue;
+                }
+                if let Some(joined) =
+                    self.joined_room(room, user_id, viewer, req, since, upto, RoomRead::Changed(sections)).await?
+                {
+                    response.rooms.join.insert(room.clone(), joined);
+                }
+            }
+        }
 
         // Membership changes in the window, per room, oldest first.
         let mut changed: HashMap<String, Vec<EventRow>> = HashMap::new();
-        if req.since.is_some() {
+        if req.since.is_some() && read_all {
             for row in self.store.membership_changes(user_id.as_str(), since.stream, upto.stream).await? {
                 changed.entry(row.room_id.clone()).or_default().push(row);
             }
         }
 
-        let forgotten = self.store.forgotten_rooms(user_id.as_str()).await?;
-        for (room_id, membership) in self.store.rooms_for_user(user_id.as_str()).await? {
+        let forgotten = if read_all { self.store.forgotten_rooms(user_id.as_str()).await? } else { Vec::new() };
+        let all_rooms = if read_all { self.store.rooms_for_user(user_id.as_str()).await? } else { Vec::new() };
+        for (room_id, membership) in all_rooms {
             if !req.filter.allows_room(&room_id)
                 || (forgotten.contains(&room_id) && membership != "join" && membership != "invite")
             {
@@ -199,7 +270,8 @@ impl Services {
                         None => false,
                     };
                     let full = req.since.is_none() || req.full_state || newly_joined;
-                    if let Some(joined) = self.joined_room(&room, user_id, viewer, req, since, upto, full).await? {
+                    let read = if full { RoomRead::Full } else { RoomRead::Incremental };
+                    if let Some(joined) = self.joined_room(&room, user_id, viewer, req, since, upto, read).await? {
                         response.rooms.join.insert(room.clone(), joined);
                     }
                 }
@@ -226,11 +298,18 @@ impl Services {
             response.account_data.events.push(to_raw(&json!({"type": "m.push_rules", "content": {"global": *rules}}))?);
         }
 
-        for event in self.presence_events(user_id, since.stream, upto.stream).await? {
-            response.presence.events.push(to_raw(&event)?);
+        if read_all || relevance.any(Sections::PRESENCE) {
+            for event in self.presence_events(user_id, since.stream, upto.stream).await? {
+                response.presence.events.push(to_raw(&event)?);
+            }
         }
 
-        for row in self.store.account_data_since(user_id.as_str(), since.stream, upto.stream).await? {
+        let account_data = if read_all || relevance.any(Sections::ACCOUNT_DATA) {
+            self.store.account_data_since(user_id.as_str(), since.stream, upto.stream).await?
+        } else {
+            Vec::new()
+        };
+        for row in account_data {
             let event = account_data_event(&row.data_type, &row.content);
             if row.room_id.is_empty() {
                 response.account_data.events.push(to_raw(&event)?);
@@ -258,12 +337,36 @@ impl Services {
         req: &SyncRequest,
         since: Positions,
         upto: Positions,
-        full: bool,
+        read: RoomRead,
     ) -> Result<Option<JoinedRoom>> {
         let room_id = room.as_str();
+        let full = matches!(read, RoomRead::Full);
+        let sections = match read {
+            RoomRead::Changed(sections) => sections,
+            _ => Sections::all(),
+        };
         let from = if full { 0 } else { since.stream };
-        let (rows, limited) =
-            self.timeline_rows(room_id, user_id.as_str(), from, upto.stream, req.filter.limit).await?;
+        let (rows, limited) = if !sections.contains(Sections::TIMELINE) {
+            (Vec::new(), false)
+        } else if let RoomRead::Changed(_) = read {
+            // Joined before the window and still joined: every event in it is visible.
+            let limit = req.filter.limit.max(1);
+            let cached = self.room_cache.with(room, |c| c.recent_events(from, upto.stream, limit + 1));
+            let mut rows = match cached {
+                Some(rows) => rows,
+                None => {
+                    self.store
+                        .room_events(room_id, from, upto.stream, i64::try_from(limit + 1).unwrap_or(i64::MAX), true)
+                        .await?
+                }
+            };
+            let limited = rows.len() > limit;
+            rows.truncate(limit);
+            rows.reverse();
+            (rows, limited)
+        } else {
+            self.timeline_rows(room_id, user_id.as_str(), from, upto.stream, req.filter.limit).await?
+        };
         let timeline_start = rows.first().map(|r| r.stream_ordering - 1).unwrap_or(upto.stream);
 
         let mut joined = JoinedRoom::new();
@@ -310,7 +413,11 @@ impl Services {
         if let Some(users) = self.typing.changed_since(room, since.typing) {
             ephemeral.push(to_raw(&json!({"type": "m.typing", "content": {"user_ids": users}}))?);
         }
-        let receipts = self.store.receipts_since(room_id, if full { 0 } else { since.stream }, upto.stream).await?;
+        let receipts = if sections.contains(Sections::RECEIPTS) {
+            self.store.receipts_since(room_id, if full { 0 } else { since.stream }, upto.stream).await?
+        } else {
+            Vec::new()
+        };
         let mut receipt_content: Map<String, JsonValue> = Map::new();
         for r in receipts {
             if r.receipt_type == "m.read.private" && r.user_id != user_id.as_str() {
@@ -584,6 +691,25 @@ pub fn event_filter_from_json(filter: &JsonValue) -> EventFilter {
         lazy_load_members: room["state"]["lazy_load_members"].as_bool().unwrap_or(false),
         include_leave: room["include_leave"].as_bool().unwrap_or(false),
     }
+}
+
+/// A long-polling sync's registration: the rooms it watches (joined or invited, with the
+/// membership) and its wake-up.
+struct Watch {
+    rooms: HashMap<OwnedRoomId, String>,
+    waiter: Waiter,
+}
+
+/// How much of a joined room a sync reads.
+#[derive(Debug, Clone, Copy)]
+enum RoomRead {
+    /// Everything: initial sync, full state, or the user just joined.
+    Full,
+    /// The window since the token, with the user's membership possibly changed in it.
+    Incremental,
+    /// The window since the token, only the parts that changed; the user was joined all
+    /// along.
+    Changed(Sections),
 }
 
 fn membership_of(row: &EventRow) -> Option<String> {

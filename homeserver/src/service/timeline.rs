@@ -12,15 +12,18 @@ use federation::{
     pdu::{NewEvent, Pdu, room_id_from_create_event, room_version_rules, sign_new_event},
 };
 use ruma::{
-    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, UInt, UserId,
+    EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UInt, UserId,
     events::StateEventType,
 };
 use serde_json::Value as JsonValue;
 
-use super::Services;
+use super::{
+    Services,
+    notifier::{Change, Sections},
+};
 use crate::{
     error::{Error, Result},
-    store::{AppendEvent, AppendOutcome, NewRoom},
+    store::{AppendEvent, AppendOutcome, EventRow, NewRoom},
 };
 
 /// Most prev_events a new event points at.
@@ -77,9 +80,55 @@ pub struct CreateRoom<'a> {
 
 impl Services {
     pub async fn room_version(&self, room_id: &str) -> Result<RoomVersionId> {
+        let parsed = RoomId::parse(room_id).ok();
+        if let Some(room) = &parsed
+            && let Some(version) = self.room_cache.with(room, |c| c.version.clone())
+        {
+            return Ok(version);
+        }
         let room = self.store.room(room_id).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
-        RoomVersionId::try_from(room.room_version.as_str())
-            .map_err(|e| Error::internal(format!("stored room version: {e}")))
+        let version = RoomVersionId::try_from(room.room_version.as_str())
+            .map_err(|e| Error::internal(format!("stored room version: {e}")))?;
+        if let Some(room) = &parsed {
+            // A room's version never changes (an upgrade makes a new room).
+            self.room_cache.with(room, |c| c.version = Some(version.clone()));
+        }
+        Ok(version)
+    }
+
+    /// A user's rooms with their membership (`join`, `invite`, `leave`, `ban`, ...), cached
+    /// until the user's membership anywhere changes.
+    pub async fn rooms_of_user(&self, user_id: &str) -> Result<Arc<Vec<(String, String)>>> {
+        let key = user_id.to_owned();
+        if let Some(hit) = self.user_rooms.get(&key) {
+            return Ok(hit);
+        }
+        let generation = self.user_rooms.generation();
+        let rooms = Arc::new(self.store.rooms_for_user(user_id).await?);
+        self.user_rooms.insert_if_unchanged(key, rooms.clone(), generation);
+        Ok(rooms)
+    }
+
+    /// A current state event, through the room cache. Only for the append path, under the
+    /// room lock, which keeps the cache exact.
+    async fn cached_state_event(&self, room_id: &RoomId, kind: &str, key: &str) -> Result<Option<Arc<EventRow>>> {
+        let cache_key = (kind.to_owned(), key.to_owned());
+        if let Some(hit) = self.room_cache.with(room_id, |c| c.state.get(&cache_key).cloned()) {
+            return Ok(hit);
+        }
+        let row = self.store.current_state_event(room_id.as_str(), kind, key).await?.map(Arc::new);
+        self.room_cache.with(room_id, |c| c.state.insert(cache_key, row.clone()));
+        Ok(row)
+    }
+
+    /// The forward extremities, through the room cache (append path only, under the lock).
+    async fn cached_extremities(&self, room_id: &RoomId) -> Result<Vec<(String, i64)>> {
+        if let Some(hit) = self.room_cache.with(room_id, |c| c.extremities.clone()) {
+            return Ok(hit);
+        }
+        let extremities = self.store.forward_extremities(room_id.as_str()).await?;
+        self.room_cache.with(room_id, |c| c.extremities = Some(extremities.clone()));
+        Ok(extremities)
     }
 
     /// Creates a room with its `m.room.create` event and returns the room id.
@@ -140,7 +189,30 @@ impl Services {
                 }),
             })
             .await?;
-        position.commit();
+        self.room_cache.with(&room_id, |c| {
+            c.version = Some(create.version.clone());
+            c.extremities = Some(Vec::new());
+            c.appended(
+                EventRow {
+                    stream_ordering: position.position(),
+                    event_id: event_id.to_string(),
+                    room_id: room_id.to_string(),
+                    depth: 1,
+                    event_type: "m.room.create".to_owned(),
+                    state_key: Some(String::new()),
+                    sender: sender.to_string(),
+                    origin_server_ts: i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX),
+                    json: json.clone(),
+                    prev_state_event_id: None,
+                    redacted_by: None,
+                    txn_user: None,
+                    txn_device: None,
+                    txn_id: None,
+                },
+                &[],
+            )
+        });
+        position.commit_with(vec![Change::room(room_id.clone(), Sections::TIMELINE)]);
         Ok(room_id)
     }
 
@@ -163,7 +235,7 @@ impl Services {
         let lock = self.room_locks.get(room_id);
         let _guard = lock.lock().await;
 
-        let extremities = self.store.forward_extremities(room_id.as_str()).await?;
+        let extremities = self.cached_extremities(room_id).await?;
         let depth = extremities.iter().map(|(_, d)| *d).max().unwrap_or(0) + 1;
         let prev_events: Vec<OwnedEventId> = extremities
             .iter()
@@ -199,7 +271,7 @@ impl Services {
             if state.contains_key(&(kind.clone(), key.clone())) {
                 continue;
             }
-            if let Some(row) = self.store.current_state_event(room_id.as_str(), &kind.to_string(), &key).await? {
+            if let Some(row) = self.cached_state_event(room_id, &kind.to_string(), &key).await? {
                 let id = EventId::parse(row.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
                 let pdu = Pdu::from_json(id.clone(), &row.json).map_err(|e| Error::internal(e.to_string()))?;
                 if is_auth {
@@ -270,9 +342,43 @@ impl Services {
                 search_text: search_text.as_ref().map(|(k, v)| (*k, v.as_str())),
             })
             .await?;
-        position.commit();
+        if let AppendOutcome::Appended { prev_state } = &outcome {
+            // Committed: the cache learns the event before the syncs can see its position.
+            let (txn_user, txn_device, txn_id) = match txn {
+                Some(t) => (Some(sender.to_string()), Some(t.device_id.to_owned()), Some(t.txn_id.to_owned())),
+                None => (None, None, None),
+            };
+            let row = EventRow {
+                stream_ordering: position.position(),
+                event_id: event_id.to_string(),
+                room_id: room_id.to_string(),
+                depth,
+                event_type: draft.event_type.clone(),
+                state_key: draft.state_key.clone(),
+                sender: sender.to_string(),
+                origin_server_ts: i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX),
+                json,
+                prev_state_event_id: prev_state.clone(),
+                redacted_by: None,
+                txn_user,
+                txn_device,
+                txn_id,
+            };
+            self.room_cache.with(room_id, |c| c.appended(row, &prev_ids));
+        }
+        let mut changes = vec![Change::room(room_id.to_owned(), Sections::TIMELINE)];
+        if draft.event_type == "m.room.member" {
+            // Room-mates re-query the devices of a member who joins; the member's own syncs
+            // must pick up the room (an invite, a join, a kick).
+            changes[0].sections |= Sections::DEVICE_LISTS;
+            if let Some(target) = draft.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok()) {
+                self.user_rooms.forget(&target.to_string());
+                changes.push(Change::user(target, Sections::MEMBERSHIP));
+            }
+        }
+        position.commit_with(changes);
         match outcome {
-            AppendOutcome::Appended => Ok(event_id),
+            AppendOutcome::Appended { .. } => Ok(event_id),
             AppendOutcome::DuplicateTransaction(existing) => {
                 EventId::parse(existing).map_err(|e| Error::internal(e.to_string()))
             }

@@ -46,8 +46,8 @@ impl Typing {
         changed
     }
 
-    /// Drops expired entries; `bump` is called once if any expired.
-    pub fn expire(&self, bump: impl FnOnce() -> u64) {
+    /// Drops expired entries; `bump` is called once, with the rooms concerned, if any expired.
+    pub fn expire(&self, bump: impl FnOnce(&[OwnedRoomId]) -> u64) {
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let mut touched = Vec::new();
@@ -60,13 +60,19 @@ impl Typing {
         }
         rooms.retain(|_, room| !room.users.is_empty() || room.changed_at > 0);
         if !touched.is_empty() {
-            let position = bump();
+            let position = bump(&touched);
             for room_id in touched {
                 if let Some(room) = rooms.get_mut(&room_id) {
                     room.changed_at = position;
                 }
             }
         }
+    }
+
+    /// Whether typing in `room_id` changed after typing position `since`.
+    pub fn changed_after(&self, room_id: &RoomId, since: u64) -> bool {
+        let rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
+        rooms.get(room_id).is_some_and(|room| room.changed_at > since)
     }
 
     /// The users typing in `room_id` if that changed after typing position `since`.

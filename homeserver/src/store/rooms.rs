@@ -91,7 +91,8 @@ pub struct AppendEvent<'a> {
 /// The result of an append.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AppendOutcome {
-    Appended,
+    /// Stored; for a state event, the event it replaced in the current state.
+    Appended { prev_state: Option<String> },
     /// The same client transaction was already stored as this event.
     DuplicateTransaction(String),
 }
@@ -199,7 +200,7 @@ impl Store {
         .bind(ev.sender)
         .bind(ev.origin_server_ts)
         .bind(ev.json)
-        .bind(prev_state)
+        .bind(prev_state.as_deref())
         .bind(txn_user)
         .bind(txn_device)
         .bind(txn_id)
@@ -282,7 +283,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
-        Ok(AppendOutcome::Appended)
+        Ok(AppendOutcome::Appended { prev_state })
     }
 
     pub async fn event_id_for_txn(

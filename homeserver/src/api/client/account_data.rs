@@ -15,7 +15,11 @@ use serde_json::Value as JsonValue;
 use crate::{
     api::ruma::{Ruma, RumaResponse},
     error::{Error, Result},
-    service::{Services, events::to_raw},
+    service::{
+        Services,
+        events::to_raw,
+        notifier::{Change, Sections},
+    },
 };
 
 fn require_self(requester: &UserId, target: &UserId) -> Result<()> {
@@ -36,7 +40,7 @@ impl Services {
         }
         let position = self.streams.allocate();
         self.store.set_account_data(user_id.as_str(), room_id, kind, &value.to_string(), position.position()).await?;
-        position.commit();
+        position.commit_with(vec![Change::user(user_id.to_owned(), Sections::ACCOUNT_DATA)]);
         Ok(())
     }
 
@@ -109,7 +113,7 @@ impl Services {
         let position = self.streams.allocate();
         let content = serde_json::json!({"tags": tags}).to_string();
         self.store.set_account_data(user_id.as_str(), room_id, "m.tag", &content, position.position()).await?;
-        position.commit();
+        position.commit_with(vec![Change::user(user_id.to_owned(), Sections::ACCOUNT_DATA)]);
         Ok(())
     }
 }

@@ -27,6 +27,7 @@ use crate::{
     service::{
         Services,
         events::Viewer,
+        notifier::{Change, Sections},
         streams::Positions,
         sync::{EventFilter, event_filter_from_json},
         timeline::{EventDraft, Txn},
@@ -218,7 +219,9 @@ pub async fn typing(
         ruma::api::client::typing::create_typing_event::v3::Typing::Yes(info) => Some(info.timeout),
         _ => None,
     };
-    services.typing.set(&req.body.room_id, &user.user_id, timeout, || services.streams.bump_typing());
+    services
+        .typing
+        .set(&req.body.room_id, &user.user_id, timeout, || services.streams.bump_typing([&*req.body.room_id]));
     Ok(RumaResponse(create_typing_event::v3::Response::new()))
 }
 
@@ -255,7 +258,12 @@ impl Services {
                 })
                 .await?;
         }
-        position.commit();
+        let change = if kind == "m.fully_read" {
+            Change::user(user_id.to_owned(), Sections::ACCOUNT_DATA)
+        } else {
+            Change::room(room_id.to_owned(), Sections::RECEIPTS)
+        };
+        position.commit_with(vec![change]);
         Ok(())
     }
 }

@@ -169,7 +169,82 @@ async fn private_targets_are_refused_by_default(backend: Backend) {
     assert!(body["error"].as_str().unwrap().contains("not allowed as federation targets"), "{body}");
 }
 
+/// Device keys (signed by a fresh device key) and one-time keys for `user`.
+fn device_and_one_time_keys(user: &conformance::User) -> (Value, Value) {
+    use ruma::{
+        CanonicalJsonValue,
+        serde::Base64,
+        signatures::{Ed25519KeyPair, sign_json},
+    };
+    let pair = Ed25519KeyPair::from_der(&Ed25519KeyPair::generate(), user.device_id.clone()).unwrap();
+    let public = Base64::<ruma::serde::base64::Standard, Vec<u8>>::new(pair.public_key().to_vec()).encode();
+    let sign = |value: Value| {
+        let CanonicalJsonValue::Object(mut object) = CanonicalJsonValue::try_from(value).unwrap() else { panic!() };
+        sign_json(&user.user_id, &pair, &mut object).unwrap();
+        serde_json::to_value(object).unwrap()
+    };
+    let device = sign(json!({
+        "user_id": user.user_id,
+        "device_id": user.device_id,
+        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+        "keys": {
+            format!("curve25519:{}", user.device_id): "curve25519publickeyplaceholderAAAAAAAAAAAA",
+            format!("ed25519:{}", user.device_id): public,
+        },
+    }));
+    let mut otks = serde_json::Map::new();
+    for i in 0..2 {
+        otks.insert(format!("signed_curve25519:AAAA{i:02}"), sign(json!({"key": format!("otk{i:02}")})));
+    }
+    (device, Value::Object(otks))
+}
+
+async fn keys_query_and_claim_across_servers(backend: Backend) {
+    let a = federating(backend).await;
+    let b = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let bob = b.register("bob", "password-bob-1").await;
+    let (device, otks) = device_and_one_time_keys(&bob);
+    b.post(
+        "/_matrix/client/v3/keys/upload",
+        Some(&bob.access_token),
+        json!({"device_keys": device, "one_time_keys": otks}),
+    )
+    .await
+    .assert_ok();
+
+    // Alice on A queries Bob's device keys on B, and a server that is down at the same time.
+    let down = format!("@carol:localhost:{}", conformance::free_port());
+    let query = a
+        .post(
+            "/_matrix/client/v3/keys/query",
+            Some(&alice.access_token),
+            json!({"device_keys": {&bob.user_id: [], &down: []}}),
+        )
+        .await;
+    let body = query.assert_ok();
+    let got = &body["device_keys"][&bob.user_id][&bob.device_id];
+    assert_eq!(got["keys"], device["keys"], "{body}");
+    assert_eq!(got["signatures"], device["signatures"]);
+    let down_server = down.split_once(':').unwrap().1;
+    assert!(body["failures"][down_server].is_object(), "{body}");
+
+    // Claims go to B and hand out each one-time key once.
+    let claim = json!({"one_time_keys": {&bob.user_id: {(bob.device_id.as_str()): "signed_curve25519"}}});
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let resp = a.post("/_matrix/client/v3/keys/claim", Some(&alice.access_token), claim.clone()).await;
+        let keys = resp.assert_ok()["one_time_keys"][&bob.user_id][&bob.device_id].clone();
+        if let Some(map) = keys.as_object() {
+            seen.extend(map.keys().cloned());
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, vec!["signed_curve25519:AAAA00", "signed_curve25519:AAAA01"]);
+}
+
 backend_tests!(
+    keys_query_and_claim_across_servers,
     version_and_key_server,
     remote_profiles_and_notary,
     forged_requests_are_refused,

@@ -243,7 +243,42 @@ async fn keys_query_and_claim_across_servers(backend: Backend) {
     assert_eq!(seen, vec!["signed_curve25519:AAAA00", "signed_curve25519:AAAA01"]);
 }
 
+async fn aliases_and_user_devices_across_servers(backend: Backend) {
+    let a = federating(backend).await;
+    let b = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let bob = b.register("bob", "password-bob-1").await;
+    let room_id = a.create_room(&alice, json!({"room_alias_name": "lobby"})).await;
+    let alias = format!("#lobby:{}", a.server_name);
+
+    // B resolves A's alias by asking A.
+    let resp = b.get(&format!("/_matrix/client/v3/directory/room/{}", enc(&alias)), Some(&bob.access_token)).await;
+    let body = resp.assert_ok();
+    assert_eq!(body["room_id"], room_id.as_str());
+    assert_eq!(body["servers"], json!([a.server_name]));
+    let missing = format!("#nothing:{}", a.server_name);
+    b.get(&format!("/_matrix/client/v3/directory/room/{}", enc(&missing)), Some(&bob.access_token))
+        .await
+        .assert_error(404, "M_NOT_FOUND");
+
+    // A's user devices, asked as B (signed with B's key).
+    let (device, _) = device_and_one_time_keys(&alice);
+    a.post("/_matrix/client/v3/keys/upload", Some(&alice.access_token), json!({"device_keys": device}))
+        .await
+        .assert_ok();
+    let path = format!("/_matrix/federation/v1/user/devices/{}", enc(&alice.user_id));
+    let (status, body) = fed_get(&a, &path, Some((&b.server_name, &signing_key_of(&b)))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["user_id"], alice.user_id.as_str());
+    assert_eq!(body["devices"][0]["device_id"], alice.device_id.as_str(), "{body}");
+    assert_eq!(body["devices"][0]["keys"]["keys"], device["keys"]);
+    assert!(body["stream_id"].as_u64().is_some(), "{body}");
+    let (status, _) = fed_get(&a, &path, None).await;
+    assert_eq!(status, 401);
+}
+
 backend_tests!(
+    aliases_and_user_devices_across_servers,
     keys_query_and_claim_across_servers,
     version_and_key_server,
     remote_profiles_and_notary,

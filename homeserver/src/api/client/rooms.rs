@@ -412,11 +412,15 @@ pub async fn alias_get(
     State(services): State<Arc<Services>>,
     req: Ruma<get_alias::v3::Request>,
 ) -> Result<RumaResponse<get_alias::v3::Response>> {
-    let (room_id, _) = services
-        .store
-        .alias(req.body.room_alias.as_str())
-        .await?
-        .ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
+    let alias = &req.body.room_alias;
+    if alias.server_name() != services.settings.server_name {
+        // Another server's alias: ask that server.
+        use ruma::api::federation::query::get_room_information::v1 as directory;
+        let answer = services.send_federation(alias.server_name(), directory::Request::new(alias.clone())).await?;
+        return Ok(RumaResponse(get_alias::v3::Response::new(answer.room_id, answer.servers)));
+    }
+    let (room_id, _) =
+        services.store.alias(alias.as_str()).await?.ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
     let room_id = RoomId::parse(room_id).map_err(|e| Error::internal(e.to_string()))?;
     Ok(RumaResponse(get_alias::v3::Response::new(room_id, vec![services.settings.server_name.clone()])))
 }

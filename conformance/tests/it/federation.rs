@@ -275,6 +275,33 @@ async fn aliases_and_user_devices_across_servers(backend: Backend) {
     assert!(body["stream_id"].as_u64().is_some(), "{body}");
     let (status, _) = fed_get(&a, &path, None).await;
     assert_eq!(status, 401);
+
+    // A's public rooms, listed for B's user.
+    let public =
+        a.create_room(&alice, json!({"visibility": "public", "name": "Town square", "preset": "public_chat"})).await;
+    let resp =
+        b.get(&format!("/_matrix/client/v3/publicRooms?server={}", enc(&a.server_name)), Some(&bob.access_token)).await;
+    let body = resp.assert_ok();
+    let rooms: Vec<&str> = body["chunk"].as_array().unwrap().iter().map(|r| r["room_id"].as_str().unwrap()).collect();
+    assert_eq!(rooms, vec![public.as_str()], "{body}");
+    assert_eq!(body["chunk"][0]["name"], "Town square");
+    // The filtered form, straight to A's federation listener as B.
+    let url = format!("{}/_matrix/federation/v1/publicRooms", a.federation_url.as_ref().unwrap());
+    let mut request = http::Request::post(&url)
+        .header("content-type", "application/json")
+        .body(br#"{"filter":{"generic_search_term":"nomatch"}}"#.to_vec())
+        .unwrap();
+    xmatrix::sign_request(
+        &mut request,
+        &ServerName::parse(&b.server_name).unwrap(),
+        &ServerName::parse(&a.server_name).unwrap(),
+        &signing_key_of(&b),
+    )
+    .unwrap();
+    let response = federation_http().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["chunk"], json!([]), "{body}");
 }
 
 backend_tests!(

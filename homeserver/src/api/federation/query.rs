@@ -7,6 +7,7 @@ use ruma::{
     RoomId, UInt,
     api::federation::{
         device::get_devices,
+        directory::{get_public_rooms, get_public_rooms_filtered},
         query::{get_profile_information, get_room_information},
     },
 };
@@ -84,5 +85,34 @@ pub async fn user_devices(
     if let Some(key) = services.cross_signing_key(user_id.as_str(), "self_signing").await? {
         response.self_signing_key = Some(to_raw(&key)?);
     }
+    Ok(RumaResponse(response))
+}
+
+/// Our public room directory, for another server's users.
+pub async fn public_rooms(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_public_rooms::v1::Request>,
+) -> Result<RumaResponse<get_public_rooms::v1::Response>> {
+    let page = services.public_rooms_page(None, req.body.limit, req.body.since.as_deref()).await?;
+    let mut response = get_public_rooms::v1::Response::new();
+    response.chunk = page.chunk;
+    response.next_batch = page.next_batch;
+    response.prev_batch = page.prev_batch;
+    response.total_room_count_estimate = Some(page.total);
+    Ok(RumaResponse(response))
+}
+
+/// The same, filtered by a search term.
+pub async fn public_rooms_filtered(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_public_rooms_filtered::v1::Request>,
+) -> Result<RumaResponse<get_public_rooms_filtered::v1::Response>> {
+    let search = req.body.filter.generic_search_term.as_deref();
+    let page = services.public_rooms_page(search, req.body.limit, req.body.since.as_deref()).await?;
+    let mut response = get_public_rooms_filtered::v1::Response::new();
+    response.chunk = page.chunk;
+    response.next_batch = page.next_batch;
+    response.prev_batch = page.prev_batch;
+    response.total_room_count_estimate = Some(page.total);
     Ok(RumaResponse(response))
 }

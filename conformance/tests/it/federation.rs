@@ -304,7 +304,59 @@ async fn aliases_and_user_devices_across_servers(backend: Backend) {
     assert_eq!(body["chunk"], json!([]), "{body}");
 }
 
+async fn media_download_over_federation(backend: Backend) {
+    let a = federating(backend).await;
+    let b = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let file: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let resp = a
+        .http
+        .post(a.url("/_matrix/media/v3/upload?filename=data.bin"))
+        .bearer_auth(&alice.access_token)
+        .header("content-type", "application/octet-stream")
+        .body(file.clone())
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    let mxc = body["content_uri"].as_str().expect("content_uri").to_owned();
+    let media_id = mxc.rsplit('/').next().unwrap();
+
+    let url = format!("{}/_matrix/federation/v1/media/download/{media_id}", a.federation_url.as_ref().unwrap());
+    let mut request = http::Request::get(&url).body(Vec::new()).unwrap();
+    xmatrix::sign_request(
+        &mut request,
+        &ServerName::parse(&b.server_name).unwrap(),
+        &ServerName::parse(&a.server_name).unwrap(),
+        &signing_key_of(&b),
+    )
+    .unwrap();
+    let response = federation_http().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+    let boundary = content_type.split("boundary=").nth(1).expect("multipart boundary").to_owned();
+    let bytes = response.bytes().await.unwrap();
+    // JSON part, then the file, then the closing boundary.
+    let head = format!("--{boundary}\r\nContent-Type: application/json\r\n\r\n{{}}\r\n--{boundary}\r\n");
+    assert!(bytes.starts_with(head.as_bytes()));
+    let start = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let second = head.len() + bytes[head.len()..].windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(second > start);
+    let tail = format!("\r\n--{boundary}--\r\n");
+    assert!(bytes.ends_with(tail.as_bytes()));
+    assert_eq!(&bytes[second..bytes.len() - tail.len()], file.as_slice());
+
+    // Unsigned: refused; unknown media: 404.
+    let (status, _) = fed_get(&a, &format!("/_matrix/federation/v1/media/download/{media_id}"), None).await;
+    assert_eq!(status, 401);
+    let (status, body) =
+        fed_get(&a, "/_matrix/federation/v1/media/download/nothingHere", Some((&b.server_name, &signing_key_of(&b))))
+            .await;
+    assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{body}");
+}
+
 backend_tests!(
+    media_download_over_federation,
     aliases_and_user_devices_across_servers,
     keys_query_and_claim_across_servers,
     version_and_key_server,

@@ -3,6 +3,7 @@
 //! require one) before anything here runs.
 
 mod keys;
+mod media;
 mod query;
 mod user;
 
@@ -20,7 +21,7 @@ use crate::{
 /// Every federation and key-server route.
 pub fn routes(mut r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     use super::ruma_route;
-    use ruma::api::federation::{device, directory, discovery, keys as k, query as q};
+    use ruma::api::federation::{authenticated_media as am, device, directory, discovery, keys as k, query as q};
     r = ruma_route::<get_server_version::v1::Request, _, _>(r, version);
     r = ruma_route::<discovery::get_server_keys::v2::Request, _, _>(r, keys::server_keys);
     r = ruma_route::<discovery::get_remote_server_keys::v2::Request, _, _>(r, keys::notary_one);
@@ -30,6 +31,7 @@ pub fn routes(mut r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     r = ruma_route::<device::get_devices::v1::Request, _, _>(r, query::user_devices);
     r = ruma_route::<directory::get_public_rooms::v1::Request, _, _>(r, query::public_rooms);
     r = ruma_route::<directory::get_public_rooms_filtered::v1::Request, _, _>(r, query::public_rooms_filtered);
+    r = ruma_route::<am::get_content::v1::Request, _, _>(r, media::download);
     r = ruma_route::<k::get_keys::v1::Request, _, _>(r, user::keys_query);
     r = ruma_route::<k::claim_keys::v1::Request, _, _>(r, user::keys_claim);
     // Older servers also ask for `/_matrix/key/v2/server/{key_id}`; the answer is the same.

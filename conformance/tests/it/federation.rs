@@ -346,6 +346,41 @@ async fn media_download_over_federation(backend: Backend) {
     assert!(bytes.ends_with(tail.as_bytes()));
     assert_eq!(&bytes[second..bytes.len() - tail.len()], file.as_slice());
 
+    // A thumbnail of an image, the same way.
+    let mut png = Vec::new();
+    image::DynamicImage::new_rgb8(200, 100)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let resp = a
+        .http
+        .post(a.url("/_matrix/media/v3/upload"))
+        .bearer_auth(&alice.access_token)
+        .header("content-type", "image/png")
+        .body(png)
+        .send()
+        .await
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    let image_id = body["content_uri"].as_str().unwrap().rsplit('/').next().unwrap().to_owned();
+    let url = format!(
+        "{}/_matrix/federation/v1/media/thumbnail/{image_id}?width=50&height=50&method=scale",
+        a.federation_url.as_ref().unwrap()
+    );
+    let mut request = http::Request::get(&url).body(Vec::new()).unwrap();
+    xmatrix::sign_request(
+        &mut request,
+        &ServerName::parse(&b.server_name).unwrap(),
+        &ServerName::parse(&a.server_name).unwrap(),
+        &signing_key_of(&b),
+    )
+    .unwrap();
+    let response = federation_http().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("multipart/mixed; boundary="));
+    let bytes = response.bytes().await.unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains("Content-Type: image/png\r\n"), "the thumbnail part is a PNG");
+
     // Unsigned: refused; unknown media: 404.
     let (status, _) = fed_get(&a, &format!("/_matrix/federation/v1/media/download/{media_id}"), None).await;
     assert_eq!(status, 401);

@@ -1,5 +1,6 @@
-//! Authenticated media over federation: other servers download our users' files for their
-//! users (`/_matrix/federation/v1/media/download/{mediaId}`).
+//! Authenticated media over federation: other servers download our users' files and
+//! thumbnails for their users (`/_matrix/federation/v1/media/download/{mediaId}` and
+//! `/thumbnail/{mediaId}`).
 //!
 //! The answer is `multipart/mixed`: a JSON part (metadata, empty today) and the file itself,
 //! streamed from storage. No crate writes multipart bodies for axum without buffering, and
@@ -15,18 +16,36 @@ use axum::{
 use bytes::Bytes;
 use futures_util::{StreamExt, stream};
 use http::{HeaderValue, header};
-use ruma::api::federation::authenticated_media::get_content;
+use ruma::api::federation::authenticated_media::{get_content, get_content_thumbnail};
 
 use crate::{
     api::ruma::Ruma,
     error::{Error, Result},
-    service::Services,
+    service::{Services, media::MediaContent},
 };
 
 pub async fn download(State(services): State<Arc<Services>>, req: Ruma<get_content::v1::Request>) -> Result<Response> {
     let server_name = services.settings.server_name.clone();
     let (_, content) =
         services.media_for_download(server_name.as_str(), &req.body.media_id, req.body.timeout_ms, true).await?;
+    multipart(content).await
+}
+
+pub async fn thumbnail(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_content_thumbnail::v1::Request>,
+) -> Result<Response> {
+    let r = req.body;
+    let method = crate::api::client::media::method(r.method)?;
+    let server_name = services.settings.server_name.clone();
+    let content = services
+        .media_thumbnail(server_name.as_str(), &r.media_id, r.width.into(), r.height.into(), method, r.timeout_ms, true)
+        .await?;
+    multipart(content).await
+}
+
+/// The spec's answer shape: a JSON metadata part, then the content, streamed.
+async fn multipart(content: MediaContent) -> Result<Response> {
     let file = crate::service::media::storage::read_range(&content.path, 0, content.size)
         .await
         .map_err(|e| Error::internal(format!("cannot open media: {e}")))?;

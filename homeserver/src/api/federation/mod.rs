@@ -32,6 +32,7 @@ pub fn routes(mut r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     r = ruma_route::<directory::get_public_rooms::v1::Request, _, _>(r, query::public_rooms);
     r = ruma_route::<directory::get_public_rooms_filtered::v1::Request, _, _>(r, query::public_rooms_filtered);
     r = ruma_route::<am::get_content::v1::Request, _, _>(r, media::download);
+    r = ruma_route::<am::get_content_thumbnail::v1::Request, _, _>(r, media::thumbnail);
     r = ruma_route::<k::get_keys::v1::Request, _, _>(r, user::keys_query);
     r = ruma_route::<k::claim_keys::v1::Request, _, _>(r, user::keys_claim);
     // Older servers also ask for `/_matrix/key/v2/server/{key_id}`; the answer is the same.

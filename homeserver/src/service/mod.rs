@@ -48,6 +48,8 @@ pub struct Services {
     key_counts: keys::KeyCountCache,
     /// Each user's rooms with their membership, for syncs (see `rooms_of_user`).
     user_rooms: cache::Cache<String, Arc<Vec<(String, String)>>>,
+    /// Unread counts per (user, room), see `Services::unread_counts`.
+    unread: cache::Cache<(String, ruma::OwnedRoomId), sync::UnreadCounts>,
     presence_touches: presence::PresenceTouches,
     push_rule_cache: push::PushRuleCache,
 }
@@ -79,6 +81,7 @@ impl Services {
             room_cache: room_cache::RoomCaches::default(),
             key_counts: keys::KeyCountCache::new(keys::MAX_CACHED_KEY_COUNTS),
             user_rooms: cache::Cache::new(100_000),
+            unread: cache::Cache::new(100_000),
             presence_touches: presence::PresenceTouches::default(),
         }
     }

@@ -149,27 +149,40 @@ impl Services {
         Ok(())
     }
 
-    /// `m.presence` events for a sync.
+    /// `m.presence` events for a sync: changes in `(from, to]` of the user and of everyone
+    /// sharing a joined room with them. Display names and avatars are not repeated here
+    /// (they are optional in presence content, and clients take them from room state).
     pub async fn presence_events(&self, user: &UserId, from: i64, to: i64) -> Result<Vec<JsonValue>> {
         if !self.settings.presence.enabled {
             return Ok(Vec::new());
         }
-        let mut out = Vec::new();
-        for row in self.store.presence_changes_for(user.as_str(), from, to).await? {
-            let mut content = presence_content(&row);
-            if let Ok(target) = UserId::parse(row.user_id.as_str())
-                && let Ok(profile) = self.profile(&target).await
-            {
-                for key in ["displayname", "avatar_url"] {
-                    if let Some(v) = profile.get(key) {
-                        content[key] = v.clone();
-                    }
+        let rows = if from == 0 {
+            // Initial sync: the database joins presence with the user's rooms.
+            self.store.presence_changes_for(user.as_str(), from, to).await?
+        } else {
+            // Incremental: the few changes in the window, kept if they share a room, from
+            // the cached room lists.
+            let my_rooms = self.rooms_of_user(user.as_str()).await?;
+            let mine = joined_rooms(&my_rooms);
+            let mut kept = Vec::new();
+            for row in self.store.presence_changes_between(from, to).await? {
+                let shares = row.user_id == user.as_str()
+                    || joined_rooms(&self.rooms_of_user(&row.user_id).await?).iter().any(|r| mine.contains(r));
+                if shares {
+                    kept.push(row);
                 }
             }
-            out.push(json!({"type": "m.presence", "sender": row.user_id, "content": content}));
-        }
-        Ok(out)
+            kept
+        };
+        Ok(rows
+            .iter()
+            .map(|row| json!({"type": "m.presence", "sender": row.user_id, "content": presence_content(row)}))
+            .collect())
     }
+}
+
+fn joined_rooms(rooms: &[(String, String)]) -> std::collections::HashSet<&str> {
+    rooms.iter().filter(|(_, m)| m == "join").map(|(r, _)| r.as_str()).collect()
 }
 
 fn presence_content(row: &PresenceRow) -> JsonValue {

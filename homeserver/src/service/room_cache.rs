@@ -26,6 +26,12 @@ const MAX_ROOMS: usize = 10_000;
 /// Joined members (user id, display name).
 pub type JoinedMembers = Arc<Vec<(String, Option<String>)>>;
 
+/// A recent event and whom it notified: (user, highlight).
+struct Recent {
+    row: Arc<EventRow>,
+    notified: Vec<(String, bool)>,
+}
+
 /// The cached facts of one room. Fields are `None` until first read.
 #[derive(Default)]
 pub struct RoomCache {
@@ -37,13 +43,13 @@ pub struct RoomCache {
     /// Joined members with their display names.
     pub joined: Option<JoinedMembers>,
     /// The newest events, oldest first, and the position after which the list is complete.
-    recent: VecDeque<Arc<EventRow>>,
+    recent: VecDeque<Recent>,
     recent_complete_after: Option<i64>,
 }
 
 impl RoomCache {
-    /// Records a committed append.
-    pub fn appended(&mut self, row: EventRow, prev_events: &[String]) {
+    /// Records a committed append and the users it notified (user, highlight).
+    pub fn appended(&mut self, row: EventRow, prev_events: &[String], notified: Vec<(String, bool)>) {
         let row = Arc::new(row);
         if let Some(extremities) = &mut self.extremities {
             extremities.retain(|(id, _)| !prev_events.contains(id));
@@ -58,10 +64,10 @@ impl RoomCache {
         if row.event_type == "m.room.redaction"
             && let Some(target) = redacts(&row)
         {
-            for event in self.recent.iter_mut().filter(|e| e.event_id == target && e.redacted_by.is_none()) {
-                let mut redacted = (**event).clone();
+            for event in self.recent.iter_mut().filter(|e| e.row.event_id == target && e.row.redacted_by.is_none()) {
+                let mut redacted = (*event.row).clone();
                 redacted.redacted_by = Some(row.event_id.clone());
-                *event = Arc::new(redacted);
+                event.row = Arc::new(redacted);
             }
             // The redacted event may be cached as state too.
             for state in self.state.values_mut().flatten() {
@@ -77,12 +83,28 @@ impl RoomCache {
             // on every event of the room passes through this list.
             self.recent_complete_after = Some(row.stream_ordering - 1);
         }
-        self.recent.push_back(row);
+        self.recent.push_back(Recent { row, notified });
         while self.recent.len() > RECENT_EVENTS {
             if let Some(dropped) = self.recent.pop_front() {
-                self.recent_complete_after = Some(dropped.stream_ordering);
+                self.recent_complete_after = Some(dropped.row.stream_ordering);
             }
         }
+    }
+
+    /// How many events in `(from, to]` notified `user_id` (and how many of them highlight),
+    /// if the cache holds all of them.
+    pub fn notifications_between(&self, user_id: &str, from: i64, to: i64) -> Option<(i64, i64)> {
+        if from < self.recent_complete_after? {
+            return None;
+        }
+        let mut counts = (0, 0);
+        for event in self.recent.iter().filter(|e| e.row.stream_ordering > from && e.row.stream_ordering <= to) {
+            if let Some((_, highlight)) = event.notified.iter().find(|(u, _)| u == user_id) {
+                counts.0 += 1;
+                counts.1 += i64::from(*highlight);
+            }
+        }
+        Some(counts)
     }
 
     /// The room's events in `(from, to]`, newest first, at most `limit`, if the cache holds
@@ -96,9 +118,9 @@ impl RoomCache {
             self.recent
                 .iter()
                 .rev()
-                .filter(|e| e.stream_ordering > from && e.stream_ordering <= to)
+                .filter(|e| e.row.stream_ordering > from && e.row.stream_ordering <= to)
                 .take(limit)
-                .map(|e| (**e).clone())
+                .map(|e| (*e.row).clone())
                 .collect(),
         )
     }
@@ -167,15 +189,18 @@ mod tests {
         let mut cache = RoomCache::default();
         assert!(cache.recent_events(0, 10, 5).is_none(), "nothing known yet");
         cache.extremities = Some(vec![("$a".into(), 1)]);
-        cache.appended(row(5, "$b", "m.room.message", None, "{}"), &["$a".into()]);
-        cache.appended(row(7, "$c", "m.room.message", None, "{}"), &["$b".into()]);
+        cache.appended(row(5, "$b", "m.room.message", None, "{}"), &["$a".into()], vec![]);
+        cache.appended(row(7, "$c", "m.room.message", None, "{}"), &["$b".into()], vec![("@u:x".into(), true)]);
         assert_eq!(cache.extremities, Some(vec![("$c".into(), 7)]));
         assert!(cache.recent_events(3, 7, 5).is_none(), "position 4 may hold an older event");
         let ids: Vec<_> = cache.recent_events(4, 7, 5).unwrap().into_iter().map(|e| e.event_id).collect();
         assert_eq!(ids, vec!["$c", "$b"]);
         assert_eq!(cache.recent_events(5, 6, 5).unwrap().len(), 0);
+        assert_eq!(cache.notifications_between("@u:x", 4, 7), Some((1, 1)));
+        assert_eq!(cache.notifications_between("@u:x", 4, 5), Some((0, 0)));
+        assert_eq!(cache.notifications_between("@u:x", 3, 7), None);
         for p in 10..(10 + RECENT_EVENTS as i64) {
-            cache.appended(row(p, &format!("$e{p}"), "m.room.message", None, "{}"), &[]);
+            cache.appended(row(p, &format!("$e{p}"), "m.room.message", None, "{}"), &[], vec![]);
         }
         assert!(cache.recent_events(5, 100, 100).is_none(), "the oldest fell out");
     }
@@ -183,9 +208,9 @@ mod tests {
     #[test]
     fn redactions_and_state_update_the_cache() {
         let mut cache = RoomCache::default();
-        cache.appended(row(1, "$m", "m.room.message", None, "{}"), &[]);
-        cache.appended(row(2, "$t", "m.room.topic", Some(""), "{}"), &[]);
-        cache.appended(row(3, "$r", "m.room.redaction", None, r#"{"content":{"redacts":"$m"}}"#), &[]);
+        cache.appended(row(1, "$m", "m.room.message", None, "{}"), &[], vec![]);
+        cache.appended(row(2, "$t", "m.room.topic", Some(""), "{}"), &[], vec![]);
+        cache.appended(row(3, "$r", "m.room.redaction", None, r#"{"content":{"redacts":"$m"}}"#), &[], vec![]);
         let recent = cache.recent_events(0, 3, 10).unwrap();
         assert_eq!(recent[2].redacted_by.as_deref(), Some("$r"));
         assert!(cache.state[&("m.room.topic".to_owned(), String::new())].is_some());

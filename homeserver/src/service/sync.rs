@@ -446,7 +446,7 @@ impl Services {
         state.events = state_events;
         joined.state = State::Before(state);
         joined.ephemeral.events = ephemeral;
-        let (notifications, highlights) = self.store.unread_counts(user_id.as_str(), room_id).await?;
+        let (notifications, highlights) = self.unread_counts(user_id.as_str(), room, upto.stream).await?;
         joined.unread_notifications.notification_count = UInt::new(notifications.max(0) as u64);
         joined.unread_notifications.highlight_count = UInt::new(highlights.max(0) as u64);
         if full || !state_rows.is_empty() || rows.iter().any(|r| r.event_type == "m.room.member") {
@@ -585,6 +585,35 @@ impl Services {
         Ok((parse(changed), left))
     }
 
+    /// (notifications, highlights) of a user in a room up to position `upto`: from the
+    /// count cached at an earlier position plus what the room cache says arrived since, or
+    /// from the database. A read receipt of the user forgets the cached count.
+    async fn unread_counts(&self, user_id: &str, room: &RoomId, upto: i64) -> Result<(i64, i64)> {
+        let key = (user_id.to_owned(), room.to_owned());
+        let generation = self.unread.generation();
+        if let Some(hit) = self.unread.get(&key) {
+            if hit.upto == upto {
+                return Ok((hit.notifications, hit.highlights));
+            }
+            if hit.upto < upto
+                && let Some((n, h)) = self.room_cache.with(room, |c| c.notifications_between(user_id, hit.upto, upto))
+            {
+                let counts =
+                    UnreadCounts { notifications: hit.notifications + n, highlights: hit.highlights + h, upto };
+                self.unread.insert_if_unchanged(key, counts, generation);
+                return Ok((counts.notifications, counts.highlights));
+            }
+        }
+        let (notifications, highlights) = self.store.unread_counts(user_id, room.as_str(), upto).await?;
+        self.unread.insert_if_unchanged(key, UnreadCounts { notifications, highlights, upto }, generation);
+        Ok((notifications, highlights))
+    }
+
+    /// Drops a cached unread count: the user's read receipt moved.
+    pub fn forget_unread_counts(&self, user_id: &UserId, room_id: &RoomId) {
+        self.unread.forget(&(user_id.to_string(), room_id.to_owned()));
+    }
+
     /// The user's membership as of position `at`.
     async fn membership_at(&self, room_id: &str, user_id: &str, at: i64) -> Result<Option<String>> {
         let history = self.store.membership_history(room_id, user_id).await?;
@@ -698,6 +727,14 @@ pub fn event_filter_from_json(filter: &JsonValue) -> EventFilter {
 struct Watch {
     rooms: HashMap<OwnedRoomId, String>,
     waiter: Waiter,
+}
+
+/// A user's unread counts in a room as of a stream position.
+#[derive(Debug, Clone, Copy)]
+pub struct UnreadCounts {
+    notifications: i64,
+    highlights: i64,
+    upto: i64,
 }
 
 /// How much of a joined room a sync reads.

@@ -210,6 +210,7 @@ impl Services {
                     txn_id: None,
                 },
                 &[],
+                Vec::new(),
             )
         });
         position.commit_with(vec![Change::room(room_id.clone(), Sections::TIMELINE)]);
@@ -364,7 +365,8 @@ impl Services {
                 txn_device,
                 txn_id,
             };
-            self.room_cache.with(room_id, |c| c.appended(row, &prev_ids));
+            let notified = push_actions.iter().map(|(user, highlight, _)| (user.clone(), *highlight)).collect();
+            self.room_cache.with(room_id, |c| c.appended(row, &prev_ids, notified));
         }
         let mut changes = vec![Change::room(room_id.to_owned(), Sections::TIMELINE)];
         if draft.event_type == "m.room.member" {

@@ -61,6 +61,19 @@ impl Store {
 
     /// Presence changed in `(from, to]` of users who share a joined room with `user_id`
     /// (and the user's own).
+    /// Every presence change in `(from, to]`, oldest first.
+    pub async fn presence_changes_between(&self, from: i64, to: i64) -> Result<Vec<PresenceRow>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT user_id, state, status_msg, last_active_ts, stream_id FROM presence
+             WHERE stream_id > $1 AND stream_id <= $2 ORDER BY stream_id",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(presence_row).collect()
+    }
+
     pub async fn presence_changes_for(
         &self,
         user_id: &str,

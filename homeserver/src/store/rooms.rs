@@ -665,15 +665,18 @@ impl Store {
     }
 
     /// (notifications, highlights) for `user_id` in a room after their read receipt.
-    pub async fn unread_counts(&self, user_id: &str, room_id: &str) -> Result<(i64, i64), sqlx::Error> {
+    /// Counted up to position `upto`, so the answer for a given `upto` never changes
+    /// until the user's read receipt does.
+    pub async fn unread_counts(&self, user_id: &str, room_id: &str, upto: i64) -> Result<(i64, i64), sqlx::Error> {
         let row = sqlx::query(
             "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(highlight), 0) AS BIGINT) AS h FROM event_push_actions
-             WHERE user_id = $1 AND room_id = $2 AND stream_ordering > COALESCE((
+             WHERE user_id = $1 AND room_id = $2 AND stream_ordering <= $3 AND stream_ordering > COALESCE((
                 SELECT MAX(e.stream_ordering) FROM receipts r JOIN events e ON e.event_id = r.event_id
                 WHERE r.room_id = $2 AND r.user_id = $1 AND r.receipt_type IN ('m.read', 'm.read.private')), 0)",
         )
         .bind(user_id)
         .bind(room_id)
+        .bind(upto)
         .fetch_one(&self.pool)
         .await?;
         Ok((row.try_get("n")?, row.try_get("h")?))

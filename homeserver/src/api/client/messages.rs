@@ -264,6 +264,9 @@ impl Services {
             Change::room(room_id.to_owned(), Sections::RECEIPTS)
         };
         position.commit_with(vec![change]);
+        if kind != "m.fully_read" {
+            self.forget_unread_counts(user_id, room_id);
+        }
         Ok(())
     }
 }

@@ -1,4 +1,40 @@
-//! Client-side end-to-end encryption for the Obmin desktop client.
+//! Client-side end-to-end encryption for the Obmin desktop client, on vodozemac.
 //!
-//! Nothing is implemented yet: this crate is built by issue 7 (Olm/Megolm on vodozemac,
-//! sans-I/O). It exists now only so the workspace has the shape described in DESIGN.md.
+//! Sans-I/O: [`OlmMachine`] produces the HTTP requests to send ([`OutgoingRequest`]: method,
+//! path, JSON body) and consumes `/sync` results and request answers; the caller does HTTP.
+//! The API is modelled on matrix-sdk-crypto's `OlmMachine`:
+//!
+//! * [`OlmMachine::outgoing_requests`] / [`OlmMachine::mark_request_as_sent`]
+//! * [`OlmMachine::receive_sync_changes`] with [`SyncChanges`] (to-device events, device list
+//!   changes, one-time key counts, unused fallback key types)
+//! * [`OlmMachine::get_missing_sessions`], [`OlmMachine::share_room_key`],
+//!   [`OlmMachine::encrypt_room_event`], [`OlmMachine::decrypt_room_event`]
+//!
+//! Attachments are encrypted as streams ([`attachments`]), state persists in an encrypted
+//! SQLite store ([`store`]).
+
+pub mod account;
+pub mod attachments;
+pub mod backup;
+pub mod cross_signing;
+pub mod devices;
+pub mod error;
+pub mod key_export;
+mod key_sharing;
+mod machine;
+pub mod megolm;
+mod olm;
+pub mod signing;
+pub mod store;
+pub mod types;
+pub mod verification;
+
+pub use devices::Device;
+pub use error::{Error, Result};
+pub use machine::{DecryptedRoomEvent, OlmMachine, SenderTrust, ToDeviceEvent};
+pub use megolm::EncryptionSettings;
+pub use olm::DecryptedOlm;
+pub use types::{OutgoingRequest, Request, SyncChanges};
+
+#[cfg(test)]
+mod tests;

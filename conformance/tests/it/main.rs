@@ -6,6 +6,7 @@ mod cli;
 mod devices;
 mod discovery;
 mod e2ee;
+mod e2ee_client;
 mod errors;
 mod federation;
 mod login;

@@ -94,7 +94,7 @@ impl Store {
 
     /// Stores a filter and returns its id (per user, counting up from 0).
     pub async fn create_filter(&self, user_id: &str, json: &str) -> Result<i64, sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         let row = sqlx::query("SELECT COALESCE(MAX(filter_id) + 1, 0) AS next FROM user_filters WHERE user_id = $1")
             .bind(user_id)
             .fetch_one(&mut *tx)

@@ -70,7 +70,7 @@ pub(super) async fn insert_device_with_token(
 impl Store {
     /// Creates (or takes over) a device for a login and gives it a new access token.
     pub async fn login_device(&self, user_id: &str, device: &NewDevice<'_>, now: i64) -> Result<(), sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         insert_device_with_token(&mut tx, user_id, device, now).await?;
         tx.commit().await
     }
@@ -155,7 +155,7 @@ impl Store {
 
     /// Deletes devices (and so their tokens); returns how many existed.
     pub async fn delete_devices(&self, user_id: &str, device_ids: &[&str]) -> Result<u64, sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         let mut deleted = 0;
         for device_id in device_ids {
             deleted += sqlx::query("DELETE FROM devices WHERE user_id = $1 AND device_id = $2")

@@ -61,7 +61,7 @@ impl Store {
         json: &str,
         stream_id: i64,
     ) -> Result<bool, sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         let existing = sqlx::query("SELECT json FROM device_keys WHERE user_id = $1 AND device_id = $2")
             .bind(user_id)
             .bind(device_id)
@@ -118,7 +118,7 @@ impl Store {
         device_id: &str,
         keys: &[(String, String, String)],
     ) -> Result<bool, sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         for (key_id, algorithm, json) in keys {
             let existing =
                 sqlx::query("SELECT json FROM one_time_keys WHERE user_id = $1 AND device_id = $2 AND key_id = $3")
@@ -298,7 +298,7 @@ impl Store {
         messages: &[NewToDevice<'_>],
         stream_id: i64,
     ) -> Result<bool, sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         let fresh = sqlx::query(
             "INSERT INTO to_device_transactions (sender, sender_device, txn_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
         )
@@ -360,7 +360,7 @@ impl Store {
     /// Deletes messages the device acknowledged (a sync with `since` at or past them), and
     /// remembers the position so the stream never restarts below it.
     pub async fn ack_to_device(&self, user_id: &str, device_id: &str, up_to: i64) -> Result<(), sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         let done =
             sqlx::query("DELETE FROM to_device_messages WHERE user_id = $1 AND device_id = $2 AND stream_id <= $3")
                 .bind(user_id)
@@ -389,7 +389,7 @@ impl Store {
     // Key backup.
 
     pub async fn create_backup_version(&self, user_id: &str, algorithm: &str) -> Result<i64, sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         let row = sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM backup_versions WHERE user_id = $1")
             .bind(user_id)
             .fetch_one(&mut *tx)
@@ -464,7 +464,7 @@ impl Store {
     }
 
     pub async fn delete_backup_version(&self, user_id: &str, version: i64) -> Result<bool, sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         let done =
             sqlx::query("UPDATE backup_versions SET deleted = 1 WHERE user_id = $1 AND version = $2 AND deleted = 0")
                 .bind(user_id)
@@ -488,7 +488,7 @@ impl Store {
         version: i64,
         keys: &[(String, String, String)],
     ) -> Result<(), sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         for (room_id, session_id, json) in keys {
             sqlx::query(
                 "INSERT INTO backup_keys (user_id, version, room_id, session_id, json) VALUES ($1, $2, $3, $4, $5)
@@ -534,7 +534,7 @@ impl Store {
         room_id: Option<&str>,
         session_id: Option<&str>,
     ) -> Result<(), sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         sqlx::query(
             "DELETE FROM backup_keys WHERE user_id = $1 AND version = $2
              AND ($3 IS NULL OR room_id = $3) AND ($4 IS NULL OR session_id = $4)",

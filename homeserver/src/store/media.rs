@@ -228,7 +228,7 @@ impl Store {
     /// Deletes a media row and its thumbnails; returns the content hashes they named (which
     /// may now be unreferenced), or `None` if there was no such media.
     pub async fn delete_media(&self, media_id: &str) -> Result<Option<Vec<String>>, sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         let Some(row) =
             sqlx::query("SELECT sha256 FROM media WHERE media_id = $1").bind(media_id).fetch_optional(&mut *tx).await?
         else {

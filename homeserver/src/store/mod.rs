@@ -61,6 +61,8 @@ pub struct StoreOptions {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// SQLite has one writer at a time; see [`Store::begin_write`].
+    sqlite_writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Store {
@@ -100,7 +102,7 @@ impl Store {
             }
             Backend::Postgres => pool_options.connect_with(AnyConnectOptions::from_str(url)?).await?,
         };
-        Ok(Self { pool, backend })
+        Ok(Self { pool, backend, sqlite_writer: std::sync::Arc::new(tokio::sync::Mutex::new(())) })
     }
 
     /// Applies every migration not yet applied.
@@ -130,13 +132,21 @@ impl Store {
         self.pool.close().await;
     }
 
-    /// Starts a transaction that will write. On SQLite it takes the write lock up front
-    /// (`BEGIN IMMEDIATE`), so two writers queue on the busy timeout instead of failing
-    /// with SQLITE_BUSY when a read lock would have to be upgraded.
-    async fn begin_write(&self) -> Result<Transaction<'static, Any>, sqlx::Error> {
+    /// Starts a transaction that will write; keep the returned guard until it is committed
+    /// or dropped. On SQLite, which has one writer at a time, writers first queue here in
+    /// arrival order (tokio's mutex is fair) and then take the write lock up front
+    /// (`BEGIN IMMEDIATE`, so a read lock never has to be upgraded). Without the queue they
+    /// would meet in SQLite's busy handler, which sleeps in growing steps of up to 100 ms:
+    /// measured as second-long tails under 50 concurrent senders.
+    async fn begin_write(
+        &self,
+    ) -> Result<(Option<tokio::sync::MutexGuard<'_, ()>>, Transaction<'static, Any>), sqlx::Error> {
         match self.backend {
-            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
-            Backend::Postgres => self.pool.begin().await,
+            Backend::Sqlite => {
+                let guard = self.sqlite_writer.lock().await;
+                Ok((Some(guard), self.pool.begin_with("BEGIN IMMEDIATE").await?))
+            }
+            Backend::Postgres => Ok((None, self.pool.begin().await?)),
         }
     }
 }

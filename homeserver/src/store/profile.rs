@@ -32,7 +32,7 @@ impl Store {
         value_json: &str,
         max_total_bytes: usize,
     ) -> Result<bool, sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         let rows = sqlx::query("SELECT field, value FROM profile_fields WHERE user_id = $1")
             .bind(user_id)
             .fetch_all(&mut *tx)

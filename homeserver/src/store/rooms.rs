@@ -134,7 +134,7 @@ impl Store {
     /// Appends one event: the event row, the current state, the forward extremities and the
     /// transaction id, in one transaction.
     pub async fn append_event(&self, ev: AppendEvent<'_>) -> Result<AppendOutcome, sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         if let Some((user, device, txn_id)) = ev.txn {
             let existing =
                 sqlx::query("SELECT event_id FROM events WHERE txn_user = $1 AND txn_device = $2 AND txn_id = $3")

@@ -66,7 +66,7 @@ impl Store {
     /// Creates the account, its first device and token, and spends the registration token,
     /// all or nothing.
     pub async fn create_account(&self, new: NewAccount<'_>) -> Result<CreateAccountOutcome, sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         let inserted = sqlx::query(
             "INSERT INTO users (user_id, localpart, password_hash, is_admin, deactivated, created_ts)
              VALUES ($1, $2, $3, $4, 0, $5) ON CONFLICT DO NOTHING",
@@ -111,7 +111,7 @@ impl Store {
         password_hash: &str,
         logout: LogoutDevices<'_>,
     ) -> Result<bool, sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         let updated = sqlx::query("UPDATE users SET password_hash = $1 WHERE user_id = $2 AND deactivated = 0")
             .bind(password_hash)
             .bind(user_id)
@@ -137,7 +137,7 @@ impl Store {
     /// Deactivates the account: no password, no devices, no profile. The row stays so the
     /// user id is never handed out again.
     pub async fn deactivate_user(&self, user_id: &str) -> Result<bool, sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         let updated = sqlx::query(
             "UPDATE users SET deactivated = 1, password_hash = NULL WHERE user_id = $1 AND deactivated = 0",
         )

@@ -29,7 +29,7 @@ pub struct NewServerKeys<'a> {
 impl Store {
     /// Stores a verified key document; a later document replaces what an older one said.
     pub async fn store_server_keys(&self, keys: NewServerKeys<'_>) -> Result<(), sqlx::Error> {
-        let mut tx = self.begin_write().await?;
+        let (_serialized, mut tx) = self.begin_write().await?;
         let rows = keys
             .verify_keys
             .iter()

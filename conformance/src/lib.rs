@@ -82,11 +82,20 @@ pub struct ServerOptions {
     pub env: Vec<(String, String)>,
     /// Contents of a config file to pass with `--config`.
     pub config_file: Option<String>,
+    /// Serve federation over TLS on a loopback port, named `localhost:<port>`, with a
+    /// self-signed certificate, certificate checks off and loopback targets allowed.
+    pub federation: bool,
 }
 
 impl ServerOptions {
     pub fn new(backend: Backend) -> Self {
-        Self { backend, env: Vec::new(), config_file: None }
+        Self { backend, env: Vec::new(), config_file: None, federation: false }
+    }
+
+    /// See [`ServerOptions::federation`].
+    pub fn federating(mut self) -> Self {
+        self.federation = true;
+        self
     }
 
     pub fn env(mut self, key: &str, value: &str) -> Self {
@@ -110,6 +119,10 @@ pub struct Server {
     pub base_url: String,
     pub dir: TempDir,
     pub http: reqwest::Client,
+    /// The server name (`localhost` unless federating).
+    pub server_name: String,
+    /// `https://127.0.0.1:<port>` of the federation listener, when federating.
+    pub federation_url: Option<String>,
     env: Vec<(String, String)>,
     config_path: Option<PathBuf>,
     log_path: PathBuf,
@@ -171,7 +184,27 @@ impl Server {
         if options.backend == Backend::Postgres {
             env.push(("OBMIN_DATABASE_URL".into(), fresh_postgres_database().await));
         }
+        let mut federation_url = None;
+        if options.federation {
+            let port = free_port();
+            let (cert, key) = self_signed_certificate(dir.path());
+            env.extend([
+                ("OBMIN_SERVER_NAME".into(), format!("localhost:{port}")),
+                ("OBMIN_FEDERATION_LISTEN".into(), format!("127.0.0.1:{port}")),
+                ("OBMIN_TLS_CERT".into(), cert),
+                ("OBMIN_TLS_KEY".into(), key),
+                ("OBMIN_FEDERATION_VERIFY_CERTIFICATES".into(), "false".into()),
+                ("OBMIN_FEDERATION_ALLOW_PRIVATE_TARGETS".into(), "true".into()),
+            ]);
+            federation_url = Some(format!("https://127.0.0.1:{port}"));
+        }
         env.extend(options.env);
+        let server_name = env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "OBMIN_SERVER_NAME")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| "localhost".to_owned());
         let config_path = options.config_file.map(|text| {
             let path = dir.path().join("homeserver.toml");
             std::fs::write(&path, text).expect("write config");
@@ -182,7 +215,9 @@ impl Server {
             child: None,
             base_url: String::new(),
             dir,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(60)).build().expect("client"),
+            http: http_client(Duration::from_secs(60)),
+            server_name,
+            federation_url,
             env,
             config_path,
             log_path,
@@ -402,6 +437,45 @@ impl Server {
         )
         .await
     }
+}
+
+/// Makes ring the process-wide rustls provider. reqwest is built with rustls but without a
+/// provider of its own (the workspace uses ring only, see Cargo.toml), so every client of the
+/// test process needs this before it is built; [`http_client`] and the harness call it.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// A plain reqwest client with this timeout (see [`install_crypto_provider`]).
+pub fn http_client(timeout: Duration) -> reqwest::Client {
+    install_crypto_provider();
+    reqwest::Client::builder().timeout(timeout).build().expect("client")
+}
+
+/// A loopback port nothing listens on right now (the server binds it a moment later).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Writes a self-signed certificate for `localhost` and 127.0.0.1 into `dir`; returns the
+/// certificate and key paths.
+fn self_signed_certificate(dir: &Path) -> (String, String) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .expect("generate a certificate");
+    let cert = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    std::fs::write(&cert, certified.cert.pem()).expect("write certificate");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+    (cert.display().to_string(), key.display().to_string())
+}
+
+/// An HTTPS client for federation listeners with self-signed certificates.
+pub fn federation_http() -> reqwest::Client {
+    let tls = federation::client::tls_config(false).expect("TLS config");
+    reqwest::Client::builder().tls_backend_preconfigured(tls).timeout(Duration::from_secs(60)).build().expect("client")
 }
 
 /// Percent-encodes a path segment (room ids, aliases, user ids).

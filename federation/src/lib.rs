@@ -1,12 +1,16 @@
 //! The Matrix Server-Server protocol pieces Obmin needs, independent of the homeserver.
 //!
-//! Today: the server's ed25519 signing key, building and signing PDUs (content hash,
-//! signature, reference-hash event ids), and the authorization rules (ruma's state-res).
-//! Request signing (X-Matrix), key fetching, discovery and the send queue land here with the
-//! federation issue; the homeserver only wires them in.
+//! The server's ed25519 signing key, building and signing PDUs (content hash, signature,
+//! reference-hash event ids), the authorization rules (ruma's state-res), key documents
+//! (`/_matrix/key/v2/*`), X-Matrix request signing and verification, server discovery and
+//! the outbound client. The homeserver wires these in; nothing here knows about storage.
 
 pub mod auth;
+pub mod client;
+pub mod discovery;
+pub mod keys;
 pub mod pdu;
 pub mod signing_key;
+pub mod xmatrix;
 
 pub use signing_key::{SigningKey, SigningKeyError};

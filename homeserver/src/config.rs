@@ -78,6 +78,7 @@ pub struct Config {
     pub turn: TurnConfig,
     pub media: MediaConfig,
     pub push: PushConfig,
+    pub federation: FederationConfig,
 }
 
 /// Delivery of push notifications to push gateways (HTTP pushers).
@@ -123,6 +124,37 @@ impl Default for PushConfig {
         Self {
             gateway_ip_range_denylist: DEFAULT_GATEWAY_DENYLIST.iter().map(|s| (*s).to_owned()).collect(),
             gateway_ip_range_allowlist: Vec::new(),
+        }
+    }
+}
+
+/// Federation: the TLS listener other servers reach and the outbound client's switches.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Address of the TLS federation listener (Server-Server API and key server), e.g.
+    /// `0.0.0.0:8448`. Empty: no listener (this server cannot be reached by others).
+    pub listen: String,
+    /// PEM certificate chain for the federation listener.
+    pub tls_cert: String,
+    /// PEM private key for the federation listener.
+    pub tls_key: String,
+    /// Check other servers' TLS certificates. Only switch off for loopback tests or a
+    /// private network with self-signed certificates.
+    pub verify_certificates: bool,
+    /// Allow federation requests to loopback and private addresses.
+    pub allow_private_targets: bool,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        // Secure unless the operator explicitly says otherwise.
+        Self {
+            listen: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            verify_certificates: true,
+            allow_private_targets: false,
         }
     }
 }
@@ -252,6 +284,7 @@ impl Default for Config {
             turn: TurnConfig::default(),
             media: MediaConfig::default(),
             push: PushConfig::default(),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -321,6 +354,11 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_MEDIA_PENDING_UPLOAD_HOURS", "media.pending_upload_hours", EnvKind::Integer),
     ("OBMIN_PUSH_GATEWAY_IP_RANGE_DENYLIST", "push.gateway_ip_range_denylist", EnvKind::List),
     ("OBMIN_PUSH_GATEWAY_IP_RANGE_ALLOWLIST", "push.gateway_ip_range_allowlist", EnvKind::List),
+    ("OBMIN_FEDERATION_LISTEN", "federation.listen", EnvKind::String),
+    ("OBMIN_TLS_CERT", "federation.tls_cert", EnvKind::String),
+    ("OBMIN_TLS_KEY", "federation.tls_key", EnvKind::String),
+    ("OBMIN_FEDERATION_VERIFY_CERTIFICATES", "federation.verify_certificates", EnvKind::Bool),
+    ("OBMIN_FEDERATION_ALLOW_PRIVATE_TARGETS", "federation.allow_private_targets", EnvKind::Bool),
 ];
 
 /// A configuration problem, naming the option (or file) and the reason.
@@ -362,6 +400,7 @@ pub struct Settings {
     pub turn: TurnConfig,
     pub media: MediaConfig,
     pub push: PushSettings,
+    pub federation: FederationSettings,
 }
 
 /// [`PushConfig`] with its ranges parsed.
@@ -390,6 +429,22 @@ fn parse_ranges(key: &str, ranges: &[String]) -> Result<Vec<ipnet::IpNet>, Confi
                 .map_err(|_| err(key, format!("`{r}` is not an address range like 10.0.0.0/8")))
         })
         .collect()
+}
+
+/// Validated federation settings.
+#[derive(Debug, Clone)]
+pub struct FederationSettings {
+    /// The TLS listener: address, certificate and key files.
+    pub listener: Option<FederationListener>,
+    pub verify_certificates: bool,
+    pub allow_private_targets: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct FederationListener {
+    pub listen: SocketAddr,
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
 }
 
 impl Settings {
@@ -509,6 +564,7 @@ impl Settings {
                 &config.push.gateway_ip_range_allowlist,
             )?,
         };
+        let federation = validate_federation(&config.federation)?;
         Ok(Self {
             server_name: server_name.to_owned(),
             listen,
@@ -527,6 +583,7 @@ impl Settings {
             turn: config.turn,
             media: config.media,
             push,
+            federation,
         })
     }
 
@@ -540,6 +597,29 @@ impl Settings {
     pub fn signing_key_path(&self) -> PathBuf {
         self.data_dir.join("signing.key")
     }
+}
+
+fn validate_federation(config: &FederationConfig) -> Result<FederationSettings, ConfigError> {
+    let listener = if config.listen.trim().is_empty() {
+        None
+    } else {
+        let listen = config.listen.parse().map_err(|_| {
+            err("federation.listen", format!("`{}` is not an address like 0.0.0.0:8448", config.listen))
+        })?;
+        if config.tls_cert.is_empty() || config.tls_key.is_empty() {
+            return Err(err("federation.tls_cert", "the federation listener needs tls_cert and tls_key"));
+        }
+        Some(FederationListener {
+            listen,
+            tls_cert: PathBuf::from(&config.tls_cert),
+            tls_key: PathBuf::from(&config.tls_key),
+        })
+    };
+    Ok(FederationSettings {
+        listener,
+        verify_certificates: config.verify_certificates,
+        allow_private_targets: config.allow_private_targets,
+    })
 }
 
 fn parse_env(raw: &str, kind: EnvKind) -> Result<toml::Value, String> {
@@ -642,6 +722,27 @@ mod tests {
         assert!(!s.push.gateway_address_allowed("127.0.0.2".parse().unwrap()));
         let e = load(&[("OBMIN_PUSH_GATEWAY_IP_RANGE_DENYLIST", "nonsense")]).unwrap_err();
         assert_eq!(e.key, "push.gateway_ip_range_denylist");
+    }
+
+    #[test]
+    fn federation_is_secure_by_default_and_needs_tls_files() {
+        let s = load(&[]).unwrap();
+        assert!(s.federation.listener.is_none());
+        assert!(s.federation.verify_certificates);
+        assert!(!s.federation.allow_private_targets);
+        let e = load(&[("OBMIN_FEDERATION_LISTEN", "127.0.0.1:8448")]).unwrap_err();
+        assert_eq!(e.key, "federation.tls_cert");
+        let s = load(&[
+            ("OBMIN_FEDERATION_LISTEN", "127.0.0.1:8448"),
+            ("OBMIN_TLS_CERT", "/c.pem"),
+            ("OBMIN_TLS_KEY", "/k.pem"),
+            ("OBMIN_FEDERATION_VERIFY_CERTIFICATES", "false"),
+            ("OBMIN_FEDERATION_ALLOW_PRIVATE_TARGETS", "true"),
+        ])
+        .unwrap();
+        assert_eq!(s.federation.listener.unwrap().listen.port(), 8448);
+        assert!(!s.federation.verify_certificates);
+        assert!(s.federation.allow_private_targets);
     }
 
     #[test]

@@ -68,6 +68,12 @@ pub enum Error {
     Conflict(String),
     #[error("{0}")]
     InvalidSignature(String),
+    /// A federation request whose X-Matrix signature is missing or does not verify (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Another server could not be reached or gave an unusable answer (502).
+    #[error("{0}")]
+    RemoteUnavailable(String),
     /// A key backup write to a version that is not the current one (carries the current).
     #[error("Wrong backup version; the current one is {0}")]
     WrongRoomKeysVersion(String),
@@ -128,6 +134,8 @@ impl Error {
             Error::BadAlias(_) => (ErrorKind::BadAlias, S::BAD_REQUEST),
             Error::Conflict(_) => (ErrorKind::Unknown, S::CONFLICT),
             Error::InvalidSignature(_) => (ErrorKind::InvalidParam, S::BAD_REQUEST),
+            Error::Unauthorized(_) => (ErrorKind::Unauthorized, S::UNAUTHORIZED),
+            Error::RemoteUnavailable(_) => (ErrorKind::Unknown, S::BAD_GATEWAY),
             Error::WrongRoomKeysVersion(current) => (
                 ErrorKind::WrongRoomKeysVersion(ruma::api::error::WrongRoomKeysVersionErrorData::new(current.clone())),
                 S::FORBIDDEN,

@@ -27,6 +27,10 @@ pub enum StartError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("cannot prepare the media directory: {0}")]
     Media(String),
+    #[error("federation TLS: {0}")]
+    Tls(String),
+    #[error("federation: {0}")]
+    Federation(String),
     #[error("server error: {0}")]
     Serve(std::io::Error),
 }
@@ -52,7 +56,9 @@ pub async fn build_services(settings: Settings) -> Result<Arc<Services>, StartEr
     let store = open_store(&settings).await?;
     let signing_key = SigningKey::load_or_generate(&settings.signing_key_path())?;
     let max_position = store.max_stream_position().await?;
-    Ok(Arc::new(Services::new(settings, store, signing_key, max_position)))
+    let fed = crate::service::fed::Federation::new(settings.server_name.clone(), &settings.federation)
+        .map_err(|e| StartError::Federation(e.to_string()))?;
+    Ok(Arc::new(Services::new(settings, store, signing_key, max_position, fed)))
 }
 
 /// Serves until SIGTERM or Ctrl-C, then lets in-flight requests finish and closes the
@@ -66,6 +72,31 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let listener = TcpListener::bind(listen).await.map_err(|source| StartError::Listen { addr: listen, source })?;
     // The bound address, not the configured one: with port 0 the OS picks it (tests do).
     let bound = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
+    // The federation listener: its own TLS socket and router, stopped by the same signal.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let federation_server = match &services.settings.federation.listener {
+        Some(fed) => {
+            let config = crate::tls::server_config(&fed.tls_cert, &fed.tls_key).map_err(StartError::Tls)?;
+            let listener = crate::tls::TlsListener::bind(fed.listen, config)
+                .await
+                .map_err(|source| StartError::Listen { addr: fed.listen, source })?;
+            let bound = axum::serve::Listener::local_addr(&listener)
+                .map_err(|source| StartError::Listen { addr: fed.listen, source })?;
+            tracing::info!(address = %bound, "federation listening (TLS)");
+            let app = api::federation_router(services.clone());
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(async move {
+                let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
+                axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|stopped| *stopped).await;
+                    })
+                    .await
+            }))
+        }
+        None => None,
+    };
+
     tracing::info!(
         server_name = %services.settings.server_name,
         address = %bound,
@@ -81,7 +112,17 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let media_expiry = tokio::spawn(expire_media(services.clone()));
     let push_delivery = tokio::spawn(crate::service::push_gateway::run(services.clone()));
     let app = api::router(services.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await;
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+        })
+        .await;
+    if let Some(federation_server) = federation_server
+        && let Ok(Err(e)) = federation_server.await
+    {
+        tracing::warn!(error = %e, "federation listener stopped with an error");
+    }
     housekeeping.abort();
     typing_expiry.abort();
     presence_expiry.abort();

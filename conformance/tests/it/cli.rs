@@ -125,7 +125,7 @@ async fn runs_with_no_configuration() {
     assert_eq!(v["fields"]["server_name"], "localhost");
     assert_eq!(v["fields"]["registration"], "Open");
     let addr = v["fields"]["address"].as_str().unwrap().to_owned();
-    let client = reqwest::Client::new();
+    let client = conformance::http_client(std::time::Duration::from_secs(60));
     let resp = client
         .post(format!("http://{addr}/_matrix/client/v3/register"))
         .json(&serde_json::json!({"username": "alice", "password": "pw", "auth": {"type": "m.login.dummy"}}))

@@ -9,6 +9,7 @@ mod discovery;
 mod e2ee;
 mod e2ee_client;
 mod errors;
+mod federation;
 mod login;
 mod media;
 mod operations;

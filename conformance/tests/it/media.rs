@@ -33,7 +33,7 @@ const CHUNK: usize = 1024 * 1024;
 
 /// A client without the harness's 60 s timeout, for big transfers.
 fn big_client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(900)).build().expect("client")
+    conformance::http_client(Duration::from_secs(900))
 }
 
 /// Deterministic pseudo-random content, chunk by chunk.

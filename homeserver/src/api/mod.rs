@@ -1,6 +1,7 @@
 //! HTTP: the router, the layers around it, and the Matrix endpoints.
 
 pub mod client;
+pub mod federation;
 pub mod ops;
 pub mod ruma;
 
@@ -174,10 +175,22 @@ pub fn router(services: Arc<Services>) -> Router {
     r = r
         .route("/.well-known/matrix/server", get(disc::well_known_server))
         .route("/health", get(ops::health))
-        .route("/metrics", get(ops::metrics))
-        .fallback(unrecognized)
-        .method_not_allowed_fallback(method_not_allowed);
+        .route("/metrics", get(ops::metrics));
+    with_layers(r, services)
+}
 
+/// The federation listener's application: the Server-Server API and the key server (and
+/// `/.well-known/matrix/server`, which other servers may ask on that port too).
+pub fn federation_router(services: Arc<Services>) -> Router {
+    let r = federation::routes(Router::new())
+        .route("/.well-known/matrix/server", get(client::discovery::well_known_server));
+    with_layers(r, services)
+}
+
+/// Fallbacks and the layers every listener shares: Matrix errors for unknown routes, panic
+/// catching, metrics, CORS and tracing.
+fn with_layers(r: Router<Arc<Services>>, services: Arc<Services>) -> Router {
+    let r = r.fallback(unrecognized).method_not_allowed_fallback(method_not_allowed);
     let cors = CorsLayer::new()
         .allow_origin(Any)
         .allow_methods([Method::GET, Method::HEAD, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])

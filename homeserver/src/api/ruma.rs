@@ -14,10 +14,14 @@ use axum::{
 };
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use ruma::api::{
-    IncomingRequest, IncomingRequestExt, OutgoingResponse, OutgoingResponseExt,
-    auth_scheme::{AccessToken, AccessTokenOptional, extract_bearer_or_query_token},
-    error::{DeserializationError, FromHttpRequestError},
+use ruma::{
+    OwnedServerName,
+    api::{
+        IncomingRequest, IncomingRequestExt, OutgoingResponse, OutgoingResponseExt,
+        auth_scheme::{AccessToken, AccessTokenOptional, extract_bearer_or_query_token},
+        error::{DeserializationError, FromHttpRequestError},
+        federation::authentication::ServerSignatures,
+    },
 };
 
 use crate::{
@@ -29,11 +33,13 @@ use crate::{
 #[derive(Debug, Clone, Copy)]
 pub struct EmptyStateKey;
 
-/// A parsed ruma request, the authenticated user (when the endpoint takes a token) and the
-/// client's address.
+/// A parsed ruma request, the authenticated user (when the endpoint takes a token) or
+/// server (when it takes an X-Matrix signature), and the client's address.
 pub struct Ruma<T> {
     pub body: T,
     pub user: Option<AuthedUser>,
+    /// The verified origin of a federation request.
+    pub origin: Option<OwnedServerName>,
     pub client_ip: IpAddr,
 }
 
@@ -92,6 +98,13 @@ where
             return Err(Error::InvalidParam("U+0000 is not allowed in requests".to_owned()));
         }
         let http_req = http::Request::from_parts(parts, bytes.as_ref());
+        // The X-Matrix signature covers method, URI and body: check it on the raw request
+        // before parsing anything.
+        let origin = if scheme == TypeId::of::<ServerSignatures>() {
+            Some(services.verify_federation_request(&http_req).await?)
+        } else {
+            None
+        };
         let path_refs: Vec<&str> = path_args.iter().map(String::as_str).collect();
         // ruma's deserializers can panic on some malformed bodies (for example a login body
         // without `type` indexes a missing key); a bad request must never become a 500.
@@ -101,7 +114,7 @@ where
             Ok(result) => result.map_err(|e| request_error(e, &bytes))?,
             Err(_) => return Err(Error::BadJson("The request body has the wrong shape".to_owned())),
         };
-        Ok(Ruma { body, user, client_ip })
+        Ok(Ruma { body, user, origin, client_ip })
     }
 }
 

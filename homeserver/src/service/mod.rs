@@ -8,6 +8,7 @@ pub mod cache;
 pub mod credentials;
 pub mod devices;
 pub mod events;
+pub mod fed;
 pub mod keys;
 pub mod media;
 pub mod notifier;
@@ -46,6 +47,8 @@ pub struct Services {
     pub media: media::Media,
     pub push_gateway: push_gateway::PushGateway,
     pub sliding_sync_connections: sliding_sync::SlidingSyncConnections,
+    /// Federation: the outbound client and the key-fetch bookkeeping.
+    pub fed: fed::Federation,
     room_locks: timeline::RoomLocks,
     pub room_cache: room_cache::RoomCaches,
     key_counts: keys::KeyCountCache,
@@ -59,7 +62,13 @@ pub struct Services {
 
 impl Services {
     /// `max_stream_position` is the highest stream position already in the database.
-    pub fn new(settings: Settings, store: Store, signing_key: SigningKey, max_stream_position: i64) -> Self {
+    pub fn new(
+        settings: Settings,
+        store: Store,
+        signing_key: SigningKey,
+        max_stream_position: i64,
+        fed: fed::Federation,
+    ) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
         let media = media::Media::new(settings.media_dir());
         let push_gateway = push_gateway::PushGateway::new(&settings.push);
@@ -76,6 +85,7 @@ impl Services {
             media,
             push_gateway,
             sliding_sync_connections: sliding_sync::SlidingSyncConnections::default(),
+            fed,
             room_locks: timeline::RoomLocks::default(),
             room_cache: room_cache::RoomCaches::default(),
             key_counts: keys::KeyCountCache::new(keys::MAX_CACHED_KEY_COUNTS),

@@ -27,6 +27,9 @@ impl Services {
     }
 
     pub async fn profile(&self, user_id: &UserId) -> Result<BTreeMap<String, JsonValue>> {
+        if user_id.server_name() != self.settings.server_name {
+            return self.remote_profile(user_id, None).await;
+        }
         self.require_local_profile_owner(user_id).await?;
         let mut profile = BTreeMap::new();
         for (field, value) in self.store.profile_fields(user_id.as_str()).await? {
@@ -41,6 +44,13 @@ impl Services {
     }
 
     pub async fn profile_field(&self, user_id: &UserId, field: &str) -> Result<JsonValue> {
+        if user_id.server_name() != self.settings.server_name {
+            return self
+                .remote_profile(user_id, Some(field))
+                .await?
+                .remove(field)
+                .ok_or_else(|| Error::NotFound("Profile field not set".to_owned()));
+        }
         self.require_local_profile_owner(user_id).await?;
         let value = self
             .store
@@ -48,6 +58,19 @@ impl Services {
             .await?
             .ok_or_else(|| Error::NotFound("Profile field not set".to_owned()))?;
         serde_json::from_str(&value).map_err(|e| Error::internal(format!("stored profile field is not JSON: {e}")))
+    }
+
+    /// A remote user's profile (or one field of it), asked of their server.
+    async fn remote_profile(&self, user_id: &UserId, field: Option<&str>) -> Result<BTreeMap<String, JsonValue>> {
+        use ruma::api::federation::query::get_profile_information::v1 as query;
+        let mut request = query::Request::new(user_id.to_owned());
+        request.field = field.map(Into::into);
+        let response = self.send_federation(user_id.server_name(), request).await?;
+        let value = serde_json::to_value(&response.data).map_err(|e| Error::internal(e.to_string()))?;
+        let JsonValue::Object(map) = value else {
+            return Err(Error::RemoteUnavailable("the remote profile is not an object".to_owned()));
+        };
+        Ok(map.into_iter().collect())
     }
 
     /// Sets a field of the requester's own profile.

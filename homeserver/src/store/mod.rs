@@ -16,6 +16,7 @@ mod profile;
 mod pushers;
 mod registration_tokens;
 mod rooms;
+mod server_keys;
 mod sliding_sync;
 mod uiaa;
 mod users;
@@ -36,6 +37,7 @@ pub use presence::PresenceRow;
 pub use pushers::{NewPusher, PendingPush, PusherRow};
 pub use registration_tokens::RegistrationTokenRow;
 pub use rooms::{AppendEvent, AppendOutcome, EventRow, NewRoom, RoomRow};
+pub use server_keys::{NewServerKeys, ServerKeyRow};
 pub use uiaa::UiaaSessionRow;
 pub use users::{CreateAccountOutcome, LogoutDevices, NewAccount, UserRow};
 

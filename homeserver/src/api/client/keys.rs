@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use axum::extract::State;
 use ruma::{
-    OwnedDeviceId, OwnedUserId, UInt, UserId,
+    OwnedDeviceId, OwnedServerName, OwnedUserId, UInt, UserId,
     api::client::{
         backup::{
             RoomKeyBackup, add_backup_keys, add_backup_keys_for_room, add_backup_keys_for_session,
@@ -24,6 +24,11 @@ use crate::{
     error::{Error, Result},
     service::{Services, events::to_raw, streams::Positions, uiaa::UiaaAction},
 };
+
+/// How a failed server shows in `failures` (the error JSON it would have been).
+fn remote_failure(e: &Error) -> JsonValue {
+    json!({"errcode": "M_UNAVAILABLE", "error": e.to_string()})
+}
 
 fn json_of<T>(raw: &ruma::serde::Raw<T>) -> Result<JsonValue> {
     serde_json::from_str(raw.json().get()).map_err(|e| Error::BadJson(e.to_string()))
@@ -61,13 +66,29 @@ pub async fn query(
 ) -> Result<RumaResponse<get_keys::v3::Response>> {
     let user = req.user()?.clone();
     let mut response = get_keys::v3::Response::new();
+    // Remote users: one `user/keys/query` per server; a server that fails is reported in
+    // `failures` and the rest of the answer still arrives.
+    let mut remote: BTreeMap<OwnedServerName, BTreeMap<OwnedUserId, Vec<OwnedDeviceId>>> = BTreeMap::new();
     for (target, devices) in &req.body.device_keys {
         if target.server_name() != services.settings.server_name {
-            // Remote users need federation.
-            response.failures.insert(
-                target.server_name().to_string(),
-                json!({"errcode": "M_UNAVAILABLE", "error": "Federation is not available"}),
-            );
+            remote.entry(target.server_name().to_owned()).or_default().insert(target.clone(), devices.clone());
+        }
+    }
+    for (server, users) in remote {
+        let request = ruma::api::federation::keys::get_keys::v1::Request::new(users);
+        match services.send_federation(&server, request).await {
+            Ok(answer) => {
+                response.device_keys.extend(answer.device_keys);
+                response.master_keys.extend(answer.master_keys);
+                response.self_signing_keys.extend(answer.self_signing_keys);
+            }
+            Err(e) => {
+                response.failures.insert(server.to_string(), remote_failure(&e));
+            }
+        }
+    }
+    for (target, devices) in &req.body.device_keys {
+        if target.server_name() != services.settings.server_name {
             continue;
         }
         let only: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
@@ -97,8 +118,10 @@ pub async fn claim(
 ) -> Result<RumaResponse<claim_keys::v3::Response>> {
     req.user()?;
     let mut wanted = Vec::new();
+    let mut remote: BTreeMap<OwnedServerName, BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, _>>> = BTreeMap::new();
     for (user_id, devices) in &req.body.one_time_keys {
         if user_id.server_name() != services.settings.server_name {
+            remote.entry(user_id.server_name().to_owned()).or_default().insert(user_id.clone(), devices.clone());
             continue;
         }
         for (device_id, algorithm) in devices {
@@ -108,7 +131,18 @@ pub async fn claim(
     let claimed = services.claim_keys(wanted).await?;
     let value = serde_json::to_value(&claimed).map_err(|e| Error::internal(e.to_string()))?;
     let one_time_keys = serde_json::from_value(value).map_err(|e| Error::internal(format!("claimed keys: {e}")))?;
-    Ok(RumaResponse(claim_keys::v3::Response::new(one_time_keys)))
+    let mut response = claim_keys::v3::Response::new(one_time_keys);
+    for (server, claims) in remote {
+        let request = ruma::api::federation::keys::claim_keys::v1::Request::new(claims);
+        match services.send_federation(&server, request).await {
+            // Same shape on both APIs: user -> device -> key id -> key.
+            Ok(answer) => response.one_time_keys.extend(answer.one_time_keys),
+            Err(e) => {
+                response.failures.insert(server.to_string(), remote_failure(&e));
+            }
+        }
+    }
+    Ok(RumaResponse(response))
 }
 
 pub async fn changes(

@@ -200,7 +200,7 @@ pub async fn download_as_legacy(
     media_response(content, Some(r.filename), &headers).await
 }
 
-fn method(m: Option<ruma::media::Method>) -> Result<Method> {
+pub(crate) fn method(m: Option<ruma::media::Method>) -> Result<Method> {
     match m {
         None | Some(ruma::media::Method::Scale) => Ok(Method::Scale),
         Some(ruma::media::Method::Crop) => Ok(Method::Crop),

@@ -412,11 +412,15 @@ pub async fn alias_get(
     State(services): State<Arc<Services>>,
     req: Ruma<get_alias::v3::Request>,
 ) -> Result<RumaResponse<get_alias::v3::Response>> {
-    let (room_id, _) = services
-        .store
-        .alias(req.body.room_alias.as_str())
-        .await?
-        .ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
+    let alias = &req.body.room_alias;
+    if alias.server_name() != services.settings.server_name {
+        // Another server's alias: ask that server.
+        use ruma::api::federation::query::get_room_information::v1 as directory;
+        let answer = services.send_federation(alias.server_name(), directory::Request::new(alias.clone())).await?;
+        return Ok(RumaResponse(get_alias::v3::Response::new(answer.room_id, answer.servers)));
+    }
+    let (room_id, _) =
+        services.store.alias(alias.as_str()).await?.ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
     let room_id = RoomId::parse(room_id).map_err(|e| Error::internal(e.to_string()))?;
     Ok(RumaResponse(get_alias::v3::Response::new(room_id, vec![services.settings.server_name.clone()])))
 }
@@ -473,24 +477,59 @@ pub async fn public_rooms(
     State(services): State<Arc<Services>>,
     req: Ruma<get_public_rooms::v3::Request>,
 ) -> Result<RumaResponse<get_public_rooms::v3::Response>> {
-    let chunk = services.public_room_chunks(None).await?;
-    let limit = req.body.limit.map(|l| usize::try_from(u64::from(l)).unwrap_or(usize::MAX)).unwrap_or(usize::MAX);
-    let start: usize = req.body.since.as_deref().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let total = chunk.len();
-    let page: Vec<PublicRoomsChunk> = chunk.into_iter().skip(start).take(limit).collect();
-    let mut response = get_public_rooms::v3::Response::new(Vec::new());
-    if start + page.len() < total {
-        response.next_batch = Some((start + page.len()).to_string());
+    if let Some(server) = req.body.server.as_ref().filter(|s| **s != services.settings.server_name) {
+        // Another server's directory: ask it.
+        use ruma::api::federation::directory::get_public_rooms::v1 as remote;
+        let mut request = remote::Request::new();
+        request.limit = req.body.limit;
+        request.since = req.body.since.clone();
+        let answer = services.send_federation(server, request).await?;
+        let mut response = get_public_rooms::v3::Response::new(answer.chunk);
+        response.next_batch = answer.next_batch;
+        response.prev_batch = answer.prev_batch;
+        response.total_room_count_estimate = answer.total_room_count_estimate;
+        return Ok(RumaResponse(response));
     }
-    if start > 0 {
-        response.prev_batch = Some(start.saturating_sub(limit).to_string());
-    }
-    response.total_room_count_estimate = ruma::UInt::new(total as u64);
-    response.chunk = page;
+    let page = services.public_rooms_page(None, req.body.limit, req.body.since.as_deref()).await?;
+    let mut response = get_public_rooms::v3::Response::new(page.chunk);
+    response.next_batch = page.next_batch;
+    response.prev_batch = page.prev_batch;
+    response.total_room_count_estimate = Some(page.total);
     Ok(RumaResponse(response))
 }
 
+/// One page of this server's public room directory.
+pub struct PublicRoomsPage {
+    pub chunk: Vec<PublicRoomsChunk>,
+    pub next_batch: Option<String>,
+    pub prev_batch: Option<String>,
+    pub total: ruma::UInt,
+}
+
 impl Services {
+    /// A page of public rooms (`since` is the offset of the page's first room), for clients
+    /// and for other servers.
+    pub async fn public_rooms_page(
+        &self,
+        search: Option<&str>,
+        limit: Option<ruma::UInt>,
+        since: Option<&str>,
+    ) -> Result<PublicRoomsPage> {
+        let chunk = self.public_room_chunks(search).await?;
+        let limit = limit.map(|l| usize::try_from(u64::from(l)).unwrap_or(usize::MAX)).unwrap_or(usize::MAX);
+        let start: usize = since.and_then(|s| s.parse().ok()).unwrap_or(0);
+        let total = chunk.len();
+        let page: Vec<PublicRoomsChunk> = chunk.into_iter().skip(start).take(limit).collect();
+        let next_batch = (start + page.len() < total).then(|| (start + page.len()).to_string());
+        let prev_batch = (start > 0).then(|| start.saturating_sub(limit).to_string());
+        Ok(PublicRoomsPage {
+            chunk: page,
+            next_batch,
+            prev_batch,
+            total: ruma::UInt::new(total as u64).unwrap_or_default(),
+        })
+    }
+
     /// Public rooms on this server, filtered by a search term.
     pub async fn public_room_chunks(&self, search: Option<&str>) -> Result<Vec<PublicRoomsChunk>> {
         let mut out = Vec::new();

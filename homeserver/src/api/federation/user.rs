@@ -1,0 +1,71 @@
+//! Other servers asking for our users' end-to-end encryption keys: device keys with the
+//! cross-signing keys others may see (`user/keys/query`) and one-time keys (`user/keys/claim`).
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use axum::extract::State;
+use ruma::{
+    OwnedDeviceId,
+    api::federation::keys::{claim_keys, get_keys},
+};
+
+use crate::{
+    api::ruma::{Ruma, RumaResponse},
+    error::{Error, Result},
+    service::{Services, events::to_raw},
+};
+
+/// Most users one request may ask about.
+const MAX_USERS: usize = 1000;
+
+pub async fn keys_query(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_keys::v1::Request>,
+) -> Result<RumaResponse<get_keys::v1::Response>> {
+    if req.body.device_keys.len() > MAX_USERS {
+        return Err(Error::InvalidParam(format!("at most {MAX_USERS} users per request")));
+    }
+    let mut response = get_keys::v1::Response::new(BTreeMap::new());
+    for (target, devices) in &req.body.device_keys {
+        // Only our own users; another server's are not ours to answer for.
+        if target.server_name() != services.settings.server_name {
+            continue;
+        }
+        let only: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
+        let mut keys = BTreeMap::new();
+        for (device_id, value) in services.query_device_keys(target.as_str(), &only).await? {
+            keys.insert(OwnedDeviceId::from(device_id), to_raw(&value)?);
+        }
+        response.device_keys.insert(target.clone(), keys);
+        // The user-signing key stays private to its owner (never sent over federation).
+        if let Some(master) = services.cross_signing_key(target.as_str(), "master").await? {
+            response.master_keys.insert(target.clone(), to_raw(&master)?);
+        }
+        if let Some(key) = services.cross_signing_key(target.as_str(), "self_signing").await? {
+            response.self_signing_keys.insert(target.clone(), to_raw(&key)?);
+        }
+    }
+    Ok(RumaResponse(response))
+}
+
+pub async fn keys_claim(
+    State(services): State<Arc<Services>>,
+    req: Ruma<claim_keys::v1::Request>,
+) -> Result<RumaResponse<claim_keys::v1::Response>> {
+    let mut wanted = Vec::new();
+    for (user_id, devices) in &req.body.one_time_keys {
+        if user_id.server_name() != services.settings.server_name {
+            continue;
+        }
+        for (device_id, algorithm) in devices {
+            wanted.push((user_id.to_string(), device_id.to_string(), algorithm.to_string()));
+        }
+    }
+    if wanted.len() > MAX_USERS * 10 {
+        return Err(Error::InvalidParam("too many devices in one claim".to_owned()));
+    }
+    let claimed = services.claim_keys(wanted).await?;
+    let value = serde_json::to_value(&claimed).map_err(|e| Error::internal(e.to_string()))?;
+    let one_time_keys = serde_json::from_value(value).map_err(|e| Error::internal(format!("claimed keys: {e}")))?;
+    Ok(RumaResponse(claim_keys::v1::Response::new(one_time_keys)))
+}

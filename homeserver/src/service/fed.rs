@@ -1,0 +1,204 @@
+//! Federation plumbing shared by every federation feature: this server's key document, other
+//! servers' keys (cached in the database, fetched from the origin when unknown or stale),
+//! the notary answer, X-Matrix verification of incoming requests, and the outbound client.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use federation::{
+    client::{ClientError, ClientOptions, FederationClient, OutboundAuth},
+    keys::{VerifiedKeys, notarize, own_key_document, verify_key_document},
+    xmatrix,
+};
+use ruma::{
+    CanonicalJsonObject, MilliSecondsSinceUnixEpoch, OwnedServerName, ServerName,
+    api::{
+        OutgoingRequest,
+        federation::discovery::{ServerSigningKeys, get_server_keys},
+        path_builder::SinglePath,
+    },
+    serde::Raw,
+};
+
+use super::Services;
+use crate::{
+    config::FederationSettings,
+    error::{Error, Result},
+    store::{NewServerKeys, now_ms},
+};
+
+/// A server that just failed to give us a key is not asked again for this long (a request
+/// naming an unknown key id must not make us hammer its origin).
+const REFETCH_BACKOFF: Duration = Duration::from_secs(30);
+/// Most servers remembered in that backoff table (bounded memory).
+const BACKOFF_CAPACITY: usize = 10_000;
+
+/// The federation side of [`Services`].
+pub struct Federation {
+    pub client: FederationClient,
+    last_fetch: Mutex<HashMap<OwnedServerName, Instant>>,
+}
+
+impl Federation {
+    pub fn new(server_name: OwnedServerName, settings: &FederationSettings) -> Result<Self, ClientError> {
+        let options = ClientOptions {
+            verify_certificates: settings.verify_certificates,
+            allow_private_targets: settings.allow_private_targets,
+            ..ClientOptions::default()
+        };
+        Ok(Self { client: FederationClient::new(server_name, options)?, last_fetch: Mutex::new(HashMap::new()) })
+    }
+
+    /// Whether a fetch from `server` may go out now; records the attempt.
+    fn may_fetch(&self, server: &ServerName) -> bool {
+        let mut table = self.last_fetch.lock().unwrap_or_else(|e| e.into_inner());
+        if table.get(server).is_some_and(|at| at.elapsed() < REFETCH_BACKOFF) {
+            return false;
+        }
+        if table.len() >= BACKOFF_CAPACITY {
+            table.retain(|_, at| at.elapsed() < REFETCH_BACKOFF);
+        }
+        table.insert(server.to_owned(), Instant::now());
+        true
+    }
+}
+
+impl Services {
+    /// This server's signed key document (`GET /_matrix/key/v2/server`).
+    pub fn own_key_document(&self) -> Result<Raw<ServerSigningKeys>> {
+        own_key_document(&self.settings.server_name, &self.signing_key, MilliSecondsSinceUnixEpoch::now())
+            .map_err(|e| Error::internal(e.to_string()))
+    }
+
+    /// Sends a federation request (signed when the endpoint requires it).
+    pub async fn send_federation<R>(&self, destination: &ServerName, request: R) -> Result<R::IncomingResponse>
+    where
+        R: OutgoingRequest<PathBuilder = SinglePath>,
+        R::Authentication: OutboundAuth,
+    {
+        if destination == self.settings.server_name {
+            return Err(Error::internal("a federation request to ourselves"));
+        }
+        self.fed.client.send(&self.signing_key, destination, request).await.map_err(|e| {
+            tracing::info!(%destination, error = %e, "federation request failed");
+            match e.status() {
+                Some(404) => Error::NotFound(format!("{destination} does not know it")),
+                Some(403) => Error::Forbidden(format!("{destination} refused the request")),
+                _ => Error::RemoteUnavailable(e.to_string()),
+            }
+        })
+    }
+
+    /// Fetches `server`'s key document from the server itself, checks it and caches it.
+    pub async fn fetch_server_keys(&self, server: &ServerName) -> Result<VerifiedKeys> {
+        let response = self.send_federation(server, get_server_keys::v2::Request::new()).await?;
+        let verified = verify_key_document(server, &response.server_key)
+            .map_err(|e| Error::RemoteUnavailable(format!("{server} sent bad keys: {e}")))?;
+        self.cache_server_keys(&verified).await?;
+        Ok(verified)
+    }
+
+    async fn cache_server_keys(&self, keys: &VerifiedKeys) -> Result<()> {
+        let key_json = serde_json::to_string(&keys.document).map_err(|e| Error::internal(e.to_string()))?;
+        self.store
+            .store_server_keys(NewServerKeys {
+                server_name: keys.server_name.as_str(),
+                valid_until_ts: keys.valid_until_ts,
+                verify_keys: keys.verify_keys.iter().map(|(id, k)| (id.as_str(), k.as_str())).collect(),
+                old_verify_keys: keys
+                    .old_verify_keys
+                    .iter()
+                    .map(|(id, (k, expired))| (id.as_str(), k.as_str(), *expired))
+                    .collect(),
+                key_json: &key_json,
+                now: now_ms(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The public key (unpadded base64) `server` signs with under `key_id`, valid at
+    /// `at_ms`: from the cache while it is valid, else fetched from the server.
+    pub async fn server_public_key(&self, server: &ServerName, key_id: &str, at_ms: i64) -> Result<String> {
+        if server == self.settings.server_name {
+            if key_id == self.signing_key.key_id() {
+                return Ok(self.signing_key.public_key_base64());
+            }
+            return Err(Error::Unauthorized(format!("{key_id} is not a key of this server")));
+        }
+        let usable = |row: &crate::store::ServerKeyRow| match row.expired_ts {
+            Some(expired) => at_ms < expired,
+            None => at_ms <= row.valid_until_ts,
+        };
+        let cached = self.store.server_key(server.as_str(), key_id).await?;
+        if let Some(row) = &cached
+            && usable(row)
+        {
+            return Ok(row.public_key.clone());
+        }
+        if self.fed.may_fetch(server) {
+            match self.fetch_server_keys(server).await {
+                Ok(keys) => {
+                    if let Some(key) = keys.verify_keys.get(key_id)
+                        && at_ms <= keys.valid_until_ts
+                    {
+                        return Ok(key.clone());
+                    }
+                    if let Some((key, expired)) = keys.old_verify_keys.get(key_id)
+                        && at_ms < *expired
+                    {
+                        return Ok(key.clone());
+                    }
+                }
+                Err(e) => tracing::info!(%server, error = %e, "cannot fetch server keys"),
+            }
+        }
+        Err(Error::Unauthorized(format!("no valid key {key_id} of {server} is known")))
+    }
+
+    /// Verifies the X-Matrix authorization of an incoming federation request whose body is
+    /// `request`'s; returns the origin server.
+    pub async fn verify_federation_request(&self, request: &http::Request<&[u8]>) -> Result<OwnedServerName> {
+        let header = xmatrix::parse_header(request.headers()).map_err(|e| Error::Unauthorized(e.to_string()))?;
+        if header.origin == self.settings.server_name {
+            return Err(Error::Unauthorized("requests from ourselves are not accepted".to_owned()));
+        }
+        let public_key = self.server_public_key(&header.origin, header.key.as_str(), now_ms()).await?;
+        xmatrix::verify_request(&header, request, &self.settings.server_name, &public_key)
+            .map_err(|e| Error::Unauthorized(e.to_string()))
+    }
+
+    /// The notary answer for `server`: our own document, or the origin's document (refreshed
+    /// when the cached one expires before `minimum_valid_until_ms`) with our signature added.
+    pub async fn notary_keys(
+        &self,
+        server: &ServerName,
+        minimum_valid_until_ms: i64,
+    ) -> Result<Vec<Raw<ServerSigningKeys>>> {
+        if server == self.settings.server_name {
+            return Ok(vec![self.own_key_document()?]);
+        }
+        let cached = self.store.server_keys(server.as_str()).await?;
+        let fresh = cached.iter().find(|row| row.expired_ts.is_none() && row.valid_until_ts >= minimum_valid_until_ms);
+        let document: CanonicalJsonObject = match fresh {
+            Some(row) => serde_json::from_str(&row.key_json).map_err(|e| Error::internal(e.to_string()))?,
+            None => match self.fetch_server_keys(server).await {
+                Ok(keys) => keys.document,
+                // Unreachable servers are simply absent from the answer, as the spec says.
+                Err(e) => {
+                    tracing::info!(%server, error = %e, "notary cannot fetch keys");
+                    match cached.first() {
+                        Some(row) => serde_json::from_str(&row.key_json).map_err(|e| Error::internal(e.to_string()))?,
+                        None => return Ok(Vec::new()),
+                    }
+                }
+            },
+        };
+        let signed = notarize(&document, &self.settings.server_name, &self.signing_key)
+            .map_err(|e| Error::internal(e.to_string()))?;
+        Ok(vec![signed])
+    }
+}

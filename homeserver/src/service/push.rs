@@ -105,10 +105,11 @@ impl Services {
 impl Services {
     /// The room's current power levels as the push rules see them: who may notify the whole
     /// room (`notifications.room`), with the room version's creator privileges.
+    /// Read through the room cache: only called from the append path, under the room lock.
     async fn push_power_levels(&self, room_id: &RoomId) -> Result<Option<PushConditionPowerLevelsCtx>> {
         let version = self.room_version(room_id.as_str()).await?;
         let Ok(rules) = federation::pdu::room_version_rules(&version) else { return Ok(None) };
-        let Some(create) = self.store.current_state_event(room_id.as_str(), "m.room.create", "").await? else {
+        let Some(create) = self.cached_state_event(room_id, "m.room.create", "").await? else {
             return Ok(None);
         };
         let create: JsonValue = serde_json::from_str(&create.json).unwrap_or_default();
@@ -117,7 +118,7 @@ impl Services {
             .chain(create["content"]["additional_creators"].as_array().into_iter().flatten())
             .filter_map(|v| v.as_str().and_then(|s| UserId::parse(s).ok()))
             .collect();
-        let source = match self.store.current_state_event(room_id.as_str(), "m.room.power_levels", "").await? {
+        let source = match self.cached_state_event(room_id, "m.room.power_levels", "").await? {
             Some(row) => {
                 let event: JsonValue = serde_json::from_str(&row.json).unwrap_or_default();
                 match serde_json::from_value::<RoomPowerLevelsEventContent>(event["content"].clone()) {

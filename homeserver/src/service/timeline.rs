@@ -111,7 +111,12 @@ impl Services {
 
     /// A current state event, through the room cache. Only for the append path, under the
     /// room lock, which keeps the cache exact.
-    async fn cached_state_event(&self, room_id: &RoomId, kind: &str, key: &str) -> Result<Option<Arc<EventRow>>> {
+    pub(crate) async fn cached_state_event(
+        &self,
+        room_id: &RoomId,
+        kind: &str,
+        key: &str,
+    ) -> Result<Option<Arc<EventRow>>> {
         let cache_key = (kind.to_owned(), key.to_owned());
         if let Some(hit) = self.room_cache.with(room_id, |c| c.state.get(&cache_key).cloned()) {
             return Ok(hit);

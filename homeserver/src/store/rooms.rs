@@ -32,6 +32,10 @@ pub struct EventRow {
     pub txn_id: Option<String>,
 }
 
+/// Three parameters a row (plus four shared); SQLite allows 32766 parameters in a statement,
+/// PostgreSQL 65535.
+const PUSH_ACTION_ROWS_PER_STATEMENT: usize = 500;
+
 const EVENT_COLUMNS: &str = "stream_ordering, event_id, room_id, depth, type, state_key, sender, origin_server_ts, json, prev_state_event_id, redacted_by, txn_user, txn_device, txn_id";
 
 pub(super) fn event_row(r: &AnyRow) -> Result<EventRow, sqlx::Error> {
@@ -255,20 +259,30 @@ impl Store {
             };
             sqlx::query(sql).bind(ev.event_id).bind(ev.room_id).bind(key).bind(value).execute(&mut *tx).await?;
         }
-        for (user, highlight, actions) in ev.push_actions {
-            sqlx::query(
-                "INSERT INTO event_push_actions (user_id, room_id, event_id, stream_ordering, highlight, actions, ts)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(user)
-            .bind(ev.room_id)
-            .bind(ev.event_id)
-            .bind(ev.stream_ordering)
-            .bind(i64::from(*highlight))
-            .bind(actions)
-            .bind(ev.origin_server_ts)
-            .execute(&mut *tx)
-            .await?;
+        // One statement per chunk of recipients, not one per recipient: a message to a room
+        // of 200 wrote 200 statements inside the room's write transaction.
+        for chunk in ev.push_actions.chunks(PUSH_ACTION_ROWS_PER_STATEMENT) {
+            // Numbered placeholders written out: sqlx's QueryBuilder for `Any` writes `?`,
+            // which PostgreSQL does not accept. Only placeholders go into the text.
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let p = i * 3;
+                    format!("(${}, $1, $2, $3, ${}, ${}, $4)", p + 5, p + 6, p + 7)
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO event_push_actions (user_id, room_id, event_id, stream_ordering, highlight, actions, ts) VALUES {}",
+                rows.join(", ")
+            );
+            let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(ev.room_id)
+                .bind(ev.event_id)
+                .bind(ev.stream_ordering)
+                .bind(ev.origin_server_ts);
+            for (user, highlight, actions) in chunk {
+                insert = insert.bind(user.as_str()).bind(i64::from(*highlight)).bind(actions.as_str());
+            }
+            insert.execute(&mut *tx).await?;
         }
         if let Some(redacts) = ev.redacts {
             // A redacted message is no longer searchable.

@@ -111,6 +111,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let presence_expiry = tokio::spawn(expire_presence(services.clone()));
     let media_expiry = tokio::spawn(expire_media(services.clone()));
     let push_delivery = tokio::spawn(crate::service::push_gateway::run(services.clone()));
+    let federation_delivery = tokio::spawn(crate::service::send_queue::run(services.clone()));
     let app = api::router(services.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -128,6 +129,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     presence_expiry.abort();
     media_expiry.abort();
     push_delivery.abort();
+    federation_delivery.abort();
     services.store.close().await;
     tracing::info!("homeserver stopped");
     result.map_err(StartError::Serve)

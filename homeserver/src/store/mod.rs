@@ -9,6 +9,7 @@
 mod account_data;
 mod aggregations;
 mod devices;
+mod federation;
 mod keys;
 mod media;
 mod presence;
@@ -31,6 +32,7 @@ use sqlx::{
 
 pub use account_data::{AccountDataRow, ReceiptRow};
 pub use devices::{AccessTokenOwner, DeviceRow, NewDevice};
+pub use federation::{JoinedRoom, OutboxRow};
 pub use keys::{BackupVersionRow, NewToDevice, ToDeviceRow};
 pub use media::{MediaRow, MediaUsageRow, NewMedia, ThumbnailRow};
 pub use presence::PresenceRow;

@@ -86,6 +86,9 @@ pub struct AppendEvent<'a> {
     pub push_actions: &'a [(String, bool, String)],
     /// Searchable text: (`content.body` | `content.name` | `content.topic`, text).
     pub search_text: Option<(&'a str, &'a str)>,
+    /// Other servers this event must be sent to: queued in the same transaction, so an
+    /// acknowledged event is never lost for them.
+    pub destinations: &'a [String],
 }
 
 /// The result of an append.
@@ -135,6 +138,20 @@ impl Store {
     /// transaction id, in one transaction.
     pub async fn append_event(&self, ev: AppendEvent<'_>) -> Result<AppendOutcome, sqlx::Error> {
         let (_serialized, mut tx) = self.begin_write().await?;
+        let outcome = self.append_in_tx(&mut tx, &ev).await?;
+        if matches!(outcome, AppendOutcome::Appended { .. }) {
+            tx.commit().await?;
+        }
+        Ok(outcome)
+    }
+
+    /// The writes of [`Store::append_event`], inside the caller's transaction.
+    pub(super) async fn append_in_tx(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        ev: &AppendEvent<'_>,
+    ) -> Result<AppendOutcome, sqlx::Error> {
+        let tx: &mut sqlx::AnyConnection = tx;
         if let Some((user, device, txn_id)) = ev.txn {
             let existing =
                 sqlx::query("SELECT event_id FROM events WHERE txn_user = $1 AND txn_device = $2 AND txn_id = $3")
@@ -282,7 +299,14 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await?;
+        for destination in ev.destinations {
+            sqlx::query("INSERT INTO federation_outbox (destination, stream_ordering, event_id) VALUES ($1, $2, $3)")
+                .bind(destination)
+                .bind(ev.stream_ordering)
+                .bind(ev.event_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         Ok(AppendOutcome::Appended { prev_state })
     }
 

@@ -416,14 +416,28 @@ impl Services {
         }
     }
 
-    /// The room's current state (without `except`) and its auth chain, for send_join.
+    /// The room's state before `except` (the join, just appended) and the auth chain of both,
+    /// for send_join.
     pub async fn state_and_auth_chain(&self, room_id: &RoomId, except: &EventId) -> Result<JoinState> {
-        let state = self.store.current_state(room_id.as_str()).await?;
-        let state: Vec<_> = state.into_iter().filter(|row| row.event_id != except.as_str()).collect();
+        let mut state = Vec::new();
+        for row in self.store.current_state(room_id.as_str()).await? {
+            if row.event_id != except.as_str() {
+                state.push(row.json);
+            } else if let Some(before) = &row.prev_state_event_id
+                && let Some(previous) = self.store.event(before).await?
+            {
+                // The state before the join: the membership it replaced (an invite).
+                state.push(previous.json);
+            }
+        }
         let mut seen: HashSet<String> = HashSet::new();
         let mut frontier: Vec<String> = Vec::new();
-        for row in &state {
-            frontier.extend(auth_event_ids(&row.json));
+        for json in &state {
+            frontier.extend(auth_event_ids(json));
+        }
+        // The join's own auth events too (an invite it replaced is in no state any more).
+        for (_, _, json) in self.store.any_events_json(&[except.to_string()]).await? {
+            frontier.extend(auth_event_ids(&json));
         }
         let mut auth_chain = Vec::new();
         while !frontier.is_empty() {
@@ -433,7 +447,7 @@ impl Services {
                 auth_chain.push(raw(&json)?);
             }
         }
-        Ok(JoinState { state: state.iter().map(|row| raw(&row.json)).collect::<Result<_>>()?, auth_chain })
+        Ok(JoinState { state: state.iter().map(|json| raw(json)).collect::<Result<_>>()?, auth_chain })
     }
 
     /// An invite from another server for one of our users: checked, co-signed and stored so

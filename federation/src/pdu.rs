@@ -178,8 +178,8 @@ pub fn verify_received(
     object.remove("unsigned");
     let verified = verify_event(keys, &object, &rules).map_err(|e| PduError::BadSignature(e.to_string()))?;
     if verified == Verified::Signatures {
-        object = ruma::canonical_json::redact(object, &rules.redaction, None)
-            .map_err(|e| PduError::Json(e.to_string()))?;
+        object =
+            ruma::canonical_json::redact(object, &rules.redaction, None).map_err(|e| PduError::Json(e.to_string()))?;
     }
     let event_id = event_id_of(&object, version)?;
     Ok((event_id, object))

@@ -124,12 +124,14 @@ async fn join_public_room_and_talk_both_ways(backend: Backend) {
     let joined = join_via(&b, &bob, &room_id, &a.server_name).await;
     assert_eq!(joined.assert_ok()["room_id"], room_id.as_str());
     // B now has the room's state: the name, Alice's and Bob's memberships.
-    let name = b.get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", enc(&room_id)), Some(&bob.access_token)).await;
+    let name =
+        b.get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", enc(&room_id)), Some(&bob.access_token)).await;
     assert_eq!(name.assert_ok()["name"], "Across");
     // A learnt the join through send_join.
     eventually("bob's join on A", || async {
-        let resp =
-            a.get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room_id)), Some(&alice.access_token)).await;
+        let resp = a
+            .get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room_id)), Some(&alice.access_token))
+            .await;
         resp.assert_ok()["joined"].get(&bob.user_id).is_some()
     })
     .await;
@@ -173,8 +175,9 @@ async fn join_public_room_and_talk_both_ways(backend: Backend) {
         .await
         .assert_ok();
     eventually("bob's leave on A", || async {
-        let resp =
-            a.get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room_id)), Some(&alice.access_token)).await;
+        let resp = a
+            .get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room_id)), Some(&alice.access_token))
+            .await;
         resp.assert_ok()["joined"].get(&bob.user_id).is_none()
     })
     .await;
@@ -201,17 +204,27 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
 
     // Alice raises Bob to 50 and Bob may then set the topic; both servers agree on the state.
     let pl = a
-        .get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room_id)), Some(&alice.access_token))
+        .get(
+            &format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room_id)),
+            Some(&alice.access_token),
+        )
         .await;
     let mut pl = pl.assert_ok().clone();
     pl["users"][&bob.user_id] = json!(50);
     pl["users"][&carol.user_id] = json!(0);
-    a.put(&format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room_id)), Some(&alice.access_token), pl)
-        .await
-        .assert_ok();
+    a.put(
+        &format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room_id)),
+        Some(&alice.access_token),
+        pl,
+    )
+    .await
+    .assert_ok();
     eventually("the power levels on B", || async {
         let resp = b
-            .get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room_id)), Some(&bob.access_token))
+            .get(
+                &format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room_id)),
+                Some(&bob.access_token),
+            )
             .await;
         resp.assert_ok()["users"][&bob.user_id] == 50
     })
@@ -224,8 +237,9 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
     .await
     .assert_ok();
     eventually("bob's topic on A", || async {
-        let resp =
-            a.get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)), Some(&alice.access_token)).await;
+        let resp = a
+            .get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)), Some(&alice.access_token))
+            .await;
         resp.status == 200 && resp.body["topic"] == "set by bob"
     })
     .await;
@@ -247,7 +261,9 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
     // Bob is out, B has no member left: the same state as A up to then.
     let on_a = state_ids(&a, &alice, &room_id).await;
     let kick = on_a.iter().find(|(t, k, _)| t == "m.room.member" && k == &bob.user_id).unwrap().2.clone();
-    let on_b = b.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room_id), enc(&kick)), Some(&bob.access_token)).await;
+    let on_b = b
+        .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room_id), enc(&kick)), Some(&bob.access_token))
+        .await;
     assert_eq!(on_b.assert_ok()["content"]["membership"], "leave");
 
     // The other way: Carol (B) creates a room and invites Alice (A), who joins through B and
@@ -260,8 +276,10 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
     .await;
     a.join(&alice, &room2).await.assert_ok();
     a.send_text(&alice, &room2, "thanks carol").await.assert_ok();
-    wait_for_timeline(&b, &carol, &room2, "alice's message", |events| bodies(events).contains(&"thanks carol".to_owned()))
-        .await;
+    wait_for_timeline(&b, &carol, &room2, "alice's message", |events| {
+        bodies(events).contains(&"thanks carol".to_owned())
+    })
+    .await;
 
     // An invite rejected from the invitee's server goes through make_leave / send_leave.
     let room3 = a.create_room(&alice, json!({"preset": "private_chat", "invite": [carol.user_id]})).await;
@@ -286,7 +304,8 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
 async fn send_transaction(target: &Server, origin: &Server, txn_id: &str, pdus: Vec<Value>) -> (u16, Value) {
     let url = format!("{}/_matrix/federation/v1/send/{txn_id}", target.federation_url.as_ref().unwrap());
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    let body = serde_json::to_vec(&json!({"origin": origin.server_name, "origin_server_ts": now, "pdus": pdus})).unwrap();
+    let body =
+        serde_json::to_vec(&json!({"origin": origin.server_name, "origin_server_ts": now, "pdus": pdus})).unwrap();
     let mut request = http::Request::put(&url).header("content-type", "application/json").body(body).unwrap();
     xmatrix::sign_request(
         &mut request,
@@ -337,23 +356,27 @@ async fn forged_events_are_refused(backend: Backend) {
     let (genuine_id, genuine) = sign_new_event(event("genuine"), &RoomVersionId::V12, &b_name, &real).unwrap();
 
     // The transaction itself is properly signed by B; the forged PDU inside is refused.
-    let (status, body) =
-        send_transaction(&a, &b, "forged-1", vec![serde_json::to_value(&forged).unwrap()]).await;
+    let (status, body) = send_transaction(&a, &b, "forged-1", vec![serde_json::to_value(&forged).unwrap()]).await;
     assert_eq!(status, 200, "{body}");
     let result = &body["pdus"][forged_id.as_str()];
     assert!(result["error"].is_string(), "the forged event is refused: {body}");
     let fetched = a
-        .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room_id), enc(forged_id.as_str())), Some(&alice.access_token))
+        .get(
+            &format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room_id), enc(forged_id.as_str())),
+            Some(&alice.access_token),
+        )
         .await;
     fetched.assert_error(404, "M_NOT_FOUND");
 
     // The same event with B's real signature is taken in and reaches Alice.
-    let (status, body) =
-        send_transaction(&a, &b, "genuine-1", vec![serde_json::to_value(&genuine).unwrap()]).await;
+    let (status, body) = send_transaction(&a, &b, "genuine-1", vec![serde_json::to_value(&genuine).unwrap()]).await;
     assert_eq!(status, 200, "{body}");
     assert!(body["pdus"][genuine_id.as_str()].get("error").is_none(), "{body}");
     let fetched = a
-        .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room_id), enc(genuine_id.as_str())), Some(&alice.access_token))
+        .get(
+            &format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room_id), enc(genuine_id.as_str())),
+            Some(&alice.access_token),
+        )
         .await;
     assert_eq!(fetched.assert_ok()["content"]["body"], "genuine");
     // A retried transaction id gets the first answer again.
@@ -370,7 +393,10 @@ async fn forged_events_are_refused(backend: Backend) {
     let (_, body) = send_transaction(&a, &b, "unauthorized-1", vec![serde_json::to_value(&bad).unwrap()]).await;
     assert!(body["pdus"][bad_id.as_str()]["error"].is_string(), "{body}");
     let pl = a
-        .get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room_id)), Some(&alice.access_token))
+        .get(
+            &format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room_id)),
+            Some(&alice.access_token),
+        )
         .await;
     assert!(pl.assert_ok()["users"].get(&bob.user_id).is_none());
 }
@@ -403,7 +429,58 @@ async fn stopped_peer_catches_up_in_order(backend: Backend) {
     assert_eq!(got, sent, "all messages, once each, in order");
 }
 
+async fn concurrent_state_changes_converge(backend: Backend) {
+    let a = federating(backend).await;
+    let mut b = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let bob = b.register("bob", "password-bob-1").await;
+    let room_id = a
+        .create_room(
+            &alice,
+            json!({"preset": "public_chat", "power_level_content_override": {"users": {(bob.user_id.as_str()): 50}}}),
+        )
+        .await;
+    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+
+    // While B is down Alice sets the topic; right after B is back Bob sets it too, before
+    // A's retry brings Alice's: two branches, each server receiving the other's change last.
+    assert!(b.terminate().await, "clean shutdown");
+    a.put(
+        &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)),
+        Some(&alice.access_token),
+        json!({"topic": "alice's"}),
+    )
+    .await
+    .assert_ok();
+    b.restart().await;
+    b.put(
+        &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)),
+        Some(&bob.access_token),
+        json!({"topic": "bob's"}),
+    )
+    .await
+    .assert_ok();
+    // Without state resolution each server would keep the change it received last.
+    eventually("the same state on both servers", || async {
+        let on_a = state_ids(&a, &alice, &room_id).await;
+        let on_b = state_ids(&b, &bob, &room_id).await;
+        on_a == on_b
+    })
+    .await;
+    let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id));
+    let on_a = a.get(&path, Some(&alice.access_token)).await.assert_ok()["topic"].clone();
+    let on_b = b.get(&path, Some(&bob.access_token)).await.assert_ok()["topic"].clone();
+    assert_eq!(on_a, on_b);
+    // Both messages of the graph still reach both timelines afterwards.
+    b.send_text(&bob, &room_id, "after the merge").await.assert_ok();
+    wait_for_timeline(&a, &alice, &room_id, "a message after the merge", |events| {
+        bodies(events).contains(&"after the merge".to_owned())
+    })
+    .await;
+}
+
 backend_tests!(
+    concurrent_state_changes_converge,
     join_public_room_and_talk_both_ways,
     invites_both_ways_power_levels_and_kick,
     forged_events_are_refused,

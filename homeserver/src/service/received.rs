@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use federation::{
     auth,
     pdu::{Pdu, room_version_rules, signing_keys_needed, verify_received},
+    state::resolve_states,
 };
 use ruma::{
     CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, ServerName, UInt,
@@ -15,6 +16,7 @@ use ruma::{
     events::StateEventType,
     serde::Base64,
     signatures::PublicKeyMap,
+    state_res::StateMap,
 };
 use serde_json::value::RawValue as RawJsonValue;
 
@@ -124,7 +126,13 @@ impl Services {
     /// Fetches the events between our forward extremities and `pdu` that we do not have
     /// (`get_missing_events`) and takes them in, oldest first. Best effort: what cannot be
     /// fetched leaves a gap in the graph, not a refused event.
-    async fn fetch_missing_prev_events(&self, origin: &ServerName, room_id: &RoomId, version: &RoomVersionId, pdu: &Pdu) {
+    async fn fetch_missing_prev_events(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        pdu: &Pdu,
+    ) {
         let ids: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
         let known = match self.store.any_events_json(&ids).await {
             Ok(rows) => rows.len(),
@@ -135,7 +143,8 @@ impl Services {
         }
         let Ok(extremities) = self.store.forward_extremities(room_id.as_str()).await else { return };
         let earliest = extremities.iter().filter_map(|(id, _)| EventId::parse(id.as_str()).ok()).collect();
-        let mut request = get_missing_events::v1::Request::new(room_id.to_owned(), earliest, vec![pdu.event_id.clone()]);
+        let mut request =
+            get_missing_events::v1::Request::new(room_id.to_owned(), earliest, vec![pdu.event_id.clone()]);
         request.limit = UInt::from(MISSING_EVENTS_LIMIT);
         let response = match self.send_federation(origin, request).await {
             Ok(r) => r,
@@ -162,7 +171,13 @@ impl Services {
     }
 
     /// Fetches (`/event`) the auth events of `pdu` we do not have and keeps them as outliers.
-    async fn fetch_missing_auth_events(&self, origin: &ServerName, room_id: &RoomId, version: &RoomVersionId, pdu: &Pdu) {
+    async fn fetch_missing_auth_events(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        pdu: &Pdu,
+    ) {
         let ids: Vec<String> = pdu.auth_events.iter().map(|id| id.to_string()).collect();
         let Ok(known) = self.store.any_events_json(&ids).await else { return };
         let known: HashSet<String> = known.into_iter().map(|(id, _, _)| id).collect();
@@ -172,7 +187,8 @@ impl Services {
             };
             match self.verify_pdu(&response.pdu, version).await {
                 Ok(event) if &event.event_id == id && event.pdu.room_id.as_deref() == Some(room_id) => {
-                    let _ = self.store.insert_outlier(id.as_str(), room_id.as_str(), &event.json, false, now_ms()).await;
+                    let _ =
+                        self.store.insert_outlier(id.as_str(), room_id.as_str(), &event.json, false, now_ms()).await;
                 }
                 Ok(_) => tracing::info!(%id, "a fetched auth event is not the one asked for"),
                 Err(e) => tracing::info!(%id, error = %e, "a fetched auth event did not verify"),
@@ -240,10 +256,95 @@ impl Services {
             self.store.insert_outlier(event.event_id.as_str(), room_id.as_str(), &event.json, true, now_ms()).await?;
             return Ok(Accepted::SoftFailed);
         }
+        let resolved_state =
+            if pdu.state_key.is_some() { self.resolve_if_forked(room_id, &version, pdu).await? } else { None };
         let destinations = if broadcast { self.destinations_for(room_id, pdu, Some(from)).await? } else { Vec::new() };
-        let built = BuiltEvent { event_id: event.event_id, object: event.object, json: event.json, pdu: event.pdu };
+        let built = BuiltEvent {
+            event_id: event.event_id,
+            object: event.object,
+            json: event.json,
+            pdu: event.pdu,
+            resolved_state,
+        };
         self.persist_event(room_id, built, None, &destinations).await?;
         Ok(Accepted::Appended)
+    }
+
+    /// A state event that did not see all our forward extremities joins two branches: the
+    /// new current state is what state resolution makes of our current state and the state
+    /// on its branch (the state as of its newest known prev event, plus itself). Returns the
+    /// current-state entries that change, or `None` when the event simply extends the graph.
+    /// Call under the room lock.
+    async fn resolve_if_forked(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        pdu: &Pdu,
+    ) -> Result<Option<Vec<crate::store::CurrentStateEntry>>> {
+        let extremities = self.cached_extremities(room_id).await?;
+        if extremities.iter().all(|(id, _)| pdu.prev_events.iter().any(|p| p.as_str() == id)) {
+            return Ok(None);
+        }
+        let current_rows = self.store.current_state(room_id.as_str()).await?;
+        let mut current: StateMap<OwnedEventId> = HashMap::new();
+        for row in &current_rows {
+            if let (Some(key), Ok(id)) = (&row.state_key, EventId::parse(row.event_id.as_str())) {
+                current.insert((row.event_type.as_str().into(), key.clone()), id);
+            }
+        }
+        // The state on the event's branch, rebuilt by undoing what came after its newest
+        // known prev event in our stream.
+        let prev_ids: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
+        let at = self.store.events_by_id(&prev_ids).await?.iter().map(|row| row.stream_ordering).max();
+        let Some(at) = at else { return Ok(None) };
+        let mut branch = current.clone();
+        for row in self.store.state_events_after(room_id.as_str(), at).await? {
+            let Some(key) = row.state_key.clone() else { continue };
+            let slot = (row.event_type.as_str().into(), key);
+            if branch.get(&slot).is_some_and(|id| id.as_str() == row.event_id) {
+                match row.prev_state_event_id.as_deref().and_then(|id| EventId::parse(id).ok()) {
+                    Some(previous) => branch.insert(slot, previous),
+                    None => branch.remove(&slot),
+                };
+            }
+        }
+        if let Some(key) = &pdu.state_key {
+            branch.insert((pdu.kind.to_string().into(), key.clone()), pdu.event_id.clone());
+        }
+        // Every event of both states and their auth chains.
+        let mut events: HashMap<OwnedEventId, Pdu> = HashMap::new();
+        events.insert(pdu.event_id.clone(), pdu.clone());
+        let mut frontier: Vec<String> = current.values().chain(branch.values()).map(|id| id.to_string()).collect();
+        frontier.extend(pdu.auth_events.iter().map(|id| id.to_string()));
+        while !frontier.is_empty() {
+            let batch: Vec<String> = frontier
+                .drain(..)
+                .filter(|id| EventId::parse(id.as_str()).is_ok_and(|id| !events.contains_key(&id)))
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            for (id, _, json) in self.store.any_events_json(&batch).await? {
+                let id = EventId::parse(id).map_err(|e| Error::internal(e.to_string()))?;
+                let event = Pdu::from_json(id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
+                frontier.extend(event.auth_events.iter().map(|a| a.to_string()));
+                events.insert(id, event);
+            }
+        }
+        let resolved = resolve_states(version, &[current.clone(), branch], &events)
+            .map_err(|e| Error::internal(format!("state resolution in {room_id}: {e}")))?;
+        let mut changes = Vec::new();
+        for (slot, id) in &resolved {
+            if current.get(slot) != Some(id) {
+                let membership = events
+                    .get(id)
+                    .filter(|e| e.kind == ruma::events::TimelineEventType::RoomMember)
+                    .and_then(|e| serde_json::from_str::<serde_json::Value>(e.content.get()).ok())
+                    .and_then(|c| c["membership"].as_str().map(str::to_owned));
+                changes.push((slot.0.to_string(), slot.1.clone(), id.to_string(), membership));
+            }
+        }
+        tracing::info!(%room_id, event_id = %pdu.event_id, changed = changes.len(), "resolved the state of two branches");
+        Ok(Some(changes))
     }
 
     /// Refuses `server` if the room's `m.room.server_acl` denies it.

@@ -8,11 +8,10 @@ use federation::{
     pdu::{Pdu, cosign_event, room_version_rules, sign_template},
 };
 use ruma::{
-    CanonicalJsonObject, EventId, OwnedEventId, OwnedServerName, OwnedUserId, RoomId, RoomVersionId,
-    ServerName, UserId,
+    CanonicalJsonObject, EventId, OwnedEventId, OwnedServerName, OwnedUserId, RoomId, RoomVersionId, ServerName,
+    UserId,
     api::federation::membership::{
-        RawStrippedState, create_invite, create_join_event, create_leave_event, prepare_join_event,
-        prepare_leave_event,
+        RawStrippedState, create_invite, create_join_event, create_leave_event, prepare_join_event, prepare_leave_event,
     },
     events::StateEventType,
 };
@@ -298,13 +297,25 @@ impl Services {
         let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
         let lock = self.room_lock(room_id);
         let _guard = lock.lock().await;
-        self.persist_event(room_id, BuiltEvent { event_id: event_id.clone(), object, json, pdu }, None, &[]).await?;
+        self.persist_event(
+            room_id,
+            BuiltEvent { event_id: event_id.clone(), object, json, pdu, resolved_state: None },
+            None,
+            &[],
+        )
+        .await?;
         Ok(event_id)
     }
 
     /// Invites a user of another server: their server co-signs the invite, then it is
     /// appended and sent to the room's other servers.
-    pub async fn invite_remote(&self, room_id: &RoomId, sender: &UserId, target: &UserId, content: JsonValue) -> Result<OwnedEventId> {
+    pub async fn invite_remote(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        target: &UserId,
+        content: JsonValue,
+    ) -> Result<OwnedEventId> {
         let version = self.room_version(room_id.as_str()).await?;
         let built = {
             let lock = self.room_lock(room_id);
@@ -324,7 +335,8 @@ impl Services {
         // hash without signatures) must not change.
         let object: CanonicalJsonObject = serde_json::from_str(response.event.get())
             .map_err(|e| Error::RemoteUnavailable(format!("bad invite answer: {e}")))?;
-        let answered_id = federation::pdu::event_id_of(&object, &version).map_err(|e| Error::RemoteUnavailable(e.to_string()))?;
+        let answered_id =
+            federation::pdu::event_id_of(&object, &version).map_err(|e| Error::RemoteUnavailable(e.to_string()))?;
         if answered_id != built.event_id {
             return Err(Error::RemoteUnavailable("the invited user's server changed the invite".to_owned()));
         }
@@ -506,7 +518,13 @@ impl Services {
             let lock = self.room_lock(room_id);
             let _guard = lock.lock().await;
             if self.store.any_events_json(&[event_id.to_string()]).await?.is_empty() {
-                let built = BuiltEvent { event_id: event.event_id, object: object.clone(), json, pdu: event.pdu };
+                let built = BuiltEvent {
+                    event_id: event.event_id,
+                    object: object.clone(),
+                    json,
+                    pdu: event.pdu,
+                    resolved_state: None,
+                };
                 self.persist_event(room_id, built, None, &[]).await?;
             }
         }
@@ -604,6 +622,7 @@ impl OwnedAppend {
             push_actions: &[],
             search_text: None,
             destinations: &[],
+            resolved_state: None,
         }
     }
 }

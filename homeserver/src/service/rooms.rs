@@ -198,7 +198,12 @@ impl Services {
     }
 
     /// Membership content with the member's profile (display name and avatar).
-    pub(crate) async fn member_content(&self, user: &UserId, membership: &str, reason: Option<&str>) -> Result<JsonValue> {
+    pub(crate) async fn member_content(
+        &self,
+        user: &UserId,
+        membership: &str,
+        reason: Option<&str>,
+    ) -> Result<JsonValue> {
         let mut content = Map::new();
         content.insert("membership".into(), JsonValue::from(membership));
         if (membership == "join" || membership == "invite")

@@ -16,8 +16,7 @@ use std::{
 };
 
 use ruma::{
-    MilliSecondsSinceUnixEpoch, OwnedTransactionId, ServerName,
-    api::federation::transactions::send_transaction_message,
+    MilliSecondsSinceUnixEpoch, OwnedTransactionId, ServerName, api::federation::transactions::send_transaction_message,
 };
 use serde_json::value::RawValue as RawJsonValue;
 

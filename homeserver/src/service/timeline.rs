@@ -127,7 +127,7 @@ impl Services {
     }
 
     /// The forward extremities, through the room cache (append path only, under the lock).
-    async fn cached_extremities(&self, room_id: &RoomId) -> Result<Vec<(String, i64)>> {
+    pub(crate) async fn cached_extremities(&self, room_id: &RoomId) -> Result<Vec<(String, i64)>> {
         if let Some(hit) = self.room_cache.with(room_id, |c| c.extremities.clone()) {
             return Ok(hit);
         }
@@ -188,6 +188,7 @@ impl Services {
                 push_actions: &[],
                 search_text: None,
                 destinations: &[],
+                resolved_state: None,
                 new_room: Some(NewRoom {
                     room_version: create.version.as_str(),
                     creator: sender.as_str(),
@@ -299,7 +300,7 @@ impl Services {
         }
         let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
         auth::authorize(&rules.authorization, &pdu, &current.events, &current.state).map_err(Error::Forbidden)?;
-        Ok(BuiltEvent { event_id, object, json, pdu })
+        Ok(BuiltEvent { event_id, object, json, pdu, resolved_state: None })
     }
 
     /// The current state events that would authorize `pdu` (its auth types, plus the create
@@ -376,7 +377,7 @@ impl Services {
         txn: Option<Txn<'_>>,
         destinations: &[String],
     ) -> Result<OwnedEventId> {
-        let BuiltEvent { event_id, object, json, pdu } = built;
+        let BuiltEvent { event_id, object, json, pdu, resolved_state } = built;
         let event_type = pdu.kind.to_string();
         let sender = pdu.sender.clone();
         let depth = i64::try_from(u64::from(pdu.depth)).unwrap_or(i64::MAX);
@@ -408,6 +409,7 @@ impl Services {
                 push_actions: &push_actions,
                 search_text: search_text.as_ref().map(|(k, v)| (*k, v.as_str())),
                 destinations,
+                resolved_state: resolved_state.as_deref(),
             })
             .await?;
         if let AppendOutcome::Appended { prev_state } = &outcome {
@@ -434,6 +436,16 @@ impl Services {
             };
             let notified = push_actions.iter().map(|(user, highlight, _)| (user.clone(), *highlight)).collect();
             self.room_cache.with(room_id, |c| c.appended(row, &prev_ids, notified));
+            if let Some(resolved) = &resolved_state {
+                // State resolution changed more than this event's key: the cached state and
+                // members are read again.
+                self.room_cache.invalidate(room_id);
+                for (kind, key, _, _) in resolved {
+                    if kind == "m.room.member" {
+                        self.user_rooms.forget(key);
+                    }
+                }
+            }
         }
         let mut changes = vec![Change::room(room_id.to_owned(), Sections::TIMELINE)];
         if event_type == "m.room.member" {
@@ -479,6 +491,8 @@ pub(crate) struct BuiltEvent {
     pub object: ruma::CanonicalJsonObject,
     pub json: String,
     pub pdu: Pdu,
+    /// The current state after it, when state resolution decided it (see `AppendEvent`).
+    pub resolved_state: Option<Vec<crate::store::CurrentStateEntry>>,
 }
 
 /// Current state events that authorize an event.

@@ -38,7 +38,7 @@ pub use media::{MediaRow, MediaUsageRow, NewMedia, ThumbnailRow};
 pub use presence::PresenceRow;
 pub use pushers::{NewPusher, PendingPush, PusherRow};
 pub use registration_tokens::RegistrationTokenRow;
-pub use rooms::{AppendEvent, AppendOutcome, EventRow, NewRoom, RoomRow};
+pub use rooms::{AppendEvent, AppendOutcome, CurrentStateEntry, EventRow, NewRoom, RoomRow};
 pub use server_keys::{NewServerKeys, ServerKeyRow};
 pub use uiaa::UiaaSessionRow;
 pub use users::{CreateAccountOutcome, LogoutDevices, NewAccount, UserRow};

@@ -61,6 +61,9 @@ pub struct NewRoom<'a> {
     pub published: bool,
 }
 
+/// One entry of a room's current state: (type, state key, event id, membership).
+pub type CurrentStateEntry = (String, String, String, Option<String>);
+
 /// A signed event to append to its room.
 #[derive(Debug, Clone)]
 pub struct AppendEvent<'a> {
@@ -89,6 +92,9 @@ pub struct AppendEvent<'a> {
     /// Other servers this event must be sent to: queued in the same transaction, so an
     /// acknowledged event is never lost for them.
     pub destinations: &'a [String],
+    /// Where branches of the room met and state resolution decided the current state: these
+    /// (type, state key, event id, membership) entries replace the usual update by the event.
+    pub resolved_state: Option<&'a [CurrentStateEntry]>,
 }
 
 /// The result of an append.
@@ -187,6 +193,22 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
             prev_state = row.map(|r| r.try_get::<String, _>("event_id")).transpose()?;
+        }
+        if let Some(resolved) = ev.resolved_state {
+            for (kind, state_key, event_id, membership) in resolved {
+                sqlx::query(
+                    "INSERT INTO room_current_state (room_id, type, state_key, event_id, membership) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = $4, membership = $5",
+                )
+                .bind(ev.room_id)
+                .bind(kind)
+                .bind(state_key)
+                .bind(event_id)
+                .bind(membership.as_deref())
+                .execute(&mut *tx)
+                .await?;
+            }
+        } else if let Some(state_key) = ev.state_key {
             sqlx::query(
                 "INSERT INTO room_current_state (room_id, type, state_key, event_id, membership) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = $4, membership = $5",

@@ -479,7 +479,97 @@ async fn concurrent_state_changes_converge(backend: Backend) {
     .await;
 }
 
+/// GET on a federation listener, signed as `origin` with its real key.
+async fn fed_get(target: &Server, origin: &Server, path: &str) -> (u16, Value) {
+    let url = format!("{}{path}", target.federation_url.as_ref().unwrap());
+    let mut request = http::Request::get(&url).body(Vec::new()).unwrap();
+    xmatrix::sign_request(
+        &mut request,
+        &ServerName::parse(&origin.server_name).unwrap(),
+        &ServerName::parse(&target.server_name).unwrap(),
+        &signing_key_of(origin),
+    )
+    .unwrap();
+    let response = federation_http().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn history_before_the_join_and_server_acls(backend: Backend) {
+    let a = federating(backend).await;
+    let b = federating(backend).await;
+    let c = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let bob = b.register("bob", "password-bob-1").await;
+    let room_id = a.create_room(&alice, json!({"preset": "public_chat", "name": "History"})).await;
+    let old: Vec<String> = (0..5).map(|i| format!("old-{i}")).collect();
+    let mut old_ids = Vec::new();
+    for body in &old {
+        old_ids.push(a.send_text(&alice, &room_id, body).await.assert_ok()["event_id"].as_str().unwrap().to_owned());
+    }
+    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+
+    // Bob reads what was said before he joined, in order, from B (backfilled at the join).
+    let resp = b
+        .get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(&room_id)), Some(&bob.access_token))
+        .await;
+    let mut chunk: Vec<Value> = resp.assert_ok()["chunk"].as_array().unwrap().clone();
+    chunk.reverse();
+    let got: Vec<String> = bodies(&chunk).into_iter().filter(|b| b.starts_with("old-")).collect();
+    assert_eq!(got, old, "history before the join: {chunk:?}");
+    // And the state is the room's: the name, both members joined.
+    let name =
+        b.get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", enc(&room_id)), Some(&bob.access_token)).await;
+    assert_eq!(name.assert_ok()["name"], "History");
+
+    // The history endpoints, for a server with a user in the room.
+    let (status, body) = fed_get(&a, &b, &format!("/_matrix/federation/v1/event/{}", enc(&old_ids[2]))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["pdus"][0]["content"]["body"], "old-2");
+    let (status, body) =
+        fed_get(&a, &b, &format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room_id), enc(&old_ids[2])))
+            .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["pdu_ids"].as_array().unwrap().len() >= 5, "{body}");
+    assert!(!body["auth_chain_ids"].as_array().unwrap().is_empty(), "{body}");
+    let (status, body) =
+        fed_get(&a, &b, &format!("/_matrix/federation/v1/event_auth/{}/{}", enc(&room_id), enc(&old_ids[2]))).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["auth_chain"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.create"), "{body}");
+    let (status, body) =
+        fed_get(&a, &b, &format!("/_matrix/federation/v1/backfill/{}?v={}&limit=3", enc(&room_id), enc(&old_ids[4])))
+            .await;
+    assert_eq!(status, 200, "{body}");
+    let pdus: Vec<&str> =
+        body["pdus"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert_eq!(pdus, ["old-4", "old-3", "old-2"], "{body}");
+    // A server without users in the room may not read it.
+    let (status, body) = fed_get(&a, &c, &format!("/_matrix/federation/v1/event/{}", enc(&old_ids[2]))).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+
+    // A server ACL denying B: B's requests and events are refused from then on.
+    a.put(
+        &format!("/_matrix/client/v3/rooms/{}/state/m.room.server_acl/", enc(&room_id)),
+        Some(&alice.access_token),
+        json!({"allow": ["*"], "deny": ["localhost"], "allow_ip_literals": false}),
+    )
+    .await
+    .assert_ok();
+    let (status, body) = fed_get(&a, &b, &format!("/_matrix/federation/v1/event/{}", enc(&old_ids[2]))).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+    let denied = b.send_text(&bob, &room_id, "denied").await;
+    denied.assert_ok();
+    a.send_text(&alice, &room_id, "still talking").await.assert_ok();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let seen = wait_for_timeline(&a, &alice, &room_id, "alice's own message", |events| {
+        bodies(events).contains(&"still talking".to_owned())
+    })
+    .await;
+    assert!(!bodies(&seen).contains(&"denied".to_owned()), "an ACL-denied server's event was taken: {seen:?}");
+}
+
 backend_tests!(
+    history_before_the_join_and_server_acls,
     concurrent_state_changes_converge,
     join_public_room_and_talk_both_ways,
     invites_both_ways_power_levels_and_kick,

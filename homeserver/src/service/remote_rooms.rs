@@ -10,6 +10,7 @@ use federation::{
 use ruma::{
     CanonicalJsonObject, EventId, OwnedEventId, OwnedServerName, OwnedUserId, RoomId, RoomVersionId, ServerName,
     UserId,
+    api::federation::backfill::get_backfill,
     api::federation::membership::{
         RawStrippedState, create_invite, create_join_event, create_leave_event, prepare_join_event, prepare_leave_event,
     },
@@ -41,6 +42,9 @@ pub const JOINABLE_ROOM_VERSIONS: [RoomVersionId; 10] = [
     RoomVersionId::V11,
     RoomVersionId::V12,
 ];
+
+/// Events of history fetched with a join.
+const JOIN_HISTORY: u64 = 50;
 
 /// The state and auth chain answered to a send_join.
 pub struct JoinState {
@@ -122,12 +126,44 @@ impl Services {
         if join.event_id != event_id {
             return Err(Error::RemoteUnavailable(format!("{server} changed our join event")));
         }
-        self.persist_remote_join(room_id, &version, join, &state.state, &state.auth_chain).await?;
+        let history = self.fetch_history(server, room_id, &version, &join.pdu).await;
+        self.persist_remote_join(room_id, &version, join, &state.state, &state.auth_chain, history).await?;
         tracing::info!(%room_id, %user, %server, "joined a room on another server");
         Ok(event_id)
     }
 
-    /// Checks the state and auth chain of a send_join answer and stores the room.
+    /// The room's recent history before our join (`/backfill` from the server we joined
+    /// through), so the joining user sees what was said before. Best effort: events that do
+    /// not verify are left out, and a failed request leaves no history.
+    async fn fetch_history(
+        &self,
+        server: &ServerName,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        join: &Pdu,
+    ) -> Vec<VerifiedEvent> {
+        let limit = ruma::UInt::try_from(JOIN_HISTORY).unwrap_or_default();
+        let request = get_backfill::v1::Request::new(room_id.to_owned(), join.prev_events.clone(), limit);
+        let response = match self.send_federation(server, request).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(%room_id, %server, error = %e, "no history before the join");
+                return Vec::new();
+            }
+        };
+        let mut events = Vec::new();
+        for raw in &response.pdus {
+            match self.verify_pdu(raw, version).await {
+                Ok(event) if event.pdu.room_id.as_deref() == Some(room_id) => events.push(event),
+                Ok(_) => {}
+                Err(e) => tracing::info!(%room_id, error = %e, "dropped a backfilled event"),
+            }
+        }
+        events
+    }
+
+    /// Checks the state and auth chain of a send_join answer (and the history before the
+    /// join) and stores the room.
     async fn persist_remote_join(
         &self,
         room_id: &RoomId,
@@ -135,6 +171,7 @@ impl Services {
         join: VerifiedEvent,
         state: &[Box<RawJsonValue>],
         auth_chain: &[Box<RawJsonValue>],
+        history: Vec<VerifiedEvent>,
     ) -> Result<()> {
         let rules = room_version_rules(version).map_err(|e| Error::internal(e.to_string()))?;
         // Every event must verify; bad ones are dropped (and then cannot authorize anything).
@@ -150,6 +187,10 @@ impl Services {
                 }
                 Err(e) => tracing::info!(%room_id, error = %e, "dropped an event of the joined room's state"),
             }
+        }
+        let history_ids: HashSet<OwnedEventId> = history.iter().map(|e| e.event_id.clone()).collect();
+        for event in history {
+            events.entry(event.event_id.clone()).or_insert(event);
         }
         let pdus: HashMap<OwnedEventId, Pdu> = events.iter().map(|(id, e)| (id.clone(), e.pdu.clone())).collect();
         let create = pdus
@@ -194,11 +235,25 @@ impl Services {
         auth::authorize(&rules.authorization, &join.pdu, &all, &state_map)
             .map_err(|reason| Error::Forbidden(format!("the join is not allowed by the room's state: {reason}")))?;
 
-        // Store: the state as timeline events (oldest first), the rest of the auth chain as
-        // outliers, then the join.
-        let mut state_events: Vec<&VerifiedEvent> =
-            state_map.values().filter(|p| p.event_id != join.event_id).map(|p| &events[&p.event_id]).collect();
+        // Store: the state and the history as timeline events (oldest first), the rest of
+        // the auth chain as outliers, then the join, after which the current state is exactly
+        // the state the join was authorized by (whatever order the history came in).
+        let mut timeline_ids: HashSet<OwnedEventId> = state_map.values().map(|p| p.event_id.clone()).collect();
+        timeline_ids.extend(history_ids.into_iter().filter(|id| authorized.contains(id)));
+        timeline_ids.remove(&join.event_id);
+        let mut state_events: Vec<&VerifiedEvent> = timeline_ids.iter().map(|id| &events[id]).collect();
         state_events.sort_by_key(|e| (e.pdu.depth, e.pdu.origin_server_ts));
+        let mut resolved: Vec<crate::store::CurrentStateEntry> = state_map
+            .iter()
+            .map(|((kind, key), p)| (kind.to_string(), key.clone(), p.event_id.to_string(), membership_of(p)))
+            .collect();
+        resolved.retain(|(kind, key, _, _)| !(kind == "m.room.member" && key == join.pdu.sender.as_str()));
+        resolved.push((
+            "m.room.member".to_owned(),
+            join.pdu.sender.to_string(),
+            join.event_id.to_string(),
+            Some("join".to_owned()),
+        ));
         let in_state: HashSet<&OwnedEventId> = state_events.iter().map(|e| &e.event_id).collect();
         let outliers: Vec<(String, String)> = events
             .values()
@@ -221,7 +276,10 @@ impl Services {
                     creator: create.sender.as_str(),
                     outliers: &outliers,
                     state: appends,
-                    join: join_owned.as_append(room_id, join_position),
+                    join: AppendEvent {
+                        resolved_state: Some(&resolved),
+                        ..join_owned.as_append(room_id, join_position)
+                    },
                 },
                 now_ms(),
             )
@@ -557,6 +615,13 @@ impl Services {
     }
 }
 
+fn membership_of(pdu: &Pdu) -> Option<String> {
+    (pdu.kind == ruma::events::TimelineEventType::RoomMember)
+        .then(|| serde_json::from_str::<JsonValue>(pdu.content.get()).ok())
+        .flatten()
+        .and_then(|c| c["membership"].as_str().map(str::to_owned))
+}
+
 fn auth_event_ids(json: &str) -> Vec<String> {
     let value: JsonValue = serde_json::from_str(json).unwrap_or_default();
     value["auth_events"]
@@ -585,10 +650,7 @@ struct OwnedAppend {
 
 impl OwnedAppend {
     fn of(pdu: &Pdu, json: &str) -> Self {
-        let membership = (pdu.kind == ruma::events::TimelineEventType::RoomMember)
-            .then(|| serde_json::from_str::<JsonValue>(pdu.content.get()).ok())
-            .flatten()
-            .and_then(|c| c["membership"].as_str().map(str::to_owned));
+        let membership = membership_of(pdu);
         Self {
             event_id: pdu.event_id.to_string(),
             depth: i64::try_from(u64::from(pdu.depth)).unwrap_or(i64::MAX),
@@ -624,5 +686,123 @@ impl OwnedAppend {
             destinations: &[],
             resolved_state: None,
         }
+    }
+}
+
+/// Most events one backfill request returns.
+pub const MAX_BACKFILL: usize = 100;
+
+impl Services {
+    // ---- history and state for other servers ----
+
+    /// Whether `origin` may read the room: not denied by its ACL, and one of its users is (or
+    /// was) a member. A room we are not in is unknown here.
+    pub async fn require_server_may_read(&self, room_id: &RoomId, origin: &ServerName) -> Result<()> {
+        if self.store.room(room_id.as_str()).await?.is_none() || !self.server_in_room(room_id).await? {
+            return Err(Error::NotFound("This server is not in that room".to_owned()));
+        }
+        self.check_server_acl(room_id, origin).await?;
+        let members = self.store.current_state(room_id.as_str()).await?;
+        let known = members.iter().any(|row| {
+            row.event_type == "m.room.member"
+                && row
+                    .state_key
+                    .as_deref()
+                    .and_then(|k| UserId::parse(k).ok())
+                    .is_some_and(|u| u.server_name() == origin)
+        });
+        if known { Ok(()) } else { Err(Error::Forbidden("No user of your server is in that room".to_owned())) }
+    }
+
+    /// One event of a room `origin` may read (`/event`).
+    pub async fn event_for_server(&self, event_id: &EventId, origin: &ServerName) -> Result<Box<RawJsonValue>> {
+        let rows = self.store.any_events_json(&[event_id.to_string()]).await?;
+        let (_, room_id, json) = rows.into_iter().next().ok_or_else(|| Error::NotFound("Unknown event".to_owned()))?;
+        let room_id = RoomId::parse(room_id).map_err(|e| Error::internal(e.to_string()))?;
+        self.require_server_may_read(&room_id, origin).await?;
+        raw(&json)
+    }
+
+    /// The room's state before `event_id` (undoing, in stream order, the state changes from
+    /// that event on) and the auth chain of that state.
+    pub async fn state_before_event(&self, room_id: &RoomId, event_id: &EventId) -> Result<(Vec<String>, Vec<String>)> {
+        let event = self
+            .store
+            .event(event_id.as_str())
+            .await?
+            .filter(|row| row.room_id == room_id.as_str())
+            .ok_or_else(|| Error::NotFound("Unknown event".to_owned()))?;
+        let mut state: HashMap<(String, String), String> = HashMap::new();
+        for row in self.store.current_state(room_id.as_str()).await? {
+            if let Some(key) = row.state_key.clone() {
+                state.insert((row.event_type.clone(), key), row.event_id.clone());
+            }
+        }
+        for row in self.store.state_events_after(room_id.as_str(), event.stream_ordering - 1).await? {
+            let Some(key) = row.state_key.clone() else { continue };
+            let slot = (row.event_type.clone(), key);
+            if state.get(&slot).is_some_and(|id| *id == row.event_id) {
+                match &row.prev_state_event_id {
+                    Some(previous) => state.insert(slot, previous.clone()),
+                    None => state.remove(&slot),
+                };
+            }
+        }
+        let state_ids: Vec<String> = state.into_values().collect();
+        let chain = self.auth_chain_ids(room_id, &state_ids).await?;
+        Ok((state_ids, chain))
+    }
+
+    /// Every event reachable from `ids` through `auth_events` (without `ids` themselves), and
+    /// the room's create event, which room version 12 no longer lists as an auth event.
+    pub async fn auth_chain_ids(&self, room_id: &RoomId, ids: &[String]) -> Result<Vec<String>> {
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut chain = Vec::new();
+        let mut frontier: Vec<String> = Vec::new();
+        for (_, _, json) in self.store.any_events_json(ids).await? {
+            frontier.extend(auth_event_ids(&json));
+        }
+        while !frontier.is_empty() {
+            let batch: Vec<String> = frontier.drain(..).filter(|id| seen.insert(id.clone())).collect();
+            for (id, _, json) in self.store.any_events_json(&batch).await? {
+                frontier.extend(auth_event_ids(&json));
+                chain.push(id);
+            }
+        }
+        if let Some(create) = self.store.current_state_event(room_id.as_str(), "m.room.create", "").await?
+            && !chain.contains(&create.event_id)
+            && !ids.contains(&create.event_id)
+        {
+            chain.push(create.event_id);
+        }
+        Ok(chain)
+    }
+
+    /// The JSON of events by id (timeline or outliers), as raw values.
+    pub async fn events_raw(&self, ids: &[String]) -> Result<Vec<Box<RawJsonValue>>> {
+        self.store.any_events_json(ids).await?.iter().map(|(_, _, json)| raw(json)).collect()
+    }
+
+    /// `/backfill`: up to `limit` events of the room at and before the newest of `from`,
+    /// newest first.
+    pub async fn backfill_for_server(
+        &self,
+        room_id: &RoomId,
+        from: &[OwnedEventId],
+        limit: usize,
+    ) -> Result<Vec<Box<RawJsonValue>>> {
+        let ids: Vec<String> = from.iter().map(|id| id.to_string()).collect();
+        let newest = self
+            .store
+            .events_by_id(&ids)
+            .await?
+            .iter()
+            .filter(|row| row.room_id == room_id.as_str())
+            .map(|row| row.stream_ordering)
+            .max();
+        let Some(newest) = newest else { return Ok(Vec::new()) };
+        let limit = i64::try_from(limit.min(MAX_BACKFILL)).unwrap_or(1);
+        let rows = self.store.room_events(room_id.as_str(), i64::MIN, newest, limit, true).await?;
+        rows.iter().map(|row| raw(&row.json)).collect()
     }
 }

@@ -2,6 +2,7 @@
 //! parses the request and [`Ruma`] verifies its X-Matrix signature (for endpoints that
 //! require one) before anything here runs.
 
+mod events;
 mod keys;
 mod media;
 mod query;
@@ -23,7 +24,7 @@ use crate::{
 pub fn routes(mut r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     use super::ruma_route;
     use ruma::api::federation::{
-        authenticated_media as am, device, directory, discovery, keys as k, membership as m, query as q,
+        authenticated_media as am, device, directory, discovery, event as ev, keys as k, membership as m, query as q,
         transactions as t,
     };
     r = ruma_route::<get_server_version::v1::Request, _, _>(r, version);
@@ -45,6 +46,14 @@ pub fn routes(mut r: Router<Arc<Services>>) -> Router<Arc<Services>> {
     r = ruma_route::<m::create_leave_event::v2::Request, _, _>(r, rooms::send_leave);
     r = ruma_route::<m::create_invite::v2::Request, _, _>(r, rooms::invite);
     r = ruma_route::<t::send_transaction_message::v1::Request, _, _>(r, rooms::send_transaction);
+    r = ruma_route::<ev::get_event::v1::Request, _, _>(r, events::event);
+    r = ruma_route::<ev::get_room_state::v1::Request, _, _>(r, events::state);
+    r = ruma_route::<ev::get_room_state_ids::v1::Request, _, _>(r, events::state_ids);
+    r = ruma_route::<ruma::api::federation::authorization::get_event_authorization::v1::Request, _, _>(
+        r,
+        events::event_auth,
+    );
+    r = ruma_route::<ruma::api::federation::backfill::get_backfill::v1::Request, _, _>(r, events::backfill);
     // Older servers also ask for `/_matrix/key/v2/server/{key_id}`; the answer is the same.
     r.route("/_matrix/key/v2/server/{key_id}", axum::routing::get(keys::server_keys_by_id))
 }

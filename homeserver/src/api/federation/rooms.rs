@@ -19,7 +19,7 @@ use crate::{
 /// Most PDUs in one transaction (the spec's limit).
 const MAX_PDUS: usize = 50;
 
-fn origin<T>(req: &Ruma<T>) -> Result<ruma::OwnedServerName> {
+pub(super) fn origin<T>(req: &Ruma<T>) -> Result<ruma::OwnedServerName> {
     req.origin.clone().ok_or_else(|| Error::Unauthorized("The request is not signed".to_owned()))
 }
 

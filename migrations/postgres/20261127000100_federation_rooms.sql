@@ -1,12 +1,13 @@
 -- Rooms across servers.
 
--- The persistent send queue: events waiting for delivery to another server, in stream order.
--- Rows are written in the transaction that appends the event and deleted once the
--- destination accepted the transaction that carried them.
+-- The persistent send queue: events (PDUs, by id) and EDUs (their JSON) waiting for delivery
+-- to another server, in stream order. PDU rows are written in the transaction that appends
+-- the event; rows are deleted once the destination accepted the transaction carrying them.
 CREATE TABLE federation_outbox (
     destination      TEXT NOT NULL,
     stream_ordering  BIGINT NOT NULL,
-    event_id         TEXT NOT NULL,
+    event_id         TEXT,
+    edu              TEXT,
     PRIMARY KEY (destination, stream_ordering)
 );
 

@@ -568,7 +568,62 @@ async fn history_before_the_join_and_server_acls(backend: Backend) {
     assert!(!bodies(&seen).contains(&"denied".to_owned()), "an ACL-denied server's event was taken: {seen:?}");
 }
 
+/// Syncs until an ephemeral event of `kind` in the room satisfies `done` (or panics after 40 s).
+async fn wait_for_ephemeral(server: &Server, user: &User, room_id: &str, kind: &str, done: impl Fn(&Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut since: Option<String> = None;
+    loop {
+        let body = server.sync(user, since.as_deref(), 1000, None).await;
+        since = body["next_batch"].as_str().map(str::to_owned);
+        let found = body["rooms"]["join"][room_id]["ephemeral"]["events"]
+            .as_array()
+            .is_some_and(|events| events.iter().any(|e| e["type"] == kind && done(e)));
+        if found {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {kind} on {}", server.server_name);
+    }
+}
+
+async fn typing_and_receipts_across_servers(backend: Backend) {
+    let a = federating(backend).await;
+    let b = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let bob = b.register("bob", "password-bob-1").await;
+    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
+    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+
+    // Bob types on B; Alice sees it on A.
+    b.put(
+        &format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room_id), enc(&bob.user_id)),
+        Some(&bob.access_token),
+        json!({"typing": true, "timeout": 20000}),
+    )
+    .await
+    .assert_ok();
+    wait_for_ephemeral(&a, &alice, &room_id, "m.typing", |e| {
+        e["content"]["user_ids"].as_array().is_some_and(|u| u.iter().any(|u| u == bob.user_id.as_str()))
+    })
+    .await;
+
+    // Bob's message, read by Alice on A: B shows Alice's receipt.
+    let event_id = b.send_text(&bob, &room_id, "read me").await.assert_ok()["event_id"].as_str().unwrap().to_owned();
+    wait_for_timeline(&a, &alice, &room_id, "bob's message", |e| bodies(e).contains(&"read me".to_owned())).await;
+    a.post(
+        &format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room_id), enc(&event_id)),
+        Some(&alice.access_token),
+        json!({}),
+    )
+    .await
+    .assert_ok();
+    wait_for_ephemeral(&b, &bob, &room_id, "m.receipt", |e| {
+        e["content"][&event_id]["m.read"].get(&alice.user_id).is_some()
+    })
+    .await;
+}
+
 backend_tests!(
+    typing_and_receipts_across_servers,
     history_before_the_join_and_server_acls,
     concurrent_state_changes_converge,
     join_public_room_and_talk_both_ways,

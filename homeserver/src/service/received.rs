@@ -347,6 +347,59 @@ impl Services {
         Ok(Some(changes))
     }
 
+    /// One EDU of a `/send` transaction: typing notifications and read receipts of `origin`'s
+    /// users in rooms we share with them.
+    pub async fn receive_edu(&self, origin: &ServerName, edu: &serde_json::Value) -> Result<()> {
+        let content = &edu["content"];
+        match edu["edu_type"].as_str() {
+            Some("m.typing") => {
+                let room_id = RoomId::parse(content["room_id"].as_str().unwrap_or_default())
+                    .map_err(|e| Error::BadJson(e.to_string()))?;
+                let user = self.remote_member(origin, &room_id, content["user_id"].as_str()).await?;
+                // Other servers renew typing well within 30 s, as Synapse does.
+                let timeout = (content["typing"] == true).then_some(std::time::Duration::from_secs(30));
+                self.typing.set(&room_id, &user, timeout, || self.streams.bump_typing([&*room_id]));
+                Ok(())
+            }
+            Some("m.receipt") => {
+                let Some(rooms) = content.as_object() else { return Ok(()) };
+                for (room_id, receipts) in rooms {
+                    let room_id = RoomId::parse(room_id).map_err(|e| Error::BadJson(e.to_string()))?;
+                    let Some(users) = receipts["m.read"].as_object() else { continue };
+                    for (user, receipt) in users {
+                        let user = self.remote_member(origin, &room_id, Some(user)).await?;
+                        let Some(event_id) = receipt["event_ids"][0].as_str().and_then(|id| EventId::parse(id).ok())
+                        else {
+                            continue;
+                        };
+                        let thread = receipt["data"]["thread_id"].as_str().unwrap_or_default();
+                        self.set_receipt(&room_id, &user, "m.read", &event_id, thread).await?;
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A user of `origin` joined to a room we are in.
+    async fn remote_member(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        user: Option<&str>,
+    ) -> Result<ruma::OwnedUserId> {
+        let user = ruma::UserId::parse(user.unwrap_or_default()).map_err(|e| Error::BadJson(e.to_string()))?;
+        if user.server_name() != origin {
+            return Err(Error::Forbidden(format!("{user} is not a user of {origin}")));
+        }
+        self.check_server_acl(room_id, origin).await?;
+        if self.membership(room_id.as_str(), user.as_str()).await?.as_deref() != Some("join") {
+            return Err(Error::Forbidden(format!("{user} is not in {room_id}")));
+        }
+        Ok(user)
+    }
+
     /// Refuses `server` if the room's `m.room.server_acl` denies it.
     pub async fn check_server_acl(&self, room_id: &RoomId, server: &ServerName) -> Result<()> {
         let Some(row) = self.store.current_state_event(room_id.as_str(), "m.room.server_acl", "").await? else {

@@ -16,7 +16,8 @@ use std::{
 };
 
 use ruma::{
-    MilliSecondsSinceUnixEpoch, OwnedTransactionId, ServerName, api::federation::transactions::send_transaction_message,
+    MilliSecondsSinceUnixEpoch, OwnedTransactionId, ServerName,
+    api::federation::transactions::send_transaction_message, serde::Raw,
 };
 use serde_json::value::RawValue as RawJsonValue;
 
@@ -46,6 +47,32 @@ pub struct SendQueue {
     /// Destinations with a delivery task running.
     busy: Mutex<HashSet<String>>,
     backoff: Mutex<HashMap<String, Backoff>>,
+}
+
+impl Services {
+    /// Queues an EDU (`{"edu_type": ..., "content": ...}`) for the other servers in a room.
+    pub async fn send_edu_to_room(&self, room_id: &ruma::RoomId, edu: serde_json::Value) -> Result<()> {
+        let mut destinations: Vec<String> = self
+            .store
+            .room_members(room_id.as_str(), "join")
+            .await?
+            .iter()
+            .filter_map(|m| ruma::UserId::parse(m.as_str()).ok())
+            .map(|m| m.server_name().to_string())
+            .filter(|s| s != self.settings.server_name.as_str())
+            .collect();
+        destinations.sort();
+        destinations.dedup();
+        if destinations.is_empty() {
+            return Ok(());
+        }
+        // A position of its own keeps the EDU in order with the room's events.
+        let position = self.streams.allocate();
+        self.store.enqueue_edu(&destinations, position.position(), &edu.to_string()).await?;
+        position.commit_with(Vec::new());
+        self.send_queue.wake(&destinations);
+        Ok(())
+    }
 }
 
 impl SendQueue {
@@ -138,12 +165,20 @@ async fn deliver(services: &Services, destination: &str) -> Result<()> {
         // recognised by the destination.
         let txn_id = OwnedTransactionId::from(format!("obmin{}-{}", first.stream_ordering, last.stream_ordering));
         let upto = last.stream_ordering;
-        let mut pdus = Vec::with_capacity(batch.len());
+        let mut pdus = Vec::new();
+        let mut edus = Vec::new();
         for row in &batch {
-            pdus.push(
-                RawJsonValue::from_string(row.json.clone())
-                    .map_err(|e| Error::internal(format!("stored event {}: {e}", row.event_id)))?,
-            );
+            if let Some(json) = &row.pdu_json {
+                let id = row.event_id.as_deref().unwrap_or_default();
+                pdus.push(
+                    RawJsonValue::from_string(json.clone())
+                        .map_err(|e| Error::internal(format!("stored event {id}: {e}")))?,
+                );
+            } else if let Some(json) = &row.edu_json {
+                edus.push(Raw::from_json(
+                    RawJsonValue::from_string(json.clone()).map_err(|e| Error::internal(format!("queued EDU: {e}")))?,
+                ));
+            }
         }
         let mut request = send_transaction_message::v1::Request::new(
             txn_id,
@@ -151,6 +186,7 @@ async fn deliver(services: &Services, destination: &str) -> Result<()> {
             MilliSecondsSinceUnixEpoch::now(),
         );
         request.pdus = pdus;
+        request.edus = edus;
         let response = services.send_federation(&server, request).await?;
         for (event_id, result) in &response.pdus {
             if let Err(reason) = result {

@@ -5,12 +5,13 @@ use sqlx::Row;
 
 use super::{AppendEvent, AppendOutcome, Store};
 
-/// One queued event for a destination.
+/// One queued item for a destination: a PDU (its id and JSON) or an EDU (its JSON).
 #[derive(Debug, Clone)]
 pub struct OutboxRow {
     pub stream_ordering: i64,
-    pub event_id: String,
-    pub json: String,
+    pub event_id: Option<String>,
+    pub pdu_json: Option<String>,
+    pub edu_json: Option<String>,
 }
 
 /// A room joined through another server: the room row, its state and the join event.
@@ -136,7 +137,8 @@ impl Store {
     /// The oldest queued events for `destination`, at most `limit`.
     pub async fn outbox_batch(&self, destination: &str, limit: i64) -> Result<Vec<OutboxRow>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT o.stream_ordering, o.event_id, e.json FROM federation_outbox o JOIN events e ON e.event_id = o.event_id
+            "SELECT o.stream_ordering, o.event_id, e.json, o.edu FROM federation_outbox o
+             LEFT JOIN events e ON e.event_id = o.event_id
              WHERE o.destination = $1 ORDER BY o.stream_ordering LIMIT $2",
         )
         .bind(destination)
@@ -148,10 +150,25 @@ impl Store {
                 Ok(OutboxRow {
                     stream_ordering: r.try_get("stream_ordering")?,
                     event_id: r.try_get("event_id")?,
-                    json: r.try_get("json")?,
+                    pdu_json: r.try_get("json")?,
+                    edu_json: r.try_get("edu")?,
                 })
             })
             .collect()
+    }
+
+    /// Queues an EDU for `destinations` at stream position `position`.
+    pub async fn enqueue_edu(&self, destinations: &[String], position: i64, edu: &str) -> Result<(), sqlx::Error> {
+        let (_serialized, mut tx) = self.begin_write().await?;
+        for destination in destinations {
+            sqlx::query("INSERT INTO federation_outbox (destination, stream_ordering, edu) VALUES ($1, $2, $3)")
+                .bind(destination)
+                .bind(position)
+                .bind(edu)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await
     }
 
     /// Removes what `destination` accepted: everything queued up to `upto`.

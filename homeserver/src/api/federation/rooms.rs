@@ -119,6 +119,13 @@ pub async fn send_transaction(
             }
         }
     }
+    for edu in &b.edus {
+        // EDUs are best effort: a bad one is logged and skipped.
+        let edu: serde_json::Value = serde_json::from_str(edu.json().get()).unwrap_or_default();
+        if let Err(e) = services.receive_edu(&origin, &edu).await {
+            tracing::info!(%origin, edu_type = %edu["edu_type"], error = %e, "ignored a received EDU");
+        }
+    }
     let answer = serde_json::to_string(&results).map_err(|e| Error::internal(e.to_string()))?;
     services.store.store_received_txn(origin.as_str(), b.transaction_id.as_str(), &answer, now_ms()).await?;
     Ok(RumaResponse(send_transaction_message::v1::Response::new(results)))

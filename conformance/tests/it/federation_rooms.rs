@@ -622,7 +622,54 @@ async fn typing_and_receipts_across_servers(backend: Backend) {
     .await;
 }
 
+async fn to_device_and_device_lists_across_servers(backend: Backend) {
+    let a = federating(backend).await;
+    let b = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let bob = b.register("bob", "password-bob-1").await;
+    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
+    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    let since = a.sync(&alice, None, 0, None).await["next_batch"].as_str().unwrap().to_owned();
+
+    // Bob uploads device keys on B: A's sync lists him in device_lists.changed.
+    let (device, _) = super::federation::device_and_one_time_keys(&bob);
+    b.post("/_matrix/client/v3/keys/upload", Some(&bob.access_token), json!({"device_keys": device})).await.assert_ok();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut token = since;
+    loop {
+        let body = a.sync(&alice, Some(&token), 1000, None).await;
+        token = body["next_batch"].as_str().unwrap().to_owned();
+        if body["device_lists"]["changed"].as_array().is_some_and(|c| c.iter().any(|u| u == bob.user_id.as_str())) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bob's device change never reached A");
+    }
+
+    // Alice sends a to-device message to Bob's device on B.
+    a.put(
+        "/_matrix/client/v3/sendToDevice/m.test.ping/txn-1",
+        Some(&alice.access_token),
+        json!({"messages": {(bob.user_id.as_str()): {(bob.device_id.as_str()): {"hello": "bob"}}}}),
+    )
+    .await
+    .assert_ok();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut since: Option<String> = None;
+    loop {
+        let body = b.sync(&bob, since.as_deref(), 1000, None).await;
+        since = body["next_batch"].as_str().map(str::to_owned);
+        let events = body["to_device"]["events"].as_array().cloned().unwrap_or_default();
+        if let Some(event) = events.iter().find(|e| e["type"] == "m.test.ping") {
+            assert_eq!(event["sender"], alice.user_id.as_str());
+            assert_eq!(event["content"]["hello"], "bob");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the to-device message never reached B");
+    }
+}
+
 backend_tests!(
+    to_device_and_device_lists_across_servers,
     typing_and_receipts_across_servers,
     history_before_the_join_and_server_acls,
     concurrent_state_changes_converge,

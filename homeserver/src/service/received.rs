@@ -378,6 +378,40 @@ impl Services {
                 }
                 Ok(())
             }
+            Some("m.device_list_update") => {
+                let user = ruma::UserId::parse(content["user_id"].as_str().unwrap_or_default())
+                    .map_err(|e| Error::BadJson(e.to_string()))?;
+                if user.server_name() != origin {
+                    return Err(Error::Forbidden(format!("{user} is not a user of {origin}")));
+                }
+                // We do not keep other servers' device lists: local syncs learn that it
+                // changed and query the keys again (over federation).
+                if !self.rooms_of_user(user.as_str()).await?.is_empty() {
+                    self.announce_device_change(user.as_str()).await?;
+                }
+                Ok(())
+            }
+            Some("m.direct_to_device") => {
+                let sender = ruma::UserId::parse(content["sender"].as_str().unwrap_or_default())
+                    .map_err(|e| Error::BadJson(e.to_string()))?;
+                if sender.server_name() != origin {
+                    return Err(Error::Forbidden(format!("{sender} is not a user of {origin}")));
+                }
+                let event_type = content["type"].as_str().unwrap_or_default();
+                let message_id = content["message_id"].as_str().unwrap_or_default();
+                let mut messages = Vec::new();
+                for (user, devices) in content["messages"].as_object().into_iter().flatten() {
+                    let Ok(target) = ruma::UserId::parse(user.as_str()) else { continue };
+                    if target.server_name() != self.settings.server_name {
+                        continue;
+                    }
+                    for (device, message) in devices.as_object().into_iter().flatten() {
+                        messages.push((user.clone(), device.clone(), message.clone()));
+                    }
+                }
+                // The message id makes a retried EDU a duplicate, like a client's txn id.
+                self.send_to_device(&sender, &format!("federation:{origin}"), message_id, event_type, messages).await
+            }
             _ => Ok(()),
         }
     }

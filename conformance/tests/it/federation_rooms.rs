@@ -585,7 +585,7 @@ async fn wait_for_ephemeral(server: &Server, user: &User, room_id: &str, kind: &
     }
 }
 
-async fn typing_and_receipts_across_servers(backend: Backend) {
+async fn typing_receipts_and_presence_across_servers(backend: Backend) {
     let a = federating(backend).await;
     let b = federating(backend).await;
     let alice = a.register("alice", "password-alice-1").await;
@@ -618,6 +618,22 @@ async fn typing_and_receipts_across_servers(backend: Backend) {
     .assert_ok();
     wait_for_ephemeral(&b, &bob, &room_id, "m.receipt", |e| {
         e["content"][&event_id]["m.read"].get(&alice.user_id).is_some()
+    })
+    .await;
+
+    // Bob's presence with a status message reaches A.
+    b.put(
+        &format!("/_matrix/client/v3/presence/{}/status", enc(&bob.user_id)),
+        Some(&bob.access_token),
+        json!({"presence": "unavailable", "status_msg": "at lunch"}),
+    )
+    .await
+    .assert_ok();
+    eventually("bob's presence on A", || async {
+        let resp = a
+            .get(&format!("/_matrix/client/v3/presence/{}/status", enc(&bob.user_id)), Some(&alice.access_token))
+            .await;
+        resp.status == 200 && resp.body["presence"] == "unavailable" && resp.body["status_msg"] == "at lunch"
     })
     .await;
 }
@@ -670,7 +686,7 @@ async fn to_device_and_device_lists_across_servers(backend: Backend) {
 
 backend_tests!(
     to_device_and_device_lists_across_servers,
-    typing_and_receipts_across_servers,
+    typing_receipts_and_presence_across_servers,
     history_before_the_join_and_server_acls,
     concurrent_state_changes_converge,
     join_public_room_and_talk_both_ways,

@@ -378,6 +378,19 @@ impl Services {
                 }
                 Ok(())
             }
+            Some("m.presence") => {
+                for push in content["push"].as_array().into_iter().flatten() {
+                    let Ok(user) = ruma::UserId::parse(push["user_id"].as_str().unwrap_or_default()) else { continue };
+                    if user.server_name() != origin {
+                        continue;
+                    }
+                    let state = push["presence"].as_str().unwrap_or("offline");
+                    let status = push["status_msg"].as_str().map(str::to_owned);
+                    let ago = push["last_active_ago"].as_i64().unwrap_or(0);
+                    self.receive_remote_presence(&user, state, status, ago).await?;
+                }
+                Ok(())
+            }
             Some("m.device_list_update") => {
                 let user = ruma::UserId::parse(content["user_id"].as_str().unwrap_or_default())
                     .map_err(|e| Error::BadJson(e.to_string()))?;

@@ -145,8 +145,16 @@ async fn housekeeping(services: Arc<Services>) {
         if let Err(e) = services.store.expire_uiaa_sessions(cutoff).await {
             tracing::warn!(error = %e, "cannot expire UIA sessions");
         }
+        // Other servers retry a transaction for minutes, not days.
+        let cutoff = crate::store::now_ms() - RECEIVED_TXN_LIFETIME_MS;
+        if let Err(e) = services.store.forget_received_txns(cutoff).await {
+            tracing::warn!(error = %e, "cannot forget old federation transaction ids");
+        }
     }
 }
+
+/// How long a received federation transaction id is remembered.
+const RECEIVED_TXN_LIFETIME_MS: i64 = 24 * 3600 * 1000;
 
 /// Ends typing notifications whose timeout passed, so syncs see them stop.
 async fn expire_typing(services: Arc<Services>) {

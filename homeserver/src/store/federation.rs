@@ -192,6 +192,16 @@ impl Store {
         row.map(|r| r.try_get("response")).transpose()
     }
 
+    /// Forgets transaction ids received before `cutoff`.
+    pub async fn forget_received_txns(&self, cutoff: i64) -> Result<(), sqlx::Error> {
+        let (_serialized, mut tx) = self.begin_write().await?;
+        sqlx::query("DELETE FROM federation_received_txns WHERE received_ts < $1")
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+
     pub async fn store_received_txn(
         &self,
         origin: &str,

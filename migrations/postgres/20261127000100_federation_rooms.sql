@@ -31,3 +31,12 @@ CREATE TABLE federation_received_txns (
     received_ts  BIGINT NOT NULL,
     PRIMARY KEY (origin, txn_id)
 );
+
+-- The room state another server showed with an invite to one of our users (stripped events:
+-- type, state_key, sender, content), shown with the invite until the user joins.
+CREATE TABLE remote_invite_state (
+    room_id  TEXT NOT NULL,
+    user_id  TEXT NOT NULL,
+    events   TEXT NOT NULL,
+    PRIMARY KEY (room_id, user_id)
+);

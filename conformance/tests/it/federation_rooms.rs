@@ -191,12 +191,22 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
     let carol = b.register("carol", "password-carol-1").await;
 
     // Alice (A) invites Bob (B) to a private room; Bob sees the invite and joins.
-    let room_id = a.create_room(&alice, json!({"preset": "private_chat", "invite": [bob.user_id]})).await;
+    let room_id = a
+        .create_room(&alice, json!({"preset": "private_chat", "name": "Private across", "invite": [bob.user_id]}))
+        .await;
     eventually("the invite in bob's sync", || async {
         let body = b.sync(&bob, None, 0, None).await;
         body["rooms"]["invite"].get(&room_id).is_some()
     })
     .await;
+    // The invite shows what A told B about the room.
+    let body = b.sync(&bob, None, 0, None).await;
+    let invite_state = body["rooms"]["invite"][&room_id]["invite_state"]["events"].as_array().unwrap().clone();
+    assert!(
+        invite_state.iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Private across"),
+        "{invite_state:?}"
+    );
+    assert!(invite_state.iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == bob.user_id.as_str()));
     // Without an invite Carol cannot join the private room.
     let refused = join_via(&b, &carol, &room_id, &a.server_name).await;
     assert_eq!(refused.status.as_u16(), 403, "{}", refused.body);

@@ -572,6 +572,25 @@ impl Services {
                 .and_then(|e| e["sender"].as_str().map(str::to_owned))
                 .unwrap_or_else(|| pdu.sender.to_string());
             self.store.upsert_remote_room(room_id.as_str(), version.as_str(), &creator, now_ms()).await?;
+            // What the inviting server showed of the room (name, topic, ...), for the invite in
+            // the user's syncs: stripped to type, state key, sender and content.
+            let stripped: Vec<JsonValue> = invite_room_state
+                .iter()
+                .filter_map(|s| match s {
+                    RawStrippedState::Pdu(raw) => serde_json::from_str::<JsonValue>(raw.get()).ok(),
+                    #[allow(deprecated)]
+                    RawStrippedState::Stripped(raw) => serde_json::from_str::<JsonValue>(raw.json().get()).ok(),
+                    _ => None,
+                })
+                .filter(|e| e["type"].is_string() && e["state_key"].is_string())
+                .map(|e| {
+                    serde_json::json!({
+                        "type": e["type"], "state_key": e["state_key"], "sender": e["sender"], "content": e["content"],
+                    })
+                })
+                .collect();
+            let stripped = serde_json::to_string(&stripped).map_err(|e| Error::internal(e.to_string()))?;
+            self.store.set_remote_invite_state(room_id.as_str(), target.as_str(), &stripped).await?;
             self.room_cache.invalidate(room_id);
             let lock = self.room_lock(room_id);
             let _guard = lock.lock().await;

@@ -192,6 +192,31 @@ impl Store {
         row.map(|r| r.try_get("response")).transpose()
     }
 
+    /// Keeps the stripped state shown with an invite from another server.
+    pub async fn set_remote_invite_state(&self, room_id: &str, user_id: &str, events: &str) -> Result<(), sqlx::Error> {
+        let (_serialized, mut tx) = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO remote_invite_state (room_id, user_id, events) VALUES ($1, $2, $3)
+             ON CONFLICT (room_id, user_id) DO UPDATE SET events = $3",
+        )
+        .bind(room_id)
+        .bind(user_id)
+        .bind(events)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
+    /// The stripped state shown with an invite from another server (a JSON array).
+    pub async fn remote_invite_state(&self, room_id: &str, user_id: &str) -> Result<Option<String>, sqlx::Error> {
+        let row = sqlx::query("SELECT events FROM remote_invite_state WHERE room_id = $1 AND user_id = $2")
+            .bind(room_id)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| r.try_get("events")).transpose()
+    }
+
     /// Forgets transaction ids received before `cutoff`.
     pub async fn forget_received_txns(&self, cutoff: i64) -> Result<(), sqlx::Error> {
         let (_serialized, mut tx) = self.begin_write().await?;

@@ -448,3 +448,20 @@ impl Client {
 pub(crate) fn raw_json<T>(raw: &Raw<T>) -> Value {
     raw.deserialize_as_unchecked().unwrap_or(Value::Null)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut backoff = Backoff::new();
+        let delays: Vec<Duration> = (0..8).map(|_| backoff.next_delay()).collect();
+        assert!(delays[0] >= Backoff::FIRST && delays[0] <= Backoff::FIRST.mul_f64(1.2));
+        assert!(delays[1] >= Backoff::FIRST * 2);
+        assert!(delays.iter().all(|d| *d <= Backoff::MAX.mul_f64(1.2)));
+        assert!(delays[7] >= Backoff::MAX);
+        backoff.reset();
+        assert!(backoff.next_delay() <= Backoff::FIRST.mul_f64(1.2));
+    }
+}

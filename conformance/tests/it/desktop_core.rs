@@ -223,7 +223,8 @@ async fn history_is_readable_offline_and_the_sync_loop_reconnects(backend: Backe
         }
     }
     assert!(states.contains(&ConnectionState::Online), "{states:?}");
-    alice.client.send_text(&room, "after the outage").await.unwrap();
+    let after = alice.client.send_text(&room, "after the outage").await.unwrap();
+    alice.wait_for_state(&room, &after.key, SendState::Sent).await;
     let bob_again = App { client: reopened, dir: bob.dir };
     bob_again.wait_for_text(&room, "after the outage").await;
 }
@@ -511,11 +512,16 @@ async fn sas_emoji_verification_between_two_clients(backend: Backend) {
     })
     .await;
     assert_eq!(request.other_user, alice.user_id());
-    let mut announced = false;
-    while let Ok(update) = bob_updates.try_recv() {
-        announced |= matches!(update, Update::Verification { verification } if verification.id == id);
-    }
-    assert!(announced, "Bob's app was told about the request");
+    eventually("Bob's app told about the request", || {
+        let mut announced = None;
+        while let Ok(update) = bob_updates.try_recv() {
+            if matches!(&update, Update::Verification { verification } if verification.id == id) {
+                announced = Some(());
+            }
+        }
+        async move { announced }
+    })
+    .await;
     bob.client.accept_verification(&id).await.unwrap();
 
     let emoji = |app: &App| {

@@ -66,7 +66,10 @@ pub(crate) fn now_ms() -> u64 {
 pub(crate) async fn run(client: Client) {
     let mut backoff = Backoff::new();
     loop {
-        match client.sync_with_timeout(LONG_POLL).await {
+        // Until a sync has succeeded (at start, after an error) ask for an immediate answer:
+        // that is what tells us, and the user, that we are online again.
+        let timeout = if client.connection_state() == ConnectionState::Online { LONG_POLL } else { Duration::ZERO };
+        match client.sync_with_timeout(timeout).await {
             Ok(()) => {
                 if client.connection_state() != ConnectionState::Online {
                     // Back online: whatever waits in the outbox can go now.

@@ -541,6 +541,8 @@ async fn sas_emoji_verification_between_two_clients(backend: Backend) {
     assert_eq!(alice_emoji, bob_emoji, "both sides show the same emoji");
     alice.client.confirm_verification(&id).await.unwrap();
     bob.client.confirm_verification(&id).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    eprintln!("DEBUG alice {:?}\nDEBUG bob {:?}", alice.client.verifications().await, bob.client.verifications().await);
     for app in [&alice, &bob] {
         eventually("verification done", || async {
             let all = app.client.verifications().await;

@@ -302,6 +302,8 @@ impl Client {
                 && let Ok(sender) = OwnedUserId::try_from(sender)
             {
                 let device = event["content"]["from_device"].as_str().map(str::to_owned);
+                // Their device keys are needed to check their MAC at the end.
+                crypto.machine.update_tracked_users([sender.clone()]);
                 let mut ids = self.inner.verification_ids.lock().expect("verification ids");
                 let entry = ids.entry(txn.to_owned()).or_insert((sender, None));
                 if entry.1.is_none() {

@@ -411,7 +411,7 @@ async fn typing_receipts_presence_profiles_and_search(backend: Backend) {
     let download = server
         .http
         .get(server.url(&format!("/_matrix/client/v1/media/download/{server_name}/{media_id}")))
-        .bearer_auth(&server.login("bob", "secret-pass").await.body["access_token"].as_str().unwrap().to_owned())
+        .bearer_auth(server.login("bob", "secret-pass").await.body["access_token"].as_str().unwrap().to_owned())
         .send()
         .await
         .unwrap();

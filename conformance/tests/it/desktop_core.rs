@@ -440,8 +440,17 @@ async fn an_encrypted_file_round_trips_with_progress(backend: Backend) {
     drop(file);
     let expected = Sha256::digest(&data);
 
+    let mut alice_updates = alice.client.subscribe();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let item = alice.client.send_file(&room, &source, Some(tx)).await.unwrap();
+    // The app hears it too, under the key the message's item has.
+    let mut reported = Vec::new();
+    while let Ok(update) = alice_updates.try_recv() {
+        if let Update::FileProgress { key, progress } = update {
+            assert_eq!(key, item.key);
+            reported.push(progress);
+        }
+    }
     let mut progress = Vec::new();
     while let Ok(p) = rx.try_recv() {
         progress.push(p);
@@ -449,6 +458,7 @@ async fn an_encrypted_file_round_trips_with_progress(backend: Backend) {
     assert!(progress.len() >= 3, "progress in steps: {progress:?}");
     assert!(progress.windows(2).all(|w| w[0].done < w[1].done));
     assert_eq!(progress.last().map(|p| (p.done, p.total)), Some((len as u64, len as u64)));
+    assert_eq!(reported, progress);
     alice.wait_for_state(&room, &item.key, SendState::Sent).await;
 
     let received = eventually("the file at Bob", || async {

@@ -1,6 +1,6 @@
 //! `/sync`, `/messages`, sending, redaction, typing, receipts, account data and filters.
 
-use conformance::{Backend, Server, backend_tests, enc};
+use conformance::{Backend, Server, ServerOptions, backend_tests, enc};
 use serde_json::{Value, json};
 
 backend_tests!(
@@ -14,7 +14,8 @@ backend_tests!(
     account_data_filters_and_push_rules,
     invites_and_leaves_in_sync,
     lazy_loaded_members,
-    long_polls_wake_for_every_kind_of_change
+    long_polls_wake_for_every_kind_of_change,
+    a_sync_token_from_before_a_restart_misses_nothing
 );
 
 fn timeline(sync: &Value, room: &str) -> Vec<Value> {
@@ -519,4 +520,38 @@ async fn lazy_loaded_members(backend: Backend) {
     assert!(members.contains(&"@alice:localhost") && members.contains(&"@bob:localhost"), "{members:?}");
     assert!(!members.contains(&"@dave:localhost"), "{members:?}");
     assert_eq!(joined["summary"]["m.joined_member_count"], 4);
+}
+
+/// Positions a client holds must never be handed out again after a restart. A retried send
+/// caught inside the write transaction used to move the stream without storing a row, so a
+/// restarted server (counting on from the highest stored position) could give its next event
+/// that position and the old token would skip it. The race needs retries that pass the early
+/// duplicate check together, which this test provokes but cannot force; it always checks
+/// that the first event after a restart reaches a token from before it.
+async fn a_sync_token_from_before_a_restart_misses_nothing(backend: Backend) {
+    // Without presence, which would store a newer position of its own at every sync.
+    let mut server = ServerOptions::new(backend).env("OBMIN_PRESENCE_ENABLED", "false").start().await;
+    let alice = server.register("alice", "secret-pass").await;
+    let room = server.create_room(&alice, json!({})).await;
+    let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/txn-r", enc(&room));
+    // Concurrent retries: the ones that pass the early duplicate check before the first is
+    // stored are caught inside the write transaction, after a position was reserved.
+    let retries =
+        (0..8).map(|_| server.put(&path, Some(&alice.access_token), json!({"msgtype": "m.text", "body": "before"})));
+    let answers = futures_util::future::join_all(retries).await;
+    let ids: std::collections::HashSet<String> =
+        answers.into_iter().map(|a| a.assert_ok()["event_id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids.len(), 1, "one event for one transaction id");
+    let first = server.sync(&alice, None, 0, None).await;
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    assert_eq!(bodies(&timeline(&first, &room)), vec!["before"]);
+
+    server.restart().await;
+    server.send_text(&alice, &room, "after").await.assert_ok();
+    let next = server.sync(&alice, Some(&since), 0, None).await;
+    assert_eq!(
+        bodies(&timeline(&next, &room)),
+        vec!["after"],
+        "the first event after the restart reaches the old token"
+    );
 }

@@ -457,9 +457,17 @@ impl Services {
                 changes.push(Change::user(target, Sections::MEMBERSHIP));
             }
         }
-        position.commit_with(changes);
-        if !destinations.is_empty() && matches!(outcome, AppendOutcome::Appended { .. }) {
-            self.send_queue.wake(destinations);
+        if matches!(outcome, AppendOutcome::Appended { .. }) {
+            position.commit_with(changes);
+            if !destinations.is_empty() {
+                self.send_queue.wake(destinations);
+            }
+        } else {
+            // A retried transaction wrote nothing: the position stays a gap. Committing it
+            // would let syncs hand out a position no row holds, which a restarted server
+            // (counting on from the highest stored position) would hand out again, and a
+            // client holding it would never see the event given it.
+            drop(position);
         }
         match outcome {
             AppendOutcome::Appended { .. } => Ok(event_id),

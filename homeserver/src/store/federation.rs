@@ -179,6 +179,13 @@ impl Store {
             .bind(upto)
             .execute(&mut *tx)
             .await?;
+        // An EDU's position may be the highest one the stream ever handed out; once its row
+        // is gone, a restarted server must still count on from above it (see
+        // `max_stream_position`), or it would reuse positions clients already hold.
+        sqlx::query("UPDATE stream_high_water SET position = $1 WHERE id = 1 AND position < $1")
+            .bind(upto)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await
     }
 

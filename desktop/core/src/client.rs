@@ -1,0 +1,162 @@
+//! [`Client`]: the handle the app holds. The state it shares between its methods and its
+//! background tasks lives in [`Inner`]; the methods are spread over the modules by concept
+//! (session, rooms, timeline, media, social, verification).
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex as StdMutex, RwLock},
+};
+
+use tokio::{
+    sync::{Mutex, Notify, broadcast, watch},
+    task::JoinHandle,
+};
+
+use crate::{ConnectionState, Result, SessionInfo, Update, crypto::Crypto, http::Http, session::Session, store::Store};
+
+/// The client core for one account in one data directory. Cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) data_dir: PathBuf,
+    pub(crate) store: Store,
+    pub(crate) http: Http,
+    /// The signed-in session (None when signed out).
+    pub(crate) session: RwLock<Option<Session>>,
+    /// The encryption state of the session; locked for a whole encrypt / decrypt / key
+    /// exchange so the machine and its store stay consistent.
+    pub(crate) crypto: Mutex<Option<Crypto>>,
+    /// Where the crypto store's key comes from (None: a key file in the data directory).
+    pub(crate) keyring: Option<Arc<dyn e2ee::store::KeyringHook + Send + Sync>>,
+    pub(crate) updates: broadcast::Sender<Update>,
+    pub(crate) connection: watch::Sender<ConnectionState>,
+    /// Wakes the outbox task when something was queued or the connection came back.
+    pub(crate) outbox_wake: Notify,
+    /// Held for a whole `/sync` round trip and its processing (one sync at a time).
+    pub(crate) sync_lock: Mutex<()>,
+    /// The presence the sync loop reports (set by [`Client::set_presence`]).
+    pub(crate) presence: StdMutex<ruma::presence::PresenceState>,
+    /// Transaction ids of the SAS verifications we know of, and the status last reported.
+    pub(crate) verification_ids: StdMutex<std::collections::BTreeMap<String, (ruma::OwnedUserId, Option<String>)>>,
+    pub(crate) verification_seen: StdMutex<std::collections::BTreeMap<String, crate::VerificationStatus>>,
+    /// The sync loop and the outbox task, while started.
+    pub(crate) tasks: StdMutex<Vec<JoinHandle<()>>>,
+}
+
+impl Client {
+    /// Opens the client in `data_dir` (created if missing) and restores the saved session, if
+    /// any: after this, [`Client::session`] says whether the user is signed in, and the cached
+    /// rooms and timelines are readable without a network.
+    ///
+    /// The end-to-end encryption store is sealed with a random key kept in
+    /// `<data_dir>/crypto.key` (readable by the user only). Prefer
+    /// [`Client::open_with_keyring`] with the OS keyring when there is one.
+    pub async fn open(data_dir: impl AsRef<Path>) -> Result<Client> {
+        Self::open_inner(data_dir.as_ref(), None).await
+    }
+
+    /// Like [`Client::open`], with the crypto store's key kept by `keyring` (the OS keyring).
+    pub async fn open_with_keyring(
+        data_dir: impl AsRef<Path>,
+        keyring: Arc<dyn e2ee::store::KeyringHook + Send + Sync>,
+    ) -> Result<Client> {
+        Self::open_inner(data_dir.as_ref(), Some(keyring)).await
+    }
+
+    async fn open_inner(
+        data_dir: &Path,
+        keyring: Option<Arc<dyn e2ee::store::KeyringHook + Send + Sync>>,
+    ) -> Result<Client> {
+        std::fs::create_dir_all(data_dir)?;
+        let store = Store::open(&data_dir.join("client.db")).await?;
+        let session = store.load_session().await?;
+        let (updates, _) = broadcast::channel(1024);
+        let client = Client {
+            inner: Arc::new(Inner {
+                data_dir: data_dir.to_owned(),
+                store,
+                http: Http::new()?,
+                session: RwLock::new(session),
+                crypto: Mutex::new(None),
+                keyring,
+                updates,
+                connection: watch::channel(ConnectionState::Offline).0,
+                outbox_wake: Notify::new(),
+                sync_lock: Mutex::new(()),
+                presence: StdMutex::new(ruma::presence::PresenceState::Online),
+                verification_ids: StdMutex::default(),
+                verification_seen: StdMutex::default(),
+                tasks: StdMutex::new(Vec::new()),
+            }),
+        };
+        if client.session().is_some() {
+            client.open_crypto().await?;
+        }
+        Ok(client)
+    }
+
+    /// Who is signed in, if anyone.
+    pub fn session(&self) -> Option<SessionInfo> {
+        self.inner.session.read().expect("session lock").as_ref().map(Session::info)
+    }
+
+    /// Updates from now on: timeline items, room list changes, typing, presence, connection
+    /// state, verification, errors. A receiver that falls more than 1024 updates behind gets
+    /// `Lagged` and should re-read [`Client::rooms`] and the open timeline.
+    pub fn subscribe(&self) -> broadcast::Receiver<Update> {
+        self.inner.updates.subscribe()
+    }
+
+    /// The connection state now (changes are also sent as [`Update::Connection`]).
+    pub fn connection_state(&self) -> ConnectionState {
+        *self.inner.connection.borrow()
+    }
+
+    /// Starts the background work: the sync loop (long-polling `/sync`, reconnecting with
+    /// exponential backoff) and the outbox (sending queued messages). Needs a session.
+    /// Calling it again while running does nothing.
+    pub fn start(&self) -> Result<()> {
+        self.require_session()?;
+        let mut tasks = self.inner.tasks.lock().expect("tasks lock");
+        if !tasks.is_empty() {
+            return Ok(());
+        }
+        tasks.push(tokio::spawn(crate::sync::run(self.clone())));
+        tasks.push(tokio::spawn(crate::outbox::run(self.clone())));
+        Ok(())
+    }
+
+    /// Stops the background work (what is queued stays queued for the next start).
+    pub async fn stop(&self) {
+        let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock().expect("tasks lock"));
+        for task in tasks {
+            task.abort();
+            let _ = task.await;
+        }
+        self.set_connection(ConnectionState::Offline);
+    }
+
+    pub(crate) fn emit(&self, update: Update) {
+        // No subscriber is fine: the app may not listen yet.
+        let _ = self.inner.updates.send(update);
+    }
+
+    pub(crate) fn set_connection(&self, state: ConnectionState) {
+        let changed = self.inner.connection.send_if_modified(|current| {
+            let changed = *current != state;
+            *current = state;
+            changed
+        });
+        if changed {
+            self.emit(Update::Connection { state });
+        }
+    }
+
+    /// The session, or [`crate::Error::NotLoggedIn`].
+    pub(crate) fn require_session(&self) -> Result<Session> {
+        self.inner.session.read().expect("session lock").clone().ok_or(crate::Error::NotLoggedIn)
+    }
+}

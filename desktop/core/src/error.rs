@@ -1,0 +1,109 @@
+//! Errors of the client core. Every variant's `Display` is a sentence the app can show the
+//! user as it is; the details (status, errcode, server text) stay in the fields for logs.
+
+/// What went wrong, in the terms a user understands. `Clone` so it can travel in
+/// [`crate::Update::Error`] to every subscriber.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// No answer from the server address (wrong address, server down, no network).
+    #[error("The server at {url} cannot be reached. Check the address and your connection.")]
+    ServerUnreachable { url: String },
+    /// The connection broke in the middle of a request.
+    #[error("The network connection dropped. Obmin will retry when it is back.")]
+    NetworkDropped,
+    /// The address answered, but not like a Matrix homeserver.
+    #[error("{url} does not look like a Matrix server.")]
+    NotAMatrixServer { url: String },
+    /// The server address could not be understood.
+    #[error("\"{url}\" is not a valid server address (example: http://localhost:8008).")]
+    InvalidServerUrl { url: String },
+    #[error("Wrong user name or password.")]
+    WrongPassword,
+    #[error("The user name \"{0}\" is already taken.")]
+    UserTaken(String),
+    #[error("The user name \"{0}\" is not allowed: use lower-case letters, digits and . _ = - /")]
+    InvalidUsername(String),
+    #[error("This server does not allow new accounts.")]
+    RegistrationDisabled,
+    /// The access token is no longer valid (logged out elsewhere, account deactivated).
+    #[error("You have been signed out. Please sign in again.")]
+    SessionExpired,
+    #[error("You are not signed in.")]
+    NotLoggedIn,
+    #[error("Too many attempts. Try again in {} seconds.", retry_after_ms.div_ceil(1000))]
+    RateLimited { retry_after_ms: u64 },
+    #[error("You are not allowed to do that: {message}")]
+    Forbidden { message: String },
+    #[error("Not found: {message}")]
+    NotFound { message: String },
+    /// Any other Matrix error from the server.
+    #[error("The server refused: {message} ({errcode})")]
+    Server { status: u16, errcode: String, message: String },
+    /// The user gave something unusable (an invalid user id, an empty message, ...).
+    #[error("{0}")]
+    InvalidInput(String),
+    /// Encryption failed (a message could not be encrypted or a key not shared).
+    #[error("Encryption failed: {0}")]
+    Crypto(String),
+    /// The local database failed (disk full, file damaged).
+    #[error("The local storage failed: {0}")]
+    Store(String),
+    /// Reading or writing a local file failed.
+    #[error("File error: {0}")]
+    File(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Whether trying again later may succeed (the sync loop and the outbox retry these).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::ServerUnreachable { .. } | Error::NetworkDropped | Error::RateLimited { .. })
+            || matches!(self, Error::Server { status, .. } if *status >= 500)
+    }
+
+    /// Maps a Matrix error answer (status and the JSON body) to a variant.
+    pub(crate) fn from_matrix(status: u16, body: &serde_json::Value) -> Self {
+        let errcode = body["errcode"].as_str().unwrap_or("M_UNKNOWN").to_owned();
+        let message = body["error"].as_str().unwrap_or("no details").to_owned();
+        match errcode.as_str() {
+            "M_UNKNOWN_TOKEN" | "M_MISSING_TOKEN" => Error::SessionExpired,
+            "M_LIMIT_EXCEEDED" => {
+                Error::RateLimited { retry_after_ms: body["retry_after_ms"].as_u64().unwrap_or(1000) }
+            }
+            "M_FORBIDDEN" => Error::Forbidden { message },
+            "M_NOT_FOUND" => Error::NotFound { message },
+            _ => Error::Server { status, errcode, message },
+        }
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Store(e.to_string())
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for Error {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        Error::Store(e.to_string())
+    }
+}
+
+impl From<e2ee::Error> for Error {
+    fn from(e: e2ee::Error) -> Self {
+        Error::Crypto(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::File(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Store(format!("bad JSON: {e}"))
+    }
+}

@@ -1,0 +1,190 @@
+//! Signing in and out: password login, registration (user-interactive auth with
+//! `m.login.dummy`), logout; the session is saved in the local store and restored by
+//! [`Client::open`].
+
+use ruma::{
+    OwnedUserId,
+    api::client::{
+        account::register,
+        profile::{ProfileFieldValue, set_profile_field},
+        session::{
+            login::{self, v3::LoginInfo},
+            logout,
+        },
+        uiaa::{AuthData, Dummy, UserIdentifier},
+    },
+};
+use serde_json::json;
+
+use crate::{Client, Error, Result, SessionInfo, Update, http::REQUEST_TIMEOUT};
+
+/// A signed-in session: where, who, and the access token.
+#[derive(Debug, Clone)]
+pub(crate) struct Session {
+    pub server_url: String,
+    pub user_id: OwnedUserId,
+    pub device_id: String,
+    pub access_token: String,
+}
+
+impl Session {
+    pub(crate) fn info(&self) -> SessionInfo {
+        SessionInfo {
+            server_url: self.server_url.clone(),
+            user_id: self.user_id.clone(),
+            device_id: self.device_id.clone(),
+        }
+    }
+}
+
+/// Accepts `localhost:8008` as well as `http://localhost:8008/`; the app's default is
+/// `http://localhost:8008`.
+fn normalise_server_url(url: &str) -> Result<String> {
+    let url = url.trim().trim_end_matches('/');
+    let url = if url.contains("://") { url.to_owned() } else { format!("http://{url}") };
+    match reqwest::Url::parse(&url) {
+        Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some() => Ok(url),
+        _ => Err(Error::InvalidServerUrl { url }),
+    }
+}
+
+const DEVICE_NAME: &str = "Obmin desktop";
+
+impl Client {
+    /// Signs in with a user name (or full user id) and password, replacing any saved
+    /// session. Errors: [`Error::WrongPassword`], [`Error::ServerUnreachable`],
+    /// [`Error::InvalidServerUrl`], ...
+    pub async fn login(&self, server_url: &str, user: &str, password: &str) -> Result<SessionInfo> {
+        let server_url = normalise_server_url(server_url)?;
+        let identifier = UserIdentifier::Matrix(ruma::api::client::uiaa::MatrixUserIdentifier::new(user.to_owned()));
+        let mut request =
+            login::v3::Request::new(LoginInfo::Password(login::v3::Password::new(identifier, password.to_owned())));
+        request.initial_device_display_name = Some(DEVICE_NAME.to_owned());
+        let response = match self.inner.http.send(&server_url, None, request, REQUEST_TIMEOUT).await {
+            // A 403 at login means the credentials were not accepted.
+            Err(Error::Forbidden { .. }) => return Err(Error::WrongPassword),
+            other => other?,
+        };
+        self.begin_session(Session {
+            server_url,
+            user_id: response.user_id,
+            device_id: response.device_id.to_string(),
+            access_token: response.access_token,
+        })
+        .await
+    }
+
+    /// Creates an account and signs in; sets the display name and, if given, the avatar
+    /// colour (a custom profile field, [`crate::AVATAR_COLOUR_FIELD`]).
+    pub async fn register(
+        &self,
+        server_url: &str,
+        user: &str,
+        password: &str,
+        display_name: &str,
+        avatar_colour: Option<&str>,
+    ) -> Result<SessionInfo> {
+        let server_url = normalise_server_url(server_url)?;
+        // The first round of user-interactive auth only gives us a session id; ruma models the
+        // 401 as an error type, so that one exchange is plain JSON.
+        let uia = self
+            .inner
+            .http
+            .uia_session(&server_url, "/_matrix/client/v3/register", &json!({"username": user, "password": password}))
+            .await
+            .map_err(|e| register_error(e, user))?;
+        let mut request = register::v3::Request::new();
+        request.username = Some(user.to_owned());
+        request.password = Some(password.to_owned());
+        request.initial_device_display_name = Some(DEVICE_NAME.to_owned());
+        let mut dummy = Dummy::new();
+        dummy.session = uia;
+        request.auth = Some(AuthData::Dummy(dummy));
+        let response = self
+            .inner
+            .http
+            .send(&server_url, None, request, REQUEST_TIMEOUT)
+            .await
+            .map_err(|e| register_error(e, user))?;
+        let (Some(access_token), Some(device_id)) = (response.access_token, response.device_id) else {
+            return Err(Error::NotAMatrixServer { url: server_url });
+        };
+        let info = self
+            .begin_session(Session {
+                server_url,
+                user_id: response.user_id,
+                device_id: device_id.to_string(),
+                access_token,
+            })
+            .await?;
+        if !display_name.is_empty() {
+            self.set_display_name(display_name).await?;
+        }
+        if let Some(colour) = avatar_colour {
+            self.set_avatar_colour(colour).await?;
+        }
+        Ok(info)
+    }
+
+    /// Signs out on the server (the device and its keys go) and forgets the local session
+    /// and cache. Works offline too: then only the local part happens.
+    pub async fn logout(&self) -> Result<()> {
+        let session = self.require_session()?;
+        self.stop().await;
+        match self
+            .inner
+            .http
+            .send(&session.server_url, Some(&session.access_token), logout::v3::Request::new(), REQUEST_TIMEOUT)
+            .await
+        {
+            Ok(_) | Err(Error::SessionExpired) => {}
+            Err(e) if e.is_transient() => tracing::warn!(%e, "logged out locally only"),
+            Err(e) => return Err(e),
+        }
+        self.end_session().await?;
+        Ok(())
+    }
+
+    /// Saves a fresh session and sets up its encryption (device keys go up with the first
+    /// sync's requests).
+    async fn begin_session(&self, session: Session) -> Result<SessionInfo> {
+        self.stop().await;
+        *self.inner.crypto.lock().await = None;
+        self.inner.store.save_session(&session).await?;
+        crate::crypto::remove_store(&self.inner.data_dir)?;
+        let info = session.info();
+        *self.inner.session.write().expect("session lock") = Some(session);
+        self.open_crypto().await?;
+        Ok(info)
+    }
+
+    /// Forgets the session locally (after logout, or when the server says the token is gone).
+    pub(crate) async fn end_session(&self) -> Result<()> {
+        *self.inner.session.write().expect("session lock") = None;
+        if let Some(crypto) = self.inner.crypto.lock().await.take() {
+            crypto.close().await;
+        }
+        self.inner.store.clear().await?;
+        crate::crypto::remove_store(&self.inner.data_dir)?;
+        self.set_connection(crate::ConnectionState::Offline);
+        self.emit(Update::LoggedOut);
+        Ok(())
+    }
+
+    /// Sets a custom profile field of ours (extensible profiles).
+    pub(crate) async fn set_profile_field(&self, value: ProfileFieldValue) -> Result<()> {
+        let session = self.require_session()?;
+        let request = set_profile_field::v3::Request::new(session.user_id.clone(), value);
+        self.inner.http.send(&session.server_url, Some(&session.access_token), request, REQUEST_TIMEOUT).await?;
+        Ok(())
+    }
+}
+
+fn register_error(e: Error, user: &str) -> Error {
+    match e {
+        Error::Server { errcode, .. } if errcode == "M_USER_IN_USE" => Error::UserTaken(user.to_owned()),
+        Error::Server { errcode, .. } if errcode == "M_INVALID_USERNAME" => Error::InvalidUsername(user.to_owned()),
+        Error::Forbidden { .. } => Error::RegistrationDisabled,
+        e => e,
+    }
+}

@@ -1,0 +1,614 @@
+//! The local cache (`client.db`, SQLite via sqlx): session, rooms, members, timelines,
+//! outbox, users, receipts. All SQL of the client lives here. Runtime-checked queries (no
+//! `query!` macros) so the crate builds without a database at compile time.
+
+use std::{path::Path, str::FromStr};
+
+use sqlx::{
+    Row,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous},
+};
+
+use crate::{
+    ItemContent, Membership, PresenceInfo, Result, SendState, TimelineItem, UserSummary, session::Session, types,
+};
+
+pub(crate) struct Store {
+    pool: SqlitePool,
+}
+
+/// A room row.
+#[derive(Debug, Clone)]
+pub(crate) struct RoomRow {
+    pub room_id: String,
+    pub membership: Membership,
+    pub name: Option<String>,
+    pub is_direct: bool,
+    pub inviter: Option<String>,
+    pub encryption: Option<serde_json::Value>,
+    pub read_seq: i64,
+}
+
+/// A queued message.
+#[derive(Debug, Clone)]
+pub(crate) struct OutboxRow {
+    pub txn_id: String,
+    pub room_id: String,
+    pub event_type: String,
+    pub content: serde_json::Value,
+}
+
+/// A timeline row to insert.
+pub(crate) struct NewItem<'a> {
+    pub room_id: &'a str,
+    pub key: &'a str,
+    pub event_id: Option<&'a str>,
+    pub sender: &'a str,
+    pub ts: u64,
+    pub content: &'a ItemContent,
+    pub encrypted: bool,
+    pub send_state: Option<&'a SendState>,
+    pub raw: Option<&'a serde_json::Value>,
+}
+
+fn membership_str(m: Membership) -> &'static str {
+    match m {
+        Membership::Joined => "join",
+        Membership::Invited => "invite",
+        Membership::Left => "leave",
+    }
+}
+
+pub(crate) fn parse_membership(s: &str) -> Membership {
+    match s {
+        "join" => Membership::Joined,
+        "invite" => Membership::Invited,
+        _ => Membership::Left,
+    }
+}
+
+impl Store {
+    pub(crate) async fn open(path: &Path) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // A committed outbox row must survive a crash of the app: that is the promise
+            // "queued means it will be sent".
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    // ---- session ----
+
+    pub(crate) async fn load_session(&self) -> Result<Option<Session>> {
+        let row = sqlx::query("SELECT server_url, user_id, device_id, access_token FROM session WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let user_id: String = r.get(1);
+            Ok(Session {
+                server_url: r.get(0),
+                user_id: user_id.try_into().map_err(|_| crate::Error::Store("bad user id in session".into()))?,
+                device_id: r.get(2),
+                access_token: r.get(3),
+            })
+        })
+        .transpose()
+    }
+
+    /// Saves a new session and forgets everything cached for the previous one.
+    pub(crate) async fn save_session(&self, session: &Session) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for table in ["session", "rooms", "members", "timeline", "outbox", "users", "receipts"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}"))).execute(&mut *tx).await?;
+        }
+        sqlx::query("INSERT INTO session (id, server_url, user_id, device_id, access_token) VALUES (1, ?, ?, ?, ?)")
+            .bind(&session.server_url)
+            .bind(session.user_id.as_str())
+            .bind(&session.device_id)
+            .bind(&session.access_token)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Forgets the session (and with it the cache: it belongs to the account).
+    pub(crate) async fn clear(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for table in ["session", "rooms", "members", "timeline", "outbox", "users", "receipts"] {
+            sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}"))).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(crate) async fn sync_token(&self) -> Result<Option<String>> {
+        Ok(sqlx::query("SELECT sync_token FROM session WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?
+            .and_then(|r| r.get(0)))
+    }
+
+    pub(crate) async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>> {
+        Ok(self.pool.begin().await?)
+    }
+
+    pub(crate) async fn set_sync_token(tx: &mut sqlx::SqliteConnection, token: &str) -> Result<()> {
+        sqlx::query("UPDATE session SET sync_token = ? WHERE id = 1").bind(token).execute(tx).await?;
+        Ok(())
+    }
+
+    // ---- rooms ----
+
+    pub(crate) async fn upsert_room(
+        tx: &mut sqlx::SqliteConnection,
+        room_id: &str,
+        membership: Membership,
+        inviter: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO rooms (room_id, membership, inviter) VALUES (?, ?, ?)
+             ON CONFLICT (room_id) DO UPDATE SET membership = excluded.membership,
+                 inviter = COALESCE(excluded.inviter, rooms.inviter)",
+        )
+        .bind(room_id)
+        .bind(membership_str(membership))
+        .bind(inviter)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    /// A room we heard of (e.g. in `m.direct`) before its membership: remembered as left
+    /// until sync says more.
+    pub(crate) async fn upsert_room_if_missing(tx: &mut sqlx::SqliteConnection, room_id: &str) -> Result<()> {
+        sqlx::query("INSERT INTO rooms (room_id, membership) VALUES (?, 'leave') ON CONFLICT DO NOTHING")
+            .bind(room_id)
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn set_room_name(
+        tx: &mut sqlx::SqliteConnection,
+        room_id: &str,
+        name: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query("UPDATE rooms SET name = ? WHERE room_id = ?").bind(name).bind(room_id).execute(tx).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn set_room_direct(tx: &mut sqlx::SqliteConnection, room_id: &str, direct: bool) -> Result<()> {
+        sqlx::query("UPDATE rooms SET is_direct = ? WHERE room_id = ?").bind(direct).bind(room_id).execute(tx).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn set_room_encryption(
+        tx: &mut sqlx::SqliteConnection,
+        room_id: &str,
+        content: &serde_json::Value,
+    ) -> Result<()> {
+        sqlx::query("UPDATE rooms SET encryption = ? WHERE room_id = ?")
+            .bind(content.to_string())
+            .bind(room_id)
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn rooms(&self) -> Result<Vec<RoomRow>> {
+        let rows = sqlx::query(
+            "SELECT room_id, membership, name, is_direct, inviter, encryption, read_seq FROM rooms
+             WHERE membership != 'leave'",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(room_row).collect())
+    }
+
+    pub(crate) async fn room(&self, room_id: &str) -> Result<Option<RoomRow>> {
+        let row = sqlx::query(
+            "SELECT room_id, membership, name, is_direct, inviter, encryption, read_seq FROM rooms WHERE room_id = ?",
+        )
+        .bind(room_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(room_row))
+    }
+
+    /// Marks the room read up to its newest item; returns that item's event id.
+    pub(crate) async fn mark_room_read(&self, room_id: &str) -> Result<Option<String>> {
+        let mut tx = self.pool.begin().await?;
+        let newest = sqlx::query(
+            "SELECT seq, event_id FROM timeline WHERE room_id = ? AND event_id IS NOT NULL ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(room_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(newest) = newest else { return Ok(None) };
+        let seq: i64 = newest.get(0);
+        sqlx::query("UPDATE rooms SET read_seq = MAX(read_seq, ?) WHERE room_id = ?")
+            .bind(seq)
+            .bind(room_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(newest.get(1))
+    }
+
+    /// Our read marker moved to `event_id` (from our own receipt in sync, another device).
+    pub(crate) async fn set_read_up_to(tx: &mut sqlx::SqliteConnection, room_id: &str, event_id: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE rooms SET read_seq = MAX(read_seq, COALESCE((SELECT seq FROM timeline WHERE event_id = ?), 0))
+             WHERE room_id = ?",
+        )
+        .bind(event_id)
+        .bind(room_id)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Messages (text and files) from others after our read marker.
+    pub(crate) async fn unread_count(&self, room_id: &str, me: &str, read_seq: i64) -> Result<u64> {
+        let count: i64 = sqlx::query(
+            "SELECT COUNT(*) FROM timeline WHERE room_id = ? AND sender != ? AND seq > ?
+             AND (json_extract(content, '$.kind') IN ('text', 'file', 'undecryptable'))",
+        )
+        .bind(room_id)
+        .bind(me)
+        .bind(read_seq)
+        .fetch_one(&self.pool)
+        .await?
+        .get(0);
+        Ok(count as u64)
+    }
+
+    // ---- members ----
+
+    pub(crate) async fn set_member(
+        tx: &mut sqlx::SqliteConnection,
+        room_id: &str,
+        user_id: &str,
+        membership: &str,
+        display_name: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO members (room_id, user_id, membership, display_name) VALUES (?, ?, ?, ?)
+             ON CONFLICT (room_id, user_id) DO UPDATE SET membership = excluded.membership,
+                 display_name = COALESCE(excluded.display_name, members.display_name)",
+        )
+        .bind(room_id)
+        .bind(user_id)
+        .bind(membership)
+        .bind(display_name)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Members with the given memberships (e.g. `["join", "invite"]`), with display names.
+    pub(crate) async fn members(&self, room_id: &str, memberships: &[&str]) -> Result<Vec<(String, Option<String>)>> {
+        let rows =
+            sqlx::query("SELECT user_id, membership, display_name FROM members WHERE room_id = ? ORDER BY user_id")
+                .bind(room_id)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows
+            .iter()
+            .filter(|r| memberships.contains(&r.get::<String, _>(1).as_str()))
+            .map(|r| (r.get(0), r.get(2)))
+            .collect())
+    }
+
+    // ---- timeline ----
+
+    /// Inserts an item unless one with its key or event id exists; returns whether it did.
+    pub(crate) async fn insert_item(tx: &mut sqlx::SqliteConnection, item: NewItem<'_>) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO timeline (room_id, item_key, event_id, sender, ts, content, encrypted, send_state, raw)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(item.room_id)
+        .bind(item.key)
+        .bind(item.event_id)
+        .bind(item.sender)
+        .bind(item.ts as i64)
+        .bind(serde_json::to_string(item.content)?)
+        .bind(item.encrypted)
+        .bind(item.send_state.map(serde_json::to_string).transpose()?)
+        .bind(item.raw.map(|r| r.to_string()))
+        .execute(tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Our message `key` reached the server as `event_id`. Returns false if there is no such
+    /// item (the echo of a message sent by another device of ours).
+    pub(crate) async fn confirm_item(
+        tx: &mut sqlx::SqliteConnection,
+        key: &str,
+        event_id: &str,
+        ts: Option<u64>,
+    ) -> Result<bool> {
+        // The sync echo may have inserted the event under its own id first: keep ours.
+        sqlx::query("DELETE FROM timeline WHERE event_id = ? AND item_key != ?")
+            .bind(event_id)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        let sent = serde_json::to_string(&SendState::Sent)?;
+        let done = sqlx::query(
+            "UPDATE timeline SET event_id = ?, ts = COALESCE(?, ts),
+                 send_state = CASE WHEN send_state LIKE '%Read%' THEN send_state ELSE ? END
+             WHERE item_key = ?",
+        )
+        .bind(event_id)
+        .bind(ts.map(|t| t as i64))
+        .bind(sent)
+        .bind(key)
+        .execute(tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Someone other than us read up to `event_id`: our `Sent` messages up to there become
+    /// `Read`. Returns the keys that changed.
+    pub(crate) async fn mark_ours_read(
+        tx: &mut sqlx::SqliteConnection,
+        room_id: &str,
+        me: &str,
+        event_id: &str,
+    ) -> Result<Vec<String>> {
+        let read = serde_json::to_string(&SendState::Read)?;
+        let sent = serde_json::to_string(&SendState::Sent)?;
+        let rows = sqlx::query(
+            "UPDATE timeline SET send_state = ? WHERE room_id = ? AND sender = ? AND send_state = ?
+                 AND seq <= (SELECT seq FROM timeline WHERE event_id = ?)
+             RETURNING item_key",
+        )
+        .bind(read)
+        .bind(room_id)
+        .bind(me)
+        .bind(sent)
+        .bind(event_id)
+        .fetch_all(tx)
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    pub(crate) async fn set_receipt(
+        tx: &mut sqlx::SqliteConnection,
+        room_id: &str,
+        user_id: &str,
+        event_id: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO receipts (room_id, user_id, event_id) VALUES (?, ?, ?)
+             ON CONFLICT (room_id, user_id) DO UPDATE SET event_id = excluded.event_id",
+        )
+        .bind(room_id)
+        .bind(user_id)
+        .bind(event_id)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    /// The newest `limit` items of a room, oldest first.
+    pub(crate) async fn timeline(&self, room_id: &str, limit: u32) -> Result<Vec<TimelineItem>> {
+        let rows = sqlx::query(
+            "SELECT * FROM (SELECT t.item_key, t.room_id, t.event_id, t.sender, t.ts, t.content, t.encrypted,
+                     t.send_state, COALESCE(m.display_name, u.display_name), t.seq
+                 FROM timeline t
+                 LEFT JOIN members m ON m.room_id = t.room_id AND m.user_id = t.sender
+                 LEFT JOIN users u ON u.user_id = t.sender
+                 WHERE t.room_id = ? ORDER BY t.seq DESC LIMIT ?) ORDER BY seq",
+        )
+        .bind(room_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(item_row).collect()
+    }
+
+    pub(crate) async fn item(&self, key: &str) -> Result<Option<TimelineItem>> {
+        let row = sqlx::query(
+            "SELECT t.item_key, t.room_id, t.event_id, t.sender, t.ts, t.content, t.encrypted,
+                 t.send_state, COALESCE(m.display_name, u.display_name), t.seq
+             FROM timeline t
+             LEFT JOIN members m ON m.room_id = t.room_id AND m.user_id = t.sender
+             LEFT JOIN users u ON u.user_id = t.sender
+             WHERE t.item_key = ?",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(item_row).transpose()
+    }
+
+    /// Items we could not decrypt yet (to retry when keys arrive): key, room, raw event.
+    pub(crate) async fn undecrypted(&self) -> Result<Vec<(String, String, serde_json::Value)>> {
+        let rows = sqlx::query(
+            "SELECT item_key, room_id, raw FROM timeline
+             WHERE json_extract(content, '$.kind') = 'undecryptable' AND raw IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| Some((r.get(0), r.get(1), serde_json::from_str(&r.get::<String, _>(2)).ok()?)))
+            .collect())
+    }
+
+    pub(crate) async fn replace_content(&self, key: &str, content: &ItemContent) -> Result<()> {
+        sqlx::query("UPDATE timeline SET content = ?, raw = NULL WHERE item_key = ?")
+            .bind(serde_json::to_string(content)?)
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // ---- outbox ----
+
+    /// Queues a message and its timeline item in one transaction (both or neither).
+    pub(crate) async fn enqueue(&self, row: &OutboxRow, item: NewItem<'_>) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("INSERT INTO outbox (txn_id, room_id, event_type, content, queued_ts) VALUES (?, ?, ?, ?, ?)")
+            .bind(&row.txn_id)
+            .bind(&row.room_id)
+            .bind(&row.event_type)
+            .bind(row.content.to_string())
+            .bind(item.ts as i64)
+            .execute(&mut *tx)
+            .await?;
+        Self::insert_item(&mut tx, item).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Queued messages, oldest first.
+    pub(crate) async fn outbox(&self) -> Result<Vec<OutboxRow>> {
+        let rows = sqlx::query("SELECT txn_id, room_id, event_type, content FROM outbox ORDER BY queued_ts, txn_id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(OutboxRow {
+                    txn_id: r.get(0),
+                    room_id: r.get(1),
+                    event_type: r.get(2),
+                    content: serde_json::from_str(&r.get::<String, _>(3))?,
+                })
+            })
+            .collect()
+    }
+
+    /// The server accepted `txn_id` as `event_id`: out of the outbox, item marked sent.
+    pub(crate) async fn outbox_done(&self, txn_id: &str, event_id: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM outbox WHERE txn_id = ?").bind(txn_id).execute(&mut *tx).await?;
+        Self::confirm_item(&mut tx, txn_id, event_id, None).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The server refused `txn_id` for good.
+    pub(crate) async fn outbox_failed(&self, txn_id: &str, error: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM outbox WHERE txn_id = ?").bind(txn_id).execute(&mut *tx).await?;
+        sqlx::query("UPDATE timeline SET send_state = ? WHERE item_key = ?")
+            .bind(serde_json::to_string(&SendState::Failed { error: error.to_owned() })?)
+            .bind(txn_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ---- users ----
+
+    pub(crate) async fn set_user_profile(
+        tx: &mut sqlx::SqliteConnection,
+        user_id: &str,
+        display_name: Option<&str>,
+        avatar_url: Option<&str>,
+        avatar_colour: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO users (user_id, display_name, avatar_url, avatar_colour) VALUES (?, ?, ?, ?)
+             ON CONFLICT (user_id) DO UPDATE SET display_name = excluded.display_name,
+                 avatar_url = excluded.avatar_url,
+                 avatar_colour = COALESCE(excluded.avatar_colour, users.avatar_colour)",
+        )
+        .bind(user_id)
+        .bind(display_name)
+        .bind(avatar_url)
+        .bind(avatar_colour)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn set_presence(tx: &mut sqlx::SqliteConnection, user_id: &str, p: &PresenceInfo) -> Result<()> {
+        let presence = match p.presence {
+            types::Presence::Online => "online",
+            types::Presence::Unavailable => "unavailable",
+            types::Presence::Offline => "offline",
+        };
+        sqlx::query(
+            "INSERT INTO users (user_id, presence, status_msg, last_active_ts, currently_active) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (user_id) DO UPDATE SET presence = excluded.presence, status_msg = excluded.status_msg,
+                 last_active_ts = excluded.last_active_ts, currently_active = excluded.currently_active",
+        )
+        .bind(user_id)
+        .bind(presence)
+        .bind(&p.status_msg)
+        .bind(p.last_active_ts.map(|t| t as i64))
+        .bind(p.currently_active)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn user(&self, user_id: &str) -> Result<Option<UserSummary>> {
+        let row = sqlx::query(
+            "SELECT user_id, display_name, avatar_url, avatar_colour, presence, status_msg, last_active_ts,
+                 currently_active FROM users WHERE user_id = ?",
+        )
+        .bind(user_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.and_then(|r| {
+            let presence = match r.get::<Option<String>, _>(4).as_deref() {
+                Some("online") => types::Presence::Online,
+                Some("unavailable") => types::Presence::Unavailable,
+                _ => types::Presence::Offline,
+            };
+            Some(UserSummary {
+                user_id: r.get::<String, _>(0).try_into().ok()?,
+                display_name: r.get(1),
+                avatar_url: r.get::<Option<String>, _>(2).map(Into::into),
+                avatar_colour: r.get(3),
+                presence: PresenceInfo {
+                    presence,
+                    status_msg: r.get(5),
+                    last_active_ts: r.get::<Option<i64>, _>(6).map(|t| t as u64),
+                    currently_active: r.get(7),
+                },
+            })
+        }))
+    }
+}
+
+fn room_row(r: &SqliteRow) -> RoomRow {
+    RoomRow {
+        room_id: r.get(0),
+        membership: parse_membership(&r.get::<String, _>(1)),
+        name: r.get(2),
+        is_direct: r.get(3),
+        inviter: r.get(4),
+        encryption: r.get::<Option<String>, _>(5).and_then(|s| serde_json::from_str(&s).ok()),
+        read_seq: r.get(6),
+    }
+}
+
+fn item_row(r: &SqliteRow) -> Result<TimelineItem> {
+    let bad = |what: &str| crate::Error::Store(format!("bad {what} in the timeline cache"));
+    Ok(TimelineItem {
+        key: r.get(0),
+        room_id: r.get::<String, _>(1).try_into().map_err(|_| bad("room id"))?,
+        event_id: r.get::<Option<String>, _>(2).map(|e| e.try_into()).transpose().map_err(|_| bad("event id"))?,
+        sender: r.get::<String, _>(3).try_into().map_err(|_| bad("sender"))?,
+        timestamp: r.get::<i64, _>(4) as u64,
+        content: serde_json::from_str(&r.get::<String, _>(5))?,
+        encrypted: r.get(6),
+        send_state: r.get::<Option<String>, _>(7).map(|s| serde_json::from_str(&s)).transpose()?,
+        sender_name: r.get(8),
+    })
+}

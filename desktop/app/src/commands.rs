@@ -27,6 +27,7 @@ pub struct Me {
     pub session: SessionInfo,
     pub display_name: Option<String>,
     pub avatar_colour: Option<String>,
+    pub avatar_url: Option<String>,
 }
 
 fn room_id(raw: &str) -> CommandResult<OwnedRoomId> {
@@ -41,7 +42,12 @@ fn user_id(raw: &str) -> CommandResult<OwnedUserId> {
 async fn me(client: &Client, session: SessionInfo) -> CommandResult<Me> {
     // The profile is fresh from the server when online, from the cache when not.
     let profile = client.profile().await?;
-    Ok(Me { session, display_name: profile.display_name, avatar_colour: profile.avatar_colour })
+    Ok(Me {
+        session,
+        display_name: profile.display_name,
+        avatar_colour: profile.avatar_colour,
+        avatar_url: profile.avatar_url.map(|url| url.to_string()),
+    })
 }
 
 /// After a login or registration: start syncing and sending.
@@ -141,6 +147,13 @@ pub async fn set_typing(state: State<'_, AppState>, room_id: String, typing: boo
 #[tauri::command]
 pub async fn mark_read(state: State<'_, AppState>, room_id: String) -> CommandResult<()> {
     Ok(state.client.mark_read(&self::room_id(&room_id)?).await?)
+}
+
+/// Online while the window is in use, Unavailable when it has been in the background a while
+/// (the frontend decides when); others see it as status and "last seen".
+#[tauri::command]
+pub async fn set_presence(state: State<'_, AppState>, presence: obmin_client::Presence) -> CommandResult<()> {
+    Ok(state.client.set_presence(presence, None).await?)
 }
 
 #[tauri::command]
@@ -338,4 +351,37 @@ pub async fn verification_mismatch(state: State<'_, AppState>, flow_id: String) 
 #[tauri::command]
 pub async fn verification_cancel(state: State<'_, AppState>, flow_id: String) -> CommandResult<()> {
     Ok(state.client.cancel_verification(&flow_id, false).await?)
+}
+
+/// An avatar picture (an `mxc://` URI from a profile) as a `data:` URL the page can show.
+/// Downloaded once into the cache directory; avatars are small and unencrypted.
+#[tauri::command]
+pub async fn avatar_image(app: AppHandle, state: State<'_, AppState>, url: String) -> CommandResult<String> {
+    use base64::Engine;
+    let Some(media) = url.strip_prefix("mxc://").filter(|m| m.split('/').count() == 2) else {
+        return Err(CommandError::invalid_input(format!("\"{url}\" is not an mxc:// URI.")));
+    };
+    let dir = cache_dir(&app)?.join("avatars");
+    tokio::fs::create_dir_all(&dir).await.map_err(file_error)?;
+    // The media id is the server's opaque token: keep only safe characters for the name.
+    let file_name: String = media.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
+    let path = dir.join(file_name);
+    if !path.exists() {
+        let attachment = Attachment { url: url.as_str().into(), encrypted_file: None };
+        state.client.download_file(&attachment, &path, None).await?;
+    }
+    let bytes = tokio::fs::read(&path).await.map_err(file_error)?;
+    Ok(format!("data:{};base64,{}", image_type(&bytes), base64::engine::general_purpose::STANDARD.encode(&bytes)))
+}
+
+/// The image type from the file's first bytes (the server's content type is not kept with
+/// the cached file, and a data URL needs one).
+fn image_type(bytes: &[u8]) -> &'static str {
+    match bytes {
+        [0x89, b'P', b'N', b'G', ..] => "image/png",
+        [0xFF, 0xD8, 0xFF, ..] => "image/jpeg",
+        [b'G', b'I', b'F', b'8', ..] => "image/gif",
+        [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => "image/webp",
+        _ => "application/octet-stream",
+    }
 }

@@ -69,6 +69,7 @@ fn main() {
             commands::set_typing,
             commands::mark_read,
             commands::search_users,
+            commands::set_presence,
             commands::set_profile,
             commands::set_avatar,
             commands::send_file,
@@ -79,6 +80,7 @@ fn main() {
             commands::verification_confirm,
             commands::verification_mismatch,
             commands::verification_cancel,
+            commands::avatar_image,
             notify::notify,
         ])
         .run(tauri::generate_context!())

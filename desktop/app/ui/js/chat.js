@@ -75,7 +75,9 @@ function renderHeader() {
   const peer = room.dm_peer;
   $("chat-title").textContent = room.name;
   $("chat-subtitle").textContent = peer ? describePresence(peer.presence) || peer.user_id : `${room.member_count} members`;
-  paintAvatar($("chat-avatar"), { name: room.name, id: peer?.user_id ?? room.room_id, colour: peer?.avatar_colour });
+  paintAvatar($("chat-avatar"), {
+    name: room.name, id: peer?.user_id ?? room.room_id, colour: peer?.avatar_colour, avatarUrl: peer?.avatar_url,
+  });
   $("chat-encrypted").hidden = !room.encrypted;
 }
 

@@ -1,5 +1,7 @@
 // Small DOM helpers shared by the screens.
 
+import { call } from "./tauri.js";
+
 export const $ = (id) => document.getElementById(id);
 
 /** Creates an element: el("li", { class: "x", onclick: f }, child, "text", ...). */
@@ -37,11 +39,28 @@ export function initials(name) {
   return (clean[0] ?? "?").toUpperCase();
 }
 
-/** Fills an avatar element: picture if there is one, else initials on the colour. */
-export function paintAvatar(node, { name, colour, id, pictureUrl, presence }) {
-  node.textContent = pictureUrl ? "" : initials(name || id);
+const pictures = new Map(); // mxc URI -> Promise of a data: URL (or null)
+
+function picture(mxc) {
+  if (!pictures.has(mxc)) pictures.set(mxc, call("avatar_image", { url: mxc }).catch(() => null));
+  return pictures.get(mxc);
+}
+
+/** Fills an avatar element: initials on the colour, replaced by the picture once loaded. */
+export function paintAvatar(node, { name, colour, id, avatarUrl, presence }) {
+  node.textContent = initials(name || id);
   node.style.backgroundColor = colour || colourFor(id || name);
-  node.style.backgroundImage = pictureUrl ? `url("${pictureUrl}")` : "";
+  node.style.backgroundImage = "";
+  if (avatarUrl) {
+    node.dataset.avatar = avatarUrl;
+    picture(avatarUrl).then((dataUrl) => {
+      if (!dataUrl || node.dataset.avatar !== avatarUrl) return;
+      node.style.backgroundImage = `url("${dataUrl}")`;
+      node.firstChild?.nodeType === Node.TEXT_NODE && node.firstChild.remove();
+    });
+  } else {
+    delete node.dataset.avatar;
+  }
   if (presence) {
     node.append(el("span", { class: `presence-dot presence-${presence.toLowerCase()}` }));
   }

@@ -21,7 +21,7 @@ function renderMe() {
   if (!me) return;
   $("me-name").textContent = me.display_name || me.user_id;
   $("me-id").textContent = me.user_id;
-  paintAvatar($("me-avatar"), { name: me.display_name, id: me.user_id, colour: me.avatar_colour });
+  paintAvatar($("me-avatar"), { name: me.display_name, id: me.user_id, colour: me.avatar_colour, avatarUrl: me.avatar_url });
 }
 
 /** Desktop notification through the shell (tauri-plugin-notification). */
@@ -94,7 +94,11 @@ function applyUpdate(update) {
       break;
     case "profile":
       if (update.user.user_id === state.me?.user_id) {
-        Object.assign(state.me, { display_name: update.user.display_name, avatar_colour: update.user.avatar_colour });
+        Object.assign(state.me, {
+          display_name: update.user.display_name,
+          avatar_colour: update.user.avatar_colour,
+          avatar_url: update.user.avatar_url,
+        });
         renderMe();
         changed({ kind: "me" });
       }
@@ -149,6 +153,21 @@ async function enterMain(me) {
   $("room-search").focus();
 }
 
+/** Online while the window has focus; Unavailable after a few minutes in the background. */
+const AWAY_AFTER_MS = 3 * 60 * 1000;
+let awayTimer = null;
+function trackPresence() {
+  const set = (presence) => state.me && call("set_presence", { presence }).catch(() => {});
+  window.addEventListener("focus", () => {
+    clearTimeout(awayTimer);
+    set("Online");
+  });
+  window.addEventListener("blur", () => {
+    clearTimeout(awayTimer);
+    awayTimer = setTimeout(() => set("Unavailable"), AWAY_AFTER_MS);
+  });
+}
+
 async function boot() {
   applyTheme(loadPrefs().theme);
   setupAuth({ show, onSession: enterMain });
@@ -173,6 +192,7 @@ async function boot() {
     }
   });
 
+  trackPresence();
   await on("update", applyUpdate);
   const me = await call("restore_session").catch(() => null);
   if (me) enterMain(me);

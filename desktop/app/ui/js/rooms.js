@@ -22,7 +22,7 @@ function roomItem(room) {
   const peer = room.dm_peer;
   const avatar = paintAvatar(el("span", { class: "avatar", "aria-hidden": "true" }), {
     name: room.name, id: peer?.user_id ?? room.room_id, colour: peer?.avatar_colour,
-    presence: peer?.presence.presence,
+    avatarUrl: peer?.avatar_url, presence: peer?.presence.presence,
   });
   const status = peer ? describePresence(peer.presence) : "";
   const preview = previewOf(room.last_message) || status;
@@ -93,7 +93,8 @@ async function searchPeople() {
         class: "room-item", onclick: () => startDirect(person.user_id),
         "aria-label": `Message ${person.display_name ?? person.user_id}`,
       },
-      paintAvatar(el("span", { class: "avatar", "aria-hidden": "true" }), { name: person.display_name, id: person.user_id }),
+      paintAvatar(el("span", { class: "avatar", "aria-hidden": "true" }),
+        { name: person.display_name, id: person.user_id, avatarUrl: person.avatar_url }),
       el("span", { class: "room-name" }, person.display_name ?? person.user_id),
       el("span"),
       el("span", { class: "room-preview" }, person.user_id))));

@@ -36,7 +36,7 @@ export function renderProfile() {
   if (!me) return;
   $("profile-name").value = me.display_name ?? "";
   buildColourPicker($("profile-colour"), "profile-colour", me.avatar_colour);
-  paintAvatar($("profile-avatar"), { name: me.display_name, id: me.user_id, colour: me.avatar_colour });
+  paintAvatar($("profile-avatar"), { name: me.display_name, id: me.user_id, colour: me.avatar_colour, avatarUrl: me.avatar_url });
 }
 
 async function saveProfile(event) {

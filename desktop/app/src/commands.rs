@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use obmin_client::{
-    Attachment, Client, DeviceInfo, OwnedRoomId, OwnedUserId, Progress, RoomSummary, SessionInfo, TimelineItem,
-    Update, UserSearchResult,
+    Attachment, Client, DeviceInfo, OwnedRoomId, OwnedUserId, Progress, RoomSummary, SessionInfo, TimelineItem, Update,
+    UserSearchResult,
 };
 use serde::Serialize;
 use tauri::{AppHandle, Emitter, Manager, State, ipc::Request};
@@ -66,7 +66,12 @@ pub async fn restore_session(state: State<'_, AppState>) -> CommandResult<Option
 }
 
 #[tauri::command]
-pub async fn login(state: State<'_, AppState>, server: String, username: String, password: String) -> CommandResult<Me> {
+pub async fn login(
+    state: State<'_, AppState>,
+    server: String,
+    username: String,
+    password: String,
+) -> CommandResult<Me> {
     let session = state.client.login(&server, &username, &password).await?;
     signed_in(&state.client, session).await
 }
@@ -211,7 +216,7 @@ fn percent_decode(text: &str) -> Option<String> {
 
 fn raw_body<'a>(request: &'a Request<'_>) -> CommandResult<&'a [u8]> {
     match request.body() {
-        tauri::ipc::InvokeBody::Raw(bytes) => Ok(bytes),
+        tauri::ipc::InvokeBody::Raw(bytes) => Ok(bytes.as_slice()),
         tauri::ipc::InvokeBody::Json(_) => Err(CommandError::invalid_input("expected the file's bytes")),
     }
 }
@@ -263,7 +268,11 @@ fn cache_dir(app: &AppHandle) -> CommandResult<PathBuf> {
 /// `x-file-name`. Progress goes to the window as `file_progress` updates under the key
 /// `upload:<room>`; returns the queued timeline item once the upload is complete.
 #[tauri::command]
-pub async fn send_file(app: AppHandle, state: State<'_, AppState>, request: Request<'_>) -> CommandResult<TimelineItem> {
+pub async fn send_file(
+    app: AppHandle,
+    state: State<'_, AppState>,
+    request: Request<'_>,
+) -> CommandResult<TimelineItem> {
     let room_id = self::room_id(&header(&request, "x-room-id")?)?;
     let name = header(&request, "x-file-name")?;
     let staged = Staged::write(&cache_dir(&app)?, &name, raw_body(&request)?).await?;
@@ -364,7 +373,8 @@ pub async fn avatar_image(app: AppHandle, state: State<'_, AppState>, url: Strin
     let dir = cache_dir(&app)?.join("avatars");
     tokio::fs::create_dir_all(&dir).await.map_err(file_error)?;
     // The media id is the server's opaque token: keep only safe characters for the name.
-    let file_name: String = media.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
+    let file_name: String =
+        media.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '_' }).collect();
     let path = dir.join(file_name);
     if !path.exists() {
         let attachment = Attachment { url: url.as_str().into(), encrypted_file: None };

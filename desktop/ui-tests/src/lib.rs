@@ -52,10 +52,9 @@ impl Session {
                 }
             }
         });
-        let answer = command(&http, reqwest::Method::POST, &format!("{driver_url}/session"), Some(capabilities)).await?;
-        let id = answer["sessionId"]
-            .as_str()
-            .ok_or_else(|| Error::Protocol(format!("no sessionId in {answer}")))?;
+        let answer =
+            command(&http, reqwest::Method::POST, &format!("{driver_url}/session"), Some(capabilities)).await?;
+        let id = answer["sessionId"].as_str().ok_or_else(|| Error::Protocol(format!("no sessionId in {answer}")))?;
         Ok(Session { http, base: format!("{driver_url}/session/{id}") })
     }
 

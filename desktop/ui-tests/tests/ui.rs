@@ -40,7 +40,7 @@ fn artifacts_dir() -> PathBuf {
 struct Peer {
     client: Client,
     updates: tokio::sync::broadcast::Receiver<Update>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Peer {
@@ -48,9 +48,12 @@ impl Peer {
         let dir = tempfile::tempdir().expect("temp dir");
         let client = Client::open(dir.path()).await.expect("open the peer's client");
         let updates = client.subscribe();
-        client.register(&server.base_url, name, PASSWORD, "Bob Peer", Some("#1f5fbf")).await.expect("register the peer");
+        client
+            .register(&server.base_url, name, PASSWORD, "Bob Peer", Some("#1f5fbf"))
+            .await
+            .expect("register the peer");
         client.start().expect("start the peer's sync");
-        Peer { client, updates, _dir: dir }
+        Peer { client, updates, dir }
     }
 
     /// Waits for an update that `pick` accepts.
@@ -93,7 +96,9 @@ impl Peer {
                 && item.sender.as_str() == sender
                 && matches!(item.content, ItemContent::Text { .. } | ItemContent::File { .. })
         };
-        if let Some(item) = self.client.timeline(room, 50).await.expect("peer timeline").into_iter().find(|i| matching(i)) {
+        if let Some(item) =
+            self.client.timeline(room, 50).await.expect("peer timeline").into_iter().find(|i| matching(i))
+        {
             return item;
         }
         self.wait_for(what, |update| match update {
@@ -107,7 +112,10 @@ impl Peer {
 /// Text of everything matching `css`, joined by newlines (via the page, one round trip).
 async fn texts(app: &Session, css: &str) -> String {
     let value = app
-        .execute("return [...document.querySelectorAll(arguments[0])].map(e => e.textContent).join('\\n');", vec![json!(css)])
+        .execute(
+            "return [...document.querySelectorAll(arguments[0])].map(e => e.textContent).join('\\n');",
+            vec![json!(css)],
+        )
         .await
         .expect("read texts");
     value.as_str().unwrap_or_default().to_owned()
@@ -163,7 +171,8 @@ async fn run(app: &Session, server: &mut Server, bob: &mut Peer, bob_id: &str) -
 
     // --- Login screen: defaults, and the two errors people meet first.
     app.wait_for("#login-form", WAIT).await.map_err(err)?;
-    let default_server = app.execute("return document.getElementById('login-server').value", vec![]).await.map_err(err)?;
+    let default_server =
+        app.execute("return document.getElementById('login-server').value", vec![]).await.map_err(err)?;
     assert_eq!(default_server, json!("http://localhost:8008"), "the server address defaults to localhost");
     shot(app, "login").await;
 
@@ -199,6 +208,11 @@ async fn run(app: &Session, server: &mut Server, bob: &mut Peer, bob_id: &str) -
     app.click_on("#new-chat-submit").await.map_err(err)?;
     app.wait_for("#chat-view", WAIT).await.map_err(err)?;
     let room = bob.accept_first_invite().await;
+    // The window shows bob joining (a membership notice) before alice writes, as a person
+    // would see it; the room key then goes to bob's device with the first message.
+    let joined = "return [...document.querySelectorAll('#timeline .notice')]\
+                  .some(n => n.textContent.includes('joined') && (n.textContent.includes(arguments[0]) || n.textContent.includes('Bob Peer')));";
+    app.wait_until("bob's join in the timeline", joined, vec![json!(bob_id)], WAIT).await.map_err(err)?;
 
     // --- Alice writes in the window; bob's client receives and decrypts it.
     let hello = "Hello Bob, this is the desktop app 👋";
@@ -243,7 +257,7 @@ async fn run(app: &Session, server: &mut Server, bob: &mut Peer, bob_id: &str) -
     let ItemContent::File { attachment, size, .. } = &file_item.content else { unreachable!() };
     assert_eq!(*size, Some(file_bytes.len() as u64));
     assert!(attachment.encrypted_file.is_some(), "the file was encrypted");
-    let dest = bob._dir.path().join("report.bin");
+    let dest = bob.dir.path().join("report.bin");
     bob.client.download_file(attachment, &dest, None).await.map_err(|e| e.to_string())?;
     assert_eq!(std::fs::read(&dest).map_err(|e| e.to_string())?, file_bytes, "bob decrypted the same bytes");
 

@@ -4,6 +4,7 @@
 mod account;
 mod aggregations;
 mod cli;
+mod desktop_core;
 mod devices;
 mod discovery;
 mod e2ee;

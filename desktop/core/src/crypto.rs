@@ -158,6 +158,7 @@ impl Client {
         event_type: &str,
         content: Value,
     ) -> Result<Value> {
+        self.refresh_members(session, room_id).await?;
         let members: Vec<OwnedUserId> = self
             .inner
             .store

@@ -107,3 +107,23 @@ impl From<serde_json::Error> for Error {
         Error::Store(format!("bad JSON: {e}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn matrix_errors_map_to_what_the_user_can_act_on() {
+        assert_eq!(Error::from_matrix(401, &json!({"errcode": "M_UNKNOWN_TOKEN", "error": "x"})), Error::SessionExpired);
+        let limited = Error::from_matrix(429, &json!({"errcode": "M_LIMIT_EXCEEDED", "error": "x", "retry_after_ms": 2500}));
+        assert_eq!(limited, Error::RateLimited { retry_after_ms: 2500 });
+        assert_eq!(limited.to_string(), "Too many attempts. Try again in 3 seconds.");
+        assert!(limited.is_transient());
+        let other = Error::from_matrix(400, &json!({"errcode": "M_BAD_JSON", "error": "bad"}));
+        assert!(matches!(&other, Error::Server { status: 400, errcode, .. } if errcode == "M_BAD_JSON"));
+        assert!(!other.is_transient());
+        assert!(Error::from_matrix(502, &json!({"errcode": "M_UNKNOWN", "error": "x"})).is_transient());
+    }
+}

@@ -33,7 +33,8 @@ macro_rules! token_auth {
     ($($scheme:ty),*) => {$(
         impl AuthInput for $scheme {
             fn input(token: Option<&str>) -> Self::Input<'_> {
-                token.map_or(SendAccessToken::None, SendAccessToken::IfRequired)
+                // Always: endpoints where the token is optional (profiles) answer with what we may see.
+                token.map_or(SendAccessToken::None, SendAccessToken::Always)
             }
         }
     )*};

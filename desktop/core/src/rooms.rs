@@ -7,7 +7,7 @@ use ruma::{
         config::{get_global_account_data, set_global_account_data},
         membership::{
             invite_user::{self, v3::InvitationRecipient},
-            join_room_by_id, leave_room,
+            get_member_events, join_room_by_id, leave_room,
         },
         room::{Visibility, create_room},
     },
@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use crate::{
     Client, Error, Membership, Result, RoomSummary, Update, UserSummary,
     http::REQUEST_TIMEOUT,
+    session::Session,
     store::{RoomRow, Store},
 };
 
@@ -165,6 +166,26 @@ impl Client {
         tx.commit().await?;
         self.emit(Update::RoomsChanged);
         Ok(room_id)
+    }
+
+    /// Reloads the room's member list from the server. Encryption needs the complete list
+    /// (a member missing from it would not get the room key), and right after a join the
+    /// cache may only have what the invite showed.
+    pub(crate) async fn refresh_members(&self, session: &Session, room_id: &RoomId) -> Result<()> {
+        let request = get_member_events::v3::Request::new(room_id.to_owned());
+        let response =
+            self.inner.http.send(&session.server_url, Some(&session.access_token), request, REQUEST_TIMEOUT).await?;
+        let mut tx = self.inner.store.begin().await?;
+        for event in &response.chunk {
+            let event: Value = event.deserialize_as_unchecked().unwrap_or(Value::Null);
+            if let (Some(user), Some(membership)) = (event["state_key"].as_str(), event["content"]["membership"].as_str())
+            {
+                Store::set_member(&mut tx, room_id.as_str(), user, membership, event["content"]["displayname"].as_str())
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(())
     }
 
     /// Invites someone into a room we are in.

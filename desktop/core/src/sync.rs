@@ -66,7 +66,10 @@ pub(crate) fn now_ms() -> u64 {
 pub(crate) async fn run(client: Client) {
     let mut backoff = Backoff::new();
     loop {
-        match client.sync_with_timeout(LONG_POLL).await {
+        // Until a sync has succeeded (at start, after an error) ask for an immediate answer:
+        // that is what tells us, and the user, that we are online again.
+        let timeout = if client.connection_state() == ConnectionState::Online { LONG_POLL } else { Duration::ZERO };
+        match client.sync_with_timeout(timeout).await {
             Ok(()) => {
                 if client.connection_state() != ConnectionState::Online {
                     // Back online: whatever waits in the outbox can go now.
@@ -299,6 +302,8 @@ impl Client {
                 && let Ok(sender) = OwnedUserId::try_from(sender)
             {
                 let device = event["content"]["from_device"].as_str().map(str::to_owned);
+                // Their device keys are needed to check their MAC at the end.
+                crypto.machine.update_tracked_users([sender.clone()]);
                 let mut ids = self.inner.verification_ids.lock().expect("verification ids");
                 let entry = ids.entry(txn.to_owned()).or_insert((sender, None));
                 if entry.1.is_none() {
@@ -447,4 +452,21 @@ impl Client {
 /// work on JSON values).
 pub(crate) fn raw_json<T>(raw: &Raw<T>) -> Value {
     raw.deserialize_as_unchecked().unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut backoff = Backoff::new();
+        let delays: Vec<Duration> = (0..8).map(|_| backoff.next_delay()).collect();
+        assert!(delays[0] >= Backoff::FIRST && delays[0] <= Backoff::FIRST.mul_f64(1.2));
+        assert!(delays[1] >= Backoff::FIRST * 2);
+        assert!(delays.iter().all(|d| *d <= Backoff::MAX.mul_f64(1.2)));
+        assert!(delays[7] >= Backoff::MAX);
+        backoff.reset();
+        assert!(backoff.next_delay() <= Backoff::FIRST.mul_f64(1.2));
+    }
 }

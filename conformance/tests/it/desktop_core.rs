@@ -1,0 +1,558 @@
+//! The desktop client core (`obmin-client`) against the real homeserver: each user is a
+//! `Client` with its own data directory and its background sync loop and outbox running, as
+//! in the app. Sessions and their restore, history offline, reconnecting, the outbox across
+//! an outage and an app restart (exactly one copy arrives), encrypted direct chats and groups
+//! both ways, typing, receipts, presence, profiles, user search, an encrypted file with
+//! progress, and SAS emoji verification between two clients.
+
+use std::{
+    future::Future,
+    io::Write,
+    time::{Duration, Instant},
+};
+
+use conformance::{Backend, Server, backend_tests, enc, free_port};
+use obmin_client::{
+    Client, ConnectionState, Error, ItemContent, Membership, Presence, SendState, TimelineItem, Update,
+    VerificationStatus,
+};
+use ruma::{OwnedRoomId, OwnedUserId, RoomId};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+
+backend_tests!(
+    register_login_and_restore_a_session,
+    history_is_readable_offline_and_the_sync_loop_reconnects,
+    the_outbox_delivers_exactly_once_across_an_outage_and_a_restart,
+    encrypted_direct_chats_and_groups_both_ways,
+    typing_receipts_presence_profiles_and_search,
+    an_encrypted_file_round_trips_with_progress,
+    sas_emoji_verification_between_two_clients,
+);
+
+/// A signed-in app: the client and its data directory (kept alive with it).
+struct App {
+    client: Client,
+    dir: TempDir,
+}
+
+impl App {
+    /// Registers `name` through the client and starts its background work.
+    async fn register(server: &Server, name: &str) -> App {
+        let dir = tempfile::tempdir().unwrap();
+        let client = Client::open(dir.path()).await.unwrap();
+        client.register(&server.base_url, name, "secret-pass", &format!("{name} display"), Some("#123456")).await.unwrap();
+        client.start().unwrap();
+        App { client, dir }
+    }
+
+    fn user_id(&self) -> OwnedUserId {
+        self.client.session().unwrap().user_id
+    }
+
+    /// Waits until the room is in our list with this membership.
+    async fn wait_for_room(&self, room_id: &RoomId, membership: Membership) {
+        eventually(&format!("{room_id} {membership:?} for {}", self.user_id()), || async {
+            let room = self.client.room(room_id).await.unwrap()?;
+            (room.membership == membership).then_some(())
+        })
+        .await
+    }
+
+    /// Waits until a text with this body is in the room's timeline; returns the item.
+    async fn wait_for_text(&self, room_id: &RoomId, body: &str) -> TimelineItem {
+        eventually(&format!("\"{body}\" at {}", self.user_id()), || async {
+            self.client.timeline(room_id, 100).await.unwrap().into_iter().find(|item| text(item) == Some(body))
+        })
+        .await
+    }
+
+    /// Waits until our item `key` has reached this send state.
+    async fn wait_for_state(&self, room_id: &RoomId, key: &str, state: SendState) {
+        eventually(&format!("{key} {state:?}"), || async {
+            let items = self.client.timeline(room_id, 100).await.unwrap();
+            items.iter().any(|i| i.key == key && i.send_state.as_ref() == Some(&state)).then_some(())
+        })
+        .await
+    }
+}
+
+fn text(item: &TimelineItem) -> Option<&str> {
+    match &item.content {
+        ItemContent::Text { body } => Some(body),
+        _ => None,
+    }
+}
+
+/// Polls `check` until it gives a value (30 s at most).
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Alice opens a direct chat with Bob, Bob sees the invite and accepts.
+async fn direct_chat(alice: &App, bob: &App) -> OwnedRoomId {
+    let room = alice.client.create_dm(&bob.user_id()).await.unwrap();
+    bob.wait_for_room(&room, Membership::Invited).await;
+    let invite = bob.client.room(&room).await.unwrap().unwrap();
+    assert_eq!(invite.inviter.as_ref(), Some(&alice.user_id()));
+    bob.client.accept_invite(&room).await.unwrap();
+    alice
+        .wait_for_room(&room, Membership::Joined)
+        .await;
+    eventually("Bob's join reaching Alice", || async {
+        let members = alice.client.members(&room).await.unwrap();
+        members.iter().any(|m| m.user_id == bob.user_id()).then_some(())
+    })
+    .await;
+    room
+}
+
+/// Takes the server away (SIGKILL: like a crash or a cut cable; a graceful stop would wait
+/// for the clients' long-polls) so that `restart` brings it back on the same address.
+fn stop_server(server: &mut Server) {
+    let addr = server.base_url.trim_start_matches("http://").to_owned();
+    server.set_env("OBMIN_LISTEN", &addr);
+    server.kill();
+}
+
+async fn register_login_and_restore_a_session(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = App::register(&server, "alice").await;
+    let session = alice.client.session().unwrap();
+    assert_eq!(session.user_id.as_str(), "@alice:localhost");
+    assert_eq!(session.server_url, server.base_url);
+    let profile = alice.client.profile().await.unwrap();
+    assert_eq!(profile.display_name.as_deref(), Some("alice display"));
+    assert_eq!(profile.avatar_colour.as_deref(), Some("#123456"));
+    // The colour is a custom profile field anyone can read.
+    let public = server.get(&format!("/_matrix/client/v3/profile/{}", enc(session.user_id.as_str())), None).await;
+    assert_eq!(public.assert_ok()["io.obmin.avatar_colour"], "#123456");
+
+    // The app restarts: the session comes back from the data directory and still works.
+    alice.client.stop().await;
+    let restored = Client::open(alice.dir.path()).await.unwrap();
+    assert_eq!(restored.session(), Some(session.clone()));
+    restored.sync_once().await.unwrap();
+
+    // Errors a user can act on.
+    let other = tempfile::tempdir().unwrap();
+    let fresh = Client::open(other.path()).await.unwrap();
+    assert_eq!(fresh.session(), None);
+    let wrong = fresh.login(&server.base_url, "alice", "not-the-password").await.unwrap_err();
+    assert_eq!(wrong, Error::WrongPassword);
+    assert_eq!(wrong.to_string(), "Wrong user name or password.");
+    let unreachable = format!("http://127.0.0.1:{}", free_port());
+    assert!(matches!(
+        fresh.login(&unreachable, "alice", "secret-pass").await,
+        Err(Error::ServerUnreachable { .. })
+    ));
+    assert!(matches!(fresh.login("not a url at all", "a", "b").await, Err(Error::InvalidServerUrl { .. })));
+    assert_eq!(
+        fresh.register(&server.base_url, "alice", "another-pass", "Alice 2", None).await,
+        Err(Error::UserTaken("alice".into()))
+    );
+    assert_eq!(fresh.sync_once().await, Err(Error::NotLoggedIn));
+
+    // A second device by password login (the address without a scheme works too).
+    let login = fresh.login(server.base_url.trim_start_matches("http://"), "alice", "secret-pass").await.unwrap();
+    assert_eq!(login.user_id, session.user_id);
+    assert_ne!(login.device_id, session.device_id);
+
+    // Logout ends the session on the server and locally, also for the next start.
+    let mut updates = restored.subscribe();
+    restored.logout().await.unwrap();
+    assert_eq!(restored.session(), None);
+    assert_eq!(updates.recv().await, Ok(Update::LoggedOut));
+    assert_eq!(Client::open(alice.dir.path()).await.unwrap().session(), None);
+    let devices = server.login("alice", "secret-pass").await;
+    let token = devices.assert_ok()["access_token"].as_str().unwrap().to_owned();
+    let list = server.get("/_matrix/client/v3/devices", Some(&token)).await;
+    let ids: Vec<&str> = list.assert_ok()["devices"].as_array().unwrap().iter().filter_map(|d| d["device_id"].as_str()).collect();
+    assert!(!ids.contains(&session.device_id.as_str()), "the logged-out device is gone: {ids:?}");
+}
+
+async fn history_is_readable_offline_and_the_sync_loop_reconnects(backend: Backend) {
+    let mut server = Server::start(backend).await;
+    let alice = App::register(&server, "alice").await;
+    let bob = App::register(&server, "bob").await;
+    let room = direct_chat(&alice, &bob).await;
+    alice.client.send_text(&room, "history to keep").await.unwrap();
+    bob.wait_for_text(&room, "history to keep").await;
+    assert_eq!(bob.client.connection_state(), ConnectionState::Online);
+
+    stop_server(&mut server);
+    eventually("Bob's client noticing the outage", || async {
+        matches!(bob.client.connection_state(), ConnectionState::Reconnecting { .. }).then_some(())
+    })
+    .await;
+    // Offline: the room list and the history come from the local cache.
+    let rooms = bob.client.rooms().await.unwrap();
+    let summary = rooms.iter().find(|r| r.room_id == room).expect("the room offline");
+    assert_eq!(summary.dm_peer.as_ref().map(|p| p.user_id.clone()), Some(alice.user_id()));
+    assert_eq!(summary.last_message.as_ref().and_then(text), Some("history to keep"));
+    assert!(summary.encrypted);
+    // Also after the app restarts while offline.
+    bob.client.stop().await;
+    let reopened = Client::open(bob.dir.path()).await.unwrap();
+    let items = reopened.timeline(&room, 50).await.unwrap();
+    let item = items.iter().find(|i| text(i) == Some("history to keep")).expect("history offline after restart");
+    assert!(item.encrypted);
+    assert_eq!(item.sender, alice.user_id());
+    let mut updates = reopened.subscribe();
+    reopened.start().unwrap();
+
+    // The server comes back: the loop reconnects by itself and picks up what it missed.
+    server.restart().await;
+    eventually("reconnected", || async { (reopened.connection_state() == ConnectionState::Online).then_some(()) }).await;
+    let mut states = Vec::new();
+    while let Ok(update) = updates.try_recv() {
+        if let Update::Connection { state } = update {
+            states.push(state);
+        }
+    }
+    assert!(states.contains(&ConnectionState::Online), "{states:?}");
+    let after = alice.client.send_text(&room, "after the outage").await.unwrap();
+    alice.wait_for_state(&room, &after.key, SendState::Sent).await;
+    let bob_again = App { client: reopened, dir: bob.dir };
+    bob_again.wait_for_text(&room, "after the outage").await;
+}
+
+async fn the_outbox_delivers_exactly_once_across_an_outage_and_a_restart(backend: Backend) {
+    let mut server = Server::start(backend).await;
+    let alice = App::register(&server, "alice").await;
+    let bob = App::register(&server, "bob").await;
+    let room = direct_chat(&alice, &bob).await;
+    alice.client.send_text(&room, "warm-up").await.unwrap();
+    bob.wait_for_text(&room, "warm-up").await;
+
+    // Sent while the server is down: queued, shown as sending.
+    stop_server(&mut server);
+    let queued = alice.client.send_text(&room, "sent while down").await.unwrap();
+    assert_eq!(queued.send_state, Some(SendState::Sending));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    alice.wait_for_state(&room, &queued.key, SendState::Sending).await;
+
+    // The app quits and starts again while the server is still down: the message is still
+    // queued (it lives in the store, not in memory).
+    alice.client.stop().await;
+    let alice = App { client: Client::open(alice.dir.path()).await.unwrap(), dir: alice.dir };
+    alice.wait_for_state(&room, &queued.key, SendState::Sending).await;
+    alice.client.start().unwrap();
+
+    server.restart().await;
+    alice.wait_for_state(&room, &queued.key, SendState::Sent).await;
+    bob.wait_for_text(&room, "sent while down").await;
+
+    // A retry after a lost answer: the server got the message but the app never heard back
+    // (simulated by sending the queued transaction id ourselves first, with the app's token).
+    alice.client.stop().await;
+    let second = alice.client.send_text(&room, "answer lost").await.unwrap();
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", alice.dir.path().join("client.db").display())).await.unwrap();
+    let (token,): (String,) = sqlx::query_as("SELECT access_token FROM session").fetch_one(&db).await.unwrap();
+    let (txn,): (String,) = sqlx::query_as("SELECT txn_id FROM outbox").fetch_one(&db).await.unwrap();
+    assert_eq!(txn, second.key, "the outbox is keyed by the item's transaction id");
+    let first = server
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room.as_str())),
+            Some(&token),
+            json!({"msgtype": "m.text", "body": "answer lost"}),
+        )
+        .await;
+    let first_event = first.assert_ok()["event_id"].as_str().unwrap().to_owned();
+    alice.client.start().unwrap();
+    alice.wait_for_state(&room, &second.key, SendState::Sent).await;
+    let mine = alice.client.timeline(&room, 100).await.unwrap();
+    let sent = mine.iter().find(|i| i.key == second.key).unwrap();
+    assert_eq!(sent.event_id.as_ref().map(|e| e.as_str()), Some(first_event.as_str()), "the retry got the same event");
+
+    // A marker after both: once Bob has it, he has everything before it. One copy each.
+    alice.client.send_text(&room, "marker").await.unwrap();
+    bob.wait_for_text(&room, "marker").await;
+    let bobs = bob.client.timeline(&room, 100).await.unwrap();
+    for body in ["sent while down", "answer lost"] {
+        assert_eq!(bobs.iter().filter(|i| text(i) == Some(body)).count(), 1, "exactly one \"{body}\"");
+    }
+    // Alice's own view has no duplicates from the sync echo either.
+    let mine = alice.client.timeline(&room, 100).await.unwrap();
+    assert_eq!(mine.iter().filter(|i| text(i) == Some("sent while down")).count(), 1);
+}
+
+async fn encrypted_direct_chats_and_groups_both_ways(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = App::register(&server, "alice").await;
+    let bob = App::register(&server, "bob").await;
+    let carol = App::register(&server, "carol").await;
+
+    let dm = direct_chat(&alice, &bob).await;
+    alice.client.send_text(&dm, "hi bob, secretly").await.unwrap();
+    let got = bob.wait_for_text(&dm, "hi bob, secretly").await;
+    assert!(got.encrypted);
+    assert_eq!(got.sender, alice.user_id());
+    bob.client.send_text(&dm, "hi alice, secretly").await.unwrap();
+    let got = alice.wait_for_text(&dm, "hi alice, secretly").await;
+    assert!(got.encrypted);
+    // The server only ever saw ciphertext.
+    let login = server.login("bob", "secret-pass").await;
+    let token = login.assert_ok()["access_token"].as_str().unwrap().to_owned();
+    let messages = server
+        .get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(dm.as_str())), Some(&token))
+        .await;
+    let chunk = messages.assert_ok()["chunk"].as_array().unwrap().clone();
+    assert!(chunk.iter().all(|e| e["type"] != "m.room.message"), "no plaintext on the server: {chunk:?}");
+    assert!(chunk.iter().filter(|e| e["type"] == "m.room.encrypted").count() >= 2);
+
+    // The DM shows as Bob's chat with Alice.
+    let summary = bob.client.room(&dm).await.unwrap().unwrap();
+    assert_eq!(summary.dm_peer.map(|p| p.user_id), Some(alice.user_id()));
+    assert!(summary.encrypted);
+
+    // A group: all three read each other.
+    let group = alice.client.create_group("Team", &[bob.user_id(), carol.user_id()]).await.unwrap();
+    for member in [&bob, &carol] {
+        member.wait_for_room(&group, Membership::Invited).await;
+        member.client.accept_invite(&group).await.unwrap();
+    }
+    eventually("everyone joined", || async {
+        let members = alice.client.members(&group).await.unwrap();
+        (members.len() == 3).then_some(())
+    })
+    .await;
+    carol.client.send_text(&group, "hello team").await.unwrap();
+    alice.wait_for_text(&group, "hello team").await;
+    bob.wait_for_text(&group, "hello team").await;
+    alice.client.send_text(&group, "hello carol and bob").await.unwrap();
+    carol.wait_for_text(&group, "hello carol and bob").await;
+    bob.wait_for_text(&group, "hello carol and bob").await;
+    assert_eq!(carol.client.room(&group).await.unwrap().unwrap().name, "Team");
+
+    // Declining an invite takes it off the list.
+    let other = alice.client.create_group("Not for Carol", &[carol.user_id()]).await.unwrap();
+    carol.wait_for_room(&other, Membership::Invited).await;
+    carol.client.decline_invite(&other).await.unwrap();
+    assert!(carol.client.rooms().await.unwrap().iter().all(|r| r.room_id != other));
+}
+
+async fn typing_receipts_presence_profiles_and_search(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = App::register(&server, "alice").await;
+    let bob = App::register(&server, "bob").await;
+    let room = direct_chat(&alice, &bob).await;
+
+    // Typing.
+    let mut bob_updates = bob.client.subscribe();
+    alice.client.set_typing(&room, true).await.unwrap();
+    let typing = eventually("Alice typing at Bob", || {
+        let mut found = None;
+        while let Ok(update) = bob_updates.try_recv() {
+            if let Update::Typing { room_id, user_ids } = update
+                && room_id == room
+                && !user_ids.is_empty()
+            {
+                found = Some(user_ids);
+            }
+        }
+        async move { found }
+    })
+    .await;
+    assert_eq!(typing, vec![alice.user_id()]);
+
+    // Delivered (✓) and read (✓✓), unread counts.
+    let sent = alice.client.send_text(&room, "read me").await.unwrap();
+    alice.wait_for_state(&room, &sent.key, SendState::Sent).await;
+    bob.wait_for_text(&room, "read me").await;
+    let unread = bob.client.room(&room).await.unwrap().unwrap().unread;
+    assert_eq!(unread, 1);
+    bob.client.mark_read(&room).await.unwrap();
+    assert_eq!(bob.client.room(&room).await.unwrap().unwrap().unread, 0);
+    alice.wait_for_state(&room, &sent.key, SendState::Read).await;
+
+    // Presence and last seen.
+    bob.client.set_presence(Presence::Unavailable, Some("in a meeting")).await.unwrap();
+    let peer = eventually("Bob's presence at Alice", || async {
+        let summary = alice.client.room(&room).await.unwrap()?;
+        let peer = summary.dm_peer?;
+        (peer.presence.presence == Presence::Unavailable).then_some(peer)
+    })
+    .await;
+    assert_eq!(peer.presence.status_msg.as_deref(), Some("in a meeting"));
+    let last_seen = peer.presence.last_active_ts.expect("last seen");
+    assert!(last_seen > 1_700_000_000_000);
+
+    // Profile: name, colour, avatar image.
+    alice.client.set_display_name("Alice Anders").await.unwrap();
+    alice.client.set_avatar_colour("#ff8800").await.unwrap();
+    let avatar = alice.dir.path().join("me.png");
+    let mut png = Vec::new();
+    image::DynamicImage::new_rgb8(8, 8).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    std::fs::write(&avatar, &png).unwrap();
+    alice.client.set_avatar(&avatar).await.unwrap();
+    let profile = alice.client.profile().await.unwrap();
+    assert_eq!(profile.display_name.as_deref(), Some("Alice Anders"));
+    assert_eq!(profile.avatar_colour.as_deref(), Some("#ff8800"));
+    let avatar_url = profile.avatar_url.expect("an avatar");
+    let seen_by_bob = bob.client.user(&alice.user_id()).await.unwrap();
+    assert_eq!(seen_by_bob.avatar_colour.as_deref(), Some("#ff8800"));
+    assert_eq!(seen_by_bob.avatar_url, Some(avatar_url.clone()));
+    let (server_name, media_id) = avatar_url.parts().unwrap();
+    let download = server
+        .http
+        .get(server.url(&format!("/_matrix/client/v1/media/download/{server_name}/{media_id}")))
+        .bearer_auth(&server.login("bob", "secret-pass").await.body["access_token"].as_str().unwrap().to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(download.bytes().await.unwrap().as_ref(), png.as_slice(), "the avatar is the uploaded image");
+
+    // User search finds her by her new name.
+    let found = eventually("Alice in the directory", || async {
+        let results = bob.client.search_users("Anders").await.unwrap();
+        results.into_iter().find(|u| u.user_id == alice.user_id())
+    })
+    .await;
+    assert_eq!(found.display_name.as_deref(), Some("Alice Anders"));
+}
+
+async fn an_encrypted_file_round_trips_with_progress(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = App::register(&server, "alice").await;
+    let bob = App::register(&server, "bob").await;
+    let room = direct_chat(&alice, &bob).await;
+
+    let len = 3 * 1024 * 1024 + 17;
+    let source = alice.dir.path().join("report.bin");
+    let mut file = std::fs::File::create(&source).unwrap();
+    let data: Vec<u8> = (0..len as u64).map(|p| (p.wrapping_mul(2_654_435_761) >> 7) as u8).collect();
+    file.write_all(&data).unwrap();
+    drop(file);
+    let expected = Sha256::digest(&data);
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let item = alice.client.send_file(&room, &source, Some(tx)).await.unwrap();
+    let mut progress = Vec::new();
+    while let Ok(p) = rx.try_recv() {
+        progress.push(p);
+    }
+    assert!(progress.len() >= 3, "progress in steps: {progress:?}");
+    assert!(progress.windows(2).all(|w| w[0].done < w[1].done));
+    assert_eq!(progress.last().map(|p| (p.done, p.total)), Some((len as u64, len as u64)));
+    alice.wait_for_state(&room, &item.key, SendState::Sent).await;
+
+    let received = eventually("the file at Bob", || async {
+        let items = bob.client.timeline(&room, 50).await.unwrap();
+        items.into_iter().find(|i| matches!(i.content, ItemContent::File { .. }))
+    })
+    .await;
+    let ItemContent::File { name, size, attachment, .. } = received.content else { unreachable!() };
+    assert_eq!(name, "report.bin");
+    assert_eq!(size, Some(len as u64));
+    assert!(attachment.encrypted_file.is_some(), "sent as an encrypted attachment");
+
+    // What the server stores is ciphertext.
+    let (server_name, media_id) = attachment.url.parts().unwrap();
+    let token = server.login("bob", "secret-pass").await.body["access_token"].as_str().unwrap().to_owned();
+    let stored = server
+        .http
+        .get(server.url(&format!("/_matrix/client/v1/media/download/{server_name}/{media_id}")))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), len);
+    assert_ne!(Sha256::digest(&stored), expected);
+
+    let dest = bob.dir.path().join("downloaded.bin");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    bob.client.download_file(&attachment, &dest, Some(tx)).await.unwrap();
+    assert_eq!(Sha256::digest(std::fs::read(&dest).unwrap()), expected, "decrypted file equals the original");
+    let mut last = None;
+    while let Ok(p) = rx.try_recv() {
+        last = Some(p.done);
+    }
+    assert_eq!(last, Some(len as u64));
+
+    // A tampered description (wrong hash) fails and leaves no file behind.
+    let mut tampered = attachment.clone();
+    tampered.encrypted_file.as_mut().unwrap()["hashes"]["sha256"] = json!("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+    let bad = bob.dir.path().join("tampered.bin");
+    assert!(matches!(bob.client.download_file(&tampered, &bad, None).await, Err(Error::Crypto(_))));
+    assert!(!bad.exists());
+}
+
+async fn sas_emoji_verification_between_two_clients(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = App::register(&server, "alice").await;
+    let bob = App::register(&server, "bob").await;
+    let _room = direct_chat(&alice, &bob).await;
+
+    let devices = alice.client.user_devices(&bob.user_id()).await.unwrap();
+    let bob_device = bob.client.session().unwrap().device_id;
+    assert_eq!(devices.iter().map(|d| d.device_id.clone()).collect::<Vec<_>>(), vec![bob_device.clone()]);
+    assert!(!devices[0].verified);
+
+    let mut bob_updates = bob.client.subscribe();
+    let id = alice.client.start_verification(&bob.user_id(), &bob_device).await.unwrap();
+    let request = eventually("the request at Bob", || async {
+        let all = bob.client.verifications().await;
+        all.into_iter().find(|v| v.id == id && v.status == VerificationStatus::Requested)
+    })
+    .await;
+    assert_eq!(request.other_user, alice.user_id());
+    eventually("Bob's app told about the request", || {
+        let mut announced = None;
+        while let Ok(update) = bob_updates.try_recv() {
+            if matches!(&update, Update::Verification { verification } if verification.id == id) {
+                announced = Some(());
+            }
+        }
+        async move { announced }
+    })
+    .await;
+    bob.client.accept_verification(&id).await.unwrap();
+
+    let emoji = |app: &App| {
+        let (client, id) = (app.client.clone(), id.clone());
+        async move {
+            eventually("the emoji", || async {
+                client.verifications().await.into_iter().find_map(|v| match v.status {
+                    VerificationStatus::ShowEmoji(emoji) if v.id == id => Some(emoji),
+                    _ => None,
+                })
+            })
+            .await
+        }
+    };
+    let (alice_emoji, bob_emoji) = (emoji(&alice).await, emoji(&bob).await);
+    assert_eq!(alice_emoji.len(), 7);
+    assert_eq!(alice_emoji, bob_emoji, "both sides show the same emoji");
+    alice.client.confirm_verification(&id).await.unwrap();
+    bob.client.confirm_verification(&id).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    eprintln!("DEBUG alice {:?}\nDEBUG bob {:?}", alice.client.verifications().await, bob.client.verifications().await);
+    for app in [&alice, &bob] {
+        eventually("verification done", || async {
+            let all = app.client.verifications().await;
+            all.iter().any(|v| v.id == id && v.status == VerificationStatus::Done).then_some(())
+        })
+        .await;
+    }
+    let devices = alice.client.user_devices(&bob.user_id()).await.unwrap();
+    assert!(devices[0].verified, "Bob's device is verified at Alice");
+    let alice_device = alice.client.session().unwrap().device_id;
+    let devices = bob.client.user_devices(&alice.user_id()).await.unwrap();
+    assert!(devices.iter().any(|d| d.device_id == alice_device && d.verified));
+}

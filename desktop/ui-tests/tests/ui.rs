@@ -195,10 +195,14 @@ async fn run(app: &Session, server: &mut Server, bob: &mut Peer, bob_id: &str) -
     app.fill("#register-username", "alice").await.map_err(err)?;
     app.fill("#register-display-name", "Alice Desktop").await.map_err(err)?;
     app.fill("#register-password", PASSWORD).await.map_err(err)?;
-    app.click_on("#register-colour label:nth-of-type(3) input").await.map_err(err)?;
+    // The label, not the radio inside it: the radio is transparent (the swatch shows instead).
+    app.click_on("#register-colour label:nth-of-type(3)").await.map_err(err)?;
     app.click_on("#register-submit").await.map_err(err)?;
     app.wait_for("#screen-main", WAIT).await.map_err(err)?;
     wait_text(app, "#me-name", "Alice Desktop").await?;
+    let colour =
+        app.execute("return document.getElementById('me-avatar').style.backgroundColor", vec![]).await.map_err(err)?;
+    assert_eq!(colour, json!("rgb(106, 63, 181)"), "the avatar shows the chosen colour (violet, #6a3fb5)");
     let alice_id = texts(app, "#me-id").await;
     assert!(alice_id.starts_with("@alice:"), "signed in as alice: {alice_id}");
 

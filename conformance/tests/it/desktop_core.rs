@@ -42,7 +42,10 @@ impl App {
     async fn register(server: &Server, name: &str) -> App {
         let dir = tempfile::tempdir().unwrap();
         let client = Client::open(dir.path()).await.unwrap();
-        client.register(&server.base_url, name, "secret-pass", &format!("{name} display"), Some("#123456")).await.unwrap();
+        client
+            .register(&server.base_url, name, "secret-pass", &format!("{name} display"), Some("#123456"))
+            .await
+            .unwrap();
         client.start().unwrap();
         App { client, dir }
     }
@@ -85,13 +88,14 @@ fn text(item: &TimelineItem) -> Option<&str> {
     }
 }
 
-/// Polls `check` until it gives a value (30 s at most).
+/// Polls `check` until it gives a value (60 s at most: after a server restart, a long-poll
+/// that started before it may only return at its 30 s timeout).
 async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(value) = check().await {
             return value;
@@ -108,9 +112,7 @@ async fn direct_chat(alice: &App, bob: &App) -> OwnedRoomId {
     let invite = bob.client.room(&room).await.unwrap().unwrap();
     assert_eq!(invite.inviter.as_ref(), Some(&alice.user_id()));
     bob.client.accept_invite(&room).await.unwrap();
-    alice
-        .wait_for_room(&room, Membership::Joined)
-        .await;
+    alice.wait_for_room(&room, Membership::Joined).await;
     eventually("Bob's join reaching Alice", || async {
         let members = alice.client.members(&room).await.unwrap();
         members.iter().any(|m| m.user_id == bob.user_id()).then_some(())
@@ -154,10 +156,7 @@ async fn register_login_and_restore_a_session(backend: Backend) {
     assert_eq!(wrong, Error::WrongPassword);
     assert_eq!(wrong.to_string(), "Wrong user name or password.");
     let unreachable = format!("http://127.0.0.1:{}", free_port());
-    assert!(matches!(
-        fresh.login(&unreachable, "alice", "secret-pass").await,
-        Err(Error::ServerUnreachable { .. })
-    ));
+    assert!(matches!(fresh.login(&unreachable, "alice", "secret-pass").await, Err(Error::ServerUnreachable { .. })));
     assert!(matches!(fresh.login("not a url at all", "a", "b").await, Err(Error::InvalidServerUrl { .. })));
     assert_eq!(
         fresh.register(&server.base_url, "alice", "another-pass", "Alice 2", None).await,
@@ -179,7 +178,8 @@ async fn register_login_and_restore_a_session(backend: Backend) {
     let devices = server.login("alice", "secret-pass").await;
     let token = devices.assert_ok()["access_token"].as_str().unwrap().to_owned();
     let list = server.get("/_matrix/client/v3/devices", Some(&token)).await;
-    let ids: Vec<&str> = list.assert_ok()["devices"].as_array().unwrap().iter().filter_map(|d| d["device_id"].as_str()).collect();
+    let ids: Vec<&str> =
+        list.assert_ok()["devices"].as_array().unwrap().iter().filter_map(|d| d["device_id"].as_str()).collect();
     assert!(!ids.contains(&session.device_id.as_str()), "the logged-out device is gone: {ids:?}");
 }
 
@@ -215,7 +215,8 @@ async fn history_is_readable_offline_and_the_sync_loop_reconnects(backend: Backe
 
     // The server comes back: the loop reconnects by itself and picks up what it missed.
     server.restart().await;
-    eventually("reconnected", || async { (reopened.connection_state() == ConnectionState::Online).then_some(()) }).await;
+    eventually("reconnected", || async { (reopened.connection_state() == ConnectionState::Online).then_some(()) })
+        .await;
     let mut states = Vec::new();
     while let Ok(update) = updates.try_recv() {
         if let Update::Connection { state } = update {
@@ -259,7 +260,8 @@ async fn the_outbox_delivers_exactly_once_across_an_outage_and_a_restart(backend
     // (simulated by sending the queued transaction id ourselves first, with the app's token).
     alice.client.stop().await;
     let second = alice.client.send_text(&room, "answer lost").await.unwrap();
-    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", alice.dir.path().join("client.db").display())).await.unwrap();
+    let db =
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", alice.dir.path().join("client.db").display())).await.unwrap();
     let (token,): (String,) = sqlx::query_as("SELECT access_token FROM session").fetch_one(&db).await.unwrap();
     let (txn,): (String,) = sqlx::query_as("SELECT txn_id FROM outbox").fetch_one(&db).await.unwrap();
     assert_eq!(txn, second.key, "the outbox is keyed by the item's transaction id");
@@ -409,7 +411,7 @@ async fn typing_receipts_presence_profiles_and_search(backend: Backend) {
     let download = server
         .http
         .get(server.url(&format!("/_matrix/client/v1/media/download/{server_name}/{media_id}")))
-        .bearer_auth(&server.login("bob", "secret-pass").await.body["access_token"].as_str().unwrap().to_owned())
+        .bearer_auth(server.login("bob", "secret-pass").await.body["access_token"].as_str().unwrap().to_owned())
         .send()
         .await
         .unwrap();
@@ -438,8 +440,17 @@ async fn an_encrypted_file_round_trips_with_progress(backend: Backend) {
     drop(file);
     let expected = Sha256::digest(&data);
 
+    let mut alice_updates = alice.client.subscribe();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let item = alice.client.send_file(&room, &source, Some(tx)).await.unwrap();
+    // The app hears it too, under the key the message's item has.
+    let mut reported = Vec::new();
+    while let Ok(update) = alice_updates.try_recv() {
+        if let Update::FileProgress { key, progress } = update {
+            assert_eq!(key, item.key);
+            reported.push(progress);
+        }
+    }
     let mut progress = Vec::new();
     while let Ok(p) = rx.try_recv() {
         progress.push(p);
@@ -447,6 +458,7 @@ async fn an_encrypted_file_round_trips_with_progress(backend: Backend) {
     assert!(progress.len() >= 3, "progress in steps: {progress:?}");
     assert!(progress.windows(2).all(|w| w[0].done < w[1].done));
     assert_eq!(progress.last().map(|p| (p.done, p.total)), Some((len as u64, len as u64)));
+    assert_eq!(reported, progress);
     alice.wait_for_state(&room, &item.key, SendState::Sent).await;
 
     let received = eventually("the file at Bob", || async {
@@ -487,7 +499,8 @@ async fn an_encrypted_file_round_trips_with_progress(backend: Backend) {
 
     // A tampered description (wrong hash) fails and leaves no file behind.
     let mut tampered = attachment.clone();
-    tampered.encrypted_file.as_mut().unwrap()["hashes"]["sha256"] = json!("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+    tampered.encrypted_file.as_mut().unwrap()["hashes"]["sha256"] =
+        json!("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
     let bad = bob.dir.path().join("tampered.bin");
     assert!(matches!(bob.client.download_file(&tampered, &bad, None).await, Err(Error::Crypto(_))));
     assert!(!bad.exists());
@@ -541,8 +554,6 @@ async fn sas_emoji_verification_between_two_clients(backend: Backend) {
     assert_eq!(alice_emoji, bob_emoji, "both sides show the same emoji");
     alice.client.confirm_verification(&id).await.unwrap();
     bob.client.confirm_verification(&id).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    eprintln!("DEBUG alice {:?}\nDEBUG bob {:?}", alice.client.verifications().await, bob.client.verifications().await);
     for app in [&alice, &bob] {
         eventually("verification done", || async {
             let all = app.client.verifications().await;

@@ -116,8 +116,12 @@ mod tests {
 
     #[test]
     fn matrix_errors_map_to_what_the_user_can_act_on() {
-        assert_eq!(Error::from_matrix(401, &json!({"errcode": "M_UNKNOWN_TOKEN", "error": "x"})), Error::SessionExpired);
-        let limited = Error::from_matrix(429, &json!({"errcode": "M_LIMIT_EXCEEDED", "error": "x", "retry_after_ms": 2500}));
+        assert_eq!(
+            Error::from_matrix(401, &json!({"errcode": "M_UNKNOWN_TOKEN", "error": "x"})),
+            Error::SessionExpired
+        );
+        let limited =
+            Error::from_matrix(429, &json!({"errcode": "M_LIMIT_EXCEEDED", "error": "x", "retry_after_ms": 2500}));
         assert_eq!(limited, Error::RateLimited { retry_after_ms: 2500 });
         assert_eq!(limited.to_string(), "Too many attempts. Try again in 3 seconds.");
         assert!(limited.is_transient());

@@ -34,7 +34,9 @@ impl Client {
     /// Sends a file into a room: encrypted with a fresh key when the room is encrypted,
     /// uploaded resumably (a dropped connection continues where it stopped), then queued as
     /// an `m.file` message like [`Client::send_text`]. `progress` receives the uploaded byte
-    /// count as it grows. Returns once the upload is complete and the message queued.
+    /// count as it grows; so do subscribers, as [`crate::Update::FileProgress`] under the key
+    /// the message's timeline item will have. Returns once the upload is complete and the
+    /// message queued.
     pub async fn send_file(
         &self,
         room_id: &RoomId,
@@ -51,6 +53,9 @@ impl Client {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
         let size = tokio::fs::metadata(path).await?.len();
         let mimetype = "application/octet-stream";
+        let key = ruma::TransactionId::new().to_string();
+        let (progress, reporter) = self.progress_reporter(key.clone(), progress);
+        let progress = Some(progress);
 
         let (content, attachment) = if room.encryption.is_some() {
             // Announce first (the encrypted file's description includes its mxc URI), encrypt
@@ -75,11 +80,35 @@ impl Client {
             (content, Attachment { url: upload.content_uri, encrypted_file: None })
         };
         let item = ItemContent::File { name, size: Some(size), mimetype: Some(mimetype.into()), attachment };
-        self.enqueue(room_id, "m.room.message", content, item).await
+        // Every progress report is out before we return (the senders are gone by now).
+        let _ = reporter.await;
+        self.enqueue_as(key, room_id, "m.room.message", content, item).await
+    }
+
+    /// A progress channel that also tells subscribers ([`crate::Update::FileProgress`]).
+    /// Ends when every sender of the returned channel is gone.
+    fn progress_reporter(
+        &self,
+        key: String,
+        caller: Option<UnboundedSender<Progress>>,
+    ) -> (UnboundedSender<Progress>, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+        let client = self.clone();
+        let task = tokio::spawn(async move {
+            while let Some(progress) = rx.recv().await {
+                if let Some(caller) = &caller {
+                    let _ = caller.send(progress);
+                }
+                client.emit(crate::Update::FileProgress { key: key.clone(), progress });
+            }
+        });
+        (tx, task)
     }
 
     /// Downloads an attachment into `dest`, decrypting it if it is encrypted (the hash is
-    /// checked: a damaged or tampered file fails and nothing is left at `dest`).
+    /// checked: a damaged or tampered file fails and nothing is left at `dest`). Progress
+    /// goes to `progress` and to subscribers as [`crate::Update::FileProgress`] keyed by the
+    /// attachment's mxc URI.
     pub async fn download_file(
         &self,
         attachment: &Attachment,
@@ -88,6 +117,8 @@ impl Client {
     ) -> Result<()> {
         let session = self.require_session()?;
         let (server, media_id) = split_mxc(&attachment.url)?;
+        let (progress, reporter) = self.progress_reporter(attachment.url.to_string(), progress);
+        let progress = Some(progress);
         let url = format!(
             "{}/_matrix/client/v1/media/download/{server}/{media_id}",
             session.server_url.trim_end_matches('/')
@@ -132,6 +163,8 @@ impl Client {
             sink.finish()
         }
         .await;
+        drop(progress);
+        let _ = reporter.await;
         match result {
             Ok(()) => Ok(std::fs::rename(&part, dest)?),
             Err(e) => {

@@ -45,12 +45,24 @@ impl Client {
         content: Value,
         item_content: ItemContent,
     ) -> Result<TimelineItem> {
+        self.enqueue_as(TransactionId::new().to_string(), room_id, event_type, content, item_content).await
+    }
+
+    /// [`Client::enqueue`] with a transaction id chosen earlier (a file's, announced in its
+    /// upload progress).
+    pub(crate) async fn enqueue_as(
+        &self,
+        txn_id: String,
+        room_id: &RoomId,
+        event_type: &str,
+        content: Value,
+        item_content: ItemContent,
+    ) -> Result<TimelineItem> {
         let session = self.require_session()?;
         let room = self.inner.store.room(room_id.as_str()).await?;
-        if room.is_none_or(|r| r.membership != crate::Membership::Joined) {
+        let Some(room) = room.filter(|r| r.membership == crate::Membership::Joined) else {
             return Err(Error::InvalidInput("You are not in this room.".into()));
-        }
-        let txn_id = TransactionId::new().to_string();
+        };
         let row =
             OutboxRow { txn_id: txn_id.clone(), room_id: room_id.to_string(), event_type: event_type.into(), content };
         self.inner
@@ -64,7 +76,7 @@ impl Client {
                     sender: session.user_id.as_str(),
                     ts: now_ms(),
                     content: &item_content,
-                    encrypted: false,
+                    encrypted: room.encryption.is_some(),
                     send_state: Some(&SendState::Sending),
                     raw: None,
                 },

@@ -6,8 +6,9 @@ use ruma::{
     api::client::{
         config::{get_global_account_data, set_global_account_data},
         membership::{
+            get_member_events,
             invite_user::{self, v3::InvitationRecipient},
-            get_member_events, join_room_by_id, leave_room,
+            join_room_by_id, leave_room,
         },
         room::{Visibility, create_room},
     },
@@ -178,10 +179,17 @@ impl Client {
         let mut tx = self.inner.store.begin().await?;
         for event in &response.chunk {
             let event: Value = event.deserialize_as_unchecked().unwrap_or(Value::Null);
-            if let (Some(user), Some(membership)) = (event["state_key"].as_str(), event["content"]["membership"].as_str())
+            if let (Some(user), Some(membership)) =
+                (event["state_key"].as_str(), event["content"]["membership"].as_str())
             {
-                Store::set_member(&mut tx, room_id.as_str(), user, membership, event["content"]["displayname"].as_str())
-                    .await?;
+                Store::set_member(
+                    &mut tx,
+                    room_id.as_str(),
+                    user,
+                    membership,
+                    event["content"]["displayname"].as_str(),
+                )
+                .await?;
             }
         }
         tx.commit().await?;

@@ -248,7 +248,8 @@ pub enum Update {
     Verification {
         verification: Verification,
     },
-    /// Upload / download progress for the file message `key`.
+    /// Upload progress of the file message `key` (its timeline item's key), or download
+    /// progress of the attachment whose mxc URI is `key`.
     FileProgress {
         key: String,
         progress: Progress,

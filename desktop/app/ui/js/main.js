@@ -43,7 +43,7 @@ function maybeNotify(item) {
 function showConnection(connection) {
   state.connection = connection;
   const banner = $("connection-banner");
-  if (connection === "Online" || !state.me) {
+  if (!connection || connection === "Online" || !state.me) {
     banner.hidden = true;
     return;
   }

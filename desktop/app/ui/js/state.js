@@ -8,7 +8,7 @@ export const state = {
   timelines: new Map(),   // room_id -> TimelineItem[] (oldest first)
   typing: new Map(),      // room_id -> user ids typing
   currentRoom: null,
-  connection: "Offline",
+  connection: null,       // the core's ConnectionState, once it has reported one
 };
 
 const listeners = new Set();

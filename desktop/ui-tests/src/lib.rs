@@ -11,7 +11,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 
 /// The W3C element reference key.
-const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecc";
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

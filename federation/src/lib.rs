@@ -11,6 +11,7 @@ pub mod discovery;
 pub mod keys;
 pub mod pdu;
 pub mod signing_key;
+pub mod state;
 pub mod xmatrix;
 
 pub use signing_key::{SigningKey, SigningKeyError};

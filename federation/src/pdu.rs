@@ -6,10 +6,13 @@
 
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId,
-    OwnedUserId, RoomId, RoomVersionId, ServerName, UInt, UserId,
+    OwnedServerName, OwnedUserId, RoomId, RoomVersionId, ServerName, UInt, UserId,
     events::TimelineEventType,
-    room_version_rules::{RoomIdFormatVersion, RoomVersionRules},
-    signatures::{hash_and_sign_event, reference_hash},
+    room_version_rules::{EventIdFormatVersion, RoomIdFormatVersion, RoomVersionRules},
+    signatures::{
+        PublicKeyMap, Verified, hash_and_sign_event, reference_hash, required_server_signatures_to_verify_event,
+        sign_event, verify_event,
+    },
 };
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, value::RawValue as RawJsonValue};
@@ -27,6 +30,8 @@ pub enum PduError {
     Signing(String),
     #[error("the event is larger than 65536 bytes")]
     TooLarge,
+    #[error("the event's signatures do not verify: {0}")]
+    BadSignature(String),
 }
 
 /// The rules of a room version we can read and write.
@@ -117,6 +122,115 @@ pub fn room_id_from_create_event(
     }
 }
 
+/// The id of an event received from another server: the reference hash (room version 3 and
+/// later) or the `event_id` field it carries (versions 1 and 2).
+pub fn event_id_of(object: &CanonicalJsonObject, version: &RoomVersionId) -> Result<OwnedEventId, PduError> {
+    let rules = room_version_rules(version)?;
+    if rules.event_id_format == EventIdFormatVersion::V1 {
+        return match object.get("event_id") {
+            Some(CanonicalJsonValue::String(id)) => EventId::parse(id).map_err(|e| PduError::Json(e.to_string())),
+            _ => Err(PduError::Json("event_id is missing".into())),
+        };
+    }
+    let hash = reference_hash(object, &rules).map_err(|e| match e {
+        ruma::signatures::JsonError::PduTooLarge => PduError::TooLarge,
+        other => PduError::Json(other.to_string()),
+    })?;
+    EventId::parse(format!("${hash}")).map_err(|e| PduError::Json(e.to_string()))
+}
+
+/// The signing keys needed to verify an event: (server, key ids it signed with). Fetch
+/// these, then call [`verify_received`].
+pub fn signing_keys_needed(
+    object: &CanonicalJsonObject,
+    version: &RoomVersionId,
+) -> Result<Vec<(OwnedServerName, Vec<String>)>, PduError> {
+    let rules = room_version_rules(version)?;
+    let servers = required_server_signatures_to_verify_event(object, &rules.signatures)
+        .map_err(|e| PduError::BadSignature(e.to_string()))?;
+    let signatures = match object.get("signatures") {
+        Some(CanonicalJsonValue::Object(map)) => map,
+        _ => return Err(PduError::BadSignature("the event is not signed".into())),
+    };
+    Ok(servers
+        .into_iter()
+        .map(|server| {
+            let key_ids = match signatures.get(server.as_str()) {
+                Some(CanonicalJsonValue::Object(keys)) => {
+                    keys.keys().filter(|id| id.starts_with("ed25519:")).cloned().collect()
+                }
+                _ => Vec::new(),
+            };
+            (server, key_ids)
+        })
+        .collect())
+}
+
+/// Checks a received event's signatures (with `keys`, from [`signing_keys_needed`]) and its
+/// content hash. An event whose content does not match its hash is redacted, as the spec
+/// says. Returns the event id and the event as it is to be stored (without `unsigned`).
+pub fn verify_received(
+    mut object: CanonicalJsonObject,
+    version: &RoomVersionId,
+    keys: &PublicKeyMap,
+) -> Result<(OwnedEventId, CanonicalJsonObject), PduError> {
+    let rules = room_version_rules(version)?;
+    object.remove("unsigned");
+    let verified = verify_event(keys, &object, &rules).map_err(|e| PduError::BadSignature(e.to_string()))?;
+    if verified == Verified::Signatures {
+        object =
+            ruma::canonical_json::redact(object, &rules.redaction, None).map_err(|e| PduError::Json(e.to_string()))?;
+    }
+    let event_id = event_id_of(&object, version)?;
+    Ok((event_id, object))
+}
+
+/// Completes and signs an event from a template another server prepared (the answer to
+/// make_join / make_leave): `content` replaces the template's content (it may add our
+/// user's profile), the timestamp is now, and the content hash, our signature and the event
+/// id are computed as for our own events.
+pub fn sign_template(
+    template: &RawJsonValue,
+    content: JsonValue,
+    version: &RoomVersionId,
+    origin: &ServerName,
+    key: &SigningKey,
+) -> Result<(OwnedEventId, CanonicalJsonObject), PduError> {
+    let rules = room_version_rules(version)?;
+    let mut object: serde_json::Map<String, JsonValue> =
+        serde_json::from_str(template.get()).map_err(|e| PduError::Json(e.to_string()))?;
+    for field in ["hashes", "signatures", "unsigned", "event_id"] {
+        object.remove(field);
+    }
+    object.insert("content".into(), content);
+    object.insert("origin_server_ts".into(), JsonValue::from(u64::from(MilliSecondsSinceUnixEpoch::now().get())));
+    if rules.event_id_format == EventIdFormatVersion::V1 {
+        // Versions 1 and 2 carry a chosen event id, not a hash.
+        return Err(PduError::UnsupportedRoomVersion(version.clone()));
+    }
+    let CanonicalJsonValue::Object(mut object) =
+        CanonicalJsonValue::try_from(JsonValue::Object(object)).map_err(|e| PduError::Json(e.to_string()))?
+    else {
+        return Err(PduError::Json("not an object".into()));
+    };
+    hash_and_sign_event(origin.as_str(), key.pair(), &mut object, &rules.redaction)
+        .map_err(|e| PduError::Signing(e.to_string()))?;
+    let event_id = event_id_of(&object, version)?;
+    Ok((event_id, object))
+}
+
+/// Adds this server's signature to an event another server built (an invite to one of our
+/// users), leaving its hashes alone.
+pub fn cosign_event(
+    object: &mut CanonicalJsonObject,
+    version: &RoomVersionId,
+    origin: &ServerName,
+    key: &SigningKey,
+) -> Result<(), PduError> {
+    let rules = room_version_rules(version)?;
+    sign_event(origin.as_str(), key.pair(), object, &rules.redaction).map_err(|e| PduError::Signing(e.to_string()))
+}
+
 fn ids(ids: &[OwnedEventId]) -> Vec<JsonValue> {
     ids.iter().map(|id| JsonValue::from(id.as_str())).collect()
 }
@@ -133,14 +247,32 @@ pub struct Pdu {
     pub kind: TimelineEventType,
     pub content: Box<RawJsonValue>,
     pub state_key: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "event_references")]
     pub prev_events: Vec<OwnedEventId>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "event_references")]
     pub auth_events: Vec<OwnedEventId>,
     pub redacts: Option<OwnedEventId>,
     pub depth: UInt,
     #[serde(skip)]
     pub rejected: bool,
+}
+
+/// `prev_events` / `auth_events`: plain ids (room version 3 and later) or `[id, hashes]`
+/// pairs (versions 1 and 2).
+fn event_references<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<OwnedEventId>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Reference {
+        Id(OwnedEventId),
+        Pair(OwnedEventId, serde::de::IgnoredAny),
+    }
+    let references = Vec::<Reference>::deserialize(deserializer)?;
+    Ok(references
+        .into_iter()
+        .map(|r| match r {
+            Reference::Id(id) | Reference::Pair(id, _) => id,
+        })
+        .collect())
 }
 
 fn placeholder_event_id() -> OwnedEventId {

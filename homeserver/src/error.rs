@@ -60,6 +60,9 @@ pub enum Error {
     Unknown(String),
     #[error("{0}")]
     UnsupportedRoomVersion(String),
+    /// Another server asks us to take part in a room of a version we do not support.
+    #[error("Room version {0} is not supported by this server")]
+    IncompatibleRoomVersion(ruma::RoomVersionId),
     #[error("The room alias is already taken")]
     RoomInUse,
     #[error("{0}")]
@@ -130,6 +133,12 @@ impl Error {
             Error::ProfileTooLarge(_) => (ErrorKind::ProfileTooLarge, S::BAD_REQUEST),
             Error::Unknown(_) => (ErrorKind::Unknown, S::BAD_REQUEST),
             Error::UnsupportedRoomVersion(_) => (ErrorKind::UnsupportedRoomVersion, S::BAD_REQUEST),
+            Error::IncompatibleRoomVersion(version) => (
+                ErrorKind::IncompatibleRoomVersion(ruma::api::error::IncompatibleRoomVersionErrorData::new(
+                    version.clone(),
+                )),
+                S::BAD_REQUEST,
+            ),
             Error::RoomInUse => (ErrorKind::RoomInUse, S::BAD_REQUEST),
             Error::BadAlias(_) => (ErrorKind::BadAlias, S::BAD_REQUEST),
             Error::Conflict(_) => (ErrorKind::Unknown, S::CONFLICT),

@@ -111,6 +111,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let presence_expiry = tokio::spawn(expire_presence(services.clone()));
     let media_expiry = tokio::spawn(expire_media(services.clone()));
     let push_delivery = tokio::spawn(crate::service::push_gateway::run(services.clone()));
+    let federation_delivery = tokio::spawn(crate::service::send_queue::run(services.clone()));
     let app = api::router(services.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -128,6 +129,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     presence_expiry.abort();
     media_expiry.abort();
     push_delivery.abort();
+    federation_delivery.abort();
     services.store.close().await;
     tracing::info!("homeserver stopped");
     result.map_err(StartError::Serve)
@@ -143,8 +145,16 @@ async fn housekeeping(services: Arc<Services>) {
         if let Err(e) = services.store.expire_uiaa_sessions(cutoff).await {
             tracing::warn!(error = %e, "cannot expire UIA sessions");
         }
+        // Other servers retry a transaction for minutes, not days.
+        let cutoff = crate::store::now_ms() - RECEIVED_TXN_LIFETIME_MS;
+        if let Err(e) = services.store.forget_received_txns(cutoff).await {
+            tracing::warn!(error = %e, "cannot forget old federation transaction ids");
+        }
     }
 }
+
+/// How long a received federation transaction id is remembered.
+const RECEIVED_TXN_LIFETIME_MS: i64 = 24 * 3600 * 1000;
 
 /// Ends typing notifications whose timeout passed, so syncs see them stop.
 async fn expire_typing(services: Arc<Services>) {

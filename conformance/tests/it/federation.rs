@@ -170,7 +170,7 @@ async fn private_targets_are_refused_by_default(backend: Backend) {
 }
 
 /// Device keys (signed by a fresh device key) and one-time keys for `user`.
-fn device_and_one_time_keys(user: &conformance::User) -> (Value, Value) {
+pub(crate) fn device_and_one_time_keys(user: &conformance::User) -> (Value, Value) {
     use ruma::{
         CanonicalJsonValue,
         serde::Base64,

@@ -188,3 +188,16 @@ fn register_error(e: Error, user: &str) -> Error {
         e => e,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addresses_are_normalised() {
+        assert_eq!(normalise_server_url("localhost:8008").unwrap(), "http://localhost:8008");
+        assert_eq!(normalise_server_url(" https://chat.example.org/ ").unwrap(), "https://chat.example.org");
+        assert!(matches!(normalise_server_url("ftp://x"), Err(Error::InvalidServerUrl { .. })));
+        assert!(matches!(normalise_server_url("not a url"), Err(Error::InvalidServerUrl { .. })));
+    }
+}

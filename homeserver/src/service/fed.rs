@@ -167,8 +167,11 @@ impl Services {
             return Err(Error::Unauthorized("requests from ourselves are not accepted".to_owned()));
         }
         let public_key = self.server_public_key(&header.origin, header.key.as_str(), now_ms()).await?;
-        xmatrix::verify_request(&header, request, &self.settings.server_name, &public_key)
-            .map_err(|e| Error::Unauthorized(e.to_string()))
+        let origin = xmatrix::verify_request(&header, request, &self.settings.server_name, &public_key)
+            .map_err(|e| Error::Unauthorized(e.to_string()))?;
+        // It talks to us, so it is up: deliveries waiting for it go now.
+        self.send_queue.peer_is_up(&origin);
+        Ok(origin)
     }
 
     /// The notary answer for `server`: our own document, or the origin's document (refreshed

@@ -122,6 +122,9 @@ impl Services {
         }
         if !device_ids.is_empty() {
             self.announce_device_change(user_id).await?;
+            for device_id in device_ids {
+                self.federate_device_change(user_id, device_id, None).await?;
+            }
         }
         Ok(())
     }
@@ -157,6 +160,7 @@ impl Services {
             let position = self.streams.allocate();
             self.store.set_device_keys(user_id.as_str(), device_id, &stored.to_string(), position.position()).await?;
             position.commit_with(changes);
+            self.federate_device_change(user_id.as_str(), device_id, Some(&stored)).await?;
         }
         let mut otks = Vec::new();
         for (key_id, key) in one_time_keys {
@@ -374,10 +378,14 @@ impl Services {
         messages: Vec<(String, String, JsonValue)>,
     ) -> Result<()> {
         let mut queued = Vec::new();
+        // Other servers' users: one `m.direct_to_device` EDU per server.
+        let mut remote: BTreeMap<String, serde_json::Map<String, JsonValue>> = BTreeMap::new();
         for (user_id, device, content) in messages {
-            if UserId::parse(user_id.as_str()).map(|u| u.server_name() != self.settings.server_name).unwrap_or(true) {
-                // Remote users are reached through federation (not built yet); their messages
-                // are dropped, as a server that cannot reach them would.
+            let Ok(user) = UserId::parse(user_id.as_str()) else { continue };
+            if user.server_name() != self.settings.server_name {
+                let users = remote.entry(user.server_name().to_string()).or_default();
+                let devices = users.entry(user_id.clone()).or_insert_with(|| JsonValue::Object(Default::default()));
+                devices[device.as_str()] = content;
                 continue;
             }
             let devices: Vec<String> = if device == "*" {
@@ -401,10 +409,56 @@ impl Services {
             .map(|u| Change::user(u, Sections::TO_DEVICE))
             .collect();
         let position = self.streams.allocate();
-        self.store
+        let fresh = self
+            .store
             .queue_to_device(sender.as_str(), sender_device, txn_id, event_type, &rows, position.position())
             .await?;
+        if fresh {
+            for (server, messages) in remote {
+                let edu = serde_json::json!({"edu_type": "m.direct_to_device", "content": {
+                    "sender": sender, "type": event_type,
+                    "message_id": format!("{sender_device}:{txn_id}"), "messages": messages,
+                }});
+                self.store.enqueue_edu(std::slice::from_ref(&server), position.position(), &edu.to_string()).await?;
+                self.send_queue.wake(&[server]);
+            }
+        }
         position.commit_with(changes);
+        Ok(())
+    }
+
+    /// Tells the servers that share a room with a local user that one of their devices
+    /// changed (`m.device_list_update`; `keys` is `None` for a deleted device).
+    pub async fn federate_device_change(&self, user_id: &str, device_id: &str, keys: Option<&JsonValue>) -> Result<()> {
+        let mut servers = std::collections::BTreeSet::new();
+        for (room_id, membership) in self.rooms_of_user(user_id).await?.iter() {
+            if membership != "join" {
+                continue;
+            }
+            for member in self.store.room_members(room_id, "join").await? {
+                if let Ok(member) = UserId::parse(member.as_str())
+                    && member.server_name() != self.settings.server_name
+                {
+                    servers.insert(member.server_name().to_string());
+                }
+            }
+        }
+        if servers.is_empty() {
+            return Ok(());
+        }
+        let position = self.streams.allocate();
+        let mut content = serde_json::json!({
+            "user_id": user_id, "device_id": device_id, "stream_id": position.position(), "prev_id": [],
+            "deleted": keys.is_none(),
+        });
+        if let Some(keys) = keys {
+            content["keys"] = keys.clone();
+        }
+        let destinations: Vec<String> = servers.into_iter().collect();
+        let edu = serde_json::json!({"edu_type": "m.device_list_update", "content": content});
+        self.store.enqueue_edu(&destinations, position.position(), &edu.to_string()).await?;
+        position.commit_with(Vec::new());
+        self.send_queue.wake(&destinations);
         Ok(())
     }
 

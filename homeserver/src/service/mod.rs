@@ -18,9 +18,12 @@ pub mod push;
 pub mod push_gateway;
 pub mod pushers;
 pub mod rate_limit;
+pub mod received;
 pub mod registration_tokens;
+pub mod remote_rooms;
 pub mod room_cache;
 pub mod rooms;
+pub mod send_queue;
 pub mod sliding_sync;
 pub mod streams;
 pub mod sync;
@@ -49,6 +52,8 @@ pub struct Services {
     pub sliding_sync_connections: sliding_sync::SlidingSyncConnections,
     /// Federation: the outbound client and the key-fetch bookkeeping.
     pub fed: fed::Federation,
+    /// Delivery of our rooms' events to other servers (the queue is a table).
+    pub send_queue: send_queue::SendQueue,
     room_locks: timeline::RoomLocks,
     pub room_cache: room_cache::RoomCaches,
     key_counts: keys::KeyCountCache,
@@ -86,6 +91,7 @@ impl Services {
             push_gateway,
             sliding_sync_connections: sliding_sync::SlidingSyncConnections::default(),
             fed,
+            send_queue: send_queue::SendQueue::default(),
             room_locks: timeline::RoomLocks::default(),
             room_cache: room_cache::RoomCaches::default(),
             key_counts: keys::KeyCountCache::new(keys::MAX_CACHED_KEY_COUNTS),

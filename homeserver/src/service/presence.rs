@@ -76,6 +76,72 @@ impl Services {
             })
             .await?;
         position.commit_with(changes);
+        self.federate_presence(user.as_str()).await
+    }
+
+    /// Sends a local user's current presence (`m.presence`) to the servers sharing a room
+    /// with them.
+    pub async fn federate_presence(&self, user_id: &str) -> Result<()> {
+        let Ok(user) = UserId::parse(user_id) else { return Ok(()) };
+        if user.server_name() != self.settings.server_name {
+            return Ok(());
+        }
+        let Some(row) = self.store.presence(user_id).await? else { return Ok(()) };
+        let mut servers = std::collections::BTreeSet::new();
+        for (room_id, membership) in self.rooms_of_user(user_id).await?.iter() {
+            if membership == "join" {
+                for member in self.store.room_members(room_id, "join").await? {
+                    if let Ok(member) = UserId::parse(member.as_str())
+                        && member.server_name() != self.settings.server_name
+                    {
+                        servers.insert(member.server_name().to_string());
+                    }
+                }
+            }
+        }
+        if servers.is_empty() {
+            return Ok(());
+        }
+        let mut push = json!({
+            "user_id": user_id, "presence": row.state, "currently_active": row.state == "online",
+            "last_active_ago": (now_ms() - row.last_active_ts).max(0),
+        });
+        if let Some(msg) = &row.status_msg {
+            push["status_msg"] = json!(msg);
+        }
+        let edu = json!({"edu_type": "m.presence", "content": {"push": [push]}});
+        let destinations: Vec<String> = servers.into_iter().collect();
+        let position = self.streams.allocate();
+        self.store.enqueue_edu(&destinations, position.position(), &edu.to_string()).await?;
+        position.commit_with(Vec::new());
+        self.send_queue.wake(&destinations);
+        Ok(())
+    }
+
+    /// Presence of another server's user (an `m.presence` EDU from their server).
+    pub async fn receive_remote_presence(
+        &self,
+        user: &UserId,
+        state: &str,
+        status_msg: Option<String>,
+        last_active_ago: i64,
+    ) -> Result<()> {
+        if !self.settings.presence.enabled || !valid_state(state) || self.rooms_of_user(user.as_str()).await?.is_empty()
+        {
+            return Ok(());
+        }
+        let changes = self.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
+        let position = self.streams.allocate();
+        self.store
+            .set_presence(&PresenceRow {
+                user_id: user.to_string(),
+                state: state.to_owned(),
+                status_msg,
+                last_active_ts: now_ms() - last_active_ago.max(0),
+                stream_id: position.position(),
+            })
+            .await?;
+        position.commit_with(changes);
         Ok(())
     }
 
@@ -84,7 +150,7 @@ impl Services {
         if requester != target && !self.store.share_a_room(requester.as_str(), target.as_str()).await? {
             return Err(Error::Forbidden("You do not share a room with this user".to_owned()));
         }
-        if self.store.user(target.as_str()).await?.is_none() {
+        if target.server_name() == self.settings.server_name && self.store.user(target.as_str()).await?.is_none() {
             return Err(Error::NotFound("Unknown user".to_owned()));
         }
         let row = if self.settings.presence.enabled { self.store.presence(target.as_str()).await? } else { None };
@@ -127,6 +193,7 @@ impl Services {
                     .await?;
                 position.commit_with(changes);
                 self.presence_touches.record(user, now);
+                self.federate_presence(user.as_str()).await?;
             }
         }
         Ok(())
@@ -145,6 +212,7 @@ impl Services {
             row.stream_id = position.position();
             self.store.set_presence(&row).await?;
             position.commit_with(changes);
+            self.federate_presence(&row.user_id).await?;
         }
         Ok(())
     }

@@ -81,13 +81,6 @@ impl Services {
             }
             None => None,
         };
-        for user in &req.invite {
-            if user.server_name() != self.settings.server_name {
-                return Err(Error::Forbidden(
-                    "Inviting users of other servers needs federation, which this server does not have yet".to_owned(),
-                ));
-            }
-        }
 
         let mut create_content = req.creation_content.clone().unwrap_or_default();
         create_content.insert("room_version".into(), JsonValue::from(version.as_str()));
@@ -205,7 +198,12 @@ impl Services {
     }
 
     /// Membership content with the member's profile (display name and avatar).
-    async fn member_content(&self, user: &UserId, membership: &str, reason: Option<&str>) -> Result<JsonValue> {
+    pub(crate) async fn member_content(
+        &self,
+        user: &UserId,
+        membership: &str,
+        reason: Option<&str>,
+    ) -> Result<JsonValue> {
         let mut content = Map::new();
         content.insert("membership".into(), JsonValue::from(membership));
         if (membership == "join" || membership == "invite")
@@ -234,18 +232,51 @@ impl Services {
         reason: Option<&str>,
         is_direct: bool,
     ) -> Result<ruma::OwnedEventId> {
-        if self.store.room(room_id.as_str()).await?.is_none() {
-            // Remote rooms arrive with federation.
-            return Err(Error::NotFound("Unknown room".to_owned()));
+        self.change_membership_via(room_id, sender, target, membership, reason, is_direct, &[]).await
+    }
+
+    /// [`Services::change_membership`], with servers to try when the room is on another
+    /// server (a join or leave of a room this server is not in).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn change_membership_via(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        target: &UserId,
+        membership: Membership,
+        reason: Option<&str>,
+        is_direct: bool,
+        via: &[ruma::OwnedServerName],
+    ) -> Result<ruma::OwnedEventId> {
+        let known = self.store.room(room_id.as_str()).await?.is_some();
+        let in_room = known && self.server_in_room(room_id).await?;
+        if !in_room && sender == target && matches!(membership, Membership::Join | Membership::Leave) {
+            // A room on other servers only: join or leave through one of them.
+            let mut servers: Vec<ruma::OwnedServerName> = via.to_vec();
+            if known {
+                servers.extend(self.servers_for_room(room_id, sender).await?);
+            } else if let Some(server) = room_id.server_name() {
+                servers.push(server.to_owned());
+            }
+            servers.retain(|s| *s != self.settings.server_name);
+            servers.dedup();
+            // With nobody else to ask, a room we know is changed here (its auth rules decide).
+            if !servers.is_empty() {
+                return match membership {
+                    Membership::Join => self.join_remote(room_id, sender, &servers, reason).await,
+                    _ => self.leave_remote(room_id, sender, &servers, reason).await,
+                };
+            }
         }
-        if target.server_name() != self.settings.server_name && membership == Membership::Invite {
-            return Err(Error::Forbidden(
-                "Inviting users of other servers needs federation, which this server does not have yet".to_owned(),
-            ));
+        if !known {
+            return Err(Error::NotFound("Unknown room".to_owned()));
         }
         let mut content = self.member_content(target, membership.as_str(), reason).await?;
         if is_direct && let Some(map) = content.as_object_mut() {
             map.insert("is_direct".into(), JsonValue::Bool(true));
+        }
+        if target.server_name() != self.settings.server_name && membership == Membership::Invite {
+            return self.invite_remote(room_id, sender, target, content).await;
         }
         self.append_event(room_id, sender, EventDraft::state("m.room.member", target.as_str(), content), None).await
     }
@@ -420,6 +451,22 @@ impl Services {
             c["events"][event_type].as_i64().or(c["state_default"].as_i64()).unwrap_or(50)
         })
         .await
+    }
+
+    /// Resolves a room id or an alias (another server's is asked over federation), with the
+    /// servers the alias names as in the room.
+    pub async fn resolve_room_with_servers(
+        &self,
+        id_or_alias: &str,
+    ) -> Result<(OwnedRoomId, Vec<ruma::OwnedServerName>)> {
+        if let Ok(alias) = RoomAliasId::parse(id_or_alias)
+            && alias.server_name() != self.settings.server_name
+        {
+            use ruma::api::federation::query::get_room_information::v1 as directory;
+            let answer = self.send_federation(alias.server_name(), directory::Request::new(alias.clone())).await?;
+            return Ok((answer.room_id, answer.servers));
+        }
+        Ok((self.resolve_room(id_or_alias).await?, Vec::new()))
     }
 
     /// Resolves a room id or a local alias.

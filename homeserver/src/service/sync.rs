@@ -502,6 +502,7 @@ impl Services {
         user_id: &str,
     ) -> Result<Vec<ruma::serde::Raw<ruma::events::AnyStrippedStateEvent>>> {
         let mut out = Vec::new();
+        let mut seen: Vec<(&str, &str)> = Vec::new();
         for (kind, key) in [
             ("m.room.create", ""),
             ("m.room.join_rules", ""),
@@ -517,6 +518,18 @@ impl Services {
                 out.push(to_raw(&json!({
                     "type": row.event_type, "state_key": key, "sender": row.sender, "content": pdu["content"],
                 }))?);
+                seen.push((kind, key));
+            }
+        }
+        // An invite from another server: what that server showed of the room.
+        if let Some(remote) = self.store.remote_invite_state(room_id, user_id).await? {
+            let events: Vec<JsonValue> = serde_json::from_str(&remote).unwrap_or_default();
+            for event in events {
+                let (kind, key) =
+                    (event["type"].as_str().unwrap_or_default(), event["state_key"].as_str().unwrap_or_default());
+                if !seen.iter().any(|(k, s)| *k == kind && *s == key) {
+                    out.push(to_raw(&event)?);
+                }
             }
         }
         Ok(out)

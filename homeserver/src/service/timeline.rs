@@ -127,7 +127,7 @@ impl Services {
     }
 
     /// The forward extremities, through the room cache (append path only, under the lock).
-    async fn cached_extremities(&self, room_id: &RoomId) -> Result<Vec<(String, i64)>> {
+    pub(crate) async fn cached_extremities(&self, room_id: &RoomId) -> Result<Vec<(String, i64)>> {
         if let Some(hit) = self.room_cache.with(room_id, |c| c.extremities.clone()) {
             return Ok(hit);
         }
@@ -187,6 +187,8 @@ impl Services {
                 relates_to: None,
                 push_actions: &[],
                 search_text: None,
+                destinations: &[],
+                resolved_state: None,
                 new_room: Some(NewRoom {
                     room_version: create.version.as_str(),
                     creator: sender.as_str(),
@@ -223,7 +225,8 @@ impl Services {
     }
 
     /// Builds, authorizes and appends an event; with a transaction, a retry returns the
-    /// event stored the first time instead of a second copy.
+    /// event stored the first time instead of a second copy. Other servers in the room get
+    /// it through the send queue.
     pub async fn append_event(
         &self,
         room_id: &RoomId,
@@ -236,11 +239,18 @@ impl Services {
         {
             return EventId::parse(existing).map_err(|e| Error::internal(e.to_string()));
         }
-        let version = self.room_version(room_id.as_str()).await?;
-        let rules = room_version_rules(&version).map_err(|e| Error::internal(e.to_string()))?;
         let lock = self.room_locks.get(room_id);
         let _guard = lock.lock().await;
+        let built = self.build_event(room_id, sender, draft).await?;
+        let destinations = self.destinations_for(room_id, &built.pdu, None).await?;
+        self.persist_event(room_id, built, txn, &destinations).await
+    }
 
+    /// Builds and signs an event from the current state and extremities and authorizes it.
+    /// Call under the room lock.
+    pub(crate) async fn build_event(&self, room_id: &RoomId, sender: &UserId, draft: EventDraft) -> Result<BuiltEvent> {
+        let version = self.room_version(room_id.as_str()).await?;
+        let rules = room_version_rules(&version).map_err(|e| Error::internal(e.to_string()))?;
         let extremities = self.cached_extremities(room_id).await?;
         let depth = extremities.iter().map(|(_, d)| *d).max().unwrap_or(0) + 1;
         let prev_events: Vec<OwnedEventId> = extremities
@@ -265,36 +275,7 @@ impl Services {
             depth: UInt::MIN,
             rejected: false,
         };
-        let auth_types = auth::auth_types(&draft_pdu, &rules.authorization).map_err(Error::BadJson)?;
-        let mut state: HashMap<(StateEventType, String), Pdu> = HashMap::new();
-        let mut events: HashMap<OwnedEventId, Pdu> = HashMap::new();
-        let mut auth_events = Vec::new();
-        let mut wanted: Vec<(StateEventType, String, bool)> =
-            auth_types.into_iter().map(|(kind, key)| (kind, key, true)).collect();
-        // The create event is always consulted, even where (v12) it is not an auth event.
-        wanted.push((StateEventType::RoomCreate, String::new(), false));
-        for (kind, key, is_auth) in wanted {
-            if state.contains_key(&(kind.clone(), key.clone())) {
-                continue;
-            }
-            if let Some(row) = self.cached_state_event(room_id, &kind.to_string(), &key).await? {
-                let id = EventId::parse(row.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
-                let pdu = Pdu::from_json(id.clone(), &row.json).map_err(|e| Error::internal(e.to_string()))?;
-                if is_auth {
-                    auth_events.push(id.clone());
-                }
-                events.insert(id, pdu.clone());
-                state.insert((kind, key), pdu);
-            }
-        }
-        if !rules.authorization.room_create_event_id_as_room_id {
-            // Before v12 the create event is itself an auth event.
-            if let Some(create) = state.get(&(StateEventType::RoomCreate, String::new()))
-                && !auth_events.contains(&create.event_id)
-            {
-                auth_events.push(create.event_id.clone());
-            }
-        }
+        let current = self.current_auth_state(room_id, &draft_pdu, &rules).await?;
 
         let new = NewEvent {
             room_id: Some(room_id.to_owned()),
@@ -304,7 +285,7 @@ impl Services {
             content: draft.content,
             redacts: draft.redacts.clone(),
             prev_events: prev_events.clone(),
-            auth_events,
+            auth_events: current.auth_events,
             depth: u64::try_from(depth).unwrap_or(u64::MAX),
             origin_server_ts: now_ts(),
         };
@@ -318,13 +299,94 @@ impl Services {
             return Err(Error::TooLarge { limit: MAX_PDU_BYTES });
         }
         let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
-        auth::authorize(&rules.authorization, &pdu, &events, &state).map_err(Error::Forbidden)?;
+        auth::authorize(&rules.authorization, &pdu, &current.events, &current.state).map_err(Error::Forbidden)?;
+        Ok(BuiltEvent { event_id, object, json, pdu, resolved_state: None })
+    }
 
-        let membership = (draft.event_type == "m.room.member").then(|| pdu_membership(&pdu)).flatten();
-        let prev_ids: Vec<String> = prev_events.iter().map(|id| id.to_string()).collect();
+    /// The current state events that would authorize `pdu` (its auth types, plus the create
+    /// event, which is always consulted). Call under the room lock.
+    pub(crate) async fn current_auth_state(
+        &self,
+        room_id: &RoomId,
+        pdu: &Pdu,
+        rules: &ruma::room_version_rules::RoomVersionRules,
+    ) -> Result<AuthState> {
+        let auth_types = auth::auth_types(pdu, &rules.authorization).map_err(Error::BadJson)?;
+        let mut out = AuthState::default();
+        let mut wanted: Vec<(StateEventType, String, bool)> =
+            auth_types.into_iter().map(|(kind, key)| (kind, key, true)).collect();
+        wanted.push((StateEventType::RoomCreate, String::new(), false));
+        for (kind, key, is_auth) in wanted {
+            if out.state.contains_key(&(kind.clone(), key.clone())) {
+                continue;
+            }
+            if let Some(row) = self.cached_state_event(room_id, &kind.to_string(), &key).await? {
+                let id = EventId::parse(row.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
+                let state_pdu = Pdu::from_json(id.clone(), &row.json).map_err(|e| Error::internal(e.to_string()))?;
+                if is_auth {
+                    out.auth_events.push(id.clone());
+                }
+                out.events.insert(id, state_pdu.clone());
+                out.state.insert((kind, key), state_pdu);
+            }
+        }
+        if !rules.authorization.room_create_event_id_as_room_id {
+            // Before v12 the create event is itself an auth event.
+            if let Some(create) = out.state.get(&(StateEventType::RoomCreate, String::new()))
+                && !out.auth_events.contains(&create.event_id)
+            {
+                out.auth_events.push(create.event_id.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The other servers an event must reach: those of the room's joined members, and for a
+    /// membership event the target's server (an invitee, a kicked member), minus ourselves
+    /// and `except` (the server the event came from). Call under the room lock.
+    pub(crate) async fn destinations_for(
+        &self,
+        room_id: &RoomId,
+        pdu: &Pdu,
+        except: Option<&ruma::ServerName>,
+    ) -> Result<Vec<String>> {
+        let members = self.joined_members_cached(room_id).await?;
+        let mut servers: std::collections::BTreeSet<String> = members
+            .iter()
+            .filter_map(|(user, _)| UserId::parse(user.as_str()).ok())
+            .map(|user| user.server_name().to_string())
+            .collect();
+        if pdu.kind == ruma::events::TimelineEventType::RoomMember
+            && let Some(target) = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok())
+        {
+            servers.insert(target.server_name().to_string());
+        }
+        servers.remove(self.settings.server_name.as_str());
+        if let Some(except) = except {
+            servers.remove(except.as_str());
+        }
+        Ok(servers.into_iter().collect())
+    }
+
+    /// Persists a built or received event, updates the room cache, queues it for
+    /// `destinations` and wakes the syncs. Call under the room lock.
+    pub(crate) async fn persist_event(
+        &self,
+        room_id: &RoomId,
+        built: BuiltEvent,
+        txn: Option<Txn<'_>>,
+        destinations: &[String],
+    ) -> Result<OwnedEventId> {
+        let BuiltEvent { event_id, object, json, pdu, resolved_state } = built;
+        let event_type = pdu.kind.to_string();
+        let sender = pdu.sender.clone();
+        let depth = i64::try_from(u64::from(pdu.depth)).unwrap_or(i64::MAX);
+        let membership = (event_type == "m.room.member").then(|| pdu_membership(&pdu)).flatten();
+        let prev_ids: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
         let relates_to = relation_of(&pdu);
-        let push_actions = self.push_actions_for(room_id, sender, &object).await?;
-        let search_text = searchable_text(&draft.event_type, &pdu);
+        let push_actions = self.push_actions_for(room_id, &sender, &object).await?;
+        let search_text = searchable_text(&event_type, &pdu);
+        let origin_server_ts = i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX);
         let position = self.streams.allocate();
         let outcome = self
             .store
@@ -333,19 +395,21 @@ impl Services {
                 event_id: event_id.as_str(),
                 room_id: room_id.as_str(),
                 depth,
-                event_type: &draft.event_type,
-                state_key: draft.state_key.as_deref(),
+                event_type: &event_type,
+                state_key: pdu.state_key.as_deref(),
                 sender: sender.as_str(),
-                origin_server_ts: i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX),
+                origin_server_ts,
                 json: &json,
                 prev_events: &prev_ids,
                 membership: membership.as_deref(),
                 txn: txn.map(|t| (sender.as_str(), t.device_id, t.txn_id)),
-                redacts: draft.redacts.as_ref().map(|r| r.as_str()),
+                redacts: pdu.redacts.as_ref().map(|r| r.as_str()),
                 new_room: None,
                 relates_to: relates_to.as_ref().map(|(t, r)| (t.as_str(), r.as_str())),
                 push_actions: &push_actions,
                 search_text: search_text.as_ref().map(|(k, v)| (*k, v.as_str())),
+                destinations,
+                resolved_state: resolved_state.as_deref(),
             })
             .await?;
         if let AppendOutcome::Appended { prev_state } = &outcome {
@@ -359,10 +423,10 @@ impl Services {
                 event_id: event_id.to_string(),
                 room_id: room_id.to_string(),
                 depth,
-                event_type: draft.event_type.clone(),
-                state_key: draft.state_key.clone(),
+                event_type: event_type.clone(),
+                state_key: pdu.state_key.clone(),
                 sender: sender.to_string(),
-                origin_server_ts: i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX),
+                origin_server_ts,
                 json,
                 prev_state_event_id: prev_state.clone(),
                 redacted_by: None,
@@ -372,18 +436,31 @@ impl Services {
             };
             let notified = push_actions.iter().map(|(user, highlight, _)| (user.clone(), *highlight)).collect();
             self.room_cache.with(room_id, |c| c.appended(row, &prev_ids, notified));
+            if let Some(resolved) = &resolved_state {
+                // State resolution changed more than this event's key: the cached state and
+                // members are read again.
+                self.room_cache.invalidate(room_id);
+                for (kind, key, _, _) in resolved {
+                    if kind == "m.room.member" {
+                        self.user_rooms.forget(key);
+                    }
+                }
+            }
         }
         let mut changes = vec![Change::room(room_id.to_owned(), Sections::TIMELINE)];
-        if draft.event_type == "m.room.member" {
+        if event_type == "m.room.member" {
             // Room-mates re-query the devices of a member who joins; the member's own syncs
             // must pick up the room (an invite, a join, a kick).
             changes[0].sections |= Sections::DEVICE_LISTS;
-            if let Some(target) = draft.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok()) {
+            if let Some(target) = pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok()) {
                 self.user_rooms.forget(&target.to_string());
                 changes.push(Change::user(target, Sections::MEMBERSHIP));
             }
         }
         position.commit_with(changes);
+        if !destinations.is_empty() && matches!(outcome, AppendOutcome::Appended { .. }) {
+            self.send_queue.wake(destinations);
+        }
         match outcome {
             AppendOutcome::Appended { .. } => Ok(event_id),
             AppendOutcome::DuplicateTransaction(existing) => {
@@ -391,6 +468,39 @@ impl Services {
             }
         }
     }
+
+    /// The room's joined members, through the room cache (append path, under the lock).
+    pub(crate) async fn joined_members_cached(&self, room_id: &RoomId) -> Result<super::room_cache::JoinedMembers> {
+        if let Some(hit) = self.room_cache.with(room_id, |c| c.joined.clone()) {
+            return Ok(hit);
+        }
+        let members = Arc::new(self.store.joined_members_with_names(room_id.as_str()).await?);
+        self.room_cache.with(room_id, |c| c.joined = Some(members.clone()));
+        Ok(members)
+    }
+
+    /// The per-room append lock, for the federation paths that write a room.
+    pub(crate) fn room_lock(&self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
+        self.room_locks.get(room_id)
+    }
+}
+
+/// A signed event ready to persist.
+pub(crate) struct BuiltEvent {
+    pub event_id: OwnedEventId,
+    pub object: ruma::CanonicalJsonObject,
+    pub json: String,
+    pub pdu: Pdu,
+    /// The current state after it, when state resolution decided it (see `AppendEvent`).
+    pub resolved_state: Option<Vec<crate::store::CurrentStateEntry>>,
+}
+
+/// Current state events that authorize an event.
+#[derive(Default)]
+pub(crate) struct AuthState {
+    pub auth_events: Vec<OwnedEventId>,
+    pub events: HashMap<OwnedEventId, Pdu>,
+    pub state: HashMap<(StateEventType, String), Pdu>,
 }
 
 /// `m.relates_to` (target event, rel_type) of an event, for the relations index. Replies

@@ -9,6 +9,7 @@
 mod account_data;
 mod aggregations;
 mod devices;
+mod federation;
 mod keys;
 mod media;
 mod presence;
@@ -31,12 +32,13 @@ use sqlx::{
 
 pub use account_data::{AccountDataRow, ReceiptRow};
 pub use devices::{AccessTokenOwner, DeviceRow, NewDevice};
+pub use federation::{JoinedRoom, OutboxRow};
 pub use keys::{BackupVersionRow, NewToDevice, ToDeviceRow};
 pub use media::{MediaRow, MediaUsageRow, NewMedia, ThumbnailRow};
 pub use presence::PresenceRow;
 pub use pushers::{NewPusher, PendingPush, PusherRow};
 pub use registration_tokens::RegistrationTokenRow;
-pub use rooms::{AppendEvent, AppendOutcome, EventRow, NewRoom, RoomRow};
+pub use rooms::{AppendEvent, AppendOutcome, CurrentStateEntry, EventRow, NewRoom, RoomRow};
 pub use server_keys::{NewServerKeys, ServerKeyRow};
 pub use uiaa::UiaaSessionRow;
 pub use users::{CreateAccountOutcome, LogoutDevices, NewAccount, UserRow};
@@ -64,6 +66,11 @@ pub struct StoreOptions {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Where write transactions run: on SQLite one dedicated connection (SQLite has one
+    /// writer at a time anyway, and a connection that made the last write keeps its page
+    /// cache, where any other connection's write would make it start cold); on PostgreSQL
+    /// the same pool as reads.
+    writer: AnyPool,
     backend: Backend,
     /// SQLite has one writer at a time; see [`Store::begin_write`].
     sqlite_writer: std::sync::Arc<tokio::sync::Mutex<()>>,
@@ -76,37 +83,58 @@ impl Store {
         let backend = if url.starts_with("sqlite:") { Backend::Sqlite } else { Backend::Postgres };
         let pool_options =
             AnyPoolOptions::new().max_connections(options.max_connections).acquire_timeout(Duration::from_secs(30));
-        let pool = match backend {
+        let pools = match backend {
             Backend::Sqlite => {
                 let url = sqlite_url_with_create(url);
                 let synchronous = match options.sqlite_synchronous {
                     SqliteSynchronous::Normal => "NORMAL",
                     SqliteSynchronous::Full => "FULL",
                 };
+                // temp_store: statement journals in memory, not a temporary file created and
+                // deleted per statement (measured: open/unlink/close on every append).
+                // wal_autocheckpoint = 0: the commit that filled the WAL would otherwise copy it
+                // into the database and fsync, inside the writer's turn, stalling every writer
+                // queued behind it; `checkpoint_wal` does it in the background instead.
                 let pragmas = match synchronous {
                     "FULL" => {
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;"
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 0;"
                     }
                     _ => {
-                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;"
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000; PRAGMA temp_store = MEMORY; PRAGMA wal_autocheckpoint = 0;"
                     }
                 };
-                pool_options
-                    // A local file cannot drop a connection; sqlx would otherwise ping the
-                    // connection worker before every query (measured: 7% of a sync's CPU).
-                    .test_before_acquire(false)
-                    .after_connect(move |conn, _meta| {
-                        Box::pin(async move {
-                            sqlx::raw_sql(pragmas).execute(conn).await?;
-                            Ok(())
+                let connect_options = AnyConnectOptions::from_str(&url)?;
+                let sqlite_pool = |options: AnyPoolOptions| {
+                    options
+                        // A local file cannot drop a connection; sqlx would otherwise ping the
+                        // connection worker before every query (measured: 7% of a sync's CPU).
+                        .test_before_acquire(false)
+                        .after_connect(move |conn, _meta| {
+                            Box::pin(async move {
+                                sqlx::raw_sql(pragmas).execute(conn).await?;
+                                Ok(())
+                            })
                         })
-                    })
-                    .connect_with(AnyConnectOptions::from_str(&url)?)
-                    .await?
+                        .connect_with(connect_options.clone())
+                };
+                let pool = sqlite_pool(pool_options).await?;
+                let writer = sqlite_pool(
+                    AnyPoolOptions::new()
+                        .max_connections(1)
+                        .min_connections(1)
+                        .acquire_timeout(Duration::from_secs(30)),
+                )
+                .await?;
+                tokio::spawn(checkpoint_wal(pool.clone()));
+                (pool, writer)
             }
-            Backend::Postgres => pool_options.connect_with(AnyConnectOptions::from_str(url)?).await?,
+            Backend::Postgres => {
+                let pool = pool_options.connect_with(AnyConnectOptions::from_str(url)?).await?;
+                (pool.clone(), pool)
+            }
         };
-        Ok(Self { pool, backend, sqlite_writer: std::sync::Arc::new(tokio::sync::Mutex::new(())) })
+        let (pool, writer) = pools;
+        Ok(Self { pool, writer, backend, sqlite_writer: std::sync::Arc::new(tokio::sync::Mutex::new(())) })
     }
 
     /// Applies every migration not yet applied.
@@ -134,6 +162,7 @@ impl Store {
     /// Waits for in-flight queries and closes every connection (SQLite checkpoints its WAL).
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 
     /// Starts a transaction that will write; keep the returned guard until it is committed
@@ -148,9 +177,32 @@ impl Store {
         match self.backend {
             Backend::Sqlite => {
                 let guard = self.sqlite_writer.lock().await;
-                Ok((Some(guard), self.pool.begin_with("BEGIN IMMEDIATE").await?))
+                Ok((Some(guard), self.writer.begin_with("BEGIN IMMEDIATE").await?))
             }
             Backend::Postgres => Ok((None, self.pool.begin().await?)),
+        }
+    }
+}
+
+/// How often the background checkpoint copies the WAL into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Copies committed WAL frames into the SQLite database file in the background, in place of
+/// SQLite's automatic checkpoint (switched off on every connection, see [`Store::connect`]).
+/// PASSIVE never waits for readers or the writer; a writer restarts the WAL from its start
+/// once a checkpoint has caught up, so the file stays small. Ends when the pool closes.
+async fn checkpoint_wal(pool: AnyPool) {
+    let mut ticks = tokio::time::interval(CHECKPOINT_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if pool.is_closed() {
+            return;
+        }
+        match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+            Ok(_) => {}
+            Err(sqlx::Error::PoolClosed) => return,
+            Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; will retry"),
         }
     }
 }

@@ -32,6 +32,10 @@ pub struct EventRow {
     pub txn_id: Option<String>,
 }
 
+/// Three parameters a row (plus four shared); SQLite allows 32766 parameters in a statement,
+/// PostgreSQL 65535.
+const PUSH_ACTION_ROWS_PER_STATEMENT: usize = 500;
+
 const EVENT_COLUMNS: &str = "stream_ordering, event_id, room_id, depth, type, state_key, sender, origin_server_ts, json, prev_state_event_id, redacted_by, txn_user, txn_device, txn_id";
 
 pub(super) fn event_row(r: &AnyRow) -> Result<EventRow, sqlx::Error> {
@@ -61,6 +65,9 @@ pub struct NewRoom<'a> {
     pub published: bool,
 }
 
+/// One entry of a room's current state: (type, state key, event id, membership).
+pub type CurrentStateEntry = (String, String, String, Option<String>);
+
 /// A signed event to append to its room.
 #[derive(Debug, Clone)]
 pub struct AppendEvent<'a> {
@@ -86,6 +93,12 @@ pub struct AppendEvent<'a> {
     pub push_actions: &'a [(String, bool, String)],
     /// Searchable text: (`content.body` | `content.name` | `content.topic`, text).
     pub search_text: Option<(&'a str, &'a str)>,
+    /// Other servers this event must be sent to: queued in the same transaction, so an
+    /// acknowledged event is never lost for them.
+    pub destinations: &'a [String],
+    /// Where branches of the room met and state resolution decided the current state: these
+    /// (type, state key, event id, membership) entries replace the usual update by the event.
+    pub resolved_state: Option<&'a [CurrentStateEntry]>,
 }
 
 /// The result of an append.
@@ -135,6 +148,20 @@ impl Store {
     /// transaction id, in one transaction.
     pub async fn append_event(&self, ev: AppendEvent<'_>) -> Result<AppendOutcome, sqlx::Error> {
         let (_serialized, mut tx) = self.begin_write().await?;
+        let outcome = self.append_in_tx(&mut tx, &ev).await?;
+        if matches!(outcome, AppendOutcome::Appended { .. }) {
+            tx.commit().await?;
+        }
+        Ok(outcome)
+    }
+
+    /// The writes of [`Store::append_event`], inside the caller's transaction.
+    pub(super) async fn append_in_tx(
+        &self,
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        ev: &AppendEvent<'_>,
+    ) -> Result<AppendOutcome, sqlx::Error> {
+        let tx: &mut sqlx::AnyConnection = tx;
         if let Some((user, device, txn_id)) = ev.txn {
             let existing =
                 sqlx::query("SELECT event_id FROM events WHERE txn_user = $1 AND txn_device = $2 AND txn_id = $3")
@@ -170,6 +197,22 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
             prev_state = row.map(|r| r.try_get::<String, _>("event_id")).transpose()?;
+        }
+        if let Some(resolved) = ev.resolved_state {
+            for (kind, state_key, event_id, membership) in resolved {
+                sqlx::query(
+                    "INSERT INTO room_current_state (room_id, type, state_key, event_id, membership) VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = $4, membership = $5",
+                )
+                .bind(ev.room_id)
+                .bind(kind)
+                .bind(state_key)
+                .bind(event_id)
+                .bind(membership.as_deref())
+                .execute(&mut *tx)
+                .await?;
+            }
+        } else if let Some(state_key) = ev.state_key {
             sqlx::query(
                 "INSERT INTO room_current_state (room_id, type, state_key, event_id, membership) VALUES ($1, $2, $3, $4, $5)
                  ON CONFLICT (room_id, type, state_key) DO UPDATE SET event_id = $4, membership = $5",
@@ -255,20 +298,30 @@ impl Store {
             };
             sqlx::query(sql).bind(ev.event_id).bind(ev.room_id).bind(key).bind(value).execute(&mut *tx).await?;
         }
-        for (user, highlight, actions) in ev.push_actions {
-            sqlx::query(
-                "INSERT INTO event_push_actions (user_id, room_id, event_id, stream_ordering, highlight, actions, ts)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            )
-            .bind(user)
-            .bind(ev.room_id)
-            .bind(ev.event_id)
-            .bind(ev.stream_ordering)
-            .bind(i64::from(*highlight))
-            .bind(actions)
-            .bind(ev.origin_server_ts)
-            .execute(&mut *tx)
-            .await?;
+        // One statement per chunk of recipients, not one per recipient: a message to a room
+        // of 200 wrote 200 statements inside the room's write transaction.
+        for chunk in ev.push_actions.chunks(PUSH_ACTION_ROWS_PER_STATEMENT) {
+            // Numbered placeholders written out: sqlx's QueryBuilder for `Any` writes `?`,
+            // which PostgreSQL does not accept. Only placeholders go into the text.
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    let p = i * 3;
+                    format!("(${}, $1, $2, $3, ${}, ${}, $4)", p + 5, p + 6, p + 7)
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO event_push_actions (user_id, room_id, event_id, stream_ordering, highlight, actions, ts) VALUES {}",
+                rows.join(", ")
+            );
+            let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(ev.room_id)
+                .bind(ev.event_id)
+                .bind(ev.stream_ordering)
+                .bind(ev.origin_server_ts);
+            for (user, highlight, actions) in chunk {
+                insert = insert.bind(user.as_str()).bind(i64::from(*highlight)).bind(actions.as_str());
+            }
+            insert.execute(&mut *tx).await?;
         }
         if let Some(redacts) = ev.redacts {
             // A redacted message is no longer searchable.
@@ -282,7 +335,14 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await?;
+        for destination in ev.destinations {
+            sqlx::query("INSERT INTO federation_outbox (destination, stream_ordering, event_id) VALUES ($1, $2, $3)")
+                .bind(destination)
+                .bind(ev.stream_ordering)
+                .bind(ev.event_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         Ok(AppendOutcome::Appended { prev_state })
     }
 

@@ -217,15 +217,22 @@ pub async fn typing(
         ruma::api::client::typing::create_typing_event::v3::Typing::Yes(info) => Some(info.timeout),
         _ => None,
     };
-    services
+    let changed = services
         .typing
         .set(&req.body.room_id, &user.user_id, timeout, || services.streams.bump_typing([&*req.body.room_id]));
+    if changed || timeout.is_some() {
+        // Other servers in the room hear it too (a renewal keeps their timeout alive).
+        let edu = json!({"edu_type": "m.typing", "content": {
+            "room_id": req.body.room_id, "user_id": user.user_id, "typing": timeout.is_some(),
+        }});
+        services.send_edu_to_room(&req.body.room_id, edu).await?;
+    }
     Ok(RumaResponse(create_typing_event::v3::Response::new()))
 }
 
 impl Services {
     /// Records a receipt (`m.read`, `m.read.private`) or the `m.fully_read` marker.
-    async fn set_receipt(
+    pub(crate) async fn set_receipt(
         &self,
         room_id: &RoomId,
         user_id: &UserId,
@@ -288,6 +295,17 @@ pub async fn receipt(
         _ => String::new(),
     };
     services.set_receipt(&req.body.room_id, &user.user_id, kind, &req.body.event_id, &thread).await?;
+    if kind == "m.read" {
+        // Public read receipts go to the room's other servers.
+        let mut data = json!({"ts": now_ms()});
+        if !thread.is_empty() {
+            data["thread_id"] = json!(thread);
+        }
+        let edu = json!({"edu_type": "m.receipt", "content": {
+            (req.body.room_id.as_str()): {"m.read": {(user.user_id.as_str()): {"event_ids": [req.body.event_id], "data": data}}},
+        }});
+        services.send_edu_to_room(&req.body.room_id, edu).await?;
+    }
     Ok(RumaResponse(create_receipt::v3::Response::new()))
 }
 

@@ -98,7 +98,15 @@ pub async fn join_by_id(
     let user = req.user()?.clone();
     let room_id = req.body.room_id;
     services
-        .change_membership(&room_id, &user.user_id, &user.user_id, Membership::Join, req.body.reason.as_deref(), false)
+        .change_membership_via(
+            &room_id,
+            &user.user_id,
+            &user.user_id,
+            Membership::Join,
+            req.body.reason.as_deref(),
+            false,
+            &[],
+        )
         .await?;
     Ok(RumaResponse(join_room_by_id::v3::Response::new(room_id)))
 }
@@ -108,9 +116,18 @@ pub async fn join_by_id_or_alias(
     req: Ruma<join_room_by_id_or_alias::v3::Request>,
 ) -> Result<RumaResponse<join_room_by_id_or_alias::v3::Response>> {
     let user = req.user()?.clone();
-    let room_id = services.resolve_room(req.body.room_id_or_alias.as_str()).await?;
+    let (room_id, mut via) = services.resolve_room_with_servers(req.body.room_id_or_alias.as_str()).await?;
+    via.extend(req.body.via.iter().cloned());
     services
-        .change_membership(&room_id, &user.user_id, &user.user_id, Membership::Join, req.body.reason.as_deref(), false)
+        .change_membership_via(
+            &room_id,
+            &user.user_id,
+            &user.user_id,
+            Membership::Join,
+            req.body.reason.as_deref(),
+            false,
+            &via,
+        )
         .await?;
     Ok(RumaResponse(join_room_by_id_or_alias::v3::Response::new(room_id)))
 }

@@ -1,0 +1,91 @@
+//! Events and state for other servers: `/event`, `/state`, `/state_ids`, `/event_auth` and
+//! `/backfill`, for servers with a user in the room and not denied by its server ACL.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use ruma::{
+    EventId, MilliSecondsSinceUnixEpoch,
+    api::federation::{
+        authorization::get_event_authorization,
+        backfill::get_backfill,
+        event::{get_event, get_room_state, get_room_state_ids},
+    },
+};
+
+use super::rooms::origin;
+use crate::{
+    api::ruma::{Ruma, RumaResponse},
+    error::{Error, Result},
+    service::Services,
+};
+
+fn parse_ids(ids: Vec<String>) -> Result<Vec<ruma::OwnedEventId>> {
+    ids.into_iter().map(|id| EventId::parse(id).map_err(|e| Error::internal(e.to_string()))).collect()
+}
+
+pub async fn event(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_event::v1::Request>,
+) -> Result<RumaResponse<get_event::v1::Response>> {
+    let origin = origin(&req)?;
+    let pdu = services.event_for_server(&req.body.event_id, &origin).await?;
+    Ok(RumaResponse(get_event::v1::Response::new(
+        services.settings.server_name.clone(),
+        MilliSecondsSinceUnixEpoch::now(),
+        pdu,
+    )))
+}
+
+pub async fn state(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_room_state::v1::Request>,
+) -> Result<RumaResponse<get_room_state::v1::Response>> {
+    let origin = origin(&req)?;
+    services.require_server_may_read(&req.body.room_id, &origin).await?;
+    let (state, chain) = services.state_before_event(&req.body.room_id, &req.body.event_id).await?;
+    Ok(RumaResponse(get_room_state::v1::Response::new(
+        services.events_raw(&chain).await?,
+        services.events_raw(&state).await?,
+    )))
+}
+
+pub async fn state_ids(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_room_state_ids::v1::Request>,
+) -> Result<RumaResponse<get_room_state_ids::v1::Response>> {
+    let origin = origin(&req)?;
+    services.require_server_may_read(&req.body.room_id, &origin).await?;
+    let (state, chain) = services.state_before_event(&req.body.room_id, &req.body.event_id).await?;
+    Ok(RumaResponse(get_room_state_ids::v1::Response::new(parse_ids(chain)?, parse_ids(state)?)))
+}
+
+pub async fn event_auth(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_event_authorization::v1::Request>,
+) -> Result<RumaResponse<get_event_authorization::v1::Response>> {
+    let origin = origin(&req)?;
+    services.require_server_may_read(&req.body.room_id, &origin).await?;
+    let id = req.body.event_id.to_string();
+    let found = services.store.any_events_json(std::slice::from_ref(&id)).await?;
+    if !found.iter().any(|(_, room, _)| room == req.body.room_id.as_str()) {
+        return Err(Error::NotFound("Unknown event".to_owned()));
+    }
+    let chain = services.auth_chain_ids(&req.body.room_id, &[id]).await?;
+    Ok(RumaResponse(get_event_authorization::v1::Response::new(services.events_raw(&chain).await?)))
+}
+
+pub async fn backfill(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_backfill::v1::Request>,
+) -> Result<RumaResponse<get_backfill::v1::Response>> {
+    let origin = origin(&req)?;
+    services.require_server_may_read(&req.body.room_id, &origin).await?;
+    let limit = usize::try_from(u64::from(req.body.limit)).unwrap_or(usize::MAX);
+    let pdus = services.backfill_for_server(&req.body.room_id, &req.body.v, limit).await?;
+    Ok(RumaResponse(get_backfill::v1::Response::new(
+        services.settings.server_name.clone(),
+        MilliSecondsSinceUnixEpoch::now(),
+        pdus,
+    )))
+}

@@ -1,0 +1,140 @@
+//! Rooms across servers: membership through us (make_join / send_join, make_leave /
+//! send_leave, invite) and transactions of events (`/send`).
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use axum::extract::State;
+use ruma::api::federation::{
+    membership::{create_invite, create_join_event, create_leave_event, prepare_join_event, prepare_leave_event},
+    transactions::send_transaction_message,
+};
+
+use crate::{
+    api::ruma::{Ruma, RumaResponse},
+    error::{Error, Result},
+    service::Services,
+    store::now_ms,
+};
+
+/// Most PDUs in one transaction (the spec's limit).
+const MAX_PDUS: usize = 50;
+
+pub(super) fn origin<T>(req: &Ruma<T>) -> Result<ruma::OwnedServerName> {
+    req.origin.clone().ok_or_else(|| Error::Unauthorized("The request is not signed".to_owned()))
+}
+
+pub async fn make_join(
+    State(services): State<Arc<Services>>,
+    req: Ruma<prepare_join_event::v1::Request>,
+) -> Result<RumaResponse<prepare_join_event::v1::Response>> {
+    let origin = origin(&req)?;
+    let b = &req.body;
+    let version = services.room_version(b.room_id.as_str()).await?;
+    if !b.ver.contains(&version) {
+        return Err(Error::IncompatibleRoomVersion(version));
+    }
+    let (version, event) = services.membership_template(&b.room_id, &b.user_id, &origin, "join").await?;
+    let mut response = prepare_join_event::v1::Response::new(event);
+    response.room_version = Some(version);
+    Ok(RumaResponse(response))
+}
+
+pub async fn send_join(
+    State(services): State<Arc<Services>>,
+    req: Ruma<create_join_event::v2::Request>,
+) -> Result<RumaResponse<create_join_event::v2::Response>> {
+    let origin = origin(&req)?;
+    let b = &req.body;
+    services.receive_membership(&b.room_id, &b.event_id, &b.pdu, &origin, "join").await?;
+    let joined = services.state_and_auth_chain(&b.room_id, &b.event_id).await?;
+    let mut state = create_join_event::v2::RoomState::new();
+    state.state = joined.state;
+    state.auth_chain = joined.auth_chain;
+    Ok(RumaResponse(create_join_event::v2::Response::new(state)))
+}
+
+pub async fn make_leave(
+    State(services): State<Arc<Services>>,
+    req: Ruma<prepare_leave_event::v1::Request>,
+) -> Result<RumaResponse<prepare_leave_event::v1::Response>> {
+    let origin = origin(&req)?;
+    let b = &req.body;
+    let (version, event) = services.membership_template(&b.room_id, &b.user_id, &origin, "leave").await?;
+    Ok(RumaResponse(prepare_leave_event::v1::Response::new(Some(version), event)))
+}
+
+pub async fn send_leave(
+    State(services): State<Arc<Services>>,
+    req: Ruma<create_leave_event::v2::Request>,
+) -> Result<RumaResponse<create_leave_event::v2::Response>> {
+    let origin = origin(&req)?;
+    let b = &req.body;
+    services.receive_membership(&b.room_id, &b.event_id, &b.pdu, &origin, "leave").await?;
+    Ok(RumaResponse(create_leave_event::v2::Response::new()))
+}
+
+pub async fn invite(
+    State(services): State<Arc<Services>>,
+    req: Ruma<create_invite::v2::Request>,
+) -> Result<RumaResponse<create_invite::v2::Response>> {
+    let origin = origin(&req)?;
+    let b = &req.body;
+    let event = services
+        .receive_invite(&b.room_id, &b.event_id, &b.room_version, &b.event, &b.invite_room_state, &origin)
+        .await?;
+    Ok(RumaResponse(create_invite::v2::Response::new(event)))
+}
+
+/// `PUT /send/{txnId}`: each PDU is taken in or refused on its own; a transaction seen
+/// before gets the answer it got then.
+pub async fn send_transaction(
+    State(services): State<Arc<Services>>,
+    req: Ruma<send_transaction_message::v1::Request>,
+) -> Result<RumaResponse<send_transaction_message::v1::Response>> {
+    let origin = origin(&req)?;
+    let b = &req.body;
+    if b.origin != origin {
+        return Err(Error::Forbidden("The transaction's origin is not the signing server".to_owned()));
+    }
+    if b.pdus.len() > MAX_PDUS {
+        return Err(Error::BadJson(format!("at most {MAX_PDUS} PDUs per transaction")));
+    }
+    if let Some(answer) = services.store.received_txn(origin.as_str(), b.transaction_id.as_str()).await? {
+        let pdus = serde_json::from_str(&answer).map_err(|e| Error::internal(e.to_string()))?;
+        return Ok(RumaResponse(send_transaction_message::v1::Response::new(pdus)));
+    }
+    let mut results = BTreeMap::new();
+    for raw in &b.pdus {
+        match services.receive_pdu(&origin, raw).await {
+            Ok((event_id, _)) => {
+                results.insert(event_id, Ok(()));
+            }
+            Err(Error::Database(e)) => return Err(Error::Database(e)),
+            Err(e) => {
+                tracing::info!(%origin, error = %e, "refused a received event");
+                // An event we cannot even identify has no entry to report under.
+                if let Some(event_id) = event_id_hint(raw, &services).await {
+                    results.insert(event_id, Err(e.to_string()));
+                }
+            }
+        }
+    }
+    for edu in &b.edus {
+        // EDUs are best effort: a bad one is logged and skipped.
+        let edu: serde_json::Value = serde_json::from_str(edu.json().get()).unwrap_or_default();
+        if let Err(e) = services.receive_edu(&origin, &edu).await {
+            tracing::info!(%origin, edu_type = %edu["edu_type"], error = %e, "ignored a received EDU");
+        }
+    }
+    let answer = serde_json::to_string(&results).map_err(|e| Error::internal(e.to_string()))?;
+    services.store.store_received_txn(origin.as_str(), b.transaction_id.as_str(), &answer, now_ms()).await?;
+    Ok(RumaResponse(send_transaction_message::v1::Response::new(results)))
+}
+
+/// The id of a refused PDU, when it can be computed.
+async fn event_id_hint(raw: &serde_json::value::RawValue, services: &Services) -> Option<ruma::OwnedEventId> {
+    let room_id = crate::service::received::room_id_of(raw).ok()?;
+    let version = services.room_version(room_id.as_str()).await.ok()?;
+    let object: ruma::CanonicalJsonObject = serde_json::from_str(raw.get()).ok()?;
+    federation::pdu::event_id_of(&object, &version).ok()
+}

@@ -1,0 +1,827 @@
+//! Membership across servers: joining, leaving and inviting through another server
+//! (make_join / send_join v2, make_leave / send_leave v2, invite v2), in both directions.
+
+use std::collections::{HashMap, HashSet};
+
+use federation::{
+    auth,
+    pdu::{Pdu, cosign_event, room_version_rules, sign_template},
+};
+use ruma::{
+    CanonicalJsonObject, EventId, OwnedEventId, OwnedServerName, OwnedUserId, RoomId, RoomVersionId, ServerName,
+    UserId,
+    api::federation::backfill::get_backfill,
+    api::federation::membership::{
+        RawStrippedState, create_invite, create_join_event, create_leave_event, prepare_join_event, prepare_leave_event,
+    },
+    events::StateEventType,
+};
+use serde_json::{Value as JsonValue, value::RawValue as RawJsonValue};
+
+use super::{
+    Services,
+    notifier::{Change, Sections},
+    received::VerifiedEvent,
+    timeline::{BuiltEvent, EventDraft},
+};
+use crate::{
+    error::{Error, Result},
+    store::{AppendEvent, JoinedRoom, now_ms},
+};
+
+/// Room versions we can join on another server: we sign events with hash-based ids (v3+).
+pub const JOINABLE_ROOM_VERSIONS: [RoomVersionId; 10] = [
+    RoomVersionId::V3,
+    RoomVersionId::V4,
+    RoomVersionId::V5,
+    RoomVersionId::V6,
+    RoomVersionId::V7,
+    RoomVersionId::V8,
+    RoomVersionId::V9,
+    RoomVersionId::V10,
+    RoomVersionId::V11,
+    RoomVersionId::V12,
+];
+
+/// Events of history fetched with a join.
+const JOIN_HISTORY: u64 = 50;
+
+/// The state and auth chain answered to a send_join.
+pub struct JoinState {
+    pub state: Vec<Box<RawJsonValue>>,
+    pub auth_chain: Vec<Box<RawJsonValue>>,
+}
+
+fn raw(json: &str) -> Result<Box<RawJsonValue>> {
+    RawJsonValue::from_string(json.to_owned()).map_err(|e| Error::internal(e.to_string()))
+}
+
+fn raw_object(object: &CanonicalJsonObject) -> Result<Box<RawJsonValue>> {
+    serde_json::value::to_raw_value(object).map_err(|e| Error::internal(e.to_string()))
+}
+
+/// A template to hand out (make_join / make_leave): our built event without hashes and
+/// signatures.
+fn template_of(mut object: CanonicalJsonObject) -> Result<Box<RawJsonValue>> {
+    object.remove("hashes");
+    object.remove("signatures");
+    raw_object(&object)
+}
+
+impl Services {
+    // ---- our users in other servers' rooms ----
+
+    /// Joins `user` to a room this server is not in, through one of `servers`.
+    pub async fn join_remote(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        servers: &[OwnedServerName],
+        reason: Option<&str>,
+    ) -> Result<OwnedEventId> {
+        let mut last_error = Error::NotFound("No server to join the room through".to_owned());
+        for server in servers.iter().filter(|s| **s != self.settings.server_name) {
+            match self.join_through(room_id, user, server, reason).await {
+                Ok(id) => return Ok(id),
+                Err(e) => {
+                    tracing::info!(%room_id, %server, error = %e, "cannot join through this server");
+                    last_error = e;
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    async fn join_through(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        server: &ServerName,
+        reason: Option<&str>,
+    ) -> Result<OwnedEventId> {
+        let mut request = prepare_join_event::v1::Request::new(room_id.to_owned(), user.to_owned());
+        request.ver = JOINABLE_ROOM_VERSIONS.to_vec();
+        let template = self.send_federation(server, request).await?;
+        let version = template.room_version.unwrap_or(RoomVersionId::V1);
+        if !JOINABLE_ROOM_VERSIONS.contains(&version) {
+            return Err(Error::UnsupportedRoomVersion(format!("Room version {version} cannot be joined")));
+        }
+        let content = self.member_content(user, "join", reason).await?;
+        let (event_id, object) =
+            sign_template(&template.event, content, &version, &self.settings.server_name, &self.signing_key)
+                .map_err(|e| Error::RemoteUnavailable(format!("{server} sent a bad join template: {e}")))?;
+        let response = self
+            .send_federation(
+                server,
+                create_join_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw_object(&object)?),
+            )
+            .await?;
+        let state = response.room_state;
+        // A restricted join comes back signed by the resident server too.
+        let join_raw = match &state.event {
+            Some(event) => event.clone(),
+            None => raw_object(&object)?,
+        };
+        let join = self.verify_pdu(&join_raw, &version).await?;
+        if join.event_id != event_id {
+            return Err(Error::RemoteUnavailable(format!("{server} changed our join event")));
+        }
+        let history = self.fetch_history(server, room_id, &version, &join.pdu).await;
+        self.persist_remote_join(room_id, &version, join, &state.state, &state.auth_chain, history).await?;
+        tracing::info!(%room_id, %user, %server, "joined a room on another server");
+        Ok(event_id)
+    }
+
+    /// The room's recent history before our join (`/backfill` from the server we joined
+    /// through), so the joining user sees what was said before. Best effort: events that do
+    /// not verify are left out, and a failed request leaves no history.
+    async fn fetch_history(
+        &self,
+        server: &ServerName,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        join: &Pdu,
+    ) -> Vec<VerifiedEvent> {
+        let limit = ruma::UInt::try_from(JOIN_HISTORY).unwrap_or_default();
+        let request = get_backfill::v1::Request::new(room_id.to_owned(), join.prev_events.clone(), limit);
+        let response = match self.send_federation(server, request).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(%room_id, %server, error = %e, "no history before the join");
+                return Vec::new();
+            }
+        };
+        let mut events = Vec::new();
+        for raw in &response.pdus {
+            match self.verify_pdu(raw, version).await {
+                Ok(event) if event.pdu.room_id.as_deref() == Some(room_id) => events.push(event),
+                Ok(_) => {}
+                Err(e) => tracing::info!(%room_id, error = %e, "dropped a backfilled event"),
+            }
+        }
+        events
+    }
+
+    /// Checks the state and auth chain of a send_join answer (and the history before the
+    /// join) and stores the room.
+    async fn persist_remote_join(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        join: VerifiedEvent,
+        state: &[Box<RawJsonValue>],
+        auth_chain: &[Box<RawJsonValue>],
+        history: Vec<VerifiedEvent>,
+    ) -> Result<()> {
+        let rules = room_version_rules(version).map_err(|e| Error::internal(e.to_string()))?;
+        // Every event must verify; bad ones are dropped (and then cannot authorize anything).
+        let mut events: HashMap<OwnedEventId, VerifiedEvent> = HashMap::new();
+        let mut state_ids = Vec::new();
+        for (raw, is_state) in auth_chain.iter().map(|r| (r, false)).chain(state.iter().map(|r| (r, true))) {
+            match self.verify_pdu(raw, version).await {
+                Ok(event) => {
+                    if is_state {
+                        state_ids.push(event.event_id.clone());
+                    }
+                    events.insert(event.event_id.clone(), event);
+                }
+                Err(e) => tracing::info!(%room_id, error = %e, "dropped an event of the joined room's state"),
+            }
+        }
+        let history_ids: HashSet<OwnedEventId> = history.iter().map(|e| e.event_id.clone()).collect();
+        for event in history {
+            events.entry(event.event_id.clone()).or_insert(event);
+        }
+        let pdus: HashMap<OwnedEventId, Pdu> = events.iter().map(|(id, e)| (id.clone(), e.pdu.clone())).collect();
+        let create = pdus
+            .values()
+            .find(|p| p.kind == ruma::events::TimelineEventType::RoomCreate && p.state_key.as_deref() == Some(""))
+            .cloned()
+            .ok_or_else(|| Error::RemoteUnavailable("the joined room's state has no create event".to_owned()))?;
+        // Each event must be authorized by its own auth events (oldest first, so an event
+        // whose auth events were refused is refused too).
+        let mut order: Vec<&Pdu> = pdus.values().collect();
+        order.sort_by_key(|p| (p.depth, p.origin_server_ts));
+        let mut authorized: HashSet<OwnedEventId> = HashSet::new();
+        for pdu in order {
+            let auth_events: HashMap<OwnedEventId, Pdu> = pdu
+                .auth_events
+                .iter()
+                .chain(std::iter::once(&create.event_id))
+                .filter(|id| authorized.contains(*id) || **id == create.event_id)
+                .filter_map(|id| pdus.get(id).map(|p| (id.clone(), p.clone())))
+                .collect();
+            let auth_state: HashMap<(StateEventType, String), Pdu> = auth_events
+                .values()
+                .filter_map(|e| e.state_key.clone().map(|k| ((e.kind.to_string().into(), k), e.clone())))
+                .collect();
+            match auth::authorize(&rules.authorization, pdu, &auth_events, &auth_state) {
+                Ok(()) => {
+                    authorized.insert(pdu.event_id.clone());
+                }
+                Err(reason) => tracing::info!(event_id = %pdu.event_id, %reason, "refused an event of the joined room"),
+            }
+        }
+        // The join must be allowed by the state it joins.
+        let mut state_map: HashMap<(StateEventType, String), Pdu> = HashMap::new();
+        for id in state_ids.iter().filter(|id| authorized.contains(*id)) {
+            let pdu = &pdus[id];
+            if let Some(key) = &pdu.state_key {
+                state_map.insert((pdu.kind.to_string().into(), key.clone()), pdu.clone());
+            }
+        }
+        let mut all = pdus.clone();
+        all.insert(join.event_id.clone(), join.pdu.clone());
+        auth::authorize(&rules.authorization, &join.pdu, &all, &state_map)
+            .map_err(|reason| Error::Forbidden(format!("the join is not allowed by the room's state: {reason}")))?;
+
+        // Store: the state and the history as timeline events (oldest first), the rest of
+        // the auth chain as outliers, then the join, after which the current state is exactly
+        // the state the join was authorized by (whatever order the history came in).
+        let mut timeline_ids: HashSet<OwnedEventId> = state_map.values().map(|p| p.event_id.clone()).collect();
+        timeline_ids.extend(history_ids.into_iter().filter(|id| authorized.contains(id)));
+        timeline_ids.remove(&join.event_id);
+        let mut state_events: Vec<&VerifiedEvent> = timeline_ids.iter().map(|id| &events[id]).collect();
+        state_events.sort_by_key(|e| (e.pdu.depth, e.pdu.origin_server_ts));
+        let mut resolved: Vec<crate::store::CurrentStateEntry> = state_map
+            .iter()
+            .map(|((kind, key), p)| (kind.to_string(), key.clone(), p.event_id.to_string(), membership_of(p)))
+            .collect();
+        resolved.retain(|(kind, key, _, _)| !(kind == "m.room.member" && key == join.pdu.sender.as_str()));
+        resolved.push((
+            "m.room.member".to_owned(),
+            join.pdu.sender.to_string(),
+            join.event_id.to_string(),
+            Some("join".to_owned()),
+        ));
+        let in_state: HashSet<&OwnedEventId> = state_events.iter().map(|e| &e.event_id).collect();
+        let outliers: Vec<(String, String)> = events
+            .values()
+            .filter(|e| authorized.contains(&e.event_id) && !in_state.contains(&e.event_id))
+            .map(|e| (e.event_id.to_string(), e.json.clone()))
+            .collect();
+        let lock = self.room_lock(room_id);
+        let _guard = lock.lock().await;
+        let positions: Vec<_> = (0..=state_events.len()).map(|_| self.streams.allocate()).collect();
+        let owned: Vec<OwnedAppend> = state_events.iter().map(|e| OwnedAppend::of(&e.pdu, &e.json)).collect();
+        let join_owned = OwnedAppend::of(&join.pdu, &join.json);
+        let appends: Vec<AppendEvent<'_>> =
+            owned.iter().zip(&positions).map(|(o, p)| o.as_append(room_id, p.position())).collect();
+        let join_position = positions.last().map(|p| p.position()).unwrap_or_default();
+        self.store
+            .persist_joined_room(
+                JoinedRoom {
+                    room_id: room_id.as_str(),
+                    room_version: version.as_str(),
+                    creator: create.sender.as_str(),
+                    outliers: &outliers,
+                    state: appends,
+                    join: AppendEvent {
+                        resolved_state: Some(&resolved),
+                        ..join_owned.as_append(room_id, join_position)
+                    },
+                },
+                now_ms(),
+            )
+            .await?;
+        // Written around the append path: the caches forget the room and its members.
+        self.room_cache.invalidate(room_id);
+        let mut changes = vec![Change::room(room_id.to_owned(), Sections::TIMELINE | Sections::DEVICE_LISTS)];
+        for e in state_events.iter().map(|e| &e.pdu).chain(std::iter::once(&join.pdu)) {
+            if e.kind == ruma::events::TimelineEventType::RoomMember
+                && let Some(user) = e.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok())
+                && user.server_name() == self.settings.server_name
+            {
+                self.user_rooms.forget(&user.to_string());
+                self.forget_unread_counts(&user, room_id);
+                changes.push(Change::user(user, Sections::MEMBERSHIP));
+            }
+        }
+        let mut positions = positions;
+        let last = positions.pop();
+        for position in positions {
+            position.commit_with(Vec::new());
+        }
+        if let Some(last) = last {
+            last.commit_with(changes);
+        }
+        Ok(())
+    }
+
+    /// Rejects an invite (or leaves a room this server is no longer in) through the
+    /// inviting server.
+    pub async fn leave_remote(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        servers: &[OwnedServerName],
+        reason: Option<&str>,
+    ) -> Result<OwnedEventId> {
+        let mut last_error = Error::NotFound("No server to leave the room through".to_owned());
+        for server in servers.iter().filter(|s| **s != self.settings.server_name) {
+            match self.leave_through(room_id, user, server, reason).await {
+                Ok(id) => return Ok(id),
+                Err(e) => {
+                    tracing::info!(%room_id, %server, error = %e, "cannot leave through this server");
+                    last_error = e;
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    async fn leave_through(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        server: &ServerName,
+        reason: Option<&str>,
+    ) -> Result<OwnedEventId> {
+        let template = self
+            .send_federation(server, prepare_leave_event::v1::Request::new(room_id.to_owned(), user.to_owned()))
+            .await?;
+        let version = template.room_version.unwrap_or(RoomVersionId::V1);
+        let content = self.member_content(user, "leave", reason).await?;
+        let (event_id, object) =
+            sign_template(&template.event, content, &version, &self.settings.server_name, &self.signing_key)
+                .map_err(|e| Error::RemoteUnavailable(format!("{server} sent a bad leave template: {e}")))?;
+        self.send_federation(
+            server,
+            create_leave_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw_object(&object)?),
+        )
+        .await?;
+        // We are not in the room, so we cannot authorize it ourselves; the resident server did.
+        let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
+        let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
+        let lock = self.room_lock(room_id);
+        let _guard = lock.lock().await;
+        self.persist_event(
+            room_id,
+            BuiltEvent { event_id: event_id.clone(), object, json, pdu, resolved_state: None },
+            None,
+            &[],
+        )
+        .await?;
+        Ok(event_id)
+    }
+
+    /// Invites a user of another server: their server co-signs the invite, then it is
+    /// appended and sent to the room's other servers.
+    pub async fn invite_remote(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        target: &UserId,
+        content: JsonValue,
+    ) -> Result<OwnedEventId> {
+        let version = self.room_version(room_id.as_str()).await?;
+        let built = {
+            let lock = self.room_lock(room_id);
+            let _guard = lock.lock().await;
+            self.build_event(room_id, sender, EventDraft::state("m.room.member", target.as_str(), content)).await?
+        };
+        let invite_room_state = self.stripped_state_pdus(room_id, sender).await?;
+        let request = create_invite::v2::Request::new(
+            room_id.to_owned(),
+            built.event_id.clone(),
+            version.clone(),
+            raw_object(&built.object)?,
+            invite_room_state,
+        );
+        let response = self.send_federation(target.server_name(), request).await?;
+        // The answer is our event with the invitee's server's signature added; the id (a
+        // hash without signatures) must not change.
+        let object: CanonicalJsonObject = serde_json::from_str(response.event.get())
+            .map_err(|e| Error::RemoteUnavailable(format!("bad invite answer: {e}")))?;
+        let answered_id =
+            federation::pdu::event_id_of(&object, &version).map_err(|e| Error::RemoteUnavailable(e.to_string()))?;
+        if answered_id != built.event_id {
+            return Err(Error::RemoteUnavailable("the invited user's server changed the invite".to_owned()));
+        }
+        let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
+        let lock = self.room_lock(room_id);
+        let _guard = lock.lock().await;
+        let destinations = self.destinations_for(room_id, &built.pdu, Some(target.server_name())).await?;
+        self.persist_event(room_id, BuiltEvent { json, object, ..built }, None, &destinations).await
+    }
+
+    /// The state an invitee's server is shown, as full PDUs (Matrix 1.16).
+    async fn stripped_state_pdus(&self, room_id: &RoomId, sender: &UserId) -> Result<Vec<RawStrippedState>> {
+        let mut out = Vec::new();
+        for (kind, key) in [
+            ("m.room.create", ""),
+            ("m.room.join_rules", ""),
+            ("m.room.name", ""),
+            ("m.room.avatar", ""),
+            ("m.room.topic", ""),
+            ("m.room.canonical_alias", ""),
+            ("m.room.encryption", ""),
+            ("m.room.member", sender.as_str()),
+        ] {
+            if let Some(row) = self.store.current_state_event(room_id.as_str(), kind, key).await? {
+                out.push(RawStrippedState::Pdu(raw(&row.json)?));
+            }
+        }
+        Ok(out)
+    }
+
+    // ---- other servers' users in our rooms ----
+
+    /// The template for make_join / make_leave: the membership event as we would build it
+    /// now. Building it also authorizes it, so a join the room does not allow is refused here.
+    pub async fn membership_template(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        origin: &ServerName,
+        membership: &str,
+    ) -> Result<(RoomVersionId, Box<RawJsonValue>)> {
+        if user.server_name() != origin {
+            return Err(Error::Forbidden("The user is not on the asking server".to_owned()));
+        }
+        if self.store.room(room_id.as_str()).await?.is_none() || !self.server_in_room(room_id).await? {
+            return Err(Error::NotFound("This server is not in that room".to_owned()));
+        }
+        self.check_server_acl(room_id, origin).await?;
+        let version = self.room_version(room_id.as_str()).await?;
+        let lock = self.room_lock(room_id);
+        let _guard = lock.lock().await;
+        let content = serde_json::json!({"membership": membership});
+        let built = self.build_event(room_id, user, EventDraft::state("m.room.member", user.as_str(), content)).await?;
+        Ok((version, template_of(built.object)?))
+    }
+
+    /// send_join / send_leave: checks the signed membership event from `origin`, appends it
+    /// and passes it on to the room's other servers.
+    pub async fn receive_membership(
+        &self,
+        room_id: &RoomId,
+        event_id: &EventId,
+        raw: &RawJsonValue,
+        origin: &ServerName,
+        membership: &str,
+    ) -> Result<()> {
+        if !self.server_in_room(room_id).await? {
+            return Err(Error::NotFound("This server is not in that room".to_owned()));
+        }
+        self.check_server_acl(room_id, origin).await?;
+        let version = self.room_version(room_id.as_str()).await?;
+        let event = self.verify_pdu(raw, &version).await?;
+        let pdu = &event.pdu;
+        let content: JsonValue = serde_json::from_str(pdu.content.get()).unwrap_or_default();
+        if event.event_id != event_id
+            || pdu.room_id.as_deref() != Some(room_id)
+            || pdu.kind != ruma::events::TimelineEventType::RoomMember
+            || pdu.state_key.as_deref() != Some(pdu.sender.as_str())
+            || pdu.sender.server_name() != origin
+            || content["membership"] != membership
+        {
+            return Err(Error::BadJson(format!("not a {membership} event of a user of {origin} for this room")));
+        }
+        match self.accept_remote_event(room_id, event, origin, true).await? {
+            super::received::Accepted::SoftFailed => {
+                Err(Error::Forbidden("The event is not allowed by the room's current state".to_owned()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The room's state before `except` (the join, just appended) and the auth chain of both,
+    /// for send_join.
+    pub async fn state_and_auth_chain(&self, room_id: &RoomId, except: &EventId) -> Result<JoinState> {
+        let mut state = Vec::new();
+        for row in self.store.current_state(room_id.as_str()).await? {
+            if row.event_id != except.as_str() {
+                state.push(row.json);
+            } else if let Some(before) = &row.prev_state_event_id
+                && let Some(previous) = self.store.event(before).await?
+            {
+                // The state before the join: the membership it replaced (an invite).
+                state.push(previous.json);
+            }
+        }
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut frontier: Vec<String> = Vec::new();
+        for json in &state {
+            frontier.extend(auth_event_ids(json));
+        }
+        // The join's own auth events too (an invite it replaced is in no state any more).
+        for (_, _, json) in self.store.any_events_json(&[except.to_string()]).await? {
+            frontier.extend(auth_event_ids(&json));
+        }
+        let mut auth_chain = Vec::new();
+        while !frontier.is_empty() {
+            let batch: Vec<String> = frontier.drain(..).filter(|id| seen.insert(id.clone())).collect();
+            for (_, _, json) in self.store.any_events_json(&batch).await? {
+                frontier.extend(auth_event_ids(&json));
+                auth_chain.push(raw(&json)?);
+            }
+        }
+        Ok(JoinState { state: state.iter().map(|json| raw(json)).collect::<Result<_>>()?, auth_chain })
+    }
+
+    /// An invite from another server for one of our users: checked, co-signed and stored so
+    /// the user's syncs show it. Returns the co-signed event.
+    pub async fn receive_invite(
+        &self,
+        room_id: &RoomId,
+        event_id: &EventId,
+        version: &RoomVersionId,
+        raw: &RawJsonValue,
+        invite_room_state: &[RawStrippedState],
+        origin: &ServerName,
+    ) -> Result<Box<RawJsonValue>> {
+        if version.rules().is_none() {
+            return Err(Error::IncompatibleRoomVersion(version.clone()));
+        }
+        let event = self.verify_pdu(raw, version).await?;
+        let pdu = &event.pdu;
+        let content: JsonValue = serde_json::from_str(pdu.content.get()).unwrap_or_default();
+        let target = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok());
+        let Some(target) = target.filter(|t| t.server_name() == self.settings.server_name) else {
+            return Err(Error::BadJson("the invite is not for a user of this server".to_owned()));
+        };
+        if event.event_id != event_id
+            || pdu.room_id.as_deref() != Some(room_id)
+            || pdu.kind != ruma::events::TimelineEventType::RoomMember
+            || content["membership"] != "invite"
+            || pdu.sender.server_name() != origin
+        {
+            return Err(Error::BadJson("not an invite from that server for this room".to_owned()));
+        }
+        if self.store.user(target.as_str()).await?.is_none() {
+            return Err(Error::NotFound("No such user".to_owned()));
+        }
+        let mut object = event.object.clone();
+        cosign_event(&mut object, version, &self.settings.server_name, &self.signing_key)
+            .map_err(|e| Error::internal(e.to_string()))?;
+        let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
+        if self.server_in_room(room_id).await? {
+            // We are in the room: the invite is checked like any other event (the inviting
+            // server sends it through /send too; whichever comes first is kept).
+            let verified = VerifiedEvent { json, object: object.clone(), ..event };
+            self.accept_remote_event(room_id, verified, origin, false).await?;
+        } else {
+            let creator = invite_room_state
+                .iter()
+                .filter_map(|s| match s {
+                    RawStrippedState::Pdu(raw) => serde_json::from_str::<JsonValue>(raw.get()).ok(),
+                    _ => None,
+                })
+                .find(|e| e["type"] == "m.room.create")
+                .and_then(|e| e["sender"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| pdu.sender.to_string());
+            self.store.upsert_remote_room(room_id.as_str(), version.as_str(), &creator, now_ms()).await?;
+            // What the inviting server showed of the room (name, topic, ...), for the invite in
+            // the user's syncs: stripped to type, state key, sender and content.
+            let stripped: Vec<JsonValue> = invite_room_state
+                .iter()
+                .filter_map(|s| match s {
+                    RawStrippedState::Pdu(raw) => serde_json::from_str::<JsonValue>(raw.get()).ok(),
+                    #[allow(deprecated)]
+                    RawStrippedState::Stripped(raw) => serde_json::from_str::<JsonValue>(raw.json().get()).ok(),
+                    _ => None,
+                })
+                .filter(|e| e["type"].is_string() && e["state_key"].is_string())
+                .map(|e| {
+                    serde_json::json!({
+                        "type": e["type"], "state_key": e["state_key"], "sender": e["sender"], "content": e["content"],
+                    })
+                })
+                .collect();
+            let stripped = serde_json::to_string(&stripped).map_err(|e| Error::internal(e.to_string()))?;
+            self.store.set_remote_invite_state(room_id.as_str(), target.as_str(), &stripped).await?;
+            self.room_cache.invalidate(room_id);
+            let lock = self.room_lock(room_id);
+            let _guard = lock.lock().await;
+            if self.store.any_events_json(&[event_id.to_string()]).await?.is_empty() {
+                let built = BuiltEvent {
+                    event_id: event.event_id,
+                    object: object.clone(),
+                    json,
+                    pdu: event.pdu,
+                    resolved_state: None,
+                };
+                self.persist_event(room_id, built, None, &[]).await?;
+            }
+        }
+        tracing::info!(%room_id, %target, %origin, "received an invite from another server");
+        raw_object(&object)
+    }
+
+    /// Servers that may know a room we are invited to or were in: the inviter's, the
+    /// senders of the room's state, the room id's (before v12).
+    pub async fn servers_for_room(&self, room_id: &RoomId, user: &UserId) -> Result<Vec<OwnedServerName>> {
+        let mut servers = Vec::new();
+        if let Some(row) = self.store.current_state_event(room_id.as_str(), "m.room.member", user.as_str()).await?
+            && let Ok(sender) = UserId::parse(row.sender.as_str())
+        {
+            servers.push(sender.server_name().to_owned());
+        }
+        for member in self.store.room_members(room_id.as_str(), "join").await? {
+            if let Ok(member) = UserId::parse(member.as_str())
+                && !servers.iter().any(|s| s == member.server_name())
+            {
+                servers.push(member.server_name().to_owned());
+            }
+        }
+        if let Some(server) = room_id.server_name()
+            && !servers.iter().any(|s| s == server)
+        {
+            servers.push(server.to_owned());
+        }
+        Ok(servers)
+    }
+}
+
+fn membership_of(pdu: &Pdu) -> Option<String> {
+    (pdu.kind == ruma::events::TimelineEventType::RoomMember)
+        .then(|| serde_json::from_str::<JsonValue>(pdu.content.get()).ok())
+        .flatten()
+        .and_then(|c| c["membership"].as_str().map(str::to_owned))
+}
+
+fn auth_event_ids(json: &str) -> Vec<String> {
+    let value: JsonValue = serde_json::from_str(json).unwrap_or_default();
+    value["auth_events"]
+        .as_array()
+        .map(|ids| {
+            ids.iter()
+                .filter_map(|id| id.as_str().or_else(|| id.get(0).and_then(|i| i.as_str())))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The parts of an [`AppendEvent`] for an event from another server, owned.
+struct OwnedAppend {
+    event_id: String,
+    depth: i64,
+    event_type: String,
+    state_key: Option<String>,
+    sender: String,
+    origin_server_ts: i64,
+    json: String,
+    prev_events: Vec<String>,
+    membership: Option<String>,
+}
+
+impl OwnedAppend {
+    fn of(pdu: &Pdu, json: &str) -> Self {
+        let membership = membership_of(pdu);
+        Self {
+            event_id: pdu.event_id.to_string(),
+            depth: i64::try_from(u64::from(pdu.depth)).unwrap_or(i64::MAX),
+            event_type: pdu.kind.to_string(),
+            state_key: pdu.state_key.clone(),
+            sender: pdu.sender.to_string(),
+            origin_server_ts: i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX),
+            json: json.to_owned(),
+            prev_events: pdu.prev_events.iter().map(|id| id.to_string()).collect(),
+            membership,
+        }
+    }
+
+    fn as_append<'a>(&'a self, room_id: &'a RoomId, stream_ordering: i64) -> AppendEvent<'a> {
+        AppendEvent {
+            stream_ordering,
+            event_id: &self.event_id,
+            room_id: room_id.as_str(),
+            depth: self.depth,
+            event_type: &self.event_type,
+            state_key: self.state_key.as_deref(),
+            sender: &self.sender,
+            origin_server_ts: self.origin_server_ts,
+            json: &self.json,
+            prev_events: &self.prev_events,
+            membership: self.membership.as_deref(),
+            txn: None,
+            redacts: None,
+            new_room: None,
+            relates_to: None,
+            push_actions: &[],
+            search_text: None,
+            destinations: &[],
+            resolved_state: None,
+        }
+    }
+}
+
+/// Most events one backfill request returns.
+pub const MAX_BACKFILL: usize = 100;
+
+impl Services {
+    // ---- history and state for other servers ----
+
+    /// Whether `origin` may read the room: not denied by its ACL, and one of its users is (or
+    /// was) a member. A room we are not in is unknown here.
+    pub async fn require_server_may_read(&self, room_id: &RoomId, origin: &ServerName) -> Result<()> {
+        if self.store.room(room_id.as_str()).await?.is_none() || !self.server_in_room(room_id).await? {
+            return Err(Error::NotFound("This server is not in that room".to_owned()));
+        }
+        self.check_server_acl(room_id, origin).await?;
+        let members = self.store.current_state(room_id.as_str()).await?;
+        let known = members.iter().any(|row| {
+            row.event_type == "m.room.member"
+                && row
+                    .state_key
+                    .as_deref()
+                    .and_then(|k| UserId::parse(k).ok())
+                    .is_some_and(|u| u.server_name() == origin)
+        });
+        if known { Ok(()) } else { Err(Error::Forbidden("No user of your server is in that room".to_owned())) }
+    }
+
+    /// One event of a room `origin` may read (`/event`).
+    pub async fn event_for_server(&self, event_id: &EventId, origin: &ServerName) -> Result<Box<RawJsonValue>> {
+        let rows = self.store.any_events_json(&[event_id.to_string()]).await?;
+        let (_, room_id, json) = rows.into_iter().next().ok_or_else(|| Error::NotFound("Unknown event".to_owned()))?;
+        let room_id = RoomId::parse(room_id).map_err(|e| Error::internal(e.to_string()))?;
+        self.require_server_may_read(&room_id, origin).await?;
+        raw(&json)
+    }
+
+    /// The room's state before `event_id` (undoing, in stream order, the state changes from
+    /// that event on) and the auth chain of that state.
+    pub async fn state_before_event(&self, room_id: &RoomId, event_id: &EventId) -> Result<(Vec<String>, Vec<String>)> {
+        let event = self
+            .store
+            .event(event_id.as_str())
+            .await?
+            .filter(|row| row.room_id == room_id.as_str())
+            .ok_or_else(|| Error::NotFound("Unknown event".to_owned()))?;
+        let mut state: HashMap<(String, String), String> = HashMap::new();
+        for row in self.store.current_state(room_id.as_str()).await? {
+            if let Some(key) = row.state_key.clone() {
+                state.insert((row.event_type.clone(), key), row.event_id.clone());
+            }
+        }
+        for row in self.store.state_events_after(room_id.as_str(), event.stream_ordering - 1).await? {
+            let Some(key) = row.state_key.clone() else { continue };
+            let slot = (row.event_type.clone(), key);
+            if state.get(&slot).is_some_and(|id| *id == row.event_id) {
+                match &row.prev_state_event_id {
+                    Some(previous) => state.insert(slot, previous.clone()),
+                    None => state.remove(&slot),
+                };
+            }
+        }
+        let state_ids: Vec<String> = state.into_values().collect();
+        let chain = self.auth_chain_ids(room_id, &state_ids).await?;
+        Ok((state_ids, chain))
+    }
+
+    /// Every event reachable from `ids` through `auth_events` (without `ids` themselves), and
+    /// the room's create event, which room version 12 no longer lists as an auth event.
+    pub async fn auth_chain_ids(&self, room_id: &RoomId, ids: &[String]) -> Result<Vec<String>> {
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut chain = Vec::new();
+        let mut frontier: Vec<String> = Vec::new();
+        for (_, _, json) in self.store.any_events_json(ids).await? {
+            frontier.extend(auth_event_ids(&json));
+        }
+        while !frontier.is_empty() {
+            let batch: Vec<String> = frontier.drain(..).filter(|id| seen.insert(id.clone())).collect();
+            for (id, _, json) in self.store.any_events_json(&batch).await? {
+                frontier.extend(auth_event_ids(&json));
+                chain.push(id);
+            }
+        }
+        if let Some(create) = self.store.current_state_event(room_id.as_str(), "m.room.create", "").await?
+            && !chain.contains(&create.event_id)
+            && !ids.contains(&create.event_id)
+        {
+            chain.push(create.event_id);
+        }
+        Ok(chain)
+    }
+
+    /// The JSON of events by id (timeline or outliers), as raw values.
+    pub async fn events_raw(&self, ids: &[String]) -> Result<Vec<Box<RawJsonValue>>> {
+        self.store.any_events_json(ids).await?.iter().map(|(_, _, json)| raw(json)).collect()
+    }
+
+    /// `/backfill`: up to `limit` events of the room at and before the newest of `from`,
+    /// newest first.
+    pub async fn backfill_for_server(
+        &self,
+        room_id: &RoomId,
+        from: &[OwnedEventId],
+        limit: usize,
+    ) -> Result<Vec<Box<RawJsonValue>>> {
+        let ids: Vec<String> = from.iter().map(|id| id.to_string()).collect();
+        let newest = self
+            .store
+            .events_by_id(&ids)
+            .await?
+            .iter()
+            .filter(|row| row.room_id == room_id.as_str())
+            .map(|row| row.stream_ordering)
+            .max();
+        let Some(newest) = newest else { return Ok(Vec::new()) };
+        let limit = i64::try_from(limit.min(MAX_BACKFILL)).unwrap_or(1);
+        let rows = self.store.room_events(room_id.as_str(), i64::MIN, newest, limit, true).await?;
+        rows.iter().map(|row| raw(&row.json)).collect()
+    }
+}

@@ -206,7 +206,9 @@ impl Store {
 
     /// Opens the store with the key from `keyring`, making and saving a random key on first
     /// use. A key saved but then lost from the keyring leaves the store unopenable by design.
-    pub async fn open_with_keyring(path: &Path, keyring: &dyn KeyringHook) -> Result<Self> {
+    /// `Sync` because the reference lives in this future: without it the future is not `Send`
+    /// and cannot run on a multi-threaded runtime (the desktop app's async commands).
+    pub async fn open_with_keyring(path: &Path, keyring: &(dyn KeyringHook + Sync)) -> Result<Self> {
         let key = match keyring.load()? {
             Some(bytes) => StoreKey::from_bytes(bytes),
             None => {

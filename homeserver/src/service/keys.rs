@@ -197,6 +197,17 @@ impl Services {
     }
 
     /// A cross-signing key, as stored.
+    /// What anyone may learn of a local user's keys, for `/keys/query` from clients and from
+    /// other servers alike: the requested devices' keys (all when `only` is empty), and the
+    /// master and self-signing keys. The user-signing key is for its owner alone.
+    pub async fn public_keys_of(&self, user_id: &str, only: &[String]) -> Result<PublicKeys> {
+        Ok(PublicKeys {
+            devices: self.query_device_keys(user_id, only).await?,
+            master: self.cross_signing_key(user_id, "master").await?,
+            self_signing: self.cross_signing_key(user_id, "self_signing").await?,
+        })
+    }
+
     pub async fn cross_signing_key(&self, user_id: &str, key_type: &str) -> Result<Option<JsonValue>> {
         Ok(self.store.cross_signing_key(user_id, key_type).await?.and_then(|j| serde_json::from_str(&j).ok()))
     }
@@ -475,4 +486,11 @@ impl Services {
         }
         Ok(self.store.to_device_messages(user_id, device_id, upto, TO_DEVICE_PER_SYNC).await?)
     }
+}
+
+/// A local user's keys as others see them (see [`Services::public_keys_of`]).
+pub struct PublicKeys {
+    pub devices: BTreeMap<String, JsonValue>,
+    pub master: Option<JsonValue>,
+    pub self_signing: Option<JsonValue>,
 }

@@ -32,16 +32,16 @@ pub async fn keys_query(
             continue;
         }
         let only: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
+        let public = services.public_keys_of(target.as_str(), &only).await?;
         let mut keys = BTreeMap::new();
-        for (device_id, value) in services.query_device_keys(target.as_str(), &only).await? {
+        for (device_id, value) in public.devices {
             keys.insert(OwnedDeviceId::from(device_id), to_raw(&value)?);
         }
         response.device_keys.insert(target.clone(), keys);
-        // The user-signing key stays private to its owner (never sent over federation).
-        if let Some(master) = services.cross_signing_key(target.as_str(), "master").await? {
+        if let Some(master) = public.master {
             response.master_keys.insert(target.clone(), to_raw(&master)?);
         }
-        if let Some(key) = services.cross_signing_key(target.as_str(), "self_signing").await? {
+        if let Some(key) = public.self_signing {
             response.self_signing_keys.insert(target.clone(), to_raw(&key)?);
         }
     }

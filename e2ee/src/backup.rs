@@ -22,6 +22,8 @@ use crate::{
 const RECOVERY_PREFIX: [u8; 2] = [0x8b, 0x01];
 /// Sessions per backup upload request.
 const BACKUP_BATCH: usize = 500;
+/// PBKDF2 rounds for a backup key derived from a passphrase (what Element uses today).
+const PASSPHRASE_ROUNDS: u32 = 500_000;
 
 /// The backup's private key, and the server's backup version it is used with.
 #[derive(Clone, Serialize, Deserialize)]
@@ -57,6 +59,34 @@ impl BackupKey {
         let encoded = Zeroizing::new(bs58::encode(bytes.as_slice()).into_string());
         let chars: Vec<char> = encoded.chars().collect();
         chars.chunks(4).map(|c| c.iter().collect::<String>()).collect::<Vec<_>>().join(" ")
+    }
+
+    /// The key a passphrase gives with the backup's `auth_data` parameters (the spec's
+    /// `m.pbkdf2`: PBKDF2-HMAC-SHA-512 over the passphrase with `private_key_salt`, for
+    /// `private_key_iterations` rounds, 256 bits).
+    pub fn from_passphrase(passphrase: &str, salt: &str, iterations: u32) -> Result<Self> {
+        if iterations == 0 || passphrase.is_empty() {
+            return Err(Error::Backup("empty passphrase or no PBKDF2 rounds".into()));
+        }
+        let mut key = Self { secret: [0u8; 32], version: None };
+        pbkdf2::pbkdf2::<hmac::Hmac<sha2::Sha512>>(passphrase.as_bytes(), salt.as_bytes(), iterations, &mut key.secret)
+            .map_err(|e| Error::Backup(e.to_string()))?;
+        Ok(key)
+    }
+
+    /// A key for a backup from a recovery key or, failing that, a passphrase: `auth_data` is
+    /// the backup's (it says whether a passphrase can derive its key).
+    pub fn from_recovery_key_or_passphrase(secret: &str, auth_data: &Value) -> Result<Self> {
+        match Self::from_recovery_key(secret) {
+            Ok(key) => Ok(key),
+            Err(recovery_error) => match (
+                auth_data["private_key_salt"].as_str(),
+                auth_data["private_key_iterations"].as_u64().and_then(|n| u32::try_from(n).ok()),
+            ) {
+                (Some(salt), Some(iterations)) => Self::from_passphrase(secret, salt, iterations),
+                _ => Err(recovery_error),
+            },
+        }
     }
 
     pub fn from_recovery_key(recovery_key: &str) -> Result<Self> {
@@ -101,6 +131,33 @@ impl OlmMachine {
         let mut auth_data = json!({ "public_key": key.public_key().to_base64() });
         self.account.sign_json(&mut auth_data)?;
         Ok((key, json!({ "algorithm": BACKUP_V1, "auth_data": auth_data })))
+    }
+
+    /// Like [`OlmMachine::create_backup`], with the key derived from a passphrase: the salt
+    /// and rounds go into `auth_data` so another device can derive it again.
+    pub fn create_backup_with_passphrase(&self, passphrase: &str) -> Result<(BackupKey, Value)> {
+        use rand::distr::{Alphanumeric, SampleString};
+        let salt = Alphanumeric.sample_string(&mut rand::rng(), 32);
+        let key = BackupKey::from_passphrase(passphrase, &salt, PASSPHRASE_ROUNDS)?;
+        let mut auth_data = json!({
+            "public_key": key.public_key().to_base64(),
+            "private_key_salt": salt,
+            "private_key_iterations": PASSPHRASE_ROUNDS,
+        });
+        self.account.sign_json(&mut auth_data)?;
+        Ok((key, json!({ "algorithm": BACKUP_V1, "auth_data": auth_data })))
+    }
+
+    /// The server backup version we back up to, if backup is on.
+    pub fn backup_version(&self) -> Option<&str> {
+        self.backup.as_ref().and_then(|b| b.version.as_deref())
+    }
+
+    /// Stops backing up (the server's backup was replaced or deleted).
+    pub fn disable_backup(&mut self) {
+        if self.backup.take().is_some() {
+            self.account_changed = true;
+        }
     }
 
     /// Starts backing up to `version` with `key`. Every session is uploaded (again).
@@ -226,6 +283,28 @@ mod tests {
         let i = typo.iter().rposition(|c| *c != ' ').unwrap() - 3;
         typo[i] = if typo[i] == 'a' { 'b' } else { 'a' };
         assert!(BackupKey::from_recovery_key(&typo.into_iter().collect::<String>()).is_err());
+    }
+
+    #[test]
+    fn passphrase_keys_derive_again_from_auth_data() {
+        let alice = OlmMachine::new(user_id!("@alice:localhost").to_owned(), "A1".into());
+        let (key, body) = alice.create_backup_with_passphrase("correct horse").unwrap();
+        let auth_data = &body["auth_data"];
+        let again = BackupKey::from_recovery_key_or_passphrase("correct horse", auth_data).unwrap();
+        assert_eq!(again.public_key(), key.public_key());
+        let wrong = BackupKey::from_recovery_key_or_passphrase("wrong horse", auth_data).unwrap();
+        assert_ne!(wrong.public_key(), key.public_key());
+        let by_recovery_key = BackupKey::from_recovery_key_or_passphrase(&key.to_recovery_key(), auth_data).unwrap();
+        assert_eq!(by_recovery_key.public_key(), key.public_key());
+        // A backup made without a passphrase takes only its recovery key.
+        assert!(BackupKey::from_recovery_key_or_passphrase("correct horse", &json!({})).is_err());
+    }
+
+    #[test]
+    fn pbkdf2_sha512_backup_key_known_answer() {
+        // RFC-style vector for PBKDF2-HMAC-SHA-512 ("password", "salt", 1 round), first 32 bytes.
+        let key = BackupKey::from_passphrase("password", "salt", 1).unwrap();
+        assert_eq!(key.secret[..8], [0x86, 0x7f, 0x70, 0xcf, 0x1a, 0xde, 0x02, 0xcf]);
     }
 
     #[test]

@@ -168,6 +168,44 @@ impl OlmMachine {
         Ok(self.hand_out_signature_upload(json!({ user_id.as_str(): { device_id: device_keys } })))
     }
 
+    /// Forgets cross-signing keys we made but could not publish (the next bootstrap makes
+    /// new ones).
+    pub fn reset_cross_signing(&mut self) {
+        if self.cross_signing.take().is_some() {
+            let own = self.account.user_id.clone();
+            self.devices.cross_signing.remove(&own);
+            self.devices.changed.insert(own);
+            self.account_changed = true;
+        }
+    }
+
+    /// After an emoji verification of `device_id` of `user_id`: signs the user's master key
+    /// with our user-signing key, but only if the verified device carries the signature of
+    /// the user's self-signing key (signed by that master key), so what we vouch for is
+    /// bound to what we compared. Another device of ours is signed with our self-signing
+    /// key instead. `Ok(None)`: nothing to sign (no cross-signing keys on either side).
+    pub fn sign_after_verification(&mut self, user_id: &UserId, device_id: &str) -> Result<Option<OutgoingRequest>> {
+        let device = self
+            .devices
+            .get(user_id, device_id)
+            .filter(|d| d.locally_verified)
+            .ok_or_else(|| Error::Signature(format!("{user_id} {device_id} is not verified")))?
+            .clone();
+        if self.cross_signing.is_none() {
+            return Ok(None);
+        }
+        if user_id == self.account.user_id {
+            return self.sign_own_device(device_id).map(Some);
+        }
+        let Some(keys) = self.devices.cross_signing.get(user_id) else { return Ok(None) };
+        let Some(ssk) = &keys.self_signing else { return Ok(None) };
+        let (ssk_id, ssk_public) = cross_signing_public_key(ssk)?;
+        verify_json(&device.keys_json, user_id.as_str(), &ssk_id, &ssk_public).map_err(|_| {
+            Error::Signature(format!("{user_id}'s verified device is not signed by their self-signing key"))
+        })?;
+        self.sign_user(user_id).map(Some)
+    }
+
     /// Signs another user's master key with our user-signing key (after verifying them):
     /// the `/keys/signatures/upload` request to send.
     pub fn sign_user(&mut self, user_id: &UserId) -> Result<OutgoingRequest> {
@@ -194,6 +232,18 @@ impl OlmMachine {
         let ours = upload["signatures"][own.as_str()][&usk_id].clone();
         upload["signatures"] = json!({ own.as_str(): { usk_id: ours } });
         Ok(self.hand_out_signature_upload(json!({ user_id.as_str(): { master_public.to_base64(): upload } })))
+    }
+
+    /// Whether we trust `device`: verified by emoji on this device, or cross-signed by a
+    /// master key we trust (ours, or one our user-signing key signed).
+    pub fn is_device_verified(&self, device: &Device) -> bool {
+        device.locally_verified || self.is_cross_signed_by_us(device)
+    }
+
+    /// A user's published master key as we last saw it (`/keys/query`, or ours after
+    /// [`OlmMachine::bootstrap_cross_signing`]).
+    pub fn master_key_of(&self, user_id: &UserId) -> Option<&Value> {
+        self.devices.cross_signing.get(user_id).and_then(|k| k.master.as_ref())
     }
 
     /// The device's keys carry its owner's self-signing signature, and we trust the owner's

@@ -29,6 +29,11 @@ backend_tests!(
     typing_receipts_presence_profiles_and_search,
     an_encrypted_file_round_trips_with_progress,
     sas_emoji_verification_between_two_clients,
+    cross_signing_is_bootstrapped_at_the_first_sign_in,
+    a_new_device_restores_old_history_from_the_key_backup,
+    an_upload_cut_midway_continues_from_the_servers_offset,
+    private_read_receipts_and_unknown_presence,
+    older_history_loads_page_by_page,
 );
 
 /// A signed-in app: the client and its data directory (kept alive with it).
@@ -40,12 +45,14 @@ struct App {
 impl App {
     /// Registers `name` through the client and starts its background work.
     async fn register(server: &Server, name: &str) -> App {
+        Self::register_at(&server.base_url, name).await
+    }
+
+    /// Like [`App::register`], talking to the server at `url` (e.g. through a proxy).
+    async fn register_at(url: &str, name: &str) -> App {
         let dir = tempfile::tempdir().unwrap();
         let client = Client::open(dir.path()).await.unwrap();
-        client
-            .register(&server.base_url, name, "secret-pass", &format!("{name} display"), Some("#123456"))
-            .await
-            .unwrap();
+        client.register(url, name, "secret-pass", &format!("{name} display"), Some("#123456")).await.unwrap();
         client.start().unwrap();
         App { client, dir }
     }
@@ -566,4 +573,389 @@ async fn sas_emoji_verification_between_two_clients(backend: Backend) {
     let alice_device = alice.client.session().unwrap().device_id;
     let devices = bob.client.user_devices(&alice.user_id()).await.unwrap();
     assert!(devices.iter().any(|d| d.device_id == alice_device && d.verified));
+
+    // Each vouched for the other with cross-signing: Alice's user-signing key signed Bob's
+    // master key, as the server publishes it.
+    let alice_token = server.login("alice", "secret-pass").await.body["access_token"].as_str().unwrap().to_owned();
+    let (alice_id, bob_id) = (alice.user_id().to_string(), bob.user_id().to_string());
+    eventually("Alice's signature on Bob's master key", || async {
+        let keys = keys_query(&server, &alice_token, &[&alice_id, &bob_id]).await;
+        let (usk_id, _) = only_key(&keys["user_signing_keys"][&alice_id]);
+        keys["master_keys"][&bob_id]["signatures"][&alice_id][&usk_id].is_string().then_some(())
+    })
+    .await;
+}
+
+/// `POST /keys/query` for `users`, as the owner of `token`.
+async fn keys_query(server: &Server, token: &str, users: &[&str]) -> serde_json::Value {
+    let wanted: serde_json::Map<String, serde_json::Value> =
+        users.iter().map(|u| ((*u).to_owned(), json!([]))).collect();
+    server
+        .post("/_matrix/client/v3/keys/query", Some(token), json!({ "device_keys": wanted }))
+        .await
+        .assert_ok()
+        .clone()
+}
+
+/// The key id and the key of a cross-signing key object (it holds exactly one).
+fn only_key(key: &serde_json::Value) -> (String, String) {
+    let keys = key["keys"].as_object().unwrap_or_else(|| panic!("a key object: {key}"));
+    assert_eq!(keys.len(), 1, "{key}");
+    let (id, public) = keys.iter().next().unwrap();
+    (id.clone(), public.as_str().unwrap().to_owned())
+}
+
+async fn cross_signing_is_bootstrapped_at_the_first_sign_in(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = App::register(&server, "alice").await;
+    let alice_id = alice.user_id().to_string();
+    let device = alice.client.session().unwrap().device_id;
+
+    // What anyone sees: Bob's /keys/query of Alice shows her master and self-signing keys,
+    // the self-signing key signed by the master key, and her device signed by the
+    // self-signing key.
+    let bob = server.register("bob", "secret-pass").await;
+    let keys = keys_query(&server, &bob.access_token, &[&alice_id]).await;
+    let (master_id, _) = only_key(&keys["master_keys"][&alice_id]);
+    let (ssk_id, ssk) = only_key(&keys["self_signing_keys"][&alice_id]);
+    assert_eq!(keys["master_keys"][&alice_id]["usage"], json!(["master"]));
+    assert!(keys["self_signing_keys"][&alice_id]["signatures"][&alice_id][&master_id].is_string());
+    assert!(keys["user_signing_keys"].get(&alice_id).is_none(), "the user-signing key is only for its owner");
+    let device_keys = &keys["device_keys"][&alice_id][&device];
+    assert!(
+        device_keys["signatures"][&alice_id][&ssk_id].is_string(),
+        "the device is signed by the self-signing key {ssk}: {device_keys}"
+    );
+    // Alice herself sees her user-signing key.
+    let own = keys_query(
+        &server,
+        &server.login("alice", "secret-pass").await.body["access_token"].as_str().unwrap(),
+        &[&alice_id],
+    )
+    .await;
+    only_key(&own["user_signing_keys"][&alice_id]);
+
+    let status = alice.client.security_status().await.unwrap();
+    assert!(
+        status.cross_signing_keys_here && status.cross_signing_published && status.device_cross_signed,
+        "{status:?}"
+    );
+
+    // A later device finds the keys published and leaves them alone (no new master key).
+    let dir = tempfile::tempdir().unwrap();
+    let second = Client::open(dir.path()).await.unwrap();
+    second.login(&server.base_url, "alice", "secret-pass").await.unwrap();
+    let status = second.security_status().await.unwrap();
+    assert!(
+        !status.cross_signing_keys_here && status.cross_signing_published && !status.device_cross_signed,
+        "{status:?}"
+    );
+    assert!(!second.bootstrap_cross_signing(Some("secret-pass")).await.unwrap());
+    let again = keys_query(&server, &bob.access_token, &[&alice_id]).await;
+    assert_eq!(again["master_keys"][&alice_id]["keys"], keys["master_keys"][&alice_id]["keys"]);
+}
+
+async fn a_new_device_restores_old_history_from_the_key_backup(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = App::register(&server, "alice").await;
+    let bob = App::register(&server, "bob").await;
+    let room = direct_chat(&alice, &bob).await;
+
+    let status = alice.client.security_status().await.unwrap();
+    assert_eq!((status.backup_version, status.server_backup_version), (None, None));
+    let recovery_key = alice.client.enable_key_backup(None).await.unwrap();
+    assert!(recovery_key.starts_with("Es"), "{recovery_key}");
+    let status = alice.client.security_status().await.unwrap();
+    assert!(status.backup_version.is_some());
+    assert_eq!(status.backup_version, status.server_backup_version);
+
+    // Alice's own key and the one Bob shares with her both go to the backup.
+    alice.client.send_text(&room, "sent before the new device").await.unwrap();
+    bob.wait_for_text(&room, "sent before the new device").await;
+    bob.client.send_text(&room, "Bob's old reply").await.unwrap();
+    alice.wait_for_text(&room, "Bob's old reply").await;
+    let alice_token = server.login("alice", "secret-pass").await.body["access_token"].as_str().unwrap().to_owned();
+    let version = status.backup_version.unwrap();
+    eventually("two room keys in the backup", || async {
+        let keys =
+            server.get(&format!("/_matrix/client/v3/room_keys/keys?version={version}"), Some(&alice_token)).await;
+        let sessions = keys.assert_ok()["rooms"][room.as_str()]["sessions"].as_object().map_or(0, |s| s.len());
+        (sessions >= 2).then_some(())
+    })
+    .await;
+
+    // A new device: the old messages arrive but cannot be decrypted (it did not exist when
+    // their keys were shared) ...
+    let new_dir = tempfile::tempdir().unwrap();
+    let new_device = Client::open(new_dir.path()).await.unwrap();
+    new_device.login(&server.base_url, "alice", "secret-pass").await.unwrap();
+    new_device.start().unwrap();
+    let waiting = eventually("the old messages, still encrypted, at the new device", || async {
+        let items = new_device.timeline(&room, 100).await.unwrap();
+        let waiting = items.iter().filter(|i| matches!(i.content, ItemContent::Undecryptable { .. })).count();
+        (waiting >= 2).then_some(waiting)
+    })
+    .await;
+    assert!(waiting >= 2);
+    // ... a wrong key is refused with a sentence the user understands ...
+    let other_key = e2ee::backup::BackupKey::new().to_recovery_key();
+    let wrong = new_device.restore_key_backup(&other_key).await.unwrap_err();
+    assert!(matches!(wrong, Error::InvalidInput(_)), "{wrong:?}");
+    assert!(matches!(new_device.restore_key_backup("not even a key").await, Err(Error::InvalidInput(_))));
+    // ... and the recovery key opens the history.
+    let mut updates = new_device.subscribe();
+    let restored = new_device.restore_key_backup(&recovery_key).await.unwrap();
+    assert!(restored >= 2, "{restored} keys restored");
+    let items = new_device.timeline(&room, 100).await.unwrap();
+    let bodies: Vec<&str> = items.iter().filter_map(text).collect();
+    assert!(bodies.contains(&"sent before the new device") && bodies.contains(&"Bob's old reply"), "{items:?}");
+    let mut announced = 0;
+    while let Ok(update) = updates.try_recv() {
+        if matches!(update, Update::Timeline { item } if text(&item).is_some()) {
+            announced += 1;
+        }
+    }
+    assert!(announced >= 2, "the app is told about the decrypted items");
+
+    // A backup with a passphrase: the new device starts one, a third device restores from
+    // it with the passphrase alone (the restored keys went into the new backup too).
+    new_device.enable_key_backup(Some("orange staple battery")).await.unwrap();
+    assert!(matches!(new_device.enable_key_backup(Some("short")).await, Err(Error::InvalidInput(_))));
+    let third_dir = tempfile::tempdir().unwrap();
+    let third = Client::open(third_dir.path()).await.unwrap();
+    third.login(&server.base_url, "alice", "secret-pass").await.unwrap();
+    third.sync_once().await.unwrap();
+    assert!(matches!(third.restore_key_backup("purple staple battery").await, Err(Error::InvalidInput(_))));
+    // (The new device uploads the keys it restored with its next crypto flush.)
+    eventually("the restored keys in the passphrase backup", || async {
+        third.restore_key_backup("orange staple battery").await.unwrap();
+        let items = third.timeline(&room, 100).await.unwrap();
+        items.iter().any(|i| text(i) == Some("sent before the new device")).then_some(())
+    })
+    .await;
+    new_device.stop().await;
+}
+
+/// A TCP proxy in front of the server that passes everything through, notes the
+/// `Upload-Offset` of every resumable-upload `PATCH`, and once cuts the connection carrying
+/// them once `cut_after` bytes went up on such connections (as a dropped Wi-Fi would: in
+/// the middle of a request body).
+struct CuttingProxy {
+    url: String,
+    patch_offsets: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    /// Bytes of requests on connections that carried a `PATCH`, in total.
+    patch_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CuttingProxy {
+    async fn start(server: &Server, cut_after: u64) -> CuttingProxy {
+        use std::sync::{
+            Arc, Mutex,
+            atomic::{AtomicBool, AtomicU64},
+        };
+        let upstream = server.base_url.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let patch_offsets = Arc::new(Mutex::new(Vec::new()));
+        let patch_bytes = Arc::new(AtomicU64::new(0));
+        let cut = Arc::new(AtomicBool::new(false));
+        let (offsets, bytes, done) = (patch_offsets.clone(), patch_bytes.clone(), cut.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (upstream, offsets, bytes, done) = (upstream.clone(), offsets.clone(), bytes.clone(), done.clone());
+                tokio::spawn(async move {
+                    let _ = proxy_connection(client, &upstream, cut_after, &offsets, &bytes, &done).await;
+                });
+            }
+        });
+        CuttingProxy { url, patch_offsets, patch_bytes, cut }
+    }
+}
+
+async fn proxy_connection(
+    client: tokio::net::TcpStream,
+    upstream: &str,
+    cut_after: u64,
+    offsets: &std::sync::Mutex<Vec<u64>>,
+    bytes: &std::sync::atomic::AtomicU64,
+    cut: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = tokio::net::TcpStream::connect(upstream).await?;
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let answers = tokio::spawn(async move { tokio::io::copy(&mut server_read, &mut client_write).await });
+    let mut buffer = vec![0u8; 64 * 1024];
+    let mut carries_patches = false;
+    loop {
+        let n = client_read.read(&mut buffer).await?;
+        if n == 0 {
+            break;
+        }
+        let chunk = &buffer[..n];
+        let lower = chunk.to_ascii_lowercase();
+        if let Some(at) = find(&lower, b"patch /_obmin/media/v1/upload/") {
+            carries_patches = true;
+            if let Some(header) = find(&lower[at..], b"\r\nupload-offset: ") {
+                let digits: String =
+                    lower[at + header + 17..].iter().take_while(|b| b.is_ascii_digit()).map(|b| *b as char).collect();
+                offsets.lock().unwrap().push(digits.parse().unwrap());
+            }
+        }
+        if carries_patches {
+            let total = bytes.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+            if total > cut_after && !cut.swap(true, Ordering::SeqCst) {
+                // Both directions go: the client sees its request break off.
+                answers.abort();
+                return Ok(());
+            }
+        }
+        server_write.write_all(chunk).await?;
+    }
+    let _ = answers.await;
+    Ok(())
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+async fn an_upload_cut_midway_continues_from_the_servers_offset(backend: Backend) {
+    const CHUNK: u64 = 1024 * 1024; // the core's PATCH size
+    let server = Server::start(backend).await;
+    // Alice's app reaches the server only through the proxy; it cuts the upload once, half
+    // way into its second PATCH.
+    let proxy = CuttingProxy::start(&server, CHUNK + CHUNK / 2).await;
+    let alice = App::register_at(&proxy.url, "alice").await;
+    let bob = App::register(&server, "bob").await;
+    let room = direct_chat(&alice, &bob).await;
+
+    let len = 4 * CHUNK + 12_345;
+    let data: Vec<u8> = (0..len).map(|p| (p.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
+    let source = alice.dir.path().join("Quarterly Report.PDF");
+    std::fs::write(&source, &data).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let item = alice.client.send_file(&room, &source, Some(tx)).await.unwrap();
+    assert!(proxy.cut.load(std::sync::atomic::Ordering::SeqCst), "the proxy cut the upload");
+
+    // The client asked where the server got to and went on from that byte: the PATCH after
+    // the cut starts mid-chunk at what the server kept, never from 0 again, and not much
+    // more than the file went through the proxy.
+    let offsets = proxy.patch_offsets.lock().unwrap().clone();
+    assert_eq!(offsets[..2], [0, CHUNK], "{offsets:?}");
+    let resumed = offsets[2];
+    assert!(resumed > CHUNK && resumed < 2 * CHUNK && resumed % CHUNK != 0, "resumed at {resumed}: {offsets:?}");
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "never back to an earlier byte: {offsets:?}");
+    let through = proxy.patch_bytes.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(through < len + CHUNK, "{through} bytes sent for a {len}-byte file");
+    let mut progress = Vec::new();
+    while let Ok(p) = rx.try_recv() {
+        progress.push(p.done);
+    }
+    assert!(progress.windows(2).all(|w| w[0] < w[1]), "progress only grows: {progress:?}");
+    assert_eq!(progress.last(), Some(&len));
+    alice.wait_for_state(&room, &item.key, SendState::Sent).await;
+
+    // Bob gets the file with its real type and the right bytes.
+    let received = eventually("the file at Bob", || async {
+        let items = bob.client.timeline(&room, 50).await.unwrap();
+        items.into_iter().find(|i| matches!(i.content, ItemContent::File { .. }))
+    })
+    .await;
+    let ItemContent::File { name, size, mimetype, attachment } = received.content else { unreachable!() };
+    assert_eq!(
+        (name.as_str(), size, mimetype.as_deref()),
+        ("Quarterly Report.PDF", Some(len), Some("application/pdf"))
+    );
+    let dest = bob.dir.path().join("report.pdf");
+    bob.client.download_file(&attachment, &dest, None).await.unwrap();
+    assert_eq!(Sha256::digest(std::fs::read(&dest).unwrap()), Sha256::digest(&data), "the same bytes arrived");
+}
+
+async fn private_read_receipts_and_unknown_presence(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = App::register(&server, "alice").await;
+    let bob = App::register(&server, "bob").await;
+    let room = direct_chat(&alice, &bob).await;
+
+    // Bob reads privately: his unread count drops, Alice's message stays at ✓ (sent).
+    let first = alice.client.send_text(&room, "read this quietly").await.unwrap();
+    let first_event = bob.wait_for_text(&room, "read this quietly").await.event_id.expect("an event id").to_string();
+    eventually("the message unread at Bob", || async {
+        (bob.client.room(&room).await.unwrap()?.unread > 0).then_some(())
+    })
+    .await;
+    bob.client.mark_read_privately(&room).await.unwrap();
+    assert_eq!(bob.client.room(&room).await.unwrap().unwrap().unread, 0);
+    // Bob answers after his receipt: once Alice has the answer, she would have the receipt.
+    bob.client.send_text(&room, "noted").await.unwrap();
+    alice.wait_for_text(&room, "noted").await;
+    let items = alice.client.timeline(&room, 100).await.unwrap();
+    let state = items.iter().find(|i| i.key == first.key).and_then(|i| i.send_state.clone());
+    assert_eq!(state, Some(SendState::Sent), "a private receipt shows no ✓✓");
+    // The server has it, for Bob alone.
+    let bob_token = server.login("bob", "secret-pass").await.body["access_token"].as_str().unwrap().to_owned();
+    let sync = server.get("/_matrix/client/v3/sync", Some(&bob_token)).await;
+    let ephemeral = sync.assert_ok()["rooms"]["join"][room.as_str()]["ephemeral"]["events"].clone();
+    let bob_id = bob.user_id().to_string();
+    let private = ephemeral
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.receipt")
+        .any(|e| e["content"][&first_event]["m.read.private"][&bob_id].is_object());
+    assert!(private, "Bob's private receipt is on the server: {ephemeral}");
+
+    // A public receipt afterwards turns ✓✓ as before.
+    let second = alice.client.send_text(&room, "and this one openly").await.unwrap();
+    bob.wait_for_text(&room, "and this one openly").await;
+    bob.client.mark_read(&room).await.unwrap();
+    alice.wait_for_state(&room, &second.key, SendState::Read).await;
+
+    // Someone who never set a presence shows as unknown, not offline.
+    let carol = server.register("carol", "secret-pass").await;
+    let carol = alice.client.user(&OwnedUserId::try_from(carol.user_id.as_str()).unwrap()).await.unwrap();
+    assert_eq!(carol.presence.presence, Presence::Unknown);
+    assert_eq!(carol.presence.last_active_ts, None);
+}
+
+async fn older_history_loads_page_by_page(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = App::register(&server, "alice").await;
+    // Carol (a plain HTTP user) writes a long history before Alice joins.
+    let carol = server.register("carol", "secret-pass").await;
+    let room = server.create_room(&carol, json!({"name": "Archive", "invite": [alice.user_id()]})).await;
+    for i in 0..75 {
+        server.send_text(&carol, &room, &format!("old {i:02}")).await.assert_ok();
+    }
+    let room = OwnedRoomId::try_from(room).unwrap();
+    alice.wait_for_room(&room, Membership::Invited).await;
+    alice.client.accept_invite(&room).await.unwrap();
+    alice.wait_for_text(&room, "old 74").await;
+    let texts_of = |items: Vec<TimelineItem>| items.iter().filter_map(text).map(str::to_owned).collect::<Vec<_>>();
+    let first = texts_of(alice.client.timeline(&room, 500).await.unwrap());
+    assert!(!first.contains(&"old 00".to_owned()), "the join's sync brings only the newest: {first:?}");
+    let unread = alice.client.room(&room).await.unwrap().unwrap().unread;
+
+    let mut pages = 0;
+    while alice.client.load_older(&room, 20).await.unwrap() {
+        pages += 1;
+        assert!(pages < 20, "back-pagination does not end");
+    }
+    assert!(pages >= 2, "{pages} pages");
+    let expected: Vec<String> = (0..75).map(|i| format!("old {i:02}")).collect();
+    assert_eq!(texts_of(alice.client.timeline(&room, 500).await.unwrap()), expected, "all of it, in order, once");
+    assert!(!alice.client.load_older(&room, 20).await.unwrap(), "nothing before the room's start");
+    assert_eq!(alice.client.room(&room).await.unwrap().unwrap().unread, unread, "old history is not unread");
+
+    // New messages still go after the old ones, and the history survives a restart.
+    server.send_text(&carol, room.as_str(), "new after paging").await.assert_ok();
+    alice.wait_for_text(&room, "new after paging").await;
+    alice.client.stop().await;
+    let reopened = Client::open(alice.dir.path()).await.unwrap();
+    let after = texts_of(reopened.timeline(&room, 500).await.unwrap());
+    assert_eq!(after.first().map(String::as_str), Some("old 00"));
+    assert_eq!(after.last().map(String::as_str), Some("new after paging"));
 }

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use obmin_client::{
-    Attachment, Client, DeviceInfo, OwnedRoomId, OwnedUserId, Progress, RoomSummary, SessionInfo, TimelineItem, Update,
-    UserSearchResult,
+    Attachment, Client, DeviceInfo, OwnedRoomId, OwnedUserId, Progress, RoomSummary, SecurityStatus, SessionInfo,
+    TimelineItem, Update, UserSearchResult,
 };
 use serde::Serialize;
 use tauri::{AppHandle, Emitter, Manager, State, ipc::Request};
@@ -107,6 +107,33 @@ pub async fn timeline(state: State<'_, AppState>, room_id: String) -> CommandRes
     Ok(state.client.timeline(&self::room_id(&room_id)?, TIMELINE_WINDOW).await?)
 }
 
+/// Older history: what the page has (`have` items) plus a page more, and whether there is
+/// more still.
+#[derive(Debug, Serialize)]
+pub struct History {
+    pub items: Vec<TimelineItem>,
+    pub more: bool,
+}
+
+/// Items per back-pagination step.
+const HISTORY_PAGE: u32 = 50;
+
+/// The page scrolled to the top of a room's history: a page more from the cache, fetched
+/// from the server first (`/messages`) when the cache has no more.
+#[tauri::command]
+pub async fn load_older(state: State<'_, AppState>, room_id: String, have: u32) -> CommandResult<History> {
+    let room_id = self::room_id(&room_id)?;
+    let want = have.saturating_add(HISTORY_PAGE);
+    let mut items = state.client.timeline(&room_id, want).await?;
+    let mut server_has_more = false;
+    if (items.len() as u32) < want {
+        server_has_more = state.client.load_older(&room_id, HISTORY_PAGE).await?;
+        items = state.client.timeline(&room_id, want).await?;
+    }
+    let more = server_has_more || items.len() as u32 >= want;
+    Ok(History { items, more })
+}
+
 #[tauri::command]
 pub async fn send_text(state: State<'_, AppState>, room_id: String, body: String) -> CommandResult<TimelineItem> {
     Ok(state.client.send_text(&self::room_id(&room_id)?, &body).await?)
@@ -148,10 +175,16 @@ pub async fn set_typing(state: State<'_, AppState>, room_id: String, typing: boo
     Ok(state.client.set_typing(&self::room_id(&room_id)?, typing).await?)
 }
 
-/// Marks the room read up to its newest message (a public receipt: the sender sees ✓✓).
+/// Marks the room read up to its newest message: a public receipt (the sender sees ✓✓), or
+/// a private one when the user turned read receipts off (unread counts still follow).
 #[tauri::command]
-pub async fn mark_read(state: State<'_, AppState>, room_id: String) -> CommandResult<()> {
-    Ok(state.client.mark_read(&self::room_id(&room_id)?).await?)
+pub async fn mark_read(state: State<'_, AppState>, room_id: String, private: Option<bool>) -> CommandResult<()> {
+    let room_id = self::room_id(&room_id)?;
+    if private.unwrap_or(false) {
+        Ok(state.client.mark_read_privately(&room_id).await?)
+    } else {
+        Ok(state.client.mark_read(&room_id).await?)
+    }
 }
 
 /// Online while the window is in use, Unavailable when it has been in the background a while
@@ -340,6 +373,29 @@ pub async fn verify_device(state: State<'_, AppState>, user_id: String, device_i
     Ok(state.client.start_verification(&self::user_id(&user_id)?, &device_id).await?)
 }
 
+/// Starts emoji verification with another person: with their first device we have not
+/// verified (a person on one device is the usual case).
+#[tauri::command]
+pub async fn verify_user(state: State<'_, AppState>, user_id: String) -> CommandResult<String> {
+    let user_id = self::user_id(&user_id)?;
+    let devices = state.client.user_devices(&user_id).await?;
+    let device = devices.iter().find(|d| !d.verified).ok_or_else(|| {
+        CommandError::invalid_input(if devices.is_empty() {
+            format!("{user_id} has no devices to verify.")
+        } else {
+            format!("You already verified all devices of {user_id}.")
+        })
+    })?;
+    Ok(state.client.start_verification(&user_id, &device.device_id).await?)
+}
+
+/// Whether we verified every device of a person (and they have at least one).
+#[tauri::command]
+pub async fn user_verified(state: State<'_, AppState>, user_id: String) -> CommandResult<bool> {
+    let devices = state.client.user_devices(&self::user_id(&user_id)?).await?;
+    Ok(!devices.is_empty() && devices.iter().all(|d| d.verified))
+}
+
 #[tauri::command]
 pub async fn verification_accept(state: State<'_, AppState>, flow_id: String) -> CommandResult<()> {
     Ok(state.client.accept_verification(&flow_id).await?)
@@ -360,6 +416,31 @@ pub async fn verification_mismatch(state: State<'_, AppState>, flow_id: String) 
 #[tauri::command]
 pub async fn verification_cancel(state: State<'_, AppState>, flow_id: String) -> CommandResult<()> {
     Ok(state.client.cancel_verification(&flow_id, false).await?)
+}
+
+/// Cross-signing and key backup, for Settings → Security.
+#[tauri::command]
+pub async fn security_status(state: State<'_, AppState>) -> CommandResult<SecurityStatus> {
+    Ok(state.client.security_status().await?)
+}
+
+/// Sets up cross-signing when the first sign-in could not (the password answers the
+/// server's re-authentication, if it asks). Returns whether new keys were made.
+#[tauri::command]
+pub async fn set_up_cross_signing(state: State<'_, AppState>, password: Option<String>) -> CommandResult<bool> {
+    Ok(state.client.bootstrap_cross_signing(password.as_deref().filter(|p| !p.is_empty())).await?)
+}
+
+/// Starts a key backup; returns the recovery key, which the page shows once.
+#[tauri::command]
+pub async fn enable_key_backup(state: State<'_, AppState>, passphrase: Option<String>) -> CommandResult<String> {
+    Ok(state.client.enable_key_backup(passphrase.as_deref().filter(|p| !p.is_empty())).await?)
+}
+
+/// Restores room keys from the backup with its recovery key or passphrase.
+#[tauri::command]
+pub async fn restore_key_backup(state: State<'_, AppState>, secret: String) -> CommandResult<usize> {
+    Ok(state.client.restore_key_backup(&secret).await?)
 }
 
 /// An avatar picture (an `mxc://` URI from a profile) as a `data:` URL the page can show.

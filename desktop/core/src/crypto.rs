@@ -103,7 +103,7 @@ impl Client {
     }
 
     /// Sends one request the machine asked for and tells it the answer.
-    async fn send_crypto_request(
+    pub(crate) async fn send_crypto_request(
         &self,
         session: &Session,
         crypto: &mut Crypto,
@@ -144,6 +144,8 @@ impl Client {
                 self.send_crypto_request(session, crypto, request).await?;
             }
         }
+        // Room keys made or received since the last flush go to the backup (if it is on).
+        self.backup_room_keys(session, crypto).await;
         crypto.save().await
     }
 

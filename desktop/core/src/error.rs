@@ -30,6 +30,10 @@ pub enum Error {
     SessionExpired,
     #[error("You are not signed in.")]
     NotLoggedIn,
+    /// The server wants the account password again before this change (user-interactive
+    /// auth), and none was given or it was wrong.
+    #[error("Enter your password to confirm this change.")]
+    PasswordNeeded,
     #[error("Too many attempts. Try again in {} seconds.", retry_after_ms.div_ceil(1000))]
     RateLimited { retry_after_ms: u64 },
     #[error("You are not allowed to do that: {message}")]

@@ -162,6 +162,60 @@ impl Http {
         Err(matrix_error(base_url, status, &bytes))
     }
 
+    /// A POST that may need user-interactive auth: sent as it is, and if the server answers
+    /// 401 with auth flows that allow a password, sent again with `m.login.password` for
+    /// `user_id` (the server's `session` kept). [`Error::PasswordNeeded`] when it asks for a
+    /// password and there is none, or it refused the one given.
+    pub(crate) async fn post_with_password_auth(
+        &self,
+        base_url: &str,
+        token: &str,
+        path: &str,
+        body: &Value,
+        user_id: &str,
+        password: Option<&str>,
+    ) -> Result<Value> {
+        let url = format!("{}{path}", base_url.trim_end_matches('/'));
+        let mut body = body.clone();
+        for attempt in 0..2 {
+            let response = self
+                .client
+                .post(&url)
+                .bearer_auth(token)
+                .json(&body)
+                .timeout(REQUEST_TIMEOUT)
+                .send()
+                .await
+                .map_err(|e| network_error(base_url, &e))?;
+            let status = response.status().as_u16();
+            let bytes = response.bytes().await.map_err(|e| network_error(base_url, &e))?;
+            let json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if (200..300).contains(&status) {
+                return Ok(json);
+            }
+            if status != 401 || !json["flows"].is_array() {
+                return Err(matrix_error(base_url, status, &bytes));
+            }
+            let password_flow = json["flows"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|flow| flow["stages"].as_array().is_some_and(|s| s.len() == 1 && s[0] == "m.login.password"));
+            match password {
+                Some(password) if attempt == 0 && password_flow => {
+                    body["auth"] = serde_json::json!({
+                        "type": "m.login.password",
+                        "identifier": { "type": "m.id.user", "user": user_id },
+                        "password": password,
+                        "session": json["session"],
+                    });
+                }
+                _ => return Err(Error::PasswordNeeded),
+            }
+        }
+        Err(Error::PasswordNeeded)
+    }
+
     /// The underlying client, for streamed uploads and downloads.
     pub(crate) fn raw(&self) -> &reqwest::Client {
         &self.client

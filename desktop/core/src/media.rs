@@ -52,7 +52,7 @@ impl Client {
             .ok_or_else(|| Error::InvalidInput("You are not in this room.".into()))?;
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());
         let size = tokio::fs::metadata(path).await?.len();
-        let mimetype = "application/octet-stream";
+        let mimetype = crate::mime::from_file_name(&name);
         let key = ruma::TransactionId::new().to_string();
         let (progress, reporter) = self.progress_reporter(key.clone(), progress);
         let progress = Some(progress);
@@ -60,6 +60,8 @@ impl Client {
         let (content, attachment) = if room.encryption.is_some() {
             // Announce first (the encrypted file's description includes its mxc URI), encrypt
             // into a temporary file, then upload the ciphertext (same length as the file).
+            // The server sees ciphertext: its type stays opaque there (the real one is
+            // inside the encrypted event).
             let upload = self.announce_upload(&session, size, "application/octet-stream", None).await?;
             let temp = self.inner.data_dir.join("uploads");
             tokio::fs::create_dir_all(&temp).await?;
@@ -178,14 +180,8 @@ impl Client {
     pub(crate) async fn upload_plain(&self, path: &Path) -> Result<OwnedMxcUri> {
         let session = self.require_session()?;
         let size = tokio::fs::metadata(path).await?.len();
-        let mimetype = match path.extension().and_then(|e| e.to_str()).map(str::to_lowercase).as_deref() {
-            Some("png") => "image/png",
-            Some("jpg" | "jpeg") => "image/jpeg",
-            Some("webp") => "image/webp",
-            Some("gif") => "image/gif",
-            _ => "application/octet-stream",
-        };
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let mimetype = crate::mime::from_file_name(name.as_deref().unwrap_or_default());
         let upload = self.announce_upload(&session, size, mimetype, name.as_deref()).await?;
         self.upload_from(&session, &upload, path, size, None).await?;
         Ok(upload.content_uri)

@@ -65,13 +65,16 @@ impl Client {
             Err(Error::Forbidden { .. }) => return Err(Error::WrongPassword),
             other => other?,
         };
-        self.begin_session(Session {
-            server_url,
-            user_id: response.user_id,
-            device_id: response.device_id.to_string(),
-            access_token: response.access_token,
-        })
-        .await
+        let info = self
+            .begin_session(Session {
+                server_url,
+                user_id: response.user_id,
+                device_id: response.device_id.to_string(),
+                access_token: response.access_token,
+            })
+            .await?;
+        self.bootstrap_cross_signing_after_sign_in(password).await;
+        Ok(info)
     }
 
     /// Creates an account and signs in; sets the display name and, if given, the avatar
@@ -117,6 +120,7 @@ impl Client {
                 access_token,
             })
             .await?;
+        self.bootstrap_cross_signing_after_sign_in(password).await;
         if !display_name.is_empty() {
             self.set_display_name(display_name).await?;
         }

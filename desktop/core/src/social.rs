@@ -38,11 +38,22 @@ impl Client {
     /// Marks the room read up to its newest message: the unread count drops to zero and the
     /// sender sees ✓✓ (a public `m.read` receipt).
     pub async fn mark_read(&self, room_id: &RoomId) -> Result<()> {
+        self.mark_read_as(room_id, ReceiptType::Read).await
+    }
+
+    /// Like [`Client::mark_read`] with a private receipt (`m.read.private`): our other
+    /// devices and the server's unread counts move on, but nobody else learns we read it
+    /// (the sender sees no ✓✓).
+    pub async fn mark_read_privately(&self, room_id: &RoomId) -> Result<()> {
+        self.mark_read_as(room_id, ReceiptType::ReadPrivate).await
+    }
+
+    async fn mark_read_as(&self, room_id: &RoomId, receipt: ReceiptType) -> Result<()> {
         let session = self.require_session()?;
         let Some(event_id) = self.inner.store.mark_room_read(room_id.as_str()).await? else { return Ok(()) };
         self.emit(Update::RoomsChanged);
         let event_id = OwnedEventId::try_from(event_id).map_err(|e| Error::Store(e.to_string()))?;
-        let request = create_receipt::v3::Request::new(room_id.to_owned(), ReceiptType::Read, event_id);
+        let request = create_receipt::v3::Request::new(room_id.to_owned(), receipt, event_id);
         self.inner.http.send(&session.server_url, Some(&session.access_token), request, REQUEST_TIMEOUT).await?;
         Ok(())
     }
@@ -54,6 +65,7 @@ impl Client {
             Presence::Online => PresenceState::Online,
             Presence::Unavailable => PresenceState::Unavailable,
             Presence::Offline => PresenceState::Offline,
+            Presence::Unknown => return Err(Error::InvalidInput("Choose online, away or offline.".into())),
         };
         *self.inner.presence.lock().expect("presence lock") = state.clone();
         let mut request = set_presence::v3::Request::new(session.user_id.clone(), state);

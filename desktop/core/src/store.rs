@@ -327,6 +327,72 @@ impl Store {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Inserts an item older than every item we hold (back-pagination): it takes a `seq`
+    /// below all others (negative), so history stays in order and, being below every read
+    /// marker, never counts as unread. Returns whether it was new.
+    pub(crate) async fn insert_older_item(tx: &mut sqlx::SqliteConnection, item: NewItem<'_>) -> Result<bool> {
+        let done = sqlx::query(
+            "INSERT INTO timeline (seq, room_id, item_key, event_id, sender, ts, content, encrypted, send_state, raw)
+             VALUES ((SELECT min(coalesce(min(seq), 0), 0) - 1 FROM timeline), ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(item.room_id)
+        .bind(item.key)
+        .bind(item.event_id)
+        .bind(item.sender)
+        .bind(item.ts as i64)
+        .bind(serde_json::to_string(item.content)?)
+        .bind(item.encrypted)
+        .bind(item.send_state.map(serde_json::to_string).transpose()?)
+        .bind(item.raw.map(|r| r.to_string()))
+        .execute(tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Remembers where older history of a room continues, if this is the first we hear of
+    /// the room's timeline (later tokens would point into a gap, which we do not fill).
+    pub(crate) async fn set_prev_batch_if_new(
+        tx: &mut sqlx::SqliteConnection,
+        room_id: &str,
+        token: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE rooms SET prev_batch = ? WHERE room_id = ? AND prev_batch IS NULL AND history_complete = 0
+                 AND NOT EXISTS (SELECT 1 FROM timeline WHERE room_id = ? AND event_id IS NOT NULL)",
+        )
+        .bind(token)
+        .bind(room_id)
+        .bind(room_id)
+        .execute(tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Where older history continues: the token, and whether we already reached the start.
+    pub(crate) async fn history_cursor(&self, room_id: &str) -> Result<(Option<String>, bool)> {
+        let row = sqlx::query("SELECT prev_batch, history_complete FROM rooms WHERE room_id = ?")
+            .bind(room_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))).unwrap_or((None, false)))
+    }
+
+    /// After a back-pagination: the next token, or None when the room's start is reached.
+    pub(crate) async fn set_history_cursor(
+        tx: &mut sqlx::SqliteConnection,
+        room_id: &str,
+        next: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query("UPDATE rooms SET prev_batch = ?, history_complete = ? WHERE room_id = ?")
+            .bind(next)
+            .bind(next.is_none())
+            .bind(room_id)
+            .execute(tx)
+            .await?;
+        Ok(())
+    }
+
     /// Our message `key` reached the server as `event_id`. Returns false if there is no such
     /// item (the echo of a message sent by another device of ours).
     pub(crate) async fn confirm_item(
@@ -540,6 +606,7 @@ impl Store {
             types::Presence::Online => "online",
             types::Presence::Unavailable => "unavailable",
             types::Presence::Offline => "offline",
+            types::Presence::Unknown => "unknown",
         };
         sqlx::query(
             "INSERT INTO users (user_id, presence, status_msg, last_active_ts, currently_active) VALUES (?, ?, ?, ?, ?)
@@ -568,7 +635,8 @@ impl Store {
             let presence = match r.get::<Option<String>, _>(4).as_deref() {
                 Some("online") => types::Presence::Online,
                 Some("unavailable") => types::Presence::Unavailable,
-                _ => types::Presence::Offline,
+                Some("offline") => types::Presence::Offline,
+                _ => types::Presence::Unknown,
             };
             Some(UserSummary {
                 user_id: r.get::<String, _>(0).try_into().ok()?,

@@ -24,7 +24,7 @@ use crate::{
     http::REQUEST_TIMEOUT,
     session::Session,
     store::{NewItem, Store},
-    timeline::item_content,
+    timeline::{event_content, item_content},
     types::Presence,
 };
 
@@ -182,6 +182,9 @@ impl Client {
 
         for (room_id, room) in &response.rooms.join {
             Store::upsert_room(&mut tx, room_id.as_str(), Membership::Joined, None).await?;
+            if let Some(prev_batch) = &room.timeline.prev_batch {
+                Store::set_prev_batch_if_new(&mut tx, room_id.as_str(), prev_batch).await?;
+            }
             let State::Before(state) = &room.state else { unreachable!("we never ask for state_after") };
             for event in &state.events {
                 self.apply_state(&mut tx, room_id, &raw_json(event)).await?;
@@ -374,12 +377,7 @@ impl Client {
             return Ok(Some(txn.to_owned()));
         }
         let encrypted = event["type"] == "m.room.encrypted";
-        let content = match (encrypted, decrypted) {
-            (true, Some(plain)) => item_content(plain),
-            (true, None) => Some(ItemContent::Undecryptable { reason: "waiting for the key".into() }),
-            (false, _) => item_content(event),
-        };
-        let Some(content) = content else { return Ok(None) };
+        let Some(content) = event_content(event, decrypted) else { return Ok(None) };
         let inserted = Store::insert_item(
             tx,
             NewItem {
@@ -426,7 +424,7 @@ impl Client {
 
     /// Tries again to decrypt items whose key had not arrived; returns the ones that now
     /// decrypt.
-    async fn retry_decryption(&self) -> Result<Vec<String>> {
+    pub(crate) async fn retry_decryption(&self) -> Result<Vec<String>> {
         let pending = self.inner.store.undecrypted().await?;
         if pending.is_empty() {
             return Ok(Vec::new());

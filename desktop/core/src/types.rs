@@ -63,13 +63,15 @@ pub struct UserSummary {
     pub presence: PresenceInfo,
 }
 
-/// Presence states (the spec's three).
+/// Presence states: the spec's three, and `Unknown` for someone whose presence we never
+/// heard (they never set one, or their server does not share it): not the same as offline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Presence {
     Online,
     Unavailable,
-    #[default]
     Offline,
+    #[default]
+    Unknown,
 }
 
 /// Presence and last seen of a user.
@@ -181,8 +183,24 @@ pub struct UserSearchResult {
 pub struct DeviceInfo {
     pub device_id: String,
     pub display_name: Option<String>,
-    /// We verified it (SAS).
+    /// We trust it: verified by emoji here, or cross-signed by its owner's master key that
+    /// we trust (ours, or one we signed after verifying its owner).
     pub verified: bool,
+}
+
+/// Cross-signing and key backup of this account, for Settings → Security.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityStatus {
+    /// This device holds our cross-signing keys (it set them up).
+    pub cross_signing_keys_here: bool,
+    /// The server has a master key for us (set up here or on another device).
+    pub cross_signing_published: bool,
+    /// This device carries our self-signing key's signature.
+    pub device_cross_signed: bool,
+    /// The server backup version this device backs its room keys up to.
+    pub backup_version: Option<String>,
+    /// The newest backup on the server, if any (restore from it with the recovery key).
+    pub server_backup_version: Option<String>,
 }
 
 /// One emoji of a SAS verification: the symbol and its English name.

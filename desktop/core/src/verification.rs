@@ -22,7 +22,7 @@ impl Client {
             .map(|d| DeviceInfo {
                 device_id: d.device_id.to_string(),
                 display_name: d.display_name.clone(),
-                verified: d.locally_verified,
+                verified: crypto.machine.is_device_verified(d),
             })
             .collect())
     }
@@ -127,6 +127,11 @@ impl Client {
                 changed
             };
             if changed {
+                if verification.status == VerificationStatus::Done
+                    && let Some(device) = &verification.other_device
+                {
+                    self.cross_sign_verified(&verification.other_user, device).await;
+                }
                 self.emit(Update::Verification { verification });
             }
         }

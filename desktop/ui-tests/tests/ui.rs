@@ -15,7 +15,7 @@ use std::{
 };
 
 use conformance::{Backend, Server};
-use obmin_client::{Client, ItemContent, Membership, OwnedRoomId, SendState, TimelineItem, Update};
+use obmin_client::{Client, ItemContent, Membership, OwnedRoomId, SendState, TimelineItem, Update, VerificationStatus};
 use obmin_desktop_ui_tests::Session;
 use serde_json::{Value, json};
 
@@ -279,6 +279,9 @@ async fn run(app: &Session, server: &mut Server, bob: &mut Peer, bob_id: &str) -
     bob.client.download_file(attachment, &dest, None).await.map_err(|e| e.to_string())?;
     assert_eq!(std::fs::read(&dest).map_err(|e| e.to_string())?, file_bytes, "bob decrypted the same bytes");
 
+    // --- Emoji verification with bob, started from the chat header; bob accepts on the core.
+    verify_by_emoji(app, bob).await?;
+
     // --- Screenshots: main chat light, settings, main chat dark.
     app.execute("document.activeElement.blur(); return true;", vec![]).await.map_err(err)?;
     shot(app, "main-light").await;
@@ -310,5 +313,72 @@ async fn run(app: &Session, server: &mut Server, bob: &mut Peer, bob_id: &str) -
     )
     .await
     .map_err(err)?;
+    Ok(())
+}
+
+/// The window and bob verify each other by emoji: the test reads the emoji the window shows
+/// and compares them with bob's, both confirm, and the window shows bob as verified.
+async fn verify_by_emoji(app: &Session, bob: &mut Peer) -> Result<(), String> {
+    let err = |e: obmin_desktop_ui_tests::Error| e.to_string();
+    app.wait_for("#chat-verify:not([hidden])", WAIT).await.map_err(err)?;
+    app.click_on("#chat-verify").await.map_err(err)?;
+    let id = bob
+        .wait_for("the verification request", |update| match update {
+            Update::Verification { verification } if verification.status == VerificationStatus::Requested => {
+                Some(verification.id.clone())
+            }
+            _ => None,
+        })
+        .await;
+    bob.client.accept_verification(&id).await.map_err(|e| e.to_string())?;
+
+    let shown = app
+        .wait_until(
+            "seven emoji in the verification dialog",
+            "const d = document.getElementById('verification');\
+             const e = [...d.querySelectorAll('#verification-emoji li')];\
+             return d.open && e.length === 7 ? e.map(li => li.querySelector('.emoji').textContent + ' ' + li.lastChild.textContent) : null;",
+            vec![],
+            WAIT,
+        )
+        .await
+        .map_err(err)?;
+    let shown: Vec<String> = serde_json::from_value(shown).map_err(|e| e.to_string())?;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let bobs: Vec<String> = loop {
+        let found = bob.client.verifications().await.into_iter().find_map(|v| match v.status {
+            VerificationStatus::ShowEmoji(emoji) if v.id == id => Some(emoji),
+            _ => None,
+        });
+        if let Some(emoji) = found {
+            break emoji.into_iter().map(|e| format!("{} {}", e.symbol, e.name)).collect();
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err("bob never showed the emoji".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(shown, bobs, "the window shows the same emoji, in the same order, as bob's client");
+    let focused = app.execute("return document.activeElement.id", vec![]).await.map_err(err)?;
+    assert_eq!(focused, json!("verification-match"), "focus is on the next step");
+    shot(app, "verification").await;
+
+    app.click_on("#verification-match").await.map_err(err)?;
+    bob.client.confirm_verification(&id).await.map_err(|e| e.to_string())?;
+    wait_text(app, "#verification-status", "Verified").await?;
+    bob.wait_for("the verification to finish", |update| match update {
+        Update::Verification { verification }
+            if verification.id == id && verification.status == VerificationStatus::Done =>
+        {
+            Some(())
+        }
+        _ => None,
+    })
+    .await;
+    app.click_on("#verification-close").await.map_err(err)?;
+    app.wait_for("#chat-verified:not([hidden])", WAIT).await.map_err(err)?;
+    let verify_hidden =
+        app.execute("return document.getElementById('chat-verify').hidden", vec![]).await.map_err(err)?;
+    assert_eq!(verify_hidden, json!(true), "no Verify button once bob is verified");
     Ok(())
 }

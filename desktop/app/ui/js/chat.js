@@ -5,11 +5,14 @@ import { call } from "./tauri.js";
 import { $, el, paintAvatar, formatTime, formatBytes, describePresence } from "./dom.js";
 import { state, subscribe, changed, mergeItems, isOwn, nameOf } from "./state.js";
 import { loadPrefs } from "./prefs.js";
+import { showVerification } from "./settings.js";
 
 const TYPING_IDLE_MS = 4000;
 let typingSent = false;
 let typingTimer = null;
 const readUpTo = new Map(); // room_id -> event id of our last receipt
+const moreHistory = new Map(); // room_id -> false once the room's first message is shown
+let loadingOlder = false;
 
 function ticks(item) {
   const sendState = item.send_state;
@@ -79,15 +82,83 @@ function renderHeader() {
     name: room.name, id: peer?.user_id ?? room.room_id, colour: peer?.avatar_colour, avatarUrl: peer?.avatar_url,
   });
   $("chat-encrypted").hidden = !room.encrypted;
+  renderTrust(peer?.user_id);
+}
+
+/** Whether we verified the direct chat's peer (all their devices): a badge, else a button. */
+async function renderTrust(peerId) {
+  const verify = $("chat-verify");
+  const badge = $("chat-verified");
+  if (!peerId) {
+    verify.hidden = badge.hidden = true;
+    return;
+  }
+  verify.setAttribute("aria-label", `Verify ${nameOf(peerId)} by comparing emoji`);
+  try {
+    const verified = await call("user_verified", { userId: peerId });
+    if (state.rooms.get(state.currentRoom)?.dm_peer?.user_id !== peerId) return; // moved on meanwhile
+    badge.hidden = !verified;
+    verify.hidden = verified;
+    badge.title = verified ? `You verified ${nameOf(peerId)}'s devices` : "";
+  } catch {
+    verify.hidden = false;
+    badge.hidden = true;
+  }
+}
+
+async function verifyPeer() {
+  const peerId = state.rooms.get(state.currentRoom)?.dm_peer?.user_id;
+  if (!peerId) return;
+  try {
+    await call("verify_user", { userId: peerId });
+  } catch (error) {
+    showVerification({ id: "", other_user: peerId, status: { Cancelled: { reason: error.message } } });
+  }
 }
 
 function renderTimeline() {
   const list = $("timeline");
   const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
   const items = state.timelines.get(state.currentRoom) ?? [];
-  list.replaceChildren(...items.map((item, i) => itemNode(item, items[i - 1])).filter(Boolean));
+  const hadFocus = document.activeElement?.id === "load-older";
+  list.replaceChildren(historyNode(), ...items.map((item, i) => itemNode(item, items[i - 1])).filter(Boolean));
+  if (hadFocus) ($("load-older") ?? list).focus();
   if (nearBottom) list.scrollTop = list.scrollHeight;
   markRead();
+}
+
+/** The top of the timeline: a button for older messages (scrolling up presses it too). */
+function historyNode() {
+  if (moreHistory.get(state.currentRoom) === false) {
+    return el("li", { class: "history" }, "This is the start of the conversation.");
+  }
+  return el("li", { class: "history" }, el("button", {
+    type: "button", id: "load-older", class: "link", "aria-busy": String(loadingOlder), onclick: loadOlder,
+  }, loadingOlder ? "Loading older messages…" : "Load older messages"));
+}
+
+async function loadOlder() {
+  const roomId = state.currentRoom;
+  if (!roomId || loadingOlder || moreHistory.get(roomId) === false) return;
+  loadingOlder = true;
+  const list = $("timeline");
+  const button = $("load-older");
+  if (button) button.textContent = "Loading older messages…";
+  const fromBottom = list.scrollHeight - list.scrollTop;
+  try {
+    const have = (state.timelines.get(roomId) ?? []).length;
+    const { items, more } = await call("load_older", { roomId, have });
+    mergeItems(roomId, items);
+    moreHistory.set(roomId, more);
+  } catch (error) {
+    console.warn("older history:", error.message);
+  } finally {
+    loadingOlder = false;
+  }
+  if (state.currentRoom !== roomId) return;
+  renderTimeline();
+  // The message that was at the top stays where it was.
+  list.scrollTop = list.scrollHeight - fromBottom;
 }
 
 function renderTyping() {
@@ -101,9 +172,10 @@ function markRead() {
   const items = state.timelines.get(state.currentRoom) ?? [];
   const last = [...items].reverse().find((item) => !isOwn(item) && item.event_id);
   if (!last || !document.hasFocus() || readUpTo.get(state.currentRoom) === last.event_id) return;
-  if (!loadPrefs().readReceipts) return;
   readUpTo.set(state.currentRoom, last.event_id);
-  call("mark_read", { roomId: state.currentRoom }).catch(() => {});
+  // Receipts off: a private receipt (m.read.private) keeps our unread counts and other
+  // devices right without telling the sender.
+  call("mark_read", { roomId: state.currentRoom, private: !loadPrefs().readReceipts }).catch(() => {});
 }
 
 function setTyping(typing) {
@@ -219,11 +291,15 @@ export function setupChat() {
     attach(file);
   });
   window.addEventListener("focus", markRead);
+  $("chat-verify").addEventListener("click", verifyPeer);
+  $("timeline").addEventListener("scroll", () => {
+    if ($("timeline").scrollTop < 40) loadOlder();
+  });
 
   subscribe((what) => {
     if (!state.currentRoom) return;
     if (what.kind === "timeline" && what.room_id === state.currentRoom) renderTimeline();
     if (what.kind === "typing" && what.room_id === state.currentRoom) renderTyping();
-    if (what.kind === "rooms" || what.kind === "presence") renderHeader();
+    if (what.kind === "rooms" || what.kind === "presence" || what.kind === "trust") renderHeader();
   });
 }

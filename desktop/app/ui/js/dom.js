@@ -98,7 +98,7 @@ export function describePresence(info) {
   if (!info) return "";
   const { presence, last_active_ts: lastActiveTs, currently_active: currentlyActive } = info;
   if (presence === "Online" || currentlyActive) return "online";
-  if (!lastActiveTs) return presence === "Unavailable" ? "away" : "offline";
+  if (!lastActiveTs) return { Unavailable: "away", Offline: "offline" }[presence] ?? "status unknown";
   const minutes = Math.round((Date.now() - lastActiveTs) / 60000);
   const ago = minutes < 1 ? "just now" : minutes < 60 ? `${minutes} min ago`
     : minutes < 1440 ? `${Math.round(minutes / 60)} h ago` : formatTime(lastActiveTs);

@@ -15,7 +15,83 @@ function selectTab(tab) {
     other.tabIndex = selected ? 0 : -1;
     $(other.getAttribute("aria-controls")).hidden = !selected;
   });
-  if (tab.id === "tab-security") loadDevices();
+  if (tab.id === "tab-security") {
+    loadDevices();
+    loadSecurity();
+  }
+}
+
+/** Cross-signing and key backup as the core reports them. */
+async function loadSecurity() {
+  try {
+    const s = await call("security_status");
+    $("cross-signing-status").textContent = s.cross_signing_keys_here
+      ? `Cross-signing is set up on this device${s.device_cross_signed ? "; this device is signed ✓" : ""}.`
+      : s.cross_signing_published
+        ? "Cross-signing was set up on another device. Verify this device from there to trust it."
+        : "Cross-signing is not set up.";
+    $("cross-signing-form").hidden = s.cross_signing_published;
+    $("backup-status").textContent = s.backup_version
+      ? `Your room keys are backed up (backup version ${s.backup_version}).`
+      : s.server_backup_version
+        ? `There is a key backup (version ${s.server_backup_version}); restore from it to back up here too.`
+        : "Key backup is off.";
+  } catch (error) {
+    $("backup-status").textContent = `Could not read the security status: ${error.message}`;
+  }
+}
+
+async function setUpCrossSigning(event) {
+  event.preventDefault();
+  const password = $("cross-signing-password");
+  try {
+    await call("set_up_cross_signing", { password: password.value || null });
+    password.value = "";
+  } catch (error) {
+    $("cross-signing-status").textContent = `Could not set up cross-signing: ${error.message}`;
+    return;
+  }
+  loadSecurity();
+}
+
+async function createBackup(event) {
+  event.preventDefault();
+  const passphrase = $("backup-passphrase");
+  const message = $("backup-message");
+  message.textContent = "Starting the backup…";
+  try {
+    const key = await call("enable_key_backup", { passphrase: passphrase.value || null });
+    passphrase.value = "";
+    message.textContent = "";
+    $("recovery-key").textContent = key;
+    $("recovery-key-box").hidden = false;
+    $("recovery-key").focus();
+  } catch (error) {
+    message.textContent = `Could not start the backup: ${error.message}`;
+  }
+  loadSecurity();
+}
+
+/** The recovery key is shown once: gone from the page when the user says it is saved. */
+function hideRecoveryKey() {
+  $("recovery-key").textContent = "";
+  $("recovery-key-box").hidden = true;
+  $("backup-create").focus();
+}
+
+async function restoreBackup(event) {
+  event.preventDefault();
+  const secret = $("backup-secret");
+  const message = $("backup-message");
+  message.textContent = "Restoring…";
+  try {
+    const count = await call("restore_key_backup", { secret: secret.value });
+    secret.value = "";
+    message.textContent = `Restored ${count} room ${count === 1 ? "key" : "keys"}; old messages are readable now.`;
+  } catch (error) {
+    message.textContent = `Could not restore: ${error.message}`;
+  }
+  loadSecurity();
 }
 
 /** Tabs follow the ARIA pattern: arrows move, Home/End jump. */
@@ -89,7 +165,7 @@ export function showVerification(flow) {
   const kind = typeof status === "string" ? status : Object.keys(status)[0];
   const emojis = status.ShowEmoji ?? [];
   const box = $("verification");
-  box.hidden = false;
+  if (!box.open) box.showModal();
   const device = flow.other_device ? ` (device ${flow.other_device})` : "";
   const words = {
     Requested: `${nameOf(flow.other_user)}${device} wants to verify with you.`,
@@ -105,7 +181,15 @@ export function showVerification(flow) {
   $("verification-match").hidden = kind !== "ShowEmoji";
   $("verification-mismatch").hidden = kind !== "ShowEmoji";
   $("verification-cancel").hidden = kind === "Done" || kind === "Cancelled";
-  if (kind === "Done") loadDevices();
+  $("verification-close").hidden = kind !== "Done" && kind !== "Cancelled";
+  // Focus follows the step: the one thing to do next.
+  const next = ["verification-accept", "verification-match", "verification-close", "verification-cancel"]
+    .map((id) => $(id)).find((button) => !button.hidden);
+  next?.focus();
+  if (kind === "Done") {
+    loadDevices();
+    changed({ kind: "trust", user_id: flow.other_user });
+  }
   return kind;
 }
 
@@ -139,10 +223,20 @@ export function setupSettings({ onBack, onLogout, notify }) {
   }
   $("notify-test").addEventListener("click", () => notify("Obmin", "Notifications are working.", true));
 
+  $("cross-signing-form").addEventListener("submit", setUpCrossSigning);
+  $("backup-create-form").addEventListener("submit", createBackup);
+  $("backup-restore-form").addEventListener("submit", restoreBackup);
+  $("recovery-key-done").addEventListener("click", hideRecoveryKey);
+
   $("verification-accept").addEventListener("click", () => verificationAction("verification_accept"));
   $("verification-match").addEventListener("click", () => verificationAction("verification_confirm"));
   $("verification-mismatch").addEventListener("click", () => verificationAction("verification_mismatch"));
   $("verification-cancel").addEventListener("click", () => verificationAction("verification_cancel"));
+  $("verification-close").addEventListener("click", () => $("verification").close());
+  // Escape on the dialog cancels a verification in progress, as the Cancel button would.
+  $("verification").addEventListener("cancel", () => {
+    if (!$("verification-cancel").hidden) verificationAction("verification_cancel");
+  });
 
   subscribe((what) => {
     if (what.kind === "me") renderProfile();

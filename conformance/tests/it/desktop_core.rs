@@ -2,8 +2,11 @@
 //! `Client` with its own data directory and its background sync loop and outbox running, as
 //! in the app. Sessions and their restore, history offline, reconnecting, the outbox across
 //! an outage and an app restart (exactly one copy arrives), encrypted direct chats and groups
-//! both ways, typing, receipts, presence, profiles, user search, an encrypted file with
-//! progress, and SAS emoji verification between two clients.
+//! both ways, typing, receipts (also private ones), presence (also never reported), profiles,
+//! user search, an encrypted file with progress and one whose upload a proxy cuts midway,
+//! SAS emoji verification between two clients with cross-signing after it, cross-signing
+//! set up at the first sign-in, a new device restoring old history from the key backup,
+//! and back-pagination.
 
 use std::{
     future::Future,

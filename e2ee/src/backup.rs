@@ -116,6 +116,26 @@ impl BackupKey {
     }
 }
 
+/// A backup key derived from a passphrase with a fresh salt. Deriving is deliberately slow
+/// (PBKDF2, [`PassphraseKey::ROUNDS`]): do it off the async threads.
+pub struct PassphraseKey {
+    key: BackupKey,
+    salt: String,
+    rounds: u32,
+}
+
+impl PassphraseKey {
+    /// PBKDF2 rounds for a new passphrase key (what Element uses today).
+    pub const ROUNDS: u32 = PASSPHRASE_ROUNDS;
+
+    pub fn new(passphrase: &str, rounds: u32) -> Result<Self> {
+        use rand::distr::{Alphanumeric, SampleString};
+        let salt = Alphanumeric.sample_string(&mut rand::rng(), 32);
+        let key = BackupKey::from_passphrase(passphrase, &salt, rounds)?;
+        Ok(Self { key, salt, rounds })
+    }
+}
+
 impl Default for BackupKey {
     fn default() -> Self {
         Self::new()
@@ -133,19 +153,16 @@ impl OlmMachine {
         Ok((key, json!({ "algorithm": BACKUP_V1, "auth_data": auth_data })))
     }
 
-    /// Like [`OlmMachine::create_backup`], with the key derived from a passphrase: the salt
-    /// and rounds go into `auth_data` so another device can derive it again.
-    pub fn create_backup_with_passphrase(&self, passphrase: &str) -> Result<(BackupKey, Value)> {
-        use rand::distr::{Alphanumeric, SampleString};
-        let salt = Alphanumeric.sample_string(&mut rand::rng(), 32);
-        let key = BackupKey::from_passphrase(passphrase, &salt, PASSPHRASE_ROUNDS)?;
+    /// Like [`OlmMachine::create_backup`], with a key from [`PassphraseKey::new`]: its salt
+    /// and rounds go into `auth_data` so another device can derive the key again.
+    pub fn create_backup_with_passphrase(&self, derived: PassphraseKey) -> Result<(BackupKey, Value)> {
         let mut auth_data = json!({
-            "public_key": key.public_key().to_base64(),
-            "private_key_salt": salt,
-            "private_key_iterations": PASSPHRASE_ROUNDS,
+            "public_key": derived.key.public_key().to_base64(),
+            "private_key_salt": derived.salt,
+            "private_key_iterations": derived.rounds,
         });
         self.account.sign_json(&mut auth_data)?;
-        Ok((key, json!({ "algorithm": BACKUP_V1, "auth_data": auth_data })))
+        Ok((derived.key, json!({ "algorithm": BACKUP_V1, "auth_data": auth_data })))
     }
 
     /// The server backup version we back up to, if backup is on.
@@ -288,7 +305,10 @@ mod tests {
     #[test]
     fn passphrase_keys_derive_again_from_auth_data() {
         let alice = OlmMachine::new(user_id!("@alice:localhost").to_owned(), "A1".into());
-        let (key, body) = alice.create_backup_with_passphrase("correct horse").unwrap();
+        // Few rounds: the test runs unoptimised.
+        let (key, body) =
+            alice.create_backup_with_passphrase(PassphraseKey::new("correct horse", 1000).unwrap()).unwrap();
+        assert_eq!(body["auth_data"]["private_key_iterations"], 1000);
         let auth_data = &body["auth_data"];
         let again = BackupKey::from_recovery_key_or_passphrase("correct horse", auth_data).unwrap();
         assert_eq!(again.public_key(), key.public_key());

@@ -14,7 +14,11 @@
 //!   device takes the recovery key (or the backup's passphrase), imports the keys and
 //!   decrypts the history that was waiting for them.
 
-use e2ee::{backup::BackupKey, cross_signing::cross_signing_public_key, signing::verify_json};
+use e2ee::{
+    backup::{BackupKey, PassphraseKey},
+    cross_signing::cross_signing_public_key,
+    signing::verify_json,
+};
 use reqwest::Method;
 use ruma::UserId;
 use serde_json::{Value, json};
@@ -149,13 +153,20 @@ impl Client {
     /// passphrase restores too.
     pub async fn enable_key_backup(&self, passphrase: Option<&str>) -> Result<String> {
         let session = self.require_session()?;
-        let mut guard = self.inner.crypto.lock().await;
-        let crypto = guard.as_mut().ok_or(Error::NotLoggedIn)?;
-        let (key, body) = match passphrase {
+        let derived = match passphrase {
             Some(passphrase) if passphrase.chars().count() < 8 => {
                 return Err(Error::InvalidInput("Choose a passphrase of at least 8 characters.".into()));
             }
-            Some(passphrase) => crypto.machine.create_backup_with_passphrase(passphrase)?,
+            Some(passphrase) => {
+                let passphrase = zeroize::Zeroizing::new(passphrase.to_owned());
+                Some(slow(move || PassphraseKey::new(&passphrase, PassphraseKey::ROUNDS)).await?)
+            }
+            None => None,
+        };
+        let mut guard = self.inner.crypto.lock().await;
+        let crypto = guard.as_mut().ok_or(Error::NotLoggedIn)?;
+        let (key, body) = match derived {
+            Some(derived) => crypto.machine.create_backup_with_passphrase(derived)?,
             None => crypto.machine.create_backup()?,
         };
         let answer = self
@@ -187,7 +198,10 @@ impl Client {
         };
         let version = info["version"].as_str().unwrap_or_default().to_owned();
         let wrong_key = || Error::InvalidInput("This recovery key or passphrase does not open the key backup.".into());
-        let key = BackupKey::from_recovery_key_or_passphrase(recovery_key_or_passphrase.trim(), &info["auth_data"])
+        let secret = zeroize::Zeroizing::new(recovery_key_or_passphrase.trim().to_owned());
+        let auth_data = info["auth_data"].clone();
+        let key = slow(move || BackupKey::from_recovery_key_or_passphrase(&secret, &auth_data))
+            .await
             .map_err(|_| wrong_key())?;
         let keys = self
             .inner
@@ -254,6 +268,11 @@ impl Client {
             }
         }
     }
+}
+
+/// Runs a deliberately slow key derivation (PBKDF2 over a passphrase) off the async threads.
+async fn slow<T: Send + 'static>(derive: impl FnOnce() -> e2ee::Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(derive).await.map_err(|e| Error::Crypto(e.to_string()))?.map_err(Error::from)
 }
 
 /// Backup versions are numbers on Obmin, but the spec allows any string: percent-encode it

@@ -31,6 +31,7 @@ impl From<obmin_client::Error> for CommandError {
             E::RegistrationDisabled => "registration_disabled",
             E::SessionExpired => "session_expired",
             E::NotLoggedIn => "not_logged_in",
+            E::PasswordNeeded => "password_needed",
             E::RateLimited { .. } => "rate_limited",
             E::Forbidden { .. } => "forbidden",
             E::NotFound { .. } => "not_found",

@@ -171,6 +171,10 @@ async fn run(app: &Session, server: &mut Server, bob: &mut Peer, bob_id: &str) -
 
     // --- Login screen: defaults, and the two errors people meet first.
     app.wait_for("#login-form", WAIT).await.map_err(err)?;
+    // The page's preferences (theme, ...) live in WebKit's storage, which outlives the app's
+    // --data-dir: start from the defaults, not from what the previous run chose (dark).
+    app.execute("localStorage.clear(); location.reload(); return true;", vec![]).await.map_err(err)?;
+    app.wait_for("#login-form", WAIT).await.map_err(err)?;
     let default_server =
         app.execute("return document.getElementById('login-server').value", vec![]).await.map_err(err)?;
     assert_eq!(default_server, json!("http://localhost:8008"), "the server address defaults to localhost");

@@ -2,7 +2,6 @@
 //! limits, quota and retention. Files are handled by [`storage`], images by [`thumbnail`];
 //! rows by `store::media`.
 
-mod sink;
 pub mod storage;
 pub mod thumbnail;
 
@@ -18,7 +17,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use ruma::{OwnedMxcUri, UserId};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncSeekExt;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use self::{
     storage::{MediaStorage, ReceiveError, receive},
@@ -580,12 +579,13 @@ impl Services {
         // Bytes past the last checkpoint (a crash mid-request) are not trusted: cut them off.
         file.set_len(start).await.map_err(io_error)?;
         file.seek(io::SeekFrom::Start(start)).await.map_err(io_error)?;
-        let mut sink = sink::FileSink::start(file.into_std().await, start == 0);
+        let mut writer = tokio::io::BufWriter::with_capacity(4 * storage::BLOCK, file);
+        let mut hasher = (start == 0).then(Sha256::new);
         let mut offset = start;
         let mut checkpointed = start;
         let mut failure = None;
         while let Some(chunk) = body.next().await {
-            let mut chunk = match chunk {
+            let chunk = match chunk {
                 Ok(c) => c,
                 Err(e) => {
                     failure = Some(Error::Unknown(format!("The upload broke off: {e}")));
@@ -593,21 +593,25 @@ impl Services {
                 }
             };
             let room = usize::try_from(length - offset).unwrap_or(usize::MAX);
-            let overlong = chunk.len() > room;
-            chunk.truncate(room);
-            offset += chunk.len() as u64;
-            sink.write(chunk).await.map_err(io_error)?;
-            if overlong {
+            let part = &chunk[..chunk.len().min(room)];
+            writer.write_all(part).await.map_err(io_error)?;
+            if let Some(h) = hasher.as_mut() {
+                h.update(part);
+            }
+            offset += part.len() as u64;
+            if part.len() < chunk.len() {
                 failure = Some(Error::InvalidParam(format!("The upload is longer than its announced {length} bytes")));
                 break;
             }
             if offset - checkpointed >= CHECKPOINT_BYTES {
-                sink.sync().await.map_err(io_error)?;
+                writer.flush().await.map_err(io_error)?;
+                writer.get_ref().sync_data().await.map_err(io_error)?;
                 self.store.set_upload_offset(media_id, i64::try_from(offset).unwrap_or(i64::MAX), now_ms()).await?;
                 checkpointed = offset;
             }
         }
-        let hasher = sink.finish().await.map_err(io_error)?;
+        writer.flush().await.map_err(io_error)?;
+        writer.get_ref().sync_data().await.map_err(io_error)?;
         if offset != checkpointed {
             self.store.set_upload_offset(media_id, i64::try_from(offset).unwrap_or(i64::MAX), now_ms()).await?;
         }

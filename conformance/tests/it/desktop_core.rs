@@ -630,12 +630,8 @@ async fn cross_signing_is_bootstrapped_at_the_first_sign_in(backend: Backend) {
         "the device is signed by the self-signing key {ssk}: {device_keys}"
     );
     // Alice herself sees her user-signing key.
-    let own = keys_query(
-        &server,
-        &server.login("alice", "secret-pass").await.body["access_token"].as_str().unwrap(),
-        &[&alice_id],
-    )
-    .await;
+    let alice_token = server.login("alice", "secret-pass").await.body["access_token"].as_str().unwrap().to_owned();
+    let own = keys_query(&server, &alice_token, &[&alice_id]).await;
     only_key(&own["user_signing_keys"][&alice_id]);
 
     let status = alice.client.security_status().await.unwrap();

@@ -171,10 +171,6 @@ async fn run(app: &Session, server: &mut Server, bob: &mut Peer, bob_id: &str) -
 
     // --- Login screen: defaults, and the two errors people meet first.
     app.wait_for("#login-form", WAIT).await.map_err(err)?;
-    // The page's preferences (theme, ...) live in WebKit's storage, which outlives the app's
-    // --data-dir: start from the defaults, not from what the previous run chose (dark).
-    app.execute("localStorage.clear(); location.reload(); return true;", vec![]).await.map_err(err)?;
-    app.wait_for("#login-form", WAIT).await.map_err(err)?;
     let default_server =
         app.execute("return document.getElementById('login-server').value", vec![]).await.map_err(err)?;
     assert_eq!(default_server, json!("http://localhost:8008"), "the server address defaults to localhost");
@@ -282,6 +278,17 @@ async fn run(app: &Session, server: &mut Server, bob: &mut Peer, bob_id: &str) -
     let dest = bob.dir.path().join("report.bin");
     bob.client.download_file(attachment, &dest, None).await.map_err(|e| e.to_string())?;
     assert_eq!(std::fs::read(&dest).map_err(|e| e.to_string())?, file_bytes, "bob decrypted the same bytes");
+
+    // --- The light theme for the screenshots: the page's preferences live in WebKit's
+    // storage, which outlives the app's --data-dir, so a previous run may have left dark.
+    app.click_on("#open-settings").await.map_err(err)?;
+    app.click_on("#tab-appearance").await.map_err(err)?;
+    app.click_on("#theme-light").await.map_err(err)?;
+    let theme = app.execute("return document.documentElement.dataset.theme", vec![]).await.map_err(err)?;
+    assert_eq!(theme, json!("light"));
+    app.click_on("#tab-profile").await.map_err(err)?;
+    app.click_on("#settings-back").await.map_err(err)?;
+    app.wait_for("#screen-main", WAIT).await.map_err(err)?;
 
     // --- Emoji verification with bob, started from the chat header; bob accepts on the core.
     verify_by_emoji(app, bob).await?;

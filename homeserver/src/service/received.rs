@@ -404,6 +404,7 @@ impl Services {
                 }
                 Ok(())
             }
+            Some("m.signing_key_update") => self.receive_signing_key_update(origin, content).await,
             Some("m.direct_to_device") => {
                 let sender = ruma::UserId::parse(content["sender"].as_str().unwrap_or_default())
                     .map_err(|e| Error::BadJson(e.to_string()))?;

@@ -702,5 +702,67 @@ backend_tests!(
     join_public_room_and_talk_both_ways,
     invites_both_ways_power_levels_and_kick,
     forged_events_are_refused,
-    stopped_peer_catches_up_in_order
+    stopped_peer_catches_up_in_order,
+    messages_backfill_older_history_on_demand
 );
+
+/// `/messages` past the 50 events fetched at the join: the older history comes from the
+/// room's server on demand (`/backfill`), in order, down to the room's creation; syncs never
+/// show it as new.
+async fn messages_backfill_older_history_on_demand(backend: Backend) {
+    let a = federating(backend).await;
+    let b = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let bob = b.register("bob", "password-bob-1").await;
+    let room_id = a.create_room(&alice, json!({"preset": "public_chat", "name": "Long history"})).await;
+    let old: Vec<String> = (0..130).map(|i| format!("old-{i}")).collect();
+    for body in &old {
+        a.send_text(&alice, &room_id, body).await.assert_ok();
+    }
+    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    let since = b.sync(&bob, None, 0, None).await["next_batch"].as_str().unwrap().to_owned();
+
+    // Bob pages back from the newest event until the room's beginning.
+    let mut seen: Vec<Value> = Vec::new();
+    let mut from: Option<String> = None;
+    let mut ended = false;
+    for _ in 0..20 {
+        let mut path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=40", enc(&room_id));
+        if let Some(from) = &from {
+            path.push_str(&format!("&from={}", enc(from)));
+        }
+        let page = b.get(&path, Some(&bob.access_token)).await;
+        let body = page.assert_ok();
+        seen.extend(body["chunk"].as_array().unwrap().iter().cloned());
+        match body["end"].as_str() {
+            Some(end) => from = Some(end.to_owned()),
+            None => {
+                ended = true;
+                break;
+            }
+        }
+    }
+    assert!(ended, "pagination ended");
+    seen.reverse();
+    let got: Vec<String> = bodies(&seen).into_iter().filter(|b| b.starts_with("old-")).collect();
+    assert_eq!(got, old, "the whole history, oldest first, no gaps or repeats");
+    // The state the join brought (the create event among it) keeps its place at the join in
+    // the stream, so it is not first; but pagination reached the room's beginning.
+    assert!(seen.iter().any(|e| e["type"] == "m.room.create"), "down to the room's creation");
+    let ids: std::collections::HashSet<&str> = seen.iter().filter_map(|e| e["event_id"].as_str()).collect();
+    assert_eq!(ids.len(), seen.len(), "no event twice");
+
+    // Fetching old history is not news: a sync from before it shows none of it.
+    let body = b.sync(&bob, Some(&since), 0, None).await;
+    let events = body["rooms"]["join"][room_id.as_str()]["timeline"]["events"].as_array().cloned().unwrap_or_default();
+    assert!(
+        bodies(&events).iter().all(|b| !b.starts_with("old-")),
+        "backfilled events in an incremental sync: {events:?}"
+    );
+    // Events arriving afterwards still reach Bob as usual.
+    a.send_text(&alice, &room_id, "new after backfill").await.assert_ok();
+    wait_for_timeline_since(&b, &bob, &room_id, Some(since), "the new message", |events| {
+        bodies(events).contains(&"new after backfill".to_owned())
+    })
+    .await;
+}

@@ -171,7 +171,7 @@ impl Services {
     }
 
     /// Fetches (`/event`) the auth events of `pdu` we do not have and keeps them as outliers.
-    async fn fetch_missing_auth_events(
+    pub(crate) async fn fetch_missing_auth_events(
         &self,
         origin: &ServerName,
         room_id: &RoomId,

@@ -57,6 +57,19 @@ impl Positions {
         Some(Self { stream, typing, to_device })
     }
 
+    /// A `/messages` token: like [`Positions::parse`], but the position may be negative
+    /// (`s-<n>`): history backfilled from other servers sits before everything else.
+    pub fn parse_pagination(token: &str) -> Option<Self> {
+        match token.strip_prefix("s-") {
+            Some(rest) => Self::parse(&format!("s{rest}")).filter(|p| p.stream > 0).map(|p| Self {
+                stream: -p.stream,
+                typing: p.typing,
+                to_device: 0,
+            }),
+            None => Self::parse(token),
+        }
+    }
+
     /// A pagination token for a position in the room stream.
     pub fn at(stream: i64) -> Self {
         Self { stream, typing: 0, to_device: 0 }

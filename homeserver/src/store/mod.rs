@@ -32,7 +32,7 @@ use sqlx::{
 
 pub use account_data::{AccountDataRow, ReceiptRow};
 pub use devices::{AccessTokenOwner, DeviceRow, NewDevice};
-pub use federation::{JoinedRoom, OutboxRow};
+pub use federation::{BackfilledEvent, JoinedRoom, OutboxRow};
 pub use keys::{BackupVersionRow, NewToDevice, ToDeviceRow};
 pub use media::{MediaRow, MediaUsageRow, NewMedia, RemoteMediaRow, ThumbnailRow};
 pub use presence::PresenceRow;

@@ -113,6 +113,11 @@ async fn encrypted_messages_and_files_across_servers(backend: Backend) {
     let stored = stored.bytes().await.unwrap();
     assert_eq!(stored.len(), len);
     assert_ne!(Sha256::digest(&stored), Sha256::digest(&data));
+    // The operator may forget fetched remote media; it is fetched again when next wanted.
+    let purge = b.cli(&["media", "purge-remote"], None);
+    assert!(String::from_utf8_lossy(&purge.stdout).contains("purged 1 remote media"), "{purge:?}");
+    let again = fetch_media(&b, &bob_token, &format!("/_matrix/client/v1/media/download/{origin}/{media_id}")).await;
+    assert_eq!(Sha256::digest(&again), Sha256::digest(&stored));
     // Unknown remote media is a Matrix 404, not a 500.
     let missing = b.get(&format!("/_matrix/client/v1/media/download/{origin}/NoSuchMediaHere"), Some(&bob_token)).await;
     missing.assert_error(404, "M_NOT_FOUND");
@@ -222,4 +227,11 @@ async fn signing_key_updates_reach_the_other_server(backend: Backend) {
         )
         .await;
     assert!(own.assert_ok()["master_keys"].get(&bob.user_id).is_none(), "A cannot set keys of B's users: {}", own.body);
+}
+
+/// GETs a download with the token; the body (asserting 200).
+async fn fetch_media(server: &Server, token: &str, path: &str) -> Vec<u8> {
+    let response = server.http.get(server.url(path)).bearer_auth(token).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.bytes().await.unwrap().to_vec()
 }

@@ -369,12 +369,17 @@ impl Services {
     ) -> Result<RemoteMediaRow> {
         let mut request = get_content::v1::Request::new(media_id.to_owned());
         request.timeout_ms = timeout.min(Duration::from_secs(60));
-        let response = self.send_federation(origin, request).await?;
+        // The spec's download answers have no "origin unreachable": that is content we
+        // cannot find (404), as for the origin saying it has none.
+        let response = self.send_federation(origin, request).await.map_err(|e| match e {
+            Error::RemoteUnavailable(reason) => Error::NotFound(format!("Media not found: {reason}")),
+            other => other,
+        })?;
         let content = match response.content {
             FileOrLocation::File(content) => content,
             _ => {
-                return Err(Error::RemoteUnavailable(format!(
-                    "{origin} redirects its media elsewhere, which this server does not follow yet"
+                return Err(Error::NotFound(format!(
+                    "Media not found: {origin} redirects it elsewhere, which this server does not follow yet"
                 )));
             }
         };
@@ -505,6 +510,21 @@ impl Services {
         }
         let _ = tokio::fs::remove_file(self.media.storage.partial_path(media_id)).await;
         Ok(true)
+    }
+
+    /// `homeserver media purge-remote`: forgets other servers' media fetched before
+    /// `before_ts` (fetched again when next downloaded) and removes files nothing else
+    /// names. Returns how many were forgotten.
+    pub async fn purge_remote_media(&self, before_ts: i64) -> Result<usize> {
+        let _guard = self.media.content_lock.lock().await;
+        let hashes = self.store.delete_remote_media(before_ts).await?;
+        let mut unique = hashes.clone();
+        unique.sort();
+        unique.dedup();
+        for sha256 in unique {
+            self.remove_if_unreferenced(&sha256).await?;
+        }
+        Ok(hashes.len())
     }
 
     /// Retention: forgets stale unfinished uploads and (if configured) local media nobody

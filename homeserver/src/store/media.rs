@@ -313,6 +313,20 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets remote media fetched before `before_ts`; returns the content hashes they named
+    /// (which may now be unreferenced).
+    pub async fn delete_remote_media(&self, before_ts: i64) -> Result<Vec<String>, sqlx::Error> {
+        let (_serialized, mut tx) = self.begin_write().await?;
+        let rows = sqlx::query("SELECT sha256 FROM remote_media WHERE fetched_ts < $1")
+            .bind(before_ts)
+            .fetch_all(&mut *tx)
+            .await?;
+        let hashes = rows.iter().map(|r| r.try_get("sha256")).collect::<Result<Vec<String>, _>>()?;
+        sqlx::query("DELETE FROM remote_media WHERE fetched_ts < $1").bind(before_ts).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(hashes)
+    }
+
     /// Every media row, optionally of one user, oldest first.
     pub async fn list_media(&self, user_id: Option<&str>) -> Result<Vec<MediaRow>, sqlx::Error> {
         let rows = match user_id {

@@ -38,7 +38,7 @@ async fn encrypted_messages_and_files_across_servers(backend: Backend) {
     let encryption = a
         .get(
             &format!("/_matrix/client/v3/rooms/{}/state/m.room.encryption/", enc(room.as_str())),
-            Some(&a.login("alice", "secret-pass").await.body["access_token"].as_str().unwrap().to_owned()),
+            a.login("alice", "secret-pass").await.body["access_token"].as_str(),
         )
         .await;
     assert_eq!(encryption.assert_ok()["algorithm"], "m.megolm.v1.aes-sha2");

@@ -220,6 +220,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn pagination_tokens_may_be_negative_sync_tokens_not() {
+        let before_everything = Positions::at(-42);
+        assert_eq!(before_everything.to_string(), "s-42_0_0");
+        assert_eq!(Positions::parse_pagination("s-42_0_0"), Some(before_everything));
+        assert_eq!(Positions::parse_pagination("s17_0_0"), Some(Positions::at(17)));
+        assert_eq!(Positions::parse("s-42_0_0"), None, "a sync token is never negative");
+        assert_eq!(Positions::parse_pagination("s-0_0_0"), None);
+        assert_eq!(Positions::parse_pagination("s--1"), None);
+    }
+
+    #[test]
     fn positions_become_visible_in_order() {
         let streams = Streams::new(10);
         let a = streams.allocate();

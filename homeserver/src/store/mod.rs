@@ -58,9 +58,16 @@ pub enum Backend {
 /// Options for opening the store.
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
-    pub max_connections: u32,
+    /// Read pool size; `None` for the backend's default.
+    pub max_connections: Option<u32>,
     pub sqlite_synchronous: SqliteSynchronous,
 }
+
+/// Default read connections on SQLite: reads run on this machine's cores and each connection
+/// has a page cache of its own that a connection handed out in turn rarely finds warm.
+const SQLITE_READERS: u32 = 4;
+/// Default connections to PostgreSQL, which does the work in its own processes.
+const POSTGRES_CONNECTIONS: u32 = 16;
 
 /// The database handle shared by all services.
 #[derive(Clone)]
@@ -81,8 +88,12 @@ impl Store {
     pub async fn connect(url: &str, options: &StoreOptions) -> Result<Self, sqlx::Error> {
         sqlx::any::install_default_drivers();
         let backend = if url.starts_with("sqlite:") { Backend::Sqlite } else { Backend::Postgres };
+        let max_connections = options.max_connections.unwrap_or(match backend {
+            Backend::Sqlite => SQLITE_READERS,
+            Backend::Postgres => POSTGRES_CONNECTIONS,
+        });
         let pool_options =
-            AnyPoolOptions::new().max_connections(options.max_connections).acquire_timeout(Duration::from_secs(30));
+            AnyPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(30));
         let pools = match backend {
             Backend::Sqlite => {
                 let url = sqlite_url_with_create(url);

@@ -214,7 +214,7 @@ def build_pdu(origin, key, receiver, sender, room, body, prev_event):
     depth = prev["pdus"][0]["depth"]
     rv = KNOWN_ROOM_VERSIONS[version]
     auth = [ids[("m.room.power_levels", "")], ids[("m.room.member", sender.user_id)]]
-    if ("m.room.create", "") in ids and version not in ("12",) and not version.startswith("org.matrix.hydra"):
+    if version != "12":  # from room version 12 on the create event is implied, not listed
         auth.append(ids[("m.room.create", "")])
     pdu = {"room_id": room, "sender": sender.user_id, "type": "m.room.message",
            "content": {"msgtype": "m.text", "body": body}, "auth_events": auth,
@@ -457,10 +457,22 @@ def check_room(creator, creator2, joiner, joiner2, tag):
     a, b = state_set(creator, room), state_set(joiner, room)
     check(f"{where} the current state is identical on both servers ({len(a or ())} state events)", same,
           {f"only on {cs}": sorted((a or set()) - (b or set())), f"only on {js}": sorted((b or set()) - (a or set()))})
+    # ... and it is the state the changes above made, not some older one both happen to share.
+    got = {(t, k): json.loads(c) for t, k, c in (a or set())}
+    want = {("m.room.name", ""): lambda c: c.get("name") == f"renamed on {cs}",
+            ("m.room.topic", ""): lambda c: c.get("topic") == f"topic set on {js}",
+            ("m.room.power_levels", ""): lambda c: c.get("users", {}).get(joiner.user_id) == 100
+            and c.get("users", {}).get(joiner2.user_id) == 50,
+            ("m.room.member", joiner2.user_id): lambda c: c.get("membership") == "leave",
+            ("m.room.member", creator2.user_id): lambda c: c.get("membership") == "leave",
+            ("m.room.member", joiner.user_id): lambda c: c.get("membership") == "join"}
+    wrong = [k for k, ok in want.items() if not ok(got.get(k, {}))]
+    check(f"{where} that state holds the name, topic, power levels and kicks made on both sides", not wrong,
+          {k: got.get(k) for k in wrong})
     return room
 
 
-def check_outage(sender, receiver, stop, start, rooms, poke, n=10):
+def check_outage(sender, receiver, stop, start, rooms, poke, n):
     """The receiver's server is stopped while sender sends n messages into each room, then started
     again; once it is back, every message must arrive, in order."""
     ss, rs = sender.server, receiver.server
@@ -541,8 +553,11 @@ def main():
                     user.api("PUT", f"/rooms/{q(room)}/typing/{q(user.user_id)}", {"typing": True, "timeout": 5000})
             return go
 
-        check_outage(olga, sally, synapse.stop, synapse.start, rooms, poke(sally))
-        check_outage(sally, olga, obmin.stop, obmin.start, rooms, poke(olga))
+        # More messages than one get_missing_events answer holds (Synapse, catching a peer up
+        # after an outage, sends only the newest event of each room; the rest is fetched).
+        n = int(os.environ.get("OBMIN_FED_INTEROP_OUTAGE_MESSAGES", "30"))
+        check_outage(olga, sally, synapse.stop, synapse.start, rooms, poke(sally), n)
+        check_outage(sally, olga, obmin.stop, obmin.start, rooms, poke(olga), n)
 
         with open(f"{a.tmp}/obmin/signing.key") as f:
             obmin_key = read_signing_keys(f)[0]

@@ -9,7 +9,8 @@ backend_tests!(
     power_levels_guard_state_and_moderation,
     aliases_and_public_directory,
     state_endpoints,
-    room_upgrade
+    room_upgrade,
+    identical_rooms_created_at_once_get_distinct_ids
 );
 
 async fn create_room_with_presets_and_versions(backend: Backend) {
@@ -359,4 +360,29 @@ async fn room_upgrade(backend: Backend) {
     server.send_text(&bob, &old, "hello?").await.assert_error(403, "M_FORBIDDEN");
     server.join(&bob, &new).await.assert_ok();
     server.send_text(&bob, &new, "hello!").await.assert_ok();
+}
+
+/// A version 12 room id is the hash of its create event, so the same user creating rooms with
+/// the same content at the same moment must still get distinct rooms (this once answered 500).
+async fn identical_rooms_created_at_once_get_distinct_ids(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = server.register("alice", "secret-pass").await;
+    let token = Some(alice.access_token.as_str());
+    let creates = (0..24).map(|_| server.post("/_matrix/client/v3/createRoom", token, json!({})));
+    let mut rooms = Vec::new();
+    for response in futures_util::future::join_all(creates).await {
+        rooms.push(response.assert_ok()["room_id"].as_str().expect("room_id").to_owned());
+    }
+    let joined = server.get("/_matrix/client/v3/joined_rooms", token).await;
+    let mut listed: Vec<String> = joined.assert_ok()["joined_rooms"]
+        .as_array()
+        .expect("joined_rooms")
+        .iter()
+        .map(|r| r.as_str().unwrap_or_default().to_owned())
+        .collect();
+    rooms.sort();
+    rooms.dedup();
+    listed.sort();
+    assert_eq!(rooms.len(), 24, "distinct room ids");
+    assert_eq!(listed, rooms);
 }

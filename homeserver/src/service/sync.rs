@@ -12,6 +12,7 @@ use ruma::{
         InviteState, InvitedRoom, JoinedRoom, LeftRoom, Response, RoomSummary, State, StateEvents, Timeline,
     },
 };
+use futures_util::{StreamExt, TryStreamExt};
 use serde_json::{Map, Value as JsonValue, json};
 
 use super::{
@@ -24,6 +25,9 @@ use crate::{
     error::{Error, Result},
     store::EventRow,
 };
+
+/// Joined rooms read concurrently by one initial (or full-state) sync.
+const ROOMS_READ_AT_ONCE: usize = 8;
 
 /// Longest a client may long-poll.
 pub const MAX_SYNC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -251,6 +255,7 @@ impl Services {
 
         let forgotten = if read_all { self.store.forgotten_rooms(user_id.as_str()).await? } else { Vec::new() };
         let all_rooms = if read_all { self.store.rooms_for_user(user_id.as_str()).await? } else { Vec::new() };
+        let mut joined_reads = Vec::new();
         for (room_id, membership) in all_rooms {
             if !req.filter.allows_room(&room_id)
                 || (forgotten.contains(&room_id) && membership != "join" && membership != "invite")
@@ -271,9 +276,10 @@ impl Services {
                     };
                     let full = req.since.is_none() || req.full_state || newly_joined;
                     let read = if full { RoomRead::Full } else { RoomRead::Incremental };
-                    if let Some(joined) = self.joined_room(&room, user_id, viewer, req, since, upto, read).await? {
-                        response.rooms.join.insert(room.clone(), joined);
-                    }
+                    joined_reads.push(async move {
+                        let joined = self.joined_room(&room, user_id, viewer, req, since, upto, read).await?;
+                        Ok::<_, Error>((room, joined))
+                    });
                 }
                 "invite" if req.since.is_none() || window_changes.is_some() => {
                     let mut invited = InvitedRoom::new();
@@ -288,6 +294,16 @@ impl Services {
                     response.rooms.leave.insert(room.clone(), left);
                 }
                 _ => {}
+            }
+        }
+
+        // The joined rooms are read a few at a time: each room is a dozen small queries, each a
+        // round trip to a database connection's thread (SQLite) or the server (PostgreSQL);
+        // overlapping rooms keeps the CPU busy instead of waiting on one round trip at a time.
+        let mut joined_reads = futures_util::stream::iter(joined_reads).buffered(ROOMS_READ_AT_ONCE);
+        while let Some((room, joined)) = joined_reads.try_next().await? {
+            if let Some(joined) = joined {
+                response.rooms.join.insert(room, joined);
             }
         }
 

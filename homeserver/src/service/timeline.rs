@@ -143,31 +143,48 @@ impl Services {
         create: CreateRoom<'_>,
         content: JsonValue,
     ) -> Result<OwnedRoomId> {
-        let new = NewEvent {
-            room_id: create.room_id.clone(),
-            sender: sender.to_owned(),
-            event_type: "m.room.create".to_owned(),
-            state_key: Some(String::new()),
-            content,
-            redacts: None,
-            prev_events: Vec::new(),
-            auth_events: Vec::new(),
-            depth: 1,
-            origin_server_ts: now_ts(),
-        };
-        let (event_id, object) = sign_new_event(new, create.version, &self.settings.server_name, &self.signing_key)
-            .map_err(|e| Error::BadJson(e.to_string()))?;
-        let room_id =
-            match room_id_from_create_event(create.version, &event_id).map_err(|e| Error::internal(e.to_string()))? {
-                Some(id) => id,
-                None => create.room_id.ok_or_else(|| Error::internal("a room id is needed for this room version"))?,
+        // From room version 12 the room id is the create event's hash, so the same user
+        // creating two rooms with the same content in the same millisecond would get the same
+        // room twice (seen under concurrent createRoom: a UNIQUE violation answered as a 500).
+        // Under the room's lock, a room id already taken moves the timestamp on by 1 ms.
+        let mut origin_server_ts = now_ts();
+        let (event_id, room_id, json, pdu, _guard) = loop {
+            let new = NewEvent {
+                room_id: create.room_id.clone(),
+                sender: sender.to_owned(),
+                event_type: "m.room.create".to_owned(),
+                state_key: Some(String::new()),
+                content: content.clone(),
+                redacts: None,
+                prev_events: Vec::new(),
+                auth_events: Vec::new(),
+                depth: 1,
+                origin_server_ts,
             };
-        let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
-        let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
-        let rules = room_version_rules(create.version).map_err(|e| Error::internal(e.to_string()))?;
-        auth::authorize(&rules.authorization, &pdu, &HashMap::new(), &HashMap::new()).map_err(Error::Forbidden)?;
-        let lock = self.room_locks.get(&room_id);
-        let _guard = lock.lock().await;
+            let (event_id, object) = sign_new_event(new, create.version, &self.settings.server_name, &self.signing_key)
+                .map_err(|e| Error::BadJson(e.to_string()))?;
+            let room_id = match room_id_from_create_event(create.version, &event_id)
+                .map_err(|e| Error::internal(e.to_string()))?
+            {
+                Some(id) => id,
+                None => create
+                    .room_id
+                    .clone()
+                    .ok_or_else(|| Error::internal("a room id is needed for this room version"))?,
+            };
+            let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
+            let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
+            let rules = room_version_rules(create.version).map_err(|e| Error::internal(e.to_string()))?;
+            auth::authorize(&rules.authorization, &pdu, &HashMap::new(), &HashMap::new()).map_err(Error::Forbidden)?;
+            let guard = self.room_locks.get(&room_id).lock_owned().await;
+            if self.store.room(room_id.as_str()).await?.is_none() {
+                break (event_id, room_id, json, pdu, guard);
+            }
+            if create.room_id.is_some() {
+                return Err(Error::internal("a newly generated room id is already taken"));
+            }
+            origin_server_ts = MilliSecondsSinceUnixEpoch(origin_server_ts.0 + ruma::UInt::from(1u32));
+        };
         let position = self.streams.allocate();
         self.store
             .append_event(AppendEvent {

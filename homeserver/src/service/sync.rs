@@ -6,13 +6,13 @@ use std::{
     time::Duration,
 };
 
+use futures_util::{StreamExt, TryStreamExt};
 use ruma::{
     OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
     api::client::sync::sync_events::v3::{
         InviteState, InvitedRoom, JoinedRoom, LeftRoom, Response, RoomSummary, State, StateEvents, Timeline,
     },
 };
-use futures_util::{StreamExt, TryStreamExt};
 use serde_json::{Map, Value as JsonValue, json};
 
 use super::{

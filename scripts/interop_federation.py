@@ -11,7 +11,8 @@ invite and join, messages both ways, history from before the join read with /mes
 made on each side and then the same current state on both servers, each peer stopped and
 restarted while the other sends (everything arrives, in order), and a PDU with a bad signature
 refused by each server. Before the rooms: profiles, device keys query / claim and to-device
-messages (the end-to-end encryption prerequisites), media and the notaries.
+messages (the end-to-end encryption prerequisites), media and the notaries; after the rooms, a new
+device on each side reaching the other (device list updates, then /keys/query).
 """
 
 import argparse
@@ -112,10 +113,16 @@ class Server:
 class User:
     """A registered user with a /sync cursor, so each wait sees only what happened after it began."""
 
-    def __init__(self, server, localpart):
+    def __init__(self, server, localpart, new_device_only=False):
+        """Registers `localpart`, or with new_device_only logs the existing user in again (a new device)."""
         self.server = server
-        s, b = call("POST", f"{server.url}/_matrix/client/v3/register", body={
-            "username": localpart, "password": f"pw-{localpart}-123456", "auth": {"type": "m.login.dummy"}})
+        password = f"pw-{localpart}-123456"
+        if new_device_only:
+            s, b = call("POST", f"{server.url}/_matrix/client/v3/login", body={
+                "type": "m.login.password", "identifier": {"type": "m.id.user", "user": localpart}, "password": password})
+        else:
+            s, b = call("POST", f"{server.url}/_matrix/client/v3/register", body={
+                "username": localpart, "password": password, "auth": {"type": "m.login.dummy"}})
         assert s == 200, (server.url, s, b)
         self.user_id, self.token, self.device_id = b["user_id"], b["access_token"], b["device_id"]
         self.since = None
@@ -274,6 +281,35 @@ class Synapse:
 
 # --- the checks ---
 
+def upload_keys(user):
+    """Signed device keys and one one-time key for the user's device, as a client uploads them."""
+    dev = user.device_id
+    key = generate_signing_key(dev)
+    device = {"user_id": user.user_id, "device_id": dev,
+              "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+              "keys": {f"curve25519:{dev}": "curve25519placeholderAAAAAAAAAAAAAAAAAAAAAAAA",
+                       f"ed25519:{dev}": encode_verify_key_base64(get_verify_key(key))}}
+    otk = sign_json({"key": "otkplaceholderAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}, user.user_id, key)
+    return user.api("POST", "/keys/upload", {"device_keys": sign_json(device, user.user_id, key),
+                                             "one_time_keys": {"signed_curve25519:AAAAAA": otk}})
+
+
+def check_device_lists(sally, olga):
+    """A new device of a user on one server reaches the other: m.device_list_update, then the
+    user in the other side's /sync device_lists.changed and the device in its /keys/query (what
+    a client needs before it shares room keys with that device)."""
+    for me, them in ((sally, olga), (olga, sally)):
+        ms, ts = me.server, them.server
+        device = User(ms, me.user_id.split(":")[0][1:], new_device_only=True)
+        s, b = upload_keys(device)
+        ok, _ = them.sync_until(lambda r: r.get("device_lists", {}).get("changed", []), lambda ch: me.user_id in ch, 30)
+        check(f"a new {ms} device shows in device_lists.changed on {ts} (m.device_list_update)", s == 200 and ok, (s, b))
+        found = wait_for(lambda: device.device_id in them.api("POST", "/keys/query", {"device_keys": {me.user_id: []}})[1]
+                         .get("device_keys", {}).get(me.user_id, {}), 20)
+        check(f"{ts} queries the new {ms} device's keys", found,
+              them.api("POST", "/keys/query", {"device_keys": {me.user_id: []}}))
+
+
 def check_profiles_keys_media_notaries(syn, obm, sally, olga):
     for user, name in ((sally, "Sally Synapse"), (olga, "Olga Obmin")):
         user.api("PUT", f"/profile/{q(user.user_id)}/displayname", {"displayname": name})
@@ -283,20 +319,9 @@ def check_profiles_keys_media_notaries(syn, obm, sally, olga):
     check("Obmin reads a Synapse profile (Obmin signs, Synapse verifies)", s == 200 and b.get("displayname") == "Sally Synapse", (s, b))
 
     # Device keys: uploaded on each side, queried and claimed from the other.
-    def upload(user):
-        dev = user.device_id
-        key = generate_signing_key(dev)
-        device = {"user_id": user.user_id, "device_id": dev,
-                  "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
-                  "keys": {f"curve25519:{dev}": "curve25519placeholderAAAAAAAAAAAAAAAAAAAAAAAA",
-                           f"ed25519:{dev}": encode_verify_key_base64(get_verify_key(key))}}
-        otk = sign_json({"key": "otkplaceholderAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}, user.user_id, key)
-        return user.api("POST", "/keys/upload", {"device_keys": sign_json(device, user.user_id, key),
-                                                 "one_time_keys": {"signed_curve25519:AAAAAA": otk}})
-
-    s, b = upload(sally)
+    s, b = upload_keys(sally)
     check("Synapse takes Sally's keys", s == 200, (s, b))
-    s, b = upload(olga)
+    s, b = upload_keys(olga)
     check("Obmin takes Olga's keys", s == 200, (s, b))
     for me, them, who in ((olga, sally, "Obmin queries Synapse"), (sally, olga, "Synapse queries Obmin")):
         s, b = me.api("POST", "/keys/query", {"device_keys": {them.user_id: []}})
@@ -546,6 +571,7 @@ def main():
         room1 = check_room(olga, oscar, sally, sam, "r1")
         room2 = check_room(sally, sam, olga, oscar, "r2")
         rooms = [r for r in (room1, room2) if r]
+        check_device_lists(sally, olga)
 
         def poke(user):
             def go():

@@ -16,7 +16,6 @@ device on each side reaching the other (device list updates, then /keys/query).
 """
 
 import argparse
-import base64
 import io
 import json
 import os

@@ -573,6 +573,76 @@ async fn missing_events_are_served(backend: Backend) {
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
 }
 
+/// An event whose gap to what we hold is longer than one `get_missing_events` answer (as when
+/// Synapse catches a peer up after a long outage with only the newest event of each room): the
+/// receiving server asks again until the gap is closed, and shows every event in order.
+async fn a_long_gap_is_filled_in_several_requests(backend: Backend) {
+    let a = federating(backend).await;
+    let b = federating(backend).await;
+    let c = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let bob = b.register("bob", "password-bob-1").await;
+    let carol = c.register("carol", "password-carol-1").await;
+    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
+    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    join_via(&c, &carol, &room_id, &a.server_name).await.assert_ok();
+    eventually("carol's join on B", || async {
+        let resp = b
+            .get(
+                &format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room_id), enc(&carol.user_id)),
+                Some(&bob.access_token),
+            )
+            .await;
+        resp.status == 200 && resp.body["membership"] == "join"
+    })
+    .await;
+
+    // 45 messages of Carol's, built by hand on C's key, reach A only: B hears nothing of them.
+    let state = state_ids(&a, &alice, &room_id).await;
+    let id_of = |t: &str, k: &str| {
+        EventId::parse(state.iter().find(|(tt, kk, _)| tt == t && kk == k).unwrap().2.as_str()).unwrap()
+    };
+    let auth_events = vec![id_of("m.room.power_levels", ""), id_of("m.room.member", &carol.user_id)];
+    let newest = a
+        .get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1", enc(&room_id)), Some(&alice.access_token))
+        .await;
+    let mut prev = EventId::parse(newest.assert_ok()["chunk"][0]["event_id"].as_str().unwrap()).unwrap();
+    let (c_name, c_key) = (ServerName::parse(&c.server_name).unwrap(), signing_key_of(&c));
+    let sent: Vec<String> = (0..45).map(|i| format!("gap-{i:02}")).collect();
+    let mut pdus = Vec::new();
+    for (i, body) in sent.iter().enumerate() {
+        let event = NewEvent {
+            room_id: Some(RoomId::parse(&room_id).unwrap()),
+            sender: UserId::parse(&carol.user_id).unwrap(),
+            event_type: "m.room.message".into(),
+            state_key: None,
+            content: json!({"msgtype": "m.text", "body": body}),
+            redacts: None,
+            prev_events: vec![prev.clone()],
+            auth_events: auth_events.clone(),
+            depth: 1000 + i as u64,
+            origin_server_ts: MilliSecondsSinceUnixEpoch::now(),
+        };
+        let (id, pdu) = sign_new_event(event, &RoomVersionId::V12, &c_name, &c_key).unwrap();
+        pdus.push(serde_json::to_value(&pdu).unwrap());
+        prev = id;
+    }
+    let (status, body) = send_transaction(&a, &c, "gap-all", pdus.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["pdus"].as_object().unwrap().values().all(|r| r.get("error").is_none()), "{body}");
+
+    // B gets only the newest, relayed by A; the 44 before it are more than one answer holds.
+    let (status, body) = send_transaction(&b, &a, "gap-newest", vec![pdus.last().unwrap().clone()]).await;
+    assert_eq!(status, 200, "{body}");
+    let resp = b
+        .get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(&room_id)), Some(&bob.access_token))
+        .await;
+    let mut chunk: Vec<Value> = resp.assert_ok()["chunk"].as_array().unwrap().clone();
+    chunk.reverse();
+    let got: Vec<String> = bodies(&chunk).into_iter().filter(|b| b.starts_with("gap-")).collect();
+    assert_eq!(got, sent, "every event of the gap, in order");
+}
+
 async fn history_before_the_join_and_server_acls(backend: Backend) {
     let a = federating(backend).await;
     let b = federating(backend).await;
@@ -771,5 +841,6 @@ backend_tests!(
     invites_both_ways_power_levels_and_kick,
     forged_events_are_refused,
     stopped_peer_catches_up_in_order,
-    missing_events_are_served
+    missing_events_are_served,
+    a_long_gap_is_filled_in_several_requests
 );

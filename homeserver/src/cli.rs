@@ -53,10 +53,10 @@ pub enum MediaCommand {
     Delete { media: Vec<String> },
     /// Bytes and number of files stored per user.
     Usage,
-    /// Delete cached remote media. Federation is not built yet, so this server never
-    /// fetches remote media: there is nothing to purge and this always reports 0.
+    /// Delete cached remote media (other servers' files fetched for local users); they are
+    /// fetched again when next downloaded.
     PurgeRemote {
-        /// Only media not accessed for this long, e.g. `30d` (accepted for compatibility).
+        /// Only media fetched longer ago than this, e.g. `30d`.
         #[arg(long, value_parser = parse_duration_ms)]
         older_than: Option<i64>,
     },
@@ -312,8 +312,10 @@ async fn media_command(settings: Settings, cmd: MediaCommand) -> Result<(), Stri
             }
             Ok(())
         }
-        MediaCommand::PurgeRemote { older_than: _ } => {
-            println!("purged 0 remote media (this server does not fetch remote media yet)");
+        MediaCommand::PurgeRemote { older_than } => {
+            let before = crate::store::now_ms() - older_than.unwrap_or(0);
+            let purged = services.purge_remote_media(before).await.map_err(|e| e.to_string())?;
+            println!("purged {purged} remote media");
             Ok(())
         }
     };

@@ -40,19 +40,19 @@ backend_tests!(
 );
 
 /// A signed-in app: the client and its data directory (kept alive with it).
-struct App {
-    client: Client,
-    dir: TempDir,
+pub(crate) struct App {
+    pub(crate) client: Client,
+    pub(crate) dir: TempDir,
 }
 
 impl App {
     /// Registers `name` through the client and starts its background work.
-    async fn register(server: &Server, name: &str) -> App {
+    pub(crate) async fn register(server: &Server, name: &str) -> App {
         Self::register_at(&server.base_url, name).await
     }
 
     /// Like [`App::register`], talking to the server at `url` (e.g. through a proxy).
-    async fn register_at(url: &str, name: &str) -> App {
+    pub(crate) async fn register_at(url: &str, name: &str) -> App {
         let dir = tempfile::tempdir().unwrap();
         let client = Client::open(dir.path()).await.unwrap();
         client.register(url, name, "secret-pass", &format!("{name} display"), Some("#123456")).await.unwrap();
@@ -60,12 +60,12 @@ impl App {
         App { client, dir }
     }
 
-    fn user_id(&self) -> OwnedUserId {
+    pub(crate) fn user_id(&self) -> OwnedUserId {
         self.client.session().unwrap().user_id
     }
 
     /// Waits until the room is in our list with this membership.
-    async fn wait_for_room(&self, room_id: &RoomId, membership: Membership) {
+    pub(crate) async fn wait_for_room(&self, room_id: &RoomId, membership: Membership) {
         eventually(&format!("{room_id} {membership:?} for {}", self.user_id()), || async {
             let room = self.client.room(room_id).await.unwrap()?;
             (room.membership == membership).then_some(())
@@ -74,7 +74,7 @@ impl App {
     }
 
     /// Waits until a text with this body is in the room's timeline; returns the item.
-    async fn wait_for_text(&self, room_id: &RoomId, body: &str) -> TimelineItem {
+    pub(crate) async fn wait_for_text(&self, room_id: &RoomId, body: &str) -> TimelineItem {
         eventually(&format!("\"{body}\" at {}", self.user_id()), || async {
             self.client.timeline(room_id, 100).await.unwrap().into_iter().find(|item| text(item) == Some(body))
         })
@@ -82,7 +82,7 @@ impl App {
     }
 
     /// Waits until our item `key` has reached this send state.
-    async fn wait_for_state(&self, room_id: &RoomId, key: &str, state: SendState) {
+    pub(crate) async fn wait_for_state(&self, room_id: &RoomId, key: &str, state: SendState) {
         eventually(&format!("{key} {state:?}"), || async {
             let items = self.client.timeline(room_id, 100).await.unwrap();
             items.iter().any(|i| i.key == key && i.send_state.as_ref() == Some(&state)).then_some(())
@@ -100,7 +100,7 @@ fn text(item: &TimelineItem) -> Option<&str> {
 
 /// Polls `check` until it gives a value (60 s at most: after a server restart, a long-poll
 /// that started before it may only return at its 30 s timeout).
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub(crate) async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -116,7 +116,7 @@ where
 }
 
 /// Alice opens a direct chat with Bob, Bob sees the invite and accepts.
-async fn direct_chat(alice: &App, bob: &App) -> OwnedRoomId {
+pub(crate) async fn direct_chat(alice: &App, bob: &App) -> OwnedRoomId {
     let room = alice.client.create_dm(&bob.user_id()).await.unwrap();
     bob.wait_for_room(&room, Membership::Invited).await;
     let invite = bob.client.room(&room).await.unwrap().unwrap();

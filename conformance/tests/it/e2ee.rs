@@ -19,9 +19,9 @@ backend_tests!(
     key_backup_versions_and_keys
 );
 
-struct Signer {
+pub(crate) struct Signer {
     pair: Ed25519KeyPair,
-    public: String,
+    pub(crate) public: String,
 }
 
 impl Signer {
@@ -33,14 +33,14 @@ impl Signer {
     }
 
     /// A cross-signing key: its key id is `ed25519:<public key>`.
-    fn cross_signing() -> Self {
+    pub(crate) fn cross_signing() -> Self {
         let der = Ed25519KeyPair::generate();
         let probe = Ed25519KeyPair::from_der(&der, String::new()).unwrap();
         let public = Base64::<ruma::serde::base64::Standard, Vec<u8>>::new(probe.public_key().to_vec()).encode();
         Self { pair: Ed25519KeyPair::from_der(&der, public.clone()).unwrap(), public }
     }
 
-    fn sign(&self, entity: &str, value: Value) -> Value {
+    pub(crate) fn sign(&self, entity: &str, value: Value) -> Value {
         let CanonicalJsonValue::Object(mut object) = CanonicalJsonValue::try_from(value).unwrap() else { panic!() };
         sign_json(entity, &self.pair, &mut object).unwrap();
         serde_json::to_value(object).unwrap()

@@ -505,6 +505,144 @@ async fn fed_get(target: &Server, origin: &Server, path: &str) -> (u16, Value) {
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// POST on a federation listener, signed as `origin` with its real key.
+async fn fed_post(target: &Server, origin: &Server, path: &str, body: &Value) -> (u16, Value) {
+    let url = format!("{}{path}", target.federation_url.as_ref().unwrap());
+    let body = serde_json::to_vec(body).unwrap();
+    let mut request = http::Request::post(&url).header("content-type", "application/json").body(body).unwrap();
+    xmatrix::sign_request(
+        &mut request,
+        &ServerName::parse(&origin.server_name).unwrap(),
+        &ServerName::parse(&target.server_name).unwrap(),
+        &signing_key_of(origin),
+    )
+    .unwrap();
+    let response = federation_http().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// `/get_missing_events`, which a server (Synapse among them) asks before it accepts an event
+/// whose `prev_events` it lacks: the events between what it has and the new one, oldest first.
+async fn missing_events_are_served(backend: Backend) {
+    let a = federating(backend).await;
+    let b = federating(backend).await;
+    let c = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let bob = b.register("bob", "password-bob-1").await;
+    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
+    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let sent = a.send_text(&alice, &room_id, &format!("gap-{i}")).await;
+        ids.push(sent.assert_ok()["event_id"].as_str().unwrap().to_owned());
+    }
+    let path = format!("/_matrix/federation/v1/get_missing_events/{}", enc(&room_id));
+    let ask = |earliest: &str, latest: &str, limit: u64| json!({"earliest_events": [earliest], "latest_events": [latest], "limit": limit});
+    let got = |body: &Value| -> Vec<String> {
+        body["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["content"]["body"].as_str().unwrap_or("").to_owned())
+            .collect()
+    };
+
+    // Everything after the earliest and before the latest, oldest first.
+    let (status, body) = fed_post(&a, &b, &path, &ask(&ids[0], &ids[4], 10)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(got(&body), ["gap-1", "gap-2", "gap-3"], "{body}");
+    // A limit keeps the events nearest the latest.
+    let (status, body) = fed_post(&a, &b, &path, &ask(&ids[0], &ids[4], 2)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(got(&body), ["gap-2", "gap-3"], "{body}");
+    // min_depth leaves out what lies below it.
+    let depth_of_2 =
+        fed_get(&a, &b, &format!("/_matrix/federation/v1/event/{}", enc(&ids[2]))).await.1["pdus"][0]["depth"]
+            .as_u64()
+            .unwrap();
+    let mut request = ask(&ids[0], &ids[4], 10);
+    request["min_depth"] = json!(depth_of_2);
+    let (status, body) = fed_post(&a, &b, &path, &request).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(got(&body), ["gap-2", "gap-3"], "{body}");
+    // Unknown latest events give nothing; a server without users in the room may not ask.
+    let (status, body) = fed_post(&a, &b, &path, &ask(&ids[0], "$unknown", 10)).await;
+    assert_eq!((status, got(&body).len()), (200, 0), "{body}");
+    let (status, body) = fed_post(&a, &c, &path, &ask(&ids[0], &ids[4], 10)).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
+}
+
+/// An event whose gap to what we hold is longer than one `get_missing_events` answer (as when
+/// Synapse catches a peer up after a long outage with only the newest event of each room): the
+/// receiving server asks again until the gap is closed, and shows every event in order.
+async fn a_long_gap_is_filled_in_several_requests(backend: Backend) {
+    let a = federating(backend).await;
+    let b = federating(backend).await;
+    let c = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let bob = b.register("bob", "password-bob-1").await;
+    let carol = c.register("carol", "password-carol-1").await;
+    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
+    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    join_via(&c, &carol, &room_id, &a.server_name).await.assert_ok();
+    eventually("carol's join on B", || async {
+        let resp = b
+            .get(
+                &format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room_id), enc(&carol.user_id)),
+                Some(&bob.access_token),
+            )
+            .await;
+        resp.status == 200 && resp.body["membership"] == "join"
+    })
+    .await;
+
+    // 45 messages of Carol's, built by hand on C's key, reach A only: B hears nothing of them.
+    let state = state_ids(&a, &alice, &room_id).await;
+    let id_of = |t: &str, k: &str| {
+        EventId::parse(state.iter().find(|(tt, kk, _)| tt == t && kk == k).unwrap().2.as_str()).unwrap()
+    };
+    let auth_events = vec![id_of("m.room.power_levels", ""), id_of("m.room.member", &carol.user_id)];
+    let newest = a
+        .get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1", enc(&room_id)), Some(&alice.access_token))
+        .await;
+    let mut prev = EventId::parse(newest.assert_ok()["chunk"][0]["event_id"].as_str().unwrap()).unwrap();
+    let (c_name, c_key) = (ServerName::parse(&c.server_name).unwrap(), signing_key_of(&c));
+    let sent: Vec<String> = (0..45).map(|i| format!("gap-{i:02}")).collect();
+    let mut pdus = Vec::new();
+    for (i, body) in sent.iter().enumerate() {
+        let event = NewEvent {
+            room_id: Some(RoomId::parse(&room_id).unwrap()),
+            sender: UserId::parse(&carol.user_id).unwrap(),
+            event_type: "m.room.message".into(),
+            state_key: None,
+            content: json!({"msgtype": "m.text", "body": body}),
+            redacts: None,
+            prev_events: vec![prev.clone()],
+            auth_events: auth_events.clone(),
+            depth: 1000 + i as u64,
+            origin_server_ts: MilliSecondsSinceUnixEpoch::now(),
+        };
+        let (id, pdu) = sign_new_event(event, &RoomVersionId::V12, &c_name, &c_key).unwrap();
+        pdus.push(serde_json::to_value(&pdu).unwrap());
+        prev = id;
+    }
+    let (status, body) = send_transaction(&a, &c, "gap-all", pdus.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["pdus"].as_object().unwrap().values().all(|r| r.get("error").is_none()), "{body}");
+
+    // B gets only the newest, relayed by A; the 44 before it are more than one answer holds.
+    let (status, body) = send_transaction(&b, &a, "gap-newest", vec![pdus.last().unwrap().clone()]).await;
+    assert_eq!(status, 200, "{body}");
+    let resp = b
+        .get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(&room_id)), Some(&bob.access_token))
+        .await;
+    let mut chunk: Vec<Value> = resp.assert_ok()["chunk"].as_array().unwrap().clone();
+    chunk.reverse();
+    let got: Vec<String> = bodies(&chunk).into_iter().filter(|b| b.starts_with("gap-")).collect();
+    assert_eq!(got, sent, "every event of the gap, in order");
+}
+
 async fn history_before_the_join_and_server_acls(backend: Backend) {
     let a = federating(backend).await;
     let b = federating(backend).await;
@@ -702,5 +840,69 @@ backend_tests!(
     join_public_room_and_talk_both_ways,
     invites_both_ways_power_levels_and_kick,
     forged_events_are_refused,
-    stopped_peer_catches_up_in_order
+    stopped_peer_catches_up_in_order,
+    messages_backfill_older_history_on_demand,
+    missing_events_are_served,
+    a_long_gap_is_filled_in_several_requests
 );
+
+/// `/messages` past the 50 events fetched at the join: the older history comes from the
+/// room's server on demand (`/backfill`), in order, down to the room's creation; syncs never
+/// show it as new.
+async fn messages_backfill_older_history_on_demand(backend: Backend) {
+    let a = federating(backend).await;
+    let b = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let bob = b.register("bob", "password-bob-1").await;
+    let room_id = a.create_room(&alice, json!({"preset": "public_chat", "name": "Long history"})).await;
+    let old: Vec<String> = (0..130).map(|i| format!("old-{i}")).collect();
+    for body in &old {
+        a.send_text(&alice, &room_id, body).await.assert_ok();
+    }
+    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    let since = b.sync(&bob, None, 0, None).await["next_batch"].as_str().unwrap().to_owned();
+
+    // Bob pages back from the newest event until the room's beginning.
+    let mut seen: Vec<Value> = Vec::new();
+    let mut from: Option<String> = None;
+    let mut ended = false;
+    for _ in 0..20 {
+        let mut path = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=40", enc(&room_id));
+        if let Some(from) = &from {
+            path.push_str(&format!("&from={}", enc(from)));
+        }
+        let page = b.get(&path, Some(&bob.access_token)).await;
+        let body = page.assert_ok();
+        seen.extend(body["chunk"].as_array().unwrap().iter().cloned());
+        match body["end"].as_str() {
+            Some(end) => from = Some(end.to_owned()),
+            None => {
+                ended = true;
+                break;
+            }
+        }
+    }
+    assert!(ended, "pagination ended");
+    seen.reverse();
+    let got: Vec<String> = bodies(&seen).into_iter().filter(|b| b.starts_with("old-")).collect();
+    assert_eq!(got, old, "the whole history, oldest first, no gaps or repeats");
+    // The state the join brought (the create event among it) keeps its place at the join in
+    // the stream, so it is not first; but pagination reached the room's beginning.
+    assert!(seen.iter().any(|e| e["type"] == "m.room.create"), "down to the room's creation");
+    let ids: std::collections::HashSet<&str> = seen.iter().filter_map(|e| e["event_id"].as_str()).collect();
+    assert_eq!(ids.len(), seen.len(), "no event twice");
+
+    // Fetching old history is not news: a sync from before it shows none of it.
+    let body = b.sync(&bob, Some(&since), 0, None).await;
+    let events = body["rooms"]["join"][room_id.as_str()]["timeline"]["events"].as_array().cloned().unwrap_or_default();
+    assert!(
+        bodies(&events).iter().all(|b| !b.starts_with("old-")),
+        "backfilled events in an incremental sync: {events:?}"
+    );
+    // Events arriving afterwards still reach Bob as usual.
+    a.send_text(&alice, &room_id, "new after backfill").await.assert_ok();
+    wait_for_timeline_since(&b, &bob, &room_id, Some(since), "the new message", |events| {
+        bodies(events).contains(&"new after backfill".to_owned())
+    })
+    .await;
+}

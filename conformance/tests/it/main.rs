@@ -11,6 +11,7 @@ mod e2ee;
 mod e2ee_client;
 mod errors;
 mod federation;
+mod federation_e2ee;
 mod federation_rooms;
 mod login;
 mod media;

@@ -8,7 +8,13 @@ use std::{
     sync::Arc,
 };
 
-use ruma::{CanonicalJsonObject, CanonicalJsonValue, UserId, serde::Base64, signatures::verify_json};
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, ServerName, UserId,
+    api::federation::transactions::edu::{Edu, SigningKeyUpdateContent},
+    encryption::CrossSigningKey,
+    serde::{Base64, Raw},
+    signatures::verify_json,
+};
 use serde_json::{Map, Value as JsonValue, json};
 
 use super::{
@@ -237,18 +243,8 @@ impl Services {
         self_signing: Option<JsonValue>,
         user_signing: Option<JsonValue>,
     ) -> Result<()> {
-        let owner = |key: &JsonValue, usage: &str| -> Result<()> {
-            if key["user_id"] != user_id.as_str() {
-                return Err(Error::InvalidParam(format!("The {usage} key must belong to you")));
-            }
-            if !key["usage"].as_array().is_some_and(|u| u.iter().any(|x| x == usage)) {
-                return Err(Error::InvalidParam(format!("The {usage} key must have usage {usage}")));
-            }
-            if single_key(key).is_none() {
-                return Err(Error::InvalidParam(format!("The {usage} key must hold exactly one key")));
-            }
-            Ok(())
-        };
+        let owner = |key: &JsonValue, usage: &str| check_cross_signing_key(key, user_id, usage);
+        let uploaded_master = master.is_some();
         let master = match master {
             Some(key) => {
                 owner(&key, "master")?;
@@ -274,7 +270,13 @@ impl Services {
         if let Some(key) = &user_signing {
             self.store.set_cross_signing_key(user_id.as_str(), "user_signing", &key.to_string()).await?;
         }
-        self.announce_device_change(user_id.as_str()).await
+        self.announce_device_change(user_id.as_str()).await?;
+        // The user-signing key is for its owner alone: only the other two go to other servers.
+        if uploaded_master || self_signing.is_some() {
+            let master = if uploaded_master { master.as_ref() } else { None };
+            self.federate_signing_key_update(user_id, master, self_signing.as_ref()).await?;
+        }
+        Ok(())
     }
 
     /// `POST /keys/signatures/upload`: signatures of our own devices and master key (by our
@@ -441,19 +443,7 @@ impl Services {
     /// Tells the servers that share a room with a local user that one of their devices
     /// changed (`m.device_list_update`; `keys` is `None` for a deleted device).
     pub async fn federate_device_change(&self, user_id: &str, device_id: &str, keys: Option<&JsonValue>) -> Result<()> {
-        let mut servers = std::collections::BTreeSet::new();
-        for (room_id, membership) in self.rooms_of_user(user_id).await?.iter() {
-            if membership != "join" {
-                continue;
-            }
-            for member in self.store.room_members(room_id, "join").await? {
-                if let Ok(member) = UserId::parse(member.as_str())
-                    && member.server_name() != self.settings.server_name
-                {
-                    servers.insert(member.server_name().to_string());
-                }
-            }
-        }
+        let servers = self.servers_sharing_a_room_with(user_id).await?;
         if servers.is_empty() {
             return Ok(());
         }
@@ -473,6 +463,100 @@ impl Services {
         Ok(())
     }
 
+    /// The other servers with a member joined to a room that `user_id` is joined to.
+    async fn servers_sharing_a_room_with(&self, user_id: &str) -> Result<Vec<String>> {
+        let mut servers = BTreeSet::new();
+        for (room_id, membership) in self.rooms_of_user(user_id).await?.iter() {
+            if membership != "join" {
+                continue;
+            }
+            for member in self.store.room_members(room_id, "join").await? {
+                if let Ok(member) = UserId::parse(member.as_str())
+                    && member.server_name() != self.settings.server_name
+                {
+                    servers.insert(member.server_name().to_string());
+                }
+            }
+        }
+        Ok(servers.into_iter().collect())
+    }
+
+    /// Tells the servers that share a room with a local user about their new master and / or
+    /// self-signing key (`m.signing_key_update`).
+    async fn federate_signing_key_update(
+        &self,
+        user_id: &UserId,
+        master: Option<&JsonValue>,
+        self_signing: Option<&JsonValue>,
+    ) -> Result<()> {
+        let destinations = self.servers_sharing_a_room_with(user_id.as_str()).await?;
+        if destinations.is_empty() {
+            return Ok(());
+        }
+        let raw = |key: Option<&JsonValue>| -> Result<Option<Raw<CrossSigningKey>>> {
+            key.map(|k| {
+                Raw::new(k)
+                    .map(|raw| raw.cast_unchecked::<CrossSigningKey>())
+                    .map_err(|e| Error::internal(e.to_string()))
+            })
+            .transpose()
+        };
+        let mut content = SigningKeyUpdateContent::new(user_id.to_owned());
+        content.master_key = raw(master)?;
+        content.self_signing_key = raw(self_signing)?;
+        let edu = Edu::SigningKeyUpdate(content);
+        let edu = serde_json::to_string(&edu).map_err(|e| Error::internal(e.to_string()))?;
+        let position = self.streams.allocate();
+        self.store.enqueue_edu(&destinations, position.position(), &edu).await?;
+        position.commit_with(Vec::new());
+        self.send_queue.wake(&destinations);
+        Ok(())
+    }
+
+    /// An `m.signing_key_update` EDU from `origin`: the new master and / or self-signing key
+    /// of one of its users, checked like a local upload (owner, usage, one key, the
+    /// self-signing key signed by the master key) and stored, so `/keys/query` answers them
+    /// even while that server is unreachable; local users who share a room with the user see
+    /// them in `device_lists.changed`.
+    pub async fn receive_signing_key_update(&self, origin: &ServerName, content: &JsonValue) -> Result<()> {
+        let user = UserId::parse(content["user_id"].as_str().unwrap_or_default())
+            .map_err(|e| Error::BadJson(format!("m.signing_key_update: {e}")))?;
+        if user.server_name() != origin {
+            return Err(Error::Forbidden(format!("{user} is not a user of {origin}")));
+        }
+        // Keys of users nobody here shares a room with are not kept.
+        if self.rooms_of_user(user.as_str()).await?.iter().all(|(_, membership)| membership != "join") {
+            return Ok(());
+        }
+        let master = content.get("master_key").filter(|k| !k.is_null());
+        let self_signing = content.get("self_signing_key").filter(|k| !k.is_null());
+        if let Some(key) = master {
+            check_cross_signing_key(key, &user, "master")?;
+        }
+        if let Some(key) = self_signing {
+            check_cross_signing_key(key, &user, "self_signing")?;
+            let signer = match master {
+                Some(key) => Some(key.clone()),
+                None => self.cross_signing_key(user.as_str(), "master").await?,
+            };
+            let (master_id, master_public) = signer
+                .as_ref()
+                .and_then(single_key)
+                .ok_or_else(|| Error::InvalidParam(format!("No master key of {user} to check its self-signing key")))?;
+            check_signature(key, user.as_str(), &master_id, &master_public)?;
+        }
+        if master.is_none() && self_signing.is_none() {
+            return Ok(());
+        }
+        if let Some(key) = master {
+            self.store.set_cross_signing_key(user.as_str(), "master", &key.to_string()).await?;
+        }
+        if let Some(key) = self_signing {
+            self.store.set_cross_signing_key(user.as_str(), "self_signing", &key.to_string()).await?;
+        }
+        self.announce_device_change(user.as_str()).await
+    }
+
     /// To-device messages for a sync: acknowledges those before `since` and returns the next.
     pub async fn to_device_for_sync(
         &self,
@@ -486,6 +570,21 @@ impl Services {
         }
         Ok(self.store.to_device_messages(user_id, device_id, upto, TO_DEVICE_PER_SYNC).await?)
     }
+}
+
+/// Checks that a cross-signing key belongs to `user_id`, has this `usage` and holds exactly
+/// one key.
+fn check_cross_signing_key(key: &JsonValue, user_id: &UserId, usage: &str) -> Result<()> {
+    if key["user_id"] != user_id.as_str() {
+        return Err(Error::InvalidParam(format!("The {usage} key must belong to {user_id}")));
+    }
+    if !key["usage"].as_array().is_some_and(|u| u.iter().any(|x| x == usage)) {
+        return Err(Error::InvalidParam(format!("The {usage} key must have usage {usage}")));
+    }
+    if single_key(key).is_none() {
+        return Err(Error::InvalidParam(format!("The {usage} key must hold exactly one key")));
+    }
+    Ok(())
 }
 
 /// A local user's keys as others see them (see [`Services::public_keys_of`]).

@@ -15,7 +15,10 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use ruma::{OwnedMxcUri, UserId};
+use ruma::{
+    OwnedMxcUri, ServerName, UserId,
+    api::federation::authenticated_media::{FileOrLocation, get_content},
+};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
@@ -26,7 +29,7 @@ use self::{
 use super::Services;
 use crate::{
     error::{Error, Result},
-    store::{MediaRow, NewMedia, ThumbnailRow, now_ms},
+    store::{MediaRow, NewMedia, RemoteMediaRow, ThumbnailRow, now_ms},
 };
 
 /// Media ids (and temporary names) are drawn from this alphabet.
@@ -322,6 +325,81 @@ impl Services {
         Ok(())
     }
 
+    /// Content for a client's download: our own media, or another server's (on the
+    /// authenticated endpoints only, as the spec's media freeze asks), fetched once from its
+    /// origin over federation and served from our copy afterwards.
+    pub async fn content_for_download(
+        &self,
+        server_name: &str,
+        media_id: &str,
+        timeout: Duration,
+        authenticated: bool,
+    ) -> Result<MediaContent> {
+        if server_name == self.settings.server_name.as_str() {
+            return Ok(self.media_for_download(server_name, media_id, timeout, authenticated).await?.1);
+        }
+        if !authenticated {
+            return Err(Error::NotFound(
+                "Media not found (use the authenticated /_matrix/client/v1/media endpoints)".to_owned(),
+            ));
+        }
+        check_media_id(media_id)?;
+        let origin = ServerName::parse(server_name).map_err(|_| Error::NotFound("Media not found".to_owned()))?;
+        let row = match self.store.remote_media(origin.as_str(), media_id).await? {
+            Some(row) => row,
+            None => self.fetch_remote_media(&origin, media_id, timeout).await?,
+        };
+        Ok(MediaContent {
+            path: self.media.storage.content_path(&row.sha256),
+            size: u64::try_from(row.size).unwrap_or(0),
+            content_type: row.content_type.unwrap_or_else(|| "application/octet-stream".to_owned()),
+            filename: row.filename,
+            sha256: row.sha256,
+        })
+    }
+
+    /// Downloads `origin`'s media over federation into content storage and records it.
+    /// ruma parses the multipart answer into memory; the federation client bounds it
+    /// (`MAX_RESPONSE_BYTES`), and our own upload limit applies on top.
+    async fn fetch_remote_media(
+        &self,
+        origin: &ServerName,
+        media_id: &str,
+        timeout: Duration,
+    ) -> Result<RemoteMediaRow> {
+        let mut request = get_content::v1::Request::new(media_id.to_owned());
+        request.timeout_ms = timeout.min(Duration::from_secs(60));
+        // The spec's download answers have no "origin unreachable": that is content we
+        // cannot find (404), as for the origin saying it has none.
+        let response = self.send_federation(origin, request).await.map_err(|e| match e {
+            Error::RemoteUnavailable(reason) => Error::NotFound(format!("Media not found: {reason}")),
+            other => other,
+        })?;
+        let content = match response.content {
+            FileOrLocation::File(content) => content,
+            _ => {
+                return Err(Error::NotFound(format!(
+                    "Media not found: {origin} redirects it elsewhere, which this server does not follow yet"
+                )));
+            }
+        };
+        if content.file.len() as u64 > self.max_upload_bytes() {
+            return Err(Error::TooLarge { limit: usize::try_from(self.max_upload_bytes()).unwrap_or(usize::MAX) });
+        }
+        let filename = content.content_disposition.and_then(|d| d.filename);
+        let filename = if check_filename(&filename).is_ok() { filename } else { None };
+        let _guard = self.media.content_lock.lock().await;
+        let sha256 = self.media.storage.store_bytes(&content.file).await.map_err(io_error)?;
+        let row = RemoteMediaRow {
+            content_type: clean_content_type(content.content_type),
+            filename,
+            sha256,
+            size: i64::try_from(content.file.len()).unwrap_or(i64::MAX),
+        };
+        self.store.insert_remote_media(origin.as_str(), media_id, &row, now_ms()).await?;
+        Ok(row)
+    }
+
     /// Finished local media for a download, waiting up to `timeout` for a reservation's
     /// content. `authenticated` is false for the legacy endpoints, which only serve media
     /// from before the configured cut-off.
@@ -432,6 +510,21 @@ impl Services {
         }
         let _ = tokio::fs::remove_file(self.media.storage.partial_path(media_id)).await;
         Ok(true)
+    }
+
+    /// `homeserver media purge-remote`: forgets other servers' media fetched before
+    /// `before_ts` (fetched again when next downloaded) and removes files nothing else
+    /// names. Returns how many were forgotten.
+    pub async fn purge_remote_media(&self, before_ts: i64) -> Result<usize> {
+        let _guard = self.media.content_lock.lock().await;
+        let hashes = self.store.delete_remote_media(before_ts).await?;
+        let mut unique = hashes.clone();
+        unique.sort();
+        unique.dedup();
+        for sha256 in unique {
+            self.remove_if_unreferenced(&sha256).await?;
+        }
+        Ok(hashes.len())
     }
 
     /// Retention: forgets stale unfinished uploads and (if configured) local media nobody

@@ -4,6 +4,7 @@
 pub mod accounts;
 pub mod aggregations;
 pub mod auth;
+pub mod backfill;
 pub mod cache;
 pub mod credentials;
 pub mod devices;

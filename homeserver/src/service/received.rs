@@ -26,8 +26,12 @@ use crate::{
     store::now_ms,
 };
 
-/// Most missing events fetched for one received event.
+/// Most events asked for in one `get_missing_events` request.
 const MISSING_EVENTS_LIMIT: u32 = 20;
+/// Most `get_missing_events` requests to close one gap: a peer catching us up after a long
+/// outage (Synapse then sends only the newest event of each room) can leave a gap larger than
+/// one answer, so we ask again from the oldest events we got, up to this many times.
+const MISSING_EVENTS_ROUNDS: usize = 10;
 
 /// A received event whose signatures and hashes verified.
 pub struct VerifiedEvent {
@@ -124,8 +128,10 @@ impl Services {
     }
 
     /// Fetches the events between our forward extremities and `pdu` that we do not have
-    /// (`get_missing_events`) and takes them in, oldest first. Best effort: what cannot be
-    /// fetched leaves a gap in the graph, not a refused event.
+    /// (`get_missing_events`, asked again from the oldest events fetched while their
+    /// `prev_events` are still unknown, at most [`MISSING_EVENTS_ROUNDS`] times) and takes them
+    /// in, oldest first. Best effort: what cannot be fetched leaves a gap in the graph, not a
+    /// refused event.
     async fn fetch_missing_prev_events(
         &self,
         origin: &ServerName,
@@ -142,25 +148,53 @@ impl Services {
             return;
         }
         let Ok(extremities) = self.store.forward_extremities(room_id.as_str()).await else { return };
-        let earliest = extremities.iter().filter_map(|(id, _)| EventId::parse(id.as_str()).ok()).collect();
-        let mut request =
-            get_missing_events::v1::Request::new(room_id.to_owned(), earliest, vec![pdu.event_id.clone()]);
-        request.limit = UInt::from(MISSING_EVENTS_LIMIT);
-        let response = match self.send_federation(origin, request).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::info!(%origin, %room_id, error = %e, "cannot fetch missing events");
-                return;
+        let earliest: Vec<OwnedEventId> =
+            extremities.iter().filter_map(|(id, _)| EventId::parse(id.as_str()).ok()).collect();
+        let mut fetched: HashMap<OwnedEventId, VerifiedEvent> = HashMap::new();
+        let mut latest = vec![pdu.event_id.clone()];
+        for _ in 0..MISSING_EVENTS_ROUNDS {
+            let mut request = get_missing_events::v1::Request::new(room_id.to_owned(), earliest.clone(), latest);
+            request.limit = UInt::from(MISSING_EVENTS_LIMIT);
+            let response = match self.send_federation(origin, request).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::info!(%origin, %room_id, error = %e, "cannot fetch missing events");
+                    break;
+                }
+            };
+            let before = fetched.len();
+            for raw in &response.events {
+                match self.verify_pdu(raw, version).await {
+                    Ok(event) if event.pdu.room_id.as_deref() == Some(room_id) => {
+                        fetched.insert(event.event_id.clone(), event);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::info!(%origin, error = %e, "a missing event did not verify"),
+                }
             }
-        };
-        let mut events = Vec::new();
-        for raw in &response.events {
-            match self.verify_pdu(raw, version).await {
-                Ok(event) if event.pdu.room_id.as_deref() == Some(room_id) => events.push(event),
-                Ok(_) => {}
-                Err(e) => tracing::info!(%origin, error = %e, "a missing event did not verify"),
+            if fetched.len() == before {
+                break;
+            }
+            // The fetched events whose prev_events we neither hold nor fetched: the gap goes on
+            // behind them.
+            let unknown: Vec<String> = fetched
+                .values()
+                .flat_map(|e| e.pdu.prev_events.iter())
+                .filter(|id| !fetched.contains_key(*id))
+                .map(|id| id.to_string())
+                .collect();
+            let Ok(held) = self.store.any_events_json(&unknown).await else { break };
+            let held: HashSet<String> = held.into_iter().map(|(id, _, _)| id).collect();
+            latest = fetched
+                .values()
+                .filter(|e| e.pdu.prev_events.iter().any(|p| !fetched.contains_key(p) && !held.contains(p.as_str())))
+                .map(|e| e.event_id.clone())
+                .collect();
+            if latest.is_empty() {
+                break;
             }
         }
+        let mut events: Vec<VerifiedEvent> = fetched.into_values().collect();
         events.sort_by_key(|e| (e.pdu.depth, e.pdu.origin_server_ts));
         for event in events {
             let id = event.event_id.clone();
@@ -171,7 +205,7 @@ impl Services {
     }
 
     /// Fetches (`/event`) the auth events of `pdu` we do not have and keeps them as outliers.
-    async fn fetch_missing_auth_events(
+    pub(crate) async fn fetch_missing_auth_events(
         &self,
         origin: &ServerName,
         room_id: &RoomId,
@@ -404,6 +438,7 @@ impl Services {
                 }
                 Ok(())
             }
+            Some("m.signing_key_update") => self.receive_signing_key_update(origin, content).await,
             Some("m.direct_to_device") => {
                 let sender = ruma::UserId::parse(content["sender"].as_str().unwrap_or_default())
                     .map_err(|e| Error::BadJson(e.to_string()))?;

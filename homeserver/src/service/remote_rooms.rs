@@ -401,8 +401,23 @@ impl Services {
         let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
         let lock = self.room_lock(room_id);
         let _guard = lock.lock().await;
-        let destinations = self.destinations_for(room_id, &built.pdu, Some(target.server_name())).await?;
+        // The invitee's server has the event from the invite request already; it still gets
+        // it through /send when it is in the room, because there the invite is part of the
+        // room's graph that the next events build on (Synapse keeps an invite it co-signed as an
+        // outlier and would otherwise find a gap before them).
+        let except = if self.server_has_joined_member(room_id, target.server_name()).await? {
+            None
+        } else {
+            Some(target.server_name())
+        };
+        let destinations = self.destinations_for(room_id, &built.pdu, except).await?;
         self.persist_event(room_id, BuiltEvent { json, object, ..built }, None, &destinations).await
+    }
+
+    /// Whether a user of `server` is joined to the room.
+    async fn server_has_joined_member(&self, room_id: &RoomId, server: &ServerName) -> Result<bool> {
+        let members = self.joined_members_cached(room_id).await?;
+        Ok(members.iter().any(|(user, _)| UserId::parse(user.as_str()).is_ok_and(|u| u.server_name() == server)))
     }
 
     /// The state an invitee's server is shown, as full PDUs (Matrix 1.16).
@@ -642,8 +657,14 @@ fn membership_of(pdu: &Pdu) -> Option<String> {
 }
 
 fn auth_event_ids(json: &str) -> Vec<String> {
+    event_ids_in(json, "auth_events")
+}
+
+/// The ids listed in an event's `field` (`auth_events`, `prev_events`), in either the
+/// current format or room versions 1 and 2's `[id, hashes]` pairs.
+fn event_ids_in(json: &str, field: &str) -> Vec<String> {
     let value: JsonValue = serde_json::from_str(json).unwrap_or_default();
-    value["auth_events"]
+    value[field]
         .as_array()
         .map(|ids| {
             ids.iter()
@@ -823,5 +844,45 @@ impl Services {
         let limit = i64::try_from(limit.min(MAX_BACKFILL)).unwrap_or(1);
         let rows = self.store.room_events(room_id.as_str(), i64::MIN, newest, limit, true).await?;
         rows.iter().map(|row| raw(&row.json)).collect()
+    }
+
+    /// `/get_missing_events`: events of the room reached by walking `prev_events` back from
+    /// `latest` (breadth first, without `latest` itself) and stopping at `earliest`, at most
+    /// `limit` of them (capped like backfill) and none below `min_depth`, oldest first. A
+    /// server fills a gap in its copy of the room with these before it accepts an event.
+    pub async fn missing_events_for_server(
+        &self,
+        room_id: &RoomId,
+        earliest: &[OwnedEventId],
+        latest: &[OwnedEventId],
+        limit: usize,
+        min_depth: u64,
+    ) -> Result<Vec<Box<RawJsonValue>>> {
+        let limit = limit.min(MAX_BACKFILL);
+        let mut seen: HashSet<String> = earliest.iter().chain(latest).map(|id| id.to_string()).collect();
+        let latest: Vec<String> = latest.iter().map(|id| id.to_string()).collect();
+        let in_room = |rows: Vec<(String, String, String)>| -> Vec<String> {
+            rows.into_iter().filter(|(_, room, _)| room == room_id.as_str()).map(|(_, _, json)| json).collect()
+        };
+        let mut front = in_room(self.store.any_events_json(&latest).await?);
+        let mut found: Vec<(u64, String)> = Vec::new();
+        while !front.is_empty() && found.len() < limit {
+            let next: Vec<String> = front
+                .iter()
+                .flat_map(|json| event_ids_in(json, "prev_events"))
+                .filter(|id| seen.insert(id.clone()))
+                .collect();
+            front = in_room(self.store.any_events_json(&next).await?);
+            front.truncate(limit - found.len());
+            for json in &front {
+                let depth = serde_json::from_str::<JsonValue>(json).ok().and_then(|v| v["depth"].as_u64()).unwrap_or(0);
+                if depth >= min_depth {
+                    found.push((depth, json.clone()));
+                }
+            }
+        }
+        // Oldest first, the order the asking server takes them in.
+        found.sort_by_key(|(depth, _)| *depth);
+        found.iter().map(|(_, json)| raw(json)).collect()
     }
 }

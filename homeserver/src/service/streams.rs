@@ -57,6 +57,19 @@ impl Positions {
         Some(Self { stream, typing, to_device })
     }
 
+    /// A `/messages` token: like [`Positions::parse`], but the position may be negative
+    /// (`s-<n>`): history backfilled from other servers sits before everything else.
+    pub fn parse_pagination(token: &str) -> Option<Self> {
+        match token.strip_prefix("s-") {
+            Some(rest) => Self::parse(&format!("s{rest}")).filter(|p| p.stream > 0).map(|p| Self {
+                stream: -p.stream,
+                typing: p.typing,
+                to_device: 0,
+            }),
+            None => Self::parse(token),
+        }
+    }
+
     /// A pagination token for a position in the room stream.
     pub fn at(stream: i64) -> Self {
         Self { stream, typing: 0, to_device: 0 }
@@ -205,6 +218,17 @@ impl Drop for StreamGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pagination_tokens_may_be_negative_sync_tokens_not() {
+        let before_everything = Positions::at(-42);
+        assert_eq!(before_everything.to_string(), "s-42_0_0");
+        assert_eq!(Positions::parse_pagination("s-42_0_0"), Some(before_everything));
+        assert_eq!(Positions::parse_pagination("s17_0_0"), Some(Positions::at(17)));
+        assert_eq!(Positions::parse("s-42_0_0"), None, "a sync token is never negative");
+        assert_eq!(Positions::parse_pagination("s-0_0_0"), None);
+        assert_eq!(Positions::parse_pagination("s--1"), None);
+    }
 
     #[test]
     fn positions_become_visible_in_order() {

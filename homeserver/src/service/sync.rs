@@ -701,6 +701,9 @@ impl Services {
                     .iter()
                     .rev()
                     .find(|(pos, _)| *pos < row.stream_ordering)
+                    // History backfilled from other servers (negative positions) predates
+                    // the state we hold: the earliest setting we know applies to it.
+                    .or_else(|| visibility.first().filter(|_| row.stream_ordering < 0))
                     .and_then(|(_, c)| c["history_visibility"].as_str())
                     .unwrap_or("shared");
                 match history {

@@ -275,3 +275,76 @@ async fn upsert_room(
     .await?;
     Ok(())
 }
+
+/// An event of a room's history from before everything we hold (backfilled on demand).
+#[derive(Debug, Clone)]
+pub struct BackfilledEvent {
+    pub event_id: String,
+    pub depth: i64,
+    pub event_type: String,
+    pub state_key: Option<String>,
+    pub sender: String,
+    pub origin_server_ts: i64,
+    pub json: String,
+}
+
+/// Serialises backfill writes on PostgreSQL (SQLite's writes are serialised anyway): the
+/// positions they take are read and written in one transaction.
+const BACKFILL_ADVISORY_LOCK: i64 = 0x0b_4d1e_bacf;
+
+impl Store {
+    /// Stores backfilled events (newest first) before everything else in the stream:
+    /// negative positions, each below all positions taken so far, so the room's pagination
+    /// reaches them in order after its earliest event and no sync ever sees them as new.
+    /// They change no current state, push counts or extremities. Events already held are
+    /// skipped, outlier copies are dropped. Returns how many were stored.
+    pub async fn insert_backfilled_events(
+        &self,
+        room_id: &str,
+        events: &[BackfilledEvent],
+    ) -> Result<usize, sqlx::Error> {
+        let (_serialized, mut tx) = self.begin_write().await?;
+        if self.backend == super::Backend::Postgres {
+            sqlx::query("SELECT 1 AS locked FROM (SELECT pg_advisory_xact_lock($1)) AS l")
+                .bind(BACKFILL_ADVISORY_LOCK)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let lowest: i64 = sqlx::query("SELECT CAST(COALESCE(MIN(stream_ordering), 0) AS BIGINT) AS lowest FROM events")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("lowest")?;
+        let mut next = lowest.min(0) - 1;
+        let mut stored = 0;
+        for e in events {
+            let known = sqlx::query("SELECT 1 AS one FROM events WHERE event_id = $1")
+                .bind(&e.event_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .is_some();
+            if known {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO events (stream_ordering, event_id, room_id, depth, type, state_key, sender, origin_server_ts, json)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(next)
+            .bind(&e.event_id)
+            .bind(room_id)
+            .bind(e.depth)
+            .bind(&e.event_type)
+            .bind(e.state_key.as_deref())
+            .bind(&e.sender)
+            .bind(e.origin_server_ts)
+            .bind(&e.json)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM event_outliers WHERE event_id = $1").bind(&e.event_id).execute(&mut *tx).await?;
+            next -= 1;
+            stored += 1;
+        }
+        tx.commit().await?;
+        Ok(stored)
+    }
+}

@@ -68,6 +68,15 @@ pub struct ThumbnailRow {
     pub size: i64,
 }
 
+/// Our copy of another server's media.
+#[derive(Debug, Clone)]
+pub struct RemoteMediaRow {
+    pub content_type: Option<String>,
+    pub filename: Option<String>,
+    pub sha256: String,
+    pub size: i64,
+}
+
 /// Media per user, for `homeserver media usage`.
 #[derive(Debug, Clone)]
 pub struct MediaUsageRow {
@@ -251,12 +260,71 @@ impl Store {
     /// Whether any media or thumbnail row still names this content.
     pub async fn media_content_referenced(&self, sha256: &str) -> Result<bool, sqlx::Error> {
         let row = sqlx::query(
-            "SELECT (SELECT COUNT(*) FROM media WHERE sha256 = $1) + (SELECT COUNT(*) FROM media_thumbnails WHERE sha256 = $1) AS n",
+            "SELECT (SELECT COUNT(*) FROM media WHERE sha256 = $1) + (SELECT COUNT(*) FROM media_thumbnails WHERE sha256 = $1)
+                  + (SELECT COUNT(*) FROM remote_media WHERE sha256 = $1) AS n",
         )
         .bind(sha256)
         .fetch_one(&self.pool)
         .await?;
         Ok(row.try_get::<i64, _>("n")? > 0)
+    }
+
+    /// Our copy of `origin`'s media `media_id`, if we fetched it.
+    pub async fn remote_media(&self, origin: &str, media_id: &str) -> Result<Option<RemoteMediaRow>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT content_type, filename, sha256, size FROM remote_media WHERE origin = $1 AND media_id = $2",
+        )
+        .bind(origin)
+        .bind(media_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(RemoteMediaRow {
+                content_type: r.try_get("content_type")?,
+                filename: r.try_get("filename")?,
+                sha256: r.try_get("sha256")?,
+                size: r.try_get("size")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Records fetched remote media (a concurrent fetch of the same media keeps the first row).
+    pub async fn insert_remote_media(
+        &self,
+        origin: &str,
+        media_id: &str,
+        media: &RemoteMediaRow,
+        now: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO remote_media (origin, media_id, content_type, filename, sha256, size, fetched_ts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (origin, media_id) DO NOTHING",
+        )
+        .bind(origin)
+        .bind(media_id)
+        .bind(&media.content_type)
+        .bind(&media.filename)
+        .bind(&media.sha256)
+        .bind(media.size)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Forgets remote media fetched before `before_ts`; returns the content hashes they named
+    /// (which may now be unreferenced).
+    pub async fn delete_remote_media(&self, before_ts: i64) -> Result<Vec<String>, sqlx::Error> {
+        let (_serialized, mut tx) = self.begin_write().await?;
+        let rows = sqlx::query("SELECT sha256 FROM remote_media WHERE fetched_ts < $1")
+            .bind(before_ts)
+            .fetch_all(&mut *tx)
+            .await?;
+        let hashes = rows.iter().map(|r| r.try_get("sha256")).collect::<Result<Vec<String>, _>>()?;
+        sqlx::query("DELETE FROM remote_media WHERE fetched_ts < $1").bind(before_ts).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(hashes)
     }
 
     /// Every media row, optionally of one user, oldest first.

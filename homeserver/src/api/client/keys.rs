@@ -75,6 +75,7 @@ pub async fn query(
         }
     }
     for (server, users) in remote {
+        let targets: Vec<OwnedUserId> = users.keys().cloned().collect();
         let request = ruma::api::federation::keys::get_keys::v1::Request::new(users);
         match services.send_federation(&server, request).await {
             Ok(answer) => {
@@ -84,6 +85,15 @@ pub async fn query(
             }
             Err(e) => {
                 response.failures.insert(server.to_string(), remote_failure(&e));
+                // The cross-signing keys its `m.signing_key_update` EDUs brought still answer.
+                for target in targets {
+                    if let Some(key) = services.cross_signing_key(target.as_str(), "master").await? {
+                        response.master_keys.insert(target.clone(), to_raw(&key)?);
+                    }
+                    if let Some(key) = services.cross_signing_key(target.as_str(), "self_signing").await? {
+                        response.self_signing_keys.insert(target.clone(), to_raw(&key)?);
+                    }
+                }
             }
         }
     }

@@ -164,7 +164,7 @@ pub async fn download(
     req: Ruma<authenticated_media::get_content::v1::Request>,
 ) -> Result<Response> {
     let r = req.body;
-    let (_, content) = services.media_for_download(r.server_name.as_str(), &r.media_id, r.timeout_ms, true).await?;
+    let content = services.content_for_download(r.server_name.as_str(), &r.media_id, r.timeout_ms, true).await?;
     media_response(content, None, &headers).await
 }
 
@@ -174,7 +174,7 @@ pub async fn download_as(
     req: Ruma<authenticated_media::get_content_as_filename::v1::Request>,
 ) -> Result<Response> {
     let r = req.body;
-    let (_, content) = services.media_for_download(r.server_name.as_str(), &r.media_id, r.timeout_ms, true).await?;
+    let content = services.content_for_download(r.server_name.as_str(), &r.media_id, r.timeout_ms, true).await?;
     media_response(content, Some(r.filename), &headers).await
 }
 
@@ -185,7 +185,7 @@ pub async fn download_legacy(
     req: Ruma<media::get_content::v3::Request>,
 ) -> Result<Response> {
     let r = req.body;
-    let (_, content) = services.media_for_download(r.server_name.as_str(), &r.media_id, r.timeout_ms, false).await?;
+    let content = services.content_for_download(r.server_name.as_str(), &r.media_id, r.timeout_ms, false).await?;
     media_response(content, None, &headers).await
 }
 
@@ -196,7 +196,7 @@ pub async fn download_as_legacy(
     req: Ruma<media::get_content_as_filename::v3::Request>,
 ) -> Result<Response> {
     let r = req.body;
-    let (_, content) = services.media_for_download(r.server_name.as_str(), &r.media_id, r.timeout_ms, false).await?;
+    let content = services.content_for_download(r.server_name.as_str(), &r.media_id, r.timeout_ms, false).await?;
     media_response(content, Some(r.filename), &headers).await
 }
 

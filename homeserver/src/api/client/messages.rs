@@ -108,6 +108,9 @@ async fn require_ever_member(services: &Services, room_id: &RoomId, user_id: &Us
     Err(Error::Forbidden("You are not a member of this room".to_owned()))
 }
 
+/// Most `/backfill` rounds one `/messages` request may start.
+const MAX_BACKFILLS_PER_REQUEST: usize = 3;
+
 pub async fn messages(
     State(services): State<Arc<Services>>,
     req: Ruma<get_message_events::v3::Request>,
@@ -116,13 +119,14 @@ pub async fn messages(
     let body = req.body;
     let room_id = body.room_id.as_str();
     require_ever_member(&services, &body.room_id, &user.user_id).await?;
-    let parse =
-        |t: &str| Positions::parse(t).ok_or_else(|| Error::InvalidParam(format!("Invalid pagination token {t}")));
+    let parse = |t: &str| {
+        Positions::parse_pagination(t).ok_or_else(|| Error::InvalidParam(format!("Invalid pagination token {t}")))
+    };
     let backwards = body.dir == Direction::Backward;
     let from = match &body.from {
         Some(t) => parse(t)?.stream,
         None if backwards => services.streams.current().stream,
-        None => 0,
+        None => i64::MIN,
     };
     let to = body.to.as_deref().map(parse).transpose()?.map(|p| p.stream);
     let limit = i64::try_from(u64::from(body.limit)).unwrap_or(10).clamp(1, 1000);
@@ -135,9 +139,12 @@ pub async fn messages(
     let mut chunk_rows = Vec::new();
     let mut cursor = from;
     let mut more = true;
+    // History from before our join is fetched from other servers when we run out (at most
+    // a few times per request, so one request stays bounded).
+    let mut backfills = 0;
     'pages: loop {
         let page = if backwards {
-            services.store.room_events(room_id, to.unwrap_or(0), cursor, limit, true).await?
+            services.store.room_events(room_id, to.unwrap_or(i64::MIN), cursor, limit, true).await?
         } else {
             let upto = to.unwrap_or(i64::MAX).min(services.streams.current().stream);
             services.store.room_events(room_id, cursor, upto, limit, false).await?
@@ -159,6 +166,14 @@ pub async fn messages(
             }
         }
         if page_len < wanted {
+            if backwards && to.is_none() && backfills < MAX_BACKFILLS_PER_REQUEST {
+                backfills += 1;
+                match services.backfill_older(&body.room_id, wanted - chunk_rows.len()).await {
+                    Ok(stored) if stored > 0 => continue,
+                    Ok(_) => {}
+                    Err(e) => tracing::info!(%room_id, error = %e, "could not backfill older history"),
+                }
+            }
             more = false;
             break;
         }

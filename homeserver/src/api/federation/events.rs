@@ -1,5 +1,6 @@
-//! Events and state for other servers: `/event`, `/state`, `/state_ids`, `/event_auth` and
-//! `/backfill`, for servers with a user in the room and not denied by its server ACL.
+//! Events and state for other servers: `/event`, `/state`, `/state_ids`, `/event_auth`,
+//! `/backfill` and `/get_missing_events`, for servers with a user in the room and not denied by
+//! its server ACL.
 
 use std::sync::Arc;
 
@@ -9,7 +10,7 @@ use ruma::{
     api::federation::{
         authorization::get_event_authorization,
         backfill::get_backfill,
-        event::{get_event, get_room_state, get_room_state_ids},
+        event::{get_event, get_missing_events, get_room_state, get_room_state_ids},
     },
 };
 
@@ -88,4 +89,23 @@ pub async fn backfill(
         MilliSecondsSinceUnixEpoch::now(),
         pdus,
     )))
+}
+
+pub async fn missing_events(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_missing_events::v1::Request>,
+) -> Result<RumaResponse<get_missing_events::v1::Response>> {
+    let origin = origin(&req)?;
+    services.require_server_may_read(&req.body.room_id, &origin).await?;
+    let limit = usize::try_from(u64::from(req.body.limit)).unwrap_or(usize::MAX);
+    let events = services
+        .missing_events_for_server(
+            &req.body.room_id,
+            &req.body.earliest_events,
+            &req.body.latest_events,
+            limit,
+            u64::from(req.body.min_depth),
+        )
+        .await?;
+    Ok(RumaResponse(get_missing_events::v1::Response::new(events)))
 }

@@ -54,6 +54,7 @@ pub fn routes(mut r: Router<Arc<Services>>) -> Router<Arc<Services>> {
         events::event_auth,
     );
     r = ruma_route::<ruma::api::federation::backfill::get_backfill::v1::Request, _, _>(r, events::backfill);
+    r = ruma_route::<ev::get_missing_events::v1::Request, _, _>(r, events::missing_events);
     // Older servers also ask for `/_matrix/key/v2/server/{key_id}`; the answer is the same.
     r.route("/_matrix/key/v2/server/{key_id}", axum::routing::get(keys::server_keys_by_id))
 }

@@ -132,9 +132,19 @@ async fn wait_text(app: &Session, css: &str, needle: &str) -> Result<String, Str
 
 async fn shot(app: &Session, name: &str) {
     let path = artifacts_dir().join(format!("{name}.png"));
-    app.screenshot(&path).await.unwrap_or_else(|e| panic!("screenshot {name}: {e}"));
-    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-    assert!(size > 5_000, "screenshot {name} is only {size} bytes: is the window blank?");
+    // WebKit paints after the DOM is ready: on a loaded machine the first screenshot of a
+    // new screen can still be blank (seen in CI with the login form already in the DOM), so
+    // take it again for up to five seconds before calling the window blank.
+    let mut size = 0;
+    for _ in 0..20 {
+        app.screenshot(&path).await.unwrap_or_else(|e| panic!("screenshot {name}: {e}"));
+        size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if size > 5_000 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("screenshot {name} is only {size} bytes: is the window blank?");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1,7 +1,11 @@
 use conformance::{Backend, Server, ServerOptions, backend_tests, enc};
 use serde_json::json;
 
-backend_tests!(presence_is_shared_with_room_members, presence_can_be_switched_off);
+backend_tests!(
+    presence_is_shared_with_room_members,
+    presence_can_be_switched_off,
+    presence_of_a_new_room_mate_arrives_with_the_join
+);
 
 async fn presence_is_shared_with_room_members(backend: Backend) {
     let server = Server::start(backend).await;
@@ -60,4 +64,56 @@ async fn presence_can_be_switched_off(backend: Backend) {
     assert!(state.body.get("status_msg").is_none());
     let sync = server.sync(&alice, None, 0, None).await;
     assert!(sync["presence"]["events"].as_array().is_none_or(|e| e.is_empty()));
+}
+
+/// Someone who comes to share a room with you (a new direct chat) has a presence that may not
+/// have changed for hours; the next sync must still carry it, on both sides of the join.
+async fn presence_of_a_new_room_mate_arrives_with_the_join(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = server.register("alice", "secret-pass").await;
+    let bob = server.register("bob", "bob-pass").await;
+    for (user, token, status) in
+        [("@alice:localhost", &alice.access_token, "writing"), ("@bob:localhost", &bob.access_token, "reading")]
+    {
+        server
+            .put(
+                &format!("/_matrix/client/v3/presence/{}/status", enc(user)),
+                Some(token),
+                json!({"presence": "online", "status_msg": status}),
+            )
+            .await
+            .assert_ok();
+    }
+    let alice_since = server.sync(&alice, None, 0, None).await["next_batch"].as_str().unwrap().to_owned();
+    let bob_since = server.sync(&bob, None, 0, None).await["next_batch"].as_str().unwrap().to_owned();
+    // Presence set before they share a room is not shown to each other.
+    let first = server.sync(&bob, Some(&bob_since), 0, None).await;
+    assert!(
+        !first["presence"]["events"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .any(|e| e["sender"] == "@alice:localhost"),
+        "{first}"
+    );
+
+    let room = server.create_room(&bob, json!({"invite": ["@alice:localhost"], "is_direct": true})).await;
+    let bob_since = server.sync(&bob, Some(&bob_since), 0, None).await["next_batch"].as_str().unwrap().to_owned();
+    server.join(&alice, &room).await.assert_ok();
+
+    let presence_of = |sync: &serde_json::Value, user: &str| {
+        sync["presence"]["events"].as_array().cloned().unwrap_or_default().into_iter().find(|e| e["sender"] == user)
+    };
+    // The joining side sees the member who was there.
+    let sync = server.sync(&alice, Some(&alice_since), 0, None).await;
+    let bob_presence =
+        presence_of(&sync, "@bob:localhost").unwrap_or_else(|| panic!("bob's presence in alice's sync: {sync}"));
+    assert_eq!(bob_presence["content"]["presence"], "online");
+    assert_eq!(bob_presence["content"]["status_msg"], "reading");
+    // The member who was there sees the one who joined.
+    let sync = server.sync(&bob, Some(&bob_since), 0, None).await;
+    let alice_presence =
+        presence_of(&sync, "@alice:localhost").unwrap_or_else(|| panic!("alice's presence in bob's sync: {sync}"));
+    assert_eq!(alice_presence["content"]["status_msg"], "writing");
 }

@@ -220,7 +220,10 @@ impl Services {
     /// `m.presence` events for a sync: changes in `(from, to]` of the user and of everyone
     /// sharing a joined room with them. Display names and avatars are not repeated here
     /// (they are optional in presence content, and clients take them from room state).
-    pub async fn presence_events(&self, user: &UserId, from: i64, to: i64) -> Result<Vec<JsonValue>> {
+    /// Presence for a sync of `user` covering `(from, to]`: what changed, and with `new_peers`
+    /// (memberships changed in the window) the current presence of users who came to share a
+    /// room with `user`.
+    pub async fn presence_events(&self, user: &UserId, from: i64, to: i64, new_peers: bool) -> Result<Vec<JsonValue>> {
         if !self.settings.presence.enabled {
             return Ok(Vec::new());
         }
@@ -238,6 +241,13 @@ impl Services {
                     || joined_rooms(&self.rooms_of_user(&row.user_id).await?).iter().any(|r| mine.contains(r));
                 if shares {
                     kept.push(row);
+                }
+            }
+            if new_peers {
+                for row in self.store.presence_of_new_room_peers(user.as_str(), from, to).await? {
+                    if !kept.iter().any(|k| k.user_id == row.user_id) {
+                        kept.push(row);
+                    }
                 }
             }
             kept

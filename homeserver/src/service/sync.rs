@@ -314,8 +314,11 @@ impl Services {
             response.account_data.events.push(to_raw(&json!({"type": "m.push_rules", "content": {"global": *rules}}))?);
         }
 
-        if read_all || relevance.any(Sections::PRESENCE) {
-            for event in self.presence_events(user_id, since.stream, upto.stream).await? {
+        // A member event marks its room's device lists as changed: someone may have come to
+        // share a room with the user, whose presence the user has then never seen.
+        let new_peers = read_all || relevance.any(Sections::DEVICE_LISTS);
+        if new_peers || relevance.any(Sections::PRESENCE) {
+            for event in self.presence_events(user_id, since.stream, upto.stream, new_peers).await? {
                 response.presence.events.push(to_raw(&event)?);
             }
         }

@@ -97,6 +97,41 @@ impl Store {
         rows.iter().map(presence_row).collect()
     }
 
+    /// The current presence of users who came to share a joined room with `user_id` in
+    /// `(from, to]`: members who joined one of the user's rooms, and everyone in a room the
+    /// user joined. Their presence may not have changed for hours, yet the user's client has
+    /// never seen it.
+    pub async fn presence_of_new_room_peers(
+        &self,
+        user_id: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<PresenceRow>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT user_id, state, status_msg, last_active_ts, stream_id FROM presence
+             WHERE user_id <> $1 AND user_id IN (
+                SELECT cur.state_key FROM events e
+                JOIN room_current_state mine ON mine.room_id = e.room_id
+                JOIN room_current_state cur ON cur.room_id = e.room_id AND cur.state_key = e.state_key
+                WHERE e.type = 'm.room.member' AND e.stream_ordering > $2 AND e.stream_ordering <= $3
+                  AND mine.type = 'm.room.member' AND mine.state_key = $1 AND mine.membership = 'join'
+                  AND cur.type = 'm.room.member' AND cur.membership = 'join'
+                UNION
+                SELECT other.state_key FROM events e
+                JOIN room_current_state other ON other.room_id = e.room_id
+                WHERE e.type = 'm.room.member' AND e.state_key = $1
+                  AND e.stream_ordering > $2 AND e.stream_ordering <= $3
+                  AND other.type = 'm.room.member' AND other.membership = 'join')
+             ORDER BY stream_id",
+        )
+        .bind(user_id)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(presence_row).collect()
+    }
+
     /// Do two users share a joined room?
     pub async fn share_a_room(&self, a: &str, b: &str) -> Result<bool, sqlx::Error> {
         let row = sqlx::query(

@@ -2,7 +2,7 @@
 
 use sqlx::Row;
 
-use super::Store;
+use super::{Backend, Store};
 
 /// A to-device message waiting for its device.
 #[derive(Debug, Clone)]
@@ -160,36 +160,34 @@ impl Store {
     }
 
     /// Takes one one-time key out of the store, or failing that returns the fallback key
-    /// (which stays). A key is handed out at most once: the DELETE ... RETURNING decides.
+    /// (which stays). A key is handed out at most once, and while keys are left every claim
+    /// gets one: choosing and deleting are one statement. (A SELECT then a DELETE, retried
+    /// when another claim won the race, left claims empty-handed with keys still stored when
+    /// 25 claims met at once.) On SQLite the statement holds the write lock throughout; on
+    /// PostgreSQL `FOR UPDATE SKIP LOCKED` makes concurrent claims choose different rows.
     pub async fn claim_one_time_key(
         &self,
         user_id: &str,
         device_id: &str,
         algorithm: &str,
     ) -> Result<Option<(String, String)>, sqlx::Error> {
-        for _ in 0..8 {
-            let candidate = sqlx::query(
-                "SELECT key_id FROM one_time_keys WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 ORDER BY key_id LIMIT 1",
-            )
-            .bind(user_id)
-            .bind(device_id)
-            .bind(algorithm)
-            .fetch_optional(&self.pool)
-            .await?;
-            let Some(candidate) = candidate else { break };
-            let key_id: String = candidate.try_get("key_id")?;
-            let claimed = sqlx::query(
-                "DELETE FROM one_time_keys WHERE user_id = $1 AND device_id = $2 AND key_id = $3 RETURNING key_id, json",
-            )
-            .bind(user_id)
-            .bind(device_id)
-            .bind(&key_id)
-            .fetch_optional(&self.pool)
-            .await?;
-            if let Some(row) = claimed {
-                return Ok(Some((row.try_get("key_id")?, row.try_get("json")?)));
+        let sql = match self.backend {
+            Backend::Sqlite => {
+                "DELETE FROM one_time_keys WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 AND key_id = (
+                    SELECT key_id FROM one_time_keys WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
+                    ORDER BY key_id LIMIT 1)
+                 RETURNING key_id, json"
             }
-            // Somebody else claimed that one between our SELECT and DELETE: try the next.
+            Backend::Postgres => {
+                "DELETE FROM one_time_keys WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 AND key_id = (
+                    SELECT key_id FROM one_time_keys WHERE user_id = $1 AND device_id = $2 AND algorithm = $3
+                    ORDER BY key_id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                 RETURNING key_id, json"
+            }
+        };
+        let claimed = sqlx::query(sql).bind(user_id).bind(device_id).bind(algorithm).fetch_optional(&self.pool).await?;
+        if let Some(row) = claimed {
+            return Ok(Some((row.try_get("key_id")?, row.try_get("json")?)));
         }
         let fallback = sqlx::query(
             "UPDATE fallback_keys SET used = 1 WHERE user_id = $1 AND device_id = $2 AND algorithm = $3 RETURNING key_id, json",

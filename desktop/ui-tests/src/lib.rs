@@ -27,6 +27,14 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+impl Error {
+    /// The element was replaced in the page (the app re-rendered) between finding and using
+    /// it; finding it again is the cure (W3C WebDriver error code "stale element reference").
+    pub fn is_stale(&self) -> bool {
+        matches!(self, Error::Driver { error, .. } if error == "stale element reference")
+    }
+}
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// One WebDriver session: the app window.
@@ -92,8 +100,12 @@ impl Session {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             for element in self.find_all(css).await? {
-                if self.displayed(&element).await? {
-                    return Ok(element);
+                match self.displayed(&element).await {
+                    Ok(true) => return Ok(element),
+                    Ok(false) => {}
+                    // Replaced by a re-render since it was found: look again.
+                    Err(e) if e.is_stale() => {}
+                    Err(e) => return Err(e),
                 }
             }
             if tokio::time::Instant::now() >= deadline {
@@ -144,15 +156,30 @@ impl Session {
 
     /// Clears a field and types `text` into it.
     pub async fn fill(&self, css: &str, text: &str) -> Result<()> {
-        let element = self.wait_for(css, Duration::from_secs(10)).await?;
-        self.clear(&element).await?;
-        self.type_text(&element, text).await
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let element = self.wait_for(css, Duration::from_secs(10)).await?;
+            let result = match self.clear(&element).await {
+                Ok(()) => self.type_text(&element, text).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if e.is_stale() && tokio::time::Instant::now() < deadline => continue,
+                other => return other,
+            }
+        }
     }
 
     /// Clicks the first visible match of `css`.
     pub async fn click_on(&self, css: &str) -> Result<()> {
-        let element = self.wait_for(css, Duration::from_secs(10)).await?;
-        self.click(&element).await
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let element = self.wait_for(css, Duration::from_secs(10)).await?;
+            match self.click(&element).await {
+                Err(e) if e.is_stale() && tokio::time::Instant::now() < deadline => continue,
+                other => return other,
+            }
+        }
     }
 
     /// The rendered text of an element.

@@ -309,44 +309,47 @@ impl Store {
 
     /// Inserts an item unless one with its key or event id exists; returns whether it did.
     pub(crate) async fn insert_item(tx: &mut sqlx::SqliteConnection, item: NewItem<'_>) -> Result<bool> {
-        let done = sqlx::query(
+        Self::insert_timeline_row(
+            tx,
+            item,
             "INSERT INTO timeline (room_id, item_key, event_id, sender, ts, content, encrypted, send_state, raw)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         )
-        .bind(item.room_id)
-        .bind(item.key)
-        .bind(item.event_id)
-        .bind(item.sender)
-        .bind(item.ts as i64)
-        .bind(serde_json::to_string(item.content)?)
-        .bind(item.encrypted)
-        .bind(item.send_state.map(serde_json::to_string).transpose()?)
-        .bind(item.raw.map(|r| r.to_string()))
-        .execute(tx)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        .await
     }
 
     /// Inserts an item older than every item we hold (back-pagination): it takes a `seq`
     /// below all others (negative), so history stays in order and, being below every read
     /// marker, never counts as unread. Returns whether it was new.
     pub(crate) async fn insert_older_item(tx: &mut sqlx::SqliteConnection, item: NewItem<'_>) -> Result<bool> {
-        let done = sqlx::query(
+        Self::insert_timeline_row(
+            tx,
+            item,
             "INSERT INTO timeline (seq, room_id, item_key, event_id, sender, ts, content, encrypted, send_state, raw)
              VALUES ((SELECT min(coalesce(min(seq), 0), 0) - 1 FROM timeline), ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT DO NOTHING",
         )
-        .bind(item.room_id)
-        .bind(item.key)
-        .bind(item.event_id)
-        .bind(item.sender)
-        .bind(item.ts as i64)
-        .bind(serde_json::to_string(item.content)?)
-        .bind(item.encrypted)
-        .bind(item.send_state.map(serde_json::to_string).transpose()?)
-        .bind(item.raw.map(|r| r.to_string()))
-        .execute(tx)
-        .await?;
+        .await
+    }
+
+    /// Runs one of the two insert statements above, which take the item's columns in the same order.
+    async fn insert_timeline_row(
+        tx: &mut sqlx::SqliteConnection,
+        item: NewItem<'_>,
+        sql: &'static str,
+    ) -> Result<bool> {
+        let done = sqlx::query(sql)
+            .bind(item.room_id)
+            .bind(item.key)
+            .bind(item.event_id)
+            .bind(item.sender)
+            .bind(item.ts as i64)
+            .bind(serde_json::to_string(item.content)?)
+            .bind(item.encrypted)
+            .bind(item.send_state.map(serde_json::to_string).transpose()?)
+            .bind(item.raw.map(|r| r.to_string()))
+            .execute(tx)
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 

@@ -215,8 +215,9 @@ const WAL_RESTART_FRAMES: i64 = 16384;
 /// 681 MB after 10,000 messages) and every page read searched its whole index (initial syncs
 /// 99 ms instead of 82 ms). So once the WAL is past [`WAL_RESTART_FRAMES`], the checkpoint
 /// makes a second, short pass, then queues for the write lock like any writer and, holding it,
-/// copies the few frames written since: the next write then restarts the WAL, and `journal_size_limit` gives
-/// the file's excess back to the disk. Holding the lock only for that remainder matters:
+/// copies the few frames written since: the next write then restarts the WAL, and
+/// `journal_size_limit` gives the file's excess back to the disk. Holding the lock only for
+/// that remainder matters:
 /// a TRUNCATE checkpoint under the lock every 16 MiB stalled sends behind it (`deliver`
 /// send p99 57 ms instead of 16 ms), and a PASSIVE one right after the long pass still did
 /// (32–50 ms). Ends when the pool closes.

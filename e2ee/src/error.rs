@@ -49,6 +49,14 @@ pub enum Error {
     /// The local store failed.
     #[error("store: {0}")]
     Store(String),
+    /// The store was sealed with another key: a wrong passphrase, or not the key it was created
+    /// with. Nothing in the store was changed.
+    #[error("the store does not open with this key (wrong passphrase?)")]
+    WrongStoreKey,
+    /// A passphrase was given for a store sealed with a key kept elsewhere (the OS keyring).
+    /// Nothing in the store was changed.
+    #[error("the store is sealed with a key from the keyring, not with a passphrase")]
+    NotAPassphraseStore,
     /// A stored record could not be decrypted (wrong key) or decoded.
     #[error("store record could not be decrypted or decoded: {0}")]
     StoreCorrupt(String),

@@ -82,6 +82,17 @@ pub trait KeyringHook {
     fn load(&self) -> Result<Option<[u8; 32]>>;
     /// Saves a newly made key; called before the store is created with it.
     fn save(&self, key: &[u8; 32]) -> Result<()>;
+    /// Forgets the key (its store was removed). Forgetting a key that is not there is fine.
+    fn delete(&self) -> Result<()>;
+}
+
+/// How a store's key is made, as its file says (see [`Store::key_kind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// Derived from a passphrase (the file holds the salt).
+    Passphrase,
+    /// A key the caller keeps (OS keyring, key file).
+    Kept,
 }
 
 struct Cipher {
@@ -198,7 +209,7 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if needed) the store at `path` with a key the caller keeps (keyring).
-    /// A store created with another key is refused with [`Error::StoreCorrupt`].
+    /// A store created with another key is refused with [`Error::WrongStoreKey`].
     pub async fn open(path: &Path, key: StoreKey) -> Result<Self> {
         let pool = Self::pool(path).await?;
         Self::with_pool(pool, key).await
@@ -220,15 +231,18 @@ impl Store {
         Self::open(path, key).await
     }
 
-    /// Opens the store with a passphrase: the argon2id salt is kept in the file.
+    /// Opens the store with a passphrase: the argon2id salt is kept in the file. A wrong
+    /// passphrase is refused with [`Error::WrongStoreKey`], a store whose key is kept elsewhere
+    /// (made by [`Store::open`] / [`Store::open_with_keyring`]) with
+    /// [`Error::NotAPassphraseStore`]; neither changes the file.
     pub async fn open_with_passphrase(path: &Path, passphrase: &str) -> Result<Self> {
         let pool = Self::pool(path).await?;
-        let salt: Option<Vec<u8>> = sqlx::query("SELECT value FROM plain_meta WHERE name = 'kdf_salt'")
-            .fetch_optional(&pool)
-            .await?
-            .map(|r| r.get(0));
-        let salt = match salt {
+        let salt = match Self::read_salt(&pool).await? {
             Some(salt) => salt,
+            None if Self::has_key_check(&pool).await? => {
+                pool.close().await;
+                return Err(Error::NotAPassphraseStore);
+            }
             None => {
                 let mut salt = vec![0u8; 16];
                 rand::rng().fill_bytes(&mut salt);
@@ -243,6 +257,35 @@ impl Store {
         let passphrase = Zeroizing::new(passphrase.to_owned());
         let key = tokio_blocking(move || StoreKey::from_passphrase(&passphrase, &salt))?;
         Self::with_pool(pool, key).await
+    }
+
+    /// How the store at `path` is keyed, without opening it: `None` when there is no store
+    /// there yet (or it was never opened with a key).
+    pub async fn key_kind(path: &Path) -> Result<Option<KeyKind>> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let pool = Self::pool(path).await?;
+        let kind = if Self::read_salt(&pool).await?.is_some() {
+            Some(KeyKind::Passphrase)
+        } else if Self::has_key_check(&pool).await? {
+            Some(KeyKind::Kept)
+        } else {
+            None
+        };
+        pool.close().await;
+        Ok(kind)
+    }
+
+    async fn read_salt(pool: &SqlitePool) -> Result<Option<Vec<u8>>> {
+        Ok(sqlx::query("SELECT value FROM plain_meta WHERE name = 'kdf_salt'")
+            .fetch_optional(pool)
+            .await?
+            .map(|r| r.get(0)))
+    }
+
+    async fn has_key_check(pool: &SqlitePool) -> Result<bool> {
+        Ok(sqlx::query("SELECT 1 FROM plain_meta WHERE name = 'key_check'").fetch_optional(pool).await?.is_some())
     }
 
     async fn pool(path: &Path) -> Result<SqlitePool> {
@@ -267,12 +310,10 @@ impl Store {
             .map(|r| r.get(0));
         match check {
             Some(sealed) => {
-                let opened: String = store
-                    .cipher
-                    .open("key_check", b"", &sealed)
-                    .map_err(|_| Error::StoreCorrupt("the store was created with another key".into()))?;
-                if opened != KEY_CHECK {
-                    return Err(Error::StoreCorrupt("key check mismatch".into()));
+                let opened: Option<String> = store.cipher.open("key_check", b"", &sealed).ok();
+                if opened.as_deref() != Some(KEY_CHECK) {
+                    store.pool.close().await;
+                    return Err(Error::WrongStoreKey);
                 }
             }
             None => {
@@ -598,11 +639,31 @@ mod tests {
         let mut machine = OlmMachine::new("@a:localhost".try_into().unwrap(), "D".into());
         store.save(&mut machine).await.unwrap();
         store.close().await;
+        assert_eq!(Store::key_kind(&path).await.unwrap(), Some(KeyKind::Passphrase));
+        let before = std::fs::read(&path).unwrap();
         let wrong = Store::open_with_passphrase(&path, "wrong horse").await;
-        assert!(matches!(wrong, Err(Error::StoreCorrupt(_))), "{:?}", wrong.err());
-        assert!(matches!(Store::open(&path, StoreKey::random()).await, Err(Error::StoreCorrupt(_))));
+        assert!(matches!(wrong, Err(Error::WrongStoreKey)), "{:?}", wrong.err());
+        assert!(matches!(Store::open(&path, StoreKey::random()).await, Err(Error::WrongStoreKey)));
+        assert_eq!(std::fs::read(&path).unwrap(), before, "a wrong key changes nothing");
         let store = Store::open_with_passphrase(&path, "correct horse").await.unwrap();
         assert_eq!(store.load().await.unwrap().unwrap().ed25519_key(), machine.ed25519_key());
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_passphrase_does_not_open_or_touch_a_store_with_a_kept_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kept.db");
+        assert_eq!(Store::key_kind(&path).await.unwrap(), None);
+        assert!(!path.exists(), "asking does not create a store");
+        let key = StoreKey::random();
+        Store::open(&path, key.clone()).await.unwrap().close().await;
+        assert_eq!(Store::key_kind(&path).await.unwrap(), Some(KeyKind::Kept));
+        let refused = Store::open_with_passphrase(&path, "anything").await;
+        assert!(matches!(refused, Err(Error::NotAPassphraseStore)), "{:?}", refused.err());
+        // No salt was written: the store still says it is keyed from outside and opens so.
+        assert_eq!(Store::key_kind(&path).await.unwrap(), Some(KeyKind::Kept));
+        Store::open(&path, key).await.unwrap().close().await;
     }
 
     #[tokio::test]
@@ -614,6 +675,10 @@ mod tests {
             }
             fn save(&self, key: &[u8; 32]) -> Result<()> {
                 *self.0.lock().unwrap() = Some(*key);
+                Ok(())
+            }
+            fn delete(&self) -> Result<()> {
+                *self.0.lock().unwrap() = None;
                 Ok(())
             }
         }
@@ -629,7 +694,7 @@ mod tests {
         assert_eq!(store.load().await.unwrap().unwrap().ed25519_key(), machine.ed25519_key());
         store.close().await;
         let lost = Memory(std::sync::Mutex::new(None));
-        assert!(matches!(Store::open_with_keyring(&path, &lost).await, Err(Error::StoreCorrupt(_))));
+        assert!(matches!(Store::open_with_keyring(&path, &lost).await, Err(Error::WrongStoreKey)));
     }
 
     #[test]

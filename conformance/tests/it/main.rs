@@ -5,6 +5,7 @@ mod account;
 mod aggregations;
 mod cli;
 mod desktop_core;
+mod desktop_keys;
 mod devices;
 mod discovery;
 mod e2ee;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use obmin_client::{
-    Attachment, Client, DeviceInfo, OwnedRoomId, OwnedUserId, Progress, RoomSummary, SecurityStatus, SessionInfo,
+    Attachment, Client, DeviceInfo, KeyState, KeyStorage, OwnedRoomId, OwnedUserId, Progress, RoomSummary, SecurityStatus, SessionInfo,
     TimelineItem, Update, UserSearchResult,
 };
 use serde::Serialize;
@@ -56,11 +56,43 @@ async fn signed_in(client: &Client, session: SessionInfo) -> CommandResult<Me> {
     me(client, session).await
 }
 
-/// The saved session, if there is one (the sync loop is already running then).
+/// What the window must ask before anything else: nothing, or a passphrase to choose or to
+/// unlock with; `storage` says where the key is kept ("keyring" or "passphrase").
+#[derive(Debug, Serialize)]
+pub struct KeyInfo {
+    #[serde(flatten)]
+    pub state: KeyState,
+    pub storage: &'static str,
+    pub min_chars: usize,
+}
+
+#[tauri::command]
+pub async fn key_state(state: State<'_, AppState>) -> CommandResult<KeyInfo> {
+    let storage = match state.client.key_storage() {
+        KeyStorage::Keyring(_) => "keyring",
+        KeyStorage::Passphrase => "passphrase",
+        KeyStorage::KeyFile => "file",
+    };
+    Ok(KeyInfo { state: state.client.key_state().await?, storage, min_chars: obmin_client::MIN_PASSPHRASE_CHARS })
+}
+
+/// Sets (first time) or checks the passphrase and opens the encryption store with it.
+#[tauri::command]
+pub async fn unlock(state: State<'_, AppState>, passphrase: String) -> CommandResult<()> {
+    let passphrase = zeroize::Zeroizing::new(passphrase);
+    Ok(state.client.unlock(&passphrase).await?)
+}
+
+/// The saved session, if there is one (the sync loop is already running then). Opens its
+/// encryption first (the keyring may have failed when the app started): `locked`,
+/// `keyring_unavailable` or `keyring` errors send the window back to the unlock screen.
 #[tauri::command]
 pub async fn restore_session(state: State<'_, AppState>) -> CommandResult<Option<Me>> {
     match state.client.session() {
-        Some(session) => Ok(Some(signed_in(&state.client, session).await?)),
+        Some(session) => {
+            state.client.open_encryption().await?;
+            Ok(Some(signed_in(&state.client, session).await?))
+        }
         None => Ok(None),
     }
 }

@@ -38,6 +38,10 @@ impl From<obmin_client::Error> for CommandError {
             E::Server { .. } => "server",
             E::InvalidInput(_) => "invalid_input",
             E::Crypto(_) => "crypto",
+            E::Locked => "locked",
+            E::WrongPassphrase => "wrong_passphrase",
+            E::KeyringUnavailable => "keyring_unavailable",
+            E::Keyring(_) => "keyring",
             E::Store(_) => "store",
             E::File(_) => "file",
         };

@@ -7,6 +7,7 @@
 
 mod commands;
 mod error;
+mod keys;
 mod notify;
 mod updates;
 
@@ -48,13 +49,16 @@ fn main() {
         .setup(|app| {
             let data_dir = data_dir(app)?;
             tracing::info!(data_dir = %data_dir.display(), "opening the client");
-            let client = tauri::async_runtime::block_on(obmin_client::Client::open(&data_dir))?;
+            let key_storage = keys::choose(&data_dir);
+            let client = tauri::async_runtime::block_on(obmin_client::Client::open_with(&data_dir, key_storage))?;
             // Subscribe before anything can start the sync loop, so no update is missed.
             updates::forward(app.handle().clone(), client.subscribe());
             app.manage(AppState { client });
             Ok(())
         })
         .invoke_handler(tauri::generate_handler![
+            commands::key_state,
+            commands::unlock,
             commands::restore_session,
             commands::login,
             commands::register,

@@ -12,7 +12,12 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::{ConnectionState, Result, SessionInfo, Update, crypto::Crypto, http::Http, session::Session, store::Store};
+use zeroize::Zeroizing;
+
+use crate::{
+    ConnectionState, KeyStorage, Result, SessionInfo, Update, crypto::Crypto, http::Http, session::Session,
+    store::Store,
+};
 
 /// The client core for one account in one data directory. Cheap to clone.
 #[derive(Clone)]
@@ -29,8 +34,11 @@ pub(crate) struct Inner {
     /// The encryption state of the session; locked for a whole encrypt / decrypt / key
     /// exchange so the machine and its store stay consistent.
     pub(crate) crypto: Mutex<Option<Crypto>>,
-    /// Where the crypto store's key comes from (None: a key file in the data directory).
-    pub(crate) keyring: Option<Arc<dyn e2ee::store::KeyringHook + Send + Sync>>,
+    /// Where the crypto store's key comes from.
+    pub(crate) key_storage: KeyStorage,
+    /// The passphrase, once given ([`KeyStorage::Passphrase`]): kept (wiped on drop) so that
+    /// a new sign-in seals its new store without asking again.
+    pub(crate) passphrase: StdMutex<Option<Zeroizing<String>>>,
     pub(crate) updates: broadcast::Sender<Update>,
     pub(crate) connection: watch::Sender<ConnectionState>,
     /// Wakes the outbox task when something was queued or the connection came back.
@@ -52,25 +60,38 @@ impl Client {
     /// rooms and timelines are readable without a network.
     ///
     /// The end-to-end encryption store is sealed with a random key kept in
-    /// `<data_dir>/crypto.key` (readable by the user only). Prefer
-    /// [`Client::open_with_keyring`] with the OS keyring when there is one.
+    /// `<data_dir>/crypto.key` (readable by the user only): for tests and tools. An app opens
+    /// with [`Client::open_with_keyring`] or [`Client::open_with_passphrase`].
     pub async fn open(data_dir: impl AsRef<Path>) -> Result<Client> {
-        Self::open_inner(data_dir.as_ref(), None).await
+        Self::open_with(data_dir, KeyStorage::KeyFile).await
     }
 
-    /// Like [`Client::open`], with the crypto store's key kept by `keyring` (the OS keyring).
+    /// Like [`Client::open`], with the crypto store's key kept by `keyring` (the OS keyring,
+    /// [`crate::SecretServiceKeyring`]).
     pub async fn open_with_keyring(
         data_dir: impl AsRef<Path>,
         keyring: Arc<dyn e2ee::store::KeyringHook + Send + Sync>,
     ) -> Result<Client> {
-        Self::open_inner(data_dir.as_ref(), Some(keyring)).await
+        Self::open_with(data_dir, KeyStorage::Keyring(keyring)).await
     }
 
-    async fn open_inner(
-        data_dir: &Path,
-        keyring: Option<Arc<dyn e2ee::store::KeyringHook + Send + Sync>>,
-    ) -> Result<Client> {
+    /// Like [`Client::open`], with the crypto store sealed by a passphrase: see
+    /// [`Client::key_state`] and [`Client::unlock`].
+    pub async fn open_with_passphrase(data_dir: impl AsRef<Path>) -> Result<Client> {
+        Self::open_with(data_dir, KeyStorage::Passphrase).await
+    }
+
+    /// Opens with the crypto store's key from `key_storage`. A store that was sealed with a
+    /// passphrase stays so: then the passphrase is asked for whatever `key_storage` says (the
+    /// user chose it; a keyring that appeared since does not change that).
+    pub async fn open_with(data_dir: impl AsRef<Path>, key_storage: KeyStorage) -> Result<Client> {
+        let data_dir = data_dir.as_ref();
         std::fs::create_dir_all(data_dir)?;
+        let key_storage =
+            match e2ee::store::Store::key_kind(&data_dir.join(crate::crypto::STORE_FILE)).await? {
+                Some(e2ee::store::KeyKind::Passphrase) => KeyStorage::Passphrase,
+                _ => key_storage,
+            };
         let store = Store::open(&data_dir.join("client.db")).await?;
         let session = store.load_session().await?;
         let (updates, _) = broadcast::channel(1024);
@@ -81,7 +102,8 @@ impl Client {
                 http: Http::new()?,
                 session: RwLock::new(session),
                 crypto: Mutex::new(None),
-                keyring,
+                key_storage,
+                passphrase: StdMutex::new(None),
                 updates,
                 connection: watch::channel(ConnectionState::Offline).0,
                 outbox_wake: Notify::new(),
@@ -92,10 +114,34 @@ impl Client {
                 tasks: StdMutex::new(Vec::new()),
             }),
         };
-        if client.session().is_some() {
-            client.open_crypto().await?;
+        if client.session().is_some() && client.key_state().await? == crate::KeyState::Ready {
+            // A keyring that fails now (dismissed unlock prompt, keyring gone) must not keep
+            // the app from starting: [`Client::open_encryption`] tries again and says why.
+            match client.open_crypto().await {
+                Err(crate::Error::Keyring(e)) => tracing::warn!(%e, "the keyring failed; encryption is not open yet"),
+                other => other?,
+            }
         }
         Ok(client)
+    }
+
+    /// Which key storage this client uses (a passphrase store overrides the one asked for).
+    pub fn key_storage(&self) -> &KeyStorage {
+        &self.inner.key_storage
+    }
+
+    /// Opens the signed-in session's encryption store if it is not open yet (e.g. the keyring
+    /// failed when the client opened): [`crate::Error::Locked`] while a passphrase is needed,
+    /// [`crate::Error::Keyring`] when the keyring fails again. Nothing to do when signed out.
+    pub async fn open_encryption(&self) -> Result<()> {
+        if self.session().is_none() || self.crypto_is_open() {
+            return Ok(());
+        }
+        match self.key_state().await? {
+            crate::KeyState::Ready => self.open_crypto().await,
+            crate::KeyState::NeedsPassphrase { .. } => Err(crate::Error::Locked),
+            crate::KeyState::KeyringUnavailable => Err(crate::Error::KeyringUnavailable),
+        }
     }
 
     /// Who is signed in, if anyone.
@@ -120,6 +166,11 @@ impl Client {
     /// Calling it again while running does nothing.
     pub fn start(&self) -> Result<()> {
         self.require_session()?;
+        // Without its encryption state the sync would lose room keys and leave messages
+        // undecrypted: unlock first.
+        if !self.crypto_is_open() {
+            return Err(crate::Error::Locked);
+        }
         let mut tasks = self.inner.tasks.lock().expect("tasks lock");
         if !tasks.is_empty() {
             return Ok(());

@@ -2,19 +2,67 @@
 //! asks for, and encrypts / decrypts room events. The machine is sans-I/O; this module is
 //! the I/O.
 
-use std::path::{Path, PathBuf};
+use std::{path::PathBuf, sync::Arc};
 
 use e2ee::{
     EncryptionSettings, OlmMachine, OutgoingRequest,
-    store::{KeyringHook, Store as CryptoStore},
+    store::{KeyKind, KeyringHook, Store as CryptoStore, StoreKey},
 };
 use ruma::{OwnedUserId, RoomId};
+use serde::Serialize;
 use serde_json::Value;
+use zeroize::Zeroizing;
 
 use crate::{Client, Error, Result, session::Session};
 
-const STORE_FILE: &str = "crypto.db";
-const KEY_FILE: &str = "crypto.key";
+pub(crate) const STORE_FILE: &str = "crypto.db";
+/// The key file of earlier versions (and of [`KeyStorage::KeyFile`]).
+pub(crate) const KEY_FILE: &str = "crypto.key";
+/// The shortest passphrase [`Client::unlock`] accepts when one is chosen.
+pub const MIN_PASSPHRASE_CHARS: usize = 8;
+
+/// Where the key that seals the encryption store (`crypto.db`) comes from.
+#[derive(Clone)]
+pub enum KeyStorage {
+    /// The OS keyring (e.g. [`crate::SecretServiceKeyring`]): a random key made at the first
+    /// sign-in and kept there. A `crypto.key` left by an earlier version moves into it (and
+    /// the file is removed).
+    Keyring(Arc<dyn KeyringHook + Send + Sync>),
+    /// A passphrase the user types, through argon2id (salt in the store): encryption stays
+    /// locked until [`Client::unlock`]. A store sealed by a `crypto.key` of an earlier version
+    /// keeps opening with that file (no keyring to move it into) until its session ends; the
+    /// next sign-in's store is sealed with the passphrase.
+    Passphrase,
+    /// A random key in `<data_dir>/crypto.key` (user-only file): [`Client::open`], for tests
+    /// and tools. The desktop app does not use it.
+    KeyFile,
+}
+
+impl std::fmt::Debug for KeyStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KeyStorage::Keyring(_) => "Keyring",
+            KeyStorage::Passphrase => "Passphrase",
+            KeyStorage::KeyFile => "KeyFile",
+        })
+    }
+}
+
+/// Whether the encryption store can be opened now, or what the user must do first
+/// ([`Client::key_state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum KeyState {
+    /// Nothing to ask.
+    Ready,
+    /// A passphrase is needed: `new` when none protects this data directory yet (choose one,
+    /// typed twice), else the one chosen before (unlock).
+    NeedsPassphrase { new: bool },
+    /// The signed-in session's keys are sealed with a key in the OS keyring, which cannot be
+    /// reached now (no D-Bus session or no Secret Service). Start Obmin where the keyring
+    /// runs, or sign out (the keys of this device go) and sign in with a passphrase.
+    KeyringUnavailable,
+}
 
 pub(crate) struct Crypto {
     pub machine: OlmMachine,
@@ -36,19 +84,8 @@ impl Crypto {
     }
 }
 
-/// Removes the crypto store (a new session gets a new device and new keys).
-pub(crate) fn remove_store(data_dir: &Path) -> Result<()> {
-    for suffix in ["", "-wal", "-shm"] {
-        match std::fs::remove_file(data_dir.join(format!("{STORE_FILE}{suffix}"))) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
-/// The crypto store's key in a file only the user can read: the fallback when the app gives
-/// no OS keyring. (The store's own format stays the same either way.)
+/// The crypto store's key in a file only the user can read ([`KeyStorage::KeyFile`], and
+/// the legacy file that [`KeyStorage::Keyring`] migrates).
 struct KeyFile(PathBuf);
 
 impl KeyringHook for KeyFile {
@@ -73,21 +110,161 @@ impl KeyringHook for KeyFile {
             .map_err(|e| e2ee::Error::Store(e.to_string()))?;
         file.write_all(key).and_then(|_| file.sync_all()).map_err(|e| e2ee::Error::Store(e.to_string()))
     }
+
+    fn delete(&self) -> e2ee::Result<()> {
+        match std::fs::remove_file(&self.0) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e2ee::Error::Store(e.to_string())),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn keyring_error(error: e2ee::Error) -> Error {
+    Error::Keyring(error.to_string())
+}
+
+/// The store key from the keyring, made and saved on first use. A legacy `crypto.key` moves
+/// into the keyring first: saved there, read back to be sure the keyring kept it, and only
+/// then removed (a failure leaves the file, so nothing is lost). Blocking: keyring calls may
+/// wait for the user to unlock the keyring.
+fn key_from_keyring(keyring: &dyn KeyringHook, legacy: &KeyFile) -> Result<StoreKey> {
+    if let Some(key) = legacy.load()? {
+        // The file sealed this store: it wins over anything the keyring holds for the same
+        // data directory (that can only be a key saved by an interrupted migration).
+        keyring.save(&key).map_err(keyring_error)?;
+        if keyring.load().map_err(keyring_error)? != Some(key) {
+            return Err(Error::Keyring(format!(
+                "the keyring did not keep the key; it stays in {}",
+                legacy.0.display()
+            )));
+        }
+        legacy.delete()?;
+        tracing::info!(file = %legacy.0.display(), "moved the encryption store key into the OS keyring");
+        return Ok(StoreKey::from_bytes(key));
+    }
+    match keyring.load().map_err(keyring_error)? {
+        Some(key) => Ok(StoreKey::from_bytes(key)),
+        None => {
+            let key = StoreKey::random();
+            keyring.save(key.as_bytes()).map_err(keyring_error)?;
+            Ok(key)
+        }
+    }
 }
 
 impl Client {
-    /// Opens (or creates) the encryption state of the current session.
-    pub(crate) async fn open_crypto(&self) -> Result<()> {
-        let session = self.require_session()?;
-        let mut guard = self.inner.crypto.lock().await;
-        if guard.is_some() {
-            return Ok(());
+    fn crypto_store_path(&self) -> PathBuf {
+        self.inner.data_dir.join(STORE_FILE)
+    }
+
+    fn legacy_key_file(&self) -> KeyFile {
+        KeyFile(self.inner.data_dir.join(KEY_FILE))
+    }
+
+    /// Whether the encryption store can be opened now, or which passphrase to ask for. The
+    /// app asks before it shows anything else: the sign-in screen (a new session's store is
+    /// sealed at once) or the restored session.
+    pub async fn key_state(&self) -> Result<KeyState> {
+        if !matches!(self.inner.key_storage, KeyStorage::Passphrase)
+            || self.inner.passphrase.lock().expect("passphrase lock").is_some()
+        {
+            return Ok(KeyState::Ready);
         }
-        let path = self.inner.data_dir.join(STORE_FILE);
-        let store = match &self.inner.keyring {
-            Some(keyring) => CryptoStore::open_with_keyring(&path, keyring.as_ref()).await?,
-            None => CryptoStore::open_with_keyring(&path, &KeyFile(self.inner.data_dir.join(KEY_FILE))).await?,
+        if self.session().is_none() {
+            // The next sign-in makes a new store: it gets the passphrase chosen now.
+            return Ok(KeyState::NeedsPassphrase { new: true });
+        }
+        Ok(match CryptoStore::key_kind(&self.crypto_store_path()).await? {
+            Some(KeyKind::Passphrase) => KeyState::NeedsPassphrase { new: false },
+            None => KeyState::NeedsPassphrase { new: true },
+            Some(KeyKind::Kept) if self.legacy_key_file().0.exists() => KeyState::Ready,
+            Some(KeyKind::Kept) => KeyState::KeyringUnavailable,
+        })
+    }
+
+    /// Gives the passphrase ([`KeyStorage::Passphrase`]) and opens the encryption store of
+    /// the signed-in session with it. When [`KeyState::NeedsPassphrase`] says `new`, this
+    /// sets it (at least [`MIN_PASSPHRASE_CHARS`] characters; the app has it typed twice);
+    /// else a wrong one is refused with [`Error::WrongPassphrase`] and nothing changes, so
+    /// the user can simply try again. Nothing to do with any other key storage.
+    pub async fn unlock(&self, passphrase: &str) -> Result<()> {
+        let mut guard = self.inner.crypto.lock().await;
+        match self.key_state().await? {
+            KeyState::Ready => return Ok(()),
+            KeyState::KeyringUnavailable => return Err(Error::KeyringUnavailable),
+            KeyState::NeedsPassphrase { new: true } => {
+                if passphrase.chars().count() < MIN_PASSPHRASE_CHARS {
+                    return Err(Error::InvalidInput(format!(
+                        "Choose a passphrase of at least {MIN_PASSPHRASE_CHARS} characters."
+                    )));
+                }
+            }
+            KeyState::NeedsPassphrase { new: false } => {}
+        }
+        if passphrase.is_empty() {
+            return Err(Error::WrongPassphrase);
+        }
+        let store = match self.session() {
+            Some(_) => Some(match CryptoStore::open_with_passphrase(&self.crypto_store_path(), passphrase).await {
+                Err(e2ee::Error::WrongStoreKey) => return Err(Error::WrongPassphrase),
+                Err(e2ee::Error::NotAPassphraseStore) => return Err(Error::KeyringUnavailable),
+                other => other?,
+            }),
+            None => None,
         };
+        *self.inner.passphrase.lock().expect("passphrase lock") = Some(Zeroizing::new(passphrase.to_owned()));
+        if let Some(store) = store {
+            *guard = Some(self.load_machine(store).await?);
+        }
+        Ok(())
+    }
+
+    /// [`Error::Locked`] when a new session could not seal its encryption store now.
+    pub(crate) fn require_unlocked(&self) -> Result<()> {
+        if matches!(self.inner.key_storage, KeyStorage::Passphrase)
+            && self.inner.passphrase.lock().expect("passphrase lock").is_none()
+        {
+            return Err(Error::Locked);
+        }
+        Ok(())
+    }
+
+    /// Opens the crypto store with the key from wherever [`KeyStorage`] says.
+    async fn open_crypto_store(&self) -> Result<CryptoStore> {
+        let path = self.crypto_store_path();
+        match &self.inner.key_storage {
+            KeyStorage::Keyring(keyring) => {
+                // Off the async threads: the Secret Service may show an unlock prompt.
+                let (keyring, legacy) = (keyring.clone(), self.legacy_key_file());
+                let key = tokio::task::spawn_blocking(move || key_from_keyring(keyring.as_ref(), &legacy))
+                    .await
+                    .map_err(|e| Error::Keyring(e.to_string()))??;
+                Ok(CryptoStore::open(&path, key).await?)
+            }
+            KeyStorage::KeyFile => Ok(CryptoStore::open_with_keyring(&path, &self.legacy_key_file()).await?),
+            KeyStorage::Passphrase => {
+                let passphrase = self.inner.passphrase.lock().expect("passphrase lock").clone();
+                if let Some(passphrase) = passphrase {
+                    return match CryptoStore::open_with_passphrase(&path, &passphrase).await {
+                        Err(e2ee::Error::WrongStoreKey) => Err(Error::WrongPassphrase),
+                        other => Ok(other?),
+                    };
+                }
+                // A store of an earlier version, sealed by its key file: read, never written.
+                match self.legacy_key_file().load()? {
+                    Some(key) if CryptoStore::key_kind(&path).await? == Some(KeyKind::Kept) => {
+                        Ok(CryptoStore::open(&path, StoreKey::from_bytes(key)).await?)
+                    }
+                    _ => Err(Error::Locked),
+                }
+            }
+        }
+    }
+
+    /// The session's machine from the store (a new one when the store has none or another
+    /// device's).
+    async fn load_machine(&self, store: CryptoStore) -> Result<Crypto> {
+        let session = self.require_session()?;
         let machine = match store.load().await? {
             Some(machine)
                 if machine.user_id() == session.user_id && machine.device_id().as_str() == session.device_id =>
@@ -98,7 +275,46 @@ impl Client {
         };
         let mut crypto = Crypto { machine, store };
         crypto.save().await?;
-        *guard = Some(crypto);
+        Ok(crypto)
+    }
+
+    /// Opens (or creates) the encryption state of the current session.
+    pub(crate) async fn open_crypto(&self) -> Result<()> {
+        self.require_session()?;
+        let mut guard = self.inner.crypto.lock().await;
+        if guard.is_some() {
+            return Ok(());
+        }
+        let store = self.open_crypto_store().await?;
+        *guard = Some(self.load_machine(store).await?);
+        Ok(())
+    }
+
+    /// Whether the encryption state is open (false while locked, or signed out).
+    pub(crate) fn crypto_is_open(&self) -> bool {
+        // Held by someone means open: only an open state is worked on.
+        self.inner.crypto.try_lock().map(|guard| guard.is_some()).unwrap_or(true)
+    }
+
+    /// Removes the crypto store (a new session gets a new device and new keys) and its key:
+    /// the keyring entry, or a legacy key file. A keyring that cannot forget is only logged:
+    /// the key it keeps opens nothing any more.
+    pub(crate) async fn remove_crypto_store(&self) -> Result<()> {
+        for suffix in ["", "-wal", "-shm"] {
+            match std::fs::remove_file(self.inner.data_dir.join(format!("{STORE_FILE}{suffix}"))) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        self.legacy_key_file().delete()?;
+        if let KeyStorage::Keyring(keyring) = &self.inner.key_storage {
+            let keyring = keyring.clone();
+            match tokio::task::spawn_blocking(move || keyring.delete()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(%e, "the keyring did not forget the old store key"),
+                Err(e) => tracing::warn!(%e, "the keyring did not forget the old store key"),
+            }
+        }
         Ok(())
     }
 

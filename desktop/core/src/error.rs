@@ -49,6 +49,20 @@ pub enum Error {
     /// Encryption failed (a message could not be encrypted or a key not shared).
     #[error("Encryption failed: {0}")]
     Crypto(String),
+    /// Encryption is locked: the passphrase must be given first ([`crate::Client::unlock`]).
+    #[error("Enter your passphrase to unlock Obmin first.")]
+    Locked,
+    /// The passphrase does not open this device's encryption keys (nothing was changed).
+    #[error("Wrong passphrase. Your encryption keys are unchanged; try again.")]
+    WrongPassphrase,
+    /// The session's keys are sealed with a key in the OS keyring, which is not reachable.
+    #[error(
+        "This device's encryption keys are locked in the system keyring (GNOME Keyring or KWallet), which is not available now. Start Obmin in your desktop session, or sign out to start afresh with a passphrase."
+    )]
+    KeyringUnavailable,
+    /// The OS keyring refused or failed (locked and the unlock prompt dismissed, ...).
+    #[error("The system keyring failed: {0}")]
+    Keyring(String),
     /// The local database failed (disk full, file damaged).
     #[error("The local storage failed: {0}")]
     Store(String),

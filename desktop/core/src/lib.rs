@@ -21,7 +21,9 @@
 //! and every method takes `&self`, so the app can call it from any task.
 //!
 //! * Storage: `<data_dir>/client.db` (SQLite: session, rooms, members, timelines, outbox,
-//!   users) and `<data_dir>/crypto.db` (the `e2ee` crate's encrypted store).
+//!   users) and `<data_dir>/crypto.db` (the `e2ee` crate's encrypted store), sealed with a key
+//!   from the OS keyring ([`Client::open_with_keyring`], [`SecretServiceKeyring`]) or a
+//!   passphrase ([`Client::open_with_passphrase`], [`Client::unlock`]); see [`KeyStorage`].
 //! * Sending: [`Client::send_text`] / [`Client::send_file`] queue into a persistent outbox
 //!   keyed by transaction id and return at once; the item shows [`SendState::Sending`], then
 //!   `Sent` (✓, the server has it) and `Read` (✓✓, the other side read it). A retry after a
@@ -32,6 +34,7 @@ mod client;
 mod crypto;
 mod error;
 mod http;
+mod keyring;
 mod media;
 mod mime;
 mod outbox;
@@ -46,7 +49,9 @@ mod types;
 mod verification;
 
 pub use client::Client;
-pub use e2ee::store::KeyringHook;
+pub use crypto::{KeyState, KeyStorage, MIN_PASSPHRASE_CHARS};
+pub use e2ee::store::{KeyringHook, StoreKey};
 pub use error::{Error, Result};
+pub use keyring::{KEYRING_SERVICE, SecretServiceKeyring};
 pub use ruma::{OwnedRoomId, OwnedUserId, RoomId, UserId};
 pub use types::*;

@@ -52,10 +52,12 @@ const DEVICE_NAME: &str = "Obmin desktop";
 
 impl Client {
     /// Signs in with a user name (or full user id) and password, replacing any saved
-    /// session. Errors: [`Error::WrongPassword`], [`Error::ServerUnreachable`],
+    /// session. Errors: [`Error::Locked`] (no passphrase given yet), [`Error::WrongPassword`], [`Error::ServerUnreachable`],
     /// [`Error::InvalidServerUrl`], ...
     pub async fn login(&self, server_url: &str, user: &str, password: &str) -> Result<SessionInfo> {
         let server_url = normalise_server_url(server_url)?;
+        // The new session's encryption store is sealed at once: no session without it.
+        self.require_unlocked()?;
         let identifier = UserIdentifier::Matrix(ruma::api::client::uiaa::MatrixUserIdentifier::new(user.to_owned()));
         let mut request =
             login::v3::Request::new(LoginInfo::Password(login::v3::Password::new(identifier, password.to_owned())));
@@ -88,6 +90,7 @@ impl Client {
         avatar_colour: Option<&str>,
     ) -> Result<SessionInfo> {
         let server_url = normalise_server_url(server_url)?;
+        self.require_unlocked()?;
         // The first round of user-interactive auth only gives us a session id; ruma models the
         // 401 as an error type, so that one exchange is plain JSON.
         let uia = self
@@ -155,7 +158,7 @@ impl Client {
         self.stop().await;
         *self.inner.crypto.lock().await = None;
         self.inner.store.save_session(&session).await?;
-        crate::crypto::remove_store(&self.inner.data_dir)?;
+        self.remove_crypto_store().await?;
         let info = session.info();
         *self.inner.session.write().expect("session lock") = Some(session);
         self.open_crypto().await?;
@@ -169,7 +172,7 @@ impl Client {
             crypto.close().await;
         }
         self.inner.store.clear().await?;
-        crate::crypto::remove_store(&self.inner.data_dir)?;
+        self.remove_crypto_store().await?;
         self.set_connection(crate::ConnectionState::Offline);
         self.emit(Update::LoggedOut);
         Ok(())

@@ -21,6 +21,11 @@ use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
 const PASSWORD: &str = "correct horse battery staple";
+/// The passphrase that seals the app's encryption keys (scripts/ui-test runs the app without
+/// a D-Bus session, so there is no OS keyring and the window asks for one).
+const PASSPHRASE: &str = "a long passphrase for the keys";
+/// WebDriver's Enter key.
+const ENTER: &str = "\u{E007}";
 
 fn app_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("OBMIN_DESKTOP_BIN") {
@@ -157,17 +162,67 @@ async fn desktop_app_end_to_end() {
     let bob_id = bob.client.session().expect("bob's session").user_id.to_string();
 
     let app_data = tempfile::tempdir().expect("app data dir");
-    let app = Session::start(&driver, &app_binary(), &["--data-dir".into(), app_data.path().display().to_string()])
-        .await
-        .expect("start the app under WebDriver");
-    let result = run(&app, &mut server, &mut bob, &bob_id).await;
+    let args = ["--data-dir".into(), app_data.path().display().to_string()];
+    let app = Session::start(&driver, &app_binary(), &args).await.expect("start the app under WebDriver");
+    let mut result = run(&app, &mut server, &mut bob, &bob_id).await;
     if result.is_err() {
         let _ = app.screenshot(&artifacts_dir().join("failure.png")).await;
     }
     let _ = app.quit().await;
+    if result.is_ok() {
+        // The app starts again on the same data directory: locked until the passphrase.
+        let app = Session::start(&driver, &app_binary(), &args).await.expect("restart the app under WebDriver");
+        result = unlock_after_restart(&app).await;
+        if result.is_err() {
+            let _ = app.screenshot(&artifacts_dir().join("failure.png")).await;
+        }
+        let _ = app.quit().await;
+    }
     if let Err(message) = result {
         panic!("{message}\n--- homeserver log tail ---\n{}", tail(&server.log(), 40));
     }
+}
+
+/// The id of the focused element.
+async fn focused(app: &Session) -> Result<Value, String> {
+    app.execute("return document.activeElement.id", vec![]).await.map_err(|e| e.to_string())
+}
+
+/// First start without an OS keyring: the window asks to choose a passphrase (typed twice)
+/// before anything else.
+async fn choose_passphrase(app: &Session) -> Result<(), String> {
+    let err = |e: obmin_desktop_ui_tests::Error| e.to_string();
+    app.wait_for("#unlock-form", WAIT).await.map_err(err)?;
+    wait_text(app, "#unlock-title", "Protect your encryption keys").await?;
+    wait_text(app, "#unlock-intro", "No system keyring").await?;
+    assert_eq!(focused(app).await?, json!("unlock-passphrase"), "focus starts in the passphrase field");
+    app.wait_for("#unlock-confirm", WAIT).await.map_err(err)?;
+    app.fill("#unlock-passphrase", PASSPHRASE).await.map_err(err)?;
+    app.fill("#unlock-confirm", &format!("{PASSPHRASE} typo{ENTER}")).await.map_err(err)?;
+    wait_text(app, "#unlock-error", "The two passphrases differ").await?;
+    shot(app, "passphrase").await;
+    // Enter in the field submits the form.
+    app.fill("#unlock-confirm", &format!("{PASSPHRASE}{ENTER}")).await.map_err(err)?;
+    Ok(())
+}
+
+/// The restarted app: the unlock screen refuses a wrong passphrase, takes the right one and
+/// shows the signed-in window with the conversation from the local cache.
+async fn unlock_after_restart(app: &Session) -> Result<(), String> {
+    let err = |e: obmin_desktop_ui_tests::Error| e.to_string();
+    app.wait_for("#unlock-form", WAIT).await.map_err(err)?;
+    wait_text(app, "#unlock-title", "Unlock Obmin").await?;
+    let confirm_shown = app.find("#unlock-confirm").await.map_err(err)?.ok_or("no confirm field")?;
+    assert!(!app.displayed(&confirm_shown).await.map_err(err)?, "unlocking asks for the passphrase once");
+    assert_eq!(focused(app).await?, json!("unlock-passphrase"));
+    app.fill("#unlock-passphrase", &format!("not the passphrase{ENTER}")).await.map_err(err)?;
+    wait_text(app, "#unlock-error", "Wrong passphrase").await?;
+    app.fill("#unlock-passphrase", PASSPHRASE).await.map_err(err)?;
+    app.click_on("#unlock-submit").await.map_err(err)?;
+    app.wait_for("#screen-main", WAIT).await.map_err(err)?;
+    wait_text(app, "#me-name", "Alice Desktop").await?;
+    wait_text(app, "#room-list", "Bob Peer").await?;
+    Ok(())
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -178,6 +233,9 @@ fn tail(text: &str, lines: usize) -> String {
 /// The scenario. Errors are strings so the caller can screenshot before failing.
 async fn run(app: &Session, server: &mut Server, bob: &mut Peer, bob_id: &str) -> Result<(), String> {
     let err = |e: obmin_desktop_ui_tests::Error| e.to_string();
+
+    // --- No OS keyring: a passphrase for the encryption keys comes first.
+    choose_passphrase(app).await?;
 
     // --- Login screen: defaults, and the two errors people meet first.
     app.wait_for("#login-form", WAIT).await.map_err(err)?;

@@ -5,11 +5,12 @@ import { $, paintAvatar } from "./dom.js";
 import { state, changed, mergeItems, isOwn } from "./state.js";
 import { loadPrefs, applyTheme } from "./prefs.js";
 import { setupAuth } from "./auth.js";
+import { setupUnlock, showUnlock } from "./unlock.js";
 import { setupRooms, renderRooms } from "./rooms.js";
 import { setupChat, openRoom, fileProgress } from "./chat.js";
 import { setupSettings, renderProfile, showVerification } from "./settings.js";
 
-const SCREENS = ["login", "register", "main", "settings"];
+const SCREENS = ["unlock", "login", "register", "main", "settings"];
 
 function show(name) {
   for (const screen of SCREENS) $(`screen-${screen}`).hidden = screen !== name;
@@ -136,9 +137,54 @@ function resetToLogin(reason) {
   state.currentRoom = null;
   $("chat-view").hidden = true;
   $("chat-empty").hidden = false;
+  // A new sign-in may need the passphrase first (e.g. after a session whose keys were in a
+  // key file of an earlier version).
+  gate(reason);
+}
+
+function showLogin(reason) {
   show("login");
   $("login-error").textContent = reason ?? "";
   $("login-username").focus();
+}
+
+/** Errors that mean the encryption keys cannot be opened yet: back to the unlock screen. */
+const KEY_ERRORS = ["locked", "keyring_unavailable", "keyring", "wrong_passphrase"];
+
+/**
+ * Before anything else, the encryption keys: a passphrase to choose or to enter when no OS
+ * keyring is used; then the saved session, or the sign-in screen.
+ */
+async function gate(reason) {
+  let key;
+  try {
+    key = await call("key_state");
+  } catch (error) {
+    showUnlock(show, { state: "keyring" }, error.message);
+    return;
+  }
+  if (key.state === "keyring_unavailable") {
+    showUnlock(show, key, "This device's encryption keys are locked in the system keyring (GNOME Keyring or " +
+      "KWallet), which is not available now. Start Obmin in your desktop session, or sign out to start " +
+      "afresh with a passphrase (messages only this device could read are lost).");
+    return;
+  }
+  if (key.state !== "ready") {
+    showUnlock(show, key, reason);
+    return;
+  }
+  let me = null;
+  try {
+    me = await call("restore_session");
+  } catch (error) {
+    if (KEY_ERRORS.includes(error.kind)) {
+      showUnlock(show, { state: "keyring" }, error.message);
+      return;
+    }
+    console.warn("restore_session", error);
+  }
+  if (me) enterMain(me);
+  else showLogin(reason);
 }
 
 async function enterMain(me) {
@@ -171,6 +217,12 @@ function trackPresence() {
 async function boot() {
   applyTheme(loadPrefs().theme);
   setupAuth({ show, onSession: enterMain });
+  setupUnlock({
+    onUnlocked: () => gate(),
+    onLogout: async () => {
+      try { await call("logout"); } catch (error) { console.warn("logout", error); } finally { resetToLogin(); }
+    },
+  });
   setupRooms({ onOpenRoom: openRoom });
   setupChat();
   setupSettings({
@@ -194,12 +246,7 @@ async function boot() {
 
   trackPresence();
   await on("update", applyUpdate);
-  const me = await call("restore_session").catch(() => null);
-  if (me) enterMain(me);
-  else {
-    show("login");
-    $("login-username").focus();
-  }
+  await gate();
 }
 
 boot();

@@ -48,15 +48,14 @@ fn secret_service_session(test: &str) -> bool {
     false
 }
 
-/// The device's identity keys as the server has them: (ed25519, curve25519).
-async fn server_identity(server: &Server, client: &Client) -> (String, String) {
+/// The device's identity keys as the server has them: (ed25519, curve25519), asked by a
+/// bystander (`observer`: a token of another user, so the client's own device list stays as
+/// it is).
+async fn server_identity(server: &Server, observer: &str, client: &Client) -> (String, String) {
     let session = client.session().unwrap();
-    let login = server.login(session.user_id.localpart(), PASSWORD).await;
-    let token = login.assert_ok()["access_token"].as_str().unwrap().to_owned();
     let user = session.user_id.as_str();
-    let answer = server
-        .post("/_matrix/client/v3/keys/query", Some(&token), json!({ "device_keys": { user: [] } }))
-        .await;
+    let answer =
+        server.post("/_matrix/client/v3/keys/query", Some(observer), json!({ "device_keys": { user: [] } })).await;
     let device = &answer.assert_ok()["device_keys"][user][&session.device_id];
     let key = |algorithm: &str| {
         device["keys"][format!("{algorithm}:{}", session.device_id)]
@@ -97,6 +96,7 @@ async fn quit(app: App) -> TempDir {
 
 async fn a_passphrase_seals_the_store_and_a_wrong_one_is_refused(backend: Backend) {
     let server = Server::start(backend).await;
+    let observer = server.register("observer", PASSWORD).await.access_token;
     let bob = App::register(&server, "bob").await;
     let dir = tempfile::tempdir().unwrap();
     let client = Client::open_with_passphrase(dir.path()).await.unwrap();
@@ -112,7 +112,7 @@ async fn a_passphrase_seals_the_store_and_a_wrong_one_is_refused(backend: Backen
     let alice = App { client, dir };
     let room = direct_chat(&alice, &bob).await;
     messages_flow(&alice, &bob, &room, "before the restart").await;
-    let identity = server_identity(&server, &alice.client).await;
+    let identity = server_identity(&server, &observer, &alice.client).await;
     let session = alice.client.session();
     let dir = quit(alice).await;
 
@@ -150,7 +150,7 @@ async fn a_passphrase_seals_the_store_and_a_wrong_one_is_refused(backend: Backen
     let alice = App { client, dir };
     // The same device with the same keys: old sessions decrypt and new messages flow.
     messages_flow(&alice, &bob, &room, "after the restart").await;
-    assert_eq!(server_identity(&server, &alice.client).await, identity);
+    assert_eq!(server_identity(&server, &observer, &alice.client).await, identity);
     let dir = quit(alice).await;
     let store = CryptoStore::open_with_passphrase(&store_path, PASSPHRASE).await.unwrap();
     assert_eq!(identity_of(store).await, identity, "the device kept its identity keys");
@@ -177,9 +177,10 @@ impl KeyringHook for MemoryKeyring {
 
 async fn a_legacy_key_file_keeps_working_without_a_keyring_and_is_never_written(backend: Backend) {
     let server = Server::start(backend).await;
+    let observer = server.register("observer", PASSWORD).await.access_token;
     // An earlier version: the key in crypto.key.
     let legacy = App::register(&server, "carol").await;
-    let identity = server_identity(&server, &legacy.client).await;
+    let identity = server_identity(&server, &observer, &legacy.client).await;
     let dir = quit(legacy).await;
     let key_file = dir.path().join("crypto.key");
     let legacy_key = std::fs::read(&key_file).expect("the earlier version's key file");
@@ -189,7 +190,7 @@ async fn a_legacy_key_file_keeps_working_without_a_keyring_and_is_never_written(
     assert_eq!(client.key_state().await.unwrap(), KeyState::Ready);
     client.start().unwrap();
     client.sync_once().await.unwrap();
-    assert_eq!(server_identity(&server, &client).await, identity);
+    assert_eq!(server_identity(&server, &observer, &client).await, identity);
     assert_eq!(std::fs::read(&key_file).unwrap(), legacy_key);
 
     // Signing out removes the store and its key file; the next sign-in needs a passphrase,
@@ -263,6 +264,7 @@ async fn the_store_key_lives_in_the_secret_service(backend: Backend) {
         return;
     }
     let server = Server::start(backend).await;
+    let observer = server.register("observer", PASSWORD).await.access_token;
     let dir = tempfile::tempdir().unwrap();
     let keyring = Arc::new(SecretServiceKeyring::connect(dir.path()).expect("the Secret Service answers"));
     let account = keyring.account().to_owned();
@@ -274,7 +276,7 @@ async fn the_store_key_lives_in_the_secret_service(backend: Backend) {
     client.register(&server.base_url, "erin", PASSWORD, "Erin", None).await.unwrap();
     client.start().unwrap();
     client.sync_once().await.unwrap();
-    let identity = server_identity(&server, &client).await;
+    let identity = server_identity(&server, &observer, &client).await;
     let session = client.session();
     let dir = quit(App { client, dir }).await;
 
@@ -293,7 +295,7 @@ async fn the_store_key_lives_in_the_secret_service(backend: Backend) {
     assert_eq!(client.key_state().await.unwrap(), KeyState::Ready);
     client.start().unwrap();
     client.sync_once().await.unwrap();
-    assert_eq!(server_identity(&server, &client).await, identity);
+    assert_eq!(server_identity(&server, &observer, &client).await, identity);
     assert_eq!(secret_of(&account).await.as_deref(), Some(&key[..]), "the same key, not a new one");
 
     // Signing out removes the store and its key from the keyring.
@@ -307,9 +309,10 @@ async fn a_legacy_key_file_moves_into_the_secret_service(backend: Backend) {
         return;
     }
     let server = Server::start(backend).await;
+    let observer = server.register("observer", PASSWORD).await.access_token;
     // An earlier version: the key in crypto.key.
     let legacy = App::register(&server, "frank").await;
-    let identity = server_identity(&server, &legacy.client).await;
+    let identity = server_identity(&server, &observer, &legacy.client).await;
     let dir = quit(legacy).await;
     let key_file = dir.path().join("crypto.key");
     let legacy_key = std::fs::read(&key_file).expect("the earlier version's key file");
@@ -322,7 +325,7 @@ async fn a_legacy_key_file_moves_into_the_secret_service(backend: Backend) {
     assert_eq!(client.key_state().await.unwrap(), KeyState::Ready);
     client.start().unwrap();
     client.sync_once().await.unwrap();
-    assert_eq!(server_identity(&server, &client).await, identity, "the same device keys");
+    assert_eq!(server_identity(&server, &observer, &client).await, identity, "the same device keys");
     client.stop().await;
     drop(client);
     let key: [u8; 32] = legacy_key.try_into().unwrap();

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use obmin_client::{
-    Attachment, Client, DeviceInfo, KeyState, KeyStorage, OwnedRoomId, OwnedUserId, Progress, RoomSummary, SecurityStatus, SessionInfo,
-    TimelineItem, Update, UserSearchResult,
+    Attachment, Client, DeviceInfo, KeyState, KeyStorage, OwnedRoomId, OwnedUserId, Progress, RoomSummary,
+    SecurityStatus, SessionInfo, TimelineItem, Update, UserSearchResult,
 };
 use serde::Serialize;
 use tauri::{AppHandle, Emitter, Manager, State, ipc::Request};

@@ -87,11 +87,10 @@ impl Client {
     pub async fn open_with(data_dir: impl AsRef<Path>, key_storage: KeyStorage) -> Result<Client> {
         let data_dir = data_dir.as_ref();
         std::fs::create_dir_all(data_dir)?;
-        let key_storage =
-            match e2ee::store::Store::key_kind(&data_dir.join(crate::crypto::STORE_FILE)).await? {
-                Some(e2ee::store::KeyKind::Passphrase) => KeyStorage::Passphrase,
-                _ => key_storage,
-            };
+        let key_storage = match e2ee::store::Store::key_kind(&data_dir.join(crate::crypto::STORE_FILE)).await? {
+            Some(e2ee::store::KeyKind::Passphrase) => KeyStorage::Passphrase,
+            _ => key_storage,
+        };
         let store = Store::open(&data_dir.join("client.db")).await?;
         let session = store.load_session().await?;
         let (updates, _) = broadcast::channel(1024);

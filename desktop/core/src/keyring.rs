@@ -76,8 +76,7 @@ impl SecretServiceKeyring {
                         .build()
                         .map_err(|e| Error::Keyring(format!("no runtime for D-Bus: {e}")))?;
                     runtime.block_on(async {
-                        let service =
-                            SecretService::connect(EncryptionType::Dh).await.map_err(keyring_error)?;
+                        let service = SecretService::connect(EncryptionType::Dh).await.map_err(keyring_error)?;
                         conversation(service).await.map_err(keyring_error)
                     })
                 })

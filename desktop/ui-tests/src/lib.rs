@@ -99,7 +99,14 @@ impl Session {
         let what = format!("a visible `{css}`");
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            for element in self.find_all(css).await? {
+            // WebKitWebDriver can also answer the search itself with "stale element reference"
+            // when a match is replaced while it builds the handle: that is a re-render too.
+            let found = match self.find_all(css).await {
+                Ok(found) => found,
+                Err(e) if e.is_stale() => Vec::new(),
+                Err(e) => return Err(e),
+            };
+            for element in found {
                 match self.displayed(&element).await {
                     Ok(true) => return Ok(element),
                     Ok(false) => {}

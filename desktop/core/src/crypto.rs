@@ -406,3 +406,84 @@ impl Client {
         Ok(encrypted)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// A keyring that answers `save` but keeps nothing (or fails outright).
+    struct Keyring {
+        kept: Mutex<Option<[u8; 32]>>,
+        keeps: bool,
+        fails: bool,
+    }
+
+    impl Keyring {
+        fn new(keeps: bool, fails: bool) -> Self {
+            Self { kept: Mutex::new(None), keeps, fails }
+        }
+    }
+
+    impl KeyringHook for Keyring {
+        fn load(&self) -> e2ee::Result<Option<[u8; 32]>> {
+            Ok(*self.kept.lock().unwrap())
+        }
+        fn save(&self, key: &[u8; 32]) -> e2ee::Result<()> {
+            if self.fails {
+                return Err(e2ee::Error::Store("the keyring is locked".into()));
+            }
+            if self.keeps {
+                *self.kept.lock().unwrap() = Some(*key);
+            }
+            Ok(())
+        }
+        fn delete(&self) -> e2ee::Result<()> {
+            *self.kept.lock().unwrap() = None;
+            Ok(())
+        }
+    }
+
+    fn legacy_file(dir: &std::path::Path, key: &[u8; 32]) -> KeyFile {
+        let file = KeyFile(dir.join(KEY_FILE));
+        file.save(key).unwrap();
+        file
+    }
+
+    #[test]
+    fn a_legacy_key_moves_into_the_keyring_only_once_it_is_kept_there() {
+        let dir = std::env::temp_dir().join(format!("obmin-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = [7u8; 32];
+
+        // The keyring takes it: same key, file gone; the next call finds it in the keyring.
+        let keyring = Keyring::new(true, false);
+        let file = legacy_file(&dir, &key);
+        assert_eq!(key_from_keyring(&keyring, &file).unwrap().as_bytes(), &key);
+        assert!(!file.0.exists());
+        assert_eq!(key_from_keyring(&keyring, &file).unwrap().as_bytes(), &key);
+
+        // A keyring that does not keep it, or refuses: the file stays, nothing is lost.
+        for keyring in [Keyring::new(false, false), Keyring::new(true, true)] {
+            let file = legacy_file(&dir, &key);
+            assert!(matches!(key_from_keyring(&keyring, &file), Err(Error::Keyring(_))));
+            assert_eq!(file.load().unwrap(), Some(key), "the key file is still there");
+        }
+
+        // A key the keyring held for this directory (an interrupted move) yields to the file
+        // that sealed the store.
+        let keyring = Keyring::new(true, false);
+        keyring.save(&[9u8; 32]).unwrap();
+        let file = legacy_file(&dir, &key);
+        assert_eq!(key_from_keyring(&keyring, &file).unwrap().as_bytes(), &key);
+        assert_eq!(keyring.load().unwrap(), Some(key));
+
+        // No file and an empty keyring: a new random key, saved there.
+        let keyring = Keyring::new(true, false);
+        let made = key_from_keyring(&keyring, &file).unwrap();
+        assert_eq!(keyring.load().unwrap().as_ref(), Some(made.as_bytes()));
+        assert!(!file.0.exists(), "no key file is written");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

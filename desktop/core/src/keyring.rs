@@ -86,9 +86,11 @@ impl SecretServiceKeyring {
     }
 }
 
-/// The default collection ("login" in GNOME Keyring), else any there is.
+/// The default collection ("login" in GNOME Keyring, where the desktop keeps passwords), and
+/// only that: the "session" collection is forgotten at the next login, and with it the key
+/// (the store could never be opened again). No default collection means no keyring to use.
 async fn collection<'a>(service: &'a SecretService<'_>) -> Result<Collection<'a>, secret_service::Error> {
-    service.get_any_collection().await
+    service.get_default_collection().await
 }
 
 fn keyring_error(error: secret_service::Error) -> Error {

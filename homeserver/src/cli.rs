@@ -171,7 +171,13 @@ pub async fn run(cli: Cli) -> ExitCode {
 fn init_logging(settings: &Settings, serving: bool) {
     // Admin commands print their results; only warnings and errors are logged there.
     let filter = if serving { settings.log.filter.as_str() } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
+    let mut filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into());
+    // ruma's state resolution logs every authorized event at INFO ("allowing event passed all
+    // checks"): two lines per message at the default filter, noise and a cost on the send
+    // path. It stays quiet below WARN unless the operator's filter names it.
+    if !settings.log.filter.contains("ruma_state_res") {
+        filter = filter.add_directive("ruma_state_res=warn".parse().expect("a valid directive"));
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let result = match settings.log.format {
         LogFormat::Json => builder.json().try_init(),

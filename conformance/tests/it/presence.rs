@@ -4,7 +4,8 @@ use serde_json::json;
 backend_tests!(
     presence_is_shared_with_room_members,
     presence_can_be_switched_off,
-    presence_of_a_new_room_mate_arrives_with_the_join
+    presence_of_a_new_room_mate_arrives_with_the_join,
+    presence_after_a_long_gap_is_the_room_mates_only
 );
 
 async fn presence_is_shared_with_room_members(backend: Backend) {
@@ -116,4 +117,37 @@ async fn presence_of_a_new_room_mate_arrives_with_the_join(backend: Backend) {
     let alice_presence =
         presence_of(&sync, "@alice:localhost").unwrap_or_else(|| panic!("alice's presence in bob's sync: {sync}"));
     assert_eq!(alice_presence["content"]["status_msg"], "writing");
+}
+
+/// A sync after many other events (past the window the server reads in full) still gets the
+/// presence of its room-mates, and only theirs.
+async fn presence_after_a_long_gap_is_the_room_mates_only(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = server.register("alice", "secret-pass").await;
+    let bob = server.register("bob", "bob-pass").await;
+    let carol = server.register("carol", "carol-pass").await;
+    let room = server.create_room(&alice, json!({"preset": "public_chat"})).await;
+    server.join(&bob, &room).await.assert_ok();
+    let elsewhere = server.create_room(&carol, json!({})).await;
+    let since = server.sync(&bob, None, 0, None).await["next_batch"].as_str().unwrap().to_owned();
+
+    // Well over a hundred stream positions before the presence changes.
+    for i in 0..120 {
+        let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/gap{i}", enc(&elsewhere));
+        server.put(&path, Some(&carol.access_token), json!({"msgtype": "m.text", "body": "x"})).await.assert_ok();
+    }
+    for (user, name) in [(&alice, "alice"), (&carol, "carol")] {
+        let path = format!("/_matrix/client/v3/presence/{}/status", enc(&format!("@{name}:localhost")));
+        server
+            .put(&path, Some(&user.access_token), json!({"presence": "unavailable", "status_msg": name}))
+            .await
+            .assert_ok();
+    }
+
+    let sync = server.sync(&bob, Some(&since), 0, None).await;
+    let events = sync["presence"]["events"].as_array().cloned().unwrap_or_default();
+    let alice_presence = events.iter().find(|e| e["sender"] == "@alice:localhost").expect("alice's presence");
+    assert_eq!(alice_presence["content"]["presence"], "unavailable");
+    assert_eq!(alice_presence["content"]["status_msg"], "alice");
+    assert!(!events.iter().any(|e| e["sender"] == "@carol:localhost"), "carol shares no room with bob: {events:?}");
 }

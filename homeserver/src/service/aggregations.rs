@@ -9,10 +9,7 @@ use std::collections::HashMap;
 use ruma::serde::Raw;
 use serde_json::{Map, Value as JsonValue, json};
 
-use super::{
-    Services,
-    events::{Viewer, to_raw},
-};
+use super::{Services, events::Viewer};
 use crate::{error::Result, store::EventRow};
 
 /// Most references listed in one bundle.
@@ -52,13 +49,14 @@ impl Services {
         let mut bundles = self.bundled_aggregations(rows, viewer, with_room_id).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let mut event = self.client_event(row, viewer, with_room_id).await?;
-            if let Some(bundle) = bundles.remove(&row.event_id)
-                && let Some(unsigned) = event.get_mut("unsigned").and_then(JsonValue::as_object_mut)
-            {
-                unsigned.insert("m.relations".into(), bundle);
-            }
-            out.push(to_raw(&event)?);
+            let bundle = match bundles.remove(&row.event_id) {
+                Some(bundle) => Some(
+                    serde_json::value::to_raw_value(&bundle)
+                        .map_err(|e| crate::error::Error::internal(e.to_string()))?,
+                ),
+                None => None,
+            };
+            out.push(Raw::from_json(self.client_event_json(row, viewer, with_room_id, bundle.as_deref()).await?));
         }
         Ok(out)
     }

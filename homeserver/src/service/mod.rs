@@ -62,6 +62,9 @@ pub struct Services {
     user_rooms: cache::Cache<String, Arc<Vec<(String, String)>>>,
     /// Unread counts per (user, room), see `Services::unread_counts`.
     unread: cache::Cache<(String, ruma::OwnedRoomId), sync::UnreadCounts>,
+    /// Stored filters, parsed, by (user, filter id): a filter never changes once stored, and
+    /// clients send its id with every `/sync`.
+    filters: cache::Cache<(String, i64), sync::EventFilter>,
     presence_touches: presence::PresenceTouches,
     push_rule_cache: push::PushRuleCache,
 }
@@ -98,6 +101,7 @@ impl Services {
             key_counts: keys::KeyCountCache::new(keys::MAX_CACHED_KEY_COUNTS),
             user_rooms: cache::Cache::new(100_000),
             unread: cache::Cache::new(100_000),
+            filters: cache::Cache::new(10_000),
             presence_touches: presence::PresenceTouches::default(),
         }
     }

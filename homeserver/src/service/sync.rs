@@ -723,15 +723,23 @@ impl Services {
     /// Parses a filter given inline (JSON) or by id.
     pub async fn resolve_filter(&self, user_id: &str, filter: Option<&str>) -> Result<EventFilter> {
         let Some(filter) = filter else { return Ok(EventFilter::default()) };
-        let json = if filter.trim_start().starts_with('{') {
-            filter.to_owned()
-        } else {
-            let id: i64 = filter.parse().map_err(|_| Error::InvalidParam("Unknown filter".to_owned()))?;
-            self.store.filter(user_id, id).await?.ok_or_else(|| Error::NotFound("Unknown filter".to_owned()))?
-        };
+        if filter.trim_start().starts_with('{') {
+            let value: JsonValue =
+                serde_json::from_str(filter).map_err(|e| Error::NotJson(format!("Invalid filter: {e}")))?;
+            return Ok(event_filter_from_json(&value));
+        }
+        let id: i64 = filter.parse().map_err(|_| Error::InvalidParam("Unknown filter".to_owned()))?;
+        let key = (user_id.to_owned(), id);
+        if let Some(cached) = self.filters.get(&key) {
+            return Ok(cached);
+        }
+        let generation = self.filters.generation();
+        let json = self.store.filter(user_id, id).await?.ok_or_else(|| Error::NotFound("Unknown filter".to_owned()))?;
         let value: JsonValue =
             serde_json::from_str(&json).map_err(|e| Error::NotJson(format!("Invalid filter: {e}")))?;
-        Ok(event_filter_from_json(&value))
+        let parsed = event_filter_from_json(&value);
+        self.filters.insert_if_unchanged(key, parsed.clone(), generation);
+        Ok(parsed)
     }
 }
 

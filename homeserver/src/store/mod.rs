@@ -246,12 +246,19 @@ async fn checkpoint_wal(pool: AnyPool, writer: AnyPool, write_lock: std::sync::A
                 tracing::warn!(error = %e, "WAL checkpoint failed; will retry");
                 continue;
             }
+            let waited = std::time::Instant::now();
             let _turn = write_lock.lock().await;
+            let held = std::time::Instant::now();
             match sqlx::query_as::<_, (i64, i64, i64)>(checkpoint).fetch_one(&writer).await {
                 Ok((_, frames, done)) if done < frames => {
                     tracing::debug!(frames, done, "WAL restart postponed: a reader still uses older frames")
                 }
-                Ok(_) => {}
+                Ok(_) => tracing::debug!(
+                    frames,
+                    lock_wait_ms = (held - waited).as_secs_f64() * 1e3,
+                    lock_held_ms = held.elapsed().as_secs_f64() * 1e3,
+                    "WAL checkpointed under the write lock; the next write starts it over"
+                ),
                 Err(sqlx::Error::PoolClosed) => return,
                 Err(e) => tracing::warn!(error = %e, "WAL checkpoint under the write lock failed; will retry"),
             }

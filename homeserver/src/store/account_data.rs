@@ -35,16 +35,17 @@ impl Store {
         content: &str,
         stream_id: i64,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO account_data (user_id, room_id, type, content, stream_id) VALUES ($1, $2, $3, $4, $5)
+        self.execute_write(
+            sqlx::query(
+                "INSERT INTO account_data (user_id, room_id, type, content, stream_id) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (user_id, room_id, type) DO UPDATE SET content = $4, stream_id = $5",
+            )
+            .bind(user_id)
+            .bind(room_id)
+            .bind(data_type)
+            .bind(content)
+            .bind(stream_id),
         )
-        .bind(user_id)
-        .bind(room_id)
-        .bind(data_type)
-        .bind(content)
-        .bind(stream_id)
-        .execute(&self.pool)
         .await?;
         Ok(())
     }
@@ -121,7 +122,7 @@ impl Store {
 
     /// Sets a receipt; a receipt never moves backwards is the caller's concern.
     pub async fn set_receipt(&self, receipt: &ReceiptRow) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        self.execute_write(sqlx::query(
             "INSERT INTO receipts (room_id, receipt_type, user_id, thread_id, event_id, ts, stream_id)
              VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (room_id, receipt_type, user_id, thread_id) DO UPDATE SET event_id = $5, ts = $6, stream_id = $7",
@@ -133,7 +134,7 @@ impl Store {
         .bind(&receipt.event_id)
         .bind(receipt.ts)
         .bind(receipt.stream_id)
-        .execute(&self.pool)
+        )
         .await?;
         Ok(())
     }

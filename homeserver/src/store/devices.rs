@@ -104,13 +104,16 @@ impl Store {
         ip: Option<&str>,
         now: i64,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE devices SET last_seen_ts = $1, last_seen_ip = $2 WHERE user_id = $3 AND device_id = $4")
+        self.execute_write(
+            sqlx::query(
+                "UPDATE devices SET last_seen_ts = $1, last_seen_ip = $2 WHERE user_id = $3 AND device_id = $4",
+            )
             .bind(now)
             .bind(ip)
             .bind(user_id)
-            .bind(device_id)
-            .execute(&self.pool)
-            .await?;
+            .bind(device_id),
+        )
+        .await?;
         Ok(())
     }
 
@@ -144,11 +147,13 @@ impl Store {
         device_id: &str,
         display_name: Option<&str>,
     ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query("UPDATE devices SET display_name = $1 WHERE user_id = $2 AND device_id = $3")
-            .bind(display_name)
-            .bind(user_id)
-            .bind(device_id)
-            .execute(&self.pool)
+        let done = self
+            .execute_write(
+                sqlx::query("UPDATE devices SET display_name = $1 WHERE user_id = $2 AND device_id = $3")
+                    .bind(display_name)
+                    .bind(user_id)
+                    .bind(device_id),
+            )
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -170,7 +175,7 @@ impl Store {
     }
 
     pub async fn delete_all_devices(&self, user_id: &str) -> Result<u64, sqlx::Error> {
-        let done = sqlx::query("DELETE FROM devices WHERE user_id = $1").bind(user_id).execute(&self.pool).await?;
+        let done = self.execute_write(sqlx::query("DELETE FROM devices WHERE user_id = $1").bind(user_id)).await?;
         Ok(done.rows_affected())
     }
 }

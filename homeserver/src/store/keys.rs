@@ -90,11 +90,12 @@ impl Store {
 
     /// Records that a user's devices changed (a device was added, renamed or deleted).
     pub async fn record_device_list_change(&self, user_id: &str, stream_id: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT INTO device_list_changes (stream_id, user_id) VALUES ($1, $2)")
-            .bind(stream_id)
-            .bind(user_id)
-            .execute(&self.pool)
-            .await?;
+        self.execute_write(
+            sqlx::query("INSERT INTO device_list_changes (stream_id, user_id) VALUES ($1, $2)")
+                .bind(stream_id)
+                .bind(user_id),
+        )
+        .await?;
         Ok(())
     }
 
@@ -106,7 +107,7 @@ impl Store {
             "DELETE FROM fallback_keys WHERE user_id = $1 AND device_id = $2",
             "DELETE FROM to_device_messages WHERE user_id = $1 AND device_id = $2",
         ] {
-            sqlx::query(sql).bind(user_id).bind(device_id).execute(&self.pool).await?;
+            self.execute_write(sqlx::query(sql).bind(user_id).bind(device_id)).await?;
         }
         Ok(())
     }
@@ -209,7 +210,7 @@ impl Store {
         json: &str,
     ) -> Result<(), sqlx::Error> {
         // Re-uploading the same key keeps its "used" mark; a new key starts unused.
-        sqlx::query(
+        self.execute_write(sqlx::query(
             "INSERT INTO fallback_keys (user_id, device_id, algorithm, key_id, json, used) VALUES ($1, $2, $3, $4, $5, 0)
              ON CONFLICT (user_id, device_id, algorithm) DO UPDATE SET key_id = $4, json = $5,
                used = CASE WHEN fallback_keys.key_id = $4 THEN fallback_keys.used ELSE 0 END",
@@ -219,7 +220,7 @@ impl Store {
         .bind(algorithm)
         .bind(key_id)
         .bind(json)
-        .execute(&self.pool)
+        )
         .await?;
         Ok(())
     }
@@ -244,26 +245,28 @@ impl Store {
     }
 
     pub async fn set_cross_signing_key(&self, user_id: &str, key_type: &str, json: &str) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO cross_signing_keys (user_id, key_type, json) VALUES ($1, $2, $3)
+        self.execute_write(
+            sqlx::query(
+                "INSERT INTO cross_signing_keys (user_id, key_type, json) VALUES ($1, $2, $3)
              ON CONFLICT (user_id, key_type) DO UPDATE SET json = $3",
+            )
+            .bind(user_id)
+            .bind(key_type)
+            .bind(json),
         )
-        .bind(user_id)
-        .bind(key_type)
-        .bind(json)
-        .execute(&self.pool)
         .await?;
         Ok(())
     }
 
     /// Replaces the stored JSON of device keys (after adding signatures).
     pub async fn replace_device_keys(&self, user_id: &str, device_id: &str, json: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE device_keys SET json = $1 WHERE user_id = $2 AND device_id = $3")
-            .bind(json)
-            .bind(user_id)
-            .bind(device_id)
-            .execute(&self.pool)
-            .await?;
+        self.execute_write(
+            sqlx::query("UPDATE device_keys SET json = $1 WHERE user_id = $2 AND device_id = $3")
+                .bind(json)
+                .bind(user_id)
+                .bind(device_id),
+        )
+        .await?;
         Ok(())
     }
 
@@ -450,14 +453,16 @@ impl Store {
         version: i64,
         algorithm: &str,
     ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
-            "UPDATE backup_versions SET algorithm = $1 WHERE user_id = $2 AND version = $3 AND deleted = 0",
-        )
-        .bind(algorithm)
-        .bind(user_id)
-        .bind(version)
-        .execute(&self.pool)
-        .await?;
+        let done = self
+            .execute_write(
+                sqlx::query(
+                    "UPDATE backup_versions SET algorithm = $1 WHERE user_id = $2 AND version = $3 AND deleted = 0",
+                )
+                .bind(algorithm)
+                .bind(user_id)
+                .bind(version),
+            )
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 

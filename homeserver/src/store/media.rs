@@ -87,22 +87,23 @@ pub struct MediaUsageRow {
 
 impl Store {
     pub async fn insert_media(&self, m: &NewMedia<'_>) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO media (media_id, user_id, content_type, filename, sha256, size, created_ts, uploaded_ts,
+        self.execute_write(
+            sqlx::query(
+                "INSERT INTO media (media_id, user_id, content_type, filename, sha256, size, created_ts, uploaded_ts,
                                 upload_length, upload_offset, expected_sha256, updated_ts)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $7)",
+            )
+            .bind(m.media_id)
+            .bind(m.user_id)
+            .bind(m.content_type)
+            .bind(m.filename)
+            .bind(m.sha256)
+            .bind(m.size)
+            .bind(m.now)
+            .bind(m.sha256.map(|_| m.now))
+            .bind(m.upload_length)
+            .bind(m.expected_sha256),
         )
-        .bind(m.media_id)
-        .bind(m.user_id)
-        .bind(m.content_type)
-        .bind(m.filename)
-        .bind(m.sha256)
-        .bind(m.size)
-        .bind(m.now)
-        .bind(m.sha256.map(|_| m.now))
-        .bind(m.upload_length)
-        .bind(m.expected_sha256)
-        .execute(&self.pool)
         .await?;
         Ok(())
     }
@@ -126,30 +127,33 @@ impl Store {
         filename: Option<&str>,
         now: i64,
     ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
-            "UPDATE media SET sha256 = $2, size = $3, content_type = COALESCE($4, content_type),
+        let done = self
+            .execute_write(
+                sqlx::query(
+                    "UPDATE media SET sha256 = $2, size = $3, content_type = COALESCE($4, content_type),
                     filename = COALESCE($5, filename), uploaded_ts = $6, updated_ts = $6, upload_offset = $3
              WHERE media_id = $1 AND sha256 IS NULL",
-        )
-        .bind(media_id)
-        .bind(sha256)
-        .bind(size)
-        .bind(content_type)
-        .bind(filename)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
+                )
+                .bind(media_id)
+                .bind(sha256)
+                .bind(size)
+                .bind(content_type)
+                .bind(filename)
+                .bind(now),
+            )
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
     /// Records how many bytes of a resumable upload are durably on disk.
     pub async fn set_upload_offset(&self, media_id: &str, offset: i64, now: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE media SET upload_offset = $2, updated_ts = $3 WHERE media_id = $1 AND sha256 IS NULL")
-            .bind(media_id)
-            .bind(offset)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+        self.execute_write(
+            sqlx::query("UPDATE media SET upload_offset = $2, updated_ts = $3 WHERE media_id = $1 AND sha256 IS NULL")
+                .bind(media_id)
+                .bind(offset)
+                .bind(now),
+        )
+        .await?;
         Ok(())
     }
 
@@ -175,11 +179,10 @@ impl Store {
 
     /// Notes a download (for retention).
     pub async fn touch_media(&self, media_id: &str, now: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE media SET last_access_ts = $2 WHERE media_id = $1")
-            .bind(media_id)
-            .bind(now)
-            .execute(&self.pool)
-            .await?;
+        self.execute_write(
+            sqlx::query("UPDATE media SET last_access_ts = $2 WHERE media_id = $1").bind(media_id).bind(now),
+        )
+        .await?;
         Ok(())
     }
 
@@ -218,18 +221,19 @@ impl Store {
         method: &str,
         thumbnail: &ThumbnailRow,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO media_thumbnails (media_id, width, height, method, content_type, sha256, size)
+        self.execute_write(
+            sqlx::query(
+                "INSERT INTO media_thumbnails (media_id, width, height, method, content_type, sha256, size)
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (media_id, width, height, method) DO NOTHING",
+            )
+            .bind(media_id)
+            .bind(width)
+            .bind(height)
+            .bind(method)
+            .bind(&thumbnail.content_type)
+            .bind(&thumbnail.sha256)
+            .bind(thumbnail.size),
         )
-        .bind(media_id)
-        .bind(width)
-        .bind(height)
-        .bind(method)
-        .bind(&thumbnail.content_type)
-        .bind(&thumbnail.sha256)
-        .bind(thumbnail.size)
-        .execute(&self.pool)
         .await?;
         Ok(())
     }
@@ -297,18 +301,19 @@ impl Store {
         media: &RemoteMediaRow,
         now: i64,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO remote_media (origin, media_id, content_type, filename, sha256, size, fetched_ts)
+        self.execute_write(
+            sqlx::query(
+                "INSERT INTO remote_media (origin, media_id, content_type, filename, sha256, size, fetched_ts)
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (origin, media_id) DO NOTHING",
+            )
+            .bind(origin)
+            .bind(media_id)
+            .bind(&media.content_type)
+            .bind(&media.filename)
+            .bind(&media.sha256)
+            .bind(media.size)
+            .bind(now),
         )
-        .bind(origin)
-        .bind(media_id)
-        .bind(&media.content_type)
-        .bind(&media.filename)
-        .bind(&media.sha256)
-        .bind(media.size)
-        .bind(now)
-        .execute(&self.pool)
         .await?;
         Ok(())
     }

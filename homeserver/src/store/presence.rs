@@ -35,7 +35,7 @@ impl Store {
     }
 
     pub async fn set_presence(&self, row: &PresenceRow) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        self.execute_write(sqlx::query(
             "INSERT INTO presence (user_id, state, status_msg, last_active_ts, stream_id) VALUES ($1, $2, $3, $4, $5)
              ON CONFLICT (user_id) DO UPDATE SET state = $2, status_msg = $3, last_active_ts = $4, stream_id = $5",
         )
@@ -44,18 +44,17 @@ impl Store {
         .bind(&row.status_msg)
         .bind(row.last_active_ts)
         .bind(row.stream_id)
-        .execute(&self.pool)
+        )
         .await?;
         Ok(())
     }
 
     /// Records activity without announcing it (no new stream position).
     pub async fn touch_presence(&self, user_id: &str, now: i64) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE presence SET last_active_ts = $1 WHERE user_id = $2")
-            .bind(now)
-            .bind(user_id)
-            .execute(&self.pool)
-            .await?;
+        self.execute_write(
+            sqlx::query("UPDATE presence SET last_active_ts = $1 WHERE user_id = $2").bind(now).bind(user_id),
+        )
+        .await?;
         Ok(())
     }
 

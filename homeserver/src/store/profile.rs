@@ -61,11 +61,10 @@ impl Store {
     }
 
     pub async fn delete_profile_field(&self, user_id: &str, field: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM profile_fields WHERE user_id = $1 AND field = $2")
-            .bind(user_id)
-            .bind(field)
-            .execute(&self.pool)
-            .await?;
+        self.execute_write(
+            sqlx::query("DELETE FROM profile_fields WHERE user_id = $1 AND field = $2").bind(user_id).bind(field),
+        )
+        .await?;
         Ok(())
     }
 }

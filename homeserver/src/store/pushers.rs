@@ -88,11 +88,13 @@ impl Store {
 
     /// Deletes one of the user's pushers; false if there was none.
     pub async fn delete_pusher(&self, user_id: &str, app_id: &str, pushkey: &str) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query("DELETE FROM pushers WHERE user_id = $1 AND app_id = $2 AND pushkey = $3")
-            .bind(user_id)
-            .bind(app_id)
-            .bind(pushkey)
-            .execute(&self.pool)
+        let done = self
+            .execute_write(
+                sqlx::query("DELETE FROM pushers WHERE user_id = $1 AND app_id = $2 AND pushkey = $3")
+                    .bind(user_id)
+                    .bind(app_id)
+                    .bind(pushkey),
+            )
             .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -163,15 +165,16 @@ impl Store {
         pushkey: &str,
         position: i64,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE pushers SET last_stream_ordering = $1
+        self.execute_write(
+            sqlx::query(
+                "UPDATE pushers SET last_stream_ordering = $1
              WHERE user_id = $2 AND app_id = $3 AND pushkey = $4 AND last_stream_ordering < $1",
+            )
+            .bind(position)
+            .bind(user_id)
+            .bind(app_id)
+            .bind(pushkey),
         )
-        .bind(position)
-        .bind(user_id)
-        .bind(app_id)
-        .bind(pushkey)
-        .execute(&self.pool)
         .await?;
         Ok(())
     }

@@ -29,16 +29,18 @@ impl Store {
         expiry_ts: Option<i64>,
         now: i64,
     ) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
-            "INSERT INTO registration_tokens (token, uses_allowed, completed, expiry_ts, created_ts)
+        let done = self
+            .execute_write(
+                sqlx::query(
+                    "INSERT INTO registration_tokens (token, uses_allowed, completed, expiry_ts, created_ts)
              VALUES ($1, $2, 0, $3, $4) ON CONFLICT DO NOTHING",
-        )
-        .bind(token)
-        .bind(uses_allowed)
-        .bind(expiry_ts)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
+                )
+                .bind(token)
+                .bind(uses_allowed)
+                .bind(expiry_ts)
+                .bind(now),
+            )
+            .await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -64,7 +66,7 @@ impl Store {
     /// Deletes a token; false if there was none.
     pub async fn revoke_registration_token(&self, token: &str) -> Result<bool, sqlx::Error> {
         let done =
-            sqlx::query("DELETE FROM registration_tokens WHERE token = $1").bind(token).execute(&self.pool).await?;
+            self.execute_write(sqlx::query("DELETE FROM registration_tokens WHERE token = $1").bind(token)).await?;
         Ok(done.rows_affected() == 1)
     }
 }

@@ -128,11 +128,10 @@ impl Store {
     }
 
     pub async fn set_room_published(&self, room_id: &str, published: bool) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE rooms SET published = $1 WHERE room_id = $2")
-            .bind(i64::from(published))
-            .bind(room_id)
-            .execute(&self.pool)
-            .await?;
+        self.execute_write(
+            sqlx::query("UPDATE rooms SET published = $1 WHERE room_id = $2").bind(i64::from(published)).bind(room_id),
+        )
+        .await?;
         Ok(())
     }
 
@@ -501,14 +500,14 @@ impl Store {
 
     /// Creates an alias; false if it exists.
     pub async fn create_alias(&self, alias: &str, room_id: &str, creator: &str, now: i64) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(
+        let done = self.execute_write(sqlx::query(
             "INSERT INTO room_aliases (alias, room_id, creator, created_ts) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
         )
         .bind(alias)
         .bind(room_id)
         .bind(creator)
         .bind(now)
-        .execute(&self.pool)
+        )
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -523,7 +522,7 @@ impl Store {
     }
 
     pub async fn delete_alias(&self, alias: &str) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query("DELETE FROM room_aliases WHERE alias = $1").bind(alias).execute(&self.pool).await?;
+        let done = self.execute_write(sqlx::query("DELETE FROM room_aliases WHERE alias = $1").bind(alias)).await?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -646,11 +645,12 @@ impl Store {
     }
 
     pub async fn forget_room(&self, user_id: &str, room_id: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("INSERT INTO forgotten_rooms (user_id, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-            .bind(user_id)
-            .bind(room_id)
-            .execute(&self.pool)
-            .await?;
+        self.execute_write(
+            sqlx::query("INSERT INTO forgotten_rooms (user_id, room_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(user_id)
+                .bind(room_id),
+        )
+        .await?;
         Ok(())
     }
 

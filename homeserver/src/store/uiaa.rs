@@ -23,14 +23,14 @@ impl Store {
         user_id: Option<&str>,
         now: i64,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
+        self.execute_write(sqlx::query(
             "INSERT INTO uiaa_sessions (session_id, action, user_id, completed, created_ts) VALUES ($1, $2, $3, '[]', $4)",
         )
         .bind(session_id)
         .bind(action)
         .bind(user_id)
         .bind(now)
-        .execute(&self.pool)
+        )
         .await?;
         Ok(())
     }
@@ -66,24 +66,25 @@ impl Store {
         registration_token: Option<&str>,
     ) -> Result<(), sqlx::Error> {
         let completed = serde_json::to_string(completed).unwrap_or_else(|_| "[]".to_owned());
-        sqlx::query("UPDATE uiaa_sessions SET completed = $1, registration_token = $2 WHERE session_id = $3")
-            .bind(completed)
-            .bind(registration_token)
-            .bind(session_id)
-            .execute(&self.pool)
-            .await?;
+        self.execute_write(
+            sqlx::query("UPDATE uiaa_sessions SET completed = $1, registration_token = $2 WHERE session_id = $3")
+                .bind(completed)
+                .bind(registration_token)
+                .bind(session_id),
+        )
+        .await?;
         Ok(())
     }
 
     pub async fn delete_uiaa_session(&self, session_id: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM uiaa_sessions WHERE session_id = $1").bind(session_id).execute(&self.pool).await?;
+        self.execute_write(sqlx::query("DELETE FROM uiaa_sessions WHERE session_id = $1").bind(session_id)).await?;
         Ok(())
     }
 
     /// Forgets sessions created before `before`.
     pub async fn expire_uiaa_sessions(&self, before: i64) -> Result<u64, sqlx::Error> {
         let done =
-            sqlx::query("DELETE FROM uiaa_sessions WHERE created_ts < $1").bind(before).execute(&self.pool).await?;
+            self.execute_write(sqlx::query("DELETE FROM uiaa_sessions WHERE created_ts < $1").bind(before)).await?;
         Ok(done.rows_affected())
     }
 }

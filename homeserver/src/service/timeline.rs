@@ -60,13 +60,55 @@ pub struct Txn<'a> {
 /// Per-room append locks.
 #[derive(Default)]
 pub struct RoomLocks {
-    locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+    locks: Mutex<RoomLockMap>,
 }
+
+#[derive(Default)]
+struct RoomLockMap {
+    by_room: HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>,
+    /// Past this many entries the map drops the locks nobody holds or waits for.
+    prune_at: usize,
+}
+
+/// Room locks kept at least until this many rooms were touched.
+const ROOM_LOCKS_KEPT: usize = 1024;
 
 impl RoomLocks {
     fn get(&self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
-        locks.entry(room_id.to_owned()).or_default().clone()
+        if locks.by_room.len() >= locks.prune_at.max(ROOM_LOCKS_KEPT) {
+            // A lock only the map refers to is neither held nor awaited (both need a clone,
+            // taken under this same mutex), so dropping it is safe; without this the map
+            // grew by one entry per room ever written to. Pruning again only once the map
+            // doubles keeps the cost per call constant.
+            locks.by_room.retain(|_, lock| Arc::strong_count(lock) > 1);
+            locks.prune_at = locks.by_room.len() * 2;
+        }
+        locks.by_room.entry(room_id.to_owned()).or_default().clone()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.locks.lock().unwrap_or_else(|e| e.into_inner()).by_room.len()
+    }
+}
+
+#[cfg(test)]
+mod room_lock_tests {
+    use super::*;
+
+    #[test]
+    fn unused_room_locks_are_dropped_and_held_ones_kept() {
+        let locks = RoomLocks::default();
+        let kept_room: OwnedRoomId = "!kept:localhost".try_into().unwrap();
+        let held = locks.get(&kept_room);
+        for i in 0..10_000 {
+            let room: OwnedRoomId = format!("!room{i}:localhost").try_into().unwrap();
+            drop(locks.get(&room));
+        }
+        assert!(locks.len() <= 2 * ROOM_LOCKS_KEPT, "the map holds {} locks", locks.len());
+        // The held lock survived every prune: the same mutex comes back.
+        assert!(Arc::ptr_eq(&held, &locks.get(&kept_room)));
     }
 }
 

@@ -723,10 +723,13 @@ impl Services {
     /// Parses a filter given inline (JSON) or by id.
     pub async fn resolve_filter(&self, user_id: &str, filter: Option<&str>) -> Result<EventFilter> {
         let Some(filter) = filter else { return Ok(EventFilter::default()) };
-        if filter.trim_start().starts_with('{') {
+        let parse = |json: &str| -> Result<EventFilter> {
             let value: JsonValue =
-                serde_json::from_str(filter).map_err(|e| Error::NotJson(format!("Invalid filter: {e}")))?;
-            return Ok(event_filter_from_json(&value));
+                serde_json::from_str(json).map_err(|e| Error::NotJson(format!("Invalid filter: {e}")))?;
+            Ok(event_filter_from_json(&value))
+        };
+        if filter.trim_start().starts_with('{') {
+            return parse(filter);
         }
         let id: i64 = filter.parse().map_err(|_| Error::InvalidParam("Unknown filter".to_owned()))?;
         let key = (user_id.to_owned(), id);
@@ -735,9 +738,7 @@ impl Services {
         }
         let generation = self.filters.generation();
         let json = self.store.filter(user_id, id).await?.ok_or_else(|| Error::NotFound("Unknown filter".to_owned()))?;
-        let value: JsonValue =
-            serde_json::from_str(&json).map_err(|e| Error::NotJson(format!("Invalid filter: {e}")))?;
-        let parsed = event_filter_from_json(&value);
+        let parsed = parse(&json)?;
         self.filters.insert_if_unchanged(key, parsed.clone(), generation);
         Ok(parsed)
     }

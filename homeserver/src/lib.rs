@@ -12,3 +12,6 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod tls;
+
+#[cfg(test)]
+mod parser_props;

@@ -190,11 +190,7 @@ impl Services {
 
     /// `#name:server` for a local alias name.
     pub fn local_alias(&self, name: &str) -> Result<OwnedRoomAliasId> {
-        if name.is_empty() || name.contains(':') || name.contains(char::is_whitespace) {
-            return Err(Error::InvalidParam("Invalid room alias name".to_owned()));
-        }
-        RoomAliasId::parse(format!("#{name}:{}", self.settings.server_name))
-            .map_err(|e| Error::InvalidParam(format!("Invalid room alias: {e}")))
+        alias_on(name, &self.settings.server_name)
     }
 
     /// Membership content with the member's profile (display name and avatar).
@@ -478,6 +474,15 @@ impl Services {
         }
         RoomId::parse(id_or_alias).map_err(|e| Error::InvalidParam(format!("Invalid room id: {e}")))
     }
+}
+
+/// `#name:server`: an alias `name` (as a client gives it to `createRoom`) on `server`. A name
+/// that would put the alias on another server or is not an alias localpart is refused.
+pub fn alias_on(name: &str, server: &ruma::ServerName) -> Result<OwnedRoomAliasId> {
+    if name.is_empty() || name.contains(':') || name.contains(char::is_whitespace) {
+        return Err(Error::InvalidParam("Invalid room alias name".to_owned()));
+    }
+    RoomAliasId::parse(format!("#{name}:{server}")).map_err(|e| Error::InvalidParam(format!("Invalid room alias: {e}")))
 }
 
 async fn power_levels_of_old(services: &Services, room: &RoomId) -> Result<JsonValue> {

@@ -3,6 +3,7 @@
 
 mod account;
 mod aggregations;
+mod attackers;
 mod cli;
 mod desktop_core;
 mod desktop_keys;
@@ -15,6 +16,7 @@ mod federation;
 mod federation_e2ee;
 mod federation_rooms;
 mod login;
+mod malformed;
 mod media;
 mod operations;
 mod presence;

@@ -158,6 +158,9 @@ struct Cast {
     root: String,
     /// An event of `left`, from before they left.
     left_own: String,
+    /// A reply in the root's thread and an edit of `early`, from before anybody left.
+    old_reply: String,
+    old_edit: String,
     secrets: Vec<String>,
 }
 
@@ -186,6 +189,22 @@ async fn cast(backend: Backend) -> Cast {
     let early = send(&server, &admin, &room, json!({"msgtype": "m.text", "body": "early, for everybody"})).await;
     let root = send(&server, &admin, &room, json!({"msgtype": "m.text", "body": "thread root"})).await;
     let left_own = send(&server, &left, &room, json!({"msgtype": "m.text", "body": "mine"})).await;
+    // A thread reply and an edit everybody saw: what former members' bundles must show.
+    let old_reply = send(
+        &server,
+        &admin,
+        &room,
+        json!({"msgtype": "m.text", "body": "old reply", "m.relates_to": {"rel_type": "m.thread", "event_id": root}}),
+    )
+    .await;
+    let old_edit = send(
+        &server,
+        &admin,
+        &room,
+        json!({"msgtype": "m.text", "body": "* old edit", "m.new_content": {"msgtype": "m.text", "body": "old edit"},
+               "m.relates_to": {"rel_type": "m.replace", "event_id": early}}),
+    )
+    .await;
 
     membership_call(&server, &left, &room, "leave", None).await;
     membership_call(&server, &admin, &room, "kick", Some(&kicked)).await;
@@ -251,6 +270,8 @@ async fn cast(backend: Backend) -> Cast {
         early,
         root,
         left_own,
+        old_reply,
+        old_edit,
         secrets,
     }
 }
@@ -575,6 +596,12 @@ async fn outsiders_cannot_read_what_came_after_them(backend: Backend) {
             ] {
                 c.assert_no_secret(who, what, &resp.assert_ok().to_string());
             }
+            // The bundles are made of what they saw: the old reply (one), the old edit.
+            let thread = &root.body["unsigned"]["m.relations"]["m.thread"];
+            assert_eq!(thread["latest_event"]["event_id"], c.old_reply.as_str(), "{who}: {}", root.body);
+            assert_eq!(thread["count"], 1, "{who}: {}", root.body);
+            let edit = &early.body["unsigned"]["m.relations"]["m.replace"];
+            assert_eq!(edit["event_id"], c.old_edit.as_str(), "{who}: {}", early.body);
         } else {
             for resp in [&early, &root, &context, &relations, &thread] {
                 resp.assert_error(404, "M_NOT_FOUND");

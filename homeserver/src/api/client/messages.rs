@@ -49,14 +49,10 @@ pub async fn send(
     if kind == "m.room.redaction" {
         return Err(Error::BadJson("Use the /redact endpoint to redact events".to_owned()));
     }
-    let event_id = services
-        .append_event(
-            &req.body.room_id,
-            &user.user_id,
-            EventDraft::message(&kind, content),
-            Some(Txn { device_id: user.device_id.as_str(), txn_id: req.body.txn_id.as_str() }),
-        )
-        .await?;
+    let scope = format!("send/{}/{kind}", req.body.room_id);
+    let txn = Txn { device_id: user.device_id.as_str(), scope: &scope, txn_id: req.body.txn_id.as_str() };
+    let event_id =
+        services.append_event(&req.body.room_id, &user.user_id, EventDraft::message(&kind, content), Some(txn)).await?;
     Ok(RumaResponse(send_message_event::v3::Response::new(event_id)))
 }
 
@@ -86,14 +82,9 @@ pub async fn redact(
         content: JsonValue::Object(content),
         redacts: Some(req.body.event_id.clone()),
     };
-    let event_id = services
-        .append_event(
-            &req.body.room_id,
-            &user.user_id,
-            draft,
-            Some(Txn { device_id: user.device_id.as_str(), txn_id: req.body.txn_id.as_str() }),
-        )
-        .await?;
+    let scope = format!("redact/{}/{}", req.body.room_id, req.body.event_id);
+    let txn = Txn { device_id: user.device_id.as_str(), scope: &scope, txn_id: req.body.txn_id.as_str() };
+    let event_id = services.append_event(&req.body.room_id, &user.user_id, draft, Some(txn)).await?;
     Ok(RumaResponse(redact_event::v3::Response::new(event_id)))
 }
 

@@ -14,6 +14,7 @@ mod errors;
 mod federation;
 mod federation_e2ee;
 mod federation_rooms;
+mod limits;
 mod login;
 mod media;
 mod operations;

@@ -800,6 +800,72 @@ async fn plain_member_cannot_moderate_or_take_power(backend: Backend) {
             400,
         )
         .code("M_BAD_JSON"),
+        // State types sent as messages meet the same power levels; a member event needs its
+        // state key; a create event can only begin a room.
+        attempt(
+            "send power levels as a message",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/send/m.room.power_levels/{}", txn()),
+            Some(json!({"users": {(me.as_str()): 100}})),
+            403,
+        ),
+        attempt(
+            "send a tombstone as a message",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/send/m.room.tombstone/{}", txn()),
+            Some(json!({"body": "gone", "replacement_room": "!elsewhere:localhost"})),
+            403,
+        ),
+        attempt(
+            "send a member event as a message",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/send/m.room.member/{}", txn()),
+            Some(json!({"membership": "join"})),
+            400,
+        )
+        .code("M_BAD_JSON"),
+        attempt(
+            "send a create event",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/send/m.room.create/{}", txn()),
+            Some(json!({"room_version": "12"})),
+            403,
+        ),
+        attempt(
+            "replace the create event",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/state/m.room.create/"),
+            Some(json!({"room_version": "12"})),
+            403,
+        ),
+        attempt(
+            "join the admin on their behalf",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/state/m.room.member/{}", enc(&c.admin.user_id)),
+            Some(json!({"membership": "join"})),
+            403,
+        ),
+        attempt(
+            "ban themselves",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/state/m.room.member/{}", enc(&me)),
+            Some(json!({"membership": "ban"})),
+            403,
+        ),
+        attempt(
+            "invite the banned user through their member event",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/state/m.room.member/{}", enc(&c.banned.user_id)),
+            Some(json!({"membership": "invite"})),
+            403,
+        ),
+        attempt(
+            "unban the banned user through their member event",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/state/m.room.member/{}", enc(&c.banned.user_id)),
+            Some(json!({"membership": "leave"})),
+            403,
+        ),
         attempt(
             "kick the admin",
             Method::POST,

@@ -158,6 +158,8 @@ struct Cast {
     root: String,
     /// An event of `left`, from before they left.
     left_own: String,
+    /// A message from before anybody left that only got thread replies after.
+    late_root: String,
     /// A reply in the root's thread and an edit of `early`, from before anybody left.
     old_reply: String,
     old_edit: String,
@@ -189,6 +191,8 @@ async fn cast(backend: Backend) -> Cast {
     let early = send(&server, &admin, &room, json!({"msgtype": "m.text", "body": "early, for everybody"})).await;
     let root = send(&server, &admin, &room, json!({"msgtype": "m.text", "body": "thread root"})).await;
     let left_own = send(&server, &left, &room, json!({"msgtype": "m.text", "body": "mine"})).await;
+    // A message everybody saw that becomes a thread root only after they left.
+    let late_root = send(&server, &admin, &room, json!({"msgtype": "m.text", "body": "answered later"})).await;
     // A thread reply and an edit everybody saw: what former members' bundles must show.
     let old_reply = send(
         &server,
@@ -247,6 +251,16 @@ async fn cast(backend: Backend) -> Cast {
         .await,
     );
     secrets.push(put_state(&server, &admin, &room, "org.example.secret", "", json!({"plan": "SECRET state"})).await);
+    secrets.push(
+        send(
+            &server,
+            &admin,
+            &room,
+            json!({"msgtype": "m.text", "body": "SECRET answer",
+                   "m.relates_to": {"rel_type": "m.thread", "event_id": late_root}}),
+        )
+        .await,
+    );
     let last = secrets[0].clone();
     server
         .post(
@@ -270,6 +284,7 @@ async fn cast(backend: Backend) -> Cast {
         early,
         root,
         left_own,
+        late_root,
         old_reply,
         old_edit,
         secrets,
@@ -609,7 +624,11 @@ async fn outsiders_cannot_read_what_came_after_them(backend: Backend) {
         }
         let threads = read(format!("{V1}/rooms/{r}/threads")).await;
         if former {
-            c.assert_no_secret(who, "/threads", &threads.assert_ok().to_string());
+            let text = threads.assert_ok().to_string();
+            c.assert_no_secret(who, "/threads", &text);
+            // Their thread, not the one that began after they left.
+            assert!(text.contains(&c.root), "{who} sees the thread they took part in: {text}");
+            assert!(!text.contains(&c.late_root), "{who} learns of a thread begun after they left: {text}");
         } else {
             threads.assert_error(403, "M_FORBIDDEN");
         }

@@ -3,6 +3,7 @@
 
 mod account;
 mod aggregations;
+mod attackers;
 mod cli;
 mod desktop_core;
 mod desktop_keys;
@@ -16,6 +17,7 @@ mod federation_e2ee;
 mod federation_rooms;
 mod limits;
 mod login;
+mod malformed;
 mod media;
 mod operations;
 mod presence;

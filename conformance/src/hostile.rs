@@ -562,7 +562,8 @@ impl HostileServer {
     }
 
     /// Creates a room on this server, as its resident server: the create event, the
-    /// creator's join, power levels (the creator 100), public join rules and `shared` history.
+    /// creator's join, power levels (the creator 100 before version 12), public join rules and
+    /// `shared` history.
     /// Answers joins and reads of the room from then on. Returns the room id.
     pub fn create_room(&self, version: &RoomVersionId, creator_localpart: &str) -> String {
         let creator = self.user(creator_localpart);
@@ -577,21 +578,31 @@ impl HostileServer {
         if !rules.authorization.room_create_event_id_as_room_id {
             create["room_id"] = json!(format!("!{}:{}", random_suffix(), self.name));
         }
-        let (create_id, create) = self.sign(version, create);
-        let room_id = match create["room_id"].as_str() {
-            Some(id) => id.to_owned(),
-            // Room version 12: the room id is the create event's.
-            None => format!("!{}", create_id.trim_start_matches('$')),
+        let (create_id, create, room_id) = loop {
+            let (create_id, signed) = self.sign(version, create.clone());
+            let room_id = match signed["room_id"].as_str() {
+                Some(id) => id.to_owned(),
+                // Room version 12: the room id is the create event's.
+                None => format!("!{}", create_id.trim_start_matches('$')),
+            };
+            if !self.inner.rooms.lock().unwrap().contains_key(&room_id) {
+                break (create_id, signed, room_id);
+            }
+            // Two rooms made in the same millisecond would be one room (version 12).
+            create["origin_server_ts"] = json!(create["origin_server_ts"].as_u64().unwrap_or(0) + 1);
         };
         let mut view = RoomView::new(&room_id, version.clone());
         view.add(&create_id, &create, true);
         self.inner.rooms.lock().unwrap().insert(room_id.clone(), view);
         self.inner.hosted.lock().unwrap().insert(room_id.clone());
         self.build(&room_id, Draft::member(&creator, &creator, "join"));
-        self.build(
-            &room_id,
-            Draft::state(&creator, "m.room.power_levels", "", json!({"users": {(creator.as_str()): 100}})),
-        );
+        // From room version 12 creators have every power and may not be listed.
+        let users = if rules.authorization.explicitly_privilege_room_creators {
+            json!({})
+        } else {
+            json!({(creator.as_str()): 100})
+        };
+        self.build(&room_id, Draft::state(&creator, "m.room.power_levels", "", json!({"users": users})));
         self.build(&room_id, Draft::state(&creator, "m.room.join_rules", "", json!({"join_rule": "public"})));
         self.build(
             &room_id,

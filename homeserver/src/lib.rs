@@ -7,6 +7,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod listener;
 pub mod metrics;
 pub mod server;
 pub mod service;

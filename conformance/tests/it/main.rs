@@ -18,6 +18,7 @@ mod hostile_acl;
 mod hostile_redactions;
 mod hostile_templates;
 mod hostile_visibility;
+mod limits;
 mod login;
 mod media;
 mod operations;

@@ -13,3 +13,6 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod tls;
+
+#[cfg(test)]
+mod parser_props;

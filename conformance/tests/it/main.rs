@@ -3,6 +3,7 @@
 
 mod account;
 mod aggregations;
+mod attackers;
 mod cli;
 mod desktop_core;
 mod desktop_keys;
@@ -20,6 +21,7 @@ mod hostile_templates;
 mod hostile_visibility;
 mod limits;
 mod login;
+mod malformed;
 mod media;
 mod operations;
 mod presence;

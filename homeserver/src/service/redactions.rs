@@ -10,15 +10,10 @@
 //! allowed one marks its target redacted (store, room cache, search index).
 
 use federation::pdu::Pdu;
-use ruma::{
-    OwnedEventId, OwnedUserId, RoomId, UserId,
-    events::room::power_levels::{RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource},
-    room_version_rules::RoomVersionRules,
-};
-use serde_json::Value as JsonValue;
+use ruma::{OwnedEventId, RoomId, UserId, room_version_rules::RoomVersionRules};
 
 use super::Services;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// What an event does as a redaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,8 +27,8 @@ pub(crate) enum RedactionVerdict {
 }
 
 impl Services {
-    /// Decides whether `pdu` redacts an event in `room_id` (see the module). Call under the
-    /// room lock: it reads the room's current power levels through the room cache.
+    /// Decides whether `pdu` redacts an event in `room_id` (see the module), by the room's
+    /// current power levels. Call under the room lock.
     pub(crate) async fn redaction_verdict(
         &self,
         room_id: &RoomId,
@@ -41,7 +36,8 @@ impl Services {
         rules: &RoomVersionRules,
     ) -> Result<RedactionVerdict> {
         let Some(target) = pdu.redaction_target(rules) else { return Ok(RedactionVerdict::NotARedaction) };
-        if self.may_redact_others(room_id, &pdu.sender, rules).await? {
+        // The room's current power levels, v12 creators' unlimited power included.
+        if self.power_levels(room_id.as_str()).await?.user_can_redact_event_of_other(&pdu.sender) {
             return Ok(RedactionVerdict::Apply(target));
         }
         let Some(row) = self.store.event(target.as_str()).await? else {
@@ -60,32 +56,5 @@ impl Services {
         } else {
             Ok(RedactionVerdict::Refused(format!("{} may not redact {target} of {original_sender}", pdu.sender)))
         }
-    }
-
-    /// Whether `user` has the room's `redact` power level (room creators of version 12 have
-    /// every power). Power levels that do not parse give no one that power.
-    async fn may_redact_others(&self, room_id: &RoomId, user: &UserId, rules: &RoomVersionRules) -> Result<bool> {
-        let mut creators: Vec<OwnedUserId> = Vec::new();
-        if let Some(create) = self.cached_state_event(room_id, "m.room.create", "").await? {
-            creators.extend(UserId::parse(create.sender.as_str()));
-            if rules.authorization.additional_room_creators {
-                let create: JsonValue = serde_json::from_str(&create.json).unwrap_or_default();
-                let additional = create["content"]["additional_creators"].as_array().cloned().unwrap_or_default();
-                creators.extend(additional.iter().filter_map(|u| u.as_str()).filter_map(|u| UserId::parse(u).ok()));
-            }
-        }
-        let source = match self.cached_state_event(room_id, "m.room.power_levels", "").await? {
-            None => RoomPowerLevelsSource::None,
-            Some(row) => {
-                let pdu: JsonValue = serde_json::from_str(&row.json)
-                    .map_err(|e| Error::internal(format!("stored power levels: {e}")))?;
-                match serde_json::from_value::<RoomPowerLevelsEventContent>(pdu["content"].clone()) {
-                    Ok(content) => RoomPowerLevelsSource::Original(content),
-                    Err(_) => return Ok(false),
-                }
-            }
-        };
-        let levels = RoomPowerLevels::new(source, &rules.authorization, creators);
-        Ok(levels.user_can_redact_event_of_other(user))
     }
 }

@@ -974,6 +974,18 @@ async fn plain_member_cannot_moderate_or_take_power(backend: Backend) {
     assert_eq!(before, after, "the member changed the room");
     // Positive control: the same member may do what members may.
     send(s, &c.member, &c.room, json!({"msgtype": "m.text", "body": "still here"})).await;
+    // A message that names an event in `redacts` (issue 13's reproduction) is only a
+    // message: the admin's event stays whole, for the admin and for everybody.
+    for (kind, txn) in [("m.room.message", txn()), ("org.example.custom", txn())] {
+        let path = format!("{V3}/rooms/{r}/send/{kind}/{txn}");
+        let body = json!({"msgtype": "m.text", "body": "x", "redacts": c.early});
+        s.put(&path, Some(&c.member.access_token), body).await.assert_ok();
+    }
+    for reader in [&c.admin, &c.member] {
+        let early = s.get(&format!("{V3}/rooms/{r}/event/{}", enc(&c.early)), Some(&reader.access_token)).await;
+        assert_eq!(early.assert_ok()["content"]["body"], "early, for everybody", "{}", early.body);
+        assert!(early.body["unsigned"].get("redacted_because").is_none(), "{}", early.body);
+    }
 }
 
 /// A moderator (50) whose power levels let moderators edit the power levels still cannot

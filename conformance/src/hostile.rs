@@ -427,6 +427,19 @@ impl HostileServer {
         sign_with(&self.inner.name, &self.inner.key, version, event)
     }
 
+    /// Adds this server's signature to another server's event (what an invitee's server does),
+    /// as a function a handler set with [`HostileServer::on`] can keep.
+    pub fn cosigner(&self) -> impl Fn(&RoomVersionId, Value) -> Value + Send + Sync + 'static {
+        let inner = self.inner.clone();
+        move |version, event| {
+            let rules = version.rules().expect("a known room version");
+            let mut object: CanonicalJsonObject = serde_json::from_value(event).expect("an event object");
+            ruma::signatures::sign_event(&inner.name, inner.key.pair(), &mut object, &rules.redaction)
+                .expect("co-sign");
+            serde_json::to_value(&object).expect("JSON")
+        }
+    }
+
     /// Builds and signs an event in a room this server has a view of: fields the draft leaves
     /// unset come from the view (`prev_events`: the extremities; `auth_events`: the spec's
     /// selection from the current state; `depth`: one more than the greatest). The event is

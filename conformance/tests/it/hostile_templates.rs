@@ -160,4 +160,62 @@ async fn crafted_leave_templates_are_refused(backend: Backend) {
     assert!(!invited(&a.sync(&alice, None, 0, None).await), "the invite is gone after the leave");
 }
 
-backend_tests!(crafted_join_templates_are_refused, crafted_leave_templates_are_refused);
+/// Our invite comes back co-signed by the invitee's server with what the event id does not
+/// cover changed (a reason, an extra top-level key): we keep our own event and take only
+/// that server's signature.
+async fn a_co_signed_invite_changes_nothing_but_signatures(backend: Backend) {
+    let a = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let h = HostileServer::start().await;
+    let mallory = h.user("mallory");
+    let room_id = a
+        .create_room(
+            &alice,
+            json!({
+                "preset": "public_chat",
+                "initial_state": [{"type": "m.room.history_visibility", "state_key": "", "content": {"history_visibility": "invited"}}],
+            }),
+        )
+        .await;
+    let cosign = h.cosigner();
+    h.on(Endpoint::Invite, move |req| {
+        let mut event = req.body["event"].clone();
+        event["content"]["reason"] = json!("tampered");
+        event["org.example.injected"] = json!(true);
+        let version = RoomVersionId::try_from(req.body["room_version"].as_str().unwrap()).unwrap();
+        Reply::ok(json!({"event": cosign(&version, event)}))
+    });
+    let invited = a
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room_id)),
+            Some(&alice.access_token),
+            json!({"user_id": mallory, "reason": "welcome"}),
+        )
+        .await;
+    invited.assert_ok();
+    let member = a
+        .get(
+            &format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room_id), enc(&mallory)),
+            Some(&alice.access_token),
+        )
+        .await;
+    assert_eq!(member.assert_ok()["reason"], "welcome", "{}", member.body);
+    let state = a.get(&format!("/_matrix/client/v3/rooms/{}/state", enc(&room_id)), Some(&alice.access_token)).await;
+    let invite_id = state.assert_ok().as_array().unwrap().iter().find(|e| e["state_key"] == mallory.as_str()).unwrap()
+        ["event_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (status, body) = h.get(&a, &format!("/_matrix/federation/v1/event/{}", enc(&invite_id))).await;
+    assert_eq!(status, 200, "{body}");
+    let stored = &body["pdus"][0];
+    assert!(stored.get("org.example.injected").is_none(), "a key the invitee's server added was kept: {stored}");
+    assert_eq!(stored["content"]["reason"], "welcome", "{stored}");
+    assert!(stored["signatures"][&h.name].is_object(), "the invitee's signature is kept: {stored}");
+}
+
+backend_tests!(
+    crafted_join_templates_are_refused,
+    crafted_leave_templates_are_refused,
+    a_co_signed_invite_changes_nothing_but_signatures
+);

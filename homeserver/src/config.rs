@@ -71,6 +71,7 @@ pub struct Config {
     /// `m.server` delegation served at `/.well-known/matrix/server`, e.g. `matrix.example.org:443`.
     pub well_known_server: Option<String>,
     pub http: HttpConfig,
+    pub metrics: MetricsConfig,
     pub database: DatabaseConfig,
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
@@ -217,6 +218,19 @@ impl Default for MediaConfig {
     }
 }
 
+/// Where Prometheus reads `/metrics`. Never public by default: the numbers say who is busy
+/// and how the server is built.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// A listener of its own for `/metrics` (and `/health`), plain HTTP, e.g.
+    /// `127.0.0.1:9108`. Empty: none.
+    pub listen: String,
+    /// Serve `/metrics` on the Client-Server listener too, to requests that carry this token
+    /// (`Authorization: Bearer ...`). Empty: not served there.
+    pub bearer_token: String,
+}
+
 /// Limits of the HTTP listeners (client and federation), against clients that hold
 /// connections open without finishing their requests (slowloris) or open too many.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -317,6 +331,7 @@ impl Default for Config {
             trust_x_forwarded_for: false,
             well_known_server: None,
             http: HttpConfig::default(),
+            metrics: MetricsConfig::default(),
             database: DatabaseConfig::default(),
             log: LogConfig::default(),
             rate_limits: RateLimitsConfig::default(),
@@ -380,6 +395,8 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_HTTP_MAX_CONNECTIONS", "http.max_connections", EnvKind::Integer),
     ("OBMIN_HTTP_MAX_CONNECTIONS_PER_ADDRESS", "http.max_connections_per_address", EnvKind::Integer),
     ("OBMIN_HTTP_CONNECTION_LIMIT_EXEMPT", "http.connection_limit_exempt", EnvKind::List),
+    ("OBMIN_METRICS_LISTEN", "metrics.listen", EnvKind::String),
+    ("OBMIN_METRICS_BEARER_TOKEN", "metrics.bearer_token", EnvKind::String),
     ("OBMIN_DATABASE_MAX_CONNECTIONS", "database.max_connections", EnvKind::Integer),
     ("OBMIN_DATABASE_SQLITE_SYNCHRONOUS", "database.sqlite_synchronous", EnvKind::String),
     ("OBMIN_LOG", "log.filter", EnvKind::String),
@@ -440,6 +457,10 @@ pub struct Settings {
     pub trust_x_forwarded_for: bool,
     pub well_known_server: Option<String>,
     pub http: crate::listener::ConnectionLimits,
+    /// The metrics listener's address, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The token that opens `/metrics` on the client listener, if any.
+    pub metrics_bearer_token: Option<String>,
     pub database: DatabaseConfig,
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
@@ -650,6 +671,18 @@ impl Settings {
         };
         let federation = validate_federation(&config.federation)?;
         let http = validate_http(&config.http)?;
+        let metrics_listen = match config.metrics.listen.trim() {
+            "" => None,
+            addr => Some(
+                addr.parse()
+                    .map_err(|_| err("metrics.listen", format!("`{addr}` is not an address like 127.0.0.1:9108")))?,
+            ),
+        };
+        let metrics_bearer_token = match config.metrics.bearer_token.as_str() {
+            "" => None,
+            token if token.len() < 16 => return Err(err("metrics.bearer_token", "must be at least 16 characters")),
+            token => Some(token.to_owned()),
+        };
         Ok(Self {
             server_name: server_name.to_owned(),
             listen,
@@ -661,6 +694,8 @@ impl Settings {
             trust_x_forwarded_for: config.trust_x_forwarded_for,
             well_known_server: config.well_known_server,
             http,
+            metrics_listen,
+            metrics_bearer_token,
             database: config.database,
             log: config.log,
             rate_limits: config.rate_limits,

@@ -94,37 +94,10 @@ pub struct PushConfig {
     pub gateway_ip_range_allowlist: Vec<String>,
 }
 
-/// The private, loopback, link-local and reserved ranges, as in Synapse's suggested
-/// `ip_range_blacklist`.
-const DEFAULT_GATEWAY_DENYLIST: &[&str] = &[
-    "127.0.0.0/8",
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "100.64.0.0/10",
-    "192.0.0.0/24",
-    "169.254.0.0/16",
-    "192.88.99.0/24",
-    "198.18.0.0/15",
-    "192.0.2.0/24",
-    "198.51.100.0/24",
-    "203.0.113.0/24",
-    "224.0.0.0/4",
-    "0.0.0.0/8",
-    "255.255.255.255/32",
-    "::1/128",
-    "::/128",
-    "fe80::/10",
-    "fc00::/7",
-    "2001:db8::/32",
-    "ff00::/8",
-    "fec0::/10",
-];
-
 impl Default for PushConfig {
     fn default() -> Self {
         Self {
-            gateway_ip_range_denylist: DEFAULT_GATEWAY_DENYLIST.iter().map(|s| (*s).to_owned()).collect(),
+            gateway_ip_range_denylist: federation::discovery::PRIVATE_RANGES.iter().map(|s| (*s).to_owned()).collect(),
             gateway_ip_range_allowlist: Vec::new(),
         }
     }
@@ -890,5 +863,7 @@ mod tests {
         for (_, key, _) in ENV_OVERRIDES {
             assert!(EXAMPLE_CONFIG.contains(key.rsplit('.').next().unwrap()), "{key} undocumented");
         }
+        // The documented push denylist is the one private-address list, range for range.
+        assert_eq!(parsed.push.gateway_ip_range_denylist, federation::discovery::PRIVATE_RANGES);
     }
 }

@@ -290,6 +290,15 @@ impl Services {
             self.store.insert_outlier(event.event_id.as_str(), room_id.as_str(), &event.json, true, now_ms()).await?;
             return Ok(Accepted::SoftFailed);
         }
+        // 3. A redaction its sender may not make is soft-failed too: never applied, and never
+        // shown to clients (who would apply it themselves).
+        if let super::redactions::RedactionVerdict::Refused(reason) =
+            self.redaction_verdict(room_id, pdu, &rules).await?
+        {
+            tracing::info!(event_id = %event.event_id, %from, %reason, "soft-failed a received redaction");
+            self.store.insert_outlier(event.event_id.as_str(), room_id.as_str(), &event.json, true, now_ms()).await?;
+            return Ok(Accepted::SoftFailed);
+        }
         let resolved_state =
             if pdu.state_key.is_some() { self.resolve_if_forked(room_id, &version, pdu).await? } else { None };
         let destinations = if broadcast { self.destinations_for(room_id, pdu, Some(from)).await? } else { Vec::new() };
@@ -480,23 +489,5 @@ impl Services {
             return Err(Error::Forbidden(format!("{user} is not in {room_id}")));
         }
         Ok(user)
-    }
-
-    /// Refuses `server` if the room's `m.room.server_acl` denies it.
-    pub async fn check_server_acl(&self, room_id: &RoomId, server: &ServerName) -> Result<()> {
-        let Some(row) = self.store.current_state_event(room_id.as_str(), "m.room.server_acl", "").await? else {
-            return Ok(());
-        };
-        let pdu: serde_json::Value = serde_json::from_str(&row.json).unwrap_or_default();
-        let Ok(acl) =
-            serde_json::from_value::<ruma::events::room::server_acl::RoomServerAclEventContent>(pdu["content"].clone())
-        else {
-            return Ok(());
-        };
-        if acl.is_allowed(server) {
-            Ok(())
-        } else {
-            Err(Error::Forbidden(format!("{server} is denied by the room's server ACL")))
-        }
     }
 }

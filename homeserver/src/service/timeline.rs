@@ -20,6 +20,7 @@ use serde_json::Value as JsonValue;
 use super::{
     Services,
     notifier::{Change, Sections},
+    redactions::RedactionVerdict,
 };
 use crate::{
     error::{Error, Result},
@@ -364,6 +365,9 @@ impl Services {
         }
         let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
         auth::authorize(&rules.authorization, &pdu, &current.events, &current.state).map_err(Error::Forbidden)?;
+        if let RedactionVerdict::Refused(reason) = self.redaction_verdict(room_id, &pdu, &rules).await? {
+            return Err(Error::Forbidden(reason));
+        }
         Ok(BuiltEvent { event_id, object, json, pdu, resolved_state: None })
     }
 
@@ -451,6 +455,18 @@ impl Services {
         let push_actions = self.push_actions_for(room_id, &sender, &object).await?;
         let search_text = searchable_text(&event_type, &pdu);
         let origin_server_ts = i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX);
+        // Only an allowed redaction marks its target (the callers refuse or soft-fail the
+        // others before they get here; this is the last word for the store and the cache).
+        let redacts = if pdu.kind == ruma::events::TimelineEventType::RoomRedaction {
+            let rules = room_version_rules(&self.room_version(room_id.as_str()).await?)
+                .map_err(|e| Error::internal(e.to_string()))?;
+            match self.redaction_verdict(room_id, &pdu, &rules).await? {
+                RedactionVerdict::Apply(target) => Some(target),
+                _ => None,
+            }
+        } else {
+            None
+        };
         let position = self.streams.allocate();
         let outcome = self
             .store
@@ -467,7 +483,7 @@ impl Services {
                 prev_events: &prev_ids,
                 membership: membership.as_deref(),
                 txn: txn.map(|t| (sender.as_str(), t.device_id, t.scope, t.txn_id)),
-                redacts: pdu.redacts.as_ref().map(|r| r.as_str()),
+                redacts: redacts.as_ref().map(|r| r.as_str()),
                 new_room: None,
                 relates_to: relates_to.as_ref().map(|(t, r)| (t.as_str(), r.as_str())),
                 push_actions: &push_actions,
@@ -499,7 +515,12 @@ impl Services {
                 txn_id,
             };
             let notified = push_actions.iter().map(|(user, highlight, _)| (user.clone(), *highlight)).collect();
-            self.room_cache.with(room_id, |c| c.appended(row, &prev_ids, notified));
+            self.room_cache.with(room_id, |c| {
+                c.appended(row, &prev_ids, notified);
+                if let Some(target) = &redacts {
+                    c.redacted(target.as_str(), event_id.as_str());
+                }
+            });
             if let Some(resolved) = &resolved_state {
                 // State resolution changed more than this event's key: the cached state and
                 // members are read again.

@@ -223,7 +223,11 @@ impl TryFrom<ThumbnailSizeRepr> for ThumbnailSize {
                     "scale" => ThumbnailMethod::Scale,
                     _ => return Err(bad()),
                 };
-                Ok(Self { width: width.parse().map_err(|_| bad())?, height: height.parse().map_err(|_| bad())?, method })
+                Ok(Self {
+                    width: width.parse().map_err(|_| bad())?,
+                    height: height.parse().map_err(|_| bad())?,
+                    method,
+                })
             }
         }
     }
@@ -691,8 +695,16 @@ impl Settings {
         if config.media.pending_upload_hours == 0 || config.media.pending_upload_hours > 24 * 365 {
             return Err(err("media.pending_upload_hours", "must be between 1 and 8760"));
         }
-        if let Some(size) = config.media.thumbnail_sizes.iter().find(|s| !(1..=4096).contains(&s.width.max(s.height)) || s.width.min(s.height) == 0) {
-            return Err(err("media.thumbnail_sizes", format!("{}x{}: each edge must be 1 to 4096 pixels", size.width, size.height)));
+        if let Some(size) = config
+            .media
+            .thumbnail_sizes
+            .iter()
+            .find(|s| !(1..=4096).contains(&s.width.max(s.height)) || s.width.min(s.height) == 0)
+        {
+            return Err(err(
+                "media.thumbnail_sizes",
+                format!("{}x{}: each edge must be 1 to 4096 pixels", size.width, size.height),
+            ));
         }
         if config.media.thumbnail_concurrency == 0 || config.media.thumbnail_concurrency > 1024 {
             return Err(err("media.thumbnail_concurrency", "must be between 1 and 1024"));

@@ -37,6 +37,10 @@ pub struct Metrics {
     pub db_connections_idle: Gauge,
     /// `/sync` requests being answered or long-polling right now.
     pub open_syncs: Gauge,
+    /// Thumbnails generated (not served from the kept ones).
+    pub media_thumbnails_generated: Counter,
+    /// The most thumbnail generations that ran at once (bounded by `media.thumbnail_concurrency`).
+    pub media_thumbnail_generations_peak: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -59,12 +63,20 @@ impl Metrics {
         let db_connections = Gauge::default();
         let db_connections_idle = Gauge::default();
         let open_syncs = Gauge::default();
+        let media_thumbnails_generated = Counter::default();
+        let media_thumbnail_generations_peak = Gauge::default();
         registry.register("http_requests", "HTTP requests answered, by endpoint and status", requests.clone());
         registry.register("http_request_duration_seconds", "Time to answer, by endpoint", request_duration.clone());
         registry.register("http_requests_in_flight", "Requests being answered now", requests_in_flight.clone());
         registry.register("db_pool_connections", "Open database connections", db_connections.clone());
         registry.register("db_pool_idle_connections", "Idle database connections", db_connections_idle.clone());
         registry.register("sync_open", "Syncs being answered or long-polling now", open_syncs.clone());
+        registry.register("media_thumbnails_generated", "Thumbnails generated", media_thumbnails_generated.clone());
+        registry.register(
+            "media_thumbnail_generations_peak",
+            "Most thumbnail generations running at once",
+            media_thumbnail_generations_peak.clone(),
+        );
         Self {
             registry,
             requests,
@@ -73,6 +85,8 @@ impl Metrics {
             db_connections,
             db_connections_idle,
             open_syncs,
+            media_thumbnails_generated,
+            media_thumbnail_generations_peak,
         }
     }
 

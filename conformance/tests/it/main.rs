@@ -24,6 +24,7 @@ mod login;
 mod malformed;
 mod media;
 mod operations;
+mod outbound;
 mod presence;
 mod profile;
 mod push;

@@ -14,6 +14,7 @@ mod e2ee_client;
 mod errors;
 mod federation;
 mod federation_e2ee;
+mod federation_queue;
 mod federation_rooms;
 mod hostile_acl;
 mod hostile_redactions;

@@ -37,6 +37,12 @@ pub struct Metrics {
     pub db_connections_idle: Gauge,
     /// `/sync` requests being answered or long-polling right now.
     pub open_syncs: Gauge,
+    /// Destinations our deliveries are failing to reach now.
+    pub federation_destinations_failing: Gauge,
+    /// Of those, the ones given up on (`federation.give_up_after_secs`).
+    pub federation_destinations_given_up: Gauge,
+    /// Queued events and EDUs dropped for destinations given up on.
+    pub federation_dropped: Counter,
     /// Thumbnails generated (not served from the kept ones).
     pub media_thumbnails_generated: Counter,
     /// The most thumbnail generations that ran at once (bounded by `media.thumbnail_concurrency`).
@@ -63,6 +69,9 @@ impl Metrics {
         let db_connections = Gauge::default();
         let db_connections_idle = Gauge::default();
         let open_syncs = Gauge::default();
+        let federation_destinations_failing = Gauge::default();
+        let federation_destinations_given_up = Gauge::default();
+        let federation_dropped = Counter::default();
         let media_thumbnails_generated = Counter::default();
         let media_thumbnail_generations_peak = Gauge::default();
         registry.register("http_requests", "HTTP requests answered, by endpoint and status", requests.clone());
@@ -71,6 +80,21 @@ impl Metrics {
         registry.register("db_pool_connections", "Open database connections", db_connections.clone());
         registry.register("db_pool_idle_connections", "Idle database connections", db_connections_idle.clone());
         registry.register("sync_open", "Syncs being answered or long-polling now", open_syncs.clone());
+        registry.register(
+            "federation_destinations_failing",
+            "Servers our deliveries are failing to reach",
+            federation_destinations_failing.clone(),
+        );
+        registry.register(
+            "federation_destinations_given_up",
+            "Servers failing for longer than federation.give_up_after_secs: backlog cut, retried hourly",
+            federation_destinations_given_up.clone(),
+        );
+        registry.register(
+            "federation_dropped_items",
+            "Queued events and EDUs dropped for servers given up on",
+            federation_dropped.clone(),
+        );
         registry.register("media_thumbnails_generated", "Thumbnails generated", media_thumbnails_generated.clone());
         registry.register(
             "media_thumbnail_generations_peak",
@@ -85,6 +109,9 @@ impl Metrics {
             db_connections,
             db_connections_idle,
             open_syncs,
+            federation_destinations_failing,
+            federation_destinations_given_up,
+            federation_dropped,
             media_thumbnails_generated,
             media_thumbnail_generations_peak,
         }

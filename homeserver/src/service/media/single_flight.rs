@@ -38,19 +38,43 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = V>,
     {
+        // Every clone and drop of a run's `Arc` happens under the map's lock (see `Leave`), so
+        // its count says how many callers are there.
         let cell = self.running.lock().expect("single flight map").entry(key.clone()).or_default().clone();
-        let value = cell.get_or_init(work).await.clone();
-        let mut running = self.running.lock().expect("single flight map");
-        if running.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
-            running.remove(&key);
-        }
-        value
+        let leave = Leave { flights: self, key, cell: Some(cell) };
+        leave.cell.as_ref().expect("set until dropped").get_or_init(work).await.clone()
     }
 
     /// Runs in flight now (for tests).
     #[cfg(test)]
     fn len(&self) -> usize {
         self.running.lock().expect("single flight map").len()
+    }
+}
+
+/// Forgets the key when a caller leaves (done or dropped) and no other caller is left
+/// waiting, or a result is there: so neither finished runs nor runs every caller gave up on
+/// stay in the map.
+struct Leave<'a, K: Eq + Hash, V> {
+    flights: &'a SingleFlight<K, V>,
+    key: K,
+    cell: Option<Arc<OnceCell<V>>>,
+}
+
+impl<K: Eq + Hash, V> Drop for Leave<'_, K, V> {
+    fn drop(&mut self) {
+        let mut running = self.flights.running.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(cell) = self.cell.take() else { return };
+        if !running.get(&self.key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+            return;
+        }
+        let done = cell.initialized();
+        drop(cell);
+        // Held by the map only: no other caller waits for it.
+        let alone = running.get(&self.key).is_some_and(|c| Arc::strong_count(c) == 1);
+        if done || alone {
+            running.remove(&self.key);
+        }
     }
 }
 
@@ -121,6 +145,9 @@ mod tests {
         }
         first.abort();
         let _ = first.await;
+        // Nobody waited for it: it is forgotten.
+        assert_eq!(flights.len(), 0);
         assert_eq!(flights.run("k", || async { 3 }).await, 3);
+        assert_eq!(flights.len(), 0);
     }
 }

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 backend_tests!(
     message_floods_are_refused_while_others_are_served,
     room_creation_and_joins_are_limited,
+    joins_through_other_servers_are_limited,
     invites_are_limited_per_issuer_room_and_invitee,
     media_presence_and_key_requests_are_limited,
     password_guesses_are_limited_per_account,
@@ -177,6 +178,35 @@ async fn room_creation_and_joins_are_limited(backend: Backend) {
     let members =
         server.get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&r3)), Some(&owner2.access_token)).await;
     assert!(members.assert_ok()["joined"].get(users[2].user_id.as_str()).is_none());
+}
+
+/// Joins a room of `remote` through it.
+async fn join_via(here: &Server, remote: &Server, user: &User, room: &str) -> Response {
+    here.post(
+        &format!("/_matrix/client/v3/join/{}?via={}", enc(room), enc(&remote.server_name)),
+        Some(&user.access_token),
+        json!({}),
+    )
+    .await
+}
+
+async fn joins_through_other_servers_are_limited(backend: Backend) {
+    let remote = limited(backend, &[]).federating().start().await;
+    let here = limited(backend, &[("JOINS_REMOTE", 1)]).federating().start().await;
+    let owner = remote.register("owner", "owner-pass").await;
+    let r1 = remote.create_room(&owner, json!({"preset": "public_chat"})).await;
+    let r2 = remote.create_room(&owner, json!({"preset": "public_chat"})).await;
+    let mallory = here.register("mallory", "mallory-pass").await;
+    let alice = here.register("alice", "alice-pass").await;
+    join_via(&here, &remote, &mallory, &r1).await.assert_ok();
+    assert_limited(&join_via(&here, &remote, &mallory, &r2).await);
+    join_via(&here, &remote, &alice, &r2).await.assert_ok();
+    // The refused join never reached the other server.
+    let members =
+        remote.get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&r2)), Some(&owner.access_token)).await;
+    let joined = members.assert_ok()["joined"].clone();
+    assert!(joined.get(alice.user_id.as_str()).is_some(), "{joined}");
+    assert!(joined.get(mallory.user_id.as_str()).is_none(), "{joined}");
 }
 
 async fn invite(server: &Server, by: &User, room: &str, who: &User) -> Response {

@@ -1,6 +1,8 @@
 //! Shape checks of the content of well-known state events a client sends: a field of the wrong
 //! type is refused with 400 `M_BAD_JSON` (as Synapse does) instead of being stored, where
-//! other clients, and the auth rules for power levels, would choke on it later.
+//! other clients, and the auth rules for power levels, would choke on it later. Server ACLs
+//! are left out on purpose: malformed ones arrive over federation anyway and are read the way
+//! Synapse reads them (`service/server_acl.rs`).
 
 use ruma::events::{
     StateEventContent,
@@ -9,7 +11,7 @@ use ruma::events::{
         guest_access::RoomGuestAccessEventContent, history_visibility::RoomHistoryVisibilityEventContent,
         join_rules::RoomJoinRulesEventContent, member::RoomMemberEventContent, name::RoomNameEventContent,
         pinned_events::RoomPinnedEventsEventContent, power_levels::RoomPowerLevelsEventContent,
-        server_acl::RoomServerAclEventContent, tombstone::RoomTombstoneEventContent, topic::RoomTopicEventContent,
+        tombstone::RoomTombstoneEventContent, topic::RoomTopicEventContent,
     },
 };
 use serde::de::DeserializeOwned;
@@ -28,7 +30,6 @@ pub fn check_state_content(event_type: &str, content: &JsonValue) -> Result<()> 
         "m.room.history_visibility" => parse::<RoomHistoryVisibilityEventContent>(event_type, content),
         "m.room.guest_access" => parse::<RoomGuestAccessEventContent>(event_type, content),
         "m.room.encryption" => parse::<RoomEncryptionEventContent>(event_type, content),
-        "m.room.server_acl" => parse::<RoomServerAclEventContent>(event_type, content),
         "m.room.member" => parse::<RoomMemberEventContent>(event_type, content),
         "m.room.tombstone" => parse::<RoomTombstoneEventContent>(event_type, content),
         "m.room.pinned_events" => parse::<RoomPinnedEventsEventContent>(event_type, content),

@@ -5,6 +5,7 @@ mod account;
 mod aggregations;
 mod attackers;
 mod cli;
+mod client_gaps;
 mod desktop_core;
 mod desktop_keys;
 mod devices;

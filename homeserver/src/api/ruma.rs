@@ -107,7 +107,13 @@ where
         };
 
         let limit = services.settings.max_request_bytes;
-        let bytes = read_body(body, limit).await?;
+        let mut bytes = read_body(body, limit).await?;
+        // An empty body where every field is optional (`POST /join/{room}`, `/leave`, ...)
+        // is an empty object: matrix-nio and other clients send nothing at all, and Synapse
+        // takes it so. Endpoints with required fields still say which one is missing.
+        if bytes.is_empty() && matches!(parts.method, http::Method::POST | http::Method::PUT) {
+            bytes = axum::body::Bytes::from_static(b"{}");
+        }
         // PostgreSQL cannot store U+0000 in text, SQLite truncates at it in places, and no
         // Matrix identifier or message needs it: refuse it at the door, the same on both.
         if contains_escaped_nul(&bytes) {

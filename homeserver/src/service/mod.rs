@@ -8,6 +8,7 @@ pub mod backfill;
 pub mod cache;
 pub mod credentials;
 pub mod devices;
+pub mod event_content;
 pub mod events;
 pub mod fed;
 pub mod keys;

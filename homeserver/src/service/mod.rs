@@ -34,6 +34,7 @@ pub mod sliding_sync;
 pub mod streams;
 pub mod sync;
 pub mod timeline;
+pub mod txn_retention;
 pub mod typing;
 pub mod uiaa;
 

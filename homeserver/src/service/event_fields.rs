@@ -30,11 +30,8 @@ fn copy_path(from: &Map<String, JsonValue>, into: &mut Map<String, JsonValue>, p
         into.insert(first.clone(), value.clone());
         return;
     }
-    let (Some(inner), entry) =
-        (value.as_object(), into.entry(first.clone()).or_insert_with(|| JsonValue::Object(Map::new())))
-    else {
-        return;
-    };
+    let Some(inner) = value.as_object() else { return };
+    let entry = into.entry(first.clone()).or_insert_with(|| JsonValue::Object(Map::new()));
     if let Some(target) = entry.as_object_mut() {
         copy_path(inner, target, rest);
     }

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod credentials;
 pub mod devices;
 pub mod event_content;
+pub mod event_fields;
 pub mod events;
 pub mod fed;
 pub mod keys;

@@ -27,9 +27,12 @@ pub struct Client {
 
 pub(crate) struct Inner {
     pub(crate) data_dir: PathBuf,
-    pub(crate) store: Store,
+    /// The local cache, encrypted with a key derived from the crypto store's: open while the
+    /// session is (None when signed out, and while the key is locked).
+    pub(crate) store: RwLock<Option<Store>>,
     pub(crate) http: Http,
-    /// The signed-in session (None when signed out).
+    /// The signed-in session (None when signed out, and while the key is locked: the session
+    /// lives in the encrypted cache).
     pub(crate) session: RwLock<Option<Session>>,
     /// The encryption state of the session; locked for a whole encrypt / decrypt / key
     /// exchange so the machine and its store stay consistent.
@@ -91,15 +94,13 @@ impl Client {
             Some(e2ee::store::KeyKind::Passphrase) => KeyStorage::Passphrase,
             _ => key_storage,
         };
-        let store = Store::open(&data_dir.join("client.db")).await?;
-        let session = store.load_session().await?;
         let (updates, _) = broadcast::channel(1024);
         let client = Client {
             inner: Arc::new(Inner {
                 data_dir: data_dir.to_owned(),
-                store,
+                store: RwLock::new(None),
                 http: Http::new()?,
-                session: RwLock::new(session),
+                session: RwLock::new(None),
                 crypto: Mutex::new(None),
                 key_storage,
                 passphrase: StdMutex::new(None),
@@ -113,10 +114,10 @@ impl Client {
                 tasks: StdMutex::new(Vec::new()),
             }),
         };
-        if client.session().is_some() && client.key_state().await? == crate::KeyState::Ready {
+        if client.has_saved_session() && client.key_state().await? == crate::KeyState::Ready {
             // A keyring that fails now (dismissed unlock prompt, keyring gone) must not keep
             // the app from starting: [`Client::open_encryption`] tries again and says why.
-            match client.open_crypto().await {
+            match client.open_saved().await {
                 Err(crate::Error::Keyring(e)) => tracing::warn!(%e, "the keyring failed; encryption is not open yet"),
                 other => other?,
             }
@@ -129,21 +130,24 @@ impl Client {
         &self.inner.key_storage
     }
 
-    /// Opens the signed-in session's encryption store if it is not open yet (e.g. the keyring
-    /// failed when the client opened): [`crate::Error::Locked`] while a passphrase is needed,
-    /// [`crate::Error::Keyring`] when the keyring fails again. Nothing to do when signed out.
+    /// Opens the saved session (its encrypted cache and encryption store) if it is not open
+    /// yet (e.g. the keyring failed when the client opened): [`crate::Error::Locked`] while a
+    /// passphrase is needed, [`crate::Error::Keyring`] when the keyring fails again. Nothing
+    /// to do when signed out. After it, [`Client::session`] says who is signed in.
     pub async fn open_encryption(&self) -> Result<()> {
-        if self.session().is_none() || self.crypto_is_open() {
+        if !self.has_saved_session() || self.crypto_is_open() {
             return Ok(());
         }
         match self.key_state().await? {
-            crate::KeyState::Ready => self.open_crypto().await,
+            crate::KeyState::Ready => self.open_saved().await,
             crate::KeyState::NeedsPassphrase { .. } => Err(crate::Error::Locked),
             crate::KeyState::KeyringUnavailable => Err(crate::Error::KeyringUnavailable),
         }
     }
 
-    /// Who is signed in, if anyone.
+    /// Who is signed in, if anyone. None also while a saved session is locked (the session is
+    /// in the encrypted cache): after [`Client::unlock`] or [`Client::open_encryption`] it is
+    /// known.
     pub fn session(&self) -> Option<SessionInfo> {
         self.inner.session.read().expect("session lock").as_ref().map(Session::info)
     }
@@ -203,6 +207,24 @@ impl Client {
         if changed {
             self.emit(Update::Connection { state });
         }
+    }
+
+    /// The open cache, or [`crate::Error::NotLoggedIn`] (signed out, or locked).
+    pub(crate) fn store(&self) -> Result<Store> {
+        self.inner.store.read().expect("store lock").clone().ok_or(crate::Error::NotLoggedIn)
+    }
+
+    /// The cache file.
+    pub(crate) fn cache_path(&self) -> PathBuf {
+        self.inner.data_dir.join(crate::store::CACHE_FILE)
+    }
+
+    /// Whether the data directory holds a session, open or not: its cache (plaintext of an
+    /// earlier version, or encrypted) or its encryption store. Both go when it ends.
+    pub(crate) fn has_saved_session(&self) -> bool {
+        self.session().is_some()
+            || self.cache_path().exists()
+            || self.inner.data_dir.join(crate::crypto::STORE_FILE).exists()
     }
 
     /// The session, or [`crate::Error::NotLoggedIn`].

@@ -378,8 +378,7 @@ impl Client {
     ) -> Result<Value> {
         self.refresh_members(session, room_id).await?;
         let members: Vec<OwnedUserId> = self
-            .inner
-            .store
+            .store()?
             .members(room_id.as_str(), &["join", "invite"])
             .await?
             .into_iter()

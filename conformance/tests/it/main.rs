@@ -5,6 +5,7 @@ mod account;
 mod aggregations;
 mod attackers;
 mod cli;
+mod desktop_cache;
 mod desktop_core;
 mod desktop_keys;
 mod devices;

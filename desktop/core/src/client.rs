@@ -114,7 +114,12 @@ impl Client {
                 tasks: StdMutex::new(Vec::new()),
             }),
         };
-        if client.has_saved_session() && client.key_state().await? == crate::KeyState::Ready {
+        if !client.has_saved_session() {
+            // A cache without an encryption store opens with no key: a signed-out plaintext
+            // cache of an earlier version (its deleted rows may linger in free pages), or the
+            // rest of an interrupted sign-out. Nothing to keep.
+            Store::remove(&client.cache_path())?;
+        } else if client.key_state().await? == crate::KeyState::Ready {
             // A keyring that fails now (dismissed unlock prompt, keyring gone) must not keep
             // the app from starting: [`Client::open_encryption`] tries again and says why.
             match client.open_saved().await {
@@ -219,12 +224,10 @@ impl Client {
         self.inner.data_dir.join(crate::store::CACHE_FILE)
     }
 
-    /// Whether the data directory holds a session, open or not: its cache (plaintext of an
-    /// earlier version, or encrypted) or its encryption store. Both go when it ends.
+    /// Whether the data directory holds a session, open or not. Its encryption store is made
+    /// first and removed last, and holds the key to the cache, so it says.
     pub(crate) fn has_saved_session(&self) -> bool {
-        self.session().is_some()
-            || self.cache_path().exists()
-            || self.inner.data_dir.join(crate::crypto::STORE_FILE).exists()
+        self.session().is_some() || self.inner.data_dir.join(crate::crypto::STORE_FILE).exists()
     }
 
     /// The session, or [`crate::Error::NotLoggedIn`].

@@ -65,8 +65,7 @@ impl Client {
         };
         let row =
             OutboxRow { txn_id: txn_id.clone(), room_id: room_id.to_string(), event_type: event_type.into(), content };
-        self.inner
-            .store
+        self.store()?
             .enqueue(
                 &row,
                 NewItem {

@@ -108,8 +108,14 @@ impl Store {
     }
 
     /// Removes the cache at `path` with its companion files and any migration leftovers.
-    /// Close it first.
+    /// Close it first. A plaintext cache (of an earlier version) is overwritten first, not
+    /// only unlinked; an encrypted one is unreadable without its key and is just removed.
     pub(crate) fn remove(path: &Path) -> Result<()> {
+        if is_plaintext(path)? {
+            for file in family(path) {
+                scrub(&file)?;
+            }
+        }
         for file in family(path).into_iter().chain(family(&sibling(path, ".new"))) {
             remove_if_exists(&file)?;
         }
@@ -717,7 +723,7 @@ fn item_row(r: &SqliteRow) -> Result<TimelineItem> {
 fn options(path: &Path, key: &StoreKey) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
         .filename(path)
-        .pragma("key", format!("\"x'{}'\"", hex(key.as_bytes())))
+        .pragma("key", format!("\"x'{}'\"", hex(key.as_bytes()).as_str()))
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         // A committed outbox row must survive a crash of the app: that is the promise

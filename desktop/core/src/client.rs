@@ -214,9 +214,20 @@ impl Client {
         }
     }
 
-    /// The open cache, or [`crate::Error::NotLoggedIn`] (signed out, or locked).
+    /// The open cache, or why not ([`Client::not_open`]).
     pub(crate) fn store(&self) -> Result<Store> {
-        self.inner.store.read().expect("store lock").clone().ok_or(crate::Error::NotLoggedIn)
+        let store = self.inner.store.read().expect("store lock").clone();
+        store.ok_or_else(|| self.not_open())
+    }
+
+    /// Why the session is not there: [`crate::Error::Locked`] while a saved one waits for its
+    /// key (it is inside the encrypted cache), else [`crate::Error::NotLoggedIn`].
+    pub(crate) fn not_open(&self) -> crate::Error {
+        if self.inner.data_dir.join(crate::crypto::STORE_FILE).exists() {
+            crate::Error::Locked
+        } else {
+            crate::Error::NotLoggedIn
+        }
     }
 
     /// The cache file.
@@ -230,8 +241,9 @@ impl Client {
         self.session().is_some() || self.inner.data_dir.join(crate::crypto::STORE_FILE).exists()
     }
 
-    /// The session, or [`crate::Error::NotLoggedIn`].
+    /// The session, or why not ([`Client::not_open`]).
     pub(crate) fn require_session(&self) -> Result<Session> {
-        self.inner.session.read().expect("session lock").clone().ok_or(crate::Error::NotLoggedIn)
+        let session = self.inner.session.read().expect("session lock").clone();
+        session.ok_or_else(|| self.not_open())
     }
 }

@@ -155,9 +155,19 @@ impl Client {
     }
 
     /// Signs out on the server (the device and its keys go) and forgets the local session
-    /// and cache. Works offline too: then only the local part happens.
+    /// and cache. Works offline too: then only the local part happens. A saved session that
+    /// cannot be opened (its key is in a keyring that is gone, or a passphrase is forgotten)
+    /// is signed out locally only: its access token is sealed in the cache, so the device
+    /// stays in the account's device list until it is removed from another device.
     pub async fn logout(&self) -> Result<()> {
-        let session = self.require_session()?;
+        let session = match self.require_session() {
+            Err(Error::Locked) => {
+                tracing::warn!("signing out a session that is locked: locally only");
+                self.stop().await;
+                return self.end_session().await;
+            }
+            other => other?,
+        };
         self.stop().await;
         match self
             .inner

@@ -88,6 +88,9 @@ fn assert_nothing_readable(dir: &Path, secrets: &[&str], when: &str) {
         for secret in secrets {
             assert!(!contains(&bytes, secret.as_bytes()), "{when}: {secret:?} is readable in {}", file.display());
         }
+    }
+    for file in &files {
+        let Ok(bytes) = std::fs::read(file) else { continue };
         let name = file.file_name().unwrap().to_string_lossy();
         assert!(!bytes.starts_with(SQLITE_HEADER) || name.starts_with("crypto.db"), "{when}: {name} is plain SQLite");
         assert!(!name.contains(".plaintext") && !name.ends_with(".new"), "{when}: a migration leftover: {name}");
@@ -113,7 +116,8 @@ async fn nothing_secret_is_readable_in_the_data_directory(backend: Backend) {
     alice.wait_for_state(&room, &queued.key, SendState::Sending).await;
 
     // The token, as the cache holds it: it opens with the key derived from the crypto store.
-    let cache = open_cache(&alice.dir.path().join("client.db"), Some(&cache_key(alice.dir.path()).await)).await.unwrap();
+    let cache =
+        open_cache(&alice.dir.path().join("client.db"), Some(&cache_key(alice.dir.path()).await)).await.unwrap();
     let token: String = sqlx::query("SELECT access_token FROM session").fetch_one(&cache).await.unwrap().get(0);
     assert!(token.len() >= 16, "a real token: {token:?}");
     let (outbox,): (String,) = sqlx::query_as("SELECT content FROM outbox").fetch_one(&cache).await.unwrap();
@@ -163,12 +167,17 @@ async fn the_cache_opens_with_its_key_and_not_with_another(backend: Backend) {
 
     // Alice's cache next to Bob's crypto store (another device's key): refused, untouched.
     let mixed = tempfile::tempdir().unwrap();
-    for (from, name) in [(alice_dir.path(), "client.db"), (bob_dir.path(), "crypto.db"), (bob_dir.path(), "crypto.key")] {
+    for (from, name) in [(alice_dir.path(), "client.db"), (bob_dir.path(), "crypto.db"), (bob_dir.path(), "crypto.key")]
+    {
         std::fs::copy(from.join(name), mixed.path().join(name)).unwrap();
     }
     let before = std::fs::read(mixed.path().join("client.db")).unwrap();
     let refused = Client::open(mixed.path()).await;
-    assert!(matches!(refused, Err(Error::Store(_))), "opened with another device's key: {:?}", refused.map(|c| c.session()));
+    assert!(
+        matches!(refused, Err(Error::Store(_))),
+        "opened with another device's key: {:?}",
+        refused.map(|c| c.session())
+    );
     assert_eq!(std::fs::read(mixed.path().join("client.db")).unwrap(), before, "the refused cache is unchanged");
 }
 
@@ -229,8 +238,11 @@ async fn a_plaintext_cache_of_an_earlier_version_is_encrypted_at_the_first_start
         let _ = std::fs::remove_file(dir.path().join(format!("client.db{suffix}")));
     }
     for suffix in ["", "-wal", "-shm"] {
-        std::fs::copy(legacy_dir.path().join(format!("legacy.db{suffix}")), dir.path().join(format!("client.db{suffix}")))
-            .unwrap();
+        std::fs::copy(
+            legacy_dir.path().join(format!("legacy.db{suffix}")),
+            dir.path().join(format!("client.db{suffix}")),
+        )
+        .unwrap();
     }
     plain.close().await;
     drop(legacy_dir);

@@ -226,5 +226,7 @@ async fn main() {
             median(batch)
         );
     }
-    println!("sync batch: {BATCH_ROOMS} rooms x {BATCH_EVENTS_PER_ROOM} messages in one transaction (synchronous = FULL)");
+    println!(
+        "sync batch: {BATCH_ROOMS} rooms x {BATCH_EVENTS_PER_ROOM} messages in one transaction (synchronous = FULL)"
+    );
 }

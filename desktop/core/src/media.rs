@@ -44,7 +44,9 @@ impl Client {
         progress: Option<UnboundedSender<Progress>>,
     ) -> Result<TimelineItem> {
         let session = self.require_session()?;
-        let room = self.store()?.room(room_id.as_str())
+        let room = self
+            .store()?
+            .room(room_id.as_str())
             .await?
             .ok_or_else(|| Error::InvalidInput("You are not in this room.".into()))?;
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "file".into());

@@ -97,7 +97,8 @@ impl Store {
     /// refused ([`crate::Error::Store`]) and left as it is.
     pub(crate) async fn open(path: &Path, key: &StoreKey) -> Result<Self> {
         migrate_plaintext(path, key).await?;
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options(path, key)).await.map_err(key_error)?;
+        let pool =
+            SqlitePoolOptions::new().max_connections(4).connect_with(options(path, key)).await.map_err(key_error)?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Self { pool })
     }
@@ -877,13 +878,12 @@ pub(crate) async fn migrate_plaintext(path: &Path, key: &StoreKey) -> Result<()>
     for file in family(&fresh) {
         remove_if_exists(&file)?;
     }
-    let mut conn = SqliteConnection::connect_with(
-        &options(&fresh, key).journal_mode(SqliteJournalMode::Delete),
-    )
-    .await?;
+    let mut conn =
+        SqliteConnection::connect_with(&options(&fresh, key).journal_mode(SqliteJournalMode::Delete)).await?;
     // An empty key attaches the file as plain SQLite; `mode=ro` leaves it (and its log)
     // exactly as it is until it is scrubbed.
-    let attach = format!("ATTACH DATABASE 'file:{}?mode=ro' AS plaintext KEY ''", uri_path(&plaintext).replace('\'', "''"));
+    let attach =
+        format!("ATTACH DATABASE 'file:{}?mode=ro' AS plaintext KEY ''", uri_path(&plaintext).replace('\'', "''"));
     sqlx::query(sqlx::AssertSqlSafe(attach)).execute(&mut conn).await?;
     sqlx::query("SELECT sqlcipher_export('main', 'plaintext')").execute(&mut conn).await?;
     sqlx::query("DETACH DATABASE plaintext").execute(&mut conn).await?;

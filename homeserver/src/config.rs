@@ -119,6 +119,11 @@ pub struct FederationConfig {
     pub verify_certificates: bool,
     /// Allow federation requests to loopback and private addresses.
     pub allow_private_targets: bool,
+    /// Requests to other servers in flight at once: federation and push gateways together.
+    pub max_outbound_requests: u32,
+    /// After this long failing, a destination's backlog is cut to what it needs to catch up
+    /// and it is retried hourly (seconds).
+    pub give_up_after_secs: u64,
 }
 
 impl Default for FederationConfig {
@@ -130,6 +135,8 @@ impl Default for FederationConfig {
             tls_key: String::new(),
             verify_certificates: true,
             allow_private_targets: false,
+            max_outbound_requests: federation::client::DEFAULT_MAX_OUTBOUND as u32,
+            give_up_after_secs: 24 * 3600,
         }
     }
 }
@@ -396,6 +403,8 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_TLS_KEY", "federation.tls_key", EnvKind::String),
     ("OBMIN_FEDERATION_VERIFY_CERTIFICATES", "federation.verify_certificates", EnvKind::Bool),
     ("OBMIN_FEDERATION_ALLOW_PRIVATE_TARGETS", "federation.allow_private_targets", EnvKind::Bool),
+    ("OBMIN_FEDERATION_MAX_OUTBOUND_REQUESTS", "federation.max_outbound_requests", EnvKind::Integer),
+    ("OBMIN_FEDERATION_GIVE_UP_AFTER_SECS", "federation.give_up_after_secs", EnvKind::Integer),
 ];
 
 /// A configuration problem, naming the option (or file) and the reason.
@@ -516,6 +525,8 @@ pub struct FederationSettings {
     pub listener: Option<FederationListener>,
     pub verify_certificates: bool,
     pub allow_private_targets: bool,
+    pub max_outbound_requests: usize,
+    pub give_up_after: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -709,10 +720,15 @@ fn validate_federation(config: &FederationConfig) -> Result<FederationSettings, 
             tls_key: PathBuf::from(&config.tls_key),
         })
     };
+    if config.max_outbound_requests == 0 {
+        return Err(err("federation.max_outbound_requests", "must be at least 1"));
+    }
     Ok(FederationSettings {
         listener,
         verify_certificates: config.verify_certificates,
         allow_private_targets: config.allow_private_targets,
+        max_outbound_requests: config.max_outbound_requests as usize,
+        give_up_after: std::time::Duration::from_secs(config.give_up_after_secs),
     })
 }
 

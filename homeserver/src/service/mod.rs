@@ -22,6 +22,7 @@ pub mod rate_limit;
 pub mod received;
 pub mod redactions;
 pub mod registration_tokens;
+pub mod remote_cache;
 pub mod remote_rooms;
 pub mod room_cache;
 pub mod rooms;

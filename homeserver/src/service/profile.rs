@@ -60,17 +60,29 @@ impl Services {
         serde_json::from_str(&value).map_err(|e| Error::internal(format!("stored profile field is not JSON: {e}")))
     }
 
-    /// A remote user's profile (or one field of it), asked of their server.
+    /// A remote user's profile (or one field of it), asked of their server (or kept from a
+    /// moment ago: see `remote_cache`).
     async fn remote_profile(&self, user_id: &UserId, field: Option<&str>) -> Result<BTreeMap<String, JsonValue>> {
         use ruma::api::federation::query::get_profile_information::v1 as query;
-        let mut request = query::Request::new(user_id.to_owned());
-        request.field = field.map(Into::into);
-        let response = self.send_federation(user_id.server_name(), request).await?;
-        let value = serde_json::to_value(&response.data).map_err(|e| Error::internal(e.to_string()))?;
-        let JsonValue::Object(map) = value else {
-            return Err(Error::RemoteUnavailable("the remote profile is not an object".to_owned()));
-        };
-        Ok(map.into_iter().collect())
+        let key = (user_id.to_owned(), field.map(str::to_owned));
+        let profile = self
+            .fed
+            .lookups
+            .profiles
+            .get_or_fetch(&key, || async {
+                let mut request = query::Request::new(user_id.to_owned());
+                request.field = field.map(Into::into);
+                let Some(response) = self.send_lookup(user_id.server_name(), request).await? else {
+                    return Ok(None);
+                };
+                let value = serde_json::to_value(&response.data).map_err(|e| Error::internal(e.to_string()))?;
+                let JsonValue::Object(map) = value else {
+                    return Err(Error::RemoteUnavailable("the remote profile is not an object".to_owned()));
+                };
+                Ok(Some(map.into_iter().collect()))
+            })
+            .await?;
+        profile.ok_or_else(|| Error::NotFound("Profile not found".to_owned()))
     }
 
     /// Sets a field of the requester's own profile.

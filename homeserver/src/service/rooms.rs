@@ -473,11 +473,24 @@ impl Services {
         if let Ok(alias) = RoomAliasId::parse(id_or_alias)
             && alias.server_name() != self.settings.server_name
         {
-            use ruma::api::federation::query::get_room_information::v1 as directory;
-            let answer = self.send_federation(alias.server_name(), directory::Request::new(alias.clone())).await?;
-            return Ok((answer.room_id, answer.servers));
+            return self.remote_alias(&alias).await;
         }
         Ok((self.resolve_room(id_or_alias).await?, Vec::new()))
+    }
+
+    /// Another server's alias, asked of that server (or kept from a moment ago: see
+    /// `remote_cache`).
+    pub async fn remote_alias(&self, alias: &RoomAliasId) -> Result<(OwnedRoomId, Vec<ruma::OwnedServerName>)> {
+        use ruma::api::federation::query::get_room_information::v1 as directory;
+        self.fed
+            .lookups
+            .aliases
+            .get_or_fetch(&alias.to_owned(), || async {
+                let answer = self.send_lookup(alias.server_name(), directory::Request::new(alias.to_owned())).await?;
+                Ok(answer.map(|a| (a.room_id, a.servers)))
+            })
+            .await?
+            .ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))
     }
 
     /// Resolves a room id or a local alias.

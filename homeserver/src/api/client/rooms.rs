@@ -431,10 +431,11 @@ pub async fn alias_get(
 ) -> Result<RumaResponse<get_alias::v3::Response>> {
     let alias = &req.body.room_alias;
     if alias.server_name() != services.settings.server_name {
-        // Another server's alias: ask that server.
-        use ruma::api::federation::query::get_room_information::v1 as directory;
-        let answer = services.send_federation(alias.server_name(), directory::Request::new(alias.clone())).await?;
-        return Ok(RumaResponse(get_alias::v3::Response::new(answer.room_id, answer.servers)));
+        // Another server's alias: ask that server, for signed-in users only (anyone else
+        // could make us contact any server).
+        req.signed_in_user(&services).await?;
+        let (room_id, servers) = services.remote_alias(alias).await?;
+        return Ok(RumaResponse(get_alias::v3::Response::new(room_id, servers)));
     }
     let (room_id, _) =
         services.store.alias(alias.as_str()).await?.ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
@@ -502,12 +503,25 @@ pub async fn public_rooms(
     req: Ruma<get_public_rooms::v3::Request>,
 ) -> Result<RumaResponse<get_public_rooms::v3::Response>> {
     if let Some(server) = req.body.server.as_ref().filter(|s| **s != services.settings.server_name) {
-        // Another server's directory: ask it.
+        // Another server's directory: ask it, for signed-in users only (anyone else could
+        // make us contact any server), or reuse its answer from a moment ago.
         use ruma::api::federation::directory::get_public_rooms::v1 as remote;
-        let mut request = remote::Request::new();
-        request.limit = req.body.limit;
-        request.since = req.body.since.clone();
-        let answer = services.send_federation(server, request).await?;
+        req.signed_in_user(&services).await?;
+        let key = (server.clone(), req.body.limit, req.body.since.clone());
+        let answer = services
+            .fed
+            .lookups
+            .directories
+            .get_or_fetch(&key, || async {
+                let mut request = remote::Request::new();
+                request.limit = req.body.limit;
+                request.since = req.body.since.clone();
+                services
+                    .send_lookup(server, request)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("{server} has no room directory")))
+            })
+            .await?;
         let mut response = get_public_rooms::v3::Response::new(answer.chunk);
         response.next_batch = answer.next_batch;
         response.prev_batch = answer.prev_batch;

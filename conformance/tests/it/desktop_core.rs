@@ -277,6 +277,7 @@ async fn the_outbox_delivers_exactly_once_across_an_outage_and_a_restart(backend
     let (token,): (String,) = sqlx::query_as("SELECT access_token FROM session").fetch_one(&db).await.unwrap();
     let (txn,): (String,) = sqlx::query_as("SELECT txn_id FROM outbox").fetch_one(&db).await.unwrap();
     assert_eq!(txn, second.key, "the outbox is keyed by the item's transaction id");
+    db.close().await;
     let first = server
         .put(
             &format!("/_matrix/client/v3/rooms/{}/send/m.room.encrypted/{txn}", enc(room.as_str())),

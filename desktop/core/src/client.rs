@@ -188,6 +188,21 @@ impl Client {
         Ok(())
     }
 
+    /// Stops the background work and closes the cache and the encryption store: call it
+    /// before the process exits. (SQLCipher frees its state in an `atexit` handler: a cache
+    /// connection still closing on its worker thread then would touch freed memory.)
+    pub async fn close(&self) {
+        self.stop().await;
+        if let Some(crypto) = self.inner.crypto.lock().await.take() {
+            crypto.close().await;
+        }
+        let cache = self.inner.store.write().expect("store lock").take();
+        if let Some(cache) = cache {
+            cache.close().await;
+        }
+        *self.inner.session.write().expect("session lock") = None;
+    }
+
     /// Stops the background work (what is queued stays queued for the next start).
     pub async fn stop(&self) {
         let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock().expect("tasks lock"));
@@ -245,5 +260,25 @@ impl Client {
     pub(crate) fn require_session(&self) -> Result<Session> {
         let session = self.inner.session.read().expect("session lock").clone();
         session.ok_or_else(|| self.not_open())
+    }
+}
+
+impl Drop for Inner {
+    /// A client dropped without [`Client::close`] (a test's end, an error path) still closes
+    /// its cache before the drop returns, so no connection is left closing while the process
+    /// exits (see [`Client::close`]). On a thread of its own with its own runtime: a drop may
+    /// happen inside an async context, where blocking on the pool is not allowed. Bounded: a
+    /// connection held elsewhere is given up after a few seconds.
+    fn drop(&mut self) {
+        let Some(cache) = self.store.get_mut().ok().and_then(Option::take) else { return };
+        let closing = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_time().build() else { return };
+            runtime.block_on(async {
+                if tokio::time::timeout(std::time::Duration::from_secs(5), cache.close()).await.is_err() {
+                    tracing::warn!("the local cache did not close in time");
+                }
+            });
+        });
+        let _ = closing.join();
     }
 }

@@ -124,6 +124,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let media_expiry = tokio::spawn(expire_media(services.clone()));
     let push_delivery = tokio::spawn(crate::service::push_gateway::run(services.clone()));
     let federation_delivery = tokio::spawn(crate::service::send_queue::run(services.clone()));
+    let txn_retention = tokio::spawn(crate::service::txn_retention::run(services.clone()));
     let app = api::router(services.clone());
     crate::listener::serve(listener, app, services.settings.http.clone(), async move {
         shutdown_signal().await;
@@ -144,6 +145,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     media_expiry.abort();
     push_delivery.abort();
     federation_delivery.abort();
+    txn_retention.abort();
     services.store.close().await;
     tracing::info!("homeserver stopped");
     Ok(())

@@ -57,6 +57,15 @@ fn trusted_until(row: &crate::store::ServerKeyRow) -> i64 {
 /// A remote user's profile (or one field of it), `None` when their server does not know it.
 pub type RemoteProfile = Option<std::collections::BTreeMap<String, serde_json::Value>>;
 
+/// A page asked of a remote server's public room directory.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DirectoryQuery {
+    pub server: OwnedServerName,
+    pub limit: Option<UInt>,
+    pub since: Option<String>,
+    pub search: Option<String>,
+}
+
 /// Other servers' answers to lookups our clients ask for, kept briefly and fetched once
 /// however many ask (see [`RemoteCache`]).
 pub struct RemoteLookups {
@@ -64,8 +73,9 @@ pub struct RemoteLookups {
     pub profiles: RemoteCache<(OwnedUserId, Option<String>), RemoteProfile>,
     /// A remote alias's room and servers, `None` when its server does not know it.
     pub aliases: RemoteCache<OwnedRoomAliasId, Option<(OwnedRoomId, Vec<OwnedServerName>)>>,
-    /// A page of a remote server's public room directory, by server, limit and token.
-    pub directories: RemoteCache<(OwnedServerName, Option<UInt>, Option<String>), get_public_rooms::v1::Response>,
+    /// A page of a remote server's public room directory, by server, limit, token and search
+    /// term.
+    pub directories: RemoteCache<DirectoryQuery, get_public_rooms::v1::Response>,
 }
 
 impl RemoteLookups {

@@ -8,6 +8,7 @@ pub mod backfill;
 pub mod cache;
 pub mod credentials;
 pub mod devices;
+pub mod event_content;
 pub mod events;
 pub mod fed;
 pub mod keys;
@@ -33,6 +34,7 @@ pub mod sliding_sync;
 pub mod streams;
 pub mod sync;
 pub mod timeline;
+pub mod txn_retention;
 pub mod typing;
 pub mod uiaa;
 

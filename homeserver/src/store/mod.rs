@@ -19,6 +19,7 @@ mod registration_tokens;
 mod rooms;
 mod server_keys;
 mod sliding_sync;
+mod txn_retention;
 mod uiaa;
 mod users;
 

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::{extract::State, response::IntoResponse};
 use ruma::api::client::account::{
     check_registration_token_validity, get_username_availability,
     register::{self, RegistrationKind},
@@ -12,13 +12,13 @@ use crate::{
     api::ruma::{Ruma, RumaResponse},
     config::RegistrationMode,
     error::{Error, Result},
-    service::{Services, accounts::Registration, rate_limit::Action},
+    service::{Services, accounts::Registration, rate_limit::Class},
 };
 
 pub async fn register(
     State(services): State<Arc<Services>>,
     req: Ruma<register::v3::Request>,
-) -> Result<RumaResponse<register::v3::Response>> {
+) -> Result<axum::response::Response> {
     let ip = req.client_ip;
     let body = req.body;
     let registered = services
@@ -35,19 +35,22 @@ pub async fn register(
             },
         )
         .await?;
+    let Some(session) = registered.session else {
+        // With `inhibit_login` the answer is the user id alone: ruma's response type would
+        // write `"device_id": null`, which clients (matrix-nio) read as a device called null.
+        return Ok(axum::Json(serde_json::json!({ "user_id": registered.user_id })).into_response());
+    };
     let mut response = register::v3::Response::new(registered.user_id);
-    if let Some(session) = registered.session {
-        response.access_token = Some(session.access_token);
-        response.device_id = Some(session.device_id.into());
-    }
-    Ok(RumaResponse(response))
+    response.access_token = Some(session.access_token);
+    response.device_id = Some(session.device_id.into());
+    Ok(RumaResponse(response).into_response())
 }
 
 pub async fn available(
     State(services): State<Arc<Services>>,
     req: Ruma<get_username_availability::v3::Request>,
 ) -> Result<RumaResponse<get_username_availability::v3::Response>> {
-    services.rate_limits.check(Action::Register, req.client_ip)?;
+    services.rate_limits.check_address(Class::Registration, req.client_ip)?;
     services.check_username_available(&req.body.username).await?;
     Ok(RumaResponse(get_username_availability::v3::Response::new(true)))
 }
@@ -59,7 +62,7 @@ pub async fn token_validity(
     if services.settings.registration != RegistrationMode::Token {
         return Err(Error::Forbidden("This server does not use registration tokens".to_owned()));
     }
-    services.rate_limits.check(Action::Register, req.client_ip)?;
+    services.rate_limits.check_address(Class::RegistrationTokenValidity, req.client_ip)?;
     let valid = services.registration_token_valid(&req.body.token).await?;
     Ok(RumaResponse(check_registration_token_validity::v1::Response::new(valid)))
 }

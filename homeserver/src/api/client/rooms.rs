@@ -7,12 +7,12 @@ use ruma::{
     OwnedUserId, RoomId, UserId,
     api::client::{
         alias::{create_alias, delete_alias, get_alias},
-        directory::{get_public_rooms, get_room_visibility, set_room_visibility},
+        directory::{get_public_rooms, get_public_rooms_filtered, get_room_visibility, set_room_visibility},
         membership::{
             ban_user, forget_room, get_member_events, invite_user, join_room_by_id, join_room_by_id_or_alias,
             joined_members, joined_rooms, kick_user, leave_room, unban_user,
         },
-        room::{Visibility, create_room, upgrade_room},
+        room::{Visibility, aliases, create_room, upgrade_room},
         state::{get_state_event_for_key, get_state_events, send_state_event},
     },
     directory::{PublicRoomsChunk, PublicRoomsChunkInit},
@@ -25,6 +25,8 @@ use crate::{
     service::{
         Services,
         events::{Viewer, to_raw},
+        fed::DirectoryQuery,
+        rate_limit::{Class, Key},
         rooms::{Membership, NewRoomRequest, Preset},
         timeline::EventDraft,
     },
@@ -47,6 +49,7 @@ pub async fn create(
     req: Ruma<create_room::v3::Request>,
 ) -> Result<RumaResponse<create_room::v3::Response>> {
     let user = req.user()?.clone();
+    services.rate_limits.check_user(Class::RoomCreation, &user.user_id)?;
     let body = req.body;
     let preset = body.preset.as_ref().map(|p| match p.as_str() {
         "public_chat" => Ok(Preset::PublicChat),
@@ -97,6 +100,7 @@ pub async fn join_by_id(
 ) -> Result<RumaResponse<join_room_by_id::v3::Response>> {
     let user = req.user()?.clone();
     let room_id = req.body.room_id;
+    services.limit_join(&user.user_id, &room_id).await?;
     services
         .change_membership_via(
             &room_id,
@@ -118,6 +122,7 @@ pub async fn join_by_id_or_alias(
     let user = req.user()?.clone();
     let (room_id, mut via) = services.resolve_room_with_servers(req.body.room_id_or_alias.as_str()).await?;
     via.extend(req.body.via.iter().cloned());
+    services.limit_join(&user.user_id, &room_id).await?;
     services
         .change_membership_via(
             &room_id,
@@ -140,6 +145,14 @@ pub async fn invite(
     let invite_user::v3::InvitationRecipient::UserId(invitee) = &req.body.recipient else {
         return Err(Error::Forbidden("Third-party invites are not supported".to_owned()));
     };
+    services.rate_limits.check(
+        Some(&user.user_id),
+        &[
+            (Class::InvitesPerIssuer, Key::Id(user.user_id.as_str())),
+            (Class::InvitesPerRoom, Key::Id(req.body.room_id.as_str())),
+            (Class::InvitesPerUser, Key::Id(invitee.user_id.as_str())),
+        ],
+    )?;
     services
         .change_membership(
             &req.body.room_id,
@@ -333,11 +346,13 @@ pub async fn send_state(
     req: Ruma<send_state_event::v3::Request>,
 ) -> Result<RumaResponse<send_state_event::v3::Response>> {
     let user = req.user()?.clone();
+    services.rate_limits.check_user(Class::Message, &user.user_id)?;
     let content = json_of(&req.body.body)?;
     if !content.is_object() {
         return Err(Error::BadJson("State event content must be an object".to_owned()));
     }
     let kind = req.body.event_type.to_string();
+    crate::service::event_content::check_state_content(&kind, &content)?;
     if kind == "m.room.canonical_alias" {
         check_canonical_alias(&services, &req.body.room_id, &content).await?;
     }
@@ -502,38 +517,79 @@ pub async fn public_rooms(
     State(services): State<Arc<Services>>,
     req: Ruma<get_public_rooms::v3::Request>,
 ) -> Result<RumaResponse<get_public_rooms::v3::Response>> {
-    if let Some(server) = req.body.server.as_ref().filter(|s| **s != services.settings.server_name) {
-        // Another server's directory: ask it, for signed-in users only (anyone else could
-        // make us contact any server), or reuse its answer from a moment ago.
-        use ruma::api::federation::directory::get_public_rooms::v1 as remote;
-        req.signed_in_user(&services).await?;
-        let key = (server.clone(), req.body.limit, req.body.since.clone());
-        let answer = services
-            .fed
-            .lookups
-            .directories
-            .get_or_fetch(&key, || async {
-                let mut request = remote::Request::new();
-                request.limit = req.body.limit;
-                request.since = req.body.since.clone();
-                services
-                    .send_lookup(server, request)
-                    .await?
-                    .ok_or_else(|| Error::NotFound(format!("{server} has no room directory")))
-            })
-            .await?;
-        let mut response = get_public_rooms::v3::Response::new(answer.chunk);
-        response.next_batch = answer.next_batch;
-        response.prev_batch = answer.prev_batch;
-        response.total_room_count_estimate = answer.total_room_count_estimate;
-        return Ok(RumaResponse(response));
-    }
-    let page = services.public_rooms_page(None, req.body.limit, req.body.since.as_deref()).await?;
+    let query = DirectoryRequest {
+        server: req.body.server.clone(),
+        limit: req.body.limit,
+        since: req.body.since.clone(),
+        search: None,
+    };
+    let page = directory_page(&services, &req, query).await?;
     let mut response = get_public_rooms::v3::Response::new(page.chunk);
     response.next_batch = page.next_batch;
     response.prev_batch = page.prev_batch;
-    response.total_room_count_estimate = Some(page.total);
+    response.total_room_count_estimate = page.total_room_count_estimate;
     Ok(RumaResponse(response))
+}
+
+/// `POST /publicRooms`: the directory filtered by `generic_search_term` (matched against
+/// names, topics and canonical aliases).
+pub async fn public_rooms_filtered(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_public_rooms_filtered::v3::Request>,
+) -> Result<RumaResponse<get_public_rooms_filtered::v3::Response>> {
+    let query = DirectoryRequest {
+        server: req.body.server.clone(),
+        limit: req.body.limit,
+        since: req.body.since.clone(),
+        search: req.body.filter.generic_search_term.clone().filter(|t| !t.trim().is_empty()),
+    };
+    let page = directory_page(&services, &req, query).await?;
+    let mut response = get_public_rooms_filtered::v3::Response::new();
+    response.chunk = page.chunk;
+    response.next_batch = page.next_batch;
+    response.prev_batch = page.prev_batch;
+    response.total_room_count_estimate = page.total_room_count_estimate;
+    Ok(RumaResponse(response))
+}
+
+/// What a client asked of a room directory, ours or another server's.
+struct DirectoryRequest {
+    server: Option<ruma::OwnedServerName>,
+    limit: Option<ruma::UInt>,
+    since: Option<String>,
+    search: Option<String>,
+}
+
+/// A page of our directory, or of another server's: for signed-in users only (anyone else
+/// could make us contact any server), and reused from a moment ago when someone asked the
+/// same.
+async fn directory_page<T>(
+    services: &Services,
+    req: &Ruma<T>,
+    query: DirectoryRequest,
+) -> Result<ruma::api::federation::directory::get_public_rooms::v1::Response> {
+    if let Some(server) = query.server.filter(|s| *s != services.settings.server_name) {
+        req.signed_in_user(services).await?;
+        let query = DirectoryQuery { server, limit: query.limit, since: query.since, search: query.search };
+        return services.remote_directory_page(query).await;
+    }
+    let page = services.public_rooms_page(query.search.as_deref(), query.limit, query.since.as_deref()).await?;
+    let mut response = ruma::api::federation::directory::get_public_rooms::v1::Response::new();
+    response.chunk = page.chunk;
+    response.next_batch = page.next_batch;
+    response.prev_batch = page.prev_batch;
+    response.total_room_count_estimate = Some(page.total);
+    Ok(response)
+}
+
+/// `GET /rooms/{room}/aliases`: this server's aliases of the room.
+pub async fn room_aliases(
+    State(services): State<Arc<Services>>,
+    req: Ruma<aliases::v3::Request>,
+) -> Result<RumaResponse<aliases::v3::Response>> {
+    let user = req.user()?;
+    let aliases = services.local_aliases(&req.body.room_id, &user.user_id).await?;
+    Ok(RumaResponse(aliases::v3::Response::new(aliases)))
 }
 
 /// One page of this server's public room directory.

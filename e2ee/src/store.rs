@@ -205,6 +205,7 @@ struct FlowsRecord {
 pub struct Store {
     pool: SqlitePool,
     cipher: Cipher,
+    key: StoreKey,
 }
 
 impl Store {
@@ -301,7 +302,7 @@ impl Store {
     }
 
     async fn with_pool(pool: SqlitePool, key: StoreKey) -> Result<Self> {
-        let store = Self { pool, cipher: Cipher::new(&key) };
+        let store = Self { pool, cipher: Cipher::new(&key), key };
         // The check value sits at a fixed row (row ids depend on the key, so a wrong key
         // would otherwise just see an empty store).
         let check: Option<Vec<u8>> = sqlx::query("SELECT value FROM plain_meta WHERE name = 'key_check'")
@@ -551,6 +552,14 @@ impl Store {
 
     pub async fn close(self) {
         self.pool.close().await;
+    }
+
+    /// A key for another file of the same owner, derived from this store's key (HMAC-SHA-256
+    /// over `purpose`, as the store's own value and id keys are): one key in the keyring, or
+    /// one passphrase, opens both, and neither file's key is the other's. The desktop client
+    /// seals its cache with it. Only a store that opened (the key checked) gives one.
+    pub fn derive_key(&self, purpose: &str) -> StoreKey {
+        StoreKey(self.key.derive(purpose))
     }
 }
 

@@ -133,7 +133,7 @@ pub(crate) async fn direct_chat(alice: &App, bob: &App) -> OwnedRoomId {
 
 /// Takes the server away (SIGKILL: like a crash or a cut cable; a graceful stop would wait
 /// for the clients' long-polls) so that `restart` brings it back on the same address.
-fn stop_server(server: &mut Server) {
+pub(crate) fn stop_server(server: &mut Server) {
     let addr = server.base_url.trim_start_matches("http://").to_owned();
     server.set_env("OBMIN_LISTEN", &addr);
     server.kill();
@@ -272,11 +272,12 @@ async fn the_outbox_delivers_exactly_once_across_an_outage_and_a_restart(backend
     // endpoint, event type included). Our stand-in is not real ciphertext: Bob cannot read it.
     alice.client.stop().await;
     let second = alice.client.send_text(&room, "answer lost").await.unwrap();
-    let db =
-        sqlx::SqlitePool::connect(&format!("sqlite://{}", alice.dir.path().join("client.db").display())).await.unwrap();
+    let key = crate::desktop_cache::cache_key(alice.dir.path()).await;
+    let db = crate::desktop_cache::open_cache(&alice.dir.path().join("client.db"), Some(&key)).await.unwrap();
     let (token,): (String,) = sqlx::query_as("SELECT access_token FROM session").fetch_one(&db).await.unwrap();
     let (txn,): (String,) = sqlx::query_as("SELECT txn_id FROM outbox").fetch_one(&db).await.unwrap();
     assert_eq!(txn, second.key, "the outbox is keyed by the item's transaction id");
+    db.close().await;
     let first = server
         .put(
             &format!("/_matrix/client/v3/rooms/{}/send/m.room.encrypted/{txn}", enc(room.as_str())),

@@ -123,9 +123,21 @@ async fn a_passphrase_seals_the_store_and_a_wrong_one_is_refused(backend: Backen
     let store = CryptoStore::open_with_passphrase(&store_path, PASSPHRASE).await.unwrap();
     assert_eq!(identity_of(store).await, identity, "the store holds the identity the server knows");
 
-    // A restart: the session is there, but locked until the passphrase is given.
+    // On disk: the cache, sealed with a key derived from the passphrase's: no message and
+    // not even who is signed in can be read from any file.
+    for file in std::fs::read_dir(dir.path()).unwrap() {
+        let path = file.unwrap().path();
+        // (A log may go as the last connection closes.)
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        for secret in ["before the restart", "@alice:localhost"] {
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} in {}", path.display());
+        }
+    }
+
+    // A restart: a session is there, but locked until the passphrase is given (who is signed
+    // in is in the sealed cache: not known before).
     let client = Client::open_with_passphrase(dir.path()).await.unwrap();
-    assert_eq!(client.session(), session);
+    assert_eq!(client.session(), None);
     assert_eq!(client.key_state().await.unwrap(), KeyState::NeedsPassphrase { new: false });
     assert_eq!(client.start(), Err(Error::Locked));
     // A wrong passphrase is refused with its own error, and changes nothing: still locked,
@@ -146,6 +158,7 @@ async fn a_passphrase_seals_the_store_and_a_wrong_one_is_refused(backend: Backen
 
     client.unlock(PASSPHRASE).await.unwrap();
     assert_eq!(client.key_state().await.unwrap(), KeyState::Ready);
+    assert_eq!(client.session(), session);
     client.start().unwrap();
     let alice = App { client, dir };
     // The same device with the same keys: old sessions decrypt and new messages flow.

@@ -6,6 +6,7 @@ mod aggregations;
 mod attackers;
 mod cli;
 mod client_gaps;
+mod desktop_cache;
 mod desktop_core;
 mod desktop_keys;
 mod devices;

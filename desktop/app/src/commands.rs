@@ -88,11 +88,10 @@ pub async fn unlock(state: State<'_, AppState>, passphrase: String) -> CommandRe
 /// `keyring_unavailable` or `keyring` errors send the window back to the unlock screen.
 #[tauri::command]
 pub async fn restore_session(state: State<'_, AppState>) -> CommandResult<Option<Me>> {
+    // The session itself is in the encrypted cache: known once encryption is open.
+    state.client.open_encryption().await?;
     match state.client.session() {
-        Some(session) => {
-            state.client.open_encryption().await?;
-            Ok(Some(signed_in(&state.client, session).await?))
-        }
+        Some(session) => Ok(Some(signed_in(&state.client, session).await?)),
         None => Ok(None),
     }
 }

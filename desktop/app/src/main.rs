@@ -94,6 +94,14 @@ fn main() {
             commands::avatar_image,
             notify::notify,
         ])
-        .run(tauri::generate_context!())
-        .expect("the Tauri application failed to start");
+        .build(tauri::generate_context!())
+        .expect("the Tauri application failed to start")
+        .run(|app, event| {
+            // Close the encrypted cache before the process exits (see `Client::close`).
+            if let tauri::RunEvent::Exit = event
+                && let Some(state) = app.try_state::<AppState>()
+            {
+                tauri::async_runtime::block_on(state.client.close());
+            }
+        });
 }

@@ -27,9 +27,12 @@ pub struct Client {
 
 pub(crate) struct Inner {
     pub(crate) data_dir: PathBuf,
-    pub(crate) store: Store,
+    /// The local cache, encrypted with a key derived from the crypto store's: open while the
+    /// session is (None when signed out, and while the key is locked).
+    pub(crate) store: RwLock<Option<Store>>,
     pub(crate) http: Http,
-    /// The signed-in session (None when signed out).
+    /// The signed-in session (None when signed out, and while the key is locked: the session
+    /// lives in the encrypted cache).
     pub(crate) session: RwLock<Option<Session>>,
     /// The encryption state of the session; locked for a whole encrypt / decrypt / key
     /// exchange so the machine and its store stay consistent.
@@ -91,15 +94,13 @@ impl Client {
             Some(e2ee::store::KeyKind::Passphrase) => KeyStorage::Passphrase,
             _ => key_storage,
         };
-        let store = Store::open(&data_dir.join("client.db")).await?;
-        let session = store.load_session().await?;
         let (updates, _) = broadcast::channel(1024);
         let client = Client {
             inner: Arc::new(Inner {
                 data_dir: data_dir.to_owned(),
-                store,
+                store: RwLock::new(None),
                 http: Http::new()?,
-                session: RwLock::new(session),
+                session: RwLock::new(None),
                 crypto: Mutex::new(None),
                 key_storage,
                 passphrase: StdMutex::new(None),
@@ -113,10 +114,15 @@ impl Client {
                 tasks: StdMutex::new(Vec::new()),
             }),
         };
-        if client.session().is_some() && client.key_state().await? == crate::KeyState::Ready {
+        if !client.has_saved_session() {
+            // A cache without an encryption store opens with no key: a signed-out plaintext
+            // cache of an earlier version (its deleted rows may linger in free pages), or the
+            // rest of an interrupted sign-out. Nothing to keep.
+            Store::remove(&client.cache_path())?;
+        } else if client.key_state().await? == crate::KeyState::Ready {
             // A keyring that fails now (dismissed unlock prompt, keyring gone) must not keep
             // the app from starting: [`Client::open_encryption`] tries again and says why.
-            match client.open_crypto().await {
+            match client.open_saved().await {
                 Err(crate::Error::Keyring(e)) => tracing::warn!(%e, "the keyring failed; encryption is not open yet"),
                 other => other?,
             }
@@ -129,21 +135,24 @@ impl Client {
         &self.inner.key_storage
     }
 
-    /// Opens the signed-in session's encryption store if it is not open yet (e.g. the keyring
-    /// failed when the client opened): [`crate::Error::Locked`] while a passphrase is needed,
-    /// [`crate::Error::Keyring`] when the keyring fails again. Nothing to do when signed out.
+    /// Opens the saved session (its encrypted cache and encryption store) if it is not open
+    /// yet (e.g. the keyring failed when the client opened): [`crate::Error::Locked`] while a
+    /// passphrase is needed, [`crate::Error::Keyring`] when the keyring fails again. Nothing
+    /// to do when signed out. After it, [`Client::session`] says who is signed in.
     pub async fn open_encryption(&self) -> Result<()> {
-        if self.session().is_none() || self.crypto_is_open() {
+        if !self.has_saved_session() || self.crypto_is_open() {
             return Ok(());
         }
         match self.key_state().await? {
-            crate::KeyState::Ready => self.open_crypto().await,
+            crate::KeyState::Ready => self.open_saved().await,
             crate::KeyState::NeedsPassphrase { .. } => Err(crate::Error::Locked),
             crate::KeyState::KeyringUnavailable => Err(crate::Error::KeyringUnavailable),
         }
     }
 
-    /// Who is signed in, if anyone.
+    /// Who is signed in, if anyone. None also while a saved session is locked (the session is
+    /// in the encrypted cache): after [`Client::unlock`] or [`Client::open_encryption`] it is
+    /// known.
     pub fn session(&self) -> Option<SessionInfo> {
         self.inner.session.read().expect("session lock").as_ref().map(Session::info)
     }
@@ -179,6 +188,21 @@ impl Client {
         Ok(())
     }
 
+    /// Stops the background work and closes the cache and the encryption store: call it
+    /// before the process exits. (SQLCipher frees its state in an `atexit` handler: a cache
+    /// connection still closing on its worker thread then would touch freed memory.)
+    pub async fn close(&self) {
+        self.stop().await;
+        if let Some(crypto) = self.inner.crypto.lock().await.take() {
+            crypto.close().await;
+        }
+        let cache = self.inner.store.write().expect("store lock").take();
+        if let Some(cache) = cache {
+            cache.close().await;
+        }
+        *self.inner.session.write().expect("session lock") = None;
+    }
+
     /// Stops the background work (what is queued stays queued for the next start).
     pub async fn stop(&self) {
         let tasks: Vec<_> = std::mem::take(&mut *self.inner.tasks.lock().expect("tasks lock"));
@@ -205,8 +229,56 @@ impl Client {
         }
     }
 
-    /// The session, or [`crate::Error::NotLoggedIn`].
+    /// The open cache, or why not ([`Client::not_open`]).
+    pub(crate) fn store(&self) -> Result<Store> {
+        let store = self.inner.store.read().expect("store lock").clone();
+        store.ok_or_else(|| self.not_open())
+    }
+
+    /// Why the session is not there: [`crate::Error::Locked`] while a saved one waits for its
+    /// key (it is inside the encrypted cache), else [`crate::Error::NotLoggedIn`].
+    pub(crate) fn not_open(&self) -> crate::Error {
+        if self.inner.data_dir.join(crate::crypto::STORE_FILE).exists() {
+            crate::Error::Locked
+        } else {
+            crate::Error::NotLoggedIn
+        }
+    }
+
+    /// The cache file.
+    pub(crate) fn cache_path(&self) -> PathBuf {
+        self.inner.data_dir.join(crate::store::CACHE_FILE)
+    }
+
+    /// Whether the data directory holds a session, open or not. Its encryption store is made
+    /// first and removed last, and holds the key to the cache, so it says.
+    pub(crate) fn has_saved_session(&self) -> bool {
+        self.session().is_some() || self.inner.data_dir.join(crate::crypto::STORE_FILE).exists()
+    }
+
+    /// The session, or why not ([`Client::not_open`]).
     pub(crate) fn require_session(&self) -> Result<Session> {
-        self.inner.session.read().expect("session lock").clone().ok_or(crate::Error::NotLoggedIn)
+        let session = self.inner.session.read().expect("session lock").clone();
+        session.ok_or_else(|| self.not_open())
+    }
+}
+
+impl Drop for Inner {
+    /// A client dropped without [`Client::close`] (a test's end, an error path) still closes
+    /// its cache before the drop returns, so no connection is left closing while the process
+    /// exits (see [`Client::close`]). On a thread of its own with its own runtime: a drop may
+    /// happen inside an async context, where blocking on the pool is not allowed. Bounded: a
+    /// connection held elsewhere is given up after a few seconds.
+    fn drop(&mut self) {
+        let Some(cache) = self.store.get_mut().ok().and_then(Option::take) else { return };
+        let closing = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_time().build() else { return };
+            runtime.block_on(async {
+                if tokio::time::timeout(std::time::Duration::from_secs(5), cache.close()).await.is_err() {
+                    tracing::warn!("the local cache did not close in time");
+                }
+            });
+        });
+        let _ = closing.join();
     }
 }

@@ -13,7 +13,11 @@ use serde::Serialize;
 use serde_json::Value;
 use zeroize::Zeroizing;
 
-use crate::{Client, Error, Result, session::Session};
+use crate::{
+    Client, Error, Result,
+    session::Session,
+    store::{CACHE_KEY_PURPOSE, Store},
+};
 
 pub(crate) const STORE_FILE: &str = "crypto.db";
 /// The key file of earlier versions (and of [`KeyStorage::KeyFile`]).
@@ -170,7 +174,7 @@ impl Client {
         {
             return Ok(KeyState::Ready);
         }
-        if self.session().is_none() {
+        if !self.has_saved_session() {
             // The next sign-in makes a new store: it gets the passphrase chosen now.
             return Ok(KeyState::NeedsPassphrase { new: true });
         }
@@ -204,17 +208,17 @@ impl Client {
         if passphrase.is_empty() {
             return Err(Error::WrongPassphrase);
         }
-        let store = match self.session() {
-            Some(_) => Some(match CryptoStore::open_with_passphrase(&self.crypto_store_path(), passphrase).await {
+        let store = match self.has_saved_session() && guard.is_none() {
+            true => Some(match CryptoStore::open_with_passphrase(&self.crypto_store_path(), passphrase).await {
                 Err(e2ee::Error::WrongStoreKey) => return Err(Error::WrongPassphrase),
                 Err(e2ee::Error::NotAPassphraseStore) => return Err(Error::KeyringUnavailable),
                 other => other?,
             }),
-            None => None,
+            false => None,
         };
         *self.inner.passphrase.lock().expect("passphrase lock") = Some(Zeroizing::new(passphrase.to_owned()));
         if let Some(store) = store {
-            *guard = Some(self.load_machine(store).await?);
+            self.restore(&mut guard, store).await?;
         }
         Ok(())
     }
@@ -278,14 +282,49 @@ impl Client {
         Ok(crypto)
     }
 
-    /// Opens (or creates) the encryption state of the current session.
-    pub(crate) async fn open_crypto(&self) -> Result<()> {
-        self.require_session()?;
+    /// Opens the saved session: its encryption store with the key from wherever
+    /// [`KeyStorage`] says, then the cache sealed with the key derived from it (a plaintext
+    /// cache of an earlier version is encrypted now), then the session kept in the cache.
+    pub(crate) async fn open_saved(&self) -> Result<()> {
         let mut guard = self.inner.crypto.lock().await;
         if guard.is_some() {
             return Ok(());
         }
         let store = self.open_crypto_store().await?;
+        self.restore(&mut guard, store).await
+    }
+
+    /// The rest of [`Client::open_saved`] once the encryption store is open. A data directory
+    /// whose cache holds no session (a sign-in interrupted before it saved one) is cleared:
+    /// signed out.
+    async fn restore(&self, guard: &mut Option<Crypto>, store: CryptoStore) -> Result<()> {
+        let cache = match Store::open(&self.cache_path(), &store.derive_key(CACHE_KEY_PURPOSE)).await {
+            Ok(cache) => cache,
+            Err(e) => {
+                store.close().await;
+                return Err(e);
+            }
+        };
+        let Some(session) = cache.load_session().await? else {
+            cache.close().await;
+            store.close().await;
+            tracing::warn!("the local cache holds no session; signed out");
+            return self.remove_local_data().await;
+        };
+        *self.inner.store.write().expect("store lock") = Some(cache);
+        *self.inner.session.write().expect("session lock") = Some(session);
+        *guard = Some(self.load_machine(store).await?);
+        Ok(())
+    }
+
+    /// Makes the encryption store and the cache of a new session (after
+    /// [`Client::remove_local_data`]) and saves `session` in the cache.
+    pub(crate) async fn create_session_data(&self, guard: &mut Option<Crypto>, session: &Session) -> Result<()> {
+        let store = self.open_crypto_store().await?;
+        let cache = Store::open(&self.cache_path(), &store.derive_key(CACHE_KEY_PURPOSE)).await?;
+        cache.save_session(session).await?;
+        *self.inner.store.write().expect("store lock") = Some(cache);
+        *self.inner.session.write().expect("session lock") = Some(session.clone());
         *guard = Some(self.load_machine(store).await?);
         Ok(())
     }
@@ -296,10 +335,22 @@ impl Client {
         self.inner.crypto.try_lock().map(|guard| guard.is_some()).unwrap_or(true)
     }
 
-    /// Removes the crypto store (a new session gets a new device and new keys) and its key:
-    /// the keyring entry, or a legacy key file. A keyring that cannot forget is only logged:
-    /// the key it keeps opens nothing any more.
-    pub(crate) async fn remove_crypto_store(&self) -> Result<()> {
+    /// Closes and removes what a session keeps on disk: the cache, the crypto store (a new
+    /// session gets a new device and new keys) and its key. The crypto state must be closed
+    /// already (the caller holds its lock).
+    pub(crate) async fn remove_local_data(&self) -> Result<()> {
+        *self.inner.session.write().expect("session lock") = None;
+        let cache = self.inner.store.write().expect("store lock").take();
+        if let Some(cache) = cache {
+            cache.close().await;
+        }
+        Store::remove(&self.cache_path())?;
+        self.remove_crypto_store().await
+    }
+
+    /// Removes the crypto store and its key: the keyring entry, or a legacy key file. A
+    /// keyring that cannot forget is only logged: the key it keeps opens nothing any more.
+    async fn remove_crypto_store(&self) -> Result<()> {
         for suffix in ["", "-wal", "-shm"] {
             match std::fs::remove_file(self.inner.data_dir.join(format!("{STORE_FILE}{suffix}"))) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
@@ -378,8 +429,7 @@ impl Client {
     ) -> Result<Value> {
         self.refresh_members(session, room_id).await?;
         let members: Vec<OwnedUserId> = self
-            .inner
-            .store
+            .store()?
             .members(room_id.as_str(), &["join", "invite"])
             .await?
             .into_iter()

@@ -45,8 +45,7 @@ impl Client {
     ) -> Result<TimelineItem> {
         let session = self.require_session()?;
         let room = self
-            .inner
-            .store
+            .store()?
             .room(room_id.as_str())
             .await?
             .ok_or_else(|| Error::InvalidInput("You are not in this room.".into()))?;

@@ -59,14 +59,13 @@ impl Client {
         item_content: ItemContent,
     ) -> Result<TimelineItem> {
         let session = self.require_session()?;
-        let room = self.inner.store.room(room_id.as_str()).await?;
+        let room = self.store()?.room(room_id.as_str()).await?;
         let Some(room) = room.filter(|r| r.membership == crate::Membership::Joined) else {
             return Err(Error::InvalidInput("You are not in this room.".into()));
         };
         let row =
             OutboxRow { txn_id: txn_id.clone(), room_id: room_id.to_string(), event_type: event_type.into(), content };
-        self.inner
-            .store
+        self.store()?
             .enqueue(
                 &row,
                 NewItem {
@@ -82,7 +81,7 @@ impl Client {
                 },
             )
             .await?;
-        let item = self.inner.store.item(&txn_id).await?.ok_or_else(|| Error::Store("queued item vanished".into()))?;
+        let item = self.store()?.item(&txn_id).await?.ok_or_else(|| Error::Store("queued item vanished".into()))?;
         self.emit(Update::Timeline { item: item.clone() });
         self.emit(Update::RoomsChanged);
         self.inner.outbox_wake.notify_one();
@@ -92,19 +91,19 @@ impl Client {
     /// Sends everything queued, in order; stops at the first transient failure (the rest
     /// waits its turn: messages of a room keep their order).
     pub(crate) async fn flush_outbox(&self) -> Result<()> {
-        for row in self.inner.store.outbox().await? {
+        for row in self.store()?.outbox().await? {
             match self.send_queued(&row).await {
                 Ok(event_id) => {
-                    self.inner.store.outbox_done(&row.txn_id, &event_id).await?;
+                    self.store()?.outbox_done(&row.txn_id, &event_id).await?;
                 }
                 Err(e) if e.is_transient() => return Err(e),
                 Err(Error::SessionExpired) => return Err(Error::SessionExpired),
                 Err(e) => {
                     tracing::warn!(%e, txn = %row.txn_id, "the server refused a message");
-                    self.inner.store.outbox_failed(&row.txn_id, &e.to_string()).await?;
+                    self.store()?.outbox_failed(&row.txn_id, &e.to_string()).await?;
                 }
             }
-            if let Some(item) = self.inner.store.item(&row.txn_id).await? {
+            if let Some(item) = self.store()?.item(&row.txn_id).await? {
                 self.emit(Update::Timeline { item });
             }
         }
@@ -115,7 +114,7 @@ impl Client {
     async fn send_queued(&self, row: &OutboxRow) -> Result<String> {
         let session = self.require_session()?;
         let room_id = RoomId::parse(&row.room_id).map_err(|e| Error::Store(e.to_string()))?;
-        let room = self.inner.store.room(&row.room_id).await?;
+        let room = self.store()?.room(&row.room_id).await?;
         let (event_type, content) = match room.and_then(|r| r.encryption) {
             Some(encryption) => (
                 "m.room.encrypted".to_owned(),

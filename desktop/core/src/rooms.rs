@@ -35,7 +35,7 @@ impl Client {
     pub async fn rooms(&self) -> Result<Vec<RoomSummary>> {
         let session = self.require_session()?;
         let mut rooms = Vec::new();
-        for row in self.inner.store.rooms().await? {
+        for row in self.store()?.rooms().await? {
             rooms.push(self.summary(&session.user_id, row).await?);
         }
         rooms.sort_by_key(|r| std::cmp::Reverse(r.last_message.as_ref().map_or(0, |m| m.timestamp)));
@@ -45,7 +45,7 @@ impl Client {
     /// One room's summary from the cache.
     pub async fn room(&self, room_id: &RoomId) -> Result<Option<RoomSummary>> {
         let session = self.require_session()?;
-        match self.inner.store.room(room_id.as_str()).await? {
+        match self.store()?.room(room_id.as_str()).await? {
             Some(row) => Ok(Some(self.summary(&session.user_id, row).await?)),
             None => Ok(None),
         }
@@ -54,7 +54,7 @@ impl Client {
     /// Joined and invited members of a room, from the cache.
     pub async fn members(&self, room_id: &RoomId) -> Result<Vec<UserSummary>> {
         let mut members = Vec::new();
-        for (user_id, name) in self.inner.store.members(room_id.as_str(), &["join", "invite"]).await? {
+        for (user_id, name) in self.store()?.members(room_id.as_str(), &["join", "invite"]).await? {
             members.push(self.cached_user(&user_id, name).await?);
         }
         Ok(members)
@@ -62,7 +62,7 @@ impl Client {
 
     async fn summary(&self, me: &UserId, row: RoomRow) -> Result<RoomSummary> {
         let room_id: OwnedRoomId = row.room_id.as_str().try_into().map_err(|_| Error::Store("bad room id".into()))?;
-        let members = self.inner.store.members(&row.room_id, &["join", "invite"]).await?;
+        let members = self.store()?.members(&row.room_id, &["join", "invite"]).await?;
         let others: Vec<_> = members.iter().filter(|(u, _)| u != me.as_str()).collect();
         let dm_peer = match (row.is_direct, others.as_slice()) {
             (true, [(user, name)]) => Some(self.cached_user(user, name.clone()).await?),
@@ -83,9 +83,9 @@ impl Client {
                 })
             })
             .unwrap_or_else(|| row.room_id.clone());
-        let last_message = self.inner.store.timeline(&row.room_id, 1).await?.pop();
+        let last_message = self.store()?.timeline(&row.room_id, 1).await?.pop();
         Ok(RoomSummary {
-            unread: self.inner.store.unread_count(&row.room_id, me.as_str(), row.read_seq).await?,
+            unread: self.store()?.unread_count(&row.room_id, me.as_str(), row.read_seq).await?,
             room_id,
             name,
             membership: row.membership,
@@ -100,7 +100,7 @@ impl Client {
     /// A user as cached (profile, presence); `room_name` is their name in a room if known.
     pub(crate) async fn cached_user(&self, user_id: &str, room_name: Option<String>) -> Result<UserSummary> {
         let user_id: OwnedUserId = user_id.try_into().map_err(|_| Error::Store("bad user id".into()))?;
-        let mut user = self.inner.store.user(user_id.as_str()).await?.unwrap_or(UserSummary {
+        let mut user = self.store()?.user(user_id.as_str()).await?.unwrap_or(UserSummary {
             user_id,
             display_name: None,
             avatar_url: None,
@@ -155,7 +155,7 @@ impl Client {
         let room_id = response.room_id;
 
         // Into the cache now, so the room can be used before the next sync brings it.
-        let mut tx = self.inner.store.begin().await?;
+        let mut tx = self.store()?.begin().await?;
         Store::upsert_room(&mut tx, room_id.as_str(), Membership::Joined, None).await?;
         Store::set_room_encryption(&mut tx, room_id.as_str(), &encryption).await?;
         Store::set_room_direct(&mut tx, room_id.as_str(), direct).await?;
@@ -176,7 +176,7 @@ impl Client {
         let request = get_member_events::v3::Request::new(room_id.to_owned());
         let response =
             self.inner.http.send(&session.server_url, Some(&session.access_token), request, REQUEST_TIMEOUT).await?;
-        let mut tx = self.inner.store.begin().await?;
+        let mut tx = self.store()?.begin().await?;
         for event in &response.chunk {
             let event: Value = event.deserialize_as_unchecked().unwrap_or(Value::Null);
             if let (Some(user), Some(membership)) =
@@ -204,7 +204,7 @@ impl Client {
             InvitationRecipient::UserId(invite_user::v3::InviteUserId::new(user_id.to_owned())),
         );
         self.inner.http.send(&session.server_url, Some(&session.access_token), request, REQUEST_TIMEOUT).await?;
-        let mut tx = self.inner.store.begin().await?;
+        let mut tx = self.store()?.begin().await?;
         Store::set_member(&mut tx, room_id.as_str(), user_id.as_str(), "invite", None).await?;
         tx.commit().await?;
         Ok(())
@@ -215,8 +215,8 @@ impl Client {
         let session = self.require_session()?;
         let request = join_room_by_id::v3::Request::new(room_id.to_owned());
         self.inner.http.send(&session.server_url, Some(&session.access_token), request, REQUEST_TIMEOUT).await?;
-        let room = self.inner.store.room(room_id.as_str()).await?;
-        let mut tx = self.inner.store.begin().await?;
+        let room = self.store()?.room(room_id.as_str()).await?;
+        let mut tx = self.store()?.begin().await?;
         Store::upsert_room(&mut tx, room_id.as_str(), Membership::Joined, None).await?;
         Store::set_member(&mut tx, room_id.as_str(), session.user_id.as_str(), "join", None).await?;
         tx.commit().await?;
@@ -240,7 +240,7 @@ impl Client {
         let session = self.require_session()?;
         let request = leave_room::v3::Request::new(room_id.to_owned());
         self.inner.http.send(&session.server_url, Some(&session.access_token), request, REQUEST_TIMEOUT).await?;
-        let mut tx = self.inner.store.begin().await?;
+        let mut tx = self.store()?.begin().await?;
         Store::upsert_room(&mut tx, room_id.as_str(), Membership::Left, None).await?;
         tx.commit().await?;
         self.emit(Update::RoomsChanged);

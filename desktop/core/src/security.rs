@@ -228,7 +228,7 @@ impl Client {
             imported
         };
         for key in self.retry_decryption().await? {
-            if let Some(item) = self.inner.store.item(&key).await? {
+            if let Some(item) = self.store()?.item(&key).await? {
                 self.emit(Update::Timeline { item });
             }
         }

@@ -37,15 +37,36 @@ impl Session {
     }
 }
 
-/// Accepts `localhost:8008` as well as `http://localhost:8008/`; the app's default is
-/// `http://localhost:8008`.
+/// The homeserver address as typed, made a base URL. A bare host name means `https://`:
+/// plain HTTP would hand the password and the access token to anyone on the path. Only an
+/// explicit `http://`, or a bare loopback address (`localhost`, `127.0.0.1`, `[::1]`: it
+/// never leaves the machine), is plain HTTP. The app's default is `http://localhost:8008`.
 fn normalise_server_url(url: &str) -> Result<String> {
     let url = url.trim().trim_end_matches('/');
-    let url = if url.contains("://") { url.to_owned() } else { format!("http://{url}") };
+    let invalid = || Error::InvalidServerUrl { url: url.to_owned() };
+    let url = if url.contains("://") {
+        url.to_owned()
+    } else {
+        let as_https = reqwest::Url::parse(&format!("https://{url}")).map_err(|_| invalid())?;
+        let scheme = if is_loopback(&as_https) { "http" } else { "https" };
+        format!("{scheme}://{url}")
+    };
     match reqwest::Url::parse(&url) {
         Ok(parsed) if matches!(parsed.scheme(), "http" | "https") && parsed.host().is_some() => Ok(url),
         _ => Err(Error::InvalidServerUrl { url }),
     }
+}
+
+/// Whether the URL's host is this machine: `localhost` (and names under it, RFC 6761) or a
+/// loopback address.
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else { return false };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
+    let name = host.trim_end_matches('.').to_ascii_lowercase();
+    name == "localhost" || name.ends_with(".localhost")
 }
 
 const DEVICE_NAME: &str = "Obmin desktop";
@@ -134,9 +155,19 @@ impl Client {
     }
 
     /// Signs out on the server (the device and its keys go) and forgets the local session
-    /// and cache. Works offline too: then only the local part happens.
+    /// and cache. Works offline too: then only the local part happens. A saved session that
+    /// cannot be opened (its key is in a keyring that is gone, or a passphrase is forgotten)
+    /// is signed out locally only: its access token is sealed in the cache, so the device
+    /// stays in the account's device list until it is removed from another device.
     pub async fn logout(&self) -> Result<()> {
-        let session = self.require_session()?;
+        let session = match self.require_session() {
+            Err(Error::Locked) => {
+                tracing::warn!("signing out a session that is locked: locally only");
+                self.stop().await;
+                return self.end_session().await;
+            }
+            other => other?,
+        };
         self.stop().await;
         match self
             .inner
@@ -154,25 +185,29 @@ impl Client {
 
     /// Saves a fresh session and sets up its encryption (device keys go up with the first
     /// sync's requests).
+    /// Each session starts with a new cache and a new encryption store, both sealed with a
+    /// new key: nothing of the previous account's stays readable.
     async fn begin_session(&self, session: Session) -> Result<SessionInfo> {
         self.stop().await;
-        *self.inner.crypto.lock().await = None;
-        self.inner.store.save_session(&session).await?;
-        self.remove_crypto_store().await?;
+        let mut guard = self.inner.crypto.lock().await;
+        if let Some(crypto) = guard.take() {
+            crypto.close().await;
+        }
+        self.remove_local_data().await?;
         let info = session.info();
-        *self.inner.session.write().expect("session lock") = Some(session);
-        self.open_crypto().await?;
+        self.create_session_data(&mut guard, &session).await?;
         Ok(info)
     }
 
-    /// Forgets the session locally (after logout, or when the server says the token is gone).
+    /// Forgets the session locally (after logout, or when the server says the token is gone):
+    /// the cache and the encryption store are removed.
     pub(crate) async fn end_session(&self) -> Result<()> {
-        *self.inner.session.write().expect("session lock") = None;
-        if let Some(crypto) = self.inner.crypto.lock().await.take() {
+        let mut guard = self.inner.crypto.lock().await;
+        if let Some(crypto) = guard.take() {
             crypto.close().await;
         }
-        self.inner.store.clear().await?;
-        self.remove_crypto_store().await?;
+        self.remove_local_data().await?;
+        drop(guard);
         self.set_connection(crate::ConnectionState::Offline);
         self.emit(Update::LoggedOut);
         Ok(())
@@ -203,8 +238,35 @@ mod tests {
     #[test]
     fn server_addresses_are_normalised() {
         assert_eq!(normalise_server_url("localhost:8008").unwrap(), "http://localhost:8008");
+        assert_eq!(normalise_server_url("http://chat.example.org:8008").unwrap(), "http://chat.example.org:8008");
         assert_eq!(normalise_server_url(" https://chat.example.org/ ").unwrap(), "https://chat.example.org");
         assert!(matches!(normalise_server_url("ftp://x"), Err(Error::InvalidServerUrl { .. })));
         assert!(matches!(normalise_server_url("not a url"), Err(Error::InvalidServerUrl { .. })));
+    }
+
+    #[test]
+    fn a_bare_host_name_means_https() {
+        for (typed, url) in [
+            ("chat.example.org", "https://chat.example.org"),
+            ("chat.example.org:8448/", "https://chat.example.org:8448"),
+            ("matrix.org", "https://matrix.org"),
+            ("192.168.1.20:8008", "https://192.168.1.20:8008"),
+            // Names that only look local are still somewhere else.
+            ("localhost.example.org", "https://localhost.example.org"),
+            ("127.0.0.1.nip.io", "https://127.0.0.1.nip.io"),
+        ] {
+            assert_eq!(normalise_server_url(typed).unwrap(), url, "{typed}");
+        }
+        // Loopback never leaves the machine: plain HTTP for a bare address.
+        for (typed, url) in [
+            ("localhost", "http://localhost"),
+            ("LOCALHOST:8008", "http://LOCALHOST:8008"),
+            ("app.localhost:8008", "http://app.localhost:8008"),
+            ("127.0.0.1:8008", "http://127.0.0.1:8008"),
+            ("127.9.9.9", "http://127.9.9.9"),
+            ("[::1]:8008", "http://[::1]:8008"),
+        ] {
+            assert_eq!(normalise_server_url(typed).unwrap(), url, "{typed}");
+        }
     }
 }

@@ -50,7 +50,7 @@ impl Client {
 
     async fn mark_read_as(&self, room_id: &RoomId, receipt: ReceiptType) -> Result<()> {
         let session = self.require_session()?;
-        let Some(event_id) = self.inner.store.mark_room_read(room_id.as_str()).await? else { return Ok(()) };
+        let Some(event_id) = self.store()?.mark_room_read(room_id.as_str()).await? else { return Ok(()) };
         self.emit(Update::RoomsChanged);
         let event_id = OwnedEventId::try_from(event_id).map_err(|e| Error::Store(e.to_string()))?;
         let request = create_receipt::v3::Request::new(room_id.to_owned(), receipt, event_id);
@@ -94,7 +94,7 @@ impl Client {
         match self.inner.http.send(&session.server_url, Some(&session.access_token), request, REQUEST_TIMEOUT).await {
             Ok(response) => {
                 let field = |name: &str| response.data.get(name).and_then(|v| v.as_str()).map(str::to_owned);
-                let mut tx = self.inner.store.begin().await?;
+                let mut tx = self.store()?.begin().await?;
                 Store::set_user_profile(
                     &mut tx,
                     user_id.as_str(),

@@ -1,18 +1,42 @@
 //! The local cache (`client.db`, SQLite via sqlx): session, rooms, members, timelines,
 //! outbox, users, receipts. All SQL of the client lives here. Runtime-checked queries (no
 //! `query!` macros) so the crate builds without a database at compile time.
+//!
+//! The file is encrypted page by page with SQLCipher (AES-256-CBC with a random IV and
+//! HMAC-SHA512 on every page, the write-ahead log included) under a raw 256-bit key derived
+//! from the crypto store's key ([`CACHE_KEY_PURPOSE`]): nothing in it, nor in its `-wal` and
+//! `-shm` files, is readable without that key. A plaintext cache of an earlier version is
+//! copied into an encrypted one on the first open with the key, then overwritten and
+//! removed ([`migrate_plaintext`]). Why SQLCipher and not per-row AEAD: `README.md`.
 
-use std::{path::Path, str::FromStr};
+use std::{
+    io::Write,
+    path::{Path, PathBuf},
+};
 
+use e2ee::store::StoreKey;
 use sqlx::{
-    Row,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous},
+    Connection, Row,
+    sqlite::{
+        SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+        SqliteSynchronous,
+    },
 };
 
 use crate::{
     ItemContent, Membership, PresenceInfo, Result, SendState, TimelineItem, UserSummary, session::Session, types,
 };
 
+/// The cache's file name in the data directory.
+pub(crate) const CACHE_FILE: &str = "client.db";
+/// The label the cache key is derived under from the crypto store's key.
+pub(crate) const CACHE_KEY_PURPOSE: &str = "obmin-client cache (SQLCipher)";
+/// What every plaintext SQLite file starts with; an encrypted one starts with random salt.
+const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+/// The files SQLite keeps next to a database.
+const COMPANIONS: [&str; 3] = ["-wal", "-shm", "-journal"];
+
+#[derive(Clone)]
 pub(crate) struct Store {
     pool: SqlitePool,
 }
@@ -68,17 +92,39 @@ pub(crate) fn parse_membership(s: &str) -> Membership {
 }
 
 impl Store {
-    pub(crate) async fn open(path: &Path) -> Result<Self> {
-        let options = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // A committed outbox row must survive a crash of the app: that is the promise
-            // "queued means it will be sent".
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+    /// Opens (creating if needed) the cache at `path`, encrypted with `key`. A plaintext cache
+    /// of an earlier version there is migrated first. A cache sealed with another key is
+    /// refused ([`crate::Error::Store`]) and left as it is.
+    pub(crate) async fn open(path: &Path, key: &StoreKey) -> Result<Self> {
+        migrate_plaintext(path, key).await?;
+        let pool =
+            SqlitePoolOptions::new().max_connections(4).connect_with(options(path, key)).await.map_err(key_error)?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Self { pool })
+    }
+
+    /// Closes every connection (waits for those in use): the files can then be removed.
+    pub(crate) async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Removes the cache at `path` with its companion files and any migration leftovers.
+    /// Close it first. A plaintext cache (of an earlier version) is overwritten first, not
+    /// only unlinked; an encrypted one is unreadable without its key and is just removed.
+    pub(crate) fn remove(path: &Path) -> Result<()> {
+        if is_plaintext(path)? {
+            for file in family(path) {
+                scrub(&file)?;
+            }
+        }
+        for file in family(path).into_iter().chain(family(&sibling(path, ".new"))) {
+            remove_if_exists(&file)?;
+        }
+        // A plaintext cache that was being migrated is overwritten, not only unlinked.
+        for file in family(&sibling(path, ".plaintext")) {
+            scrub(&file)?;
+        }
+        Ok(())
     }
 
     // ---- session ----
@@ -99,12 +145,9 @@ impl Store {
         .transpose()
     }
 
-    /// Saves a new session and forgets everything cached for the previous one.
+    /// Saves the session of a new cache (each session starts with a new cache file and key).
     pub(crate) async fn save_session(&self, session: &Session) -> Result<()> {
         let mut tx = self.pool.begin().await?;
-        for table in ["session", "rooms", "members", "timeline", "outbox", "users", "receipts"] {
-            sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}"))).execute(&mut *tx).await?;
-        }
         sqlx::query("INSERT INTO session (id, server_url, user_id, device_id, access_token) VALUES (1, ?, ?, ?, ?)")
             .bind(&session.server_url)
             .bind(session.user_id.as_str())
@@ -112,16 +155,6 @@ impl Store {
             .bind(&session.access_token)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    /// Forgets the session (and with it the cache: it belongs to the account).
-    pub(crate) async fn clear(&self) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        for table in ["session", "rooms", "members", "timeline", "outbox", "users", "receipts"] {
-            sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}"))).execute(&mut *tx).await?;
-        }
         tx.commit().await?;
         Ok(())
     }
@@ -682,4 +715,189 @@ fn item_row(r: &SqliteRow) -> Result<TimelineItem> {
         send_state: r.get::<Option<String>, _>(7).map(|s| serde_json::from_str(&s)).transpose()?,
         sender_name: r.get(8),
     })
+}
+
+/// The connection options of the cache at `path` under `key`. SQLCipher takes the key as the
+/// first statement on every connection (sqlx sends `key` before any other pragma); a raw
+/// 64-hex-digit key is used as it is, without SQLCipher's own PBKDF2 (it is a random or
+/// argon2id-derived key already).
+fn options(path: &Path, key: &StoreKey) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .pragma("key", format!("\"x'{}'\"", hex(key.as_bytes()).as_str()))
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // A committed outbox row must survive a crash of the app: that is the promise
+        // "queued means it will be sent".
+        .synchronous(SqliteSynchronous::Full)
+        // Temporary tables and indices (sorting) stay in memory, never in plaintext files.
+        .pragma("temp_store", "MEMORY")
+        .busy_timeout(std::time::Duration::from_secs(10))
+}
+
+fn hex(bytes: &[u8]) -> zeroize::Zeroizing<String> {
+    use std::fmt::Write as _;
+    let mut out = zeroize::Zeroizing::new(String::with_capacity(bytes.len() * 2));
+    for byte in bytes {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}
+
+/// SQLite says "file is not a database" (SQLITE_NOTADB) when the key does not decrypt the
+/// first page: say that in words.
+fn key_error(error: sqlx::Error) -> crate::Error {
+    match &error {
+        sqlx::Error::Database(e) if e.code().as_deref() == Some("26") => {
+            crate::Error::Store("the local cache does not open with this device's key".into())
+        }
+        _ => error.into(),
+    }
+}
+
+/// `path` with `suffix` appended to its file name.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// A database file and the companion files SQLite may keep next to it.
+fn family(path: &Path) -> Vec<PathBuf> {
+    std::iter::once(path.to_owned()).chain(COMPANIONS.iter().map(|suffix| sibling(path, suffix))).collect()
+}
+
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Whether the file at `path` is a plaintext SQLite database (else encrypted, or empty).
+fn is_plaintext(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let mut header = [0u8; 16];
+    match std::fs::File::open(path) {
+        Ok(mut file) => Ok(file.read_exact(&mut header).is_ok() && &header == SQLITE_HEADER),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Overwrites the file with zeros, syncs, and removes it: the plaintext is gone from the file
+/// system's view of its blocks, not only unlinked (a copy-on-write file system or an SSD's
+/// remapping may still keep old blocks; full-disk encryption covers those).
+fn scrub(path: &Path) -> Result<()> {
+    let mut file = match std::fs::OpenOptions::new().write(true).open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut left = file.metadata()?.len();
+    let zeros = vec![0u8; 64 * 1024];
+    while left > 0 {
+        let n = left.min(zeros.len() as u64) as usize;
+        file.write_all(&zeros[..n])?;
+        left -= n as u64;
+    }
+    file.sync_all()?;
+    drop(file);
+    remove_if_exists(path)
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Renames `from` (with its companion files) to `to`, if it is there.
+fn rename_family(from: &Path, to: &Path) -> Result<()> {
+    for (from, to) in family(from).into_iter().zip(family(to)) {
+        match std::fs::rename(&from, &to) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A file name as an SQLite URI path (`file:` URIs take %-escapes; SQLite is built with URI
+/// file names on).
+fn uri_path(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for &byte in path.as_os_str().as_bytes() {
+        match byte {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'/' | b'-' | b'_' | b'.' | b'~' => out.push(byte as char),
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+/// Moves a plaintext cache of an earlier version at `path` into an encrypted one, and
+/// leaves nothing of the plaintext behind. Crash-safe at every step; the steps:
+///
+/// 1. the plaintext database and its `-wal` / `-shm` move aside to `client.db.plaintext*`
+///    (so no stale plaintext log can ever pair with the new file);
+/// 2. SQLCipher copies it, read only, into `client.db.new`, encrypted with `key`
+///    (`sqlcipher_export`: every table and row, the outbox included), which is synced;
+/// 3. `client.db.new` becomes `client.db` (an atomic rename);
+/// 4. the plaintext files are overwritten with zeros and removed ([`scrub`]).
+///
+/// A start after a crash picks up where it stopped: before 3, `client.db` is missing and the
+/// copy starts over from the plaintext set; after 3, only the scrubbing is left.
+pub(crate) async fn migrate_plaintext(path: &Path, key: &StoreKey) -> Result<()> {
+    let plaintext = sibling(path, ".plaintext");
+    let fresh = sibling(path, ".new");
+    if plaintext.exists() && path.exists() && !is_plaintext(path)? {
+        // Interrupted after step 3.
+        for file in family(&plaintext) {
+            scrub(&file)?;
+        }
+        return Ok(());
+    }
+    if !plaintext.exists() {
+        if !is_plaintext(path)? {
+            return Ok(());
+        }
+        // Step 1: the database first, then its logs (a crash in between is finished below).
+        std::fs::rename(path, &plaintext)?;
+        sync_dir(path)?;
+    }
+    // Step 1 (again, after a crash): any log under the old name belongs to the plaintext set,
+    // since `client.db` itself does not exist until step 3.
+    rename_family(path, &plaintext)?;
+    sync_dir(path)?;
+    tracing::info!(file = %path.display(), "encrypting the local cache of an earlier version");
+
+    // Step 2.
+    for file in family(&fresh) {
+        remove_if_exists(&file)?;
+    }
+    let mut conn =
+        SqliteConnection::connect_with(&options(&fresh, key).journal_mode(SqliteJournalMode::Delete)).await?;
+    // An empty key attaches the file as plain SQLite; `mode=ro` leaves it (and its log)
+    // exactly as it is until it is scrubbed.
+    let attach =
+        format!("ATTACH DATABASE 'file:{}?mode=ro' AS plaintext KEY ''", uri_path(&plaintext).replace('\'', "''"));
+    sqlx::query(sqlx::AssertSqlSafe(attach)).execute(&mut conn).await?;
+    sqlx::query("SELECT sqlcipher_export('main', 'plaintext')").execute(&mut conn).await?;
+    sqlx::query("DETACH DATABASE plaintext").execute(&mut conn).await?;
+    conn.close().await?;
+    std::fs::File::open(&fresh)?.sync_all()?;
+
+    // Step 3.
+    std::fs::rename(&fresh, path)?;
+    sync_dir(path)?;
+
+    // Step 4.
+    for file in family(&plaintext) {
+        scrub(&file)?;
+    }
+    sync_dir(path)?;
+    Ok(())
 }

@@ -114,7 +114,7 @@ impl Client {
             let crypto = crypto.as_mut().ok_or(Error::NotLoggedIn)?;
             self.flush_crypto(&session, crypto).await?;
         }
-        let since = self.inner.store.sync_token().await?;
+        let since = self.store()?.sync_token().await?;
         let mut request = sync::Request::new();
         request.timeout = Some(timeout);
         request.set_presence = self.inner.presence.lock().expect("presence lock").clone();
@@ -148,7 +148,7 @@ impl Client {
                 if matches!(event["type"].as_str(), Some("m.room_key" | "m.forwarded_room_key")))
         });
 
-        let mut tx = self.inner.store.begin().await?;
+        let mut tx = self.store()?.begin().await?;
 
         // Global account data: m.direct says which rooms are direct chats.
         for event in &response.account_data.events {
@@ -252,7 +252,7 @@ impl Client {
             changed_items.extend(self.retry_decryption().await?);
         }
         for key in changed_items {
-            if let Some(item) = self.inner.store.item(&key).await? {
+            if let Some(item) = self.store()?.item(&key).await? {
                 self.emit(Update::Timeline { item });
             }
         }
@@ -425,7 +425,7 @@ impl Client {
     /// Tries again to decrypt items whose key had not arrived; returns the ones that now
     /// decrypt.
     pub(crate) async fn retry_decryption(&self) -> Result<Vec<String>> {
-        let pending = self.inner.store.undecrypted().await?;
+        let pending = self.store()?.undecrypted().await?;
         if pending.is_empty() {
             return Ok(Vec::new());
         }
@@ -437,7 +437,7 @@ impl Client {
             if let Ok(plain) = crypto.machine.decrypt_room_event(&room_id, &event)
                 && let Some(content) = item_content(&plain.event)
             {
-                self.inner.store.replace_content(&key, &content).await?;
+                self.store()?.replace_content(&key, &content).await?;
                 fixed.push(key);
             }
         }

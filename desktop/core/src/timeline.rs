@@ -66,7 +66,7 @@ impl Client {
     /// The newest `limit` items of a room, oldest first, from the local cache: no network,
     /// so history shows offline. Our queued messages are included with their send state.
     pub async fn timeline(&self, room_id: &RoomId, limit: u32) -> Result<Vec<TimelineItem>> {
-        self.inner.store.timeline(room_id.as_str(), limit).await
+        self.store()?.timeline(room_id.as_str(), limit).await
     }
 
     /// Fetches up to `limit` events older than the oldest we hold from the server into the
@@ -76,7 +76,7 @@ impl Client {
     /// sync onwards; a gap left by a long time offline is not filled.
     pub async fn load_older(&self, room_id: &RoomId, limit: u32) -> Result<bool> {
         let session = self.require_session()?;
-        let (Some(from), false) = self.inner.store.history_cursor(room_id.as_str()).await? else {
+        let (Some(from), false) = self.store()?.history_cursor(room_id.as_str()).await? else {
             return Ok(false);
         };
         let mut request = get_message_events::v3::Request::new(room_id.to_owned(), Direction::Backward);
@@ -99,7 +99,7 @@ impl Client {
             crypto.save().await?;
             decrypted
         };
-        let mut tx = self.inner.store.begin().await?;
+        let mut tx = self.store()?.begin().await?;
         // Newest first (backwards): each goes below everything held so far.
         for (event, plain) in events.iter().zip(&decrypted) {
             let (Some(event_id), Some(sender)) = (event["event_id"].as_str(), event["sender"].as_str()) else {

@@ -48,6 +48,11 @@ pub async fn open_store(settings: &Settings) -> Result<Store, StartError> {
     )
     .await?;
     store.migrate().await?;
+    // Rooms from before the state model get their state groups once (see the migration).
+    let rooms = store.build_pending_state_groups().await?;
+    if rooms > 0 {
+        tracing::info!(rooms, "computed the state groups of rooms stored before them");
+    }
     Ok(store)
 }
 

@@ -26,4 +26,5 @@ mod room_extras;
 mod rooms;
 mod search;
 mod sliding_sync;
+mod state_model;
 mod sync;

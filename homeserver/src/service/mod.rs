@@ -26,6 +26,7 @@ pub mod room_cache;
 pub mod rooms;
 pub mod send_queue;
 pub mod sliding_sync;
+pub mod state;
 pub mod streams;
 pub mod sync;
 pub mod timeline;
@@ -57,6 +58,8 @@ pub struct Services {
     pub send_queue: send_queue::SendQueue,
     room_locks: timeline::RoomLocks,
     pub room_cache: room_cache::RoomCaches,
+    /// State groups read so far (see `service::state`).
+    state_cache: state::StateCache,
     key_counts: keys::KeyCountCache,
     /// Each user's rooms with their membership, for syncs (see `rooms_of_user`).
     user_rooms: cache::Cache<String, Arc<Vec<(String, String)>>>,
@@ -98,6 +101,7 @@ impl Services {
             send_queue: send_queue::SendQueue::default(),
             room_locks: timeline::RoomLocks::default(),
             room_cache: room_cache::RoomCaches::default(),
+            state_cache: state::StateCache::default(),
             key_counts: keys::KeyCountCache::new(keys::MAX_CACHED_KEY_COUNTS),
             user_rooms: cache::Cache::new(100_000),
             unread: cache::Cache::new(100_000),

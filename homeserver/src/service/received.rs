@@ -1,29 +1,31 @@
-//! Events other servers send us: checked (signatures and content hash with the sender's
-//! cached server keys, authorization by the event's own auth events, then against the
-//! current state) and stored through the same per-room append path as our own events, so the
-//! room cache, the send queue and the syncs see them exactly like local ones.
+//! Events other servers send us: checked as the spec's checks on receipt of a PDU say
+//! (signatures and content hash with the sender's cached server keys; authorized by the
+//! event's own auth events, then by the state before it, else rejected; then by the current
+//! state, else soft-failed) and stored through the same per-room append path as our own
+//! events, so the room cache, the send queue and the syncs see them exactly like local ones.
+//! Auth events we lack are fetched and authorized in turn; where the event's prev events are
+//! missing, the state at them is asked for and resolved with what we know.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use federation::{
     auth,
     pdu::{Pdu, room_version_rules, signing_keys_needed, verify_received},
-    state::resolve_states,
 };
 use ruma::{
     CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, ServerName, UInt,
-    api::federation::event::{get_event, get_missing_events},
-    events::StateEventType,
+    api::federation::event::{get_event, get_missing_events, get_room_state_ids},
     serde::Base64,
     signatures::PublicKeyMap,
-    state_res::StateMap,
 };
 use serde_json::value::RawValue as RawJsonValue;
 
 use super::{Services, timeline::BuiltEvent};
 use crate::{
     error::{Error, Result},
-    store::now_ms,
+    store::{
+        CurrentGroup, EventStateGroups, EventStatus, GroupBase, GroupRef, NewOutlier, NewStateGroup, StateIds, now_ms,
+    },
 };
 
 /// Most events asked for in one `get_missing_events` request.
@@ -32,6 +34,28 @@ const MISSING_EVENTS_LIMIT: u32 = 20;
 /// outage (Synapse then sends only the newest event of each room) can leave a gap larger than
 /// one answer, so we ask again from the oldest events we got, up to this many times.
 const MISSING_EVENTS_ROUNDS: usize = 10;
+/// Most events fetched for the auth chain of one received event (each with `/event`).
+const MAX_AUTH_EVENTS_FETCHED: usize = 100;
+/// Most prev events of one received event whose state we ask for.
+const MAX_PREV_STATES_FETCHED: usize = 3;
+/// Most state events one `/state_ids` answer may name.
+const MAX_STATE_IDS: usize = 20_000;
+/// Most events fetched for the state at one prev event (those we lack, with their auth
+/// chains).
+const MAX_STATE_EVENTS_FETCHED: usize = 500;
+
+/// What a stored event's status means for an event arriving again: `Some` when it is not
+/// to be taken in again (already on the timeline or soft-failed; rejected is an error).
+fn known_outcome(event_id: &EventId, status: &EventStatus) -> Result<Option<Accepted>> {
+    match status {
+        EventStatus::Timeline => Ok(Some(Accepted::Known)),
+        EventStatus::Outlier { rejection: Some(reason), .. } => {
+            Err(Error::Forbidden(format!("{event_id} was rejected: {reason}")))
+        }
+        EventStatus::Outlier { soft_failed: true, .. } => Ok(Some(Accepted::Known)),
+        EventStatus::Outlier { .. } | EventStatus::Unknown => Ok(None),
+    }
+}
 
 /// A received event whose signatures and hashes verified.
 pub struct VerifiedEvent {
@@ -118,8 +142,10 @@ impl Services {
             return Err(Error::BadJson("room_id mismatch".to_owned()));
         }
         let id = event.event_id.clone();
-        if !self.store.any_events_json(&[id.to_string()]).await?.is_empty() {
-            return Ok((id, Accepted::Known));
+        // An auth event we hold as an outlier is not "known" here: arriving as a PDU, it
+        // goes onto the timeline and into the state like any other.
+        if let Some(known) = known_outcome(&id, &self.store.event_status(id.as_str()).await?)? {
+            return Ok((id, known));
         }
         self.fetch_missing_prev_events(origin, &room_id, &version, &event.pdu).await;
         self.fetch_missing_auth_events(origin, &room_id, &version, &event.pdu).await;
@@ -130,8 +156,8 @@ impl Services {
     /// Fetches the events between our forward extremities and `pdu` that we do not have
     /// (`get_missing_events`, asked again from the oldest events fetched while their
     /// `prev_events` are still unknown, at most [`MISSING_EVENTS_ROUNDS`] times) and takes them
-    /// in, oldest first. Best effort: what cannot be fetched leaves a gap in the graph, not a
-    /// refused event.
+    /// in, oldest first. Best effort: what cannot be fetched leaves a gap in the graph, which
+    /// the state at the gap's edge (asked with `/state_ids`) bridges.
     async fn fetch_missing_prev_events(
         &self,
         origin: &ServerName,
@@ -140,8 +166,8 @@ impl Services {
         pdu: &Pdu,
     ) {
         let ids: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
-        let known = match self.store.any_events_json(&ids).await {
-            Ok(rows) => rows.len(),
+        let known = match self.store.events_in_graph(&ids).await {
+            Ok(held) => held.len(),
             Err(_) => return,
         };
         if known == ids.len() {
@@ -183,8 +209,7 @@ impl Services {
                 .filter(|id| !fetched.contains_key(*id))
                 .map(|id| id.to_string())
                 .collect();
-            let Ok(held) = self.store.any_events_json(&unknown).await else { break };
-            let held: HashSet<String> = held.into_iter().map(|(id, _, _)| id).collect();
+            let Ok(held) = self.store.events_in_graph(&unknown).await else { break };
             latest = fetched
                 .values()
                 .filter(|e| e.pdu.prev_events.iter().any(|p| !fetched.contains_key(p) && !held.contains(p.as_str())))
@@ -198,13 +223,15 @@ impl Services {
         events.sort_by_key(|e| (e.pdu.depth, e.pdu.origin_server_ts));
         for event in events {
             let id = event.event_id.clone();
+            self.fetch_missing_auth_events(origin, room_id, version, &event.pdu).await;
             if let Err(e) = self.accept_remote_event(room_id, event, origin, false).await {
                 tracing::info!(%id, error = %e, "a missing event was refused");
             }
         }
     }
 
-    /// Fetches (`/event`) the auth events of `pdu` we do not have and keeps them as outliers.
+    /// Fetches the auth events of `pdu` we do not have (and theirs, recursively) and keeps
+    /// them as outliers, each authorized by its own auth events or kept as rejected.
     pub(crate) async fn fetch_missing_auth_events(
         &self,
         origin: &ServerName,
@@ -212,40 +239,276 @@ impl Services {
         version: &RoomVersionId,
         pdu: &Pdu,
     ) {
-        let ids: Vec<String> = pdu.auth_events.iter().map(|id| id.to_string()).collect();
-        let Ok(known) = self.store.any_events_json(&ids).await else { return };
-        let known: HashSet<String> = known.into_iter().map(|(id, _, _)| id).collect();
-        for id in pdu.auth_events.iter().filter(|id| !known.contains(id.as_str())) {
+        if let Err(e) = self.fetch_auth_chain(origin, room_id, version, &pdu.auth_events, MAX_AUTH_EVENTS_FETCHED).await
+        {
+            tracing::info!(%origin, event_id = %pdu.event_id, error = %e, "cannot fetch its auth events");
+        }
+    }
+
+    /// Fetches (`/event`, from `origin`) the events of `ids` we do not hold and, recursively,
+    /// their auth events we do not hold, at most `limit` events in all; then authorizes each
+    /// by its own auth events, oldest first, and stores them as outliers: accepted, or
+    /// rejected with the reason (an event whose auth event was rejected is rejected too).
+    /// Events whose auth events could not all be had are not stored.
+    async fn fetch_auth_chain(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        ids: &[OwnedEventId],
+        limit: usize,
+    ) -> Result<()> {
+        let rules = room_version_rules(version).map_err(|e| Error::internal(e.to_string()))?;
+        let mut fetched: HashMap<OwnedEventId, VerifiedEvent> = HashMap::new();
+        let mut asked: HashSet<OwnedEventId> = HashSet::new();
+        let mut queue: Vec<OwnedEventId> = self.unheld(ids).await?;
+        while let Some(id) = queue.pop() {
+            if fetched.len() >= limit {
+                tracing::info!(%origin, %room_id, limit, "an auth chain is longer than we fetch");
+                break;
+            }
+            if !asked.insert(id.clone()) {
+                continue;
+            }
             let Ok(response) = self.send_federation(origin, get_event::v1::Request::new(id.clone())).await else {
                 continue;
             };
             match self.verify_pdu(&response.pdu, version).await {
-                Ok(event) if &event.event_id == id && event.pdu.room_id.as_deref() == Some(room_id) => {
-                    let _ =
-                        self.store.insert_outlier(id.as_str(), room_id.as_str(), &event.json, false, now_ms()).await;
+                Ok(event) if event.event_id == id && event.pdu.room_id.as_deref() == Some(room_id) => {
+                    let next: Vec<OwnedEventId> =
+                        event.pdu.auth_events.iter().filter(|a| !asked.contains(*a)).cloned().collect();
+                    queue.extend(self.unheld(&next).await?);
+                    fetched.insert(id, event);
                 }
                 Ok(_) => tracing::info!(%id, "a fetched auth event is not the one asked for"),
                 Err(e) => tracing::info!(%id, error = %e, "a fetched auth event did not verify"),
             }
         }
+        if fetched.is_empty() {
+            return Ok(());
+        }
+        // What the fetched events cite that we hold.
+        let cited: Vec<String> = fetched
+            .values()
+            .flat_map(|e| e.pdu.auth_events.iter())
+            .filter(|id| !fetched.contains_key(*id))
+            .map(|id| id.to_string())
+            .collect();
+        let mut held: HashMap<OwnedEventId, Pdu> = HashMap::new();
+        for stored in self.store.pdus_for_auth(&cited).await? {
+            if stored.room_id != room_id.as_str() {
+                continue;
+            }
+            let Ok(id) = EventId::parse(stored.event_id.as_str()) else { continue };
+            let Ok(mut event) = Pdu::from_json(id.clone(), &stored.json) else { continue };
+            event.rejected = stored.rejected;
+            held.insert(id, event);
+        }
+        let create = self.create_event_pdu(room_id, &rules).await?;
+        // Decide in the auth graph's order: an event once all its auth events are decided.
+        let mut decided: HashMap<OwnedEventId, Option<String>> = HashMap::new();
+        loop {
+            let mut progress = false;
+            for (id, event) in &fetched {
+                if decided.contains_key(id) {
+                    continue;
+                }
+                let mut auth_events: HashMap<OwnedEventId, Pdu> = HashMap::new();
+                let mut verdict: Option<Option<String>> = None;
+                let mut ready = true;
+                for auth_id in &event.pdu.auth_events {
+                    if let Some(decision) = decided.get(auth_id) {
+                        match decision {
+                            Some(_) => verdict = Some(Some(format!("its auth event {auth_id} was rejected"))),
+                            None => {
+                                auth_events.insert(auth_id.clone(), fetched[auth_id].pdu.clone());
+                            }
+                        }
+                    } else if fetched.contains_key(auth_id) {
+                        ready = false;
+                    } else if let Some(pdu) = held.get(auth_id) {
+                        if pdu.rejected {
+                            verdict = Some(Some(format!("its auth event {auth_id} was rejected")));
+                        }
+                        auth_events.insert(auth_id.clone(), pdu.clone());
+                    } else {
+                        // Never had: this event cannot be decided now.
+                        ready = false;
+                    }
+                }
+                if verdict.is_none() && !ready {
+                    continue;
+                }
+                let verdict = match verdict {
+                    Some(verdict) => verdict,
+                    None => {
+                        if let Some(create) = &create {
+                            auth_events.entry(create.event_id.clone()).or_insert_with(|| create.clone());
+                        }
+                        auth::authorize_by_auth_events(&rules.authorization, &event.pdu, &auth_events).err()
+                    }
+                };
+                decided.insert(id.clone(), verdict);
+                progress = true;
+            }
+            if !progress {
+                break;
+            }
+        }
+        let outliers: Vec<NewOutlier> = decided
+            .into_iter()
+            .map(|(id, rejection)| {
+                if let Some(reason) = &rejection {
+                    tracing::info!(event_id = %id, %origin, %reason, "rejected a fetched auth event");
+                }
+                NewOutlier {
+                    event_id: id.to_string(),
+                    json: fetched[&id].json.clone(),
+                    soft_failed: false,
+                    rejection,
+                    state: None,
+                }
+            })
+            .collect();
+        self.store.insert_outliers(room_id.as_str(), &outliers, now_ms()).await?;
+        Ok(())
     }
 
-    /// The auth events of `pdu` that we hold, parsed.
+    /// Of `ids`, those we hold in no form.
+    async fn unheld(&self, ids: &[OwnedEventId]) -> Result<Vec<OwnedEventId>> {
+        let strings: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+        let held: HashSet<String> =
+            self.store.pdus_for_auth(&strings).await?.into_iter().map(|stored| stored.event_id).collect();
+        Ok(ids.iter().filter(|id| !held.contains(id.as_str())).cloned().collect())
+    }
+
+    /// The room's create event (room version 12 consults it without listing it among an
+    /// event's auth events).
+    async fn create_event_pdu(
+        &self,
+        room_id: &RoomId,
+        rules: &ruma::room_version_rules::RoomVersionRules,
+    ) -> Result<Option<Pdu>> {
+        if !rules.authorization.room_create_event_id_as_room_id {
+            return Ok(None);
+        }
+        let Some(create) = self.cached_state_event(room_id, "m.room.create", "").await? else { return Ok(None) };
+        let id = EventId::parse(create.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
+        Ok(Some(Pdu::from_json(id, &create.json).map_err(|e| Error::internal(e.to_string()))?))
+    }
+
+    /// The state after each prev event of `pdu` whose state we do not know, asked from
+    /// `origin` (`/state_ids` at it, the events we lack fetched and authorized like auth
+    /// chains, rejected ones left out) and stored with the prev event. At most
+    /// [`MAX_PREV_STATES_FETCHED`] prev events; best effort.
+    async fn fetch_prev_states(&self, origin: &ServerName, room_id: &RoomId, version: &RoomVersionId, pdu: &Pdu) {
+        let ids: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
+        let Ok(known) = self.store.event_state_groups(&ids).await else { return };
+        for prev in pdu.prev_events.iter().filter(|id| !known.contains_key(id.as_str())).take(MAX_PREV_STATES_FETCHED) {
+            if let Err(e) = self.fetch_state_after(origin, room_id, version, prev).await {
+                tracing::info!(%origin, %room_id, %prev, error = %e, "cannot learn the state at a prev event");
+            }
+        }
+    }
+
+    async fn fetch_state_after(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        prev: &OwnedEventId,
+    ) -> Result<()> {
+        let response = self
+            .send_federation(origin, get_room_state_ids::v1::Request::new(prev.clone(), room_id.to_owned()))
+            .await?;
+        if response.pdu_ids.len() > MAX_STATE_IDS {
+            return Err(Error::RemoteUnavailable(format!(
+                "{} state events are more than we take",
+                response.pdu_ids.len()
+            )));
+        }
+        let mut wanted = response.pdu_ids.clone();
+        wanted.push(prev.clone());
+        self.fetch_auth_chain(origin, room_id, version, &wanted, MAX_STATE_EVENTS_FETCHED).await?;
+        // The state before the prev event, from the events themselves (never from the
+        // answer's word about which key each one holds).
+        let strings: Vec<String> = response.pdu_ids.iter().map(|id| id.to_string()).collect();
+        let mut before: StateIds = HashMap::new();
+        for stored in self.store.pdus_for_auth(&strings).await? {
+            if stored.room_id != room_id.as_str() || stored.rejected {
+                continue;
+            }
+            let Ok(id) = EventId::parse(stored.event_id.as_str()) else { continue };
+            let Ok(event) = Pdu::from_json(id, &stored.json) else { continue };
+            let Some(key) = event.state_key.clone() else { continue };
+            if before.insert((event.kind.to_string(), key), event.event_id.to_string()).is_some() {
+                return Err(Error::RemoteUnavailable("two state events for one key".to_owned()));
+            }
+        }
+        let Some(prev_stored) = self.store.pdus_for_auth(&[prev.to_string()]).await?.into_iter().next() else {
+            return Err(Error::RemoteUnavailable("the prev event could not be had".to_owned()));
+        };
+        if prev_stored.rejected || prev_stored.room_id != room_id.as_str() {
+            return Err(Error::Forbidden("the prev event was rejected".to_owned()));
+        }
+        let prev_pdu = Pdu::from_json(prev.clone(), &prev_stored.json).map_err(|e| Error::internal(e.to_string()))?;
+        let after = prev_pdu.state_key.as_ref().map(|key| NewStateGroup {
+            prev: Some(GroupBase::Before),
+            chain_len: 1,
+            entries: vec![(prev_pdu.kind.to_string(), key.clone(), prev.to_string())],
+        });
+        let prev_state =
+            prev_pdu.state_key.as_ref().and_then(|key| before.get(&(prev_pdu.kind.to_string(), key.clone())).cloned());
+        let groups = EventStateGroups {
+            before: GroupRef::New(super::state::snapshot(&before)),
+            after,
+            current: CurrentGroup::Unchanged,
+            prev_state,
+        };
+        let outlier = NewOutlier {
+            event_id: prev.to_string(),
+            json: prev_stored.json,
+            soft_failed: false,
+            rejection: None,
+            state: Some(groups),
+        };
+        self.store.insert_outliers(room_id.as_str(), &[outlier], now_ms()).await?;
+        Ok(())
+    }
+
+    /// The auth events of `pdu` that we hold, parsed (rejected ones marked so).
     pub(crate) async fn auth_events_of(&self, pdu: &Pdu) -> Result<HashMap<OwnedEventId, Pdu>> {
         let ids: Vec<String> = pdu.auth_events.iter().map(|id| id.to_string()).collect();
         let mut out = HashMap::new();
-        for (id, _, json) in self.store.any_events_json(&ids).await? {
-            let id = EventId::parse(id).map_err(|e| Error::internal(e.to_string()))?;
-            let event = Pdu::from_json(id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
+        for stored in self.store.pdus_for_auth(&ids).await? {
+            let id = EventId::parse(stored.event_id).map_err(|e| Error::internal(e.to_string()))?;
+            let mut event = Pdu::from_json(id.clone(), &stored.json).map_err(|e| Error::internal(e.to_string()))?;
+            event.rejected = stored.rejected;
             out.insert(id, event);
         }
         Ok(out)
     }
 
-    /// Authorizes a verified event from `from` and stores it: refused unless its own auth
-    /// events authorize it; soft-failed (kept aside) unless the current state does too. With
-    /// `broadcast` (a join or leave handed to us to pass on) it is queued for the room's other
-    /// servers.
+    /// Keeps a refused event as rejected (never used for auth or state; an event citing it
+    /// is refused too) and returns the refusal.
+    async fn reject(&self, room_id: &RoomId, event: &VerifiedEvent, reason: String) -> Result<Accepted> {
+        tracing::info!(event_id = %event.event_id, %reason, "rejected a received event");
+        let outlier = NewOutlier {
+            event_id: event.event_id.to_string(),
+            json: event.json.clone(),
+            soft_failed: false,
+            rejection: Some(reason.clone()),
+            state: None,
+        };
+        self.store.insert_outliers(room_id.as_str(), &[outlier], now_ms()).await?;
+        Err(Error::Forbidden(format!("{} is not authorized: {reason}", event.event_id)))
+    }
+
+    /// Authorizes a verified event from `from` and stores it, as the spec's checks on
+    /// receipt of a PDU say: rejected unless its own auth events authorize it, and unless the
+    /// state before it (from its prev events, resolved where they are several) does;
+    /// soft-failed (kept aside) unless the current state does too. With `broadcast` (a join
+    /// or leave handed to us to pass on) it is queued for the room's other servers.
     pub(crate) async fn accept_remote_event(
         &self,
         room_id: &RoomId,
@@ -255,130 +518,74 @@ impl Services {
     ) -> Result<Accepted> {
         let version = self.room_version(room_id.as_str()).await?;
         let rules = room_version_rules(&version).map_err(|e| Error::internal(e.to_string()))?;
+        // The network part first, outside the room lock: the state at prev events we lack.
+        self.fetch_prev_states(from, room_id, &version, &event.pdu).await;
         let lock = self.room_lock(room_id);
         let _guard = lock.lock().await;
-        if !self.store.any_events_json(&[event.event_id.to_string()]).await?.is_empty() {
-            return Ok(Accepted::Known);
+        let status = self.store.event_status(event.event_id.as_str()).await?;
+        if let Some(known) = known_outcome(&event.event_id, &status)? {
+            return Ok(known);
         }
+        let promotes_outlier = matches!(status, EventStatus::Outlier { .. });
         let pdu = &event.pdu;
         // 1. Its own auth events must authorize it.
         let mut auth_events = self.auth_events_of(pdu).await?;
         if auth_events.len() != pdu.auth_events.len() {
             return Err(Error::Forbidden(format!("{}: some of its auth events are unknown", event.event_id)));
         }
-        let mut auth_state: HashMap<(StateEventType, String), Pdu> = auth_events
-            .values()
-            .filter_map(|e| e.state_key.clone().map(|k| ((e.kind.to_string().into(), k), e.clone())))
-            .collect();
-        if rules.authorization.room_create_event_id_as_room_id {
-            // From v12 the create event is not an auth event but is always consulted.
-            if let Some(create) = self.cached_state_event(room_id, "m.room.create", "").await? {
-                let id = EventId::parse(create.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
-                let create = Pdu::from_json(id.clone(), &create.json).map_err(|e| Error::internal(e.to_string()))?;
-                auth_state.insert((StateEventType::RoomCreate, String::new()), create.clone());
-                auth_events.insert(id, create);
+        if let Some(create) = self.create_event_pdu(room_id, &rules).await? {
+            auth_events.entry(create.event_id.clone()).or_insert(create);
+        }
+        if let Err(reason) = auth::authorize_by_auth_events(&rules.authorization, pdu, &auth_events) {
+            return self.reject(room_id, &event, reason).await;
+        }
+        // 2. The state before it must authorize it.
+        let Some(before) = self.state_before_prevs(room_id, &version, &pdu.prev_events).await? else {
+            return Err(Error::Forbidden(format!("{}: the state before it is not known", event.event_id)));
+        };
+        let current = self.current_auth_state(room_id, pdu, &rules).await?;
+        let mut current_events = current.events;
+        current_events.extend(auth_events.clone());
+        if before.is_current && before.ids.is_none() {
+            if let Err(reason) = auth::authorize(&rules.authorization, pdu, &current_events, &current.state) {
+                return self.reject(room_id, &event, reason).await;
+            }
+        } else {
+            let ids = self.ids_of_before(&before).await?;
+            if let Err(reason) = self.authorize_against_state(room_id, &rules, pdu, &auth_events, &ids).await? {
+                return self.reject(room_id, &event, reason).await;
+            }
+            // 3. The current state must authorize it too, or it is soft-failed: kept (later
+            //    events may build on it) but not shown, not a forward extremity, not state.
+            if let Err(reason) = auth::authorize(&rules.authorization, pdu, &current_events, &current.state) {
+                tracing::info!(event_id = %event.event_id, %from, %reason, "soft-failed a received event");
+                let after = self.after_group(&before, pdu).await?;
+                let prev_state = self.prev_state_of(room_id, &before, pdu).await?;
+                let outlier = NewOutlier {
+                    event_id: event.event_id.to_string(),
+                    json: event.json.clone(),
+                    soft_failed: true,
+                    rejection: None,
+                    state: Some(EventStateGroups {
+                        before: before.group,
+                        after,
+                        current: CurrentGroup::Unchanged,
+                        prev_state,
+                    }),
+                };
+                self.store.insert_outliers(room_id.as_str(), &[outlier], now_ms()).await?;
+                return Ok(Accepted::SoftFailed);
             }
         }
-        auth::authorize(&rules.authorization, pdu, &auth_events, &auth_state)
-            .map_err(|reason| Error::Forbidden(format!("{} is not authorized: {reason}", event.event_id)))?;
-        // 2. The current state must authorize it too, or it is soft-failed.
-        let current = self.current_auth_state(room_id, pdu, &rules).await?;
-        let mut events = current.events;
-        events.extend(auth_events);
-        if let Err(reason) = auth::authorize(&rules.authorization, pdu, &events, &current.state) {
-            tracing::info!(event_id = %event.event_id, %from, %reason, "soft-failed a received event");
-            self.store.insert_outlier(event.event_id.as_str(), room_id.as_str(), &event.json, true, now_ms()).await?;
-            return Ok(Accepted::SoftFailed);
-        }
-        let resolved_state =
-            if pdu.state_key.is_some() { self.resolve_if_forked(room_id, &version, pdu).await? } else { None };
+        let state = self.plan_state(room_id, &version, pdu, before).await?;
         let destinations = if broadcast { self.destinations_for(room_id, pdu, Some(from)).await? } else { Vec::new() };
         let built = BuiltEvent {
-            event_id: event.event_id,
-            object: event.object,
-            json: event.json,
-            pdu: event.pdu,
-            resolved_state,
+            state: Some(state),
+            promotes_outlier,
+            ..BuiltEvent::new(event.event_id, event.object, event.json, event.pdu)
         };
         self.persist_event(room_id, built, None, &destinations).await?;
         Ok(Accepted::Appended)
-    }
-
-    /// A state event that did not see all our forward extremities joins two branches: the
-    /// new current state is what state resolution makes of our current state and the state
-    /// on its branch (the state as of its newest known prev event, plus itself). Returns the
-    /// current-state entries that change, or `None` when the event simply extends the graph.
-    /// Call under the room lock.
-    async fn resolve_if_forked(
-        &self,
-        room_id: &RoomId,
-        version: &RoomVersionId,
-        pdu: &Pdu,
-    ) -> Result<Option<Vec<crate::store::CurrentStateEntry>>> {
-        let extremities = self.cached_extremities(room_id).await?;
-        if extremities.iter().all(|(id, _)| pdu.prev_events.iter().any(|p| p.as_str() == id)) {
-            return Ok(None);
-        }
-        let current_rows = self.store.current_state(room_id.as_str()).await?;
-        let mut current: StateMap<OwnedEventId> = HashMap::new();
-        for row in &current_rows {
-            if let (Some(key), Ok(id)) = (&row.state_key, EventId::parse(row.event_id.as_str())) {
-                current.insert((row.event_type.as_str().into(), key.clone()), id);
-            }
-        }
-        // The state on the event's branch, rebuilt by undoing what came after its newest
-        // known prev event in our stream.
-        let prev_ids: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
-        let at = self.store.events_by_id(&prev_ids).await?.iter().map(|row| row.stream_ordering).max();
-        let Some(at) = at else { return Ok(None) };
-        let mut branch = current.clone();
-        for row in self.store.state_events_after(room_id.as_str(), at).await? {
-            let Some(key) = row.state_key.clone() else { continue };
-            let slot = (row.event_type.as_str().into(), key);
-            if branch.get(&slot).is_some_and(|id| id.as_str() == row.event_id) {
-                match row.prev_state_event_id.as_deref().and_then(|id| EventId::parse(id).ok()) {
-                    Some(previous) => branch.insert(slot, previous),
-                    None => branch.remove(&slot),
-                };
-            }
-        }
-        if let Some(key) = &pdu.state_key {
-            branch.insert((pdu.kind.to_string().into(), key.clone()), pdu.event_id.clone());
-        }
-        // Every event of both states and their auth chains.
-        let mut events: HashMap<OwnedEventId, Pdu> = HashMap::new();
-        events.insert(pdu.event_id.clone(), pdu.clone());
-        let mut frontier: Vec<String> = current.values().chain(branch.values()).map(|id| id.to_string()).collect();
-        frontier.extend(pdu.auth_events.iter().map(|id| id.to_string()));
-        while !frontier.is_empty() {
-            let batch: Vec<String> = frontier
-                .drain(..)
-                .filter(|id| EventId::parse(id.as_str()).is_ok_and(|id| !events.contains_key(&id)))
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect();
-            for (id, _, json) in self.store.any_events_json(&batch).await? {
-                let id = EventId::parse(id).map_err(|e| Error::internal(e.to_string()))?;
-                let event = Pdu::from_json(id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
-                frontier.extend(event.auth_events.iter().map(|a| a.to_string()));
-                events.insert(id, event);
-            }
-        }
-        let resolved = resolve_states(version, &[current.clone(), branch], &events)
-            .map_err(|e| Error::internal(format!("state resolution in {room_id}: {e}")))?;
-        let mut changes = Vec::new();
-        for (slot, id) in &resolved {
-            if current.get(slot) != Some(id) {
-                let membership = events
-                    .get(id)
-                    .filter(|e| e.kind == ruma::events::TimelineEventType::RoomMember)
-                    .and_then(|e| serde_json::from_str::<serde_json::Value>(e.content.get()).ok())
-                    .and_then(|c| c["membership"].as_str().map(str::to_owned));
-                changes.push((slot.0.to_string(), slot.1.clone(), id.to_string(), membership));
-            }
-        }
-        tracing::info!(%room_id, event_id = %pdu.event_id, changed = changes.len(), "resolved the state of two branches");
-        Ok(Some(changes))
     }
 
     /// One EDU of a `/send` transaction: typing notifications and read receipts of `origin`'s

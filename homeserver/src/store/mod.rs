@@ -19,6 +19,7 @@ mod registration_tokens;
 mod rooms;
 mod server_keys;
 mod sliding_sync;
+mod state;
 mod uiaa;
 mod users;
 
@@ -40,6 +41,10 @@ pub use pushers::{NewPusher, PendingPush, PusherRow};
 pub use registration_tokens::RegistrationTokenRow;
 pub use rooms::{AppendEvent, AppendOutcome, CurrentStateEntry, EventRow, NewRoom, RoomRow};
 pub use server_keys::{NewServerKeys, ServerKeyRow};
+pub use state::{
+    CurrentGroup, EventStateGroups, EventStatus, GroupBase, GroupRef, MAX_DELTA_CHAIN, NewOutlier, NewStateGroup,
+    StateIds, StoredPdu,
+};
 pub use uiaa::UiaaSessionRow;
 pub use users::{CreateAccountOutcome, LogoutDevices, NewAccount, UserRow};
 

@@ -99,13 +99,20 @@ pub struct AppendEvent<'a> {
     /// Where branches of the room met and state resolution decided the current state: these
     /// (type, state key, event id, membership) entries replace the usual update by the event.
     pub resolved_state: Option<&'a [CurrentStateEntry]>,
+    /// The state before and after the event (`None`: not known, as for history fetched with
+    /// a join; the event then updates the current state by its own key, if any).
+    pub state: Option<&'a super::state::EventStateGroups>,
+    /// The event was held as an outlier (an auth event fetched earlier): it leaves them.
+    pub promotes_outlier: bool,
 }
 
 /// The result of an append.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AppendOutcome {
-    /// Stored; for a state event, the event it replaced in the current state.
-    Appended { prev_state: Option<String> },
+    /// Stored; for a state event, the event it replaced in the state before it; the event's
+    /// (state before, state after) groups, and the room's new current state group if it
+    /// changed.
+    Appended { prev_state: Option<String>, groups: Option<(i64, i64)>, current_group: Option<i64> },
     /// The same client transaction was already stored as this event.
     DuplicateTransaction(String),
 }
@@ -185,8 +192,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        let mut prev_state = None;
-        if let Some(state_key) = ev.state_key {
+        let mut prev_state = ev.state.and_then(|s| s.prev_state.clone());
+        if let (Some(state_key), None) = (ev.state_key, ev.state) {
             let row = sqlx::query(
                 "SELECT event_id FROM room_current_state WHERE room_id = $1 AND type = $2 AND state_key = $3",
             )
@@ -224,14 +231,28 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        let mut groups = None;
+        let mut current_group = None;
+        if let Some(state) = ev.state {
+            let (before, after) = super::state::insert_event_groups(&mut *tx, ev.room_id, state).await?;
+            current_group =
+                super::state::set_current_group(&mut *tx, ev.room_id, &state.current, before, after).await?;
+            groups = Some((before, after));
+        } else if ev.state_key.is_some() {
+            // The current state changed by a key outside the state model: no group is it.
+            sqlx::query("UPDATE rooms SET current_state_group = NULL WHERE room_id = $1")
+                .bind(ev.room_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         let (txn_user, txn_device, txn_id) = match ev.txn {
             Some((u, d, t)) => (Some(u), Some(d), Some(t)),
             None => (None, None, None),
         };
         sqlx::query(
             "INSERT INTO events (stream_ordering, event_id, room_id, depth, type, state_key, sender, origin_server_ts, json,
-                                 prev_state_event_id, txn_user, txn_device, txn_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+                                 prev_state_event_id, txn_user, txn_device, txn_id, state_group, state_before)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
         )
         .bind(ev.stream_ordering)
         .bind(ev.event_id)
@@ -246,8 +267,14 @@ impl Store {
         .bind(txn_user)
         .bind(txn_device)
         .bind(txn_id)
+        .bind(groups.map(|(_, after)| after))
+        // Only a state event's state before differs from its state after.
+        .bind(groups.filter(|(before, after)| before != after).map(|(before, _)| before))
         .execute(&mut *tx)
         .await?;
+        if ev.promotes_outlier {
+            sqlx::query("DELETE FROM event_outliers WHERE event_id = $1").bind(ev.event_id).execute(&mut *tx).await?;
+        }
         for prev in ev.prev_events {
             sqlx::query("DELETE FROM room_forward_extremities WHERE room_id = $1 AND event_id = $2")
                 .bind(ev.room_id)
@@ -342,7 +369,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        Ok(AppendOutcome::Appended { prev_state })
+        Ok(AppendOutcome::Appended { prev_state, groups, current_group })
     }
 
     pub async fn event_id_for_txn(
@@ -415,11 +442,18 @@ impl Store {
         rows.iter().map(event_row).collect()
     }
 
+    /// Timeline events by id, in no particular order.
     pub async fn events_by_id(&self, ids: &[String]) -> Result<Vec<EventRow>, sqlx::Error> {
         let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(row) = self.event(id).await? {
-                out.push(row);
+        for chunk in ids.chunks(200) {
+            let list = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let sql = sqlx::AssertSqlSafe(format!("SELECT {EVENT_COLUMNS} FROM events WHERE event_id IN ({list})"));
+            let mut query = sqlx::query(sql);
+            for id in chunk {
+                query = query.bind(id.as_str());
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                out.push(event_row(&row)?);
             }
         }
         Ok(out)

@@ -23,9 +23,7 @@ use serde_json::value::RawValue as RawJsonValue;
 use super::{Services, timeline::BuiltEvent};
 use crate::{
     error::{Error, Result},
-    store::{
-        CurrentGroup, EventStateGroups, EventStatus, GroupBase, GroupRef, NewOutlier, NewStateGroup, StateIds, now_ms,
-    },
+    store::{CurrentGroup, EventStateGroups, EventStatus, GroupBase, NewOutlier, NewStateGroup, StateIds, now_ms},
 };
 
 /// Most events asked for in one `get_missing_events` request.
@@ -459,12 +457,8 @@ impl Services {
         });
         let prev_state =
             prev_pdu.state_key.as_ref().and_then(|key| before.get(&(prev_pdu.kind.to_string(), key.clone())).cloned());
-        let groups = EventStateGroups {
-            before: GroupRef::New(super::state::snapshot(&before)),
-            after,
-            current: CurrentGroup::Unchanged,
-            prev_state,
-        };
+        let (before_group, _) = self.group_for_state(room_id, &before).await?;
+        let groups = EventStateGroups { before: before_group, after, current: CurrentGroup::Unchanged, prev_state };
         let outlier = NewOutlier {
             event_id: prev.to_string(),
             json: prev_stored.json,

@@ -196,14 +196,35 @@ impl Services {
                         is_current,
                     }));
                 }
-                Ok(Some(StateBefore {
-                    group: GroupRef::New(snapshot(&resolved)),
-                    chain_len: 0,
-                    ids: Some(Arc::new(resolved)),
-                    is_current,
-                }))
+                let (group, chain_len) = self.group_for_state(room_id, &resolved).await?;
+                Ok(Some(StateBefore { group, chain_len, ids: Some(Arc::new(resolved)), is_current }))
             }
         }
+    }
+
+    /// A group holding `ids`: the room's current group when it is that state; else a delta
+    /// of what differs from the current group when a delta can say it (no key of it dropped,
+    /// its chain not too long); else a snapshot. What another server's states cost us in
+    /// rows stays what differs from ours. Any group works as a base (groups never change), so
+    /// a current group read outside the room lock is good enough.
+    pub(crate) async fn group_for_state(&self, room_id: &RoomId, ids: &StateIds) -> Result<(GroupRef, i64)> {
+        if let Some(current) = self.current_group(room_id).await? {
+            let current_ids = self.state_ids_of_group(current).await?;
+            let chain_len = self.group_chain_len(current).await?;
+            if *current_ids == *ids {
+                return Ok((GroupRef::Existing(current), chain_len));
+            }
+            if chain_len < MAX_DELTA_CHAIN && current_ids.keys().all(|key| ids.contains_key(key)) {
+                let entries = ids
+                    .iter()
+                    .filter(|(key, id)| current_ids.get(*key) != Some(*id))
+                    .map(|((t, k), id)| (t.clone(), k.clone(), id.clone()))
+                    .collect();
+                let group = NewStateGroup { prev: Some(GroupBase::Id(current)), chain_len: chain_len + 1, entries };
+                return Ok((GroupRef::New(group), chain_len + 1));
+            }
+        }
+        Ok((GroupRef::New(snapshot(ids)), 0))
     }
 
     /// The state of a [`StateBefore`], read if it was not yet.
@@ -211,9 +232,10 @@ impl Services {
         match (&before.ids, &before.group) {
             (Some(ids), _) => Ok(ids.clone()),
             (None, GroupRef::Existing(group)) => self.state_ids_of_group(*group).await,
-            (None, GroupRef::New(group)) => {
+            (None, GroupRef::New(group)) if group.prev.is_none() => {
                 Ok(Arc::new(group.entries.iter().map(|(t, k, id)| ((t.clone(), k.clone()), id.clone())).collect()))
             }
+            (None, GroupRef::New(_)) => Err(Error::internal("a new delta group without its state")),
         }
     }
 
@@ -310,7 +332,7 @@ impl Services {
             } else if resolved == current_ids {
                 CurrentGroup::Unchanged
             } else {
-                CurrentGroup::Group(GroupRef::New(snapshot(&resolved)))
+                CurrentGroup::Group(self.group_for_state(room_id, &resolved).await?.0)
             };
             (resolved, events, current)
         };
@@ -342,7 +364,7 @@ impl Services {
             .into_iter()
             .map(|((kind, key), id)| {
                 let membership =
-                    EventId::parse(id.as_str()).ok().and_then(|id| events.get(&id)).and_then(|e| membership_of(e));
+                    EventId::parse(id.as_str()).ok().and_then(|id| events.get(&id)).and_then(membership_of);
                 (kind, key, id, membership)
             })
             .collect::<Vec<_>>();

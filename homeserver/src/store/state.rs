@@ -293,7 +293,7 @@ impl Store {
                 .await?
                 .is_some();
             let groups = match &o.state {
-                Some(state) => Some(insert_event_groups(&mut *tx, room_id, state).await?),
+                Some(state) => Some(insert_event_groups(&mut tx, room_id, state).await?),
                 None => None,
             };
             if on_timeline {
@@ -356,7 +356,7 @@ impl Store {
         let mut state: StateIds = HashMap::new();
         // The state before the create event: empty.
         let empty = NewStateGroup { prev: None, chain_len: 0, entries: Vec::new() };
-        let mut group = insert_group(&mut *tx, room_id, &empty, None).await?;
+        let mut group = insert_group(&mut tx, room_id, &empty, None).await?;
         let mut chain_len = 0;
         // Position of the last state event handled: the events after it share its group.
         let mut last_state_at: Option<i64> = None;
@@ -380,7 +380,7 @@ impl Store {
                 let event_id: String = r.try_get("event_id")?;
                 let kind: String = r.try_get("type")?;
                 if let Some(from) = last_state_at {
-                    set_group_between(&mut *tx, room_id, from, at, group).await?;
+                    set_group_between(&mut tx, room_id, from, at, group).await?;
                 }
                 state.insert((kind.clone(), state_key.clone()), event_id.clone());
                 let new = if chain_len + 1 > MAX_DELTA_CHAIN {
@@ -394,7 +394,7 @@ impl Store {
                         entries: vec![(kind, state_key, event_id.clone())],
                     }
                 };
-                let id = insert_group(&mut *tx, room_id, &new, None).await?;
+                let id = insert_group(&mut tx, room_id, &new, None).await?;
                 sqlx::query("UPDATE events SET state_before = $1, state_group = $2 WHERE event_id = $3")
                     .bind(group)
                     .bind(id)
@@ -406,7 +406,7 @@ impl Store {
             }
         }
         if let Some(from) = last_state_at {
-            set_group_between(&mut *tx, room_id, from, i64::MAX, group).await?;
+            set_group_between(&mut tx, room_id, from, i64::MAX, group).await?;
         }
         // The current state, where it differs from the stream order's (a resolved fork): a
         // snapshot of it becomes the state after the room's newest events.
@@ -424,7 +424,7 @@ impl Store {
             None
         } else {
             let snapshot = NewStateGroup { prev: None, chain_len: 0, entries: entries_of(&current) };
-            let id = insert_group(&mut *tx, room_id, &snapshot, None).await?;
+            let id = insert_group(&mut tx, room_id, &snapshot, None).await?;
             sqlx::query(
                 "UPDATE events SET state_group = $1 WHERE event_id IN
                     (SELECT event_id FROM room_forward_extremities WHERE room_id = $2)",

@@ -186,7 +186,7 @@ impl Discovery {
 }
 
 /// `{"m.server": "host[:port]"}`, validated as a server name.
-fn parse_well_known(body: &[u8]) -> Option<OwnedServerName> {
+pub(crate) fn parse_well_known(body: &[u8]) -> Option<OwnedServerName> {
     #[derive(Deserialize)]
     struct WellKnown {
         #[serde(rename = "m.server")]

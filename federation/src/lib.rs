@@ -14,4 +14,7 @@ pub mod signing_key;
 pub mod state;
 pub mod xmatrix;
 
+#[cfg(test)]
+mod parser_props;
+
 pub use signing_key::{SigningKey, SigningKeyError};

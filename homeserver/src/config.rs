@@ -70,6 +70,7 @@ pub struct Config {
     pub trust_x_forwarded_for: bool,
     /// `m.server` delegation served at `/.well-known/matrix/server`, e.g. `matrix.example.org:443`.
     pub well_known_server: Option<String>,
+    pub http: HttpConfig,
     pub database: DatabaseConfig,
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
@@ -216,6 +217,42 @@ impl Default for MediaConfig {
     }
 }
 
+/// Limits of the HTTP listeners (client and federation), against clients that hold
+/// connections open without finishing their requests (slowloris) or open too many.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Seconds a client has to send a request's headers, counted from the connection's
+    /// start or from the end of the previous response (so also the idle timeout of a
+    /// kept-alive connection).
+    pub header_timeout_secs: u64,
+    /// Seconds a request body may go without sending any data.
+    pub body_timeout_secs: u64,
+    /// Seconds a request may take to be answered, uploads aside (their bodies are bounded by
+    /// the body timeout). Long-polling syncs return well before it.
+    pub request_timeout_secs: u64,
+    /// Connections open at once, per listener.
+    pub max_connections: u32,
+    /// Connections open at once from one address (0: no limit).
+    pub max_connections_per_address: u32,
+    /// Addresses (CIDR ranges) the per-address limit does not apply to: a reverse proxy in
+    /// front of the server, this machine.
+    pub connection_limit_exempt: Vec<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            header_timeout_secs: 30,
+            body_timeout_secs: 30,
+            request_timeout_secs: 120,
+            max_connections: 8192,
+            max_connections_per_address: 256,
+            connection_limit_exempt: vec!["127.0.0.0/8".to_owned(), "::1/128".to_owned()],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PresenceConfig {
@@ -279,6 +316,7 @@ impl Default for Config {
             max_request_bytes: 8 * 1024 * 1024,
             trust_x_forwarded_for: false,
             well_known_server: None,
+            http: HttpConfig::default(),
             database: DatabaseConfig::default(),
             log: LogConfig::default(),
             rate_limits: RateLimitsConfig::default(),
@@ -336,6 +374,12 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_MAX_REQUEST_BYTES", "max_request_bytes", EnvKind::Integer),
     ("OBMIN_TRUST_X_FORWARDED_FOR", "trust_x_forwarded_for", EnvKind::Bool),
     ("OBMIN_WELL_KNOWN_SERVER", "well_known_server", EnvKind::String),
+    ("OBMIN_HTTP_HEADER_TIMEOUT_SECS", "http.header_timeout_secs", EnvKind::Integer),
+    ("OBMIN_HTTP_BODY_TIMEOUT_SECS", "http.body_timeout_secs", EnvKind::Integer),
+    ("OBMIN_HTTP_REQUEST_TIMEOUT_SECS", "http.request_timeout_secs", EnvKind::Integer),
+    ("OBMIN_HTTP_MAX_CONNECTIONS", "http.max_connections", EnvKind::Integer),
+    ("OBMIN_HTTP_MAX_CONNECTIONS_PER_ADDRESS", "http.max_connections_per_address", EnvKind::Integer),
+    ("OBMIN_HTTP_CONNECTION_LIMIT_EXEMPT", "http.connection_limit_exempt", EnvKind::List),
     ("OBMIN_DATABASE_MAX_CONNECTIONS", "database.max_connections", EnvKind::Integer),
     ("OBMIN_DATABASE_SQLITE_SYNCHRONOUS", "database.sqlite_synchronous", EnvKind::String),
     ("OBMIN_LOG", "log.filter", EnvKind::String),
@@ -395,6 +439,7 @@ pub struct Settings {
     pub max_request_bytes: usize,
     pub trust_x_forwarded_for: bool,
     pub well_known_server: Option<String>,
+    pub http: crate::listener::ConnectionLimits,
     pub database: DatabaseConfig,
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
@@ -432,6 +477,42 @@ fn parse_ranges(key: &str, ranges: &[String]) -> Result<Vec<ipnet::IpNet>, Confi
                 .map_err(|_| err(key, format!("`{r}` is not an address range like 10.0.0.0/8")))
         })
         .collect()
+}
+
+/// The listeners' limits, checked.
+fn validate_http(http: &HttpConfig) -> Result<crate::listener::ConnectionLimits, ConfigError> {
+    use std::time::Duration;
+    for (key, secs) in [
+        ("http.header_timeout_secs", http.header_timeout_secs),
+        ("http.body_timeout_secs", http.body_timeout_secs),
+        ("http.request_timeout_secs", http.request_timeout_secs),
+    ] {
+        if secs == 0 || secs > 86_400 {
+            return Err(err(key, "must be between 1 and 86400"));
+        }
+    }
+    // A long-polling sync must be answered before the request times out.
+    let request_timeout = Duration::from_secs(http.request_timeout_secs);
+    if request_timeout <= crate::service::sync::MAX_SYNC_TIMEOUT {
+        return Err(err(
+            "http.request_timeout_secs",
+            format!(
+                "must be more than {} (the longest sync long-poll)",
+                crate::service::sync::MAX_SYNC_TIMEOUT.as_secs()
+            ),
+        ));
+    }
+    if http.max_connections == 0 {
+        return Err(err("http.max_connections", "must be at least 1"));
+    }
+    Ok(crate::listener::ConnectionLimits {
+        header_timeout: Duration::from_secs(http.header_timeout_secs),
+        body_timeout: Duration::from_secs(http.body_timeout_secs),
+        request_timeout,
+        max_connections: http.max_connections as usize,
+        max_per_address: http.max_connections_per_address as usize,
+        exempt: parse_ranges("http.connection_limit_exempt", &http.connection_limit_exempt)?,
+    })
 }
 
 /// Validated federation settings.
@@ -568,6 +649,7 @@ impl Settings {
             )?,
         };
         let federation = validate_federation(&config.federation)?;
+        let http = validate_http(&config.http)?;
         Ok(Self {
             server_name: server_name.to_owned(),
             listen,
@@ -578,6 +660,7 @@ impl Settings {
             max_request_bytes,
             trust_x_forwarded_for: config.trust_x_forwarded_for,
             well_known_server: config.well_known_server,
+            http,
             database: config.database,
             log: config.log,
             rate_limits: config.rate_limits,

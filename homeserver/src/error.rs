@@ -100,6 +100,9 @@ pub enum Error {
     /// Any other internal failure; details are logged, not sent.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request took longer than the listener allows (503; `http.request_timeout_secs`).
+    #[error("The request took too long to answer")]
+    Timeout,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -151,6 +154,7 @@ impl Error {
             ),
             Error::CannotOverwriteMedia(_) => (ErrorKind::CannotOverwriteMedia, S::CONFLICT),
             Error::NotYetUploaded(_) => (ErrorKind::NotYetUploaded, S::GATEWAY_TIMEOUT),
+            Error::Timeout => (ErrorKind::Unknown, S::SERVICE_UNAVAILABLE),
             Error::UnknownPos(_) => (ErrorKind::UnknownPos, S::BAD_REQUEST),
             Error::Uiaa(_) => (ErrorKind::Forbidden, S::UNAUTHORIZED),
             Error::Database(_) | Error::Internal(_) => (ErrorKind::Unknown, S::INTERNAL_SERVER_ERROR),
@@ -166,6 +170,9 @@ impl Error {
     fn public_message(&self) -> String {
         match self {
             Error::Database(_) | Error::Internal(_) => "Internal server error".to_owned(),
+            // The detail (addresses, TLS and connection errors) is logged, not sent: it says
+            // things about our network that a client has no business knowing.
+            Error::RemoteUnavailable(_) => "Another server could not be reached or gave an unusable answer".to_owned(),
             other => other.to_string(),
         }
     }

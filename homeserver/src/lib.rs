@@ -7,8 +7,12 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod listener;
 pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod tls;
+
+#[cfg(test)]
+mod parser_props;

@@ -89,15 +89,11 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
                 .map_err(|source| StartError::Listen { addr: fed.listen, source })?;
             tracing::info!(address = %bound, "federation listening (TLS)");
             let app = api::federation_router(services.clone());
+            let limits = services.settings.http.clone();
             let mut stop = stop_rx.clone();
-            Some(tokio::spawn(async move {
-                let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
-                axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|stopped| *stopped).await;
-                    })
-                    .await
-            }))
+            Some(tokio::spawn(crate::listener::serve(listener, app, limits, async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            })))
         }
         None => None,
     };
@@ -117,15 +113,14 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let media_expiry = tokio::spawn(expire_media(services.clone()));
     let push_delivery = tokio::spawn(crate::service::push_gateway::run(services.clone()));
     let federation_delivery = tokio::spawn(crate::service::send_queue::run(services.clone()));
-    let app = api::router(services.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            let _ = stop_tx.send(true);
-        })
-        .await;
+    let app = api::router(services.clone());
+    crate::listener::serve(listener, app, services.settings.http.clone(), async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    })
+    .await;
     if let Some(federation_server) = federation_server
-        && let Ok(Err(e)) = federation_server.await
+        && let Err(e) = federation_server.await
     {
         tracing::warn!(error = %e, "federation listener stopped with an error");
     }
@@ -137,7 +132,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     federation_delivery.abort();
     services.store.close().await;
     tracing::info!("homeserver stopped");
-    result.map_err(StartError::Serve)
+    Ok(())
 }
 
 /// Periodic clean-up: expired UIA sessions, idle rate-limit buckets.

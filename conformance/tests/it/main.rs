@@ -3,6 +3,7 @@
 
 mod account;
 mod aggregations;
+mod attackers;
 mod cli;
 mod desktop_core;
 mod desktop_keys;
@@ -14,7 +15,9 @@ mod errors;
 mod federation;
 mod federation_e2ee;
 mod federation_rooms;
+mod limits;
 mod login;
+mod malformed;
 mod media;
 mod operations;
 mod presence;

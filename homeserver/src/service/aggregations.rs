@@ -4,7 +4,7 @@
 //! applies (`m.replace`); for a referenced event the ids referencing it (`m.reference`).
 //! Annotations (reactions) are not bundled, as the spec says.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use ruma::serde::Raw;
 use serde_json::{Map, Value as JsonValue, json};
@@ -14,6 +14,9 @@ use crate::{error::Result, store::EventRow};
 
 /// Most references listed in one bundle.
 const MAX_REFERENCES: i64 = 100;
+/// Most relations read to find the newest one a viewer may see when the newest of all is
+/// hidden from them (a former member reading a thread that went on after they left).
+const MAX_HIDDEN_SCAN: i64 = 1000;
 
 impl Services {
     /// Client events for `rows` (see [`Services::client_event`]), each with its bundled
@@ -61,7 +64,9 @@ impl Services {
         Ok(out)
     }
 
-    /// The `m.relations` object of each of `rows` that has bundled relations.
+    /// The `m.relations` object of each of `rows` that has bundled relations, made only of
+    /// relations the viewer may see: a former member reading old history must not learn of
+    /// the replies, edits and references written after they left (nor their content).
     async fn bundled_aggregations(
         &self,
         rows: &[&EventRow],
@@ -71,30 +76,94 @@ impl Services {
         let ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
         let counts = self.store.relation_counts(&ids).await?;
         let by_id: HashMap<&str, &EventRow> = rows.iter().map(|r| (r.event_id.as_str(), *r)).collect();
-        let mut bundles: HashMap<String, Map<String, JsonValue>> = HashMap::new();
+
+        // The newest candidates first, as the store has them; then one visibility check per
+        // room for all of them.
+        let mut candidates: Vec<(String, String, i64, Vec<EventRow>)> = Vec::new();
         for (target, rel_type, count) in counts {
+            let Some(original) = by_id.get(target.as_str()) else { continue };
+            let rows = match rel_type.as_str() {
+                "m.thread" => self.store.latest_thread_reply(&target).await?.into_iter().collect(),
+                // An edit of a redacted event no longer applies; state events are not edited.
+                "m.replace" if original.redacted_by.is_none() && original.state_key.is_none() => {
+                    self.store.latest_edit(&target, &original.sender, &original.event_type).await?.into_iter().collect()
+                }
+                "m.reference" => self
+                    .store
+                    .relations(&target, Some("m.reference"), None, i64::MIN, i64::MAX, MAX_REFERENCES, false)
+                    .await?
+                    .into_iter()
+                    .filter(|r| r.redacted_by.is_none())
+                    .collect(),
+                _ => continue,
+            };
+            candidates.push((target, rel_type, count, rows));
+        }
+        let mut by_room: HashMap<String, Vec<EventRow>> = HashMap::new();
+        for (_, _, _, rows) in &candidates {
+            for row in rows {
+                by_room.entry(row.room_id.clone()).or_default().push(row.clone());
+            }
+        }
+        let mut visible: HashSet<String> = HashSet::new();
+        for (room_id, rows) in by_room {
+            visible.extend(self.visible_events(&room_id, viewer.user_id, rows).await?.into_iter().map(|r| r.event_id));
+        }
+
+        let mut bundles: HashMap<String, Map<String, JsonValue>> = HashMap::new();
+        for (target, rel_type, count, rows) in candidates {
             let Some(original) = by_id.get(target.as_str()) else { continue };
             let bundle = match rel_type.as_str() {
                 "m.thread" => {
-                    let Some(latest) = self.store.latest_thread_reply(&target).await? else { continue };
-                    let participated = original.sender == viewer.user_id
-                        || self.store.replied_in_thread(&target, viewer.user_id).await?;
+                    let latest = rows.into_iter().next().filter(|r| visible.contains(&r.event_id));
+                    let (latest, count, participated) = match latest {
+                        Some(latest) => {
+                            let participated = original.sender == viewer.user_id
+                                || self.store.replied_in_thread(&target, viewer.user_id).await?;
+                            (latest, count, participated)
+                        }
+                        // The newest reply is hidden from the viewer: the summary is made of
+                        // the replies they may see, or there is none.
+                        None => {
+                            let replies = self.visible_relations(original, "m.thread", viewer).await?;
+                            let Some(latest) = replies.first().cloned() else { continue };
+                            let participated =
+                                original.sender == viewer.user_id || replies.iter().any(|r| r.sender == viewer.user_id);
+                            (latest, i64::try_from(replies.len()).unwrap_or(i64::MAX), participated)
+                        }
+                    };
                     json!({
                         "latest_event": self.client_event(&latest, viewer, with_room_id).await?,
                         "count": count,
                         "current_user_participated": participated,
                     })
                 }
-                // An edit of a redacted event no longer applies; state events are not edited.
-                "m.replace" if original.redacted_by.is_none() && original.state_key.is_none() => {
-                    let Some(edit) = self.store.latest_edit(&target, &original.sender, &original.event_type).await?
-                    else {
-                        continue;
+                "m.replace" => {
+                    let edit = match rows.into_iter().next().filter(|r| visible.contains(&r.event_id)) {
+                        Some(edit) => edit,
+                        // The edit that applies now is hidden: the newest the viewer may see.
+                        None => {
+                            let mut edits: Vec<EventRow> = self
+                                .visible_relations(original, "m.replace", viewer)
+                                .await?
+                                .into_iter()
+                                .filter(|r| r.sender == original.sender && r.event_type == original.event_type)
+                                .collect();
+                            edits.sort_by(|a, b| {
+                                (a.origin_server_ts, &a.event_id).cmp(&(b.origin_server_ts, &b.event_id))
+                            });
+                            let Some(edit) = edits.pop() else { continue };
+                            edit
+                        }
                     };
                     self.client_event(&edit, viewer, with_room_id).await?
                 }
                 "m.reference" => {
-                    let ids = self.store.references(&target, MAX_REFERENCES).await?;
+                    let ids: Vec<&str> =
+                        rows.iter().map(|r| r.event_id.as_str()).filter(|id| visible.contains(*id)).collect();
+                    if ids.is_empty() {
+                        continue;
+                    }
                     json!({"chunk": ids.iter().map(|id| json!({"event_id": id})).collect::<Vec<_>>()})
                 }
                 _ => continue,
@@ -102,5 +171,23 @@ impl Services {
             bundles.entry(target).or_default().insert(rel_type, bundle);
         }
         Ok(bundles.into_iter().map(|(id, map)| (id, JsonValue::Object(map))).collect())
+    }
+
+    /// The unredacted relations of `rel_type` to `original` that the viewer may see, newest
+    /// first (at most [`MAX_HIDDEN_SCAN`] are looked at).
+    async fn visible_relations(
+        &self,
+        original: &EventRow,
+        rel_type: &str,
+        viewer: Viewer<'_>,
+    ) -> Result<Vec<EventRow>> {
+        let rows: Vec<EventRow> = self
+            .store
+            .relations(&original.event_id, Some(rel_type), None, i64::MIN, i64::MAX, MAX_HIDDEN_SCAN, true)
+            .await?
+            .into_iter()
+            .filter(|r| r.redacted_by.is_none())
+            .collect();
+        self.visible_events(&original.room_id, viewer.user_id, rows).await
     }
 }

@@ -430,7 +430,8 @@ impl Services {
             for (server, messages) in remote {
                 let edu = serde_json::json!({"edu_type": "m.direct_to_device", "content": {
                     "sender": sender, "type": event_type,
-                    "message_id": format!("{sender_device}:{txn_id}"), "messages": messages,
+                    // Unique per sender device and endpoint, as the transaction id is.
+                    "message_id": format!("{sender_device}:{event_type}:{txn_id}"), "messages": messages,
                 }});
                 self.store.enqueue_edu(std::slice::from_ref(&server), position.position(), &edu.to_string()).await?;
                 self.send_queue.wake(&[server]);

@@ -123,7 +123,7 @@ fn check_filename(filename: &Option<String>) -> Result<()> {
     Ok(())
 }
 
-fn check_media_id(media_id: &str) -> Result<()> {
+pub(crate) fn check_media_id(media_id: &str) -> Result<()> {
     if media_id.is_empty()
         || media_id.len() > 255
         || !media_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')

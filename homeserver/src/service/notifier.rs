@@ -84,6 +84,8 @@ pub struct Relevance {
     pub user: Sections,
     /// Sections changed per room the sync watches.
     pub rooms: HashMap<OwnedRoomId, Sections>,
+    /// The last position in the window where the user's own memberships changed.
+    pub membership_changed_at: Option<i64>,
 }
 
 impl Relevance {
@@ -138,24 +140,34 @@ impl Notifier {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records changes that just became visible (in position order) and wakes their waiters.
+    /// Records changes that just became visible (in position order) and then wakes their
+    /// waiters: a woken sync asks [`Notifier::relevance`] what changed, so the log must hold
+    /// the change before anyone is woken. The wake-ups happen after the log's lock is
+    /// released, so a waiter that looks at the log as soon as it is woken never blocks on it.
     pub fn publish(&self, changes: impl IntoIterator<Item = (i64, Change)>) {
-        let mut inner = self.lock();
-        for (position, change) in changes {
-            inner.wake(&change.scope);
-            inner.log.push_back((position, change));
-        }
-        while inner.log.len() > LOG_CAPACITY {
-            if let Some((position, _)) = inner.log.pop_front() {
-                inner.floor = inner.floor.max(position);
+        let to_wake = {
+            let mut inner = self.lock();
+            let mut to_wake = Vec::new();
+            for (position, change) in changes {
+                inner.waiters_of(&change.scope, &mut to_wake);
+                inner.log.push_back((position, change));
             }
-        }
+            while inner.log.len() > LOG_CAPACITY {
+                if let Some((position, _)) = inner.log.pop_front() {
+                    inner.floor = inner.floor.max(position);
+                }
+            }
+            to_wake
+        };
+        to_wake.iter().for_each(|n| n.notify_one());
     }
 
     /// Wakes the waiters of `scope` without logging anything (typing, which keeps its own
     /// positions in memory).
     pub fn wake(&self, scope: &Scope) {
-        self.lock().wake(scope);
+        let mut to_wake = Vec::new();
+        self.lock().waiters_of(scope, &mut to_wake);
+        to_wake.iter().for_each(|n| n.notify_one());
     }
 
     /// What changed in `(from, to]` for a sync that watches `user` and `rooms`.
@@ -178,7 +190,12 @@ impl Notifier {
             }
             match &change.scope {
                 Scope::Everyone => return Relevance::everything(),
-                Scope::User(u) if u == user => out.user |= change.sections,
+                Scope::User(u) if u == user => {
+                    out.user |= change.sections;
+                    if change.sections.contains(Sections::MEMBERSHIP) {
+                        out.membership_changed_at = Some(*position);
+                    }
+                }
                 Scope::Room(r) if watches_room(r) => *out.rooms.entry(r.clone()).or_default() |= change.sections,
                 _ => {}
             }
@@ -220,12 +237,13 @@ impl Notifier {
 }
 
 impl Inner {
-    fn wake(&self, scope: &Scope) {
+    /// Adds the waiters a change of `scope` concerns to `out`.
+    fn waiters_of(&self, scope: &Scope, out: &mut Vec<Arc<Notify>>) {
         match scope {
-            Scope::Everyone => self.all.values().for_each(|n| n.notify_one()),
+            Scope::Everyone => out.extend(self.all.values().cloned()),
             scope => {
                 if let Some(waiters) = self.waiters.get(scope) {
-                    waiters.values().for_each(|n| n.notify_one());
+                    out.extend(waiters.values().cloned());
                 }
             }
         }
@@ -300,8 +318,14 @@ mod tests {
         assert_eq!(r.user, Sections::TO_DEVICE);
         assert!(n.relevance(12, 13, &me, |r| rooms.contains(r)).is_empty(), "nothing for me in (12, 13]");
         assert!(n.relevance(9, 14, &me, |r| rooms.contains(r)).everything, "older than the log");
-        n.publish([(15, Change::everyone())]);
-        assert!(n.relevance(14, 15, &me, |r| rooms.contains(r)).everything);
+        assert_eq!(r.membership_changed_at, None);
+        n.publish([
+            (15, Change::user(me.clone(), Sections::MEMBERSHIP)),
+            (16, Change::user(owned_user_id!("@you:x"), Sections::MEMBERSHIP)),
+        ]);
+        assert_eq!(n.relevance(10, 16, &me, |r| rooms.contains(r)).membership_changed_at, Some(15));
+        n.publish([(17, Change::everyone())]);
+        assert!(n.relevance(16, 17, &me, |r| rooms.contains(r)).everything);
     }
 
     #[test]

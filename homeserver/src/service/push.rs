@@ -7,7 +7,7 @@ use std::{
 
 use ruma::{
     CanonicalJsonObject, OwnedUserId, RoomId, UInt, UserId,
-    events::room::power_levels::{RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource},
+    events::room::power_levels::RoomPowerLevels,
     push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
     serde::Raw,
 };
@@ -112,23 +112,12 @@ impl Services {
         let Some(create) = self.cached_state_event(room_id, "m.room.create", "").await? else {
             return Ok(None);
         };
-        let create: JsonValue = serde_json::from_str(&create.json).unwrap_or_default();
-        // The creators: the create event's sender, and from v12 its `additional_creators`.
-        let creators: Vec<OwnedUserId> = std::iter::once(&create["sender"])
-            .chain(create["content"]["additional_creators"].as_array().into_iter().flatten())
-            .filter_map(|v| v.as_str().and_then(|s| UserId::parse(s).ok()))
-            .collect();
-        let source = match self.cached_state_event(room_id, "m.room.power_levels", "").await? {
-            Some(row) => {
-                let event: JsonValue = serde_json::from_str(&row.json).unwrap_or_default();
-                match serde_json::from_value::<RoomPowerLevelsEventContent>(event["content"].clone()) {
-                    Ok(content) => RoomPowerLevelsSource::Original(content),
-                    // Authorized content always parses; if not, nobody may notify the room.
-                    Err(_) => return Ok(None),
-                }
-            }
-            None => RoomPowerLevelsSource::None,
-        };
+        // The creators as the authorization rules see them (content.creator before v11, the
+        // sender since, plus the additional creators from v12).
+        let creators = super::rooms::creators_of(&create, &version)?;
+        let row = self.cached_state_event(room_id, "m.room.power_levels", "").await?;
+        // Authorized content always parses; if not, nobody may notify the room.
+        let Ok(source) = super::rooms::power_levels_source(row.as_deref()) else { return Ok(None) };
         Ok(Some(RoomPowerLevels::new(source, &rules.authorization, creators).into()))
     }
 }

@@ -1,6 +1,15 @@
 //! Rooms: creation with presets, membership changes, state, aliases and the directory.
 
-use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, RoomVersionId, UserId};
+use std::collections::HashSet;
+
+use federation::pdu::{Pdu, room_version_rules};
+use ruma::{
+    EventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, RoomVersionId, UserId,
+    events::room::power_levels::{
+        RedactedRoomPowerLevelsEventContent, RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource,
+    },
+    state_res::events::RoomCreateEvent,
+};
 use serde_json::{Map, Value as JsonValue, json};
 
 use super::{
@@ -9,7 +18,7 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    store::now_ms,
+    store::{EventRow, now_ms},
 };
 
 /// Room versions we create and accept for new rooms.
@@ -190,11 +199,7 @@ impl Services {
 
     /// `#name:server` for a local alias name.
     pub fn local_alias(&self, name: &str) -> Result<OwnedRoomAliasId> {
-        if name.is_empty() || name.contains(':') || name.contains(char::is_whitespace) {
-            return Err(Error::InvalidParam("Invalid room alias name".to_owned()));
-        }
-        RoomAliasId::parse(format!("#{name}:{}", self.settings.server_name))
-            .map_err(|e| Error::InvalidParam(format!("Invalid room alias: {e}")))
+        alias_on(name, &self.settings.server_name)
     }
 
     /// Membership content with the member's profile (display name and avatar).
@@ -426,31 +431,37 @@ impl Services {
         Ok(new_room)
     }
 
-    /// Whether `user` reaches the level that `required` reads from the room's power levels
-    /// content. Room version 12 creators have unlimited power.
-    pub async fn has_power(&self, room_id: &str, user: &UserId, required: impl Fn(&JsonValue) -> i64) -> Result<bool> {
-        let room = self.store.room(room_id).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
-        let version = self.room_version(room_id).await?;
-        let is_creator = room.creator == user.as_str();
-        if is_creator && version.rules().is_some_and(|r| r.authorization.explicitly_privilege_room_creators) {
-            return Ok(true);
-        }
-        let Some(row) = self.store.current_state_event(room_id, "m.room.power_levels", "").await? else {
-            // Without a power levels event the creator has 100 and everybody else 0.
-            return Ok(required(&JsonValue::Null) <= if is_creator { 100 } else { 0 });
+    /// The room's creators: the sender of its current `m.room.create` event (or, before room
+    /// version 11, the `creator` it names) and, from version 12, its `additional_creators`,
+    /// as ruma's authorization rules read them. Only the room's own create event counts:
+    /// never what another server's invite claimed about the room (`rooms.creator` once came
+    /// from an invite's stripped state). Without a create event (a room we are only invited
+    /// to) there are none.
+    pub async fn room_creators(&self, room_id: &str) -> Result<HashSet<OwnedUserId>> {
+        let Some(row) = self.store.current_state_event(room_id, "m.room.create", "").await? else {
+            return Ok(HashSet::new());
         };
-        let pl: JsonValue = serde_json::from_str(&row.json).unwrap_or_default();
-        let content = &pl["content"];
-        let level = content["users"][user.as_str()].as_i64().or(content["users_default"].as_i64()).unwrap_or(0);
-        Ok(level >= required(content))
+        let version = self.room_version(room_id).await?;
+        creators_of(&row, &version)
     }
 
-    /// Whether `user` may send state events of `event_type` in the room.
+    /// The room's current power levels as ruma computes them: the `m.room.power_levels`
+    /// content (pruned if it was redacted) or the spec's defaults without one, and the
+    /// creators, who hold unlimited power from room version 12.
+    pub async fn power_levels(&self, room_id: &str) -> Result<RoomPowerLevels> {
+        if self.store.room(room_id).await?.is_none() {
+            return Err(Error::NotFound("Unknown room".to_owned()));
+        }
+        let version = self.room_version(room_id).await?;
+        let rules = room_version_rules(&version).map_err(|e| Error::internal(e.to_string()))?;
+        let creators = self.room_creators(room_id).await?;
+        let row = self.store.current_state_event(room_id, "m.room.power_levels", "").await?;
+        Ok(RoomPowerLevels::new(power_levels_source(row.as_ref())?, &rules.authorization, creators))
+    }
+
+    /// Whether `user` may send state events of `event_type` in the room, by its power levels.
     pub async fn can_send_state(&self, room_id: &str, user: &UserId, event_type: &str) -> Result<bool> {
-        self.has_power(room_id, user, |c| {
-            c["events"][event_type].as_i64().or(c["state_default"].as_i64()).unwrap_or(50)
-        })
-        .await
+        Ok(self.power_levels(room_id).await?.user_can_send_state(user, event_type.into()))
     }
 
     /// Resolves a room id or an alias (another server's is asked over federation), with the
@@ -478,6 +489,45 @@ impl Services {
         }
         RoomId::parse(id_or_alias).map_err(|e| Error::InvalidParam(format!("Invalid room id: {e}")))
     }
+}
+
+/// `#name:server`: an alias `name` (as a client gives it to `createRoom`) on `server`. A name
+/// that would put the alias on another server or is not an alias localpart is refused.
+pub fn alias_on(name: &str, server: &ruma::ServerName) -> Result<OwnedRoomAliasId> {
+    if name.is_empty() || name.contains(':') || name.contains(char::is_whitespace) {
+        return Err(Error::InvalidParam("Invalid room alias name".to_owned()));
+    }
+    RoomAliasId::parse(format!("#{name}:{server}")).map_err(|e| Error::InvalidParam(format!("Invalid room alias: {e}")))
+}
+
+/// The creators of a room from its create event (see [`Services::room_creators`]).
+pub(crate) fn creators_of(create: &EventRow, version: &RoomVersionId) -> Result<HashSet<OwnedUserId>> {
+    let rules = room_version_rules(version).map_err(|e| Error::internal(e.to_string()))?;
+    let id = EventId::parse(create.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
+    let pdu = Pdu::from_json(id, &create.json).map_err(|e| Error::internal(e.to_string()))?;
+    // An authorized create event always names valid creators; if it does not, nobody holds a
+    // creator's power (rather than everybody, or the server guessing).
+    Ok(RoomCreateEvent::new(pdu).creators(&rules.authorization).unwrap_or_default())
+}
+
+/// What ruma builds power levels from: the stored event's content, pruned as a redaction
+/// leaves it if it was redacted, or the spec's defaults when there is none.
+pub(crate) fn power_levels_source(row: Option<&EventRow>) -> Result<RoomPowerLevelsSource> {
+    let Some(row) = row else { return Ok(RoomPowerLevelsSource::None) };
+    #[derive(serde::Deserialize)]
+    struct Event<C> {
+        content: C,
+    }
+    // Content that passed the authorization rules always reads; anything else is refused
+    // (an error, never "no power levels", which would hand the creators 100 and lower every bar).
+    let unreadable = |e: serde_json::Error| Error::internal(format!("unreadable power levels {}: {e}", row.event_id));
+    Ok(if row.redacted_by.is_some() {
+        let event: Event<RedactedRoomPowerLevelsEventContent> = serde_json::from_str(&row.json).map_err(unreadable)?;
+        RoomPowerLevelsSource::Redacted(event.content)
+    } else {
+        let event: Event<RoomPowerLevelsEventContent> = serde_json::from_str(&row.json).map_err(unreadable)?;
+        RoomPowerLevelsSource::Original(event.content)
+    })
 }
 
 async fn power_levels_of_old(services: &Services, room: &RoomId) -> Result<JsonValue> {

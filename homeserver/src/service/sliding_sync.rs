@@ -294,8 +294,16 @@ impl Services {
         }
 
         let known: Vec<OwnedRoomId> = snapshot.rooms.keys().cloned().collect();
+        // Receipts and typing only of rooms the user is in: an invitee sees the invite, not
+        // who reads or types there (nor, through receipts, the ids of the room's events).
+        let joined: Vec<OwnedRoomId> = known
+            .iter()
+            .filter(|room| memberships.iter().any(|(id, m)| id == room.as_str() && m == "join"))
+            .cloned()
+            .collect();
+        let rooms = ExtensionRooms { known: &known, joined: &joined };
         let news = self
-            .sliding_extensions(&mut response, &req.extensions, user_id, device_id, previous, since, upto, &known)
+            .sliding_extensions(&mut response, &req.extensions, user_id, device_id, previous, since, upto, rooms)
             .await?;
         let counts_changed = previous.is_none_or(|p| p.list_counts != snapshot.list_counts);
         let news = news || counts_changed || !response.rooms.is_empty();
@@ -546,8 +554,9 @@ impl Services {
         previous: Option<&Snapshot>,
         since: Positions,
         upto: Positions,
-        known: &[OwnedRoomId],
+        rooms: ExtensionRooms<'_>,
     ) -> Result<bool> {
+        let known = rooms.known;
         let mut news = false;
         let user = user_id.as_str();
         if ext.to_device.enabled == Some(true) {
@@ -616,7 +625,7 @@ impl Services {
             news |= !response.extensions.account_data.is_empty();
         }
         if ext.receipts.enabled == Some(true) {
-            for room in known {
+            for room in rooms.joined {
                 // A room new to the connection gets every receipt, others what is new.
                 let from = match previous.and_then(|p| p.rooms.get(room)) {
                     Some(_) => since.stream,
@@ -643,7 +652,7 @@ impl Services {
             news |= !response.extensions.receipts.is_empty();
         }
         if ext.typing.enabled == Some(true) {
-            for room in known {
+            for room in rooms.joined {
                 let since_typing = if previous.is_some_and(|p| p.rooms.contains_key(room)) { since.typing } else { 0 };
                 if let Some(users) = self.typing.changed_since(room, since_typing) {
                     let event = json!({"type": "m.typing", "content": {"user_ids": users}});
@@ -654,6 +663,15 @@ impl Services {
         }
         Ok(news)
     }
+}
+
+/// The rooms a connection's extensions cover.
+#[derive(Clone, Copy)]
+struct ExtensionRooms<'a> {
+    /// Every room the connection has sent (room account data).
+    known: &'a [OwnedRoomId],
+    /// Those the user is joined to (receipts, typing).
+    joined: &'a [OwnedRoomId],
 }
 
 /// Bad requests get Matrix errors, not a half answer.

@@ -128,28 +128,27 @@ impl Streams {
     }
 
     fn finish(&self, position: i64, changes: Option<Vec<Change>>) {
-        let visible = {
-            let mut a = self.allocation.lock().unwrap_or_else(|e| e.into_inner());
-            a.in_flight.remove(&position);
-            if let Some(changes) = changes {
-                a.max_committed = a.max_committed.max(position);
-                a.pending.insert(position, changes);
-            }
-            let below_in_flight = match a.in_flight.first() {
-                Some(first) => first - 1,
-                None => a.next - 1,
-            };
-            let visible = below_in_flight.min(a.max_committed);
-            if visible > a.visible {
-                a.visible = visible;
-                let later = a.pending.split_off(&(visible + 1));
-                let now_visible = std::mem::replace(&mut a.pending, later);
-                // Published under the allocation lock, so the log stays in position order.
-                self.notifier
-                    .publish(now_visible.into_iter().flat_map(|(p, changes)| changes.into_iter().map(move |c| (p, c))));
-            }
-            visible
+        let mut a = self.allocation.lock().unwrap_or_else(|e| e.into_inner());
+        a.in_flight.remove(&position);
+        if let Some(changes) = changes {
+            a.max_committed = a.max_committed.max(position);
+            a.pending.insert(position, changes);
+        }
+        let below_in_flight = match a.in_flight.first() {
+            Some(first) => first - 1,
+            None => a.next - 1,
         };
+        let visible = below_in_flight.min(a.max_committed);
+        if visible <= a.visible {
+            return;
+        }
+        a.visible = visible;
+        let later = a.pending.split_off(&(visible + 1));
+        let now_visible = std::mem::replace(&mut a.pending, later);
+        // The position is raised before anyone is woken. A sync woken by a change reads
+        // `current()` and then the changes up to it: woken before the raise, it would read
+        // the old position, find nothing new and wait again with its wake-up spent, until its
+        // timeout (messages delivered up to 30 s late when the waker's thread ran first).
         self.positions.send_if_modified(|p| {
             if visible > p.stream {
                 p.stream = visible;
@@ -158,9 +157,15 @@ impl Streams {
                 false
             }
         });
+        // Published under the allocation lock, so the log stays in position order.
+        self.notifier
+            .publish(now_visible.into_iter().flat_map(|(p, changes)| changes.into_iter().map(move |c| (p, c))));
     }
 
-    /// Marks a change in typing notifications in `rooms`.
+    /// Marks a change in typing notifications in `rooms`: the typing position is raised
+    /// before the rooms' syncs are woken (see [`Streams::finish`]). Callers hold the typing
+    /// state's lock while calling this, so a woken sync that asks whether a room's typing
+    /// changed waits for the change to be recorded.
     pub fn bump_typing<'a>(&self, rooms: impl IntoIterator<Item = &'a RoomId>) -> u64 {
         let mut now = 0;
         self.positions.send_modify(|p| {
@@ -218,6 +223,7 @@ impl Drop for StreamGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::notifier::Sections;
 
     #[test]
     fn pagination_tokens_may_be_negative_sync_tokens_not() {
@@ -257,8 +263,6 @@ mod tests {
     fn changes_are_published_when_their_position_becomes_visible() {
         use ruma::owned_user_id;
 
-        use crate::service::notifier::Sections;
-
         let streams = Streams::new(10);
         let me = owned_user_id!("@me:x");
         let a = streams.allocate();
@@ -271,6 +275,60 @@ mod tests {
             Sections::ACCOUNT_DATA | Sections::TO_DEVICE
         );
         assert_eq!(streams.notifier().relevance(11, 12, &me, |_| false).user, Sections::ACCOUNT_DATA);
+    }
+
+    /// What a long-polling sync does when it wakes: read the visible position, then ask the
+    /// change log what changed up to it. A waker that does exactly that at the moment it is
+    /// woken forces the interleaving that lost wake-ups: a sync woken before the position it
+    /// was woken for became visible found nothing new and went back to sleep with its one
+    /// wake-up spent, until its timeout (30 s late).
+    struct WokenSync {
+        streams: Arc<Streams>,
+        user: ruma::OwnedUserId,
+        seen: Mutex<Vec<(i64, Sections)>>,
+    }
+
+    impl std::task::Wake for WokenSync {
+        fn wake(self: Arc<Self>) {
+            self.wake_by_ref();
+        }
+
+        fn wake_by_ref(self: &Arc<Self>) {
+            let visible = self.streams.current().stream;
+            // Only look at the log once the position is visible (as a sync reads `(since,
+            // current]`): a woken sync that sees an old position reads nothing new.
+            let sections = if visible > 10 {
+                self.streams.notifier().relevance(10, visible, &self.user, |_| false).user
+            } else {
+                Sections::empty()
+            };
+            self.seen.lock().unwrap().push((visible, sections));
+        }
+    }
+
+    #[test]
+    fn a_woken_sync_sees_the_change_that_woke_it() {
+        use std::{
+            future::Future,
+            task::{Context, Poll, Waker},
+        };
+
+        use ruma::owned_user_id;
+
+        let streams = Streams::new(10);
+        let me = owned_user_id!("@me:x");
+        let sync = Arc::new(WokenSync { streams: streams.clone(), user: me.clone(), seen: Mutex::new(Vec::new()) });
+        let waiter = streams.notifier().register(vec![Scope::User(me.clone())]);
+        let waker = Waker::from(sync.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut woken = std::pin::pin!(waiter.woken());
+        assert_eq!(woken.as_mut().poll(&mut cx), Poll::Pending, "nothing happened yet");
+
+        streams.allocate().commit_with(vec![Change::user(me.clone(), Sections::TO_DEVICE)]);
+
+        let seen = sync.seen.lock().unwrap().clone();
+        assert_eq!(seen, vec![(11, Sections::TO_DEVICE)], "the sync was woken before it could see position 11");
+        assert_eq!(woken.as_mut().poll(&mut cx), Poll::Ready(()));
     }
 
     #[test]

@@ -144,9 +144,12 @@ impl Services {
                 }
                 _ => Relevance::everything(),
             };
-            if relevance.user.contains(Sections::MEMBERSHIP) {
-                // Rooms were joined or left: watch the new set.
+            if relevance.membership_changed_at.is_some_and(|at| at > watch.covers) {
+                // Rooms were joined or left since the watch was registered: watch the new set,
+                // and look again, so that what committed in a new room before the new
+                // registration is read rather than waited for.
                 watch = self.watch(&me).await?;
+                continue;
             }
             let response = self.sync_once(user_id, device_id, &req, upto, &relevance, &watch).await?;
             let nothing_new = req.since.is_some() && is_empty(&response);
@@ -162,6 +165,8 @@ impl Services {
 
     /// Registers a sync's interest in the user and their joined and invited rooms.
     async fn watch(&self, user_id: &OwnedUserId) -> Result<Watch> {
+        // Memberships visible now are in the rooms read below.
+        let covers = self.streams.current().stream;
         let mut rooms = HashMap::new();
         for (room_id, membership) in self.rooms_of_user(user_id.as_str()).await?.iter() {
             if (membership == "join" || membership == "invite")
@@ -173,7 +178,7 @@ impl Services {
         let mut scopes: Vec<Scope> = rooms.keys().cloned().map(Scope::Room).collect();
         scopes.push(Scope::User(user_id.clone()));
         let waiter = self.streams.notifier().register(scopes);
-        Ok(Watch { rooms, waiter })
+        Ok(Watch { rooms, waiter, covers })
     }
 
     async fn sync_once(
@@ -787,6 +792,8 @@ pub fn event_filter_from_json(filter: &JsonValue) -> EventFilter {
 struct Watch {
     rooms: HashMap<OwnedRoomId, String>,
     waiter: Waiter,
+    /// The user's memberships up to this position are in `rooms`.
+    covers: i64,
 }
 
 /// A user's unread counts in a room as of a stream position.

@@ -61,10 +61,15 @@ impl EventDraft {
     }
 }
 
-/// A client transaction: (device, transaction id), for idempotent sends.
+/// A client transaction, for idempotent sends. The spec scopes transaction ids to the device
+/// and the endpoint: the same id in another room, for another event type or another
+/// redacted event is another request.
 #[derive(Debug, Clone, Copy)]
 pub struct Txn<'a> {
     pub device_id: &'a str,
+    /// The endpoint path without the transaction id, e.g. `send/{room}/{type}` or
+    /// `redact/{room}/{event}`.
+    pub scope: &'a str,
     pub txn_id: &'a str,
 }
 
@@ -330,7 +335,7 @@ impl Services {
         txn: Option<Txn<'_>>,
     ) -> Result<OwnedEventId> {
         if let Some(t) = txn
-            && let Some(existing) = self.store.event_id_for_txn(sender.as_str(), t.device_id, t.txn_id).await?
+            && let Some(existing) = self.store.event_id_for_txn(sender.as_str(), t.device_id, t.scope, t.txn_id).await?
         {
             return EventId::parse(existing).map_err(|e| Error::internal(e.to_string()));
         }
@@ -519,7 +524,7 @@ impl Services {
                 json: &json,
                 prev_events: &prev_ids,
                 membership: membership.as_deref(),
-                txn: txn.map(|t| (sender.as_str(), t.device_id, t.txn_id)),
+                txn: txn.map(|t| (sender.as_str(), t.device_id, t.scope, t.txn_id)),
                 redacts: pdu.redacts.as_ref().map(|r| r.as_str()),
                 new_room: None,
                 relates_to: relates_to.as_ref().map(|(t, r)| (t.as_str(), r.as_str())),

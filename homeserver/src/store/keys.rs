@@ -300,11 +300,14 @@ impl Store {
         stream_id: i64,
     ) -> Result<bool, sqlx::Error> {
         let (_serialized, mut tx) = self.begin_write().await?;
+        // Transaction ids are scoped to the endpoint, `/sendToDevice/{eventType}/{txnId}`.
         let fresh = sqlx::query(
-            "INSERT INTO to_device_transactions (sender, sender_device, txn_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+            "INSERT INTO to_device_txns (sender, sender_device, event_type, txn_id) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
         )
         .bind(sender)
         .bind(sender_device)
+        .bind(event_type)
         .bind(txn_id)
         .execute(&mut *tx)
         .await?;

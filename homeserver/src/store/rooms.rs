@@ -84,7 +84,8 @@ pub struct AppendEvent<'a> {
     /// For `m.room.member` events: the new membership.
     pub membership: Option<&'a str>,
     /// (user, device, transaction id) of a client send, for idempotent retries.
-    pub txn: Option<(&'a str, &'a str, &'a str)>,
+    /// (user, device, scope, transaction id) of a client's send; see `service::timeline::Txn`.
+    pub txn: Option<(&'a str, &'a str, &'a str, &'a str)>,
     pub redacts: Option<&'a str>,
     pub new_room: Option<NewRoom<'a>>,
     /// `m.relates_to` of the content: (target event id, rel_type).
@@ -168,14 +169,16 @@ impl Store {
         ev: &AppendEvent<'_>,
     ) -> Result<AppendOutcome, sqlx::Error> {
         let tx: &mut sqlx::AnyConnection = tx;
-        if let Some((user, device, txn_id)) = ev.txn {
-            let existing =
-                sqlx::query("SELECT event_id FROM events WHERE txn_user = $1 AND txn_device = $2 AND txn_id = $3")
-                    .bind(user)
-                    .bind(device)
-                    .bind(txn_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+        if let Some((user, device, scope, txn_id)) = ev.txn {
+            let existing = sqlx::query(
+                "SELECT event_id FROM events WHERE txn_user = $1 AND txn_device = $2 AND txn_scope = $3 AND txn_id = $4",
+            )
+            .bind(user)
+            .bind(device)
+            .bind(scope)
+            .bind(txn_id)
+            .fetch_optional(&mut *tx)
+            .await?;
             if let Some(row) = existing {
                 return Ok(AppendOutcome::DuplicateTransaction(row.try_get("event_id")?));
             }
@@ -245,14 +248,14 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        let (txn_user, txn_device, txn_id) = match ev.txn {
-            Some((u, d, t)) => (Some(u), Some(d), Some(t)),
-            None => (None, None, None),
+        let (txn_user, txn_device, txn_scope, txn_id) = match ev.txn {
+            Some((u, d, s, t)) => (Some(u), Some(d), Some(s), Some(t)),
+            None => (None, None, None, None),
         };
         sqlx::query(
             "INSERT INTO events (stream_ordering, event_id, room_id, depth, type, state_key, sender, origin_server_ts, json,
-                                 prev_state_event_id, txn_user, txn_device, txn_id, state_group, state_before)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                                 prev_state_event_id, txn_user, txn_device, txn_id, txn_scope, state_group, state_before)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(ev.stream_ordering)
         .bind(ev.event_id)
@@ -267,6 +270,7 @@ impl Store {
         .bind(txn_user)
         .bind(txn_device)
         .bind(txn_id)
+        .bind(txn_scope)
         .bind(groups.map(|(_, after)| after))
         // Only a state event's state before differs from its state after.
         .bind(groups.filter(|(before, after)| before != after).map(|(before, _)| before))
@@ -376,14 +380,18 @@ impl Store {
         &self,
         user: &str,
         device: &str,
+        scope: &str,
         txn_id: &str,
     ) -> Result<Option<String>, sqlx::Error> {
-        let row = sqlx::query("SELECT event_id FROM events WHERE txn_user = $1 AND txn_device = $2 AND txn_id = $3")
-            .bind(user)
-            .bind(device)
-            .bind(txn_id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(
+            "SELECT event_id FROM events WHERE txn_user = $1 AND txn_device = $2 AND txn_scope = $3 AND txn_id = $4",
+        )
+        .bind(user)
+        .bind(device)
+        .bind(scope)
+        .bind(txn_id)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|r| r.try_get("event_id")).transpose()
     }
 

@@ -1,4 +1,4 @@
-//! Room state per event: state groups (see `migrations/*/20261207000001_state_groups.sql`).
+//! Room state per event: state groups (see `migrations/*/20261207000200_state_groups.sql`).
 //!
 //! A group is a full room state stored as a delta against an earlier group, or in full (a
 //! snapshot) once the chain of deltas would pass [`MAX_DELTA_CHAIN`]: reading a group is one

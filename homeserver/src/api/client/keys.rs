@@ -283,6 +283,20 @@ async fn writable_version(services: &Services, user: &UserId, version: &str) -> 
     }
 }
 
+/// A backup version names its `algorithm` (a string) and its `auth_data` (an object), as the
+/// spec's BackupAlgorithm does. The version is stored as given and served back through ruma's
+/// types: anything else (`{}`, say) was accepted once and then made every read of the user's
+/// backup versions a 500.
+fn check_algorithm(raw: &ruma::serde::Raw<ruma::api::client::backup::BackupAlgorithm>) -> Result<()> {
+    let value = json_of(raw)?;
+    if !value["algorithm"].is_string() || !value["auth_data"].is_object() {
+        return Err(Error::BadJson(
+            "A backup version needs an `algorithm` string and an `auth_data` object".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
 fn raw_algorithm(text: &str) -> Result<ruma::serde::Raw<ruma::api::client::backup::BackupAlgorithm>> {
     let value: JsonValue = serde_json::from_str(text).map_err(|e| Error::internal(e.to_string()))?;
     to_raw(&value)
@@ -293,6 +307,7 @@ pub async fn backup_create(
     req: Ruma<create_backup_version::v3::Request>,
 ) -> Result<RumaResponse<create_backup_version::v3::Response>> {
     let user = req.user()?.clone();
+    check_algorithm(&req.body.algorithm)?;
     let algorithm = req.body.algorithm.json().get().to_owned();
     let version = services.store.create_backup_version(user.user_id.as_str(), &algorithm).await?;
     Ok(RumaResponse(create_backup_version::v3::Response::new(version.to_string())))
@@ -336,6 +351,7 @@ pub async fn backup_update(
 ) -> Result<RumaResponse<update_backup_version::v3::Response>> {
     let user = req.user()?.clone();
     let current = live_version(&services, &user.user_id, &req.body.version).await?;
+    check_algorithm(&req.body.algorithm)?;
     let new: JsonValue = json_of(&req.body.algorithm)?;
     let old: JsonValue = serde_json::from_str(&current.algorithm).unwrap_or_default();
     if new["algorithm"] != old["algorithm"] {

@@ -49,14 +49,10 @@ pub async fn send(
     if kind == "m.room.redaction" {
         return Err(Error::BadJson("Use the /redact endpoint to redact events".to_owned()));
     }
-    let event_id = services
-        .append_event(
-            &req.body.room_id,
-            &user.user_id,
-            EventDraft::message(&kind, content),
-            Some(Txn { device_id: user.device_id.as_str(), txn_id: req.body.txn_id.as_str() }),
-        )
-        .await?;
+    let scope = format!("send/{}/{kind}", req.body.room_id);
+    let txn = Txn { device_id: user.device_id.as_str(), scope: &scope, txn_id: req.body.txn_id.as_str() };
+    let event_id =
+        services.append_event(&req.body.room_id, &user.user_id, EventDraft::message(&kind, content), Some(txn)).await?;
     Ok(RumaResponse(send_message_event::v3::Response::new(event_id)))
 }
 
@@ -70,9 +66,9 @@ pub async fn redact(
         return Err(Error::NotFound("Event not found".to_owned()));
     };
     // The auth rules let any member send a redaction; whether it may redact somebody else's
-    // event is the server's check (the sender's `redact` power).
+    // event is the server's check (the sender's `redact` power, a v12 creator's unlimited one).
     if target.sender != user.user_id.as_str()
-        && !services.has_power(target.room_id.as_str(), &user.user_id, |c| c["redact"].as_i64().unwrap_or(50)).await?
+        && !services.power_levels(target.room_id.as_str()).await?.user_can_redact_event_of_other(&user.user_id)
     {
         return Err(Error::Forbidden("You may only redact your own events".to_owned()));
     }
@@ -86,14 +82,9 @@ pub async fn redact(
         content: JsonValue::Object(content),
         redacts: Some(req.body.event_id.clone()),
     };
-    let event_id = services
-        .append_event(
-            &req.body.room_id,
-            &user.user_id,
-            draft,
-            Some(Txn { device_id: user.device_id.as_str(), txn_id: req.body.txn_id.as_str() }),
-        )
-        .await?;
+    let scope = format!("redact/{}/{}", req.body.room_id, req.body.event_id);
+    let txn = Txn { device_id: user.device_id.as_str(), scope: &scope, txn_id: req.body.txn_id.as_str() };
+    let event_id = services.append_event(&req.body.room_id, &user.user_id, draft, Some(txn)).await?;
     Ok(RumaResponse(redact_event::v3::Response::new(event_id)))
 }
 

@@ -452,10 +452,14 @@ pub async fn alias_delete(
         .alias(req.body.room_alias.as_str())
         .await?
         .ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
+    // The alias's creator and server admins may delete it; anybody else needs to be in the
+    // room with the power to change its canonical alias (power levels outlive a membership:
+    // a kicked moderator keeps their entry).
     let admin = services.store.user(user.user_id.as_str()).await?.is_some_and(|u| u.is_admin);
     if creator != user.user_id.as_str()
         && !admin
-        && !services.can_send_state(&room_id, &user.user_id, "m.room.canonical_alias").await?
+        && !(services.membership(&room_id, user.user_id.as_str()).await?.as_deref() == Some("join")
+            && services.can_send_state(&room_id, &user.user_id, "m.room.canonical_alias").await?)
     {
         return Err(Error::Forbidden("You may not delete this alias".to_owned()));
     }
@@ -483,6 +487,9 @@ pub async fn visibility_set(
     let user = req.user()?.clone();
     let room_id = req.body.room_id.as_str();
     services.store.room(room_id).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
+    // Only a member with the power to change the canonical alias (as Synapse): power levels
+    // outlive a membership, a kicked moderator keeps their entry.
+    services.require_joined(room_id, user.user_id.as_str()).await?;
     if !services.can_send_state(room_id, &user.user_id, "m.room.canonical_alias").await? {
         return Err(Error::Forbidden("You may not change the directory visibility of this room".to_owned()));
     }

@@ -294,6 +294,24 @@ impl Server {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// The server's database URL (its own SQLite file, or its own PostgreSQL database).
+    pub fn database_url(&self) -> String {
+        match self.env.iter().rev().find(|(k, _)| k == "OBMIN_DATABASE_URL") {
+            Some((_, url)) => url.clone(),
+            None => format!("sqlite://{}", self.dir.path().join("data").join("homeserver.db").display()),
+        }
+    }
+
+    /// Runs SQL statements on the server's database behind its back (with the server stopped,
+    /// to stage what a crash or a lost write leaves behind).
+    pub async fn run_sql(&self, statements: &str) {
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let mut conn = sqlx::AnyConnection::connect(&self.database_url()).await.expect("connect to the database");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(statements.to_owned())).execute(&mut conn).await.expect("run SQL");
+        conn.close().await.ok();
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }

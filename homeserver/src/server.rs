@@ -107,6 +107,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
         "homeserver listening"
     );
 
+    let reservations = tokio::spawn(reserve_positions(services.clone()));
     let housekeeping = tokio::spawn(housekeeping(services.clone()));
     let typing_expiry = tokio::spawn(expire_typing(services.clone()));
     let presence_expiry = tokio::spawn(expire_presence(services.clone()));
@@ -125,6 +126,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
         tracing::warn!(error = %e, "federation listener stopped with an error");
     }
     housekeeping.abort();
+    reservations.abort();
     typing_expiry.abort();
     presence_expiry.abort();
     media_expiry.abort();
@@ -133,6 +135,21 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     services.store.close().await;
     tracing::info!("homeserver stopped");
     Ok(())
+}
+
+/// Keeps stream positions durably reserved ahead of the allocations: nothing becomes visible
+/// to clients past the reservation (see `service::streams`).
+async fn reserve_positions(services: Arc<Services>) {
+    loop {
+        let upto = services.streams.reservation_wanted().await;
+        match services.store.reserve_stream_positions(upto).await {
+            Ok(()) => services.streams.reserved(upto),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reserve stream positions; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 /// Periodic clean-up: expired UIA sessions, idle rate-limit buckets.

@@ -439,6 +439,49 @@ async fn stopped_peer_catches_up_in_order(backend: Backend) {
     assert_eq!(got, sent, "all messages, once each, in order");
 }
 
+/// B is killed (SIGKILL) while A's transactions are arriving, and restarted: every message
+/// A acknowledged to Alice reaches B once, in order, whatever B had taken in of the
+/// transaction it was in the middle of.
+async fn a_peer_killed_mid_transaction_loses_nothing(backend: Backend) {
+    let a = federating(backend).await;
+    let mut b = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let bob = b.register("bob", "password-bob-1").await;
+    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
+    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    a.send_text(&alice, &room_id, "m-before").await.assert_ok();
+    wait_for_timeline(&b, &bob, &room_id, "the first message", |e| bodies(e).contains(&"m-before".to_owned())).await;
+    let since = b.sync(&bob, None, 0, None).await["next_batch"].as_str().map(str::to_owned);
+
+    let sent: Vec<String> = (0..80).map(|i| format!("m-{i:02}")).collect();
+    let sender = {
+        let (http, base, token, room, sent) =
+            (a.http.clone(), a.base_url.clone(), alice.access_token.clone(), room_id.clone(), sent.clone());
+        tokio::spawn(async move {
+            for body in sent {
+                let url = format!("{base}/_matrix/client/v3/rooms/{}/send/m.room.message/{body}", enc(&room));
+                let response =
+                    http.put(url).bearer_auth(&token).json(&json!({"msgtype": "m.text", "body": body})).send().await;
+                assert!(response.is_ok_and(|r| r.status().is_success()), "A acknowledged {body}");
+            }
+        })
+    };
+    // Kill B once it has taken in some of the stream, then bring it back.
+    wait_for_timeline_since(&b, &bob, &room_id, since.clone(), "the first messages", |e| {
+        bodies(e).iter().filter(|b| b.starts_with("m-") && *b != "m-before").count() >= 5
+    })
+    .await;
+    b.kill();
+    sender.await.unwrap();
+    b.restart().await;
+    let seen = wait_for_timeline_since(&b, &bob, &room_id, since, "every message", |events| {
+        bodies(events).iter().filter(|b| b.starts_with("m-") && *b != "m-before").count() >= sent.len()
+    })
+    .await;
+    let got: Vec<String> = bodies(&seen).into_iter().filter(|b| b.starts_with("m-") && b != "m-before").collect();
+    assert_eq!(got, sent, "all messages, once each, in order");
+}
+
 async fn concurrent_state_changes_converge(backend: Backend) {
     let a = federating(backend).await;
     let mut b = federating(backend).await;
@@ -843,7 +886,8 @@ backend_tests!(
     stopped_peer_catches_up_in_order,
     messages_backfill_older_history_on_demand,
     missing_events_are_served,
-    a_long_gap_is_filled_in_several_requests
+    a_long_gap_is_filled_in_several_requests,
+    a_peer_killed_mid_transaction_loses_nothing
 );
 
 /// `/messages` past the 50 events fetched at the join: the older history comes from the

@@ -6,6 +6,13 @@
 //! visible to readers once every smaller position has finished (committed or failed): the
 //! visible position is the highest one below which nothing is in flight.
 //!
+//! Positions become visible only up to what is durably *reserved* (see
+//! [`Store::reserve_stream_positions`](crate::store::Store::reserve_stream_positions)): a
+//! background task keeps the reservation a block ahead of the allocations, and a restarted
+//! server counts on from above it. A power cut that loses the last commits (SQLite with
+//! `synchronous = normal`) can then never make the server hand out again a position that
+//! clients already hold.
+//!
 //! Typing notifications are in memory and have their own counter. A sync token carries
 //! `s<stream>_<typing>_<to-device>`: the last component is how far this device's to-device
 //! queue was delivered (a batch may stop short of `stream`), so the next sync deletes exactly
@@ -86,17 +93,31 @@ struct Allocation {
     pending: BTreeMap<i64, Vec<Change>>,
     /// The visible position last published.
     visible: i64,
+    /// Positions up to here are durably reserved; none above becomes visible.
+    reserved: i64,
+    /// A larger reservation was asked for and not yet made.
+    reservation_wanted: bool,
 }
+
+/// Positions reserved at a time. A restart skips what was reserved and unused: at most this
+/// many positions, a gap readers step over.
+pub const RESERVATION_BLOCK: i64 = 100_000;
+/// A new reservation is asked for when fewer than this many reserved positions are left, so
+/// that visibility never waits for it in practice.
+const RESERVATION_LOW_WATER: i64 = RESERVATION_BLOCK / 2;
 
 /// Hands out stream positions and publishes what readers may see.
 pub struct Streams {
     allocation: Mutex<Allocation>,
     positions: watch::Sender<Positions>,
     notifier: Arc<Notifier>,
+    /// Wakes the task that makes reservations (see [`Streams::reservation_wanted`]).
+    reserve: tokio::sync::Notify,
 }
 
 impl Streams {
-    /// Starts after `max_persisted`, the highest position in the database.
+    /// Starts after `max_persisted`, the highest position in the database (and reserved).
+    /// Nothing becomes visible until [`Streams::reserved`] reports a reservation.
     pub fn new(max_persisted: i64) -> Arc<Self> {
         let (positions, _) = watch::channel(Positions { stream: max_persisted, typing: 0, to_device: 0 });
         Arc::new(Self {
@@ -106,10 +127,36 @@ impl Streams {
                 max_committed: max_persisted,
                 pending: BTreeMap::new(),
                 visible: max_persisted,
+                reserved: max_persisted,
+                reservation_wanted: true,
             }),
             positions,
             notifier: Arc::new(Notifier::new(max_persisted)),
+            reserve: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Waits until a reservation is wanted and returns the position to reserve up to. The
+    /// caller stores it durably and then reports it with [`Streams::reserved`].
+    pub async fn reservation_wanted(&self) -> i64 {
+        loop {
+            let notified = self.reserve.notified();
+            {
+                let a = self.allocation.lock().unwrap_or_else(|e| e.into_inner());
+                if a.reservation_wanted {
+                    return a.next + RESERVATION_BLOCK;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Positions up to `upto` are durably reserved: those committed may become visible.
+    pub fn reserved(&self, upto: i64) {
+        let mut a = self.allocation.lock().unwrap_or_else(|e| e.into_inner());
+        a.reserved = a.reserved.max(upto);
+        a.reservation_wanted = a.next + RESERVATION_LOW_WATER > a.reserved;
+        self.advance(a);
     }
 
     /// The change log and the registry of waiting syncs.
@@ -124,6 +171,10 @@ impl Streams {
         let position = a.next;
         a.next += 1;
         a.in_flight.insert(position);
+        if !a.reservation_wanted && a.next + RESERVATION_LOW_WATER > a.reserved {
+            a.reservation_wanted = true;
+            self.reserve.notify_one();
+        }
         StreamGuard { streams: self.clone(), position, changes: None }
     }
 
@@ -134,11 +185,17 @@ impl Streams {
             a.max_committed = a.max_committed.max(position);
             a.pending.insert(position, changes);
         }
+        self.advance(a);
+    }
+
+    /// Raises the visible position as far as the finished, committed and reserved positions
+    /// allow, and publishes what became visible.
+    fn advance(&self, mut a: std::sync::MutexGuard<'_, Allocation>) {
         let below_in_flight = match a.in_flight.first() {
             Some(first) => first - 1,
             None => a.next - 1,
         };
-        let visible = below_in_flight.min(a.max_committed);
+        let visible = below_in_flight.min(a.max_committed).min(a.reserved);
         if visible <= a.visible {
             return;
         }
@@ -225,6 +282,40 @@ mod tests {
     use super::*;
     use crate::service::notifier::Sections;
 
+    /// Streams starting after `start` with a reservation made.
+    fn reserved_streams(start: i64) -> Arc<Streams> {
+        let streams = Streams::new(start);
+        streams.reserved(start + RESERVATION_BLOCK);
+        streams
+    }
+
+    #[tokio::test]
+    async fn nothing_past_the_reservation_becomes_visible() {
+        let streams = Streams::new(10);
+        assert_eq!(streams.reservation_wanted().await, 11 + RESERVATION_BLOCK, "a reservation is wanted at start");
+        let a = streams.allocate();
+        a.commit();
+        assert_eq!(streams.current().stream, 10, "11 is not reserved yet");
+        streams.reserved(11 + RESERVATION_BLOCK);
+        assert_eq!(streams.current().stream, 11, "reserved: 11 becomes visible");
+        // Allocations approaching the end of the reservation ask for the next one ahead of
+        // time, and until it is made positions past the reservation stay hidden.
+        let mut last = 11;
+        let upto = 11 + RESERVATION_BLOCK;
+        while last < upto + 5 {
+            let g = streams.allocate();
+            last = g.position();
+            g.commit();
+        }
+        assert_eq!(streams.current().stream, upto, "positions past the reservation are hidden");
+        let wanted = tokio::time::timeout(std::time::Duration::from_secs(5), streams.reservation_wanted())
+            .await
+            .expect("a new reservation was asked for");
+        assert!(wanted > last, "the new reservation covers what was allocated");
+        streams.reserved(wanted);
+        assert_eq!(streams.current().stream, last);
+    }
+
     #[test]
     fn pagination_tokens_may_be_negative_sync_tokens_not() {
         let before_everything = Positions::at(-42);
@@ -238,7 +329,7 @@ mod tests {
 
     #[test]
     fn positions_become_visible_in_order() {
-        let streams = Streams::new(10);
+        let streams = reserved_streams(10);
         let a = streams.allocate();
         let b = streams.allocate();
         assert_eq!((a.position(), b.position()), (11, 12));
@@ -250,7 +341,7 @@ mod tests {
 
     #[test]
     fn failed_writes_never_become_visible() {
-        let streams = Streams::new(10);
+        let streams = reserved_streams(10);
         let a = streams.allocate();
         drop(a);
         assert_eq!(streams.current().stream, 10, "nothing was stored at 11");
@@ -263,7 +354,7 @@ mod tests {
     fn changes_are_published_when_their_position_becomes_visible() {
         use ruma::owned_user_id;
 
-        let streams = Streams::new(10);
+        let streams = reserved_streams(10);
         let me = owned_user_id!("@me:x");
         let a = streams.allocate();
         let b = streams.allocate();
@@ -315,7 +406,7 @@ mod tests {
 
         use ruma::owned_user_id;
 
-        let streams = Streams::new(10);
+        let streams = reserved_streams(10);
         let me = owned_user_id!("@me:x");
         let sync = Arc::new(WokenSync { streams: streams.clone(), user: me.clone(), seen: Mutex::new(Vec::new()) });
         let waiter = streams.notifier().register(vec![Scope::User(me.clone())]);

@@ -234,6 +234,8 @@ impl Store {
         tx.commit().await
     }
 
+    /// Remembers the answer to a received transaction. Durably: the sender takes our answer
+    /// as the transaction being ours for good and will not send it again.
     pub async fn store_received_txn(
         &self,
         origin: &str,
@@ -241,18 +243,18 @@ impl Store {
         response: &str,
         now: i64,
     ) -> Result<(), sqlx::Error> {
-        let (_serialized, mut tx) = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO federation_received_txns (origin, txn_id, response, received_ts) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (origin, txn_id) DO NOTHING",
+        self.execute_write_durably(
+            sqlx::query(
+                "INSERT INTO federation_received_txns (origin, txn_id, response, received_ts) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (origin, txn_id) DO NOTHING",
+            )
+            .bind(origin)
+            .bind(txn_id)
+            .bind(response)
+            .bind(now),
         )
-        .bind(origin)
-        .bind(txn_id)
-        .bind(response)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await
+        .await
+        .map(|_| ())
     }
 }
 

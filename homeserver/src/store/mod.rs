@@ -86,6 +86,8 @@ pub struct Store {
     backend: Backend,
     /// SQLite has one writer at a time; see [`Store::begin_write`].
     sqlite_writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// SQLite's configured `synchronous` setting, restored after a durable write.
+    sqlite_synchronous: SqliteSynchronous,
 }
 
 impl Store {
@@ -153,7 +155,7 @@ impl Store {
         if backend == Backend::Sqlite {
             tokio::spawn(checkpoint_wal(pool.clone(), writer.clone(), sqlite_writer.clone()));
         }
-        Ok(Self { pool, writer, backend, sqlite_writer })
+        Ok(Self { pool, writer, backend, sqlite_writer, sqlite_synchronous: options.sqlite_synchronous })
     }
 
     /// Applies every migration not yet applied.
@@ -200,6 +202,41 @@ impl Store {
                 query.execute(&self.writer).await
             }
             Backend::Postgres => query.execute(&self.pool).await,
+        }
+    }
+
+    /// Like [`Store::execute_write`], but answers only once the write (and every commit
+    /// before it) would survive a power cut, whatever `sqlite_synchronous` says: for the few
+    /// writes whose loss after an acknowledgement would do lasting harm (a federation
+    /// transaction we answered, the stream positions we may hand out).
+    ///
+    /// On SQLite with `synchronous = NORMAL` a commit reaches the disk at the next WAL
+    /// checkpoint; this commit is made with `FULL`, which syncs the WAL, and with it every
+    /// earlier commit. On PostgreSQL the commit waits for its WAL flush even if the server
+    /// runs with `synchronous_commit = off`.
+    pub(crate) async fn execute_write_durably<'q>(
+        &self,
+        query: sqlx::query::Query<'q, Any, <Any as sqlx::Database>::Arguments>,
+    ) -> Result<sqlx::any::AnyQueryResult, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite if self.sqlite_synchronous == SqliteSynchronous::Full => self.execute_write(query).await,
+            Backend::Sqlite => {
+                let _turn = self.sqlite_writer.lock().await;
+                let mut conn = self.writer.acquire().await?;
+                sqlx::raw_sql("PRAGMA synchronous = FULL").execute(&mut *conn).await?;
+                let result = query.execute(&mut *conn).await;
+                // Back to the configured setting even if the write failed; a connection left
+                // at FULL would only be slower, never less safe.
+                sqlx::raw_sql("PRAGMA synchronous = NORMAL").execute(&mut *conn).await?;
+                result
+            }
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::raw_sql("SET LOCAL synchronous_commit TO on").execute(&mut *tx).await?;
+                let result = query.execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(result)
+            }
         }
     }
 

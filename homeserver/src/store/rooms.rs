@@ -538,6 +538,18 @@ impl Store {
         Ok(row.try_get::<Option<i64>, _>("p")?.unwrap_or(0))
     }
 
+    /// Records, durably, that stream positions up to `upto` may be handed out: a restarted
+    /// server counts on from above it (see [`Store::max_stream_position`]) even if the
+    /// commits that used those positions were lost in a power cut, so no client ever holds a
+    /// token past the position the restarted server starts from.
+    pub async fn reserve_stream_positions(&self, upto: i64) -> Result<(), sqlx::Error> {
+        self.execute_write_durably(
+            sqlx::query("UPDATE stream_high_water SET position = $1 WHERE id = 1 AND position < $1").bind(upto),
+        )
+        .await
+        .map(|_| ())
+    }
+
     // Aliases.
 
     /// Creates an alias; false if it exists.

@@ -4,7 +4,6 @@
 
 use conformance::{Backend, Server, User, backend_tests, enc};
 use serde_json::{Value, json};
-use sqlx::Connection;
 
 async fn set_state(server: &Server, user: &User, room_id: &str, kind: &str, content: Value) -> String {
     let resp = server
@@ -28,32 +27,19 @@ async fn context_state(server: &Server, user: &User, room_id: &str, event_id: &s
     resp.assert_ok()["state"].as_array().unwrap().iter().find(|e| e["type"] == kind).map(|e| e["content"].clone())
 }
 
-/// The database a server uses, as a URL sqlx takes.
-fn database_url(server: &Server) -> String {
-    let from_env = server
-        .command()
-        .get_envs()
-        .find(|(k, _)| *k == "OBMIN_DATABASE_URL")
-        .and_then(|(_, v)| v.map(|v| v.to_string_lossy().into_owned()));
-    from_env.unwrap_or_else(|| format!("sqlite://{}", server.dir.path().join("data/homeserver.db").display()))
-}
-
 /// Makes the database look as one written before the state model: no state groups, every
 /// room waiting for them (what the migration leaves for the first start).
 async fn forget_state_groups(server: &Server) {
-    sqlx::any::install_default_drivers();
-    let mut db = sqlx::AnyConnection::connect(&database_url(server)).await.expect("connect to the test database");
-    for statement in [
-        "UPDATE events SET state_group = NULL, state_before = NULL",
-        "UPDATE event_outliers SET state_group = NULL, state_before = NULL",
-        "UPDATE rooms SET current_state_group = NULL",
-        "DELETE FROM state_group_entries",
-        "DELETE FROM state_groups",
-        "INSERT INTO state_groups_pending (room_id) SELECT room_id FROM rooms",
-    ] {
-        sqlx::query(statement).execute(&mut db).await.expect(statement);
-    }
-    db.close().await.ok();
+    server
+        .run_sql(
+            "UPDATE events SET state_group = NULL, state_before = NULL;
+             UPDATE event_outliers SET state_group = NULL, state_before = NULL;
+             UPDATE rooms SET current_state_group = NULL;
+             DELETE FROM state_group_entries;
+             DELETE FROM state_groups;
+             INSERT INTO state_groups_pending (room_id) SELECT room_id FROM rooms;",
+        )
+        .await;
 }
 
 async fn existing_rooms_get_their_state_at_start(backend: Backend) {

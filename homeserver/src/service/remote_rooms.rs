@@ -723,6 +723,7 @@ impl OwnedAppend {
             resolved_state: None,
             state: None,
             promotes_outlier: false,
+            state_from_outliers: &[],
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::{
     error::{Error, Result},
     store::{
         AppendEvent, AppendOutcome, CurrentGroup, EventRow, EventStateGroups, GroupBase, GroupRef, NewRoom,
-        NewStateGroup,
+        NewStateGroup, StateFromOutlier,
     },
 };
 
@@ -278,6 +278,7 @@ impl Services {
                 resolved_state: None,
                 state: Some(&state),
                 promotes_outlier: false,
+                state_from_outliers: &[],
                 new_room: Some(NewRoom {
                     room_version: create.version.as_str(),
                     creator: sender.as_str(),
@@ -509,6 +510,27 @@ impl Services {
         let push_actions = self.push_actions_for(room_id, &sender, &object).await?;
         let search_text = searchable_text(&event_type, &pdu);
         let origin_server_ts = i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX);
+        let entering = match &resolved_state {
+            Some(changes) => self.outliers_entering_state(changes, &event_id).await?,
+            None => Vec::new(),
+        };
+        let entering_kinds: Vec<String> = entering.iter().map(|(pdu, _)| pdu.kind.to_string()).collect();
+        let entering_positions: Vec<_> = entering.iter().map(|_| self.streams.allocate()).collect();
+        let entering_rows: Vec<StateFromOutlier<'_>> = entering
+            .iter()
+            .zip(&entering_positions)
+            .zip(&entering_kinds)
+            .map(|(((pdu, json), position), kind)| StateFromOutlier {
+                stream_ordering: position.position(),
+                event_id: pdu.event_id.as_str(),
+                depth: i64::try_from(u64::from(pdu.depth)).unwrap_or(i64::MAX),
+                event_type: kind.as_str(),
+                state_key: pdu.state_key.as_deref().unwrap_or_default(),
+                sender: pdu.sender.as_str(),
+                origin_server_ts: i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX),
+                json: json.as_str(),
+            })
+            .collect();
         let position = self.streams.allocate();
         let outcome = self
             .store
@@ -534,8 +556,16 @@ impl Services {
                 resolved_state: resolved_state.as_deref(),
                 state: state.as_ref().map(|s| &s.groups),
                 promotes_outlier,
+                state_from_outliers: &entering_rows,
             })
             .await?;
+        drop(entering_rows);
+        for entered in entering_positions {
+            // Committed with the event (or dropped as gaps when nothing was written).
+            if matches!(outcome, AppendOutcome::Appended { .. }) {
+                entered.commit_with(Vec::new());
+            }
+        }
         if let AppendOutcome::Appended { prev_state, groups, current_group } = &outcome {
             // Committed: the cache learns the event before the syncs can see its position.
             let (txn_user, txn_device, txn_id) = match txn {
@@ -600,6 +630,16 @@ impl Services {
                 changes.push(Change::user(target, Sections::MEMBERSHIP));
             }
         }
+        // Memberships state resolution changed: those users' syncs must look again too.
+        for (kind, key, _, _) in resolved_state.iter().flatten() {
+            if kind == "m.room.member"
+                && let Ok(user) = OwnedUserId::try_from(key.as_str())
+                && !changes.iter().any(|c| matches!(&c.scope, super::notifier::Scope::User(u) if *u == user))
+            {
+                changes[0].sections |= Sections::DEVICE_LISTS;
+                changes.push(Change::user(user, Sections::MEMBERSHIP));
+            }
+        }
         if matches!(outcome, AppendOutcome::Appended { .. }) {
             position.commit_with(changes);
             if !destinations.is_empty() {
@@ -618,6 +658,31 @@ impl Services {
                 EventId::parse(existing).map_err(|e| Error::internal(e.to_string()))
             }
         }
+    }
+
+    /// The events of `changes` (current-state entries state resolution chose) that we hold
+    /// only as outliers, oldest first, with their JSON: they join the timeline with the event.
+    async fn outliers_entering_state(
+        &self,
+        changes: &[crate::store::CurrentStateEntry],
+        event_id: &EventId,
+    ) -> Result<Vec<(Pdu, String)>> {
+        let ids: Vec<String> =
+            changes.iter().map(|(_, _, id, _)| id.clone()).filter(|id| id.as_str() != event_id.as_str()).collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let on_timeline: std::collections::HashSet<String> =
+            self.store.events_by_id(&ids).await?.into_iter().map(|row| row.event_id).collect();
+        let outliers: Vec<String> = ids.into_iter().filter(|id| !on_timeline.contains(id)).collect();
+        let mut out = Vec::new();
+        for stored in self.store.pdus_for_auth(&outliers).await? {
+            let id = EventId::parse(stored.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
+            let pdu = Pdu::from_json(id, &stored.json).map_err(|e| Error::internal(e.to_string()))?;
+            out.push((pdu, stored.json));
+        }
+        out.sort_by_key(|(pdu, _)| (pdu.depth, pdu.origin_server_ts));
+        Ok(out)
     }
 
     /// The state plan of an event built elsewhere (a template another server filled in, an

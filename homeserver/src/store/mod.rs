@@ -39,7 +39,7 @@ pub use media::{MediaRow, MediaUsageRow, NewMedia, RemoteMediaRow, ThumbnailRow}
 pub use presence::PresenceRow;
 pub use pushers::{NewPusher, PendingPush, PusherRow};
 pub use registration_tokens::RegistrationTokenRow;
-pub use rooms::{AppendEvent, AppendOutcome, CurrentStateEntry, EventRow, NewRoom, RoomRow};
+pub use rooms::{AppendEvent, AppendOutcome, CurrentStateEntry, EventRow, NewRoom, RoomRow, StateFromOutlier};
 pub use server_keys::{NewServerKeys, ServerKeyRow};
 pub use state::{
     CurrentGroup, EventStateGroups, EventStatus, GroupBase, GroupRef, MAX_DELTA_CHAIN, NewOutlier, NewStateGroup,

@@ -105,6 +105,23 @@ pub struct AppendEvent<'a> {
     pub state: Option<&'a super::state::EventStateGroups>,
     /// The event was held as an outlier (an auth event fetched earlier): it leaves them.
     pub promotes_outlier: bool,
+    /// Outliers that state resolution put into the current state: they join the timeline
+    /// just before the event (every read of the state expects its events there, and syncs
+    /// so show the change).
+    pub state_from_outliers: &'a [StateFromOutlier<'a>],
+}
+
+/// An outlier entering the timeline because the current state now holds it.
+#[derive(Debug, Clone)]
+pub struct StateFromOutlier<'a> {
+    pub stream_ordering: i64,
+    pub event_id: &'a str,
+    pub depth: i64,
+    pub event_type: &'a str,
+    pub state_key: &'a str,
+    pub sender: &'a str,
+    pub origin_server_ts: i64,
+    pub json: &'a str,
 }
 
 /// The result of an append.
@@ -206,6 +223,30 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
             prev_state = row.map(|r| r.try_get::<String, _>("event_id")).transpose()?;
+        }
+        for outlier in ev.state_from_outliers {
+            // Its state groups come along (known when it was fetched with the state at it).
+            sqlx::query(
+                "INSERT INTO events (stream_ordering, event_id, room_id, depth, type, state_key, sender, origin_server_ts, json,
+                                     state_group, state_before)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, o.state_group, o.state_before
+                 FROM event_outliers o WHERE o.event_id = $2",
+            )
+            .bind(outlier.stream_ordering)
+            .bind(outlier.event_id)
+            .bind(ev.room_id)
+            .bind(outlier.depth)
+            .bind(outlier.event_type)
+            .bind(outlier.state_key)
+            .bind(outlier.sender)
+            .bind(outlier.origin_server_ts)
+            .bind(outlier.json)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM event_outliers WHERE event_id = $1")
+                .bind(outlier.event_id)
+                .execute(&mut *tx)
+                .await?;
         }
         if let Some(resolved) = ev.resolved_state {
             for (kind, state_key, event_id, membership) in resolved {

@@ -15,6 +15,7 @@ mod errors;
 mod federation;
 mod federation_e2ee;
 mod federation_rooms;
+mod hostile_state;
 mod limits;
 mod login;
 mod malformed;

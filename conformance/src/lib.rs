@@ -7,6 +7,8 @@
 //! `$OBMIN_TEST_POSTGRES_URL`, a server URL whose user may create databases;
 //! `scripts/test` starts a throwaway server and sets it.
 
+pub mod hostile;
+
 use std::{
     io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},

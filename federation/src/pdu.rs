@@ -32,6 +32,8 @@ pub enum PduError {
     TooLarge,
     #[error("the event's signatures do not verify: {0}")]
     BadSignature(String),
+    #[error("the membership template is not the event asked for: {0}")]
+    BadTemplate(String),
 }
 
 /// The rules of a room version we can read and write.
@@ -185,29 +187,95 @@ pub fn verify_received(
     Ok((event_id, object))
 }
 
+/// The membership event one of our users asked another server to prepare (make_join /
+/// make_leave): the only event a template may be turned into.
+#[derive(Debug, Clone, Copy)]
+pub struct MembershipRequest<'a> {
+    pub room_id: &'a RoomId,
+    pub user_id: &'a UserId,
+    /// `join` or `leave`.
+    pub membership: &'a str,
+}
+
+/// Most `prev_events` and `auth_events` a template may name (the limits Synapse enforces on
+/// every event).
+const MAX_TEMPLATE_PREV_EVENTS: usize = 20;
+const MAX_TEMPLATE_AUTH_EVENTS: usize = 10;
+/// The greatest depth (and integer) canonical JSON allows: 2^53 - 1.
+const MAX_DEPTH: u64 = (1 << 53) - 1;
+
 /// Completes and signs an event from a template another server prepared (the answer to
-/// make_join / make_leave): `content` replaces the template's content (it may add our
-/// user's profile), the timestamp is now, and the content hash, our signature and the event
-/// id are computed as for our own events.
-pub fn sign_template(
+/// make_join / make_leave). The template must be exactly the membership `request` asked for:
+/// an `m.room.member` event of that user about themselves, in that room, with that
+/// membership; anything else is refused (we would be signing a join, leave or kick "by" one of
+/// our users that they never asked for). The event is then built from an allow-list: the
+/// template's `prev_events`, `auth_events` and `depth`, `content` (ours, which may carry our
+/// user's profile, plus the template's `join_authorised_via_users_server` for a restricted
+/// join), the timestamp now; no other key of the template is copied. The content hash, our
+/// signature and the event id are computed as for our own events.
+pub fn sign_membership_template(
     template: &RawJsonValue,
-    content: JsonValue,
+    request: MembershipRequest<'_>,
+    mut content: JsonValue,
     version: &RoomVersionId,
     origin: &ServerName,
     key: &SigningKey,
 ) -> Result<(OwnedEventId, CanonicalJsonObject), PduError> {
     let rules = room_version_rules(version)?;
-    let mut object: serde_json::Map<String, JsonValue> =
-        serde_json::from_str(template.get()).map_err(|e| PduError::Json(e.to_string()))?;
-    for field in ["hashes", "signatures", "unsigned", "event_id"] {
-        object.remove(field);
-    }
-    object.insert("content".into(), content);
-    object.insert("origin_server_ts".into(), JsonValue::from(u64::from(MilliSecondsSinceUnixEpoch::now().get())));
     if rules.event_id_format == EventIdFormatVersion::V1 {
         // Versions 1 and 2 carry a chosen event id, not a hash.
         return Err(PduError::UnsupportedRoomVersion(version.clone()));
     }
+    let template: serde_json::Map<String, JsonValue> =
+        serde_json::from_str(template.get()).map_err(|e| PduError::BadTemplate(e.to_string()))?;
+    let field = |name: &str| template.get(name).and_then(JsonValue::as_str);
+    let expect = |name: &str, found: Option<&str>, wanted: &str| {
+        if found == Some(wanted) {
+            Ok(())
+        } else {
+            Err(PduError::BadTemplate(format!("{name} is {found:?}, not {wanted}")))
+        }
+    };
+    expect("type", field("type"), "m.room.member")?;
+    expect("room_id", field("room_id"), request.room_id.as_str())?;
+    expect("sender", field("sender"), request.user_id.as_str())?;
+    expect("state_key", field("state_key"), request.user_id.as_str())?;
+    let template_content = template.get("content").and_then(JsonValue::as_object);
+    expect(
+        "content.membership",
+        template_content.and_then(|c| c.get("membership")).and_then(JsonValue::as_str),
+        request.membership,
+    )?;
+    let depth = template
+        .get("depth")
+        .and_then(JsonValue::as_u64)
+        .filter(|d| (1..=MAX_DEPTH).contains(d))
+        .ok_or_else(|| PduError::BadTemplate("depth is not an integer from 1 to 2^53 - 1".into()))?;
+    let prev_events = event_id_list(template.get("prev_events"), "prev_events", 1, MAX_TEMPLATE_PREV_EVENTS)?;
+    let auth_events = event_id_list(template.get("auth_events"), "auth_events", 0, MAX_TEMPLATE_AUTH_EVENTS)?;
+    if request.membership == "join"
+        && rules.authorization.restricted_join_rule
+        && let Some(authoriser) = template_content.and_then(|c| c.get("join_authorised_via_users_server"))
+    {
+        // A restricted join names the resident user who vouches for it.
+        let authoriser = authoriser
+            .as_str()
+            .and_then(|u| UserId::parse(u).ok())
+            .ok_or_else(|| PduError::BadTemplate("join_authorised_via_users_server is not a user id".into()))?;
+        if let Some(map) = content.as_object_mut() {
+            map.insert("join_authorised_via_users_server".into(), JsonValue::from(authoriser.as_str()));
+        }
+    }
+    let mut object = serde_json::Map::new();
+    object.insert("room_id".into(), JsonValue::from(request.room_id.as_str()));
+    object.insert("sender".into(), JsonValue::from(request.user_id.as_str()));
+    object.insert("type".into(), JsonValue::from("m.room.member"));
+    object.insert("state_key".into(), JsonValue::from(request.user_id.as_str()));
+    object.insert("content".into(), content);
+    object.insert("depth".into(), JsonValue::from(depth));
+    object.insert("prev_events".into(), JsonValue::from(ids(&prev_events)));
+    object.insert("auth_events".into(), JsonValue::from(ids(&auth_events)));
+    object.insert("origin_server_ts".into(), JsonValue::from(u64::from(MilliSecondsSinceUnixEpoch::now().get())));
     let CanonicalJsonValue::Object(mut object) =
         CanonicalJsonValue::try_from(JsonValue::Object(object)).map_err(|e| PduError::Json(e.to_string()))?
     else {
@@ -217,6 +285,49 @@ pub fn sign_template(
         .map_err(|e| PduError::Signing(e.to_string()))?;
     let event_id = event_id_of(&object, version)?;
     Ok((event_id, object))
+}
+
+/// A template's list of event ids, with its length bounded.
+fn event_id_list(value: Option<&JsonValue>, name: &str, min: usize, max: usize) -> Result<Vec<OwnedEventId>, PduError> {
+    let list =
+        value.and_then(JsonValue::as_array).ok_or_else(|| PduError::BadTemplate(format!("{name} is not a list")))?;
+    if list.len() < min || list.len() > max {
+        return Err(PduError::BadTemplate(format!("{name} has {} entries, not {min} to {max}", list.len())));
+    }
+    list.iter()
+        .map(|id| {
+            id.as_str()
+                .and_then(|id| EventId::parse(id).ok())
+                .ok_or_else(|| PduError::BadTemplate(format!("{name} holds something that is not an event id")))
+        })
+        .collect()
+}
+
+/// Our own event as another server handed it back with its signature added (an invite the
+/// invitee's server co-signed, a restricted join the resident server co-signed): the event is
+/// ours, field for field; only `server`'s signatures are taken from `answer`. Refused when
+/// the answer is not the same event (its id differs).
+pub fn add_signatures_of(
+    ours: &CanonicalJsonObject,
+    answer: &RawJsonValue,
+    server: &ServerName,
+    version: &RoomVersionId,
+) -> Result<CanonicalJsonObject, PduError> {
+    let answer: CanonicalJsonObject = serde_json::from_str(answer.get()).map_err(|e| PduError::Json(e.to_string()))?;
+    if event_id_of(&answer, version)? != event_id_of(ours, version)? {
+        return Err(PduError::Json("the answer is not the same event".into()));
+    }
+    let mut merged = ours.clone();
+    let theirs = match answer.get("signatures") {
+        Some(CanonicalJsonValue::Object(map)) => map.get(server.as_str()).cloned(),
+        _ => None,
+    };
+    if let Some(theirs) = theirs
+        && let Some(CanonicalJsonValue::Object(signatures)) = merged.get_mut("signatures")
+    {
+        signatures.insert(server.to_string(), theirs);
+    }
+    Ok(merged)
 }
 
 /// Adds this server's signature to an event another server built (an invite to one of our
@@ -281,21 +392,34 @@ fn placeholder_event_id() -> OwnedEventId {
 }
 
 impl Pdu {
-    /// Parses a stored PDU; `event_id` is what it was stored under.
+    /// Parses a stored PDU; `event_id` is what it was stored under. `redacts` is kept only on
+    /// an `m.room.redaction` (a message event): on any other event it is just data.
     pub fn from_json(event_id: OwnedEventId, json: &str) -> Result<Self, PduError> {
         let mut pdu: Pdu = serde_json::from_str(json).map_err(|e| PduError::Json(e.to_string()))?;
         pdu.event_id = event_id;
-        if pdu.redacts.is_none() {
-            // Version 11+ carries `redacts` in the content.
+        if pdu.kind != TimelineEventType::RoomRedaction || pdu.state_key.is_some() {
+            pdu.redacts = None;
+        }
+        Ok(pdu)
+    }
+
+    /// The event this one redacts under the room version's rules: only a non-state
+    /// `m.room.redaction` redacts, naming its target at the top level before room version 11
+    /// and in its content from version 11. Whether the redaction may take effect is the
+    /// caller's question.
+    pub fn redaction_target(&self, rules: &RoomVersionRules) -> Option<OwnedEventId> {
+        if self.kind != TimelineEventType::RoomRedaction || self.state_key.is_some() {
+            return None;
+        }
+        if rules.redaction.content_field_redacts {
             #[derive(Deserialize)]
             struct Redacts {
                 redacts: Option<OwnedEventId>,
             }
-            if let Ok(Redacts { redacts: Some(id) }) = serde_json::from_str::<Redacts>(pdu.content.get()) {
-                pdu.redacts = Some(id);
-            }
+            serde_json::from_str::<Redacts>(self.content.get()).ok().and_then(|r| r.redacts)
+        } else {
+            self.redacts.clone()
         }
-        Ok(pdu)
     }
 }
 
@@ -416,6 +540,98 @@ mod tests {
         // A create event's content survives redaction, so the signature itself breaks; for
         // other events the content hash would. Either way it is not fully verified.
         assert!(!matches!(verify_event(&servers, &object, &rules), Ok(Verified::All)));
+    }
+
+    fn template(room: &str, sender: &str, state_key: &str, membership: &str) -> Box<RawJsonValue> {
+        serde_json::value::to_raw_value(&serde_json::json!({
+            "room_id": room, "sender": sender, "type": "m.room.member", "state_key": state_key,
+            "content": {"membership": membership, "join_authorised_via_users_server": "@res:example.org"},
+            "prev_events": ["$prev"], "auth_events": ["$auth"], "depth": 7, "origin_server_ts": 1,
+            "redacts": "$victim", "unsigned": {"x": 1}, "hashes": {"sha256": "x"}, "org.example": true,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn membership_templates_are_checked_and_rebuilt_from_an_allow_list() {
+        let room = ruma::room_id!("!room:example.org");
+        let user = user_id!("@alice:here.example");
+        let here = server_name!("here.example");
+        let request = MembershipRequest { room_id: room, user_id: user, membership: "join" };
+        let content = serde_json::json!({"membership": "join", "displayname": "Alice"});
+        let version = RoomVersionId::V12;
+        let (_, signed) = sign_membership_template(
+            &template(room.as_str(), user.as_str(), user.as_str(), "join"),
+            request,
+            content.clone(),
+            &version,
+            here,
+            &key(),
+        )
+        .unwrap();
+        let mut keys: Vec<&str> = signed.keys().map(String::as_str).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "auth_events",
+                "content",
+                "depth",
+                "hashes",
+                "origin_server_ts",
+                "prev_events",
+                "room_id",
+                "sender",
+                "signatures",
+                "state_key",
+                "type"
+            ]
+        );
+        let CanonicalJsonValue::Object(content_out) = &signed["content"] else { panic!() };
+        assert_eq!(content_out["displayname"], CanonicalJsonValue::String("Alice".into()));
+        assert_eq!(
+            content_out["join_authorised_via_users_server"],
+            CanonicalJsonValue::String("@res:example.org".into())
+        );
+
+        let refused = |t: Box<RawJsonValue>, request: MembershipRequest<'_>, version: &RoomVersionId| {
+            sign_membership_template(&t, request, content.clone(), version, here, &key()).is_err()
+        };
+        let bob = "@bob:here.example";
+        assert!(refused(template(room.as_str(), bob, bob, "join"), request, &version), "another user");
+        assert!(refused(template("!other:example.org", user.as_str(), user.as_str(), "join"), request, &version));
+        assert!(refused(template(room.as_str(), user.as_str(), bob, "leave"), request, &version), "a kick");
+        assert!(refused(template(room.as_str(), user.as_str(), bob, "ban"), request, &version), "a ban");
+        assert!(refused(template(room.as_str(), user.as_str(), user.as_str(), "leave"), request, &version));
+        let leave = MembershipRequest { membership: "leave", ..request };
+        assert!(refused(template(room.as_str(), user.as_str(), user.as_str(), "join"), leave, &version));
+        assert!(!refused(template(room.as_str(), user.as_str(), user.as_str(), "leave"), leave, &version));
+        assert!(refused(template(room.as_str(), user.as_str(), user.as_str(), "join"), request, &RoomVersionId::V1));
+        let mut deep: JsonValue =
+            serde_json::from_str(template(room.as_str(), user.as_str(), user.as_str(), "join").get()).unwrap();
+        deep["depth"] = serde_json::json!(1u64 << 53);
+        assert!(refused(serde_json::value::to_raw_value(&deep).unwrap(), request, &version), "a depth past 2^53 - 1");
+    }
+
+    #[test]
+    fn only_redactions_redact() {
+        let rules = RoomVersionId::V12.rules().unwrap();
+        let v10 = RoomVersionId::V10.rules().unwrap();
+        let parse = |json: JsonValue| Pdu::from_json(EventId::parse("$e").unwrap(), &json.to_string()).unwrap();
+        let base = |kind: &str| {
+            serde_json::json!({
+                "room_id": "!r:example.org", "sender": "@a:example.org", "origin_server_ts": 1, "type": kind,
+                "content": {"body": "x", "redacts": "$in_content"}, "redacts": "$on_top", "prev_events": [], "auth_events": [], "depth": 1,
+            })
+        };
+        let message = parse(base("m.room.message"));
+        assert!(message.redacts.is_none() && message.redaction_target(&rules).is_none());
+        let redaction = parse(base("m.room.redaction"));
+        assert_eq!(redaction.redaction_target(&rules).unwrap().as_str(), "$in_content");
+        assert_eq!(redaction.redaction_target(&v10).unwrap().as_str(), "$on_top");
+        let mut state = base("m.room.redaction");
+        state["state_key"] = serde_json::json!("");
+        assert!(parse(state).redaction_target(&rules).is_none(), "a state event does not redact");
     }
 
     #[test]

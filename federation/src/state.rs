@@ -66,36 +66,70 @@ pub fn auth_chain<'a>(
 /// Room version 12's conflicted state subgraph: the events (through `auth_events`) that are
 /// both descendants of a conflicted event and ancestors of one, the conflicted events
 /// included.
+///
+/// No recursion: a remote server chooses how deep an auth graph is, deeper than any call
+/// stack. The descendants are found by walking down from the conflicted events along the
+/// reversed auth edges among their ancestors, each event once, so the work is bounded by the
+/// size of those ancestors' auth chains (which the caller already holds in `events`).
 fn conflicted_subgraph(
     conflicted: &StateMap<Vec<OwnedEventId>>,
     events: &HashMap<OwnedEventId, Pdu>,
 ) -> HashSet<OwnedEventId> {
     let conflicted: HashSet<OwnedEventId> = conflicted.values().flatten().cloned().collect();
     // Ancestors of conflicted events, and the conflicted events themselves.
-    let mut candidates = auth_chain(conflicted.iter(), events);
-    candidates.extend(conflicted.iter().cloned());
-    // Of those, the ones that descend from a conflicted event (have one in their chain).
-    let mut memo: HashMap<OwnedEventId, bool> = HashMap::new();
-    candidates
-        .into_iter()
-        .filter(|id| conflicted.contains(id) || descends_from(id, &conflicted, events, &mut memo))
-        .collect()
+    let mut ancestors = auth_chain(conflicted.iter(), events);
+    ancestors.extend(conflicted.iter().cloned());
+    // Every path from an ancestor down to a conflicted event stays among the ancestors, so
+    // the reversed edges between them are all the walk needs.
+    let mut children: HashMap<&OwnedEventId, Vec<&OwnedEventId>> = HashMap::new();
+    for id in &ancestors {
+        for parent in events.get(id).into_iter().flat_map(|e| e.auth_events.iter()) {
+            if ancestors.contains(parent) {
+                children.entry(parent).or_default().push(id);
+            }
+        }
+    }
+    let mut subgraph: HashSet<OwnedEventId> = HashSet::new();
+    let mut stack: Vec<&OwnedEventId> = conflicted.iter().collect();
+    while let Some(id) = stack.pop() {
+        if subgraph.insert(id.clone()) {
+            stack.extend(children.get(id).into_iter().flatten().copied());
+        }
+    }
+    subgraph
 }
 
-fn descends_from(
-    id: &OwnedEventId,
-    targets: &HashSet<OwnedEventId>,
-    events: &HashMap<OwnedEventId, Pdu>,
-    memo: &mut HashMap<OwnedEventId, bool>,
-) -> bool {
-    if let Some(known) = memo.get(id) {
-        return *known;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A chain of `n` events, each with the one before as its only auth event.
+    fn chain(n: usize) -> (Vec<OwnedEventId>, HashMap<OwnedEventId, Pdu>) {
+        let ids: Vec<OwnedEventId> = (0..n).map(|i| EventId::parse(format!("$e{i}")).unwrap()).collect();
+        let mut events = HashMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            let auth: Vec<&str> = if i == 0 { vec![] } else { vec![ids[i - 1].as_str()] };
+            let json = serde_json::json!({
+                "room_id": "!r:example.org", "sender": "@a:example.org", "origin_server_ts": i, "type": "m.room.topic",
+                "state_key": "", "content": {"topic": i.to_string()}, "prev_events": auth, "auth_events": auth, "depth": i + 1,
+            });
+            events.insert(id.clone(), Pdu::from_json(id.clone(), &json.to_string()).unwrap());
+        }
+        (ids, events)
     }
-    // Mark first: auth graphs are acyclic, but a malicious one must not recurse forever.
-    memo.insert(id.clone(), false);
-    let found = events.get(id).is_some_and(|event| {
-        event.auth_events.iter().any(|parent| targets.contains(parent) || descends_from(parent, targets, events, memo))
-    });
-    memo.insert(id.clone(), found);
-    found
+
+    #[test]
+    fn the_conflicted_subgraph_of_a_deep_auth_graph_needs_no_deep_stack() {
+        // Deeper than any call stack: a remote auth graph must not be walked by recursion.
+        let (ids, events) = chain(200_000);
+        let mut conflicted: StateMap<Vec<OwnedEventId>> = StateMap::new();
+        conflicted.insert(
+            (ruma::events::StateEventType::RoomTopic, String::new()),
+            vec![ids[10].clone(), ids[ids.len() - 1].clone()],
+        );
+        let subgraph = conflicted_subgraph(&conflicted, &events);
+        // Everything between the two conflicted events, both included; nothing before.
+        assert_eq!(subgraph.len(), ids.len() - 10);
+        assert!(subgraph.contains(&ids[10]) && subgraph.contains(&ids[500]) && !subgraph.contains(&ids[9]));
+    }
 }

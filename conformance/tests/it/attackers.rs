@@ -158,6 +158,8 @@ struct Cast {
     root: String,
     /// An event of `left`, from before they left.
     left_own: String,
+    /// A message from before anybody left that only got thread replies after.
+    late_root: String,
     /// A reply in the root's thread and an edit of `early`, from before anybody left.
     old_reply: String,
     old_edit: String,
@@ -189,6 +191,8 @@ async fn cast(backend: Backend) -> Cast {
     let early = send(&server, &admin, &room, json!({"msgtype": "m.text", "body": "early, for everybody"})).await;
     let root = send(&server, &admin, &room, json!({"msgtype": "m.text", "body": "thread root"})).await;
     let left_own = send(&server, &left, &room, json!({"msgtype": "m.text", "body": "mine"})).await;
+    // A message everybody saw that becomes a thread root only after they left.
+    let late_root = send(&server, &admin, &room, json!({"msgtype": "m.text", "body": "answered later"})).await;
     // A thread reply and an edit everybody saw: what former members' bundles must show.
     let old_reply = send(
         &server,
@@ -247,6 +251,16 @@ async fn cast(backend: Backend) -> Cast {
         .await,
     );
     secrets.push(put_state(&server, &admin, &room, "org.example.secret", "", json!({"plan": "SECRET state"})).await);
+    secrets.push(
+        send(
+            &server,
+            &admin,
+            &room,
+            json!({"msgtype": "m.text", "body": "SECRET answer",
+                   "m.relates_to": {"rel_type": "m.thread", "event_id": late_root}}),
+        )
+        .await,
+    );
     let last = secrets[0].clone();
     server
         .post(
@@ -270,6 +284,7 @@ async fn cast(backend: Backend) -> Cast {
         early,
         root,
         left_own,
+        late_root,
         old_reply,
         old_edit,
         secrets,
@@ -609,7 +624,11 @@ async fn outsiders_cannot_read_what_came_after_them(backend: Backend) {
         }
         let threads = read(format!("{V1}/rooms/{r}/threads")).await;
         if former {
-            c.assert_no_secret(who, "/threads", &threads.assert_ok().to_string());
+            let text = threads.assert_ok().to_string();
+            c.assert_no_secret(who, "/threads", &text);
+            // Their thread, not the one that began after they left.
+            assert!(text.contains(&c.root), "{who} sees the thread they took part in: {text}");
+            assert!(!text.contains(&c.late_root), "{who} learns of a thread begun after they left: {text}");
         } else {
             threads.assert_error(403, "M_FORBIDDEN");
         }
@@ -800,6 +819,72 @@ async fn plain_member_cannot_moderate_or_take_power(backend: Backend) {
             400,
         )
         .code("M_BAD_JSON"),
+        // State types sent as messages meet the same power levels; a member event needs its
+        // state key; a create event can only begin a room.
+        attempt(
+            "send power levels as a message",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/send/m.room.power_levels/{}", txn()),
+            Some(json!({"users": {(me.as_str()): 100}})),
+            403,
+        ),
+        attempt(
+            "send a tombstone as a message",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/send/m.room.tombstone/{}", txn()),
+            Some(json!({"body": "gone", "replacement_room": "!elsewhere:localhost"})),
+            403,
+        ),
+        attempt(
+            "send a member event as a message",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/send/m.room.member/{}", txn()),
+            Some(json!({"membership": "join"})),
+            400,
+        )
+        .code("M_BAD_JSON"),
+        attempt(
+            "send a create event",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/send/m.room.create/{}", txn()),
+            Some(json!({"room_version": "12"})),
+            403,
+        ),
+        attempt(
+            "replace the create event",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/state/m.room.create/"),
+            Some(json!({"room_version": "12"})),
+            403,
+        ),
+        attempt(
+            "join the admin on their behalf",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/state/m.room.member/{}", enc(&c.admin.user_id)),
+            Some(json!({"membership": "join"})),
+            403,
+        ),
+        attempt(
+            "ban themselves",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/state/m.room.member/{}", enc(&me)),
+            Some(json!({"membership": "ban"})),
+            403,
+        ),
+        attempt(
+            "invite the banned user through their member event",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/state/m.room.member/{}", enc(&c.banned.user_id)),
+            Some(json!({"membership": "invite"})),
+            403,
+        ),
+        attempt(
+            "unban the banned user through their member event",
+            Method::PUT,
+            format!("{V3}/rooms/{r}/state/m.room.member/{}", enc(&c.banned.user_id)),
+            Some(json!({"membership": "leave"})),
+            403,
+        ),
         attempt(
             "kick the admin",
             Method::POST,

@@ -173,6 +173,16 @@ impl Services {
         Ok(bundles.into_iter().map(|(id, map)| (id, JsonValue::Object(map))).collect())
     }
 
+    /// Whether the viewer may see at least one reply in the thread of `root`: a root from
+    /// before a former member left that was only answered after is no thread of theirs.
+    pub async fn sees_a_thread_reply(&self, root: &EventRow, viewer: Viewer<'_>) -> Result<bool> {
+        let Some(latest) = self.store.latest_thread_reply(&root.event_id).await? else { return Ok(false) };
+        if !self.visible_events(&root.room_id, viewer.user_id, vec![latest]).await?.is_empty() {
+            return Ok(true);
+        }
+        Ok(!self.visible_relations(root, "m.thread", viewer).await?.is_empty())
+    }
+
     /// The unredacted relations of `rel_type` to `original` that the viewer may see, newest
     /// first (at most [`MAX_HIDDEN_SCAN`] are looked at).
     async fn visible_relations(

@@ -56,7 +56,10 @@ impl Services {
         if let Some(state_key) = pdu.state_key {
             member(&mut out, "state_key", state_key.get());
         }
-        if let Some(redacts) = pdu.redacts {
+        if let Some(redacts) = pdu.redacts
+            && pdu.event_type.get() == "\"m.room.redaction\""
+        {
+            // Only a redaction redacts; on any other event the key is not shown to clients.
             member(&mut out, "redacts", redacts.get());
         }
         let mut redacted_because = None;

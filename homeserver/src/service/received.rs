@@ -483,6 +483,32 @@ impl Services {
         Ok(out)
     }
 
+    /// Keeps a soft-failed event aside with its state (later events may build on it): not on
+    /// the timeline, not a forward extremity, not in the current state.
+    async fn keep_soft_failed(
+        &self,
+        room_id: &RoomId,
+        event: &VerifiedEvent,
+        before: &super::state::StateBefore,
+    ) -> Result<()> {
+        let after = self.after_group(before, &event.pdu).await?;
+        let prev_state = self.prev_state_of(room_id, before, &event.pdu).await?;
+        let outlier = NewOutlier {
+            event_id: event.event_id.to_string(),
+            json: event.json.clone(),
+            soft_failed: true,
+            rejection: None,
+            state: Some(EventStateGroups {
+                before: before.group.clone(),
+                after,
+                current: CurrentGroup::Unchanged,
+                prev_state,
+            }),
+        };
+        self.store.insert_outliers(room_id.as_str(), &[outlier], now_ms()).await?;
+        Ok(())
+    }
+
     /// Keeps a refused event as rejected (never used for auth or state; an event citing it
     /// is refused too) and returns the refusal.
     async fn reject(&self, room_id: &RoomId, event: &VerifiedEvent, reason: String) -> Result<Accepted> {
@@ -553,23 +579,18 @@ impl Services {
             //    events may build on it) but not shown, not a forward extremity, not state.
             if let Err(reason) = auth::authorize(&rules.authorization, pdu, &current_events, &current.state) {
                 tracing::info!(event_id = %event.event_id, %from, %reason, "soft-failed a received event");
-                let after = self.after_group(&before, pdu).await?;
-                let prev_state = self.prev_state_of(room_id, &before, pdu).await?;
-                let outlier = NewOutlier {
-                    event_id: event.event_id.to_string(),
-                    json: event.json.clone(),
-                    soft_failed: true,
-                    rejection: None,
-                    state: Some(EventStateGroups {
-                        before: before.group,
-                        after,
-                        current: CurrentGroup::Unchanged,
-                        prev_state,
-                    }),
-                };
-                self.store.insert_outliers(room_id.as_str(), &[outlier], now_ms()).await?;
+                self.keep_soft_failed(room_id, &event, &before).await?;
                 return Ok(Accepted::SoftFailed);
             }
+        }
+        // 4. A redaction its sender may not make is soft-failed too: never applied, and never
+        //    shown to clients (who would apply it themselves).
+        if let super::redactions::RedactionVerdict::Refused(reason) =
+            self.redaction_verdict(room_id, pdu, &rules).await?
+        {
+            tracing::info!(event_id = %event.event_id, %from, %reason, "soft-failed a received redaction");
+            self.keep_soft_failed(room_id, &event, &before).await?;
+            return Ok(Accepted::SoftFailed);
         }
         let state = self.plan_state(room_id, &version, pdu, before).await?;
         let destinations = if broadcast { self.destinations_for(room_id, pdu, Some(from)).await? } else { Vec::new() };
@@ -681,23 +702,5 @@ impl Services {
             return Err(Error::Forbidden(format!("{user} is not in {room_id}")));
         }
         Ok(user)
-    }
-
-    /// Refuses `server` if the room's `m.room.server_acl` denies it.
-    pub async fn check_server_acl(&self, room_id: &RoomId, server: &ServerName) -> Result<()> {
-        let Some(row) = self.store.current_state_event(room_id.as_str(), "m.room.server_acl", "").await? else {
-            return Ok(());
-        };
-        let pdu: serde_json::Value = serde_json::from_str(&row.json).unwrap_or_default();
-        let Ok(acl) =
-            serde_json::from_value::<ruma::events::room::server_acl::RoomServerAclEventContent>(pdu["content"].clone())
-        else {
-            return Ok(());
-        };
-        if acl.is_allowed(server) {
-            Ok(())
-        } else {
-            Err(Error::Forbidden(format!("{server} is denied by the room's server ACL")))
-        }
     }
 }

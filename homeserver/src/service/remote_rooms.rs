@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 
 use federation::{
     auth,
-    pdu::{Pdu, cosign_event, room_version_rules, sign_template},
+    pdu::{MembershipRequest, Pdu, add_signatures_of, cosign_event, room_version_rules, sign_membership_template},
 };
 use ruma::{
     CanonicalJsonObject, EventId, OwnedEventId, OwnedServerName, OwnedUserId, RoomId, RoomVersionId, ServerName,
@@ -22,11 +22,12 @@ use super::{
     Services,
     notifier::{Change, Sections},
     received::VerifiedEvent,
+    server_visibility::served_pdu,
     timeline::{BuiltEvent, EventDraft},
 };
 use crate::{
     error::{Error, Result},
-    store::{AppendEvent, JoinedRoom, now_ms},
+    store::{AppendEvent, EventRow, JoinedRoom, now_ms},
 };
 
 /// Room versions we can join on another server: we sign events with hash-based ids (v3+).
@@ -107,9 +108,16 @@ impl Services {
             return Err(Error::UnsupportedRoomVersion(format!("Room version {version} cannot be joined")));
         }
         let content = self.member_content(user, "join", reason).await?;
-        let (event_id, object) =
-            sign_template(&template.event, content, &version, &self.settings.server_name, &self.signing_key)
-                .map_err(|e| Error::RemoteUnavailable(format!("{server} sent a bad join template: {e}")))?;
+        let asked = MembershipRequest { room_id, user_id: user, membership: "join" };
+        let (event_id, object) = sign_membership_template(
+            &template.event,
+            asked,
+            content,
+            &version,
+            &self.settings.server_name,
+            &self.signing_key,
+        )
+        .map_err(|e| Error::RemoteUnavailable(format!("{server} sent a bad join template: {e}")))?;
         let response = self
             .send_federation(
                 server,
@@ -117,9 +125,13 @@ impl Services {
             )
             .await?;
         let state = response.room_state;
-        // A restricted join comes back signed by the resident server too.
+        // A restricted join comes back signed by the resident server too: its signature is
+        // all we take from the answer, the event stays ours.
         let join_raw = match &state.event {
-            Some(event) => event.clone(),
+            Some(event) => raw_object(
+                &add_signatures_of(&object, event, server, &version)
+                    .map_err(|e| Error::RemoteUnavailable(format!("{server} changed our join event: {e}")))?,
+            )?,
             None => raw_object(&object)?,
         };
         let join = self.verify_pdu(&join_raw, &version).await?;
@@ -345,10 +357,22 @@ impl Services {
             .send_federation(server, prepare_leave_event::v1::Request::new(room_id.to_owned(), user.to_owned()))
             .await?;
         let version = template.room_version.unwrap_or(RoomVersionId::V1);
+        if !JOINABLE_ROOM_VERSIONS.contains(&version) {
+            return Err(Error::UnsupportedRoomVersion(format!(
+                "Room version {version} cannot be left through {server}"
+            )));
+        }
         let content = self.member_content(user, "leave", reason).await?;
-        let (event_id, object) =
-            sign_template(&template.event, content, &version, &self.settings.server_name, &self.signing_key)
-                .map_err(|e| Error::RemoteUnavailable(format!("{server} sent a bad leave template: {e}")))?;
+        let asked = MembershipRequest { room_id, user_id: user, membership: "leave" };
+        let (event_id, object) = sign_membership_template(
+            &template.event,
+            asked,
+            content,
+            &version,
+            &self.settings.server_name,
+            &self.signing_key,
+        )
+        .map_err(|e| Error::RemoteUnavailable(format!("{server} sent a bad leave template: {e}")))?;
         self.send_federation(
             server,
             create_leave_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw_object(&object)?),
@@ -387,15 +411,11 @@ impl Services {
             invite_room_state,
         );
         let response = self.send_federation(target.server_name(), request).await?;
-        // The answer is our event with the invitee's server's signature added; the id (a
-        // hash without signatures) must not change.
-        let object: CanonicalJsonObject = serde_json::from_str(response.event.get())
-            .map_err(|e| Error::RemoteUnavailable(format!("bad invite answer: {e}")))?;
-        let answered_id =
-            federation::pdu::event_id_of(&object, &version).map_err(|e| Error::RemoteUnavailable(e.to_string()))?;
-        if answered_id != built.event_id {
-            return Err(Error::RemoteUnavailable("the invited user's server changed the invite".to_owned()));
-        }
+        // The answer is our event with the invitee's server's signature added. Only that
+        // signature is taken: the event id is a hash of the redacted event, so an answer with
+        // the same id could still differ in what redaction drops (a reason, extra keys).
+        let object = add_signatures_of(&built.object, &response.event, target.server_name(), &version)
+            .map_err(|e| Error::RemoteUnavailable(format!("the invited user's server changed the invite: {e}")))?;
         let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
         let lock = self.room_lock(room_id);
         let _guard = lock.lock().await;
@@ -551,6 +571,14 @@ impl Services {
         if version.rules().is_none() {
             return Err(Error::IncompatibleRoomVersion(version.clone()));
         }
+        // Invites are among the requests a room's server ACL governs.
+        self.check_server_acl(room_id, origin).await?;
+        let known = self.store.room(room_id.as_str()).await?;
+        if let Some(room) = &known
+            && room.room_version != version.as_str()
+        {
+            return Err(Error::BadJson(format!("{room_id} is a room of version {}", room.room_version)));
+        }
         let event = self.verify_pdu(raw, version).await?;
         let pdu = &event.pdu;
         let content: JsonValue = serde_json::from_str(pdu.content.get()).unwrap_or_default();
@@ -577,7 +605,11 @@ impl Services {
             // We are in the room: the invite is checked like any other event (the inviting
             // server sends it through /send too; whichever comes first is kept).
             let verified = VerifiedEvent { json, object: object.clone(), ..event };
-            self.accept_remote_event(room_id, verified, origin, false).await?;
+            if self.accept_remote_event(room_id, verified, origin, false).await?
+                == super::received::Accepted::SoftFailed
+            {
+                return Err(Error::Forbidden("The invite is not allowed by the room's current state".to_owned()));
+            }
         } else {
             let creator = invite_room_state
                 .iter()
@@ -588,7 +620,11 @@ impl Services {
                 .find(|e| e["type"] == "m.room.create")
                 .and_then(|e| e["sender"].as_str().map(str::to_owned))
                 .unwrap_or_else(|| pdu.sender.to_string());
-            self.store.upsert_remote_room(room_id.as_str(), version.as_str(), &creator, now_ms()).await?;
+            if known.is_none() {
+                // Only a room we do not know yet takes the inviting server's word for its
+                // creator; a known room's row is not the inviting server's to change.
+                self.store.upsert_remote_room(room_id.as_str(), version.as_str(), &creator, now_ms()).await?;
+            }
             // What the inviting server showed of the room (name, topic, ...), for the invite in
             // the user's syncs: stripped to type, state key, sender and content.
             let stripped: Vec<JsonValue> = invite_room_state
@@ -734,31 +770,27 @@ pub const MAX_BACKFILL: usize = 100;
 impl Services {
     // ---- history and state for other servers ----
 
-    /// Whether `origin` may read the room: not denied by its ACL, and one of its users is (or
-    /// was) a member. A room we are not in is unknown here.
-    pub async fn require_server_may_read(&self, room_id: &RoomId, origin: &ServerName) -> Result<()> {
-        if self.store.room(room_id.as_str()).await?.is_none() || !self.server_in_room(room_id).await? {
-            return Err(Error::NotFound("This server is not in that room".to_owned()));
-        }
-        self.check_server_acl(room_id, origin).await?;
-        let members = self.store.current_state(room_id.as_str()).await?;
-        let known = members.iter().any(|row| {
-            row.event_type == "m.room.member"
-                && row
-                    .state_key
-                    .as_deref()
-                    .and_then(|k| UserId::parse(k).ok())
-                    .is_some_and(|u| u.server_name() == origin)
-        });
-        if known { Ok(()) } else { Err(Error::Forbidden("No user of your server is in that room".to_owned())) }
-    }
-
-    /// One event of a room `origin` may read (`/event`).
+    /// One event for `origin` (`/event`): a timeline event it may see (see
+    /// [`Services::server_may_see`]), pruned if it was redacted here; or an accepted outlier
+    /// (the auth chain a join brought) for a server with a user joined now. Soft-failed
+    /// events are never served.
     pub async fn event_for_server(&self, event_id: &EventId, origin: &ServerName) -> Result<Box<RawJsonValue>> {
-        let rows = self.store.any_events_json(&[event_id.to_string()]).await?;
+        if let Some(row) = self.store.event(event_id.as_str()).await? {
+            let room_id = RoomId::parse(row.room_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
+            self.require_server_may_read(&room_id, origin).await?;
+            if self.server_may_see(&room_id, origin, std::slice::from_ref(&row)).await?.first() != Some(&true) {
+                return Err(Error::Forbidden("Your server may not see that event".to_owned()));
+            }
+            let version = self.room_version(room_id.as_str()).await?;
+            return served_pdu(&row.json, row.redacted_by.is_some(), &version);
+        }
+        let rows = self.store.accepted_outliers(&[event_id.to_string()]).await?;
         let (_, room_id, json) = rows.into_iter().next().ok_or_else(|| Error::NotFound("Unknown event".to_owned()))?;
         let room_id = RoomId::parse(room_id).map_err(|e| Error::internal(e.to_string()))?;
         self.require_server_may_read(&room_id, origin).await?;
+        if !self.server_joined(&room_id, origin).await? {
+            return Err(Error::Forbidden("Your server may not see that event".to_owned()));
+        }
         raw(&json)
     }
 
@@ -799,16 +831,31 @@ impl Services {
         Ok(chain)
     }
 
-    /// The JSON of events by id (timeline or outliers), as raw values.
-    pub async fn events_raw(&self, ids: &[String]) -> Result<Vec<Box<RawJsonValue>>> {
-        self.store.any_events_json(ids).await?.iter().map(|(_, _, json)| raw(json)).collect()
+    /// Events by id as another server gets them (`/state`, `/event_auth`): timeline events
+    /// (pruned if redacted here) and accepted outliers; soft-failed events are left out.
+    pub async fn events_for_server(&self, room_id: &RoomId, ids: &[String]) -> Result<Vec<Box<RawJsonValue>>> {
+        let version = self.room_version(room_id.as_str()).await?;
+        let rows = self.store.events_by_id(ids).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for row in rows.iter().filter(|row| row.room_id == room_id.as_str()) {
+            out.push(served_pdu(&row.json, row.redacted_by.is_some(), &version)?);
+        }
+        let on_timeline: HashSet<&str> = rows.iter().map(|row| row.event_id.as_str()).collect();
+        let rest: Vec<String> = ids.iter().filter(|id| !on_timeline.contains(id.as_str())).cloned().collect();
+        for (_, room, json) in self.store.accepted_outliers(&rest).await? {
+            if room == room_id.as_str() {
+                out.push(raw(&json)?);
+            }
+        }
+        Ok(out)
     }
 
-    /// `/backfill`: up to `limit` events of the room at and before the newest of `from`,
-    /// newest first.
+    /// `/backfill` for `origin`: up to `limit` events of the room at and before the newest of
+    /// `from`, newest first; those `origin` may not see, and those redacted here, pruned.
     pub async fn backfill_for_server(
         &self,
         room_id: &RoomId,
+        origin: &ServerName,
         from: &[OwnedEventId],
         limit: usize,
     ) -> Result<Vec<Box<RawJsonValue>>> {
@@ -824,16 +871,19 @@ impl Services {
         let Some(newest) = newest else { return Ok(Vec::new()) };
         let limit = i64::try_from(limit.min(MAX_BACKFILL)).unwrap_or(1);
         let rows = self.store.room_events(room_id.as_str(), i64::MIN, newest, limit, true).await?;
-        rows.iter().map(|row| raw(&row.json)).collect()
+        self.serve_rows(room_id, origin, &rows).await
     }
 
-    /// `/get_missing_events`: events of the room reached by walking `prev_events` back from
-    /// `latest` (breadth first, without `latest` itself) and stopping at `earliest`, at most
-    /// `limit` of them (capped like backfill) and none below `min_depth`, oldest first. A
-    /// server fills a gap in its copy of the room with these before it accepts an event.
+    /// `/get_missing_events` for `origin`: events of the room's timeline reached by walking
+    /// `prev_events` back from `latest` (breadth first, without `latest` itself) and stopping
+    /// at `earliest`, at most `limit` of them (capped like backfill) and none below
+    /// `min_depth`, oldest first; pruned like backfill. Outliers (soft-failed events among
+    /// them) are not part of the walk. A server fills a gap in its copy of the room with
+    /// these before it accepts an event.
     pub async fn missing_events_for_server(
         &self,
         room_id: &RoomId,
+        origin: &ServerName,
         earliest: &[OwnedEventId],
         latest: &[OwnedEventId],
         limit: usize,
@@ -842,28 +892,39 @@ impl Services {
         let limit = limit.min(MAX_BACKFILL);
         let mut seen: HashSet<String> = earliest.iter().chain(latest).map(|id| id.to_string()).collect();
         let latest: Vec<String> = latest.iter().map(|id| id.to_string()).collect();
-        let in_room = |rows: Vec<(String, String, String)>| -> Vec<String> {
-            rows.into_iter().filter(|(_, room, _)| room == room_id.as_str()).map(|(_, _, json)| json).collect()
+        let in_room = |rows: Vec<EventRow>| -> Vec<EventRow> {
+            rows.into_iter().filter(|row| row.room_id == room_id.as_str()).collect()
         };
-        let mut front = in_room(self.store.any_events_json(&latest).await?);
-        let mut found: Vec<(u64, String)> = Vec::new();
+        let mut front = in_room(self.store.events_by_id(&latest).await?);
+        let mut found: Vec<EventRow> = Vec::new();
         while !front.is_empty() && found.len() < limit {
             let next: Vec<String> = front
                 .iter()
-                .flat_map(|json| event_ids_in(json, "prev_events"))
+                .flat_map(|row| event_ids_in(&row.json, "prev_events"))
                 .filter(|id| seen.insert(id.clone()))
                 .collect();
-            front = in_room(self.store.any_events_json(&next).await?);
+            front = in_room(self.store.events_by_id(&next).await?);
             front.truncate(limit - found.len());
-            for json in &front {
-                let depth = serde_json::from_str::<JsonValue>(json).ok().and_then(|v| v["depth"].as_u64()).unwrap_or(0);
-                if depth >= min_depth {
-                    found.push((depth, json.clone()));
-                }
-            }
+            found.extend(front.iter().filter(|row| u64::try_from(row.depth).unwrap_or(0) >= min_depth).cloned());
         }
         // Oldest first, the order the asking server takes them in.
-        found.sort_by_key(|(depth, _)| *depth);
-        found.iter().map(|(_, json)| raw(json)).collect()
+        found.sort_by_key(|row| row.depth);
+        self.serve_rows(room_id, origin, &found).await
+    }
+
+    /// Timeline events as `origin` gets them in a walk of history: pruned where it may not
+    /// see them or they were redacted here.
+    async fn serve_rows(
+        &self,
+        room_id: &RoomId,
+        origin: &ServerName,
+        rows: &[EventRow],
+    ) -> Result<Vec<Box<RawJsonValue>>> {
+        let version = self.room_version(room_id.as_str()).await?;
+        let visible = self.server_may_see(room_id, origin, rows).await?;
+        rows.iter()
+            .zip(visible)
+            .map(|(row, visible)| served_pdu(&row.json, !visible || row.redacted_by.is_some(), &version))
+            .collect()
     }
 }

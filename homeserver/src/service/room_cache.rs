@@ -63,23 +63,6 @@ impl RoomCache {
                 self.joined = None;
             }
         }
-        if row.event_type == "m.room.redaction"
-            && let Some(target) = redacts(&row)
-        {
-            for event in self.recent.iter_mut().filter(|e| e.row.event_id == target && e.row.redacted_by.is_none()) {
-                let mut redacted = (*event.row).clone();
-                redacted.redacted_by = Some(row.event_id.clone());
-                event.row = Arc::new(redacted);
-            }
-            // The redacted event may be cached as state too.
-            for state in self.state.values_mut().flatten() {
-                if state.event_id == target && state.redacted_by.is_none() {
-                    let mut redacted = (**state).clone();
-                    redacted.redacted_by = Some(row.event_id.clone());
-                    *state = Arc::new(redacted);
-                }
-            }
-        }
         if self.recent_complete_after.is_none() {
             // Appends to a room are serialized and take increasing positions, so from here
             // on every event of the room passes through this list.
@@ -89,6 +72,24 @@ impl RoomCache {
         while self.recent.len() > RECENT_EVENTS {
             if let Some(dropped) = self.recent.pop_front() {
                 self.recent_complete_after = Some(dropped.row.stream_ordering);
+            }
+        }
+    }
+
+    /// Records that `target` was redacted by `redaction` (an allowed redaction, decided by
+    /// the append path: a redaction event alone redacts nothing here).
+    pub fn redacted(&mut self, target: &str, redaction: &str) {
+        for event in self.recent.iter_mut().filter(|e| e.row.event_id == target && e.row.redacted_by.is_none()) {
+            let mut redacted = (*event.row).clone();
+            redacted.redacted_by = Some(redaction.to_owned());
+            event.row = Arc::new(redacted);
+        }
+        // The redacted event may be cached as state too.
+        for state in self.state.values_mut().flatten() {
+            if state.event_id == target && state.redacted_by.is_none() {
+                let mut redacted = (**state).clone();
+                redacted.redacted_by = Some(redaction.to_owned());
+                *state = Arc::new(redacted);
             }
         }
     }
@@ -126,12 +127,6 @@ impl RoomCache {
                 .collect(),
         )
     }
-}
-
-fn redacts(row: &EventRow) -> Option<String> {
-    let pdu: serde_json::Value = serde_json::from_str(&row.json).ok()?;
-    // Top-level `redacts` before room v11, `content.redacts` from v11.
-    pdu.get("redacts").or_else(|| pdu["content"].get("redacts")).and_then(|r| r.as_str()).map(str::to_owned)
 }
 
 /// The caches of all rooms.
@@ -212,9 +207,17 @@ mod tests {
         let mut cache = RoomCache::default();
         cache.appended(row(1, "$m", "m.room.message", None, "{}"), &[], vec![]);
         cache.appended(row(2, "$t", "m.room.topic", Some(""), "{}"), &[], vec![]);
+        // A redaction event alone redacts nothing; the append path says when one applies.
         cache.appended(row(3, "$r", "m.room.redaction", None, r#"{"content":{"redacts":"$m"}}"#), &[], vec![]);
+        assert_eq!(cache.recent_events(0, 3, 10).unwrap()[2].redacted_by, None);
+        cache.redacted("$m", "$r");
+        cache.redacted("$t", "$r");
         let recent = cache.recent_events(0, 3, 10).unwrap();
         assert_eq!(recent[2].redacted_by.as_deref(), Some("$r"));
+        assert_eq!(
+            cache.state[&("m.room.topic".to_owned(), String::new())].as_ref().unwrap().redacted_by.as_deref(),
+            Some("$r")
+        );
         assert!(cache.state[&("m.room.topic".to_owned(), String::new())].is_some());
     }
 }

@@ -20,6 +20,7 @@ use serde_json::Value as JsonValue;
 use super::{
     Services,
     notifier::{Change, Sections},
+    redactions::RedactionVerdict,
     state::StatePlan,
 };
 use crate::{
@@ -401,6 +402,9 @@ impl Services {
         }
         let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
         auth::authorize(&rules.authorization, &pdu, &current.events, &current.state).map_err(Error::Forbidden)?;
+        if let RedactionVerdict::Refused(reason) = self.redaction_verdict(room_id, &pdu, &rules).await? {
+            return Err(Error::Forbidden(reason));
+        }
         // The state before the event: the current state, unless there are more forward
         // extremities than an event may name (then the state of those it names).
         let before = if prev_events.len() == extremities.len() {
@@ -510,6 +514,18 @@ impl Services {
         let push_actions = self.push_actions_for(room_id, &sender, &object).await?;
         let search_text = searchable_text(&event_type, &pdu);
         let origin_server_ts = i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX);
+        // Only an allowed redaction marks its target (the callers refuse or soft-fail the
+        // others before they get here; this is the last word for the store and the cache).
+        let redacts = if pdu.kind == ruma::events::TimelineEventType::RoomRedaction {
+            let rules = room_version_rules(&self.room_version(room_id.as_str()).await?)
+                .map_err(|e| Error::internal(e.to_string()))?;
+            match self.redaction_verdict(room_id, &pdu, &rules).await? {
+                RedactionVerdict::Apply(target) => Some(target),
+                _ => None,
+            }
+        } else {
+            None
+        };
         let entering = match &resolved_state {
             Some(changes) => self.outliers_entering_state(changes, &event_id).await?,
             None => Vec::new(),
@@ -547,7 +563,7 @@ impl Services {
                 prev_events: &prev_ids,
                 membership: membership.as_deref(),
                 txn: txn.map(|t| (sender.as_str(), t.device_id, t.scope, t.txn_id)),
-                redacts: pdu.redacts.as_ref().map(|r| r.as_str()),
+                redacts: redacts.as_ref().map(|r| r.as_str()),
                 new_room: None,
                 relates_to: relates_to.as_ref().map(|(t, r)| (t.as_str(), r.as_str())),
                 push_actions: &push_actions,
@@ -602,6 +618,9 @@ impl Services {
             let unknown_state = state.is_none() && pdu.state_key.is_some();
             self.room_cache.with(room_id, |c| {
                 c.appended(row, &prev_ids, notified);
+                if let Some(target) = &redacts {
+                    c.redacted(target.as_str(), event_id.as_str());
+                }
                 if let Some(group) = current_group {
                     c.current_group = Some(Some(group));
                 } else if unknown_state {

@@ -350,3 +350,47 @@ impl Store {
         Ok(stored)
     }
 }
+
+impl Store {
+    /// Every membership event in the room about a user whose id ends in `:{server}`, oldest
+    /// first: (position, user id, membership). The caller keeps the users of exactly that
+    /// server (a server name cannot hold the `%` or `_` that LIKE would read as wildcards).
+    pub async fn member_events_of_server(
+        &self,
+        room_id: &str,
+        server: &str,
+    ) -> Result<Vec<(i64, String, String)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT stream_ordering, state_key, json FROM events
+             WHERE room_id = $1 AND type = 'm.room.member' AND state_key LIKE $2 ORDER BY stream_ordering",
+        )
+        .bind(room_id)
+        .bind(format!("%:{server}"))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let json: String = r.try_get("json")?;
+                Ok((r.try_get("stream_ordering")?, r.try_get("state_key")?, super::rooms::membership_in(&json)))
+            })
+            .collect()
+    }
+
+    /// Outliers by id that were accepted (never soft-failed ones, which no server is to be
+    /// handed as part of the room): (event id, room id, JSON).
+    pub async fn accepted_outliers(&self, ids: &[String]) -> Result<Vec<(String, String, String)>, sqlx::Error> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(
+                "SELECT event_id, room_id, json FROM event_outliers WHERE event_id = $1 AND soft_failed = 0",
+            )
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+            if let Some(r) = row {
+                out.push((r.try_get("event_id")?, r.try_get("room_id")?, r.try_get("json")?));
+            }
+        }
+        Ok(out)
+    }
+}

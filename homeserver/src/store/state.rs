@@ -143,19 +143,21 @@ impl Store {
     /// the state at them).
     pub async fn event_state_groups(&self, ids: &[String]) -> Result<HashMap<String, (i64, i64)>, sqlx::Error> {
         let mut out = HashMap::with_capacity(ids.len());
-        for id in ids {
-            let row = sqlx::query(
-                "SELECT state_before, state_group FROM events WHERE event_id = $1 AND state_group IS NOT NULL
-                 UNION ALL SELECT state_before, state_group FROM event_outliers
-                 WHERE event_id = $1 AND state_group IS NOT NULL AND rejection IS NULL",
-            )
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-            if let Some(r) = row {
+        for chunk in ids.chunks(IDS_PER_STATEMENT) {
+            let list = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let sql = format!(
+                "SELECT event_id, state_before, state_group FROM events WHERE event_id IN ({list}) AND state_group IS NOT NULL
+                 UNION ALL SELECT event_id, state_before, state_group FROM event_outliers
+                 WHERE event_id IN ({list}) AND state_group IS NOT NULL AND rejection IS NULL"
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(id.as_str());
+            }
+            for r in query.fetch_all(&self.pool).await? {
                 let after: i64 = r.try_get("state_group")?;
                 let before: Option<i64> = r.try_get("state_before")?;
-                out.insert(id.clone(), (before.unwrap_or(after), after));
+                out.insert(r.try_get("event_id")?, (before.unwrap_or(after), after));
             }
         }
         Ok(out)

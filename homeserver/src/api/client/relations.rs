@@ -183,8 +183,15 @@ pub async fn threads(
             rows.push(row);
         }
     }
-    let rows = services.visible_events(room_id, user.user_id.as_str(), rows).await?;
-    let mut response = get_threads::v1::Response::new(raw_chunk(&services, &user, &rows).await?);
+    let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
+    let mut shown = Vec::new();
+    for row in services.visible_events(room_id, user.user_id.as_str(), rows).await? {
+        // A root the viewer saw is a thread to them only if they may see one of its replies.
+        if services.sees_a_thread_reply(&row, viewer).await? {
+            shown.push(row);
+        }
+    }
+    let mut response = get_threads::v1::Response::new(raw_chunk(&services, &user, &shown).await?);
     response.next_batch = next_batch;
     Ok(RumaResponse(response))
 }

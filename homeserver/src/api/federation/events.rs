@@ -1,6 +1,8 @@
 //! Events and state for other servers: `/event`, `/state`, `/state_ids`, `/event_auth`,
-//! `/backfill` and `/get_missing_events`, for servers with a user in the room and not denied by
-//! its server ACL.
+//! `/backfill` and `/get_missing_events`, for servers not denied by the room's server ACL with
+//! a user in the room (or a `world_readable` room), each event by the history visibility rules
+//! for that server (`service::server_visibility`): the state and auth chain at an event only
+//! when it may see the event, history walks with what it may not see pruned.
 
 use std::sync::Arc;
 
@@ -43,11 +45,13 @@ pub async fn state(
     req: Ruma<get_room_state::v1::Request>,
 ) -> Result<RumaResponse<get_room_state::v1::Response>> {
     let origin = origin(&req)?;
-    services.require_server_may_read(&req.body.room_id, &origin).await?;
-    let (state, chain) = services.state_before_event(&req.body.room_id, &req.body.event_id).await?;
+    let room_id = &req.body.room_id;
+    services.require_server_may_read(room_id, &origin).await?;
+    services.require_server_may_see(room_id, req.body.event_id.as_str(), &origin).await?;
+    let (state, chain) = services.state_before_event(room_id, &req.body.event_id).await?;
     Ok(RumaResponse(get_room_state::v1::Response::new(
-        services.events_raw(&chain).await?,
-        services.events_raw(&state).await?,
+        services.events_for_server(room_id, &chain).await?,
+        services.events_for_server(room_id, &state).await?,
     )))
 }
 
@@ -57,6 +61,7 @@ pub async fn state_ids(
 ) -> Result<RumaResponse<get_room_state_ids::v1::Response>> {
     let origin = origin(&req)?;
     services.require_server_may_read(&req.body.room_id, &origin).await?;
+    services.require_server_may_see(&req.body.room_id, req.body.event_id.as_str(), &origin).await?;
     let (state, chain) = services.state_before_event(&req.body.room_id, &req.body.event_id).await?;
     Ok(RumaResponse(get_room_state_ids::v1::Response::new(parse_ids(chain)?, parse_ids(state)?)))
 }
@@ -67,13 +72,23 @@ pub async fn event_auth(
 ) -> Result<RumaResponse<get_event_authorization::v1::Response>> {
     let origin = origin(&req)?;
     services.require_server_may_read(&req.body.room_id, &origin).await?;
+    let room_id = &req.body.room_id;
     let id = req.body.event_id.to_string();
-    let found = services.store.any_events_json(std::slice::from_ref(&id)).await?;
-    if !found.iter().any(|(_, room, _)| room == req.body.room_id.as_str()) {
-        return Err(Error::NotFound("Unknown event".to_owned()));
+    // A timeline event the server may see, or an accepted outlier for a server joined now;
+    // never a soft-failed event.
+    if services.store.event(&id).await?.is_some() {
+        services.require_server_may_see(room_id, &id, &origin).await?;
+    } else {
+        let found = services.store.accepted_outliers(std::slice::from_ref(&id)).await?;
+        if !found.iter().any(|(_, room, _)| room == room_id.as_str()) {
+            return Err(Error::NotFound("Unknown event".to_owned()));
+        }
+        if !services.server_joined(room_id, &origin).await? {
+            return Err(Error::Forbidden("Your server may not see that event".to_owned()));
+        }
     }
-    let chain = services.auth_chain_ids(&req.body.room_id, &[id]).await?;
-    Ok(RumaResponse(get_event_authorization::v1::Response::new(services.events_raw(&chain).await?)))
+    let chain = services.auth_chain_ids(room_id, &[id]).await?;
+    Ok(RumaResponse(get_event_authorization::v1::Response::new(services.events_for_server(room_id, &chain).await?)))
 }
 
 pub async fn backfill(
@@ -83,7 +98,7 @@ pub async fn backfill(
     let origin = origin(&req)?;
     services.require_server_may_read(&req.body.room_id, &origin).await?;
     let limit = usize::try_from(u64::from(req.body.limit)).unwrap_or(usize::MAX);
-    let pdus = services.backfill_for_server(&req.body.room_id, &req.body.v, limit).await?;
+    let pdus = services.backfill_for_server(&req.body.room_id, &origin, &req.body.v, limit).await?;
     Ok(RumaResponse(get_backfill::v1::Response::new(
         services.settings.server_name.clone(),
         MilliSecondsSinceUnixEpoch::now(),
@@ -101,6 +116,7 @@ pub async fn missing_events(
     let events = services
         .missing_events_for_server(
             &req.body.room_id,
+            &origin,
             &req.body.earliest_events,
             &req.body.latest_events,
             limit,

@@ -88,9 +88,8 @@ impl Services {
         let mut by_group: std::collections::HashMap<(i64, i64), (String, Vec<String>)> =
             std::collections::HashMap::new();
         for (before, after) in groups.values() {
-            if !by_group.contains_key(&(*before, *after)) {
-                let seen = self.visibility_in_state(*before, *after, server).await?;
-                by_group.insert((*before, *after), seen);
+            if let std::collections::hash_map::Entry::Vacant(slot) = by_group.entry((*before, *after)) {
+                slot.insert(self.visibility_in_state(*before, *after, server).await?);
             }
         }
         Ok(rows

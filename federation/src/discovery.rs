@@ -199,39 +199,50 @@ pub(crate) fn parse_well_known(body: &[u8]) -> Option<OwnedServerName> {
     ServerName::parse(&parsed.server).ok()
 }
 
-/// Addresses a federation request must not reach unless the operator allows private
-/// targets: loopback, private and shared ranges, link-local, unique-local, multicast,
-/// unspecified and documentation addresses (a server name must not let a remote party
-/// probe the operator's internal network).
+/// Address ranges no outbound request may reach unless the operator allows it: loopback,
+/// private, shared and link-local ranges, multicast, reserved, documentation and benchmark
+/// ranges, and the IPv6 ranges that carry IPv4 addresses inside them (NAT64 `64:ff9b::/96`,
+/// 6to4 `2002::/16`), which could otherwise reach a private IPv4 address. The one list for
+/// federation, push gateways and any later outbound feature: a remote party (a server name, a
+/// pusher URL) must not make the server probe the operator's own network. IPv4-mapped IPv6
+/// addresses (`::ffff:10.0.0.1`) are judged as the IPv4 address they carry.
+pub const PRIVATE_RANGES: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.88.99.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::/128",
+    "::1/128",
+    "64:ff9b::/96",
+    "100::/64",
+    "2001:db8::/32",
+    "2002::/16",
+    "fc00::/7",
+    "fe80::/10",
+    "fec0::/10",
+    "ff00::/8",
+];
+
+/// [`PRIVATE_RANGES`], parsed once.
+static PRIVATE_NETS: std::sync::LazyLock<Vec<ipnet::IpNet>> = std::sync::LazyLock::new(|| {
+    PRIVATE_RANGES.iter().map(|r| r.parse().expect("PRIVATE_RANGES holds valid CIDR ranges")).collect()
+});
+
+/// Whether `ip` is in one of the [`PRIVATE_RANGES`].
 pub fn is_private(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let o = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || o[0] == 0
-                || (o[0] == 100 && (o[1] & 0xc0) == 64)
-                || (o[0] == 198 && (o[1] & 0xfe) == 18)
-                || o[0] >= 240
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_private(IpAddr::V4(v4));
-            }
-            let s = v6.segments();
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00
-                || (s[0] & 0xffc0) == 0xfe80
-                || s[0] == 0x2001 && s[1] == 0x0db8
-        }
-    }
+    let ip = ip.to_canonical();
+    PRIVATE_NETS.iter().any(|net| net.contains(&ip))
 }
 
 #[cfg(test)]
@@ -305,10 +316,16 @@ mod tests {
             "fc00::1",
             "fe80::1",
             "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a00:1",
+            "2002:a00:1::1",
+            "fec0::1",
+            "192.0.0.8",
+            "255.255.255.255",
         ] {
             assert!(is_private(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["1.1.1.1", "8.8.8.8", "2606:4700::1111", "172.32.0.1"] {
+        for ip in ["1.1.1.1", "8.8.8.8", "2606:4700::1111", "172.32.0.1", "::ffff:1.1.1.1"] {
             assert!(!is_private(ip.parse().unwrap()), "{ip}");
         }
     }

@@ -71,6 +71,7 @@ pub struct Config {
     /// `m.server` delegation served at `/.well-known/matrix/server`, e.g. `matrix.example.org:443`.
     pub well_known_server: Option<String>,
     pub http: HttpConfig,
+    pub metrics: MetricsConfig,
     pub database: DatabaseConfig,
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
@@ -93,37 +94,10 @@ pub struct PushConfig {
     pub gateway_ip_range_allowlist: Vec<String>,
 }
 
-/// The private, loopback, link-local and reserved ranges, as in Synapse's suggested
-/// `ip_range_blacklist`.
-const DEFAULT_GATEWAY_DENYLIST: &[&str] = &[
-    "127.0.0.0/8",
-    "10.0.0.0/8",
-    "172.16.0.0/12",
-    "192.168.0.0/16",
-    "100.64.0.0/10",
-    "192.0.0.0/24",
-    "169.254.0.0/16",
-    "192.88.99.0/24",
-    "198.18.0.0/15",
-    "192.0.2.0/24",
-    "198.51.100.0/24",
-    "203.0.113.0/24",
-    "224.0.0.0/4",
-    "0.0.0.0/8",
-    "255.255.255.255/32",
-    "::1/128",
-    "::/128",
-    "fe80::/10",
-    "fc00::/7",
-    "2001:db8::/32",
-    "ff00::/8",
-    "fec0::/10",
-];
-
 impl Default for PushConfig {
     fn default() -> Self {
         Self {
-            gateway_ip_range_denylist: DEFAULT_GATEWAY_DENYLIST.iter().map(|s| (*s).to_owned()).collect(),
+            gateway_ip_range_denylist: federation::discovery::PRIVATE_RANGES.iter().map(|s| (*s).to_owned()).collect(),
             gateway_ip_range_allowlist: Vec::new(),
         }
     }
@@ -215,6 +189,19 @@ impl Default for MediaConfig {
             pending_upload_hours: 24,
         }
     }
+}
+
+/// Where Prometheus reads `/metrics`. Never public by default: the numbers say who is busy
+/// and how the server is built.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// A listener of its own for `/metrics` (and `/health`), plain HTTP, e.g.
+    /// `127.0.0.1:9108`. Empty: none.
+    pub listen: String,
+    /// Serve `/metrics` on the Client-Server listener too, to requests that carry this token
+    /// (`Authorization: Bearer ...`). Empty: not served there.
+    pub bearer_token: String,
 }
 
 /// Limits of the HTTP listeners (client and federation), against clients that hold
@@ -317,6 +304,7 @@ impl Default for Config {
             trust_x_forwarded_for: false,
             well_known_server: None,
             http: HttpConfig::default(),
+            metrics: MetricsConfig::default(),
             database: DatabaseConfig::default(),
             log: LogConfig::default(),
             rate_limits: RateLimitsConfig::default(),
@@ -380,6 +368,8 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_HTTP_MAX_CONNECTIONS", "http.max_connections", EnvKind::Integer),
     ("OBMIN_HTTP_MAX_CONNECTIONS_PER_ADDRESS", "http.max_connections_per_address", EnvKind::Integer),
     ("OBMIN_HTTP_CONNECTION_LIMIT_EXEMPT", "http.connection_limit_exempt", EnvKind::List),
+    ("OBMIN_METRICS_LISTEN", "metrics.listen", EnvKind::String),
+    ("OBMIN_METRICS_BEARER_TOKEN", "metrics.bearer_token", EnvKind::String),
     ("OBMIN_DATABASE_MAX_CONNECTIONS", "database.max_connections", EnvKind::Integer),
     ("OBMIN_DATABASE_SQLITE_SYNCHRONOUS", "database.sqlite_synchronous", EnvKind::String),
     ("OBMIN_LOG", "log.filter", EnvKind::String),
@@ -440,6 +430,10 @@ pub struct Settings {
     pub trust_x_forwarded_for: bool,
     pub well_known_server: Option<String>,
     pub http: crate::listener::ConnectionLimits,
+    /// The metrics listener's address, if any.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The token that opens `/metrics` on the client listener, if any.
+    pub metrics_bearer_token: Option<String>,
     pub database: DatabaseConfig,
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
@@ -650,6 +644,18 @@ impl Settings {
         };
         let federation = validate_federation(&config.federation)?;
         let http = validate_http(&config.http)?;
+        let metrics_listen = match config.metrics.listen.trim() {
+            "" => None,
+            addr => Some(
+                addr.parse()
+                    .map_err(|_| err("metrics.listen", format!("`{addr}` is not an address like 127.0.0.1:9108")))?,
+            ),
+        };
+        let metrics_bearer_token = match config.metrics.bearer_token.as_str() {
+            "" => None,
+            token if token.len() < 16 => return Err(err("metrics.bearer_token", "must be at least 16 characters")),
+            token => Some(token.to_owned()),
+        };
         Ok(Self {
             server_name: server_name.to_owned(),
             listen,
@@ -661,6 +667,8 @@ impl Settings {
             trust_x_forwarded_for: config.trust_x_forwarded_for,
             well_known_server: config.well_known_server,
             http,
+            metrics_listen,
+            metrics_bearer_token,
             database: config.database,
             log: config.log,
             rate_limits: config.rate_limits,
@@ -855,5 +863,7 @@ mod tests {
         for (_, key, _) in ENV_OVERRIDES {
             assert!(EXAMPLE_CONFIG.contains(key.rsplit('.').next().unwrap()), "{key} undocumented");
         }
+        // The documented push denylist is the one private-address list, range for range.
+        assert_eq!(parsed.push.gateway_ip_range_denylist, federation::discovery::PRIVATE_RANGES);
     }
 }

@@ -98,6 +98,21 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
         None => None,
     };
 
+    // The metrics listener: plain HTTP, meant for an address only Prometheus reaches.
+    let metrics_server = match services.settings.metrics_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
+            tracing::info!(address = %addr, "metrics listening");
+            let app = api::metrics_router(services.clone());
+            let limits = services.settings.http.clone();
+            let mut stop = stop_rx.clone();
+            Some(tokio::spawn(crate::listener::serve(listener, app, limits, async move {
+                let _ = stop.wait_for(|stopped| *stopped).await;
+            })))
+        }
+        None => None,
+    };
+
     tracing::info!(
         server_name = %services.settings.server_name,
         address = %bound,
@@ -120,10 +135,12 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
         let _ = stop_tx.send(true);
     })
     .await;
-    if let Some(federation_server) = federation_server
-        && let Err(e) = federation_server.await
-    {
-        tracing::warn!(error = %e, "federation listener stopped with an error");
+    for (name, listener) in [("federation", federation_server), ("metrics", metrics_server)] {
+        if let Some(listener) = listener
+            && let Err(e) = listener.await
+        {
+            tracing::warn!(error = %e, listener = name, "listener stopped with an error");
+        }
     }
     housekeeping.abort();
     reservations.abort();

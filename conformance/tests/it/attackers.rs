@@ -6,7 +6,10 @@
 //! unchanged to its admin, and nothing sent after an attacker lost access (every such event
 //! carries the marker `SECRET`, and its event id is known) appears in anything they can read.
 
-use conformance::{Backend, Server, User, backend_tests, enc};
+use conformance::{
+    Backend, Server, ServerOptions, User, backend_tests, enc,
+    hostile::{Draft, HostileServer},
+};
 use reqwest::Method;
 use serde_json::{Value, json};
 
@@ -17,6 +20,7 @@ backend_tests!(
     moderator_cannot_exceed_own_power,
     version_12_creators_hold_power_from_the_create_event,
     transaction_ids_are_scoped_per_room_and_endpoint,
+    a_remote_invite_cannot_name_the_creator_of_our_room,
 );
 
 const V3: &str = "/_matrix/client/v3";
@@ -970,6 +974,18 @@ async fn plain_member_cannot_moderate_or_take_power(backend: Backend) {
     assert_eq!(before, after, "the member changed the room");
     // Positive control: the same member may do what members may.
     send(s, &c.member, &c.room, json!({"msgtype": "m.text", "body": "still here"})).await;
+    // A message that names an event in `redacts` (issue 13's reproduction) is only a
+    // message: the admin's event stays whole, for the admin and for everybody.
+    for (kind, txn) in [("m.room.message", txn()), ("org.example.custom", txn())] {
+        let path = format!("{V3}/rooms/{r}/send/{kind}/{txn}");
+        let body = json!({"msgtype": "m.text", "body": "x", "redacts": c.early});
+        s.put(&path, Some(&c.member.access_token), body).await.assert_ok();
+    }
+    for reader in [&c.admin, &c.member] {
+        let early = s.get(&format!("{V3}/rooms/{r}/event/{}", enc(&c.early)), Some(&reader.access_token)).await;
+        assert_eq!(early.assert_ok()["content"]["body"], "early, for everybody", "{}", early.body);
+        assert!(early.body["unsigned"].get("redacted_because").is_none(), "{}", early.body);
+    }
 }
 
 /// A moderator (50) whose power levels let moderators edit the power levels still cannot
@@ -1242,4 +1258,58 @@ async fn transaction_ids_are_scoped_per_room_and_endpoint(backend: Backend) {
         vec![("org.example.a".to_owned(), json!(1)), ("org.example.b".to_owned(), json!(2))],
         "one message per type, the retry not repeated: {sync}"
     );
+}
+
+/// An invite from another server carries the room's stripped state, a create event among it,
+/// unchecked (the server may not be able to check it). It must not make anybody a creator of
+/// a room we hold: once all our users left a room, a hostile server in it invites Eve with a
+/// create event of its own naming her; with the creator's (version 12: unlimited) power Eve
+/// then published the room in our directory.
+async fn a_remote_invite_cannot_name_the_creator_of_our_room(backend: Backend) {
+    let a = ServerOptions::new(backend).federating().start().await;
+    let alice = a.register("alice", "alice-pass").await;
+    let eve = a.register("eve", "eve-pass").await;
+    let room = a.create_room(&alice, json!({"preset": "public_chat", "name": "Alice's"})).await;
+    let h = HostileServer::start_named("127.0.0.1").await;
+    let mallory = h.user("mallory");
+    h.join(&a, &room, "mallory").await.expect("mallory joins");
+    // Alice, the creator, may publish the room (and takes it out of the directory again).
+    let r = enc(&room);
+    for visibility in ["public", "private"] {
+        let path = format!("{V3}/directory/list/room/{r}");
+        a.put(&path, Some(&alice.access_token), json!({"visibility": visibility})).await.assert_ok();
+    }
+    membership_call(&a, &alice, &room, "leave", None).await;
+
+    // The invite is honest; the stripped state's create event names Eve as its sender.
+    let (invite_id, invite) = h.build(&room, Draft::member(&mallory, &eve.user_id, "invite"));
+    let version = ruma::RoomVersionId::V12;
+    let (_, fake_create) = h.sign(
+        &version,
+        json!({"type": "m.room.create", "state_key": "", "sender": eve.user_id, "room_id": room,
+               "content": {"room_version": "12"}, "prev_events": [], "auth_events": [], "depth": 1,
+               "origin_server_ts": 1}),
+    );
+    let body = json!({"room_version": "12", "event": invite, "invite_room_state": [fake_create]});
+    let (status, answer) = h
+        .request(
+            &a,
+            Method::PUT,
+            &format!("/_matrix/federation/v2/invite/{}/{}", enc(&room), enc(&invite_id)),
+            Some(body),
+        )
+        .await;
+    assert_eq!(status, 200, "the invite itself is valid: {answer}");
+    let sync = a.sync(&eve, None, 0, None).await;
+    assert!(sync["rooms"]["invite"].get(&room).is_some(), "eve has the invite: {sync}");
+
+    // Eve holds no power in the room: she may not publish it, nor upgrade it.
+    a.put(&format!("{V3}/directory/list/room/{r}"), Some(&eve.access_token), json!({"visibility": "public"}))
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    a.post(&format!("{V3}/rooms/{r}/upgrade"), Some(&eve.access_token), json!({"new_version": "12"}))
+        .await
+        .assert_error(403, "M_FORBIDDEN");
+    let public = a.get(&format!("{V3}/publicRooms"), None).await;
+    assert_eq!(public.assert_ok()["chunk"], json!([]), "the room was published");
 }

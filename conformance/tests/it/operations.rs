@@ -1,7 +1,8 @@
-use conformance::{Backend, Server, backend_tests};
+use conformance::{Backend, Server, ServerOptions, backend_tests};
 
 backend_tests!(
     health_and_metrics,
+    metrics_are_not_public,
     state_survives_restart_and_kill,
     sigterm_shuts_down_cleanly,
     positions_clients_hold_are_never_handed_out_again,
@@ -9,14 +10,16 @@ backend_tests!(
 );
 
 async fn health_and_metrics(backend: Backend) {
-    let server = Server::start(backend).await;
+    let port = conformance::free_port();
+    let server = ServerOptions::new(backend).env("OBMIN_METRICS_LISTEN", &format!("127.0.0.1:{port}")).start().await;
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
     let resp = server.http.get(server.url("/health")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), "OK");
 
     server.register("alice", "secret-pass").await;
     server.get("/_matrix/client/v3/nothing-here", None).await;
-    let text = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let text = server.http.get(&metrics_url).send().await.unwrap().text().await.unwrap();
     assert!(
         text.lines().any(|l| l.starts_with("obmin_http_requests_total{")
             && l.contains("endpoint=\"/_matrix/client/v3/register\"")
@@ -42,7 +45,7 @@ async fn health_and_metrics(backend: Backend) {
     let mut seen_open = false;
     for _ in 0..40 {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let text = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let text = server.http.get(&metrics_url).send().await.unwrap().text().await.unwrap();
         if text.lines().any(|l| l == "obmin_sync_open 1") {
             seen_open = true;
             break;
@@ -252,4 +255,21 @@ async fn acknowledged_sends_survive_kill_9(backend: Backend) {
     bodies.dedup();
     assert_eq!(bodies.len(), total, "a message was stored twice");
     assert_eq!(total, acked.len() + unanswered.len(), "every message sent is in the room once");
+}
+
+/// `/metrics` is not on the public listener unless a token opens it.
+async fn metrics_are_not_public(backend: Backend) {
+    let server = Server::start(backend).await;
+    server.get("/metrics", None).await.assert_error(404, "M_UNRECOGNIZED");
+
+    let token = "a-token-for-prometheus-only";
+    let server = ServerOptions::new(backend).env("OBMIN_METRICS_BEARER_TOKEN", token).start().await;
+    server.get("/metrics", None).await.assert_error(401, "M_MISSING_TOKEN");
+    server.get("/metrics", Some("a-token-for-prometheus-onlx")).await.assert_error(401, "M_UNKNOWN_TOKEN");
+    // A user's access token is not the metrics token.
+    let alice = server.register("alice", "secret-pass").await;
+    server.get("/metrics", Some(&alice.access_token)).await.assert_error(401, "M_UNKNOWN_TOKEN");
+    let response = server.http.get(server.url("/metrics")).bearer_auth(token).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.text().await.unwrap().contains("obmin_http_requests_total"));
 }

@@ -175,7 +175,13 @@ pub fn router(services: Arc<Services>) -> Router {
     r = r
         .route("/.well-known/matrix/server", get(disc::well_known_server))
         .route("/health", get(ops::health))
-        .route("/metrics", get(ops::metrics));
+        .route("/metrics", get(ops::metrics_with_token));
+    with_layers(r, services)
+}
+
+/// The metrics listener's application (`metrics.listen`): `/metrics` and `/health` only.
+pub fn metrics_router(services: Arc<Services>) -> Router {
+    let r = Router::new().route("/metrics", get(ops::metrics)).route("/health", get(ops::health));
     with_layers(r, services)
 }
 

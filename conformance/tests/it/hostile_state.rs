@@ -107,6 +107,13 @@ async fn a_fetched_unauthorized_auth_event_is_rejected_with_its_dependents(backe
     let (_, again) = h.build(&room_id, Draft::message(&hostile_user, "again").prev_events(&heads));
     assert!(h.send_pdu(&a, &again).await.is_err());
     assert_eq!(h.requests(Endpoint::Event).len(), asked, "a rejected event is not fetched again");
+    // A rejected event is never served as part of the room: not by `/event`, not in an auth
+    // chain (`/event_auth` of it), not as state.
+    let (status, body) = h.get(&a, &format!("/_matrix/federation/v1/event/{}", enc(&pl_id))).await;
+    assert_eq!(status, 404, "/event of a rejected event: {body}");
+    let (status, body) =
+        h.get(&a, &format!("/_matrix/federation/v1/event_auth/{}/{}", enc(&room_id), enc(&pl_id))).await;
+    assert_eq!(status, 404, "/event_auth of a rejected event: {body}");
 }
 
 /// Hole 4: an auth event fetched as an outlier (a display name change of `@h`, cited by a
@@ -304,7 +311,61 @@ async fn state_ids_at_an_older_event_across_a_fork(backend: Backend) {
     assert_eq!(current.assert_ok()["topic"], "alice's");
 }
 
+/// A local user's membership that only state resolution changes (an invite on a branch we
+/// never got, chosen when a message joins the branches) ends the user's waiting long poll
+/// with the invite, as any membership change does: the user is in no room the merge touches,
+/// so only a change addressed to the user can wake the sync.
+async fn a_membership_changed_by_resolution_wakes_the_users_sync(backend: Backend) {
+    let a = federating(backend).await;
+    let h = HostileServer::start().await;
+    let (room_id, _alice) = room_with_hostile_member(&a, &h, 100).await;
+    let bob = a.register("bob", "password-bob-1").await;
+    let hostile_user = h.user("h");
+    let view = h.room(&room_id);
+    let state_before: Vec<String> = view.state.values().cloned().collect();
+    let chain: Vec<String> =
+        view.auth_chain(&state_before).iter().map(|e| conformance::hostile::event_id(e, &RoomVersionId::V12)).collect();
+    let heads = view.extremities.clone();
+    let heads: Vec<&str> = heads.iter().map(String::as_str).collect();
+    // A branch we never get: a message, then @h's invite of Bob on top of it.
+    let (hidden_id, hidden) = h.build(&room_id, Draft::message(&hostile_user, "never delivered").prev_events(&heads));
+    let (invite_id, invite) =
+        h.build(&room_id, Draft::member(&hostile_user, &bob.user_id, "invite").prev_events(&[&hidden_id]));
+    let (_, merge) =
+        h.build(&room_id, Draft::message(&hostile_user, "joins both").prev_events(&[heads[0], invite_id.as_str()]));
+    serve_events(&h, vec![(hidden_id.clone(), hidden), (invite_id.clone(), invite)]);
+    let wanted = invite_id.clone();
+    let hidden_wanted = hidden_id.clone();
+    h.on(Endpoint::StateIds, move |req| {
+        let at = |id: &str| req.query.iter().any(|(k, v)| k == "event_id" && v == id);
+        if at(&wanted) || at(&hidden_wanted) {
+            Reply::ok(json!({"pdu_ids": state_before, "auth_chain_ids": chain}))
+        } else {
+            Reply::error(404, "M_NOT_FOUND", "not served")
+        }
+    });
+    h.on(Endpoint::GetMissingEvents, |_| Reply::error(404, "M_NOT_FOUND", "not served"));
+
+    let since = a.sync(&bob, None, 0, None).await["next_batch"].as_str().unwrap().to_owned();
+    // Bob waits up to the longest long poll the server allows (60 s).
+    let poll = {
+        let url = a.url(&format!("/_matrix/client/v3/sync?timeout=60000&since={}", enc(&since)));
+        tokio::spawn(a.http.get(url).bearer_auth(&bob.access_token).send())
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    h.send_pdu(&a, &merge).await.expect("the merge is accepted");
+    // Woken by the change, not by the end of the long poll: a generous bound well below it.
+    let resp = tokio::time::timeout(std::time::Duration::from_secs(40), poll)
+        .await
+        .expect("Bob's long poll was not woken by his membership changing")
+        .unwrap()
+        .unwrap();
+    let body: Value = resp.json().await.unwrap();
+    assert!(body["rooms"]["invite"].get(&room_id).is_some(), "Bob sees the invite: {body}");
+}
+
 backend_tests!(
+    a_membership_changed_by_resolution_wakes_the_users_sync,
     a_fetched_unauthorized_auth_event_is_rejected_with_its_dependents,
     an_outlier_arriving_as_a_pdu_reaches_the_timeline_and_state,
     a_depth_at_the_json_limit_does_not_brick_the_room,

@@ -470,6 +470,56 @@ impl Services {
         Ok(())
     }
 
+    /// Checks an invite into a room we know but are no longer in (every local user left, so
+    /// the state we hold is as of our leave and the room goes on elsewhere). Its own auth
+    /// events (fetched from `origin` where we lack them) must authorize it; and a ban of the
+    /// invitee that we know stands unless the invite cites a membership of theirs newer than
+    /// it (one we do not hold on the timeline up to the ban), which must then be had and
+    /// authorized. Auth events a server will not show us (history we may not see) leave the
+    /// invite to the rest of these checks.
+    pub(crate) async fn check_invite_into_left_room(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        event: &VerifiedEvent,
+        origin: &ServerName,
+    ) -> Result<()> {
+        let rules = room_version_rules(version).map_err(|e| Error::internal(e.to_string()))?;
+        let pdu = &event.pdu;
+        self.fetch_missing_auth_events(origin, room_id, version, pdu).await;
+        let mut auth_events = self.auth_events_of(pdu).await?;
+        let all_had = auth_events.len() == pdu.auth_events.len();
+        if let Some(create) = self.create_event_pdu(room_id, &rules).await? {
+            auth_events.entry(create.event_id.clone()).or_insert(create);
+        }
+        if all_had {
+            auth::authorize_by_auth_events(&rules.authorization, pdu, &auth_events)
+                .map_err(|reason| Error::Forbidden(format!("the invite is not authorized: {reason}")))?;
+        }
+        let Some(target) = pdu.state_key.as_deref() else { return Ok(()) };
+        let Some(known) = self.store.current_state_event(room_id.as_str(), "m.room.member", target).await? else {
+            return Ok(());
+        };
+        if self.membership(room_id.as_str(), target).await?.as_deref() != Some("ban") {
+            return Ok(());
+        }
+        let banned = || Error::Forbidden(format!("{target} is banned from {room_id}"));
+        if !all_had {
+            return Err(banned());
+        }
+        let cited = auth_events
+            .values()
+            .find(|e| e.kind == ruma::events::TimelineEventType::RoomMember && e.state_key.as_deref() == Some(target));
+        let Some(cited) = cited else { return Err(banned()) };
+        if cited.event_id.as_str() == known.event_id {
+            return Err(banned());
+        }
+        match self.store.event(cited.event_id.as_str()).await? {
+            Some(row) if row.stream_ordering <= known.stream_ordering => Err(banned()),
+            _ => Ok(()),
+        }
+    }
+
     /// The auth events of `pdu` that we hold, parsed (rejected ones marked so).
     pub(crate) async fn auth_events_of(&self, pdu: &Pdu) -> Result<HashMap<OwnedEventId, Pdu>> {
         let ids: Vec<String> = pdu.auth_events.iter().map(|id| id.to_string()).collect();
@@ -536,6 +586,37 @@ impl Services {
         from: &ServerName,
         broadcast: bool,
     ) -> Result<Accepted> {
+        let event_id = event.event_id.clone();
+        let accepted = self.accept_event(room_id, event, from, broadcast, false).await?;
+        if accepted == Accepted::Appended {
+            // Redactions that arrived before it are decided now.
+            self.apply_redactions_waiting_for(room_id, &event_id, from).await;
+        }
+        Ok(accepted)
+    }
+
+    /// [`Services::accept_remote_event`] for a soft-failed event held aside, decided again
+    /// (a redaction whose target has arrived).
+    pub(crate) async fn accept_remote_event_again(
+        &self,
+        room_id: &RoomId,
+        event: VerifiedEvent,
+        from: &ServerName,
+    ) -> Result<Accepted> {
+        self.accept_event(room_id, event, from, false, true).await
+    }
+
+    async fn accept_event(
+        &self,
+        room_id: &RoomId,
+        event: VerifiedEvent,
+        from: &ServerName,
+        broadcast: bool,
+        again: bool,
+    ) -> Result<Accepted> {
+        // The room's server ACL applies to whoever wrote the event, whichever server relayed
+        // it (a denied server must not get its events in through an allowed one).
+        self.check_server_acl(room_id, event.pdu.sender.server_name()).await?;
         let version = self.room_version(room_id.as_str()).await?;
         let rules = room_version_rules(&version).map_err(|e| Error::internal(e.to_string()))?;
         // The network part first, outside the room lock: the state at prev events we lack.
@@ -543,7 +624,8 @@ impl Services {
         let lock = self.room_lock(room_id);
         let _guard = lock.lock().await;
         let status = self.store.event_status(event.event_id.as_str()).await?;
-        if let Some(known) = known_outcome(&event.event_id, &status)? {
+        let held_aside = again && matches!(status, EventStatus::Outlier { soft_failed: true, rejection: None });
+        if !held_aside && let Some(known) = known_outcome(&event.event_id, &status)? {
             return Ok(known);
         }
         let promotes_outlier = matches!(status, EventStatus::Outlier { .. });
@@ -585,12 +667,20 @@ impl Services {
         }
         // 4. A redaction its sender may not make is soft-failed too: never applied, and never
         //    shown to clients (who would apply it themselves).
-        if let super::redactions::RedactionVerdict::Refused(reason) =
-            self.redaction_verdict(room_id, pdu, &rules).await?
-        {
-            tracing::info!(event_id = %event.event_id, %from, %reason, "soft-failed a received redaction");
-            self.keep_soft_failed(room_id, &event, &before).await?;
-            return Ok(Accepted::SoftFailed);
+        match self.redaction_verdict(room_id, pdu, &rules).await? {
+            super::redactions::RedactionVerdict::Refused(reason) => {
+                tracing::info!(event_id = %event.event_id, %from, %reason, "soft-failed a received redaction");
+                self.keep_soft_failed(room_id, &event, &before).await?;
+                return Ok(Accepted::SoftFailed);
+            }
+            super::redactions::RedactionVerdict::TargetUnknown(target) => {
+                // Decided when the target arrives (see `service::redactions`).
+                tracing::info!(event_id = %event.event_id, %from, %target, "a received redaction waits for its target");
+                self.keep_soft_failed(room_id, &event, &before).await?;
+                self.store.add_pending_redaction(room_id.as_str(), target.as_str(), event.event_id.as_str()).await?;
+                return Ok(Accepted::SoftFailed);
+            }
+            _ => {}
         }
         let state = self.plan_state(room_id, &version, pdu, before).await?;
         let destinations = if broadcast { self.destinations_for(room_id, pdu, Some(from)).await? } else { Vec::new() };

@@ -611,6 +611,10 @@ impl Services {
                 return Err(Error::Forbidden("The invite is not allowed by the room's current state".to_owned()));
             }
         } else {
+            if known.is_some() {
+                // A room we were in: what we know of it still counts.
+                self.check_invite_into_left_room(room_id, version, &event, origin).await?;
+            }
             let creator = invite_room_state
                 .iter()
                 .filter_map(|s| match s {

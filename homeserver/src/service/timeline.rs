@@ -402,8 +402,12 @@ impl Services {
         }
         let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
         auth::authorize(&rules.authorization, &pdu, &current.events, &current.state).map_err(Error::Forbidden)?;
-        if let RedactionVerdict::Refused(reason) = self.redaction_verdict(room_id, &pdu, &rules).await? {
-            return Err(Error::Forbidden(reason));
+        match self.redaction_verdict(room_id, &pdu, &rules).await? {
+            RedactionVerdict::Refused(reason) => return Err(Error::Forbidden(reason)),
+            RedactionVerdict::TargetUnknown(target) => {
+                return Err(Error::Forbidden(format!("{target} is not an event we hold")));
+            }
+            RedactionVerdict::NotARedaction | RedactionVerdict::Apply(_) => {}
         }
         // The state before the event: the current state, unless there are more forward
         // extremities than an event may name (then the state of those it names).
@@ -582,7 +586,7 @@ impl Services {
                 entered.commit_with(Vec::new());
             }
         }
-        if let AppendOutcome::Appended { prev_state, groups, current_group } = &outcome {
+        if let AppendOutcome::Appended { prev_state, groups, current_group, redacted_by } = &outcome {
             // Committed: the cache learns the event before the syncs can see its position.
             let (txn_user, txn_device, txn_id) = match txn {
                 Some(t) => (Some(sender.to_string()), Some(t.device_id.to_owned()), Some(t.txn_id.to_owned())),
@@ -599,7 +603,7 @@ impl Services {
                 origin_server_ts,
                 json,
                 prev_state_event_id: prev_state.clone(),
-                redacted_by: None,
+                redacted_by: redacted_by.clone(),
                 txn_user,
                 txn_device,
                 txn_id,

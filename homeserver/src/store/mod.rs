@@ -15,6 +15,7 @@ mod media;
 mod presence;
 mod profile;
 mod pushers;
+mod redactions;
 mod registration_tokens;
 mod rooms;
 mod server_keys;

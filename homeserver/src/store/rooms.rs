@@ -129,8 +129,13 @@ pub struct StateFromOutlier<'a> {
 pub enum AppendOutcome {
     /// Stored; for a state event, the event it replaced in the state before it; the event's
     /// (state before, state after) groups, and the room's new current state group if it
-    /// changed.
-    Appended { prev_state: Option<String>, groups: Option<(i64, i64)>, current_group: Option<i64> },
+    /// changed; a redaction stored before the event that redacts it.
+    Appended {
+        prev_state: Option<String>,
+        groups: Option<(i64, i64)>,
+        current_group: Option<i64>,
+        redacted_by: Option<String>,
+    },
     /// The same client transaction was already stored as this event.
     DuplicateTransaction(String),
 }
@@ -358,7 +363,16 @@ impl Store {
                     .await?;
             }
         }
-        if let Some((key, value)) = ev.search_text {
+        // A redaction already on the timeline that was waiting for this event redacts it now.
+        let redacted_by = super::redactions::take_pending_for_target(&mut *tx, ev.room_id, ev.event_id).await?;
+        if let Some(redaction) = &redacted_by {
+            sqlx::query("UPDATE events SET redacted_by = $1 WHERE event_id = $2")
+                .bind(redaction)
+                .bind(ev.event_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let (Some((key, value)), None) = (ev.search_text, &redacted_by) {
             let sql = match self.backend {
                 super::Backend::Sqlite => {
                     "INSERT INTO event_search (event_id, room_id, key, value) VALUES ($1, $2, $3, $4)"
@@ -394,6 +408,11 @@ impl Store {
             }
             insert.execute(&mut *tx).await?;
         }
+        // A redaction that was waiting for its target (soft-failed until then) is decided.
+        sqlx::query("DELETE FROM pending_redactions WHERE redaction_id = $1")
+            .bind(ev.event_id)
+            .execute(&mut *tx)
+            .await?;
         if let Some(redacts) = ev.redacts {
             // A redacted message is no longer searchable.
             sqlx::query("DELETE FROM event_search WHERE event_id = $1").bind(redacts).execute(&mut *tx).await?;
@@ -405,6 +424,8 @@ impl Store {
             .bind(ev.room_id)
             .execute(&mut *tx)
             .await?;
+            // A target we do not hold yet is redacted when it arrives.
+            super::redactions::remember_if_unheld(&mut *tx, ev.room_id, redacts, ev.event_id).await?;
         }
         for destination in ev.destinations {
             sqlx::query("INSERT INTO federation_outbox (destination, stream_ordering, event_id) VALUES ($1, $2, $3)")
@@ -414,7 +435,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        Ok(AppendOutcome::Appended { prev_state, groups, current_group })
+        Ok(AppendOutcome::Appended { prev_state, groups, current_group, redacted_by })
     }
 
     pub async fn event_id_for_txn(

@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 /// The documented example configuration, printed by `generate-config`.
 pub const EXAMPLE_CONFIG: &str = include_str!("../../config/homeserver.toml");
 
+/// Longest `federation.inbound_wait_secs`: well inside the time a sending server waits for
+/// an answer.
+const MAX_INBOUND_WAIT_SECS: u64 = 60;
+
 /// Who may create accounts through the Client-Server API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -119,6 +123,10 @@ pub struct FederationConfig {
     pub verify_certificates: bool,
     /// Allow federation requests to loopback and private addresses.
     pub allow_private_targets: bool,
+    /// Seconds an incoming `/send` waits for its PDUs that need events fetched first (worked
+    /// on in the background) before it answers; those still being worked on are reported
+    /// as taken.
+    pub inbound_wait_secs: u64,
 }
 
 impl Default for FederationConfig {
@@ -130,6 +138,7 @@ impl Default for FederationConfig {
             tls_key: String::new(),
             verify_certificates: true,
             allow_private_targets: false,
+            inbound_wait_secs: 10,
         }
     }
 }
@@ -396,6 +405,7 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_TLS_KEY", "federation.tls_key", EnvKind::String),
     ("OBMIN_FEDERATION_VERIFY_CERTIFICATES", "federation.verify_certificates", EnvKind::Bool),
     ("OBMIN_FEDERATION_ALLOW_PRIVATE_TARGETS", "federation.allow_private_targets", EnvKind::Bool),
+    ("OBMIN_FEDERATION_INBOUND_WAIT_SECS", "federation.inbound_wait_secs", EnvKind::Integer),
 ];
 
 /// A configuration problem, naming the option (or file) and the reason.
@@ -516,6 +526,8 @@ pub struct FederationSettings {
     pub listener: Option<FederationListener>,
     pub verify_certificates: bool,
     pub allow_private_targets: bool,
+    /// How long an incoming `/send` waits for PDUs worked on in the background.
+    pub inbound_wait: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -713,6 +725,7 @@ fn validate_federation(config: &FederationConfig) -> Result<FederationSettings, 
         listener,
         verify_certificates: config.verify_certificates,
         allow_private_targets: config.allow_private_targets,
+        inbound_wait: std::time::Duration::from_secs(config.inbound_wait_secs.min(MAX_INBOUND_WAIT_SECS)),
     })
 }
 

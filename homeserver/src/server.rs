@@ -129,6 +129,8 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let media_expiry = tokio::spawn(expire_media(services.clone()));
     let push_delivery = tokio::spawn(crate::service::push_gateway::run(services.clone()));
     let federation_delivery = tokio::spawn(crate::service::send_queue::run(services.clone()));
+    // Received events acknowledged before a restart and not yet worked on.
+    tokio::spawn(services.clone().resume_inbound_queue());
     let app = api::router(services.clone());
     crate::listener::serve(listener, app, services.settings.http.clone(), async move {
         shutdown_signal().await;

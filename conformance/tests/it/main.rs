@@ -16,6 +16,7 @@ mod federation;
 mod federation_e2ee;
 mod federation_rooms;
 mod hostile_acl;
+mod hostile_inbound;
 mod hostile_redactions;
 mod hostile_state;
 mod hostile_templates;

@@ -10,6 +10,7 @@ pub mod credentials;
 pub mod devices;
 pub mod events;
 pub mod fed;
+pub mod inbound;
 pub mod keys;
 pub mod media;
 pub mod notifier;
@@ -59,6 +60,8 @@ pub struct Services {
     pub fed: fed::Federation,
     /// Delivery of our rooms' events to other servers (the queue is a table).
     pub send_queue: send_queue::SendQueue,
+    /// Incoming `/send` transactions: turns per origin, the per-room queues' workers.
+    pub inbound: inbound::Inbound,
     room_locks: timeline::RoomLocks,
     pub room_cache: room_cache::RoomCaches,
     /// State groups read so far (see `service::state`).
@@ -102,6 +105,7 @@ impl Services {
             sliding_sync_connections: sliding_sync::SlidingSyncConnections::default(),
             fed,
             send_queue: send_queue::SendQueue::default(),
+            inbound: inbound::Inbound::default(),
             room_locks: timeline::RoomLocks::default(),
             room_cache: room_cache::RoomCaches::default(),
             state_cache: state::StateCache::default(),

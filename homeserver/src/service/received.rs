@@ -44,7 +44,7 @@ const MAX_STATE_EVENTS_FETCHED: usize = 500;
 
 /// What a stored event's status means for an event arriving again: `Some` when it is not
 /// to be taken in again (already on the timeline or soft-failed; rejected is an error).
-fn known_outcome(event_id: &EventId, status: &EventStatus) -> Result<Option<Accepted>> {
+pub(crate) fn known_outcome(event_id: &EventId, status: &EventStatus) -> Result<Option<Accepted>> {
     match status {
         EventStatus::Timeline => Ok(Some(Accepted::Known)),
         EventStatus::Outlier { rejection: Some(reason), .. } => {
@@ -53,6 +53,33 @@ fn known_outcome(event_id: &EventId, status: &EventStatus) -> Result<Option<Acce
         EventStatus::Outlier { soft_failed: true, .. } => Ok(Some(Accepted::Known)),
         EventStatus::Outlier { .. } | EventStatus::Unknown => Ok(None),
     }
+}
+
+/// Most `prev_events` of a received event (the spec's limit): more are refused before
+/// anything is fetched for them.
+pub const MAX_PREV_EVENTS: usize = 20;
+/// Most `auth_events` of a received event (the spec's limit).
+pub const MAX_AUTH_EVENTS: usize = 10;
+
+/// Refuses an event naming more `prev_events` or `auth_events` than the spec allows, before
+/// its signatures are checked or anything it names is looked for.
+fn check_references(raw: &RawJsonValue) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct References {
+        #[serde(default)]
+        prev_events: Vec<serde::de::IgnoredAny>,
+        #[serde(default)]
+        auth_events: Vec<serde::de::IgnoredAny>,
+    }
+    let refs: References =
+        serde_json::from_str(raw.get()).map_err(|e| Error::BadJson(format!("not a valid event: {e}")))?;
+    if refs.prev_events.len() > MAX_PREV_EVENTS {
+        return Err(Error::BadJson(format!("more than {MAX_PREV_EVENTS} prev_events")));
+    }
+    if refs.auth_events.len() > MAX_AUTH_EVENTS {
+        return Err(Error::BadJson(format!("more than {MAX_AUTH_EVENTS} auth_events")));
+    }
+    Ok(())
 }
 
 /// A received event whose signatures and hashes verified.
@@ -89,6 +116,7 @@ impl Services {
     /// Parses a received PDU and checks its signatures and content hash (a hash mismatch
     /// redacts it, as the spec says); the keys come from the key cache or their servers.
     pub async fn verify_pdu(&self, raw: &RawJsonValue, version: &RoomVersionId) -> Result<VerifiedEvent> {
+        check_references(raw)?;
         let object: CanonicalJsonObject =
             serde_json::from_str(raw.get()).map_err(|e| Error::BadJson(format!("not a valid event: {e}")))?;
         let at_ms = match object.get("origin_server_ts") {
@@ -127,36 +155,12 @@ impl Services {
             .any(|m| m.server_name() == self.settings.server_name))
     }
 
-    /// One PDU of a `/send` transaction from `origin`.
-    pub async fn receive_pdu(&self, origin: &ServerName, raw: &RawJsonValue) -> Result<(OwnedEventId, Accepted)> {
-        let room_id = room_id_of(raw)?;
-        if !self.server_in_room(&room_id).await? {
-            return Err(Error::Forbidden(format!("this server is not in {room_id}")));
-        }
-        self.check_server_acl(&room_id, origin).await?;
-        let version = self.room_version(room_id.as_str()).await?;
-        let event = self.verify_pdu(raw, &version).await?;
-        if event.pdu.room_id.as_deref() != Some(&*room_id) {
-            return Err(Error::BadJson("room_id mismatch".to_owned()));
-        }
-        let id = event.event_id.clone();
-        // An auth event we hold as an outlier is not "known" here: arriving as a PDU, it
-        // goes onto the timeline and into the state like any other.
-        if let Some(known) = known_outcome(&id, &self.store.event_status(id.as_str()).await?)? {
-            return Ok((id, known));
-        }
-        self.fetch_missing_prev_events(origin, &room_id, &version, &event.pdu).await;
-        self.fetch_missing_auth_events(origin, &room_id, &version, &event.pdu).await;
-        let accepted = self.accept_remote_event(&room_id, event, origin, false).await?;
-        Ok((id, accepted))
-    }
-
     /// Fetches the events between our forward extremities and `pdu` that we do not have
     /// (`get_missing_events`, asked again from the oldest events fetched while their
     /// `prev_events` are still unknown, at most [`MISSING_EVENTS_ROUNDS`] times) and takes them
     /// in, oldest first. Best effort: what cannot be fetched leaves a gap in the graph, which
     /// the state at the gap's edge (asked with `/state_ids`) bridges.
-    async fn fetch_missing_prev_events(
+    pub(crate) async fn fetch_missing_prev_events(
         &self,
         origin: &ServerName,
         room_id: &RoomId,
@@ -186,6 +190,11 @@ impl Services {
                     break;
                 }
             };
+            if response.events.len() > MISSING_EVENTS_LIMIT as usize {
+                // An honest server answers with at most what was asked for.
+                tracing::info!(%origin, %room_id, events = response.events.len(), "dropped a get_missing_events answer longer than asked");
+                break;
+            }
             let before = fetched.len();
             for raw in &response.events {
                 match self.verify_pdu(raw, version).await {
@@ -727,7 +736,9 @@ impl Services {
             Some("m.presence") => {
                 for push in content["push"].as_array().into_iter().flatten() {
                     let Ok(user) = ruma::UserId::parse(push["user_id"].as_str().unwrap_or_default()) else { continue };
-                    if user.server_name() != origin {
+                    // Only of a user of the sending server who shares a room with us: presence
+                    // of strangers would only fill our tables.
+                    if user.server_name() != origin || !self.shares_a_room_with_us(&user).await? {
                         continue;
                     }
                     let state = push["presence"].as_str().unwrap_or("offline");
@@ -762,7 +773,10 @@ impl Services {
                 let mut messages = Vec::new();
                 for (user, devices) in content["messages"].as_object().into_iter().flatten() {
                     let Ok(target) = ruma::UserId::parse(user.as_str()) else { continue };
-                    if target.server_name() != self.settings.server_name {
+                    // Only to our users who share a room with a user of the sending server.
+                    if target.server_name() != self.settings.server_name
+                        || !self.server_shares_a_room_with(origin, &target).await?
+                    {
                         continue;
                     }
                     for (device, message) in devices.as_object().into_iter().flatten() {
@@ -774,6 +788,33 @@ impl Services {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Whether the (remote) user is joined to a room one of our users is joined to.
+    async fn shares_a_room_with_us(&self, user: &ruma::UserId) -> Result<bool> {
+        for (room, membership) in self.rooms_of_user(user.as_str()).await?.iter() {
+            if membership == "join"
+                && let Ok(room_id) = RoomId::parse(room.as_str())
+                && self.server_in_room(&room_id).await?
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether a user of `server` is joined to a room our `user` is joined to or invited to.
+    async fn server_shares_a_room_with(&self, server: &ServerName, user: &ruma::UserId) -> Result<bool> {
+        for (room, membership) in self.rooms_of_user(user.as_str()).await?.iter() {
+            if membership != "join" && membership != "invite" {
+                continue;
+            }
+            let members = self.store.room_members(room, "join").await?;
+            if members.iter().filter_map(|m| ruma::UserId::parse(m.as_str()).ok()).any(|m| m.server_name() == server) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// A user of `origin` joined to a room we are in.

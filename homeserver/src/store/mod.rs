@@ -10,6 +10,7 @@ mod account_data;
 mod aggregations;
 mod devices;
 mod federation;
+mod inbound;
 mod keys;
 mod media;
 mod presence;
@@ -35,6 +36,7 @@ use sqlx::{
 pub use account_data::{AccountDataRow, ReceiptRow};
 pub use devices::{AccessTokenOwner, DeviceRow, NewDevice};
 pub use federation::{BackfilledEvent, JoinedRoom, OutboxRow};
+pub use inbound::InboundPdu;
 pub use keys::{BackupVersionRow, NewToDevice, ToDeviceRow};
 pub use media::{MediaRow, MediaUsageRow, NewMedia, RemoteMediaRow, ThumbnailRow};
 pub use presence::PresenceRow;

@@ -133,6 +133,32 @@ async fn a_missing_events_answer_longer_than_asked_is_dropped(backend: Backend) 
     }
 }
 
+/// A `/backfill` answer with more events than asked for (the history before our join: 50)
+/// is not taken: none of its events reaches the timeline; the join itself goes through.
+async fn a_backfill_answer_longer_than_asked_is_dropped(backend: Backend) {
+    let a = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let h = HostileServer::start().await;
+    let room_id = h.create_room(&RoomVersionId::V12, "mallory");
+    let mallory = h.user("mallory");
+    let history: Vec<(String, Value)> =
+        (0..60).map(|i| h.build(&room_id, Draft::message(&mallory, &format!("history {i}")))).collect();
+    let events: Vec<Value> = history.iter().rev().map(|(_, e)| e.clone()).collect();
+    let origin = h.name.clone();
+    h.on(Endpoint::Backfill, move |_| Reply::ok(json!({"origin": origin, "origin_server_ts": 0, "pdus": events})));
+    a.post(
+        &format!("/_matrix/client/v3/join/{}?via={}", enc(&room_id), enc(&h.name)),
+        Some(&alice.access_token),
+        json!({}),
+    )
+    .await
+    .assert_ok();
+    assert!(!h.requests(Endpoint::Backfill).is_empty(), "the history was asked for");
+    for (id, _) in &history {
+        assert!(!on_timeline(&a, &alice, &room_id, id).await, "an event of the over-long answer was taken");
+    }
+}
+
 /// Presence and to-device messages from a server that shares no room with the user they
 /// concern (its user is only invited) are dropped; once it shares one, they are taken.
 async fn presence_and_to_device_need_a_shared_room(backend: Backend) {
@@ -268,6 +294,7 @@ async fn queued_pdus_survive_a_kill(backend: Backend) {
 backend_tests!(
     oversized_transactions_and_pdus_are_refused,
     a_missing_events_answer_longer_than_asked_is_dropped,
+    a_backfill_answer_longer_than_asked_is_dropped,
     presence_and_to_device_need_a_shared_room,
     one_transaction_at_a_time_per_origin,
     send_answers_before_missing_events_are_fetched,

@@ -163,6 +163,11 @@ impl Services {
                 return Vec::new();
             }
         };
+        if response.pdus.len() as u64 > JOIN_HISTORY {
+            // An honest server answers with at most what was asked for.
+            tracing::info!(%room_id, %server, events = response.pdus.len(), "dropped a backfill answer longer than asked");
+            return Vec::new();
+        }
         let mut events = Vec::new();
         for raw in &response.pdus {
             match self.verify_pdu(raw, version).await {

@@ -64,7 +64,11 @@ pub enum Endpoint {
     Backfill,
     GetMissingEvents,
     EventAuth,
-    /// This server's key document (`/_matrix/key/v2/server`).
+    /// `/query/{kind}` (profile, directory).
+    Query,
+    /// `/publicRooms`.
+    PublicRooms,
+    /// `/_matrix/key/v2/server` (answered with the server's own key document by default).
     Keys,
     /// Anything else (queries, keys of users, media, ...).
     Other,
@@ -714,25 +718,6 @@ async fn handle(
     body: Bytes,
 ) -> axum::response::Response {
     let path = uri.path();
-    if path.starts_with("/_matrix/key/v2/server") {
-        let request = Request {
-            endpoint: Endpoint::Keys,
-            method: method.clone(),
-            args: Vec::new(),
-            query: Vec::new(),
-            body: Value::Null,
-            origin: None,
-        };
-        inner.requests.lock().unwrap().push(request);
-        wait_if_held(&inner, Endpoint::Keys).await;
-        let doc = federation::keys::own_key_document(
-            <&ServerName>::try_from(inner.name.as_str()).expect("name"),
-            &inner.key,
-            MilliSecondsSinceUnixEpoch::now(),
-        )
-        .expect("key document");
-        return json_response(200, serde_json::from_str(doc.json().get()).expect("JSON"));
-    }
     if path == "/_matrix/federation/v1/version" {
         return json_response(200, json!({"server": {"name": "hostile", "version": "0"}}));
     }
@@ -776,6 +761,9 @@ fn json_response(status: u16, body: Value) -> axum::response::Response {
 
 /// The endpoint a path names and its decoded arguments.
 fn parse_path(path: &str) -> (Endpoint, Vec<String>) {
+    if path.starts_with("/_matrix/key/v2/server") {
+        return (Endpoint::Keys, Vec::new());
+    }
     let Some(rest) = path.strip_prefix("/_matrix/federation/") else { return (Endpoint::Other, Vec::new()) };
     let mut segments = rest.split('/');
     let _version = segments.next();
@@ -794,6 +782,8 @@ fn parse_path(path: &str) -> (Endpoint, Vec<String>) {
         "backfill" => Endpoint::Backfill,
         "get_missing_events" => Endpoint::GetMissingEvents,
         "event_auth" => Endpoint::EventAuth,
+        "query" => Endpoint::Query,
+        "publicRooms" => Endpoint::PublicRooms,
         _ => Endpoint::Other,
     };
     (endpoint, args)
@@ -855,6 +845,15 @@ fn built_in(inner: &Inner, req: &Request) -> Reply {
             ruma::signatures::sign_event(&inner.name, inner.key.pair(), &mut object, &rules.redaction)
                 .expect("co-sign");
             Reply::ok(json!({"event": object}))
+        }
+        Endpoint::Keys => {
+            let doc = federation::keys::own_key_document(
+                <&ServerName>::try_from(inner.name.as_str()).expect("name"),
+                &inner.key,
+                MilliSecondsSinceUnixEpoch::now(),
+            )
+            .expect("key document");
+            Reply::ok(serde_json::from_str(doc.json().get()).expect("JSON"))
         }
         _ => hosted(inner, req).unwrap_or_else(Reply::not_found),
     }

@@ -314,6 +314,18 @@ impl Server {
         conn.close().await.ok();
     }
 
+    /// Reads one integer from the server's database behind its back (a count the API does
+    /// not show, such as the length of a queue).
+    pub async fn query_i64(&self, query: &str) -> i64 {
+        use sqlx::{Connection, Row};
+        sqlx::any::install_default_drivers();
+        let mut conn = sqlx::AnyConnection::connect(&self.database_url()).await.expect("connect to the database");
+        let row = sqlx::query(sqlx::AssertSqlSafe(query.to_owned())).fetch_one(&mut conn).await.expect("run SQL");
+        let value: i64 = row.try_get(0).expect("an integer");
+        conn.close().await.ok();
+        value
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }

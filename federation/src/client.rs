@@ -28,6 +28,46 @@ use crate::{
 /// tens of megabytes).
 pub const MAX_RESPONSE_BYTES: usize = 128 * 1024 * 1024;
 
+/// Largest answer each kind of request may bring, by path, first match wins; enforced while
+/// the body streams in, so a server answering a profile query with a gigabyte costs us at
+/// most the cap. Only the answers that carry a room's whole state may be large.
+const RESPONSE_CAPS: &[(&str, usize)] = &[
+    ("/send_join/", MAX_RESPONSE_BYTES),
+    ("/state/", MAX_RESPONSE_BYTES),
+    ("/state_ids/", MAX_RESPONSE_BYTES),
+    ("/event_auth/", MAX_RESPONSE_BYTES),
+    // Remote media read whole through this client (the media repository bounds it further).
+    ("/media/", MAX_RESPONSE_BYTES),
+    // At most 100 events of at most 64 KiB.
+    ("/backfill/", 16 * 1024 * 1024),
+    ("/get_missing_events/", 16 * 1024 * 1024),
+    ("/user/keys/", 4 * 1024 * 1024),
+    ("/user/devices/", 4 * 1024 * 1024),
+    ("/hierarchy/", 4 * 1024 * 1024),
+    ("/publicRooms", 1024 * 1024),
+    ("/send/", 1024 * 1024),
+    ("/invite/", 1024 * 1024),
+    ("/key/v2/query", 1024 * 1024),
+    // One event of at most 64 KiB, in its envelope.
+    ("/event/", 256 * 1024),
+    ("/query/", 64 * 1024),
+    ("/make_", 64 * 1024),
+    ("/key/v2/server", 64 * 1024),
+    ("/.well-known/matrix/server", 64 * 1024),
+];
+
+/// The cap for anything not named above.
+const DEFAULT_RESPONSE_CAP: usize = 1024 * 1024;
+
+/// The largest answer accepted for a request to `path`.
+pub fn response_cap(path: &str) -> usize {
+    RESPONSE_CAPS.iter().find(|(part, _)| path.contains(part)).map_or(DEFAULT_RESPONSE_CAP, |(_, cap)| *cap)
+}
+
+/// Requests to other servers (federation and push gateways together) in flight at once, by
+/// default.
+pub const DEFAULT_MAX_OUTBOUND: usize = 256;
+
 /// The operator's switches for outbound federation.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -38,11 +78,19 @@ pub struct ClientOptions {
     pub allow_private_targets: bool,
     /// Whole-request timeout.
     pub timeout: Duration,
+    /// Requests in flight at once. Shared with every other outbound client of the process
+    /// (push gateways), so that no kind of traffic can open connections without bound.
+    pub outbound: Arc<tokio::sync::Semaphore>,
 }
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        Self { verify_certificates: true, allow_private_targets: false, timeout: Duration::from_secs(60) }
+        Self {
+            verify_certificates: true,
+            allow_private_targets: false,
+            timeout: Duration::from_secs(60),
+            outbound: Arc::new(tokio::sync::Semaphore::new(DEFAULT_MAX_OUTBOUND)),
+        }
     }
 }
 
@@ -173,10 +221,13 @@ impl FederationClient {
         dest: &Destination,
         http_request: http::Request<Vec<u8>>,
     ) -> Result<(u16, http::HeaderMap, Vec<u8>), ClientError> {
+        let cap = response_cap(http_request.uri().path());
         let mut request = reqwest::Request::try_from(http_request).map_err(|e| ClientError::Request(e.to_string()))?;
         let host = http::HeaderValue::from_str(&dest.host_header).map_err(|e| ClientError::Request(e.to_string()))?;
         request.headers_mut().insert(http::header::HOST, host);
         let transport = |reason: String| ClientError::Transport { server: server.to_owned(), reason };
+        // Held until the whole answer is read.
+        let _permit = self.options.outbound.acquire().await.map_err(|e| transport(e.to_string()))?;
         let mut response = match self.http.execute(request).await {
             Ok(r) => r,
             Err(e) => {
@@ -189,8 +240,11 @@ impl FederationClient {
         let headers = response.headers().clone();
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await.map_err(|e| transport(error_chain(&e)))? {
-            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
-                return Err(ClientError::Response { server: server.to_owned(), reason: "response too large".into() });
+            if body.len() + chunk.len() > cap {
+                return Err(ClientError::Response {
+                    server: server.to_owned(),
+                    reason: format!("the answer is larger than {cap} bytes"),
+                });
             }
             body.extend_from_slice(&chunk);
         }
@@ -326,6 +380,23 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod cap_tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_of_answer_has_its_cap() {
+        assert_eq!(response_cap("/_matrix/federation/v2/send_join/!r:x/$e"), MAX_RESPONSE_BYTES);
+        assert_eq!(response_cap("/_matrix/federation/v1/query/profile"), 64 * 1024);
+        assert_eq!(response_cap("/_matrix/federation/v1/query/directory"), 64 * 1024);
+        assert_eq!(response_cap("/_matrix/key/v2/server"), 64 * 1024);
+        assert_eq!(response_cap("/_matrix/federation/v1/make_join/!r:x/@u:x"), 64 * 1024);
+        assert_eq!(response_cap("/_matrix/federation/v1/event/$e"), 256 * 1024);
+        assert_eq!(response_cap("/_matrix/federation/v1/publicRooms"), 1024 * 1024);
+        assert_eq!(response_cap("/_matrix/federation/v1/something/new"), DEFAULT_RESPONSE_CAP);
     }
 }
 

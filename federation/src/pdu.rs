@@ -98,8 +98,10 @@ pub fn sign_new_event(
     else {
         return Err(PduError::Json("not an object".into()));
     };
-    hash_and_sign_event(origin.as_str(), key.pair(), &mut object, &rules.redaction)
-        .map_err(|e| PduError::Signing(e.to_string()))?;
+    hash_and_sign_event(origin.as_str(), key.pair(), &mut object, &rules.redaction).map_err(|e| match e {
+        ruma::signatures::JsonError::PduTooLarge => PduError::TooLarge,
+        other => PduError::Signing(other.to_string()),
+    })?;
     let hash = reference_hash(&object, &rules).map_err(|e| match e {
         ruma::signatures::JsonError::PduTooLarge => PduError::TooLarge,
         other => PduError::Signing(other.to_string()),

@@ -127,6 +127,11 @@ pub struct FederationConfig {
     /// on in the background) before it answers; those still being worked on are reported
     /// as taken.
     pub inbound_wait_secs: u64,
+    /// Requests to other servers in flight at once: federation and push gateways together.
+    pub max_outbound_requests: u32,
+    /// After this long failing, a destination's backlog is cut to what it needs to catch up
+    /// and it is retried hourly (seconds).
+    pub give_up_after_secs: u64,
 }
 
 impl Default for FederationConfig {
@@ -139,6 +144,8 @@ impl Default for FederationConfig {
             verify_certificates: true,
             allow_private_targets: false,
             inbound_wait_secs: 10,
+            max_outbound_requests: federation::client::DEFAULT_MAX_OUTBOUND as u32,
+            give_up_after_secs: 24 * 3600,
         }
     }
 }
@@ -406,6 +413,8 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_FEDERATION_VERIFY_CERTIFICATES", "federation.verify_certificates", EnvKind::Bool),
     ("OBMIN_FEDERATION_ALLOW_PRIVATE_TARGETS", "federation.allow_private_targets", EnvKind::Bool),
     ("OBMIN_FEDERATION_INBOUND_WAIT_SECS", "federation.inbound_wait_secs", EnvKind::Integer),
+    ("OBMIN_FEDERATION_MAX_OUTBOUND_REQUESTS", "federation.max_outbound_requests", EnvKind::Integer),
+    ("OBMIN_FEDERATION_GIVE_UP_AFTER_SECS", "federation.give_up_after_secs", EnvKind::Integer),
 ];
 
 /// A configuration problem, naming the option (or file) and the reason.
@@ -528,6 +537,8 @@ pub struct FederationSettings {
     pub allow_private_targets: bool,
     /// How long an incoming `/send` waits for PDUs worked on in the background.
     pub inbound_wait: std::time::Duration,
+    pub max_outbound_requests: usize,
+    pub give_up_after: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -721,11 +732,16 @@ fn validate_federation(config: &FederationConfig) -> Result<FederationSettings, 
             tls_key: PathBuf::from(&config.tls_key),
         })
     };
+    if config.max_outbound_requests == 0 {
+        return Err(err("federation.max_outbound_requests", "must be at least 1"));
+    }
     Ok(FederationSettings {
         listener,
         verify_certificates: config.verify_certificates,
         allow_private_targets: config.allow_private_targets,
         inbound_wait: std::time::Duration::from_secs(config.inbound_wait_secs.min(MAX_INBOUND_WAIT_SECS)),
+        max_outbound_requests: config.max_outbound_requests as usize,
+        give_up_after: std::time::Duration::from_secs(config.give_up_after_secs),
     })
 }
 

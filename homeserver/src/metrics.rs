@@ -37,6 +37,12 @@ pub struct Metrics {
     pub db_connections_idle: Gauge,
     /// `/sync` requests being answered or long-polling right now.
     pub open_syncs: Gauge,
+    /// Destinations our deliveries are failing to reach now.
+    pub federation_destinations_failing: Gauge,
+    /// Of those, the ones given up on (`federation.give_up_after_secs`).
+    pub federation_destinations_given_up: Gauge,
+    /// Queued events and EDUs dropped for destinations given up on.
+    pub federation_dropped: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -59,12 +65,30 @@ impl Metrics {
         let db_connections = Gauge::default();
         let db_connections_idle = Gauge::default();
         let open_syncs = Gauge::default();
+        let federation_destinations_failing = Gauge::default();
+        let federation_destinations_given_up = Gauge::default();
+        let federation_dropped = Counter::default();
         registry.register("http_requests", "HTTP requests answered, by endpoint and status", requests.clone());
         registry.register("http_request_duration_seconds", "Time to answer, by endpoint", request_duration.clone());
         registry.register("http_requests_in_flight", "Requests being answered now", requests_in_flight.clone());
         registry.register("db_pool_connections", "Open database connections", db_connections.clone());
         registry.register("db_pool_idle_connections", "Idle database connections", db_connections_idle.clone());
         registry.register("sync_open", "Syncs being answered or long-polling now", open_syncs.clone());
+        registry.register(
+            "federation_destinations_failing",
+            "Servers our deliveries are failing to reach",
+            federation_destinations_failing.clone(),
+        );
+        registry.register(
+            "federation_destinations_given_up",
+            "Servers failing for longer than federation.give_up_after_secs: backlog cut, retried hourly",
+            federation_destinations_given_up.clone(),
+        );
+        registry.register(
+            "federation_dropped_items",
+            "Queued events and EDUs dropped for servers given up on",
+            federation_dropped.clone(),
+        );
         Self {
             registry,
             requests,
@@ -73,6 +97,9 @@ impl Metrics {
             db_connections,
             db_connections_idle,
             open_syncs,
+            federation_destinations_failing,
+            federation_destinations_given_up,
+            federation_dropped,
         }
     }
 

@@ -24,7 +24,7 @@ fn signing_key_of(server: &Server) -> SigningKey {
 }
 
 /// Joins by room id through `via`.
-async fn join_via(server: &Server, user: &User, room_id: &str, via: &str) -> conformance::Response {
+pub(crate) async fn join_via(server: &Server, user: &User, room_id: &str, via: &str) -> conformance::Response {
     server
         .post(
             &format!("/_matrix/client/v3/join/{}?via={}", enc(room_id), enc(via)),
@@ -36,7 +36,7 @@ async fn join_via(server: &Server, user: &User, room_id: &str, via: &str) -> con
 
 /// Syncs (from `since`, or from the start) until `done` holds for the room's timeline events
 /// seen so far (or panics after 40 s); returns them.
-async fn wait_for_timeline_since(
+pub(crate) async fn wait_for_timeline_since(
     server: &Server,
     user: &User,
     room_id: &str,
@@ -61,7 +61,7 @@ async fn wait_for_timeline_since(
     }
 }
 
-async fn wait_for_timeline(
+pub(crate) async fn wait_for_timeline(
     server: &Server,
     user: &User,
     room_id: &str,
@@ -71,7 +71,7 @@ async fn wait_for_timeline(
     wait_for_timeline_since(server, user, room_id, None, what, done).await
 }
 
-fn bodies(events: &[Value]) -> Vec<String> {
+pub(crate) fn bodies(events: &[Value]) -> Vec<String> {
     events
         .iter()
         .filter(|e| e["type"] == "m.room.message")
@@ -80,7 +80,7 @@ fn bodies(events: &[Value]) -> Vec<String> {
 }
 
 /// Polls until `check` holds (or panics after 40 s).
-async fn eventually<F, Fut>(what: &str, check: F)
+pub(crate) async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,

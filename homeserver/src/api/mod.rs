@@ -107,6 +107,8 @@ pub fn router(services: Arc<Services>) -> Router {
     r = ruma_route::<directory::get_room_visibility::v3::Request, _, _>(r, rm::visibility_get);
     r = ruma_route::<directory::set_room_visibility::v3::Request, _, _>(r, rm::visibility_set);
     r = ruma_route::<directory::get_public_rooms::v3::Request, _, _>(r, rm::public_rooms);
+    r = ruma_route::<directory::get_public_rooms_filtered::v3::Request, _, _>(r, rm::public_rooms_filtered);
+    r = ruma_route::<::ruma::api::client::room::aliases::v3::Request, _, _>(r, rm::room_aliases);
     r = ruma_route::<message::send_message_event::v3::Request, _, _>(r, msg::send);
     r = ruma_route::<message::get_message_events::v3::Request, _, _>(r, msg::messages);
     r = ruma_route::<redact::redact_event::v3::Request, _, _>(r, msg::redact);

@@ -138,6 +138,7 @@ impl Services {
                     ip: Some(&ip_text),
                 }),
                 registration_token: uiaa.registration_token.as_deref(),
+                display_name: Some(&localpart),
             })
             .await?;
         match outcome {
@@ -169,6 +170,7 @@ impl Services {
                 now: now_ms(),
                 device: None,
                 registration_token: None,
+                display_name: Some(localpart),
             })
             .await?;
         match outcome {

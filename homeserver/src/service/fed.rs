@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -14,16 +14,23 @@ use federation::{
     xmatrix,
 };
 use ruma::{
-    CanonicalJsonObject, MilliSecondsSinceUnixEpoch, OwnedServerName, ServerName,
+    CanonicalJsonObject, MilliSecondsSinceUnixEpoch, OwnedRoomAliasId, OwnedRoomId, OwnedServerName, OwnedUserId,
+    ServerName, UInt,
     api::{
         OutgoingRequest,
-        federation::discovery::{ServerSigningKeys, get_server_keys},
+        federation::{
+            directory::get_public_rooms,
+            discovery::{ServerSigningKeys, get_server_keys},
+        },
         path_builder::SinglePath,
     },
     serde::Raw,
 };
 
-use super::Services;
+use super::{
+    Services,
+    remote_cache::{CAPACITY, RemoteCache, TTL},
+};
 use crate::{
     config::FederationSettings,
     error::{Error, Result},
@@ -35,21 +42,113 @@ use crate::{
 const REFETCH_BACKOFF: Duration = Duration::from_secs(30);
 /// Most servers remembered in that backoff table (bounded memory).
 const BACKOFF_CAPACITY: usize = 10_000;
+/// A server that could not be reached is not asked again on demand for this long.
+const UNREACHABLE_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Other servers' keys are trusted for at most this long after we fetched them, whatever
+/// `valid_until_ts` they claim (the spec's rule for room versions 5 and later).
+const KEY_TRUST_AFTER_FETCH_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// Until when a cached key (not marked expired) may verify signatures.
+fn trusted_until(row: &crate::store::ServerKeyRow) -> i64 {
+    row.valid_until_ts.min(row.fetched_ts.saturating_add(KEY_TRUST_AFTER_FETCH_MS))
+}
+
+/// A remote user's profile (or one field of it), `None` when their server does not know it.
+pub type RemoteProfile = Option<std::collections::BTreeMap<String, serde_json::Value>>;
+
+/// A page asked of a remote server's public room directory.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DirectoryQuery {
+    pub server: OwnedServerName,
+    pub limit: Option<UInt>,
+    pub since: Option<String>,
+    pub search: Option<String>,
+}
+
+/// Other servers' answers to lookups our clients ask for, kept briefly and fetched once
+/// however many ask (see [`RemoteCache`]).
+pub struct RemoteLookups {
+    /// By user and field (`None`: the whole profile).
+    pub profiles: RemoteCache<(OwnedUserId, Option<String>), RemoteProfile>,
+    /// A remote alias's room and servers, `None` when its server does not know it.
+    pub aliases: RemoteCache<OwnedRoomAliasId, Option<(OwnedRoomId, Vec<OwnedServerName>)>>,
+    /// A page of a remote server's public room directory, by server, limit, token and search
+    /// term.
+    pub directories: RemoteCache<DirectoryQuery, get_public_rooms::v1::Response>,
+}
+
+impl RemoteLookups {
+    fn new() -> Self {
+        Self {
+            profiles: RemoteCache::new(TTL, CAPACITY),
+            aliases: RemoteCache::new(TTL, CAPACITY),
+            directories: RemoteCache::new(TTL, CAPACITY),
+        }
+    }
+}
 
 /// The federation side of [`Services`].
 pub struct Federation {
     pub client: FederationClient,
+    /// Requests to other servers in flight at once, federation and push gateways together
+    /// (`federation.max_outbound_requests`).
+    pub outbound: Arc<tokio::sync::Semaphore>,
     last_fetch: Mutex<HashMap<OwnedServerName, Instant>>,
+    /// Servers that could not be reached, until when requests made on demand (for a client
+    /// asking about a remote profile, alias or directory) are not even tried.
+    unreachable: Mutex<HashMap<OwnedServerName, Instant>>,
+    pub lookups: RemoteLookups,
 }
 
 impl Federation {
     pub fn new(server_name: OwnedServerName, settings: &FederationSettings) -> Result<Self, ClientError> {
+        let outbound = Arc::new(tokio::sync::Semaphore::new(settings.max_outbound_requests));
         let options = ClientOptions {
             verify_certificates: settings.verify_certificates,
             allow_private_targets: settings.allow_private_targets,
+            outbound: outbound.clone(),
             ..ClientOptions::default()
         };
-        Ok(Self { client: FederationClient::new(server_name, options)?, last_fetch: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            client: FederationClient::new(server_name, options)?,
+            outbound,
+            last_fetch: Mutex::new(HashMap::new()),
+            unreachable: Mutex::new(HashMap::new()),
+            lookups: RemoteLookups::new(),
+        })
+    }
+
+    /// Refuses at once a request made on demand to a server that could not be reached
+    /// moments ago: anyone may ask us about any server, and must not be able to make us
+    /// wait on (or hammer) a dead one.
+    pub fn require_reachable(&self, server: &ServerName) -> Result<()> {
+        let table = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+        match table.get(server) {
+            Some(until) if *until > Instant::now() => {
+                Err(Error::RemoteUnavailable(format!("{server} could not be reached moments ago")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Records how a request to `server` went (see [`Federation::require_reachable`]).
+    fn record_reachability(&self, server: &ServerName, reached: bool) {
+        let mut table = self.unreachable.lock().unwrap_or_else(|e| e.into_inner());
+        if reached {
+            table.remove(server);
+            return;
+        }
+        if table.len() >= BACKOFF_CAPACITY {
+            let now = Instant::now();
+            table.retain(|_, until| *until > now);
+        }
+        table.insert(server.to_owned(), Instant::now() + UNREACHABLE_BACKOFF);
+    }
+
+    /// `server` talked to us: it is up again.
+    pub fn reached_by(&self, server: &ServerName) {
+        self.unreachable.lock().unwrap_or_else(|e| e.into_inner()).remove(server);
     }
 
     /// Whether a fetch from `server` may go out now; records the attempt.
@@ -73,6 +172,22 @@ impl Services {
             .map_err(|e| Error::internal(e.to_string()))
     }
 
+    /// Sends a request that one of our clients' lookups needs: refused at once while
+    /// `destination` is marked unreachable (anyone may ask about any server), and a "not
+    /// found" answer is `None` rather than an error, so it can be kept like any answer.
+    pub async fn send_lookup<R>(&self, destination: &ServerName, request: R) -> Result<Option<R::IncomingResponse>>
+    where
+        R: OutgoingRequest<PathBuilder = SinglePath>,
+        R::Authentication: OutboundAuth,
+    {
+        self.fed.require_reachable(destination)?;
+        match self.send_federation(destination, request).await {
+            Ok(answer) => Ok(Some(answer)),
+            Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Sends a federation request (signed when the endpoint requires it).
     pub async fn send_federation<R>(&self, destination: &ServerName, request: R) -> Result<R::IncomingResponse>
     where
@@ -82,7 +197,10 @@ impl Services {
         if destination == self.settings.server_name {
             return Err(Error::internal("a federation request to ourselves"));
         }
-        self.fed.client.send(&self.signing_key, destination, request).await.map_err(|e| {
+        let result = self.fed.client.send(&self.signing_key, destination, request).await;
+        // Only a transport failure says the server is gone; an error answer says it is up.
+        self.fed.record_reachability(destination, !matches!(result, Err(ClientError::Transport { .. })));
+        result.map_err(|e| {
             tracing::info!(%destination, error = %e, "federation request failed");
             match e.status() {
                 Some(404) => Error::NotFound(format!("{destination} does not know it")),
@@ -131,7 +249,7 @@ impl Services {
         }
         let usable = |row: &crate::store::ServerKeyRow| match row.expired_ts {
             Some(expired) => at_ms < expired,
-            None => at_ms <= row.valid_until_ts,
+            None => at_ms <= trusted_until(row),
         };
         let cached = self.store.server_key(server.as_str(), key_id).await?;
         if let Some(row) = &cached
@@ -171,23 +289,38 @@ impl Services {
             .map_err(|e| Error::Unauthorized(e.to_string()))?;
         // It talks to us, so it is up: deliveries waiting for it go now.
         self.send_queue.peer_is_up(&origin);
+        self.fed.reached_by(&origin);
         Ok(origin)
     }
 
     /// The notary answer for `server`: our own document, or the origin's document (refreshed
     /// when the cached one expires before `minimum_valid_until_ms`) with our signature added.
+    /// `origin_fetches` is how many origins the whole request may still make us contact;
+    /// past it, cached documents only.
     pub async fn notary_keys(
         &self,
         server: &ServerName,
         minimum_valid_until_ms: i64,
+        origin_fetches: &std::sync::atomic::AtomicUsize,
     ) -> Result<Vec<Raw<ServerSigningKeys>>> {
         if server == self.settings.server_name {
             return Ok(vec![self.own_key_document()?]);
         }
         let cached = self.store.server_keys(server.as_str()).await?;
-        let fresh = cached.iter().find(|row| row.expired_ts.is_none() && row.valid_until_ts >= minimum_valid_until_ms);
+        let fresh = cached.iter().find(|row| row.expired_ts.is_none() && trusted_until(row) >= minimum_valid_until_ms);
         let document: CanonicalJsonObject = match fresh {
             Some(row) => serde_json::from_str(&row.key_json).map_err(|e| Error::internal(e.to_string()))?,
+            // The origin is asked only when the key-fetch backoff and its reachability let
+            // us: anyone may ask a notary about any server.
+            None if !take_one(origin_fetches)
+                || !self.fed.may_fetch(server)
+                || self.fed.require_reachable(server).is_err() =>
+            {
+                match cached.first() {
+                    Some(row) => serde_json::from_str(&row.key_json).map_err(|e| Error::internal(e.to_string()))?,
+                    None => return Ok(Vec::new()),
+                }
+            }
             None => match self.fetch_server_keys(server).await {
                 Ok(keys) => keys.document,
                 // Unreachable servers are simply absent from the answer, as the spec says.
@@ -204,4 +337,10 @@ impl Services {
             .map_err(|e| Error::internal(e.to_string()))?;
         Ok(vec![signed])
     }
+}
+
+/// Takes one from a budget shared by the parts of one request; false when none is left.
+fn take_one(budget: &std::sync::atomic::AtomicUsize) -> bool {
+    use std::sync::atomic::Ordering;
+    budget.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1)).is_ok()
 }

@@ -60,17 +60,29 @@ impl Services {
         serde_json::from_str(&value).map_err(|e| Error::internal(format!("stored profile field is not JSON: {e}")))
     }
 
-    /// A remote user's profile (or one field of it), asked of their server.
+    /// A remote user's profile (or one field of it), asked of their server (or kept from a
+    /// moment ago: see `remote_cache`).
     async fn remote_profile(&self, user_id: &UserId, field: Option<&str>) -> Result<BTreeMap<String, JsonValue>> {
         use ruma::api::federation::query::get_profile_information::v1 as query;
-        let mut request = query::Request::new(user_id.to_owned());
-        request.field = field.map(Into::into);
-        let response = self.send_federation(user_id.server_name(), request).await?;
-        let value = serde_json::to_value(&response.data).map_err(|e| Error::internal(e.to_string()))?;
-        let JsonValue::Object(map) = value else {
-            return Err(Error::RemoteUnavailable("the remote profile is not an object".to_owned()));
-        };
-        Ok(map.into_iter().collect())
+        let key = (user_id.to_owned(), field.map(str::to_owned));
+        let profile = self
+            .fed
+            .lookups
+            .profiles
+            .get_or_fetch(&key, || async {
+                let mut request = query::Request::new(user_id.to_owned());
+                request.field = field.map(Into::into);
+                let Some(response) = self.send_lookup(user_id.server_name(), request).await? else {
+                    return Ok(None);
+                };
+                let value = serde_json::to_value(&response.data).map_err(|e| Error::internal(e.to_string()))?;
+                let JsonValue::Object(map) = value else {
+                    return Err(Error::RemoteUnavailable("the remote profile is not an object".to_owned()));
+                };
+                Ok(Some(map.into_iter().collect()))
+            })
+            .await?;
+        profile.ok_or_else(|| Error::NotFound("Profile not found".to_owned()))
     }
 
     /// Sets a field of the requester's own profile.
@@ -103,13 +115,45 @@ impl Services {
         // Clients clear a field by setting it to null or "", as they did before DELETE existed.
         if value.is_null() || value.as_str() == Some("") {
             self.store.delete_profile_field(target.as_str(), field).await?;
-            return Ok(());
+        } else {
+            let json = serde_json::to_string(value).map_err(|e| Error::internal(e.to_string()))?;
+            if !self.store.set_profile_field(target.as_str(), field, &json, MAX_PROFILE_BYTES).await? {
+                return Err(Error::ProfileTooLarge("The profile would be larger than 64 KiB".to_owned()));
+            }
         }
-        let json = serde_json::to_string(value).map_err(|e| Error::internal(e.to_string()))?;
-        if !self.store.set_profile_field(target.as_str(), field, &json, MAX_PROFILE_BYTES).await? {
-            return Err(Error::ProfileTooLarge("The profile would be larger than 64 KiB".to_owned()));
-        }
+        self.profile_changed(target, field).await;
         Ok(())
+    }
+
+    /// After a change of the display name or avatar: a new `m.room.member` join event in
+    /// each room the user is in, carrying the new profile, as the spec asks (clients show
+    /// names from the member events, not from `/profile`). The profile change itself is
+    /// committed already; a room where the event cannot be sent is logged and skipped.
+    async fn profile_changed(&self, user: &UserId, field: &str) {
+        if field != "displayname" && field != "avatar_url" {
+            return;
+        }
+        let rooms = match self.rooms_of_user(user.as_str()).await {
+            Ok(rooms) => rooms,
+            Err(e) => {
+                tracing::warn!(%user, error = %e, "cannot list the rooms to update the profile in");
+                return;
+            }
+        };
+        for (room_id, membership) in rooms.iter() {
+            if membership != "join" {
+                continue;
+            }
+            let Ok(room_id) = ruma::RoomId::parse(room_id) else { continue };
+            let update = async {
+                let content = self.member_content(user, "join", None).await?;
+                let draft = super::timeline::EventDraft::state("m.room.member", user.as_str(), content);
+                self.append_event(&room_id, user, draft, None).await
+            };
+            if let Err(e) = update.await {
+                tracing::warn!(%user, %room_id, error = %e, "cannot update the member event with the new profile");
+            }
+        }
     }
 
     pub async fn delete_profile_field(&self, requester: &UserId, target: &UserId, field: &str) -> Result<()> {
@@ -119,6 +163,7 @@ impl Services {
         check_field_name(field)?;
         self.require_local_profile_owner(target).await?;
         self.store.delete_profile_field(target.as_str(), field).await?;
+        self.profile_changed(target, field).await;
         Ok(())
     }
 }

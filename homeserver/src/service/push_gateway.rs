@@ -307,6 +307,8 @@ async fn deliver_one(
         return Ok(Outcome::Retry("push delivery has no TLS client".to_owned()));
     };
     let exchange = async {
+        // One limit for every request to another server (see `federation.max_outbound_requests`).
+        let _permit = services.fed.outbound.acquire().await.map_err(|e| e.to_string())?;
         let response = client.request(request).await.map_err(|e| format!("{e:?}"))?;
         let status = response.status();
         let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)

@@ -473,11 +473,78 @@ impl Services {
         if let Ok(alias) = RoomAliasId::parse(id_or_alias)
             && alias.server_name() != self.settings.server_name
         {
-            use ruma::api::federation::query::get_room_information::v1 as directory;
-            let answer = self.send_federation(alias.server_name(), directory::Request::new(alias.clone())).await?;
-            return Ok((answer.room_id, answer.servers));
+            return self.remote_alias(&alias).await;
         }
         Ok((self.resolve_room(id_or_alias).await?, Vec::new()))
+    }
+
+    /// Another server's alias, asked of that server (or kept from a moment ago: see
+    /// `remote_cache`).
+    pub async fn remote_alias(&self, alias: &RoomAliasId) -> Result<(OwnedRoomId, Vec<ruma::OwnedServerName>)> {
+        use ruma::api::federation::query::get_room_information::v1 as directory;
+        self.fed
+            .lookups
+            .aliases
+            .get_or_fetch(&alias.to_owned(), || async {
+                let answer = self.send_lookup(alias.server_name(), directory::Request::new(alias.to_owned())).await?;
+                Ok(answer.map(|a| (a.room_id, a.servers)))
+            })
+            .await?
+            .ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))
+    }
+
+    /// A page of another server's public room directory (filtered by `search` when given),
+    /// asked of that server or kept from a moment ago (see `remote_cache`).
+    pub async fn remote_directory_page(
+        &self,
+        query: super::fed::DirectoryQuery,
+    ) -> Result<ruma::api::federation::directory::get_public_rooms::v1::Response> {
+        use ruma::api::federation::directory::{get_public_rooms, get_public_rooms_filtered};
+        let not_found = || Error::NotFound(format!("{} has no room directory", query.server));
+        self.fed
+            .lookups
+            .directories
+            .get_or_fetch(&query, || async {
+                let Some(term) = &query.search else {
+                    let mut request = get_public_rooms::v1::Request::new();
+                    request.limit = query.limit;
+                    request.since = query.since.clone();
+                    return self.send_lookup(&query.server, request).await?.ok_or_else(not_found);
+                };
+                let mut request = get_public_rooms_filtered::v1::Request::new();
+                request.limit = query.limit;
+                request.since = query.since.clone();
+                request.filter.generic_search_term = Some(term.clone());
+                let answer = self.send_lookup(&query.server, request).await?.ok_or_else(not_found)?;
+                let mut page = get_public_rooms::v1::Response::new();
+                page.chunk = answer.chunk;
+                page.next_batch = answer.next_batch;
+                page.prev_batch = answer.prev_batch;
+                page.total_room_count_estimate = answer.total_room_count_estimate;
+                Ok(page)
+            })
+            .await
+    }
+
+    /// Aliases on this server that point at the room, for a member of it (or anyone, when
+    /// its history is world-readable).
+    pub async fn local_aliases(&self, room_id: &RoomId, user: &UserId) -> Result<Vec<OwnedRoomAliasId>> {
+        if self.store.room(room_id.as_str()).await?.is_none() {
+            return Err(Error::NotFound("Unknown room".to_owned()));
+        }
+        let joined = self.membership(room_id.as_str(), user.as_str()).await?.as_deref() == Some("join");
+        if !joined {
+            let visibility = self.store.current_state_event(room_id.as_str(), "m.room.history_visibility", "").await?;
+            let world_readable = visibility.is_some_and(|row| {
+                serde_json::from_str::<JsonValue>(&row.json)
+                    .is_ok_and(|v| v["content"]["history_visibility"] == "world_readable")
+            });
+            if !world_readable {
+                return Err(Error::Forbidden("You are not a member of this room".to_owned()));
+            }
+        }
+        let aliases = self.store.room_aliases(room_id.as_str()).await?;
+        Ok(aliases.into_iter().filter_map(|a| OwnedRoomAliasId::try_from(a).ok()).collect())
     }
 
     /// Resolves a room id or a local alias.

@@ -8,6 +8,12 @@
 //! destination waits with exponential backoff; at start every destination with queued events
 //! is caught up. Memory stays bounded whatever the queue holds: a batch at a time, and a
 //! small entry per destination.
+//!
+//! A destination that stays unreachable is given up on after `federation.give_up_after_secs`
+//! (counted from its first failure, across restarts): its backlog is cut to what it needs to
+//! catch up when it returns (see `Store::outbox_trim`), again at every later failure, and it
+//! is retried hourly, or at once when it contacts us. So a server that is gone for good costs
+//! a row per room, not every event since it left.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -32,6 +38,8 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(2);
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How often the dispatcher looks again without being woken.
 const IDLE_RECHECK: Duration = Duration::from_secs(60);
+/// Retry delay for a destination given up on.
+const GIVEN_UP_RETRY: Duration = Duration::from_secs(3600);
 
 struct Backoff {
     failures: u32,
@@ -47,6 +55,8 @@ pub struct SendQueue {
     /// Destinations with a delivery task running.
     busy: Mutex<HashSet<String>>,
     backoff: Mutex<HashMap<String, Backoff>>,
+    /// Destinations failing now, since when (ms; mirrored in the database).
+    failing_since: Mutex<HashMap<String, i64>>,
 }
 
 impl Services {
@@ -92,12 +102,68 @@ impl SendQueue {
 }
 
 /// The dispatcher: runs for the life of the server.
+impl SendQueue {
+    /// Records a failed delivery to `destination`; past the give-up bound, cuts its backlog.
+    /// Returns whether it is given up on.
+    async fn failed(&self, services: &Services, destination: &str) -> bool {
+        let now = crate::store::now_ms();
+        let (since, new) = {
+            let mut failing = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+            match failing.get(destination) {
+                Some(since) => (*since, false),
+                None => {
+                    failing.insert(destination.to_owned(), now);
+                    (now, true)
+                }
+            }
+        };
+        if new && let Err(e) = services.store.destination_failing(destination, now).await {
+            tracing::warn!(%destination, error = %e, "cannot record a failing federation destination");
+        }
+        let give_up_ms = i64::try_from(services.settings.federation.give_up_after.as_millis()).unwrap_or(i64::MAX);
+        if now.saturating_sub(since) < give_up_ms {
+            return false;
+        }
+        match services.store.outbox_trim(destination).await {
+            Ok(dropped) if dropped > 0 => {
+                services.metrics.federation_dropped.inc_by(dropped);
+                tracing::warn!(%destination, dropped, "destination given up on: its backlog was cut");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(%destination, error = %e, "cannot cut a dead destination's backlog"),
+        }
+        true
+    }
+
+    /// `destination` accepted a delivery: it is no longer failing.
+    async fn recovered(&self, services: &Services, destination: &str) {
+        let was_failing = self.failing_since.lock().unwrap_or_else(|e| e.into_inner()).remove(destination).is_some();
+        if was_failing && let Err(e) = services.store.destination_recovered(destination).await {
+            tracing::warn!(%destination, error = %e, "cannot record a recovered federation destination");
+        }
+    }
+
+    fn update_gauges(&self, services: &Services) {
+        let now = crate::store::now_ms();
+        let give_up_ms = i64::try_from(services.settings.federation.give_up_after.as_millis()).unwrap_or(i64::MAX);
+        let failing = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
+        let given_up = failing.values().filter(|since| now.saturating_sub(**since) >= give_up_ms).count();
+        services.metrics.federation_destinations_failing.set(i64::try_from(failing.len()).unwrap_or(i64::MAX));
+        services.metrics.federation_destinations_given_up.set(i64::try_from(given_up).unwrap_or(i64::MAX));
+    }
+}
+
 pub async fn run(services: Arc<Services>) {
     // Catch up every destination that still has queued events (after a restart).
     match services.store.outbox_destinations().await {
         Ok(destinations) => services.send_queue.wake(&destinations),
         Err(e) => tracing::warn!(error = %e, "cannot read the federation send queue"),
     }
+    match services.store.failing_destinations().await {
+        Ok(failing) => services.send_queue.failing_since.lock().unwrap_or_else(|e| e.into_inner()).extend(failing),
+        Err(e) => tracing::warn!(error = %e, "cannot read the failing federation destinations"),
+    }
+    services.send_queue.update_gauges(&services);
     let queue = &services.send_queue;
     loop {
         let now = Instant::now();
@@ -127,15 +193,22 @@ pub async fn run(services: Arc<Services>) {
                 match result {
                     Ok(()) => {
                         queue.backoff.lock().unwrap_or_else(|e| e.into_inner()).remove(&destination);
+                        queue.recovered(&services, &destination).await;
                     }
                     Err(e) => {
+                        let given_up = queue.failed(&services, &destination).await;
                         let mut backoff = queue.backoff.lock().unwrap_or_else(|e| e.into_inner());
                         let failures = backoff.get(&destination).map_or(0, |b| b.failures) + 1;
-                        let delay = FIRST_BACKOFF.saturating_mul(1 << (failures - 1).min(16)).min(MAX_BACKOFF);
-                        tracing::info!(%destination, error = %e, retry_in = ?delay, "federation delivery failed");
+                        let delay = if given_up {
+                            GIVEN_UP_RETRY
+                        } else {
+                            FIRST_BACKOFF.saturating_mul(1 << (failures - 1).min(16)).min(MAX_BACKOFF)
+                        };
+                        tracing::info!(%destination, error = %e, retry_in = ?delay, given_up, "federation delivery failed");
                         backoff.insert(destination.clone(), Backoff { failures, next_try: Instant::now() + delay });
                     }
                 }
+                queue.update_gauges(&services);
                 queue.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&destination);
                 queue.wake.notify_one();
             });

@@ -171,6 +171,76 @@ impl Store {
         tx.commit().await
     }
 
+    /// Destinations that deliveries are failing to reach, and since when.
+    pub async fn failing_destinations(&self) -> Result<Vec<(String, i64)>, sqlx::Error> {
+        let rows = sqlx::query("SELECT destination, failing_since FROM federation_destination_failures")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|r| Ok((r.try_get("destination")?, r.try_get("failing_since")?))).collect()
+    }
+
+    /// Records that deliveries to `destination` fail, since `since` unless already recorded.
+    pub async fn destination_failing(&self, destination: &str, since: i64) -> Result<(), sqlx::Error> {
+        let (_serialized, mut tx) = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO federation_destination_failures (destination, failing_since) VALUES ($1, $2)
+             ON CONFLICT (destination) DO NOTHING",
+        )
+        .bind(destination)
+        .bind(since)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await
+    }
+
+    /// `destination` accepted a delivery again.
+    pub async fn destination_recovered(&self, destination: &str) -> Result<(), sqlx::Error> {
+        let (_serialized, mut tx) = self.begin_write().await?;
+        sqlx::query("DELETE FROM federation_destination_failures WHERE destination = $1")
+            .bind(destination)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+
+    /// Shrinks the backlog of a destination we gave up on to what it needs to catch up when
+    /// it returns: the newest event of each room (it fetches the gap itself through
+    /// `/get_missing_events`, as after any outage) and the EDUs that matter later (to-device
+    /// messages, device list and signing key updates); typing, presence and receipts are
+    /// stale by then and dropped. Returns how many queued items were dropped.
+    pub async fn outbox_trim(&self, destination: &str) -> Result<u64, sqlx::Error> {
+        let (_serialized, mut tx) = self.begin_write().await?;
+        // As in `outbox_delivered`: a restarted server counts on from above what is removed.
+        let highest: Option<i64> =
+            sqlx::query("SELECT MAX(stream_ordering) AS p FROM federation_outbox WHERE destination = $1")
+                .bind(destination)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("p")?;
+        if let Some(highest) = highest {
+            sqlx::query("UPDATE stream_high_water SET position = $1 WHERE id = 1 AND position < $1")
+                .bind(highest)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let dropped = sqlx::query(
+            "DELETE FROM federation_outbox WHERE destination = $1 AND (
+                 (event_id IS NOT NULL AND stream_ordering NOT IN (
+                     SELECT MAX(o.stream_ordering) FROM federation_outbox o
+                     JOIN events e ON e.event_id = o.event_id
+                     WHERE o.destination = $1 GROUP BY e.room_id))
+                 OR (edu IS NOT NULL AND (edu LIKE '%\"edu_type\":\"m.typing\"%'
+                     OR edu LIKE '%\"edu_type\":\"m.presence\"%'
+                     OR edu LIKE '%\"edu_type\":\"m.receipt\"%')))",
+        )
+        .bind(destination)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(dropped)
+    }
+
     /// Removes what `destination` accepted: everything queued up to `upto`.
     pub async fn outbox_delivered(&self, destination: &str, upto: i64) -> Result<(), sqlx::Error> {
         let (_serialized, mut tx) = self.begin_write().await?;

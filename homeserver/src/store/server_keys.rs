@@ -14,6 +14,8 @@ pub struct ServerKeyRow {
     pub valid_until_ts: i64,
     pub expired_ts: Option<i64>,
     pub key_json: String,
+    /// When we fetched it.
+    pub fetched_ts: i64,
 }
 
 /// A verified key document to cache: current keys and old keys with their expiry.
@@ -57,7 +59,7 @@ impl Store {
 
     pub async fn server_key(&self, server_name: &str, key_id: &str) -> Result<Option<ServerKeyRow>, sqlx::Error> {
         let row = sqlx::query(
-            "SELECT server_name, key_id, public_key, valid_until_ts, expired_ts, key_json FROM server_keys
+            "SELECT server_name, key_id, public_key, valid_until_ts, expired_ts, key_json, fetched_ts FROM server_keys
              WHERE server_name = $1 AND key_id = $2",
         )
         .bind(server_name)
@@ -70,7 +72,7 @@ impl Store {
     /// Every cached key of a server (the newest document first).
     pub async fn server_keys(&self, server_name: &str) -> Result<Vec<ServerKeyRow>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT server_name, key_id, public_key, valid_until_ts, expired_ts, key_json FROM server_keys
+            "SELECT server_name, key_id, public_key, valid_until_ts, expired_ts, key_json, fetched_ts FROM server_keys
              WHERE server_name = $1 ORDER BY fetched_ts DESC, key_id",
         )
         .bind(server_name)
@@ -88,5 +90,6 @@ fn server_key_row(r: &sqlx::any::AnyRow) -> Result<ServerKeyRow, sqlx::Error> {
         valid_until_ts: r.try_get("valid_until_ts")?,
         expired_ts: r.try_get("expired_ts")?,
         key_json: r.try_get("key_json")?,
+        fetched_ts: r.try_get("fetched_ts")?,
     })
 }

@@ -26,6 +26,8 @@ pub struct NewAccount<'a> {
     pub device: Option<NewDevice<'a>>,
     /// A registration token to spend; creation fails if it is no longer valid.
     pub registration_token: Option<&'a str>,
+    /// The first display name (clients show the localpart otherwise; Synapse sets it too).
+    pub display_name: Option<&'a str>,
 }
 
 /// Why an account could not be created.
@@ -80,6 +82,14 @@ impl Store {
         .await?;
         if inserted.rows_affected() == 0 {
             return Ok(CreateAccountOutcome::UserInUse);
+        }
+        if let Some(name) = new.display_name {
+            let value = serde_json::Value::from(name).to_string();
+            sqlx::query("INSERT INTO profile_fields (user_id, field, value) VALUES ($1, 'displayname', $2)")
+                .bind(new.user_id)
+                .bind(value)
+                .execute(&mut *tx)
+                .await?;
         }
         if let Some(token) = new.registration_token {
             let spent = sqlx::query(

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use ruma::{
+    UserId,
     api::client::profile::{delete_profile_field, get_profile, get_profile_field, set_profile_field},
     profile::ProfileFieldValue,
 };
@@ -18,6 +19,7 @@ pub async fn get(
     State(services): State<Arc<Services>>,
     req: Ruma<get_profile::v3::Request>,
 ) -> Result<RumaResponse<get_profile::v3::Response>> {
+    require_signed_in_for_remote(&services, &req, &req.body.user_id).await?;
     let profile = services.profile(&req.body.user_id).await?;
     let mut response = get_profile::v3::Response::new();
     for (field, value) in profile {
@@ -26,10 +28,20 @@ pub async fn get(
     Ok(RumaResponse(response))
 }
 
+/// Anyone may read our users' profiles; another server's users' only signed-in users, or
+/// anybody could make us contact any server.
+async fn require_signed_in_for_remote<T>(services: &Services, req: &Ruma<T>, user_id: &UserId) -> Result<()> {
+    if user_id.server_name() != services.settings.server_name {
+        req.signed_in_user(services).await?;
+    }
+    Ok(())
+}
+
 pub async fn get_field(
     State(services): State<Arc<Services>>,
     req: Ruma<get_profile_field::v3::Request>,
 ) -> Result<RumaResponse<get_profile_field::v3::Response>> {
+    require_signed_in_for_remote(&services, &req, &req.body.user_id).await?;
     let field = req.body.field.as_str();
     let value = services.profile_field(&req.body.user_id, field).await?;
     let value = ProfileFieldValue::new(field, value)

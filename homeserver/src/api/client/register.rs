@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::{extract::State, response::IntoResponse};
 use ruma::api::client::account::{
     check_registration_token_validity, get_username_availability,
     register::{self, RegistrationKind},
@@ -18,7 +18,7 @@ use crate::{
 pub async fn register(
     State(services): State<Arc<Services>>,
     req: Ruma<register::v3::Request>,
-) -> Result<RumaResponse<register::v3::Response>> {
+) -> Result<axum::response::Response> {
     let ip = req.client_ip;
     let body = req.body;
     let registered = services
@@ -35,12 +35,15 @@ pub async fn register(
             },
         )
         .await?;
+    let Some(session) = registered.session else {
+        // With `inhibit_login` the answer is the user id alone: ruma's response type would
+        // write `"device_id": null`, which clients (matrix-nio) read as a device called null.
+        return Ok(axum::Json(serde_json::json!({ "user_id": registered.user_id })).into_response());
+    };
     let mut response = register::v3::Response::new(registered.user_id);
-    if let Some(session) = registered.session {
-        response.access_token = Some(session.access_token);
-        response.device_id = Some(session.device_id.into());
-    }
-    Ok(RumaResponse(response))
+    response.access_token = Some(session.access_token);
+    response.device_id = Some(session.device_id.into());
+    Ok(RumaResponse(response).into_response())
 }
 
 pub async fn available(

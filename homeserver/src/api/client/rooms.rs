@@ -7,12 +7,12 @@ use ruma::{
     OwnedUserId, RoomId, UserId,
     api::client::{
         alias::{create_alias, delete_alias, get_alias},
-        directory::{get_public_rooms, get_room_visibility, set_room_visibility},
+        directory::{get_public_rooms, get_public_rooms_filtered, get_room_visibility, set_room_visibility},
         membership::{
             ban_user, forget_room, get_member_events, invite_user, join_room_by_id, join_room_by_id_or_alias,
             joined_members, joined_rooms, kick_user, leave_room, unban_user,
         },
-        room::{Visibility, create_room, upgrade_room},
+        room::{Visibility, aliases, create_room, upgrade_room},
         state::{get_state_event_for_key, get_state_events, send_state_event},
     },
     directory::{PublicRoomsChunk, PublicRoomsChunkInit},
@@ -25,6 +25,7 @@ use crate::{
     service::{
         Services,
         events::{Viewer, to_raw},
+        fed::DirectoryQuery,
         rooms::{Membership, NewRoomRequest, Preset},
         timeline::EventDraft,
     },
@@ -338,6 +339,7 @@ pub async fn send_state(
         return Err(Error::BadJson("State event content must be an object".to_owned()));
     }
     let kind = req.body.event_type.to_string();
+    crate::service::event_content::check_state_content(&kind, &content)?;
     if kind == "m.room.canonical_alias" {
         check_canonical_alias(&services, &req.body.room_id, &content).await?;
     }
@@ -431,10 +433,11 @@ pub async fn alias_get(
 ) -> Result<RumaResponse<get_alias::v3::Response>> {
     let alias = &req.body.room_alias;
     if alias.server_name() != services.settings.server_name {
-        // Another server's alias: ask that server.
-        use ruma::api::federation::query::get_room_information::v1 as directory;
-        let answer = services.send_federation(alias.server_name(), directory::Request::new(alias.clone())).await?;
-        return Ok(RumaResponse(get_alias::v3::Response::new(answer.room_id, answer.servers)));
+        // Another server's alias: ask that server, for signed-in users only (anyone else
+        // could make us contact any server).
+        req.signed_in_user(&services).await?;
+        let (room_id, servers) = services.remote_alias(alias).await?;
+        return Ok(RumaResponse(get_alias::v3::Response::new(room_id, servers)));
     }
     let (room_id, _) =
         services.store.alias(alias.as_str()).await?.ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
@@ -501,25 +504,79 @@ pub async fn public_rooms(
     State(services): State<Arc<Services>>,
     req: Ruma<get_public_rooms::v3::Request>,
 ) -> Result<RumaResponse<get_public_rooms::v3::Response>> {
-    if let Some(server) = req.body.server.as_ref().filter(|s| **s != services.settings.server_name) {
-        // Another server's directory: ask it.
-        use ruma::api::federation::directory::get_public_rooms::v1 as remote;
-        let mut request = remote::Request::new();
-        request.limit = req.body.limit;
-        request.since = req.body.since.clone();
-        let answer = services.send_federation(server, request).await?;
-        let mut response = get_public_rooms::v3::Response::new(answer.chunk);
-        response.next_batch = answer.next_batch;
-        response.prev_batch = answer.prev_batch;
-        response.total_room_count_estimate = answer.total_room_count_estimate;
-        return Ok(RumaResponse(response));
-    }
-    let page = services.public_rooms_page(None, req.body.limit, req.body.since.as_deref()).await?;
+    let query = DirectoryRequest {
+        server: req.body.server.clone(),
+        limit: req.body.limit,
+        since: req.body.since.clone(),
+        search: None,
+    };
+    let page = directory_page(&services, &req, query).await?;
     let mut response = get_public_rooms::v3::Response::new(page.chunk);
     response.next_batch = page.next_batch;
     response.prev_batch = page.prev_batch;
-    response.total_room_count_estimate = Some(page.total);
+    response.total_room_count_estimate = page.total_room_count_estimate;
     Ok(RumaResponse(response))
+}
+
+/// `POST /publicRooms`: the directory filtered by `generic_search_term` (matched against
+/// names, topics and canonical aliases).
+pub async fn public_rooms_filtered(
+    State(services): State<Arc<Services>>,
+    req: Ruma<get_public_rooms_filtered::v3::Request>,
+) -> Result<RumaResponse<get_public_rooms_filtered::v3::Response>> {
+    let query = DirectoryRequest {
+        server: req.body.server.clone(),
+        limit: req.body.limit,
+        since: req.body.since.clone(),
+        search: req.body.filter.generic_search_term.clone().filter(|t| !t.trim().is_empty()),
+    };
+    let page = directory_page(&services, &req, query).await?;
+    let mut response = get_public_rooms_filtered::v3::Response::new();
+    response.chunk = page.chunk;
+    response.next_batch = page.next_batch;
+    response.prev_batch = page.prev_batch;
+    response.total_room_count_estimate = page.total_room_count_estimate;
+    Ok(RumaResponse(response))
+}
+
+/// What a client asked of a room directory, ours or another server's.
+struct DirectoryRequest {
+    server: Option<ruma::OwnedServerName>,
+    limit: Option<ruma::UInt>,
+    since: Option<String>,
+    search: Option<String>,
+}
+
+/// A page of our directory, or of another server's: for signed-in users only (anyone else
+/// could make us contact any server), and reused from a moment ago when someone asked the
+/// same.
+async fn directory_page<T>(
+    services: &Services,
+    req: &Ruma<T>,
+    query: DirectoryRequest,
+) -> Result<ruma::api::federation::directory::get_public_rooms::v1::Response> {
+    if let Some(server) = query.server.filter(|s| *s != services.settings.server_name) {
+        req.signed_in_user(services).await?;
+        let query = DirectoryQuery { server, limit: query.limit, since: query.since, search: query.search };
+        return services.remote_directory_page(query).await;
+    }
+    let page = services.public_rooms_page(query.search.as_deref(), query.limit, query.since.as_deref()).await?;
+    let mut response = ruma::api::federation::directory::get_public_rooms::v1::Response::new();
+    response.chunk = page.chunk;
+    response.next_batch = page.next_batch;
+    response.prev_batch = page.prev_batch;
+    response.total_room_count_estimate = Some(page.total);
+    Ok(response)
+}
+
+/// `GET /rooms/{room}/aliases`: this server's aliases of the room.
+pub async fn room_aliases(
+    State(services): State<Arc<Services>>,
+    req: Ruma<aliases::v3::Request>,
+) -> Result<RumaResponse<aliases::v3::Response>> {
+    let user = req.user()?;
+    let aliases = services.local_aliases(&req.body.room_id, &user.user_id).await?;
+    Ok(RumaResponse(aliases::v3::Response::new(aliases)))
 }
 
 /// One page of this server's public room directory.

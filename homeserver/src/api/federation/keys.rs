@@ -1,8 +1,9 @@
 //! The key server (`/_matrix/key/v2/server`) and the notary (`/_matrix/key/v2/query`).
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::AtomicUsize};
 
 use axum::extract::State;
+use futures_util::{StreamExt, stream};
 use ruma::{
     MilliSecondsSinceUnixEpoch,
     api::federation::discovery::{get_remote_server_keys, get_remote_server_keys_batch, get_server_keys},
@@ -16,6 +17,10 @@ use crate::{
 
 /// Most servers one notary request may ask about (each may cost an outbound fetch).
 const MAX_NOTARY_SERVERS: usize = 100;
+/// Origins one notary request may make us contact (servers whose keys we do not hold fresh).
+const MAX_NOTARY_ORIGIN_FETCHES: usize = 8;
+/// Servers of one notary request looked up at once.
+const NOTARY_CONCURRENCY: usize = 4;
 
 pub async fn server_keys(
     State(services): State<Arc<Services>>,
@@ -38,7 +43,8 @@ pub async fn notary_one(
     State(services): State<Arc<Services>>,
     req: Ruma<get_remote_server_keys::v2::Request>,
 ) -> Result<RumaResponse<get_remote_server_keys::v2::Response>> {
-    let keys = services.notary_keys(&req.body.server_name, ms(req.body.minimum_valid_until_ts)).await?;
+    let budget = AtomicUsize::new(1);
+    let keys = services.notary_keys(&req.body.server_name, ms(req.body.minimum_valid_until_ts), &budget).await?;
     Ok(RumaResponse(get_remote_server_keys::v2::Response::new(keys)))
 }
 
@@ -50,11 +56,32 @@ pub async fn notary_batch(
         return Err(Error::InvalidParam(format!("at most {MAX_NOTARY_SERVERS} servers per request")));
     }
     let now = ms(MilliSecondsSinceUnixEpoch::now());
+    // Anyone may ask a notary about up to 100 servers: at most a few origins are contacted
+    // per request, a few at a time, so that one request cannot make us wait on (or call)
+    // a hundred servers; the rest are answered from what we hold.
+    let budget = Arc::new(AtomicUsize::new(MAX_NOTARY_ORIGIN_FETCHES));
+    let wanted: Vec<_> = req
+        .body
+        .server_keys
+        .iter()
+        .map(|(server, wanted)| {
+            let minimum =
+                wanted.values().filter_map(|criteria| criteria.minimum_valid_until_ts.map(ms)).max().unwrap_or(now);
+            (server.clone(), minimum)
+        })
+        .collect();
+    // Owned values in each lookup: the stream's futures must not borrow the request.
+    let answers: Vec<Result<_>> = stream::iter(wanted)
+        .map(|(server, minimum)| {
+            let (services, budget) = (services.clone(), budget.clone());
+            async move { services.notary_keys(&server, minimum, &budget).await }
+        })
+        .buffer_unordered(NOTARY_CONCURRENCY)
+        .collect()
+        .await;
     let mut all = Vec::new();
-    for (server, wanted) in &req.body.server_keys {
-        let minimum =
-            wanted.values().filter_map(|criteria| criteria.minimum_valid_until_ts.map(ms)).max().unwrap_or(now);
-        all.extend(services.notary_keys(server, minimum).await?);
+    for answer in answers {
+        all.extend(answer?);
     }
     Ok(RumaResponse(get_remote_server_keys_batch::v2::Response::new(all)))
 }

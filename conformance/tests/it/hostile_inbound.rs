@@ -207,9 +207,9 @@ async fn presence_and_to_device_need_a_shared_room(backend: Backend) {
 }
 
 /// One transaction at a time per origin: while one of `h`'s transactions is being worked on
-/// (held up by fetching another server's key for a PDU it relays), a second one from `h` is
-/// answered 429 `M_LIMIT_EXCEEDED`; another origin is served meanwhile; afterwards `h` is
-/// served again.
+/// (held up by fetching another server's key for a PDU it relays), a second one from `h`
+/// waits its turn and, as the first does not end, is answered 429 `M_LIMIT_EXCEEDED`;
+/// another origin is served meanwhile; afterwards `h` is served again.
 async fn one_transaction_at_a_time_per_origin(backend: Backend) {
     let a = federating(backend).await;
     let h = HostileServer::start().await;

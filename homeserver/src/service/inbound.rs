@@ -1,6 +1,6 @@
 //! Incoming `/send` transactions, bounded and answered quickly (issue 19, federation input
-//! caps). One transaction at a time per origin (a second one meanwhile is answered 429, as
-//! the spec has senders send one at a time). Each PDU is checked at once (size of its
+//! caps). One transaction at a time per origin, as the spec has senders send them: a second
+//! one meanwhile waits its turn, up to [`TURN_WAIT`], and is then answered 429. Each PDU is checked at once (size of its
 //! references, signatures, the room's ACL); one whose `prev_events` and auth events we all
 //! hold, in a room with nothing queued, is taken in at once; the others need events fetched
 //! from other servers, which can take minutes, so they are queued per room in the database
@@ -31,6 +31,8 @@ use crate::{
 /// Most PDUs waiting in one room's queue: beyond, a PDU that needs events fetched is refused
 /// (its sender may send it again later), so no server can fill our disk through one room.
 pub const MAX_QUEUED_PER_ROOM: i64 = 1000;
+/// How long a transaction waits while another of its origin is worked on, before 429.
+pub const TURN_WAIT: Duration = Duration::from_secs(15);
 /// Rooms whose queues are worked on at once (each works one PDU at a time, in order).
 const ROOM_WORKERS: usize = 4;
 
@@ -49,6 +51,8 @@ pub enum Received {
 pub struct Inbound {
     /// Origins with a transaction being worked on.
     origins: Mutex<HashSet<OwnedServerName>>,
+    /// Told whenever an origin's turn ends.
+    turn_over: tokio::sync::Notify,
     /// Rooms whose queue a worker is going through.
     rooms: Mutex<HashSet<OwnedRoomId>>,
     /// The `/send` requests waiting for a queued PDU's verdict, by event id.
@@ -60,6 +64,7 @@ impl Default for Inbound {
     fn default() -> Self {
         Self {
             origins: Mutex::default(),
+            turn_over: tokio::sync::Notify::new(),
             rooms: Mutex::default(),
             waiters: Mutex::default(),
             workers: Arc::new(Semaphore::new(ROOM_WORKERS)),
@@ -76,14 +81,27 @@ pub struct OriginTurn<'a> {
 impl Drop for OriginTurn<'_> {
     fn drop(&mut self) {
         self.inbound.origins.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.origin);
+        self.inbound.turn_over.notify_waiters();
     }
 }
 
 impl Inbound {
-    /// The origin's turn, or `None` while another transaction of it is being worked on.
-    pub fn turn(&self, origin: &ServerName) -> Option<OriginTurn<'_>> {
-        let mut origins = self.origins.lock().unwrap_or_else(|e| e.into_inner());
-        origins.insert(origin.to_owned()).then(|| OriginTurn { inbound: self, origin: origin.to_owned() })
+    /// The origin's turn, waiting up to `wait` while another transaction of it is worked
+    /// on; `None` if it does not come.
+    pub async fn turn(&self, origin: &ServerName, wait: Duration) -> Option<OriginTurn<'_>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Listening before looking, so that a turn ending in between is not missed.
+            let over = self.turn_over.notified();
+            tokio::pin!(over);
+            over.as_mut().enable();
+            if self.origins.lock().unwrap_or_else(|e| e.into_inner()).insert(origin.to_owned()) {
+                return Some(OriginTurn { inbound: self, origin: origin.to_owned() });
+            }
+            if tokio::time::timeout_at(deadline, over).await.is_err() {
+                return None;
+            }
+        }
     }
 
     fn room_busy(&self, room_id: &RoomId) -> bool {

@@ -12,7 +12,10 @@ use ruma::api::federation::{
 use crate::{
     api::ruma::{Ruma, RumaResponse},
     error::{Error, Result},
-    service::{Services, inbound::Received},
+    service::{
+        Services,
+        inbound::{Received, TURN_WAIT},
+    },
     store::now_ms,
 };
 
@@ -20,7 +23,8 @@ use crate::{
 const MAX_PDUS: usize = 50;
 /// Most EDUs in one transaction (the spec's limit).
 const MAX_EDUS: usize = 100;
-/// What a server sending a second transaction while its first is worked on is told to wait.
+/// What a server whose transaction found another of its own still worked on after
+/// `TURN_WAIT` is told to wait.
 const ORIGIN_BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(super) fn origin<T>(req: &Ruma<T>) -> Result<ruma::OwnedServerName> {
@@ -90,7 +94,8 @@ pub async fn invite(
 }
 
 /// `PUT /send/{txnId}`: each PDU is taken in or refused on its own; a transaction seen
-/// before gets the answer it got then. One transaction at a time per origin; PDUs that need
+/// before gets the answer it got then. One transaction at a time per origin (another waits
+/// its turn up to `TURN_WAIT`, then 429); PDUs that need
 /// events fetched are worked on in the background (see `service::inbound`), waited for up to
 /// `federation.inbound_wait_secs`.
 pub async fn send_transaction(
@@ -108,7 +113,7 @@ pub async fn send_transaction(
     if b.edus.len() > MAX_EDUS {
         return Err(Error::BadJson(format!("at most {MAX_EDUS} EDUs per transaction")));
     }
-    let Some(_turn) = services.inbound.turn(&origin) else {
+    let Some(_turn) = services.inbound.turn(&origin, TURN_WAIT).await else {
         return Err(Error::LimitExceeded { retry_after: ORIGIN_BUSY_RETRY });
     };
     if let Some(answer) = services.store.received_txn(origin.as_str(), b.transaction_id.as_str()).await? {

@@ -14,6 +14,13 @@ use std::{
 use ruma::{OwnedServerName, ServerName};
 use serde::{Deserialize, Serialize};
 
+mod rate_limits;
+mod transactions;
+pub use rate_limits::{
+    InviteRateLimits, JoinRateLimits, LoginRateLimits, PresenceRateLimits, RateLimit, RateLimitsConfig,
+};
+pub use transactions::TransactionsConfig;
+
 /// The documented example configuration, printed by `generate-config`.
 pub const EXAMPLE_CONFIG: &str = include_str!("../../config/homeserver.toml");
 
@@ -70,8 +77,12 @@ pub struct Config {
     pub registration: Option<RegistrationMode>,
     /// Maximum size of a JSON request body in bytes.
     pub max_request_bytes: u64,
-    /// Take the client address from `X-Forwarded-For` (only behind a trusted reverse proxy).
+    /// Treat every socket peer as a trusted reverse proxy: take the client address from
+    /// `X-Forwarded-For` (its right-most address that is not in `trusted_proxies`).
     pub trust_x_forwarded_for: bool,
+    /// Reverse proxies (addresses or CIDR ranges) whose `X-Forwarded-For` is believed: the
+    /// client is the right-most address in it that is not one of them.
+    pub trusted_proxies: Vec<String>,
     /// `m.server` delegation served at `/.well-known/matrix/server`, e.g. `matrix.example.org:443`.
     pub well_known_server: Option<String>,
     pub http: HttpConfig,
@@ -79,6 +90,7 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
+    pub transactions: TransactionsConfig,
     pub presence: PresenceConfig,
     pub user_directory: UserDirectoryConfig,
     pub turn: TurnConfig,
@@ -290,23 +302,6 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RateLimitsConfig {
-    /// Switch rate limiting off entirely (benchmarks, tests).
-    pub enabled: bool,
-    pub login: RateLimit,
-    pub register: RateLimit,
-}
-
-/// A token bucket: `per_second` sustained, `burst` at once.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimit {
-    pub per_second: f64,
-    pub burst: u32,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -318,12 +313,14 @@ impl Default for Config {
             registration: None,
             max_request_bytes: 8 * 1024 * 1024,
             trust_x_forwarded_for: false,
+            trusted_proxies: Vec::new(),
             well_known_server: None,
             http: HttpConfig::default(),
             metrics: MetricsConfig::default(),
             database: DatabaseConfig::default(),
             log: LogConfig::default(),
             rate_limits: RateLimitsConfig::default(),
+            transactions: TransactionsConfig::default(),
             presence: PresenceConfig::default(),
             user_directory: UserDirectoryConfig::default(),
             turn: TurnConfig::default(),
@@ -343,16 +340,6 @@ impl Default for DatabaseConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self { filter: "info".to_owned(), format: LogFormat::Pretty }
-    }
-}
-
-impl Default for RateLimitsConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            login: RateLimit { per_second: 0.2, burst: 5 },
-            register: RateLimit { per_second: 0.1, burst: 5 },
-        }
     }
 }
 
@@ -377,6 +364,7 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_REGISTRATION", "registration", EnvKind::String),
     ("OBMIN_MAX_REQUEST_BYTES", "max_request_bytes", EnvKind::Integer),
     ("OBMIN_TRUST_X_FORWARDED_FOR", "trust_x_forwarded_for", EnvKind::Bool),
+    ("OBMIN_TRUSTED_PROXIES", "trusted_proxies", EnvKind::List),
     ("OBMIN_WELL_KNOWN_SERVER", "well_known_server", EnvKind::String),
     ("OBMIN_HTTP_HEADER_TIMEOUT_SECS", "http.header_timeout_secs", EnvKind::Integer),
     ("OBMIN_HTTP_BODY_TIMEOUT_SECS", "http.body_timeout_secs", EnvKind::Integer),
@@ -390,11 +378,6 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_DATABASE_SQLITE_SYNCHRONOUS", "database.sqlite_synchronous", EnvKind::String),
     ("OBMIN_LOG", "log.filter", EnvKind::String),
     ("OBMIN_LOG_FORMAT", "log.format", EnvKind::String),
-    ("OBMIN_RATE_LIMITS_ENABLED", "rate_limits.enabled", EnvKind::Bool),
-    ("OBMIN_RATE_LIMITS_LOGIN_PER_SECOND", "rate_limits.login.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_LOGIN_BURST", "rate_limits.login.burst", EnvKind::Integer),
-    ("OBMIN_RATE_LIMITS_REGISTER_PER_SECOND", "rate_limits.register.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_REGISTER_BURST", "rate_limits.register.burst", EnvKind::Integer),
     ("OBMIN_PRESENCE_ENABLED", "presence.enabled", EnvKind::Bool),
     ("OBMIN_USER_DIRECTORY_SEARCH_ALL_USERS", "user_directory.search_all_users", EnvKind::Bool),
     ("OBMIN_TURN_URIS", "turn.uris", EnvKind::List),
@@ -447,6 +430,8 @@ pub struct Settings {
     pub registration: RegistrationMode,
     pub max_request_bytes: usize,
     pub trust_x_forwarded_for: bool,
+    /// `trusted_proxies`, parsed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     pub well_known_server: Option<String>,
     pub http: crate::listener::ConnectionLimits,
     /// The metrics listener's address, if any.
@@ -456,6 +441,7 @@ pub struct Settings {
     pub database: DatabaseConfig,
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
+    pub transactions: TransactionsConfig,
     pub presence: PresenceConfig,
     pub user_directory: UserDirectoryConfig,
     pub turn: TurnConfig,
@@ -565,12 +551,16 @@ impl Settings {
             }
             None => toml::Table::new(),
         };
-        for (name, key, kind) in ENV_OVERRIDES {
+        rate_limits::upgrade_legacy(&mut table);
+        for (name, key, kind) in
+            ENV_OVERRIDES.iter().chain(rate_limits::ENV_OVERRIDES).chain(transactions::ENV_OVERRIDES)
+        {
             if let Some(raw) = env(name) {
                 let value = parse_env(&raw, *kind).map_err(|reason| err(*name, reason))?;
                 set_path(&mut table, key, value);
             }
         }
+        rate_limits::fill_defaults(&mut table);
         let config: Config =
             Config::deserialize(toml::Value::Table(table)).map_err(|e| config_deserialize_error(&e))?;
         Self::validate(config, file.is_some())
@@ -627,16 +617,9 @@ impl Settings {
             return Err(err("database.max_connections", "must be at least 1"));
         }
         tracing_subscriber::EnvFilter::try_new(&config.log.filter).map_err(|e| err("log.filter", e.to_string()))?;
-        for (key, limit) in
-            [("rate_limits.login", config.rate_limits.login), ("rate_limits.register", config.rate_limits.register)]
-        {
-            if !(limit.per_second.is_finite() && limit.per_second > 0.0) {
-                return Err(err(format!("{key}.per_second"), "must be a positive number"));
-            }
-            if limit.burst == 0 {
-                return Err(err(format!("{key}.burst"), "must be at least 1"));
-            }
-        }
+        config.rate_limits.validate()?;
+        config.transactions.validate()?;
+        let trusted_proxies = parse_ranges("trusted_proxies", &config.trusted_proxies)?;
         if config.media.max_upload_bytes == 0 {
             return Err(err("media.max_upload_bytes", "must be at least 1"));
         }
@@ -688,6 +671,7 @@ impl Settings {
             registration,
             max_request_bytes,
             trust_x_forwarded_for: config.trust_x_forwarded_for,
+            trusted_proxies,
             well_known_server: config.well_known_server,
             http,
             metrics_listen,
@@ -695,6 +679,7 @@ impl Settings {
             database: config.database,
             log: config.log,
             rate_limits: config.rate_limits,
+            transactions: config.transactions,
             presence: config.presence,
             user_directory: config.user_directory,
             turn: config.turn,
@@ -889,7 +874,7 @@ mod tests {
         for key in b {
             assert!(a.contains(&key), "config/homeserver.toml does not document `{key}`");
         }
-        for (_, key, _) in ENV_OVERRIDES {
+        for (_, key, _) in ENV_OVERRIDES.iter().chain(rate_limits::ENV_OVERRIDES).chain(transactions::ENV_OVERRIDES) {
             assert!(EXAMPLE_CONFIG.contains(key.rsplit('.').next().unwrap()), "{key} undocumented");
         }
         // The documented push denylist is the one private-address list, range for range.

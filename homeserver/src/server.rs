@@ -131,6 +131,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let federation_delivery = tokio::spawn(crate::service::send_queue::run(services.clone()));
     // Received events acknowledged before a restart and not yet worked on.
     tokio::spawn(services.clone().resume_inbound_queue());
+    let txn_retention = tokio::spawn(crate::service::txn_retention::run(services.clone()));
     let app = api::router(services.clone());
     crate::listener::serve(listener, app, services.settings.http.clone(), async move {
         shutdown_signal().await;
@@ -151,6 +152,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     media_expiry.abort();
     push_delivery.abort();
     federation_delivery.abort();
+    txn_retention.abort();
     services.store.close().await;
     tracing::info!("homeserver stopped");
     Ok(())

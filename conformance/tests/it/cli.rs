@@ -54,7 +54,7 @@ fn generate_config_prints_the_documented_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("homeserver.toml");
     std::fs::write(&path, &text).unwrap();
-    for key in ["server_name", "listen", "database_url", "registration", "[rate_limits.login]", "OBMIN_LOG"] {
+    for key in ["server_name", "listen", "database_url", "registration", "[rate_limits.login.address]", "OBMIN_LOG"] {
         assert!(text.contains(key), "generate-config mentions {key}");
     }
     // The generated file is a valid configuration.

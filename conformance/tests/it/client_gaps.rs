@@ -10,7 +10,8 @@ backend_tests!(
     empty_bodies_where_every_field_is_optional,
     profile_changes_reach_the_member_events,
     bad_input_gets_the_right_error,
-    room_aliases_and_the_filtered_directory
+    room_aliases_and_the_filtered_directory,
+    event_fields_trim_the_events_of_a_sync
 );
 
 /// `POST /join/{room}` and `/rooms/{room}/leave` with no body at all (matrix-nio sends
@@ -173,4 +174,23 @@ async fn room_aliases_and_the_filtered_directory(backend: Backend) {
         )
         .await;
     assert_eq!(none.assert_ok()["chunk"], json!([]));
+}
+
+/// A filter's `event_fields` leaves only the listed fields in the sync's room events.
+async fn event_fields_trim_the_events_of_a_sync(backend: Backend) {
+    let server = Server::start(backend).await;
+    let alice = server.register("alice", "password-alice-1").await;
+    let room_id = server.create_room(&alice, json!({"preset": "private_chat", "name": "Fields"})).await;
+    server.send_text(&alice, &room_id, "only the body").await.assert_ok();
+    let filter = json!({"event_fields": ["type", "content.body"], "room": {"timeline": {"limit": 50}}});
+    let sync = server.sync(&alice, None, 0, Some(filter)).await;
+    let room = &sync["rooms"]["join"][&room_id];
+    let timeline = room["timeline"]["events"].as_array().unwrap();
+    let message = timeline.iter().find(|e| e["type"] == "m.room.message").expect("the message");
+    assert_eq!(message, &json!({"type": "m.room.message", "content": {"body": "only the body"}}));
+    let all = timeline.iter().chain(room["state"]["events"].as_array().into_iter().flatten());
+    for event in all {
+        let keys: Vec<&String> = event.as_object().unwrap().keys().collect();
+        assert!(keys.iter().all(|k| *k == "type" || *k == "content"), "{event}");
+    }
 }

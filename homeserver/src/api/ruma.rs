@@ -25,6 +25,7 @@ use ruma::{
 };
 
 use crate::{
+    config::Settings,
     error::Error,
     service::{Services, auth::AuthedUser},
 };
@@ -72,7 +73,7 @@ where
 
     async fn from_request(req: Request, services: &Arc<Services>) -> Result<Self, Self::Rejection> {
         let (mut parts, body) = req.into_parts();
-        let client_ip = client_ip(&parts, services.settings.trust_x_forwarded_for);
+        let client_ip = client_ip(&parts, &services.settings);
 
         let mut path_args: Vec<String> =
             match <Path<Vec<String>> as FromRequestParts<Arc<Services>>>::from_request_parts(&mut parts, services).await
@@ -148,7 +149,7 @@ pub async fn authenticate_parts(
     parts: &http::request::Parts,
     services: &Services,
 ) -> Result<(AuthedUser, IpAddr), Error> {
-    let client_ip = client_ip(parts, services.settings.trust_x_forwarded_for);
+    let client_ip = client_ip(parts, &services.settings);
     let head = http::Request::from_parts(parts.clone(), ());
     let token = extract_bearer_or_query_token(&head).map_err(|_| Error::MissingToken)?.ok_or(Error::MissingToken)?;
     Ok((services.authenticate(&token, client_ip).await?, client_ip))
@@ -168,24 +169,46 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, Error> {
     }
 }
 
-/// The client's address: the socket peer, or the first `X-Forwarded-For` hop when the
-/// operator said a trusted proxy sets it.
-pub fn client_ip(parts: &http::request::Parts, trust_forwarded: bool) -> IpAddr {
-    if trust_forwarded
-        && let Some(ip) = parts
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.trim().parse().ok())
-    {
-        return ip;
-    }
-    parts
+/// The client's address: the socket peer, or, when that peer is a trusted reverse proxy,
+/// the right-most `X-Forwarded-For` address that is not a trusted proxy. Everything left of
+/// that is whatever the client chose to send and is never believed.
+pub fn client_ip(parts: &http::request::Parts, settings: &Settings) -> IpAddr {
+    let peer = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(addr)| addr.ip())
-        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+        .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    let forwarded = parts.headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok());
+    forwarded_client(peer, forwarded, settings.trust_x_forwarded_for, &settings.trusted_proxies)
+}
+
+/// [`client_ip`] on its parts. `trust_any_peer` (`trust_x_forwarded_for`) makes every
+/// socket peer a trusted proxy; `proxies` are the trusted proxies (`trusted_proxies`).
+/// Several header lines are one list, in order.
+fn forwarded_client<'a>(
+    peer: IpAddr,
+    headers: impl DoubleEndedIterator<Item = &'a str>,
+    trust_any_peer: bool,
+    proxies: &[ipnet::IpNet],
+) -> IpAddr {
+    let trusted = |ip: &IpAddr| proxies.iter().any(|net| net.contains(ip));
+    let peer = peer.to_canonical();
+    if !(trust_any_peer || trusted(&peer)) {
+        return peer;
+    }
+    let mut client = peer;
+    for entry in headers.rev().flat_map(|h| h.rsplit(',')) {
+        let entry = entry.trim();
+        // A proxy may write `1.2.3.4:5678` or `[2001:db8::1]:80`.
+        let parsed = entry.parse::<IpAddr>().ok().or_else(|| entry.parse::<SocketAddr>().ok().map(|a| a.ip()));
+        // Something unreadable left of a trusted hop: the last trusted hop is the best we know.
+        let Some(ip) = parsed.map(|ip| ip.to_canonical()) else { return client };
+        client = ip;
+        if !trusted(&ip) {
+            return ip;
+        }
+    }
+    client
 }
 
 /// Maps ruma's parse failures to the errcodes the spec asks for: syntax errors are
@@ -226,5 +249,51 @@ impl<T: OutgoingResponse> IntoResponse for RumaResponse<T> {
             Ok(response) => response.map(Body::from).into_response(),
             Err(e) => Error::internal(format!("cannot serialize a response: {e}")).into_response(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<ipnet::IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    fn client(peer: &str, headers: &[&str], any: bool, proxies: &[&str]) -> String {
+        forwarded_client(peer.parse().unwrap(), headers.iter().copied(), any, &nets(proxies)).to_string()
+    }
+
+    #[test]
+    fn a_spoofed_left_most_entry_is_not_believed() {
+        // The client sent `X-Forwarded-For: 6.6.6.6`; our proxy 10.0.0.1 appended the real
+        // address.
+        assert_eq!(client("10.0.0.1", &["6.6.6.6, 203.0.113.7"], false, &["10.0.0.0/8"]), "203.0.113.7");
+        assert_eq!(client("10.0.0.1", &["6.6.6.6, 203.0.113.7"], true, &[]), "203.0.113.7");
+        // Two trusted proxies in a row: skip both.
+        assert_eq!(client("10.0.0.1", &["6.6.6.6, 203.0.113.7, 10.0.0.2"], false, &["10.0.0.0/8"]), "203.0.113.7");
+        // As separate header lines.
+        assert_eq!(client("10.0.0.1", &["6.6.6.6", "203.0.113.7"], false, &["10.0.0.0/8"]), "203.0.113.7");
+        // A spoofed entry that claims to be a trusted proxy does not hide the real hop.
+        assert_eq!(client("10.0.0.1", &["10.9.9.9, 203.0.113.7"], false, &["10.0.0.0/8"]), "203.0.113.7");
+    }
+
+    #[test]
+    fn untrusted_peers_are_their_own_address() {
+        assert_eq!(client("198.51.100.4", &["6.6.6.6"], false, &["10.0.0.0/8"]), "198.51.100.4");
+        assert_eq!(client("198.51.100.4", &["6.6.6.6"], false, &[]), "198.51.100.4");
+        assert_eq!(client("::ffff:198.51.100.4", &[], false, &[]), "198.51.100.4");
+    }
+
+    #[test]
+    fn odd_headers_fall_back_to_the_last_trusted_hop() {
+        assert_eq!(client("10.0.0.1", &[], false, &["10.0.0.0/8"]), "10.0.0.1");
+        assert_eq!(client("10.0.0.1", &["junk"], false, &["10.0.0.0/8"]), "10.0.0.1");
+        assert_eq!(client("10.0.0.1", &["203.0.113.7, junk"], false, &["10.0.0.0/8"]), "10.0.0.1");
+        assert_eq!(client("10.0.0.1", &["junk, 10.0.0.2"], false, &["10.0.0.0/8"]), "10.0.0.2");
+        assert_eq!(client("10.0.0.1", &["203.0.113.7:4711"], false, &["10.0.0.0/8"]), "203.0.113.7");
+        assert_eq!(client("10.0.0.1", &["[2001:db8::7]:80"], false, &["10.0.0.0/8"]), "2001:db8::7");
+        // Only trusted proxies in the list: the left-most of them.
+        assert_eq!(client("10.0.0.1", &["10.0.0.3, 10.0.0.2"], false, &["10.0.0.0/8"]), "10.0.0.3");
     }
 }

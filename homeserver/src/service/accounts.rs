@@ -8,7 +8,7 @@ use super::{
     Services,
     auth::AuthedUser,
     credentials::{self, hash_password, hash_token, new_access_token, new_device_id, verify_password},
-    rate_limit::Action,
+    rate_limit::{Class, Key},
     uiaa::UiaaAction,
 };
 use crate::{
@@ -111,10 +111,15 @@ impl Services {
         }
         check_device_fields(req.device_id.as_deref(), req.initial_device_display_name.as_deref())?;
 
+        // Every registration token tried counts, here as at the validity check: tokens are
+        // guessed one request at a time.
+        if matches!(req.auth, Some(ruma::api::client::uiaa::AuthData::RegistrationToken(_))) {
+            self.rate_limits.check_address(Class::RegistrationTokenValidity, ip)?;
+        }
         let uiaa = self.check_uiaa(UiaaAction::Register, None, req.auth.as_ref()).await?;
         // Only a request that completed UIA counts against the limit, so the first round
         // trip that only asks for the flows does not use up a client's allowance.
-        self.rate_limits.check(Action::Register, ip)?;
+        self.rate_limits.check_address(Class::Registration, ip)?;
 
         let password_hash = hash_password(&self.hashing, password).await?;
         let now = now_ms();
@@ -198,17 +203,31 @@ impl Services {
         device_id: Option<String>,
         initial_device_display_name: Option<String>,
     ) -> Result<Session> {
-        self.rate_limits.check(Action::Login, ip)?;
         let invalid = || Error::Forbidden("Invalid username or password".to_owned());
-        check_device_fields(device_id.as_deref(), initial_device_display_name.as_deref())?;
         let user_id = match self.resolve_local_user(identifier) {
             Ok(id) => id,
-            Err(Error::InvalidUsername(_)) => return Err(invalid()),
-            Err(e) => return Err(e),
+            Err(e) => {
+                self.rate_limits.check_address(Class::LoginAddress, ip)?;
+                return Err(if matches!(e, Error::InvalidUsername(_)) { invalid() } else { e });
+            }
         };
         let user = self.store.user(user_id.as_str()).await?;
+        // Every attempt counts for the address, and for the account when there is one (ids
+        // that name no account get no bucket: nothing to guess there, and made-up ids must
+        // not fill the table). Failed attempts are refused before the password is checked.
+        let account = Key::Id(user_id.as_str());
+        if user.is_some() {
+            self.rate_limits.peek(None, Class::LoginFailedAttempts, account)?;
+            self.rate_limits.check(None, &[(Class::LoginAddress, Key::Address(ip)), (Class::LoginAccount, account)])?;
+        } else {
+            self.rate_limits.check_address(Class::LoginAddress, ip)?;
+        }
+        check_device_fields(device_id.as_deref(), initial_device_display_name.as_deref())?;
         let stored = user.as_ref().filter(|u| !u.deactivated).and_then(|u| u.password_hash.clone());
         if !verify_password(&self.hashing, password, stored).await? {
+            if user.is_some() {
+                self.rate_limits.record(None, Class::LoginFailedAttempts, account);
+            }
             if user.is_some_and(|u| u.deactivated) {
                 return Err(Error::UserDeactivated);
             }

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod credentials;
 pub mod devices;
 pub mod event_content;
+pub mod event_fields;
 pub mod events;
 pub mod fed;
 pub mod inbound;
@@ -36,6 +37,7 @@ pub mod state;
 pub mod streams;
 pub mod sync;
 pub mod timeline;
+pub mod txn_retention;
 pub mod typing;
 pub mod uiaa;
 

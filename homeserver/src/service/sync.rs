@@ -45,6 +45,8 @@ pub struct EventFilter {
     pub not_rooms: Vec<String>,
     pub lazy_load_members: bool,
     pub include_leave: bool,
+    /// The fields of each room event the client wants (`event_fields`), all when `None`.
+    pub event_fields: Option<Vec<String>>,
 }
 
 impl Default for EventFilter {
@@ -59,6 +61,7 @@ impl Default for EventFilter {
             not_rooms: Vec::new(),
             lazy_load_members: false,
             include_leave: false,
+            event_fields: None,
         }
     }
 }
@@ -784,6 +787,7 @@ pub fn event_filter_from_json(filter: &JsonValue) -> EventFilter {
         not_rooms: strings(&room["not_rooms"]).unwrap_or_default(),
         lazy_load_members: room["state"]["lazy_load_members"].as_bool().unwrap_or(false),
         include_leave: room["include_leave"].as_bool().unwrap_or(false),
+        event_fields: strings(&filter["event_fields"]),
     }
 }
 

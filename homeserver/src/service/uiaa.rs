@@ -12,7 +12,10 @@ use ruma::{
     },
 };
 
-use super::{Services, credentials};
+use super::{
+    Services, credentials,
+    rate_limit::{Class, Key},
+};
 use crate::{
     config::RegistrationMode,
     error::{Error, Result},
@@ -122,9 +125,14 @@ impl Services {
                     let Some(user) = user else {
                         return Err(Error::internal("password stage offered without a user"));
                     };
+                    // Failed password stages count with failed logins (`rc_login.failed_attempts`):
+                    // a stolen access token must not open a way to guess the password.
+                    let account = Key::Id(user.as_str());
+                    self.rate_limits.peek(None, Class::LoginFailedAttempts, account)?;
                     if self.password_stage_matches(user, &p.identifier, &p.password).await? {
                         completed.push(AuthType::Password.to_string());
                     } else {
+                        self.rate_limits.record(None, Class::LoginFailedAttempts, account);
                         auth_error = Some(StandardErrorBody::new(ErrorKind::Forbidden, "Invalid password".to_owned()));
                     }
                 }

@@ -302,13 +302,14 @@ impl Store {
         let (_serialized, mut tx) = self.begin_write().await?;
         // Transaction ids are scoped to the endpoint, `/sendToDevice/{eventType}/{txnId}`.
         let fresh = sqlx::query(
-            "INSERT INTO to_device_txns (sender, sender_device, event_type, txn_id) VALUES ($1, $2, $3, $4)
-             ON CONFLICT DO NOTHING",
+            "INSERT INTO to_device_txns (sender, sender_device, event_type, txn_id, created_ts)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
         )
         .bind(sender)
         .bind(sender_device)
         .bind(event_type)
         .bind(txn_id)
+        .bind(super::now_ms())
         .execute(&mut *tx)
         .await?;
         if fresh.rows_affected() == 0 {

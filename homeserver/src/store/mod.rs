@@ -22,6 +22,7 @@ mod rooms;
 mod server_keys;
 mod sliding_sync;
 mod state;
+mod txn_retention;
 mod uiaa;
 mod users;
 

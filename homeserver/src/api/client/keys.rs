@@ -22,7 +22,13 @@ use serde_json::{Value as JsonValue, json};
 use crate::{
     api::ruma::{Ruma, RumaResponse},
     error::{Error, Result},
-    service::{Services, events::to_raw, streams::Positions, uiaa::UiaaAction},
+    service::{
+        Services,
+        events::to_raw,
+        rate_limit::{Class, Key},
+        streams::Positions,
+        uiaa::UiaaAction,
+    },
 };
 
 /// How a failed server shows in `failures` (the error JSON it would have been).
@@ -243,6 +249,16 @@ pub async fn send_to_device(
             };
             messages.push((target.to_string(), device, json_of(raw)?));
         }
+    }
+    // Room key requests to other users make their devices answer with keys: limited per
+    // sending device (`rc_key_requests`). Our own devices may ask each other freely.
+    if req.body.event_type.to_string() == "m.room_key_request"
+        && req.body.messages.keys().any(|target| *target != user.user_id)
+    {
+        services.rate_limits.check(
+            Some(&user.user_id),
+            &[(Class::KeyRequests, Key::Device(user.user_id.as_str(), user.device_id.as_str()))],
+        )?;
     }
     services
         .send_to_device(

@@ -106,6 +106,7 @@ fn body_stream(body: Body) -> impl futures_util::Stream<Item = io::Result<bytes:
 pub async fn upload(State(services): State<Arc<Services>>, req: Request) -> Result<Response> {
     let (parts, body) = req.into_parts();
     let (user, _) = authenticate_parts(&parts, &services).await?;
+    services.rate_limits.check_user(crate::service::rate_limit::Class::MediaCreate, &user.user_id)?;
     let meta = upload_meta(&parts)?;
     let content_uri = services.upload_media(&user.user_id, meta, body_stream(body)).await?;
     Ok(RumaResponse(media::create_content::v3::Response::new(content_uri)).into_response())
@@ -117,6 +118,7 @@ pub async fn create(
     req: Ruma<media::create_mxc_uri::v1::Request>,
 ) -> Result<RumaResponse<media::create_mxc_uri::v1::Response>> {
     let user = req.user()?;
+    services.rate_limits.check_user(crate::service::rate_limit::Class::MediaCreate, &user.user_id)?;
     let media_id = services.create_media_reservation(&user.user_id, None).await?;
     let row = services.store.media(&media_id).await?.ok_or_else(|| Error::internal("reservation vanished"))?;
     let mut response =
@@ -398,6 +400,7 @@ fn status_response(services: &Services, status: ResumableStatus) -> Response {
 pub async fn resumable_create(State(services): State<Arc<Services>>, req: Request) -> Result<Response> {
     let (parts, body) = req.into_parts();
     let (user, _) = authenticate_parts(&parts, &services).await?;
+    services.rate_limits.check_user(crate::service::rate_limit::Class::MediaCreate, &user.user_id)?;
     use http_body_util::BodyExt;
     let bytes = http_body_util::Limited::new(body, 65_536)
         .collect()

@@ -50,6 +50,11 @@ pub async fn send(
         return Err(Error::BadJson("Use the /redact endpoint to redact events".to_owned()));
     }
     let scope = format!("send/{}/{kind}", req.body.room_id);
+    if let Some(sent) =
+        services.limit_event_send(&user.user_id, user.device_id.as_str(), &scope, req.body.txn_id.as_str()).await?
+    {
+        return Ok(RumaResponse(send_message_event::v3::Response::new(sent)));
+    }
     let txn = Txn { device_id: user.device_id.as_str(), scope: &scope, txn_id: req.body.txn_id.as_str() };
     let event_id =
         services.append_event(&req.body.room_id, &user.user_id, EventDraft::message(&kind, content), Some(txn)).await?;
@@ -83,6 +88,11 @@ pub async fn redact(
         redacts: Some(req.body.event_id.clone()),
     };
     let scope = format!("redact/{}/{}", req.body.room_id, req.body.event_id);
+    if let Some(sent) =
+        services.limit_event_send(&user.user_id, user.device_id.as_str(), &scope, req.body.txn_id.as_str()).await?
+    {
+        return Ok(RumaResponse(redact_event::v3::Response::new(sent)));
+    }
     let txn = Txn { device_id: user.device_id.as_str(), scope: &scope, txn_id: req.body.txn_id.as_str() };
     let event_id = services.append_event(&req.body.room_id, &user.user_id, draft, Some(txn)).await?;
     Ok(RumaResponse(redact_event::v3::Response::new(event_id)))

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crate::{
     api::ruma::{Ruma, RumaResponse},
     error::{Error, Result},
-    service::Services,
+    service::{Services, rate_limit::Class},
 };
 
 pub async fn set(
@@ -23,6 +23,7 @@ pub async fn set(
     if req.body.user_id != user.user_id {
         return Err(Error::Forbidden("You may only set your own presence".to_owned()));
     }
+    services.rate_limits.check_user(Class::Presence, &user.user_id)?;
     services.set_presence(&user.user_id, req.body.presence.as_str(), req.body.status_msg.clone()).await?;
     Ok(RumaResponse(set_presence::v3::Response::new()))
 }

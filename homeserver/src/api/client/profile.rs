@@ -12,7 +12,7 @@ use ruma::{
 use crate::{
     api::ruma::{Ruma, RumaResponse},
     error::{Error, Result},
-    service::Services,
+    service::{Services, rate_limit::Class},
 };
 
 pub async fn get(
@@ -54,6 +54,8 @@ pub async fn set_field(
     req: Ruma<set_profile_field::v3::Request>,
 ) -> Result<RumaResponse<set_profile_field::v3::Response>> {
     let user = req.user()?;
+    // Profile changes count as messages, as in Synapse: each one is an event in every room.
+    services.rate_limits.check_user(Class::Message, &user.user_id)?;
     let field = req.body.value.field_name();
     let value = req.body.value.value();
     services.set_profile_field(&user.user_id, &req.body.user_id, field.as_str(), &value).await?;
@@ -65,6 +67,7 @@ pub async fn delete_field(
     req: Ruma<delete_profile_field::v3::Request>,
 ) -> Result<RumaResponse<delete_profile_field::v3::Response>> {
     let user = req.user()?;
+    services.rate_limits.check_user(Class::Message, &user.user_id)?;
     services.delete_profile_field(&user.user_id, &req.body.user_id, req.body.field.as_str()).await?;
     Ok(RumaResponse(delete_profile_field::v3::Response::new()))
 }

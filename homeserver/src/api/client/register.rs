@@ -12,7 +12,7 @@ use crate::{
     api::ruma::{Ruma, RumaResponse},
     config::RegistrationMode,
     error::{Error, Result},
-    service::{Services, accounts::Registration, rate_limit::Action},
+    service::{Services, accounts::Registration, rate_limit::Class},
 };
 
 pub async fn register(
@@ -50,7 +50,7 @@ pub async fn available(
     State(services): State<Arc<Services>>,
     req: Ruma<get_username_availability::v3::Request>,
 ) -> Result<RumaResponse<get_username_availability::v3::Response>> {
-    services.rate_limits.check(Action::Register, req.client_ip)?;
+    services.rate_limits.check_address(Class::Registration, req.client_ip)?;
     services.check_username_available(&req.body.username).await?;
     Ok(RumaResponse(get_username_availability::v3::Response::new(true)))
 }
@@ -62,7 +62,7 @@ pub async fn token_validity(
     if services.settings.registration != RegistrationMode::Token {
         return Err(Error::Forbidden("This server does not use registration tokens".to_owned()));
     }
-    services.rate_limits.check(Action::Register, req.client_ip)?;
+    services.rate_limits.check_address(Class::RegistrationTokenValidity, req.client_ip)?;
     let valid = services.registration_token_valid(&req.body.token).await?;
     Ok(RumaResponse(check_registration_token_validity::v1::Response::new(valid)))
 }

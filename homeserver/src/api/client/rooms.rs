@@ -26,6 +26,7 @@ use crate::{
         Services,
         events::{Viewer, to_raw},
         fed::DirectoryQuery,
+        rate_limit::{Class, Key},
         rooms::{Membership, NewRoomRequest, Preset},
         timeline::EventDraft,
     },
@@ -48,6 +49,7 @@ pub async fn create(
     req: Ruma<create_room::v3::Request>,
 ) -> Result<RumaResponse<create_room::v3::Response>> {
     let user = req.user()?.clone();
+    services.rate_limits.check_user(Class::RoomCreation, &user.user_id)?;
     let body = req.body;
     let preset = body.preset.as_ref().map(|p| match p.as_str() {
         "public_chat" => Ok(Preset::PublicChat),
@@ -98,6 +100,7 @@ pub async fn join_by_id(
 ) -> Result<RumaResponse<join_room_by_id::v3::Response>> {
     let user = req.user()?.clone();
     let room_id = req.body.room_id;
+    services.limit_join(&user.user_id, &room_id).await?;
     services
         .change_membership_via(
             &room_id,
@@ -119,6 +122,7 @@ pub async fn join_by_id_or_alias(
     let user = req.user()?.clone();
     let (room_id, mut via) = services.resolve_room_with_servers(req.body.room_id_or_alias.as_str()).await?;
     via.extend(req.body.via.iter().cloned());
+    services.limit_join(&user.user_id, &room_id).await?;
     services
         .change_membership_via(
             &room_id,
@@ -141,6 +145,14 @@ pub async fn invite(
     let invite_user::v3::InvitationRecipient::UserId(invitee) = &req.body.recipient else {
         return Err(Error::Forbidden("Third-party invites are not supported".to_owned()));
     };
+    services.rate_limits.check(
+        Some(&user.user_id),
+        &[
+            (Class::InvitesPerIssuer, Key::Id(user.user_id.as_str())),
+            (Class::InvitesPerRoom, Key::Id(req.body.room_id.as_str())),
+            (Class::InvitesPerUser, Key::Id(invitee.user_id.as_str())),
+        ],
+    )?;
     services
         .change_membership(
             &req.body.room_id,
@@ -334,6 +346,7 @@ pub async fn send_state(
     req: Ruma<send_state_event::v3::Request>,
 ) -> Result<RumaResponse<send_state_event::v3::Response>> {
     let user = req.user()?.clone();
+    services.rate_limits.check_user(Class::Message, &user.user_id)?;
     let content = json_of(&req.body.body)?;
     if !content.is_object() {
         return Err(Error::BadJson("State event content must be an object".to_owned()));

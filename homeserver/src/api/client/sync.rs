@@ -35,6 +35,7 @@ pub async fn sync(
         None => None,
     };
     let filter = services.resolve_filter(user.user_id.as_str(), filter_text.as_deref()).await?;
+    let event_fields = filter.event_fields.clone();
     let request = SyncRequest {
         since,
         filter,
@@ -42,7 +43,10 @@ pub async fn sync(
         timeout: body.timeout.unwrap_or(Duration::ZERO),
         set_presence: body.set_presence.to_string(),
     };
-    let response = services.sync(&user.user_id, user.device_id.as_str(), request).await?;
+    let mut response = services.sync(&user.user_id, user.device_id.as_str(), request).await?;
+    if let Some(fields) = event_fields {
+        crate::service::event_fields::apply_to_sync(&mut response, &fields);
+    }
     Ok(RumaResponse(response))
 }
 

@@ -309,6 +309,20 @@ def check_device_lists(sally, olga):
               them.api("POST", "/keys/query", {"device_keys": {me.user_id: []}}))
 
 
+def check_to_device(sally, olga):
+    """To-device messages (how Olm sessions and room keys travel): m.direct_to_device both ways,
+    between users who share a room (Obmin takes to-device messages only from servers that
+    share a room with the recipient)."""
+    for me, them, where in ((olga, sally, "Obmin to Synapse"), (sally, olga, "Synapse to Obmin")):
+        marker = f"to-device {where} {time.time_ns()}"
+        s, b = me.api("PUT", f"/sendToDevice/m.obmin.interop/t{time.time_ns()}",
+                      {"messages": {them.user_id: {them.device_id: {"marker": marker}}}})
+        ok, seen = them.sync_until(lambda r: r.get("to_device", {}).get("events", []),
+                                   lambda evs: any(e.get("content", {}).get("marker") == marker
+                                                   and e.get("sender") == me.user_id for e in evs), 30)
+        check(f"to-device message {where} (m.direct_to_device)", s == 200 and ok, (s, b, seen))
+
+
 def check_profiles_keys_media_notaries(syn, obm, sally, olga):
     for user, name in ((sally, "Sally Synapse"), (olga, "Olga Obmin")):
         user.api("PUT", f"/profile/{q(user.user_id)}/displayname", {"displayname": name})
@@ -329,16 +343,6 @@ def check_profiles_keys_media_notaries(syn, obm, sally, olga):
     for me, them, who in ((olga, sally, "Obmin claims a Synapse"), (sally, olga, "Synapse claims an Obmin")):
         s, b = me.api("POST", "/keys/claim", {"one_time_keys": {them.user_id: {them.device_id: "signed_curve25519"}}})
         check(f"{who} one-time key", s == 200 and b.get("one_time_keys", {}).get(them.user_id, {}).get(them.device_id), (s, b))
-
-    # To-device messages (how Olm sessions and room keys travel): m.direct_to_device both ways.
-    for me, them, where in ((olga, sally, "Obmin to Synapse"), (sally, olga, "Synapse to Obmin")):
-        marker = f"to-device {where} {time.time_ns()}"
-        s, b = me.api("PUT", f"/sendToDevice/m.obmin.interop/t{time.time_ns()}",
-                      {"messages": {them.user_id: {them.device_id: {"marker": marker}}}})
-        ok, seen = them.sync_until(lambda r: r.get("to_device", {}).get("events", []),
-                                   lambda evs: any(e.get("content", {}).get("marker") == marker
-                                                   and e.get("sender") == me.user_id for e in evs), 30)
-        check(f"to-device message {where} (m.direct_to_device)", s == 200 and ok, (s, b, seen))
 
     # Media: Synapse fetches Olga's upload from Obmin over federation (multipart/mixed).
     data = bytes(range(256)) * 1000
@@ -568,6 +572,7 @@ def main():
         check_profiles_keys_media_notaries(syn, obm, sally, olga)
 
         room1 = check_room(olga, oscar, sally, sam, "r1")
+        check_to_device(sally, olga)
         room2 = check_room(sally, sam, olga, oscar, "r2")
         rooms = [r for r in (room1, room2) if r]
         check_device_lists(sally, olga)

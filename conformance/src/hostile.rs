@@ -345,6 +345,8 @@ struct Inner {
     rooms: Mutex<HashMap<String, RoomView>>,
     /// Rooms this server created: it answers for them as their resident server.
     hosted: Mutex<HashSet<String>>,
+    /// Endpoints whose answers wait until released (see [`HostileServer::hold`]).
+    holds: Mutex<HashMap<Endpoint, Arc<tokio::sync::Semaphore>>>,
 }
 
 /// The hostile server. Stops listening when dropped.
@@ -395,6 +397,7 @@ impl HostileServer {
             edus: Mutex::new(Vec::new()),
             rooms: Mutex::new(HashMap::new()),
             hosted: Mutex::new(HashSet::new()),
+            holds: Mutex::new(HashMap::new()),
         });
         let app = Router::new().fallback(handle).with_state(inner.clone());
         let listener = TlsIncoming::new(tcp, addr, tls_server_config());
@@ -420,6 +423,28 @@ impl HostileServer {
     /// Answers `endpoint` with `handler` from now on (replacing the built-in answer).
     pub fn on(&self, endpoint: Endpoint, handler: impl Fn(&Request) -> Reply + Send + Sync + 'static) {
         self.inner.handlers.lock().unwrap().insert(endpoint, Arc::new(handler));
+    }
+
+    /// Requests to `endpoint` wait (logged, unanswered) until [`HostileServer::release`]:
+    /// a peer that is slow exactly where the test wants it, for as long as it wants.
+    pub fn hold(&self, endpoint: Endpoint) {
+        self.inner.holds.lock().unwrap().insert(endpoint, Arc::new(tokio::sync::Semaphore::new(0)));
+    }
+
+    /// Answers the held requests to `endpoint` and every later one at once.
+    pub fn release(&self, endpoint: Endpoint) {
+        if let Some(gate) = self.inner.holds.lock().unwrap().remove(&endpoint) {
+            gate.close();
+        }
+    }
+
+    /// Waits (bounded) until `endpoint` has received at least `n` requests.
+    pub async fn wait_for_requests(&self, endpoint: Endpoint, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.requests(endpoint).len() < n {
+            assert!(Instant::now() < deadline, "no {n} requests to {endpoint:?} within 60 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Gives `endpoint` its built-in answer again.
@@ -752,6 +777,7 @@ async fn handle(
         origin,
     };
     inner.requests.lock().unwrap().push(request.clone());
+    wait_if_held(&inner, endpoint).await;
     let handler = inner.handlers.lock().unwrap().get(&endpoint).cloned();
     let reply = match handler {
         Some(handler) => handler(&request),
@@ -775,6 +801,15 @@ fn streamed_response(status: u16, streamed: StreamedBody) -> axum::response::Res
         }
     }
     response
+}
+
+/// Waits while `endpoint` is held.
+async fn wait_if_held(inner: &Inner, endpoint: Endpoint) {
+    let gate = inner.holds.lock().unwrap().get(&endpoint).cloned();
+    if let Some(gate) = gate {
+        // Closed on release: the wait ends with an error, which is the signal.
+        let _ = gate.acquire().await;
+    }
 }
 
 fn json_response(status: u16, body: Value) -> axum::response::Response {

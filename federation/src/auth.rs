@@ -28,3 +28,19 @@ pub fn authorize(
     state_res::check_state_independent_auth_rules(rules, event, |id| events.get(id))?;
     state_res::check_state_dependent_auth_rules(rules, event, |kind, key| state.get(&(kind.clone(), key.to_owned())))
 }
+
+/// Checks `event` against its own auth events alone (the first of the spec's checks on
+/// receipt of a PDU): the auth events both select the rules' inputs and stand for the state.
+/// `auth_events` may also hold the room's create event (room version 12 consults it without
+/// listing it).
+pub fn authorize_by_auth_events(
+    rules: &AuthorizationRules,
+    event: &Pdu,
+    auth_events: &HashMap<OwnedEventId, Pdu>,
+) -> Result<(), String> {
+    let state: HashMap<(StateEventType, String), Pdu> = auth_events
+        .values()
+        .filter_map(|e| e.state_key.clone().map(|k| ((e.kind.to_string().into(), k), e.clone())))
+        .collect();
+    authorize(rules, event, auth_events, &state)
+}

@@ -24,6 +24,10 @@ pub use transactions::TransactionsConfig;
 /// The documented example configuration, printed by `generate-config`.
 pub const EXAMPLE_CONFIG: &str = include_str!("../../config/homeserver.toml");
 
+/// Longest `federation.inbound_wait_secs`: well inside the time a sending server waits for
+/// an answer.
+const MAX_INBOUND_WAIT_SECS: u64 = 60;
+
 /// Who may create accounts through the Client-Server API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -131,6 +135,10 @@ pub struct FederationConfig {
     pub verify_certificates: bool,
     /// Allow federation requests to loopback and private addresses.
     pub allow_private_targets: bool,
+    /// Seconds an incoming `/send` waits for its PDUs that need events fetched first (worked
+    /// on in the background) before it answers; those still being worked on are reported
+    /// as taken.
+    pub inbound_wait_secs: u64,
     /// Requests to other servers in flight at once: federation and push gateways together.
     pub max_outbound_requests: u32,
     /// After this long failing, a destination's backlog is cut to what it needs to catch up
@@ -147,6 +155,7 @@ impl Default for FederationConfig {
             tls_key: String::new(),
             verify_certificates: true,
             allow_private_targets: false,
+            inbound_wait_secs: 10,
             max_outbound_requests: federation::client::DEFAULT_MAX_OUTBOUND as u32,
             give_up_after_secs: 24 * 3600,
         }
@@ -449,6 +458,7 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_TLS_KEY", "federation.tls_key", EnvKind::String),
     ("OBMIN_FEDERATION_VERIFY_CERTIFICATES", "federation.verify_certificates", EnvKind::Bool),
     ("OBMIN_FEDERATION_ALLOW_PRIVATE_TARGETS", "federation.allow_private_targets", EnvKind::Bool),
+    ("OBMIN_FEDERATION_INBOUND_WAIT_SECS", "federation.inbound_wait_secs", EnvKind::Integer),
     ("OBMIN_FEDERATION_MAX_OUTBOUND_REQUESTS", "federation.max_outbound_requests", EnvKind::Integer),
     ("OBMIN_FEDERATION_GIVE_UP_AFTER_SECS", "federation.give_up_after_secs", EnvKind::Integer),
 ];
@@ -574,6 +584,8 @@ pub struct FederationSettings {
     pub listener: Option<FederationListener>,
     pub verify_certificates: bool,
     pub allow_private_targets: bool,
+    /// How long an incoming `/send` waits for PDUs worked on in the background.
+    pub inbound_wait: std::time::Duration,
     pub max_outbound_requests: usize,
     pub give_up_after: std::time::Duration,
 }
@@ -789,6 +801,7 @@ fn validate_federation(config: &FederationConfig) -> Result<FederationSettings, 
         listener,
         verify_certificates: config.verify_certificates,
         allow_private_targets: config.allow_private_targets,
+        inbound_wait: std::time::Duration::from_secs(config.inbound_wait_secs.min(MAX_INBOUND_WAIT_SECS)),
         max_outbound_requests: config.max_outbound_requests as usize,
         give_up_after: std::time::Duration::from_secs(config.give_up_after_secs),
     })

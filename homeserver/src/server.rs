@@ -48,6 +48,11 @@ pub async fn open_store(settings: &Settings) -> Result<Store, StartError> {
     )
     .await?;
     store.migrate().await?;
+    // Rooms from before the state model get their state groups once (see the migration).
+    let rooms = store.build_pending_state_groups().await?;
+    if rooms > 0 {
+        tracing::info!(rooms, "computed the state groups of rooms stored before them");
+    }
     Ok(store)
 }
 
@@ -124,6 +129,8 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let media_expiry = tokio::spawn(expire_media(services.clone()));
     let push_delivery = tokio::spawn(crate::service::push_gateway::run(services.clone()));
     let federation_delivery = tokio::spawn(crate::service::send_queue::run(services.clone()));
+    // Received events acknowledged before a restart and not yet worked on.
+    tokio::spawn(services.clone().resume_inbound_queue());
     let txn_retention = tokio::spawn(crate::service::txn_retention::run(services.clone()));
     let app = api::router(services.clone());
     crate::listener::serve(listener, app, services.settings.http.clone(), async move {

@@ -15,6 +15,10 @@ const ALLOWED_TO_DIFFER: &[(&str, &str)] = &[
         "20261207000200_state_groups.sql",
         "an auto-numbered id: INTEGER PRIMARY KEY on SQLite, an identity column on PostgreSQL",
     ),
+    (
+        "20261208001400_inbound_pdus.sql",
+        "an auto-numbered id: INTEGER PRIMARY KEY on SQLite, an identity column on PostgreSQL",
+    ),
 ];
 
 fn migrations(engine: &str) -> BTreeMap<String, String> {

@@ -10,15 +10,16 @@ use conformance::{
 use reqwest::Method;
 use serde_json::{Value, json};
 
-async fn set_acl(server: &Server, user: &User, room_id: &str, content: Value) {
-    server
+/// Sets the room's ACL; returns the event's id.
+async fn set_acl(server: &Server, user: &User, room_id: &str, content: Value) -> String {
+    let resp = server
         .put(
             &format!("/_matrix/client/v3/rooms/{}/state/m.room.server_acl/", enc(room_id)),
             Some(&user.access_token),
             content,
         )
-        .await
-        .assert_ok();
+        .await;
+    resp.assert_ok()["event_id"].as_str().unwrap().to_owned()
 }
 
 /// After an ACL denying it, the hostile server (an IP literal) can neither invite our users
@@ -94,11 +95,41 @@ async fn malformed_acls_are_read_like_synapse(backend: Backend) {
         ),
     ];
     for (i, (what, acl, allowed)) in cases.into_iter().enumerate() {
-        set_acl(&a, &alice, &room_id, acl).await;
-        let (_, pdu) = h.build(&room_id, Draft::message(&mallory, &format!("case {i}")));
+        let acl_id = set_acl(&a, &alice, &room_id, acl).await;
+        // On the ACL event: not on the cases refused before (we never took them, and the
+        // hostile server, not the room's resident server, would not serve them).
+        let (_, pdu) = h.build(&room_id, Draft::message(&mallory, &format!("case {i}")).prev_events(&[&acl_id]));
         let verdict = h.send_pdu(&a, &pdu).await;
         assert_eq!(verdict.is_ok(), allowed, "{what}: {verdict:?}");
     }
 }
 
-backend_tests!(a_denied_server_is_refused_everywhere, malformed_acls_are_read_like_synapse);
+/// A PDU whose sender's server the ACL denies is refused even when an allowed server relays
+/// it in its own transaction (the ACL is about who wrote the event, not who carried it).
+async fn a_denied_servers_event_relayed_by_an_allowed_server_is_refused(backend: Backend) {
+    let a = ServerOptions::new(backend).federating().start().await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let relay = HostileServer::start().await;
+    let denied = HostileServer::start_named("127.0.0.1").await;
+    relay.join(&a, &room_id, "relay").await.expect("the relay joins");
+    denied.join(&a, &room_id, "eve").await.expect("eve joins before the ACL");
+    set_acl(&a, &alice, &room_id, json!({"allow": ["*"], "allow_ip_literals": false})).await;
+
+    let (event_id, pdu) = denied.build(&room_id, Draft::message(&denied.user("eve"), "relayed past the ACL"));
+    let verdict = relay.send_pdu(&a, &pdu).await;
+    assert!(verdict.is_err(), "a denied server's event relayed by another server was taken");
+    let resp = a
+        .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room_id), enc(&event_id)), Some(&alice.access_token))
+        .await;
+    assert_eq!(resp.status, 404, "the relayed event is not on the timeline: {}", resp.body);
+    // The relay's own users are still welcome.
+    let (_, own) = relay.build(&room_id, Draft::message(&relay.user("relay"), "allowed"));
+    relay.send_pdu(&a, &own).await.expect("the allowed server's own event is taken");
+}
+
+backend_tests!(
+    a_denied_server_is_refused_everywhere,
+    malformed_acls_are_read_like_synapse,
+    a_denied_servers_event_relayed_by_an_allowed_server_is_refused
+);

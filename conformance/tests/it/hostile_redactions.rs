@@ -151,4 +151,48 @@ async fn received_redactions_apply_only_when_allowed(backend: Backend) {
     .await;
 }
 
-backend_tests!(a_plain_members_redacts_field_redacts_nothing, received_redactions_apply_only_when_allowed);
+/// A received redaction that arrives before the event it redacts (on a branch of its own) is
+/// kept aside; when the event arrives, the redaction takes effect if its sender may make it
+/// (the same user) and stays without effect, unseen, if not (another server's user's event).
+async fn a_redaction_arriving_before_its_target_applies_when_allowed(backend: Backend) {
+    let a = ServerOptions::new(backend).federating().start().await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
+    let h = HostileServer::start().await;
+    let h2 = HostileServer::start_named("127.0.0.1").await;
+    let mallory = h.user("mallory");
+    h.join(&a, &room_id, "mallory").await.expect("mallory joins");
+    h2.join(&a, &room_id, "eve").await.expect("eve joins");
+    let heads = h.room(&room_id).extremities.clone();
+    let heads: Vec<&str> = heads.iter().map(String::as_str).collect();
+
+    // Mallory's own message and its redaction, both on the same prev events: the redaction
+    // is sent first.
+    let (target, target_pdu) = h.build(&room_id, Draft::message(&mallory, "said then unsaid").prev_events(&heads));
+    let (redaction, redaction_pdu) =
+        h.build(&room_id, Draft::new(&mallory, "m.room.redaction", json!({"redacts": target})).prev_events(&heads));
+    let _ = h.send_pdu(&a, &redaction_pdu).await;
+    h.send_pdu(&a, &target_pdu).await.expect("the target is taken");
+    assert_redacted(&event(&a, &alice, &room_id, &target).await);
+    let shown = event(&a, &alice, &room_id, &redaction).await;
+    assert_eq!(shown["content"]["redacts"], target.as_str(), "the redaction is on the timeline: {shown}");
+
+    // Mallory redacting Eve's message (another server's user) before it arrives: never
+    // applied, never shown.
+    let (eves, eves_pdu) = h2.build(&room_id, Draft::message(&h2.user("eve"), "eve's words"));
+    let (refused, refused_pdu) =
+        h.build(&room_id, Draft::new(&mallory, "m.room.redaction", json!({"redacts": eves})).prev_events(&heads));
+    let _ = h.send_pdu(&a, &refused_pdu).await;
+    h2.send_pdu(&a, &eves_pdu).await.expect("eve's message is taken");
+    assert_intact(&event(&a, &alice, &room_id, &eves).await, "eve's words");
+    let resp = a
+        .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room_id), enc(&refused)), Some(&alice.access_token))
+        .await;
+    assert_eq!(resp.status, 404, "the refused redaction is not shown: {}", resp.body);
+}
+
+backend_tests!(
+    a_plain_members_redacts_field_redacts_nothing,
+    received_redactions_apply_only_when_allowed,
+    a_redaction_arriving_before_its_target_applies_when_allowed
+);

@@ -5,7 +5,7 @@
 
 use conformance::{
     Backend, Server, ServerOptions, User, backend_tests, enc,
-    hostile::{Endpoint, HostileServer, Reply},
+    hostile::{Draft, Endpoint, HostileServer, Reply},
 };
 use ruma::RoomVersionId;
 use serde_json::{Value, json};
@@ -214,7 +214,85 @@ async fn a_co_signed_invite_changes_nothing_but_signatures(backend: Backend) {
     assert!(stored["signatures"][&h.name].is_object(), "the invitee's signature is kept: {stored}");
 }
 
+/// `/invite` of `event` (built by `h`) as `h` would send it.
+async fn send_invite(h: &HostileServer, server: &Server, room_id: &str, event_id: &str, event: Value) -> (u16, Value) {
+    let body = json!({"room_version": "12", "event": event, "invite_room_state": []});
+    h.request(
+        server,
+        reqwest::Method::PUT,
+        &format!("/_matrix/federation/v2/invite/{}/{}", enc(room_id), enc(event_id)),
+        Some(body),
+    )
+    .await
+}
+
+fn is_invited(sync: &Value, room_id: &str) -> bool {
+    sync["rooms"]["invite"].get(room_id).is_some()
+}
+
+/// Invites through `/invite` into a room every local user has left (so we are not in it and
+/// its state is what we knew when we left): an invite its own auth events do not allow (of a
+/// user banned there), or one citing a membership of the invitee older than the ban we know,
+/// is refused and changes nothing; an allowed invite still arrives.
+async fn invites_into_a_room_we_left_are_checked(backend: Backend) {
+    let a = federating(backend).await;
+    let alice = a.register("alice", "password-alice-1").await;
+    let bob = a.register("bob", "password-bob-1").await;
+    let carol = a.register("carol", "password-carol-1").await;
+    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
+    a.join(&bob, &room_id).await.assert_ok();
+    a.join(&carol, &room_id).await.assert_ok();
+    let h = HostileServer::start().await;
+    let mallory = h.user("mallory");
+    h.join(&a, &room_id, "mallory").await.expect("mallory joins");
+    let room = enc(&room_id);
+    a.post(
+        &format!("/_matrix/client/v3/rooms/{room}/ban"),
+        Some(&alice.access_token),
+        json!({"user_id": carol.user_id}),
+    )
+    .await
+    .assert_ok();
+    a.post(&format!("/_matrix/client/v3/rooms/{room}/leave"), Some(&bob.access_token), json!({})).await.assert_ok();
+    a.post(&format!("/_matrix/client/v3/rooms/{room}/leave"), Some(&alice.access_token), json!({})).await.assert_ok();
+    let alice_id = alice.user_id.clone();
+    h.wait_for_pdu("alice's leave", move |p| p["type"] == "m.room.member" && p["state_key"] == alice_id.as_str()).await;
+    let view = h.room(&room_id);
+    let carols_join = view
+        .events
+        .iter()
+        .find(|(_, e)| e["state_key"] == carol.user_id.as_str() && e["content"]["membership"] == "join")
+        .map(|(id, _)| id.clone())
+        .expect("carol's join");
+    let carol_since = a.sync(&carol, None, 0, None).await["next_batch"].as_str().unwrap().to_owned();
+
+    // Carol is banned: the invite's own auth events (the ban among them) do not allow it.
+    let (invite_id, invite) = h.build(&room_id, Draft::member(&mallory, &carol.user_id, "invite"));
+    let (status, body) = send_invite(&h, &a, &room_id, &invite_id, invite).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "an invite of a banned user: {body}");
+    // The same invite citing Carol's join from before the ban we know.
+    let power_levels = view.state_id("m.room.power_levels", "").unwrap();
+    let mallorys_join = view.state_id("m.room.member", &mallory).unwrap();
+    let (invite_id, invite) = h.build(
+        &room_id,
+        Draft::member(&mallory, &carol.user_id, "invite").auth_events(&[&power_levels, &mallorys_join, &carols_join]),
+    );
+    let (status, body) = send_invite(&h, &a, &room_id, &invite_id, invite).await;
+    assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "an invite citing an old join: {body}");
+    let sync = a.sync(&carol, Some(&carol_since), 0, None).await;
+    assert!(!is_invited(&sync, &room_id), "carol got a refused invite: {sync}");
+    let sync = a.sync(&carol, None, 0, None).await;
+    assert!(!is_invited(&sync, &room_id), "carol got a refused invite: {sync}");
+
+    // Bob left of his own accord: an invite back is allowed.
+    let (invite_id, invite) = h.build(&room_id, Draft::member(&mallory, &bob.user_id, "invite"));
+    let (status, body) = send_invite(&h, &a, &room_id, &invite_id, invite).await;
+    assert_eq!(status, 200, "an allowed invite: {body}");
+    assert!(is_invited(&a.sync(&bob, None, 0, None).await, &room_id), "bob sees the invite");
+}
+
 backend_tests!(
+    invites_into_a_room_we_left_are_checked,
     crafted_join_templates_are_refused,
     crafted_leave_templates_are_refused,
     a_co_signed_invite_changes_nothing_but_signatures

@@ -54,6 +54,11 @@ impl Services {
                     continue;
                 }
             };
+            if response.pdus.len() as u64 > u64::from(limit) {
+                // An honest server answers with at most what was asked for.
+                tracing::info!(%room_id, %server, events = response.pdus.len(), "dropped a backfill answer longer than asked");
+                continue;
+            }
             let mut verified = Vec::new();
             for raw in &response.pdus {
                 match self.verify_pdu(raw, &version).await {

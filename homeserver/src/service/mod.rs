@@ -12,6 +12,7 @@ pub mod event_content;
 pub mod event_fields;
 pub mod events;
 pub mod fed;
+pub mod inbound;
 pub mod keys;
 pub mod media;
 pub mod notifier;
@@ -32,6 +33,7 @@ pub mod send_queue;
 pub mod server_acl;
 pub mod server_visibility;
 pub mod sliding_sync;
+pub mod state;
 pub mod streams;
 pub mod sync;
 pub mod timeline;
@@ -62,8 +64,12 @@ pub struct Services {
     pub fed: fed::Federation,
     /// Delivery of our rooms' events to other servers (the queue is a table).
     pub send_queue: send_queue::SendQueue,
+    /// Incoming `/send` transactions: turns per origin, the per-room queues' workers.
+    pub inbound: inbound::Inbound,
     room_locks: timeline::RoomLocks,
     pub room_cache: room_cache::RoomCaches,
+    /// State groups read so far (see `service::state`).
+    state_cache: state::StateCache,
     key_counts: keys::KeyCountCache,
     /// Each user's rooms with their membership, for syncs (see `rooms_of_user`).
     user_rooms: cache::Cache<String, Arc<Vec<(String, String)>>>,
@@ -103,8 +109,10 @@ impl Services {
             sliding_sync_connections: sliding_sync::SlidingSyncConnections::default(),
             fed,
             send_queue: send_queue::SendQueue::default(),
+            inbound: inbound::Inbound::default(),
             room_locks: timeline::RoomLocks::default(),
             room_cache: room_cache::RoomCaches::default(),
+            state_cache: state::StateCache::default(),
             key_counts: keys::KeyCountCache::new(keys::MAX_CACHED_KEY_COUNTS),
             user_rooms: cache::Cache::new(100_000),
             unread: cache::Cache::new(100_000),

@@ -1,29 +1,29 @@
-//! Events other servers send us: checked (signatures and content hash with the sender's
-//! cached server keys, authorization by the event's own auth events, then against the
-//! current state) and stored through the same per-room append path as our own events, so the
-//! room cache, the send queue and the syncs see them exactly like local ones.
+//! Events other servers send us: checked as the spec's checks on receipt of a PDU say
+//! (signatures and content hash with the sender's cached server keys; authorized by the
+//! event's own auth events, then by the state before it, else rejected; then by the current
+//! state, else soft-failed) and stored through the same per-room append path as our own
+//! events, so the room cache, the send queue and the syncs see them exactly like local ones.
+//! Auth events we lack are fetched and authorized in turn; where the event's prev events are
+//! missing, the state at them is asked for and resolved with what we know.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use federation::{
     auth,
     pdu::{Pdu, room_version_rules, signing_keys_needed, verify_received},
-    state::resolve_states,
 };
 use ruma::{
     CanonicalJsonObject, EventId, OwnedEventId, OwnedRoomId, RoomId, RoomVersionId, ServerName, UInt,
-    api::federation::event::{get_event, get_missing_events},
-    events::StateEventType,
+    api::federation::event::{get_event, get_missing_events, get_room_state_ids},
     serde::Base64,
     signatures::PublicKeyMap,
-    state_res::StateMap,
 };
 use serde_json::value::RawValue as RawJsonValue;
 
 use super::{Services, timeline::BuiltEvent};
 use crate::{
     error::{Error, Result},
-    store::now_ms,
+    store::{CurrentGroup, EventStateGroups, EventStatus, GroupBase, NewOutlier, NewStateGroup, StateIds, now_ms},
 };
 
 /// Most events asked for in one `get_missing_events` request.
@@ -32,6 +32,55 @@ const MISSING_EVENTS_LIMIT: u32 = 20;
 /// outage (Synapse then sends only the newest event of each room) can leave a gap larger than
 /// one answer, so we ask again from the oldest events we got, up to this many times.
 const MISSING_EVENTS_ROUNDS: usize = 10;
+/// Most events fetched for the auth chain of one received event (each with `/event`).
+const MAX_AUTH_EVENTS_FETCHED: usize = 100;
+/// Most prev events of one received event whose state we ask for.
+const MAX_PREV_STATES_FETCHED: usize = 3;
+/// Most state events one `/state_ids` answer may name.
+const MAX_STATE_IDS: usize = 20_000;
+/// Most events fetched for the state at one prev event (those we lack, with their auth
+/// chains).
+const MAX_STATE_EVENTS_FETCHED: usize = 500;
+
+/// What a stored event's status means for an event arriving again: `Some` when it is not
+/// to be taken in again (already on the timeline or soft-failed; rejected is an error).
+pub(crate) fn known_outcome(event_id: &EventId, status: &EventStatus) -> Result<Option<Accepted>> {
+    match status {
+        EventStatus::Timeline => Ok(Some(Accepted::Known)),
+        EventStatus::Outlier { rejection: Some(reason), .. } => {
+            Err(Error::Forbidden(format!("{event_id} was rejected: {reason}")))
+        }
+        EventStatus::Outlier { soft_failed: true, .. } => Ok(Some(Accepted::Known)),
+        EventStatus::Outlier { .. } | EventStatus::Unknown => Ok(None),
+    }
+}
+
+/// Most `prev_events` of a received event (the spec's limit): more are refused before
+/// anything is fetched for them.
+pub const MAX_PREV_EVENTS: usize = 20;
+/// Most `auth_events` of a received event (the spec's limit).
+pub const MAX_AUTH_EVENTS: usize = 10;
+
+/// Refuses an event naming more `prev_events` or `auth_events` than the spec allows, before
+/// its signatures are checked or anything it names is looked for.
+fn check_references(raw: &RawJsonValue) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct References {
+        #[serde(default)]
+        prev_events: Vec<serde::de::IgnoredAny>,
+        #[serde(default)]
+        auth_events: Vec<serde::de::IgnoredAny>,
+    }
+    let refs: References =
+        serde_json::from_str(raw.get()).map_err(|e| Error::BadJson(format!("not a valid event: {e}")))?;
+    if refs.prev_events.len() > MAX_PREV_EVENTS {
+        return Err(Error::BadJson(format!("more than {MAX_PREV_EVENTS} prev_events")));
+    }
+    if refs.auth_events.len() > MAX_AUTH_EVENTS {
+        return Err(Error::BadJson(format!("more than {MAX_AUTH_EVENTS} auth_events")));
+    }
+    Ok(())
+}
 
 /// A received event whose signatures and hashes verified.
 pub struct VerifiedEvent {
@@ -67,6 +116,7 @@ impl Services {
     /// Parses a received PDU and checks its signatures and content hash (a hash mismatch
     /// redacts it, as the spec says); the keys come from the key cache or their servers.
     pub async fn verify_pdu(&self, raw: &RawJsonValue, version: &RoomVersionId) -> Result<VerifiedEvent> {
+        check_references(raw)?;
         let object: CanonicalJsonObject =
             serde_json::from_str(raw.get()).map_err(|e| Error::BadJson(format!("not a valid event: {e}")))?;
         let at_ms = match object.get("origin_server_ts") {
@@ -105,34 +155,12 @@ impl Services {
             .any(|m| m.server_name() == self.settings.server_name))
     }
 
-    /// One PDU of a `/send` transaction from `origin`.
-    pub async fn receive_pdu(&self, origin: &ServerName, raw: &RawJsonValue) -> Result<(OwnedEventId, Accepted)> {
-        let room_id = room_id_of(raw)?;
-        if !self.server_in_room(&room_id).await? {
-            return Err(Error::Forbidden(format!("this server is not in {room_id}")));
-        }
-        self.check_server_acl(&room_id, origin).await?;
-        let version = self.room_version(room_id.as_str()).await?;
-        let event = self.verify_pdu(raw, &version).await?;
-        if event.pdu.room_id.as_deref() != Some(&*room_id) {
-            return Err(Error::BadJson("room_id mismatch".to_owned()));
-        }
-        let id = event.event_id.clone();
-        if !self.store.any_events_json(&[id.to_string()]).await?.is_empty() {
-            return Ok((id, Accepted::Known));
-        }
-        self.fetch_missing_prev_events(origin, &room_id, &version, &event.pdu).await;
-        self.fetch_missing_auth_events(origin, &room_id, &version, &event.pdu).await;
-        let accepted = self.accept_remote_event(&room_id, event, origin, false).await?;
-        Ok((id, accepted))
-    }
-
     /// Fetches the events between our forward extremities and `pdu` that we do not have
     /// (`get_missing_events`, asked again from the oldest events fetched while their
     /// `prev_events` are still unknown, at most [`MISSING_EVENTS_ROUNDS`] times) and takes them
-    /// in, oldest first. Best effort: what cannot be fetched leaves a gap in the graph, not a
-    /// refused event.
-    async fn fetch_missing_prev_events(
+    /// in, oldest first. Best effort: what cannot be fetched leaves a gap in the graph, which
+    /// the state at the gap's edge (asked with `/state_ids`) bridges.
+    pub(crate) async fn fetch_missing_prev_events(
         &self,
         origin: &ServerName,
         room_id: &RoomId,
@@ -140,8 +168,8 @@ impl Services {
         pdu: &Pdu,
     ) {
         let ids: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
-        let known = match self.store.any_events_json(&ids).await {
-            Ok(rows) => rows.len(),
+        let known = match self.store.events_in_graph(&ids).await {
+            Ok(held) => held.len(),
             Err(_) => return,
         };
         if known == ids.len() {
@@ -162,6 +190,11 @@ impl Services {
                     break;
                 }
             };
+            if response.events.len() > MISSING_EVENTS_LIMIT as usize {
+                // An honest server answers with at most what was asked for.
+                tracing::info!(%origin, %room_id, events = response.events.len(), "dropped a get_missing_events answer longer than asked");
+                break;
+            }
             let before = fetched.len();
             for raw in &response.events {
                 match self.verify_pdu(raw, version).await {
@@ -183,8 +216,7 @@ impl Services {
                 .filter(|id| !fetched.contains_key(*id))
                 .map(|id| id.to_string())
                 .collect();
-            let Ok(held) = self.store.any_events_json(&unknown).await else { break };
-            let held: HashSet<String> = held.into_iter().map(|(id, _, _)| id).collect();
+            let Ok(held) = self.store.events_in_graph(&unknown).await else { break };
             latest = fetched
                 .values()
                 .filter(|e| e.pdu.prev_events.iter().any(|p| !fetched.contains_key(p) && !held.contains(p.as_str())))
@@ -198,13 +230,15 @@ impl Services {
         events.sort_by_key(|e| (e.pdu.depth, e.pdu.origin_server_ts));
         for event in events {
             let id = event.event_id.clone();
+            self.fetch_missing_auth_events(origin, room_id, version, &event.pdu).await;
             if let Err(e) = self.accept_remote_event(room_id, event, origin, false).await {
                 tracing::info!(%id, error = %e, "a missing event was refused");
             }
         }
     }
 
-    /// Fetches (`/event`) the auth events of `pdu` we do not have and keeps them as outliers.
+    /// Fetches the auth events of `pdu` we do not have (and theirs, recursively) and keeps
+    /// them as outliers, each authorized by its own auth events or kept as rejected.
     pub(crate) async fn fetch_missing_auth_events(
         &self,
         origin: &ServerName,
@@ -212,40 +246,348 @@ impl Services {
         version: &RoomVersionId,
         pdu: &Pdu,
     ) {
-        let ids: Vec<String> = pdu.auth_events.iter().map(|id| id.to_string()).collect();
-        let Ok(known) = self.store.any_events_json(&ids).await else { return };
-        let known: HashSet<String> = known.into_iter().map(|(id, _, _)| id).collect();
-        for id in pdu.auth_events.iter().filter(|id| !known.contains(id.as_str())) {
+        if let Err(e) = self.fetch_auth_chain(origin, room_id, version, &pdu.auth_events, MAX_AUTH_EVENTS_FETCHED).await
+        {
+            tracing::info!(%origin, event_id = %pdu.event_id, error = %e, "cannot fetch its auth events");
+        }
+    }
+
+    /// Fetches (`/event`, from `origin`) the events of `ids` we do not hold and, recursively,
+    /// their auth events we do not hold, at most `limit` events in all; then authorizes each
+    /// by its own auth events, oldest first, and stores them as outliers: accepted, or
+    /// rejected with the reason (an event whose auth event was rejected is rejected too).
+    /// Events whose auth events could not all be had are not stored.
+    async fn fetch_auth_chain(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        ids: &[OwnedEventId],
+        limit: usize,
+    ) -> Result<()> {
+        let rules = room_version_rules(version).map_err(|e| Error::internal(e.to_string()))?;
+        let mut fetched: HashMap<OwnedEventId, VerifiedEvent> = HashMap::new();
+        let mut asked: HashSet<OwnedEventId> = HashSet::new();
+        let mut queue: Vec<OwnedEventId> = self.unheld(ids).await?;
+        while let Some(id) = queue.pop() {
+            if fetched.len() >= limit {
+                tracing::info!(%origin, %room_id, limit, "an auth chain is longer than we fetch");
+                break;
+            }
+            if !asked.insert(id.clone()) {
+                continue;
+            }
             let Ok(response) = self.send_federation(origin, get_event::v1::Request::new(id.clone())).await else {
                 continue;
             };
             match self.verify_pdu(&response.pdu, version).await {
-                Ok(event) if &event.event_id == id && event.pdu.room_id.as_deref() == Some(room_id) => {
-                    let _ =
-                        self.store.insert_outlier(id.as_str(), room_id.as_str(), &event.json, false, now_ms()).await;
+                Ok(event) if event.event_id == id && event.pdu.room_id.as_deref() == Some(room_id) => {
+                    let next: Vec<OwnedEventId> =
+                        event.pdu.auth_events.iter().filter(|a| !asked.contains(*a)).cloned().collect();
+                    queue.extend(self.unheld(&next).await?);
+                    fetched.insert(id, event);
                 }
                 Ok(_) => tracing::info!(%id, "a fetched auth event is not the one asked for"),
                 Err(e) => tracing::info!(%id, error = %e, "a fetched auth event did not verify"),
             }
         }
+        if fetched.is_empty() {
+            return Ok(());
+        }
+        // What the fetched events cite that we hold.
+        let cited: Vec<String> = fetched
+            .values()
+            .flat_map(|e| e.pdu.auth_events.iter())
+            .filter(|id| !fetched.contains_key(*id))
+            .map(|id| id.to_string())
+            .collect();
+        let mut held: HashMap<OwnedEventId, Pdu> = HashMap::new();
+        for stored in self.store.pdus_for_auth(&cited).await? {
+            if stored.room_id != room_id.as_str() {
+                continue;
+            }
+            let Ok(id) = EventId::parse(stored.event_id.as_str()) else { continue };
+            let Ok(mut event) = Pdu::from_json(id.clone(), &stored.json) else { continue };
+            event.rejected = stored.rejected;
+            held.insert(id, event);
+        }
+        let create = self.create_event_pdu(room_id, &rules).await?;
+        // Decide in the auth graph's order: an event once all its auth events are decided.
+        let mut decided: HashMap<OwnedEventId, Option<String>> = HashMap::new();
+        loop {
+            let mut progress = false;
+            for (id, event) in &fetched {
+                if decided.contains_key(id) {
+                    continue;
+                }
+                let mut auth_events: HashMap<OwnedEventId, Pdu> = HashMap::new();
+                let mut verdict: Option<Option<String>> = None;
+                let mut ready = true;
+                for auth_id in &event.pdu.auth_events {
+                    if let Some(decision) = decided.get(auth_id) {
+                        match decision {
+                            Some(_) => verdict = Some(Some(format!("its auth event {auth_id} was rejected"))),
+                            None => {
+                                auth_events.insert(auth_id.clone(), fetched[auth_id].pdu.clone());
+                            }
+                        }
+                    } else if fetched.contains_key(auth_id) {
+                        ready = false;
+                    } else if let Some(pdu) = held.get(auth_id) {
+                        if pdu.rejected {
+                            verdict = Some(Some(format!("its auth event {auth_id} was rejected")));
+                        }
+                        auth_events.insert(auth_id.clone(), pdu.clone());
+                    } else {
+                        // Never had: this event cannot be decided now.
+                        ready = false;
+                    }
+                }
+                if verdict.is_none() && !ready {
+                    continue;
+                }
+                let verdict = match verdict {
+                    Some(verdict) => verdict,
+                    None => {
+                        if let Some(create) = &create {
+                            auth_events.entry(create.event_id.clone()).or_insert_with(|| create.clone());
+                        }
+                        auth::authorize_by_auth_events(&rules.authorization, &event.pdu, &auth_events).err()
+                    }
+                };
+                decided.insert(id.clone(), verdict);
+                progress = true;
+            }
+            if !progress {
+                break;
+            }
+        }
+        let outliers: Vec<NewOutlier> = decided
+            .into_iter()
+            .map(|(id, rejection)| {
+                if let Some(reason) = &rejection {
+                    tracing::info!(event_id = %id, %origin, %reason, "rejected a fetched auth event");
+                }
+                NewOutlier {
+                    event_id: id.to_string(),
+                    json: fetched[&id].json.clone(),
+                    soft_failed: false,
+                    rejection,
+                    state: None,
+                }
+            })
+            .collect();
+        self.store.insert_outliers(room_id.as_str(), &outliers, now_ms()).await?;
+        Ok(())
     }
 
-    /// The auth events of `pdu` that we hold, parsed.
+    /// Of `ids`, those we hold in no form.
+    async fn unheld(&self, ids: &[OwnedEventId]) -> Result<Vec<OwnedEventId>> {
+        let strings: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
+        let held: HashSet<String> =
+            self.store.pdus_for_auth(&strings).await?.into_iter().map(|stored| stored.event_id).collect();
+        Ok(ids.iter().filter(|id| !held.contains(id.as_str())).cloned().collect())
+    }
+
+    /// The room's create event (room version 12 consults it without listing it among an
+    /// event's auth events).
+    async fn create_event_pdu(
+        &self,
+        room_id: &RoomId,
+        rules: &ruma::room_version_rules::RoomVersionRules,
+    ) -> Result<Option<Pdu>> {
+        if !rules.authorization.room_create_event_id_as_room_id {
+            return Ok(None);
+        }
+        let Some(create) = self.cached_state_event(room_id, "m.room.create", "").await? else { return Ok(None) };
+        let id = EventId::parse(create.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
+        Ok(Some(Pdu::from_json(id, &create.json).map_err(|e| Error::internal(e.to_string()))?))
+    }
+
+    /// The state after each prev event of `pdu` whose state we do not know, asked from
+    /// `origin` (`/state_ids` at it, the events we lack fetched and authorized like auth
+    /// chains, rejected ones left out) and stored with the prev event. At most
+    /// [`MAX_PREV_STATES_FETCHED`] prev events; best effort.
+    async fn fetch_prev_states(&self, origin: &ServerName, room_id: &RoomId, version: &RoomVersionId, pdu: &Pdu) {
+        let ids: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
+        let Ok(known) = self.store.event_state_groups(&ids).await else { return };
+        for prev in pdu.prev_events.iter().filter(|id| !known.contains_key(id.as_str())).take(MAX_PREV_STATES_FETCHED) {
+            if let Err(e) = self.fetch_state_after(origin, room_id, version, prev).await {
+                tracing::info!(%origin, %room_id, %prev, error = %e, "cannot learn the state at a prev event");
+            }
+        }
+    }
+
+    async fn fetch_state_after(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        prev: &OwnedEventId,
+    ) -> Result<()> {
+        let response = self
+            .send_federation(origin, get_room_state_ids::v1::Request::new(prev.clone(), room_id.to_owned()))
+            .await?;
+        if response.pdu_ids.len() > MAX_STATE_IDS {
+            return Err(Error::RemoteUnavailable(format!(
+                "{} state events are more than we take",
+                response.pdu_ids.len()
+            )));
+        }
+        let mut wanted = response.pdu_ids.clone();
+        wanted.push(prev.clone());
+        self.fetch_auth_chain(origin, room_id, version, &wanted, MAX_STATE_EVENTS_FETCHED).await?;
+        // The state before the prev event, from the events themselves (never from the
+        // answer's word about which key each one holds).
+        let strings: Vec<String> = response.pdu_ids.iter().map(|id| id.to_string()).collect();
+        let mut before: StateIds = HashMap::new();
+        for stored in self.store.pdus_for_auth(&strings).await? {
+            if stored.room_id != room_id.as_str() || stored.rejected {
+                continue;
+            }
+            let Ok(id) = EventId::parse(stored.event_id.as_str()) else { continue };
+            let Ok(event) = Pdu::from_json(id, &stored.json) else { continue };
+            let Some(key) = event.state_key.clone() else { continue };
+            if before.insert((event.kind.to_string(), key), event.event_id.to_string()).is_some() {
+                return Err(Error::RemoteUnavailable("two state events for one key".to_owned()));
+            }
+        }
+        let Some(prev_stored) = self.store.pdus_for_auth(&[prev.to_string()]).await?.into_iter().next() else {
+            return Err(Error::RemoteUnavailable("the prev event could not be had".to_owned()));
+        };
+        if prev_stored.rejected || prev_stored.room_id != room_id.as_str() {
+            return Err(Error::Forbidden("the prev event was rejected".to_owned()));
+        }
+        let prev_pdu = Pdu::from_json(prev.clone(), &prev_stored.json).map_err(|e| Error::internal(e.to_string()))?;
+        let after = prev_pdu.state_key.as_ref().map(|key| NewStateGroup {
+            prev: Some(GroupBase::Before),
+            chain_len: 1,
+            entries: vec![(prev_pdu.kind.to_string(), key.clone(), prev.to_string())],
+        });
+        let prev_state =
+            prev_pdu.state_key.as_ref().and_then(|key| before.get(&(prev_pdu.kind.to_string(), key.clone())).cloned());
+        let (before_group, _) = self.group_for_state(room_id, &before).await?;
+        let groups = EventStateGroups { before: before_group, after, current: CurrentGroup::Unchanged, prev_state };
+        let outlier = NewOutlier {
+            event_id: prev.to_string(),
+            json: prev_stored.json,
+            soft_failed: false,
+            rejection: None,
+            state: Some(groups),
+        };
+        self.store.insert_outliers(room_id.as_str(), &[outlier], now_ms()).await?;
+        Ok(())
+    }
+
+    /// Checks an invite into a room we know but are no longer in (every local user left, so
+    /// the state we hold is as of our leave and the room goes on elsewhere). Its own auth
+    /// events (fetched from `origin` where we lack them) must authorize it; and a ban of the
+    /// invitee that we know stands unless the invite cites a membership of theirs newer than
+    /// it (one we do not hold on the timeline up to the ban), which must then be had and
+    /// authorized. Auth events a server will not show us (history we may not see) leave the
+    /// invite to the rest of these checks.
+    pub(crate) async fn check_invite_into_left_room(
+        &self,
+        room_id: &RoomId,
+        version: &RoomVersionId,
+        event: &VerifiedEvent,
+        origin: &ServerName,
+    ) -> Result<()> {
+        let rules = room_version_rules(version).map_err(|e| Error::internal(e.to_string()))?;
+        let pdu = &event.pdu;
+        self.fetch_missing_auth_events(origin, room_id, version, pdu).await;
+        let mut auth_events = self.auth_events_of(pdu).await?;
+        let all_had = auth_events.len() == pdu.auth_events.len();
+        if let Some(create) = self.create_event_pdu(room_id, &rules).await? {
+            auth_events.entry(create.event_id.clone()).or_insert(create);
+        }
+        if all_had {
+            auth::authorize_by_auth_events(&rules.authorization, pdu, &auth_events)
+                .map_err(|reason| Error::Forbidden(format!("the invite is not authorized: {reason}")))?;
+        }
+        let Some(target) = pdu.state_key.as_deref() else { return Ok(()) };
+        let Some(known) = self.store.current_state_event(room_id.as_str(), "m.room.member", target).await? else {
+            return Ok(());
+        };
+        if self.membership(room_id.as_str(), target).await?.as_deref() != Some("ban") {
+            return Ok(());
+        }
+        let banned = || Error::Forbidden(format!("{target} is banned from {room_id}"));
+        if !all_had {
+            return Err(banned());
+        }
+        let cited = auth_events
+            .values()
+            .find(|e| e.kind == ruma::events::TimelineEventType::RoomMember && e.state_key.as_deref() == Some(target));
+        let Some(cited) = cited else { return Err(banned()) };
+        if cited.event_id.as_str() == known.event_id {
+            return Err(banned());
+        }
+        match self.store.event(cited.event_id.as_str()).await? {
+            Some(row) if row.stream_ordering <= known.stream_ordering => Err(banned()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The auth events of `pdu` that we hold, parsed (rejected ones marked so).
     pub(crate) async fn auth_events_of(&self, pdu: &Pdu) -> Result<HashMap<OwnedEventId, Pdu>> {
         let ids: Vec<String> = pdu.auth_events.iter().map(|id| id.to_string()).collect();
         let mut out = HashMap::new();
-        for (id, _, json) in self.store.any_events_json(&ids).await? {
-            let id = EventId::parse(id).map_err(|e| Error::internal(e.to_string()))?;
-            let event = Pdu::from_json(id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
+        for stored in self.store.pdus_for_auth(&ids).await? {
+            let id = EventId::parse(stored.event_id).map_err(|e| Error::internal(e.to_string()))?;
+            let mut event = Pdu::from_json(id.clone(), &stored.json).map_err(|e| Error::internal(e.to_string()))?;
+            event.rejected = stored.rejected;
             out.insert(id, event);
         }
         Ok(out)
     }
 
-    /// Authorizes a verified event from `from` and stores it: refused unless its own auth
-    /// events authorize it; soft-failed (kept aside) unless the current state does too. With
-    /// `broadcast` (a join or leave handed to us to pass on) it is queued for the room's other
-    /// servers.
+    /// Keeps a soft-failed event aside with its state (later events may build on it): not on
+    /// the timeline, not a forward extremity, not in the current state.
+    async fn keep_soft_failed(
+        &self,
+        room_id: &RoomId,
+        event: &VerifiedEvent,
+        before: &super::state::StateBefore,
+    ) -> Result<()> {
+        let after = self.after_group(before, &event.pdu).await?;
+        let prev_state = self.prev_state_of(room_id, before, &event.pdu).await?;
+        let outlier = NewOutlier {
+            event_id: event.event_id.to_string(),
+            json: event.json.clone(),
+            soft_failed: true,
+            rejection: None,
+            state: Some(EventStateGroups {
+                before: before.group.clone(),
+                after,
+                current: CurrentGroup::Unchanged,
+                prev_state,
+            }),
+        };
+        self.store.insert_outliers(room_id.as_str(), &[outlier], now_ms()).await?;
+        Ok(())
+    }
+
+    /// Keeps a refused event as rejected (never used for auth or state; an event citing it
+    /// is refused too) and returns the refusal.
+    async fn reject(&self, room_id: &RoomId, event: &VerifiedEvent, reason: String) -> Result<Accepted> {
+        tracing::info!(event_id = %event.event_id, %reason, "rejected a received event");
+        let outlier = NewOutlier {
+            event_id: event.event_id.to_string(),
+            json: event.json.clone(),
+            soft_failed: false,
+            rejection: Some(reason.clone()),
+            state: None,
+        };
+        self.store.insert_outliers(room_id.as_str(), &[outlier], now_ms()).await?;
+        Err(Error::Forbidden(format!("{} is not authorized: {reason}", event.event_id)))
+    }
+
+    /// Authorizes a verified event from `from` and stores it, as the spec's checks on
+    /// receipt of a PDU say: rejected unless its own auth events authorize it, and unless the
+    /// state before it (from its prev events, resolved where they are several) does;
+    /// soft-failed (kept aside) unless the current state does too. With `broadcast` (a join
+    /// or leave handed to us to pass on) it is queued for the room's other servers.
     pub(crate) async fn accept_remote_event(
         &self,
         room_id: &RoomId,
@@ -253,141 +595,111 @@ impl Services {
         from: &ServerName,
         broadcast: bool,
     ) -> Result<Accepted> {
+        let event_id = event.event_id.clone();
+        let accepted = self.accept_event(room_id, event, from, broadcast, false).await?;
+        if accepted == Accepted::Appended {
+            // Redactions that arrived before it are decided now.
+            self.apply_redactions_waiting_for(room_id, &event_id, from).await;
+        }
+        Ok(accepted)
+    }
+
+    /// [`Services::accept_remote_event`] for a soft-failed event held aside, decided again
+    /// (a redaction whose target has arrived).
+    pub(crate) async fn accept_remote_event_again(
+        &self,
+        room_id: &RoomId,
+        event: VerifiedEvent,
+        from: &ServerName,
+    ) -> Result<Accepted> {
+        self.accept_event(room_id, event, from, false, true).await
+    }
+
+    async fn accept_event(
+        &self,
+        room_id: &RoomId,
+        event: VerifiedEvent,
+        from: &ServerName,
+        broadcast: bool,
+        again: bool,
+    ) -> Result<Accepted> {
+        // The room's server ACL applies to whoever wrote the event, whichever server relayed
+        // it (a denied server must not get its events in through an allowed one).
+        self.check_server_acl(room_id, event.pdu.sender.server_name()).await?;
         let version = self.room_version(room_id.as_str()).await?;
         let rules = room_version_rules(&version).map_err(|e| Error::internal(e.to_string()))?;
+        // The network part first, outside the room lock: the state at prev events we lack.
+        self.fetch_prev_states(from, room_id, &version, &event.pdu).await;
         let lock = self.room_lock(room_id);
         let _guard = lock.lock().await;
-        if !self.store.any_events_json(&[event.event_id.to_string()]).await?.is_empty() {
-            return Ok(Accepted::Known);
+        let status = self.store.event_status(event.event_id.as_str()).await?;
+        let held_aside = again && matches!(status, EventStatus::Outlier { soft_failed: true, rejection: None });
+        if !held_aside && let Some(known) = known_outcome(&event.event_id, &status)? {
+            return Ok(known);
         }
+        let promotes_outlier = matches!(status, EventStatus::Outlier { .. });
         let pdu = &event.pdu;
         // 1. Its own auth events must authorize it.
         let mut auth_events = self.auth_events_of(pdu).await?;
         if auth_events.len() != pdu.auth_events.len() {
             return Err(Error::Forbidden(format!("{}: some of its auth events are unknown", event.event_id)));
         }
-        let mut auth_state: HashMap<(StateEventType, String), Pdu> = auth_events
-            .values()
-            .filter_map(|e| e.state_key.clone().map(|k| ((e.kind.to_string().into(), k), e.clone())))
-            .collect();
-        if rules.authorization.room_create_event_id_as_room_id {
-            // From v12 the create event is not an auth event but is always consulted.
-            if let Some(create) = self.cached_state_event(room_id, "m.room.create", "").await? {
-                let id = EventId::parse(create.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
-                let create = Pdu::from_json(id.clone(), &create.json).map_err(|e| Error::internal(e.to_string()))?;
-                auth_state.insert((StateEventType::RoomCreate, String::new()), create.clone());
-                auth_events.insert(id, create);
+        if let Some(create) = self.create_event_pdu(room_id, &rules).await? {
+            auth_events.entry(create.event_id.clone()).or_insert(create);
+        }
+        if let Err(reason) = auth::authorize_by_auth_events(&rules.authorization, pdu, &auth_events) {
+            return self.reject(room_id, &event, reason).await;
+        }
+        // 2. The state before it must authorize it.
+        let Some(before) = self.state_before_prevs(room_id, &version, &pdu.prev_events).await? else {
+            return Err(Error::Forbidden(format!("{}: the state before it is not known", event.event_id)));
+        };
+        let current = self.current_auth_state(room_id, pdu, &rules).await?;
+        let mut current_events = current.events;
+        current_events.extend(auth_events.clone());
+        if before.is_current && before.ids.is_none() {
+            if let Err(reason) = auth::authorize(&rules.authorization, pdu, &current_events, &current.state) {
+                return self.reject(room_id, &event, reason).await;
+            }
+        } else {
+            let ids = self.ids_of_before(&before).await?;
+            if let Err(reason) = self.authorize_against_state(room_id, &rules, pdu, &auth_events, &ids).await? {
+                return self.reject(room_id, &event, reason).await;
+            }
+            // 3. The current state must authorize it too, or it is soft-failed: kept (later
+            //    events may build on it) but not shown, not a forward extremity, not state.
+            if let Err(reason) = auth::authorize(&rules.authorization, pdu, &current_events, &current.state) {
+                tracing::info!(event_id = %event.event_id, %from, %reason, "soft-failed a received event");
+                self.keep_soft_failed(room_id, &event, &before).await?;
+                return Ok(Accepted::SoftFailed);
             }
         }
-        auth::authorize(&rules.authorization, pdu, &auth_events, &auth_state)
-            .map_err(|reason| Error::Forbidden(format!("{} is not authorized: {reason}", event.event_id)))?;
-        // 2. The current state must authorize it too, or it is soft-failed.
-        let current = self.current_auth_state(room_id, pdu, &rules).await?;
-        let mut events = current.events;
-        events.extend(auth_events);
-        if let Err(reason) = auth::authorize(&rules.authorization, pdu, &events, &current.state) {
-            tracing::info!(event_id = %event.event_id, %from, %reason, "soft-failed a received event");
-            self.store.insert_outlier(event.event_id.as_str(), room_id.as_str(), &event.json, true, now_ms()).await?;
-            return Ok(Accepted::SoftFailed);
+        // 4. A redaction its sender may not make is soft-failed too: never applied, and never
+        //    shown to clients (who would apply it themselves).
+        match self.redaction_verdict(room_id, pdu, &rules).await? {
+            super::redactions::RedactionVerdict::Refused(reason) => {
+                tracing::info!(event_id = %event.event_id, %from, %reason, "soft-failed a received redaction");
+                self.keep_soft_failed(room_id, &event, &before).await?;
+                return Ok(Accepted::SoftFailed);
+            }
+            super::redactions::RedactionVerdict::TargetUnknown(target) => {
+                // Decided when the target arrives (see `service::redactions`).
+                tracing::info!(event_id = %event.event_id, %from, %target, "a received redaction waits for its target");
+                self.keep_soft_failed(room_id, &event, &before).await?;
+                self.store.add_pending_redaction(room_id.as_str(), target.as_str(), event.event_id.as_str()).await?;
+                return Ok(Accepted::SoftFailed);
+            }
+            _ => {}
         }
-        // 3. A redaction its sender may not make is soft-failed too: never applied, and never
-        // shown to clients (who would apply it themselves).
-        if let super::redactions::RedactionVerdict::Refused(reason) =
-            self.redaction_verdict(room_id, pdu, &rules).await?
-        {
-            tracing::info!(event_id = %event.event_id, %from, %reason, "soft-failed a received redaction");
-            self.store.insert_outlier(event.event_id.as_str(), room_id.as_str(), &event.json, true, now_ms()).await?;
-            return Ok(Accepted::SoftFailed);
-        }
-        let resolved_state =
-            if pdu.state_key.is_some() { self.resolve_if_forked(room_id, &version, pdu).await? } else { None };
+        let state = self.plan_state(room_id, &version, pdu, before).await?;
         let destinations = if broadcast { self.destinations_for(room_id, pdu, Some(from)).await? } else { Vec::new() };
         let built = BuiltEvent {
-            event_id: event.event_id,
-            object: event.object,
-            json: event.json,
-            pdu: event.pdu,
-            resolved_state,
+            state: Some(state),
+            promotes_outlier,
+            ..BuiltEvent::new(event.event_id, event.object, event.json, event.pdu)
         };
         self.persist_event(room_id, built, None, &destinations).await?;
         Ok(Accepted::Appended)
-    }
-
-    /// A state event that did not see all our forward extremities joins two branches: the
-    /// new current state is what state resolution makes of our current state and the state
-    /// on its branch (the state as of its newest known prev event, plus itself). Returns the
-    /// current-state entries that change, or `None` when the event simply extends the graph.
-    /// Call under the room lock.
-    async fn resolve_if_forked(
-        &self,
-        room_id: &RoomId,
-        version: &RoomVersionId,
-        pdu: &Pdu,
-    ) -> Result<Option<Vec<crate::store::CurrentStateEntry>>> {
-        let extremities = self.cached_extremities(room_id).await?;
-        if extremities.iter().all(|(id, _)| pdu.prev_events.iter().any(|p| p.as_str() == id)) {
-            return Ok(None);
-        }
-        let current_rows = self.store.current_state(room_id.as_str()).await?;
-        let mut current: StateMap<OwnedEventId> = HashMap::new();
-        for row in &current_rows {
-            if let (Some(key), Ok(id)) = (&row.state_key, EventId::parse(row.event_id.as_str())) {
-                current.insert((row.event_type.as_str().into(), key.clone()), id);
-            }
-        }
-        // The state on the event's branch, rebuilt by undoing what came after its newest
-        // known prev event in our stream.
-        let prev_ids: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
-        let at = self.store.events_by_id(&prev_ids).await?.iter().map(|row| row.stream_ordering).max();
-        let Some(at) = at else { return Ok(None) };
-        let mut branch = current.clone();
-        for row in self.store.state_events_after(room_id.as_str(), at).await? {
-            let Some(key) = row.state_key.clone() else { continue };
-            let slot = (row.event_type.as_str().into(), key);
-            if branch.get(&slot).is_some_and(|id| id.as_str() == row.event_id) {
-                match row.prev_state_event_id.as_deref().and_then(|id| EventId::parse(id).ok()) {
-                    Some(previous) => branch.insert(slot, previous),
-                    None => branch.remove(&slot),
-                };
-            }
-        }
-        if let Some(key) = &pdu.state_key {
-            branch.insert((pdu.kind.to_string().into(), key.clone()), pdu.event_id.clone());
-        }
-        // Every event of both states and their auth chains.
-        let mut events: HashMap<OwnedEventId, Pdu> = HashMap::new();
-        events.insert(pdu.event_id.clone(), pdu.clone());
-        let mut frontier: Vec<String> = current.values().chain(branch.values()).map(|id| id.to_string()).collect();
-        frontier.extend(pdu.auth_events.iter().map(|id| id.to_string()));
-        while !frontier.is_empty() {
-            let batch: Vec<String> = frontier
-                .drain(..)
-                .filter(|id| EventId::parse(id.as_str()).is_ok_and(|id| !events.contains_key(&id)))
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect();
-            for (id, _, json) in self.store.any_events_json(&batch).await? {
-                let id = EventId::parse(id).map_err(|e| Error::internal(e.to_string()))?;
-                let event = Pdu::from_json(id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
-                frontier.extend(event.auth_events.iter().map(|a| a.to_string()));
-                events.insert(id, event);
-            }
-        }
-        let resolved = resolve_states(version, &[current.clone(), branch], &events)
-            .map_err(|e| Error::internal(format!("state resolution in {room_id}: {e}")))?;
-        let mut changes = Vec::new();
-        for (slot, id) in &resolved {
-            if current.get(slot) != Some(id) {
-                let membership = events
-                    .get(id)
-                    .filter(|e| e.kind == ruma::events::TimelineEventType::RoomMember)
-                    .and_then(|e| serde_json::from_str::<serde_json::Value>(e.content.get()).ok())
-                    .and_then(|c| c["membership"].as_str().map(str::to_owned));
-                changes.push((slot.0.to_string(), slot.1.clone(), id.to_string(), membership));
-            }
-        }
-        tracing::info!(%room_id, event_id = %pdu.event_id, changed = changes.len(), "resolved the state of two branches");
-        Ok(Some(changes))
     }
 
     /// One EDU of a `/send` transaction: typing notifications and read receipts of `origin`'s
@@ -424,7 +736,9 @@ impl Services {
             Some("m.presence") => {
                 for push in content["push"].as_array().into_iter().flatten() {
                     let Ok(user) = ruma::UserId::parse(push["user_id"].as_str().unwrap_or_default()) else { continue };
-                    if user.server_name() != origin {
+                    // Only of a user of the sending server who shares a room with us: presence
+                    // of strangers would only fill our tables.
+                    if user.server_name() != origin || !self.shares_a_room_with_us(&user).await? {
                         continue;
                     }
                     let state = push["presence"].as_str().unwrap_or("offline");
@@ -459,7 +773,10 @@ impl Services {
                 let mut messages = Vec::new();
                 for (user, devices) in content["messages"].as_object().into_iter().flatten() {
                     let Ok(target) = ruma::UserId::parse(user.as_str()) else { continue };
-                    if target.server_name() != self.settings.server_name {
+                    // Only to our users who share a room with a user of the sending server.
+                    if target.server_name() != self.settings.server_name
+                        || !self.server_shares_a_room_with(origin, &target).await?
+                    {
                         continue;
                     }
                     for (device, message) in devices.as_object().into_iter().flatten() {
@@ -471,6 +788,33 @@ impl Services {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Whether the (remote) user is joined to a room one of our users is joined to.
+    async fn shares_a_room_with_us(&self, user: &ruma::UserId) -> Result<bool> {
+        for (room, membership) in self.rooms_of_user(user.as_str()).await?.iter() {
+            if membership == "join"
+                && let Ok(room_id) = RoomId::parse(room.as_str())
+                && self.server_in_room(&room_id).await?
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Whether a user of `server` is joined to a room our `user` is joined to or invited to.
+    async fn server_shares_a_room_with(&self, server: &ServerName, user: &ruma::UserId) -> Result<bool> {
+        for (room, membership) in self.rooms_of_user(user.as_str()).await?.iter() {
+            if membership != "join" && membership != "invite" {
+                continue;
+            }
+            let members = self.store.room_members(room, "join").await?;
+            if members.iter().filter_map(|m| ruma::UserId::parse(m.as_str()).ok()).any(|m| m.server_name() == server) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// A user of `origin` joined to a room we are in.

@@ -8,12 +8,17 @@
 //! *applies*. A local one that may not is refused; a received one is soft-failed (kept off
 //! the timeline, so clients never see a redaction they would apply themselves); only an
 //! allowed one marks its target redacted (store, room cache, search index).
+//!
+//! A received redaction can arrive before its target (the two on different branches). With
+//! the `redact` power it goes on the timeline at once and the store redacts the target as the
+//! target is stored; without it, it is soft-failed and remembered, and decided again when the
+//! target arrives: put on the timeline after the target if allowed then, left aside if not.
 
 use federation::pdu::Pdu;
-use ruma::{OwnedEventId, RoomId, UserId, room_version_rules::RoomVersionRules};
+use ruma::{EventId, OwnedEventId, RoomId, ServerName, UserId, room_version_rules::RoomVersionRules};
 
-use super::Services;
-use crate::error::Result;
+use super::{Services, received::VerifiedEvent};
+use crate::error::{Error, Result};
 
 /// What an event does as a redaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +29,10 @@ pub(crate) enum RedactionVerdict {
     Apply(OwnedEventId),
     /// A redaction its sender may not make (why).
     Refused(String),
+    /// A redaction of an event we do not hold, by a sender without the `redact` power: whether
+    /// it may be made depends on who sent the target. A received one waits for the target,
+    /// soft-failed (see [`Services::apply_redactions_waiting_for`]).
+    TargetUnknown(OwnedEventId),
 }
 
 impl Services {
@@ -41,7 +50,7 @@ impl Services {
             return Ok(RedactionVerdict::Apply(target));
         }
         let Some(row) = self.store.event(target.as_str()).await? else {
-            return Ok(RedactionVerdict::Refused(format!("{target} is not an event we hold")));
+            return Ok(RedactionVerdict::TargetUnknown(target));
         };
         if row.room_id != room_id.as_str() {
             return Ok(RedactionVerdict::Refused(format!("{target} is in another room")));
@@ -56,5 +65,39 @@ impl Services {
         } else {
             Ok(RedactionVerdict::Refused(format!("{} may not redact {target} of {original_sender}", pdu.sender)))
         }
+    }
+
+    /// Decides again the soft-failed redactions that waited for `target`, now stored: each is
+    /// taken in like a received event (as if it came from `from` now), and so reaches the
+    /// timeline if its sender may redact the target. Best effort: a failure is logged.
+    pub(crate) async fn apply_redactions_waiting_for(&self, room_id: &RoomId, target: &EventId, from: &ServerName) {
+        let waiting = match self.store.pending_redactions_held_aside(room_id.as_str(), target.as_str()).await {
+            Ok(waiting) => waiting,
+            Err(e) => {
+                tracing::warn!(%room_id, %target, error = %e, "cannot read the redactions waiting for an event");
+                return;
+            }
+        };
+        for redaction in waiting {
+            if let Err(e) = self.retry_held_redaction(room_id, &redaction, from).await {
+                tracing::info!(%room_id, %redaction, error = %e, "a waiting redaction stays without effect");
+            }
+            if let Err(e) = self.store.drop_pending_redaction(target.as_str(), &redaction).await {
+                tracing::warn!(%room_id, %redaction, error = %e, "cannot forget a waiting redaction");
+            }
+        }
+    }
+
+    async fn retry_held_redaction(&self, room_id: &RoomId, redaction: &str, from: &ServerName) -> Result<()> {
+        let Some(stored) = self.store.pdus_for_auth(&[redaction.to_owned()]).await?.into_iter().next() else {
+            return Ok(());
+        };
+        let event_id = EventId::parse(stored.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
+        let object: ruma::CanonicalJsonObject =
+            serde_json::from_str(&stored.json).map_err(|e| Error::internal(e.to_string()))?;
+        let pdu = Pdu::from_json(event_id.clone(), &stored.json).map_err(|e| Error::internal(e.to_string()))?;
+        let event = VerifiedEvent { event_id, object, json: stored.json, pdu };
+        // Its signatures were checked when it arrived; it is decided again from the start.
+        Box::pin(self.accept_remote_event_again(room_id, event, from)).await.map(|_| ())
     }
 }

@@ -163,6 +163,11 @@ impl Services {
                 return Vec::new();
             }
         };
+        if response.pdus.len() as u64 > JOIN_HISTORY {
+            // An honest server answers with at most what was asked for.
+            tracing::info!(%room_id, %server, events = response.pdus.len(), "dropped a backfill answer longer than asked");
+            return Vec::new();
+        }
         let mut events = Vec::new();
         for raw in &response.pdus {
             match self.verify_pdu(raw, version).await {
@@ -272,6 +277,9 @@ impl Services {
             .filter(|e| authorized.contains(&e.event_id) && !in_state.contains(&e.event_id))
             .map(|e| (e.event_id.to_string(), e.json.clone()))
             .collect();
+        // The join's state: the state it was authorized by before it, itself after it. The
+        // state and history stored before it keep no state of their own (it is not known).
+        let join_state = super::state::join_state_groups(&state_map, &join.pdu);
         let lock = self.room_lock(room_id);
         let _guard = lock.lock().await;
         let positions: Vec<_> = (0..=state_events.len()).map(|_| self.streams.allocate()).collect();
@@ -290,6 +298,7 @@ impl Services {
                     state: appends,
                     join: AppendEvent {
                         resolved_state: Some(&resolved),
+                        state: Some(&join_state),
                         ..join_owned.as_append(room_id, join_position)
                     },
                 },
@@ -379,13 +388,7 @@ impl Services {
         let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
         let lock = self.room_lock(room_id);
         let _guard = lock.lock().await;
-        self.persist_event(
-            room_id,
-            BuiltEvent { event_id: event_id.clone(), object, json, pdu, resolved_state: None },
-            None,
-            &[],
-        )
-        .await?;
+        self.persist_event(room_id, BuiltEvent::new(event_id.clone(), object, json, pdu), None, &[]).await?;
         Ok(event_id)
     }
 
@@ -431,7 +434,8 @@ impl Services {
             Some(target.server_name())
         };
         let destinations = self.destinations_for(room_id, &built.pdu, except).await?;
-        self.persist_event(room_id, BuiltEvent { json, object, ..built }, None, &destinations).await
+        // The room may have moved on while we waited: the state plan is made again now.
+        self.persist_event(room_id, BuiltEvent { json, object, state: None, ..built }, None, &destinations).await
     }
 
     /// Whether a user of `server` is joined to the room.
@@ -525,14 +529,17 @@ impl Services {
     /// for send_join.
     pub async fn state_and_auth_chain(&self, room_id: &RoomId, except: &EventId) -> Result<JoinState> {
         let mut state = Vec::new();
-        for row in self.store.current_state(room_id.as_str()).await? {
-            if row.event_id != except.as_str() {
-                state.push(row.json);
-            } else if let Some(before) = &row.prev_state_event_id
-                && let Some(previous) = self.store.event(before).await?
-            {
-                // The state before the join: the membership it replaced (an invite).
-                state.push(previous.json);
+        match self.state_ids_before_event(room_id, except).await? {
+            Some(before) => {
+                let ids: Vec<String> = before.values().cloned().collect();
+                state.extend(self.store.any_events_json(&ids).await?.into_iter().map(|(_, _, json)| json));
+            }
+            None => {
+                for row in self.store.current_state(room_id.as_str()).await? {
+                    if row.event_id != except.as_str() {
+                        state.push(row.json);
+                    }
+                }
             }
         }
         let mut seen: HashSet<String> = HashSet::new();
@@ -609,6 +616,10 @@ impl Services {
                 return Err(Error::Forbidden("The invite is not allowed by the room's current state".to_owned()));
             }
         } else {
+            if known.is_some() {
+                // A room we were in: what we know of it still counts.
+                self.check_invite_into_left_room(room_id, version, &event, origin).await?;
+            }
             let creator = invite_room_state
                 .iter()
                 .filter_map(|s| match s {
@@ -646,13 +657,7 @@ impl Services {
             let lock = self.room_lock(room_id);
             let _guard = lock.lock().await;
             if self.store.any_events_json(&[event_id.to_string()]).await?.is_empty() {
-                let built = BuiltEvent {
-                    event_id: event.event_id,
-                    object: object.clone(),
-                    json,
-                    pdu: event.pdu,
-                    resolved_state: None,
-                };
+                let built = BuiltEvent::new(event.event_id, object.clone(), json, event.pdu);
                 self.persist_event(room_id, built, None, &[]).await?;
             }
         }
@@ -761,6 +766,9 @@ impl OwnedAppend {
             search_text: None,
             destinations: &[],
             resolved_state: None,
+            state: None,
+            promotes_outlier: false,
+            state_from_outliers: &[],
         }
     }
 }
@@ -795,32 +803,14 @@ impl Services {
         raw(&json)
     }
 
-    /// The room's state before `event_id` (undoing, in stream order, the state changes from
-    /// that event on) and the auth chain of that state.
+    /// The room's state before `event_id` (from the state model) and the auth chain of that
+    /// state; 404 for an event whose state we do not know.
     pub async fn state_before_event(&self, room_id: &RoomId, event_id: &EventId) -> Result<(Vec<String>, Vec<String>)> {
-        let event = self
-            .store
-            .event(event_id.as_str())
+        let state = self
+            .state_ids_before_event(room_id, event_id)
             .await?
-            .filter(|row| row.room_id == room_id.as_str())
-            .ok_or_else(|| Error::NotFound("Unknown event".to_owned()))?;
-        let mut state: HashMap<(String, String), String> = HashMap::new();
-        for row in self.store.current_state(room_id.as_str()).await? {
-            if let Some(key) = row.state_key.clone() {
-                state.insert((row.event_type.clone(), key), row.event_id.clone());
-            }
-        }
-        for row in self.store.state_events_after(room_id.as_str(), event.stream_ordering - 1).await? {
-            let Some(key) = row.state_key.clone() else { continue };
-            let slot = (row.event_type.clone(), key);
-            if state.get(&slot).is_some_and(|id| *id == row.event_id) {
-                match &row.prev_state_event_id {
-                    Some(previous) => state.insert(slot, previous.clone()),
-                    None => state.remove(&slot),
-                };
-            }
-        }
-        let state_ids: Vec<String> = state.into_values().collect();
+            .ok_or_else(|| Error::NotFound("The state at that event is not known here".to_owned()))?;
+        let state_ids: Vec<String> = state.values().cloned().collect();
         let chain = self.auth_chain_ids(room_id, &state_ids).await?;
         Ok((state_ids, chain))
     }

@@ -42,6 +42,8 @@ pub struct RoomCache {
     pub extremities: Option<Vec<(String, i64)>>,
     /// Joined members with their display names.
     pub joined: Option<JoinedMembers>,
+    /// The state group of the current state (`Some(None)`: the room has none).
+    pub current_group: Option<Option<i64>>,
     /// The newest events, oldest first, and the position after which the list is complete.
     recent: VecDeque<Recent>,
     recent_complete_after: Option<i64>,

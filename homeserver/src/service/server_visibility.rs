@@ -6,10 +6,11 @@
 //! [`Services::server_may_see`]; an event it may not see is refused, or served pruned where
 //! the endpoint walks history (`/backfill`, `/get_missing_events`).
 //!
-//! The state at an event is rebuilt here from the stream order (the visibility setting before
-//! the event, each member's membership as of the event), like the client side's
-//! `visible_events`; [`server_sees`] is the rule itself and does not care where that state
-//! comes from.
+//! The state at an event comes from the state model (`service::state`): the visibility
+//! setting in the state before the event, the asking server's users' memberships in the state
+//! after it. Events whose state is not known (history that came with a join or by backfill)
+//! fall back to the stream order, like the client side's `visible_events`; [`server_sees`] is
+//! the rule itself and does not care where that state comes from.
 
 use ruma::{CanonicalJsonObject, RoomId, RoomVersionId, ServerName, UserId, canonical_json::redact};
 use serde_json::value::RawValue as RawJsonValue;
@@ -80,10 +81,26 @@ impl Services {
         let mut users: Vec<&str> = memberships.iter().map(|(_, user, _)| user.as_str()).collect();
         users.sort_unstable();
         users.dedup();
+        // From the state model where the state at the event is known: the setting before it,
+        // the server's users' memberships after it (their own membership event included).
+        let ids: Vec<String> = rows.iter().map(|row| row.event_id.clone()).collect();
+        let groups = self.store.event_state_groups(&ids).await?;
+        let mut by_group: std::collections::HashMap<(i64, i64), (String, Vec<String>)> =
+            std::collections::HashMap::new();
+        for (before, after) in groups.values() {
+            if let std::collections::hash_map::Entry::Vacant(slot) = by_group.entry((*before, *after)) {
+                slot.insert(self.visibility_in_state(*before, *after, server).await?);
+            }
+        }
         Ok(rows
             .iter()
             .map(|row| {
                 let at = row.stream_ordering;
+                let joined_later = memberships.iter().any(|(pos, _, membership)| *pos >= at && membership == "join");
+                if let Some((setting, at_event)) = groups.get(&row.event_id).and_then(|g| by_group.get(g)) {
+                    let at_event: Vec<&str> = at_event.iter().map(String::as_str).collect();
+                    return server_sees(setting, &at_event, joined_later);
+                }
                 let setting = visibility
                     .iter()
                     .rev()
@@ -103,10 +120,39 @@ impl Services {
                             .map(|(_, _, membership)| membership.as_str())
                     })
                     .collect();
-                let joined_later = memberships.iter().any(|(pos, _, membership)| *pos >= at && membership == "join");
                 server_sees(setting, &at_event, joined_later)
             })
             .collect())
+    }
+
+    /// The history visibility in the state `before` an event and the memberships of
+    /// `server`'s users in the state `after` it.
+    async fn visibility_in_state(&self, before: i64, after: i64, server: &ServerName) -> Result<(String, Vec<String>)> {
+        let before = self.state_ids_of_group(before).await?;
+        let after = self.state_ids_of_group(after).await?;
+        let mut ids: Vec<String> = after
+            .iter()
+            .filter(|((kind, key), _)| {
+                kind == "m.room.member" && UserId::parse(key.as_str()).is_ok_and(|u| u.server_name() == server)
+            })
+            .map(|(_, id)| id.clone())
+            .collect();
+        let setting_id = before.get(&("m.room.history_visibility".to_owned(), String::new())).cloned();
+        ids.extend(setting_id.clone());
+        let mut setting = "shared".to_owned();
+        let mut memberships = Vec::new();
+        for stored in self.store.pdus_for_auth(&ids).await? {
+            let content =
+                serde_json::from_str::<serde_json::Value>(&stored.json).unwrap_or_default()["content"].clone();
+            if Some(&stored.event_id) == setting_id.as_ref() {
+                if let Some(value) = content["history_visibility"].as_str() {
+                    setting = value.to_owned();
+                }
+            } else if let Some(membership) = content["membership"].as_str() {
+                memberships.push(membership.to_owned());
+            }
+        }
+        Ok((setting, memberships))
     }
 
     /// Fails unless `event_id` is an event of the room's timeline that `origin` may see (the

@@ -658,9 +658,27 @@ impl Services {
         Ok(history.into_iter().rev().find(|(pos, _)| *pos <= at).map(|(_, m)| m))
     }
 
-    /// The room state as of position `at`: the current state with every later state change
-    /// rolled back.
+    /// The room state as of position `at`: the state after the room's newest event at or
+    /// before it, from the state model (see `service::state`; across a fork that is the state
+    /// on that event's branch, not a mix made by the stream order).
     pub async fn state_at(&self, room_id: &str, at: i64) -> Result<Vec<EventRow>> {
+        if let Some((group, is_current)) = self.store.state_group_at(room_id, at).await? {
+            // Mostly the current state (nothing changed since `at`): one read of it.
+            let mut rows = if is_current {
+                self.store.current_state(room_id).await?
+            } else {
+                let ids: Vec<String> = self.state_ids_of_group(group).await?.values().cloned().collect();
+                self.store.events_by_id(&ids).await?
+            };
+            rows.sort_by_key(|r| r.stream_ordering);
+            return Ok(rows);
+        }
+        self.state_at_by_stream_order(room_id, at).await
+    }
+
+    /// For rooms without state groups (only invited to over federation): the current state
+    /// with every later state change rolled back.
+    async fn state_at_by_stream_order(&self, room_id: &str, at: i64) -> Result<Vec<EventRow>> {
         let current = self.store.current_state(room_id).await?;
         let mut by_key: BTreeMap<StateKey, Option<String>> = BTreeMap::new();
         let mut rows: HashMap<String, EventRow> = HashMap::new();

@@ -21,16 +21,27 @@ use super::{
     Services,
     notifier::{Change, Sections},
     redactions::RedactionVerdict,
+    state::StatePlan,
 };
 use crate::{
     error::{Error, Result},
-    store::{AppendEvent, AppendOutcome, EventRow, NewRoom},
+    store::{
+        AppendEvent, AppendOutcome, CurrentGroup, EventRow, EventStateGroups, GroupBase, GroupRef, NewRoom,
+        NewStateGroup, StateFromOutlier,
+    },
 };
 
 /// Most prev_events a new event points at.
 const MAX_PREV_EVENTS: usize = 10;
 /// Largest PDU the spec allows.
 pub const MAX_PDU_BYTES: usize = 65_536;
+/// The largest depth we give an event. The spec bounds depth by its integer range (at most
+/// 2^63 - 1), but canonical JSON, which every event is signed in, allows integers up to
+/// 2^53 - 1 only: one received event at that depth would make max(prev depths) + 1
+/// unsignable and every later event of ours in the room impossible. So our events' depth
+/// stops growing there; depth only orders events loosely (the spec's tie-breaks and
+/// `get_missing_events`' `min_depth`), and a run of events at the same depth stays valid.
+pub const MAX_DEPTH: i64 = 9_007_199_254_740_991;
 
 /// An event a local user wants to add to a room.
 #[derive(Debug, Clone)]
@@ -234,7 +245,19 @@ impl Services {
             origin_server_ts = MilliSecondsSinceUnixEpoch(origin_server_ts.0 + ruma::UInt::from(1u32));
         };
         let position = self.streams.allocate();
-        self.store
+        // The state before the create event is empty; after it, the create event.
+        let state = EventStateGroups {
+            before: GroupRef::New(NewStateGroup { prev: None, chain_len: 0, entries: Vec::new() }),
+            after: Some(NewStateGroup {
+                prev: Some(GroupBase::Before),
+                chain_len: 1,
+                entries: vec![("m.room.create".to_owned(), String::new(), event_id.to_string())],
+            }),
+            current: CurrentGroup::EventAfter,
+            prev_state: None,
+        };
+        let outcome = self
+            .store
             .append_event(AppendEvent {
                 stream_ordering: position.position(),
                 event_id: event_id.as_str(),
@@ -254,6 +277,9 @@ impl Services {
                 search_text: None,
                 destinations: &[],
                 resolved_state: None,
+                state: Some(&state),
+                promotes_outlier: false,
+                state_from_outliers: &[],
                 new_room: Some(NewRoom {
                     room_version: create.version.as_str(),
                     creator: sender.as_str(),
@@ -261,9 +287,20 @@ impl Services {
                 }),
             })
             .await?;
+        let current_group = match outcome {
+            AppendOutcome::Appended { current_group, groups, .. } => {
+                if let Some((before, after)) = groups {
+                    self.state_cache.insert_chain_len(before, 0);
+                    self.state_cache.insert_chain_len(after, 1);
+                }
+                current_group
+            }
+            AppendOutcome::DuplicateTransaction(_) => None,
+        };
         self.room_cache.with(&room_id, |c| {
             c.version = Some(create.version.clone());
             c.extremities = Some(Vec::new());
+            c.current_group = Some(current_group);
             c.appended(
                 EventRow {
                     stream_ordering: position.position(),
@@ -317,7 +354,7 @@ impl Services {
         let version = self.room_version(room_id.as_str()).await?;
         let rules = room_version_rules(&version).map_err(|e| Error::internal(e.to_string()))?;
         let extremities = self.cached_extremities(room_id).await?;
-        let depth = extremities.iter().map(|(_, d)| *d).max().unwrap_or(0) + 1;
+        let depth = extremities.iter().map(|(_, d)| *d).max().unwrap_or(0).saturating_add(1).min(MAX_DEPTH);
         let prev_events: Vec<OwnedEventId> = extremities
             .iter()
             .rev()
@@ -365,10 +402,31 @@ impl Services {
         }
         let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
         auth::authorize(&rules.authorization, &pdu, &current.events, &current.state).map_err(Error::Forbidden)?;
-        if let RedactionVerdict::Refused(reason) = self.redaction_verdict(room_id, &pdu, &rules).await? {
-            return Err(Error::Forbidden(reason));
+        match self.redaction_verdict(room_id, &pdu, &rules).await? {
+            RedactionVerdict::Refused(reason) => return Err(Error::Forbidden(reason)),
+            RedactionVerdict::TargetUnknown(target) => {
+                return Err(Error::Forbidden(format!("{target} is not an event we hold")));
+            }
+            RedactionVerdict::NotARedaction | RedactionVerdict::Apply(_) => {}
         }
-        Ok(BuiltEvent { event_id, object, json, pdu, resolved_state: None })
+        // The state before the event: the current state, unless there are more forward
+        // extremities than an event may name (then the state of those it names).
+        let before = if prev_events.len() == extremities.len() {
+            self.current_state_before(room_id).await?
+        } else {
+            match self.state_before_prevs(room_id, &version, &prev_events).await? {
+                Some(before) => {
+                    let ids = self.ids_of_before(&before).await?;
+                    self.authorize_against_state(room_id, &rules, &pdu, &current.events, &ids)
+                        .await?
+                        .map_err(Error::Forbidden)?;
+                    before
+                }
+                None => self.current_state_before(room_id).await?,
+            }
+        };
+        let state = self.plan_state(room_id, &version, &pdu, before).await?;
+        Ok(BuiltEvent { state: Some(state), ..BuiltEvent::new(event_id, object, json, pdu) })
     }
 
     /// The current state events that would authorize `pdu` (its auth types, plus the create
@@ -445,7 +503,12 @@ impl Services {
         txn: Option<Txn<'_>>,
         destinations: &[String],
     ) -> Result<OwnedEventId> {
-        let BuiltEvent { event_id, object, json, pdu, resolved_state } = built;
+        let BuiltEvent { event_id, object, json, pdu, state, promotes_outlier } = built;
+        let state = match state {
+            Some(state) => Some(state),
+            None => self.default_state_plan(room_id, &pdu).await?,
+        };
+        let resolved_state = state.as_ref().and_then(|s| s.changes.clone());
         let event_type = pdu.kind.to_string();
         let sender = pdu.sender.clone();
         let depth = i64::try_from(u64::from(pdu.depth)).unwrap_or(i64::MAX);
@@ -467,6 +530,27 @@ impl Services {
         } else {
             None
         };
+        let entering = match &resolved_state {
+            Some(changes) => self.outliers_entering_state(changes, &event_id).await?,
+            None => Vec::new(),
+        };
+        let entering_kinds: Vec<String> = entering.iter().map(|(pdu, _)| pdu.kind.to_string()).collect();
+        let entering_positions: Vec<_> = entering.iter().map(|_| self.streams.allocate()).collect();
+        let entering_rows: Vec<StateFromOutlier<'_>> = entering
+            .iter()
+            .zip(&entering_positions)
+            .zip(&entering_kinds)
+            .map(|(((pdu, json), position), kind)| StateFromOutlier {
+                stream_ordering: position.position(),
+                event_id: pdu.event_id.as_str(),
+                depth: i64::try_from(u64::from(pdu.depth)).unwrap_or(i64::MAX),
+                event_type: kind.as_str(),
+                state_key: pdu.state_key.as_deref().unwrap_or_default(),
+                sender: pdu.sender.as_str(),
+                origin_server_ts: i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX),
+                json: json.as_str(),
+            })
+            .collect();
         let position = self.streams.allocate();
         let outcome = self
             .store
@@ -490,9 +574,19 @@ impl Services {
                 search_text: search_text.as_ref().map(|(k, v)| (*k, v.as_str())),
                 destinations,
                 resolved_state: resolved_state.as_deref(),
+                state: state.as_ref().map(|s| &s.groups),
+                promotes_outlier,
+                state_from_outliers: &entering_rows,
             })
             .await?;
-        if let AppendOutcome::Appended { prev_state } = &outcome {
+        drop(entering_rows);
+        for entered in entering_positions {
+            // Committed with the event (or dropped as gaps when nothing was written).
+            if matches!(outcome, AppendOutcome::Appended { .. }) {
+                entered.commit_with(Vec::new());
+            }
+        }
+        if let AppendOutcome::Appended { prev_state, groups, current_group, redacted_by } = &outcome {
             // Committed: the cache learns the event before the syncs can see its position.
             let (txn_user, txn_device, txn_id) = match txn {
                 Some(t) => (Some(sender.to_string()), Some(t.device_id.to_owned()), Some(t.txn_id.to_owned())),
@@ -509,16 +603,33 @@ impl Services {
                 origin_server_ts,
                 json,
                 prev_state_event_id: prev_state.clone(),
-                redacted_by: None,
+                redacted_by: redacted_by.clone(),
                 txn_user,
                 txn_device,
                 txn_id,
             };
             let notified = push_actions.iter().map(|(user, highlight, _)| (user.clone(), *highlight)).collect();
+            if let (Some((before, after)), Some(plan)) = (groups, &state) {
+                // Groups never change: their chain lengths are known for good.
+                if let GroupRef::New(group) = &plan.groups.before {
+                    self.state_cache.insert_chain_len(*before, group.chain_len);
+                }
+                if let Some(group) = &plan.groups.after {
+                    self.state_cache.insert_chain_len(*after, if group.prev.is_some() { group.chain_len } else { 0 });
+                }
+            }
+            let current_group = *current_group;
+            let unknown_state = state.is_none() && pdu.state_key.is_some();
             self.room_cache.with(room_id, |c| {
                 c.appended(row, &prev_ids, notified);
                 if let Some(target) = &redacts {
                     c.redacted(target.as_str(), event_id.as_str());
+                }
+                if let Some(group) = current_group {
+                    c.current_group = Some(Some(group));
+                } else if unknown_state {
+                    // Written outside the state model: the room has no current group now.
+                    c.current_group = Some(None);
                 }
             });
             if let Some(resolved) = &resolved_state {
@@ -542,6 +653,16 @@ impl Services {
                 changes.push(Change::user(target, Sections::MEMBERSHIP));
             }
         }
+        // Memberships state resolution changed: those users' syncs must look again too.
+        for (kind, key, _, _) in resolved_state.iter().flatten() {
+            if kind == "m.room.member"
+                && let Ok(user) = OwnedUserId::try_from(key.as_str())
+                && !changes.iter().any(|c| matches!(&c.scope, super::notifier::Scope::User(u) if *u == user))
+            {
+                changes[0].sections |= Sections::DEVICE_LISTS;
+                changes.push(Change::user(user, Sections::MEMBERSHIP));
+            }
+        }
         if matches!(outcome, AppendOutcome::Appended { .. }) {
             position.commit_with(changes);
             if !destinations.is_empty() {
@@ -560,6 +681,52 @@ impl Services {
                 EventId::parse(existing).map_err(|e| Error::internal(e.to_string()))
             }
         }
+    }
+
+    /// The events of `changes` (current-state entries state resolution chose) that we hold
+    /// only as outliers, oldest first, with their JSON: they join the timeline with the event.
+    async fn outliers_entering_state(
+        &self,
+        changes: &[crate::store::CurrentStateEntry],
+        event_id: &EventId,
+    ) -> Result<Vec<(Pdu, String)>> {
+        let ids: Vec<String> =
+            changes.iter().map(|(_, _, id, _)| id.clone()).filter(|id| id.as_str() != event_id.as_str()).collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let on_timeline: std::collections::HashSet<String> =
+            self.store.events_by_id(&ids).await?.into_iter().map(|row| row.event_id).collect();
+        let outliers: Vec<String> = ids.into_iter().filter(|id| !on_timeline.contains(id)).collect();
+        let mut out = Vec::new();
+        for stored in self.store.pdus_for_auth(&outliers).await? {
+            let id = EventId::parse(stored.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
+            let pdu = Pdu::from_json(id, &stored.json).map_err(|e| Error::internal(e.to_string()))?;
+            out.push((pdu, stored.json));
+        }
+        out.sort_by_key(|(pdu, _)| (pdu.depth, pdu.origin_server_ts));
+        Ok(out)
+    }
+
+    /// The state plan of an event built elsewhere (a template another server filled in, an
+    /// invite, an event built before a network round trip): from the state after its
+    /// `prev_events`, or `None` (stored outside the state model) when we know none of them,
+    /// as in a room we are not in. Call under the room lock.
+    async fn default_state_plan(&self, room_id: &RoomId, pdu: &Pdu) -> Result<Option<StatePlan>> {
+        let extremities = self.cached_extremities(room_id).await?;
+        let version = self.room_version(room_id.as_str()).await?;
+        let extends_heads = !extremities.is_empty()
+            && extremities.len() == pdu.prev_events.len()
+            && extremities.iter().all(|(id, _)| pdu.prev_events.iter().any(|p| p.as_str() == id));
+        let before = if extends_heads {
+            self.current_state_before(room_id).await?
+        } else {
+            match self.state_before_prevs(room_id, &version, &pdu.prev_events).await? {
+                Some(before) => before,
+                None => return Ok(None),
+            }
+        };
+        Ok(Some(self.plan_state(room_id, &version, pdu, before).await?))
     }
 
     /// The room's joined members, through the room cache (append path, under the lock).
@@ -584,8 +751,18 @@ pub(crate) struct BuiltEvent {
     pub object: ruma::CanonicalJsonObject,
     pub json: String,
     pub pdu: Pdu,
-    /// The current state after it, when state resolution decided it (see `AppendEvent`).
-    pub resolved_state: Option<Vec<crate::store::CurrentStateEntry>>,
+    /// Its state groups and what it does to the current state; `None` to let
+    /// [`Services::persist_event`] work it out (or store it outside the state model).
+    pub state: Option<StatePlan>,
+    /// It was held as an outlier until now.
+    pub promotes_outlier: bool,
+}
+
+impl BuiltEvent {
+    /// A signed event whose state [`Services::persist_event`] works out.
+    pub fn new(event_id: OwnedEventId, object: ruma::CanonicalJsonObject, json: String, pdu: Pdu) -> Self {
+        Self { event_id, object, json, pdu, state: None, promotes_outlier: false }
+    }
 }
 
 /// Current state events that authorize an event.

@@ -446,13 +446,14 @@ impl Store {
             .collect()
     }
 
-    /// Outliers by id that were accepted (never soft-failed ones, which no server is to be
-    /// handed as part of the room): (event id, room id, JSON).
+    /// Outliers by id that were accepted (never soft-failed or rejected ones, which no server
+    /// is to be handed as part of the room): (event id, room id, JSON).
     pub async fn accepted_outliers(&self, ids: &[String]) -> Result<Vec<(String, String, String)>, sqlx::Error> {
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             let row = sqlx::query(
-                "SELECT event_id, room_id, json FROM event_outliers WHERE event_id = $1 AND soft_failed = 0",
+                "SELECT event_id, room_id, json FROM event_outliers
+                 WHERE event_id = $1 AND soft_failed = 0 AND rejection IS NULL",
             )
             .bind(id)
             .fetch_optional(&self.pool)

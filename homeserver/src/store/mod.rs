@@ -10,15 +10,18 @@ mod account_data;
 mod aggregations;
 mod devices;
 mod federation;
+mod inbound;
 mod keys;
 mod media;
 mod presence;
 mod profile;
 mod pushers;
+mod redactions;
 mod registration_tokens;
 mod rooms;
 mod server_keys;
 mod sliding_sync;
+mod state;
 mod txn_retention;
 mod uiaa;
 mod users;
@@ -34,13 +37,18 @@ use sqlx::{
 pub use account_data::{AccountDataRow, ReceiptRow};
 pub use devices::{AccessTokenOwner, DeviceRow, NewDevice};
 pub use federation::{BackfilledEvent, JoinedRoom, OutboxRow};
+pub use inbound::InboundPdu;
 pub use keys::{BackupVersionRow, NewToDevice, ToDeviceRow};
 pub use media::{Completion, MediaRow, MediaUsageRow, NewMedia, RemoteMediaRow, ThumbnailRow};
 pub use presence::PresenceRow;
 pub use pushers::{NewPusher, PendingPush, PusherRow};
 pub use registration_tokens::RegistrationTokenRow;
-pub use rooms::{AppendEvent, AppendOutcome, CurrentStateEntry, EventRow, NewRoom, RoomRow};
+pub use rooms::{AppendEvent, AppendOutcome, CurrentStateEntry, EventRow, NewRoom, RoomRow, StateFromOutlier};
 pub use server_keys::{NewServerKeys, ServerKeyRow};
+pub use state::{
+    CurrentGroup, EventStateGroups, EventStatus, GroupBase, GroupRef, MAX_DELTA_CHAIN, NewOutlier, NewStateGroup,
+    StateIds, StoredPdu,
+};
 pub use uiaa::UiaaSessionRow;
 pub use users::{CreateAccountOutcome, LogoutDevices, NewAccount, UserRow};
 

@@ -100,13 +100,42 @@ pub struct AppendEvent<'a> {
     /// Where branches of the room met and state resolution decided the current state: these
     /// (type, state key, event id, membership) entries replace the usual update by the event.
     pub resolved_state: Option<&'a [CurrentStateEntry]>,
+    /// The state before and after the event (`None`: not known, as for history fetched with
+    /// a join; the event then updates the current state by its own key, if any).
+    pub state: Option<&'a super::state::EventStateGroups>,
+    /// The event was held as an outlier (an auth event fetched earlier): it leaves them.
+    pub promotes_outlier: bool,
+    /// Outliers that state resolution put into the current state: they join the timeline
+    /// just before the event (every read of the state expects its events there, and syncs
+    /// so show the change).
+    pub state_from_outliers: &'a [StateFromOutlier<'a>],
+}
+
+/// An outlier entering the timeline because the current state now holds it.
+#[derive(Debug, Clone)]
+pub struct StateFromOutlier<'a> {
+    pub stream_ordering: i64,
+    pub event_id: &'a str,
+    pub depth: i64,
+    pub event_type: &'a str,
+    pub state_key: &'a str,
+    pub sender: &'a str,
+    pub origin_server_ts: i64,
+    pub json: &'a str,
 }
 
 /// The result of an append.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AppendOutcome {
-    /// Stored; for a state event, the event it replaced in the current state.
-    Appended { prev_state: Option<String> },
+    /// Stored; for a state event, the event it replaced in the state before it; the event's
+    /// (state before, state after) groups, and the room's new current state group if it
+    /// changed; a redaction stored before the event that redacts it.
+    Appended {
+        prev_state: Option<String>,
+        groups: Option<(i64, i64)>,
+        current_group: Option<i64>,
+        redacted_by: Option<String>,
+    },
     /// The same client transaction was already stored as this event.
     DuplicateTransaction(String),
 }
@@ -188,8 +217,8 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
-        let mut prev_state = None;
-        if let Some(state_key) = ev.state_key {
+        let mut prev_state = ev.state.and_then(|s| s.prev_state.clone());
+        if let (Some(state_key), None) = (ev.state_key, ev.state) {
             let row = sqlx::query(
                 "SELECT event_id FROM room_current_state WHERE room_id = $1 AND type = $2 AND state_key = $3",
             )
@@ -199,6 +228,30 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
             prev_state = row.map(|r| r.try_get::<String, _>("event_id")).transpose()?;
+        }
+        for outlier in ev.state_from_outliers {
+            // Its state groups come along (known when it was fetched with the state at it).
+            sqlx::query(
+                "INSERT INTO events (stream_ordering, event_id, room_id, depth, type, state_key, sender, origin_server_ts, json,
+                                     state_group, state_before)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, o.state_group, o.state_before
+                 FROM event_outliers o WHERE o.event_id = $2",
+            )
+            .bind(outlier.stream_ordering)
+            .bind(outlier.event_id)
+            .bind(ev.room_id)
+            .bind(outlier.depth)
+            .bind(outlier.event_type)
+            .bind(outlier.state_key)
+            .bind(outlier.sender)
+            .bind(outlier.origin_server_ts)
+            .bind(outlier.json)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("DELETE FROM event_outliers WHERE event_id = $1")
+                .bind(outlier.event_id)
+                .execute(&mut *tx)
+                .await?;
         }
         if let Some(resolved) = ev.resolved_state {
             for (kind, state_key, event_id, membership) in resolved {
@@ -227,14 +280,28 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         }
+        let mut groups = None;
+        let mut current_group = None;
+        if let Some(state) = ev.state {
+            let (before, after) = super::state::insert_event_groups(&mut *tx, ev.room_id, state).await?;
+            current_group =
+                super::state::set_current_group(&mut *tx, ev.room_id, &state.current, before, after).await?;
+            groups = Some((before, after));
+        } else if ev.state_key.is_some() {
+            // The current state changed by a key outside the state model: no group is it.
+            sqlx::query("UPDATE rooms SET current_state_group = NULL WHERE room_id = $1")
+                .bind(ev.room_id)
+                .execute(&mut *tx)
+                .await?;
+        }
         let (txn_user, txn_device, txn_scope, txn_id) = match ev.txn {
             Some((u, d, s, t)) => (Some(u), Some(d), Some(s), Some(t)),
             None => (None, None, None, None),
         };
         sqlx::query(
             "INSERT INTO events (stream_ordering, event_id, room_id, depth, type, state_key, sender, origin_server_ts, json,
-                                 prev_state_event_id, txn_user, txn_device, txn_id, txn_scope)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+                                 prev_state_event_id, txn_user, txn_device, txn_id, txn_scope, state_group, state_before)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(ev.stream_ordering)
         .bind(ev.event_id)
@@ -250,8 +317,14 @@ impl Store {
         .bind(txn_device)
         .bind(txn_id)
         .bind(txn_scope)
+        .bind(groups.map(|(_, after)| after))
+        // Only a state event's state before differs from its state after.
+        .bind(groups.filter(|(before, after)| before != after).map(|(before, _)| before))
         .execute(&mut *tx)
         .await?;
+        if ev.promotes_outlier {
+            sqlx::query("DELETE FROM event_outliers WHERE event_id = $1").bind(ev.event_id).execute(&mut *tx).await?;
+        }
         for prev in ev.prev_events {
             sqlx::query("DELETE FROM room_forward_extremities WHERE room_id = $1 AND event_id = $2")
                 .bind(ev.room_id)
@@ -290,7 +363,16 @@ impl Store {
                     .await?;
             }
         }
-        if let Some((key, value)) = ev.search_text {
+        // A redaction already on the timeline that was waiting for this event redacts it now.
+        let redacted_by = super::redactions::take_pending_for_target(&mut *tx, ev.room_id, ev.event_id).await?;
+        if let Some(redaction) = &redacted_by {
+            sqlx::query("UPDATE events SET redacted_by = $1 WHERE event_id = $2")
+                .bind(redaction)
+                .bind(ev.event_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let (Some((key, value)), None) = (ev.search_text, &redacted_by) {
             let sql = match self.backend {
                 super::Backend::Sqlite => {
                     "INSERT INTO event_search (event_id, room_id, key, value) VALUES ($1, $2, $3, $4)"
@@ -326,6 +408,11 @@ impl Store {
             }
             insert.execute(&mut *tx).await?;
         }
+        // A redaction that was waiting for its target (soft-failed until then) is decided.
+        sqlx::query("DELETE FROM pending_redactions WHERE redaction_id = $1")
+            .bind(ev.event_id)
+            .execute(&mut *tx)
+            .await?;
         if let Some(redacts) = ev.redacts {
             // A redacted message is no longer searchable.
             sqlx::query("DELETE FROM event_search WHERE event_id = $1").bind(redacts).execute(&mut *tx).await?;
@@ -337,6 +424,8 @@ impl Store {
             .bind(ev.room_id)
             .execute(&mut *tx)
             .await?;
+            // A target we do not hold yet is redacted when it arrives.
+            super::redactions::remember_if_unheld(&mut *tx, ev.room_id, redacts, ev.event_id).await?;
         }
         for destination in ev.destinations {
             sqlx::query("INSERT INTO federation_outbox (destination, stream_ordering, event_id) VALUES ($1, $2, $3)")
@@ -346,7 +435,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        Ok(AppendOutcome::Appended { prev_state })
+        Ok(AppendOutcome::Appended { prev_state, groups, current_group, redacted_by })
     }
 
     pub async fn event_id_for_txn(
@@ -423,11 +512,18 @@ impl Store {
         rows.iter().map(event_row).collect()
     }
 
+    /// Timeline events by id, in no particular order.
     pub async fn events_by_id(&self, ids: &[String]) -> Result<Vec<EventRow>, sqlx::Error> {
         let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(row) = self.event(id).await? {
-                out.push(row);
+        for chunk in ids.chunks(200) {
+            let list = (1..=chunk.len()).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let sql = sqlx::AssertSqlSafe(format!("SELECT {EVENT_COLUMNS} FROM events WHERE event_id IN ({list})"));
+            let mut query = sqlx::query(sql);
+            for id in chunk {
+                query = query.bind(id.as_str());
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                out.push(event_row(&row)?);
             }
         }
         Ok(out)

@@ -12,12 +12,20 @@ use ruma::api::federation::{
 use crate::{
     api::ruma::{Ruma, RumaResponse},
     error::{Error, Result},
-    service::Services,
+    service::{
+        Services,
+        inbound::{Received, TURN_WAIT},
+    },
     store::now_ms,
 };
 
 /// Most PDUs in one transaction (the spec's limit).
 const MAX_PDUS: usize = 50;
+/// Most EDUs in one transaction (the spec's limit).
+const MAX_EDUS: usize = 100;
+/// What a server whose transaction found another of its own still worked on after
+/// `TURN_WAIT` is told to wait.
+const ORIGIN_BUSY_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(super) fn origin<T>(req: &Ruma<T>) -> Result<ruma::OwnedServerName> {
     req.origin.clone().ok_or_else(|| Error::Unauthorized("The request is not signed".to_owned()))
@@ -86,7 +94,10 @@ pub async fn invite(
 }
 
 /// `PUT /send/{txnId}`: each PDU is taken in or refused on its own; a transaction seen
-/// before gets the answer it got then.
+/// before gets the answer it got then. One transaction at a time per origin (another waits
+/// its turn up to `TURN_WAIT`, then 429); PDUs that need
+/// events fetched are worked on in the background (see `service::inbound`), waited for up to
+/// `federation.inbound_wait_secs`.
 pub async fn send_transaction(
     State(services): State<Arc<Services>>,
     req: Ruma<send_transaction_message::v1::Request>,
@@ -99,16 +110,24 @@ pub async fn send_transaction(
     if b.pdus.len() > MAX_PDUS {
         return Err(Error::BadJson(format!("at most {MAX_PDUS} PDUs per transaction")));
     }
+    if b.edus.len() > MAX_EDUS {
+        return Err(Error::BadJson(format!("at most {MAX_EDUS} EDUs per transaction")));
+    }
+    let Some(_turn) = services.inbound.turn(&origin, TURN_WAIT).await else {
+        return Err(Error::LimitExceeded { retry_after: ORIGIN_BUSY_RETRY });
+    };
     if let Some(answer) = services.store.received_txn(origin.as_str(), b.transaction_id.as_str()).await? {
         let pdus = serde_json::from_str(&answer).map_err(|e| Error::internal(e.to_string()))?;
         return Ok(RumaResponse(send_transaction_message::v1::Response::new(pdus)));
     }
     let mut results = BTreeMap::new();
+    let mut queued = Vec::new();
     for raw in &b.pdus {
         match services.receive_pdu(&origin, raw).await {
-            Ok((event_id, _)) => {
+            Ok(Received::Done(event_id, _)) => {
                 results.insert(event_id, Ok(()));
             }
+            Ok(Received::Queued(event_id, verdict)) => queued.push((event_id, verdict)),
             Err(Error::Database(e)) => return Err(Error::Database(e)),
             Err(e) => {
                 tracing::info!(%origin, error = %e, "refused a received event");
@@ -125,6 +144,16 @@ pub async fn send_transaction(
         if let Err(e) = services.receive_edu(&origin, &edu).await {
             tracing::info!(%origin, edu_type = %edu["edu_type"], error = %e, "ignored a received EDU");
         }
+    }
+    // Queued PDUs: their verdicts if they come in time; otherwise they are being worked on
+    // (and reported as taken, as a server that stages what it receives does).
+    let deadline = tokio::time::Instant::now() + services.settings.federation.inbound_wait;
+    for (event_id, verdict) in queued {
+        let verdict = match tokio::time::timeout_at(deadline, verdict).await {
+            Ok(Ok(verdict)) => verdict,
+            Ok(Err(_)) | Err(_) => Ok(()),
+        };
+        results.insert(event_id, verdict);
     }
     let answer = serde_json::to_string(&results).map_err(|e| Error::internal(e.to_string()))?;
     services.store.store_received_txn(origin.as_str(), b.transaction_id.as_str(), &answer, now_ms()).await?;

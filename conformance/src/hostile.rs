@@ -70,7 +70,10 @@ pub enum Endpoint {
     PublicRooms,
     /// `/_matrix/key/v2/server` (answered with the server's own key document by default).
     Keys,
-    /// Anything else (queries, keys of users, media, ...).
+    /// `/_matrix/federation/v1/media/...`: `args` are `["download", media_id]` or
+    /// `["thumbnail", media_id]`.
+    Media,
+    /// Anything else (keys of users, any path outside the federation API, ...).
     Other,
 }
 
@@ -79,6 +82,8 @@ pub enum Endpoint {
 pub struct Request {
     pub endpoint: Endpoint,
     pub method: Method,
+    /// The whole path, e.g. for a URL outside the federation API that an answer pointed to.
+    pub path: String,
     /// The decoded path segments after the endpoint's name, e.g. `[room_id, user_id]` for
     /// `make_join`.
     pub args: Vec<String>,
@@ -97,21 +102,50 @@ impl Request {
     }
 }
 
-/// An answer: status and JSON body.
+/// An answer: status and JSON body, or (see [`Reply::streamed`]) any headers and a body
+/// streamed as the test produces it.
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub status: u16,
     pub body: Value,
+    pub streamed: Option<StreamedBody>,
+}
+
+/// A body that is not JSON, streamed chunk by chunk (it may be slow, or endless), with the
+/// headers that go with it. Taken by the one response it answers.
+#[derive(Clone)]
+pub struct StreamedBody {
+    headers: Vec<(String, String)>,
+    body: Arc<Mutex<Option<axum::body::Body>>>,
+}
+
+impl std::fmt::Debug for StreamedBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamedBody").field("headers", &self.headers).finish_non_exhaustive()
+    }
 }
 
 impl Reply {
     pub fn ok(body: Value) -> Self {
-        Self { status: 200, body }
+        Self { status: 200, body, streamed: None }
     }
 
     /// A Matrix error.
     pub fn error(status: u16, errcode: &str, message: &str) -> Self {
-        Self { status, body: json!({"errcode": errcode, "error": message}) }
+        Self { status, body: json!({"errcode": errcode, "error": message}), streamed: None }
+    }
+
+    /// An answer with these headers whose body is `body`, sent as it yields chunks (a
+    /// multipart media answer, an endless one, one that stalls until the test releases it).
+    pub fn streamed<S>(status: u16, headers: &[(&str, &str)], body: S) -> Self
+    where
+        S: futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+    {
+        let streamed = StreamedBody {
+            headers: headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            body: Arc::new(Mutex::new(Some(axum::body::Body::from_stream(body)))),
+        };
+        Self { status, body: Value::Null, streamed: Some(streamed) }
     }
 
     fn not_found() -> Self {
@@ -733,8 +767,15 @@ async fn handle(
         })
         .collect();
     let origin = xmatrix::parse_header(&headers).ok().map(|h| h.origin.to_string());
-    let request =
-        Request { endpoint, method, args, query, body: serde_json::from_slice(&body).unwrap_or(Value::Null), origin };
+    let request = Request {
+        endpoint,
+        method,
+        path: path.to_owned(),
+        args,
+        query,
+        body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+        origin,
+    };
     inner.requests.lock().unwrap().push(request.clone());
     wait_if_held(&inner, endpoint).await;
     let handler = inner.handlers.lock().unwrap().get(&endpoint).cloned();
@@ -742,7 +783,24 @@ async fn handle(
         Some(handler) => handler(&request),
         None => built_in(&inner, &request),
     };
+    if let Some(streamed) = reply.streamed {
+        return streamed_response(reply.status, streamed);
+    }
     json_response(reply.status, reply.body)
+}
+
+fn streamed_response(status: u16, streamed: StreamedBody) -> axum::response::Response {
+    let body = streamed.body.lock().unwrap().take().unwrap_or_default();
+    let mut response = axum::response::Response::new(body);
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    for (name, value) in streamed.headers {
+        if let (Ok(name), Ok(value)) =
+            (axum::http::HeaderName::try_from(name), axum::http::HeaderValue::try_from(value))
+        {
+            response.headers_mut().append(name, value);
+        }
+    }
+    response
 }
 
 /// Waits while `endpoint` is held.
@@ -784,6 +842,7 @@ fn parse_path(path: &str) -> (Endpoint, Vec<String>) {
         "event_auth" => Endpoint::EventAuth,
         "query" => Endpoint::Query,
         "publicRooms" => Endpoint::PublicRooms,
+        "media" => Endpoint::Media,
         _ => Endpoint::Other,
     };
     (endpoint, args)

@@ -215,6 +215,77 @@ impl FederationClient {
         })
     }
 
+    /// Like [`Self::send`], but the answer's body is not read: it is handed over as a
+    /// stream for the caller to read within its own limit (media, which may be larger than
+    /// anything held in memory). A status other than 2xx is an error, as in `send`.
+    pub async fn send_streamed<R>(
+        &self,
+        key: &SigningKey,
+        destination: &ServerName,
+        request: R,
+    ) -> Result<StreamedResponse, ClientError>
+    where
+        R: OutgoingRequest<PathBuilder = SinglePath>,
+        R::Authentication: OutboundAuth,
+    {
+        let dest = self.destination(destination).await;
+        self.check_literal(&dest)?;
+        let auth = <R::Authentication as OutboundAuth>::input(&self.origin, destination, key);
+        let http_request = request
+            .try_into_http_request::<Vec<u8>>(&dest.base_url(), auth, ())
+            .map_err(|e| ClientError::Request(e.to_string()))?;
+        let mut request = reqwest::Request::try_from(http_request).map_err(|e| ClientError::Request(e.to_string()))?;
+        let host = http::HeaderValue::from_str(&dest.host_header).map_err(|e| ClientError::Request(e.to_string()))?;
+        request.headers_mut().insert(http::header::HOST, host);
+        let permit = self.outbound_permit(destination).await?;
+        let response = match self.http.execute(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.discovery.forget(destination);
+                return Err(ClientError::Transport { server: destination.to_owned(), reason: error_chain(&e) });
+            }
+        };
+        streamed(destination, response, permit).await
+    }
+
+    /// One of the process's outbound request slots, held by a streamed answer until its body
+    /// is dropped.
+    async fn outbound_permit(&self, server: &ServerName) -> Result<tokio::sync::OwnedSemaphorePermit, ClientError> {
+        self.options
+            .outbound
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| ClientError::Transport { server: server.to_owned(), reason: e.to_string() })
+    }
+
+    /// A plain `GET` of `url` (where another server's media answer pointed with `Location`),
+    /// with the same guards as federation requests (no private targets unless allowed, the
+    /// timeout, no redirects), the body handed over as a stream. `server` names the server
+    /// that pointed there, for errors.
+    pub async fn get_streamed(&self, server: &ServerName, url: &str) -> Result<StreamedResponse, ClientError> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| ClientError::Request(format!("{url}: {e}")))?;
+        if !matches!(parsed.scheme(), "https" | "http") {
+            return Err(ClientError::Request(format!("{url}: only http and https URLs are fetched")));
+        }
+        let host = parsed.host_str().ok_or_else(|| ClientError::Request(format!("{url}: no host")))?;
+        let dest = Destination {
+            tls_host: host.to_owned(),
+            port: parsed.port_or_known_default().unwrap_or(443),
+            host_header: host.to_owned(),
+            connect_host: None,
+        };
+        self.check_literal(&dest)?;
+        let permit = self.outbound_permit(server).await?;
+        let response = self
+            .http
+            .get(parsed)
+            .send()
+            .await
+            .map_err(|e| ClientError::Transport { server: server.to_owned(), reason: error_chain(&e) })?;
+        streamed(server, response, permit).await
+    }
+
     async fn execute(
         &self,
         server: &ServerName,
@@ -280,6 +351,50 @@ impl FederationClient {
             }
         }
     }
+}
+
+/// An answer whose body is read as it arrives.
+pub struct StreamedResponse {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: futures_util::stream::BoxStream<'static, Result<bytes::Bytes, ClientError>>,
+}
+
+/// A 2xx answer as a [`StreamedResponse`]; any other status is [`ClientError::Status`] with
+/// the beginning of its body.
+async fn streamed(
+    server: &ServerName,
+    response: reqwest::Response,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) -> Result<StreamedResponse, ClientError> {
+    use futures_util::StreamExt;
+    let status = response.status().as_u16();
+    if !response.status().is_success() {
+        let mut response = response;
+        let mut body = Vec::new();
+        while body.len() < 512
+            && let Ok(Some(chunk)) = response.chunk().await
+        {
+            body.extend_from_slice(&chunk);
+        }
+        body.truncate(512);
+        return Err(ClientError::Status {
+            server: server.to_owned(),
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        });
+    }
+    let headers = response.headers().clone();
+    let owner = server.to_owned();
+    let body = response
+        .bytes_stream()
+        .map(move |chunk| {
+            // The slot is given back when the body is dropped.
+            let _held = &permit;
+            chunk.map_err(|e| ClientError::Transport { server: owner.clone(), reason: error_chain(&e) })
+        })
+        .boxed();
+    Ok(StreamedResponse { status, headers, body })
 }
 
 /// reqwest's errors hide the cause (refused connection, bad certificate) in their sources.

@@ -205,6 +205,60 @@ pub struct MediaConfig {
     /// Forget an unfinished resumable or asynchronous upload after this many hours without
     /// progress.
     pub pending_upload_hours: u64,
+    /// The only thumbnails made (Synapse's `thumbnail_sizes`); a request gets the smallest of
+    /// its method that covers the requested size, else the largest.
+    pub thumbnail_sizes: Vec<ThumbnailSize>,
+    /// Thumbnails generated at once; further requests wait their turn.
+    pub thumbnail_concurrency: usize,
+}
+
+/// One configured thumbnail: `{ width = 32, height = 32, method = "crop" }`, or in the
+/// environment `32x32-crop`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ThumbnailSizeRepr")]
+pub struct ThumbnailSize {
+    pub width: u32,
+    pub height: u32,
+    pub method: ThumbnailMethod,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThumbnailMethod {
+    Crop,
+    Scale,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ThumbnailSizeRepr {
+    Table { width: u32, height: u32, method: ThumbnailMethod },
+    Text(String),
+}
+
+impl TryFrom<ThumbnailSizeRepr> for ThumbnailSize {
+    type Error = String;
+
+    fn try_from(repr: ThumbnailSizeRepr) -> Result<Self, String> {
+        match repr {
+            ThumbnailSizeRepr::Table { width, height, method } => Ok(Self { width, height, method }),
+            ThumbnailSizeRepr::Text(text) => {
+                let bad = || format!("`{text}` is not a size like 32x32-crop or 640x480-scale");
+                let (size, method) = text.trim().split_once('-').ok_or_else(bad)?;
+                let (width, height) = size.split_once('x').ok_or_else(bad)?;
+                let method = match method {
+                    "crop" => ThumbnailMethod::Crop,
+                    "scale" => ThumbnailMethod::Scale,
+                    _ => return Err(bad()),
+                };
+                Ok(Self {
+                    width: width.parse().map_err(|_| bad())?,
+                    height: height.parse().map_err(|_| bad())?,
+                    method,
+                })
+            }
+        }
+    }
 }
 
 impl Default for MediaConfig {
@@ -215,6 +269,13 @@ impl Default for MediaConfig {
             unauthenticated_cutoff_ms: 0,
             local_retention_days: 0,
             pending_upload_hours: 24,
+            // Synapse's defaults.
+            thumbnail_sizes: [(32, 32, ThumbnailMethod::Crop), (96, 96, ThumbnailMethod::Crop)]
+                .into_iter()
+                .chain([(320, 240), (640, 480), (800, 600)].map(|(w, h)| (w, h, ThumbnailMethod::Scale)))
+                .map(|(width, height, method)| ThumbnailSize { width, height, method })
+                .collect(),
+            thumbnail_concurrency: 4,
         }
     }
 }
@@ -388,6 +449,8 @@ const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
     ("OBMIN_MEDIA_UNAUTHENTICATED_CUTOFF_MS", "media.unauthenticated_cutoff_ms", EnvKind::Integer),
     ("OBMIN_MEDIA_LOCAL_RETENTION_DAYS", "media.local_retention_days", EnvKind::Integer),
     ("OBMIN_MEDIA_PENDING_UPLOAD_HOURS", "media.pending_upload_hours", EnvKind::Integer),
+    ("OBMIN_MEDIA_THUMBNAIL_SIZES", "media.thumbnail_sizes", EnvKind::List),
+    ("OBMIN_MEDIA_THUMBNAIL_CONCURRENCY", "media.thumbnail_concurrency", EnvKind::Integer),
     ("OBMIN_PUSH_GATEWAY_IP_RANGE_DENYLIST", "push.gateway_ip_range_denylist", EnvKind::List),
     ("OBMIN_PUSH_GATEWAY_IP_RANGE_ALLOWLIST", "push.gateway_ip_range_allowlist", EnvKind::List),
     ("OBMIN_FEDERATION_LISTEN", "federation.listen", EnvKind::String),
@@ -637,6 +700,20 @@ impl Settings {
         }
         if config.media.pending_upload_hours == 0 || config.media.pending_upload_hours > 24 * 365 {
             return Err(err("media.pending_upload_hours", "must be between 1 and 8760"));
+        }
+        if let Some(size) = config
+            .media
+            .thumbnail_sizes
+            .iter()
+            .find(|s| !(1..=4096).contains(&s.width.max(s.height)) || s.width.min(s.height) == 0)
+        {
+            return Err(err(
+                "media.thumbnail_sizes",
+                format!("{}x{}: each edge must be 1 to 4096 pixels", size.width, size.height),
+            ));
+        }
+        if config.media.thumbnail_concurrency == 0 || config.media.thumbnail_concurrency > 1024 {
+            return Err(err("media.thumbnail_concurrency", "must be between 1 and 1024"));
         }
         let push = PushSettings {
             gateway_ip_range_denylist: parse_ranges(

@@ -34,6 +34,9 @@ pub enum Error {
     MethodNotAllowed,
     #[error("Request body is larger than {limit} bytes")]
     TooLarge { limit: usize },
+    /// Another server's media is larger than we accept (502 `M_TOO_LARGE`, as Synapse answers).
+    #[error("The remote file is larger than {limit} bytes")]
+    RemoteTooLarge { limit: u64 },
     #[error("Missing access token")]
     MissingToken,
     #[error("Unknown or expired access token")]
@@ -119,6 +122,7 @@ impl Error {
             Error::UnrecognizedEndpoint => (ErrorKind::Unrecognized, S::NOT_FOUND),
             Error::MethodNotAllowed => (ErrorKind::Unrecognized, S::METHOD_NOT_ALLOWED),
             Error::TooLarge { .. } => (ErrorKind::TooLarge, S::PAYLOAD_TOO_LARGE),
+            Error::RemoteTooLarge { .. } => (ErrorKind::TooLarge, S::BAD_GATEWAY),
             Error::MissingToken => (ErrorKind::MissingToken, S::UNAUTHORIZED),
             Error::UnknownToken => (ErrorKind::UnknownToken(UnknownTokenErrorData::new()), S::UNAUTHORIZED),
             Error::Forbidden(_) => (ErrorKind::Forbidden, S::FORBIDDEN),

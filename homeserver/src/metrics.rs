@@ -43,6 +43,10 @@ pub struct Metrics {
     pub federation_destinations_given_up: Gauge,
     /// Queued events and EDUs dropped for destinations given up on.
     pub federation_dropped: Counter,
+    /// Thumbnails generated (not served from the kept ones).
+    pub media_thumbnails_generated: Counter,
+    /// The most thumbnail generations that ran at once (bounded by `media.thumbnail_concurrency`).
+    pub media_thumbnail_generations_peak: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -68,6 +72,8 @@ impl Metrics {
         let federation_destinations_failing = Gauge::default();
         let federation_destinations_given_up = Gauge::default();
         let federation_dropped = Counter::default();
+        let media_thumbnails_generated = Counter::default();
+        let media_thumbnail_generations_peak = Gauge::default();
         registry.register("http_requests", "HTTP requests answered, by endpoint and status", requests.clone());
         registry.register("http_request_duration_seconds", "Time to answer, by endpoint", request_duration.clone());
         registry.register("http_requests_in_flight", "Requests being answered now", requests_in_flight.clone());
@@ -89,6 +95,12 @@ impl Metrics {
             "Queued events and EDUs dropped for servers given up on",
             federation_dropped.clone(),
         );
+        registry.register("media_thumbnails_generated", "Thumbnails generated", media_thumbnails_generated.clone());
+        registry.register(
+            "media_thumbnail_generations_peak",
+            "Most thumbnail generations running at once",
+            media_thumbnail_generations_peak.clone(),
+        );
         Self {
             registry,
             requests,
@@ -100,6 +112,8 @@ impl Metrics {
             federation_destinations_failing,
             federation_destinations_given_up,
             federation_dropped,
+            media_thumbnails_generated,
+            media_thumbnail_generations_peak,
         }
     }
 

@@ -32,12 +32,12 @@ backend_tests!(
 const CHUNK: usize = 1024 * 1024;
 
 /// A client without the harness's 60 s timeout, for big transfers.
-fn big_client() -> reqwest::Client {
+pub(crate) fn big_client() -> reqwest::Client {
     conformance::http_client(Duration::from_secs(900))
 }
 
 /// Deterministic pseudo-random content, chunk by chunk.
-fn chunk(seed: u64, index: usize, total: usize) -> Bytes {
+pub(crate) fn chunk(seed: u64, index: usize, total: usize) -> Bytes {
     let len = CHUNK.min(total - index * CHUNK);
     let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(1_000_003).wrapping_add(index as u64));
     let mut buf = vec![0u8; len];
@@ -68,7 +68,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-async fn upload(server: &Server, user: &User, body: Vec<u8>, content_type: &str) -> conformance::Response {
+pub(crate) async fn upload(server: &Server, user: &User, body: Vec<u8>, content_type: &str) -> conformance::Response {
     let resp = server
         .http
         .post(server.url("/_matrix/media/v3/upload?filename=file.bin"))
@@ -82,12 +82,12 @@ async fn upload(server: &Server, user: &User, body: Vec<u8>, content_type: &str)
 }
 
 /// Uploads and returns the media id.
-async fn upload_ok(server: &Server, user: &User, body: Vec<u8>, content_type: &str) -> String {
+pub(crate) async fn upload_ok(server: &Server, user: &User, body: Vec<u8>, content_type: &str) -> String {
     let resp = upload(server, user, body, content_type).await;
     media_id(resp.assert_ok()["content_uri"].as_str().expect("content_uri"))
 }
 
-fn media_id(mxc: &str) -> String {
+pub(crate) fn media_id(mxc: &str) -> String {
     assert!(mxc.starts_with("mxc://localhost/"), "{mxc}");
     mxc.rsplit('/').next().unwrap().to_owned()
 }
@@ -121,7 +121,7 @@ async fn download(
     (status, headers, len, hex::encode(hasher.finalize()))
 }
 
-async fn download_bytes(
+pub(crate) async fn download_bytes(
     server: &Server,
     path: &str,
     token: &str,
@@ -138,12 +138,12 @@ async fn download_bytes(
     (status, headers, resp.bytes().await.expect("body").to_vec())
 }
 
-fn dl(media_id: &str) -> String {
+pub(crate) fn dl(media_id: &str) -> String {
     format!("/_matrix/client/v1/media/download/localhost/{media_id}")
 }
 
 /// Files under `<data>/media`, except the (possibly empty) `tmp` and `uploads` directories.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
+pub(crate) fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
@@ -158,11 +158,11 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn media_dir(server: &Server) -> PathBuf {
+pub(crate) fn media_dir(server: &Server) -> PathBuf {
     server.dir.path().join("data").join("media")
 }
 
-fn cli_stdout(server: &Server, args: &[&str]) -> String {
+pub(crate) fn cli_stdout(server: &Server, args: &[&str]) -> String {
     let out = server.cli(args, None);
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
@@ -229,7 +229,7 @@ async fn roundtrip_500mib_streamed(backend: Backend) {
     assert_eq!(headers["content-range"], format!("bytes {from}-{}/{size}", size - 1).as_str());
 }
 
-fn encode(image: &image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
+pub(crate) fn encode(image: &image::DynamicImage, format: image::ImageFormat) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
     image.write_to(&mut out, format).expect("encode test image");
     out.into_inner()
@@ -253,9 +253,12 @@ async fn thumbnails_for_png_jpeg_webp_gif(backend: Backend) {
     ];
     for (content_type, bytes, thumb_format) in cases {
         let id = upload_ok(&server, &alice, bytes, content_type).await;
+        // Answered with the smallest configured size (Synapse's defaults) that covers the
+        // request: 50x50 scale is the 320x240 box (never enlarging this 200x100 image),
+        // 50x50 crop the 96x96 one.
         for (w, h, method, expect) in [
-            (50, 50, "scale", (50, 25)),
-            (50, 50, "crop", (50, 50)),
+            (50, 50, "scale", (200, 100)),
+            (50, 50, "crop", (96, 96)),
             (32, 32, "crop", (32, 32)),
             (800, 600, "scale", (200, 100)),
         ] {
@@ -328,11 +331,11 @@ async fn range_requests_and_safe_headers(backend: Backend) {
     assert_eq!(headers["content-type"], "image/png");
 }
 
-async fn create_resumable(server: &Server, user: &User, body: Value) -> Value {
+pub(crate) async fn create_resumable(server: &Server, user: &User, body: Value) -> Value {
     server.post("/_obmin/media/v1/upload", Some(&user.access_token), body).await.assert_ok().clone()
 }
 
-async fn patch(
+pub(crate) async fn patch(
     server: &Server,
     user: &User,
     url: &str,
@@ -453,7 +456,7 @@ async fn resumable_upload_continues_after_a_break(backend: Backend) {
 
 /// Sends a raw HTTP/1.1 request head (and optionally chunked body data until the server
 /// answers); returns the status line's code and the JSON body of the answer.
-async fn raw_upload(
+pub(crate) async fn raw_upload(
     server: &Server,
     token: &str,
     content_length: Option<u64>,

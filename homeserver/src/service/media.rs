@@ -2,6 +2,9 @@
 //! limits, quota and retention. Files are handled by [`storage`], images by [`thumbnail`];
 //! rows by `store::media`.
 
+pub mod multipart;
+pub mod remote;
+pub mod single_flight;
 pub mod storage;
 pub mod thumbnail;
 
@@ -9,27 +12,28 @@ use std::{
     collections::HashSet,
     io,
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
     time::Duration,
 };
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
-use ruma::{
-    OwnedMxcUri, ServerName, UserId,
-    api::federation::authenticated_media::{FileOrLocation, get_content},
-};
+use ruma::{OwnedMxcUri, ServerName, UserId};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 
 use self::{
+    single_flight::{Shared, SingleFlight, unshare},
     storage::{MediaStorage, ReceiveError, receive},
     thumbnail::Method,
 };
 use super::Services;
 use crate::{
     error::{Error, Result},
-    store::{MediaRow, NewMedia, RemoteMediaRow, ThumbnailRow, now_ms},
+    store::{Completion, MediaRow, NewMedia, RemoteMediaRow, ThumbnailRow, now_ms},
 };
 
 /// Media ids (and temporary names) are drawn from this alphabet.
@@ -49,15 +53,40 @@ pub struct Media {
     content_lock: tokio::sync::Mutex<()>,
     /// Resumable uploads currently receiving a PATCH (one writer per upload).
     busy: Arc<Mutex<HashSet<String>>>,
+    /// Thumbnails being made, by (media id, configured size): one generation per thumbnail.
+    thumbnails: SingleFlight<(String, u32, u32, Method), Shared<ThumbnailRow>>,
+    /// Thumbnail generations at once (`media.thumbnail_concurrency`): each decodes up to
+    /// 64 MiB of image on a blocking thread.
+    thumbnail_permits: Arc<tokio::sync::Semaphore>,
+    /// Generations running now, and the most there were at once (a metric).
+    generating: Arc<AtomicI64>,
+    generating_peak: Arc<AtomicI64>,
+    /// Other servers' media being fetched, by (origin, media id): one fetch per file.
+    remote: SingleFlight<(String, String), Shared<RemoteMediaRow>>,
 }
 
 impl Media {
-    pub fn new(root: PathBuf) -> Self {
+    pub fn new(root: PathBuf, thumbnail_concurrency: usize) -> Self {
         Self {
             storage: MediaStorage::new(root),
             content_lock: tokio::sync::Mutex::new(()),
             busy: Arc::new(Mutex::new(HashSet::new())),
+            thumbnails: SingleFlight::default(),
+            thumbnail_permits: Arc::new(tokio::sync::Semaphore::new(thumbnail_concurrency.max(1))),
+            generating: Arc::new(AtomicI64::new(0)),
+            generating_peak: Arc::new(AtomicI64::new(0)),
+            remote: SingleFlight::default(),
         }
+    }
+}
+
+/// Counts a running thumbnail generation for as long as it lives (it moves into the
+/// blocking task, so it ends when the work does, even if the request went away).
+struct Generating(Arc<AtomicI64>);
+
+impl Drop for Generating {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -105,6 +134,11 @@ fn new_media_id() -> String {
 
 fn io_error(e: io::Error) -> Error {
     Error::internal(format!("media storage: {e}"))
+}
+
+/// An error for every caller of a [`SingleFlight`] run.
+fn shared(e: impl Into<Error>) -> Arc<Error> {
+    Arc::new(e.into())
 }
 
 /// A content type we store: a `type/subtype` without control characters, else none.
@@ -210,23 +244,42 @@ impl Services {
         let media_id = new_media_id();
         let content_type = clean_content_type(meta.content_type);
         let _guard = self.media.content_lock.lock().await;
-        let size = received.size;
+        let size = i64::try_from(received.size).unwrap_or(i64::MAX);
         let sha256 = received.sha256.clone();
         self.media.storage.commit(received.file, &sha256).await.map_err(io_error)?;
-        self.store
-            .insert_media(&NewMedia {
-                media_id: &media_id,
-                user_id: user_id.as_str(),
-                content_type: content_type.as_deref(),
-                filename: meta.filename.as_deref(),
-                sha256: Some(&sha256),
-                size: i64::try_from(size).unwrap_or(i64::MAX),
-                upload_length: None,
-                expected_sha256: None,
-                now: now_ms(),
-            })
-            .await?;
+        let media = NewMedia {
+            media_id: &media_id,
+            user_id: user_id.as_str(),
+            content_type: content_type.as_deref(),
+            filename: meta.filename.as_deref(),
+            sha256: Some(&sha256),
+            size,
+            upload_length: None,
+            expected_sha256: None,
+            now: now_ms(),
+        };
+        if !self.insert_within_quota(&media, size).await? {
+            // Other uploads of the user finished first and took what was left.
+            self.remove_if_unreferenced(&sha256).await?;
+            return Err(self.quota_error());
+        }
         Ok(self.mxc(&media_id))
+    }
+
+    /// Inserts a media row if `counted` more bytes fit in the user's quota (the check and
+    /// the insert in one step); false if they do not.
+    async fn insert_within_quota(&self, media: &NewMedia<'_>, counted: i64) -> Result<bool> {
+        let quota = self.settings.media.quota_bytes_per_user;
+        if quota == 0 {
+            self.store.insert_media(media).await?;
+            return Ok(true);
+        }
+        Ok(self.store.insert_media_within_quota(media, counted, i64::try_from(quota).unwrap_or(i64::MAX)).await?)
+    }
+
+    fn quota_bytes(&self) -> Option<i64> {
+        let quota = self.settings.media.quota_bytes_per_user;
+        (quota > 0).then(|| i64::try_from(quota).unwrap_or(i64::MAX))
     }
 
     /// `POST /create`: reserves an mxc URI for content to come.
@@ -235,19 +288,23 @@ impl Services {
             return Err(Error::LimitExceeded { retry_after: Duration::from_secs(60) });
         }
         let media_id = new_media_id();
-        self.store
-            .insert_media(&NewMedia {
-                media_id: &media_id,
-                user_id: user_id.as_str(),
-                content_type: resumable.and_then(|r| r.content_type.as_deref()),
-                filename: resumable.and_then(|r| r.filename.as_deref()),
-                sha256: None,
-                size: 0,
-                upload_length: resumable.map(|r| i64::try_from(r.length).unwrap_or(i64::MAX)),
-                expected_sha256: resumable.and_then(|r| r.sha256.as_deref()),
-                now: now_ms(),
-            })
-            .await?;
+        let upload_length = resumable.map(|r| i64::try_from(r.length).unwrap_or(i64::MAX));
+        let media = NewMedia {
+            media_id: &media_id,
+            user_id: user_id.as_str(),
+            content_type: resumable.and_then(|r| r.content_type.as_deref()),
+            filename: resumable.and_then(|r| r.filename.as_deref()),
+            sha256: None,
+            size: 0,
+            upload_length,
+            expected_sha256: resumable.and_then(|r| r.sha256.as_deref()),
+            now: now_ms(),
+        };
+        // A resumable upload's announced length counts from now on (a `/create` reservation
+        // has no length: its content is checked when it arrives).
+        if !self.insert_within_quota(&media, upload_length.unwrap_or(0)).await? {
+            return Err(self.quota_error());
+        }
         Ok(media_id)
     }
 
@@ -299,7 +356,7 @@ impl Services {
         let sha256 = received.sha256.clone();
         let size = received.size;
         self.media.storage.commit(received.file, &sha256).await.map_err(io_error)?;
-        let done = self
+        let completion = self
             .store
             .complete_media(
                 media_id,
@@ -308,14 +365,22 @@ impl Services {
                 clean_content_type(meta.content_type).as_deref(),
                 meta.filename.as_deref(),
                 now_ms(),
+                self.quota_bytes(),
             )
             .await?;
-        if !done {
-            // A concurrent PUT won; our copy of the file may be unreferenced now.
-            self.remove_if_unreferenced(&sha256).await?;
-            return Err(Error::CannotOverwriteMedia("This media already has content".to_owned()));
+        match completion {
+            Completion::Done => Ok(()),
+            // A concurrent PUT won, or other uploads took the rest of the quota; our copy of
+            // the file may be unreferenced now.
+            Completion::Taken => {
+                self.remove_if_unreferenced(&sha256).await?;
+                Err(Error::CannotOverwriteMedia("This media already has content".to_owned()))
+            }
+            Completion::OverQuota => {
+                self.remove_if_unreferenced(&sha256).await?;
+                Err(self.quota_error())
+            }
         }
-        Ok(())
     }
 
     async fn remove_if_unreferenced(&self, sha256: &str) -> Result<()> {
@@ -345,10 +410,7 @@ impl Services {
         }
         check_media_id(media_id)?;
         let origin = ServerName::parse(server_name).map_err(|_| Error::NotFound("Media not found".to_owned()))?;
-        let row = match self.store.remote_media(origin.as_str(), media_id).await? {
-            Some(row) => row,
-            None => self.fetch_remote_media(&origin, media_id, timeout).await?,
-        };
+        let row = self.remote_media(&origin, media_id, timeout).await?;
         Ok(MediaContent {
             path: self.media.storage.content_path(&row.sha256),
             size: u64::try_from(row.size).unwrap_or(0),
@@ -356,48 +418,6 @@ impl Services {
             filename: row.filename,
             sha256: row.sha256,
         })
-    }
-
-    /// Downloads `origin`'s media over federation into content storage and records it.
-    /// ruma parses the multipart answer into memory; the federation client bounds it
-    /// (`MAX_RESPONSE_BYTES`), and our own upload limit applies on top.
-    async fn fetch_remote_media(
-        &self,
-        origin: &ServerName,
-        media_id: &str,
-        timeout: Duration,
-    ) -> Result<RemoteMediaRow> {
-        let mut request = get_content::v1::Request::new(media_id.to_owned());
-        request.timeout_ms = timeout.min(Duration::from_secs(60));
-        // The spec's download answers have no "origin unreachable": that is content we
-        // cannot find (404), as for the origin saying it has none.
-        let response = self.send_federation(origin, request).await.map_err(|e| match e {
-            Error::RemoteUnavailable(reason) => Error::NotFound(format!("Media not found: {reason}")),
-            other => other,
-        })?;
-        let content = match response.content {
-            FileOrLocation::File(content) => content,
-            _ => {
-                return Err(Error::NotFound(format!(
-                    "Media not found: {origin} redirects it elsewhere, which this server does not follow yet"
-                )));
-            }
-        };
-        if content.file.len() as u64 > self.max_upload_bytes() {
-            return Err(Error::TooLarge { limit: usize::try_from(self.max_upload_bytes()).unwrap_or(usize::MAX) });
-        }
-        let filename = content.content_disposition.and_then(|d| d.filename);
-        let filename = if check_filename(&filename).is_ok() { filename } else { None };
-        let _guard = self.media.content_lock.lock().await;
-        let sha256 = self.media.storage.store_bytes(&content.file).await.map_err(io_error)?;
-        let row = RemoteMediaRow {
-            content_type: clean_content_type(content.content_type),
-            filename,
-            sha256,
-            size: i64::try_from(content.file.len()).unwrap_or(i64::MAX),
-        };
-        self.store.insert_remote_media(origin.as_str(), media_id, &row, now_ms()).await?;
-        Ok(row)
     }
 
     /// Finished local media for a download, waiting up to `timeout` for a reservation's
@@ -446,7 +466,9 @@ impl Services {
         }
     }
 
-    /// A thumbnail (cached after the first request).
+    /// A thumbnail: the configured size that answers the request ([`thumbnail::choose`]),
+    /// made once when first asked for (concurrent requests for it wait for that one
+    /// generation) and kept.
     #[allow(clippy::too_many_arguments)]
     pub async fn media_thumbnail(
         &self,
@@ -461,41 +483,74 @@ impl Services {
         if width == 0 || height == 0 {
             return Err(Error::Unknown("Thumbnail width and height must be positive".to_owned()));
         }
-        let clamp = |v: u64| u32::try_from(v.min(u64::from(thumbnail::MAX_EDGE))).unwrap_or(thumbnail::MAX_EDGE);
-        let (width, height) = (clamp(width), clamp(height));
+        let size = thumbnail::choose(&self.settings.media.thumbnail_sizes, width, height, method)
+            .ok_or_else(|| Error::NotFound("This server makes no thumbnails".to_owned()))?;
+        let (width, height, method) = (size.width, size.height, Method::from(size.method));
         let (row, original) = self.media_for_download(server_name, media_id, timeout, authenticated).await?;
-        let thumb_content = |t: ThumbnailRow| MediaContent {
-            path: self.media.storage.content_path(&t.sha256),
-            size: u64::try_from(t.size).unwrap_or(0),
-            content_type: t.content_type,
+        let key = (row.media_id.clone(), width, height, method);
+        let made =
+            self.media.thumbnails.run(key, || self.kept_or_new_thumbnail(&row, &original, width, height, method)).await;
+        let made = made.map_err(unshare)?;
+        Ok(MediaContent {
+            path: self.media.storage.content_path(&made.sha256),
+            size: u64::try_from(made.size).unwrap_or(0),
+            content_type: made.content_type,
             filename: Some(format!("thumbnail-{width}x{height}")),
-            sha256: t.sha256,
-        };
+            sha256: made.sha256,
+        })
+    }
+
+    /// The kept thumbnail of this size, or a new one, made when a generation permit is free.
+    async fn kept_or_new_thumbnail(
+        &self,
+        row: &MediaRow,
+        original: &MediaContent,
+        width: u32,
+        height: u32,
+        method: Method,
+    ) -> Shared<ThumbnailRow> {
         let (w, h) = (i64::from(width), i64::from(height));
-        if let Some(cached) = self.store.media_thumbnail(media_id, w, h, method.as_str()).await? {
-            return Ok(thumb_content(cached));
+        if let Some(kept) = self.store.media_thumbnail(&row.media_id, w, h, method.as_str()).await.map_err(shared)? {
+            return Ok(kept);
         }
         if original.size > thumbnail::MAX_SOURCE_BYTES {
-            return Err(Error::Unknown("This media is too large to thumbnail".to_owned()));
+            return Err(Arc::new(Error::Unknown("This media is too large to thumbnail".to_owned())));
         }
-        let path = original.path.clone();
-        let generated = tokio::task::spawn_blocking(move || thumbnail::generate(path, width, height, method))
+        let permit = self
+            .media
+            .thumbnail_permits
+            .clone()
+            .acquire_owned()
             .await
-            .map_err(|e| Error::internal(format!("thumbnail task failed: {e}")))?;
+            .map_err(|e| shared(Error::internal(e.to_string())))?;
+        let now = self.media.generating.fetch_add(1, Ordering::SeqCst) + 1;
+        let running = Generating(self.media.generating.clone());
+        let peak = self.media.generating_peak.fetch_max(now, Ordering::SeqCst).max(now);
+        self.metrics.media_thumbnail_generations_peak.set(peak);
+        self.metrics.media_thumbnails_generated.inc();
+        let path = original.path.clone();
+        let generated = tokio::task::spawn_blocking(move || {
+            // Held until the decoding ends, even if every request waiting for it went away.
+            let _permit = permit;
+            let _running = running;
+            thumbnail::generate(path, width, height, method)
+        })
+        .await
+        .map_err(|e| shared(Error::internal(format!("thumbnail task failed: {e}"))))?;
         let generated = match generated {
             Ok(t) => t,
-            Err(thumbnail::ThumbnailError::Unsupported(reason)) => return Err(Error::Unknown(reason)),
-            Err(thumbnail::ThumbnailError::Internal(reason)) => return Err(Error::internal(reason)),
+            Err(thumbnail::ThumbnailError::Unsupported(reason)) => return Err(shared(Error::Unknown(reason))),
+            Err(thumbnail::ThumbnailError::Internal(reason)) => return Err(shared(Error::internal(reason))),
         };
         let _guard = self.media.content_lock.lock().await;
-        let sha256 = self.media.storage.store_bytes(&generated.bytes).await.map_err(io_error)?;
-        let row_thumb = ThumbnailRow {
+        let sha256 = self.media.storage.store_bytes(&generated.bytes).await.map_err(|e| shared(io_error(e)))?;
+        let made = ThumbnailRow {
             content_type: generated.content_type.to_owned(),
             sha256,
             size: i64::try_from(generated.bytes.len()).unwrap_or(i64::MAX),
         };
-        self.store.insert_media_thumbnail(&row.media_id, w, h, method.as_str(), &row_thumb).await?;
-        Ok(thumb_content(row_thumb))
+        self.store.insert_media_thumbnail(&row.media_id, w, h, method.as_str(), &made).await.map_err(shared)?;
+        Ok(made)
     }
 
     /// Deletes one piece of media with its thumbnails (and their files once unreferenced);
@@ -735,20 +790,13 @@ impl Services {
                 "The uploaded bytes have sha256 {sha256}, not the announced {expected}; the upload was reset to offset 0"
             )));
         }
-        let user_id = <&UserId>::try_from(row.user_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
-        let quota = self.settings.media.quota_bytes_per_user;
-        if quota > 0 {
-            let used = u64::try_from(self.store.user_media_bytes(user_id.as_str()).await?).unwrap_or(0);
-            if used.saturating_add(length) > quota {
-                return Err(self.quota_error());
-            }
-        }
+        // No quota check: the announced length was reserved in the quota when the upload
+        // was announced.
         let _guard = self.media.content_lock.lock().await;
         self.media.storage.commit_path(&path, &sha256).await.map_err(io_error)?;
-        if !self
-            .store
-            .complete_media(&row.media_id, &sha256, i64::try_from(length).unwrap_or(i64::MAX), None, None, now_ms())
-            .await?
+        let length_i64 = i64::try_from(length).unwrap_or(i64::MAX);
+        if self.store.complete_media(&row.media_id, &sha256, length_i64, None, None, now_ms(), None).await?
+            != Completion::Done
         {
             self.remove_if_unreferenced(&sha256).await?;
             return Err(Error::Conflict("This media already has content".to_owned()));

@@ -92,7 +92,7 @@ impl Services {
         fed: fed::Federation,
     ) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
-        let media = media::Media::new(settings.media_dir());
+        let media = media::Media::new(settings.media_dir(), settings.media.thumbnail_concurrency);
         let push_gateway = push_gateway::PushGateway::new(&settings.push);
         Self {
             settings,

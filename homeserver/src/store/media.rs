@@ -85,27 +85,78 @@ pub struct MediaUsageRow {
     pub bytes: i64,
 }
 
+/// How a reservation's completion went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    Done,
+    /// It already has content, or it is gone.
+    Taken,
+    /// The content does not fit in the user's quota.
+    OverQuota,
+}
+
+/// The bytes [`Store::user_media_bytes`] counts.
+const QUOTA_USED: &str = "SELECT CAST(COALESCE(SUM(CASE WHEN sha256 IS NOT NULL THEN size ELSE COALESCE(upload_length, 0) END), 0) \
+     AS BIGINT) AS total FROM media WHERE user_id = $1";
+
+fn insert_media_query<'q>(m: &NewMedia<'q>) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    sqlx::query(
+        "INSERT INTO media (media_id, user_id, content_type, filename, sha256, size, created_ts, uploaded_ts,
+                            upload_length, upload_offset, expected_sha256, updated_ts)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $7)",
+    )
+    .bind(m.media_id)
+    .bind(m.user_id)
+    .bind(m.content_type)
+    .bind(m.filename)
+    .bind(m.sha256)
+    .bind(m.size)
+    .bind(m.now)
+    .bind(m.sha256.map(|_| m.now))
+    .bind(m.upload_length)
+    .bind(m.expected_sha256)
+}
+
+/// Whether `more` bytes fit in the user's `quota`, inside a write transaction. On PostgreSQL
+/// the no-op update locks the user's row until the transaction ends: the next upload of the
+/// same user waits here and then counts what this one wrote.
+async fn quota_fits(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    user_id: &str,
+    more: i64,
+    quota: i64,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query("UPDATE users SET deactivated = deactivated WHERE user_id = $1")
+        .bind(user_id)
+        .execute(&mut **tx)
+        .await?;
+    let used: i64 = sqlx::query(QUOTA_USED).bind(user_id).fetch_one(&mut **tx).await?.try_get("total")?;
+    Ok(used.saturating_add(more) <= quota)
+}
+
 impl Store {
     pub async fn insert_media(&self, m: &NewMedia<'_>) -> Result<(), sqlx::Error> {
-        self.execute_write(
-            sqlx::query(
-                "INSERT INTO media (media_id, user_id, content_type, filename, sha256, size, created_ts, uploaded_ts,
-                                upload_length, upload_offset, expected_sha256, updated_ts)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $7)",
-            )
-            .bind(m.media_id)
-            .bind(m.user_id)
-            .bind(m.content_type)
-            .bind(m.filename)
-            .bind(m.sha256)
-            .bind(m.size)
-            .bind(m.now)
-            .bind(m.sha256.map(|_| m.now))
-            .bind(m.upload_length)
-            .bind(m.expected_sha256),
-        )
-        .await?;
+        self.execute_write(insert_media_query(m)).await?;
         Ok(())
+    }
+
+    /// Inserts `m` if the user's counted bytes ([`Store::user_media_bytes`]) plus `counted`
+    /// stay within `quota`; false (and nothing inserted) otherwise. Check and insert are one
+    /// step: the user's concurrent uploads queue for it (the user's row is locked on
+    /// PostgreSQL; SQLite has one writer), so two cannot both pass a check only one fits.
+    pub async fn insert_media_within_quota(
+        &self,
+        m: &NewMedia<'_>,
+        counted: i64,
+        quota: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let (_serialized, mut tx) = self.begin_write().await?;
+        if !quota_fits(&mut tx, m.user_id, counted, quota).await? {
+            return Ok(false);
+        }
+        insert_media_query(m).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     pub async fn media(&self, media_id: &str) -> Result<Option<MediaRow>, sqlx::Error> {
@@ -116,7 +167,9 @@ impl Store {
         row.as_ref().map(MediaRow::from_row).transpose()
     }
 
-    /// Attaches content to a reservation; false if it already has content (or is gone).
+    /// Attaches content to a reservation: [`Completion::Taken`] if it already has content (or
+    /// is gone), and with a `quota` (bytes) [`Completion::OverQuota`] unless the user's
+    /// counted bytes plus `size` fit, checked in the same step as the write.
     #[allow(clippy::too_many_arguments)]
     pub async fn complete_media(
         &self,
@@ -126,23 +179,37 @@ impl Store {
         content_type: Option<&str>,
         filename: Option<&str>,
         now: i64,
-    ) -> Result<bool, sqlx::Error> {
-        let done = self
-            .execute_write(
-                sqlx::query(
-                    "UPDATE media SET sha256 = $2, size = $3, content_type = COALESCE($4, content_type),
+        quota: Option<i64>,
+    ) -> Result<Completion, sqlx::Error> {
+        let (_serialized, mut tx) = self.begin_write().await?;
+        if let Some(quota) = quota {
+            let user = sqlx::query("SELECT user_id FROM media WHERE media_id = $1 AND sha256 IS NULL")
+                .bind(media_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(user) = user else {
+                return Ok(Completion::Taken);
+            };
+            let user_id: String = user.try_get("user_id")?;
+            if !quota_fits(&mut tx, &user_id, size, quota).await? {
+                return Ok(Completion::OverQuota);
+            }
+        }
+        let done = sqlx::query(
+            "UPDATE media SET sha256 = $2, size = $3, content_type = COALESCE($4, content_type),
                     filename = COALESCE($5, filename), uploaded_ts = $6, updated_ts = $6, upload_offset = $3
              WHERE media_id = $1 AND sha256 IS NULL",
-                )
-                .bind(media_id)
-                .bind(sha256)
-                .bind(size)
-                .bind(content_type)
-                .bind(filename)
-                .bind(now),
-            )
-            .await?;
-        Ok(done.rows_affected() == 1)
+        )
+        .bind(media_id)
+        .bind(sha256)
+        .bind(size)
+        .bind(content_type)
+        .bind(filename)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(if done.rows_affected() == 1 { Completion::Done } else { Completion::Taken })
     }
 
     /// Records how many bytes of a resumable upload are durably on disk.
@@ -157,15 +224,10 @@ impl Store {
         Ok(())
     }
 
-    /// Bytes of finished media the user has stored (what the quota counts).
+    /// What the quota counts for the user: finished media, and the announced length of each
+    /// unfinished resumable upload (reserved from its announcement on).
     pub async fn user_media_bytes(&self, user_id: &str) -> Result<i64, sqlx::Error> {
-        let row = sqlx::query(
-            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) AS total FROM media WHERE user_id = $1 AND sha256 IS NOT NULL",
-        )
-        .bind(user_id)
-        .fetch_one(&self.pool)
-        .await?;
-        row.try_get("total")
+        sqlx::query(QUOTA_USED).bind(user_id).fetch_one(&self.pool).await?.try_get("total")
     }
 
     /// Reservations of the user still waiting for content.

@@ -39,7 +39,7 @@ pub use devices::{AccessTokenOwner, DeviceRow, NewDevice};
 pub use federation::{BackfilledEvent, JoinedRoom, OutboxRow};
 pub use inbound::InboundPdu;
 pub use keys::{BackupVersionRow, NewToDevice, ToDeviceRow};
-pub use media::{MediaRow, MediaUsageRow, NewMedia, RemoteMediaRow, ThumbnailRow};
+pub use media::{Completion, MediaRow, MediaUsageRow, NewMedia, RemoteMediaRow, ThumbnailRow};
 pub use presence::PresenceRow;
 pub use pushers::{NewPusher, PendingPush, PusherRow};
 pub use registration_tokens::RegistrationTokenRow;

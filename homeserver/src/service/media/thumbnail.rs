@@ -1,16 +1,18 @@
 //! Thumbnails: PNG, JPEG, WebP and GIF (first frame) decoded with the `image` crate on a
-//! blocking thread, scaled or cropped, encoded as JPEG (for JPEG sources) or PNG.
+//! blocking thread, scaled or cropped, encoded as JPEG (for JPEG sources) or PNG. Only the
+//! operator's `media.thumbnail_sizes` are made ([`choose`]), so a client asking for a new size
+//! with every request cannot make the server decode and store without end.
 
 use std::{io::Cursor, path::PathBuf};
 
 use image::{DynamicImage, ImageFormat, ImageReader, Limits, imageops::FilterType};
 
+use crate::config::{ThumbnailMethod, ThumbnailSize};
+
 /// Largest source file we decode.
 pub const MAX_SOURCE_BYTES: u64 = 64 * 1024 * 1024;
-/// Largest thumbnail edge we produce; bigger requests are clamped.
-pub const MAX_EDGE: u32 = 1600;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Method {
     /// Fit inside the box, keeping the aspect ratio.
     Scale,
@@ -25,6 +27,31 @@ impl Method {
             Method::Crop => "crop",
         }
     }
+}
+
+impl From<ThumbnailMethod> for Method {
+    fn from(method: ThumbnailMethod) -> Self {
+        match method {
+            ThumbnailMethod::Scale => Method::Scale,
+            ThumbnailMethod::Crop => Method::Crop,
+        }
+    }
+}
+
+/// The configured size that answers a request for `width` x `height` with `method`: the
+/// smallest of that method covering both edges, else the largest of that method (the spec
+/// lets the server answer with a different size than asked). A method nothing is configured
+/// for is answered from the other method's sizes; `None` only when none are configured.
+pub fn choose(sizes: &[ThumbnailSize], width: u64, height: u64, method: Method) -> Option<ThumbnailSize> {
+    let same: Vec<ThumbnailSize> = sizes.iter().copied().filter(|s| Method::from(s.method) == method).collect();
+    let candidates = if same.is_empty() { sizes.to_vec() } else { same };
+    let area = |s: &ThumbnailSize| u64::from(s.width) * u64::from(s.height);
+    candidates
+        .iter()
+        .filter(|s| u64::from(s.width) >= width && u64::from(s.height) >= height)
+        .min_by_key(|s| (area(s), s.width))
+        .or_else(|| candidates.iter().max_by_key(|s| (area(s), s.width)))
+        .copied()
 }
 
 /// A generated thumbnail.
@@ -100,5 +127,24 @@ mod tests {
         assert_eq!((cropped.width(), cropped.height()), (50, 50));
         let small = resize(&image, 400, 400, Method::Scale);
         assert_eq!((small.width(), small.height()), (200, 100));
+    }
+
+    #[test]
+    fn requests_are_answered_with_the_smallest_covering_configured_size() {
+        let sizes = crate::config::MediaConfig::default().thumbnail_sizes;
+        let pick = |w, h, m| choose(&sizes, w, h, m).map(|s| (s.width, s.height, Method::from(s.method)));
+        assert_eq!(pick(1, 1, Method::Crop), Some((32, 32, Method::Crop)));
+        assert_eq!(pick(32, 33, Method::Crop), Some((96, 96, Method::Crop)));
+        assert_eq!(pick(5000, 5000, Method::Crop), Some((96, 96, Method::Crop)));
+        assert_eq!(pick(100, 100, Method::Scale), Some((320, 240, Method::Scale)));
+        assert_eq!(pick(320, 241, Method::Scale), Some((640, 480, Method::Scale)));
+        assert_eq!(pick(801, 1, Method::Scale), Some((800, 600, Method::Scale)));
+        let only_scale: Vec<_> = sizes.iter().copied().filter(|s| s.method == ThumbnailMethod::Scale).collect();
+        assert_eq!(
+            choose(&only_scale, 10, 10, Method::Crop).map(|s| (s.width, s.height)),
+            Some((320, 240)),
+            "a method nothing is configured for is answered from the other's sizes"
+        );
+        assert_eq!(choose(&[], 10, 10, Method::Crop), None);
     }
 }

@@ -36,7 +36,8 @@ const RESPONSE_CAPS: &[(&str, usize)] = &[
     ("/state/", MAX_RESPONSE_BYTES),
     ("/state_ids/", MAX_RESPONSE_BYTES),
     ("/event_auth/", MAX_RESPONSE_BYTES),
-    // Remote media read whole through this client (the media repository bounds it further).
+    // Media answers read whole through `send` (the media repository itself downloads through
+    // `send_streamed`, under its own limit, `media.max_upload_bytes`).
     ("/media/", MAX_RESPONSE_BYTES),
     // At most 100 events of at most 64 KiB.
     ("/backfill/", 16 * 1024 * 1024),

@@ -194,12 +194,7 @@ impl FederationClient {
         R: OutgoingRequest<PathBuilder = SinglePath>,
         R::Authentication: OutboundAuth,
     {
-        let dest = self.destination(destination).await;
-        self.check_literal(&dest)?;
-        let auth = <R::Authentication as OutboundAuth>::input(&self.origin, destination, key);
-        let http_request = request
-            .try_into_http_request::<Vec<u8>>(&dest.base_url(), auth, ())
-            .map_err(|e| ClientError::Request(e.to_string()))?;
+        let (dest, http_request) = self.prepare(key, destination, request).await?;
         let (status, headers, body) = self.execute(destination, &dest, http_request).await?;
         let mut builder = http::Response::builder().status(status);
         if let Some(h) = builder.headers_mut() {
@@ -216,6 +211,27 @@ impl FederationClient {
         })
     }
 
+    /// Resolves `destination`, checks it may be contacted, and builds the (signed when the
+    /// endpoint requires it) HTTP request: the part `send` and `send_streamed` share.
+    async fn prepare<R>(
+        &self,
+        key: &SigningKey,
+        destination: &ServerName,
+        request: R,
+    ) -> Result<(Destination, http::Request<Vec<u8>>), ClientError>
+    where
+        R: OutgoingRequest<PathBuilder = SinglePath>,
+        R::Authentication: OutboundAuth,
+    {
+        let dest = self.destination(destination).await;
+        self.check_literal(&dest)?;
+        let auth = <R::Authentication as OutboundAuth>::input(&self.origin, destination, key);
+        let http_request = request
+            .try_into_http_request::<Vec<u8>>(&dest.base_url(), auth, ())
+            .map_err(|e| ClientError::Request(e.to_string()))?;
+        Ok((dest, http_request))
+    }
+
     /// Like [`Self::send`], but the answer's body is not read: it is handed over as a
     /// stream for the caller to read within its own limit (media, which may be larger than
     /// anything held in memory). A status other than 2xx is an error, as in `send`.
@@ -229,12 +245,7 @@ impl FederationClient {
         R: OutgoingRequest<PathBuilder = SinglePath>,
         R::Authentication: OutboundAuth,
     {
-        let dest = self.destination(destination).await;
-        self.check_literal(&dest)?;
-        let auth = <R::Authentication as OutboundAuth>::input(&self.origin, destination, key);
-        let http_request = request
-            .try_into_http_request::<Vec<u8>>(&dest.base_url(), auth, ())
-            .map_err(|e| ClientError::Request(e.to_string()))?;
+        let (dest, http_request) = self.prepare(key, destination, request).await?;
         let mut request = reqwest::Request::try_from(http_request).map_err(|e| ClientError::Request(e.to_string()))?;
         let host = http::HeaderValue::from_str(&dest.host_header).map_err(|e| ClientError::Request(e.to_string()))?;
         request.headers_mut().insert(http::header::HOST, host);

@@ -250,14 +250,15 @@ async fn token_command(settings: Settings, cmd: TokenCommand) -> Result<(), Stri
         TokenCommand::Create { token, uses_allowed, expires_in } => {
             let expiry = expires_in.map(|ms| now_ms().saturating_add(ms));
             let row = services
-                .create_registration_token(token, uses_allowed.map(i64::from), expiry)
+                .registration_tokens
+                .create(token, uses_allowed.map(i64::from), expiry)
                 .await
                 .map_err(|e| e.to_string())?;
             println!("{}", row.token);
             Ok(())
         }
         TokenCommand::List => {
-            let rows = services.store.registration_tokens().await.map_err(|e| e.to_string())?;
+            let rows = services.registration_tokens.list().await.map_err(|e| e.to_string())?;
             println!("{:<24} {:>8} {:>8} {:<24} valid", "token", "allowed", "used", "expires (unix s)");
             let now = now_ms();
             for r in rows {
@@ -268,7 +269,7 @@ async fn token_command(settings: Settings, cmd: TokenCommand) -> Result<(), Stri
             Ok(())
         }
         TokenCommand::Revoke { token } => {
-            if services.store.revoke_registration_token(&token).await.map_err(|e| e.to_string())? {
+            if services.registration_tokens.revoke(&token).await.map_err(|e| e.to_string())? {
                 println!("revoked {token}");
                 Ok(())
             } else {

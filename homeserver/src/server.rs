@@ -63,7 +63,7 @@ pub async fn build_services(settings: Settings) -> Result<Arc<Services>, StartEr
     let max_position = store.max_stream_position().await?;
     let fed = crate::service::fed::Federation::new(settings.server_name.clone(), &settings.federation)
         .map_err(|e| StartError::Federation(e.to_string()))?;
-    Ok(Arc::new(Services::new(settings, store, signing_key, max_position, fed)))
+    Ok(Services::new(settings, store, signing_key, max_position, fed))
 }
 
 /// Serves until SIGTERM or Ctrl-C, then lets in-flight requests finish and closes the

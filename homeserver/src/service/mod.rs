@@ -1,5 +1,25 @@
 //! Domain logic, one module per concern. Services know nothing of HTTP; they take parsed
 //! values, talk to the [`Store`] and return [`crate::error::Result`].
+//!
+//! # The shape of a domain
+//!
+//! Each domain (timeline, rooms, keys, media, ...) is one struct in its own module that owns
+//! its state, caches and locks, and is reached by name: `services.registration_tokens.create(..)`.
+//! What every domain shares (settings, the store, the signing key, metrics, stream positions)
+//! stays on [`Services`]. A domain that needs another domain or a shared part reaches it
+//! through its [`Hub`]:
+//!
+//! ```ignore
+//! pub struct RegistrationTokens { hub: Hub }
+//! impl RegistrationTokens {
+//!     pub async fn create(&self, ..) -> Result<..> {
+//!         let s = self.hub.services();
+//!         s.store.create_registration_token(..).await
+//!     }
+//! }
+//! ```
+//!
+//! Handlers in `api/` call domains only, never the store.
 
 pub mod accounts;
 pub mod aggregations;
@@ -41,14 +61,30 @@ pub mod txn_retention;
 pub mod typing;
 pub mod uiaa;
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use federation::SigningKey;
 
 use crate::{config::Settings, metrics::Metrics, store::Store};
 
+/// A domain's way back to the other domains and the shared parts.
+///
+/// [`Services`] is built once with [`Arc::new_cyclic`], so each domain can hold a weak
+/// reference to the whole without a cycle of strong references. Every call into a domain
+/// comes from a holder of the `Arc<Services>` (a request handler, a background task, the
+/// CLI), so while a domain method runs the upgrade cannot fail.
+#[derive(Clone)]
+pub struct Hub(Weak<Services>);
+
+impl Hub {
+    pub fn services(&self) -> Arc<Services> {
+        self.0.upgrade().expect("a domain is only called while its Services are alive")
+    }
+}
+
 /// Everything a request handler may need, built once at start and shared by reference.
 pub struct Services {
+    pub registration_tokens: registration_tokens::RegistrationTokens,
     pub settings: Settings,
     pub store: Store,
     pub signing_key: SigningKey,
@@ -90,11 +126,23 @@ impl Services {
         signing_key: SigningKey,
         max_stream_position: i64,
         fed: fed::Federation,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|weak| Self::build(Hub(weak.clone()), settings, store, signing_key, max_stream_position, fed))
+    }
+
+    fn build(
+        hub: Hub,
+        settings: Settings,
+        store: Store,
+        signing_key: SigningKey,
+        max_stream_position: i64,
+        fed: fed::Federation,
     ) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
         let media = media::Media::new(settings.media_dir(), settings.media.thumbnail_concurrency);
         let push_gateway = push_gateway::PushGateway::new(&settings.push);
         Self {
+            registration_tokens: registration_tokens::RegistrationTokens::new(hub.clone()),
             settings,
             store,
             signing_key,

@@ -63,6 +63,6 @@ pub async fn token_validity(
         return Err(Error::Forbidden("This server does not use registration tokens".to_owned()));
     }
     services.rate_limits.check_address(Class::RegistrationTokenValidity, req.client_ip)?;
-    let valid = services.registration_token_valid(&req.body.token).await?;
+    let valid = services.registration_tokens.is_valid(&req.body.token).await?;
     Ok(RumaResponse(check_registration_token_validity::v1::Response::new(valid)))
 }

@@ -1,10 +1,14 @@
 //! Rooms: creation with presets, membership changes, state, aliases and the directory.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+};
 
 use federation::pdu::{Pdu, room_version_rules};
 use ruma::{
     EventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, RoomVersionId, UserId,
+    api::client::membership::joined_members,
     directory::{PublicRoomsChunk, PublicRoomsChunkInit},
     events::room::power_levels::{
         RedactedRoomPowerLevelsEventContent, RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource,
@@ -93,6 +97,167 @@ pub struct Rooms {
 impl Rooms {
     pub fn new(hub: Hub) -> Self {
         Self { hub, user_rooms: Cache::new(100_000) }
+    }
+
+    /// Fails with 404 unless the room is known here.
+    pub async fn require_known(&self, room_id: &RoomId) -> Result<()> {
+        let s = self.hub.services();
+        match s.store.room(room_id.as_str()).await? {
+            Some(_) => Ok(()),
+            None => Err(Error::NotFound("Unknown room".to_owned())),
+        }
+    }
+
+    /// Only joined members read a room's state, members and joined members. (The spec also
+    /// lets former members read the state as it was when they left; that is not built yet.)
+    pub async fn require_state_reader(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+        self.require_known(room_id).await?;
+        self.require_joined(room_id.as_str(), user_id.as_str()).await
+    }
+
+    /// Fails unless `user` was joined to the room at some time: members and former members
+    /// may read its history (subject to history visibility).
+    pub async fn require_ever_joined(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+        let s = self.hub.services();
+        if s.store.membership_history(room_id.as_str(), user_id.as_str()).await?.iter().any(|(_, m)| m == "join") {
+            return Ok(());
+        }
+        Err(Error::Forbidden("You are not a member of this room".to_owned()))
+    }
+
+    /// `POST /rooms/{room}/forget`: only once the user is out of the room.
+    pub async fn forget(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+        let s = self.hub.services();
+        match self.membership(room_id.as_str(), user_id.as_str()).await?.as_deref() {
+            Some("join" | "invite" | "knock") => {
+                return Err(Error::Unknown("Leave the room before forgetting it".to_owned()));
+            }
+            None if s.store.room(room_id.as_str()).await?.is_none() => {
+                return Err(Error::NotFound("Unknown room".to_owned()));
+            }
+            _ => {}
+        }
+        Ok(s.store.forget_room(user_id.as_str(), room_id.as_str()).await?)
+    }
+
+    /// The rooms `user` is joined to.
+    pub async fn joined_by(&self, user_id: &UserId) -> Result<Vec<OwnedRoomId>> {
+        let s = self.hub.services();
+        let mut rooms = Vec::new();
+        for (room_id, membership) in s.store.rooms_for_user(user_id.as_str()).await? {
+            if membership == "join"
+                && let Ok(id) = OwnedRoomId::try_from(room_id)
+            {
+                rooms.push(id);
+            }
+        }
+        Ok(rooms)
+    }
+
+    /// The joined members with the display name and avatar of their member events.
+    pub async fn joined_member_profiles(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<BTreeMap<OwnedUserId, joined_members::v3::RoomMember>> {
+        let s = self.hub.services();
+        let mut joined = BTreeMap::new();
+        for member in s.store.room_members(room_id.as_str(), "join").await? {
+            let Some(row) = s.store.current_state_event(room_id.as_str(), "m.room.member", &member).await? else {
+                continue;
+            };
+            let pdu: JsonValue = serde_json::from_str(&row.json).unwrap_or_default();
+            let mut info = joined_members::v3::RoomMember::new();
+            info.display_name = pdu["content"]["displayname"].as_str().map(str::to_owned);
+            info.avatar_url = pdu["content"]["avatar_url"].as_str().map(|s| s.into());
+            if let Ok(id) = OwnedUserId::try_from(member) {
+                joined.insert(id, info);
+            }
+        }
+        Ok(joined)
+    }
+
+    /// A member's current member event, if any.
+    pub async fn member_event(&self, room_id: &str, user_id: &str) -> Result<Option<EventRow>> {
+        let s = self.hub.services();
+        Ok(s.store.current_state_event(room_id, "m.room.member", user_id).await?)
+    }
+
+    /// A canonical alias must point at this room.
+    pub async fn check_canonical_alias(&self, room_id: &RoomId, content: &JsonValue) -> Result<()> {
+        let s = self.hub.services();
+        let aliases = content["alias"]
+            .as_str()
+            .into_iter()
+            .chain(content["alt_aliases"].as_array().into_iter().flatten().filter_map(|a| a.as_str()));
+        for alias in aliases {
+            match s.store.alias(alias).await? {
+                Some((target, _)) if target == room_id.as_str() => {}
+                _ => return Err(Error::BadAlias(format!("{alias} does not point to this room"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// `PUT /directory/room/{alias}`: a joined member adds an alias of this server.
+    pub async fn create_alias(&self, alias: &RoomAliasId, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+        let s = self.hub.services();
+        if alias.server_name() != s.settings.server_name {
+            return Err(Error::InvalidParam("Aliases must be on this server".to_owned()));
+        }
+        self.require_joined(room_id.as_str(), user_id.as_str()).await?;
+        if !s.store.create_alias(alias.as_str(), room_id.as_str(), user_id.as_str(), now_ms()).await? {
+            return Err(Error::Conflict("The room alias already exists".to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The room a local alias names.
+    pub async fn alias_target(&self, alias: &RoomAliasId) -> Result<OwnedRoomId> {
+        let s = self.hub.services();
+        let (room_id, _) =
+            s.store.alias(alias.as_str()).await?.ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
+        RoomId::parse(room_id).map_err(|e| Error::internal(e.to_string()))
+    }
+
+    /// `DELETE /directory/room/{alias}`.
+    pub async fn delete_alias(&self, alias: &RoomAliasId, user_id: &UserId) -> Result<()> {
+        let s = self.hub.services();
+        let (room_id, creator) =
+            s.store.alias(alias.as_str()).await?.ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
+        // The alias's creator and server admins may delete it; anybody else needs to be in the
+        // room with the power to change its canonical alias (power levels outlive a membership:
+        // a kicked moderator keeps their entry).
+        let admin = s.store.user(user_id.as_str()).await?.is_some_and(|u| u.is_admin);
+        if creator != user_id.as_str()
+            && !admin
+            && !(self.membership(&room_id, user_id.as_str()).await?.as_deref() == Some("join")
+                && self.can_send_state(&room_id, user_id, "m.room.canonical_alias").await?)
+        {
+            return Err(Error::Forbidden("You may not delete this alias".to_owned()));
+        }
+        Ok(s.store.delete_alias(alias.as_str()).await?)
+    }
+
+
+    /// Is the room in this server's public directory?
+    pub async fn is_published(&self, room_id: &RoomId) -> Result<bool> {
+        let s = self.hub.services();
+        let room =
+            s.store.room(room_id.as_str()).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
+        Ok(room.published)
+    }
+
+    /// Publishes the room in (or removes it from) the directory: only a member with the power
+    /// to change the canonical alias (as Synapse; power levels outlive a membership, a kicked
+    /// moderator keeps their entry).
+    pub async fn set_published(&self, room_id: &RoomId, user_id: &UserId, published: bool) -> Result<()> {
+        let s = self.hub.services();
+        s.store.room(room_id.as_str()).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
+        self.require_joined(room_id.as_str(), user_id.as_str()).await?;
+        if !self.can_send_state(room_id.as_str(), user_id, "m.room.canonical_alias").await? {
+            return Err(Error::Forbidden("You may not change the directory visibility of this room".to_owned()));
+        }
+        Ok(s.store.set_room_published(room_id.as_str(), published).await?)
     }
 
     /// Drops a user's cached rooms: their membership somewhere changed.

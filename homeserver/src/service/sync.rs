@@ -24,7 +24,7 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    store::EventRow,
+    store::{EventRow, ReceiptRow, now_ms},
 };
 
 /// Joined rooms read concurrently by one initial (or full-state) sync.
@@ -122,6 +122,61 @@ pub struct Sync {
 impl Sync {
     pub fn new(hub: Hub) -> Self {
         Self { hub, unread: Cache::new(100_000), filters: Cache::new(10_000) }
+    }
+
+    /// Records a receipt (`m.read`, `m.read.private`) or the `m.fully_read` marker.
+    pub(crate) async fn set_receipt(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        kind: &str,
+        event_id: &ruma::EventId,
+        thread: &str,
+    ) -> Result<()> {
+        let s = self.hub.services();
+        let event = s.store.event(event_id.as_str()).await?;
+        if event.as_ref().is_none_or(|e| e.room_id != room_id.as_str()) {
+            return Err(Error::NotFound("Event not found".to_owned()));
+        }
+        let position = s.streams.allocate();
+        if kind == "m.fully_read" {
+            let content = json!({"event_id": event_id}).to_string();
+            s.store
+                .set_account_data(user_id.as_str(), room_id.as_str(), "m.fully_read", &content, position.position())
+                .await?;
+        } else {
+            s.store
+                .set_receipt(&ReceiptRow {
+                    room_id: room_id.to_string(),
+                    receipt_type: kind.to_owned(),
+                    user_id: user_id.to_string(),
+                    thread_id: thread.to_owned(),
+                    event_id: event_id.to_string(),
+                    ts: now_ms(),
+                    stream_id: position.position(),
+                })
+                .await?;
+        }
+        let change = if kind == "m.fully_read" {
+            Change::user(user_id.to_owned(), Sections::ACCOUNT_DATA)
+        } else {
+            Change::room(room_id.to_owned(), Sections::RECEIPTS)
+        };
+        position.commit_with(vec![change]);
+        if kind != "m.fully_read" {
+            self.sync.forget_unread(user_id, room_id);
+        }
+        Ok(())
+    }
+
+    /// Stores a filter; its id.
+    pub async fn create_filter(&self, user_id: &UserId, json: &str) -> Result<i64> {
+        Ok(self.hub.services().store.create_filter(user_id.as_str(), json).await?)
+    }
+
+    /// A stored filter as the client gave it.
+    pub async fn filter_json(&self, user_id: &UserId, filter_id: i64) -> Result<Option<String>> {
+        Ok(self.hub.services().store.filter(user_id.as_str(), filter_id).await?)
     }
 
     /// Answers a sync: at once if there is anything new (or it is an initial sync),

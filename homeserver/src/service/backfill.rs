@@ -4,6 +4,7 @@
 //! received event (signatures, content hash, authorized by its own auth events), and are
 //! stored before everything else in the room's stream.
 
+use ruma::events::room::member::MembershipState;
 use std::collections::{HashMap, HashSet};
 
 use federation::{
@@ -35,8 +36,8 @@ impl Services {
 
         // The event's sender's server first (it had the event), then the others in the room.
         let mut servers: Vec<OwnedServerName> = Vec::new();
-        let senders =
-            std::iter::once(from.sender.to_string()).chain(self.store.room_members(room_id.as_str(), "join").await?);
+        let senders = std::iter::once(from.sender.to_string())
+            .chain(self.store.room_members(room_id.as_str(), &MembershipState::Join).await?);
         for user in senders {
             if let Ok(user) = UserId::parse(user.as_str())
                 && user.server_name() != self.settings.server_name

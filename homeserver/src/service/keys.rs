@@ -3,6 +3,7 @@
 //! The server checks what it can (signatures by the keys it is given) and never holds a
 //! private key.
 
+use ruma::events::room::member::MembershipState;
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
@@ -468,10 +469,10 @@ impl Services {
     async fn servers_sharing_a_room_with(&self, user_id: &str) -> Result<Vec<String>> {
         let mut servers = BTreeSet::new();
         for (room_id, membership) in self.rooms.of_user(user_id).await?.iter() {
-            if membership != "join" {
+            if *membership != MembershipState::Join {
                 continue;
             }
-            for member in self.store.room_members(room_id, "join").await? {
+            for member in self.store.room_members(room_id, &MembershipState::Join).await? {
                 if let Ok(member) = UserId::parse(member.as_str())
                     && member.server_name() != self.settings.server_name
                 {
@@ -526,7 +527,7 @@ impl Services {
             return Err(Error::Forbidden(format!("{user} is not a user of {origin}")));
         }
         // Keys of users nobody here shares a room with are not kept.
-        if self.rooms.of_user(user.as_str()).await?.iter().all(|(_, membership)| membership != "join") {
+        if self.rooms.of_user(user.as_str()).await?.iter().all(|(_, membership)| *membership != MembershipState::Join) {
             return Ok(());
         }
         let master = content.get("master_key").filter(|k| !k.is_null());

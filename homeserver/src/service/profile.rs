@@ -1,5 +1,6 @@
 //! Profiles: display name, avatar and custom fields (Matrix v1.16 extensible profiles).
 
+use ruma::events::room::member::MembershipState;
 use std::collections::BTreeMap;
 
 use ruma::UserId;
@@ -141,12 +142,12 @@ impl Services {
             }
         };
         for (room_id, membership) in rooms.iter() {
-            if membership != "join" {
+            if *membership != MembershipState::Join {
                 continue;
             }
             let Ok(room_id) = ruma::RoomId::parse(room_id) else { continue };
             let update = async {
-                let content = self.rooms.member_content(user, "join", None).await?;
+                let content = self.rooms.member_content(user, &MembershipState::Join, None).await?;
                 let draft = super::timeline::EventDraft::state("m.room.member", user.as_str(), content);
                 self.timeline.append(&room_id, user, draft, None).await
             };

@@ -6,6 +6,7 @@
 //! Auth events we lack are fetched and authorized in turn; where the event's prev events are
 //! missing, the state at them is asked for and resolved with what we know.
 
+use ruma::events::room::member::MembershipState;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use federation::{
@@ -148,7 +149,7 @@ impl Services {
 
     /// Whether a local user is joined to the room (then we are "in" it and take its events).
     pub async fn server_in_room(&self, room_id: &RoomId) -> Result<bool> {
-        let members = self.store.room_members(room_id.as_str(), "join").await?;
+        let members = self.store.room_members(room_id.as_str(), &MembershipState::Join).await?;
         Ok(members
             .iter()
             .filter_map(|m| ruma::UserId::parse(m.as_str()).ok())
@@ -509,7 +510,7 @@ impl Services {
         let Some(known) = self.store.current_state_event(room_id.as_str(), "m.room.member", target).await? else {
             return Ok(());
         };
-        if self.rooms.membership(room_id.as_str(), target).await?.as_deref() != Some("ban") {
+        if self.rooms.membership(room_id.as_str(), target).await? != Some(MembershipState::Ban) {
             return Ok(());
         }
         let banned = || Error::Forbidden(format!("{target} is banned from {room_id}"));
@@ -729,7 +730,7 @@ impl Services {
                             continue;
                         };
                         let thread = receipt["data"]["thread_id"].as_str().unwrap_or_default();
-                        self.set_receipt(&room_id, &user, "m.read", &event_id, thread).await?;
+                        self.sync.set_receipt(&room_id, &user, "m.read", &event_id, thread).await?;
                     }
                 }
                 Ok(())
@@ -794,7 +795,7 @@ impl Services {
     /// Whether the (remote) user is joined to a room one of our users is joined to.
     async fn shares_a_room_with_us(&self, user: &ruma::UserId) -> Result<bool> {
         for (room, membership) in self.rooms.of_user(user.as_str()).await?.iter() {
-            if membership == "join"
+            if *membership == MembershipState::Join
                 && let Ok(room_id) = RoomId::parse(room.as_str())
                 && self.server_in_room(&room_id).await?
             {
@@ -807,10 +808,10 @@ impl Services {
     /// Whether a user of `server` is joined to a room our `user` is joined to or invited to.
     async fn server_shares_a_room_with(&self, server: &ServerName, user: &ruma::UserId) -> Result<bool> {
         for (room, membership) in self.rooms.of_user(user.as_str()).await?.iter() {
-            if membership != "join" && membership != "invite" {
+            if *membership != MembershipState::Join && *membership != MembershipState::Invite {
                 continue;
             }
-            let members = self.store.room_members(room, "join").await?;
+            let members = self.store.room_members(room, &MembershipState::Join).await?;
             if members.iter().filter_map(|m| ruma::UserId::parse(m.as_str()).ok()).any(|m| m.server_name() == server) {
                 return Ok(true);
             }
@@ -830,7 +831,7 @@ impl Services {
             return Err(Error::Forbidden(format!("{user} is not a user of {origin}")));
         }
         self.check_server_acl(room_id, origin).await?;
-        if self.rooms.membership(room_id.as_str(), user.as_str()).await?.as_deref() != Some("join") {
+        if self.rooms.membership(room_id.as_str(), user.as_str()).await? != Some(MembershipState::Join) {
             return Err(Error::Forbidden(format!("{user} is not in {room_id}")));
         }
         Ok(user)

@@ -1,6 +1,7 @@
 //! Membership across servers: joining, leaving and inviting through another server
 //! (make_join / send_join v2, make_leave / send_leave v2, invite v2), in both directions.
 
+use ruma::events::room::member::MembershipState;
 use std::collections::{HashMap, HashSet};
 
 use federation::{
@@ -107,7 +108,7 @@ impl Services {
         if !JOINABLE_ROOM_VERSIONS.contains(&version) {
             return Err(Error::UnsupportedRoomVersion(format!("Room version {version} cannot be joined")));
         }
-        let content = self.rooms.member_content(user, "join", reason).await?;
+        let content = self.rooms.member_content(user, &MembershipState::Join, reason).await?;
         let asked = MembershipRequest { room_id, user_id: user, membership: "join" };
         let (event_id, object) = sign_membership_template(
             &template.event,
@@ -367,7 +368,7 @@ impl Services {
                 "Room version {version} cannot be left through {server}"
             )));
         }
-        let content = self.rooms.member_content(user, "leave", reason).await?;
+        let content = self.rooms.member_content(user, &MembershipState::Leave, reason).await?;
         let asked = MembershipRequest { room_id, user_id: user, membership: "leave" };
         let (event_id, object) = sign_membership_template(
             &template.event,
@@ -675,7 +676,7 @@ impl Services {
         {
             servers.push(sender.server_name().to_owned());
         }
-        for member in self.store.room_members(room_id.as_str(), "join").await? {
+        for member in self.store.room_members(room_id.as_str(), &MembershipState::Join).await? {
             if let Ok(member) = UserId::parse(member.as_str())
                 && !servers.iter().any(|s| s == member.server_name())
             {

@@ -173,7 +173,8 @@ impl Services {
 
     /// Whether a user of `server` is joined to the room now.
     pub async fn server_joined(&self, room_id: &RoomId, server: &ServerName) -> Result<bool> {
-        let members = self.store.room_members(room_id.as_str(), "join").await?;
+        let members =
+            self.store.room_members(room_id.as_str(), &ruma::events::room::member::MembershipState::Join).await?;
         Ok(members.iter().any(|m| UserId::parse(m.as_str()).is_ok_and(|u| u.server_name() == server)))
     }
 }

@@ -7,6 +7,7 @@
 //! named by the `pos` token; a `pos` the server does not know (e.g. after a restart)
 //! answers `M_UNKNOWN_POS`, and the client starts the connection afresh, as the MSC says.
 
+use ruma::events::room::member::MembershipState;
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::Mutex,
@@ -153,7 +154,7 @@ impl RoomConfig {
 /// A room of the user with what the lists sort and filter on.
 struct Candidate {
     room_id: OwnedRoomId,
-    membership: String,
+    membership: MembershipState,
     bump: i64,
     /// In the user's `m.direct` account data.
     is_dm: bool,
@@ -207,7 +208,7 @@ impl SlidingSync {
             .of_user(user_id.as_str())
             .await?
             .iter()
-            .filter(|(_, m)| m == "join" || m == "invite")
+            .filter(|(_, m)| *m == MembershipState::Join || *m == MembershipState::Invite)
             .filter_map(|(room, _)| OwnedRoomId::try_from(room.as_str()).ok())
             .map(Scope::Room)
             .collect();
@@ -241,7 +242,7 @@ impl SlidingSync {
         let direct = self.direct_rooms(user_id).await?;
         let mut candidates: Vec<Candidate> = memberships
             .iter()
-            .filter(|(_, m)| m == "join" || m == "invite")
+            .filter(|(_, m)| *m == MembershipState::Join || *m == MembershipState::Invite)
             .filter_map(|(room, m)| {
                 Some(Candidate {
                     room_id: RoomId::parse(room.as_str()).ok()?,
@@ -290,7 +291,7 @@ impl SlidingSync {
         for (room_id, config) in &configs {
             let Some(candidate) = candidates.iter().find(|c| &c.room_id == room_id) else { continue };
             let sent = snapshot.rooms.get(room_id).copied();
-            let room = if candidate.membership == "invite" {
+            let room = if candidate.membership == MembershipState::Invite {
                 self.invite(candidate, user_id, sent).await?
             } else {
                 self.joined(candidate, config, user_id, viewer, sent, upto).await?
@@ -303,7 +304,7 @@ impl SlidingSync {
         // Rooms the connection knew that the user left: the leave, then they are forgotten.
         for (room_id, membership) in memberships.iter() {
             let Ok(room) = RoomId::parse(room_id.as_str()) else { continue };
-            if (membership == "leave" || membership == "ban")
+            if (*membership == MembershipState::Leave || *membership == MembershipState::Ban)
                 && let Some(sent) = snapshot.rooms.remove(&room)
                 && let Some(left) = self.left(&room, user_id, viewer, sent).await?
             {
@@ -316,7 +317,7 @@ impl SlidingSync {
         // who reads or types there (nor, through receipts, the ids of the room's events).
         let joined: Vec<OwnedRoomId> = known
             .iter()
-            .filter(|room| memberships.iter().any(|(id, m)| id == room.as_str() && m == "join"))
+            .filter(|room| memberships.iter().any(|(id, m)| id == room.as_str() && *m == MembershipState::Join))
             .cloned()
             .collect();
         let rooms = ExtensionRooms { known: &known, joined: &joined };
@@ -346,7 +347,7 @@ impl SlidingSync {
         let s = self.hub.services();
         let Some(filters) = filters else { return Ok(true) };
         let room = candidate.room_id.as_str();
-        if filters.is_invite.is_some_and(|want| want != (candidate.membership == "invite")) {
+        if filters.is_invite.is_some_and(|want| want != (candidate.membership == MembershipState::Invite)) {
             return Ok(false);
         }
         if filters.is_dm.is_some_and(|want| want != candidate.is_dm) {
@@ -489,8 +490,8 @@ impl SlidingSync {
             };
         }
         if touched("m.room.member") {
-            let joined = s.store.room_members(room_id, "join").await?;
-            let invited = s.store.room_members(room_id, "invite").await?;
+            let joined = s.store.room_members(room_id, &MembershipState::Join).await?;
+            let invited = s.store.room_members(room_id, &MembershipState::Invite).await?;
             room.joined_count = UInt::new(joined.len() as u64);
             room.invited_count = UInt::new(invited.len() as u64);
             let mut heroes: Vec<OwnedUserId> = joined

@@ -19,8 +19,8 @@ use super::Hub;
 use crate::{
     error::{Error, Result},
     store::{
-        CurrentGroup, CurrentStateEntry, EventRow, EventStateGroups, GroupBase, GroupRef, MAX_DELTA_CHAIN, NewStateGroup,
-        StateIds,
+        CurrentGroup, CurrentStateEntry, EventRow, EventStateGroups, GroupBase, GroupRef, MAX_DELTA_CHAIN,
+        NewStateGroup, StateIds,
     },
 };
 

@@ -1,6 +1,7 @@
 //! `/sync` (v3): initial, incremental and long-polling, and the history visibility rules
 //! shared with `/messages`.
 
+use ruma::events::room::member::MembershipState;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     time::Duration,
@@ -19,6 +20,7 @@ use super::{
     Hub,
     cache::Cache,
     events::{Viewer, to_raw},
+    notifier::Change,
     notifier::{Relevance, Scope, Sections, Waiter},
     streams::Positions,
 };
@@ -164,7 +166,7 @@ impl Sync {
         };
         position.commit_with(vec![change]);
         if kind != "m.fully_read" {
-            self.sync.forget_unread(user_id, room_id);
+            self.forget_unread(user_id, room_id);
         }
         Ok(())
     }
@@ -242,7 +244,7 @@ impl Sync {
         let covers = s.streams.current().stream;
         let mut rooms = HashMap::new();
         for (room_id, membership) in s.rooms.of_user(user_id.as_str()).await?.iter() {
-            if (membership == "join" || membership == "invite")
+            if (*membership == MembershipState::Join || *membership == MembershipState::Invite)
                 && let Ok(room_id) = OwnedRoomId::try_from(room_id.as_str())
             {
                 rooms.insert(room_id, membership.clone());
@@ -313,7 +315,10 @@ impl Sync {
             for (room, membership) in &watch.rooms {
                 let sections = relevance.room(room);
                 let typing = s.typing.changed_after(room, since.typing);
-                if membership != "join" || (sections.is_empty() && !typing) || !req.filter.allows_room(room.as_str()) {
+                if *membership != MembershipState::Join
+                    || (sections.is_empty() && !typing)
+                    || !req.filter.allows_room(room.as_str())
+                {
                     continue;
                 }
                 if let Some(joined) =
@@ -337,7 +342,9 @@ impl Sync {
         let mut joined_reads = Vec::new();
         for (room_id, membership) in all_rooms {
             if !req.filter.allows_room(&room_id)
-                || (forgotten.contains(&room_id) && membership != "join" && membership != "invite")
+                || (forgotten.contains(&room_id)
+                    && membership != MembershipState::Join
+                    && membership != MembershipState::Invite)
             {
                 continue;
             }
@@ -348,8 +355,8 @@ impl Sync {
                     let newly_joined = match window_changes {
                         Some(rows) => {
                             let before = self.membership_at(&room_id, user_id.as_str(), since.stream).await?;
-                            before.as_deref() != Some("join")
-                                && rows.iter().any(|r| membership_of(r).as_deref() == Some("join"))
+                            before != Some(MembershipState::Join)
+                                && rows.iter().any(|r| membership_of(r) == Some(MembershipState::Join))
                         }
                         None => false,
                     };
@@ -416,7 +423,7 @@ impl Sync {
             {
                 joined.account_data.events.push(to_raw(&event)?);
             } else if let Ok(room) = RoomId::parse(row.room_id.as_str())
-                && s.rooms.membership(room.as_str(), user_id.as_str()).await?.as_deref() == Some("join")
+                && s.rooms.membership(room.as_str(), user_id.as_str()).await? == Some(MembershipState::Join)
             {
                 let mut joined = JoinedRoom::new();
                 joined.account_data.events.push(to_raw(&event)?);
@@ -639,8 +646,8 @@ impl Sync {
 
     async fn room_summary(&self, room_id: &str, user_id: &str) -> Result<RoomSummary> {
         let s = self.hub.services();
-        let joined = s.store.room_members(room_id, "join").await?;
-        let invited = s.store.room_members(room_id, "invite").await?;
+        let joined = s.store.room_members(room_id, &MembershipState::Join).await?;
+        let invited = s.store.room_members(room_id, &MembershipState::Invite).await?;
         let mut summary = RoomSummary::new();
         summary.joined_member_count = UInt::new(joined.len() as u64);
         summary.invited_member_count = UInt::new(invited.len() as u64);
@@ -680,14 +687,14 @@ impl Sync {
         }
         // Rooms the user left: the members there may no longer share a room with them.
         for row in s.store.membership_changes(user_id, from, to).await? {
-            if membership_of(&row).as_deref() != Some("join") {
-                for member in s.store.room_members(&row.room_id, "join").await? {
+            if membership_of(&row) != Some(MembershipState::Join) {
+                for member in s.store.room_members(&row.room_id, &MembershipState::Join).await? {
                     if member != user_id && !s.store.share_a_room(user_id, &member).await? {
                         left.insert(member);
                     }
                 }
             } else {
-                for member in s.store.room_members(&row.room_id, "join").await? {
+                for member in s.store.room_members(&row.room_id, &MembershipState::Join).await? {
                     if member != user_id {
                         changed.insert(member);
                     }
@@ -731,7 +738,7 @@ impl Sync {
     }
 
     /// The user's membership as of position `at`.
-    async fn membership_at(&self, room_id: &str, user_id: &str, at: i64) -> Result<Option<String>> {
+    async fn membership_at(&self, room_id: &str, user_id: &str, at: i64) -> Result<Option<MembershipState>> {
         let s = self.hub.services();
         let history = s.store.membership_history(room_id, user_id).await?;
         Ok(history.into_iter().rev().find(|(pos, _)| *pos <= at).map(|(_, m)| m))
@@ -806,8 +813,7 @@ impl Sync {
                 if row.event_type == "m.room.member" && row.state_key.as_deref() == Some(user_id) {
                     return true;
                 }
-                let member_at =
-                    memberships.iter().rev().find(|(pos, _)| *pos <= row.stream_ordering).map(|(_, m)| m.as_str());
+                let member_at = memberships.iter().rev().find(|(pos, _)| *pos <= row.stream_ordering).map(|(_, m)| m);
                 let history = visibility
                     .iter()
                     .rev()
@@ -819,9 +825,11 @@ impl Sync {
                     .unwrap_or("shared");
                 match history {
                     "world_readable" => true,
-                    _ if member_at == Some("join") => true,
-                    "shared" => memberships.iter().any(|(pos, m)| *pos >= row.stream_ordering && m == "join"),
-                    "invited" => member_at == Some("invite"),
+                    _ if member_at == Some(&MembershipState::Join) => true,
+                    "shared" => {
+                        memberships.iter().any(|(pos, m)| *pos >= row.stream_ordering && *m == MembershipState::Join)
+                    }
+                    "invited" => member_at == Some(&MembershipState::Invite),
                     _ => false,
                 }
             })
@@ -877,7 +885,7 @@ pub fn event_filter_from_json(filter: &JsonValue) -> EventFilter {
 /// A long-polling sync's registration: the rooms it watches (joined or invited, with the
 /// membership) and its wake-up.
 struct Watch {
-    rooms: HashMap<OwnedRoomId, String>,
+    rooms: HashMap<OwnedRoomId, MembershipState>,
     waiter: Waiter,
     /// The user's memberships up to this position are in `rooms`.
     covers: i64,
@@ -903,10 +911,10 @@ enum RoomRead {
     Changed(Sections),
 }
 
-pub(super) fn membership_of(row: &EventRow) -> Option<String> {
+pub(super) fn membership_of(row: &EventRow) -> Option<MembershipState> {
     serde_json::from_str::<JsonValue>(&row.json)
         .ok()
-        .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
+        .and_then(|v| v["content"]["membership"].as_str().map(MembershipState::from))
 }
 
 pub(super) fn account_data_event(data_type: &str, content: &str) -> JsonValue {

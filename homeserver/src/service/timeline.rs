@@ -13,8 +13,7 @@ use federation::{
 };
 use ruma::{
     EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UInt, UserId,
-    api::Direction,
-    events::StateEventType,
+    api::Direction, events::StateEventType,
 };
 use serde_json::Value as JsonValue;
 

@@ -1,5 +1,6 @@
 //! Rooms and their events: appending signed PDUs, current state, timelines.
 
+use ruma::events::room::member::MembershipState;
 use sqlx::{Row, any::AnyRow};
 
 use super::Store;
@@ -559,7 +560,7 @@ impl Store {
     }
 
     /// The user's current membership in every room they ever were in: (room, membership).
-    pub async fn rooms_for_user(&self, user_id: &str) -> Result<Vec<(String, String)>, sqlx::Error> {
+    pub async fn rooms_for_user(&self, user_id: &str) -> Result<Vec<(String, MembershipState)>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT room_id, membership FROM room_current_state WHERE type = 'm.room.member' AND state_key = $1",
         )
@@ -567,17 +568,20 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("room_id")?, r.try_get::<Option<String>, _>("membership")?.unwrap_or_default())))
+            .map(|r| {
+                let membership = r.try_get::<Option<String>, _>("membership")?.unwrap_or_default();
+                Ok((r.try_get("room_id")?, MembershipState::from(membership)))
+            })
             .collect()
     }
 
     /// Current members of a room with a given membership.
-    pub async fn room_members(&self, room_id: &str, membership: &str) -> Result<Vec<String>, sqlx::Error> {
+    pub async fn room_members(&self, room_id: &str, membership: &MembershipState) -> Result<Vec<String>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT state_key FROM room_current_state WHERE room_id = $1 AND type = 'm.room.member' AND membership = $2",
         )
         .bind(room_id)
-        .bind(membership)
+        .bind(membership.as_str())
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|r| r.try_get("state_key")).collect()
@@ -657,7 +661,11 @@ pub(super) fn prefixed_columns(prefix: &str) -> String {
 
 impl Store {
     /// Every membership event of `user_id` in the room: (position, membership), oldest first.
-    pub async fn membership_history(&self, room_id: &str, user_id: &str) -> Result<Vec<(i64, String)>, sqlx::Error> {
+    pub async fn membership_history(
+        &self,
+        room_id: &str,
+        user_id: &str,
+    ) -> Result<Vec<(i64, MembershipState)>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT stream_ordering, json FROM events WHERE room_id = $1 AND type = 'm.room.member' AND state_key = $2
              ORDER BY stream_ordering",
@@ -669,7 +677,7 @@ impl Store {
         rows.iter()
             .map(|r| {
                 let json: String = r.try_get("json")?;
-                Ok((r.try_get("stream_ordering")?, membership_in(&json)))
+                Ok((r.try_get("stream_ordering")?, MembershipState::from(membership_in(&json))))
             })
             .collect()
     }

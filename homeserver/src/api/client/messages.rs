@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use ruma::{
-    RoomId, UserId,
     api::{
         Direction,
         client::{
@@ -27,12 +26,11 @@ use crate::{
     service::{
         Services,
         events::Viewer,
-        notifier::{Change, Sections},
         streams::Positions,
         sync::{EventFilter, event_filter_from_json},
         timeline::{EventDraft, Txn},
     },
-    store::{ReceiptRow, now_ms},
+    store::now_ms,
 };
 
 pub async fn send(

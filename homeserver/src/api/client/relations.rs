@@ -3,18 +3,14 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use ruma::{
-    UInt,
-    api::{
-        Direction,
-        client::{
-            context::get_context,
-            relations::{
-                get_relating_events, get_relating_events_with_rel_type,
-                get_relating_events_with_rel_type_and_event_type,
-            },
-            threads::get_threads,
+use ruma::api::{
+    Direction,
+    client::{
+        context::get_context,
+        relations::{
+            get_relating_events, get_relating_events_with_rel_type, get_relating_events_with_rel_type_and_event_type,
         },
+        threads::get_threads,
     },
 };
 use serde_json::json;
@@ -26,7 +22,10 @@ use crate::{
         Services,
         aggregations::{RelationsQuery, ThreadsQuery},
         auth::AuthedUser,
-        events::Viewer, streams::Positions, sync::event_filter_from_json},
+        events::Viewer,
+        streams::Positions,
+        sync::event_filter_from_json,
+    },
     store::EventRow,
 };
 
@@ -43,8 +42,20 @@ pub async fn relating(
     let b = req.body;
     let page = services
         .relations
-        .page(&user.user_id, RelationsQuery { room_id: b.room_id.as_str(), target: b.event_id.as_str(), rel_type: None, event_type: None, from: b.from.as_deref(), to: b.to.as_deref(), dir: b.dir, limit: b.limit })
-    .await?;
+        .page(
+            &user.user_id,
+            RelationsQuery {
+                room_id: b.room_id.as_str(),
+                target: b.event_id.as_str(),
+                rel_type: None,
+                event_type: None,
+                from: b.from.as_deref(),
+                to: b.to.as_deref(),
+                dir: b.dir,
+                limit: b.limit,
+            },
+        )
+        .await?;
     let mut response = get_relating_events::v1::Response::new(raw_chunk(&services, &user, &page.chunk).await?);
     response.next_batch = page.next_batch;
     Ok(RumaResponse(response))
@@ -59,8 +70,20 @@ pub async fn relating_with_type(
     let rel_type = b.rel_type.to_string();
     let page = services
         .relations
-        .page(&user.user_id, RelationsQuery { room_id: b.room_id.as_str(), target: b.event_id.as_str(), rel_type: Some(&rel_type), event_type: None, from: b.from.as_deref(), to: b.to.as_deref(), dir: b.dir, limit: b.limit })
-    .await?;
+        .page(
+            &user.user_id,
+            RelationsQuery {
+                room_id: b.room_id.as_str(),
+                target: b.event_id.as_str(),
+                rel_type: Some(&rel_type),
+                event_type: None,
+                from: b.from.as_deref(),
+                to: b.to.as_deref(),
+                dir: b.dir,
+                limit: b.limit,
+            },
+        )
+        .await?;
     let mut response =
         get_relating_events_with_rel_type::v1::Response::new(raw_chunk(&services, &user, &page.chunk).await?);
     response.next_batch = page.next_batch;
@@ -77,8 +100,20 @@ pub async fn relating_with_type_and_event_type(
     let event_type = b.event_type.to_string();
     let page = services
         .relations
-        .page(&user.user_id, RelationsQuery { room_id: b.room_id.as_str(), target: b.event_id.as_str(), rel_type: Some(&rel_type), event_type: Some(&event_type), from: b.from.as_deref(), to: b.to.as_deref(), dir: b.dir, limit: b.limit })
-    .await?;
+        .page(
+            &user.user_id,
+            RelationsQuery {
+                room_id: b.room_id.as_str(),
+                target: b.event_id.as_str(),
+                rel_type: Some(&rel_type),
+                event_type: Some(&event_type),
+                from: b.from.as_deref(),
+                to: b.to.as_deref(),
+                dir: b.dir,
+                limit: b.limit,
+            },
+        )
+        .await?;
     let mut response = get_relating_events_with_rel_type_and_event_type::v1::Response::new(
         raw_chunk(&services, &user, &page.chunk).await?,
     );

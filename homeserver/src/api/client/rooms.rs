@@ -1,10 +1,9 @@
 //! Rooms: creation, membership, state, aliases and the public directory.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::sync::Arc;
 
 use axum::extract::State;
 use ruma::{
-    OwnedUserId, RoomId, UserId,
     api::client::{
         alias::{create_alias, delete_alias, get_alias},
         directory::{get_public_rooms, get_public_rooms_filtered, get_room_visibility, set_room_visibility},
@@ -15,6 +14,7 @@ use ruma::{
         room::{Visibility, aliases, create_room, upgrade_room},
         state::{get_state_event_for_key, get_state_events, send_state_event},
     },
+    events::room::member::MembershipState,
 };
 use serde_json::Value as JsonValue;
 
@@ -26,10 +26,9 @@ use crate::{
         events::{Viewer, to_raw},
         fed::DirectoryQuery,
         rate_limit::{Class, Key},
-        rooms::{Membership, NewRoomRequest, Preset},
+        rooms::{MembershipChange, NewRoomRequest, Preset},
         timeline::EventDraft,
     },
-    store::now_ms,
 };
 
 fn json_of<T>(raw: &ruma::serde::Raw<T>) -> Result<JsonValue> {
@@ -100,18 +99,8 @@ pub async fn join_by_id(
     let user = req.user()?.clone();
     let room_id = req.body.room_id;
     services.limit_join(&user.user_id, &room_id).await?;
-    services
-        .rooms
-        .change_membership_via(
-            &room_id,
-            &user.user_id,
-            &user.user_id,
-            Membership::Join,
-            req.body.reason.as_deref(),
-            false,
-            &[],
-        )
-        .await?;
+    let join = MembershipChange::new(&room_id, &user.user_id, &user.user_id, MembershipState::Join);
+    services.rooms.change_membership(MembershipChange { reason: req.body.reason.as_deref(), ..join }).await?;
     Ok(RumaResponse(join_room_by_id::v3::Response::new(room_id)))
 }
 
@@ -123,17 +112,10 @@ pub async fn join_by_id_or_alias(
     let (room_id, mut via) = services.rooms.resolve_with_servers(req.body.room_id_or_alias.as_str()).await?;
     via.extend(req.body.via.iter().cloned());
     services.limit_join(&user.user_id, &room_id).await?;
+    let join = MembershipChange::new(&room_id, &user.user_id, &user.user_id, MembershipState::Join);
     services
         .rooms
-        .change_membership_via(
-            &room_id,
-            &user.user_id,
-            &user.user_id,
-            Membership::Join,
-            req.body.reason.as_deref(),
-            false,
-            &via,
-        )
+        .change_membership(MembershipChange { reason: req.body.reason.as_deref(), via: &via, ..join })
         .await?;
     Ok(RumaResponse(join_room_by_id_or_alias::v3::Response::new(room_id)))
 }
@@ -154,17 +136,8 @@ pub async fn invite(
             (Class::InvitesPerUser, Key::Id(invitee.user_id.as_str())),
         ],
     )?;
-    services
-        .rooms
-        .change_membership(
-            &req.body.room_id,
-            &user.user_id,
-            &invitee.user_id,
-            Membership::Invite,
-            invitee.reason.as_deref(),
-            false,
-        )
-        .await?;
+    let invite = MembershipChange::new(&req.body.room_id, &user.user_id, &invitee.user_id, MembershipState::Invite);
+    services.rooms.change_membership(MembershipChange { reason: invitee.reason.as_deref(), ..invite }).await?;
     Ok(RumaResponse(invite_user::v3::Response::new()))
 }
 
@@ -173,38 +146,9 @@ pub async fn leave(
     req: Ruma<leave_room::v3::Request>,
 ) -> Result<RumaResponse<leave_room::v3::Response>> {
     let user = req.user()?.clone();
-    services
-        .rooms
-        .change_membership(
-            &req.body.room_id,
-            &user.user_id,
-            &user.user_id,
-            Membership::Leave,
-            req.body.reason.as_deref(),
-            false,
-        )
-        .await?;
+    let leave = MembershipChange::new(&req.body.room_id, &user.user_id, &user.user_id, MembershipState::Leave);
+    services.rooms.change_membership(MembershipChange { reason: req.body.reason.as_deref(), ..leave }).await?;
     Ok(RumaResponse(leave_room::v3::Response::new()))
-}
-
-async fn moderate(
-    services: &Services,
-    room_id: &RoomId,
-    sender: &UserId,
-    target: &UserId,
-    change: Membership,
-    reason: Option<&str>,
-) -> Result<()> {
-    let current = services.rooms.membership(room_id.as_str(), target.as_str()).await?;
-    match change {
-        // Kicking somebody who is not in the room (or banned) is not a kick.
-        Membership::Leave if !matches!(current.as_deref(), Some("join" | "invite" | "knock")) && sender != target => {
-            return Err(Error::Forbidden("The user is not in the room".to_owned()));
-        }
-        _ => {}
-    }
-    services.rooms.change_membership(room_id, sender, target, change, reason, false).await?;
-    Ok(())
 }
 
 pub async fn kick(
@@ -212,15 +156,8 @@ pub async fn kick(
     req: Ruma<kick_user::v3::Request>,
 ) -> Result<RumaResponse<kick_user::v3::Response>> {
     let user = req.user()?.clone();
-    moderate(
-        &services,
-        &req.body.room_id,
-        &user.user_id,
-        &req.body.user_id,
-        Membership::Leave,
-        req.body.reason.as_deref(),
-    )
-    .await?;
+    let change = MembershipChange::new(&req.body.room_id, &user.user_id, &req.body.user_id, MembershipState::Leave);
+    services.rooms.kick_or_ban(MembershipChange { reason: req.body.reason.as_deref(), ..change }).await?;
     Ok(RumaResponse(kick_user::v3::Response::new()))
 }
 
@@ -229,15 +166,8 @@ pub async fn ban(
     req: Ruma<ban_user::v3::Request>,
 ) -> Result<RumaResponse<ban_user::v3::Response>> {
     let user = req.user()?.clone();
-    moderate(
-        &services,
-        &req.body.room_id,
-        &user.user_id,
-        &req.body.user_id,
-        Membership::Ban,
-        req.body.reason.as_deref(),
-    )
-    .await?;
+    let change = MembershipChange::new(&req.body.room_id, &user.user_id, &req.body.user_id, MembershipState::Ban);
+    services.rooms.kick_or_ban(MembershipChange { reason: req.body.reason.as_deref(), ..change }).await?;
     Ok(RumaResponse(ban_user::v3::Response::new()))
 }
 
@@ -246,21 +176,8 @@ pub async fn unban(
     req: Ruma<unban_user::v3::Request>,
 ) -> Result<RumaResponse<unban_user::v3::Response>> {
     let user = req.user()?.clone();
-    if services.rooms.membership(req.body.room_id.as_str(), req.body.user_id.as_str()).await?.as_deref() != Some("ban")
-    {
-        return Err(Error::Forbidden("The user is not banned".to_owned()));
-    }
-    services
-        .rooms
-        .change_membership(
-            &req.body.room_id,
-            &user.user_id,
-            &req.body.user_id,
-            Membership::Leave,
-            req.body.reason.as_deref(),
-            false,
-        )
-        .await?;
+    let change = MembershipChange::new(&req.body.room_id, &user.user_id, &req.body.user_id, MembershipState::Leave);
+    services.rooms.unban(MembershipChange { reason: req.body.reason.as_deref(), ..change }).await?;
     Ok(RumaResponse(unban_user::v3::Response::new()))
 }
 

@@ -16,7 +16,11 @@ use serde_json::json;
 use crate::{
     api::ruma::{Ruma, RumaResponse},
     error::{Error, Result},
-    service::{Services, events::{SearchQuery, Viewer}, sync::event_filter_from_json},
+    service::{
+        Services,
+        events::{SearchQuery, Viewer},
+        sync::event_filter_from_json,
+    },
 };
 
 const PAGE: i64 = 20;

@@ -13,7 +13,7 @@ use super::{Hub, events::Viewer};
 use super::{auth::AuthedUser, streams::Positions};
 use crate::{
     error::{Error, Result},
-    store::EventRow,
+    store::{EventRow, RelationsOf},
 };
 
 /// Most references listed in one bundle.
@@ -80,7 +80,7 @@ impl Relations {
             (true, f, t) => (t.unwrap_or(0), f.unwrap_or(now)),
             (false, f, t) => (f.unwrap_or(0), t.unwrap_or(now).min(now)),
         };
-        let rows = s.store.relations(target, rel_type, event_type, low, high, limit, backwards).await?;
+        let rows = s.store.relations(RelationsOf { target, rel_type, event_type }, low, high, limit, backwards).await?;
         let full = i64::try_from(rows.len()).unwrap_or(0) == limit;
         let next_batch = match rows.last() {
             Some(last) if full => {
@@ -202,7 +202,13 @@ impl Relations {
                 }
                 "m.reference" => s
                     .store
-                    .relations(&target, Some("m.reference"), None, i64::MIN, i64::MAX, MAX_REFERENCES, false)
+                    .relations(
+                        RelationsOf { target: &target, rel_type: Some("m.reference"), event_type: None },
+                        i64::MIN,
+                        i64::MAX,
+                        MAX_REFERENCES,
+                        false,
+                    )
                     .await?
                     .into_iter()
                     .filter(|r| r.redacted_by.is_none())
@@ -308,7 +314,13 @@ impl Relations {
         let s = self.hub.services();
         let rows: Vec<EventRow> = s
             .store
-            .relations(&original.event_id, Some(rel_type), None, i64::MIN, i64::MAX, MAX_HIDDEN_SCAN, true)
+            .relations(
+                RelationsOf { target: &original.event_id, rel_type: Some(rel_type), event_type: None },
+                i64::MIN,
+                i64::MAX,
+                MAX_HIDDEN_SCAN,
+                true,
+            )
             .await?
             .into_iter()
             .filter(|r| r.redacted_by.is_none())

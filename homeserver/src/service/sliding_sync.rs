@@ -321,8 +321,14 @@ impl SlidingSync {
             .cloned()
             .collect();
         let rooms = ExtensionRooms { known: &known, joined: &joined };
-        let news =
-            self.extensions(&mut response, &req.extensions, user_id, device_id, previous, since, upto, rooms).await?;
+        let news = self
+            .extensions(
+                &mut response,
+                &req.extensions,
+                ExtensionsAt { user_id, device_id, previous, since, upto },
+                rooms,
+            )
+            .await?;
         let counts_changed = previous.is_none_or(|p| p.list_counts != snapshot.list_counts);
         let news = news || counts_changed || !response.rooms.is_empty();
         Ok((response, snapshot, news))
@@ -565,19 +571,15 @@ impl SlidingSync {
     }
 
     /// Fills the extensions that are enabled; true if they carry news.
-    #[allow(clippy::too_many_arguments)]
     async fn extensions(
         &self,
         response: &mut Response,
         ext: &request::Extensions,
-        user_id: &UserId,
-        device_id: &str,
-        previous: Option<&Snapshot>,
-        since: Positions,
-        upto: Positions,
+        at: ExtensionsAt<'_>,
         rooms: ExtensionRooms<'_>,
     ) -> Result<bool> {
         let s = self.hub.services();
+        let ExtensionsAt { user_id, device_id, previous, since, upto } = at;
         let known = rooms.known;
         let mut news = false;
         let user = user_id.as_str();
@@ -680,6 +682,17 @@ impl SlidingSync {
         }
         Ok(news)
     }
+}
+
+/// Whose extensions are filled, and the positions they cover.
+#[derive(Clone, Copy)]
+struct ExtensionsAt<'a> {
+    user_id: &'a UserId,
+    device_id: &'a str,
+    /// The connection's snapshot the request continues, if any.
+    previous: Option<&'a Snapshot>,
+    since: Positions,
+    upto: Positions,
 }
 
 /// The rooms a connection's extensions cover.

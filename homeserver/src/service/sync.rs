@@ -321,8 +321,9 @@ impl Sync {
                 {
                     continue;
                 }
-                if let Some(joined) =
-                    self.joined_room(room, user_id, viewer, req, since, upto, RoomRead::Changed(sections)).await?
+                if let Some(joined) = self
+                    .joined_room(room, user_id, viewer, SyncWindow { req, since, upto }, RoomRead::Changed(sections))
+                    .await?
                 {
                     response.rooms.join.insert(room.clone(), joined);
                 }
@@ -363,7 +364,8 @@ impl Sync {
                     let full = req.since.is_none() || req.full_state || newly_joined;
                     let read = if full { RoomRead::Full } else { RoomRead::Incremental };
                     joined_reads.push(async move {
-                        let joined = self.joined_room(&room, user_id, viewer, req, since, upto, read).await?;
+                        let joined =
+                            self.joined_room(&room, user_id, viewer, SyncWindow { req, since, upto }, read).await?;
                         Ok::<_, Error>((room, joined))
                     });
                 }
@@ -433,18 +435,16 @@ impl Sync {
         Ok(response)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn joined_room(
         &self,
         room: &RoomId,
         user_id: &UserId,
         viewer: Viewer<'_>,
-        req: &SyncRequest,
-        since: Positions,
-        upto: Positions,
+        window: SyncWindow<'_>,
         read: RoomRead,
     ) -> Result<Option<JoinedRoom>> {
         let s = self.hub.services();
+        let SyncWindow { req, since, upto } = window;
         let room_id = room.as_str();
         let full = matches!(read, RoomRead::Full);
         let sections = match read {
@@ -884,6 +884,14 @@ pub fn event_filter_from_json(filter: &JsonValue) -> EventFilter {
 
 /// A long-polling sync's registration: the rooms it watches (joined or invited, with the
 /// membership) and its wake-up.
+/// The request a sync answers and the positions it covers.
+#[derive(Clone, Copy)]
+struct SyncWindow<'a> {
+    req: &'a SyncRequest,
+    since: Positions,
+    upto: Positions,
+}
+
 struct Watch {
     rooms: HashMap<OwnedRoomId, MembershipState>,
     waiter: Waiter,

@@ -707,20 +707,27 @@ impl Store {
     }
 }
 
+/// Which relations [`Store::relations`] reads: those pointing at `target`, of one relation
+/// type and one event type when given.
+#[derive(Debug, Clone, Copy)]
+pub struct RelationsOf<'a> {
+    pub target: &'a str,
+    pub rel_type: Option<&'a str>,
+    pub event_type: Option<&'a str>,
+}
+
 impl Store {
-    /// Events relating to `target`, with `from < stream_ordering <= to`, filtered by
+    /// Events relating to `of.target`, with `from < stream_ordering <= to`, filtered by
     /// relation and event type; newest first when `newest_first`.
-    #[allow(clippy::too_many_arguments)]
     pub async fn relations(
         &self,
-        target: &str,
-        rel_type: Option<&str>,
-        event_type: Option<&str>,
+        of: RelationsOf<'_>,
         from: i64,
         to: i64,
         limit: i64,
         newest_first: bool,
     ) -> Result<Vec<EventRow>, sqlx::Error> {
+        let RelationsOf { target, rel_type, event_type } = of;
         let order = if newest_first { "DESC" } else { "ASC" };
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {} FROM event_relations r JOIN events e ON e.event_id = r.event_id

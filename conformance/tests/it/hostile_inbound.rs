@@ -9,15 +9,12 @@
 use std::time::Duration;
 
 use conformance::{
-    Backend, Server, ServerOptions, User, backend_tests, enc,
+    Backend, Server, User, backend_tests, enc,
+    federated::federating,
     hostile::{Draft, Endpoint, HostileServer, Reply},
 };
 use ruma::RoomVersionId;
 use serde_json::{Value, json};
-
-async fn federating(backend: Backend) -> Server {
-    ServerOptions::new(backend).federating().start().await
-}
 
 /// A public room of Alice's on `server` that `h`'s `@mallory` joined. Returns (room, Alice).
 async fn room_with_mallory(server: &Server, h: &HostileServer) -> (String, User) {

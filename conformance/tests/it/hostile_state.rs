@@ -7,15 +7,12 @@
 //! order.
 
 use conformance::{
-    Backend, Server, ServerOptions, User, backend_tests, enc,
+    Backend, Server, User, backend_tests, enc,
+    federated::federating,
     hostile::{Draft, Endpoint, HostileServer, Reply},
 };
 use ruma::RoomVersionId;
 use serde_json::{Value, json};
-
-async fn federating(backend: Backend) -> Server {
-    ServerOptions::new(backend).federating().start().await
-}
 
 /// A room of Alice's on `server` that the hostile server's `@h` joined, with power level
 /// `power` for `@h`. Returns (room id, Alice).

@@ -59,29 +59,15 @@ async fn join_public_room_and_talk_both_ways(backend: Backend) {
     .await;
 
     // A name and topic change on A, then the same state on both servers.
-    a.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)),
-        Some(&alice.access_token),
-        json!({"topic": "federated"}),
-    )
-    .await
-    .assert_ok();
-    a.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", enc(&room_id)),
-        Some(&alice.access_token),
-        json!({"name": "Renamed"}),
-    )
-    .await
-    .assert_ok();
+    a.put_state(&alice, &room_id, "m.room.topic", "", json!({"topic": "federated"})).await.assert_ok();
+    a.put_state(&alice, &room_id, "m.room.name", "", json!({"name": "Renamed"})).await.assert_ok();
     eventually("the same state on both servers", || async {
         a.room_state(&alice, &room_id).await == b.room_state(&bob, &room_id).await
     })
     .await;
 
     // Bob leaves from B: A sees it.
-    b.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room_id)), Some(&bob.access_token), json!({}))
-        .await
-        .assert_ok();
+    b.membership(&bob, &room_id, "leave", None).await.assert_ok();
     eventually("bob's leave on A", || async {
         let resp = a
             .get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room_id)), Some(&alice.access_token))
@@ -130,13 +116,7 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
     let mut pl = pl.assert_ok().clone();
     pl["users"][&bob.user_id] = json!(50);
     pl["users"][&carol.user_id] = json!(0);
-    a.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room_id)),
-        Some(&alice.access_token),
-        pl,
-    )
-    .await
-    .assert_ok();
+    a.put_state(&alice, &room_id, "m.room.power_levels", "", pl).await.assert_ok();
     eventually("the power levels on B", || async {
         let resp = b
             .get(
@@ -147,13 +127,7 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
         resp.assert_ok()["users"][&bob.user_id] == 50
     })
     .await;
-    b.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)),
-        Some(&bob.access_token),
-        json!({"topic": "set by bob"}),
-    )
-    .await
-    .assert_ok();
+    b.put_state(&bob, &room_id, "m.room.topic", "", json!({"topic": "set by bob"})).await.assert_ok();
     eventually("bob's topic on A", || async {
         let resp = a
             .get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)), Some(&alice.access_token))
@@ -206,9 +180,7 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
         body["rooms"]["invite"].get(&room3).is_some()
     })
     .await;
-    b.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room3)), Some(&carol.access_token), json!({}))
-        .await
-        .assert_ok();
+    b.membership(&carol, &room3, "leave", None).await.assert_ok();
     let member = a
         .get(
             &format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room3), enc(&carol.user_id)),
@@ -387,21 +359,9 @@ async fn concurrent_state_changes_converge(backend: Backend) {
     // While B is down Alice sets the topic; right after B is back Bob sets it too, before
     // A's retry brings Alice's: two branches, each server receiving the other's change last.
     assert!(b.terminate().await, "clean shutdown");
-    a.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)),
-        Some(&alice.access_token),
-        json!({"topic": "alice's"}),
-    )
-    .await
-    .assert_ok();
+    a.put_state(&alice, &room_id, "m.room.topic", "", json!({"topic": "alice's"})).await.assert_ok();
     b.restart().await;
-    b.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)),
-        Some(&bob.access_token),
-        json!({"topic": "bob's"}),
-    )
-    .await
-    .assert_ok();
+    b.put_state(&bob, &room_id, "m.room.topic", "", json!({"topic": "bob's"})).await.assert_ok();
     // Without state resolution each server would keep the change it received last.
     eventually("the same state on both servers", || async {
         let on_a = a.room_state(&alice, &room_id).await;
@@ -600,9 +560,11 @@ async fn history_before_the_join_and_server_acls(backend: Backend) {
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
 
     // A server ACL denying B: B's requests and events are refused from then on.
-    a.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.server_acl/", enc(&room_id)),
-        Some(&alice.access_token),
+    a.put_state(
+        &alice,
+        &room_id,
+        "m.room.server_acl",
+        "",
         json!({"allow": ["*"], "deny": ["localhost"], "allow_ip_literals": false}),
     )
     .await

@@ -27,11 +27,7 @@ async fn room_with_visibility(server: &Server, user: &User, visibility: &str) ->
 
 async fn set_visibility(server: &Server, user: &User, room_id: &str, visibility: &str) {
     server
-        .put(
-            &format!("/_matrix/client/v3/rooms/{}/state/m.room.history_visibility/", enc(room_id)),
-            Some(&user.access_token),
-            json!({"history_visibility": visibility}),
-        )
+        .put_state(&user, room_id, "m.room.history_visibility", "", json!({"history_visibility": visibility}))
         .await
         .assert_ok();
 }
@@ -200,13 +196,7 @@ async fn invited_and_joined_visibility(backend: Backend) {
     let mallory = h.user("mallory");
     let room_id = room_with_visibility(&a, &alice, "invited").await;
     let m0 = a.say(&alice, &room_id, "before the invite").await;
-    a.post(
-        &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room_id)),
-        Some(&alice.access_token),
-        json!({"user_id": mallory}),
-    )
-    .await
-    .assert_ok();
+    a.membership(&alice, &room_id, "invite", Some(&mallory)).await.assert_ok();
     let m1 = a.say(&alice, &room_id, "after the invite").await;
     assert_refused(&fed_event(&h, &a, &m0).await, "/event before the invite");
     let (status, event) = fed_event(&h, &a, &m1).await;
@@ -230,13 +220,7 @@ async fn invited_and_joined_visibility(backend: Backend) {
     // `shared` with a user only invited: nothing.
     let h2 = HostileServer::start().await;
     let shared = room_with_visibility(&a, &alice, "shared").await;
-    a.post(
-        &format!("/_matrix/client/v3/rooms/{}/invite", enc(&shared)),
-        Some(&alice.access_token),
-        json!({"user_id": h2.user("eve")}),
-    )
-    .await
-    .assert_ok();
+    a.membership(&alice, &shared, "invite", Some(&h2.user("eve"))).await.assert_ok();
     let s1 = a.say(&alice, &shared, "shared after the invite").await;
     assert_refused(&fed_event(&h2, &a, &s1).await, "/event under shared while only invited");
 }
@@ -251,13 +235,7 @@ async fn soft_failed_events_are_not_served(backend: Backend) {
     let join = h.join(&a, &room_id, "mallory").await.expect("mallory joins");
     let view = h.room(&room_id);
     let power_levels = view.state_id("m.room.power_levels", "").unwrap();
-    a.post(
-        &format!("/_matrix/client/v3/rooms/{}/kick", enc(&room_id)),
-        Some(&alice.access_token),
-        json!({"user_id": mallory}),
-    )
-    .await
-    .assert_ok();
+    a.membership(&alice, &room_id, "kick", Some(&mallory)).await.assert_ok();
     // Mallory speaks as if the kick had not happened: allowed by its own auth events.
     let (late, pdu) = h.build(
         &room_id,

@@ -107,3 +107,25 @@ pub async fn federation_get(target: &Server, origin: &Server, path: &str) -> (u1
 pub async fn federation_post(target: &Server, origin: &Server, path: &str, body: &Value) -> (u16, Value) {
     federation_request_from(target, origin, Method::POST, path, Some(body)).await
 }
+
+/// Two federating servers and a public room on A that Bob of B has joined: where most
+/// federation tests start.
+pub struct JoinedPair {
+    pub a: Server,
+    pub b: Server,
+    pub alice: User,
+    pub bob: User,
+    pub room_id: String,
+}
+
+impl JoinedPair {
+    pub async fn start(backend: Backend) -> Self {
+        let a = federating(backend).await;
+        let b = federating(backend).await;
+        let alice = a.register("alice", "password-alice-1").await;
+        let bob = b.register("bob", "password-bob-1").await;
+        let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
+        b.join_via(&bob, &room_id, &a.server_name).await.assert_ok();
+        Self { a, b, alice, bob, room_id }
+    }
+}

@@ -9,7 +9,7 @@ use conformance::{
     Backend, Server, User, backend_tests,
     client::{bodies, state_event_id},
     enc,
-    federated::{federating, federation_get, federation_post, send_transaction},
+    federated::{JoinedPair, federating, federation_get, federation_post, send_transaction},
     wait::eventually,
 };
 use federation::{
@@ -191,12 +191,7 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
 }
 
 async fn forged_events_are_refused(backend: Backend) {
-    let a = federating(backend).await;
-    let b = federating(backend).await;
-    let alice = a.register("alice", "password-alice-1").await;
-    let bob = b.register("bob", "password-bob-1").await;
-    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    b.join_via(&bob, &room_id, &a.server_name).await.assert_ok();
+    let JoinedPair { a, b, alice, bob, room_id } = JoinedPair::start(backend).await;
 
     // A message from Bob built by hand on the room's current state, as B would build it.
     let state = a.room_state(&alice, &room_id).await;
@@ -271,12 +266,7 @@ async fn forged_events_are_refused(backend: Backend) {
 }
 
 async fn stopped_peer_catches_up_in_order(backend: Backend) {
-    let a = federating(backend).await;
-    let mut b = federating(backend).await;
-    let alice = a.register("alice", "password-alice-1").await;
-    let bob = b.register("bob", "password-bob-1").await;
-    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    b.join_via(&bob, &room_id, &a.server_name).await.assert_ok();
+    let JoinedPair { a, mut b, alice, bob, room_id } = JoinedPair::start(backend).await;
     a.send_text(&alice, &room_id, "m-before").await.assert_ok();
     b.wait_for_timeline(&bob, &room_id, "the first message", |e| bodies(e).contains(&"m-before".to_owned())).await;
 
@@ -303,12 +293,7 @@ async fn stopped_peer_catches_up_in_order(backend: Backend) {
 /// A acknowledged to Alice reaches B once, in order, whatever B had taken in of the
 /// transaction it was in the middle of.
 async fn a_peer_killed_mid_transaction_loses_nothing(backend: Backend) {
-    let a = federating(backend).await;
-    let mut b = federating(backend).await;
-    let alice = a.register("alice", "password-alice-1").await;
-    let bob = b.register("bob", "password-bob-1").await;
-    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    b.join_via(&bob, &room_id, &a.server_name).await.assert_ok();
+    let JoinedPair { a, mut b, alice, bob, room_id } = JoinedPair::start(backend).await;
     a.send_text(&alice, &room_id, "m-before").await.assert_ok();
     b.wait_for_timeline(&bob, &room_id, "the first message", |e| bodies(e).contains(&"m-before".to_owned())).await;
     let since = b.sync(&bob, None, 0, None).await["next_batch"].as_str().map(str::to_owned);
@@ -384,13 +369,8 @@ async fn concurrent_state_changes_converge(backend: Backend) {
 /// `/get_missing_events`, which a server (Synapse among them) asks before it accepts an event
 /// whose `prev_events` it lacks: the events between what it has and the new one, oldest first.
 async fn missing_events_are_served(backend: Backend) {
-    let a = federating(backend).await;
-    let b = federating(backend).await;
+    let JoinedPair { a, b, alice, room_id, .. } = JoinedPair::start(backend).await;
     let c = federating(backend).await;
-    let alice = a.register("alice", "password-alice-1").await;
-    let bob = b.register("bob", "password-bob-1").await;
-    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    b.join_via(&bob, &room_id, &a.server_name).await.assert_ok();
     let mut ids = Vec::new();
     for i in 0..5 {
         let sent = a.send_text(&alice, &room_id, &format!("gap-{i}")).await;
@@ -436,14 +416,9 @@ async fn missing_events_are_served(backend: Backend) {
 /// Synapse catches a peer up after a long outage with only the newest event of each room): the
 /// receiving server asks again until the gap is closed, and shows every event in order.
 async fn a_long_gap_is_filled_in_several_requests(backend: Backend) {
-    let a = federating(backend).await;
-    let b = federating(backend).await;
+    let JoinedPair { a, b, alice, bob, room_id } = JoinedPair::start(backend).await;
     let c = federating(backend).await;
-    let alice = a.register("alice", "password-alice-1").await;
-    let bob = b.register("bob", "password-bob-1").await;
     let carol = c.register("carol", "password-carol-1").await;
-    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    b.join_via(&bob, &room_id, &a.server_name).await.assert_ok();
     c.join_via(&carol, &room_id, &a.server_name).await.assert_ok();
     eventually("carol's join on B", || async {
         let resp = b
@@ -601,12 +576,7 @@ async fn wait_for_ephemeral(server: &Server, user: &User, room_id: &str, kind: &
 }
 
 async fn typing_receipts_and_presence_across_servers(backend: Backend) {
-    let a = federating(backend).await;
-    let b = federating(backend).await;
-    let alice = a.register("alice", "password-alice-1").await;
-    let bob = b.register("bob", "password-bob-1").await;
-    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    b.join_via(&bob, &room_id, &a.server_name).await.assert_ok();
+    let JoinedPair { a, b, alice, bob, room_id } = JoinedPair::start(backend).await;
 
     // Bob types on B; Alice sees it on A.
     b.put(
@@ -654,12 +624,7 @@ async fn typing_receipts_and_presence_across_servers(backend: Backend) {
 }
 
 async fn to_device_and_device_lists_across_servers(backend: Backend) {
-    let a = federating(backend).await;
-    let b = federating(backend).await;
-    let alice = a.register("alice", "password-alice-1").await;
-    let bob = b.register("bob", "password-bob-1").await;
-    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    b.join_via(&bob, &room_id, &a.server_name).await.assert_ok();
+    let JoinedPair { a, b, alice, bob, .. } = JoinedPair::start(backend).await;
     let since = a.sync(&alice, None, 0, None).await["next_batch"].as_str().unwrap().to_owned();
 
     // Bob uploads device keys on B: A's sync lists him in device_lists.changed.

@@ -27,7 +27,7 @@ async fn room_with_visibility(server: &Server, user: &User, visibility: &str) ->
 
 async fn set_visibility(server: &Server, user: &User, room_id: &str, visibility: &str) {
     server
-        .put_state(&user, room_id, "m.room.history_visibility", "", json!({"history_visibility": visibility}))
+        .put_state(user, room_id, "m.room.history_visibility", "", json!({"history_visibility": visibility}))
         .await
         .assert_ok();
 }

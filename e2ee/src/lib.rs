@@ -30,7 +30,10 @@ pub mod types;
 pub mod verification;
 
 pub use devices::Device;
-pub use error::{Error, Result};
+pub use error::{
+    AttachmentError, BackupError, DeviceError, Error, KeyExportError, Malformed, MegolmError, OlmError, PayloadCheck,
+    RequestError, Result, SigningError, StoreError, VerificationError,
+};
 pub use machine::{DecryptedRoomEvent, OlmMachine, SenderTrust, ToDeviceEvent};
 pub use megolm::EncryptionSettings;
 pub use olm::DecryptedOlm;

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::{
     account::Account,
     devices::{Device, DeviceStore, KeysQueryOutcome},
-    error::{Error, Result},
+    error::{Error, MegolmError, OlmError, RequestError, Result},
     megolm::{EncryptionSettings, GroupSessions, InboundSession, OutboundSession, Recipient},
     olm::{self, OlmSessions},
     types::{MEGOLM_V1, OLM_V1, OutgoingRequest, Request, SIGNED_CURVE25519, SyncChanges, now_ms},
@@ -225,7 +225,8 @@ impl OlmMachine {
 
     /// The answer (JSON body of a 2xx response) to a request we handed out.
     pub fn mark_request_as_sent(&mut self, request_id: &str, response: &Value) -> Result<()> {
-        let pending = self.in_flight.remove(request_id).ok_or_else(|| Error::UnknownRequest(request_id.to_owned()))?;
+        let pending =
+            self.in_flight.remove(request_id).ok_or_else(|| RequestError::UnknownRequest(request_id.to_owned()))?;
         match pending.kind {
             InFlight::KeysUpload => {
                 let counts = counts_of(&response["one_time_key_counts"]);
@@ -464,7 +465,7 @@ impl OlmMachine {
         event_type: &str,
         content: Value,
     ) -> Result<()> {
-        let device = self.devices.get(user_id, device_id).cloned().ok_or_else(|| Error::MissingOlmSession {
+        let device = self.devices.get(user_id, device_id).cloned().ok_or_else(|| OlmError::MissingSession {
             user_id: user_id.to_string(),
             device_id: device_id.to_owned(),
         })?;
@@ -568,7 +569,7 @@ impl OlmMachine {
                     }
                     // No Olm session (no one-time key could be claimed): it cannot get the key,
                     // and is told so once, so it can explain the missing key to its user.
-                    Err(Error::MissingOlmSession { .. }) => {
+                    Err(Error::Olm(OlmError::MissingSession { .. })) => {
                         tracing::debug!(user = %device.user_id, device = %device.device_id, "no Olm session; room key withheld");
                         if !already_withheld.contains(recipient) {
                             withheld.push(recipient.clone());
@@ -672,28 +673,38 @@ impl OlmMachine {
             event["origin_server_ts"].as_u64().ok_or_else(|| Error::malformed("room event", "no origin_server_ts"))?;
         let room = room_id.to_owned();
         let (payload, index, info) = match self.groups.decrypt(&room, content) {
-            Err(Error::UnknownMegolmSession { room_id, session_id }) => {
+            Err(Error::Megolm(MegolmError::UnknownSession { room_id, session_id })) => {
                 return Err(match self.groups.withheld.get(&(room.clone(), session_id.clone())) {
                     Some((by, code, reason)) if *by == sender => {
-                        Error::Withheld { code: code.clone(), reason: reason.clone() }
+                        MegolmError::Withheld { code: code.clone(), reason: reason.clone() }
                     }
-                    _ => Error::UnknownMegolmSession { room_id, session_id },
-                });
+                    _ => MegolmError::UnknownSession { room_id, session_id },
+                }
+                .into());
             }
             other => other?,
         };
         if payload["room_id"].as_str() != Some(room_id.as_str()) {
-            return Err(Error::RoomMismatch {
+            return Err(MegolmError::RoomMismatch {
                 claimed: payload["room_id"].as_str().unwrap_or_default().to_owned(),
                 actual: room_id.to_string(),
-            });
+            }
+            .into());
         }
         let (sender_device, trust) = match self.devices.owner_of_curve_key(&info.sender_key) {
             Some(device) if device.user_id != sender => {
-                return Err(Error::SenderMismatch { owner: device.user_id.to_string(), sender: sender.to_string() });
+                return Err(MegolmError::SenderMismatch {
+                    owner: device.user_id.to_string(),
+                    sender: sender.to_string(),
+                }
+                .into());
             }
             Some(device) if device.ed25519 != info.signing_key => {
-                return Err(Error::SenderMismatch { owner: device.user_id.to_string(), sender: sender.to_string() });
+                return Err(MegolmError::SenderMismatch {
+                    owner: device.user_id.to_string(),
+                    sender: sender.to_string(),
+                }
+                .into());
             }
             Some(device) => {
                 let ours = device.user_id == self.account.user_id && device.device_id == self.account.device_id;

@@ -96,10 +96,10 @@ impl KeyringHook for KeyFile {
     fn load(&self) -> e2ee::Result<Option<[u8; 32]>> {
         match std::fs::read(&self.0) {
             Ok(bytes) => Ok(Some(
-                bytes.try_into().map_err(|_| e2ee::Error::Store(format!("{} is not a key", self.0.display())))?,
+                bytes.try_into().map_err(|_| e2ee::Error::key_storage(format!("{} is not a key", self.0.display())))?,
             )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e2ee::Error::Store(e.to_string())),
+            Err(e) => Err(e2ee::Error::key_storage(e)),
         }
     }
 
@@ -111,13 +111,13 @@ impl KeyringHook for KeyFile {
             .truncate(true)
             .mode(0o600)
             .open(&self.0)
-            .map_err(|e| e2ee::Error::Store(e.to_string()))?;
-        file.write_all(key).and_then(|_| file.sync_all()).map_err(|e| e2ee::Error::Store(e.to_string()))
+            .map_err(e2ee::Error::key_storage)?;
+        file.write_all(key).and_then(|_| file.sync_all()).map_err(e2ee::Error::key_storage)
     }
 
     fn delete(&self) -> e2ee::Result<()> {
         match std::fs::remove_file(&self.0) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e2ee::Error::Store(e.to_string())),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e2ee::Error::key_storage(e)),
             _ => Ok(()),
         }
     }
@@ -210,8 +210,8 @@ impl Client {
         }
         let store = match self.has_saved_session() && guard.is_none() {
             true => Some(match CryptoStore::open_with_passphrase(&self.crypto_store_path(), passphrase).await {
-                Err(e2ee::Error::WrongStoreKey) => return Err(Error::WrongPassphrase),
-                Err(e2ee::Error::NotAPassphraseStore) => return Err(Error::KeyringUnavailable),
+                Err(e2ee::Error::Store(e2ee::StoreError::WrongKey)) => return Err(Error::WrongPassphrase),
+                Err(e2ee::Error::Store(e2ee::StoreError::NotAPassphraseStore)) => return Err(Error::KeyringUnavailable),
                 other => other?,
             }),
             false => None,
@@ -250,7 +250,7 @@ impl Client {
                 let passphrase = self.inner.passphrase.lock().expect("passphrase lock").clone();
                 if let Some(passphrase) = passphrase {
                     return match CryptoStore::open_with_passphrase(&path, &passphrase).await {
-                        Err(e2ee::Error::WrongStoreKey) => Err(Error::WrongPassphrase),
+                        Err(e2ee::Error::Store(e2ee::StoreError::WrongKey)) => Err(Error::WrongPassphrase),
                         other => Ok(other?),
                     };
                 }
@@ -482,7 +482,7 @@ mod tests {
         }
         fn save(&self, key: &[u8; 32]) -> e2ee::Result<()> {
             if self.fails {
-                return Err(e2ee::Error::Store("the keyring is locked".into()));
+                return Err(e2ee::Error::key_storage("the keyring is locked"));
             }
             if self.keeps {
                 *self.kept.lock().unwrap() = Some(*key);

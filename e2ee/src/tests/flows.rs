@@ -2,7 +2,7 @@ use ruma::{OwnedUserId, device_id, room_id, user_id};
 use serde_json::{Value, json};
 
 use super::FakeServer;
-use crate::{EncryptionSettings, Error, OlmMachine, SenderTrust, ToDeviceEvent};
+use crate::{EncryptionSettings, Error, MegolmError, OlmMachine, RequestError, SenderTrust, ToDeviceEvent};
 
 fn machine(user: &str, device: &str) -> OlmMachine {
     OlmMachine::new(user.try_into().unwrap(), device.into())
@@ -85,17 +85,17 @@ fn megolm_message_round_trip_with_replay_protection() {
     // Decrypting the same event again is fine; the same ciphertext as another event is a replay.
     bob.decrypt_room_event(room, &event).unwrap();
     let replayed = room_event(content.clone(), &alice, "$e2", 1000);
-    assert!(matches!(bob.decrypt_room_event(room, &replayed), Err(Error::Replay { index: 0, .. })));
+    assert!(matches!(bob.decrypt_room_event(room, &replayed), Err(Error::Megolm(MegolmError::Replay { index: 0, .. }))));
     // In another room the session is unknown.
     assert!(matches!(
         bob.decrypt_room_event(room_id!("!other:localhost"), &event),
-        Err(Error::UnknownMegolmSession { .. })
+        Err(Error::Megolm(MegolmError::UnknownSession { .. }))
     ));
     // A different sender cannot claim Alice's session.
     let mut forged = event.clone();
     forged["sender"] = json!("@bob:localhost");
     forged["event_id"] = json!("$e3");
-    assert!(matches!(bob.decrypt_room_event(room, &forged), Err(Error::SenderMismatch { .. })));
+    assert!(matches!(bob.decrypt_room_event(room, &forged), Err(Error::Megolm(MegolmError::SenderMismatch { .. }))));
 
     // Alice reads her own message, from a device she trusts: her own.
     let own = alice.decrypt_room_event(room, &event).unwrap();
@@ -269,7 +269,7 @@ fn garbage_is_an_error_not_a_panic() {
     for request in requests {
         alice.mark_request_as_sent(&request.request_id, &json!({"device_keys": 5, "one_time_keys": [1]})).unwrap();
     }
-    assert!(matches!(alice.mark_request_as_sent("nope", &json!({})), Err(Error::UnknownRequest(_))));
+    assert!(matches!(alice.mark_request_as_sent("nope", &json!({})), Err(Error::Request(RequestError::UnknownRequest(_)))));
 }
 
 #[test]
@@ -293,5 +293,5 @@ fn a_device_without_keys_is_told_the_key_is_withheld() {
     let content = alice.encrypt_room_event(room, "m.room.message", json!({"body": "secret"})).unwrap();
     server.sync(&mut bob);
     let event = room_event(content, &alice, "$w", 1);
-    assert!(matches!(bob.decrypt_room_event(room, &event), Err(Error::Withheld { code, .. }) if code == "m.no_olm"));
+    assert!(matches!(bob.decrypt_room_event(room, &event), Err(Error::Megolm(MegolmError::Withheld { code, .. })) if code == "m.no_olm"));
 }

@@ -166,7 +166,7 @@ impl OlmMachine {
             device.keys_json = device_keys.clone();
             self.devices.changed.insert(user_id.clone());
         }
-        Ok(self.hand_out_signature_upload(json!({ user_id.as_str(): { device_id: device_keys } })))
+        self.hand_out_signature_upload(json!({ user_id.as_str(): { device_id: device_keys } }))
     }
 
     /// Forgets cross-signing keys we made but could not publish (the next bootstrap makes
@@ -232,7 +232,7 @@ impl OlmMachine {
         let mut upload = master;
         let ours = upload["signatures"][own.as_str()][&usk_id].clone();
         upload["signatures"] = json!({ own.as_str(): { usk_id: ours } });
-        Ok(self.hand_out_signature_upload(json!({ user_id.as_str(): { master_public.to_base64(): upload } })))
+        self.hand_out_signature_upload(json!({ user_id.as_str(): { master_public.to_base64(): upload } }))
     }
 
     /// Whether we trust `device`: verified by emoji on this device, or cross-signed by a

@@ -221,10 +221,10 @@ pub enum CorruptRecord {
     #[error("record too short")]
     TooShort,
     #[error("a {kind} record does not open with this key")]
-    DoesNotOpen { kind: &'static str },
+    DoesNotOpen { kind: String },
     #[error("{kind}: {source}")]
     Undecodable {
-        kind: &'static str,
+        kind: String,
         #[source]
         source: serde_json::Error,
     },
@@ -309,6 +309,9 @@ pub enum RequestError {
     /// A response for a request id we never sent (or already marked as sent).
     #[error("unknown request id {0}")]
     UnknownRequest(String),
+    /// The answer given is for another kind of request (nothing was changed).
+    #[error("request {request_id} is a {expected} request, not a {got} one")]
+    WrongResponse { request_id: String, expected: &'static str, got: &'static str },
 }
 
 impl Error {

@@ -53,6 +53,16 @@ pub struct Recipient {
     pub curve25519: String,
 }
 
+impl Recipient {
+    pub(crate) fn of(device: &crate::devices::Device) -> Self {
+        Self {
+            user_id: device.user_id.clone(),
+            device_id: device.device_id.clone(),
+            curve25519: device.curve25519.clone(),
+        }
+    }
+}
+
 pub(crate) struct OutboundSession {
     pub inner: GroupSession,
     pub room_id: OwnedRoomId,

@@ -138,10 +138,10 @@ impl Cipher {
         let plaintext = Zeroizing::new(
             self.aead
                 .decrypt(&XNonce::from(nonce), Payload { msg: ciphertext, aad: &aad })
-                .map_err(|_| StoreError::Corrupt(CorruptRecord::DoesNotOpen { kind }))?,
+                .map_err(|_| StoreError::Corrupt(CorruptRecord::DoesNotOpen { kind: kind.to_owned() }))?,
         );
         serde_json::from_slice(&plaintext)
-            .map_err(|source| StoreError::Corrupt(CorruptRecord::Undecodable { kind, source }).into())
+            .map_err(|source| StoreError::Corrupt(CorruptRecord::Undecodable { kind: kind.to_owned(), source }).into())
     }
 }
 
@@ -371,19 +371,41 @@ impl Store {
     pub async fn save(&self, machine: &mut OlmMachine) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         if machine.account_changed {
-            let a = &machine.account;
-            let record = AccountRecord {
-                pickle: a.pickle(),
-                user_id: a.user_id.clone(),
-                device_id: a.device_id.clone(),
-                shared: a.shared,
-                server_otk_count: a.server_otk_count,
-                needs_fallback_key: a.needs_fallback_key,
-            };
-            self.put(&mut tx, "meta", "account", &record).await?;
-            self.put(&mut tx, "meta", "cross_signing", &machine.cross_signing).await?;
-            self.put(&mut tx, "meta", "backup", &machine.backup).await?;
+            self.save_account(&mut tx, machine).await?;
         }
+        self.save_flows(&mut tx, machine).await?;
+        self.save_olm_sessions(&mut tx, machine).await?;
+        self.save_group_sessions(&mut tx, machine).await?;
+        self.save_users(&mut tx, machine).await?;
+        self.save_replay_marks(&mut tx, machine).await?;
+        tx.commit().await?;
+        machine.account_changed = false;
+        machine.sessions.changed.clear();
+        machine.groups.changed_inbound.clear();
+        machine.groups.changed_outbound.clear();
+        machine.groups.replay.changed.clear();
+        machine.devices.changed.clear();
+        Ok(())
+    }
+
+    /// The account with our cross-signing and backup keys.
+    async fn save_account(&self, tx: &mut sqlx::SqliteConnection, machine: &OlmMachine) -> Result<()> {
+        let a = &machine.account;
+        let record = AccountRecord {
+            pickle: a.pickle(),
+            user_id: a.user_id.clone(),
+            device_id: a.device_id.clone(),
+            shared: a.shared,
+            server_otk_count: a.server_otk_count,
+            needs_fallback_key: a.needs_fallback_key,
+        };
+        self.put(tx, "meta", "account", &record).await?;
+        self.put(tx, "meta", "cross_signing", &machine.cross_signing).await?;
+        self.put(tx, "meta", "backup", &machine.backup).await
+    }
+
+    /// Key requests and wedged-session recovery in progress.
+    async fn save_flows(&self, tx: &mut sqlx::SqliteConnection, machine: &OlmMachine) -> Result<()> {
         let flows = FlowsRecord {
             key_requests: machine
                 .key_requests
@@ -394,7 +416,10 @@ impl Store {
             pending_recovery: machine.pending_recovery.iter().map(|(k, u)| (k.clone(), u.clone())).collect(),
             recovered_at: machine.recovered_at.iter().map(|(k, t)| (k.clone(), *t)).collect(),
         };
-        self.put(&mut tx, "meta", "flows", &flows).await?;
+        self.put(tx, "meta", "flows", &flows).await
+    }
+
+    async fn save_olm_sessions(&self, tx: &mut sqlx::SqliteConnection, machine: &OlmMachine) -> Result<()> {
         for (sender_key, session_id) in &machine.sessions.changed {
             let Some(stored) = machine
                 .sessions
@@ -410,8 +435,13 @@ impl Store {
                 created_ms: stored.created_ms,
                 last_received_ms: stored.last_received_ms,
             };
-            self.put(&mut tx, "olm_session", &format!("{sender_key}|{session_id}"), &record).await?;
+            self.put(tx, "olm_session", &format!("{sender_key}|{session_id}"), &record).await?;
         }
+        Ok(())
+    }
+
+    /// Changed inbound Megolm sessions, and outbound ones (a dropped one is deleted).
+    async fn save_group_sessions(&self, tx: &mut sqlx::SqliteConnection, machine: &OlmMachine) -> Result<()> {
         for key in &machine.groups.changed_inbound {
             let Some(session) = machine.groups.inbound.get(key) else { continue };
             let record = InboundRecord {
@@ -423,7 +453,7 @@ impl Store {
                     backed_up: session.backed_up,
                 },
             };
-            self.put(&mut tx, "inbound_group", &format!("{}|{}", key.0, key.1), &record).await?;
+            self.put(tx, "inbound_group", &format!("{}|{}", key.0, key.1), &record).await?;
         }
         for room_id in &machine.groups.changed_outbound {
             match machine.groups.outbound.get(room_id) {
@@ -439,16 +469,21 @@ impl Store {
                             withheld: session.withheld.clone(),
                         },
                     };
-                    self.put(&mut tx, "outbound_group", room_id.as_str(), &record).await?;
+                    self.put(tx, "outbound_group", room_id.as_str(), &record).await?;
                 }
-                None => self.delete(&mut tx, "outbound_group", room_id.as_str()).await?,
+                None => self.delete(tx, "outbound_group", room_id.as_str()).await?,
             }
         }
+        Ok(())
+    }
+
+    /// Changed users' devices and tracking (an untracked user without devices is deleted).
+    async fn save_users(&self, tx: &mut sqlx::SqliteConnection, machine: &OlmMachine) -> Result<()> {
         for user_id in &machine.devices.changed {
             let devices = machine.devices.devices.get(user_id).cloned().unwrap_or_default();
             let tracked = machine.devices.tracked.get(user_id).copied();
             if devices.is_empty() && tracked.is_none() {
-                self.delete(&mut tx, "user", user_id.as_str()).await?;
+                self.delete(tx, "user", user_id.as_str()).await?;
                 continue;
             }
             let record = UserRecord {
@@ -458,21 +493,19 @@ impl Store {
                 fresh: machine.devices.fresh.get(user_id).copied(),
                 cross_signing: machine.devices.cross_signing.get(user_id).cloned(),
             };
-            self.put(&mut tx, "user", user_id.as_str(), &record).await?;
+            self.put(tx, "user", user_id.as_str(), &record).await?;
         }
+        Ok(())
+    }
+
+    /// Megolm message indexes seen, for replay detection across restarts.
+    async fn save_replay_marks(&self, tx: &mut sqlx::SqliteConnection, machine: &OlmMachine) -> Result<()> {
         for (session_id, index) in &machine.groups.replay.changed {
             let Some((event_id, ts)) = machine.groups.replay.seen.get(&(session_id.clone(), *index)) else { continue };
             let record =
                 ReplayRecord { session_id: session_id.clone(), index: *index, event_id: event_id.clone(), ts: *ts };
-            self.put(&mut tx, "replay", &format!("{session_id}|{index}"), &record).await?;
+            self.put(tx, "replay", &format!("{session_id}|{index}"), &record).await?;
         }
-        tx.commit().await?;
-        machine.account_changed = false;
-        machine.sessions.changed.clear();
-        machine.groups.changed_inbound.clear();
-        machine.groups.changed_outbound.clear();
-        machine.groups.replay.changed.clear();
-        machine.devices.changed.clear();
         Ok(())
     }
 
@@ -580,7 +613,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::{EncryptionSettings, tests::FakeServer};
+    use crate::{EncryptionSettings, MegolmError, tests::FakeServer};
 
     #[tokio::test]
     async fn a_reloaded_machine_carries_on() {

@@ -646,7 +646,10 @@ mod tests {
             "content": { "transaction_id": txn, "key": Sas::new().public_key().to_base64() },
         });
         alice
-            .receive_sync_changes(crate::SyncChanges { to_device_events: vec![forged], ..Default::default() })
+            .receive_sync_changes(crate::SyncChanges {
+                to_device_events: vec![crate::types::raw(&forged)],
+                ..Default::default()
+            })
             .unwrap();
         assert!(matches!(
             alice.verification_state(&txn),

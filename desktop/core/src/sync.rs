@@ -275,18 +275,11 @@ impl Client {
         response: &sync::Response,
     ) -> Result<(Vec<ToDeviceEvent>, BTreeMap<(OwnedRoomId, usize), Value>)> {
         let changes = SyncChanges {
-            to_device_events: response.to_device.events.iter().map(raw_json).collect(),
+            to_device_events: response.to_device.events.clone(),
             changed: response.device_lists.changed.clone(),
             left: response.device_lists.left.clone(),
-            one_time_keys_counts: response
-                .device_one_time_keys_count
-                .iter()
-                .map(|(algorithm, count)| (algorithm.to_string(), u64::from(*count)))
-                .collect(),
-            unused_fallback_key_types: response
-                .device_unused_fallback_key_types
-                .as_ref()
-                .map(|types| types.iter().map(ToString::to_string).collect()),
+            one_time_keys_counts: response.device_one_time_keys_count.clone(),
+            unused_fallback_key_types: response.device_unused_fallback_key_types.clone(),
         };
         let mut guard = self.inner.crypto.lock().await;
         let crypto = guard.as_mut().ok_or(Error::NotLoggedIn)?;
@@ -549,7 +542,8 @@ mod tests {
 
     #[test]
     fn direct_rooms_come_from_m_direct_only() {
-        let direct = json!({"type": "m.direct", "content": {"@a:x": ["!1:x", "!2:x"], "@b:x": ["!3:x", 4], "@c:x": "!4:x"}});
+        let direct =
+            json!({"type": "m.direct", "content": {"@a:x": ["!1:x", "!2:x"], "@b:x": ["!3:x", 4], "@c:x": "!4:x"}});
         assert_eq!(direct_rooms(&direct), Some(vec!["!1:x".to_owned(), "!2:x".to_owned(), "!3:x".to_owned()]));
         assert_eq!(direct_rooms(&json!({"type": "m.direct", "content": []})), None, "content is not a map");
         assert_eq!(direct_rooms(&json!({"type": "m.push_rules", "content": {"@a:x": ["!1:x"]}})), None);

@@ -115,10 +115,7 @@ impl<R: Read> Read for DecryptingReader<R> {
             if let Some(hasher) = self.hasher.take() {
                 let actual: [u8; 32] = hasher.finalize().into();
                 if actual != self.expected {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "attachment hash mismatch: the file was altered",
-                    ));
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, AttachmentError::HashMismatch));
                 }
             }
             return Ok(0);
@@ -262,8 +259,16 @@ pub fn decrypt_bytes(ciphertext: &[u8], file: &EncryptedFile) -> Result<Vec<u8>>
     let mut plaintext = Vec::with_capacity(ciphertext.len());
     DecryptingReader::new(ciphertext, file)?
         .read_to_end(&mut plaintext)
-        .map_err(|e| Error::from(AttachmentError::Io(e)))?;
+        .map_err(|e| Error::from(attachment_error(e)))?;
     Ok(plaintext)
+}
+
+/// The attachment error a reader's I/O error carries (a hash mismatch), or the I/O error.
+fn attachment_error(error: io::Error) -> AttachmentError {
+    match error.get_ref().is_some_and(|inner| inner.is::<AttachmentError>()) {
+        true => *error.into_inner().expect("checked above").downcast::<AttachmentError>().expect("checked above"),
+        false => AttachmentError::Io(error),
+    }
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ impl Services {
     /// room, or none answers).
     pub async fn backfill_older(&self, room_id: &RoomId, limit: usize) -> Result<usize> {
         let Some(from) = self.backward_extremity(room_id).await? else { return Ok(0) };
-        let version = self.room_version(room_id.as_str()).await?;
+        let version = self.rooms.version(room_id.as_str()).await?;
         let rules = room_version_rules(&version).map_err(|e| crate::error::Error::internal(e.to_string()))?;
         let limit = ruma::UInt::try_from(limit.clamp(1, MAX_BACKFILL) as u64 + 1).unwrap_or_default();
 
@@ -71,7 +71,7 @@ impl Services {
             // finds them already checked.
             verified.sort_by_key(|e| (e.pdu.depth, e.pdu.origin_server_ts));
             let batch: HashMap<_, _> = verified.iter().map(|e| (e.event_id.clone(), e.pdu.clone())).collect();
-            let create = self.cached_state_event(room_id, "m.room.create", "").await?;
+            let create = self.room_cache.state_event(room_id, "m.room.create", "").await?;
             let mut accepted: Vec<BackfilledEvent> = Vec::new();
             for event in &verified {
                 let pdu = &event.pdu;

@@ -139,7 +139,7 @@ impl Services {
             return Err(Error::Forbidden(format!("this server is not in {room_id}")));
         }
         self.check_server_acl(&room_id, origin).await?;
-        let version = self.room_version(room_id.as_str()).await?;
+        let version = self.rooms.version(room_id.as_str()).await?;
         let event = self.verify_pdu(raw, &version).await?;
         if event.pdu.room_id.as_deref() != Some(&*room_id) {
             return Err(Error::BadJson("room_id mismatch".to_owned()));
@@ -241,7 +241,7 @@ impl Services {
         let origin = ServerName::parse(item.origin.as_str()).map_err(|e| e.to_string())?;
         let room_id = RoomId::parse(item.room_id.as_str()).map_err(|e| e.to_string())?;
         let raw = RawJsonValue::from_string(item.pdu.clone()).map_err(|e| e.to_string())?;
-        let version = self.room_version(room_id.as_str()).await.map_err(fail)?;
+        let version = self.rooms.version(room_id.as_str()).await.map_err(fail)?;
         // Checked again from the start: the keys are cached by now, and nothing stored is
         // trusted more than what came over the network.
         let event = self.verify_pdu(&raw, &version).await.map_err(fail)?;

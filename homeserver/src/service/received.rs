@@ -399,7 +399,7 @@ impl Services {
         if !rules.authorization.room_create_event_id_as_room_id {
             return Ok(None);
         }
-        let Some(create) = self.cached_state_event(room_id, "m.room.create", "").await? else { return Ok(None) };
+        let Some(create) = self.room_cache.state_event(room_id, "m.room.create", "").await? else { return Ok(None) };
         let id = EventId::parse(create.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
         Ok(Some(Pdu::from_json(id, &create.json).map_err(|e| Error::internal(e.to_string()))?))
     }
@@ -466,7 +466,7 @@ impl Services {
         });
         let prev_state =
             prev_pdu.state_key.as_ref().and_then(|key| before.get(&(prev_pdu.kind.to_string(), key.clone())).cloned());
-        let (before_group, _) = self.group_for_state(room_id, &before).await?;
+        let (before_group, _) = self.state.group_for_state(room_id, &before).await?;
         let groups = EventStateGroups { before: before_group, after, current: CurrentGroup::Unchanged, prev_state };
         let outlier = NewOutlier {
             event_id: prev.to_string(),
@@ -509,7 +509,7 @@ impl Services {
         let Some(known) = self.store.current_state_event(room_id.as_str(), "m.room.member", target).await? else {
             return Ok(());
         };
-        if self.membership(room_id.as_str(), target).await?.as_deref() != Some("ban") {
+        if self.rooms.membership(room_id.as_str(), target).await?.as_deref() != Some("ban") {
             return Ok(());
         }
         let banned = || Error::Forbidden(format!("{target} is banned from {room_id}"));
@@ -550,8 +550,8 @@ impl Services {
         event: &VerifiedEvent,
         before: &super::state::StateBefore,
     ) -> Result<()> {
-        let after = self.after_group(before, &event.pdu).await?;
-        let prev_state = self.prev_state_of(room_id, before, &event.pdu).await?;
+        let after = self.state.after_group(before, &event.pdu).await?;
+        let prev_state = self.state.prev_state_of(room_id, before, &event.pdu).await?;
         let outlier = NewOutlier {
             event_id: event.event_id.to_string(),
             json: event.json.clone(),
@@ -599,7 +599,7 @@ impl Services {
         let accepted = self.accept_event(room_id, event, from, broadcast, false).await?;
         if accepted == Accepted::Appended {
             // Redactions that arrived before it are decided now.
-            self.apply_redactions_waiting_for(room_id, &event_id, from).await;
+            self.redactions.apply_waiting_for(room_id, &event_id, from).await;
         }
         Ok(accepted)
     }
@@ -626,11 +626,11 @@ impl Services {
         // The room's server ACL applies to whoever wrote the event, whichever server relayed
         // it (a denied server must not get its events in through an allowed one).
         self.check_server_acl(room_id, event.pdu.sender.server_name()).await?;
-        let version = self.room_version(room_id.as_str()).await?;
+        let version = self.rooms.version(room_id.as_str()).await?;
         let rules = room_version_rules(&version).map_err(|e| Error::internal(e.to_string()))?;
         // The network part first, outside the room lock: the state at prev events we lack.
         self.fetch_prev_states(from, room_id, &version, &event.pdu).await;
-        let lock = self.room_lock(room_id);
+        let lock = self.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
         let status = self.store.event_status(event.event_id.as_str()).await?;
         let held_aside = again && matches!(status, EventStatus::Outlier { soft_failed: true, rejection: None });
@@ -651,10 +651,10 @@ impl Services {
             return self.reject(room_id, &event, reason).await;
         }
         // 2. The state before it must authorize it.
-        let Some(before) = self.state_before_prevs(room_id, &version, &pdu.prev_events).await? else {
+        let Some(before) = self.state.before_prevs(room_id, &version, &pdu.prev_events).await? else {
             return Err(Error::Forbidden(format!("{}: the state before it is not known", event.event_id)));
         };
-        let current = self.current_auth_state(room_id, pdu, &rules).await?;
+        let current = self.timeline.current_auth_state(room_id, pdu, &rules).await?;
         let mut current_events = current.events;
         current_events.extend(auth_events.clone());
         if before.is_current && before.ids.is_none() {
@@ -662,8 +662,8 @@ impl Services {
                 return self.reject(room_id, &event, reason).await;
             }
         } else {
-            let ids = self.ids_of_before(&before).await?;
-            if let Err(reason) = self.authorize_against_state(room_id, &rules, pdu, &auth_events, &ids).await? {
+            let ids = self.state.ids_of_before(&before).await?;
+            if let Err(reason) = self.state.authorize_against(room_id, &rules, pdu, &auth_events, &ids).await? {
                 return self.reject(room_id, &event, reason).await;
             }
             // 3. The current state must authorize it too, or it is soft-failed: kept (later
@@ -676,7 +676,7 @@ impl Services {
         }
         // 4. A redaction its sender may not make is soft-failed too: never applied, and never
         //    shown to clients (who would apply it themselves).
-        match self.redaction_verdict(room_id, pdu, &rules).await? {
+        match self.redactions.verdict(room_id, pdu, &rules).await? {
             super::redactions::RedactionVerdict::Refused(reason) => {
                 tracing::info!(event_id = %event.event_id, %from, %reason, "soft-failed a received redaction");
                 self.keep_soft_failed(room_id, &event, &before).await?;
@@ -691,14 +691,15 @@ impl Services {
             }
             _ => {}
         }
-        let state = self.plan_state(room_id, &version, pdu, before).await?;
-        let destinations = if broadcast { self.destinations_for(room_id, pdu, Some(from)).await? } else { Vec::new() };
+        let state = self.state.plan(room_id, &version, pdu, before).await?;
+        let destinations =
+            if broadcast { self.timeline.destinations_for(room_id, pdu, Some(from)).await? } else { Vec::new() };
         let built = BuiltEvent {
             state: Some(state),
             promotes_outlier,
             ..BuiltEvent::new(event.event_id, event.object, event.json, event.pdu)
         };
-        self.persist_event(room_id, built, None, &destinations).await?;
+        self.timeline.persist(room_id, built, None, &destinations).await?;
         Ok(Accepted::Appended)
     }
 
@@ -756,7 +757,7 @@ impl Services {
                 }
                 // We do not keep other servers' device lists: local syncs learn that it
                 // changed and query the keys again (over federation).
-                if !self.rooms_of_user(user.as_str()).await?.is_empty() {
+                if !self.rooms.of_user(user.as_str()).await?.is_empty() {
                     self.announce_device_change(user.as_str()).await?;
                 }
                 Ok(())
@@ -792,7 +793,7 @@ impl Services {
 
     /// Whether the (remote) user is joined to a room one of our users is joined to.
     async fn shares_a_room_with_us(&self, user: &ruma::UserId) -> Result<bool> {
-        for (room, membership) in self.rooms_of_user(user.as_str()).await?.iter() {
+        for (room, membership) in self.rooms.of_user(user.as_str()).await?.iter() {
             if membership == "join"
                 && let Ok(room_id) = RoomId::parse(room.as_str())
                 && self.server_in_room(&room_id).await?
@@ -805,7 +806,7 @@ impl Services {
 
     /// Whether a user of `server` is joined to a room our `user` is joined to or invited to.
     async fn server_shares_a_room_with(&self, server: &ServerName, user: &ruma::UserId) -> Result<bool> {
-        for (room, membership) in self.rooms_of_user(user.as_str()).await?.iter() {
+        for (room, membership) in self.rooms.of_user(user.as_str()).await?.iter() {
             if membership != "join" && membership != "invite" {
                 continue;
             }
@@ -829,7 +830,7 @@ impl Services {
             return Err(Error::Forbidden(format!("{user} is not a user of {origin}")));
         }
         self.check_server_acl(room_id, origin).await?;
-        if self.membership(room_id.as_str(), user.as_str()).await?.as_deref() != Some("join") {
+        if self.rooms.membership(room_id.as_str(), user.as_str()).await?.as_deref() != Some("join") {
             return Err(Error::Forbidden(format!("{user} is not in {room_id}")));
         }
         Ok(user)

@@ -107,7 +107,7 @@ impl Services {
         if !JOINABLE_ROOM_VERSIONS.contains(&version) {
             return Err(Error::UnsupportedRoomVersion(format!("Room version {version} cannot be joined")));
         }
-        let content = self.member_content(user, "join", reason).await?;
+        let content = self.rooms.member_content(user, "join", reason).await?;
         let asked = MembershipRequest { room_id, user_id: user, membership: "join" };
         let (event_id, object) = sign_membership_template(
             &template.event,
@@ -280,7 +280,7 @@ impl Services {
         // The join's state: the state it was authorized by before it, itself after it. The
         // state and history stored before it keep no state of their own (it is not known).
         let join_state = super::state::join_state_groups(&state_map, &join.pdu);
-        let lock = self.room_lock(room_id);
+        let lock = self.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
         let positions: Vec<_> = (0..=state_events.len()).map(|_| self.streams.allocate()).collect();
         let owned: Vec<OwnedAppend> = state_events.iter().map(|e| OwnedAppend::of(&e.pdu, &e.json)).collect();
@@ -313,8 +313,8 @@ impl Services {
                 && let Some(user) = e.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok())
                 && user.server_name() == self.settings.server_name
             {
-                self.user_rooms.forget(&user.to_string());
-                self.forget_unread_counts(&user, room_id);
+                self.rooms.forget_user(user.as_str());
+                self.sync.forget_unread(&user, room_id);
                 changes.push(Change::user(user, Sections::MEMBERSHIP));
             }
         }
@@ -367,7 +367,7 @@ impl Services {
                 "Room version {version} cannot be left through {server}"
             )));
         }
-        let content = self.member_content(user, "leave", reason).await?;
+        let content = self.rooms.member_content(user, "leave", reason).await?;
         let asked = MembershipRequest { room_id, user_id: user, membership: "leave" };
         let (event_id, object) = sign_membership_template(
             &template.event,
@@ -386,9 +386,9 @@ impl Services {
         // We are not in the room, so we cannot authorize it ourselves; the resident server did.
         let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
         let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
-        let lock = self.room_lock(room_id);
+        let lock = self.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
-        self.persist_event(room_id, BuiltEvent::new(event_id.clone(), object, json, pdu), None, &[]).await?;
+        self.timeline.persist(room_id, BuiltEvent::new(event_id.clone(), object, json, pdu), None, &[]).await?;
         Ok(event_id)
     }
 
@@ -401,11 +401,11 @@ impl Services {
         target: &UserId,
         content: JsonValue,
     ) -> Result<OwnedEventId> {
-        let version = self.room_version(room_id.as_str()).await?;
+        let version = self.rooms.version(room_id.as_str()).await?;
         let built = {
-            let lock = self.room_lock(room_id);
+            let lock = self.timeline.room_lock(room_id);
             let _guard = lock.lock().await;
-            self.build_event(room_id, sender, EventDraft::state("m.room.member", target.as_str(), content)).await?
+            self.timeline.build(room_id, sender, EventDraft::state("m.room.member", target.as_str(), content)).await?
         };
         let invite_room_state = self.stripped_state_pdus(room_id, sender).await?;
         let request = create_invite::v2::Request::new(
@@ -422,7 +422,7 @@ impl Services {
         let object = add_signatures_of(&built.object, &response.event, target.server_name(), &version)
             .map_err(|e| Error::RemoteUnavailable(format!("the invited user's server changed the invite: {e}")))?;
         let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
-        let lock = self.room_lock(room_id);
+        let lock = self.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
         // The invitee's server has the event from the invite request already; it still gets
         // it through /send when it is in the room, because there the invite is part of the
@@ -433,14 +433,14 @@ impl Services {
         } else {
             Some(target.server_name())
         };
-        let destinations = self.destinations_for(room_id, &built.pdu, except).await?;
+        let destinations = self.timeline.destinations_for(room_id, &built.pdu, except).await?;
         // The room may have moved on while we waited: the state plan is made again now.
-        self.persist_event(room_id, BuiltEvent { json, object, state: None, ..built }, None, &destinations).await
+        self.timeline.persist(room_id, BuiltEvent { json, object, state: None, ..built }, None, &destinations).await
     }
 
     /// Whether a user of `server` is joined to the room.
     async fn server_has_joined_member(&self, room_id: &RoomId, server: &ServerName) -> Result<bool> {
-        let members = self.joined_members_cached(room_id).await?;
+        let members = self.room_cache.joined_members(room_id).await?;
         Ok(members.iter().any(|(user, _)| UserId::parse(user.as_str()).is_ok_and(|u| u.server_name() == server)))
     }
 
@@ -482,11 +482,12 @@ impl Services {
             return Err(Error::NotFound("This server is not in that room".to_owned()));
         }
         self.check_server_acl(room_id, origin).await?;
-        let version = self.room_version(room_id.as_str()).await?;
-        let lock = self.room_lock(room_id);
+        let version = self.rooms.version(room_id.as_str()).await?;
+        let lock = self.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
         let content = serde_json::json!({"membership": membership});
-        let built = self.build_event(room_id, user, EventDraft::state("m.room.member", user.as_str(), content)).await?;
+        let built =
+            self.timeline.build(room_id, user, EventDraft::state("m.room.member", user.as_str(), content)).await?;
         Ok((version, template_of(built.object)?))
     }
 
@@ -504,7 +505,7 @@ impl Services {
             return Err(Error::NotFound("This server is not in that room".to_owned()));
         }
         self.check_server_acl(room_id, origin).await?;
-        let version = self.room_version(room_id.as_str()).await?;
+        let version = self.rooms.version(room_id.as_str()).await?;
         let event = self.verify_pdu(raw, &version).await?;
         let pdu = &event.pdu;
         let content: JsonValue = serde_json::from_str(pdu.content.get()).unwrap_or_default();
@@ -529,7 +530,7 @@ impl Services {
     /// for send_join.
     pub async fn state_and_auth_chain(&self, room_id: &RoomId, except: &EventId) -> Result<JoinState> {
         let mut state = Vec::new();
-        match self.state_ids_before_event(room_id, except).await? {
+        match self.state.ids_before_event(room_id, except).await? {
             Some(before) => {
                 let ids: Vec<String> = before.values().cloned().collect();
                 state.extend(self.store.any_events_json(&ids).await?.into_iter().map(|(_, _, json)| json));
@@ -654,11 +655,11 @@ impl Services {
             let stripped = serde_json::to_string(&stripped).map_err(|e| Error::internal(e.to_string()))?;
             self.store.set_remote_invite_state(room_id.as_str(), target.as_str(), &stripped).await?;
             self.room_cache.invalidate(room_id);
-            let lock = self.room_lock(room_id);
+            let lock = self.timeline.room_lock(room_id);
             let _guard = lock.lock().await;
             if self.store.any_events_json(&[event_id.to_string()]).await?.is_empty() {
                 let built = BuiltEvent::new(event.event_id, object.clone(), json, event.pdu);
-                self.persist_event(room_id, built, None, &[]).await?;
+                self.timeline.persist(room_id, built, None, &[]).await?;
             }
         }
         tracing::info!(%room_id, %target, %origin, "received an invite from another server");
@@ -790,7 +791,7 @@ impl Services {
             if self.server_may_see(&room_id, origin, std::slice::from_ref(&row)).await?.first() != Some(&true) {
                 return Err(Error::Forbidden("Your server may not see that event".to_owned()));
             }
-            let version = self.room_version(room_id.as_str()).await?;
+            let version = self.rooms.version(room_id.as_str()).await?;
             return served_pdu(&row.json, row.redacted_by.is_some(), &version);
         }
         let rows = self.store.accepted_outliers(&[event_id.to_string()]).await?;
@@ -807,7 +808,8 @@ impl Services {
     /// state; 404 for an event whose state we do not know.
     pub async fn state_before_event(&self, room_id: &RoomId, event_id: &EventId) -> Result<(Vec<String>, Vec<String>)> {
         let state = self
-            .state_ids_before_event(room_id, event_id)
+            .state
+            .ids_before_event(room_id, event_id)
             .await?
             .ok_or_else(|| Error::NotFound("The state at that event is not known here".to_owned()))?;
         let state_ids: Vec<String> = state.values().cloned().collect();
@@ -843,7 +845,7 @@ impl Services {
     /// Events by id as another server gets them (`/state`, `/event_auth`): timeline events
     /// (pruned if redacted here) and accepted outliers; soft-failed events are left out.
     pub async fn events_for_server(&self, room_id: &RoomId, ids: &[String]) -> Result<Vec<Box<RawJsonValue>>> {
-        let version = self.room_version(room_id.as_str()).await?;
+        let version = self.rooms.version(room_id.as_str()).await?;
         let rows = self.store.events_by_id(ids).await?;
         let mut out = Vec::with_capacity(ids.len());
         for row in rows.iter().filter(|row| row.room_id == room_id.as_str()) {
@@ -929,7 +931,7 @@ impl Services {
         origin: &ServerName,
         rows: &[EventRow],
     ) -> Result<Vec<Box<RawJsonValue>>> {
-        let version = self.room_version(room_id.as_str()).await?;
+        let version = self.rooms.version(room_id.as_str()).await?;
         let visible = self.server_may_see(room_id, origin, rows).await?;
         rows.iter()
             .zip(visible)

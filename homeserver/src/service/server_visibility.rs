@@ -128,8 +128,8 @@ impl Services {
     /// The history visibility in the state `before` an event and the memberships of
     /// `server`'s users in the state `after` it.
     async fn visibility_in_state(&self, before: i64, after: i64, server: &ServerName) -> Result<(String, Vec<String>)> {
-        let before = self.state_ids_of_group(before).await?;
-        let after = self.state_ids_of_group(after).await?;
+        let before = self.state.ids_of_group(before).await?;
+        let after = self.state.ids_of_group(after).await?;
         let mut ids: Vec<String> = after
             .iter()
             .filter(|((kind, key), _)| {

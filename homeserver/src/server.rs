@@ -61,9 +61,9 @@ pub async fn build_services(settings: Settings) -> Result<Arc<Services>, StartEr
     let store = open_store(&settings).await?;
     let signing_key = SigningKey::load_or_generate(&settings.signing_key_path())?;
     let max_position = store.max_stream_position().await?;
-    let fed = crate::service::fed::Federation::new(settings.server_name.clone(), &settings.federation)
+    let outbound = crate::service::fed::Outbound::new(settings.server_name.clone(), &settings.federation)
         .map_err(|e| StartError::Federation(e.to_string()))?;
-    Ok(Services::new(settings, store, signing_key, max_position, fed))
+    Ok(Services::new(settings, store, signing_key, max_position, outbound))
 }
 
 /// Serves until SIGTERM or Ctrl-C, then lets in-flight requests finish and closes the

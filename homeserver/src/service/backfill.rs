@@ -47,7 +47,7 @@ impl Services {
         }
         for server in servers.into_iter().take(SERVERS_TRIED) {
             let request = get_backfill::v1::Request::new(room_id.to_owned(), vec![from.event_id.clone()], limit);
-            let response = match self.send_federation(&server, request).await {
+            let response = match self.fed.send(&server, request).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::info!(%room_id, %server, error = %e, "backfill failed");

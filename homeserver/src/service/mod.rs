@@ -125,9 +125,11 @@ impl Services {
         store: Store,
         signing_key: SigningKey,
         max_stream_position: i64,
-        fed: fed::Federation,
+        outbound: fed::Outbound,
     ) -> Arc<Self> {
-        Arc::new_cyclic(|weak| Self::build(Hub(weak.clone()), settings, store, signing_key, max_stream_position, fed))
+        Arc::new_cyclic(|weak| {
+            Self::build(Hub(weak.clone()), settings, store, signing_key, max_stream_position, outbound)
+        })
     }
 
     fn build(
@@ -136,7 +138,7 @@ impl Services {
         store: Store,
         signing_key: SigningKey,
         max_stream_position: i64,
-        fed: fed::Federation,
+        outbound: fed::Outbound,
     ) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
         let media = media::Media::new(settings.media_dir(), settings.media.thumbnail_concurrency);
@@ -155,8 +157,8 @@ impl Services {
             media,
             push_gateway,
             sliding_sync_connections: sliding_sync::SlidingSyncConnections::default(),
-            fed,
-            send_queue: send_queue::SendQueue::default(),
+            fed: fed::Federation::new(hub.clone(), outbound),
+            send_queue: send_queue::SendQueue::new(hub.clone()),
             inbound: inbound::Inbound::default(),
             room_locks: timeline::RoomLocks::default(),
             room_cache: room_cache::RoomCaches::default(),

@@ -129,7 +129,7 @@ impl Services {
             let mut set = BTreeMap::new();
             for key_id in key_ids {
                 // A key we cannot get simply stays out of the map: verification then fails.
-                if let Ok(key) = self.server_public_key(&server, &key_id, at_ms).await
+                if let Ok(key) = self.fed.public_key(&server, &key_id, at_ms).await
                     && let Ok(key) = Base64::parse(key)
                 {
                     set.insert(key_id, key);
@@ -183,7 +183,7 @@ impl Services {
         for _ in 0..MISSING_EVENTS_ROUNDS {
             let mut request = get_missing_events::v1::Request::new(room_id.to_owned(), earliest.clone(), latest);
             request.limit = UInt::from(MISSING_EVENTS_LIMIT);
-            let response = match self.send_federation(origin, request).await {
+            let response = match self.fed.send(origin, request).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::info!(%origin, %room_id, error = %e, "cannot fetch missing events");
@@ -277,7 +277,7 @@ impl Services {
             if !asked.insert(id.clone()) {
                 continue;
             }
-            let Ok(response) = self.send_federation(origin, get_event::v1::Request::new(id.clone())).await else {
+            let Ok(response) = self.fed.send(origin, get_event::v1::Request::new(id.clone())).await else {
                 continue;
             };
             match self.verify_pdu(&response.pdu, version).await {
@@ -425,9 +425,8 @@ impl Services {
         version: &RoomVersionId,
         prev: &OwnedEventId,
     ) -> Result<()> {
-        let response = self
-            .send_federation(origin, get_room_state_ids::v1::Request::new(prev.clone(), room_id.to_owned()))
-            .await?;
+        let response =
+            self.fed.send(origin, get_room_state_ids::v1::Request::new(prev.clone(), room_id.to_owned())).await?;
         if response.pdu_ids.len() > MAX_STATE_IDS {
             return Err(Error::RemoteUnavailable(format!(
                 "{} state events are more than we take",

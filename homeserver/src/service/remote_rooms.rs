@@ -102,7 +102,7 @@ impl Services {
     ) -> Result<OwnedEventId> {
         let mut request = prepare_join_event::v1::Request::new(room_id.to_owned(), user.to_owned());
         request.ver = JOINABLE_ROOM_VERSIONS.to_vec();
-        let template = self.send_federation(server, request).await?;
+        let template = self.fed.send(server, request).await?;
         let version = template.room_version.unwrap_or(RoomVersionId::V1);
         if !JOINABLE_ROOM_VERSIONS.contains(&version) {
             return Err(Error::UnsupportedRoomVersion(format!("Room version {version} cannot be joined")));
@@ -119,7 +119,8 @@ impl Services {
         )
         .map_err(|e| Error::RemoteUnavailable(format!("{server} sent a bad join template: {e}")))?;
         let response = self
-            .send_federation(
+            .fed
+            .send(
                 server,
                 create_join_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw_object(&object)?),
             )
@@ -156,7 +157,7 @@ impl Services {
     ) -> Vec<VerifiedEvent> {
         let limit = ruma::UInt::try_from(JOIN_HISTORY).unwrap_or_default();
         let request = get_backfill::v1::Request::new(room_id.to_owned(), join.prev_events.clone(), limit);
-        let response = match self.send_federation(server, request).await {
+        let response = match self.fed.send(server, request).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::info!(%room_id, %server, error = %e, "no history before the join");
@@ -358,9 +359,8 @@ impl Services {
         server: &ServerName,
         reason: Option<&str>,
     ) -> Result<OwnedEventId> {
-        let template = self
-            .send_federation(server, prepare_leave_event::v1::Request::new(room_id.to_owned(), user.to_owned()))
-            .await?;
+        let template =
+            self.fed.send(server, prepare_leave_event::v1::Request::new(room_id.to_owned(), user.to_owned())).await?;
         let version = template.room_version.unwrap_or(RoomVersionId::V1);
         if !JOINABLE_ROOM_VERSIONS.contains(&version) {
             return Err(Error::UnsupportedRoomVersion(format!(
@@ -378,11 +378,12 @@ impl Services {
             &self.signing_key,
         )
         .map_err(|e| Error::RemoteUnavailable(format!("{server} sent a bad leave template: {e}")))?;
-        self.send_federation(
-            server,
-            create_leave_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw_object(&object)?),
-        )
-        .await?;
+        self.fed
+            .send(
+                server,
+                create_leave_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw_object(&object)?),
+            )
+            .await?;
         // We are not in the room, so we cannot authorize it ourselves; the resident server did.
         let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
         let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
@@ -415,7 +416,7 @@ impl Services {
             raw_object(&built.object)?,
             invite_room_state,
         );
-        let response = self.send_federation(target.server_name(), request).await?;
+        let response = self.fed.send(target.server_name(), request).await?;
         // The answer is our event with the invitee's server's signature added. Only that
         // signature is taken: the event id is a hash of the redacted event, so an answer with
         // the same id could still differ in what redaction drops (a reason, extra keys).

@@ -486,7 +486,7 @@ impl Services {
             .lookups
             .aliases
             .get_or_fetch(&alias.to_owned(), || async {
-                let answer = self.send_lookup(alias.server_name(), directory::Request::new(alias.to_owned())).await?;
+                let answer = self.fed.lookup(alias.server_name(), directory::Request::new(alias.to_owned())).await?;
                 Ok(answer.map(|a| (a.room_id, a.servers)))
             })
             .await?
@@ -509,13 +509,13 @@ impl Services {
                     let mut request = get_public_rooms::v1::Request::new();
                     request.limit = query.limit;
                     request.since = query.since.clone();
-                    return self.send_lookup(&query.server, request).await?.ok_or_else(not_found);
+                    return self.fed.lookup(&query.server, request).await?.ok_or_else(not_found);
                 };
                 let mut request = get_public_rooms_filtered::v1::Request::new();
                 request.limit = query.limit;
                 request.since = query.since.clone();
                 request.filter.generic_search_term = Some(term.clone());
-                let answer = self.send_lookup(&query.server, request).await?.ok_or_else(not_found)?;
+                let answer = self.fed.lookup(&query.server, request).await?.ok_or_else(not_found)?;
                 let mut page = get_public_rooms::v1::Response::new();
                 page.chunk = answer.chunk;
                 page.next_batch = answer.next_batch;

@@ -241,7 +241,7 @@ pub async fn typing(
         let edu = json!({"edu_type": "m.typing", "content": {
             "room_id": req.body.room_id, "user_id": user.user_id, "typing": timeout.is_some(),
         }});
-        services.send_edu_to_room(&req.body.room_id, edu).await?;
+        services.send_queue.queue_edu(&req.body.room_id, edu).await?;
     }
     Ok(RumaResponse(create_typing_event::v3::Response::new()))
 }
@@ -320,7 +320,7 @@ pub async fn receipt(
         let edu = json!({"edu_type": "m.receipt", "content": {
             (req.body.room_id.as_str()): {"m.read": {(user.user_id.as_str()): {"event_ids": [req.body.event_id], "data": data}}},
         }});
-        services.send_edu_to_room(&req.body.room_id, edu).await?;
+        services.send_queue.queue_edu(&req.body.room_id, edu).await?;
     }
     Ok(RumaResponse(create_receipt::v3::Response::new()))
 }

@@ -130,7 +130,8 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let push_delivery = tokio::spawn(crate::service::push_gateway::run(services.clone()));
     let federation_delivery = tokio::spawn(crate::service::send_queue::run(services.clone()));
     // Received events acknowledged before a restart and not yet worked on.
-    tokio::spawn(services.clone().resume_inbound_queue());
+    let receiver = services.clone();
+    tokio::spawn(async move { receiver.receiver.resume_queue().await });
     let txn_retention = tokio::spawn(crate::service::txn_retention::run(services.clone()));
     let app = api::router(services.clone());
     crate::listener::serve(listener, app, services.settings.http.clone(), async move {

@@ -100,8 +100,9 @@ pub struct Services {
     pub fed: fed::Federation,
     /// Delivery of our rooms' events to other servers (the queue is a table).
     pub send_queue: send_queue::SendQueue,
-    /// Incoming `/send` transactions: turns per origin, the per-room queues' workers.
-    pub inbound: inbound::Inbound,
+    /// The federation receiver: incoming `/send` transactions (turns per origin, the per-room
+    /// queues' workers), received PDUs and EDUs, backfill and missing events.
+    pub receiver: inbound::Receiver,
     room_locks: timeline::RoomLocks,
     pub room_cache: room_cache::RoomCaches,
     /// State groups read so far (see `service::state`).
@@ -159,7 +160,7 @@ impl Services {
             sliding_sync_connections: sliding_sync::SlidingSyncConnections::default(),
             fed: fed::Federation::new(hub.clone(), outbound),
             send_queue: send_queue::SendQueue::new(hub.clone()),
-            inbound: inbound::Inbound::default(),
+            receiver: inbound::Receiver::new(hub.clone()),
             room_locks: timeline::RoomLocks::default(),
             room_cache: room_cache::RoomCaches::default(),
             state_cache: state::StateCache::default(),

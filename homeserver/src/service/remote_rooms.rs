@@ -135,7 +135,7 @@ impl Services {
             )?,
             None => raw_object(&object)?,
         };
-        let join = self.verify_pdu(&join_raw, &version).await?;
+        let join = self.receiver.verify_pdu(&join_raw, &version).await?;
         if join.event_id != event_id {
             return Err(Error::RemoteUnavailable(format!("{server} changed our join event")));
         }
@@ -171,7 +171,7 @@ impl Services {
         }
         let mut events = Vec::new();
         for raw in &response.pdus {
-            match self.verify_pdu(raw, version).await {
+            match self.receiver.verify_pdu(raw, version).await {
                 Ok(event) if event.pdu.room_id.as_deref() == Some(room_id) => events.push(event),
                 Ok(_) => {}
                 Err(e) => tracing::info!(%room_id, error = %e, "dropped a backfilled event"),
@@ -196,7 +196,7 @@ impl Services {
         let mut events: HashMap<OwnedEventId, VerifiedEvent> = HashMap::new();
         let mut state_ids = Vec::new();
         for (raw, is_state) in auth_chain.iter().map(|r| (r, false)).chain(state.iter().map(|r| (r, true))) {
-            match self.verify_pdu(raw, version).await {
+            match self.receiver.verify_pdu(raw, version).await {
                 Ok(event) => {
                     if is_state {
                         state_ids.push(event.event_id.clone());
@@ -506,7 +506,7 @@ impl Services {
         }
         self.check_server_acl(room_id, origin).await?;
         let version = self.room_version(room_id.as_str()).await?;
-        let event = self.verify_pdu(raw, &version).await?;
+        let event = self.receiver.verify_pdu(raw, &version).await?;
         let pdu = &event.pdu;
         let content: JsonValue = serde_json::from_str(pdu.content.get()).unwrap_or_default();
         if event.event_id != event_id
@@ -518,7 +518,7 @@ impl Services {
         {
             return Err(Error::BadJson(format!("not a {membership} event of a user of {origin} for this room")));
         }
-        match self.accept_remote_event(room_id, event, origin, true).await? {
+        match self.receiver.accept(room_id, event, origin, true).await? {
             super::received::Accepted::SoftFailed => {
                 Err(Error::Forbidden("The event is not allowed by the room's current state".to_owned()))
             }
@@ -585,7 +585,7 @@ impl Services {
         {
             return Err(Error::BadJson(format!("{room_id} is a room of version {}", room.room_version)));
         }
-        let event = self.verify_pdu(raw, version).await?;
+        let event = self.receiver.verify_pdu(raw, version).await?;
         let pdu = &event.pdu;
         let content: JsonValue = serde_json::from_str(pdu.content.get()).unwrap_or_default();
         let target = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok());
@@ -611,15 +611,13 @@ impl Services {
             // We are in the room: the invite is checked like any other event (the inviting
             // server sends it through /send too; whichever comes first is kept).
             let verified = VerifiedEvent { json, object: object.clone(), ..event };
-            if self.accept_remote_event(room_id, verified, origin, false).await?
-                == super::received::Accepted::SoftFailed
-            {
+            if self.receiver.accept(room_id, verified, origin, false).await? == super::received::Accepted::SoftFailed {
                 return Err(Error::Forbidden("The invite is not allowed by the room's current state".to_owned()));
             }
         } else {
             if known.is_some() {
                 // A room we were in: what we know of it still counts.
-                self.check_invite_into_left_room(room_id, version, &event, origin).await?;
+                self.receiver.check_invite_into_left_room(room_id, version, &event, origin).await?;
             }
             let creator = invite_room_state
                 .iter()

@@ -36,6 +36,15 @@ pub fn server_sees(visibility: &str, memberships_at_event: &[&str], joined_later
 }
 
 impl Services {
+    /// Whether a local user is joined to the room (then we are "in" it and take its events).
+    pub async fn server_in_room(&self, room_id: &RoomId) -> Result<bool> {
+        let members = self.store.room_members(room_id.as_str(), "join").await?;
+        Ok(members
+            .iter()
+            .filter_map(|m| ruma::UserId::parse(m.as_str()).ok())
+            .any(|m| m.server_name() == self.settings.server_name))
+    }
+
     /// Whether `origin` may ask about the room at all: we are in it, its server ACL does not
     /// deny `origin`, and one of `origin`'s users has a membership in it (any: what they
     /// may see is decided per event) or the room is `world_readable` now.

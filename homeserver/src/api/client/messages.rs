@@ -169,7 +169,7 @@ pub async fn messages(
         if page_len < wanted {
             if backwards && to.is_none() && backfills < MAX_BACKFILLS_PER_REQUEST {
                 backfills += 1;
-                match services.backfill_older(&body.room_id, wanted - chunk_rows.len()).await {
+                match services.receiver.backfill_older(&body.room_id, wanted - chunk_rows.len()).await {
                     Ok(stored) if stored > 0 => continue,
                     Ok(_) => {}
                     Err(e) => tracing::info!(%room_id, error = %e, "could not backfill older history"),

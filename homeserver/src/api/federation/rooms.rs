@@ -113,7 +113,7 @@ pub async fn send_transaction(
     if b.edus.len() > MAX_EDUS {
         return Err(Error::BadJson(format!("at most {MAX_EDUS} EDUs per transaction")));
     }
-    let Some(_turn) = services.inbound.turn(&origin, TURN_WAIT).await else {
+    let Some(_turn) = services.receiver.turn(&origin, TURN_WAIT).await else {
         return Err(Error::LimitExceeded { retry_after: ORIGIN_BUSY_RETRY });
     };
     if let Some(answer) = services.store.received_txn(origin.as_str(), b.transaction_id.as_str()).await? {
@@ -123,7 +123,7 @@ pub async fn send_transaction(
     let mut results = BTreeMap::new();
     let mut queued = Vec::new();
     for raw in &b.pdus {
-        match services.receive_pdu(&origin, raw).await {
+        match services.receiver.take_pdu(&origin, raw).await {
             Ok(Received::Done(event_id, _)) => {
                 results.insert(event_id, Ok(()));
             }
@@ -141,7 +141,7 @@ pub async fn send_transaction(
     for edu in &b.edus {
         // EDUs are best effort: a bad one is logged and skipped.
         let edu: serde_json::Value = serde_json::from_str(edu.json().get()).unwrap_or_default();
-        if let Err(e) = services.receive_edu(&origin, &edu).await {
+        if let Err(e) = services.receiver.take_edu(&origin, &edu).await {
             tracing::info!(%origin, edu_type = %edu["edu_type"], error = %e, "ignored a received EDU");
         }
     }

@@ -73,7 +73,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let services = build_services(settings).await?;
     // Only the serving process may clear the media temp directory (a CLI command running
     // next to it must not delete uploads in flight).
-    services.prepare_media().await.map_err(|e| StartError::Media(e.to_string()))?;
+    services.media.prepare().await.map_err(|e| StartError::Media(e.to_string()))?;
     let listener = TcpListener::bind(listen).await.map_err(|source| StartError::Listen { addr: listen, source })?;
     // The bound address, not the configured one: with port 0 the OS picks it (tests do).
     let bound = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
@@ -220,7 +220,7 @@ async fn expire_media(services: Arc<Services>) {
     let mut tick = tokio::time::interval(Duration::from_secs(3600));
     loop {
         tick.tick().await;
-        match services.expire_media().await {
+        match services.media.expire().await {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "media retention deleted media"),
             Err(e) => tracing::warn!(error = %e, "cannot apply media retention"),

@@ -140,10 +140,10 @@ impl Receiver {
     pub async fn take_pdu(&self, origin: &ServerName, raw: &RawJsonValue) -> Result<Received> {
         let s = self.hub.services();
         let room_id = room_id_of(raw)?;
-        if !s.server_in_room(&room_id).await? {
+        if !s.servers.we_are_in(&room_id).await? {
             return Err(Error::Forbidden(format!("this server is not in {room_id}")));
         }
-        s.check_server_acl(&room_id, origin).await?;
+        s.servers.check_acl(&room_id, origin).await?;
         let version = s.room_version(room_id.as_str()).await?;
         let event = self.verify_pdu(raw, &version).await?;
         if event.pdu.room_id.as_deref() != Some(&*room_id) {

@@ -52,6 +52,7 @@ pub mod rooms;
 pub mod send_queue;
 pub mod server_acl;
 pub mod server_visibility;
+pub mod servers;
 pub mod sliding_sync;
 pub mod state;
 pub mod streams;
@@ -103,6 +104,10 @@ pub struct Services {
     /// The federation receiver: incoming `/send` transactions (turns per origin, the per-room
     /// queues' workers), received PDUs and EDUs, backfill and missing events.
     pub receiver: inbound::Receiver,
+    /// Other servers in our rooms: ACLs, what they may see, what we serve them.
+    pub servers: servers::Servers,
+    /// Joins, leaves and invites across servers.
+    pub remote_rooms: remote_rooms::RemoteRooms,
     room_locks: timeline::RoomLocks,
     pub room_cache: room_cache::RoomCaches,
     /// State groups read so far (see `service::state`).
@@ -142,7 +147,7 @@ impl Services {
         outbound: fed::Outbound,
     ) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
-        let media = media::Media::new(settings.media_dir(), settings.media.thumbnail_concurrency);
+        let media = media::Media::new(hub.clone(), settings.media_dir(), settings.media.thumbnail_concurrency);
         let push_gateway = push_gateway::PushGateway::new(&settings.push);
         Self {
             registration_tokens: registration_tokens::RegistrationTokens::new(hub.clone()),
@@ -161,6 +166,8 @@ impl Services {
             fed: fed::Federation::new(hub.clone(), outbound),
             send_queue: send_queue::SendQueue::new(hub.clone()),
             receiver: inbound::Receiver::new(hub.clone()),
+            servers: servers::Servers::new(hub.clone()),
+            remote_rooms: remote_rooms::RemoteRooms::new(hub.clone()),
             room_locks: timeline::RoomLocks::default(),
             room_cache: room_cache::RoomCaches::default(),
             state_cache: state::StateCache::default(),

@@ -628,7 +628,7 @@ impl Receiver {
         let s = self.hub.services();
         // The room's server ACL applies to whoever wrote the event, whichever server relayed
         // it (a denied server must not get its events in through an allowed one).
-        s.check_server_acl(room_id, event.pdu.sender.server_name()).await?;
+        s.servers.check_acl(room_id, event.pdu.sender.server_name()).await?;
         let version = s.room_version(room_id.as_str()).await?;
         let rules = room_version_rules(&version).map_err(|e| Error::internal(e.to_string()))?;
         // The network part first, outside the room lock: the state at prev events we lack.
@@ -800,7 +800,7 @@ impl Receiver {
         for (room, membership) in s.rooms_of_user(user.as_str()).await?.iter() {
             if membership == "join"
                 && let Ok(room_id) = RoomId::parse(room.as_str())
-                && s.server_in_room(&room_id).await?
+                && s.servers.we_are_in(&room_id).await?
             {
                 return Ok(true);
             }
@@ -835,7 +835,7 @@ impl Receiver {
         if user.server_name() != origin {
             return Err(Error::Forbidden(format!("{user} is not a user of {origin}")));
         }
-        s.check_server_acl(room_id, origin).await?;
+        s.servers.check_acl(room_id, origin).await?;
         if s.membership(room_id.as_str(), user.as_str()).await?.as_deref() != Some("join") {
             return Err(Error::Forbidden(format!("{user} is not in {room_id}")));
         }

@@ -254,12 +254,12 @@ impl Services {
         via: &[ruma::OwnedServerName],
     ) -> Result<ruma::OwnedEventId> {
         let known = self.store.room(room_id.as_str()).await?.is_some();
-        let in_room = known && self.server_in_room(room_id).await?;
+        let in_room = known && self.servers.we_are_in(room_id).await?;
         if !in_room && sender == target && matches!(membership, Membership::Join | Membership::Leave) {
             // A room on other servers only: join or leave through one of them.
             let mut servers: Vec<ruma::OwnedServerName> = via.to_vec();
             if known {
-                servers.extend(self.servers_for_room(room_id, sender).await?);
+                servers.extend(self.remote_rooms.servers_for(room_id, sender).await?);
             } else if let Some(server) = room_id.server_name() {
                 servers.push(server.to_owned());
             }
@@ -268,8 +268,8 @@ impl Services {
             // With nobody else to ask, a room we know is changed here (its auth rules decide).
             if !servers.is_empty() {
                 return match membership {
-                    Membership::Join => self.join_remote(room_id, sender, &servers, reason).await,
-                    _ => self.leave_remote(room_id, sender, &servers, reason).await,
+                    Membership::Join => self.remote_rooms.join(room_id, sender, &servers, reason).await,
+                    _ => self.remote_rooms.leave(room_id, sender, &servers, reason).await,
                 };
             }
         }
@@ -281,7 +281,7 @@ impl Services {
             map.insert("is_direct".into(), JsonValue::Bool(true));
         }
         if target.server_name() != self.settings.server_name && membership == Membership::Invite {
-            return self.invite_remote(room_id, sender, target, content).await;
+            return self.remote_rooms.invite(room_id, sender, target, content).await;
         }
         self.append_event(room_id, sender, EventDraft::state("m.room.member", target.as_str(), content), None).await
     }

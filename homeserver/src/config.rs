@@ -8,7 +8,7 @@
 //! drift. A bad value is reported with the option's name and the reason; nothing here panics.
 //!
 //! To add an option: add the field with a doc comment and its default, validate it in
-//! [`Settings::validate`] if it needs it, then regenerate the two files (see [`docs`]).
+//! `Settings::validate` if it needs it, then regenerate the two files (see [`docs`]).
 
 use std::{
     fmt,

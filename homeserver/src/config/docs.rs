@@ -55,6 +55,21 @@ config example`) is the same as a commented file.
   comma-separated (`OBMIN_TURN_URIS=turn:a.example,turns:b.example`); true and false may also
   be written `1`/`0`, `yes`/`no`, `on`/`off`.
 - A bad value stops the server at start with the option's name and the reason.
+
+## Adding or changing an option
+
+Declare it as a field of a `section!` struct in `homeserver/src/config.rs` (or its `config/`
+modules), with a doc comment (the text shown here) and its default in the struct's `Default`;
+check its value in `Settings::validate` if it needs checking. Its key is its path of field
+names and its environment variable follows from the key. Then regenerate this page and the
+example file, and commit them with the change:
+
+```sh
+cargo run -p homeserver -- config reference > docs/configuration.md
+cargo run -p homeserver -- config example > config/homeserver.toml
+```
+
+`cargo test -p homeserver config::` fails while either file differs from the declarations.
 ";
 
 /// The commented example configuration: every option with its default.

@@ -30,7 +30,7 @@ impl Receiver {
     pub async fn backfill_older(&self, room_id: &RoomId, limit: usize) -> Result<usize> {
         let s = self.hub.services();
         let Some(from) = self.backward_extremity(room_id).await? else { return Ok(0) };
-        let version = s.room_version(room_id.as_str()).await?;
+        let version = s.rooms.version(room_id.as_str()).await?;
         let rules = room_version_rules(&version).map_err(|e| crate::error::Error::internal(e.to_string()))?;
         let limit = ruma::UInt::try_from(limit.clamp(1, MAX_BACKFILL) as u64 + 1).unwrap_or_default();
 
@@ -72,7 +72,7 @@ impl Receiver {
             // finds them already checked.
             verified.sort_by_key(|e| (e.pdu.depth, e.pdu.origin_server_ts));
             let batch: HashMap<_, _> = verified.iter().map(|e| (e.event_id.clone(), e.pdu.clone())).collect();
-            let create = s.cached_state_event(room_id, "m.room.create", "").await?;
+            let create = s.room_cache.state_event(room_id, "m.room.create", "").await?;
             let mut accepted: Vec<BackfilledEvent> = Vec::new();
             for event in &verified {
                 let pdu = &event.pdu;

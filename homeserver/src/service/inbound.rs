@@ -144,7 +144,7 @@ impl Receiver {
             return Err(Error::Forbidden(format!("this server is not in {room_id}")));
         }
         s.servers.check_acl(&room_id, origin).await?;
-        let version = s.room_version(room_id.as_str()).await?;
+        let version = s.rooms.version(room_id.as_str()).await?;
         let event = self.verify_pdu(raw, &version).await?;
         if event.pdu.room_id.as_deref() != Some(&*room_id) {
             return Err(Error::BadJson("room_id mismatch".to_owned()));
@@ -251,7 +251,7 @@ impl Receiver {
         let origin = ServerName::parse(item.origin.as_str()).map_err(|e| e.to_string())?;
         let room_id = RoomId::parse(item.room_id.as_str()).map_err(|e| e.to_string())?;
         let raw = RawJsonValue::from_string(item.pdu.clone()).map_err(|e| e.to_string())?;
-        let version = s.room_version(room_id.as_str()).await.map_err(fail)?;
+        let version = s.rooms.version(room_id.as_str()).await.map_err(fail)?;
         // Checked again from the start: the keys are cached by now, and nothing stored is
         // trusted more than what came over the network.
         let event = self.verify_pdu(&raw, &version).await.map_err(fail)?;

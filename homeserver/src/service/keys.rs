@@ -112,7 +112,7 @@ impl Services {
     /// Positions a device-list change of `user_id` in the stream (syncs of users who share a
     /// room with them will list them in `device_lists.changed`).
     pub async fn announce_device_change(&self, user_id: &str) -> Result<()> {
-        let changes = self.changes_of_user_and_rooms(user_id, Sections::DEVICE_LISTS).await?;
+        let changes = self.rooms.changes_of_user_and_rooms(user_id, Sections::DEVICE_LISTS).await?;
         let position = self.streams.allocate();
         self.store.record_device_list_change(user_id, position.position()).await?;
         position.commit_with(changes);
@@ -123,7 +123,7 @@ impl Services {
     pub async fn devices_removed(&self, user_id: &str, device_ids: &[String]) -> Result<()> {
         for device_id in device_ids {
             self.store.delete_device_e2ee(user_id, device_id).await?;
-            self.sliding_sync_connections.forget_device(user_id, device_id);
+            self.sliding_sync.forget_device(user_id, device_id);
             self.key_counts.forget(&(user_id.to_owned(), device_id.to_owned()));
         }
         if !device_ids.is_empty() {
@@ -162,7 +162,7 @@ impl Services {
                     merge_signatures(&mut stored, &keys);
                 }
             }
-            let changes = self.changes_of_user_and_rooms(user_id.as_str(), Sections::DEVICE_LISTS).await?;
+            let changes = self.rooms.changes_of_user_and_rooms(user_id.as_str(), Sections::DEVICE_LISTS).await?;
             let position = self.streams.allocate();
             self.store.set_device_keys(user_id.as_str(), device_id, &stored.to_string(), position.position()).await?;
             position.commit_with(changes);
@@ -467,7 +467,7 @@ impl Services {
     /// The other servers with a member joined to a room that `user_id` is joined to.
     async fn servers_sharing_a_room_with(&self, user_id: &str) -> Result<Vec<String>> {
         let mut servers = BTreeSet::new();
-        for (room_id, membership) in self.rooms_of_user(user_id).await?.iter() {
+        for (room_id, membership) in self.rooms.of_user(user_id).await?.iter() {
             if membership != "join" {
                 continue;
             }
@@ -526,7 +526,7 @@ impl Services {
             return Err(Error::Forbidden(format!("{user} is not a user of {origin}")));
         }
         // Keys of users nobody here shares a room with are not kept.
-        if self.rooms_of_user(user.as_str()).await?.iter().all(|(_, membership)| membership != "join") {
+        if self.rooms.of_user(user.as_str()).await?.iter().all(|(_, membership)| membership != "join") {
             return Ok(());
         }
         let master = content.get("master_key").filter(|k| !k.is_null());

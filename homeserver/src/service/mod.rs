@@ -86,6 +86,23 @@ impl Hub {
 /// Everything a request handler may need, built once at start and shared by reference.
 pub struct Services {
     pub registration_tokens: registration_tokens::RegistrationTokens,
+    /// Building, authorizing and appending events; the room locks.
+    pub timeline: timeline::Timeline,
+    /// Creating and upgrading rooms, memberships, aliases, the directory; each user's rooms.
+    pub rooms: rooms::Rooms,
+    /// State groups, the state at events, resolution; the state cache.
+    pub state: state::State,
+    /// Events in the client format.
+    pub events: events::Events,
+    pub redactions: redactions::Redactions,
+    /// Bundled aggregations and related events.
+    pub relations: aggregations::Relations,
+    /// Access tokens.
+    pub auth: auth::Auth,
+    /// `/sync` with its unread-count and filter caches.
+    pub sync: sync::Sync,
+    /// Sliding sync with its connections.
+    pub sliding_sync: sliding_sync::SlidingSync,
     pub settings: Settings,
     pub store: Store,
     pub signing_key: SigningKey,
@@ -96,7 +113,6 @@ pub struct Services {
     pub hashing: credentials::Hashing,
     pub media: media::Media,
     pub push_gateway: push_gateway::PushGateway,
-    pub sliding_sync_connections: sliding_sync::SlidingSyncConnections,
     /// Federation: the outbound client and the key-fetch bookkeeping.
     pub fed: fed::Federation,
     /// Delivery of our rooms' events to other servers (the queue is a table).
@@ -108,18 +124,8 @@ pub struct Services {
     pub servers: servers::Servers,
     /// Joins, leaves and invites across servers.
     pub remote_rooms: remote_rooms::RemoteRooms,
-    room_locks: timeline::RoomLocks,
     pub room_cache: room_cache::RoomCaches,
-    /// State groups read so far (see `service::state`).
-    state_cache: state::StateCache,
     key_counts: keys::KeyCountCache,
-    /// Each user's rooms with their membership, for syncs (see `rooms_of_user`).
-    user_rooms: cache::Cache<String, Arc<Vec<(String, String)>>>,
-    /// Unread counts per (user, room), see `Services::unread_counts`.
-    unread: cache::Cache<(String, ruma::OwnedRoomId), sync::UnreadCounts>,
-    /// Stored filters, parsed, by (user, filter id): a filter never changes once stored, and
-    /// clients send its id with every `/sync`.
-    filters: cache::Cache<(String, i64), sync::EventFilter>,
     presence_touches: presence::PresenceTouches,
     push_rule_cache: push::PushRuleCache,
 }
@@ -151,6 +157,15 @@ impl Services {
         let push_gateway = push_gateway::PushGateway::new(&settings.push);
         Self {
             registration_tokens: registration_tokens::RegistrationTokens::new(hub.clone()),
+            timeline: timeline::Timeline::new(hub.clone()),
+            rooms: rooms::Rooms::new(hub.clone()),
+            state: state::State::new(hub.clone()),
+            events: events::Events::new(hub.clone()),
+            redactions: redactions::Redactions::new(hub.clone()),
+            relations: aggregations::Relations::new(hub.clone()),
+            auth: auth::Auth::new(hub.clone()),
+            sync: sync::Sync::new(hub.clone()),
+            sliding_sync: sliding_sync::SlidingSync::new(hub.clone()),
             settings,
             store,
             signing_key,
@@ -162,19 +177,13 @@ impl Services {
             push_rule_cache: push::PushRuleCache::default(),
             media,
             push_gateway,
-            sliding_sync_connections: sliding_sync::SlidingSyncConnections::default(),
             fed: fed::Federation::new(hub.clone(), outbound),
             send_queue: send_queue::SendQueue::new(hub.clone()),
             receiver: inbound::Receiver::new(hub.clone()),
             servers: servers::Servers::new(hub.clone()),
             remote_rooms: remote_rooms::RemoteRooms::new(hub.clone()),
-            room_locks: timeline::RoomLocks::default(),
-            room_cache: room_cache::RoomCaches::default(),
-            state_cache: state::StateCache::default(),
+            room_cache: room_cache::RoomCaches::new(hub.clone()),
             key_counts: keys::KeyCountCache::new(keys::MAX_CACHED_KEY_COUNTS),
-            user_rooms: cache::Cache::new(100_000),
-            unread: cache::Cache::new(100_000),
-            filters: cache::Cache::new(10_000),
             presence_touches: presence::PresenceTouches::default(),
         }
     }

@@ -64,7 +64,7 @@ impl Services {
             return Ok(());
         }
         self.presence_touches.forget(user.as_str());
-        let changes = self.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
+        let changes = self.rooms.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
         let position = self.streams.allocate();
         self.store
             .set_presence(&PresenceRow {
@@ -88,7 +88,7 @@ impl Services {
         }
         let Some(row) = self.store.presence(user_id).await? else { return Ok(()) };
         let mut servers = std::collections::BTreeSet::new();
-        for (room_id, membership) in self.rooms_of_user(user_id).await?.iter() {
+        for (room_id, membership) in self.rooms.of_user(user_id).await?.iter() {
             if membership == "join" {
                 for member in self.store.room_members(room_id, "join").await? {
                     if let Ok(member) = UserId::parse(member.as_str())
@@ -126,11 +126,11 @@ impl Services {
         status_msg: Option<String>,
         last_active_ago: i64,
     ) -> Result<()> {
-        if !self.settings.presence.enabled || !valid_state(state) || self.rooms_of_user(user.as_str()).await?.is_empty()
+        if !self.settings.presence.enabled || !valid_state(state) || self.rooms.of_user(user.as_str()).await?.is_empty()
         {
             return Ok(());
         }
-        let changes = self.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
+        let changes = self.rooms.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
         let position = self.streams.allocate();
         self.store
             .set_presence(&PresenceRow {
@@ -180,7 +180,7 @@ impl Services {
                 }
             }
             previous => {
-                let changes = self.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
+                let changes = self.rooms.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
                 let position = self.streams.allocate();
                 self.store
                     .set_presence(&PresenceRow {
@@ -206,7 +206,7 @@ impl Services {
         }
         for mut row in self.store.present_users_idle_since(now_ms() - OFFLINE_AFTER_MS).await? {
             self.presence_touches.forget(&row.user_id);
-            let changes = self.changes_of_user_and_rooms(&row.user_id, Sections::PRESENCE).await?;
+            let changes = self.rooms.changes_of_user_and_rooms(&row.user_id, Sections::PRESENCE).await?;
             let position = self.streams.allocate();
             row.state = "offline".to_owned();
             row.stream_id = position.position();
@@ -234,12 +234,12 @@ impl Services {
             let mut kept = if to - from <= PRESENCE_WINDOW_SCAN {
                 // Incremental: the few changes in the window, kept if they share a room, from
                 // the cached room lists.
-                let my_rooms = self.rooms_of_user(user.as_str()).await?;
+                let my_rooms = self.rooms.of_user(user.as_str()).await?;
                 let mine = joined_rooms(&my_rooms);
                 let mut kept = Vec::new();
                 for row in self.store.presence_changes_between(from, to).await? {
                     let shares = row.user_id == user.as_str()
-                        || joined_rooms(&self.rooms_of_user(&row.user_id).await?).iter().any(|r| mine.contains(r));
+                        || joined_rooms(&self.rooms.of_user(&row.user_id).await?).iter().any(|r| mine.contains(r));
                     if shares {
                         kept.push(row);
                     }

@@ -133,7 +133,7 @@ impl Services {
         if field != "displayname" && field != "avatar_url" {
             return;
         }
-        let rooms = match self.rooms_of_user(user.as_str()).await {
+        let rooms = match self.rooms.of_user(user.as_str()).await {
             Ok(rooms) => rooms,
             Err(e) => {
                 tracing::warn!(%user, error = %e, "cannot list the rooms to update the profile in");
@@ -146,9 +146,9 @@ impl Services {
             }
             let Ok(room_id) = ruma::RoomId::parse(room_id) else { continue };
             let update = async {
-                let content = self.member_content(user, "join", None).await?;
+                let content = self.rooms.member_content(user, "join", None).await?;
                 let draft = super::timeline::EventDraft::state("m.room.member", user.as_str(), content);
-                self.append_event(&room_id, user, draft, None).await
+                self.timeline.append(&room_id, user, draft, None).await
             };
             if let Err(e) = update.await {
                 tracing::warn!(%user, %room_id, error = %e, "cannot update the member event with the new profile");

@@ -107,15 +107,15 @@ impl Services {
     /// room (`notifications.room`), with the room version's creator privileges.
     /// Read through the room cache: only called from the append path, under the room lock.
     async fn push_power_levels(&self, room_id: &RoomId) -> Result<Option<PushConditionPowerLevelsCtx>> {
-        let version = self.room_version(room_id.as_str()).await?;
+        let version = self.rooms.version(room_id.as_str()).await?;
         let Ok(rules) = federation::pdu::room_version_rules(&version) else { return Ok(None) };
-        let Some(create) = self.cached_state_event(room_id, "m.room.create", "").await? else {
+        let Some(create) = self.room_cache.state_event(room_id, "m.room.create", "").await? else {
             return Ok(None);
         };
         // The creators as the authorization rules see them (content.creator before v11, the
         // sender since, plus the additional creators from v12).
         let creators = super::rooms::creators_of(&create, &version)?;
-        let row = self.cached_state_event(room_id, "m.room.power_levels", "").await?;
+        let row = self.room_cache.state_event(room_id, "m.room.power_levels", "").await?;
         // Authorized content always parses; if not, nobody may notify the room.
         let Ok(source) = super::rooms::power_levels_source(row.as_deref()) else { return Ok(None) };
         Ok(Some(RoomPowerLevels::new(source, &rules.authorization, creators).into()))

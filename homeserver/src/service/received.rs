@@ -395,7 +395,7 @@ impl Receiver {
         if !rules.authorization.room_create_event_id_as_room_id {
             return Ok(None);
         }
-        let Some(create) = s.cached_state_event(room_id, "m.room.create", "").await? else { return Ok(None) };
+        let Some(create) = s.room_cache.state_event(room_id, "m.room.create", "").await? else { return Ok(None) };
         let id = EventId::parse(create.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
         Ok(Some(Pdu::from_json(id, &create.json).map_err(|e| Error::internal(e.to_string()))?))
     }
@@ -463,7 +463,7 @@ impl Receiver {
         });
         let prev_state =
             prev_pdu.state_key.as_ref().and_then(|key| before.get(&(prev_pdu.kind.to_string(), key.clone())).cloned());
-        let (before_group, _) = s.group_for_state(room_id, &before).await?;
+        let (before_group, _) = s.state.group_for_state(room_id, &before).await?;
         let groups = EventStateGroups { before: before_group, after, current: CurrentGroup::Unchanged, prev_state };
         let outlier = NewOutlier {
             event_id: prev.to_string(),
@@ -507,7 +507,7 @@ impl Receiver {
         let Some(known) = s.store.current_state_event(room_id.as_str(), "m.room.member", target).await? else {
             return Ok(());
         };
-        if s.membership(room_id.as_str(), target).await?.as_deref() != Some("ban") {
+        if s.rooms.membership(room_id.as_str(), target).await?.as_deref() != Some("ban") {
             return Ok(());
         }
         let banned = || Error::Forbidden(format!("{target} is banned from {room_id}"));
@@ -550,8 +550,8 @@ impl Receiver {
         before: &super::state::StateBefore,
     ) -> Result<()> {
         let s = self.hub.services();
-        let after = s.after_group(before, &event.pdu).await?;
-        let prev_state = s.prev_state_of(room_id, before, &event.pdu).await?;
+        let after = s.state.after_group(before, &event.pdu).await?;
+        let prev_state = s.state.prev_state_of(room_id, before, &event.pdu).await?;
         let outlier = NewOutlier {
             event_id: event.event_id.to_string(),
             json: event.json.clone(),
@@ -601,7 +601,7 @@ impl Receiver {
         let accepted = self.authorize_and_store(room_id, event, from, broadcast, false).await?;
         if accepted == Accepted::Appended {
             // Redactions that arrived before it are decided now.
-            s.apply_redactions_waiting_for(room_id, &event_id, from).await;
+            s.redactions.apply_waiting_for(room_id, &event_id, from).await;
         }
         Ok(accepted)
     }
@@ -629,11 +629,11 @@ impl Receiver {
         // The room's server ACL applies to whoever wrote the event, whichever server relayed
         // it (a denied server must not get its events in through an allowed one).
         s.servers.check_acl(room_id, event.pdu.sender.server_name()).await?;
-        let version = s.room_version(room_id.as_str()).await?;
+        let version = s.rooms.version(room_id.as_str()).await?;
         let rules = room_version_rules(&version).map_err(|e| Error::internal(e.to_string()))?;
         // The network part first, outside the room lock: the state at prev events we lack.
         self.fetch_prev_states(from, room_id, &version, &event.pdu).await;
-        let lock = s.room_lock(room_id);
+        let lock = s.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
         let status = s.store.event_status(event.event_id.as_str()).await?;
         let held_aside = again && matches!(status, EventStatus::Outlier { soft_failed: true, rejection: None });
@@ -654,10 +654,10 @@ impl Receiver {
             return self.reject(room_id, &event, reason).await;
         }
         // 2. The state before it must authorize it.
-        let Some(before) = s.state_before_prevs(room_id, &version, &pdu.prev_events).await? else {
+        let Some(before) = s.state.before_prevs(room_id, &version, &pdu.prev_events).await? else {
             return Err(Error::Forbidden(format!("{}: the state before it is not known", event.event_id)));
         };
-        let current = s.current_auth_state(room_id, pdu, &rules).await?;
+        let current = s.timeline.current_auth_state(room_id, pdu, &rules).await?;
         let mut current_events = current.events;
         current_events.extend(auth_events.clone());
         if before.is_current && before.ids.is_none() {
@@ -665,8 +665,8 @@ impl Receiver {
                 return self.reject(room_id, &event, reason).await;
             }
         } else {
-            let ids = s.ids_of_before(&before).await?;
-            if let Err(reason) = s.authorize_against_state(room_id, &rules, pdu, &auth_events, &ids).await? {
+            let ids = s.state.ids_of_before(&before).await?;
+            if let Err(reason) = s.state.authorize_against(room_id, &rules, pdu, &auth_events, &ids).await? {
                 return self.reject(room_id, &event, reason).await;
             }
             // 3. The current state must authorize it too, or it is soft-failed: kept (later
@@ -679,7 +679,7 @@ impl Receiver {
         }
         // 4. A redaction its sender may not make is soft-failed too: never applied, and never
         //    shown to clients (who would apply it themselves).
-        match s.redaction_verdict(room_id, pdu, &rules).await? {
+        match s.redactions.verdict(room_id, pdu, &rules).await? {
             super::redactions::RedactionVerdict::Refused(reason) => {
                 tracing::info!(event_id = %event.event_id, %from, %reason, "soft-failed a received redaction");
                 self.keep_soft_failed(room_id, &event, &before).await?;
@@ -694,14 +694,15 @@ impl Receiver {
             }
             _ => {}
         }
-        let state = s.plan_state(room_id, &version, pdu, before).await?;
-        let destinations = if broadcast { s.destinations_for(room_id, pdu, Some(from)).await? } else { Vec::new() };
+        let state = s.state.plan(room_id, &version, pdu, before).await?;
+        let destinations =
+            if broadcast { s.timeline.destinations_for(room_id, pdu, Some(from)).await? } else { Vec::new() };
         let built = BuiltEvent {
             state: Some(state),
             promotes_outlier,
             ..BuiltEvent::new(event.event_id, event.object, event.json, event.pdu)
         };
-        s.persist_event(room_id, built, None, &destinations).await?;
+        s.timeline.persist(room_id, built, None, &destinations).await?;
         Ok(Accepted::Appended)
     }
 
@@ -760,7 +761,7 @@ impl Receiver {
                 }
                 // We do not keep other servers' device lists: local syncs learn that it
                 // changed and query the keys again (over federation).
-                if !s.rooms_of_user(user.as_str()).await?.is_empty() {
+                if !s.rooms.of_user(user.as_str()).await?.is_empty() {
                     s.announce_device_change(user.as_str()).await?;
                 }
                 Ok(())
@@ -797,7 +798,7 @@ impl Receiver {
     /// Whether the (remote) user is joined to a room one of our users is joined to.
     async fn shares_a_room_with_us(&self, user: &ruma::UserId) -> Result<bool> {
         let s = self.hub.services();
-        for (room, membership) in s.rooms_of_user(user.as_str()).await?.iter() {
+        for (room, membership) in s.rooms.of_user(user.as_str()).await?.iter() {
             if membership == "join"
                 && let Ok(room_id) = RoomId::parse(room.as_str())
                 && s.servers.we_are_in(&room_id).await?
@@ -811,7 +812,7 @@ impl Receiver {
     /// Whether a user of `server` is joined to a room our `user` is joined to or invited to.
     async fn server_shares_a_room_with(&self, server: &ServerName, user: &ruma::UserId) -> Result<bool> {
         let s = self.hub.services();
-        for (room, membership) in s.rooms_of_user(user.as_str()).await?.iter() {
+        for (room, membership) in s.rooms.of_user(user.as_str()).await?.iter() {
             if membership != "join" && membership != "invite" {
                 continue;
             }
@@ -836,7 +837,7 @@ impl Receiver {
             return Err(Error::Forbidden(format!("{user} is not a user of {origin}")));
         }
         s.servers.check_acl(room_id, origin).await?;
-        if s.membership(room_id.as_str(), user.as_str()).await?.as_deref() != Some("join") {
+        if s.rooms.membership(room_id.as_str(), user.as_str()).await?.as_deref() != Some("join") {
             return Err(Error::Forbidden(format!("{user} is not in {room_id}")));
         }
         Ok(user)

@@ -340,7 +340,7 @@ impl RemoteRooms {
         // The join's state: the state it was authorized by before it, itself after it. The
         // state and history stored before it keep no state of their own (it is not known).
         let join_state = super::state::join_state_groups(&state_map, &join.pdu);
-        let lock = s.room_lock(room_id);
+        let lock = s.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
         let positions: Vec<_> = (0..=state_events.len()).map(|_| s.streams.allocate()).collect();
         let owned: Vec<OwnedAppend> = state_events.iter().map(|e| OwnedAppend::of(&e.pdu, &e.json)).collect();
@@ -373,8 +373,8 @@ impl RemoteRooms {
                 && let Some(user) = e.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok())
                 && user.server_name() == s.settings.server_name
             {
-                s.user_rooms.forget(&user.to_string());
-                s.forget_unread_counts(&user, room_id);
+                s.rooms.forget_user(user.as_str());
+                s.sync.forget_unread(&user, room_id);
                 changes.push(Change::user(user, Sections::MEMBERSHIP));
             }
         }
@@ -404,9 +404,9 @@ impl RemoteRooms {
         // We are not in the room, so we cannot authorize it ourselves; the resident server did.
         let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
         let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
-        let lock = s.room_lock(room_id);
+        let lock = s.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
-        s.persist_event(room_id, BuiltEvent::new(event_id.clone(), object, json, pdu), None, &[]).await?;
+        s.timeline.persist(room_id, BuiltEvent::new(event_id.clone(), object, json, pdu), None, &[]).await?;
         Ok(event_id)
     }
 
@@ -427,7 +427,7 @@ impl RemoteRooms {
                 Outward::Leave => format!("Room version {version} cannot be left through {server}"),
             }));
         }
-        let content = s.member_content(user, membership.as_str(), reason).await?;
+        let content = s.rooms.member_content(user, membership.as_str(), reason).await?;
         let request = MembershipRequest { room_id, user_id: user, membership: membership.as_str() };
         let (event_id, object) =
             sign_membership_template(template, request, content, &version, &s.settings.server_name, &s.signing_key)
@@ -447,11 +447,11 @@ impl RemoteRooms {
         content: JsonValue,
     ) -> Result<OwnedEventId> {
         let s = self.hub.services();
-        let version = s.room_version(room_id.as_str()).await?;
+        let version = s.rooms.version(room_id.as_str()).await?;
         let built = {
-            let lock = s.room_lock(room_id);
+            let lock = s.timeline.room_lock(room_id);
             let _guard = lock.lock().await;
-            s.build_event(room_id, sender, EventDraft::state("m.room.member", target.as_str(), content)).await?
+            s.timeline.build(room_id, sender, EventDraft::state("m.room.member", target.as_str(), content)).await?
         };
         let invite_room_state = self.stripped_state_pdus(room_id, sender).await?;
         let request = create_invite::v2::Request::new(
@@ -468,7 +468,7 @@ impl RemoteRooms {
         let object = add_signatures_of(&built.object, &response.event, target.server_name(), &version)
             .map_err(|e| Error::RemoteUnavailable(format!("the invited user's server changed the invite: {e}")))?;
         let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
-        let lock = s.room_lock(room_id);
+        let lock = s.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
         // The invitee's server has the event from the invite request already; it still gets
         // it through /send when it is in the room, because there the invite is part of the
@@ -479,15 +479,15 @@ impl RemoteRooms {
         } else {
             Some(target.server_name())
         };
-        let destinations = s.destinations_for(room_id, &built.pdu, except).await?;
+        let destinations = s.timeline.destinations_for(room_id, &built.pdu, except).await?;
         // The room may have moved on while we waited: the state plan is made again now.
-        s.persist_event(room_id, BuiltEvent { json, object, state: None, ..built }, None, &destinations).await
+        s.timeline.persist(room_id, BuiltEvent { json, object, state: None, ..built }, None, &destinations).await
     }
 
     /// Whether a user of `server` is joined to the room.
     async fn server_has_joined_member(&self, room_id: &RoomId, server: &ServerName) -> Result<bool> {
         let s = self.hub.services();
-        let members = s.joined_members_cached(room_id).await?;
+        let members = s.room_cache.joined_members(room_id).await?;
         Ok(members.iter().any(|(user, _)| UserId::parse(user.as_str()).is_ok_and(|u| u.server_name() == server)))
     }
 
@@ -531,11 +531,11 @@ impl RemoteRooms {
             return Err(Error::NotFound("This server is not in that room".to_owned()));
         }
         s.servers.check_acl(room_id, origin).await?;
-        let version = s.room_version(room_id.as_str()).await?;
-        let lock = s.room_lock(room_id);
+        let version = s.rooms.version(room_id.as_str()).await?;
+        let lock = s.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
         let content = serde_json::json!({"membership": membership});
-        let built = s.build_event(room_id, user, EventDraft::state("m.room.member", user.as_str(), content)).await?;
+        let built = s.timeline.build(room_id, user, EventDraft::state("m.room.member", user.as_str(), content)).await?;
         Ok((version, template_of(built.object)?))
     }
 
@@ -554,7 +554,7 @@ impl RemoteRooms {
             return Err(Error::NotFound("This server is not in that room".to_owned()));
         }
         s.servers.check_acl(room_id, origin).await?;
-        let version = s.room_version(room_id.as_str()).await?;
+        let version = s.rooms.version(room_id.as_str()).await?;
         let event = s.receiver.verify_pdu(raw, &version).await?;
         let pdu = &event.pdu;
         let content: JsonValue = serde_json::from_str(pdu.content.get()).unwrap_or_default();
@@ -580,7 +580,7 @@ impl RemoteRooms {
     pub async fn state_and_auth_chain(&self, room_id: &RoomId, except: &EventId) -> Result<JoinState> {
         let s = self.hub.services();
         let mut state = Vec::new();
-        match s.state_ids_before_event(room_id, except).await? {
+        match s.state.ids_before_event(room_id, except).await? {
             Some(before) => {
                 let ids: Vec<String> = before.values().cloned().collect();
                 state.extend(s.store.any_events_json(&ids).await?.into_iter().map(|(_, _, json)| json));
@@ -704,11 +704,11 @@ impl RemoteRooms {
             let stripped = serde_json::to_string(&stripped).map_err(|e| Error::internal(e.to_string()))?;
             s.store.set_remote_invite_state(room_id.as_str(), target.as_str(), &stripped).await?;
             s.room_cache.invalidate(room_id);
-            let lock = s.room_lock(room_id);
+            let lock = s.timeline.room_lock(room_id);
             let _guard = lock.lock().await;
             if s.store.any_events_json(&[event_id.to_string()]).await?.is_empty() {
                 let built = BuiltEvent::new(event.event_id, object.clone(), json, event.pdu);
-                s.persist_event(room_id, built, None, &[]).await?;
+                s.timeline.persist(room_id, built, None, &[]).await?;
             }
         }
         tracing::info!(%room_id, %target, %origin, "received an invite from another server");

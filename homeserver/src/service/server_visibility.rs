@@ -131,8 +131,8 @@ impl Servers {
     /// `server`'s users in the state `after` it.
     async fn visibility_in_state(&self, before: i64, after: i64, server: &ServerName) -> Result<(String, Vec<String>)> {
         let s = self.hub.services();
-        let before = s.state_ids_of_group(before).await?;
-        let after = s.state_ids_of_group(after).await?;
+        let before = s.state.ids_of_group(before).await?;
+        let after = s.state.ids_of_group(after).await?;
         let mut ids: Vec<String> = after
             .iter()
             .filter(|((kind, key), _)| {

@@ -65,7 +65,7 @@ impl Servers {
             if self.may_see(&room_id, origin, std::slice::from_ref(&row)).await?.first() != Some(&true) {
                 return Err(Error::Forbidden("Your server may not see that event".to_owned()));
             }
-            let version = s.room_version(room_id.as_str()).await?;
+            let version = s.rooms.version(room_id.as_str()).await?;
             return served_pdu(&row.json, row.redacted_by.is_some(), &version);
         }
         let rows = s.store.accepted_outliers(&[event_id.to_string()]).await?;
@@ -83,7 +83,8 @@ impl Servers {
     pub async fn state_before(&self, room_id: &RoomId, event_id: &EventId) -> Result<(Vec<String>, Vec<String>)> {
         let s = self.hub.services();
         let state = s
-            .state_ids_before_event(room_id, event_id)
+            .state
+            .ids_before_event(room_id, event_id)
             .await?
             .ok_or_else(|| Error::NotFound("The state at that event is not known here".to_owned()))?;
         let state_ids: Vec<String> = state.values().cloned().collect();
@@ -121,7 +122,7 @@ impl Servers {
     /// (pruned if redacted here) and accepted outliers; soft-failed events are left out.
     pub async fn events(&self, room_id: &RoomId, ids: &[String]) -> Result<Vec<Box<RawJsonValue>>> {
         let s = self.hub.services();
-        let version = s.room_version(room_id.as_str()).await?;
+        let version = s.rooms.version(room_id.as_str()).await?;
         let rows = s.store.events_by_id(ids).await?;
         let mut out = Vec::with_capacity(ids.len());
         for row in rows.iter().filter(|row| row.room_id == room_id.as_str()) {
@@ -210,7 +211,7 @@ impl Servers {
         rows: &[EventRow],
     ) -> Result<Vec<Box<RawJsonValue>>> {
         let s = self.hub.services();
-        let version = s.room_version(room_id.as_str()).await?;
+        let version = s.rooms.version(room_id.as_str()).await?;
         let visible = self.may_see(room_id, origin, rows).await?;
         rows.iter()
             .zip(visible)

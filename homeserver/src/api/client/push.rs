@@ -135,7 +135,7 @@ pub async fn notifications(
     for (row, actions, ts, read) in rows {
         let actions: Vec<Action> = serde_json::from_str(&actions).unwrap_or_default();
         let room_id = RoomId::parse(row.room_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
-        let event = services.raw_client_event_bundled(&row, viewer, true).await?;
+        let event = services.relations.raw_client_event_bundled(&row, viewer, true).await?;
         let ts = MilliSecondsSinceUnixEpoch(UInt::new(ts.max(0) as u64).unwrap_or_default());
         notifications.push(Notification::new(actions, event, read, room_id, ts));
     }

@@ -37,7 +37,7 @@ pub async fn make_join(
 ) -> Result<RumaResponse<prepare_join_event::v1::Response>> {
     let origin = origin(&req)?;
     let b = &req.body;
-    let version = services.room_version(b.room_id.as_str()).await?;
+    let version = services.rooms.version(b.room_id.as_str()).await?;
     if !b.ver.contains(&version) {
         return Err(Error::IncompatibleRoomVersion(version));
     }
@@ -164,7 +164,7 @@ pub async fn send_transaction(
 /// The id of a refused PDU, when it can be computed.
 async fn event_id_hint(raw: &serde_json::value::RawValue, services: &Services) -> Option<ruma::OwnedEventId> {
     let room_id = crate::service::received::room_id_of(raw).ok()?;
-    let version = services.room_version(room_id.as_str()).await.ok()?;
+    let version = services.rooms.version(room_id.as_str()).await.ok()?;
     let object: ruma::CanonicalJsonObject = serde_json::from_str(raw.get()).ok()?;
     federation::pdu::event_id_of(&object, &version).ok()
 }

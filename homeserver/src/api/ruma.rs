@@ -126,7 +126,7 @@ where
         // The X-Matrix signature covers method, URI and body: check it on the raw request
         // before parsing anything.
         let origin = if scheme == TypeId::of::<ServerSignatures>() {
-            Some(services.verify_federation_request(&http_req).await?)
+            Some(services.fed.verify_request(&http_req).await?)
         } else {
             None
         };

@@ -52,6 +52,7 @@ pub mod rooms;
 pub mod send_queue;
 pub mod server_acl;
 pub mod server_visibility;
+pub mod servers;
 pub mod sliding_sync;
 pub mod state;
 pub mod streams;
@@ -116,8 +117,13 @@ pub struct Services {
     pub fed: fed::Federation,
     /// Delivery of our rooms' events to other servers (the queue is a table).
     pub send_queue: send_queue::SendQueue,
-    /// Incoming `/send` transactions: turns per origin, the per-room queues' workers.
-    pub inbound: inbound::Inbound,
+    /// The federation receiver: incoming `/send` transactions (turns per origin, the per-room
+    /// queues' workers), received PDUs and EDUs, backfill and missing events.
+    pub receiver: inbound::Receiver,
+    /// Other servers in our rooms: ACLs, what they may see, what we serve them.
+    pub servers: servers::Servers,
+    /// Joins, leaves and invites across servers.
+    pub remote_rooms: remote_rooms::RemoteRooms,
     pub room_cache: room_cache::RoomCaches,
     key_counts: keys::KeyCountCache,
     presence_touches: presence::PresenceTouches,
@@ -131,9 +137,11 @@ impl Services {
         store: Store,
         signing_key: SigningKey,
         max_stream_position: i64,
-        fed: fed::Federation,
+        outbound: fed::Outbound,
     ) -> Arc<Self> {
-        Arc::new_cyclic(|weak| Self::build(Hub(weak.clone()), settings, store, signing_key, max_stream_position, fed))
+        Arc::new_cyclic(|weak| {
+            Self::build(Hub(weak.clone()), settings, store, signing_key, max_stream_position, outbound)
+        })
     }
 
     fn build(
@@ -142,10 +150,10 @@ impl Services {
         store: Store,
         signing_key: SigningKey,
         max_stream_position: i64,
-        fed: fed::Federation,
+        outbound: fed::Outbound,
     ) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
-        let media = media::Media::new(settings.media_dir(), settings.media.thumbnail_concurrency);
+        let media = media::Media::new(hub.clone(), settings.media_dir(), settings.media.thumbnail_concurrency);
         let push_gateway = push_gateway::PushGateway::new(&settings.push);
         Self {
             registration_tokens: registration_tokens::RegistrationTokens::new(hub.clone()),
@@ -169,9 +177,11 @@ impl Services {
             push_rule_cache: push::PushRuleCache::default(),
             media,
             push_gateway,
-            fed,
-            send_queue: send_queue::SendQueue::default(),
-            inbound: inbound::Inbound::default(),
+            fed: fed::Federation::new(hub.clone(), outbound),
+            send_queue: send_queue::SendQueue::new(hub.clone()),
+            receiver: inbound::Receiver::new(hub.clone()),
+            servers: servers::Servers::new(hub.clone()),
+            remote_rooms: remote_rooms::RemoteRooms::new(hub.clone()),
             room_cache: room_cache::RoomCaches::new(hub.clone()),
             key_counts: keys::KeyCountCache::new(keys::MAX_CACHED_KEY_COUNTS),
             presence_touches: presence::PresenceTouches::default(),

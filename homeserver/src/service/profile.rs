@@ -73,7 +73,7 @@ impl Services {
             .get_or_fetch(&key, || async {
                 let mut request = query::Request::new(user_id.to_owned());
                 request.field = field.map(Into::into);
-                let Some(response) = self.send_lookup(user_id.server_name(), request).await? else {
+                let Some(response) = self.fed.lookup(user_id.server_name(), request).await? else {
                     return Ok(None);
                 };
                 let value = serde_json::to_value(&response.data).map_err(|e| Error::internal(e.to_string()))?;

@@ -127,6 +127,6 @@ impl Redactions {
         let pdu = Pdu::from_json(event_id.clone(), &stored.json).map_err(|e| Error::internal(e.to_string()))?;
         let event = VerifiedEvent { event_id, object, json: stored.json, pdu };
         // Its signatures were checked when it arrived; it is decided again from the start.
-        Box::pin(s.accept_remote_event_again(room_id, event, from)).await.map(|_| ())
+        Box::pin(s.receiver.accept_again(room_id, event, from)).await.map(|_| ())
     }
 }

@@ -472,12 +472,12 @@ impl Rooms {
         let MembershipChange { room_id, sender, target, membership, reason, is_direct, via } = change;
         let s = self.hub.services();
         let known = s.store.room(room_id.as_str()).await?.is_some();
-        let in_room = known && s.server_in_room(room_id).await?;
+        let in_room = known && s.servers.we_are_in(room_id).await?;
         if !in_room && sender == target && matches!(membership, MembershipState::Join | MembershipState::Leave) {
             // A room on other servers only: join or leave through one of them.
             let mut servers: Vec<ruma::OwnedServerName> = via.to_vec();
             if known {
-                servers.extend(s.servers_for_room(room_id, sender).await?);
+                servers.extend(s.remote_rooms.servers_for(room_id, sender).await?);
             } else if let Some(server) = room_id.server_name() {
                 servers.push(server.to_owned());
             }
@@ -486,8 +486,8 @@ impl Rooms {
             // With nobody else to ask, a room we know is changed here (its auth rules decide).
             if !servers.is_empty() {
                 return match membership {
-                    MembershipState::Join => s.join_remote(room_id, sender, &servers, reason).await,
-                    _ => s.leave_remote(room_id, sender, &servers, reason).await,
+                    MembershipState::Join => s.remote_rooms.join(room_id, sender, &servers, reason).await,
+                    _ => s.remote_rooms.leave(room_id, sender, &servers, reason).await,
                 };
             }
         }
@@ -499,7 +499,7 @@ impl Rooms {
             map.insert("is_direct".into(), JsonValue::Bool(true));
         }
         if target.server_name() != s.settings.server_name && membership == MembershipState::Invite {
-            return s.invite_remote(room_id, sender, target, content).await;
+            return s.remote_rooms.invite(room_id, sender, target, content).await;
         }
         s.timeline.append(room_id, sender, EventDraft::state("m.room.member", target.as_str(), content), None).await
     }
@@ -736,7 +736,7 @@ impl Rooms {
             .lookups
             .aliases
             .get_or_fetch(&alias.to_owned(), || async {
-                let answer = s.send_lookup(alias.server_name(), directory::Request::new(alias.to_owned())).await?;
+                let answer = s.fed.lookup(alias.server_name(), directory::Request::new(alias.to_owned())).await?;
                 Ok(answer.map(|a| (a.room_id, a.servers)))
             })
             .await?
@@ -760,13 +760,13 @@ impl Rooms {
                     let mut request = get_public_rooms::v1::Request::new();
                     request.limit = query.limit;
                     request.since = query.since.clone();
-                    return s.send_lookup(&query.server, request).await?.ok_or_else(not_found);
+                    return s.fed.lookup(&query.server, request).await?.ok_or_else(not_found);
                 };
                 let mut request = get_public_rooms_filtered::v1::Request::new();
                 request.limit = query.limit;
                 request.since = query.since.clone();
                 request.filter.generic_search_term = Some(term.clone());
-                let answer = s.send_lookup(&query.server, request).await?.ok_or_else(not_found)?;
+                let answer = s.fed.lookup(&query.server, request).await?.ok_or_else(not_found)?;
                 let mut page = get_public_rooms::v1::Response::new();
                 page.chunk = answer.chunk;
                 page.next_batch = answer.next_batch;

@@ -151,7 +151,7 @@ pub async fn messages(
         if page_len < wanted {
             if backwards && to.is_none() && backfills < MAX_BACKFILLS_PER_REQUEST {
                 backfills += 1;
-                match services.backfill_older(&body.room_id, wanted - chunk_rows.len()).await {
+                match services.receiver.backfill_older(&body.room_id, wanted - chunk_rows.len()).await {
                     Ok(stored) if stored > 0 => continue,
                     Ok(_) => {}
                     Err(e) => tracing::info!(%room_id, error = %e, "could not backfill older history"),
@@ -219,7 +219,7 @@ pub async fn typing(
         let edu = json!({"edu_type": "m.typing", "content": {
             "room_id": req.body.room_id, "user_id": user.user_id, "typing": timeout.is_some(),
         }});
-        services.send_edu_to_room(&req.body.room_id, edu).await?;
+        services.send_queue.queue_edu(&req.body.room_id, edu).await?;
     }
     Ok(RumaResponse(create_typing_event::v3::Response::new()))
 }
@@ -252,7 +252,7 @@ pub async fn receipt(
         let edu = json!({"edu_type": "m.receipt", "content": {
             (req.body.room_id.as_str()): {"m.read": {(user.user_id.as_str()): {"event_ids": [req.body.event_id], "data": data}}},
         }});
-        services.send_edu_to_room(&req.body.room_id, edu).await?;
+        services.send_queue.queue_edu(&req.body.room_id, edu).await?;
     }
     Ok(RumaResponse(create_receipt::v3::Response::new()))
 }

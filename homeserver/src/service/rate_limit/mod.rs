@@ -254,7 +254,7 @@ impl super::Services {
         if self.rooms.membership(room_id.as_str(), user.as_str()).await? == Some(MembershipState::Join) {
             return Ok(());
         }
-        let local = self.store.room(room_id.as_str()).await?.is_some() && self.server_in_room(room_id).await?;
+        let local = self.store.room(room_id.as_str()).await?.is_some() && self.servers.we_are_in(room_id).await?;
         let class = if local { Class::JoinLocal } else { Class::JoinRemote };
         self.rate_limits
             .check(Some(user), &[(class, Key::Id(user.as_str())), (Class::JoinsPerRoom, Key::Id(room_id.as_str()))])

@@ -21,6 +21,7 @@
 //!
 //! Handlers in `api/` call domains only, never the store.
 
+pub mod account_data;
 pub mod accounts;
 pub mod aggregations;
 pub mod auth;
@@ -33,6 +34,7 @@ pub mod event_fields;
 pub mod events;
 pub mod fed;
 pub mod inbound;
+pub mod key_backups;
 pub mod keys;
 pub mod media;
 pub mod notifier;
@@ -85,6 +87,15 @@ impl Hub {
 /// Everything a request handler may need, built once at start and shared by reference.
 pub struct Services {
     pub registration_tokens: registration_tokens::RegistrationTokens,
+    pub accounts: accounts::Accounts,
+    pub uiaa: uiaa::Uiaa,
+    pub devices: devices::Devices,
+    pub profile: profile::Profiles,
+    pub account_data: account_data::AccountData,
+    pub presence: presence::Presence,
+    pub push: push::Push,
+    pub keys: keys::Keys,
+    pub key_backups: key_backups::KeyBackups,
     pub settings: Settings,
     pub store: Store,
     pub signing_key: SigningKey,
@@ -94,7 +105,6 @@ pub struct Services {
     pub typing: typing::Typing,
     pub hashing: credentials::Hashing,
     pub media: media::Media,
-    pub push_gateway: push_gateway::PushGateway,
     pub sliding_sync_connections: sliding_sync::SlidingSyncConnections,
     /// Federation: the outbound client and the key-fetch bookkeeping.
     pub fed: fed::Federation,
@@ -106,7 +116,6 @@ pub struct Services {
     pub room_cache: room_cache::RoomCaches,
     /// State groups read so far (see `service::state`).
     state_cache: state::StateCache,
-    key_counts: keys::KeyCountCache,
     /// Each user's rooms with their membership, for syncs (see `rooms_of_user`).
     user_rooms: cache::Cache<String, Arc<Vec<(String, String)>>>,
     /// Unread counts per (user, room), see `Services::unread_counts`.
@@ -114,8 +123,6 @@ pub struct Services {
     /// Stored filters, parsed, by (user, filter id): a filter never changes once stored, and
     /// clients send its id with every `/sync`.
     filters: cache::Cache<(String, i64), sync::EventFilter>,
-    presence_touches: presence::PresenceTouches,
-    push_rule_cache: push::PushRuleCache,
 }
 
 impl Services {
@@ -140,9 +147,17 @@ impl Services {
     ) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
         let media = media::Media::new(settings.media_dir(), settings.media.thumbnail_concurrency);
-        let push_gateway = push_gateway::PushGateway::new(&settings.push);
         Self {
             registration_tokens: registration_tokens::RegistrationTokens::new(hub.clone()),
+            accounts: accounts::Accounts::new(hub.clone()),
+            uiaa: uiaa::Uiaa::new(hub.clone()),
+            devices: devices::Devices::new(hub.clone()),
+            profile: profile::Profiles::new(hub.clone()),
+            account_data: account_data::AccountData::new(hub.clone()),
+            presence: presence::Presence::new(hub.clone()),
+            push: push::Push::new(hub.clone(), &settings.push),
+            keys: keys::Keys::new(hub.clone()),
+            key_backups: key_backups::KeyBackups::new(hub.clone()),
             settings,
             store,
             signing_key,
@@ -151,9 +166,7 @@ impl Services {
             streams: streams::Streams::new(max_stream_position),
             typing: typing::Typing::default(),
             hashing: credentials::Hashing::new(),
-            push_rule_cache: push::PushRuleCache::default(),
             media,
-            push_gateway,
             sliding_sync_connections: sliding_sync::SlidingSyncConnections::default(),
             fed,
             send_queue: send_queue::SendQueue::default(),
@@ -161,11 +174,9 @@ impl Services {
             room_locks: timeline::RoomLocks::default(),
             room_cache: room_cache::RoomCaches::default(),
             state_cache: state::StateCache::default(),
-            key_counts: keys::KeyCountCache::new(keys::MAX_CACHED_KEY_COUNTS),
             user_rooms: cache::Cache::new(100_000),
             unread: cache::Cache::new(100_000),
             filters: cache::Cache::new(10_000),
-            presence_touches: presence::PresenceTouches::default(),
         }
     }
 }

@@ -744,7 +744,7 @@ impl Services {
                     let state = push["presence"].as_str().unwrap_or("offline");
                     let status = push["status_msg"].as_str().map(str::to_owned);
                     let ago = push["last_active_ago"].as_i64().unwrap_or(0);
-                    self.receive_remote_presence(&user, state, status, ago).await?;
+                    self.presence.receive_remote(&user, state, status, ago).await?;
                 }
                 Ok(())
             }
@@ -757,11 +757,11 @@ impl Services {
                 // We do not keep other servers' device lists: local syncs learn that it
                 // changed and query the keys again (over federation).
                 if !self.rooms_of_user(user.as_str()).await?.is_empty() {
-                    self.announce_device_change(user.as_str()).await?;
+                    self.keys.announce_device_change(user.as_str()).await?;
                 }
                 Ok(())
             }
-            Some("m.signing_key_update") => self.receive_signing_key_update(origin, content).await,
+            Some("m.signing_key_update") => self.keys.receive_signing_key_update(origin, content).await,
             Some("m.direct_to_device") => {
                 let sender = ruma::UserId::parse(content["sender"].as_str().unwrap_or_default())
                     .map_err(|e| Error::BadJson(e.to_string()))?;
@@ -784,7 +784,9 @@ impl Services {
                     }
                 }
                 // The message id makes a retried EDU a duplicate, like a client's txn id.
-                self.send_to_device(&sender, &format!("federation:{origin}"), message_id, event_type, messages).await
+                self.keys
+                    .send_to_device(&sender, &format!("federation:{origin}"), message_id, event_type, messages)
+                    .await
             }
             _ => Ok(()),
         }

@@ -212,7 +212,7 @@ impl Services {
         let mut content = Map::new();
         content.insert("membership".into(), JsonValue::from(membership));
         if (membership == "join" || membership == "invite")
-            && let Ok(profile) = self.profile(user).await
+            && let Ok(profile) = self.profile.get(user).await
         {
             for key in ["displayname", "avatar_url"] {
                 if let Some(v) = profile.get(key) {

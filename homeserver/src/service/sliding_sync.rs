@@ -167,7 +167,7 @@ impl Services {
         let previous = self.sliding_sync_connections.snapshot(&key, req.pos.as_deref())?;
         let deadline = tokio::time::Instant::now() + req.timeout.unwrap_or(Duration::ZERO).min(MAX_SYNC_TIMEOUT);
         let _open = OpenSync::new(&self.metrics.open_syncs);
-        self.presence_on_sync(user_id, req.set_presence.as_str()).await?;
+        self.presence.on_sync(user_id, req.set_presence.as_str()).await?;
         loop {
             // Registered before the positions are read, so nothing committed from here on
             // is missed; again on every pass, as the user's rooms may have changed.
@@ -570,7 +570,7 @@ impl Services {
                 ),
                 None => None,
             };
-            let messages = self.to_device_for_sync(user, device_id, acked, upto.stream).await?;
+            let messages = self.keys.to_device_for_sync(user, device_id, acked, upto.stream).await?;
             let full = i64::try_from(messages.len()).unwrap_or(i64::MAX) >= super::keys::TO_DEVICE_PER_SYNC;
             let next = if full { messages.last().map(|m| m.stream_id).unwrap_or(upto.stream) } else { upto.stream };
             let mut out = response::ToDevice::default();
@@ -618,7 +618,7 @@ impl Services {
             }
             // Clients read their push rules here; until changed the defaults stand in.
             if previous.is_none() && self.store.account_data(user, "", "m.push_rules").await?.is_none() {
-                let rules = self.push_rules(user_id).await?;
+                let rules = self.push.rules(user_id).await?;
                 let event = json!({"type": "m.push_rules", "content": {"global": *rules}});
                 response.extensions.account_data.global.push(to_raw(&event)?);
             }

@@ -7,7 +7,11 @@
 //! `$OBMIN_TEST_POSTGRES_URL`, a server URL whose user may create databases;
 //! `scripts/test` starts a throwaway server and sets it.
 
+pub mod client;
+pub mod federated;
 pub mod hostile;
+mod ports;
+pub mod wait;
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -17,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+pub use ports::free_port;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -485,11 +490,6 @@ pub fn install_crypto_provider() {
 pub fn http_client(timeout: Duration) -> reqwest::Client {
     install_crypto_provider();
     reqwest::Client::builder().timeout(timeout).build().expect("client")
-}
-
-/// A loopback port nothing listens on right now (the server binds it a moment later).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// Writes a self-signed certificate for `localhost` and 127.0.0.1 into `dir`; returns the

@@ -1,12 +1,12 @@
-//! The command line: `serve` (default), `generate-config`, `migrate`, `user ...`,
-//! `registration-token ...`.
+//! The command line: `serve` (default), `config ...`, `migrate`, `user ...`,
+//! `registration-token ...`, `media ...`.
 
 use std::{io::BufRead, path::PathBuf, process::ExitCode};
 
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{EXAMPLE_CONFIG, LogFormat, Settings},
+    config::{LogFormat, Settings, docs},
     server,
     store::now_ms,
 };
@@ -25,7 +25,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the homeserver (the default).
     Serve,
-    /// Print a complete, commented configuration file.
+    /// Print the configuration's example file or reference page.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Print a complete, commented configuration file (the same as `config example`).
     GenerateConfig,
     /// Apply database migrations and exit.
     Migrate,
@@ -38,6 +41,16 @@ pub enum Command {
     /// Manage the media repository.
     #[command(subcommand)]
     Media(MediaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// A complete, commented configuration file: every option with its default
+    /// (`config/homeserver.toml`).
+    Example,
+    /// Every option with its environment variable, default and description, as Markdown
+    /// (`docs/configuration.md`).
+    Reference,
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,9 +145,17 @@ fn parse_duration_ms(s: &str) -> Result<i64, String> {
 
 /// Runs the command line and returns the process exit code.
 pub async fn run(cli: Cli) -> ExitCode {
-    if let Some(Command::GenerateConfig) = cli.command {
-        print!("{EXAMPLE_CONFIG}");
-        return ExitCode::SUCCESS;
+    // The configuration's documents need no configuration (and must not fail on a bad one).
+    match cli.command {
+        Some(Command::GenerateConfig | Command::Config(ConfigCommand::Example)) => {
+            print!("{}", docs::example());
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::Config(ConfigCommand::Reference)) => {
+            print!("{}", docs::reference());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
     }
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(s) => s,
@@ -147,7 +168,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     init_logging(&settings, serving);
     let result = match cli.command {
         None | Some(Command::Serve) => server::serve(settings).await.map_err(|e| e.to_string()),
-        Some(Command::GenerateConfig) => Ok(()),
+        Some(Command::GenerateConfig | Command::Config(_)) => Ok(()),
         Some(Command::Migrate) => server::open_store(&settings)
             .await
             .map(|store| {

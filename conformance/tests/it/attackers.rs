@@ -96,34 +96,13 @@ async fn membership_call(server: &Server, by: &User, room: &str, action: &str, t
     server.post(&format!("{V3}/rooms/{}/{action}", enc(room)), Some(&by.access_token), body).await.assert_ok();
 }
 
-/// (type, state key, event id) of every current state event, as `user` reads them.
-async fn state_ids(server: &Server, user: &User, room: &str) -> Vec<(String, String, String)> {
-    let mut state: Vec<(String, String, String)> = server
-        .get(&format!("{V3}/rooms/{}/state", enc(room)), Some(&user.access_token))
-        .await
-        .assert_ok()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["type"].as_str().unwrap().to_owned(),
-                e["state_key"].as_str().unwrap().to_owned(),
-                e["event_id"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    state.sort();
-    state
-}
-
 /// The room as its admin reads it: every current state event id, the newest events, the
 /// joined members, the directory entry and aliases, and the typing and receipts of the
 /// room in the admin's initial sync.
 async fn snapshot(server: &Server, admin: &User, room: &str, alias: &str) -> Value {
     let r = enc(room);
     let token = Some(admin.access_token.as_str());
-    let state = state_ids(server, admin, room).await;
+    let state = format!("{:?}", server.room_state(admin, room).await);
     let newest: Vec<Value> =
         server.get(&format!("{V3}/rooms/{r}/messages?dir=b&limit=20"), token).await.assert_ok()["chunk"]
             .as_array()
@@ -1121,9 +1100,9 @@ async fn moderator_cannot_exceed_own_power(backend: Backend) {
                 403,
             ),
         ];
-        let state_before = state_ids(s, &admin, &room).await;
+        let state_before = s.room_state(&admin, &room).await;
         run_attempts(s, &format!("moderator (v{version})"), &moderator, &attempts).await;
-        let state_after = state_ids(s, &admin, &room).await;
+        let state_after = s.room_state(&admin, &room).await;
         assert_eq!(state_before, state_after, "the moderator changed the state of a v{version} room");
         s.get(&format!("{V3}/rooms/{r}/event/{}", enc(&admin_event)), Some(&admin.access_token)).await.assert_ok();
 

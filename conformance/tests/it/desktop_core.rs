@@ -8,13 +8,9 @@
 //! set up at the first sign-in, a new device restoring old history from the key backup,
 //! and back-pagination.
 
-use std::{
-    future::Future,
-    io::Write,
-    time::{Duration, Instant},
-};
+use std::{io::Write, time::Duration};
 
-use conformance::{Backend, Server, backend_tests, enc, free_port};
+use conformance::{Backend, Server, backend_tests, enc, free_port, wait::eventually_some};
 use obmin_client::{
     Client, ConnectionState, Error, ItemContent, Membership, Presence, SendState, TimelineItem, Update,
     VerificationStatus,
@@ -66,7 +62,7 @@ impl App {
 
     /// Waits until the room is in our list with this membership.
     pub(crate) async fn wait_for_room(&self, room_id: &RoomId, membership: Membership) {
-        eventually(&format!("{room_id} {membership:?} for {}", self.user_id()), || async {
+        eventually_some(&format!("{room_id} {membership:?} for {}", self.user_id()), || async {
             let room = self.client.room(room_id).await.unwrap()?;
             (room.membership == membership).then_some(())
         })
@@ -75,7 +71,7 @@ impl App {
 
     /// Waits until a text with this body is in the room's timeline; returns the item.
     pub(crate) async fn wait_for_text(&self, room_id: &RoomId, body: &str) -> TimelineItem {
-        eventually(&format!("\"{body}\" at {}", self.user_id()), || async {
+        eventually_some(&format!("\"{body}\" at {}", self.user_id()), || async {
             self.client.timeline(room_id, 100).await.unwrap().into_iter().find(|item| text(item) == Some(body))
         })
         .await
@@ -83,7 +79,7 @@ impl App {
 
     /// Waits until our item `key` has reached this send state.
     pub(crate) async fn wait_for_state(&self, room_id: &RoomId, key: &str, state: SendState) {
-        eventually(&format!("{key} {state:?}"), || async {
+        eventually_some(&format!("{key} {state:?}"), || async {
             let items = self.client.timeline(room_id, 100).await.unwrap();
             items.iter().any(|i| i.key == key && i.send_state.as_ref() == Some(&state)).then_some(())
         })
@@ -98,23 +94,6 @@ fn text(item: &TimelineItem) -> Option<&str> {
     }
 }
 
-/// Polls `check` until it gives a value (60 s at most: after a server restart, a long-poll
-/// that started before it may only return at its 30 s timeout).
-pub(crate) async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Alice opens a direct chat with Bob, Bob sees the invite and accepts.
 pub(crate) async fn direct_chat(alice: &App, bob: &App) -> OwnedRoomId {
     let room = alice.client.create_dm(&bob.user_id()).await.unwrap();
@@ -123,7 +102,7 @@ pub(crate) async fn direct_chat(alice: &App, bob: &App) -> OwnedRoomId {
     assert_eq!(invite.inviter.as_ref(), Some(&alice.user_id()));
     bob.client.accept_invite(&room).await.unwrap();
     alice.wait_for_room(&room, Membership::Joined).await;
-    eventually("Bob's join reaching Alice", || async {
+    eventually_some("Bob's join reaching Alice", || async {
         let members = alice.client.members(&room).await.unwrap();
         members.iter().any(|m| m.user_id == bob.user_id()).then_some(())
     })
@@ -203,7 +182,7 @@ async fn history_is_readable_offline_and_the_sync_loop_reconnects(backend: Backe
     assert_eq!(bob.client.connection_state(), ConnectionState::Online);
 
     stop_server(&mut server);
-    eventually("Bob's client noticing the outage", || async {
+    eventually_some("Bob's client noticing the outage", || async {
         matches!(bob.client.connection_state(), ConnectionState::Reconnecting { .. }).then_some(())
     })
     .await;
@@ -225,7 +204,7 @@ async fn history_is_readable_offline_and_the_sync_loop_reconnects(backend: Backe
 
     // The server comes back: the loop reconnects by itself and picks up what it missed.
     server.restart().await;
-    eventually("reconnected", || async { (reopened.connection_state() == ConnectionState::Online).then_some(()) })
+    eventually_some("reconnected", || async { (reopened.connection_state() == ConnectionState::Online).then_some(()) })
         .await;
     let mut states = Vec::new();
     while let Ok(update) = updates.try_recv() {
@@ -348,7 +327,7 @@ async fn encrypted_direct_chats_and_groups_both_ways(backend: Backend) {
         member.wait_for_room(&group, Membership::Invited).await;
         member.client.accept_invite(&group).await.unwrap();
     }
-    eventually("everyone joined", || async {
+    eventually_some("everyone joined", || async {
         let members = alice.client.members(&group).await.unwrap();
         (members.len() == 3).then_some(())
     })
@@ -377,7 +356,7 @@ async fn typing_receipts_presence_profiles_and_search(backend: Backend) {
     // Typing.
     let mut bob_updates = bob.client.subscribe();
     alice.client.set_typing(&room, true).await.unwrap();
-    let typing = eventually("Alice typing at Bob", || {
+    let typing = eventually_some("Alice typing at Bob", || {
         let mut found = None;
         while let Ok(update) = bob_updates.try_recv() {
             if let Update::Typing { room_id, user_ids } = update
@@ -404,7 +383,7 @@ async fn typing_receipts_presence_profiles_and_search(backend: Backend) {
 
     // Presence and last seen.
     bob.client.set_presence(Presence::Unavailable, Some("in a meeting")).await.unwrap();
-    let peer = eventually("Bob's presence at Alice", || async {
+    let peer = eventually_some("Bob's presence at Alice", || async {
         let summary = alice.client.room(&room).await.unwrap()?;
         let peer = summary.dm_peer?;
         (peer.presence.presence == Presence::Unavailable).then_some(peer)
@@ -440,7 +419,7 @@ async fn typing_receipts_presence_profiles_and_search(backend: Backend) {
     assert_eq!(download.bytes().await.unwrap().as_ref(), png.as_slice(), "the avatar is the uploaded image");
 
     // User search finds her by her new name.
-    let found = eventually("Alice in the directory", || async {
+    let found = eventually_some("Alice in the directory", || async {
         let results = bob.client.search_users("Anders").await.unwrap();
         results.into_iter().find(|u| u.user_id == alice.user_id())
     })
@@ -483,7 +462,7 @@ async fn an_encrypted_file_round_trips_with_progress(backend: Backend) {
     assert_eq!(reported, progress);
     alice.wait_for_state(&room, &item.key, SendState::Sent).await;
 
-    let received = eventually("the file at Bob", || async {
+    let received = eventually_some("the file at Bob", || async {
         let items = bob.client.timeline(&room, 50).await.unwrap();
         items.into_iter().find(|i| matches!(i.content, ItemContent::File { .. }))
     })
@@ -541,13 +520,13 @@ async fn sas_emoji_verification_between_two_clients(backend: Backend) {
 
     let mut bob_updates = bob.client.subscribe();
     let id = alice.client.start_verification(&bob.user_id(), &bob_device).await.unwrap();
-    let request = eventually("the request at Bob", || async {
+    let request = eventually_some("the request at Bob", || async {
         let all = bob.client.verifications().await;
         all.into_iter().find(|v| v.id == id && v.status == VerificationStatus::Requested)
     })
     .await;
     assert_eq!(request.other_user, alice.user_id());
-    eventually("Bob's app told about the request", || {
+    eventually_some("Bob's app told about the request", || {
         let mut announced = None;
         while let Ok(update) = bob_updates.try_recv() {
             if matches!(&update, Update::Verification { verification } if verification.id == id) {
@@ -562,7 +541,7 @@ async fn sas_emoji_verification_between_two_clients(backend: Backend) {
     let emoji = |app: &App| {
         let (client, id) = (app.client.clone(), id.clone());
         async move {
-            eventually("the emoji", || async {
+            eventually_some("the emoji", || async {
                 client.verifications().await.into_iter().find_map(|v| match v.status {
                     VerificationStatus::ShowEmoji(emoji) if v.id == id => Some(emoji),
                     _ => None,
@@ -577,7 +556,7 @@ async fn sas_emoji_verification_between_two_clients(backend: Backend) {
     alice.client.confirm_verification(&id).await.unwrap();
     bob.client.confirm_verification(&id).await.unwrap();
     for app in [&alice, &bob] {
-        eventually("verification done", || async {
+        eventually_some("verification done", || async {
             let all = app.client.verifications().await;
             all.iter().any(|v| v.id == id && v.status == VerificationStatus::Done).then_some(())
         })
@@ -593,7 +572,7 @@ async fn sas_emoji_verification_between_two_clients(backend: Backend) {
     // master key, as the server publishes it.
     let alice_token = server.login("alice", "secret-pass").await.body["access_token"].as_str().unwrap().to_owned();
     let (alice_id, bob_id) = (alice.user_id().to_string(), bob.user_id().to_string());
-    eventually("Alice's signature on Bob's master key", || async {
+    eventually_some("Alice's signature on Bob's master key", || async {
         let keys = keys_query(&server, &alice_token, &[&alice_id, &bob_id]).await;
         let (usk_id, _) = only_key(&keys["user_signing_keys"][&alice_id]);
         keys["master_keys"][&bob_id]["signatures"][&alice_id][&usk_id].is_string().then_some(())
@@ -687,7 +666,7 @@ async fn a_new_device_restores_old_history_from_the_key_backup(backend: Backend)
     alice.wait_for_text(&room, "Bob's old reply").await;
     let alice_token = server.login("alice", "secret-pass").await.body["access_token"].as_str().unwrap().to_owned();
     let version = status.backup_version.unwrap();
-    eventually("two room keys in the backup", || async {
+    eventually_some("two room keys in the backup", || async {
         let keys =
             server.get(&format!("/_matrix/client/v3/room_keys/keys?version={version}"), Some(&alice_token)).await;
         let sessions = keys.assert_ok()["rooms"][room.as_str()]["sessions"].as_object().map_or(0, |s| s.len());
@@ -701,7 +680,7 @@ async fn a_new_device_restores_old_history_from_the_key_backup(backend: Backend)
     let new_device = Client::open(new_dir.path()).await.unwrap();
     new_device.login(&server.base_url, "alice", "secret-pass").await.unwrap();
     new_device.start().unwrap();
-    let waiting = eventually("the old messages, still encrypted, at the new device", || async {
+    let waiting = eventually_some("the old messages, still encrypted, at the new device", || async {
         let items = new_device.timeline(&room, 100).await.unwrap();
         let waiting = items.iter().filter(|i| matches!(i.content, ItemContent::Undecryptable { .. })).count();
         (waiting >= 2).then_some(waiting)
@@ -738,7 +717,7 @@ async fn a_new_device_restores_old_history_from_the_key_backup(backend: Backend)
     third.sync_once().await.unwrap();
     assert!(matches!(third.restore_key_backup("purple staple battery").await, Err(Error::InvalidInput(_))));
     // (The new device uploads the keys it restored with its next crypto flush.)
-    eventually("the restored keys in the passphrase backup", || async {
+    eventually_some("the restored keys in the passphrase backup", || async {
         third.restore_key_backup("orange staple battery").await.unwrap();
         let items = third.timeline(&room, 100).await.unwrap();
         items.iter().any(|i| text(i) == Some("sent before the new device")).then_some(())
@@ -870,7 +849,7 @@ async fn an_upload_cut_midway_continues_from_the_servers_offset(backend: Backend
     alice.wait_for_state(&room, &item.key, SendState::Sent).await;
 
     // Bob gets the file with its real type and the right bytes.
-    let received = eventually("the file at Bob", || async {
+    let received = eventually_some("the file at Bob", || async {
         let items = bob.client.timeline(&room, 50).await.unwrap();
         items.into_iter().find(|i| matches!(i.content, ItemContent::File { .. }))
     })
@@ -894,7 +873,7 @@ async fn private_read_receipts_and_unknown_presence(backend: Backend) {
     // Bob reads privately: his unread count drops, Alice's message stays at ✓ (sent).
     let first = alice.client.send_text(&room, "read this quietly").await.unwrap();
     let first_event = bob.wait_for_text(&room, "read this quietly").await.event_id.expect("an event id").to_string();
-    eventually("the message unread at Bob", || async {
+    eventually_some("the message unread at Bob", || async {
         (bob.client.room(&room).await.unwrap()?.unread > 0).then_some(())
     })
     .await;

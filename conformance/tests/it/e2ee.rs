@@ -262,10 +262,7 @@ async fn device_list_changes_reach_room_members(backend: Backend) {
     // Carol joins: bob must re-query her; then bob leaves and alice sees him go.
     let alice_since = server.sync(&alice, None, 0, None).await["next_batch"].as_str().unwrap().to_owned();
     server.join(&carol, &room).await.assert_ok();
-    server
-        .post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), Some(&bob.access_token), json!({}))
-        .await
-        .assert_ok();
+    server.membership(&bob, &room, "leave", None).await.assert_ok();
     let alice_sync = server.sync(&alice, Some(&alice_since), 0, None).await;
     assert!(
         alice_sync["device_lists"]["changed"].as_array().unwrap().contains(&json!("@carol:localhost")),

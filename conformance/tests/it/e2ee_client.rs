@@ -423,14 +423,7 @@ async fn matrix_js_sdk_reads_our_messages_and_we_read_its() {
     let ready: Value = serde_json::from_str(&expect_line(&lines, "READY")).unwrap();
     let js_user: OwnedUserId = ready["user_id"].as_str().unwrap().try_into().unwrap();
 
-    server
-        .post(
-            &format!("/_matrix/client/v3/rooms/{}/invite", enc(room.as_str())),
-            Some(&rusty.user.access_token),
-            json!({"user_id": js_user}),
-        )
-        .await
-        .assert_ok();
+    server.membership(&rusty.user, room.as_str(), "invite", Some(js_user.as_str())).await.assert_ok();
     expect_line(&lines, "JOINED");
     rusty.sync(&server).await;
     let members = vec![rusty.user_id(), js_user.clone()];

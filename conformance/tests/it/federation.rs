@@ -1,38 +1,19 @@
 //! Federation between two real Obmin processes over TLS on loopback: keys, the notary, X-Matrix
 //! signed requests in both directions (remote profiles), and forged requests refused.
 
-use conformance::{Backend, Server, ServerOptions, backend_tests, enc, federation_http};
+use conformance::{
+    Backend, Server, ServerOptions, backend_tests, enc,
+    federated::{SignedAs, federating, federation_request},
+    federation_http,
+};
 use federation::{SigningKey, keys::verify_key_document, xmatrix};
 use ruma::{ServerName, api::federation::discovery::ServerSigningKeys, serde::Raw};
 use serde_json::{Value, json};
 
-async fn federating(backend: Backend) -> Server {
-    ServerOptions::new(backend).federating().start().await
-}
-
 /// GET on a federation listener, optionally signed as `origin` with `key`.
 async fn fed_get(server: &Server, path: &str, signed_as: Option<(&str, &SigningKey)>) -> (u16, Value) {
-    let url = format!("{}{path}", server.federation_url.as_ref().expect("federating server"));
-    let mut request = http::Request::get(&url).body(Vec::new()).unwrap();
-    if let Some((origin, key)) = signed_as {
-        xmatrix::sign_request(
-            &mut request,
-            &ServerName::parse(origin).unwrap(),
-            &ServerName::parse(&server.server_name).unwrap(),
-            key,
-        )
-        .unwrap();
-    }
-    let request = reqwest::Request::try_from(request).unwrap();
-    let response = federation_http().execute(request).await.expect("federation request");
-    let status = response.status().as_u16();
-    let body = response.json().await.unwrap_or(Value::Null);
-    (status, body)
-}
-
-fn signing_key_of(server: &Server) -> SigningKey {
-    let text = std::fs::read_to_string(server.dir.path().join("data/signing.key")).expect("signing key file");
-    SigningKey::parse(&text).unwrap()
+    let signed_as = signed_as.map(|(origin, key)| SignedAs::new(origin, key));
+    federation_request(server, reqwest::Method::GET, path, None, signed_as).await
 }
 
 async fn version_and_key_server(backend: Backend) {
@@ -46,7 +27,7 @@ async fn version_and_key_server(backend: Backend) {
     let raw: Raw<ServerSigningKeys> = serde_json::from_value(body.clone()).unwrap();
     // Signed by the key it publishes, for the server's own name, valid for a while.
     let verified = verify_key_document(&ServerName::parse(&a.server_name).unwrap(), &raw).expect("self-signed");
-    let key = signing_key_of(&a);
+    let key = a.signing_key();
     assert_eq!(verified.verify_keys.get(&key.key_id()), Some(&key.public_key_base64()));
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     assert!(verified.valid_until_ts > now + 3_600_000, "{body}");
@@ -93,7 +74,7 @@ async fn remote_profiles_and_notary(backend: Backend) {
     assert_eq!(docs.len(), 1, "{body}");
     let raw: Raw<ServerSigningKeys> = serde_json::from_value(docs[0].clone()).unwrap();
     let verified = verify_key_document(&ServerName::parse(&b.server_name).unwrap(), &raw).unwrap();
-    assert_eq!(verified.verify_keys.get(&signing_key_of(&b).key_id()), Some(&signing_key_of(&b).public_key_base64()));
+    assert_eq!(verified.verify_keys.get(&b.signing_key().key_id()), Some(&b.signing_key().public_key_base64()));
     assert!(docs[0]["signatures"][&a.server_name].is_object(), "notary signature: {body}");
     // The batch form, for B and for A itself.
     let url = format!("{}/_matrix/key/v2/query", a.federation_url.as_ref().unwrap());
@@ -121,7 +102,7 @@ async fn forged_requests_are_refused(backend: Backend) {
     let (status, body) = fed_get(&a, &path, None).await;
     assert_eq!((status, body["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{body}");
     // Claims to be B but signed with another key under B's key id: A fetches B's real key.
-    let real = signing_key_of(&b);
+    let real = b.signing_key();
     let forged = SigningKey::parse(&format!(
         "ed25519 {} AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
         real.key_id().trim_start_matches("ed25519:")
@@ -279,7 +260,7 @@ async fn aliases_and_user_devices_across_servers(backend: Backend) {
         .await
         .assert_ok();
     let path = format!("/_matrix/federation/v1/user/devices/{}", enc(&alice.user_id));
-    let (status, body) = fed_get(&a, &path, Some((&b.server_name, &signing_key_of(&b)))).await;
+    let (status, body) = fed_get(&a, &path, Some((&b.server_name, &b.signing_key()))).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["user_id"], alice.user_id.as_str());
     assert_eq!(body["devices"][0]["device_id"], alice.device_id.as_str(), "{body}");
@@ -307,7 +288,7 @@ async fn aliases_and_user_devices_across_servers(backend: Backend) {
         &mut request,
         &ServerName::parse(&b.server_name).unwrap(),
         &ServerName::parse(&a.server_name).unwrap(),
-        &signing_key_of(&b),
+        &b.signing_key(),
     )
     .unwrap();
     let response = federation_http().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
@@ -340,7 +321,7 @@ async fn media_download_over_federation(backend: Backend) {
         &mut request,
         &ServerName::parse(&b.server_name).unwrap(),
         &ServerName::parse(&a.server_name).unwrap(),
-        &signing_key_of(&b),
+        &b.signing_key(),
     )
     .unwrap();
     let response = federation_http().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
@@ -383,7 +364,7 @@ async fn media_download_over_federation(backend: Backend) {
         &mut request,
         &ServerName::parse(&b.server_name).unwrap(),
         &ServerName::parse(&a.server_name).unwrap(),
-        &signing_key_of(&b),
+        &b.signing_key(),
     )
     .unwrap();
     let response = federation_http().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
@@ -397,7 +378,7 @@ async fn media_download_over_federation(backend: Backend) {
     let (status, _) = fed_get(&a, &format!("/_matrix/federation/v1/media/download/{media_id}"), None).await;
     assert_eq!(status, 401);
     let (status, body) =
-        fed_get(&a, "/_matrix/federation/v1/media/download/nothingHere", Some((&b.server_name, &signing_key_of(&b))))
+        fed_get(&a, "/_matrix/federation/v1/media/download/nothingHere", Some((&b.server_name, &b.signing_key())))
             .await;
     assert_eq!((status, body["errcode"].as_str()), (404, Some("M_NOT_FOUND")), "{body}");
 }

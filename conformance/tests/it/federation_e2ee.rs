@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use conformance::{Backend, Server, ServerOptions, backend_tests, enc, federation_http};
+use conformance::{Backend, Server, ServerOptions, backend_tests, enc, federation_http, wait::eventually_some};
 use federation::{SigningKey, xmatrix};
 use obmin_client::ItemContent;
 use ruma::ServerName;
@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::{
-    desktop_core::{App, direct_chat, eventually},
+    desktop_core::{App, direct_chat},
     e2ee::Signer,
 };
 
@@ -83,7 +83,7 @@ async fn encrypted_messages_and_files_across_servers(backend: Backend) {
     let data: Vec<u8> = (0..len as u64).map(|p| (p.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
     std::fs::File::create(&source).unwrap().write_all(&data).unwrap();
     alice.client.send_file(&room, &source, None).await.unwrap();
-    let received = eventually("the file at Bob", || async {
+    let received = eventually_some("the file at Bob", || async {
         let items = bob.client.timeline(&room, 50).await.unwrap();
         items.into_iter().find(|i| matches!(i.content, ItemContent::File { .. }))
     })

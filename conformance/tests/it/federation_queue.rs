@@ -6,7 +6,7 @@
 use conformance::{Backend, Server, ServerOptions, backend_tests, free_port};
 use serde_json::json;
 
-use crate::federation_rooms::{bodies, eventually, join_via, wait_for_timeline, wait_for_timeline_since};
+use conformance::{client::bodies, wait::eventually};
 
 backend_tests!(a_destination_gone_for_a_day_is_given_up_on);
 
@@ -26,9 +26,9 @@ async fn a_destination_gone_for_a_day_is_given_up_on(backend: Backend) {
     let alice = a.register("alice", "password-alice-1").await;
     let bob = b.register("bob", "password-bob-1").await;
     let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    b.join_via(&bob, &room_id, &a.server_name).await.assert_ok();
     a.send_text(&alice, &room_id, "m-before").await.assert_ok();
-    wait_for_timeline(&b, &bob, &room_id, "the first message", |e| bodies(e).contains(&"m-before".to_owned())).await;
+    b.wait_for_timeline(&bob, &room_id, "the first message", |e| bodies(e).contains(&"m-before".to_owned())).await;
     let since = b.sync(&bob, None, 0, None).await["next_batch"].as_str().map(str::to_owned);
 
     // B goes away; Alice keeps talking; A fails to deliver and says so.
@@ -66,10 +66,11 @@ async fn a_destination_gone_for_a_day_is_given_up_on(backend: Backend) {
     // B returns and talks to A: A delivers at once, and B fills the gap itself.
     b.restart().await;
     b.send_text(&bob, &room_id, "b-back").await.assert_ok();
-    let seen = wait_for_timeline_since(&b, &bob, &room_id, since, "the newest message", |e| {
-        bodies(e).contains(&"m-29".to_owned())
-    })
-    .await;
+    let seen = b
+        .wait_for_timeline_since(&bob, &room_id, since, "the newest message", |e| {
+            bodies(e).contains(&"m-29".to_owned())
+        })
+        .await;
     assert!(bodies(&seen).contains(&"m-29".to_owned()));
     eventually("A to count B as reachable again", || async {
         metric(&a, port, "obmin_federation_destinations_failing").await == Some(0.0)

@@ -5,112 +5,19 @@
 
 use std::time::{Duration, Instant};
 
-use conformance::{Backend, Server, ServerOptions, User, backend_tests, enc, federation_http};
+use conformance::{
+    Backend, Server, User, backend_tests,
+    client::{bodies, state_event_id},
+    enc,
+    federated::{JoinedPair, federating, federation_get, federation_post, send_transaction},
+    wait::eventually,
+};
 use federation::{
     SigningKey,
     pdu::{NewEvent, sign_new_event},
-    xmatrix,
 };
 use ruma::{EventId, MilliSecondsSinceUnixEpoch, RoomId, RoomVersionId, ServerName, UserId};
 use serde_json::{Value, json};
-
-async fn federating(backend: Backend) -> Server {
-    ServerOptions::new(backend).federating().start().await
-}
-
-fn signing_key_of(server: &Server) -> SigningKey {
-    let text = std::fs::read_to_string(server.dir.path().join("data/signing.key")).expect("signing key file");
-    SigningKey::parse(&text).unwrap()
-}
-
-/// Joins by room id through `via`.
-pub(crate) async fn join_via(server: &Server, user: &User, room_id: &str, via: &str) -> conformance::Response {
-    server
-        .post(
-            &format!("/_matrix/client/v3/join/{}?via={}", enc(room_id), enc(via)),
-            Some(&user.access_token),
-            json!({}),
-        )
-        .await
-}
-
-/// Syncs (from `since`, or from the start) until `done` holds for the room's timeline events
-/// seen so far (or panics after 40 s); returns them.
-pub(crate) async fn wait_for_timeline_since(
-    server: &Server,
-    user: &User,
-    room_id: &str,
-    since: Option<String>,
-    what: &str,
-    done: impl Fn(&[Value]) -> bool,
-) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let mut since = since;
-    let mut seen: Vec<Value> = Vec::new();
-    let filter = json!({"room": {"timeline": {"limit": 200}}});
-    loop {
-        let body = server.sync(user, since.as_deref(), 1000, Some(filter.clone())).await;
-        since = body["next_batch"].as_str().map(str::to_owned);
-        if let Some(events) = body["rooms"]["join"][room_id]["timeline"]["events"].as_array() {
-            seen.extend(events.iter().cloned());
-        }
-        if done(&seen) {
-            return seen;
-        }
-        assert!(Instant::now() < deadline, "{what} never arrived on {}; saw {seen:?}", server.server_name);
-    }
-}
-
-pub(crate) async fn wait_for_timeline(
-    server: &Server,
-    user: &User,
-    room_id: &str,
-    what: &str,
-    done: impl Fn(&[Value]) -> bool,
-) -> Vec<Value> {
-    wait_for_timeline_since(server, user, room_id, None, what, done).await
-}
-
-pub(crate) fn bodies(events: &[Value]) -> Vec<String> {
-    events
-        .iter()
-        .filter(|e| e["type"] == "m.room.message")
-        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
-        .collect()
-}
-
-/// Polls until `check` holds (or panics after 40 s).
-pub(crate) async fn eventually<F, Fut>(what: &str, check: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// The room's current state as (type, state_key) -> event id, through the client API.
-async fn state_ids(server: &Server, user: &User, room_id: &str) -> Vec<(String, String, String)> {
-    let resp = server.get(&format!("/_matrix/client/v3/rooms/{}/state", enc(room_id)), Some(&user.access_token)).await;
-    let mut out: Vec<(String, String, String)> = resp
-        .assert_ok()
-        .as_array()
-        .expect("state array")
-        .iter()
-        .map(|e| {
-            (
-                e["type"].as_str().unwrap().to_owned(),
-                e["state_key"].as_str().unwrap().to_owned(),
-                e["event_id"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    out.sort();
-    out
-}
 
 async fn join_public_room_and_talk_both_ways(backend: Backend) {
     let a = federating(backend).await;
@@ -121,7 +28,7 @@ async fn join_public_room_and_talk_both_ways(backend: Backend) {
     a.send_text(&alice, &room_id, "before bob").await.assert_ok();
 
     // Bob joins A's room from B: make_join / send_join through A.
-    let joined = join_via(&b, &bob, &room_id, &a.server_name).await;
+    let joined = b.join_via(&bob, &room_id, &a.server_name).await;
     assert_eq!(joined.assert_ok()["room_id"], room_id.as_str());
     // B now has the room's state: the name, Alice's and Bob's memberships.
     let name =
@@ -138,42 +45,29 @@ async fn join_public_room_and_talk_both_ways(backend: Backend) {
 
     // Messages both ways.
     a.send_text(&alice, &room_id, "hello from A").await.assert_ok();
-    let seen = wait_for_timeline(&b, &bob, &room_id, "alice's message", |events| {
-        bodies(events).contains(&"hello from A".to_owned())
-    })
-    .await;
+    let seen = b
+        .wait_for_timeline(&bob, &room_id, "alice's message", |events| {
+            bodies(events).contains(&"hello from A".to_owned())
+        })
+        .await;
     let from_a = seen.iter().find(|e| e["content"]["body"] == "hello from A").unwrap();
     assert_eq!(from_a["sender"], alice.user_id.as_str());
     b.send_text(&bob, &room_id, "hello from B").await.assert_ok();
-    wait_for_timeline(&a, &alice, &room_id, "bob's message", |events| {
+    a.wait_for_timeline(&alice, &room_id, "bob's message", |events| {
         bodies(events).contains(&"hello from B".to_owned())
     })
     .await;
 
     // A name and topic change on A, then the same state on both servers.
-    a.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)),
-        Some(&alice.access_token),
-        json!({"topic": "federated"}),
-    )
-    .await
-    .assert_ok();
-    a.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", enc(&room_id)),
-        Some(&alice.access_token),
-        json!({"name": "Renamed"}),
-    )
-    .await
-    .assert_ok();
+    a.put_state(&alice, &room_id, "m.room.topic", "", json!({"topic": "federated"})).await.assert_ok();
+    a.put_state(&alice, &room_id, "m.room.name", "", json!({"name": "Renamed"})).await.assert_ok();
     eventually("the same state on both servers", || async {
-        state_ids(&a, &alice, &room_id).await == state_ids(&b, &bob, &room_id).await
+        a.room_state(&alice, &room_id).await == b.room_state(&bob, &room_id).await
     })
     .await;
 
     // Bob leaves from B: A sees it.
-    b.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room_id)), Some(&bob.access_token), json!({}))
-        .await
-        .assert_ok();
+    b.membership(&bob, &room_id, "leave", None).await.assert_ok();
     eventually("bob's leave on A", || async {
         let resp = a
             .get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room_id)), Some(&alice.access_token))
@@ -208,7 +102,7 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
     );
     assert!(invite_state.iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == bob.user_id.as_str()));
     // Without an invite Carol cannot join the private room.
-    let refused = join_via(&b, &carol, &room_id, &a.server_name).await;
+    let refused = b.join_via(&carol, &room_id, &a.server_name).await;
     assert_eq!(refused.status.as_u16(), 403, "{}", refused.body);
     b.join(&bob, &room_id).await.assert_ok();
 
@@ -222,13 +116,7 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
     let mut pl = pl.assert_ok().clone();
     pl["users"][&bob.user_id] = json!(50);
     pl["users"][&carol.user_id] = json!(0);
-    a.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room_id)),
-        Some(&alice.access_token),
-        pl,
-    )
-    .await
-    .assert_ok();
+    a.put_state(&alice, &room_id, "m.room.power_levels", "", pl).await.assert_ok();
     eventually("the power levels on B", || async {
         let resp = b
             .get(
@@ -239,13 +127,7 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
         resp.assert_ok()["users"][&bob.user_id] == 50
     })
     .await;
-    b.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)),
-        Some(&bob.access_token),
-        json!({"topic": "set by bob"}),
-    )
-    .await
-    .assert_ok();
+    b.put_state(&bob, &room_id, "m.room.topic", "", json!({"topic": "set by bob"})).await.assert_ok();
     eventually("bob's topic on A", || async {
         let resp = a
             .get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)), Some(&alice.access_token))
@@ -269,8 +151,8 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
     })
     .await;
     // Bob is out, B has no member left: the same state as A up to then.
-    let on_a = state_ids(&a, &alice, &room_id).await;
-    let kick = on_a.iter().find(|(t, k, _)| t == "m.room.member" && k == &bob.user_id).unwrap().2.clone();
+    let on_a = a.room_state(&alice, &room_id).await;
+    let kick = state_event_id(&on_a, "m.room.member", &bob.user_id);
     let on_b = b
         .get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room_id), enc(&kick)), Some(&bob.access_token))
         .await;
@@ -286,7 +168,7 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
     .await;
     a.join(&alice, &room2).await.assert_ok();
     a.send_text(&alice, &room2, "thanks carol").await.assert_ok();
-    wait_for_timeline(&b, &carol, &room2, "alice's message", |events| {
+    b.wait_for_timeline(&carol, &room2, "alice's message", |events| {
         bodies(events).contains(&"thanks carol".to_owned())
     })
     .await;
@@ -298,9 +180,7 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
         body["rooms"]["invite"].get(&room3).is_some()
     })
     .await;
-    b.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room3)), Some(&carol.access_token), json!({}))
-        .await
-        .assert_ok();
+    b.membership(&carol, &room3, "leave", None).await.assert_ok();
     let member = a
         .get(
             &format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room3), enc(&carol.user_id)),
@@ -310,38 +190,12 @@ async fn invites_both_ways_power_levels_and_kick(backend: Backend) {
     assert_eq!(member.assert_ok()["membership"], "leave");
 }
 
-/// PUT /send signed by `origin` with its real key.
-async fn send_transaction(target: &Server, origin: &Server, txn_id: &str, pdus: Vec<Value>) -> (u16, Value) {
-    let url = format!("{}/_matrix/federation/v1/send/{txn_id}", target.federation_url.as_ref().unwrap());
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-    let body =
-        serde_json::to_vec(&json!({"origin": origin.server_name, "origin_server_ts": now, "pdus": pdus})).unwrap();
-    let mut request = http::Request::put(&url).header("content-type", "application/json").body(body).unwrap();
-    xmatrix::sign_request(
-        &mut request,
-        &ServerName::parse(&origin.server_name).unwrap(),
-        &ServerName::parse(&target.server_name).unwrap(),
-        &signing_key_of(origin),
-    )
-    .unwrap();
-    let response = federation_http().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 async fn forged_events_are_refused(backend: Backend) {
-    let a = federating(backend).await;
-    let b = federating(backend).await;
-    let alice = a.register("alice", "password-alice-1").await;
-    let bob = b.register("bob", "password-bob-1").await;
-    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    let JoinedPair { a, b, alice, bob, room_id } = JoinedPair::start(backend).await;
 
     // A message from Bob built by hand on the room's current state, as B would build it.
-    let state = state_ids(&a, &alice, &room_id).await;
-    let id_of = |t: &str, k: &str| {
-        EventId::parse(state.iter().find(|(tt, kk, _)| tt == t && kk == k).unwrap().2.as_str()).unwrap()
-    };
+    let state = a.room_state(&alice, &room_id).await;
+    let id_of = |t: &str, k: &str| EventId::parse(state_event_id(&state, t, k)).unwrap();
     let member = id_of("m.room.member", &bob.user_id);
     let event = |body: &str| NewEvent {
         room_id: Some(RoomId::parse(&room_id).unwrap()),
@@ -356,7 +210,7 @@ async fn forged_events_are_refused(backend: Backend) {
         origin_server_ts: MilliSecondsSinceUnixEpoch::now(),
     };
     let b_name = ServerName::parse(&b.server_name).unwrap();
-    let real = signing_key_of(&b);
+    let real = b.signing_key();
     let forger = SigningKey::parse(&format!(
         "ed25519 {} AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
         real.key_id().trim_start_matches("ed25519:")
@@ -412,14 +266,9 @@ async fn forged_events_are_refused(backend: Backend) {
 }
 
 async fn stopped_peer_catches_up_in_order(backend: Backend) {
-    let a = federating(backend).await;
-    let mut b = federating(backend).await;
-    let alice = a.register("alice", "password-alice-1").await;
-    let bob = b.register("bob", "password-bob-1").await;
-    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    let JoinedPair { a, mut b, alice, bob, room_id } = JoinedPair::start(backend).await;
     a.send_text(&alice, &room_id, "m-before").await.assert_ok();
-    wait_for_timeline(&b, &bob, &room_id, "the first message", |e| bodies(e).contains(&"m-before".to_owned())).await;
+    b.wait_for_timeline(&bob, &room_id, "the first message", |e| bodies(e).contains(&"m-before".to_owned())).await;
 
     // B goes away; Alice keeps talking; A queues everything for B.
     let since = b.sync(&bob, None, 0, None).await["next_batch"].as_str().map(str::to_owned);
@@ -431,10 +280,11 @@ async fn stopped_peer_catches_up_in_order(backend: Backend) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     // B comes back on the same data and port and receives all of it, in order.
     b.restart().await;
-    let seen = wait_for_timeline_since(&b, &bob, &room_id, since, "every queued message", |events| {
-        bodies(events).iter().filter(|b| b.starts_with("m-") && *b != "m-before").count() >= sent.len()
-    })
-    .await;
+    let seen = b
+        .wait_for_timeline_since(&bob, &room_id, since, "every queued message", |events| {
+            bodies(events).iter().filter(|b| b.starts_with("m-") && *b != "m-before").count() >= sent.len()
+        })
+        .await;
     let got: Vec<String> = bodies(&seen).into_iter().filter(|b| b.starts_with("m-") && b != "m-before").collect();
     assert_eq!(got, sent, "all messages, once each, in order");
 }
@@ -443,14 +293,9 @@ async fn stopped_peer_catches_up_in_order(backend: Backend) {
 /// A acknowledged to Alice reaches B once, in order, whatever B had taken in of the
 /// transaction it was in the middle of.
 async fn a_peer_killed_mid_transaction_loses_nothing(backend: Backend) {
-    let a = federating(backend).await;
-    let mut b = federating(backend).await;
-    let alice = a.register("alice", "password-alice-1").await;
-    let bob = b.register("bob", "password-bob-1").await;
-    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    let JoinedPair { a, mut b, alice, bob, room_id } = JoinedPair::start(backend).await;
     a.send_text(&alice, &room_id, "m-before").await.assert_ok();
-    wait_for_timeline(&b, &bob, &room_id, "the first message", |e| bodies(e).contains(&"m-before".to_owned())).await;
+    b.wait_for_timeline(&bob, &room_id, "the first message", |e| bodies(e).contains(&"m-before".to_owned())).await;
     let since = b.sync(&bob, None, 0, None).await["next_batch"].as_str().map(str::to_owned);
 
     let sent: Vec<String> = (0..80).map(|i| format!("m-{i:02}")).collect();
@@ -467,17 +312,18 @@ async fn a_peer_killed_mid_transaction_loses_nothing(backend: Backend) {
         })
     };
     // Kill B once it has taken in some of the stream, then bring it back.
-    wait_for_timeline_since(&b, &bob, &room_id, since.clone(), "the first messages", |e| {
+    b.wait_for_timeline_since(&bob, &room_id, since.clone(), "the first messages", |e| {
         bodies(e).iter().filter(|b| b.starts_with("m-") && *b != "m-before").count() >= 5
     })
     .await;
     b.kill();
     sender.await.unwrap();
     b.restart().await;
-    let seen = wait_for_timeline_since(&b, &bob, &room_id, since, "every message", |events| {
-        bodies(events).iter().filter(|b| b.starts_with("m-") && *b != "m-before").count() >= sent.len()
-    })
-    .await;
+    let seen = b
+        .wait_for_timeline_since(&bob, &room_id, since, "every message", |events| {
+            bodies(events).iter().filter(|b| b.starts_with("m-") && *b != "m-before").count() >= sent.len()
+        })
+        .await;
     let got: Vec<String> = bodies(&seen).into_iter().filter(|b| b.starts_with("m-") && b != "m-before").collect();
     assert_eq!(got, sent, "all messages, once each, in order");
 }
@@ -493,30 +339,18 @@ async fn concurrent_state_changes_converge(backend: Backend) {
             json!({"preset": "public_chat", "power_level_content_override": {"users": {(bob.user_id.as_str()): 50}}}),
         )
         .await;
-    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    b.join_via(&bob, &room_id, &a.server_name).await.assert_ok();
 
     // While B is down Alice sets the topic; right after B is back Bob sets it too, before
     // A's retry brings Alice's: two branches, each server receiving the other's change last.
     assert!(b.terminate().await, "clean shutdown");
-    a.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)),
-        Some(&alice.access_token),
-        json!({"topic": "alice's"}),
-    )
-    .await
-    .assert_ok();
+    a.put_state(&alice, &room_id, "m.room.topic", "", json!({"topic": "alice's"})).await.assert_ok();
     b.restart().await;
-    b.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)),
-        Some(&bob.access_token),
-        json!({"topic": "bob's"}),
-    )
-    .await
-    .assert_ok();
+    b.put_state(&bob, &room_id, "m.room.topic", "", json!({"topic": "bob's"})).await.assert_ok();
     // Without state resolution each server would keep the change it received last.
     eventually("the same state on both servers", || async {
-        let on_a = state_ids(&a, &alice, &room_id).await;
-        let on_b = state_ids(&b, &bob, &room_id).await;
+        let on_a = a.room_state(&alice, &room_id).await;
+        let on_b = b.room_state(&bob, &room_id).await;
         on_a == on_b
     })
     .await;
@@ -526,55 +360,17 @@ async fn concurrent_state_changes_converge(backend: Backend) {
     assert_eq!(on_a, on_b);
     // Both messages of the graph still reach both timelines afterwards.
     b.send_text(&bob, &room_id, "after the merge").await.assert_ok();
-    wait_for_timeline(&a, &alice, &room_id, "a message after the merge", |events| {
+    a.wait_for_timeline(&alice, &room_id, "a message after the merge", |events| {
         bodies(events).contains(&"after the merge".to_owned())
     })
     .await;
 }
 
-/// GET on a federation listener, signed as `origin` with its real key.
-async fn fed_get(target: &Server, origin: &Server, path: &str) -> (u16, Value) {
-    let url = format!("{}{path}", target.federation_url.as_ref().unwrap());
-    let mut request = http::Request::get(&url).body(Vec::new()).unwrap();
-    xmatrix::sign_request(
-        &mut request,
-        &ServerName::parse(&origin.server_name).unwrap(),
-        &ServerName::parse(&target.server_name).unwrap(),
-        &signing_key_of(origin),
-    )
-    .unwrap();
-    let response = federation_http().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
-/// POST on a federation listener, signed as `origin` with its real key.
-async fn fed_post(target: &Server, origin: &Server, path: &str, body: &Value) -> (u16, Value) {
-    let url = format!("{}{path}", target.federation_url.as_ref().unwrap());
-    let body = serde_json::to_vec(body).unwrap();
-    let mut request = http::Request::post(&url).header("content-type", "application/json").body(body).unwrap();
-    xmatrix::sign_request(
-        &mut request,
-        &ServerName::parse(&origin.server_name).unwrap(),
-        &ServerName::parse(&target.server_name).unwrap(),
-        &signing_key_of(origin),
-    )
-    .unwrap();
-    let response = federation_http().execute(reqwest::Request::try_from(request).unwrap()).await.unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 /// `/get_missing_events`, which a server (Synapse among them) asks before it accepts an event
 /// whose `prev_events` it lacks: the events between what it has and the new one, oldest first.
 async fn missing_events_are_served(backend: Backend) {
-    let a = federating(backend).await;
-    let b = federating(backend).await;
+    let JoinedPair { a, b, alice, room_id, .. } = JoinedPair::start(backend).await;
     let c = federating(backend).await;
-    let alice = a.register("alice", "password-alice-1").await;
-    let bob = b.register("bob", "password-bob-1").await;
-    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
     let mut ids = Vec::new();
     for i in 0..5 {
         let sent = a.send_text(&alice, &room_id, &format!("gap-{i}")).await;
@@ -592,27 +388,27 @@ async fn missing_events_are_served(backend: Backend) {
     };
 
     // Everything after the earliest and before the latest, oldest first.
-    let (status, body) = fed_post(&a, &b, &path, &ask(&ids[0], &ids[4], 10)).await;
+    let (status, body) = federation_post(&a, &b, &path, &ask(&ids[0], &ids[4], 10)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(got(&body), ["gap-1", "gap-2", "gap-3"], "{body}");
     // A limit keeps the events nearest the latest.
-    let (status, body) = fed_post(&a, &b, &path, &ask(&ids[0], &ids[4], 2)).await;
+    let (status, body) = federation_post(&a, &b, &path, &ask(&ids[0], &ids[4], 2)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(got(&body), ["gap-2", "gap-3"], "{body}");
     // min_depth leaves out what lies below it.
-    let depth_of_2 =
-        fed_get(&a, &b, &format!("/_matrix/federation/v1/event/{}", enc(&ids[2]))).await.1["pdus"][0]["depth"]
-            .as_u64()
-            .unwrap();
+    let depth_of_2 = federation_get(&a, &b, &format!("/_matrix/federation/v1/event/{}", enc(&ids[2]))).await.1["pdus"]
+        [0]["depth"]
+        .as_u64()
+        .unwrap();
     let mut request = ask(&ids[0], &ids[4], 10);
     request["min_depth"] = json!(depth_of_2);
-    let (status, body) = fed_post(&a, &b, &path, &request).await;
+    let (status, body) = federation_post(&a, &b, &path, &request).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(got(&body), ["gap-2", "gap-3"], "{body}");
     // Unknown latest events give nothing; a server without users in the room may not ask.
-    let (status, body) = fed_post(&a, &b, &path, &ask(&ids[0], "$unknown", 10)).await;
+    let (status, body) = federation_post(&a, &b, &path, &ask(&ids[0], "$unknown", 10)).await;
     assert_eq!((status, got(&body).len()), (200, 0), "{body}");
-    let (status, body) = fed_post(&a, &c, &path, &ask(&ids[0], &ids[4], 10)).await;
+    let (status, body) = federation_post(&a, &c, &path, &ask(&ids[0], &ids[4], 10)).await;
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
 }
 
@@ -620,15 +416,10 @@ async fn missing_events_are_served(backend: Backend) {
 /// Synapse catches a peer up after a long outage with only the newest event of each room): the
 /// receiving server asks again until the gap is closed, and shows every event in order.
 async fn a_long_gap_is_filled_in_several_requests(backend: Backend) {
-    let a = federating(backend).await;
-    let b = federating(backend).await;
+    let JoinedPair { a, b, alice, bob, room_id } = JoinedPair::start(backend).await;
     let c = federating(backend).await;
-    let alice = a.register("alice", "password-alice-1").await;
-    let bob = b.register("bob", "password-bob-1").await;
     let carol = c.register("carol", "password-carol-1").await;
-    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
-    join_via(&c, &carol, &room_id, &a.server_name).await.assert_ok();
+    c.join_via(&carol, &room_id, &a.server_name).await.assert_ok();
     eventually("carol's join on B", || async {
         let resp = b
             .get(
@@ -641,16 +432,14 @@ async fn a_long_gap_is_filled_in_several_requests(backend: Backend) {
     .await;
 
     // 45 messages of Carol's, built by hand on C's key, reach A only: B hears nothing of them.
-    let state = state_ids(&a, &alice, &room_id).await;
-    let id_of = |t: &str, k: &str| {
-        EventId::parse(state.iter().find(|(tt, kk, _)| tt == t && kk == k).unwrap().2.as_str()).unwrap()
-    };
+    let state = a.room_state(&alice, &room_id).await;
+    let id_of = |t: &str, k: &str| EventId::parse(state_event_id(&state, t, k)).unwrap();
     let auth_events = vec![id_of("m.room.power_levels", ""), id_of("m.room.member", &carol.user_id)];
     let newest = a
         .get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1", enc(&room_id)), Some(&alice.access_token))
         .await;
     let mut prev = EventId::parse(newest.assert_ok()["chunk"][0]["event_id"].as_str().unwrap()).unwrap();
-    let (c_name, c_key) = (ServerName::parse(&c.server_name).unwrap(), signing_key_of(&c));
+    let (c_name, c_key) = (ServerName::parse(&c.server_name).unwrap(), c.signing_key());
     let sent: Vec<String> = (0..45).map(|i| format!("gap-{i:02}")).collect();
     let mut pdus = Vec::new();
     for (i, body) in sent.iter().enumerate() {
@@ -698,7 +487,7 @@ async fn history_before_the_join_and_server_acls(backend: Backend) {
     for body in &old {
         old_ids.push(a.send_text(&alice, &room_id, body).await.assert_ok()["event_id"].as_str().unwrap().to_owned());
     }
-    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    b.join_via(&bob, &room_id, &a.server_name).await.assert_ok();
 
     // Bob reads what was said before he joined, in order, from B (backfilled at the join).
     let resp = b
@@ -714,48 +503,58 @@ async fn history_before_the_join_and_server_acls(backend: Backend) {
     assert_eq!(name.assert_ok()["name"], "History");
 
     // The history endpoints, for a server with a user in the room.
-    let (status, body) = fed_get(&a, &b, &format!("/_matrix/federation/v1/event/{}", enc(&old_ids[2]))).await;
+    let (status, body) = federation_get(&a, &b, &format!("/_matrix/federation/v1/event/{}", enc(&old_ids[2]))).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["pdus"][0]["content"]["body"], "old-2");
-    let (status, body) =
-        fed_get(&a, &b, &format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room_id), enc(&old_ids[2])))
-            .await;
+    let (status, body) = federation_get(
+        &a,
+        &b,
+        &format!("/_matrix/federation/v1/state_ids/{}?event_id={}", enc(&room_id), enc(&old_ids[2])),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     assert!(body["pdu_ids"].as_array().unwrap().len() >= 5, "{body}");
     assert!(!body["auth_chain_ids"].as_array().unwrap().is_empty(), "{body}");
     let (status, body) =
-        fed_get(&a, &b, &format!("/_matrix/federation/v1/event_auth/{}/{}", enc(&room_id), enc(&old_ids[2]))).await;
+        federation_get(&a, &b, &format!("/_matrix/federation/v1/event_auth/{}/{}", enc(&room_id), enc(&old_ids[2])))
+            .await;
     assert_eq!(status, 200, "{body}");
     assert!(body["auth_chain"].as_array().unwrap().iter().any(|e| e["type"] == "m.room.create"), "{body}");
-    let (status, body) =
-        fed_get(&a, &b, &format!("/_matrix/federation/v1/backfill/{}?v={}&limit=3", enc(&room_id), enc(&old_ids[4])))
-            .await;
+    let (status, body) = federation_get(
+        &a,
+        &b,
+        &format!("/_matrix/federation/v1/backfill/{}?v={}&limit=3", enc(&room_id), enc(&old_ids[4])),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let pdus: Vec<&str> =
         body["pdus"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
     assert_eq!(pdus, ["old-4", "old-3", "old-2"], "{body}");
     // A server without users in the room may not read it.
-    let (status, body) = fed_get(&a, &c, &format!("/_matrix/federation/v1/event/{}", enc(&old_ids[2]))).await;
+    let (status, body) = federation_get(&a, &c, &format!("/_matrix/federation/v1/event/{}", enc(&old_ids[2]))).await;
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
 
     // A server ACL denying B: B's requests and events are refused from then on.
-    a.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.server_acl/", enc(&room_id)),
-        Some(&alice.access_token),
+    a.put_state(
+        &alice,
+        &room_id,
+        "m.room.server_acl",
+        "",
         json!({"allow": ["*"], "deny": ["localhost"], "allow_ip_literals": false}),
     )
     .await
     .assert_ok();
-    let (status, body) = fed_get(&a, &b, &format!("/_matrix/federation/v1/event/{}", enc(&old_ids[2]))).await;
+    let (status, body) = federation_get(&a, &b, &format!("/_matrix/federation/v1/event/{}", enc(&old_ids[2]))).await;
     assert_eq!((status, body["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{body}");
     let denied = b.send_text(&bob, &room_id, "denied").await;
     denied.assert_ok();
     a.send_text(&alice, &room_id, "still talking").await.assert_ok();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let seen = wait_for_timeline(&a, &alice, &room_id, "alice's own message", |events| {
-        bodies(events).contains(&"still talking".to_owned())
-    })
-    .await;
+    let seen = a
+        .wait_for_timeline(&alice, &room_id, "alice's own message", |events| {
+            bodies(events).contains(&"still talking".to_owned())
+        })
+        .await;
     assert!(!bodies(&seen).contains(&"denied".to_owned()), "an ACL-denied server's event was taken: {seen:?}");
 }
 
@@ -777,12 +576,7 @@ async fn wait_for_ephemeral(server: &Server, user: &User, room_id: &str, kind: &
 }
 
 async fn typing_receipts_and_presence_across_servers(backend: Backend) {
-    let a = federating(backend).await;
-    let b = federating(backend).await;
-    let alice = a.register("alice", "password-alice-1").await;
-    let bob = b.register("bob", "password-bob-1").await;
-    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    let JoinedPair { a, b, alice, bob, room_id } = JoinedPair::start(backend).await;
 
     // Bob types on B; Alice sees it on A.
     b.put(
@@ -799,7 +593,7 @@ async fn typing_receipts_and_presence_across_servers(backend: Backend) {
 
     // Bob's message, read by Alice on A: B shows Alice's receipt.
     let event_id = b.send_text(&bob, &room_id, "read me").await.assert_ok()["event_id"].as_str().unwrap().to_owned();
-    wait_for_timeline(&a, &alice, &room_id, "bob's message", |e| bodies(e).contains(&"read me".to_owned())).await;
+    a.wait_for_timeline(&alice, &room_id, "bob's message", |e| bodies(e).contains(&"read me".to_owned())).await;
     a.post(
         &format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room_id), enc(&event_id)),
         Some(&alice.access_token),
@@ -830,12 +624,7 @@ async fn typing_receipts_and_presence_across_servers(backend: Backend) {
 }
 
 async fn to_device_and_device_lists_across_servers(backend: Backend) {
-    let a = federating(backend).await;
-    let b = federating(backend).await;
-    let alice = a.register("alice", "password-alice-1").await;
-    let bob = b.register("bob", "password-bob-1").await;
-    let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
-    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    let JoinedPair { a, b, alice, bob, .. } = JoinedPair::start(backend).await;
     let since = a.sync(&alice, None, 0, None).await["next_batch"].as_str().unwrap().to_owned();
 
     // Bob uploads device keys on B: A's sync lists him in device_lists.changed.
@@ -903,7 +692,7 @@ async fn messages_backfill_older_history_on_demand(backend: Backend) {
     for body in &old {
         a.send_text(&alice, &room_id, body).await.assert_ok();
     }
-    join_via(&b, &bob, &room_id, &a.server_name).await.assert_ok();
+    b.join_via(&bob, &room_id, &a.server_name).await.assert_ok();
     let since = b.sync(&bob, None, 0, None).await["next_batch"].as_str().unwrap().to_owned();
 
     // Bob pages back from the newest event until the room's beginning.
@@ -945,7 +734,7 @@ async fn messages_backfill_older_history_on_demand(backend: Backend) {
     );
     // Events arriving afterwards still reach Bob as usual.
     a.send_text(&alice, &room_id, "new after backfill").await.assert_ok();
-    wait_for_timeline_since(&b, &bob, &room_id, Some(since), "the new message", |events| {
+    b.wait_for_timeline_since(&bob, &room_id, Some(since), "the new message", |events| {
         bodies(events).contains(&"new after backfill".to_owned())
     })
     .await;

@@ -12,13 +12,7 @@ use serde_json::{Value, json};
 
 /// Sets the room's ACL; returns the event's id.
 async fn set_acl(server: &Server, user: &User, room_id: &str, content: Value) -> String {
-    let resp = server
-        .put(
-            &format!("/_matrix/client/v3/rooms/{}/state/m.room.server_acl/", enc(room_id)),
-            Some(&user.access_token),
-            content,
-        )
-        .await;
+    let resp = server.put_state(user, room_id, "m.room.server_acl", "", content).await;
     resp.assert_ok()["event_id"].as_str().unwrap().to_owned()
 }
 

@@ -9,15 +9,12 @@
 use std::time::Duration;
 
 use conformance::{
-    Backend, Server, ServerOptions, User, backend_tests, enc,
+    Backend, Server, User, backend_tests, enc,
+    federated::federating,
     hostile::{Draft, Endpoint, HostileServer, Reply},
 };
 use ruma::RoomVersionId;
 use serde_json::{Value, json};
-
-async fn federating(backend: Backend) -> Server {
-    ServerOptions::new(backend).federating().start().await
-}
 
 /// A public room of Alice's on `server` that `h`'s `@mallory` joined. Returns (room, Alice).
 async fn room_with_mallory(server: &Server, h: &HostileServer) -> (String, User) {
@@ -167,13 +164,7 @@ async fn presence_and_to_device_need_a_shared_room(backend: Backend) {
     let room_id = a.create_room(&alice, json!({"preset": "public_chat"})).await;
     let h = HostileServer::start().await;
     let mallory = h.user("mallory");
-    a.post(
-        &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room_id)),
-        Some(&alice.access_token),
-        json!({"user_id": mallory}),
-    )
-    .await
-    .assert_ok();
+    a.membership(&alice, &room_id, "invite", Some(&mallory)).await.assert_ok();
     let since = a.sync(&alice, None, 0, None).await["next_batch"].as_str().unwrap().to_owned();
     let to_device = |id: &str| {
         json!({"edu_type": "m.direct_to_device", "content": {

@@ -7,15 +7,12 @@
 //! order.
 
 use conformance::{
-    Backend, Server, ServerOptions, User, backend_tests, enc,
+    Backend, Server, User, backend_tests, enc,
+    federated::federating,
     hostile::{Draft, Endpoint, HostileServer, Reply},
 };
 use ruma::RoomVersionId;
 use serde_json::{Value, json};
-
-async fn federating(backend: Backend) -> Server {
-    ServerOptions::new(backend).federating().start().await
-}
 
 /// A room of Alice's on `server` that the hostile server's `@h` joined, with power level
 /// `power` for `@h`. Returns (room id, Alice).
@@ -168,13 +165,7 @@ async fn a_depth_at_the_json_limit_does_not_brick_the_room(backend: Backend) {
         h.wait_for_pdu("Alice's message", move |pdu| conformance::hostile::event_id(pdu, &version) == event_id).await;
     assert!(pdu["depth"].as_u64().is_some_and(|d| d <= LIMIT), "{pdu}");
     // And a state change too.
-    a.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)),
-        Some(&alice.access_token),
-        json!({"topic": "deep"}),
-    )
-    .await
-    .assert_ok();
+    a.put_state(&alice, &room_id, "m.room.topic", "", json!({"topic": "deep"})).await.assert_ok();
 }
 
 /// Hole 6: a message joins two branches whose states differ, and one branch's events never
@@ -249,13 +240,7 @@ async fn a_state_event_with_missing_prev_events_is_resolved(backend: Backend) {
     topic.origin_server_ts = Some(past + 1);
     let (topic_id, topic) = h.build(&room_id, topic);
     // Alice sets the topic on her branch, later.
-    a.put(
-        &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)),
-        Some(&alice.access_token),
-        json!({"topic": "alice's"}),
-    )
-    .await
-    .assert_ok();
+    a.put_state(&alice, &room_id, "m.room.topic", "", json!({"topic": "alice's"})).await.assert_ok();
     serve_events(&h, vec![(hidden_id.clone(), hidden)]);
     let wanted = hidden_id.clone();
     h.on(Endpoint::StateIds, move |req| {
@@ -283,13 +268,7 @@ async fn state_ids_at_an_older_event_across_a_fork(backend: Backend) {
     let heads = h.room(&room_id).extremities.clone();
     let heads: Vec<&str> = heads.iter().map(String::as_str).collect();
     let hostile_member = h.room(&room_id).state_id("m.room.member", &hostile_user).unwrap();
-    let topic = a
-        .put(
-            &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room_id)),
-            Some(&alice.access_token),
-            json!({"topic": "alice's"}),
-        )
-        .await;
+    let topic = a.put_state(&alice, &room_id, "m.room.topic", "", json!({"topic": "alice's"})).await;
     let topic_id = topic.assert_ok()["event_id"].as_str().unwrap().to_owned();
     // A message on a branch that did not see the topic.
     let (branch_id, branch) = h.build(&room_id, Draft::message(&hostile_user, "on the branch").prev_events(&heads));

@@ -4,15 +4,12 @@
 //! or stored.
 
 use conformance::{
-    Backend, Server, ServerOptions, User, backend_tests, enc,
+    Backend, Server, User, backend_tests, enc,
+    federated::federating,
     hostile::{Draft, Endpoint, HostileServer, Reply},
 };
 use ruma::RoomVersionId;
 use serde_json::{Value, json};
-
-async fn federating(backend: Backend) -> Server {
-    ServerOptions::new(backend).federating().start().await
-}
 
 /// A client request whose answer may be a 502 (the remote server misbehaved), which the
 /// plain helpers treat as a server failure.

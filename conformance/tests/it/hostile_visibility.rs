@@ -5,16 +5,13 @@
 //! are served pruned; soft-failed events are not served.
 
 use conformance::{
-    Backend, Server, ServerOptions, User, backend_tests, enc,
+    Backend, Server, User, backend_tests, enc,
+    federated::federating,
     hostile::{Draft, HostileServer},
 };
 use reqwest::Method;
 use ruma::RoomVersionId;
 use serde_json::{Value, json};
-
-async fn federating(backend: Backend) -> Server {
-    ServerOptions::new(backend).federating().start().await
-}
 
 async fn room_with_visibility(server: &Server, user: &User, visibility: &str) -> String {
     server
@@ -28,17 +25,9 @@ async fn room_with_visibility(server: &Server, user: &User, visibility: &str) ->
         .await
 }
 
-async fn say(server: &Server, user: &User, room_id: &str, body: &str) -> String {
-    server.send_text(user, room_id, body).await.assert_ok()["event_id"].as_str().unwrap().to_owned()
-}
-
 async fn set_visibility(server: &Server, user: &User, room_id: &str, visibility: &str) {
     server
-        .put(
-            &format!("/_matrix/client/v3/rooms/{}/state/m.room.history_visibility/", enc(room_id)),
-            Some(&user.access_token),
-            json!({"history_visibility": visibility}),
-        )
+        .put_state(user, room_id, "m.room.history_visibility", "", json!({"history_visibility": visibility}))
         .await
         .assert_ok();
 }
@@ -119,8 +108,8 @@ async fn a_server_never_in_the_room(backend: Backend) {
     let alice = a.register("alice", "password-alice-1").await;
     let h = HostileServer::start().await;
     let shared = room_with_visibility(&a, &alice, "shared").await;
-    let secret = say(&a, &alice, &shared, "secret").await;
-    let later = say(&a, &alice, &shared, "later").await;
+    let secret = a.say(&alice, &shared, "secret").await;
+    let later = a.say(&alice, &shared, "later").await;
     assert_refused(&fed_event(&h, &a, &secret).await, "/event");
     let (status, pdus) = backfill(&h, &a, &shared, &later).await;
     assert!(status == 403 && pdus.is_empty(), "/backfill answered {status}: {pdus:?}");
@@ -131,7 +120,7 @@ async fn a_server_never_in_the_room(backend: Backend) {
     }
 
     let open = room_with_visibility(&a, &alice, "world_readable").await;
-    let public = say(&a, &alice, &open, "for everyone").await;
+    let public = a.say(&alice, &open, "for everyone").await;
     let (status, event) = fed_event(&h, &a, &public).await;
     assert_eq!(status, 200, "{event}");
     assert_full(&event, "for everyone");
@@ -151,10 +140,10 @@ async fn a_server_whose_user_left(backend: Backend) {
     let h = HostileServer::start().await;
     let mallory = h.user("mallory");
     let room_id = room_with_visibility(&a, &alice, "shared").await;
-    let before = say(&a, &alice, &room_id, "before the join").await;
+    let before = a.say(&alice, &room_id, "before the join").await;
     h.join(&a, &room_id, "mallory").await.expect("mallory joins");
-    let during = say(&a, &alice, &room_id, "while mallory is here").await;
-    let redacted = say(&a, &alice, &room_id, "said and taken back").await;
+    let during = a.say(&alice, &room_id, "while mallory is here").await;
+    let redacted = a.say(&alice, &room_id, "said and taken back").await;
     a.put(
         &format!("/_matrix/client/v3/rooms/{}/redact/{}/r1", enc(&room_id), enc(&redacted)),
         Some(&alice.access_token),
@@ -165,8 +154,8 @@ async fn a_server_whose_user_left(backend: Backend) {
     h.wait_for_pdu("the redaction", |p| p["type"] == "m.room.redaction").await;
     let (_, leave) = h.build(&room_id, Draft::member(&mallory, &mallory, "leave"));
     h.send_pdu(&a, &leave).await.expect("the leave is taken");
-    let after = say(&a, &alice, &room_id, "after mallory left").await;
-    let newest = say(&a, &alice, &room_id, "newest").await;
+    let after = a.say(&alice, &room_id, "after mallory left").await;
+    let newest = a.say(&alice, &room_id, "newest").await;
 
     let (status, event) = fed_event(&h, &a, &before).await;
     assert_eq!(status, 200, "{event}");
@@ -206,15 +195,9 @@ async fn invited_and_joined_visibility(backend: Backend) {
     let h = HostileServer::start().await;
     let mallory = h.user("mallory");
     let room_id = room_with_visibility(&a, &alice, "invited").await;
-    let m0 = say(&a, &alice, &room_id, "before the invite").await;
-    a.post(
-        &format!("/_matrix/client/v3/rooms/{}/invite", enc(&room_id)),
-        Some(&alice.access_token),
-        json!({"user_id": mallory}),
-    )
-    .await
-    .assert_ok();
-    let m1 = say(&a, &alice, &room_id, "after the invite").await;
+    let m0 = a.say(&alice, &room_id, "before the invite").await;
+    a.membership(&alice, &room_id, "invite", Some(&mallory)).await.assert_ok();
+    let m1 = a.say(&alice, &room_id, "after the invite").await;
     assert_refused(&fed_event(&h, &a, &m0).await, "/event before the invite");
     let (status, event) = fed_event(&h, &a, &m1).await;
     assert_eq!(status, 200, "{event}");
@@ -225,10 +208,10 @@ async fn invited_and_joined_visibility(backend: Backend) {
     assert_full(by_id(&pdus, &m1), "after the invite");
 
     set_visibility(&a, &alice, &room_id, "joined").await;
-    let m2 = say(&a, &alice, &room_id, "joined only").await;
+    let m2 = a.say(&alice, &room_id, "joined only").await;
     assert_refused(&fed_event(&h, &a, &m2).await, "/event under joined while invited");
     h.join(&a, &room_id, "mallory").await.expect("mallory joins");
-    let m3 = say(&a, &alice, &room_id, "after the join").await;
+    let m3 = a.say(&alice, &room_id, "after the join").await;
     let (status, event) = fed_event(&h, &a, &m3).await;
     assert_eq!(status, 200, "{event}");
     assert_full(&event, "after the join");
@@ -237,14 +220,8 @@ async fn invited_and_joined_visibility(backend: Backend) {
     // `shared` with a user only invited: nothing.
     let h2 = HostileServer::start().await;
     let shared = room_with_visibility(&a, &alice, "shared").await;
-    a.post(
-        &format!("/_matrix/client/v3/rooms/{}/invite", enc(&shared)),
-        Some(&alice.access_token),
-        json!({"user_id": h2.user("eve")}),
-    )
-    .await
-    .assert_ok();
-    let s1 = say(&a, &alice, &shared, "shared after the invite").await;
+    a.membership(&alice, &shared, "invite", Some(&h2.user("eve"))).await.assert_ok();
+    let s1 = a.say(&alice, &shared, "shared after the invite").await;
     assert_refused(&fed_event(&h2, &a, &s1).await, "/event under shared while only invited");
 }
 
@@ -258,13 +235,7 @@ async fn soft_failed_events_are_not_served(backend: Backend) {
     let join = h.join(&a, &room_id, "mallory").await.expect("mallory joins");
     let view = h.room(&room_id);
     let power_levels = view.state_id("m.room.power_levels", "").unwrap();
-    a.post(
-        &format!("/_matrix/client/v3/rooms/{}/kick", enc(&room_id)),
-        Some(&alice.access_token),
-        json!({"user_id": mallory}),
-    )
-    .await
-    .assert_ok();
+    a.membership(&alice, &room_id, "kick", Some(&mallory)).await.assert_ok();
     // Mallory speaks as if the kick had not happened: allowed by its own auth events.
     let (late, pdu) = h.build(
         &room_id,

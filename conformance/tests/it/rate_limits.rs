@@ -210,13 +210,7 @@ async fn joins_through_other_servers_are_limited(backend: Backend) {
 }
 
 async fn invite(server: &Server, by: &User, room: &str, who: &User) -> Response {
-    server
-        .post(
-            &format!("/_matrix/client/v3/rooms/{}/invite", enc(room)),
-            Some(&by.access_token),
-            json!({"user_id": who.user_id}),
-        )
-        .await
+    server.membership(by, room, "invite", Some(&who.user_id)).await
 }
 
 async fn invites_are_limited_per_issuer_room_and_invitee(backend: Backend) {

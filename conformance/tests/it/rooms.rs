@@ -266,11 +266,7 @@ async fn aliases_and_public_directory(backend: Backend) {
         .await
         .assert_error(409, "M_UNKNOWN");
     server
-        .put(
-            &format!("/_matrix/client/v3/rooms/{}/state/m.room.canonical_alias/", enc(&room)),
-            Some(&alice.access_token),
-            json!({"alias": "#elsewhere:localhost"}),
-        )
+        .put_state(&alice, &room, "m.room.canonical_alias", "", json!({"alias": "#elsewhere:localhost"}))
         .await
         .assert_error(400, "M_BAD_ALIAS");
     server

@@ -12,10 +12,6 @@ async fn set_state(server: &Server, user: &User, room_id: &str, kind: &str, cont
     resp.assert_ok()["event_id"].as_str().unwrap().to_owned()
 }
 
-async fn say(server: &Server, user: &User, room_id: &str, body: &str) -> String {
-    server.send_text(user, room_id, body).await.assert_ok()["event_id"].as_str().unwrap().to_owned()
-}
-
 /// The room state `/context` shows around an event: (type, content) of the named state.
 async fn context_state(server: &Server, user: &User, room_id: &str, event_id: &str, kind: &str) -> Option<Value> {
     let resp = server
@@ -47,9 +43,9 @@ async fn existing_rooms_get_their_state_at_start(backend: Backend) {
     let alice = server.register("alice", "password-alice-1").await;
     let room_id = server.create_room(&alice, json!({"preset": "public_chat"})).await;
     set_state(&server, &alice, &room_id, "m.room.topic", json!({"topic": "first"})).await;
-    let early = say(&server, &alice, &room_id, "under the first topic").await;
+    let early = server.say(&alice, &room_id, "under the first topic").await;
     set_state(&server, &alice, &room_id, "m.room.topic", json!({"topic": "second"})).await;
-    let late = say(&server, &alice, &room_id, "under the second topic").await;
+    let late = server.say(&alice, &room_id, "under the second topic").await;
 
     assert!(server.terminate().await, "clean shutdown");
     forget_state_groups(&server).await;
@@ -61,7 +57,7 @@ async fn existing_rooms_get_their_state_at_start(backend: Backend) {
     let at_late = context_state(&server, &alice, &room_id, &late, "m.room.topic").await;
     assert_eq!(at_late.unwrap()["topic"], "second");
     // The room keeps working: messages, state changes, and the state at events after them.
-    let after = say(&server, &alice, &room_id, "after the restart").await;
+    let after = server.say(&alice, &room_id, "after the restart").await;
     set_state(&server, &alice, &room_id, "m.room.topic", json!({"topic": "third"})).await;
     let at_after = context_state(&server, &alice, &room_id, &after, "m.room.topic").await;
     assert_eq!(at_after.unwrap()["topic"], "second");
@@ -74,7 +70,7 @@ async fn existing_rooms_get_their_state_at_start(backend: Backend) {
     // A second start does not compute anything again.
     server.restart().await;
     assert_eq!(server.log().matches("computed the state groups").count(), 1, "computed once");
-    say(&server, &alice, &room_id, "after the second restart").await;
+    server.say(&alice, &room_id, "after the second restart").await;
 }
 
 backend_tests!(existing_rooms_get_their_state_at_start);

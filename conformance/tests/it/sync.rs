@@ -482,10 +482,7 @@ async fn invites_and_leaves_in_sync(backend: Backend) {
     );
 
     let since = sync["next_batch"].as_str().unwrap().to_owned();
-    server
-        .post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), Some(&bob.access_token), json!({}))
-        .await
-        .assert_ok();
+    server.membership(&bob, &room, "leave", None).await.assert_ok();
     server.send_text(&alice, &room, "after bob left").await.assert_ok();
     let sync = server.sync(&bob, Some(&since), 0, None).await;
     let left = sync["rooms"]["leave"][&room]["timeline"]["events"].as_array().cloned().expect("leave section");

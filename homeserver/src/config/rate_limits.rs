@@ -10,82 +10,111 @@
 use ruma::UserId;
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, EnvKind, err};
+use super::{ConfigError, err, options::section};
 
-/// A token bucket: `burst_count` actions at once, then `per_second` on average.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimit {
-    pub per_second: f64,
-    pub burst_count: u32,
+section! {
+    /// A token bucket: `burst_count` actions at once, then `per_second` on average.
+    #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct RateLimit {
+        pub per_second: f64,
+        pub burst_count: u32,
+    }
 }
 
 const fn limit(per_second: f64, burst_count: u32) -> RateLimit {
     RateLimit { per_second, burst_count }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RateLimitsConfig {
-    /// Switch rate limiting off entirely (benchmarks, tests).
-    pub enabled: bool,
-    /// Users no limit applies to (bots, bridges' senders), as full user ids.
-    pub exempt_users: Vec<String>,
-    /// Events a user sends (messages, state, redactions) and profile changes (`rc_message`).
-    pub message: RateLimit,
-    /// Rooms a user creates (`rc_room_creation`).
-    pub room_creation: RateLimit,
-    /// Joins by a user, to rooms this server is in (`local`) or through another server
-    /// (`remote`) (`rc_joins`).
-    pub joins: JoinRateLimits,
-    /// Joins to one room, by anybody (`rc_joins_per_room`).
-    pub joins_per_room: RateLimit,
-    /// Invites into one room, to one user, by one user (`rc_invites`).
-    pub invites: InviteRateLimits,
-    /// Media a user uploads or reserves (`rc_media_create`).
-    pub media_create: RateLimit,
-    /// Login attempts per address and per account, failed ones per account; failed password
-    /// stages of user-interactive auth count as failed attempts too (`rc_login`).
-    pub login: LoginRateLimits,
-    /// Registrations and username checks per address (`rc_registration`).
-    pub registration: RateLimit,
-    /// Registration tokens tried per address, through the validity check or the registration
-    /// stage (`rc_registration_token_validity`).
-    pub registration_token_validity: RateLimit,
-    /// Room key requests (`m.room_key_request` to-device messages to other users) per
-    /// sending device (`rc_key_requests`).
-    pub key_requests: RateLimit,
-    /// Presence changes per user (`rc_presence`).
-    pub presence: PresenceRateLimits,
+section! {
+    /// Synapse's rate-limit classes (`rc_message`, `rc_joins`, ...) under the same names, with
+    /// Synapse's defaults. Each is a token bucket: `burst_count` actions at once, then
+    /// `per_second` on average. Over a limit: 429 `M_LIMIT_EXCEEDED` with `retry_after_ms` and
+    /// a `Retry-After` header, and nothing is counted. A class given in part keeps the default
+    /// of what it leaves out. Addresses count per IPv4 address and per IPv6 /64; each class
+    /// keeps at most 100000 buckets (drained ones are dropped; past that, new keys share one
+    /// bucket).
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct RateLimitsConfig {
+        /// Switch rate limiting off entirely: only for benchmarks and tests.
+        pub enabled: bool,
+        /// Users no limit applies to (bots, bridges' senders), as full user ids, e.g.
+        /// `["@bot:example.org"]`. Login and password guesses against their accounts stay
+        /// limited.
+        pub exempt_users: Vec<String>,
+        /// Events a user sends (messages, state events, redactions) and profile changes, per
+        /// user (`rc_message`). A retry of a send that went through is answered, never refused.
+        pub message: RateLimit,
+        /// Rooms a user creates (`rc_room_creation`).
+        pub room_creation: RateLimit,
+        /// Joins by a user: to rooms this server is in (`local`), through another server
+        /// (`remote`) (`rc_joins`). Joining a room one is already in does not count.
+        pub joins: JoinRateLimits,
+        /// Joins by this server's users to one room (`rc_joins_per_room`).
+        pub joins_per_room: RateLimit,
+        /// Invites into one room, to one user, by one user; an invite counts in all three
+        /// (`rc_invites`).
+        pub invites: InviteRateLimits,
+        /// Media a user uploads or reserves: upload, `/create`, resumable uploads
+        /// (`rc_media_create`).
+        pub media_create: RateLimit,
+        /// Logins: every attempt per client address and per account; failed attempts per
+        /// account (refused before the password is checked), failed password stages of
+        /// user-interactive auth included (`rc_login`). Earlier shape, still read:
+        /// `[rate_limits.login]` with `per_second` / `burst`, now `address`.
+        pub login: LoginRateLimits,
+        /// Registrations (counted once user-interactive auth is complete) and username checks,
+        /// per client address (`rc_registration`). Earlier name, still read:
+        /// `[rate_limits.register]`.
+        pub registration: RateLimit,
+        /// Registration tokens tried per client address, through the validity check or the
+        /// registration's token stage (`rc_registration_token_validity`).
+        pub registration_token_validity: RateLimit,
+        /// Room key requests (`m.room_key_request` to-device messages to other users), per
+        /// sending device (`rc_key_requests`).
+        pub key_requests: RateLimit,
+        /// Presence changes a user makes with `PUT /presence`; syncs only refresh it
+        /// (`rc_presence`).
+        pub presence: PresenceRateLimits,
+    }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct JoinRateLimits {
-    pub local: RateLimit,
-    pub remote: RateLimit,
+section! {
+    #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct JoinRateLimits {
+        pub local: RateLimit,
+        pub remote: RateLimit,
+    }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct InviteRateLimits {
-    pub per_room: RateLimit,
-    pub per_user: RateLimit,
-    pub per_issuer: RateLimit,
+section! {
+    #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct InviteRateLimits {
+        pub per_room: RateLimit,
+        pub per_user: RateLimit,
+        pub per_issuer: RateLimit,
+    }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LoginRateLimits {
-    pub address: RateLimit,
-    pub account: RateLimit,
-    pub failed_attempts: RateLimit,
+section! {
+    #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct LoginRateLimits {
+        pub address: RateLimit,
+        pub account: RateLimit,
+        pub failed_attempts: RateLimit,
+    }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PresenceRateLimits {
-    pub per_user: RateLimit,
+section! {
+    #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct PresenceRateLimits {
+        pub per_user: RateLimit,
+    }
 }
 
 // Synapse's defaults (synapse/config/ratelimiting.py).
@@ -235,69 +264,6 @@ fn overlay(base: &mut toml::Table, over: toml::Table) {
         }
     }
 }
-
-/// The section's environment variables.
-pub(super) const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
-    ("OBMIN_RATE_LIMITS_ENABLED", "rate_limits.enabled", EnvKind::Bool),
-    ("OBMIN_RATE_LIMITS_EXEMPT_USERS", "rate_limits.exempt_users", EnvKind::List),
-    ("OBMIN_RATE_LIMITS_MESSAGE_PER_SECOND", "rate_limits.message.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_MESSAGE_BURST_COUNT", "rate_limits.message.burst_count", EnvKind::Integer),
-    ("OBMIN_RATE_LIMITS_ROOM_CREATION_PER_SECOND", "rate_limits.room_creation.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_ROOM_CREATION_BURST_COUNT", "rate_limits.room_creation.burst_count", EnvKind::Integer),
-    ("OBMIN_RATE_LIMITS_JOINS_LOCAL_PER_SECOND", "rate_limits.joins.local.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_JOINS_LOCAL_BURST_COUNT", "rate_limits.joins.local.burst_count", EnvKind::Integer),
-    ("OBMIN_RATE_LIMITS_JOINS_REMOTE_PER_SECOND", "rate_limits.joins.remote.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_JOINS_REMOTE_BURST_COUNT", "rate_limits.joins.remote.burst_count", EnvKind::Integer),
-    ("OBMIN_RATE_LIMITS_JOINS_PER_ROOM_PER_SECOND", "rate_limits.joins_per_room.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_JOINS_PER_ROOM_BURST_COUNT", "rate_limits.joins_per_room.burst_count", EnvKind::Integer),
-    ("OBMIN_RATE_LIMITS_INVITES_PER_ROOM_PER_SECOND", "rate_limits.invites.per_room.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_INVITES_PER_ROOM_BURST_COUNT", "rate_limits.invites.per_room.burst_count", EnvKind::Integer),
-    ("OBMIN_RATE_LIMITS_INVITES_PER_USER_PER_SECOND", "rate_limits.invites.per_user.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_INVITES_PER_USER_BURST_COUNT", "rate_limits.invites.per_user.burst_count", EnvKind::Integer),
-    ("OBMIN_RATE_LIMITS_INVITES_PER_ISSUER_PER_SECOND", "rate_limits.invites.per_issuer.per_second", EnvKind::Float),
-    (
-        "OBMIN_RATE_LIMITS_INVITES_PER_ISSUER_BURST_COUNT",
-        "rate_limits.invites.per_issuer.burst_count",
-        EnvKind::Integer,
-    ),
-    ("OBMIN_RATE_LIMITS_MEDIA_CREATE_PER_SECOND", "rate_limits.media_create.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_MEDIA_CREATE_BURST_COUNT", "rate_limits.media_create.burst_count", EnvKind::Integer),
-    ("OBMIN_RATE_LIMITS_LOGIN_ADDRESS_PER_SECOND", "rate_limits.login.address.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_LOGIN_ADDRESS_BURST_COUNT", "rate_limits.login.address.burst_count", EnvKind::Integer),
-    ("OBMIN_RATE_LIMITS_LOGIN_ACCOUNT_PER_SECOND", "rate_limits.login.account.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_LOGIN_ACCOUNT_BURST_COUNT", "rate_limits.login.account.burst_count", EnvKind::Integer),
-    (
-        "OBMIN_RATE_LIMITS_LOGIN_FAILED_ATTEMPTS_PER_SECOND",
-        "rate_limits.login.failed_attempts.per_second",
-        EnvKind::Float,
-    ),
-    (
-        "OBMIN_RATE_LIMITS_LOGIN_FAILED_ATTEMPTS_BURST_COUNT",
-        "rate_limits.login.failed_attempts.burst_count",
-        EnvKind::Integer,
-    ),
-    ("OBMIN_RATE_LIMITS_REGISTRATION_PER_SECOND", "rate_limits.registration.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_REGISTRATION_BURST_COUNT", "rate_limits.registration.burst_count", EnvKind::Integer),
-    (
-        "OBMIN_RATE_LIMITS_REGISTRATION_TOKEN_VALIDITY_PER_SECOND",
-        "rate_limits.registration_token_validity.per_second",
-        EnvKind::Float,
-    ),
-    (
-        "OBMIN_RATE_LIMITS_REGISTRATION_TOKEN_VALIDITY_BURST_COUNT",
-        "rate_limits.registration_token_validity.burst_count",
-        EnvKind::Integer,
-    ),
-    ("OBMIN_RATE_LIMITS_KEY_REQUESTS_PER_SECOND", "rate_limits.key_requests.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_KEY_REQUESTS_BURST_COUNT", "rate_limits.key_requests.burst_count", EnvKind::Integer),
-    ("OBMIN_RATE_LIMITS_PRESENCE_PER_USER_PER_SECOND", "rate_limits.presence.per_user.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_PRESENCE_PER_USER_BURST_COUNT", "rate_limits.presence.per_user.burst_count", EnvKind::Integer),
-    // The names of the section's earlier shape.
-    ("OBMIN_RATE_LIMITS_LOGIN_PER_SECOND", "rate_limits.login.address.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_LOGIN_BURST", "rate_limits.login.address.burst_count", EnvKind::Integer),
-    ("OBMIN_RATE_LIMITS_REGISTER_PER_SECOND", "rate_limits.registration.per_second", EnvKind::Float),
-    ("OBMIN_RATE_LIMITS_REGISTER_BURST", "rate_limits.registration.burst_count", EnvKind::Integer),
-];
 
 #[cfg(test)]
 mod tests {

@@ -3,16 +3,21 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, EnvKind, err};
+use super::{ConfigError, err, options::section};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TransactionsConfig {
-    /// Seconds a client's transaction id is remembered: a retry within them gets the first
-    /// answer, after them the same id is a new request.
-    pub retention_secs: u64,
-    /// Seconds between passes that forget older ones.
-    pub prune_interval_secs: u64,
+section! {
+    /// How long a client's transaction id (`PUT .../send/{type}/{txnId}`, `.../redact/...`,
+    /// `/sendToDevice/{type}/{txnId}`, and other servers' to-device message ids) is remembered.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct TransactionsConfig {
+        /// Seconds a transaction id is remembered: a retry within them gets the first answer,
+        /// after them the same id is a new request. A day, as Synapse keeps its transaction
+        /// ids: clients retry for longer than minutes.
+        pub retention_secs: u64,
+        /// Seconds between passes that forget older ones.
+        pub prune_interval_secs: u64,
+    }
 }
 
 impl Default for TransactionsConfig {
@@ -32,8 +37,3 @@ impl TransactionsConfig {
         Ok(())
     }
 }
-
-pub(super) const ENV_OVERRIDES: &[(&str, &str, EnvKind)] = &[
-    ("OBMIN_TRANSACTIONS_RETENTION_SECS", "transactions.retention_secs", EnvKind::Integer),
-    ("OBMIN_TRANSACTIONS_PRUNE_INTERVAL_SECS", "transactions.prune_interval_secs", EnvKind::Integer),
-];

@@ -28,7 +28,7 @@ use zeroize::Zeroizing;
 /// The spec's `EncryptedFile` (ruma's type), re-exported for callers.
 pub use ruma::events::room::EncryptedFile as EncryptedFileJson;
 
-use crate::error::{Error, Result};
+use crate::error::{AttachmentError, Error, Result};
 
 /// The spec's counter: a big-endian 128-bit block counter over the IV (whose low 64 bits start
 /// at zero, so no realistic file reaches the wrap-around).
@@ -72,7 +72,7 @@ impl<R: Read> EncryptingReader<R> {
     /// returned end-of-file (the hash covers everything read).
     pub fn finish(self, url: OwnedMxcUri) -> Result<EncryptedFile> {
         if !self.finished {
-            return Err(Error::Attachment("finish() before the whole file was read".into()));
+            return Err(AttachmentError::NotFinished.into());
         }
         let hash: [u8; 32] = self.hasher.finalize().into();
         let info: EncryptedFileInfo = V2EncryptedFileInfo::encode(*self.key, self.iv).into();
@@ -115,10 +115,7 @@ impl<R: Read> Read for DecryptingReader<R> {
             if let Some(hasher) = self.hasher.take() {
                 let actual: [u8; 32] = hasher.finalize().into();
                 if actual != self.expected {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "attachment hash mismatch: the file was altered",
-                    ));
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, AttachmentError::HashMismatch));
                 }
             }
             return Ok(0);
@@ -163,7 +160,7 @@ impl<W: Write> EncryptingWriter<W> {
     /// Flushes and returns the inner writer with the `EncryptedFile` for the ciphertext once
     /// it is uploaded at `url`.
     pub fn finish(mut self, url: OwnedMxcUri) -> Result<(W, EncryptedFile)> {
-        self.inner.flush().map_err(|e| Error::Attachment(e.to_string()))?;
+        self.inner.flush().map_err(|e| Error::from(AttachmentError::Io(e)))?;
         let hash: [u8; 32] = self.hasher.finalize().into();
         let info: EncryptedFileInfo = V2EncryptedFileInfo::encode(*self.key, self.iv).into();
         Ok((self.inner, EncryptedFile::new(url, info, EncryptedFileHashes::with_sha256(hash))))
@@ -213,9 +210,9 @@ impl<W: Write> DecryptingWriter<W> {
     pub fn finish(mut self) -> Result<W> {
         let actual: [u8; 32] = self.hasher.finalize().into();
         if actual != self.expected {
-            return Err(Error::Attachment("hash mismatch: the file was altered".into()));
+            return Err(AttachmentError::HashMismatch.into());
         }
-        self.inner.flush().map_err(|e| Error::Attachment(e.to_string()))?;
+        self.inner.flush().map_err(|e| Error::from(AttachmentError::Io(e)))?;
         Ok(self.inner)
     }
 }
@@ -241,10 +238,10 @@ type FileParameters = (Zeroizing<[u8; 32]>, [u8; 16], [u8; 32]);
 /// The parameters of a v2 AES-CTR file with a SHA-256 hash.
 fn file_parameters(file: &EncryptedFile) -> Result<FileParameters> {
     let EncryptedFileInfo::V2(info) = &file.info else {
-        return Err(Error::Attachment(format!("unsupported version {}", file.info.version())));
+        return Err(AttachmentError::UnsupportedVersion(file.info.version().to_owned()).into());
     };
     let Some(EncryptedFileHash::Sha256(hash)) = file.hashes.get(&EncryptedFileHashAlgorithm::Sha256) else {
-        return Err(Error::Attachment("no sha256 hash".into()));
+        return Err(AttachmentError::NoHash.into());
     };
     Ok((Zeroizing::new(*info.k.as_inner()), *info.iv.as_inner(), *hash.as_inner()))
 }
@@ -262,8 +259,16 @@ pub fn decrypt_bytes(ciphertext: &[u8], file: &EncryptedFile) -> Result<Vec<u8>>
     let mut plaintext = Vec::with_capacity(ciphertext.len());
     DecryptingReader::new(ciphertext, file)?
         .read_to_end(&mut plaintext)
-        .map_err(|e| Error::Attachment(e.to_string()))?;
+        .map_err(|e| Error::from(attachment_error(e)))?;
     Ok(plaintext)
+}
+
+/// The attachment error a reader's I/O error carries (a hash mismatch), or the I/O error.
+fn attachment_error(error: io::Error) -> AttachmentError {
+    match error.get_ref().is_some_and(|inner| inner.is::<AttachmentError>()) {
+        true => *error.into_inner().expect("checked above").downcast::<AttachmentError>().expect("checked above"),
+        false => AttachmentError::Io(error),
+    }
 }
 
 #[cfg(test)]
@@ -330,7 +335,7 @@ mod tests {
 
         let mut tampered = ciphertext.clone();
         tampered[500] ^= 1;
-        assert!(matches!(decrypt_bytes(&tampered, &parsed), Err(Error::Attachment(_))));
+        assert!(matches!(decrypt_bytes(&tampered, &parsed), Err(Error::Attachment(AttachmentError::HashMismatch))));
         assert!(decrypt_bytes(&ciphertext[..ciphertext.len() - 1], &parsed).is_err());
     }
 
@@ -353,7 +358,7 @@ mod tests {
         let mut tampered = DecryptingWriter::new(Vec::new(), &file).unwrap();
         tampered.write_all(&ciphertext[..ciphertext.len() - 1]).unwrap();
         tampered.write_all(&[ciphertext[ciphertext.len() - 1] ^ 0x80]).unwrap();
-        assert!(matches!(tampered.finish(), Err(Error::Attachment(_))));
+        assert!(matches!(tampered.finish(), Err(Error::Attachment(AttachmentError::HashMismatch))));
     }
 
     #[test]

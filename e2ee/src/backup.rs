@@ -12,7 +12,7 @@ use vodozemac::{
 use zeroize::Zeroizing;
 
 use crate::{
-    error::{Error, Result},
+    error::{BackupError, Result},
     machine::OlmMachine,
     megolm::InboundSession,
     types::{BACKUP_V1, MEGOLM_V1, OutgoingRequest},
@@ -66,11 +66,11 @@ impl BackupKey {
     /// `private_key_iterations` rounds, 256 bits).
     pub fn from_passphrase(passphrase: &str, salt: &str, iterations: u32) -> Result<Self> {
         if iterations == 0 || passphrase.is_empty() {
-            return Err(Error::Backup("empty passphrase or no PBKDF2 rounds".into()));
+            return Err(BackupError::EmptyPassphrase.into());
         }
         let mut key = Self { secret: [0u8; 32], version: None };
         pbkdf2::pbkdf2::<hmac::Hmac<sha2::Sha512>>(passphrase.as_bytes(), salt.as_bytes(), iterations, &mut key.secret)
-            .map_err(|e| Error::Backup(e.to_string()))?;
+            .map_err(BackupError::Pbkdf2)?;
         Ok(key)
     }
 
@@ -91,16 +91,13 @@ impl BackupKey {
 
     pub fn from_recovery_key(recovery_key: &str) -> Result<Self> {
         let compact: Zeroizing<String> = Zeroizing::new(recovery_key.chars().filter(|c| !c.is_whitespace()).collect());
-        let bytes = Zeroizing::new(
-            bs58::decode(compact.as_str())
-                .into_vec()
-                .map_err(|e| Error::Backup(format!("recovery key is not base58: {e}")))?,
-        );
+        let bytes =
+            Zeroizing::new(bs58::decode(compact.as_str()).into_vec().map_err(BackupError::RecoveryKeyNotBase58)?);
         if bytes.len() != 35 || bytes[..2] != RECOVERY_PREFIX {
-            return Err(Error::Backup("not a recovery key (wrong length or prefix)".into()));
+            return Err(BackupError::NotARecoveryKey.into());
         }
         if bytes.iter().fold(0u8, |acc, b| acc ^ b) != 0 {
-            return Err(Error::Backup("recovery key parity check failed (typo?)".into()));
+            return Err(BackupError::RecoveryKeyParity.into());
         }
         let mut key = Self { secret: [0u8; 32], version: None };
         key.secret.copy_from_slice(&bytes[2..34]);
@@ -204,7 +201,7 @@ impl OlmMachine {
                 "sender_claimed_keys": { "ed25519": session.signing_key },
                 "forwarding_curve25519_key_chain": [],
             }))?);
-            let message = encryption.encrypt(&plaintext).map_err(|e| Error::Backup(e.to_string()))?;
+            let message = encryption.encrypt(&plaintext).map_err(BackupError::Encryption)?;
             rooms[id.0.as_str()]["sessions"][id.1.as_str()] = json!({
                 "first_message_index": session.inner.first_known_index(),
                 "forwarded_count": 0,
@@ -220,7 +217,7 @@ impl OlmMachine {
         if sent.is_empty() {
             return Ok(None);
         }
-        Ok(Some(self.hand_out_backup(version, rooms, sent)))
+        self.hand_out_backup(version, rooms, sent).map(Some)
     }
 
     /// Restores room keys from a backup: `backup_info` is `GET /room_keys/version`'s answer
@@ -228,10 +225,10 @@ impl OlmMachine {
     /// how many sessions were new to us. Undecryptable entries are skipped and counted out.
     pub fn restore_backup(&mut self, key: &BackupKey, backup_info: &Value, keys: &Value) -> Result<usize> {
         if backup_info["algorithm"] != BACKUP_V1 {
-            return Err(Error::Backup("unsupported backup algorithm".into()));
+            return Err(BackupError::UnsupportedAlgorithm.into());
         }
         if backup_info["auth_data"]["public_key"].as_str() != Some(key.public_key().to_base64().as_str()) {
-            return Err(Error::Backup("this recovery key does not belong to the backup".into()));
+            return Err(BackupError::WrongKey.into());
         }
         let decryption = key.decryption();
         let mut imported = 0;
@@ -261,24 +258,22 @@ fn restore_one(
     session_id: &str,
     data: &Value,
 ) -> Result<InboundSession> {
-    let field = |name: &str| {
-        data["session_data"][name].as_str().ok_or_else(|| Error::Backup(format!("session_data has no {name}")))
-    };
-    let message = Message::from_base64(field("ciphertext")?, field("mac")?, field("ephemeral")?)
-        .map_err(|e| Error::Backup(e.to_string()))?;
-    let plaintext = Zeroizing::new(decryption.decrypt(&message).map_err(|e| Error::Backup(e.to_string()))?);
+    let field = |name: &'static str| data["session_data"][name].as_str().ok_or(BackupError::MissingSessionData(name));
+    let message =
+        Message::from_base64(field("ciphertext")?, field("mac")?, field("ephemeral")?).map_err(BackupError::Message)?;
+    let plaintext = Zeroizing::new(decryption.decrypt(&message).map_err(BackupError::Decryption)?);
     let payload: Value = serde_json::from_slice(&plaintext)?;
     if payload["algorithm"] != MEGOLM_V1 {
-        return Err(Error::Backup("not a Megolm session".into()));
+        return Err(BackupError::NotMegolm.into());
     }
     let session = InboundSession::import(
         room_id,
-        payload["session_key"].as_str().ok_or_else(|| Error::Backup("no session_key".into()))?,
+        payload["session_key"].as_str().ok_or(BackupError::NoSessionKey)?,
         payload["sender_key"].as_str().unwrap_or_default(),
         payload["sender_claimed_keys"]["ed25519"].as_str().unwrap_or_default(),
     )?;
     if session.inner.session_id() != session_id {
-        return Err(Error::Backup("the session key does not match its session id".into()));
+        return Err(BackupError::SessionIdMismatch.into());
     }
     Ok(session)
 }
@@ -288,7 +283,7 @@ mod tests {
     use ruma::{room_id, user_id};
 
     use super::*;
-    use crate::{EncryptionSettings, types::Request};
+    use crate::EncryptionSettings;
 
     #[test]
     fn recovery_key_round_trip_and_typos() {
@@ -340,8 +335,7 @@ mod tests {
         alice.enable_backup(key.clone(), "1".into());
         let request = alice.backup_room_keys().unwrap().expect("one session to back up");
         assert_eq!(request.path(), "/_matrix/client/v3/room_keys/keys?version=1");
-        let Request::BackupKeys { rooms, .. } = &request.request else { panic!() };
-        let rooms = rooms.clone();
+        let rooms = request.body()["rooms"].clone();
         alice.mark_request_as_sent(&request.request_id, &json!({"count": 1, "etag": "1"})).unwrap();
         assert!(alice.backup_room_keys().unwrap().is_none());
 

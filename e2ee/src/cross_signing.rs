@@ -8,7 +8,7 @@ use vodozemac::{Ed25519PublicKey, Ed25519SecretKey};
 
 use crate::{
     devices::Device,
-    error::{Error, Result},
+    error::{CorruptRecord, Error, Result, SigningError, StoreError},
     machine::OlmMachine,
     signing::{sign_json, verify_json},
     types::OutgoingRequest,
@@ -22,7 +22,7 @@ pub fn cross_signing_public_key(key: &Value) -> Result<(String, Ed25519PublicKey
         Some((id, Value::String(public))) if keys.len() == 1 => (id.clone(), public.clone()),
         _ => return Err(Error::malformed("cross-signing key", "must hold exactly one key")),
     };
-    let public_key = Ed25519PublicKey::from_base64(&public).map_err(|e| Error::malformed("cross-signing key", e))?;
+    let public_key = Ed25519PublicKey::from_base64(&public).map_err(|e| Error::invalid("cross-signing key", e))?;
     Ok((key_id, public_key))
 }
 
@@ -57,7 +57,8 @@ impl Drop for PrivateCrossSigningKeys {
 
 impl PrivateCrossSigningKeys {
     fn key(seed: &str) -> Result<Ed25519SecretKey> {
-        Ed25519SecretKey::from_base64(seed).map_err(|e| Error::StoreCorrupt(format!("cross-signing key: {e}")))
+        Ed25519SecretKey::from_base64(seed)
+            .map_err(|e| Error::from(StoreError::Corrupt(CorruptRecord::CrossSigningSeed(e))))
     }
 
     fn generate() -> Self {
@@ -149,7 +150,7 @@ impl OlmMachine {
     /// Signs one of our devices with our self-signing key: the `/keys/signatures/upload`
     /// request to send.
     pub fn sign_own_device(&mut self, device_id: &str) -> Result<OutgoingRequest> {
-        let keys = self.cross_signing.clone().ok_or_else(|| Error::Signature("no cross-signing keys".into()))?;
+        let keys = self.cross_signing.clone().ok_or(SigningError::NoCrossSigningKeys)?;
         let ssk = PrivateCrossSigningKeys::key(&keys.self_signing)?;
         let user_id = self.account.user_id.clone();
         let mut device_keys = if device_id == self.account.device_id.as_str() {
@@ -158,14 +159,14 @@ impl OlmMachine {
             self.devices
                 .get(&user_id, device_id)
                 .map(|d| d.keys_json.clone())
-                .ok_or_else(|| Error::Signature(format!("unknown device {device_id}")))?
+                .ok_or_else(|| SigningError::UnknownDevice { device_id: device_id.to_owned() })?
         };
         sign_json(&ssk, user_id.as_str(), &format!("ed25519:{}", ssk.public_key().to_base64()), &mut device_keys)?;
         if let Some(device) = self.devices.devices.get_mut(&user_id).and_then(|d| d.get_mut(device_id)) {
             device.keys_json = device_keys.clone();
             self.devices.changed.insert(user_id.clone());
         }
-        Ok(self.hand_out_signature_upload(json!({ user_id.as_str(): { device_id: device_keys } })))
+        self.hand_out_signature_upload(json!({ user_id.as_str(): { device_id: device_keys } }))
     }
 
     /// Forgets cross-signing keys we made but could not publish (the next bootstrap makes
@@ -189,7 +190,7 @@ impl OlmMachine {
             .devices
             .get(user_id, device_id)
             .filter(|d| d.locally_verified)
-            .ok_or_else(|| Error::Signature(format!("{user_id} {device_id} is not verified")))?
+            .ok_or_else(|| SigningError::NotVerified { user_id: user_id.to_string(), device_id: device_id.to_owned() })?
             .clone();
         if self.cross_signing.is_none() {
             return Ok(None);
@@ -200,8 +201,8 @@ impl OlmMachine {
         let Some(keys) = self.devices.cross_signing.get(user_id) else { return Ok(None) };
         let Some(ssk) = &keys.self_signing else { return Ok(None) };
         let (ssk_id, ssk_public) = cross_signing_public_key(ssk)?;
-        verify_json(&device.keys_json, user_id.as_str(), &ssk_id, &ssk_public).map_err(|_| {
-            Error::Signature(format!("{user_id}'s verified device is not signed by their self-signing key"))
+        verify_json(&device.keys_json, user_id.as_str(), &ssk_id, &ssk_public).map_err(|e| {
+            SigningError::NotSignedBySelfSigningKey { user_id: user_id.to_string(), source: Box::new(e) }
         })?;
         self.sign_user(user_id).map(Some)
     }
@@ -209,14 +210,14 @@ impl OlmMachine {
     /// Signs another user's master key with our user-signing key (after verifying them):
     /// the `/keys/signatures/upload` request to send.
     pub fn sign_user(&mut self, user_id: &UserId) -> Result<OutgoingRequest> {
-        let keys = self.cross_signing.clone().ok_or_else(|| Error::Signature("no cross-signing keys".into()))?;
+        let keys = self.cross_signing.clone().ok_or(SigningError::NoCrossSigningKeys)?;
         let usk = PrivateCrossSigningKeys::key(&keys.user_signing)?;
         let mut master = self
             .devices
             .cross_signing
             .get(user_id)
             .and_then(|k| k.master.clone())
-            .ok_or_else(|| Error::Signature(format!("{user_id} has no master key")))?;
+            .ok_or_else(|| SigningError::NoMasterKey { user_id: user_id.to_string() })?;
         let (_, master_public) = cross_signing_public_key(&master)?;
         let own: OwnedUserId = self.account.user_id.clone();
         let usk_id = format!("ed25519:{}", usk.public_key().to_base64());
@@ -231,7 +232,7 @@ impl OlmMachine {
         let mut upload = master;
         let ours = upload["signatures"][own.as_str()][&usk_id].clone();
         upload["signatures"] = json!({ own.as_str(): { usk_id: ours } });
-        Ok(self.hand_out_signature_upload(json!({ user_id.as_str(): { master_public.to_base64(): upload } })))
+        self.hand_out_signature_upload(json!({ user_id.as_str(): { master_public.to_base64(): upload } }))
     }
 
     /// Whether we trust `device`: verified by emoji on this device, or cross-signed by a

@@ -13,7 +13,7 @@ use serde_json::Value;
 use vodozemac::{Curve25519PublicKey, Ed25519PublicKey};
 
 use crate::{
-    error::{Error, Result},
+    error::{DeviceError, Error, Result},
     signing::verify_json,
 };
 
@@ -52,8 +52,8 @@ impl Device {
         };
         let ed25519 = key("ed25519")?;
         let curve25519 = key("curve25519")?;
-        let signing_key = Ed25519PublicKey::from_base64(&ed25519).map_err(|e| Error::malformed("ed25519 key", e))?;
-        Curve25519PublicKey::from_base64(&curve25519).map_err(|e| Error::malformed("curve25519 key", e))?;
+        let signing_key = Ed25519PublicKey::from_base64(&ed25519).map_err(|e| Error::invalid("ed25519 key", e))?;
+        Curve25519PublicKey::from_base64(&curve25519).map_err(|e| Error::invalid("curve25519 key", e))?;
         verify_json(keys, user_id.as_str(), &format!("ed25519:{device_id}"), &signing_key)?;
         Ok(Self {
             user_id: user_id.to_owned(),
@@ -76,11 +76,11 @@ impl Device {
     }
 
     pub fn curve25519_key(&self) -> Result<Curve25519PublicKey> {
-        Curve25519PublicKey::from_base64(&self.curve25519).map_err(|e| Error::malformed("curve25519 key", e))
+        Curve25519PublicKey::from_base64(&self.curve25519).map_err(|e| Error::invalid("curve25519 key", e))
     }
 
     pub fn ed25519_key(&self) -> Result<Ed25519PublicKey> {
-        Ed25519PublicKey::from_base64(&self.ed25519).map_err(|e| Error::malformed("ed25519 key", e))
+        Ed25519PublicKey::from_base64(&self.ed25519).map_err(|e| Error::invalid("ed25519 key", e))
     }
 }
 
@@ -217,8 +217,10 @@ impl DeviceStore {
                 };
                 match known.get_mut(device_id.as_str()) {
                     Some(old) if old.ed25519 != device.ed25519 || old.curve25519 != device.curve25519 => {
-                        let e =
-                            Error::IdentityKeysChanged { user_id: user_id.to_string(), device_id: device_id.clone() };
+                        let e = DeviceError::IdentityKeysChanged {
+                            user_id: user_id.to_string(),
+                            device_id: device_id.clone(),
+                        };
                         tracing::warn!(%user_id, %device_id, "{e}");
                         outcome.rejected.push((user_id.clone(), device_id.clone(), e.to_string()));
                     }

@@ -16,7 +16,7 @@ use sha2::{Sha256, Sha512};
 use zeroize::Zeroizing;
 
 use crate::{
-    error::{Error, Result},
+    error::{Error, KeyExportError, Result},
     machine::OlmMachine,
     megolm::InboundSession,
     types::MEGOLM_V1,
@@ -78,7 +78,7 @@ pub fn encrypt_export(plaintext: &[u8], passphrase: &str, rounds: u32) -> String
 
 /// Checks and decrypts an armoured export.
 pub fn decrypt_export(export: &str, passphrase: &str) -> Result<Zeroizing<Vec<u8>>> {
-    let bad = |why: &str| Error::malformed("key export", why);
+    let bad = |why: &'static str| Error::from(KeyExportError::Format(why));
     let body = export
         .trim()
         .strip_prefix(HEADER)
@@ -90,7 +90,7 @@ pub fn decrypt_export(export: &str, passphrase: &str) -> Result<Zeroizing<Vec<u8
         base64::engine::GeneralPurposeConfig::new()
             .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
     );
-    let data = lenient.decode(compact).map_err(|_| bad("not base64"))?;
+    let data = lenient.decode(compact).map_err(KeyExportError::NotBase64)?;
     if data.len() < HEADER_LEN + MAC_LEN {
         return Err(bad("too short"));
     }
@@ -108,7 +108,7 @@ pub fn decrypt_export(export: &str, passphrase: &str) -> Result<Zeroizing<Vec<u8
     let (aes_key, mac_key) = keys.split_at(32);
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(mac_key).expect("HMAC takes any key length");
     mac.update(signed);
-    mac.verify_slice(tag).map_err(|_| Error::malformed("key export", "wrong passphrase or altered file"))?;
+    mac.verify_slice(tag).map_err(|_| KeyExportError::WrongPassphrase)?;
     let mut plaintext = Zeroizing::new(signed[HEADER_LEN..].to_vec());
     let aes_key: [u8; 32] = aes_key.try_into().expect("32 bytes");
     Aes256Ctr::new(&aes_key.into(), &iv.into()).apply_keystream(&mut plaintext);
@@ -161,20 +161,20 @@ impl OlmMachine {
 
 fn import_one(entry: &Value) -> Result<InboundSession> {
     if entry["algorithm"] != MEGOLM_V1 {
-        return Err(Error::malformed("exported session", "unsupported algorithm"));
+        return Err(KeyExportError::Session("unsupported algorithm").into());
     }
     let room_id = entry["room_id"]
         .as_str()
         .and_then(|r| RoomId::parse(r).ok())
-        .ok_or_else(|| Error::malformed("exported session", "no valid room_id"))?;
+        .ok_or(KeyExportError::Session("no valid room_id"))?;
     let session = InboundSession::import(
         room_id,
-        entry["session_key"].as_str().ok_or_else(|| Error::malformed("exported session", "no session_key"))?,
+        entry["session_key"].as_str().ok_or(KeyExportError::Session("no session_key"))?,
         entry["sender_key"].as_str().unwrap_or_default(),
         entry["sender_claimed_keys"]["ed25519"].as_str().unwrap_or_default(),
     )?;
     if entry["session_id"].as_str() != Some(session.inner.session_id().as_str()) {
-        return Err(Error::malformed("exported session", "session_id does not match the key"));
+        return Err(KeyExportError::Session("session_id does not match the key").into());
     }
     Ok(session)
 }

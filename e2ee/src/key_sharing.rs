@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::{
     devices::Device,
-    error::{Error, Result},
+    error::{Error, MegolmError, PayloadCheck, Result},
     machine::OlmMachine,
     megolm::InboundSession,
     olm,
@@ -28,7 +28,7 @@ pub(crate) struct KeyRequests {
 
 impl OlmMachine {
     /// Asks our other devices for a Megolm session we cannot decrypt with
-    /// ([`Error::UnknownMegolmSession`]). Returns the request id, or `None` if we asked already.
+    /// ([`MegolmError::UnknownSession`](crate::error::MegolmError::UnknownSession)). Returns the request id, or `None` if we asked already.
     /// The request goes out with the next `outgoing_requests()`.
     pub fn request_room_key(&mut self, room_id: &RoomId, session_id: &str) -> Option<String> {
         let key = (room_id.to_owned(), session_id.to_owned());
@@ -82,7 +82,7 @@ impl OlmMachine {
 
     fn forward_room_key(&mut self, device: &Device, room_id: &RoomId, session_id: &str) -> Result<()> {
         let session = self.groups.inbound.get(&(room_id.to_owned(), session_id.to_owned())).ok_or_else(|| {
-            Error::UnknownMegolmSession { room_id: room_id.to_string(), session_id: session_id.to_owned() }
+            MegolmError::UnknownSession { room_id: room_id.to_string(), session_id: session_id.to_owned() }
         })?;
         let content = json!({
             "algorithm": MEGOLM_V1,
@@ -102,13 +102,10 @@ impl OlmMachine {
     /// request of ours.
     pub(crate) fn receive_forwarded_room_key(&mut self, decrypted: &olm::DecryptedOlm) -> Result<()> {
         let own = self.account.user_id.clone();
-        let from = self
-            .devices
-            .by_curve_key(&own, &decrypted.sender_key)
-            .cloned()
-            .ok_or_else(|| Error::OlmPayload("a forwarded room key from a device that is not ours".into()))?;
+        let from =
+            self.devices.by_curve_key(&own, &decrypted.sender_key).cloned().ok_or(PayloadCheck::ForwardedByStranger)?;
         if !self.is_trusted_own_device(&from) {
-            return Err(Error::OlmPayload("a forwarded room key from a device we have not verified".into()));
+            return Err(PayloadCheck::ForwardedByUnverifiedDevice.into());
         }
         let content = &decrypted.event["content"];
         if content["algorithm"] != MEGOLM_V1 {
@@ -120,7 +117,7 @@ impl OlmMachine {
             .ok_or_else(|| Error::malformed("m.forwarded_room_key", "no valid room_id"))?;
         let session_id = content["session_id"].as_str().unwrap_or_default().to_owned();
         if self.key_requests.outgoing.remove(&(room_id.clone(), session_id.clone())).is_none() {
-            return Err(Error::OlmPayload("a forwarded room key we did not ask for".into()));
+            return Err(PayloadCheck::ForwardedUnrequested.into());
         }
         let text = |field: &str| {
             content[field].as_str().ok_or_else(|| Error::malformed("m.forwarded_room_key", format!("no {field}")))
@@ -161,7 +158,10 @@ mod tests {
         server.flush(&mut alice2);
         server.sync(&mut alice1);
         server.sync(&mut alice2);
-        assert!(matches!(alice2.decrypt_room_event(room, &event), Err(Error::UnknownMegolmSession { .. })));
+        assert!(matches!(
+            alice2.decrypt_room_event(room, &event),
+            Err(Error::Megolm(MegolmError::UnknownSession { .. }))
+        ));
         let session_id = event["content"]["session_id"].as_str().unwrap();
 
         // A1 has not verified A2: the request is ignored.

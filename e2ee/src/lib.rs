@@ -1,7 +1,10 @@
 //! Client-side end-to-end encryption for the Obmin desktop client, on vodozemac.
 //!
-//! Sans-I/O: [`OlmMachine`] produces the HTTP requests to send ([`OutgoingRequest`]: method,
-//! path, JSON body) and consumes `/sync` results and request answers; the caller does HTTP.
+//! Sans-I/O: [`OlmMachine`] produces the HTTP requests to send ([`OutgoingRequest`]: ruma's
+//! request types, also as method, path and JSON body) and consumes `/sync` results
+//! ([`SyncChanges`], ruma's types) and request answers ([`IncomingResponse`]: ruma's response
+//! types, or the JSON body); the caller does HTTP. Errors come in families ([`Error`]), so a
+//! caller matches on what went wrong.
 //! The API is modelled on matrix-sdk-crypto's `OlmMachine`:
 //!
 //! * [`OlmMachine::outgoing_requests`] / [`OlmMachine::mark_request_as_sent`]
@@ -30,11 +33,14 @@ pub mod types;
 pub mod verification;
 
 pub use devices::Device;
-pub use error::{Error, Result};
+pub use error::{
+    AttachmentError, BackupError, DeviceError, Error, KeyExportError, Malformed, MegolmError, OlmError, PayloadCheck,
+    RequestError, Result, SigningError, StoreError, VerificationError,
+};
 pub use machine::{DecryptedRoomEvent, OlmMachine, SenderTrust, ToDeviceEvent};
 pub use megolm::EncryptionSettings;
 pub use olm::DecryptedOlm;
-pub use types::{OutgoingRequest, Request, SyncChanges};
+pub use types::{IncomingResponse, OutgoingRequest, Request, SyncChanges};
 
 #[cfg(test)]
 mod tests;

@@ -7,18 +7,23 @@
 //! [`OlmMachine::decrypt_room_event`] on the way in. The shape follows matrix-sdk-crypto's
 //! `OlmMachine`, so a client written against one reads naturally against the other.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet, HashMap},
+};
 
-use ruma::{DeviceId, OwnedDeviceId, OwnedRoomId, OwnedUserId, RoomId, UserId};
+use ruma::{DeviceId, OneTimeKeyAlgorithm, OwnedDeviceId, OwnedRoomId, OwnedUserId, RoomId, UserId};
 use serde_json::{Value, json};
 
 use crate::{
     account::Account,
     devices::{Device, DeviceStore, KeysQueryOutcome},
-    error::{Error, Result},
+    error::{Error, MegolmError, OlmError, RequestError, Result},
     megolm::{EncryptionSettings, GroupSessions, InboundSession, OutboundSession, Recipient},
     olm::{self, OlmSessions},
-    types::{MEGOLM_V1, OLM_V1, OutgoingRequest, Request, SIGNED_CURVE25519, SyncChanges, now_ms},
+    types::{
+        IncomingResponse, MEGOLM_V1, OLM_V1, OutgoingRequest, Request, SyncChanges, ToDeviceMessages, json_of, now_ms,
+    },
     verification::Verifications,
 };
 
@@ -38,6 +43,20 @@ enum InFlight {
     ToDevice,
     SignatureUpload,
     BackupKeys { sessions: Vec<(OwnedRoomId, String)> },
+}
+
+impl InFlight {
+    /// Which answer this request takes (see [`IncomingResponse`]).
+    fn answered_by(&self) -> &'static str {
+        match self {
+            InFlight::KeysUpload => "keys upload",
+            InFlight::KeysQuery(_) => "keys query",
+            InFlight::KeysClaim { .. } => "keys claim",
+            InFlight::RoomKeyShare { .. } | InFlight::ToDevice => "to-device",
+            InFlight::SignatureUpload => "signature upload",
+            InFlight::BackupKeys { .. } => "key backup",
+        }
+    }
 }
 
 struct Pending {
@@ -193,7 +212,7 @@ impl OlmMachine {
             && let Some(upload) = self.account.keys_for_upload()?
         {
             self.account_changed = true;
-            self.hand_out(Request::KeysUpload(upload), InFlight::KeysUpload, true);
+            self.hand_out(Request::keys_upload(upload)?, InFlight::KeysUpload, true);
         }
         let querying: BTreeSet<OwnedUserId> = self
             .in_flight
@@ -207,8 +226,8 @@ impl OlmMachine {
         let stale: Vec<(OwnedUserId, u64)> =
             self.devices.stale_users().into_iter().filter(|(u, _)| !querying.contains(u)).collect();
         if !stale.is_empty() {
-            let users = stale.iter().map(|(u, _)| u.clone()).collect();
-            self.hand_out(Request::KeysQuery { users }, InFlight::KeysQuery(stale), true);
+            let users: Vec<OwnedUserId> = stale.iter().map(|(u, _)| u.clone()).collect();
+            self.hand_out(Request::keys_query(users), InFlight::KeysQuery(stale), true);
         }
         if !busy(self, |k| matches!(k, InFlight::KeysClaim { recovery: true }))
             && let Some(claim) = self.recovery_claim()
@@ -223,9 +242,29 @@ impl OlmMachine {
         Ok(pending.into_iter().map(|p| p.request.clone()).collect())
     }
 
-    /// The answer (JSON body of a 2xx response) to a request we handed out.
-    pub fn mark_request_as_sent(&mut self, request_id: &str, response: &Value) -> Result<()> {
-        let pending = self.in_flight.remove(request_id).ok_or_else(|| Error::UnknownRequest(request_id.to_owned()))?;
+    /// The answer to a request we handed out: ruma's response type for it, or the JSON body
+    /// of the 2xx answer.
+    pub fn mark_request_as_sent<'a>(
+        &mut self,
+        request_id: &str,
+        response: impl Into<IncomingResponse<'a>>,
+    ) -> Result<()> {
+        let response = response.into();
+        let pending =
+            self.in_flight.get(request_id).ok_or_else(|| RequestError::UnknownRequest(request_id.to_owned()))?;
+        if let Some(answers) = response.answers()
+            && answers != pending.kind.answered_by()
+        {
+            return Err(RequestError::WrongResponse {
+                request_id: request_id.to_owned(),
+                expected: pending.kind.answered_by(),
+                got: answers,
+            }
+            .into());
+        }
+        let pending = self.in_flight.remove(request_id).expect("looked up above");
+        let response = response_json(response);
+        let response = response.as_ref();
         match pending.kind {
             InFlight::KeysUpload => {
                 let counts = counts_of(&response["one_time_key_counts"]);
@@ -284,12 +323,19 @@ impl OlmMachine {
     /// Takes in the encryption parts of a `/sync` response; returns its to-device events,
     /// decrypted where they were encrypted.
     pub fn receive_sync_changes(&mut self, changes: SyncChanges) -> Result<Vec<ToDeviceEvent>> {
-        self.account.update_key_counts(&changes.one_time_keys_counts, changes.unused_fallback_key_types.as_deref());
+        let counts: BTreeMap<String, u64> = changes
+            .one_time_keys_counts
+            .iter()
+            .map(|(algorithm, count)| (algorithm.to_string(), u64::from(*count)))
+            .collect();
+        let fallback: Option<Vec<String>> =
+            changes.unused_fallback_key_types.map(|types| types.iter().map(ToString::to_string).collect());
+        self.account.update_key_counts(&counts, fallback.as_deref());
         self.devices.mark_changed(&changes.changed);
         self.devices.stop_tracking(&changes.left);
         let mut out = Vec::with_capacity(changes.to_device_events.len());
-        for event in changes.to_device_events {
-            let processed = self.receive_to_device(event);
+        for event in &changes.to_device_events {
+            let processed = self.receive_to_device(json_of(event));
             if let Some(verification_event) = match &processed {
                 ToDeviceEvent::Decrypted { event, .. } | ToDeviceEvent::PlainText(event) => Some(event.clone()),
                 ToDeviceEvent::UnableToDecrypt { .. } => None,
@@ -405,16 +451,16 @@ impl OlmMachine {
     }
 
     fn recovery_claim(&mut self) -> Option<Request> {
-        let mut one_time_keys: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, String>> = BTreeMap::new();
+        let mut one_time_keys: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, OneTimeKeyAlgorithm>> = BTreeMap::new();
         for (key, user) in &self.pending_recovery {
             if let Some(device) = self.devices.by_curve_key(user, key) {
                 one_time_keys
                     .entry(user.clone())
                     .or_default()
-                    .insert(device.device_id.clone(), SIGNED_CURVE25519.to_owned());
+                    .insert(device.device_id.clone(), OneTimeKeyAlgorithm::SignedCurve25519);
             }
         }
-        (!one_time_keys.is_empty()).then_some(Request::KeysClaim { one_time_keys })
+        (!one_time_keys.is_empty()).then(|| Request::keys_claim(one_time_keys))
     }
 
     fn receive_keys_claim(&mut self, response: &Value, recovery: bool) -> Result<()> {
@@ -450,9 +496,9 @@ impl OlmMachine {
     }
 
     pub(crate) fn queue_to_device(&mut self, event_type: &str, device: &Device, content: Value) {
-        let messages =
+        let messages: ToDeviceMessages =
             BTreeMap::from([(device.user_id.clone(), BTreeMap::from([(device.device_id.to_string(), content)]))]);
-        let request = OutgoingRequest::new(Request::ToDevice { event_type: event_type.to_owned(), messages });
+        let request = OutgoingRequest::new(Request::to_device(event_type, messages));
         self.queued.push((request, InFlight::ToDevice));
     }
 
@@ -464,7 +510,7 @@ impl OlmMachine {
         event_type: &str,
         content: Value,
     ) -> Result<()> {
-        let device = self.devices.get(user_id, device_id).cloned().ok_or_else(|| Error::MissingOlmSession {
+        let device = self.devices.get(user_id, device_id).cloned().ok_or_else(|| OlmError::MissingSession {
             user_id: user_id.to_string(),
             device_id: device_id.to_owned(),
         })?;
@@ -491,18 +537,17 @@ impl OlmMachine {
     /// A `/keys/claim` for every device of these users we have no Olm session with, or `None`.
     /// Send it (and mark it as sent) before `share_room_key`.
     pub fn get_missing_sessions(&mut self, users: &[OwnedUserId]) -> Option<OutgoingRequest> {
-        let mut one_time_keys: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, String>> = BTreeMap::new();
+        let mut one_time_keys: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, OneTimeKeyAlgorithm>> = BTreeMap::new();
         for device in self.devices_of(users) {
             if !self.sessions.has_session(&device.curve25519) {
                 one_time_keys
                     .entry(device.user_id.clone())
                     .or_default()
-                    .insert(device.device_id.clone(), SIGNED_CURVE25519.to_owned());
+                    .insert(device.device_id.clone(), OneTimeKeyAlgorithm::SignedCurve25519);
             }
         }
-        (!one_time_keys.is_empty()).then(|| {
-            self.hand_out(Request::KeysClaim { one_time_keys }, InFlight::KeysClaim { recovery: false }, false)
-        })
+        (!one_time_keys.is_empty())
+            .then(|| self.hand_out(Request::keys_claim(one_time_keys), InFlight::KeysClaim { recovery: false }, false))
     }
 
     /// Makes sure every device of every member has the room's current Megolm key; returns the
@@ -516,67 +561,20 @@ impl OlmMachine {
         settings: EncryptionSettings,
     ) -> Result<Vec<OutgoingRequest>> {
         let room_id = room_id.to_owned();
-        let recipient_of = |d: &Device| Recipient {
-            user_id: d.user_id.clone(),
-            device_id: d.device_id.clone(),
-            curve25519: d.curve25519.clone(),
-        };
         let devices = self.devices_of(members);
-        let recipients: BTreeSet<Recipient> = devices.iter().map(recipient_of).collect();
-        let rotate = match self.groups.outbound.get(&room_id) {
-            None => true,
-            Some(s) => s.expired() || s.settings != settings || !s.shared_with.is_subset(&recipients),
-        };
-        if rotate {
-            self.create_outbound_session(&room_id, settings)?;
-        }
+        let recipients: BTreeSet<Recipient> = devices.iter().map(Recipient::of).collect();
+        self.rotate_if_needed(&room_id, settings, &recipients)?;
         let outbound = &self.groups.outbound[&room_id];
         let session_id = outbound.session_id();
-        let pending: BTreeSet<&Recipient> = self
-            .in_flight
-            .values()
-            .filter_map(|p| match &p.kind {
-                InFlight::RoomKeyShare { session_id: s, recipients, .. } if *s == session_id => Some(recipients.iter()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
         let room_key = outbound.room_key_content();
-        let to_share: Vec<(Device, Recipient)> = devices
-            .into_iter()
-            .map(|d| {
-                let r = recipient_of(&d);
-                (d, r)
-            })
-            .filter(|(_, r)| !outbound.shared_with.contains(r) && !pending.contains(r))
-            .collect();
-
         let already_withheld = outbound.withheld.clone();
+        let to_share = self.not_yet_shared(&room_id, &session_id, devices);
+
         let mut withheld = Vec::new();
         let mut requests = Vec::new();
         for chunk in to_share.chunks(MAX_TO_DEVICE_MESSAGES) {
-            let mut messages: BTreeMap<OwnedUserId, BTreeMap<String, Value>> = BTreeMap::new();
-            let mut chunk_recipients = Vec::new();
-            for (device, recipient) in chunk {
-                match olm::encrypt(&self.account, &mut self.sessions, device, "m.room_key", room_key.clone()) {
-                    Ok(content) => {
-                        messages
-                            .entry(device.user_id.clone())
-                            .or_default()
-                            .insert(device.device_id.to_string(), content);
-                        chunk_recipients.push(recipient.clone());
-                    }
-                    // No Olm session (no one-time key could be claimed): it cannot get the key,
-                    // and is told so once, so it can explain the missing key to its user.
-                    Err(Error::MissingOlmSession { .. }) => {
-                        tracing::debug!(user = %device.user_id, device = %device.device_id, "no Olm session; room key withheld");
-                        if !already_withheld.contains(recipient) {
-                            withheld.push(recipient.clone());
-                        }
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            let (messages, chunk_recipients) =
+                self.encrypt_room_key_for(chunk, &room_key, &already_withheld, &mut withheld)?;
             if messages.is_empty() {
                 continue;
             }
@@ -585,11 +583,7 @@ impl OlmMachine {
                 session_id: session_id.clone(),
                 recipients: chunk_recipients,
             };
-            requests.push(self.hand_out(
-                Request::ToDevice { event_type: "m.room.encrypted".into(), messages },
-                kind,
-                false,
-            ));
+            requests.push(self.hand_out(Request::to_device("m.room.encrypted", messages), kind, false));
         }
         if !withheld.is_empty() {
             requests.push(self.withheld_request(&room_id, &session_id, &withheld));
@@ -599,6 +593,82 @@ impl OlmMachine {
             }
         }
         Ok(requests)
+    }
+
+    /// A new outbound session when there is none, it is past the room's rotation settings, or
+    /// a device that had the key is no longer among the recipients.
+    fn rotate_if_needed(
+        &mut self,
+        room_id: &OwnedRoomId,
+        settings: EncryptionSettings,
+        recipients: &BTreeSet<Recipient>,
+    ) -> Result<()> {
+        let rotate = match self.groups.outbound.get(room_id) {
+            None => true,
+            Some(s) => s.expired() || s.settings != settings || !s.shared_with.is_subset(recipients),
+        };
+        if rotate {
+            self.create_outbound_session(room_id, settings)?;
+        }
+        Ok(())
+    }
+
+    /// The devices that have neither the room's current key nor a share of it in flight.
+    fn not_yet_shared(
+        &self,
+        room_id: &OwnedRoomId,
+        session_id: &str,
+        devices: Vec<Device>,
+    ) -> Vec<(Device, Recipient)> {
+        let outbound = &self.groups.outbound[room_id];
+        let pending: BTreeSet<&Recipient> = self
+            .in_flight
+            .values()
+            .filter_map(|p| match &p.kind {
+                InFlight::RoomKeyShare { session_id: s, recipients, .. } if s == session_id => Some(recipients.iter()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        devices
+            .into_iter()
+            .map(|d| {
+                let r = Recipient::of(&d);
+                (d, r)
+            })
+            .filter(|(_, r)| !outbound.shared_with.contains(r) && !pending.contains(r))
+            .collect()
+    }
+
+    /// The room key Olm-encrypted for each device of `chunk` that we have a session with; the
+    /// others go to `withheld` (once).
+    fn encrypt_room_key_for(
+        &mut self,
+        chunk: &[(Device, Recipient)],
+        room_key: &Value,
+        already_withheld: &BTreeSet<Recipient>,
+        withheld: &mut Vec<Recipient>,
+    ) -> Result<(ToDeviceMessages, Vec<Recipient>)> {
+        let mut messages = ToDeviceMessages::new();
+        let mut recipients = Vec::new();
+        for (device, recipient) in chunk {
+            match olm::encrypt(&self.account, &mut self.sessions, device, "m.room_key", room_key.clone()) {
+                Ok(content) => {
+                    messages.entry(device.user_id.clone()).or_default().insert(device.device_id.to_string(), content);
+                    recipients.push(recipient.clone());
+                }
+                // No Olm session (no one-time key could be claimed): it cannot get the key,
+                // and is told so once, so it can explain the missing key to its user.
+                Err(Error::Olm(OlmError::MissingSession { .. })) => {
+                    tracing::debug!(user = %device.user_id, device = %device.device_id, "no Olm session; room key withheld");
+                    if !already_withheld.contains(recipient) {
+                        withheld.push(recipient.clone());
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((messages, recipients))
     }
 
     /// `m.room_key.withheld` with code `m.no_olm` for devices we could not reach.
@@ -617,15 +687,11 @@ impl OlmMachine {
             "code": "m.no_olm",
             "reason": "Unable to establish a secure channel.",
         });
-        let mut messages: BTreeMap<OwnedUserId, BTreeMap<String, Value>> = BTreeMap::new();
+        let mut messages = ToDeviceMessages::new();
         for r in recipients {
             messages.entry(r.user_id.clone()).or_default().insert(r.device_id.to_string(), content.clone());
         }
-        self.hand_out(
-            Request::ToDevice { event_type: "m.room_key.withheld".into(), messages },
-            InFlight::ToDevice,
-            false,
-        )
+        self.hand_out(Request::to_device("m.room_key.withheld", messages), InFlight::ToDevice, false)
     }
 
     fn create_outbound_session(&mut self, room_id: &OwnedRoomId, settings: EncryptionSettings) -> Result<()> {
@@ -672,43 +738,25 @@ impl OlmMachine {
             event["origin_server_ts"].as_u64().ok_or_else(|| Error::malformed("room event", "no origin_server_ts"))?;
         let room = room_id.to_owned();
         let (payload, index, info) = match self.groups.decrypt(&room, content) {
-            Err(Error::UnknownMegolmSession { room_id, session_id }) => {
+            Err(Error::Megolm(MegolmError::UnknownSession { room_id, session_id })) => {
                 return Err(match self.groups.withheld.get(&(room.clone(), session_id.clone())) {
                     Some((by, code, reason)) if *by == sender => {
-                        Error::Withheld { code: code.clone(), reason: reason.clone() }
+                        MegolmError::Withheld { code: code.clone(), reason: reason.clone() }
                     }
-                    _ => Error::UnknownMegolmSession { room_id, session_id },
-                });
+                    _ => MegolmError::UnknownSession { room_id, session_id },
+                }
+                .into());
             }
             other => other?,
         };
         if payload["room_id"].as_str() != Some(room_id.as_str()) {
-            return Err(Error::RoomMismatch {
+            return Err(MegolmError::RoomMismatch {
                 claimed: payload["room_id"].as_str().unwrap_or_default().to_owned(),
                 actual: room_id.to_string(),
-            });
+            }
+            .into());
         }
-        let (sender_device, trust) = match self.devices.owner_of_curve_key(&info.sender_key) {
-            Some(device) if device.user_id != sender => {
-                return Err(Error::SenderMismatch { owner: device.user_id.to_string(), sender: sender.to_string() });
-            }
-            Some(device) if device.ed25519 != info.signing_key => {
-                return Err(Error::SenderMismatch { owner: device.user_id.to_string(), sender: sender.to_string() });
-            }
-            Some(device) => {
-                let ours = device.user_id == self.account.user_id && device.device_id == self.account.device_id;
-                let trust = if ours || device.locally_verified || self.is_cross_signed_by_us(device) {
-                    SenderTrust::Verified
-                } else {
-                    SenderTrust::Unverified
-                };
-                (Some(device.device_id.clone()), trust)
-            }
-            None if info.sender_key == self.curve25519_key() && sender == self.account.user_id => {
-                (Some(self.account.device_id.clone()), SenderTrust::Verified)
-            }
-            None => (None, SenderTrust::UnknownDevice),
-        };
+        let (sender_device, trust) = self.sender_trust(&sender, &info.sender_key, &info.signing_key)?;
         // Only a message that passed every other check may claim its index: a forged one
         // must not block the genuine event.
         self.groups.replay.check(&info.session_id, index, event_id, ts)?;
@@ -733,10 +781,40 @@ impl OlmMachine {
         })
     }
 
+    /// Which device of `sender` holds the session's keys, and how far we trust it; an error
+    /// when the keys belong to another user's device or to another signing key.
+    fn sender_trust(
+        &self,
+        sender: &UserId,
+        sender_key: &str,
+        signing_key: &str,
+    ) -> Result<(Option<OwnedDeviceId>, SenderTrust)> {
+        let mismatch = |owner: &UserId| -> Error {
+            MegolmError::SenderMismatch { owner: owner.to_string(), sender: sender.to_string() }.into()
+        };
+        Ok(match self.devices.owner_of_curve_key(sender_key) {
+            Some(device) if device.user_id != sender => return Err(mismatch(&device.user_id)),
+            Some(device) if device.ed25519 != signing_key => return Err(mismatch(&device.user_id)),
+            Some(device) => {
+                let ours = device.user_id == self.account.user_id && device.device_id == self.account.device_id;
+                let trust = if ours || device.locally_verified || self.is_cross_signed_by_us(device) {
+                    SenderTrust::Verified
+                } else {
+                    SenderTrust::Unverified
+                };
+                (Some(device.device_id.clone()), trust)
+            }
+            None if sender_key == self.curve25519_key() && sender == self.account.user_id => {
+                (Some(self.account.device_id.clone()), SenderTrust::Verified)
+            }
+            None => (None, SenderTrust::UnknownDevice),
+        })
+    }
+
     // ----- for the other modules -----
 
-    pub(crate) fn hand_out_signature_upload(&mut self, body: Value) -> OutgoingRequest {
-        self.hand_out(Request::SignatureUpload(body), InFlight::SignatureUpload, false)
+    pub(crate) fn hand_out_signature_upload(&mut self, body: Value) -> Result<OutgoingRequest> {
+        Ok(self.hand_out(Request::signature_upload(&body)?, InFlight::SignatureUpload, false))
     }
 
     pub(crate) fn hand_out_backup(
@@ -744,8 +822,8 @@ impl OlmMachine {
         version: String,
         rooms: Value,
         sessions: Vec<(OwnedRoomId, String)>,
-    ) -> OutgoingRequest {
-        self.hand_out(Request::BackupKeys { version, rooms }, InFlight::BackupKeys { sessions }, false)
+    ) -> Result<OutgoingRequest> {
+        Ok(self.hand_out(Request::backup_keys(version, &rooms)?, InFlight::BackupKeys { sessions }, false))
     }
 
     pub(crate) fn queue_plain_to_device(
@@ -755,10 +833,31 @@ impl OlmMachine {
         device_id: &str,
         content: Value,
     ) {
-        let messages = BTreeMap::from([(user_id.to_owned(), BTreeMap::from([(device_id.to_owned(), content)]))]);
-        let request = OutgoingRequest::new(Request::ToDevice { event_type: event_type.to_owned(), messages });
+        let messages: ToDeviceMessages =
+            BTreeMap::from([(user_id.to_owned(), BTreeMap::from([(device_id.to_owned(), content)]))]);
+        let request = OutgoingRequest::new(Request::to_device(event_type, messages));
         self.queued.push((request, InFlight::ToDevice));
     }
+}
+
+/// A typed answer as the JSON the server sent: the device store checks signatures over that
+/// JSON (`Raw` keeps it as received), and a JSON answer is read leniently as it always was.
+fn response_json(response: IncomingResponse<'_>) -> Cow<'_, Value> {
+    Cow::Owned(match response {
+        IncomingResponse::Json(body) => return Cow::Borrowed(body),
+        IncomingResponse::KeysUpload(r) => json!({ "one_time_key_counts": r.one_time_key_counts }),
+        IncomingResponse::KeysQuery(r) => json!({
+            "failures": r.failures,
+            "device_keys": r.device_keys,
+            "master_keys": r.master_keys,
+            "self_signing_keys": r.self_signing_keys,
+            "user_signing_keys": r.user_signing_keys,
+        }),
+        IncomingResponse::KeysClaim(r) => json!({ "failures": r.failures, "one_time_keys": r.one_time_keys }),
+        IncomingResponse::ToDevice(_) | IncomingResponse::SignatureUpload(_) | IncomingResponse::BackupKeys(_) => {
+            json!({})
+        }
+    })
 }
 
 fn counts_of(value: &Value) -> BTreeMap<String, u64> {

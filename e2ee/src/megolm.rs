@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use vodozemac::megolm::{GroupSession, InboundGroupSession as VInbound, MegolmMessage, SessionConfig, SessionKey};
 
 use crate::{
-    error::{Error, Result},
+    error::{Error, MegolmError, Result},
     types::{MEGOLM_V1, now_ms},
 };
 
@@ -51,6 +51,16 @@ pub struct Recipient {
     pub user_id: OwnedUserId,
     pub device_id: OwnedDeviceId,
     pub curve25519: String,
+}
+
+impl Recipient {
+    pub(crate) fn of(device: &crate::devices::Device) -> Self {
+        Self {
+            user_id: device.user_id.clone(),
+            device_id: device.device_id.clone(),
+            curve25519: device.curve25519.clone(),
+        }
+    }
 }
 
 pub(crate) struct OutboundSession {
@@ -124,7 +134,7 @@ pub(crate) struct InboundSession {
 
 impl InboundSession {
     pub fn from_room_key(room_id: OwnedRoomId, session_key: &str, sender_key: &str, signing_key: &str) -> Result<Self> {
-        let key = SessionKey::from_base64(session_key).map_err(|e| Error::malformed("m.room_key session_key", e))?;
+        let key = SessionKey::from_base64(session_key).map_err(|e| Error::invalid("m.room_key session_key", e))?;
         Ok(Self {
             inner: VInbound::new(&key, SessionConfig::version_1()),
             room_id,
@@ -139,7 +149,7 @@ impl InboundSession {
     /// From an exported session key (key backup, key export).
     pub fn import(room_id: OwnedRoomId, exported_key: &str, sender_key: &str, signing_key: &str) -> Result<Self> {
         let key = vodozemac::megolm::ExportedSessionKey::from_base64(exported_key)
-            .map_err(|e| Error::malformed("exported session key", e))?;
+            .map_err(|e| Error::invalid("exported session key", e))?;
         Ok(Self {
             inner: VInbound::import(&key, SessionConfig::version_1()),
             room_id,
@@ -172,7 +182,7 @@ impl ReplayGuard {
         let key = (session_id.to_owned(), index);
         match self.seen.get(&key) {
             Some((seen_id, seen_ts)) if seen_id != event_id || *seen_ts != ts => {
-                Err(Error::Replay { session_id: session_id.to_owned(), index })
+                Err(MegolmError::Replay { session_id: session_id.to_owned(), index }.into())
             }
             Some(_) => Ok(()),
             None => {
@@ -228,7 +238,7 @@ impl GroupSessions {
         content: Value,
     ) -> Result<Value> {
         let session =
-            self.outbound.get_mut(room_id).ok_or_else(|| Error::MissingOutboundSession(room_id.to_string()))?;
+            self.outbound.get_mut(room_id).ok_or_else(|| MegolmError::MissingOutboundSession(room_id.to_string()))?;
         let payload = json!({ "type": event_type, "content": content, "room_id": room_id });
         let message = session.inner.encrypt(serde_json::to_vec(&payload)?);
         session.message_count += 1;
@@ -253,13 +263,13 @@ impl GroupSessions {
             .get("ciphertext")
             .and_then(Value::as_str)
             .ok_or_else(|| Error::malformed("Megolm content", "no ciphertext"))?;
-        let message = MegolmMessage::from_base64(ciphertext).map_err(|e| Error::malformed("Megolm ciphertext", e))?;
+        let message = MegolmMessage::from_base64(ciphertext).map_err(|e| Error::invalid("Megolm ciphertext", e))?;
         let key = (room_id.clone(), session_id.to_owned());
-        let session = self.inbound.get_mut(&key).ok_or_else(|| Error::UnknownMegolmSession {
+        let session = self.inbound.get_mut(&key).ok_or_else(|| MegolmError::UnknownSession {
             room_id: room_id.to_string(),
             session_id: session_id.to_owned(),
         })?;
-        let decrypted = session.inner.decrypt(&message).map_err(|e| Error::Megolm(e.to_string()))?;
+        let decrypted = session.inner.decrypt(&message).map_err(MegolmError::Decryption)?;
         let payload: Value = serde_json::from_slice(&decrypted.plaintext)?;
         let info = InboundInfo {
             session_id: session_id.to_owned(),
@@ -298,12 +308,12 @@ mod tests {
 
         theirs.replay.check("s", 1, "$a", 5).unwrap();
         theirs.replay.check("s", 1, "$a", 5).unwrap();
-        assert!(matches!(theirs.replay.check("s", 1, "$b", 5), Err(Error::Replay { .. })));
-        assert!(matches!(theirs.replay.check("s", 1, "$a", 6), Err(Error::Replay { .. })));
+        assert!(matches!(theirs.replay.check("s", 1, "$b", 5), Err(Error::Megolm(MegolmError::Replay { .. }))));
+        assert!(matches!(theirs.replay.check("s", 1, "$a", 6), Err(Error::Megolm(MegolmError::Replay { .. }))));
 
         // Another room's session id is not usable in this room.
         let other = room_id!("!other:localhost").to_owned();
-        assert!(matches!(theirs.decrypt(&other, &c0), Err(Error::UnknownMegolmSession { .. })));
+        assert!(matches!(theirs.decrypt(&other, &c0), Err(Error::Megolm(MegolmError::UnknownSession { .. }))));
     }
 
     #[test]

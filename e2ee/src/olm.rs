@@ -17,7 +17,7 @@ use vodozemac::{
 use crate::{
     account::Account,
     devices::Device,
-    error::{Error, Result},
+    error::{Error, OlmError, PayloadCheck, Result},
     types::{OLM_V1, now_ms},
 };
 
@@ -96,12 +96,11 @@ pub(crate) fn session_from_claimed_key(account: &Account, device: &Device, claim
         .get("key")
         .and_then(Value::as_str)
         .ok_or_else(|| Error::malformed("claimed one-time key", "no `key`"))?;
-    let one_time_key =
-        Curve25519PublicKey::from_base64(key).map_err(|e| Error::malformed("claimed one-time key", e))?;
+    let one_time_key = Curve25519PublicKey::from_base64(key).map_err(|e| Error::invalid("claimed one-time key", e))?;
     account
         .inner
         .create_outbound_session(SessionConfig::version_1(), device.curve25519_key()?, one_time_key)
-        .map_err(|e| Error::Olm(e.to_string()))
+        .map_err(|e| OlmError::SessionCreation(e).into())
 }
 
 /// Encrypts a to-device event for one device: the `m.room.encrypted` content to send.
@@ -112,7 +111,7 @@ pub(crate) fn encrypt(
     event_type: &str,
     content: Value,
 ) -> Result<Value> {
-    let stored = sessions.sending_session(&device.curve25519).ok_or_else(|| Error::MissingOlmSession {
+    let stored = sessions.sending_session(&device.curve25519).ok_or_else(|| OlmError::MissingSession {
         user_id: device.user_id.to_string(),
         device_id: device.device_id.to_string(),
     })?;
@@ -127,7 +126,7 @@ pub(crate) fn encrypt(
         "recipient": device.user_id,
         "recipient_keys": { "ed25519": device.ed25519 },
     });
-    let message = stored.session.encrypt(serde_json::to_vec(&payload)?).map_err(|e| Error::Olm(e.to_string()))?;
+    let message = stored.session.encrypt(serde_json::to_vec(&payload)?).map_err(OlmError::Encryption)?;
     let session_id = stored.session.session_id();
     sessions.changed.insert((device.curve25519.clone(), session_id));
     Ok(json!({
@@ -166,21 +165,21 @@ pub(crate) fn decrypt(
         .get("sender")
         .and_then(Value::as_str)
         .ok_or_else(|| plain(Error::malformed("to-device event", "no sender")))?;
-    let sender: &UserId = sender.try_into().map_err(|e| plain(Error::malformed("to-device sender", e)))?;
+    let sender: &UserId = sender.try_into().map_err(|e| plain(Error::invalid("to-device sender", e)))?;
     let content = &event["content"];
     let sender_key = content
         .get("sender_key")
         .and_then(Value::as_str)
         .ok_or_else(|| plain(Error::malformed("Olm content", "no sender_key")))?;
     let sender_curve =
-        Curve25519PublicKey::from_base64(sender_key).map_err(|e| plain(Error::malformed("sender_key", e)))?;
+        Curve25519PublicKey::from_base64(sender_key).map_err(|e| plain(Error::invalid("sender_key", e)))?;
     let ours = account.curve25519_key().to_base64();
     let ciphertext = content
         .get("ciphertext")
         .and_then(|c| c.get(&ours))
-        .ok_or_else(|| plain(Error::Olm("the message has no ciphertext for this device".into())))?;
+        .ok_or_else(|| plain(OlmError::NoCiphertextForUs.into()))?;
     let message: OlmMessage =
-        serde_json::from_value(ciphertext.clone()).map_err(|e| plain(Error::malformed("Olm ciphertext", e)))?;
+        serde_json::from_value(ciphertext.clone()).map_err(|e| plain(Error::invalid("Olm ciphertext", e)))?;
 
     let plaintext = match sessions.decrypt_existing(sender_key, &message) {
         Some(plaintext) => plaintext,
@@ -188,9 +187,7 @@ pub(crate) fn decrypt(
             // Its session exists but did not decrypt it: a duplicate (or replayed) message, not
             // a broken session, so no new session is made.
             OlmMessage::PreKey(pre_key) if sessions.has_session_id(sender_key, &pre_key.session_id()) => {
-                return Err(plain(Error::Olm(
-                    "a pre-key message its session cannot decrypt again (duplicate?)".into(),
-                )));
+                return Err(plain(OlmError::DuplicatePreKeyMessage.into()));
             }
             OlmMessage::PreKey(pre_key) => {
                 match account.inner.create_inbound_session(SessionConfig::version_1(), sender_curve, pre_key) {
@@ -200,22 +197,19 @@ pub(crate) fn decrypt(
                     }
                     Err(e) => {
                         return Err((
-                            Error::Olm(format!("no session and the pre-key message did not start one: {e}")),
+                            OlmError::PreKeyRejected(e).into(),
                             Some(Wedged { sender_key: sender_key.to_owned() }),
                         ));
                     }
                 }
             }
             OlmMessage::Normal(_) => {
-                return Err((
-                    Error::Olm("no session with the sender decrypts this message".into()),
-                    Some(Wedged { sender_key: sender_key.to_owned() }),
-                ));
+                return Err((OlmError::NoSessionDecrypts.into(), Some(Wedged { sender_key: sender_key.to_owned() })));
             }
         },
     };
 
-    let payload: Value = serde_json::from_slice(&plaintext).map_err(|e| plain(Error::malformed("Olm payload", e)))?;
+    let payload: Value = serde_json::from_slice(&plaintext).map_err(|e| plain(Error::invalid("Olm payload", e)))?;
     check_payload(account, sender, sender_key, &payload, known_sender_device).map_err(plain)?;
     let sender_ed25519 = payload["keys"]["ed25519"].as_str().unwrap_or_default().to_owned();
     Ok(DecryptedOlm { sender_key: sender_key.to_owned(), sender_ed25519, event: payload })
@@ -231,23 +225,23 @@ fn check_payload(
 ) -> Result<()> {
     let text = |field: &str| payload.get(field).and_then(Value::as_str);
     if text("sender") != Some(sender.as_str()) {
-        return Err(Error::OlmPayload("`sender` is not the user who sent the event".into()));
+        return Err(PayloadCheck::Sender.into());
     }
     if text("recipient") != Some(account.user_id.as_str()) {
-        return Err(Error::OlmPayload("`recipient` is not us".into()));
+        return Err(PayloadCheck::Recipient.into());
     }
     if payload["recipient_keys"]["ed25519"].as_str() != Some(account.ed25519_key().to_base64().as_str()) {
-        return Err(Error::OlmPayload("`recipient_keys.ed25519` is not our key".into()));
+        return Err(PayloadCheck::RecipientKey.into());
     }
     if text("type").is_none() || !payload.get("content").is_some_and(Value::is_object) {
-        return Err(Error::OlmPayload("no `type` or `content`".into()));
+        return Err(PayloadCheck::NoTypeOrContent.into());
     }
-    let claimed = payload["keys"]["ed25519"].as_str().ok_or_else(|| Error::OlmPayload("no `keys.ed25519`".into()))?;
+    let claimed = payload["keys"]["ed25519"].as_str().ok_or(PayloadCheck::NoSenderKey)?;
     // When we know the device behind the curve25519 key, the claimed signing key must be its.
     if let Some(device) = known_sender_device(sender, sender_key)
         && device.ed25519 != claimed
     {
-        return Err(Error::OlmPayload("`keys.ed25519` is not the sending device's key".into()));
+        return Err(PayloadCheck::SenderKey.into());
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use ruma::CanonicalJsonValue;
 use serde_json::{Map, Value};
 use vodozemac::{Ed25519PublicKey, Ed25519Signature};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, SigningError};
 
 /// The canonical JSON bytes that a signature covers.
 pub fn canonical_signable(value: &Value) -> Result<String> {
@@ -65,11 +65,14 @@ pub fn verify_json(value: &Value, entity: &str, key_id: &str, key: &Ed25519Publi
         .and_then(|s| s.get(entity))
         .and_then(|s| s.get(key_id))
         .and_then(Value::as_str)
-        .ok_or_else(|| Error::Signature(format!("no signature by {entity} with {key_id}")))?;
-    let signature = Ed25519Signature::from_base64(signature)
-        .map_err(|e| Error::Signature(format!("{entity}/{key_id}: undecodable signature: {e}")))?;
+        .ok_or_else(|| SigningError::Missing { entity: entity.to_owned(), key_id: key_id.to_owned() })?;
+    let signature = Ed25519Signature::from_base64(signature).map_err(|source| SigningError::Undecodable {
+        entity: entity.to_owned(),
+        key_id: key_id.to_owned(),
+        source,
+    })?;
     key.verify(canonical_signable(value)?.as_bytes(), &signature)
-        .map_err(|e| Error::Signature(format!("{entity}/{key_id}: {e}")))
+        .map_err(|source| SigningError::Invalid { entity: entity.to_owned(), key_id: key_id.to_owned(), source }.into())
 }
 
 #[cfg(test)]
@@ -119,8 +122,8 @@ mod tests {
         value["unsigned"] = json!({"y": 2});
         verify_json(&value, "@u:x", "ed25519:D", &key.public_key()).unwrap();
         value["a"] = json!(2);
-        assert!(matches!(verify_json(&value, "@u:x", "ed25519:D", &key.public_key()), Err(Error::Signature(_))));
-        assert!(matches!(verify_json(&value, "@u:x", "ed25519:OTHER", &key.public_key()), Err(Error::Signature(_))));
+        assert!(matches!(verify_json(&value, "@u:x", "ed25519:D", &key.public_key()), Err(Error::Signing(_))));
+        assert!(matches!(verify_json(&value, "@u:x", "ed25519:OTHER", &key.public_key()), Err(Error::Signing(_))));
         assert!(verify_json(&json!([1]), "@u:x", "ed25519:D", &key.public_key()).is_err());
     }
 

@@ -32,7 +32,7 @@ use zeroize::Zeroizing;
 use crate::{
     account::Account,
     devices::{CrossSigningKeys, Device},
-    error::{Error, Result},
+    error::{CorruptRecord, Error, Result, StoreError},
     machine::OlmMachine,
     megolm::{InboundMeta, InboundSession, OutboundMeta, OutboundSession},
     olm::StoredSession,
@@ -60,10 +60,10 @@ impl StoreKey {
 
     /// argon2id (19 MiB, 2 passes: OWASP's minimum for argon2id) over the passphrase.
     pub fn from_passphrase(passphrase: &str, salt: &[u8]) -> Result<Self> {
-        let params = argon2::Params::new(19 * 1024, 2, 1, Some(32)).map_err(|e| Error::Store(e.to_string()))?;
+        let params = argon2::Params::new(19 * 1024, 2, 1, Some(32)).map_err(StoreError::KeyDerivation)?;
         let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let mut key = Zeroizing::new([0u8; 32]);
-        argon.hash_password_into(passphrase.as_bytes(), salt, key.as_mut()).map_err(|e| Error::Store(e.to_string()))?;
+        argon.hash_password_into(passphrase.as_bytes(), salt, key.as_mut()).map_err(StoreError::KeyDerivation)?;
         Ok(Self(key))
     }
 
@@ -123,14 +123,14 @@ impl Cipher {
         let ciphertext = self
             .aead
             .encrypt(&XNonce::from(nonce), Payload { msg: &plaintext, aad: &aad })
-            .map_err(|e| Error::Store(format!("sealing failed: {e}")))?;
+            .map_err(StoreError::Seal)?;
         sealed.extend_from_slice(&ciphertext);
         Ok(sealed)
     }
 
     fn open<T: DeserializeOwned>(&self, kind: &str, row_id: &[u8], sealed: &[u8]) -> Result<T> {
         if sealed.len() < 24 {
-            return Err(Error::StoreCorrupt("record too short".into()));
+            return Err(StoreError::Corrupt(CorruptRecord::TooShort).into());
         }
         let (nonce, ciphertext) = sealed.split_at(24);
         let nonce: [u8; 24] = nonce.try_into().expect("split at 24");
@@ -138,9 +138,10 @@ impl Cipher {
         let plaintext = Zeroizing::new(
             self.aead
                 .decrypt(&XNonce::from(nonce), Payload { msg: ciphertext, aad: &aad })
-                .map_err(|_| Error::StoreCorrupt(format!("a {kind} record does not open with this key")))?,
+                .map_err(|_| StoreError::Corrupt(CorruptRecord::DoesNotOpen { kind: kind.to_owned() }))?,
         );
-        serde_json::from_slice(&plaintext).map_err(|e| Error::StoreCorrupt(format!("{kind}: {e}")))
+        serde_json::from_slice(&plaintext)
+            .map_err(|source| StoreError::Corrupt(CorruptRecord::Undecodable { kind: kind.to_owned(), source }).into())
     }
 }
 
@@ -210,7 +211,7 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if needed) the store at `path` with a key the caller keeps (keyring).
-    /// A store created with another key is refused with [`Error::WrongStoreKey`].
+    /// A store created with another key is refused with [`StoreError::WrongKey`].
     pub async fn open(path: &Path, key: StoreKey) -> Result<Self> {
         let pool = Self::pool(path).await?;
         Self::with_pool(pool, key).await
@@ -233,16 +234,16 @@ impl Store {
     }
 
     /// Opens the store with a passphrase: the argon2id salt is kept in the file. A wrong
-    /// passphrase is refused with [`Error::WrongStoreKey`], a store whose key is kept elsewhere
+    /// passphrase is refused with [`StoreError::WrongKey`], a store whose key is kept elsewhere
     /// (made by [`Store::open`] / [`Store::open_with_keyring`]) with
-    /// [`Error::NotAPassphraseStore`]; neither changes the file.
+    /// [`StoreError::NotAPassphraseStore`]; neither changes the file.
     pub async fn open_with_passphrase(path: &Path, passphrase: &str) -> Result<Self> {
         let pool = Self::pool(path).await?;
         let salt = match Self::read_salt(&pool).await? {
             Some(salt) => salt,
             None if Self::has_key_check(&pool).await? => {
                 pool.close().await;
-                return Err(Error::NotAPassphraseStore);
+                return Err(StoreError::NotAPassphraseStore.into());
             }
             None => {
                 let mut salt = vec![0u8; 16];
@@ -297,7 +298,7 @@ impl Store {
             .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
             .synchronous(sqlx::sqlite::SqliteSynchronous::Full);
         let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
-        sqlx::migrate!("./migrations").run(&pool).await.map_err(|e| Error::Store(e.to_string()))?;
+        sqlx::migrate!("./migrations").run(&pool).await.map_err(StoreError::Migration)?;
         Ok(pool)
     }
 
@@ -314,7 +315,7 @@ impl Store {
                 let opened: Option<String> = store.cipher.open("key_check", b"", &sealed).ok();
                 if opened.as_deref() != Some(KEY_CHECK) {
                     store.pool.close().await;
-                    return Err(Error::WrongStoreKey);
+                    return Err(Error::Store(StoreError::WrongKey));
                 }
             }
             None => {
@@ -370,19 +371,41 @@ impl Store {
     pub async fn save(&self, machine: &mut OlmMachine) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         if machine.account_changed {
-            let a = &machine.account;
-            let record = AccountRecord {
-                pickle: a.pickle(),
-                user_id: a.user_id.clone(),
-                device_id: a.device_id.clone(),
-                shared: a.shared,
-                server_otk_count: a.server_otk_count,
-                needs_fallback_key: a.needs_fallback_key,
-            };
-            self.put(&mut tx, "meta", "account", &record).await?;
-            self.put(&mut tx, "meta", "cross_signing", &machine.cross_signing).await?;
-            self.put(&mut tx, "meta", "backup", &machine.backup).await?;
+            self.save_account(&mut tx, machine).await?;
         }
+        self.save_flows(&mut tx, machine).await?;
+        self.save_olm_sessions(&mut tx, machine).await?;
+        self.save_group_sessions(&mut tx, machine).await?;
+        self.save_users(&mut tx, machine).await?;
+        self.save_replay_marks(&mut tx, machine).await?;
+        tx.commit().await?;
+        machine.account_changed = false;
+        machine.sessions.changed.clear();
+        machine.groups.changed_inbound.clear();
+        machine.groups.changed_outbound.clear();
+        machine.groups.replay.changed.clear();
+        machine.devices.changed.clear();
+        Ok(())
+    }
+
+    /// The account with our cross-signing and backup keys.
+    async fn save_account(&self, tx: &mut sqlx::SqliteConnection, machine: &OlmMachine) -> Result<()> {
+        let a = &machine.account;
+        let record = AccountRecord {
+            pickle: a.pickle(),
+            user_id: a.user_id.clone(),
+            device_id: a.device_id.clone(),
+            shared: a.shared,
+            server_otk_count: a.server_otk_count,
+            needs_fallback_key: a.needs_fallback_key,
+        };
+        self.put(tx, "meta", "account", &record).await?;
+        self.put(tx, "meta", "cross_signing", &machine.cross_signing).await?;
+        self.put(tx, "meta", "backup", &machine.backup).await
+    }
+
+    /// Key requests and wedged-session recovery in progress.
+    async fn save_flows(&self, tx: &mut sqlx::SqliteConnection, machine: &OlmMachine) -> Result<()> {
         let flows = FlowsRecord {
             key_requests: machine
                 .key_requests
@@ -393,7 +416,10 @@ impl Store {
             pending_recovery: machine.pending_recovery.iter().map(|(k, u)| (k.clone(), u.clone())).collect(),
             recovered_at: machine.recovered_at.iter().map(|(k, t)| (k.clone(), *t)).collect(),
         };
-        self.put(&mut tx, "meta", "flows", &flows).await?;
+        self.put(tx, "meta", "flows", &flows).await
+    }
+
+    async fn save_olm_sessions(&self, tx: &mut sqlx::SqliteConnection, machine: &OlmMachine) -> Result<()> {
         for (sender_key, session_id) in &machine.sessions.changed {
             let Some(stored) = machine
                 .sessions
@@ -409,8 +435,13 @@ impl Store {
                 created_ms: stored.created_ms,
                 last_received_ms: stored.last_received_ms,
             };
-            self.put(&mut tx, "olm_session", &format!("{sender_key}|{session_id}"), &record).await?;
+            self.put(tx, "olm_session", &format!("{sender_key}|{session_id}"), &record).await?;
         }
+        Ok(())
+    }
+
+    /// Changed inbound Megolm sessions, and outbound ones (a dropped one is deleted).
+    async fn save_group_sessions(&self, tx: &mut sqlx::SqliteConnection, machine: &OlmMachine) -> Result<()> {
         for key in &machine.groups.changed_inbound {
             let Some(session) = machine.groups.inbound.get(key) else { continue };
             let record = InboundRecord {
@@ -422,7 +453,7 @@ impl Store {
                     backed_up: session.backed_up,
                 },
             };
-            self.put(&mut tx, "inbound_group", &format!("{}|{}", key.0, key.1), &record).await?;
+            self.put(tx, "inbound_group", &format!("{}|{}", key.0, key.1), &record).await?;
         }
         for room_id in &machine.groups.changed_outbound {
             match machine.groups.outbound.get(room_id) {
@@ -438,16 +469,21 @@ impl Store {
                             withheld: session.withheld.clone(),
                         },
                     };
-                    self.put(&mut tx, "outbound_group", room_id.as_str(), &record).await?;
+                    self.put(tx, "outbound_group", room_id.as_str(), &record).await?;
                 }
-                None => self.delete(&mut tx, "outbound_group", room_id.as_str()).await?,
+                None => self.delete(tx, "outbound_group", room_id.as_str()).await?,
             }
         }
+        Ok(())
+    }
+
+    /// Changed users' devices and tracking (an untracked user without devices is deleted).
+    async fn save_users(&self, tx: &mut sqlx::SqliteConnection, machine: &OlmMachine) -> Result<()> {
         for user_id in &machine.devices.changed {
             let devices = machine.devices.devices.get(user_id).cloned().unwrap_or_default();
             let tracked = machine.devices.tracked.get(user_id).copied();
             if devices.is_empty() && tracked.is_none() {
-                self.delete(&mut tx, "user", user_id.as_str()).await?;
+                self.delete(tx, "user", user_id.as_str()).await?;
                 continue;
             }
             let record = UserRecord {
@@ -457,21 +493,19 @@ impl Store {
                 fresh: machine.devices.fresh.get(user_id).copied(),
                 cross_signing: machine.devices.cross_signing.get(user_id).cloned(),
             };
-            self.put(&mut tx, "user", user_id.as_str(), &record).await?;
+            self.put(tx, "user", user_id.as_str(), &record).await?;
         }
+        Ok(())
+    }
+
+    /// Megolm message indexes seen, for replay detection across restarts.
+    async fn save_replay_marks(&self, tx: &mut sqlx::SqliteConnection, machine: &OlmMachine) -> Result<()> {
         for (session_id, index) in &machine.groups.replay.changed {
             let Some((event_id, ts)) = machine.groups.replay.seen.get(&(session_id.clone(), *index)) else { continue };
             let record =
                 ReplayRecord { session_id: session_id.clone(), index: *index, event_id: event_id.clone(), ts: *ts };
-            self.put(&mut tx, "replay", &format!("{session_id}|{index}"), &record).await?;
+            self.put(tx, "replay", &format!("{session_id}|{index}"), &record).await?;
         }
-        tx.commit().await?;
-        machine.account_changed = false;
-        machine.sessions.changed.clear();
-        machine.groups.changed_inbound.clear();
-        machine.groups.changed_outbound.clear();
-        machine.groups.replay.changed.clear();
-        machine.devices.changed.clear();
         Ok(())
     }
 
@@ -579,7 +613,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::{EncryptionSettings, tests::FakeServer};
+    use crate::{EncryptionSettings, MegolmError, tests::FakeServer};
 
     #[tokio::test]
     async fn a_reloaded_machine_carries_on() {
@@ -629,7 +663,10 @@ mod tests {
         store.close().await;
         let store = Store::open(&path, key).await.unwrap();
         let mut alice = store.load().await.unwrap().unwrap();
-        assert!(matches!(alice.decrypt_room_event(room, &event(&first, "$other")), Err(Error::Replay { .. })));
+        assert!(matches!(
+            alice.decrypt_room_event(room, &event(&first, "$other")),
+            Err(Error::Megolm(MegolmError::Replay { .. }))
+        ));
         assert!(alice.request_room_key(room_id!("!elsewhere:localhost"), "missing").is_none(), "asked already");
         store.close().await;
 
@@ -651,8 +688,8 @@ mod tests {
         assert_eq!(Store::key_kind(&path).await.unwrap(), Some(KeyKind::Passphrase));
         let before = std::fs::read(&path).unwrap();
         let wrong = Store::open_with_passphrase(&path, "wrong horse").await;
-        assert!(matches!(wrong, Err(Error::WrongStoreKey)), "{:?}", wrong.err());
-        assert!(matches!(Store::open(&path, StoreKey::random()).await, Err(Error::WrongStoreKey)));
+        assert!(matches!(wrong, Err(Error::Store(StoreError::WrongKey))), "{:?}", wrong.err());
+        assert!(matches!(Store::open(&path, StoreKey::random()).await, Err(Error::Store(StoreError::WrongKey))));
         assert_eq!(std::fs::read(&path).unwrap(), before, "a wrong key changes nothing");
         let store = Store::open_with_passphrase(&path, "correct horse").await.unwrap();
         assert_eq!(store.load().await.unwrap().unwrap().ed25519_key(), machine.ed25519_key());
@@ -669,7 +706,7 @@ mod tests {
         Store::open(&path, key.clone()).await.unwrap().close().await;
         assert_eq!(Store::key_kind(&path).await.unwrap(), Some(KeyKind::Kept));
         let refused = Store::open_with_passphrase(&path, "anything").await;
-        assert!(matches!(refused, Err(Error::NotAPassphraseStore)), "{:?}", refused.err());
+        assert!(matches!(refused, Err(Error::Store(StoreError::NotAPassphraseStore))), "{:?}", refused.err());
         // No salt was written: the store still says it is keyed from outside and opens so.
         assert_eq!(Store::key_kind(&path).await.unwrap(), Some(KeyKind::Kept));
         Store::open(&path, key).await.unwrap().close().await;
@@ -703,7 +740,7 @@ mod tests {
         assert_eq!(store.load().await.unwrap().unwrap().ed25519_key(), machine.ed25519_key());
         store.close().await;
         let lost = Memory(std::sync::Mutex::new(None));
-        assert!(matches!(Store::open_with_keyring(&path, &lost).await, Err(Error::WrongStoreKey)));
+        assert!(matches!(Store::open_with_keyring(&path, &lost).await, Err(Error::Store(StoreError::WrongKey))));
     }
 
     #[test]

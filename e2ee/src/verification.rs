@@ -17,7 +17,7 @@ use vodozemac::{
 };
 
 use crate::{
-    error::{Error, Result},
+    error::{Error, Result, VerificationError},
     machine::OlmMachine,
     signing::canonical_signable,
     types::{now_ms, random_id},
@@ -320,7 +320,7 @@ impl OlmMachine {
             }
             _ => Ok(()),
         };
-        if let Err(Error::Verification { code, reason }) = result {
+        if let Err(Error::Verification(VerificationError::Cancelled { code, reason })) = result {
             let _ = self.cancel_verification(&txn, code, &reason);
         }
     }
@@ -500,7 +500,7 @@ impl OlmMachine {
                     json!({ "transaction_id": txn }),
                 );
             }
-            Err(Error::Verification { code, reason }) => {
+            Err(Error::Verification(VerificationError::Cancelled { code, reason })) => {
                 let _ = self.cancel_verification(txn, code, &reason);
             }
             Err(_) => {}
@@ -550,7 +550,7 @@ impl OlmMachine {
 }
 
 fn cancel(code: &'static str, reason: &str) -> Error {
-    Error::Verification { code, reason: reason.to_owned() }
+    Error::cancel(code, reason)
 }
 
 fn unexpected(reason: &str) -> Error {
@@ -558,7 +558,7 @@ fn unexpected(reason: &str) -> Error {
 }
 
 fn unknown(txn: &str) -> Error {
-    Error::Verification { code: "m.unknown_transaction", reason: format!("no verification {txn}") }
+    Error::cancel("m.unknown_transaction", format!("no verification {txn}"))
 }
 
 #[cfg(test)]
@@ -646,7 +646,10 @@ mod tests {
             "content": { "transaction_id": txn, "key": Sas::new().public_key().to_base64() },
         });
         alice
-            .receive_sync_changes(crate::SyncChanges { to_device_events: vec![forged], ..Default::default() })
+            .receive_sync_changes(crate::SyncChanges {
+                to_device_events: vec![crate::types::raw(&forged)],
+                ..Default::default()
+            })
             .unwrap();
         assert!(matches!(
             alice.verification_state(&txn),

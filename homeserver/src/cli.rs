@@ -325,7 +325,7 @@ async fn media_command(settings: Settings, cmd: MediaCommand) -> Result<(), Stri
             let mut missing = Vec::new();
             for m in media {
                 let id = m.rsplit('/').next().unwrap_or(&m).to_owned();
-                if services.delete_media(&id).await.map_err(|e| e.to_string())? {
+                if services.media.delete(&id).await.map_err(|e| e.to_string())? {
                     println!("deleted {id}");
                 } else {
                     missing.push(id);
@@ -343,7 +343,7 @@ async fn media_command(settings: Settings, cmd: MediaCommand) -> Result<(), Stri
         }
         MediaCommand::PurgeRemote { older_than } => {
             let before = crate::store::now_ms() - older_than.unwrap_or(0);
-            let purged = services.purge_remote_media(before).await.map_err(|e| e.to_string())?;
+            let purged = services.media.purge_remote(before).await.map_err(|e| e.to_string())?;
             println!("purged {purged} remote media");
             Ok(())
         }

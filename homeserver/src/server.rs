@@ -61,9 +61,9 @@ pub async fn build_services(settings: Settings) -> Result<Arc<Services>, StartEr
     let store = open_store(&settings).await?;
     let signing_key = SigningKey::load_or_generate(&settings.signing_key_path())?;
     let max_position = store.max_stream_position().await?;
-    let fed = crate::service::fed::Federation::new(settings.server_name.clone(), &settings.federation)
+    let outbound = crate::service::fed::Outbound::new(settings.server_name.clone(), &settings.federation)
         .map_err(|e| StartError::Federation(e.to_string()))?;
-    Ok(Services::new(settings, store, signing_key, max_position, fed))
+    Ok(Services::new(settings, store, signing_key, max_position, outbound))
 }
 
 /// Serves until SIGTERM or Ctrl-C, then lets in-flight requests finish and closes the
@@ -73,7 +73,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let services = build_services(settings).await?;
     // Only the serving process may clear the media temp directory (a CLI command running
     // next to it must not delete uploads in flight).
-    services.prepare_media().await.map_err(|e| StartError::Media(e.to_string()))?;
+    services.media.prepare().await.map_err(|e| StartError::Media(e.to_string()))?;
     let listener = TcpListener::bind(listen).await.map_err(|source| StartError::Listen { addr: listen, source })?;
     // The bound address, not the configured one: with port 0 the OS picks it (tests do).
     let bound = listener.local_addr().map_err(|source| StartError::Listen { addr: listen, source })?;
@@ -130,7 +130,8 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let push_delivery = tokio::spawn(crate::service::push_gateway::run(services.clone()));
     let federation_delivery = tokio::spawn(crate::service::send_queue::run(services.clone()));
     // Received events acknowledged before a restart and not yet worked on.
-    tokio::spawn(services.clone().resume_inbound_queue());
+    let receiver = services.clone();
+    tokio::spawn(async move { receiver.receiver.resume_queue().await });
     let txn_retention = tokio::spawn(crate::service::txn_retention::run(services.clone()));
     let app = api::router(services.clone());
     crate::listener::serve(listener, app, services.settings.http.clone(), async move {
@@ -219,7 +220,7 @@ async fn expire_media(services: Arc<Services>) {
     let mut tick = tokio::time::interval(Duration::from_secs(3600));
     loop {
         tick.tick().await;
-        match services.expire_media().await {
+        match services.media.expire().await {
             Ok(0) => {}
             Ok(deleted) => tracing::info!(deleted, "media retention deleted media"),
             Err(e) => tracing::warn!(error = %e, "cannot apply media retention"),

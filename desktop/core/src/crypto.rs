@@ -5,7 +5,7 @@
 use std::{path::PathBuf, sync::Arc};
 
 use e2ee::{
-    EncryptionSettings, OlmMachine, OutgoingRequest,
+    EncryptionSettings, IncomingResponse, OlmMachine, OutgoingRequest, Request,
     store::{KeyKind, KeyringHook, Store as CryptoStore, StoreKey},
 };
 use ruma::{OwnedUserId, RoomId};
@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 
 use crate::{
     Client, Error, Result,
+    http::{AuthInput, PathInput, REQUEST_TIMEOUT},
     session::Session,
     store::{CACHE_KEY_PURPOSE, Store},
 };
@@ -96,10 +97,10 @@ impl KeyringHook for KeyFile {
     fn load(&self) -> e2ee::Result<Option<[u8; 32]>> {
         match std::fs::read(&self.0) {
             Ok(bytes) => Ok(Some(
-                bytes.try_into().map_err(|_| e2ee::Error::Store(format!("{} is not a key", self.0.display())))?,
+                bytes.try_into().map_err(|_| e2ee::Error::key_storage(format!("{} is not a key", self.0.display())))?,
             )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e2ee::Error::Store(e.to_string())),
+            Err(e) => Err(e2ee::Error::key_storage(e)),
         }
     }
 
@@ -111,13 +112,13 @@ impl KeyringHook for KeyFile {
             .truncate(true)
             .mode(0o600)
             .open(&self.0)
-            .map_err(|e| e2ee::Error::Store(e.to_string()))?;
-        file.write_all(key).and_then(|_| file.sync_all()).map_err(|e| e2ee::Error::Store(e.to_string()))
+            .map_err(e2ee::Error::key_storage)?;
+        file.write_all(key).and_then(|_| file.sync_all()).map_err(e2ee::Error::key_storage)
     }
 
     fn delete(&self) -> e2ee::Result<()> {
         match std::fs::remove_file(&self.0) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e2ee::Error::Store(e.to_string())),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e2ee::Error::key_storage(e)),
             _ => Ok(()),
         }
     }
@@ -210,8 +211,10 @@ impl Client {
         }
         let store = match self.has_saved_session() && guard.is_none() {
             true => Some(match CryptoStore::open_with_passphrase(&self.crypto_store_path(), passphrase).await {
-                Err(e2ee::Error::WrongStoreKey) => return Err(Error::WrongPassphrase),
-                Err(e2ee::Error::NotAPassphraseStore) => return Err(Error::KeyringUnavailable),
+                Err(e2ee::Error::Store(e2ee::StoreError::WrongKey)) => return Err(Error::WrongPassphrase),
+                Err(e2ee::Error::Store(e2ee::StoreError::NotAPassphraseStore)) => {
+                    return Err(Error::KeyringUnavailable);
+                }
                 other => other?,
             }),
             false => None,
@@ -250,7 +253,7 @@ impl Client {
                 let passphrase = self.inner.passphrase.lock().expect("passphrase lock").clone();
                 if let Some(passphrase) = passphrase {
                     return match CryptoStore::open_with_passphrase(&path, &passphrase).await {
-                        Err(e2ee::Error::WrongStoreKey) => Err(Error::WrongPassphrase),
+                        Err(e2ee::Error::Store(e2ee::StoreError::WrongKey)) => Err(Error::WrongPassphrase),
                         other => Ok(other?),
                     };
                 }
@@ -369,34 +372,44 @@ impl Client {
         Ok(())
     }
 
-    /// Sends one request the machine asked for and tells it the answer.
+    /// Sends one request the machine asked for (ruma's request type) and tells it the answer.
     pub(crate) async fn send_crypto_request(
         &self,
         session: &Session,
         crypto: &mut Crypto,
         request: &OutgoingRequest,
-    ) -> Result<Value> {
-        let method = reqwest::Method::from_bytes(request.method().as_bytes()).expect("e2ee methods are valid");
-        let answer = self
-            .inner
-            .http
-            .json(&session.server_url, &session.access_token, method, &request.path(), Some(&request.body()))
-            .await;
-        match answer {
-            Ok(answer) => {
-                crypto.machine.mark_request_as_sent(&request.request_id, &answer)?;
-                Ok(answer)
-            }
-            Err(e) => {
-                // A refusal will not get better by repeating it; anything transient is
-                // simply asked for again by the machine next time.
-                if !e.is_transient() {
-                    tracing::warn!(%e, path = %request.path(), "crypto request refused");
-                    crypto.machine.discard_request(&request.request_id);
-                }
-                Err(e)
-            }
+    ) -> Result<()> {
+        let id = request.request_id.as_str();
+        let sent = match &request.request {
+            Request::KeysUpload(r) => self.send_typed(session, crypto, id, r.clone()).await,
+            Request::KeysQuery(r) => self.send_typed(session, crypto, id, r.clone()).await,
+            Request::KeysClaim(r) => self.send_typed(session, crypto, id, r.clone()).await,
+            Request::ToDevice(r) => self.send_typed(session, crypto, id, r.clone()).await,
+            Request::SignatureUpload(r) => self.send_typed(session, crypto, id, r.clone()).await,
+            Request::BackupKeys(r) => self.send_typed(session, crypto, id, r.clone()).await,
+        };
+        if let Err(e) = &sent
+            && !e.is_transient()
+        {
+            // A refusal will not get better by repeating it; anything transient is simply
+            // asked for again by the machine next time.
+            tracing::warn!(%e, path = %request.path(), "crypto request refused");
+            crypto.machine.discard_request(id);
         }
+        sent
+    }
+
+    async fn send_typed<R>(&self, session: &Session, crypto: &mut Crypto, request_id: &str, request: R) -> Result<()>
+    where
+        R: ruma::api::OutgoingRequest,
+        R::Authentication: AuthInput,
+        R::PathBuilder: PathInput,
+        for<'a> IncomingResponse<'a>: From<&'a R::IncomingResponse>,
+    {
+        let response =
+            self.inner.http.send(&session.server_url, Some(&session.access_token), request, REQUEST_TIMEOUT).await?;
+        crypto.machine.mark_request_as_sent(request_id, &response)?;
+        Ok(())
     }
 
     /// Sends everything the machine wants sent (key uploads, device queries, to-device
@@ -482,7 +495,7 @@ mod tests {
         }
         fn save(&self, key: &[u8; 32]) -> e2ee::Result<()> {
             if self.fails {
-                return Err(e2ee::Error::Store("the keyring is locked".into()));
+                return Err(e2ee::Error::key_storage("the keyring is locked"));
             }
             if self.keeps {
                 *self.kept.lock().unwrap() = Some(*key);

@@ -98,7 +98,7 @@ fn keyring_error(error: secret_service::Error) -> Error {
 }
 
 fn hook_error(error: Error) -> e2ee::Error {
-    e2ee::Error::Store(error.to_string())
+    e2ee::Error::key_storage(error)
 }
 
 impl KeyringHook for SecretServiceKeyring {
@@ -117,7 +117,7 @@ impl KeyringHook for SecretServiceKeyring {
         match secret {
             None => Ok(None),
             Some(bytes) => bytes.try_into().map(Some).map_err(|bytes: Vec<u8>| {
-                e2ee::Error::Store(format!(
+                e2ee::Error::key_storage(format!(
                     "the keyring entry for {} holds {} bytes, not a 32-byte key",
                     self.account,
                     bytes.len()

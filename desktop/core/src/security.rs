@@ -218,7 +218,7 @@ impl Client {
             let mut guard = self.inner.crypto.lock().await;
             let crypto = guard.as_mut().ok_or(Error::NotLoggedIn)?;
             let imported = crypto.machine.restore_backup(&key, &info, &keys).map_err(|e| match e {
-                e2ee::Error::Backup(message) if message.contains("does not belong") => wrong_key(),
+                e2ee::Error::Backup(e2ee::BackupError::WrongKey) => wrong_key(),
                 e => e.into(),
             })?;
             if crypto.machine.backup_version() != Some(version.as_str()) {

@@ -15,6 +15,7 @@ use ruma::{
         filter::{FilterDefinition, RoomEventFilter, RoomFilter},
         sync::sync_events::v3::{self as sync, State},
     },
+    events::{AnyGlobalAccountDataEvent, AnySyncEphemeralRoomEvent, presence::PresenceEvent},
     serde::Raw,
 };
 use serde_json::Value;
@@ -134,132 +135,132 @@ impl Client {
         self.apply_sync(&session, response).await
     }
 
+    /// Applies one `/sync` response: encryption first, then everything the cache keeps in one
+    /// transaction with the next sync token, then tells subscribers what changed.
     async fn apply_sync(&self, session: &Session, response: sync::Response) -> Result<()> {
-        let me = session.user_id.as_str();
-        let mut updates = Vec::new();
-        let mut changed_items = Vec::new();
-        let mut rooms_changed = false;
-
         // Encryption first: room keys in to-device messages must be in before the timeline
         // is decrypted.
         let (to_device, decrypted) = self.sync_crypto(session, &response).await?;
-        let got_room_keys = to_device.iter().any(|e| {
-            matches!(e, ToDeviceEvent::Decrypted { event, .. }
-                if matches!(event["type"].as_str(), Some("m.room_key" | "m.forwarded_room_key")))
-        });
+        let got_room_keys = carries_room_keys(&to_device);
 
+        let mut effects = SyncEffects::default();
         let mut tx = self.store()?.begin().await?;
-
-        // Global account data: m.direct says which rooms are direct chats.
-        for event in &response.account_data.events {
-            let event: Value = raw_json(event);
-            if event["type"] == "m.direct"
-                && let Some(map) = event["content"].as_object()
-            {
-                for room in map.values().filter_map(Value::as_array).flatten().filter_map(Value::as_str) {
-                    Store::upsert_room_if_missing(&mut tx, room).await?;
-                    Store::set_room_direct(&mut tx, room, true).await?;
-                }
-                rooms_changed = true;
-            }
-        }
-
+        apply_account_data(&mut tx, &response.account_data.events, &mut effects).await?;
         for (room_id, room) in &response.rooms.invite {
-            Store::upsert_room(&mut tx, room_id.as_str(), Membership::Invited, None).await?;
-            for event in &room.invite_state.events {
-                let event = raw_json(event);
-                self.apply_state(&mut tx, room_id, &event).await?;
-                if event["type"] == "m.room.member" && event["state_key"] == me {
-                    Store::upsert_room(&mut tx, room_id.as_str(), Membership::Invited, event["sender"].as_str())
-                        .await?;
-                    if event["content"]["is_direct"] == true {
-                        Store::set_room_direct(&mut tx, room_id.as_str(), true).await?;
-                    }
-                }
-            }
-            rooms_changed = true;
+            self.apply_invited_room(&mut tx, session, room_id, room).await?;
+            effects.rooms_changed = true;
         }
-
         for (room_id, room) in &response.rooms.join {
-            Store::upsert_room(&mut tx, room_id.as_str(), Membership::Joined, None).await?;
-            if let Some(prev_batch) = &room.timeline.prev_batch {
-                Store::set_prev_batch_if_new(&mut tx, room_id.as_str(), prev_batch).await?;
-            }
-            let State::Before(state) = &room.state else { unreachable!("we never ask for state_after") };
-            for event in &state.events {
-                self.apply_state(&mut tx, room_id, &raw_json(event)).await?;
-            }
-            for (index, event) in room.timeline.events.iter().enumerate() {
-                let event = raw_json(event);
-                if event.get("state_key").is_some() {
-                    self.apply_state(&mut tx, room_id, &event).await?;
-                }
-                let decrypted = decrypted.get(&(room_id.clone(), index));
-                if let Some(key) = self.apply_timeline_event(&mut tx, session, room_id, &event, decrypted).await? {
-                    changed_items.push(key);
-                }
-            }
-            for event in &room.ephemeral.events {
-                let event = raw_json(event);
-                match event["type"].as_str() {
-                    Some("m.typing") => {
-                        let user_ids = event["content"]["user_ids"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(Value::as_str)
-                            .filter(|u| *u != me)
-                            .filter_map(|u| u.try_into().ok())
-                            .collect();
-                        updates.push(Update::Typing { room_id: room_id.clone(), user_ids });
-                    }
-                    Some("m.receipt") => {
-                        changed_items.extend(self.apply_receipts(&mut tx, me, room_id, &event["content"]).await?);
-                    }
-                    _ => {}
-                }
-            }
-            rooms_changed = true;
+            self.apply_joined_room(&mut tx, session, room_id, room, &decrypted, &mut effects).await?;
         }
-
         for room_id in response.rooms.leave.keys() {
             Store::upsert_room(&mut tx, room_id.as_str(), Membership::Left, None).await?;
-            rooms_changed = true;
+            effects.rooms_changed = true;
         }
-
-        for event in &response.presence.events {
-            let event: Value = raw_json(event);
-            let (Some(sender), content) = (event["sender"].as_str(), &event["content"]) else { continue };
-            let Ok(user_id) = sender.try_into() else { continue };
-            let presence = PresenceInfo {
-                presence: match content["presence"].as_str() {
-                    Some("online") => Presence::Online,
-                    Some("unavailable") => Presence::Unavailable,
-                    _ => Presence::Offline,
-                },
-                status_msg: content["status_msg"].as_str().map(str::to_owned),
-                last_active_ts: content["last_active_ago"].as_u64().map(|ago| now_ms().saturating_sub(ago)),
-                currently_active: content["currently_active"].as_bool().unwrap_or(false),
-            };
-            Store::set_presence(&mut tx, sender, &presence).await?;
-            updates.push(Update::Presence { user_id, presence });
-        }
-
+        apply_presence(&mut tx, &response.presence.events, &mut effects).await?;
         Store::set_sync_token(&mut tx, &response.next_batch).await?;
         tx.commit().await?;
 
         if got_room_keys {
-            changed_items.extend(self.retry_decryption().await?);
+            effects.changed_items.extend(self.retry_decryption().await?);
         }
-        for key in changed_items {
+        self.emit_sync_effects(effects).await
+    }
+
+    /// An invited room: its stripped state, and who invited us (and whether as a direct chat).
+    async fn apply_invited_room(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        session: &Session,
+        room_id: &RoomId,
+        room: &sync::InvitedRoom,
+    ) -> Result<()> {
+        let me = session.user_id.as_str();
+        Store::upsert_room(tx, room_id.as_str(), Membership::Invited, None).await?;
+        for event in &room.invite_state.events {
+            let event = raw_json(event);
+            self.apply_state(tx, room_id, &event).await?;
+            if event["type"] == "m.room.member" && event["state_key"] == me {
+                Store::upsert_room(tx, room_id.as_str(), Membership::Invited, event["sender"].as_str()).await?;
+                if event["content"]["is_direct"] == true {
+                    Store::set_room_direct(tx, room_id.as_str(), true).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A joined room: its state, its timeline (with the events `sync_crypto` decrypted, keyed
+    /// by room and timeline index) and its ephemeral events.
+    async fn apply_joined_room(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        session: &Session,
+        room_id: &OwnedRoomId,
+        room: &sync::JoinedRoom,
+        decrypted: &BTreeMap<(OwnedRoomId, usize), Value>,
+        effects: &mut SyncEffects,
+    ) -> Result<()> {
+        Store::upsert_room(tx, room_id.as_str(), Membership::Joined, None).await?;
+        if let Some(prev_batch) = &room.timeline.prev_batch {
+            Store::set_prev_batch_if_new(tx, room_id.as_str(), prev_batch).await?;
+        }
+        let State::Before(state) = &room.state else { unreachable!("we never ask for state_after") };
+        for event in &state.events {
+            self.apply_state(tx, room_id, &raw_json(event)).await?;
+        }
+        for (index, event) in room.timeline.events.iter().enumerate() {
+            let event = raw_json(event);
+            if event.get("state_key").is_some() {
+                self.apply_state(tx, room_id, &event).await?;
+            }
+            let decrypted = decrypted.get(&(room_id.clone(), index));
+            if let Some(key) = self.apply_timeline_event(tx, session, room_id, &event, decrypted).await? {
+                effects.changed_items.push(key);
+            }
+        }
+        self.apply_ephemeral(tx, session, room_id, &room.ephemeral.events, effects).await?;
+        effects.rooms_changed = true;
+        Ok(())
+    }
+
+    /// A joined room's typing notices (an update, not stored) and receipts (stored).
+    async fn apply_ephemeral(
+        &self,
+        tx: &mut sqlx::SqliteConnection,
+        session: &Session,
+        room_id: &OwnedRoomId,
+        events: &[Raw<AnySyncEphemeralRoomEvent>],
+        effects: &mut SyncEffects,
+    ) -> Result<()> {
+        let me = session.user_id.as_str();
+        for event in events {
+            let event = raw_json(event);
+            match event["type"].as_str() {
+                Some("m.typing") => {
+                    let user_ids = typing_users(&event["content"], me);
+                    effects.updates.push(Update::Typing { room_id: room_id.clone(), user_ids });
+                }
+                Some("m.receipt") => {
+                    effects.changed_items.extend(self.apply_receipts(tx, me, room_id, &event["content"]).await?);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// After the commit: the changed timeline items, the room list, then the other updates.
+    async fn emit_sync_effects(&self, effects: SyncEffects) -> Result<()> {
+        for key in effects.changed_items {
             if let Some(item) = self.store()?.item(&key).await? {
                 self.emit(Update::Timeline { item });
             }
         }
-        if rooms_changed {
+        if effects.rooms_changed {
             self.emit(Update::RoomsChanged);
         }
-        for update in updates {
+        for update in effects.updates {
             self.emit(update);
         }
         self.emit_verification_changes().await;
@@ -274,18 +275,11 @@ impl Client {
         response: &sync::Response,
     ) -> Result<(Vec<ToDeviceEvent>, BTreeMap<(OwnedRoomId, usize), Value>)> {
         let changes = SyncChanges {
-            to_device_events: response.to_device.events.iter().map(raw_json).collect(),
+            to_device_events: response.to_device.events.clone(),
             changed: response.device_lists.changed.clone(),
             left: response.device_lists.left.clone(),
-            one_time_keys_counts: response
-                .device_one_time_keys_count
-                .iter()
-                .map(|(algorithm, count)| (algorithm.to_string(), u64::from(*count)))
-                .collect(),
-            unused_fallback_key_types: response
-                .device_unused_fallback_key_types
-                .as_ref()
-                .map(|types| types.iter().map(ToString::to_string).collect()),
+            one_time_keys_counts: response.device_one_time_keys_count.clone(),
+            unused_fallback_key_types: response.device_unused_fallback_key_types.clone(),
         };
         let mut guard = self.inner.crypto.lock().await;
         let crypto = guard.as_mut().ok_or(Error::NotLoggedIn)?;
@@ -446,6 +440,94 @@ impl Client {
     }
 }
 
+/// What applying one sync response changed, told to subscribers after the commit.
+#[derive(Default)]
+struct SyncEffects {
+    /// Typing and presence updates, in the order the response gave them.
+    updates: Vec<Update>,
+    /// Keys of the timeline items added or changed.
+    changed_items: Vec<String>,
+    rooms_changed: bool,
+}
+
+/// Whether Olm brought room keys (new or forwarded): undecrypted items may decrypt now.
+fn carries_room_keys(to_device: &[ToDeviceEvent]) -> bool {
+    to_device.iter().any(|e| {
+        matches!(e, ToDeviceEvent::Decrypted { event, .. }
+            if matches!(event["type"].as_str(), Some("m.room_key" | "m.forwarded_room_key")))
+    })
+}
+
+/// Global account data: `m.direct` says which rooms are direct chats.
+async fn apply_account_data(
+    tx: &mut sqlx::SqliteConnection,
+    events: &[Raw<AnyGlobalAccountDataEvent>],
+    effects: &mut SyncEffects,
+) -> Result<()> {
+    for event in events {
+        let Some(rooms) = direct_rooms(&raw_json(event)) else { continue };
+        for room in rooms {
+            Store::upsert_room_if_missing(tx, &room).await?;
+            Store::set_room_direct(tx, &room, true).await?;
+        }
+        effects.rooms_changed = true;
+    }
+    Ok(())
+}
+
+/// The rooms of an `m.direct` event (`None` for other account data).
+fn direct_rooms(event: &Value) -> Option<Vec<String>> {
+    if event["type"] != "m.direct" {
+        return None;
+    }
+    let map = event["content"].as_object()?;
+    Some(map.values().filter_map(Value::as_array).flatten().filter_map(Value::as_str).map(str::to_owned).collect())
+}
+
+/// Who is typing in an `m.typing` content, without us.
+fn typing_users(content: &Value, me: &str) -> Vec<OwnedUserId> {
+    content["user_ids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .filter(|u| *u != me)
+        .filter_map(|u| u.try_into().ok())
+        .collect()
+}
+
+/// Presence events: stored, and told as updates.
+async fn apply_presence(
+    tx: &mut sqlx::SqliteConnection,
+    events: &[Raw<PresenceEvent>],
+    effects: &mut SyncEffects,
+) -> Result<()> {
+    for event in events {
+        let Some((user_id, presence)) = presence_of(&raw_json(event), now_ms()) else { continue };
+        Store::set_presence(tx, user_id.as_str(), &presence).await?;
+        effects.updates.push(Update::Presence { user_id, presence });
+    }
+    Ok(())
+}
+
+/// The user and presence an `m.presence` event tells (`now` turns `last_active_ago` into a
+/// time); `None` without a valid sender.
+fn presence_of(event: &Value, now: u64) -> Option<(OwnedUserId, PresenceInfo)> {
+    let user_id = OwnedUserId::try_from(event["sender"].as_str()?).ok()?;
+    let content = &event["content"];
+    let presence = PresenceInfo {
+        presence: match content["presence"].as_str() {
+            Some("online") => Presence::Online,
+            Some("unavailable") => Presence::Unavailable,
+            _ => Presence::Offline,
+        },
+        status_msg: content["status_msg"].as_str().map(str::to_owned),
+        last_active_ts: content["last_active_ago"].as_u64().map(|ago| now.saturating_sub(ago)),
+        currently_active: content["currently_active"].as_bool().unwrap_or(false),
+    };
+    Some((user_id, presence))
+}
+
 /// An event as JSON (ruma's `Raw` keeps the original text; the `e2ee` crate and our cache
 /// work on JSON values).
 pub(crate) fn raw_json<T>(raw: &Raw<T>) -> Value {
@@ -454,7 +536,57 @@ pub(crate) fn raw_json<T>(raw: &Raw<T>) -> Value {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+
+    #[test]
+    fn direct_rooms_come_from_m_direct_only() {
+        let direct =
+            json!({"type": "m.direct", "content": {"@a:x": ["!1:x", "!2:x"], "@b:x": ["!3:x", 4], "@c:x": "!4:x"}});
+        assert_eq!(direct_rooms(&direct), Some(vec!["!1:x".to_owned(), "!2:x".to_owned(), "!3:x".to_owned()]));
+        assert_eq!(direct_rooms(&json!({"type": "m.direct", "content": []})), None, "content is not a map");
+        assert_eq!(direct_rooms(&json!({"type": "m.push_rules", "content": {"@a:x": ["!1:x"]}})), None);
+    }
+
+    #[test]
+    fn typing_users_leave_us_and_invalid_ids_out() {
+        let content = json!({"user_ids": ["@me:x", "@a:x", "not an id", 7]});
+        assert_eq!(typing_users(&content, "@me:x"), vec![OwnedUserId::try_from("@a:x").unwrap()]);
+        assert!(typing_users(&json!({}), "@me:x").is_empty());
+    }
+
+    #[test]
+    fn presence_is_read_with_defaults_and_needs_a_sender() {
+        let event = json!({"sender": "@a:x", "type": "m.presence", "content": {
+            "presence": "unavailable", "status_msg": "away", "last_active_ago": 400, "currently_active": true}});
+        let (user, presence) = presence_of(&event, 1_000).unwrap();
+        assert_eq!(user.as_str(), "@a:x");
+        assert_eq!(presence.presence, Presence::Unavailable);
+        assert_eq!(presence.status_msg.as_deref(), Some("away"));
+        assert_eq!(presence.last_active_ts, Some(600));
+        assert!(presence.currently_active);
+        // An unknown state reads as offline; nothing else is made up.
+        let (_, bare) = presence_of(&json!({"sender": "@a:x", "content": {"presence": "busy"}}), 1_000).unwrap();
+        assert_eq!(bare.presence, Presence::Offline);
+        assert_eq!((bare.status_msg, bare.last_active_ts, bare.currently_active), (None, None, false));
+        assert!(presence_of(&json!({"sender": "nobody", "content": {}}), 0).is_none());
+        assert!(presence_of(&json!({"content": {}}), 0).is_none());
+    }
+
+    #[test]
+    fn only_olm_delivered_room_keys_trigger_a_decryption_retry() {
+        let decrypted = |kind: &str| ToDeviceEvent::Decrypted {
+            event: json!({"type": kind, "content": {}}),
+            sender_key: String::new(),
+            sender_ed25519: String::new(),
+        };
+        assert!(carries_room_keys(&[decrypted("m.dummy"), decrypted("m.room_key")]));
+        assert!(carries_room_keys(&[decrypted("m.forwarded_room_key")]));
+        assert!(!carries_room_keys(&[decrypted("m.dummy")]));
+        // A room key in the clear is not one.
+        assert!(!carries_room_keys(&[ToDeviceEvent::PlainText(json!({"type": "m.room_key", "content": {}}))]));
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap_and_resets() {

@@ -231,6 +231,10 @@ fn tail(text: &str, lines: usize) -> String {
 }
 
 /// The scenario. Errors are strings so the caller can screenshot before failing.
+///
+/// One long function on purpose: it is a single user's journey through the window, read top to
+/// bottom as a script (each `// ---` section is one screen); the steps share one app session
+/// and the state each step leaves behind.
 async fn run(app: &Session, server: &mut Server, bob: &mut Peer, bob_id: &str) -> Result<(), String> {
     let err = |e: obmin_desktop_ui_tests::Error| e.to_string();
 

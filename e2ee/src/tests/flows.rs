@@ -1,8 +1,10 @@
+use std::collections::BTreeMap;
+
 use ruma::{OwnedUserId, device_id, room_id, user_id};
 use serde_json::{Value, json};
 
 use super::FakeServer;
-use crate::{EncryptionSettings, Error, OlmMachine, SenderTrust, ToDeviceEvent};
+use crate::{EncryptionSettings, Error, MegolmError, OlmMachine, RequestError, SenderTrust, ToDeviceEvent, types::raw};
 
 fn machine(user: &str, device: &str) -> OlmMachine {
     OlmMachine::new(user.try_into().unwrap(), device.into())
@@ -85,17 +87,20 @@ fn megolm_message_round_trip_with_replay_protection() {
     // Decrypting the same event again is fine; the same ciphertext as another event is a replay.
     bob.decrypt_room_event(room, &event).unwrap();
     let replayed = room_event(content.clone(), &alice, "$e2", 1000);
-    assert!(matches!(bob.decrypt_room_event(room, &replayed), Err(Error::Replay { index: 0, .. })));
+    assert!(matches!(
+        bob.decrypt_room_event(room, &replayed),
+        Err(Error::Megolm(MegolmError::Replay { index: 0, .. }))
+    ));
     // In another room the session is unknown.
     assert!(matches!(
         bob.decrypt_room_event(room_id!("!other:localhost"), &event),
-        Err(Error::UnknownMegolmSession { .. })
+        Err(Error::Megolm(MegolmError::UnknownSession { .. }))
     ));
     // A different sender cannot claim Alice's session.
     let mut forged = event.clone();
     forged["sender"] = json!("@bob:localhost");
     forged["event_id"] = json!("$e3");
-    assert!(matches!(bob.decrypt_room_event(room, &forged), Err(Error::SenderMismatch { .. })));
+    assert!(matches!(bob.decrypt_room_event(room, &forged), Err(Error::Megolm(MegolmError::SenderMismatch { .. }))));
 
     // Alice reads her own message, from a device she trusts: her own.
     let own = alice.decrypt_room_event(room, &event).unwrap();
@@ -112,13 +117,17 @@ fn olm_payload_checks_refuse_a_forwarded_message() {
     alice.send_encrypted_to_device(user_id!("@bob:localhost"), "BOB1", "m.custom", json!({"a": 1})).unwrap();
     let requests = alice.outgoing_requests().unwrap();
     let [request] = &requests[..] else { panic!("one queued to-device request: {requests:?}") };
-    let crate::Request::ToDevice { messages, .. } = &request.request else { panic!() };
-    let content = messages[user_id!("@bob:localhost")]["BOB1"].clone();
+    let crate::Request::ToDevice(to_device) = &request.request else { panic!() };
+    let content = crate::types::json_of(
+        &to_device.messages[user_id!("@bob:localhost")]
+            [&ruma::to_device::DeviceIdOrAllDevices::DeviceId("BOB1".into())],
+    );
 
     // Charlie relays Alice's ciphertext as his own: the payload's sender does not match.
     let relayed = json!({"type": "m.room.encrypted", "sender": "@charlie:localhost", "content": content});
-    let out =
-        bob.receive_sync_changes(crate::SyncChanges { to_device_events: vec![relayed], ..Default::default() }).unwrap();
+    let out = bob
+        .receive_sync_changes(crate::SyncChanges { to_device_events: vec![raw(&relayed)], ..Default::default() })
+        .unwrap();
     assert!(matches!(&out[..], [ToDeviceEvent::UnableToDecrypt { error, .. }] if error.contains("sender")), "{out:?}");
 
     // Decrypting used the message up (and its one-time key); Alice's next message on the same
@@ -250,7 +259,10 @@ fn garbage_is_an_error_not_a_panic() {
         json!({"type": "m.key.verification.key", "sender": "@a:x", "content": {"transaction_id": "t", "key": "x"}}),
     ];
     let out = bob
-        .receive_sync_changes(crate::SyncChanges { to_device_events: garbage.to_vec(), ..Default::default() })
+        .receive_sync_changes(crate::SyncChanges {
+            to_device_events: garbage.iter().map(raw).collect(),
+            ..Default::default()
+        })
         .unwrap();
     assert_eq!(out.len(), garbage.len());
     for event in &garbage {
@@ -269,7 +281,10 @@ fn garbage_is_an_error_not_a_panic() {
     for request in requests {
         alice.mark_request_as_sent(&request.request_id, &json!({"device_keys": 5, "one_time_keys": [1]})).unwrap();
     }
-    assert!(matches!(alice.mark_request_as_sent("nope", &json!({})), Err(Error::UnknownRequest(_))));
+    assert!(matches!(
+        alice.mark_request_as_sent("nope", &json!({})),
+        Err(Error::Request(RequestError::UnknownRequest(_)))
+    ));
 }
 
 #[test]
@@ -286,12 +301,61 @@ fn a_device_without_keys_is_told_the_key_is_withheld() {
     let requests = alice.share_room_key(room, &both, EncryptionSettings::default()).unwrap();
     assert_eq!(requests.len(), 1);
     assert!(
-        matches!(&requests[0].request, crate::Request::ToDevice { event_type, .. } if event_type == "m.room_key.withheld")
+        matches!(&requests[0].request, crate::Request::ToDevice(r) if r.event_type.to_string() == "m.room_key.withheld")
     );
     server.send(&mut alice, &requests[0]);
     assert!(alice.share_room_key(room, &both, EncryptionSettings::default()).unwrap().is_empty(), "told once");
     let content = alice.encrypt_room_event(room, "m.room.message", json!({"body": "secret"})).unwrap();
     server.sync(&mut bob);
     let event = room_event(content, &alice, "$w", 1);
-    assert!(matches!(bob.decrypt_room_event(room, &event), Err(Error::Withheld { code, .. }) if code == "m.no_olm"));
+    assert!(
+        matches!(bob.decrypt_room_event(room, &event), Err(Error::Megolm(MegolmError::Withheld { code, .. })) if code == "m.no_olm")
+    );
+}
+
+#[test]
+fn typed_answers_are_taken_and_an_answer_to_another_request_is_refused() {
+    use ruma::{
+        OneTimeKeyAlgorithm, UInt,
+        api::client::keys::{get_keys, upload_keys},
+    };
+
+    use crate::Request;
+
+    let mut alice = machine("@alice:localhost", "ALICE1");
+    let requests = alice.outgoing_requests().unwrap();
+    let upload = requests.iter().find(|r| matches!(r.request, Request::KeysUpload(_))).expect("a key upload");
+    let query = requests.iter().find(|r| matches!(r.request, Request::KeysQuery(_))).expect("our own device list");
+
+    // A keys query answer for the upload: refused, and the upload is still waiting for its own.
+    let wrong = alice.mark_request_as_sent(&upload.request_id, &get_keys::v3::Response::new());
+    assert!(
+        matches!(
+            &wrong,
+            Err(Error::Request(RequestError::WrongResponse { expected: "keys upload", got: "keys query", .. }))
+        ),
+        "{wrong:?}"
+    );
+    let Request::KeysUpload(typed) = &upload.request else { unreachable!() };
+    let uploaded = UInt::try_from(typed.one_time_keys.len()).unwrap();
+    let counts = BTreeMap::from([(OneTimeKeyAlgorithm::SignedCurve25519, uploaded)]);
+    alice.mark_request_as_sent(&upload.request_id, &upload_keys::v3::Response::new(counts)).unwrap();
+    assert!(matches!(
+        alice.mark_request_as_sent(&upload.request_id, &upload_keys::v3::Response::new(BTreeMap::new())),
+        Err(Error::Request(RequestError::UnknownRequest(_)))
+    ));
+
+    // The typed keys query answer lists our device: its signed keys are checked and kept.
+    let mut answer = get_keys::v3::Response::new();
+    answer.device_keys = BTreeMap::from([(
+        alice.user_id().to_owned(),
+        BTreeMap::from([(device_id!("ALICE1").to_owned(), raw(&alice.device_keys().unwrap()))]),
+    )]);
+    alice.mark_request_as_sent(&query.request_id, &answer).unwrap();
+    let me = alice.get_device(user_id!("@alice:localhost"), "ALICE1").expect("our device from the typed answer");
+    assert_eq!(me.ed25519, alice.ed25519_key());
+    assert!(
+        alice.outgoing_requests().unwrap().iter().all(|r| !matches!(r.request, Request::KeysUpload(_))),
+        "the server holds every key we made"
+    );
 }

@@ -6,10 +6,13 @@ mod flows;
 
 use std::collections::BTreeMap;
 
-use ruma::{OwnedUserId, UserId};
+use ruma::{OneTimeKeyAlgorithm, OwnedUserId, UInt, UserId};
 use serde_json::{Value, json};
 
-use crate::{OlmMachine, OutgoingRequest, Request, SyncChanges, ToDeviceEvent};
+use crate::{
+    OlmMachine, OutgoingRequest, Request, SyncChanges, ToDeviceEvent,
+    types::{json_of, raw},
+};
 
 #[derive(Default)]
 pub(crate) struct FakeServer {
@@ -42,17 +45,17 @@ impl FakeServer {
                 }
                 json!({"one_time_key_counts": {"signed_curve25519": self.otk_count(&me)}})
             }
-            Request::KeysQuery { users } => {
+            Request::KeysQuery(query) => {
                 let mut device_keys = json!({});
-                for user in users {
+                for user in query.device_keys.keys() {
                     device_keys[user.as_str()] =
                         json!(self.device_keys.get(user.as_str()).cloned().unwrap_or_default());
                 }
                 json!({"device_keys": device_keys, "failures": {}})
             }
-            Request::KeysClaim { one_time_keys } => {
+            Request::KeysClaim(claim) => {
                 let mut out = json!({});
-                for (user, devices) in one_time_keys {
+                for (user, devices) in &claim.one_time_keys {
                     for device in devices.keys() {
                         let slot = (user.to_string(), device.to_string());
                         let key = self.one_time_keys.get_mut(&slot).and_then(|keys| keys.pop_first()).or_else(|| {
@@ -67,14 +70,15 @@ impl FakeServer {
                 }
                 json!({"one_time_keys": out, "failures": {}})
             }
-            Request::ToDevice { event_type, messages } => {
-                for (user, devices) in messages {
+            Request::ToDevice(to_device) => {
+                for (user, devices) in &to_device.messages {
                     for (device, content) in devices {
-                        let event = json!({"type": event_type, "sender": me.0, "content": content});
+                        let device = device.to_string();
+                        let event = json!({"type": to_device.event_type.to_string(), "sender": me.0, "content": json_of(content)});
                         let targets: Vec<String> = if device == "*" {
                             self.device_keys.get(user.as_str()).map(|d| d.keys().cloned().collect()).unwrap_or_default()
                         } else {
-                            vec![device.clone()]
+                            vec![device]
                         };
                         for target in targets {
                             self.inbox.entry((user.to_string(), target)).or_default().push(event.clone());
@@ -83,7 +87,7 @@ impl FakeServer {
                 }
                 json!({})
             }
-            Request::SignatureUpload(_) | Request::BackupKeys { .. } => json!({}),
+            Request::SignatureUpload(_) | Request::BackupKeys(_) => json!({}),
         }
     }
 
@@ -115,11 +119,14 @@ impl FakeServer {
     pub fn sync(&mut self, machine: &mut OlmMachine) -> Vec<ToDeviceEvent> {
         let me = (machine.user_id().to_string(), machine.device_id().to_string());
         let changes = SyncChanges {
-            to_device_events: self.inbox.remove(&me).unwrap_or_default(),
+            to_device_events: self.inbox.remove(&me).unwrap_or_default().iter().map(raw).collect(),
             changed: self.changed.clone(),
             left: vec![],
-            one_time_keys_counts: BTreeMap::from([("signed_curve25519".to_owned(), self.otk_count(&me) as u64)]),
-            unused_fallback_key_types: Some(vec!["signed_curve25519".to_owned()]),
+            one_time_keys_counts: BTreeMap::from([(
+                OneTimeKeyAlgorithm::SignedCurve25519,
+                UInt::try_from(self.otk_count(&me)).expect("a small count"),
+            )]),
+            unused_fallback_key_types: Some(vec![OneTimeKeyAlgorithm::SignedCurve25519]),
         };
         let out = machine.receive_sync_changes(changes).unwrap();
         self.flush(machine);

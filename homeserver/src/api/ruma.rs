@@ -61,7 +61,7 @@ impl<T> Ruma<T> {
             return Ok(user.clone());
         }
         let token = self.unchecked_token.as_deref().ok_or(Error::MissingToken)?;
-        services.authenticate(token, self.client_ip).await
+        services.auth.authenticate(token, self.client_ip).await
     }
 }
 
@@ -95,7 +95,7 @@ where
             let head = http::Request::from_parts(parts.clone(), ());
             let token = extract_bearer_or_query_token(&head).map_err(|_| Error::MissingToken)?;
             match token {
-                Some(token) => Some(services.authenticate(&token, client_ip).await?),
+                Some(token) => Some(services.auth.authenticate(&token, client_ip).await?),
                 None if scheme == TypeId::of::<AccessToken>() => return Err(Error::MissingToken),
                 None => None,
             }
@@ -126,7 +126,7 @@ where
         // The X-Matrix signature covers method, URI and body: check it on the raw request
         // before parsing anything.
         let origin = if scheme == TypeId::of::<ServerSignatures>() {
-            Some(services.verify_federation_request(&http_req).await?)
+            Some(services.fed.verify_request(&http_req).await?)
         } else {
             None
         };
@@ -152,7 +152,7 @@ pub async fn authenticate_parts(
     let client_ip = client_ip(parts, &services.settings);
     let head = http::Request::from_parts(parts.clone(), ());
     let token = extract_bearer_or_query_token(&head).map_err(|_| Error::MissingToken)?.ok_or(Error::MissingToken)?;
-    Ok((services.authenticate(&token, client_ip).await?, client_ip))
+    Ok((services.auth.authenticate(&token, client_ip).await?, client_ip))
 }
 
 /// A JSON `\u0000` escape anywhere in the body (a raw NUL is not JSON at all and fails

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use ruma::serde::Raw;
 use serde_json::{Map, Value as JsonValue, json};
 
-use super::{Services, events::Viewer};
+use super::{Hub, events::Viewer};
 use crate::{error::Result, store::EventRow};
 
 /// Most references listed in one bundle.
@@ -18,8 +18,17 @@ const MAX_REFERENCES: i64 = 100;
 /// hidden from them (a former member reading a thread that went on after they left).
 const MAX_HIDDEN_SCAN: i64 = 1000;
 
-impl Services {
-    /// Client events for `rows` (see [`Services::client_event`]), each with its bundled
+/// Relations: bundled aggregations and the events related to another.
+pub struct Relations {
+    hub: Hub,
+}
+
+impl Relations {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub }
+    }
+
+    /// Client events for `rows` (see [`Events::client_event`](super::events::Events::client_event)), each with its bundled
     /// aggregations. One query finds which of the events have relations at all.
     pub async fn raw_client_events<T>(
         &self,
@@ -42,13 +51,14 @@ impl Services {
         events.pop().ok_or_else(|| crate::error::Error::internal("no event formatted"))
     }
 
-    /// [`Services::raw_client_events`] for borrowed rows.
+    /// [`Relations::raw_client_events`] for borrowed rows.
     pub async fn raw_client_events_of<T>(
         &self,
         rows: &[&EventRow],
         viewer: Viewer<'_>,
         with_room_id: bool,
     ) -> Result<Vec<Raw<T>>> {
+        let s = self.hub.services();
         let mut bundles = self.bundled_aggregations(rows, viewer, with_room_id).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
@@ -59,7 +69,7 @@ impl Services {
                 ),
                 None => None,
             };
-            out.push(Raw::from_json(self.client_event_json(row, viewer, with_room_id, bundle.as_deref()).await?));
+            out.push(Raw::from_json(s.events.client_event_json(row, viewer, with_room_id, bundle.as_deref()).await?));
         }
         Ok(out)
     }
@@ -73,8 +83,9 @@ impl Services {
         viewer: Viewer<'_>,
         with_room_id: bool,
     ) -> Result<HashMap<String, JsonValue>> {
+        let s = self.hub.services();
         let ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
-        let counts = self.store.relation_counts(&ids).await?;
+        let counts = s.store.relation_counts(&ids).await?;
         let by_id: HashMap<&str, &EventRow> = rows.iter().map(|r| (r.event_id.as_str(), *r)).collect();
 
         // The newest candidates first, as the store has them; then one visibility check per
@@ -83,12 +94,12 @@ impl Services {
         for (target, rel_type, count) in counts {
             let Some(original) = by_id.get(target.as_str()) else { continue };
             let rows = match rel_type.as_str() {
-                "m.thread" => self.store.latest_thread_reply(&target).await?.into_iter().collect(),
+                "m.thread" => s.store.latest_thread_reply(&target).await?.into_iter().collect(),
                 // An edit of a redacted event no longer applies; state events are not edited.
                 "m.replace" if original.redacted_by.is_none() && original.state_key.is_none() => {
-                    self.store.latest_edit(&target, &original.sender, &original.event_type).await?.into_iter().collect()
+                    s.store.latest_edit(&target, &original.sender, &original.event_type).await?.into_iter().collect()
                 }
-                "m.reference" => self
+                "m.reference" => s
                     .store
                     .relations(&target, Some("m.reference"), None, i64::MIN, i64::MAX, MAX_REFERENCES, false)
                     .await?
@@ -107,7 +118,8 @@ impl Services {
         }
         let mut visible: HashSet<String> = HashSet::new();
         for (room_id, rows) in by_room {
-            visible.extend(self.visible_events(&room_id, viewer.user_id, rows).await?.into_iter().map(|r| r.event_id));
+            visible
+                .extend(s.sync.visible_events(&room_id, viewer.user_id, rows).await?.into_iter().map(|r| r.event_id));
         }
 
         let mut bundles: HashMap<String, Map<String, JsonValue>> = HashMap::new();
@@ -119,7 +131,7 @@ impl Services {
                     let (latest, count, participated) = match latest {
                         Some(latest) => {
                             let participated = original.sender == viewer.user_id
-                                || self.store.replied_in_thread(&target, viewer.user_id).await?;
+                                || s.store.replied_in_thread(&target, viewer.user_id).await?;
                             (latest, count, participated)
                         }
                         // The newest reply is hidden from the viewer: the summary is made of
@@ -133,7 +145,7 @@ impl Services {
                         }
                     };
                     json!({
-                        "latest_event": self.client_event(&latest, viewer, with_room_id).await?,
+                        "latest_event": s.events.client_event(&latest, viewer, with_room_id).await?,
                         "count": count,
                         "current_user_participated": participated,
                     })
@@ -156,7 +168,7 @@ impl Services {
                             edit
                         }
                     };
-                    self.client_event(&edit, viewer, with_room_id).await?
+                    s.events.client_event(&edit, viewer, with_room_id).await?
                 }
                 "m.reference" => {
                     let ids: Vec<&str> =
@@ -176,8 +188,9 @@ impl Services {
     /// Whether the viewer may see at least one reply in the thread of `root`: a root from
     /// before a former member left that was only answered after is no thread of theirs.
     pub async fn sees_a_thread_reply(&self, root: &EventRow, viewer: Viewer<'_>) -> Result<bool> {
-        let Some(latest) = self.store.latest_thread_reply(&root.event_id).await? else { return Ok(false) };
-        if !self.visible_events(&root.room_id, viewer.user_id, vec![latest]).await?.is_empty() {
+        let s = self.hub.services();
+        let Some(latest) = s.store.latest_thread_reply(&root.event_id).await? else { return Ok(false) };
+        if !s.sync.visible_events(&root.room_id, viewer.user_id, vec![latest]).await?.is_empty() {
             return Ok(true);
         }
         Ok(!self.visible_relations(root, "m.thread", viewer).await?.is_empty())
@@ -191,13 +204,14 @@ impl Services {
         rel_type: &str,
         viewer: Viewer<'_>,
     ) -> Result<Vec<EventRow>> {
-        let rows: Vec<EventRow> = self
+        let s = self.hub.services();
+        let rows: Vec<EventRow> = s
             .store
             .relations(&original.event_id, Some(rel_type), None, i64::MIN, i64::MAX, MAX_HIDDEN_SCAN, true)
             .await?
             .into_iter()
             .filter(|r| r.redacted_by.is_none())
             .collect();
-        self.visible_events(&original.room_id, viewer.user_id, rows).await
+        s.sync.visible_events(&original.room_id, viewer.user_id, rows).await
     }
 }

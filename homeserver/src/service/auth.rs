@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use ruma::{OwnedDeviceId, OwnedUserId};
 
-use super::{Services, credentials::hash_token};
+use super::{Hub, credentials::hash_token};
 use crate::{
     error::{Error, Result},
     store::now_ms,
@@ -21,19 +21,28 @@ pub struct AuthedUser {
 /// request would turn each read into a write.
 const LAST_SEEN_GRANULARITY_MS: i64 = 60_000;
 
-impl Services {
+/// Access tokens: who a request comes from.
+pub struct Auth {
+    hub: Hub,
+}
+
+impl Auth {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub }
+    }
+
     /// Resolves an access token. Unknown tokens and tokens of deactivated accounts are
     /// `M_UNKNOWN_TOKEN`.
     pub async fn authenticate(&self, token: &str, ip: IpAddr) -> Result<AuthedUser> {
-        let owner = self.store.access_token_owner(&hash_token(token)).await?.ok_or(Error::UnknownToken)?;
+        let s = self.hub.services();
+        let owner = s.store.access_token_owner(&hash_token(token)).await?.ok_or(Error::UnknownToken)?;
         if owner.deactivated {
             return Err(Error::UnknownToken);
         }
         let now = now_ms();
         if owner.last_seen_ts.is_none_or(|seen| now - seen > LAST_SEEN_GRANULARITY_MS) {
             // Best effort: a failed "last seen" update must not fail the request.
-            if let Err(e) = self.store.touch_device(&owner.user_id, &owner.device_id, Some(&ip.to_string()), now).await
-            {
+            if let Err(e) = s.store.touch_device(&owner.user_id, &owner.device_id, Some(&ip.to_string()), now).await {
                 tracing::warn!(error = %e, "cannot update device last-seen");
             }
         }

@@ -12,7 +12,7 @@ use federation::{
 };
 use ruma::{EventId, OwnedServerName, RoomId, UserId, api::federation::backfill::get_backfill, events::StateEventType};
 
-use super::Services;
+use super::inbound::Receiver;
 use crate::{error::Result, store::BackfilledEvent};
 
 /// Most events asked for in one `/backfill`.
@@ -22,24 +22,25 @@ const SERVERS_TRIED: usize = 3;
 /// Events at the start of a room's stream searched for a gap.
 const EXTREMITY_SCAN: i64 = 2_000;
 
-impl Services {
+impl Receiver {
     /// Fetches up to `limit` events from before the gap in the room's history we hold (see
     /// [`Services::backward_extremity`]) and stores those that verify and are authorized;
     /// returns how many were stored (0 when there is no gap, when no other server is in the
     /// room, or none answers).
     pub async fn backfill_older(&self, room_id: &RoomId, limit: usize) -> Result<usize> {
+        let s = self.hub.services();
         let Some(from) = self.backward_extremity(room_id).await? else { return Ok(0) };
-        let version = self.room_version(room_id.as_str()).await?;
+        let version = s.rooms.version(room_id.as_str()).await?;
         let rules = room_version_rules(&version).map_err(|e| crate::error::Error::internal(e.to_string()))?;
         let limit = ruma::UInt::try_from(limit.clamp(1, MAX_BACKFILL) as u64 + 1).unwrap_or_default();
 
         // The event's sender's server first (it had the event), then the others in the room.
         let mut servers: Vec<OwnedServerName> = Vec::new();
         let senders =
-            std::iter::once(from.sender.to_string()).chain(self.store.room_members(room_id.as_str(), "join").await?);
+            std::iter::once(from.sender.to_string()).chain(s.store.room_members(room_id.as_str(), "join").await?);
         for user in senders {
             if let Ok(user) = UserId::parse(user.as_str())
-                && user.server_name() != self.settings.server_name
+                && user.server_name() != s.settings.server_name
                 && !servers.iter().any(|s| s == user.server_name())
             {
                 servers.push(user.server_name().to_owned());
@@ -47,7 +48,7 @@ impl Services {
         }
         for server in servers.into_iter().take(SERVERS_TRIED) {
             let request = get_backfill::v1::Request::new(room_id.to_owned(), vec![from.event_id.clone()], limit);
-            let response = match self.send_federation(&server, request).await {
+            let response = match s.fed.send(&server, request).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::info!(%room_id, %server, error = %e, "backfill failed");
@@ -71,7 +72,7 @@ impl Services {
             // finds them already checked.
             verified.sort_by_key(|e| (e.pdu.depth, e.pdu.origin_server_ts));
             let batch: HashMap<_, _> = verified.iter().map(|e| (e.event_id.clone(), e.pdu.clone())).collect();
-            let create = self.cached_state_event(room_id, "m.room.create", "").await?;
+            let create = s.room_cache.state_event(room_id, "m.room.create", "").await?;
             let mut accepted: Vec<BackfilledEvent> = Vec::new();
             for event in &verified {
                 let pdu = &event.pdu;
@@ -112,7 +113,7 @@ impl Services {
                 });
             }
             accepted.reverse();
-            let stored = self.store.insert_backfilled_events(room_id.as_str(), &accepted).await?;
+            let stored = s.store.insert_backfilled_events(room_id.as_str(), &accepted).await?;
             tracing::info!(%room_id, %server, stored, "backfilled older history");
             return Ok(stored);
         }
@@ -124,7 +125,8 @@ impl Services {
     /// start of the room's stream is looked at (the state a join brought, the history
     /// fetched with it, and what was backfilled since), which is where such events are.
     async fn backward_extremity(&self, room_id: &RoomId) -> Result<Option<Pdu>> {
-        let rows = self.store.room_events(room_id.as_str(), i64::MIN, i64::MAX, EXTREMITY_SCAN, false).await?;
+        let s = self.hub.services();
+        let rows = s.store.room_events(room_id.as_str(), i64::MIN, i64::MAX, EXTREMITY_SCAN, false).await?;
         let held: HashSet<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
         for row in &rows {
             let Ok(id) = EventId::parse(row.event_id.as_str()) else { continue };
@@ -134,7 +136,7 @@ impl Services {
             if unknown.is_empty() {
                 continue;
             }
-            let found = self.store.events_by_id(&unknown).await?;
+            let found = s.store.events_by_id(&unknown).await?;
             if found.len() < unknown.len() {
                 return Ok(Some(pdu));
             }

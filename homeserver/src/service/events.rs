@@ -6,7 +6,7 @@ use ruma::{
 use serde::Deserialize;
 use serde_json::{Map, Value as JsonValue, value::RawValue};
 
-use super::Services;
+use super::Hub;
 use crate::{
     error::{Error, Result},
     store::{EventRow, now_ms},
@@ -19,7 +19,16 @@ pub struct Viewer<'a> {
     pub device_id: &'a str,
 }
 
-impl Services {
+/// Events as clients see them: the client format, redacted content, relations left to `Relations`.
+pub struct Events {
+    hub: Hub,
+}
+
+impl Events {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub }
+    }
+
     /// The client format of a stored event: content (pruned if redacted), unsigned data
     /// (`age`, `transaction_id`, `prev_content`, `redacted_because`), as a JSON value.
     pub async fn client_event(&self, row: &EventRow, viewer: Viewer<'_>, with_room_id: bool) -> Result<JsonValue> {
@@ -27,7 +36,7 @@ impl Services {
         serde_json::from_str(raw.get()).map_err(|e| Error::internal(format!("formatted event is not JSON: {e}")))
     }
 
-    /// [`Services::client_event`] as a ruma `Raw` of any event type.
+    /// [`Events::client_event`] as a ruma `Raw` of any event type.
     pub async fn raw_client_event<T>(&self, row: &EventRow, viewer: Viewer<'_>, with_room_id: bool) -> Result<Raw<T>> {
         Ok(Raw::from_json(self.client_event_json(row, viewer, with_room_id, None).await?))
     }
@@ -46,6 +55,7 @@ impl Services {
         with_room_id: bool,
         relations: Option<&RawValue>,
     ) -> Result<Box<RawValue>> {
+        let s = self.hub.services();
         let pdu: PduParts<'_> = serde_json::from_str(&row.json)
             .map_err(|e| Error::internal(format!("stored event {} is not a PDU: {e}", row.event_id)))?;
         let mut out = String::with_capacity(row.json.len() + 160);
@@ -66,7 +76,7 @@ impl Services {
         if let Some(redaction_id) = &row.redacted_by {
             let content = self.redacted(row, pdu.content).await?;
             member(&mut out, "content", &content);
-            if let Some(redaction) = self.store.event(redaction_id).await? {
+            if let Some(redaction) = s.store.event(redaction_id).await? {
                 redacted_because =
                     Some(Box::pin(self.client_event_json(&redaction, viewer, with_room_id, None)).await?);
             }
@@ -90,7 +100,7 @@ impl Services {
             && let Some(prev_id) = &row.prev_state_event_id
         {
             member(&mut out, "replaces_state", &json_string(prev_id));
-            if let Some(prev) = self.store.event(prev_id).await? {
+            if let Some(prev) = s.store.event(prev_id).await? {
                 let prev_pdu: PduParts<'_> = serde_json::from_str(&prev.json)
                     .map_err(|e| Error::internal(format!("stored event {} is not a PDU: {e}", prev.event_id)))?;
                 if prev.redacted_by.is_some() {
@@ -114,7 +124,8 @@ impl Services {
 
     /// The content a redacted event keeps, as JSON text.
     async fn redacted(&self, row: &EventRow, content: Option<&RawValue>) -> Result<String> {
-        let version = self.room_version(&row.room_id).await?;
+        let s = self.hub.services();
+        let version = s.rooms.version(&row.room_id).await?;
         let content: JsonValue = match content {
             Some(raw) => serde_json::from_str(raw.get()).unwrap_or_else(|_| JsonValue::Object(Map::new())),
             None => JsonValue::Object(Map::new()),

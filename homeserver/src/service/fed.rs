@@ -28,7 +28,7 @@ use ruma::{
 };
 
 use super::{
-    Services,
+    Hub,
     remote_cache::{CAPACITY, RemoteCache, TTL},
 };
 use crate::{
@@ -88,8 +88,33 @@ impl RemoteLookups {
     }
 }
 
-/// The federation side of [`Services`].
+/// The outbound HTTP client and the limit on requests in flight, built before the services
+/// (building the client can fail, on a bad TLS setup).
+pub struct Outbound {
+    pub client: FederationClient,
+    /// Requests to other servers in flight at once, federation and push gateways together
+    /// (`federation.max_outbound_requests`).
+    pub permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl Outbound {
+    pub fn new(server_name: OwnedServerName, settings: &FederationSettings) -> Result<Self, ClientError> {
+        let permits = Arc::new(tokio::sync::Semaphore::new(settings.max_outbound_requests));
+        let options = ClientOptions {
+            verify_certificates: settings.verify_certificates,
+            allow_private_targets: settings.allow_private_targets,
+            outbound: permits.clone(),
+            ..ClientOptions::default()
+        };
+        Ok(Self { client: FederationClient::new(server_name, options)?, permits })
+    }
+}
+
+/// Federation plumbing: requests to other servers (signed, with their reachability
+/// remembered), our key document, other servers' keys and the notary, X-Matrix checks of
+/// incoming requests, and our clients' lookups on other servers.
 pub struct Federation {
+    hub: Hub,
     pub client: FederationClient,
     /// Requests to other servers in flight at once, federation and push gateways together
     /// (`federation.max_outbound_requests`).
@@ -102,21 +127,15 @@ pub struct Federation {
 }
 
 impl Federation {
-    pub fn new(server_name: OwnedServerName, settings: &FederationSettings) -> Result<Self, ClientError> {
-        let outbound = Arc::new(tokio::sync::Semaphore::new(settings.max_outbound_requests));
-        let options = ClientOptions {
-            verify_certificates: settings.verify_certificates,
-            allow_private_targets: settings.allow_private_targets,
-            outbound: outbound.clone(),
-            ..ClientOptions::default()
-        };
-        Ok(Self {
-            client: FederationClient::new(server_name, options)?,
-            outbound,
+    pub fn new(hub: Hub, outbound: Outbound) -> Self {
+        Self {
+            hub,
+            client: outbound.client,
+            outbound: outbound.permits,
             last_fetch: Mutex::new(HashMap::new()),
             unreachable: Mutex::new(HashMap::new()),
             lookups: RemoteLookups::new(),
-        })
+        }
     }
 
     /// Refuses at once a request made on demand to a server that could not be reached
@@ -165,23 +184,24 @@ impl Federation {
     }
 }
 
-impl Services {
+impl Federation {
     /// This server's signed key document (`GET /_matrix/key/v2/server`).
-    pub fn own_key_document(&self) -> Result<Raw<ServerSigningKeys>> {
-        own_key_document(&self.settings.server_name, &self.signing_key, MilliSecondsSinceUnixEpoch::now())
+    pub fn key_document(&self) -> Result<Raw<ServerSigningKeys>> {
+        let s = self.hub.services();
+        own_key_document(&s.settings.server_name, &s.signing_key, MilliSecondsSinceUnixEpoch::now())
             .map_err(|e| Error::internal(e.to_string()))
     }
 
     /// Sends a request that one of our clients' lookups needs: refused at once while
     /// `destination` is marked unreachable (anyone may ask about any server), and a "not
     /// found" answer is `None` rather than an error, so it can be kept like any answer.
-    pub async fn send_lookup<R>(&self, destination: &ServerName, request: R) -> Result<Option<R::IncomingResponse>>
+    pub async fn lookup<R>(&self, destination: &ServerName, request: R) -> Result<Option<R::IncomingResponse>>
     where
         R: OutgoingRequest<PathBuilder = SinglePath>,
         R::Authentication: OutboundAuth,
     {
-        self.fed.require_reachable(destination)?;
-        match self.send_federation(destination, request).await {
+        self.require_reachable(destination)?;
+        match self.send(destination, request).await {
             Ok(answer) => Ok(Some(answer)),
             Err(Error::NotFound(_)) => Ok(None),
             Err(e) => Err(e),
@@ -189,17 +209,18 @@ impl Services {
     }
 
     /// Sends a federation request (signed when the endpoint requires it).
-    pub async fn send_federation<R>(&self, destination: &ServerName, request: R) -> Result<R::IncomingResponse>
+    pub async fn send<R>(&self, destination: &ServerName, request: R) -> Result<R::IncomingResponse>
     where
         R: OutgoingRequest<PathBuilder = SinglePath>,
         R::Authentication: OutboundAuth,
     {
-        if destination == self.settings.server_name {
+        let s = self.hub.services();
+        if destination == s.settings.server_name {
             return Err(Error::internal("a federation request to ourselves"));
         }
-        let result = self.fed.client.send(&self.signing_key, destination, request).await;
+        let result = self.client.send(&s.signing_key, destination, request).await;
         // Only a transport failure says the server is gone; an error answer says it is up.
-        self.fed.record_reachability(destination, !matches!(result, Err(ClientError::Transport { .. })));
+        self.record_reachability(destination, !matches!(result, Err(ClientError::Transport { .. })));
         result.map_err(|e| {
             tracing::info!(%destination, error = %e, "federation request failed");
             match e.status() {
@@ -211,17 +232,18 @@ impl Services {
     }
 
     /// Fetches `server`'s key document from the server itself, checks it and caches it.
-    pub async fn fetch_server_keys(&self, server: &ServerName) -> Result<VerifiedKeys> {
-        let response = self.send_federation(server, get_server_keys::v2::Request::new()).await?;
+    pub async fn fetch_keys(&self, server: &ServerName) -> Result<VerifiedKeys> {
+        let response = self.send(server, get_server_keys::v2::Request::new()).await?;
         let verified = verify_key_document(server, &response.server_key)
             .map_err(|e| Error::RemoteUnavailable(format!("{server} sent bad keys: {e}")))?;
-        self.cache_server_keys(&verified).await?;
+        self.cache_keys(&verified).await?;
         Ok(verified)
     }
 
-    async fn cache_server_keys(&self, keys: &VerifiedKeys) -> Result<()> {
+    async fn cache_keys(&self, keys: &VerifiedKeys) -> Result<()> {
+        let s = self.hub.services();
         let key_json = serde_json::to_string(&keys.document).map_err(|e| Error::internal(e.to_string()))?;
-        self.store
+        s.store
             .store_server_keys(NewServerKeys {
                 server_name: keys.server_name.as_str(),
                 valid_until_ts: keys.valid_until_ts,
@@ -240,10 +262,11 @@ impl Services {
 
     /// The public key (unpadded base64) `server` signs with under `key_id`, valid at
     /// `at_ms`: from the cache while it is valid, else fetched from the server.
-    pub async fn server_public_key(&self, server: &ServerName, key_id: &str, at_ms: i64) -> Result<String> {
-        if server == self.settings.server_name {
-            if key_id == self.signing_key.key_id() {
-                return Ok(self.signing_key.public_key_base64());
+    pub async fn public_key(&self, server: &ServerName, key_id: &str, at_ms: i64) -> Result<String> {
+        let s = self.hub.services();
+        if server == s.settings.server_name {
+            if key_id == s.signing_key.key_id() {
+                return Ok(s.signing_key.public_key_base64());
             }
             return Err(Error::Unauthorized(format!("{key_id} is not a key of this server")));
         }
@@ -251,14 +274,14 @@ impl Services {
             Some(expired) => at_ms < expired,
             None => at_ms <= trusted_until(row),
         };
-        let cached = self.store.server_key(server.as_str(), key_id).await?;
+        let cached = s.store.server_key(server.as_str(), key_id).await?;
         if let Some(row) = &cached
             && usable(row)
         {
             return Ok(row.public_key.clone());
         }
-        if self.fed.may_fetch(server) {
-            match self.fetch_server_keys(server).await {
+        if self.may_fetch(server) {
+            match self.fetch_keys(server).await {
                 Ok(keys) => {
                     if let Some(key) = keys.verify_keys.get(key_id)
                         && at_ms <= keys.valid_until_ts
@@ -279,17 +302,18 @@ impl Services {
 
     /// Verifies the X-Matrix authorization of an incoming federation request whose body is
     /// `request`'s; returns the origin server.
-    pub async fn verify_federation_request(&self, request: &http::Request<&[u8]>) -> Result<OwnedServerName> {
+    pub async fn verify_request(&self, request: &http::Request<&[u8]>) -> Result<OwnedServerName> {
+        let s = self.hub.services();
         let header = xmatrix::parse_header(request.headers()).map_err(|e| Error::Unauthorized(e.to_string()))?;
-        if header.origin == self.settings.server_name {
+        if header.origin == s.settings.server_name {
             return Err(Error::Unauthorized("requests from ourselves are not accepted".to_owned()));
         }
-        let public_key = self.server_public_key(&header.origin, header.key.as_str(), now_ms()).await?;
-        let origin = xmatrix::verify_request(&header, request, &self.settings.server_name, &public_key)
+        let public_key = self.public_key(&header.origin, header.key.as_str(), now_ms()).await?;
+        let origin = xmatrix::verify_request(&header, request, &s.settings.server_name, &public_key)
             .map_err(|e| Error::Unauthorized(e.to_string()))?;
         // It talks to us, so it is up: deliveries waiting for it go now.
-        self.send_queue.peer_is_up(&origin);
-        self.fed.reached_by(&origin);
+        s.send_queue.peer_is_up(&origin);
+        self.reached_by(&origin);
         Ok(origin)
     }
 
@@ -303,25 +327,23 @@ impl Services {
         minimum_valid_until_ms: i64,
         origin_fetches: &std::sync::atomic::AtomicUsize,
     ) -> Result<Vec<Raw<ServerSigningKeys>>> {
-        if server == self.settings.server_name {
-            return Ok(vec![self.own_key_document()?]);
+        let s = self.hub.services();
+        if server == s.settings.server_name {
+            return Ok(vec![self.key_document()?]);
         }
-        let cached = self.store.server_keys(server.as_str()).await?;
+        let cached = s.store.server_keys(server.as_str()).await?;
         let fresh = cached.iter().find(|row| row.expired_ts.is_none() && trusted_until(row) >= minimum_valid_until_ms);
         let document: CanonicalJsonObject = match fresh {
             Some(row) => serde_json::from_str(&row.key_json).map_err(|e| Error::internal(e.to_string()))?,
             // The origin is asked only when the key-fetch backoff and its reachability let
             // us: anyone may ask a notary about any server.
-            None if !take_one(origin_fetches)
-                || !self.fed.may_fetch(server)
-                || self.fed.require_reachable(server).is_err() =>
-            {
+            None if !take_one(origin_fetches) || !self.may_fetch(server) || self.require_reachable(server).is_err() => {
                 match cached.first() {
                     Some(row) => serde_json::from_str(&row.key_json).map_err(|e| Error::internal(e.to_string()))?,
                     None => return Ok(Vec::new()),
                 }
             }
-            None => match self.fetch_server_keys(server).await {
+            None => match self.fetch_keys(server).await {
                 Ok(keys) => keys.document,
                 // Unreachable servers are simply absent from the answer, as the spec says.
                 Err(e) => {
@@ -333,8 +355,8 @@ impl Services {
                 }
             },
         };
-        let signed = notarize(&document, &self.settings.server_name, &self.signing_key)
-            .map_err(|e| Error::internal(e.to_string()))?;
+        let signed =
+            notarize(&document, &s.settings.server_name, &s.signing_key).map_err(|e| Error::internal(e.to_string()))?;
         Ok(vec![signed])
     }
 }

@@ -20,7 +20,7 @@ use serde_json::value::RawValue as RawJsonValue;
 use tokio::sync::{Semaphore, oneshot};
 
 use super::{
-    Services,
+    Hub,
     received::{Accepted, room_id_of},
 };
 use crate::{
@@ -47,8 +47,11 @@ pub enum Received {
     Queued(OwnedEventId, oneshot::Receiver<Verdict>),
 }
 
-/// The bookkeeping in memory; the queue itself is a table.
-pub struct Inbound {
+/// The federation receiver: `/send` transactions (this module), the PDUs and EDUs in them
+/// (`service::received`), and history fetched on demand (`service::backfill`). Its state is
+/// the bookkeeping of the inbound queue in memory; the queue itself is a table.
+pub struct Receiver {
+    pub(super) hub: Hub,
     /// Origins with a transaction being worked on.
     origins: Mutex<HashSet<OwnedServerName>>,
     /// Told whenever an origin's turn ends.
@@ -60,9 +63,10 @@ pub struct Inbound {
     workers: Arc<Semaphore>,
 }
 
-impl Default for Inbound {
-    fn default() -> Self {
+impl Receiver {
+    pub fn new(hub: Hub) -> Self {
         Self {
+            hub,
             origins: Mutex::default(),
             turn_over: tokio::sync::Notify::new(),
             rooms: Mutex::default(),
@@ -74,18 +78,18 @@ impl Default for Inbound {
 
 /// An origin's turn: while held, its other transactions are refused.
 pub struct OriginTurn<'a> {
-    inbound: &'a Inbound,
+    receiver: &'a Receiver,
     origin: OwnedServerName,
 }
 
 impl Drop for OriginTurn<'_> {
     fn drop(&mut self) {
-        self.inbound.origins.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.origin);
-        self.inbound.turn_over.notify_waiters();
+        self.receiver.origins.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.origin);
+        self.receiver.turn_over.notify_waiters();
     }
 }
 
-impl Inbound {
+impl Receiver {
     /// The origin's turn, waiting up to `wait` while another transaction of it is worked
     /// on; `None` if it does not come.
     pub async fn turn(&self, origin: &ServerName, wait: Duration) -> Option<OriginTurn<'_>> {
@@ -96,7 +100,7 @@ impl Inbound {
             tokio::pin!(over);
             over.as_mut().enable();
             if self.origins.lock().unwrap_or_else(|e| e.into_inner()).insert(origin.to_owned()) {
-                return Some(OriginTurn { inbound: self, origin: origin.to_owned() });
+                return Some(OriginTurn { receiver: self, origin: origin.to_owned() });
             }
             if tokio::time::timeout_at(deadline, over).await.is_err() {
                 return None;
@@ -131,15 +135,16 @@ impl Inbound {
     }
 }
 
-impl Services {
+impl Receiver {
     /// One PDU of a `/send` transaction from `origin` (see the module).
-    pub async fn receive_pdu(self: &Arc<Self>, origin: &ServerName, raw: &RawJsonValue) -> Result<Received> {
+    pub async fn take_pdu(&self, origin: &ServerName, raw: &RawJsonValue) -> Result<Received> {
+        let s = self.hub.services();
         let room_id = room_id_of(raw)?;
-        if !self.server_in_room(&room_id).await? {
+        if !s.servers.we_are_in(&room_id).await? {
             return Err(Error::Forbidden(format!("this server is not in {room_id}")));
         }
-        self.check_server_acl(&room_id, origin).await?;
-        let version = self.room_version(room_id.as_str()).await?;
+        s.servers.check_acl(&room_id, origin).await?;
+        let version = s.rooms.version(room_id.as_str()).await?;
         let event = self.verify_pdu(raw, &version).await?;
         if event.pdu.room_id.as_deref() != Some(&*room_id) {
             return Err(Error::BadJson("room_id mismatch".to_owned()));
@@ -147,18 +152,18 @@ impl Services {
         let id = event.event_id.clone();
         // An auth event we hold as an outlier is not "known" here: arriving as a PDU, it
         // goes onto the timeline and into the state like any other.
-        if let Some(known) = super::received::known_outcome(&id, &self.store.event_status(id.as_str()).await?)? {
+        if let Some(known) = super::received::known_outcome(&id, &s.store.event_status(id.as_str()).await?)? {
             return Ok(Received::Done(id, known));
         }
-        if !self.inbound.room_busy(&room_id) && !self.needs_fetching(&event.pdu).await? {
-            let accepted = self.accept_remote_event(&room_id, event, origin, false).await?;
+        if !self.room_busy(&room_id) && !self.needs_fetching(&event.pdu).await? {
+            let accepted = self.accept(&room_id, event, origin, false).await?;
             return Ok(Received::Done(id, accepted));
         }
-        if self.store.inbound_pdus_waiting(room_id.as_str()).await? >= MAX_QUEUED_PER_ROOM {
+        if s.store.inbound_pdus_waiting(room_id.as_str()).await? >= MAX_QUEUED_PER_ROOM {
             return Err(Error::LimitExceeded { retry_after: Duration::from_secs(60) });
         }
-        let waiter = self.inbound.wait_for(id.as_str());
-        self.store.queue_inbound_pdus(&[(room_id.as_str(), origin.as_str(), id.as_str(), raw.get())], now_ms()).await?;
+        let waiter = self.wait_for(id.as_str());
+        s.store.queue_inbound_pdus(&[(room_id.as_str(), origin.as_str(), id.as_str(), raw.get())], now_ms()).await?;
         self.work_room_queue(&room_id);
         Ok(Received::Queued(id, waiter))
     }
@@ -166,25 +171,29 @@ impl Services {
     /// Whether taking in `pdu` needs events fetched first: prev events that have no place in
     /// the room's graph, or auth events we do not hold.
     async fn needs_fetching(&self, pdu: &federation::pdu::Pdu) -> Result<bool> {
+        let s = self.hub.services();
         let prevs: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
-        if self.store.events_in_graph(&prevs).await?.len() != prevs.len() {
+        if s.store.events_in_graph(&prevs).await?.len() != prevs.len() {
             return Ok(true);
         }
         let auths: Vec<String> = pdu.auth_events.iter().map(|id| id.to_string()).collect();
-        let held: HashSet<String> = self.store.pdus_for_auth(&auths).await?.into_iter().map(|p| p.event_id).collect();
+        let held: HashSet<String> = s.store.pdus_for_auth(&auths).await?.into_iter().map(|p| p.event_id).collect();
         Ok(auths.iter().any(|id| !held.contains(id)))
     }
 
     /// Starts the room's worker unless it runs.
-    fn work_room_queue(self: &Arc<Self>, room_id: &RoomId) {
-        if self.inbound.start_room(room_id) {
-            tokio::spawn(self.clone().work_room(room_id.to_owned()));
+    fn work_room_queue(&self, room_id: &RoomId) {
+        if self.start_room(room_id) {
+            let s = self.hub.services();
+            let room_id = room_id.to_owned();
+            tokio::spawn(async move { s.receiver.work_room(room_id).await });
         }
     }
 
     /// Carries on with the PDUs queued before a restart.
-    pub async fn resume_inbound_queue(self: Arc<Self>) {
-        match self.store.rooms_with_inbound_pdus().await {
+    pub async fn resume_queue(&self) {
+        let s = self.hub.services();
+        match s.store.rooms_with_inbound_pdus().await {
             Ok(rooms) => {
                 for room in rooms {
                     if let Ok(room_id) = RoomId::parse(room.as_str()) {
@@ -197,61 +206,62 @@ impl Services {
     }
 
     /// Works through the room's queue in order, then stops.
-    async fn work_room(self: Arc<Self>, room_id: OwnedRoomId) {
+    async fn work_room(&self, room_id: OwnedRoomId) {
+        let s = self.hub.services();
         loop {
-            let next = match self.store.next_inbound_pdu(room_id.as_str()).await {
+            let next = match s.store.next_inbound_pdu(room_id.as_str()).await {
                 Ok(next) => next,
                 Err(e) => {
                     // Left for the next PDU queued in the room, or the next start.
                     tracing::warn!(%room_id, error = %e, "cannot read the room's queue of received events");
-                    self.inbound.stop_room(&room_id);
+                    self.stop_room(&room_id);
                     return;
                 }
             };
             let Some(item) = next else {
-                self.inbound.stop_room(&room_id);
+                self.stop_room(&room_id);
                 // A PDU queued between the read and the stop found the worker still running.
-                if matches!(self.store.next_inbound_pdu(room_id.as_str()).await, Ok(Some(_)))
-                    && self.inbound.start_room(&room_id)
+                if matches!(s.store.next_inbound_pdu(room_id.as_str()).await, Ok(Some(_))) && self.start_room(&room_id)
                 {
                     continue;
                 }
                 return;
             };
             let verdict = {
-                let _turn = self.inbound.workers.acquire().await;
+                let _turn = self.workers.acquire().await;
                 self.work_queued(&item).await
             };
             if let Err(reason) = &verdict {
                 tracing::info!(%room_id, event_id = %item.event_id, origin = %item.origin, %reason, "refused a received event");
             }
-            if let Err(e) = self.store.drop_inbound_pdu(item.id).await {
+            if let Err(e) = s.store.drop_inbound_pdu(item.id).await {
                 tracing::warn!(%room_id, error = %e, "cannot take a worked event off the queue");
-                self.inbound.stop_room(&room_id);
+                self.stop_room(&room_id);
                 return;
             }
-            self.inbound.decided(&item.event_id, &verdict);
+            self.decided(&item.event_id, &verdict);
         }
     }
 
     /// One queued PDU: its missing prev events and auth events fetched from its origin, then
     /// taken in like any received event.
     async fn work_queued(&self, item: &InboundPdu) -> Verdict {
+        let s = self.hub.services();
         let fail = |e: Error| e.to_string();
         let origin = ServerName::parse(item.origin.as_str()).map_err(|e| e.to_string())?;
         let room_id = RoomId::parse(item.room_id.as_str()).map_err(|e| e.to_string())?;
         let raw = RawJsonValue::from_string(item.pdu.clone()).map_err(|e| e.to_string())?;
-        let version = self.room_version(room_id.as_str()).await.map_err(fail)?;
+        let version = s.rooms.version(room_id.as_str()).await.map_err(fail)?;
         // Checked again from the start: the keys are cached by now, and nothing stored is
         // trusted more than what came over the network.
         let event = self.verify_pdu(&raw, &version).await.map_err(fail)?;
         let id = event.event_id.clone();
-        let status = self.store.event_status(id.as_str()).await.map_err(|e| e.to_string())?;
+        let status = s.store.event_status(id.as_str()).await.map_err(|e| e.to_string())?;
         if super::received::known_outcome(&id, &status).map_err(fail)?.is_some() {
             return Ok(());
         }
         self.fetch_missing_prev_events(&origin, &room_id, &version, &event.pdu).await;
         self.fetch_missing_auth_events(&origin, &room_id, &version, &event.pdu).await;
-        self.accept_remote_event(&room_id, event, &origin, false).await.map(|_| ()).map_err(fail)
+        self.accept(&room_id, event, &origin, false).await.map(|_| ()).map_err(fail)
     }
 }

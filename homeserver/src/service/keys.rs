@@ -125,7 +125,7 @@ impl Keys {
     /// room with them will list them in `device_lists.changed`).
     pub async fn announce_device_change(&self, user_id: &str) -> Result<()> {
         let s = self.hub.services();
-        let changes = s.changes_of_user_and_rooms(user_id, Sections::DEVICE_LISTS).await?;
+        let changes = s.rooms.changes_of_user_and_rooms(user_id, Sections::DEVICE_LISTS).await?;
         let position = s.streams.allocate();
         s.store.record_device_list_change(user_id, position.position()).await?;
         position.commit_with(changes);
@@ -137,7 +137,7 @@ impl Keys {
         let s = self.hub.services();
         for device_id in device_ids {
             s.store.delete_device_e2ee(user_id, device_id).await?;
-            s.sliding_sync_connections.forget_device(user_id, device_id);
+            s.sliding_sync.forget_device(user_id, device_id);
             self.counts.forget(&(user_id.to_owned(), device_id.to_owned()));
         }
         if !device_ids.is_empty() {
@@ -177,7 +177,7 @@ impl Keys {
                     merge_signatures(&mut stored, &keys);
                 }
             }
-            let changes = s.changes_of_user_and_rooms(user_id.as_str(), Sections::DEVICE_LISTS).await?;
+            let changes = s.rooms.changes_of_user_and_rooms(user_id.as_str(), Sections::DEVICE_LISTS).await?;
             let position = s.streams.allocate();
             s.store.set_device_keys(user_id.as_str(), device_id, &stored.to_string(), position.position()).await?;
             position.commit_with(changes);
@@ -490,7 +490,7 @@ impl Keys {
     async fn servers_sharing_a_room_with(&self, user_id: &str) -> Result<Vec<String>> {
         let s = self.hub.services();
         let mut servers = BTreeSet::new();
-        for (room_id, membership) in s.rooms_of_user(user_id).await?.iter() {
+        for (room_id, membership) in s.rooms.of_user(user_id).await?.iter() {
             if membership != "join" {
                 continue;
             }
@@ -551,7 +551,7 @@ impl Keys {
             return Err(Error::Forbidden(format!("{user} is not a user of {origin}")));
         }
         // Keys of users nobody here shares a room with are not kept.
-        if s.rooms_of_user(user.as_str()).await?.iter().all(|(_, membership)| membership != "join") {
+        if s.rooms.of_user(user.as_str()).await?.iter().all(|(_, membership)| membership != "join") {
             return Ok(());
         }
         let master = content.get("master_key").filter(|k| !k.is_null());

@@ -30,7 +30,7 @@ use self::{
     storage::{MediaStorage, ReceiveError, receive},
     thumbnail::Method,
 };
-use super::Services;
+use super::Hub;
 use crate::{
     error::{Error, Result},
     store::{Completion, MediaRow, NewMedia, RemoteMediaRow, ThumbnailRow, now_ms},
@@ -45,8 +45,9 @@ const CHECKPOINT_BYTES: u64 = 64 * 1024 * 1024;
 /// A download is recorded as an access at most this often (for retention), not on every read.
 const ACCESS_GRANULARITY_MS: i64 = 3_600_000;
 
-/// In-process state of the media repository.
+/// The media repository: its files, its locks and its work in flight.
 pub struct Media {
+    hub: Hub,
     pub storage: MediaStorage,
     /// Serialises "rename into content storage + write the row" against "delete the row +
     /// remove the unreferenced file", so deduplicated content is never removed under a new row.
@@ -66,8 +67,9 @@ pub struct Media {
 }
 
 impl Media {
-    pub fn new(root: PathBuf, thumbnail_concurrency: usize) -> Self {
+    pub fn new(hub: Hub, root: PathBuf, thumbnail_concurrency: usize) -> Self {
         Self {
+            hub,
             storage: MediaStorage::new(root),
             content_lock: tokio::sync::Mutex::new(()),
             busy: Arc::new(Mutex::new(HashSet::new())),
@@ -97,6 +99,34 @@ pub struct UploadMeta {
     pub filename: Option<String>,
     /// The `Content-Length` if the client sent one.
     pub content_length: Option<u64>,
+}
+
+/// Which media a download asks for, and on which endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct Download<'a> {
+    pub server_name: &'a str,
+    pub media_id: &'a str,
+    /// How long to wait for the content of a reservation (or of a remote fetch).
+    pub timeout: Duration,
+    /// False on the legacy unauthenticated endpoints, which serve only our media from
+    /// before `media.unauthenticated_cutoff_ms`.
+    pub authenticated: bool,
+}
+
+/// A thumbnail asked for: of which media, the size wanted and how to fit it.
+#[derive(Debug, Clone, Copy)]
+pub struct ThumbnailRequest<'a> {
+    pub media: Download<'a>,
+    pub width: u64,
+    pub height: u64,
+    pub method: Method,
+}
+
+/// A `/create` reservation: its URI, and until when content may be uploaded to it.
+#[derive(Debug, Clone)]
+pub struct Reservation {
+    pub content_uri: OwnedMxcUri,
+    pub expires_at_ms: i64,
 }
 
 /// Content ready to be streamed.
@@ -167,14 +197,15 @@ pub(crate) fn check_media_id(media_id: &str) -> Result<()> {
     Ok(())
 }
 
-impl Services {
+impl Media {
     pub fn max_upload_bytes(&self) -> u64 {
-        self.settings.media.max_upload_bytes
+        let s = self.hub.services();
+        s.settings.media.max_upload_bytes
     }
 
     /// Deletes leftovers of uploads a killed process never finished. Call once at start.
-    pub async fn prepare_media(&self) -> Result<()> {
-        let removed = self.media.storage.prepare().await.map_err(io_error)?;
+    pub async fn prepare(&self) -> Result<()> {
+        let removed = self.storage.prepare().await.map_err(io_error)?;
         if removed > 0 {
             tracing::info!(removed, "deleted unfinished uploads left by the last run");
         }
@@ -182,25 +213,28 @@ impl Services {
     }
 
     fn mxc(&self, media_id: &str) -> OwnedMxcUri {
-        OwnedMxcUri::from(format!("mxc://{}/{media_id}", self.settings.server_name))
+        let s = self.hub.services();
+        OwnedMxcUri::from(format!("mxc://{}/{media_id}", s.settings.server_name))
     }
 
     /// The most bytes this user may still upload: (limit, whether it is the quota).
     async fn upload_allowance(&self, user_id: &UserId) -> Result<(u64, bool)> {
+        let s = self.hub.services();
         let max = self.max_upload_bytes();
-        let quota = self.settings.media.quota_bytes_per_user;
+        let quota = s.settings.media.quota_bytes_per_user;
         if quota == 0 {
             return Ok((max, false));
         }
-        let used = u64::try_from(self.store.user_media_bytes(user_id.as_str()).await?).unwrap_or(0);
+        let used = u64::try_from(s.store.user_media_bytes(user_id.as_str()).await?).unwrap_or(0);
         let left = quota.saturating_sub(used);
         Ok(if left < max { (left, true) } else { (max, false) })
     }
 
     fn quota_error(&self) -> Error {
+        let s = self.hub.services();
         Error::Forbidden(format!(
             "This upload would exceed your media quota of {} bytes",
-            self.settings.media.quota_bytes_per_user
+            s.settings.media.quota_bytes_per_user
         ))
     }
 
@@ -223,7 +257,7 @@ impl Services {
     where
         S: Stream<Item = io::Result<Bytes>> + Unpin,
     {
-        match receive(&self.media.storage, body, allowance).await {
+        match receive(&self.storage, body, allowance).await {
             Ok(received) => Ok(received),
             Err(ReceiveError::TooLarge) if is_quota => Err(self.quota_error()),
             Err(ReceiveError::TooLarge) => {
@@ -234,7 +268,7 @@ impl Services {
     }
 
     /// `POST /upload`: streams the body to disk and returns the new mxc URI.
-    pub async fn upload_media<S>(&self, user_id: &UserId, meta: UploadMeta, body: S) -> Result<OwnedMxcUri>
+    pub async fn upload<S>(&self, user_id: &UserId, meta: UploadMeta, body: S) -> Result<OwnedMxcUri>
     where
         S: Stream<Item = io::Result<Bytes>> + Unpin,
     {
@@ -243,10 +277,10 @@ impl Services {
         let received = self.receive_body(body, allowance, is_quota).await?;
         let media_id = new_media_id();
         let content_type = clean_content_type(meta.content_type);
-        let _guard = self.media.content_lock.lock().await;
+        let _guard = self.content_lock.lock().await;
         let size = i64::try_from(received.size).unwrap_or(i64::MAX);
         let sha256 = received.sha256.clone();
-        self.media.storage.commit(received.file, &sha256).await.map_err(io_error)?;
+        self.storage.commit(received.file, &sha256).await.map_err(io_error)?;
         let media = NewMedia {
             media_id: &media_id,
             user_id: user_id.as_str(),
@@ -269,22 +303,33 @@ impl Services {
     /// Inserts a media row if `counted` more bytes fit in the user's quota (the check and
     /// the insert in one step); false if they do not.
     async fn insert_within_quota(&self, media: &NewMedia<'_>, counted: i64) -> Result<bool> {
-        let quota = self.settings.media.quota_bytes_per_user;
+        let s = self.hub.services();
+        let quota = s.settings.media.quota_bytes_per_user;
         if quota == 0 {
-            self.store.insert_media(media).await?;
+            s.store.insert_media(media).await?;
             return Ok(true);
         }
-        Ok(self.store.insert_media_within_quota(media, counted, i64::try_from(quota).unwrap_or(i64::MAX)).await?)
+        Ok(s.store.insert_media_within_quota(media, counted, i64::try_from(quota).unwrap_or(i64::MAX)).await?)
     }
 
     fn quota_bytes(&self) -> Option<i64> {
-        let quota = self.settings.media.quota_bytes_per_user;
+        let s = self.hub.services();
+        let quota = s.settings.media.quota_bytes_per_user;
         (quota > 0).then(|| i64::try_from(quota).unwrap_or(i64::MAX))
     }
 
+    /// `/create`: a reservation for content uploaded later with `PUT`.
+    pub async fn create_reservation(&self, user_id: &UserId) -> Result<Reservation> {
+        let s = self.hub.services();
+        let media_id = self.reserve(user_id, None).await?;
+        let row = s.store.media(&media_id).await?.ok_or_else(|| Error::internal("reservation vanished"))?;
+        Ok(Reservation { content_uri: self.mxc(&media_id), expires_at_ms: self.reservation_expiry(row.created_ts) })
+    }
+
     /// `POST /create`: reserves an mxc URI for content to come.
-    pub async fn create_media_reservation(&self, user_id: &UserId, resumable: Option<&NewResumable>) -> Result<String> {
-        if self.store.pending_media_count(user_id.as_str()).await? >= MAX_PENDING_PER_USER {
+    pub async fn reserve(&self, user_id: &UserId, resumable: Option<&NewResumable>) -> Result<String> {
+        let s = self.hub.services();
+        if s.store.pending_media_count(user_id.as_str()).await? >= MAX_PENDING_PER_USER {
             return Err(Error::LimitExceeded { retry_after: Duration::from_secs(60) });
         }
         let media_id = new_media_id();
@@ -314,16 +359,18 @@ impl Services {
     }
 
     fn pending_lifetime_ms(&self) -> i64 {
-        i64::try_from(self.settings.media.pending_upload_hours).unwrap_or(24).saturating_mul(3_600_000)
+        let s = self.hub.services();
+        i64::try_from(s.settings.media.pending_upload_hours).unwrap_or(24).saturating_mul(3_600_000)
     }
 
     /// A local reservation of `user_id` that has no content yet.
     async fn own_reservation(&self, user_id: &UserId, server_name: &str, media_id: &str) -> Result<MediaRow> {
-        if server_name != self.settings.server_name.as_str() {
+        let s = self.hub.services();
+        if server_name != s.settings.server_name.as_str() {
             return Err(Error::NotFound("Media not found".to_owned()));
         }
         check_media_id(media_id)?;
-        let row = self.store.media(media_id).await?.ok_or_else(|| Error::NotFound("Media not found".to_owned()))?;
+        let row = s.store.media(media_id).await?.ok_or_else(|| Error::NotFound("Media not found".to_owned()))?;
         if row.user_id != user_id.as_str() {
             return Err(Error::Forbidden("This media was reserved by another user".to_owned()));
         }
@@ -334,7 +381,7 @@ impl Services {
     }
 
     /// `PUT /upload/{server}/{id}`: the content of a reservation.
-    pub async fn upload_reserved_media<S>(
+    pub async fn upload_reserved<S>(
         &self,
         user_id: &UserId,
         server_name: &str,
@@ -345,6 +392,7 @@ impl Services {
     where
         S: Stream<Item = io::Result<Bytes>> + Unpin,
     {
+        let s = self.hub.services();
         check_filename(&meta.filename)?;
         let row = self.own_reservation(user_id, server_name, media_id).await?;
         if row.upload_length.is_some() {
@@ -352,11 +400,11 @@ impl Services {
         }
         let (allowance, is_quota) = self.check_announced(user_id, meta.content_length).await?;
         let received = self.receive_body(body, allowance, is_quota).await?;
-        let _guard = self.media.content_lock.lock().await;
+        let _guard = self.content_lock.lock().await;
         let sha256 = received.sha256.clone();
         let size = received.size;
-        self.media.storage.commit(received.file, &sha256).await.map_err(io_error)?;
-        let completion = self
+        self.storage.commit(received.file, &sha256).await.map_err(io_error)?;
+        let completion = s
             .store
             .complete_media(
                 media_id,
@@ -384,8 +432,9 @@ impl Services {
     }
 
     async fn remove_if_unreferenced(&self, sha256: &str) -> Result<()> {
-        if !self.store.media_content_referenced(sha256).await? {
-            self.media.storage.remove_content(sha256).await.map_err(io_error)?;
+        let s = self.hub.services();
+        if !s.store.media_content_referenced(sha256).await? {
+            self.storage.remove_content(sha256).await.map_err(io_error)?;
         }
         Ok(())
     }
@@ -393,15 +442,11 @@ impl Services {
     /// Content for a client's download: our own media, or another server's (on the
     /// authenticated endpoints only, as the spec's media freeze asks), fetched once from its
     /// origin over federation and served from our copy afterwards.
-    pub async fn content_for_download(
-        &self,
-        server_name: &str,
-        media_id: &str,
-        timeout: Duration,
-        authenticated: bool,
-    ) -> Result<MediaContent> {
-        if server_name == self.settings.server_name.as_str() {
-            return Ok(self.media_for_download(server_name, media_id, timeout, authenticated).await?.1);
+    pub async fn content_for_download(&self, download: Download<'_>) -> Result<MediaContent> {
+        let s = self.hub.services();
+        let Download { server_name, media_id, timeout, authenticated } = download;
+        if server_name == s.settings.server_name.as_str() {
+            return Ok(self.local_for_download(download).await?.1);
         }
         if !authenticated {
             return Err(Error::NotFound(
@@ -412,7 +457,7 @@ impl Services {
         let origin = ServerName::parse(server_name).map_err(|_| Error::NotFound("Media not found".to_owned()))?;
         let row = self.remote_media(&origin, media_id, timeout).await?;
         Ok(MediaContent {
-            path: self.media.storage.content_path(&row.sha256),
+            path: self.storage.content_path(&row.sha256),
             size: u64::try_from(row.size).unwrap_or(0),
             content_type: row.content_type.unwrap_or_else(|| "application/octet-stream".to_owned()),
             filename: row.filename,
@@ -423,22 +468,18 @@ impl Services {
     /// Finished local media for a download, waiting up to `timeout` for a reservation's
     /// content. `authenticated` is false for the legacy endpoints, which only serve media
     /// from before the configured cut-off.
-    pub async fn media_for_download(
-        &self,
-        server_name: &str,
-        media_id: &str,
-        timeout: Duration,
-        authenticated: bool,
-    ) -> Result<(MediaRow, MediaContent)> {
-        if server_name != self.settings.server_name.as_str() {
+    pub async fn local_for_download(&self, download: Download<'_>) -> Result<(MediaRow, MediaContent)> {
+        let s = self.hub.services();
+        let Download { server_name, media_id, timeout, authenticated } = download;
+        if server_name != s.settings.server_name.as_str() {
             // Remote media arrives with federation.
             return Err(Error::NotFound("Media not found".to_owned()));
         }
         check_media_id(media_id)?;
         let deadline = tokio::time::Instant::now() + timeout.min(Duration::from_secs(60));
         loop {
-            let row = self.store.media(media_id).await?.ok_or_else(|| Error::NotFound("Media not found".to_owned()))?;
-            if !authenticated && row.created_ts >= self.settings.media.unauthenticated_cutoff_ms {
+            let row = s.store.media(media_id).await?.ok_or_else(|| Error::NotFound("Media not found".to_owned()))?;
+            if !authenticated && row.created_ts >= s.settings.media.unauthenticated_cutoff_ms {
                 return Err(Error::NotFound(
                     "Media not found (use the authenticated /_matrix/client/v1/media endpoints)".to_owned(),
                 ));
@@ -446,12 +487,12 @@ impl Services {
             if let Some(sha256) = row.sha256.clone() {
                 let now = now_ms();
                 if row.last_access_ts.is_none_or(|t| now - t > ACCESS_GRANULARITY_MS)
-                    && let Err(e) = self.store.touch_media(media_id, now).await
+                    && let Err(e) = s.store.touch_media(media_id, now).await
                 {
                     tracing::warn!(error = %e, "cannot record a media access");
                 }
                 let content = MediaContent {
-                    path: self.media.storage.content_path(&sha256),
+                    path: self.storage.content_path(&sha256),
                     size: u64::try_from(row.size).unwrap_or(0),
                     content_type: row.content_type.clone().unwrap_or_else(|| "application/octet-stream".to_owned()),
                     filename: row.filename.clone(),
@@ -469,30 +510,22 @@ impl Services {
     /// A thumbnail: the configured size that answers the request ([`thumbnail::choose`]),
     /// made once when first asked for (concurrent requests for it wait for that one
     /// generation) and kept.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn media_thumbnail(
-        &self,
-        server_name: &str,
-        media_id: &str,
-        width: u64,
-        height: u64,
-        method: Method,
-        timeout: Duration,
-        authenticated: bool,
-    ) -> Result<MediaContent> {
+    pub async fn thumbnail(&self, request: ThumbnailRequest<'_>) -> Result<MediaContent> {
+        let s = self.hub.services();
+        let ThumbnailRequest { media, width, height, method } = request;
         if width == 0 || height == 0 {
             return Err(Error::Unknown("Thumbnail width and height must be positive".to_owned()));
         }
-        let size = thumbnail::choose(&self.settings.media.thumbnail_sizes, width, height, method)
+        let size = thumbnail::choose(&s.settings.media.thumbnail_sizes, width, height, method)
             .ok_or_else(|| Error::NotFound("This server makes no thumbnails".to_owned()))?;
         let (width, height, method) = (size.width, size.height, Method::from(size.method));
-        let (row, original) = self.media_for_download(server_name, media_id, timeout, authenticated).await?;
+        let (row, original) = self.local_for_download(media).await?;
         let key = (row.media_id.clone(), width, height, method);
         let made =
-            self.media.thumbnails.run(key, || self.kept_or_new_thumbnail(&row, &original, width, height, method)).await;
+            self.thumbnails.run(key, || self.kept_or_new_thumbnail(&row, &original, width, height, method)).await;
         let made = made.map_err(unshare)?;
         Ok(MediaContent {
-            path: self.media.storage.content_path(&made.sha256),
+            path: self.storage.content_path(&made.sha256),
             size: u64::try_from(made.size).unwrap_or(0),
             content_type: made.content_type,
             filename: Some(format!("thumbnail-{width}x{height}")),
@@ -509,25 +542,21 @@ impl Services {
         height: u32,
         method: Method,
     ) -> Shared<ThumbnailRow> {
+        let s = self.hub.services();
         let (w, h) = (i64::from(width), i64::from(height));
-        if let Some(kept) = self.store.media_thumbnail(&row.media_id, w, h, method.as_str()).await.map_err(shared)? {
+        if let Some(kept) = s.store.media_thumbnail(&row.media_id, w, h, method.as_str()).await.map_err(shared)? {
             return Ok(kept);
         }
         if original.size > thumbnail::MAX_SOURCE_BYTES {
             return Err(Arc::new(Error::Unknown("This media is too large to thumbnail".to_owned())));
         }
-        let permit = self
-            .media
-            .thumbnail_permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| shared(Error::internal(e.to_string())))?;
-        let now = self.media.generating.fetch_add(1, Ordering::SeqCst) + 1;
-        let running = Generating(self.media.generating.clone());
-        let peak = self.media.generating_peak.fetch_max(now, Ordering::SeqCst).max(now);
-        self.metrics.media_thumbnail_generations_peak.set(peak);
-        self.metrics.media_thumbnails_generated.inc();
+        let permit =
+            self.thumbnail_permits.clone().acquire_owned().await.map_err(|e| shared(Error::internal(e.to_string())))?;
+        let now = self.generating.fetch_add(1, Ordering::SeqCst) + 1;
+        let running = Generating(self.generating.clone());
+        let peak = self.generating_peak.fetch_max(now, Ordering::SeqCst).max(now);
+        s.metrics.media_thumbnail_generations_peak.set(peak);
+        s.metrics.media_thumbnails_generated.inc();
         let path = original.path.clone();
         let generated = tokio::task::spawn_blocking(move || {
             // Held until the decoding ends, even if every request waiting for it went away.
@@ -542,37 +571,39 @@ impl Services {
             Err(thumbnail::ThumbnailError::Unsupported(reason)) => return Err(shared(Error::Unknown(reason))),
             Err(thumbnail::ThumbnailError::Internal(reason)) => return Err(shared(Error::internal(reason))),
         };
-        let _guard = self.media.content_lock.lock().await;
-        let sha256 = self.media.storage.store_bytes(&generated.bytes).await.map_err(|e| shared(io_error(e)))?;
+        let _guard = self.content_lock.lock().await;
+        let sha256 = self.storage.store_bytes(&generated.bytes).await.map_err(|e| shared(io_error(e)))?;
         let made = ThumbnailRow {
             content_type: generated.content_type.to_owned(),
             sha256,
             size: i64::try_from(generated.bytes.len()).unwrap_or(i64::MAX),
         };
-        self.store.insert_media_thumbnail(&row.media_id, w, h, method.as_str(), &made).await.map_err(shared)?;
+        s.store.insert_media_thumbnail(&row.media_id, w, h, method.as_str(), &made).await.map_err(shared)?;
         Ok(made)
     }
 
     /// Deletes one piece of media with its thumbnails (and their files once unreferenced);
     /// false if there was none.
-    pub async fn delete_media(&self, media_id: &str) -> Result<bool> {
-        let _guard = self.media.content_lock.lock().await;
-        let Some(hashes) = self.store.delete_media(media_id).await? else {
+    pub async fn delete(&self, media_id: &str) -> Result<bool> {
+        let s = self.hub.services();
+        let _guard = self.content_lock.lock().await;
+        let Some(hashes) = s.store.delete_media(media_id).await? else {
             return Ok(false);
         };
         for sha256 in hashes {
             self.remove_if_unreferenced(&sha256).await?;
         }
-        let _ = tokio::fs::remove_file(self.media.storage.partial_path(media_id)).await;
+        let _ = tokio::fs::remove_file(self.storage.partial_path(media_id)).await;
         Ok(true)
     }
 
     /// `homeserver media purge-remote`: forgets other servers' media fetched before
     /// `before_ts` (fetched again when next downloaded) and removes files nothing else
     /// names. Returns how many were forgotten.
-    pub async fn purge_remote_media(&self, before_ts: i64) -> Result<usize> {
-        let _guard = self.media.content_lock.lock().await;
-        let hashes = self.store.delete_remote_media(before_ts).await?;
+    pub async fn purge_remote(&self, before_ts: i64) -> Result<usize> {
+        let s = self.hub.services();
+        let _guard = self.content_lock.lock().await;
+        let hashes = s.store.delete_remote_media(before_ts).await?;
         let mut unique = hashes.clone();
         unique.sort();
         unique.dedup();
@@ -584,17 +615,18 @@ impl Services {
 
     /// Retention: forgets stale unfinished uploads and (if configured) local media nobody
     /// downloaded for `local_retention_days`. Returns how many were deleted.
-    pub async fn expire_media(&self) -> Result<usize> {
+    pub async fn expire(&self) -> Result<usize> {
+        let s = self.hub.services();
         let now = now_ms();
-        let mut ids = self.store.stale_pending_media(now - self.pending_lifetime_ms()).await?;
-        let days = self.settings.media.local_retention_days;
+        let mut ids = s.store.stale_pending_media(now - self.pending_lifetime_ms()).await?;
+        let days = s.settings.media.local_retention_days;
         if days > 0 {
             let cutoff = now.saturating_sub(i64::try_from(days).unwrap_or(i64::MAX).saturating_mul(86_400_000));
-            ids.extend(self.store.unused_media(cutoff).await?);
+            ids.extend(s.store.unused_media(cutoff).await?);
         }
         let mut deleted = 0;
         for id in ids {
-            if self.delete_media(&id).await? {
+            if self.delete(&id).await? {
                 deleted += 1;
             }
         }
@@ -604,7 +636,7 @@ impl Services {
     // ---- Resumable uploads (the Obmin extension, docs/media.md) ----
 
     /// Announces a resumable upload of `length` bytes; returns its media id.
-    pub async fn create_resumable_upload(&self, user_id: &UserId, upload: NewResumable) -> Result<String> {
+    pub async fn create_resumable(&self, user_id: &UserId, upload: NewResumable) -> Result<String> {
         check_filename(&upload.filename)?;
         if let Some(sha) = &upload.sha256
             && (sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()))
@@ -617,8 +649,8 @@ impl Services {
             sha256: upload.sha256.map(|s| s.to_ascii_lowercase()),
             ..upload
         };
-        let media_id = self.create_media_reservation(user_id, Some(&upload)).await?;
-        let path = self.media.storage.partial_path(&media_id);
+        let media_id = self.reserve(user_id, Some(&upload)).await?;
+        let path = self.storage.partial_path(&media_id);
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir).await.map_err(io_error)?;
         }
@@ -626,7 +658,7 @@ impl Services {
         Ok(media_id)
     }
 
-    fn resumable_status(&self, row: &MediaRow) -> ResumableStatus {
+    fn status_of(&self, row: &MediaRow) -> ResumableStatus {
         let length = u64::try_from(row.upload_length.unwrap_or(row.size)).unwrap_or(0);
         ResumableStatus {
             content_uri: self.mxc(&row.media_id),
@@ -637,27 +669,28 @@ impl Services {
     }
 
     /// Where a resumable upload stands (only its uploader may ask).
-    pub async fn resumable_upload_status(
+    pub async fn resumable_status(
         &self,
         user_id: &UserId,
         server_name: &str,
         media_id: &str,
     ) -> Result<ResumableStatus> {
-        if server_name != self.settings.server_name.as_str() {
+        let s = self.hub.services();
+        if server_name != s.settings.server_name.as_str() {
             return Err(Error::NotFound("Upload not found".to_owned()));
         }
         check_media_id(media_id)?;
-        let row = self.store.media(media_id).await?.ok_or_else(|| Error::NotFound("Upload not found".to_owned()))?;
+        let row = s.store.media(media_id).await?.ok_or_else(|| Error::NotFound("Upload not found".to_owned()))?;
         if row.user_id != user_id.as_str() || row.upload_length.is_none() {
             return Err(Error::NotFound("Upload not found".to_owned()));
         }
-        Ok(self.resumable_status(&row))
+        Ok(self.status_of(&row))
     }
 
     /// Appends bytes at `offset` (which must be where the upload stands). Whatever arrives
     /// is kept even if the request breaks off; the last byte completes the media.
-    pub async fn append_resumable_upload<S>(
-        self: &Arc<Self>,
+    pub async fn append_resumable<S>(
+        &self,
         user_id: &UserId,
         server_name: &str,
         media_id: &str,
@@ -667,6 +700,7 @@ impl Services {
     where
         S: Stream<Item = io::Result<Bytes>> + Unpin + Send + 'static,
     {
+        let s = self.hub.services();
         let row = match self.own_reservation(user_id, server_name, media_id).await {
             Err(Error::CannotOverwriteMedia(m)) => return Err(Error::Conflict(m)),
             // Someone else's upload does not exist for this user (as in the status request).
@@ -681,27 +715,27 @@ impl Services {
             return Err(Error::Conflict(format!("Upload-Offset is {offset}, but the upload stands at {current}")));
         }
         {
-            let mut busy = self.media.busy.lock().expect("busy set");
+            let mut busy = self.busy.lock().expect("busy set");
             if !busy.insert(media_id.to_owned()) {
                 return Err(Error::Conflict("Another request is appending to this upload".to_owned()));
             }
         }
         // Receive in a task of its own: if the client goes away and the request future is
         // dropped, the task still sees the body end and makes what arrived durable.
-        let services = self.clone();
+        let services = s.clone();
         let media_id = media_id.to_owned();
         let task = tokio::spawn(async move {
-            let result = services.append_resumable_inner(&media_id, current, length, body).await;
+            let result = services.media.append_resumable_inner(&media_id, current, length, body).await;
             services.media.busy.lock().expect("busy set").remove(&media_id);
             result
         });
         let (new_offset, hasher) = task.await.map_err(|e| Error::internal(format!("upload task failed: {e}")))??;
         if new_offset < length {
-            let mut status = self.resumable_status(&row);
+            let mut status = self.status_of(&row);
             status.offset = new_offset;
             return Ok(status);
         }
-        self.finish_resumable_upload(&row, length, hasher).await
+        self.finish_resumable(&row, length, hasher).await
     }
 
     /// Writes the body at `start`; returns the new durable offset, and the hash of the whole
@@ -716,7 +750,8 @@ impl Services {
     where
         S: Stream<Item = io::Result<Bytes>> + Unpin,
     {
-        let path = self.media.storage.partial_path(media_id);
+        let s = self.hub.services();
+        let path = self.storage.partial_path(media_id);
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -754,14 +789,14 @@ impl Services {
             if offset - checkpointed >= CHECKPOINT_BYTES {
                 writer.flush().await.map_err(io_error)?;
                 writer.get_ref().sync_data().await.map_err(io_error)?;
-                self.store.set_upload_offset(media_id, i64::try_from(offset).unwrap_or(i64::MAX), now_ms()).await?;
+                s.store.set_upload_offset(media_id, i64::try_from(offset).unwrap_or(i64::MAX), now_ms()).await?;
                 checkpointed = offset;
             }
         }
         writer.flush().await.map_err(io_error)?;
         writer.get_ref().sync_data().await.map_err(io_error)?;
         if offset != checkpointed {
-            self.store.set_upload_offset(media_id, i64::try_from(offset).unwrap_or(i64::MAX), now_ms()).await?;
+            s.store.set_upload_offset(media_id, i64::try_from(offset).unwrap_or(i64::MAX), now_ms()).await?;
         }
         match failure {
             Some(e) => Err(e),
@@ -769,13 +804,9 @@ impl Services {
         }
     }
 
-    async fn finish_resumable_upload(
-        &self,
-        row: &MediaRow,
-        length: u64,
-        hasher: Option<Sha256>,
-    ) -> Result<ResumableStatus> {
-        let path = self.media.storage.partial_path(&row.media_id);
+    async fn finish_resumable(&self, row: &MediaRow, length: u64, hasher: Option<Sha256>) -> Result<ResumableStatus> {
+        let s = self.hub.services();
+        let path = self.storage.partial_path(&row.media_id);
         let sha256 = match hasher {
             Some(h) => hex::encode(h.finalize()),
             None => storage::hash_file(&path).await.map_err(io_error)?,
@@ -785,23 +816,23 @@ impl Services {
         {
             // Start over: the received bytes are not the announced file.
             tokio::fs::File::create(&path).await.map_err(io_error)?;
-            self.store.set_upload_offset(&row.media_id, 0, now_ms()).await?;
+            s.store.set_upload_offset(&row.media_id, 0, now_ms()).await?;
             return Err(Error::InvalidParam(format!(
                 "The uploaded bytes have sha256 {sha256}, not the announced {expected}; the upload was reset to offset 0"
             )));
         }
         // No quota check: the announced length was reserved in the quota when the upload
         // was announced.
-        let _guard = self.media.content_lock.lock().await;
-        self.media.storage.commit_path(&path, &sha256).await.map_err(io_error)?;
+        let _guard = self.content_lock.lock().await;
+        self.storage.commit_path(&path, &sha256).await.map_err(io_error)?;
         let length_i64 = i64::try_from(length).unwrap_or(i64::MAX);
-        if self.store.complete_media(&row.media_id, &sha256, length_i64, None, None, now_ms(), None).await?
+        if s.store.complete_media(&row.media_id, &sha256, length_i64, None, None, now_ms(), None).await?
             != Completion::Done
         {
             self.remove_if_unreferenced(&sha256).await?;
             return Err(Error::Conflict("This media already has content".to_owned()));
         }
-        let mut status = self.resumable_status(row);
+        let mut status = self.status_of(row);
         status.offset = length;
         status.complete = true;
         Ok(status)

@@ -54,6 +54,7 @@ pub mod rooms;
 pub mod send_queue;
 pub mod server_acl;
 pub mod server_visibility;
+pub mod servers;
 pub mod sliding_sync;
 pub mod state;
 pub mod streams;
@@ -96,6 +97,23 @@ pub struct Services {
     pub push: push::Push,
     pub keys: keys::Keys,
     pub key_backups: key_backups::KeyBackups,
+    /// Building, authorizing and appending events; the room locks.
+    pub timeline: timeline::Timeline,
+    /// Creating and upgrading rooms, memberships, aliases, the directory; each user's rooms.
+    pub rooms: rooms::Rooms,
+    /// State groups, the state at events, resolution; the state cache.
+    pub state: state::State,
+    /// Events in the client format.
+    pub events: events::Events,
+    pub redactions: redactions::Redactions,
+    /// Bundled aggregations and related events.
+    pub relations: aggregations::Relations,
+    /// Access tokens.
+    pub auth: auth::Auth,
+    /// `/sync` with its unread-count and filter caches.
+    pub sync: sync::Sync,
+    /// Sliding sync with its connections.
+    pub sliding_sync: sliding_sync::SlidingSync,
     pub settings: Settings,
     pub store: Store,
     pub signing_key: SigningKey,
@@ -105,24 +123,18 @@ pub struct Services {
     pub typing: typing::Typing,
     pub hashing: credentials::Hashing,
     pub media: media::Media,
-    pub sliding_sync_connections: sliding_sync::SlidingSyncConnections,
     /// Federation: the outbound client and the key-fetch bookkeeping.
     pub fed: fed::Federation,
     /// Delivery of our rooms' events to other servers (the queue is a table).
     pub send_queue: send_queue::SendQueue,
-    /// Incoming `/send` transactions: turns per origin, the per-room queues' workers.
-    pub inbound: inbound::Inbound,
-    room_locks: timeline::RoomLocks,
+    /// The federation receiver: incoming `/send` transactions (turns per origin, the per-room
+    /// queues' workers), received PDUs and EDUs, backfill and missing events.
+    pub receiver: inbound::Receiver,
+    /// Other servers in our rooms: ACLs, what they may see, what we serve them.
+    pub servers: servers::Servers,
+    /// Joins, leaves and invites across servers.
+    pub remote_rooms: remote_rooms::RemoteRooms,
     pub room_cache: room_cache::RoomCaches,
-    /// State groups read so far (see `service::state`).
-    state_cache: state::StateCache,
-    /// Each user's rooms with their membership, for syncs (see `rooms_of_user`).
-    user_rooms: cache::Cache<String, Arc<Vec<(String, String)>>>,
-    /// Unread counts per (user, room), see `Services::unread_counts`.
-    unread: cache::Cache<(String, ruma::OwnedRoomId), sync::UnreadCounts>,
-    /// Stored filters, parsed, by (user, filter id): a filter never changes once stored, and
-    /// clients send its id with every `/sync`.
-    filters: cache::Cache<(String, i64), sync::EventFilter>,
 }
 
 impl Services {
@@ -132,9 +144,11 @@ impl Services {
         store: Store,
         signing_key: SigningKey,
         max_stream_position: i64,
-        fed: fed::Federation,
+        outbound: fed::Outbound,
     ) -> Arc<Self> {
-        Arc::new_cyclic(|weak| Self::build(Hub(weak.clone()), settings, store, signing_key, max_stream_position, fed))
+        Arc::new_cyclic(|weak| {
+            Self::build(Hub(weak.clone()), settings, store, signing_key, max_stream_position, outbound)
+        })
     }
 
     fn build(
@@ -143,12 +157,21 @@ impl Services {
         store: Store,
         signing_key: SigningKey,
         max_stream_position: i64,
-        fed: fed::Federation,
+        outbound: fed::Outbound,
     ) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
-        let media = media::Media::new(settings.media_dir(), settings.media.thumbnail_concurrency);
+        let media = media::Media::new(hub.clone(), settings.media_dir(), settings.media.thumbnail_concurrency);
         Self {
             registration_tokens: registration_tokens::RegistrationTokens::new(hub.clone()),
+            timeline: timeline::Timeline::new(hub.clone()),
+            rooms: rooms::Rooms::new(hub.clone()),
+            state: state::State::new(hub.clone()),
+            events: events::Events::new(hub.clone()),
+            redactions: redactions::Redactions::new(hub.clone()),
+            relations: aggregations::Relations::new(hub.clone()),
+            auth: auth::Auth::new(hub.clone()),
+            sync: sync::Sync::new(hub.clone()),
+            sliding_sync: sliding_sync::SlidingSync::new(hub.clone()),
             accounts: accounts::Accounts::new(hub.clone()),
             uiaa: uiaa::Uiaa::new(hub.clone()),
             devices: devices::Devices::new(hub.clone()),
@@ -167,16 +190,12 @@ impl Services {
             typing: typing::Typing::default(),
             hashing: credentials::Hashing::new(),
             media,
-            sliding_sync_connections: sliding_sync::SlidingSyncConnections::default(),
-            fed,
-            send_queue: send_queue::SendQueue::default(),
-            inbound: inbound::Inbound::default(),
-            room_locks: timeline::RoomLocks::default(),
-            room_cache: room_cache::RoomCaches::default(),
-            state_cache: state::StateCache::default(),
-            user_rooms: cache::Cache::new(100_000),
-            unread: cache::Cache::new(100_000),
-            filters: cache::Cache::new(10_000),
+            fed: fed::Federation::new(hub.clone(), outbound),
+            send_queue: send_queue::SendQueue::new(hub.clone()),
+            receiver: inbound::Receiver::new(hub.clone()),
+            servers: servers::Servers::new(hub.clone()),
+            remote_rooms: remote_rooms::RemoteRooms::new(hub.clone()),
+            room_cache: room_cache::RoomCaches::new(hub.clone()),
         }
     }
 }

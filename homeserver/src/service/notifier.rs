@@ -20,9 +20,6 @@ use std::{
 use ruma::{OwnedRoomId, OwnedUserId};
 use tokio::sync::Notify;
 
-use super::Services;
-use crate::error::Result;
-
 /// Entries the change log keeps (about 100 bytes each).
 const LOG_CAPACITY: usize = 20_000;
 
@@ -268,25 +265,6 @@ impl Waiter {
 impl Drop for Waiter {
     fn drop(&mut self) {
         self.notifier.unregister(self.id, &self.scopes);
-    }
-}
-
-impl Services {
-    /// A change of `user` that everyone sharing a room with them sees (presence, device
-    /// keys): the user's own scope and each of their rooms.
-    pub async fn changes_of_user_and_rooms(&self, user: &str, sections: Sections) -> Result<Vec<Change>> {
-        let mut changes = Vec::new();
-        if let Ok(user) = OwnedUserId::try_from(user) {
-            changes.push(Change::user(user, sections));
-        }
-        for (room_id, membership) in self.rooms_of_user(user).await?.iter() {
-            if (membership == "join" || membership == "invite")
-                && let Ok(room_id) = OwnedRoomId::try_from(room_id.as_str())
-            {
-                changes.push(Change::room(room_id, sections));
-            }
-        }
-        Ok(changes)
     }
 }
 

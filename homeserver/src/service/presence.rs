@@ -86,7 +86,7 @@ impl Presence {
             return Ok(());
         }
         self.touches.forget(user.as_str());
-        let changes = s.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
+        let changes = s.rooms.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
         let position = s.streams.allocate();
         s.store
             .set_presence(&PresenceRow {
@@ -111,7 +111,7 @@ impl Presence {
         }
         let Some(row) = s.store.presence(user_id).await? else { return Ok(()) };
         let mut servers = std::collections::BTreeSet::new();
-        for (room_id, membership) in s.rooms_of_user(user_id).await?.iter() {
+        for (room_id, membership) in s.rooms.of_user(user_id).await?.iter() {
             if membership == "join" {
                 for member in s.store.room_members(room_id, "join").await? {
                     if let Ok(member) = UserId::parse(member.as_str())
@@ -150,10 +150,10 @@ impl Presence {
         last_active_ago: i64,
     ) -> Result<()> {
         let s = self.hub.services();
-        if !s.settings.presence.enabled || !valid_state(state) || s.rooms_of_user(user.as_str()).await?.is_empty() {
+        if !s.settings.presence.enabled || !valid_state(state) || s.rooms.of_user(user.as_str()).await?.is_empty() {
             return Ok(());
         }
-        let changes = s.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
+        let changes = s.rooms.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
         let position = s.streams.allocate();
         s.store
             .set_presence(&PresenceRow {
@@ -205,7 +205,7 @@ impl Presence {
                 }
             }
             previous => {
-                let changes = s.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
+                let changes = s.rooms.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
                 let position = s.streams.allocate();
                 s.store
                     .set_presence(&PresenceRow {
@@ -232,7 +232,7 @@ impl Presence {
         }
         for mut row in s.store.present_users_idle_since(now_ms() - OFFLINE_AFTER_MS).await? {
             self.touches.forget(&row.user_id);
-            let changes = s.changes_of_user_and_rooms(&row.user_id, Sections::PRESENCE).await?;
+            let changes = s.rooms.changes_of_user_and_rooms(&row.user_id, Sections::PRESENCE).await?;
             let position = s.streams.allocate();
             row.state = "offline".to_owned();
             row.stream_id = position.position();
@@ -261,12 +261,12 @@ impl Presence {
             let mut kept = if to - from <= PRESENCE_WINDOW_SCAN {
                 // Incremental: the few changes in the window, kept if they share a room, from
                 // the cached room lists.
-                let my_rooms = s.rooms_of_user(user.as_str()).await?;
+                let my_rooms = s.rooms.of_user(user.as_str()).await?;
                 let mine = joined_rooms(&my_rooms);
                 let mut kept = Vec::new();
                 for row in s.store.presence_changes_between(from, to).await? {
                     let shares = row.user_id == user.as_str()
-                        || joined_rooms(&s.rooms_of_user(&row.user_id).await?).iter().any(|r| mine.contains(r));
+                        || joined_rooms(&s.rooms.of_user(&row.user_id).await?).iter().any(|r| mine.contains(r));
                     if shares {
                         kept.push(row);
                     }

@@ -86,7 +86,7 @@ impl Profiles {
             .get_or_fetch(&key, || async {
                 let mut request = query::Request::new(user_id.to_owned());
                 request.field = field.map(Into::into);
-                let Some(response) = s.send_lookup(user_id.server_name(), request).await? else {
+                let Some(response) = s.fed.lookup(user_id.server_name(), request).await? else {
                     return Ok(None);
                 };
                 let value = serde_json::to_value(&response.data).map_err(|e| Error::internal(e.to_string()))?;
@@ -143,7 +143,7 @@ impl Profiles {
         if field != "displayname" && field != "avatar_url" {
             return;
         }
-        let rooms = match s.rooms_of_user(user.as_str()).await {
+        let rooms = match s.rooms.of_user(user.as_str()).await {
             Ok(rooms) => rooms,
             Err(e) => {
                 tracing::warn!(%user, error = %e, "cannot list the rooms to update the profile in");
@@ -156,9 +156,9 @@ impl Profiles {
             }
             let Ok(room_id) = ruma::RoomId::parse(room_id) else { continue };
             let update = async {
-                let content = s.member_content(user, "join", None).await?;
+                let content = s.rooms.member_content(user, "join", None).await?;
                 let draft = super::timeline::EventDraft::state("m.room.member", user.as_str(), content);
-                s.append_event(&room_id, user, draft, None).await
+                s.timeline.append(&room_id, user, draft, None).await
             };
             if let Err(e) = update.await {
                 tracing::warn!(%user, %room_id, error = %e, "cannot update the member event with the new profile");

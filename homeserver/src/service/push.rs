@@ -147,7 +147,7 @@ impl Push {
         for (row, actions, ts, read) in rows {
             let actions: Vec<Action> = serde_json::from_str(&actions).unwrap_or_default();
             let room_id = RoomId::parse(row.room_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
-            let event = s.raw_client_event_bundled(&row, viewer, true).await?;
+            let event = s.relations.raw_client_event_bundled(&row, viewer, true).await?;
             let ts = MilliSecondsSinceUnixEpoch(UInt::new(ts.max(0) as u64).unwrap_or_default());
             notifications.push(Notification::new(actions, event, read, room_id, ts));
         }
@@ -161,15 +161,15 @@ impl Push {
     /// Read through the room cache: only called from the append path, under the room lock.
     async fn power_levels(&self, room_id: &RoomId) -> Result<Option<PushConditionPowerLevelsCtx>> {
         let s = self.hub.services();
-        let version = s.room_version(room_id.as_str()).await?;
+        let version = s.rooms.version(room_id.as_str()).await?;
         let Ok(rules) = federation::pdu::room_version_rules(&version) else { return Ok(None) };
-        let Some(create) = s.cached_state_event(room_id, "m.room.create", "").await? else {
+        let Some(create) = s.room_cache.state_event(room_id, "m.room.create", "").await? else {
             return Ok(None);
         };
         // The creators as the authorization rules see them (content.creator before v11, the
         // sender since, plus the additional creators from v12).
         let creators = super::rooms::creators_of(&create, &version)?;
-        let row = s.cached_state_event(room_id, "m.room.power_levels", "").await?;
+        let row = s.room_cache.state_event(room_id, "m.room.power_levels", "").await?;
         // Authorized content always parses; if not, nobody may notify the room.
         let Ok(source) = super::rooms::power_levels_source(row.as_deref()) else { return Ok(None) };
         Ok(Some(RoomPowerLevels::new(source, &rules.authorization, creators).into()))

@@ -20,7 +20,7 @@ use ruma::{
 };
 use serde_json::value::RawValue as RawJsonValue;
 
-use super::{Services, timeline::BuiltEvent};
+use super::{inbound::Receiver, timeline::BuiltEvent};
 use crate::{
     error::{Error, Result},
     store::{CurrentGroup, EventStateGroups, EventStatus, GroupBase, NewOutlier, NewStateGroup, StateIds, now_ms},
@@ -112,10 +112,11 @@ pub fn room_id_of(raw: &RawJsonValue) -> Result<OwnedRoomId> {
         .map_err(|e| Error::BadJson(format!("the event has no valid room_id: {e}")))
 }
 
-impl Services {
+impl Receiver {
     /// Parses a received PDU and checks its signatures and content hash (a hash mismatch
     /// redacts it, as the spec says); the keys come from the key cache or their servers.
     pub async fn verify_pdu(&self, raw: &RawJsonValue, version: &RoomVersionId) -> Result<VerifiedEvent> {
+        let s = self.hub.services();
         check_references(raw)?;
         let object: CanonicalJsonObject =
             serde_json::from_str(raw.get()).map_err(|e| Error::BadJson(format!("not a valid event: {e}")))?;
@@ -129,7 +130,7 @@ impl Services {
             let mut set = BTreeMap::new();
             for key_id in key_ids {
                 // A key we cannot get simply stays out of the map: verification then fails.
-                if let Ok(key) = self.server_public_key(&server, &key_id, at_ms).await
+                if let Ok(key) = s.fed.public_key(&server, &key_id, at_ms).await
                     && let Ok(key) = Base64::parse(key)
                 {
                     set.insert(key_id, key);
@@ -146,15 +147,6 @@ impl Services {
         Ok(VerifiedEvent { event_id, object, json, pdu })
     }
 
-    /// Whether a local user is joined to the room (then we are "in" it and take its events).
-    pub async fn server_in_room(&self, room_id: &RoomId) -> Result<bool> {
-        let members = self.store.room_members(room_id.as_str(), "join").await?;
-        Ok(members
-            .iter()
-            .filter_map(|m| ruma::UserId::parse(m.as_str()).ok())
-            .any(|m| m.server_name() == self.settings.server_name))
-    }
-
     /// Fetches the events between our forward extremities and `pdu` that we do not have
     /// (`get_missing_events`, asked again from the oldest events fetched while their
     /// `prev_events` are still unknown, at most [`MISSING_EVENTS_ROUNDS`] times) and takes them
@@ -167,15 +159,16 @@ impl Services {
         version: &RoomVersionId,
         pdu: &Pdu,
     ) {
+        let s = self.hub.services();
         let ids: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
-        let known = match self.store.events_in_graph(&ids).await {
+        let known = match s.store.events_in_graph(&ids).await {
             Ok(held) => held.len(),
             Err(_) => return,
         };
         if known == ids.len() {
             return;
         }
-        let Ok(extremities) = self.store.forward_extremities(room_id.as_str()).await else { return };
+        let Ok(extremities) = s.store.forward_extremities(room_id.as_str()).await else { return };
         let earliest: Vec<OwnedEventId> =
             extremities.iter().filter_map(|(id, _)| EventId::parse(id.as_str()).ok()).collect();
         let mut fetched: HashMap<OwnedEventId, VerifiedEvent> = HashMap::new();
@@ -183,7 +176,7 @@ impl Services {
         for _ in 0..MISSING_EVENTS_ROUNDS {
             let mut request = get_missing_events::v1::Request::new(room_id.to_owned(), earliest.clone(), latest);
             request.limit = UInt::from(MISSING_EVENTS_LIMIT);
-            let response = match self.send_federation(origin, request).await {
+            let response = match s.fed.send(origin, request).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::info!(%origin, %room_id, error = %e, "cannot fetch missing events");
@@ -216,7 +209,7 @@ impl Services {
                 .filter(|id| !fetched.contains_key(*id))
                 .map(|id| id.to_string())
                 .collect();
-            let Ok(held) = self.store.events_in_graph(&unknown).await else { break };
+            let Ok(held) = s.store.events_in_graph(&unknown).await else { break };
             latest = fetched
                 .values()
                 .filter(|e| e.pdu.prev_events.iter().any(|p| !fetched.contains_key(p) && !held.contains(p.as_str())))
@@ -231,7 +224,7 @@ impl Services {
         for event in events {
             let id = event.event_id.clone();
             self.fetch_missing_auth_events(origin, room_id, version, &event.pdu).await;
-            if let Err(e) = self.accept_remote_event(room_id, event, origin, false).await {
+            if let Err(e) = self.accept(room_id, event, origin, false).await {
                 tracing::info!(%id, error = %e, "a missing event was refused");
             }
         }
@@ -265,6 +258,7 @@ impl Services {
         ids: &[OwnedEventId],
         limit: usize,
     ) -> Result<()> {
+        let s = self.hub.services();
         let rules = room_version_rules(version).map_err(|e| Error::internal(e.to_string()))?;
         let mut fetched: HashMap<OwnedEventId, VerifiedEvent> = HashMap::new();
         let mut asked: HashSet<OwnedEventId> = HashSet::new();
@@ -277,7 +271,7 @@ impl Services {
             if !asked.insert(id.clone()) {
                 continue;
             }
-            let Ok(response) = self.send_federation(origin, get_event::v1::Request::new(id.clone())).await else {
+            let Ok(response) = s.fed.send(origin, get_event::v1::Request::new(id.clone())).await else {
                 continue;
             };
             match self.verify_pdu(&response.pdu, version).await {
@@ -302,7 +296,7 @@ impl Services {
             .map(|id| id.to_string())
             .collect();
         let mut held: HashMap<OwnedEventId, Pdu> = HashMap::new();
-        for stored in self.store.pdus_for_auth(&cited).await? {
+        for stored in s.store.pdus_for_auth(&cited).await? {
             if stored.room_id != room_id.as_str() {
                 continue;
             }
@@ -377,15 +371,16 @@ impl Services {
                 }
             })
             .collect();
-        self.store.insert_outliers(room_id.as_str(), &outliers, now_ms()).await?;
+        s.store.insert_outliers(room_id.as_str(), &outliers, now_ms()).await?;
         Ok(())
     }
 
     /// Of `ids`, those we hold in no form.
     async fn unheld(&self, ids: &[OwnedEventId]) -> Result<Vec<OwnedEventId>> {
+        let s = self.hub.services();
         let strings: Vec<String> = ids.iter().map(|id| id.to_string()).collect();
         let held: HashSet<String> =
-            self.store.pdus_for_auth(&strings).await?.into_iter().map(|stored| stored.event_id).collect();
+            s.store.pdus_for_auth(&strings).await?.into_iter().map(|stored| stored.event_id).collect();
         Ok(ids.iter().filter(|id| !held.contains(id.as_str())).cloned().collect())
     }
 
@@ -396,10 +391,11 @@ impl Services {
         room_id: &RoomId,
         rules: &ruma::room_version_rules::RoomVersionRules,
     ) -> Result<Option<Pdu>> {
+        let s = self.hub.services();
         if !rules.authorization.room_create_event_id_as_room_id {
             return Ok(None);
         }
-        let Some(create) = self.cached_state_event(room_id, "m.room.create", "").await? else { return Ok(None) };
+        let Some(create) = s.room_cache.state_event(room_id, "m.room.create", "").await? else { return Ok(None) };
         let id = EventId::parse(create.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
         Ok(Some(Pdu::from_json(id, &create.json).map_err(|e| Error::internal(e.to_string()))?))
     }
@@ -409,8 +405,9 @@ impl Services {
     /// chains, rejected ones left out) and stored with the prev event. At most
     /// [`MAX_PREV_STATES_FETCHED`] prev events; best effort.
     async fn fetch_prev_states(&self, origin: &ServerName, room_id: &RoomId, version: &RoomVersionId, pdu: &Pdu) {
+        let s = self.hub.services();
         let ids: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
-        let Ok(known) = self.store.event_state_groups(&ids).await else { return };
+        let Ok(known) = s.store.event_state_groups(&ids).await else { return };
         for prev in pdu.prev_events.iter().filter(|id| !known.contains_key(id.as_str())).take(MAX_PREV_STATES_FETCHED) {
             if let Err(e) = self.fetch_state_after(origin, room_id, version, prev).await {
                 tracing::info!(%origin, %room_id, %prev, error = %e, "cannot learn the state at a prev event");
@@ -425,9 +422,9 @@ impl Services {
         version: &RoomVersionId,
         prev: &OwnedEventId,
     ) -> Result<()> {
-        let response = self
-            .send_federation(origin, get_room_state_ids::v1::Request::new(prev.clone(), room_id.to_owned()))
-            .await?;
+        let s = self.hub.services();
+        let response =
+            s.fed.send(origin, get_room_state_ids::v1::Request::new(prev.clone(), room_id.to_owned())).await?;
         if response.pdu_ids.len() > MAX_STATE_IDS {
             return Err(Error::RemoteUnavailable(format!(
                 "{} state events are more than we take",
@@ -441,7 +438,7 @@ impl Services {
         // answer's word about which key each one holds).
         let strings: Vec<String> = response.pdu_ids.iter().map(|id| id.to_string()).collect();
         let mut before: StateIds = HashMap::new();
-        for stored in self.store.pdus_for_auth(&strings).await? {
+        for stored in s.store.pdus_for_auth(&strings).await? {
             if stored.room_id != room_id.as_str() || stored.rejected {
                 continue;
             }
@@ -452,7 +449,7 @@ impl Services {
                 return Err(Error::RemoteUnavailable("two state events for one key".to_owned()));
             }
         }
-        let Some(prev_stored) = self.store.pdus_for_auth(&[prev.to_string()]).await?.into_iter().next() else {
+        let Some(prev_stored) = s.store.pdus_for_auth(&[prev.to_string()]).await?.into_iter().next() else {
             return Err(Error::RemoteUnavailable("the prev event could not be had".to_owned()));
         };
         if prev_stored.rejected || prev_stored.room_id != room_id.as_str() {
@@ -466,7 +463,7 @@ impl Services {
         });
         let prev_state =
             prev_pdu.state_key.as_ref().and_then(|key| before.get(&(prev_pdu.kind.to_string(), key.clone())).cloned());
-        let (before_group, _) = self.group_for_state(room_id, &before).await?;
+        let (before_group, _) = s.state.group_for_state(room_id, &before).await?;
         let groups = EventStateGroups { before: before_group, after, current: CurrentGroup::Unchanged, prev_state };
         let outlier = NewOutlier {
             event_id: prev.to_string(),
@@ -475,7 +472,7 @@ impl Services {
             rejection: None,
             state: Some(groups),
         };
-        self.store.insert_outliers(room_id.as_str(), &[outlier], now_ms()).await?;
+        s.store.insert_outliers(room_id.as_str(), &[outlier], now_ms()).await?;
         Ok(())
     }
 
@@ -493,6 +490,7 @@ impl Services {
         event: &VerifiedEvent,
         origin: &ServerName,
     ) -> Result<()> {
+        let s = self.hub.services();
         let rules = room_version_rules(version).map_err(|e| Error::internal(e.to_string()))?;
         let pdu = &event.pdu;
         self.fetch_missing_auth_events(origin, room_id, version, pdu).await;
@@ -506,10 +504,10 @@ impl Services {
                 .map_err(|reason| Error::Forbidden(format!("the invite is not authorized: {reason}")))?;
         }
         let Some(target) = pdu.state_key.as_deref() else { return Ok(()) };
-        let Some(known) = self.store.current_state_event(room_id.as_str(), "m.room.member", target).await? else {
+        let Some(known) = s.store.current_state_event(room_id.as_str(), "m.room.member", target).await? else {
             return Ok(());
         };
-        if self.membership(room_id.as_str(), target).await?.as_deref() != Some("ban") {
+        if s.rooms.membership(room_id.as_str(), target).await?.as_deref() != Some("ban") {
             return Ok(());
         }
         let banned = || Error::Forbidden(format!("{target} is banned from {room_id}"));
@@ -523,7 +521,7 @@ impl Services {
         if cited.event_id.as_str() == known.event_id {
             return Err(banned());
         }
-        match self.store.event(cited.event_id.as_str()).await? {
+        match s.store.event(cited.event_id.as_str()).await? {
             Some(row) if row.stream_ordering <= known.stream_ordering => Err(banned()),
             _ => Ok(()),
         }
@@ -531,9 +529,10 @@ impl Services {
 
     /// The auth events of `pdu` that we hold, parsed (rejected ones marked so).
     pub(crate) async fn auth_events_of(&self, pdu: &Pdu) -> Result<HashMap<OwnedEventId, Pdu>> {
+        let s = self.hub.services();
         let ids: Vec<String> = pdu.auth_events.iter().map(|id| id.to_string()).collect();
         let mut out = HashMap::new();
-        for stored in self.store.pdus_for_auth(&ids).await? {
+        for stored in s.store.pdus_for_auth(&ids).await? {
             let id = EventId::parse(stored.event_id).map_err(|e| Error::internal(e.to_string()))?;
             let mut event = Pdu::from_json(id.clone(), &stored.json).map_err(|e| Error::internal(e.to_string()))?;
             event.rejected = stored.rejected;
@@ -550,8 +549,9 @@ impl Services {
         event: &VerifiedEvent,
         before: &super::state::StateBefore,
     ) -> Result<()> {
-        let after = self.after_group(before, &event.pdu).await?;
-        let prev_state = self.prev_state_of(room_id, before, &event.pdu).await?;
+        let s = self.hub.services();
+        let after = s.state.after_group(before, &event.pdu).await?;
+        let prev_state = s.state.prev_state_of(room_id, before, &event.pdu).await?;
         let outlier = NewOutlier {
             event_id: event.event_id.to_string(),
             json: event.json.clone(),
@@ -564,13 +564,14 @@ impl Services {
                 prev_state,
             }),
         };
-        self.store.insert_outliers(room_id.as_str(), &[outlier], now_ms()).await?;
+        s.store.insert_outliers(room_id.as_str(), &[outlier], now_ms()).await?;
         Ok(())
     }
 
     /// Keeps a refused event as rejected (never used for auth or state; an event citing it
     /// is refused too) and returns the refusal.
     async fn reject(&self, room_id: &RoomId, event: &VerifiedEvent, reason: String) -> Result<Accepted> {
+        let s = self.hub.services();
         tracing::info!(event_id = %event.event_id, %reason, "rejected a received event");
         let outlier = NewOutlier {
             event_id: event.event_id.to_string(),
@@ -579,7 +580,7 @@ impl Services {
             rejection: Some(reason.clone()),
             state: None,
         };
-        self.store.insert_outliers(room_id.as_str(), &[outlier], now_ms()).await?;
+        s.store.insert_outliers(room_id.as_str(), &[outlier], now_ms()).await?;
         Err(Error::Forbidden(format!("{} is not authorized: {reason}", event.event_id)))
     }
 
@@ -588,34 +589,35 @@ impl Services {
     /// state before it (from its prev events, resolved where they are several) does;
     /// soft-failed (kept aside) unless the current state does too. With `broadcast` (a join
     /// or leave handed to us to pass on) it is queued for the room's other servers.
-    pub(crate) async fn accept_remote_event(
+    pub(crate) async fn accept(
         &self,
         room_id: &RoomId,
         event: VerifiedEvent,
         from: &ServerName,
         broadcast: bool,
     ) -> Result<Accepted> {
+        let s = self.hub.services();
         let event_id = event.event_id.clone();
-        let accepted = self.accept_event(room_id, event, from, broadcast, false).await?;
+        let accepted = self.authorize_and_store(room_id, event, from, broadcast, false).await?;
         if accepted == Accepted::Appended {
             // Redactions that arrived before it are decided now.
-            self.apply_redactions_waiting_for(room_id, &event_id, from).await;
+            s.redactions.apply_waiting_for(room_id, &event_id, from).await;
         }
         Ok(accepted)
     }
 
-    /// [`Services::accept_remote_event`] for a soft-failed event held aside, decided again
+    /// [`Services::accept`] for a soft-failed event held aside, decided again
     /// (a redaction whose target has arrived).
-    pub(crate) async fn accept_remote_event_again(
+    pub(crate) async fn accept_again(
         &self,
         room_id: &RoomId,
         event: VerifiedEvent,
         from: &ServerName,
     ) -> Result<Accepted> {
-        self.accept_event(room_id, event, from, false, true).await
+        self.authorize_and_store(room_id, event, from, false, true).await
     }
 
-    async fn accept_event(
+    async fn authorize_and_store(
         &self,
         room_id: &RoomId,
         event: VerifiedEvent,
@@ -623,16 +625,17 @@ impl Services {
         broadcast: bool,
         again: bool,
     ) -> Result<Accepted> {
+        let s = self.hub.services();
         // The room's server ACL applies to whoever wrote the event, whichever server relayed
         // it (a denied server must not get its events in through an allowed one).
-        self.check_server_acl(room_id, event.pdu.sender.server_name()).await?;
-        let version = self.room_version(room_id.as_str()).await?;
+        s.servers.check_acl(room_id, event.pdu.sender.server_name()).await?;
+        let version = s.rooms.version(room_id.as_str()).await?;
         let rules = room_version_rules(&version).map_err(|e| Error::internal(e.to_string()))?;
         // The network part first, outside the room lock: the state at prev events we lack.
         self.fetch_prev_states(from, room_id, &version, &event.pdu).await;
-        let lock = self.room_lock(room_id);
+        let lock = s.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
-        let status = self.store.event_status(event.event_id.as_str()).await?;
+        let status = s.store.event_status(event.event_id.as_str()).await?;
         let held_aside = again && matches!(status, EventStatus::Outlier { soft_failed: true, rejection: None });
         if !held_aside && let Some(known) = known_outcome(&event.event_id, &status)? {
             return Ok(known);
@@ -651,10 +654,10 @@ impl Services {
             return self.reject(room_id, &event, reason).await;
         }
         // 2. The state before it must authorize it.
-        let Some(before) = self.state_before_prevs(room_id, &version, &pdu.prev_events).await? else {
+        let Some(before) = s.state.before_prevs(room_id, &version, &pdu.prev_events).await? else {
             return Err(Error::Forbidden(format!("{}: the state before it is not known", event.event_id)));
         };
-        let current = self.current_auth_state(room_id, pdu, &rules).await?;
+        let current = s.timeline.current_auth_state(room_id, pdu, &rules).await?;
         let mut current_events = current.events;
         current_events.extend(auth_events.clone());
         if before.is_current && before.ids.is_none() {
@@ -662,8 +665,8 @@ impl Services {
                 return self.reject(room_id, &event, reason).await;
             }
         } else {
-            let ids = self.ids_of_before(&before).await?;
-            if let Err(reason) = self.authorize_against_state(room_id, &rules, pdu, &auth_events, &ids).await? {
+            let ids = s.state.ids_of_before(&before).await?;
+            if let Err(reason) = s.state.authorize_against(room_id, &rules, pdu, &auth_events, &ids).await? {
                 return self.reject(room_id, &event, reason).await;
             }
             // 3. The current state must authorize it too, or it is soft-failed: kept (later
@@ -676,7 +679,7 @@ impl Services {
         }
         // 4. A redaction its sender may not make is soft-failed too: never applied, and never
         //    shown to clients (who would apply it themselves).
-        match self.redaction_verdict(room_id, pdu, &rules).await? {
+        match s.redactions.verdict(room_id, pdu, &rules).await? {
             super::redactions::RedactionVerdict::Refused(reason) => {
                 tracing::info!(event_id = %event.event_id, %from, %reason, "soft-failed a received redaction");
                 self.keep_soft_failed(room_id, &event, &before).await?;
@@ -686,25 +689,27 @@ impl Services {
                 // Decided when the target arrives (see `service::redactions`).
                 tracing::info!(event_id = %event.event_id, %from, %target, "a received redaction waits for its target");
                 self.keep_soft_failed(room_id, &event, &before).await?;
-                self.store.add_pending_redaction(room_id.as_str(), target.as_str(), event.event_id.as_str()).await?;
+                s.store.add_pending_redaction(room_id.as_str(), target.as_str(), event.event_id.as_str()).await?;
                 return Ok(Accepted::SoftFailed);
             }
             _ => {}
         }
-        let state = self.plan_state(room_id, &version, pdu, before).await?;
-        let destinations = if broadcast { self.destinations_for(room_id, pdu, Some(from)).await? } else { Vec::new() };
+        let state = s.state.plan(room_id, &version, pdu, before).await?;
+        let destinations =
+            if broadcast { s.timeline.destinations_for(room_id, pdu, Some(from)).await? } else { Vec::new() };
         let built = BuiltEvent {
             state: Some(state),
             promotes_outlier,
             ..BuiltEvent::new(event.event_id, event.object, event.json, event.pdu)
         };
-        self.persist_event(room_id, built, None, &destinations).await?;
+        s.timeline.persist(room_id, built, None, &destinations).await?;
         Ok(Accepted::Appended)
     }
 
     /// One EDU of a `/send` transaction: typing notifications and read receipts of `origin`'s
     /// users in rooms we share with them.
-    pub async fn receive_edu(&self, origin: &ServerName, edu: &serde_json::Value) -> Result<()> {
+    pub async fn take_edu(&self, origin: &ServerName, edu: &serde_json::Value) -> Result<()> {
+        let s = self.hub.services();
         let content = &edu["content"];
         match edu["edu_type"].as_str() {
             Some("m.typing") => {
@@ -713,7 +718,7 @@ impl Services {
                 let user = self.remote_member(origin, &room_id, content["user_id"].as_str()).await?;
                 // Other servers renew typing well within 30 s, as Synapse does.
                 let timeout = (content["typing"] == true).then_some(std::time::Duration::from_secs(30));
-                self.typing.set(&room_id, &user, timeout, || self.streams.bump_typing([&*room_id]));
+                s.typing.set(&room_id, &user, timeout, || s.streams.bump_typing([&*room_id]));
                 Ok(())
             }
             Some("m.receipt") => {
@@ -728,7 +733,7 @@ impl Services {
                             continue;
                         };
                         let thread = receipt["data"]["thread_id"].as_str().unwrap_or_default();
-                        self.set_receipt(&room_id, &user, "m.read", &event_id, thread).await?;
+                        s.set_receipt(&room_id, &user, "m.read", &event_id, thread).await?;
                     }
                 }
                 Ok(())
@@ -744,7 +749,7 @@ impl Services {
                     let state = push["presence"].as_str().unwrap_or("offline");
                     let status = push["status_msg"].as_str().map(str::to_owned);
                     let ago = push["last_active_ago"].as_i64().unwrap_or(0);
-                    self.presence.receive_remote(&user, state, status, ago).await?;
+                    s.presence.receive_remote(&user, state, status, ago).await?;
                 }
                 Ok(())
             }
@@ -756,12 +761,12 @@ impl Services {
                 }
                 // We do not keep other servers' device lists: local syncs learn that it
                 // changed and query the keys again (over federation).
-                if !self.rooms_of_user(user.as_str()).await?.is_empty() {
-                    self.keys.announce_device_change(user.as_str()).await?;
+                if !s.rooms.of_user(user.as_str()).await?.is_empty() {
+                    s.keys.announce_device_change(user.as_str()).await?;
                 }
                 Ok(())
             }
-            Some("m.signing_key_update") => self.keys.receive_signing_key_update(origin, content).await,
+            Some("m.signing_key_update") => s.keys.receive_signing_key_update(origin, content).await,
             Some("m.direct_to_device") => {
                 let sender = ruma::UserId::parse(content["sender"].as_str().unwrap_or_default())
                     .map_err(|e| Error::BadJson(e.to_string()))?;
@@ -774,7 +779,7 @@ impl Services {
                 for (user, devices) in content["messages"].as_object().into_iter().flatten() {
                     let Ok(target) = ruma::UserId::parse(user.as_str()) else { continue };
                     // Only to our users who share a room with a user of the sending server.
-                    if target.server_name() != self.settings.server_name
+                    if target.server_name() != s.settings.server_name
                         || !self.server_shares_a_room_with(origin, &target).await?
                     {
                         continue;
@@ -784,9 +789,7 @@ impl Services {
                     }
                 }
                 // The message id makes a retried EDU a duplicate, like a client's txn id.
-                self.keys
-                    .send_to_device(&sender, &format!("federation:{origin}"), message_id, event_type, messages)
-                    .await
+                s.keys.send_to_device(&sender, &format!("federation:{origin}"), message_id, event_type, messages).await
             }
             _ => Ok(()),
         }
@@ -794,10 +797,11 @@ impl Services {
 
     /// Whether the (remote) user is joined to a room one of our users is joined to.
     async fn shares_a_room_with_us(&self, user: &ruma::UserId) -> Result<bool> {
-        for (room, membership) in self.rooms_of_user(user.as_str()).await?.iter() {
+        let s = self.hub.services();
+        for (room, membership) in s.rooms.of_user(user.as_str()).await?.iter() {
             if membership == "join"
                 && let Ok(room_id) = RoomId::parse(room.as_str())
-                && self.server_in_room(&room_id).await?
+                && s.servers.we_are_in(&room_id).await?
             {
                 return Ok(true);
             }
@@ -807,11 +811,12 @@ impl Services {
 
     /// Whether a user of `server` is joined to a room our `user` is joined to or invited to.
     async fn server_shares_a_room_with(&self, server: &ServerName, user: &ruma::UserId) -> Result<bool> {
-        for (room, membership) in self.rooms_of_user(user.as_str()).await?.iter() {
+        let s = self.hub.services();
+        for (room, membership) in s.rooms.of_user(user.as_str()).await?.iter() {
             if membership != "join" && membership != "invite" {
                 continue;
             }
-            let members = self.store.room_members(room, "join").await?;
+            let members = s.store.room_members(room, "join").await?;
             if members.iter().filter_map(|m| ruma::UserId::parse(m.as_str()).ok()).any(|m| m.server_name() == server) {
                 return Ok(true);
             }
@@ -826,12 +831,13 @@ impl Services {
         room_id: &RoomId,
         user: Option<&str>,
     ) -> Result<ruma::OwnedUserId> {
+        let s = self.hub.services();
         let user = ruma::UserId::parse(user.unwrap_or_default()).map_err(|e| Error::BadJson(e.to_string()))?;
         if user.server_name() != origin {
             return Err(Error::Forbidden(format!("{user} is not a user of {origin}")));
         }
-        self.check_server_acl(room_id, origin).await?;
-        if self.membership(room_id.as_str(), user.as_str()).await?.as_deref() != Some("join") {
+        s.servers.check_acl(room_id, origin).await?;
+        if s.rooms.membership(room_id.as_str(), user.as_str()).await?.as_deref() != Some("join") {
             return Err(Error::Forbidden(format!("{user} is not in {room_id}")));
         }
         Ok(user)

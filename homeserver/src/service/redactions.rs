@@ -17,7 +17,7 @@
 use federation::pdu::Pdu;
 use ruma::{EventId, OwnedEventId, RoomId, ServerName, UserId, room_version_rules::RoomVersionRules};
 
-use super::{Services, received::VerifiedEvent};
+use super::{Hub, received::VerifiedEvent};
 use crate::error::{Error, Result};
 
 /// What an event does as a redaction.
@@ -31,25 +31,35 @@ pub(crate) enum RedactionVerdict {
     Refused(String),
     /// A redaction of an event we do not hold, by a sender without the `redact` power: whether
     /// it may be made depends on who sent the target. A received one waits for the target,
-    /// soft-failed (see [`Services::apply_redactions_waiting_for`]).
+    /// soft-failed (see [`Redactions::apply_waiting_for`]).
     TargetUnknown(OwnedEventId),
 }
 
-impl Services {
+/// Redactions: whether one may apply, and the ones held until their target arrives.
+pub struct Redactions {
+    hub: Hub,
+}
+
+impl Redactions {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub }
+    }
+
     /// Decides whether `pdu` redacts an event in `room_id` (see the module), by the room's
     /// current power levels. Call under the room lock.
-    pub(crate) async fn redaction_verdict(
+    pub(crate) async fn verdict(
         &self,
         room_id: &RoomId,
         pdu: &Pdu,
         rules: &RoomVersionRules,
     ) -> Result<RedactionVerdict> {
+        let s = self.hub.services();
         let Some(target) = pdu.redaction_target(rules) else { return Ok(RedactionVerdict::NotARedaction) };
         // The room's current power levels, v12 creators' unlimited power included.
-        if self.power_levels(room_id.as_str()).await?.user_can_redact_event_of_other(&pdu.sender) {
+        if s.rooms.power_levels(room_id.as_str()).await?.user_can_redact_event_of_other(&pdu.sender) {
             return Ok(RedactionVerdict::Apply(target));
         }
-        let Some(row) = self.store.event(target.as_str()).await? else {
+        let Some(row) = s.store.event(target.as_str()).await? else {
             return Ok(RedactionVerdict::TargetUnknown(target));
         };
         if row.room_id != room_id.as_str() {
@@ -58,7 +68,7 @@ impl Services {
         let Ok(original_sender) = UserId::parse(row.sender.as_str()) else {
             return Ok(RedactionVerdict::Refused(format!("{target} has no valid sender")));
         };
-        let remote_sender = pdu.sender.server_name() != self.settings.server_name;
+        let remote_sender = pdu.sender.server_name() != s.settings.server_name;
         if original_sender == pdu.sender || (remote_sender && original_sender.server_name() == pdu.sender.server_name())
         {
             Ok(RedactionVerdict::Apply(target))
@@ -70,8 +80,9 @@ impl Services {
     /// Decides again the soft-failed redactions that waited for `target`, now stored: each is
     /// taken in like a received event (as if it came from `from` now), and so reaches the
     /// timeline if its sender may redact the target. Best effort: a failure is logged.
-    pub(crate) async fn apply_redactions_waiting_for(&self, room_id: &RoomId, target: &EventId, from: &ServerName) {
-        let waiting = match self.store.pending_redactions_held_aside(room_id.as_str(), target.as_str()).await {
+    pub(crate) async fn apply_waiting_for(&self, room_id: &RoomId, target: &EventId, from: &ServerName) {
+        let s = self.hub.services();
+        let waiting = match s.store.pending_redactions_held_aside(room_id.as_str(), target.as_str()).await {
             Ok(waiting) => waiting,
             Err(e) => {
                 tracing::warn!(%room_id, %target, error = %e, "cannot read the redactions waiting for an event");
@@ -79,17 +90,18 @@ impl Services {
             }
         };
         for redaction in waiting {
-            if let Err(e) = self.retry_held_redaction(room_id, &redaction, from).await {
+            if let Err(e) = self.retry_held(room_id, &redaction, from).await {
                 tracing::info!(%room_id, %redaction, error = %e, "a waiting redaction stays without effect");
             }
-            if let Err(e) = self.store.drop_pending_redaction(target.as_str(), &redaction).await {
+            if let Err(e) = s.store.drop_pending_redaction(target.as_str(), &redaction).await {
                 tracing::warn!(%room_id, %redaction, error = %e, "cannot forget a waiting redaction");
             }
         }
     }
 
-    async fn retry_held_redaction(&self, room_id: &RoomId, redaction: &str, from: &ServerName) -> Result<()> {
-        let Some(stored) = self.store.pdus_for_auth(&[redaction.to_owned()]).await?.into_iter().next() else {
+    async fn retry_held(&self, room_id: &RoomId, redaction: &str, from: &ServerName) -> Result<()> {
+        let s = self.hub.services();
+        let Some(stored) = s.store.pdus_for_auth(&[redaction.to_owned()]).await?.into_iter().next() else {
             return Ok(());
         };
         let event_id = EventId::parse(stored.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
@@ -98,6 +110,6 @@ impl Services {
         let pdu = Pdu::from_json(event_id.clone(), &stored.json).map_err(|e| Error::internal(e.to_string()))?;
         let event = VerifiedEvent { event_id, object, json: stored.json, pdu };
         // Its signatures were checked when it arrived; it is decided again from the start.
-        Box::pin(self.accept_remote_event_again(room_id, event, from)).await.map(|_| ())
+        Box::pin(s.receiver.accept_again(room_id, event, from)).await.map(|_| ())
     }
 }

@@ -19,15 +19,14 @@ use ruma::{
 use serde_json::{Value as JsonValue, value::RawValue as RawJsonValue};
 
 use super::{
-    Services,
+    Hub,
     notifier::{Change, Sections},
     received::VerifiedEvent,
-    server_visibility::served_pdu,
     timeline::{BuiltEvent, EventDraft},
 };
 use crate::{
     error::{Error, Result},
-    store::{AppendEvent, EventRow, JoinedRoom, now_ms},
+    store::{AppendEvent, JoinedRoom, now_ms},
 };
 
 /// Room versions we can join on another server: we sign events with hash-based ids (v3+).
@@ -53,7 +52,40 @@ pub struct JoinState {
     pub auth_chain: Vec<Box<RawJsonValue>>,
 }
 
-fn raw(json: &str) -> Result<Box<RawJsonValue>> {
+/// A membership we ask another server to let one of our users make.
+#[derive(Clone, Copy)]
+enum Outward {
+    Join,
+    Leave,
+}
+
+impl Outward {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outward::Join => "join",
+            Outward::Leave => "leave",
+        }
+    }
+}
+
+/// A join or leave of `user` asked of `server`.
+#[derive(Clone, Copy)]
+struct Asked<'a> {
+    room_id: &'a RoomId,
+    user: &'a UserId,
+    server: &'a ServerName,
+    membership: Outward,
+    reason: Option<&'a str>,
+}
+
+/// Our signed membership event, from a template.
+struct Signed {
+    version: RoomVersionId,
+    event_id: OwnedEventId,
+    object: CanonicalJsonObject,
+}
+
+pub(super) fn raw(json: &str) -> Result<Box<RawJsonValue>> {
     RawJsonValue::from_string(json.to_owned()).map_err(|e| Error::internal(e.to_string()))
 }
 
@@ -69,23 +101,65 @@ fn template_of(mut object: CanonicalJsonObject) -> Result<Box<RawJsonValue>> {
     raw_object(&object)
 }
 
-impl Services {
+/// Membership across servers: our users joining, leaving and inviting in other servers'
+/// rooms, and other servers' users doing so in ours.
+pub struct RemoteRooms {
+    hub: Hub,
+}
+
+impl RemoteRooms {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub }
+    }
+}
+
+impl RemoteRooms {
     // ---- our users in other servers' rooms ----
 
     /// Joins `user` to a room this server is not in, through one of `servers`.
-    pub async fn join_remote(
+    pub async fn join(
         &self,
         room_id: &RoomId,
         user: &UserId,
         servers: &[OwnedServerName],
         reason: Option<&str>,
     ) -> Result<OwnedEventId> {
-        let mut last_error = Error::NotFound("No server to join the room through".to_owned());
-        for server in servers.iter().filter(|s| **s != self.settings.server_name) {
-            match self.join_through(room_id, user, server, reason).await {
+        self.through_any(room_id, user, servers, Outward::Join, reason).await
+    }
+
+    /// Rejects an invite (or leaves a room this server is no longer in) through the
+    /// inviting server.
+    pub async fn leave(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        servers: &[OwnedServerName],
+        reason: Option<&str>,
+    ) -> Result<OwnedEventId> {
+        self.through_any(room_id, user, servers, Outward::Leave, reason).await
+    }
+
+    /// Makes the membership through the first of `servers` (other than us) that lets us.
+    async fn through_any(
+        &self,
+        room_id: &RoomId,
+        user: &UserId,
+        servers: &[OwnedServerName],
+        membership: Outward,
+        reason: Option<&str>,
+    ) -> Result<OwnedEventId> {
+        let s = self.hub.services();
+        let mut last_error = Error::NotFound(format!("No server to {} the room through", membership.as_str()));
+        for server in servers.iter().filter(|server| **server != s.settings.server_name) {
+            let asked = Asked { room_id, user, server, membership, reason };
+            let result = match membership {
+                Outward::Join => self.join_through(asked).await,
+                Outward::Leave => self.leave_through(asked).await,
+            };
+            match result {
                 Ok(id) => return Ok(id),
                 Err(e) => {
-                    tracing::info!(%room_id, %server, error = %e, "cannot join through this server");
+                    tracing::info!(%room_id, %server, membership = membership.as_str(), error = %e, "cannot make the membership through this server");
                     last_error = e;
                 }
             }
@@ -93,33 +167,17 @@ impl Services {
         Err(last_error)
     }
 
-    async fn join_through(
-        &self,
-        room_id: &RoomId,
-        user: &UserId,
-        server: &ServerName,
-        reason: Option<&str>,
-    ) -> Result<OwnedEventId> {
+    async fn join_through(&self, asked: Asked<'_>) -> Result<OwnedEventId> {
+        let s = self.hub.services();
+        let Asked { room_id, user, server, .. } = asked;
         let mut request = prepare_join_event::v1::Request::new(room_id.to_owned(), user.to_owned());
         request.ver = JOINABLE_ROOM_VERSIONS.to_vec();
-        let template = self.send_federation(server, request).await?;
-        let version = template.room_version.unwrap_or(RoomVersionId::V1);
-        if !JOINABLE_ROOM_VERSIONS.contains(&version) {
-            return Err(Error::UnsupportedRoomVersion(format!("Room version {version} cannot be joined")));
-        }
-        let content = self.member_content(user, "join", reason).await?;
-        let asked = MembershipRequest { room_id, user_id: user, membership: "join" };
-        let (event_id, object) = sign_membership_template(
-            &template.event,
-            asked,
-            content,
-            &version,
-            &self.settings.server_name,
-            &self.signing_key,
-        )
-        .map_err(|e| Error::RemoteUnavailable(format!("{server} sent a bad join template: {e}")))?;
-        let response = self
-            .send_federation(
+        let template = s.fed.send(server, request).await?;
+        let Signed { version, event_id, object } =
+            self.sign_template(asked, template.room_version, &template.event).await?;
+        let response = s
+            .fed
+            .send(
                 server,
                 create_join_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw_object(&object)?),
             )
@@ -134,12 +192,12 @@ impl Services {
             )?,
             None => raw_object(&object)?,
         };
-        let join = self.verify_pdu(&join_raw, &version).await?;
+        let join = s.receiver.verify_pdu(&join_raw, &version).await?;
         if join.event_id != event_id {
             return Err(Error::RemoteUnavailable(format!("{server} changed our join event")));
         }
         let history = self.fetch_history(server, room_id, &version, &join.pdu).await;
-        self.persist_remote_join(room_id, &version, join, &state.state, &state.auth_chain, history).await?;
+        self.persist_join(room_id, &version, join, &state.state, &state.auth_chain, history).await?;
         tracing::info!(%room_id, %user, %server, "joined a room on another server");
         Ok(event_id)
     }
@@ -154,9 +212,10 @@ impl Services {
         version: &RoomVersionId,
         join: &Pdu,
     ) -> Vec<VerifiedEvent> {
+        let s = self.hub.services();
         let limit = ruma::UInt::try_from(JOIN_HISTORY).unwrap_or_default();
         let request = get_backfill::v1::Request::new(room_id.to_owned(), join.prev_events.clone(), limit);
-        let response = match self.send_federation(server, request).await {
+        let response = match s.fed.send(server, request).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::info!(%room_id, %server, error = %e, "no history before the join");
@@ -170,7 +229,7 @@ impl Services {
         }
         let mut events = Vec::new();
         for raw in &response.pdus {
-            match self.verify_pdu(raw, version).await {
+            match s.receiver.verify_pdu(raw, version).await {
                 Ok(event) if event.pdu.room_id.as_deref() == Some(room_id) => events.push(event),
                 Ok(_) => {}
                 Err(e) => tracing::info!(%room_id, error = %e, "dropped a backfilled event"),
@@ -181,7 +240,7 @@ impl Services {
 
     /// Checks the state and auth chain of a send_join answer (and the history before the
     /// join) and stores the room.
-    async fn persist_remote_join(
+    async fn persist_join(
         &self,
         room_id: &RoomId,
         version: &RoomVersionId,
@@ -190,12 +249,13 @@ impl Services {
         auth_chain: &[Box<RawJsonValue>],
         history: Vec<VerifiedEvent>,
     ) -> Result<()> {
+        let s = self.hub.services();
         let rules = room_version_rules(version).map_err(|e| Error::internal(e.to_string()))?;
         // Every event must verify; bad ones are dropped (and then cannot authorize anything).
         let mut events: HashMap<OwnedEventId, VerifiedEvent> = HashMap::new();
         let mut state_ids = Vec::new();
         for (raw, is_state) in auth_chain.iter().map(|r| (r, false)).chain(state.iter().map(|r| (r, true))) {
-            match self.verify_pdu(raw, version).await {
+            match s.receiver.verify_pdu(raw, version).await {
                 Ok(event) => {
                     if is_state {
                         state_ids.push(event.event_id.clone());
@@ -280,15 +340,15 @@ impl Services {
         // The join's state: the state it was authorized by before it, itself after it. The
         // state and history stored before it keep no state of their own (it is not known).
         let join_state = super::state::join_state_groups(&state_map, &join.pdu);
-        let lock = self.room_lock(room_id);
+        let lock = s.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
-        let positions: Vec<_> = (0..=state_events.len()).map(|_| self.streams.allocate()).collect();
+        let positions: Vec<_> = (0..=state_events.len()).map(|_| s.streams.allocate()).collect();
         let owned: Vec<OwnedAppend> = state_events.iter().map(|e| OwnedAppend::of(&e.pdu, &e.json)).collect();
         let join_owned = OwnedAppend::of(&join.pdu, &join.json);
         let appends: Vec<AppendEvent<'_>> =
             owned.iter().zip(&positions).map(|(o, p)| o.as_append(room_id, p.position())).collect();
         let join_position = positions.last().map(|p| p.position()).unwrap_or_default();
-        self.store
+        s.store
             .persist_joined_room(
                 JoinedRoom {
                     room_id: room_id.as_str(),
@@ -306,15 +366,15 @@ impl Services {
             )
             .await?;
         // Written around the append path: the caches forget the room and its members.
-        self.room_cache.invalidate(room_id);
+        s.room_cache.invalidate(room_id);
         let mut changes = vec![Change::room(room_id.to_owned(), Sections::TIMELINE | Sections::DEVICE_LISTS)];
         for e in state_events.iter().map(|e| &e.pdu).chain(std::iter::once(&join.pdu)) {
             if e.kind == ruma::events::TimelineEventType::RoomMember
                 && let Some(user) = e.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok())
-                && user.server_name() == self.settings.server_name
+                && user.server_name() == s.settings.server_name
             {
-                self.user_rooms.forget(&user.to_string());
-                self.forget_unread_counts(&user, room_id);
+                s.rooms.forget_user(user.as_str());
+                s.sync.forget_unread(&user, room_id);
                 changes.push(Change::user(user, Sections::MEMBERSHIP));
             }
         }
@@ -329,83 +389,69 @@ impl Services {
         Ok(())
     }
 
-    /// Rejects an invite (or leaves a room this server is no longer in) through the
-    /// inviting server.
-    pub async fn leave_remote(
-        &self,
-        room_id: &RoomId,
-        user: &UserId,
-        servers: &[OwnedServerName],
-        reason: Option<&str>,
-    ) -> Result<OwnedEventId> {
-        let mut last_error = Error::NotFound("No server to leave the room through".to_owned());
-        for server in servers.iter().filter(|s| **s != self.settings.server_name) {
-            match self.leave_through(room_id, user, server, reason).await {
-                Ok(id) => return Ok(id),
-                Err(e) => {
-                    tracing::info!(%room_id, %server, error = %e, "cannot leave through this server");
-                    last_error = e;
-                }
-            }
-        }
-        Err(last_error)
-    }
-
-    async fn leave_through(
-        &self,
-        room_id: &RoomId,
-        user: &UserId,
-        server: &ServerName,
-        reason: Option<&str>,
-    ) -> Result<OwnedEventId> {
-        let template = self
-            .send_federation(server, prepare_leave_event::v1::Request::new(room_id.to_owned(), user.to_owned()))
+    async fn leave_through(&self, asked: Asked<'_>) -> Result<OwnedEventId> {
+        let s = self.hub.services();
+        let Asked { room_id, user, server, .. } = asked;
+        let template =
+            s.fed.send(server, prepare_leave_event::v1::Request::new(room_id.to_owned(), user.to_owned())).await?;
+        let Signed { event_id, object, .. } = self.sign_template(asked, template.room_version, &template.event).await?;
+        s.fed
+            .send(
+                server,
+                create_leave_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw_object(&object)?),
+            )
             .await?;
-        let version = template.room_version.unwrap_or(RoomVersionId::V1);
-        if !JOINABLE_ROOM_VERSIONS.contains(&version) {
-            return Err(Error::UnsupportedRoomVersion(format!(
-                "Room version {version} cannot be left through {server}"
-            )));
-        }
-        let content = self.member_content(user, "leave", reason).await?;
-        let asked = MembershipRequest { room_id, user_id: user, membership: "leave" };
-        let (event_id, object) = sign_membership_template(
-            &template.event,
-            asked,
-            content,
-            &version,
-            &self.settings.server_name,
-            &self.signing_key,
-        )
-        .map_err(|e| Error::RemoteUnavailable(format!("{server} sent a bad leave template: {e}")))?;
-        self.send_federation(
-            server,
-            create_leave_event::v2::Request::new(room_id.to_owned(), event_id.clone(), raw_object(&object)?),
-        )
-        .await?;
         // We are not in the room, so we cannot authorize it ourselves; the resident server did.
         let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
         let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
-        let lock = self.room_lock(room_id);
+        let lock = s.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
-        self.persist_event(room_id, BuiltEvent::new(event_id.clone(), object, json, pdu), None, &[]).await?;
+        s.timeline.persist(room_id, BuiltEvent::new(event_id.clone(), object, json, pdu), None, &[]).await?;
         Ok(event_id)
+    }
+
+    /// Our membership event made from another server's make_join / make_leave template: the
+    /// room version checked, our content put in, signed by us.
+    async fn sign_template(
+        &self,
+        asked: Asked<'_>,
+        version: Option<RoomVersionId>,
+        template: &RawJsonValue,
+    ) -> Result<Signed> {
+        let s = self.hub.services();
+        let Asked { room_id, user, server, membership, reason } = asked;
+        let version = version.unwrap_or(RoomVersionId::V1);
+        if !JOINABLE_ROOM_VERSIONS.contains(&version) {
+            return Err(Error::UnsupportedRoomVersion(match membership {
+                Outward::Join => format!("Room version {version} cannot be joined"),
+                Outward::Leave => format!("Room version {version} cannot be left through {server}"),
+            }));
+        }
+        let content = s.rooms.member_content(user, membership.as_str(), reason).await?;
+        let request = MembershipRequest { room_id, user_id: user, membership: membership.as_str() };
+        let (event_id, object) =
+            sign_membership_template(template, request, content, &version, &s.settings.server_name, &s.signing_key)
+                .map_err(|e| {
+                    Error::RemoteUnavailable(format!("{server} sent a bad {} template: {e}", membership.as_str()))
+                })?;
+        Ok(Signed { version, event_id, object })
     }
 
     /// Invites a user of another server: their server co-signs the invite, then it is
     /// appended and sent to the room's other servers.
-    pub async fn invite_remote(
+    pub async fn invite(
         &self,
         room_id: &RoomId,
         sender: &UserId,
         target: &UserId,
         content: JsonValue,
     ) -> Result<OwnedEventId> {
-        let version = self.room_version(room_id.as_str()).await?;
+        let s = self.hub.services();
+        let version = s.rooms.version(room_id.as_str()).await?;
         let built = {
-            let lock = self.room_lock(room_id);
+            let lock = s.timeline.room_lock(room_id);
             let _guard = lock.lock().await;
-            self.build_event(room_id, sender, EventDraft::state("m.room.member", target.as_str(), content)).await?
+            s.timeline.build(room_id, sender, EventDraft::state("m.room.member", target.as_str(), content)).await?
         };
         let invite_room_state = self.stripped_state_pdus(room_id, sender).await?;
         let request = create_invite::v2::Request::new(
@@ -415,14 +461,14 @@ impl Services {
             raw_object(&built.object)?,
             invite_room_state,
         );
-        let response = self.send_federation(target.server_name(), request).await?;
+        let response = s.fed.send(target.server_name(), request).await?;
         // The answer is our event with the invitee's server's signature added. Only that
         // signature is taken: the event id is a hash of the redacted event, so an answer with
         // the same id could still differ in what redaction drops (a reason, extra keys).
         let object = add_signatures_of(&built.object, &response.event, target.server_name(), &version)
             .map_err(|e| Error::RemoteUnavailable(format!("the invited user's server changed the invite: {e}")))?;
         let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
-        let lock = self.room_lock(room_id);
+        let lock = s.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
         // The invitee's server has the event from the invite request already; it still gets
         // it through /send when it is in the room, because there the invite is part of the
@@ -433,19 +479,21 @@ impl Services {
         } else {
             Some(target.server_name())
         };
-        let destinations = self.destinations_for(room_id, &built.pdu, except).await?;
+        let destinations = s.timeline.destinations_for(room_id, &built.pdu, except).await?;
         // The room may have moved on while we waited: the state plan is made again now.
-        self.persist_event(room_id, BuiltEvent { json, object, state: None, ..built }, None, &destinations).await
+        s.timeline.persist(room_id, BuiltEvent { json, object, state: None, ..built }, None, &destinations).await
     }
 
     /// Whether a user of `server` is joined to the room.
     async fn server_has_joined_member(&self, room_id: &RoomId, server: &ServerName) -> Result<bool> {
-        let members = self.joined_members_cached(room_id).await?;
+        let s = self.hub.services();
+        let members = s.room_cache.joined_members(room_id).await?;
         Ok(members.iter().any(|(user, _)| UserId::parse(user.as_str()).is_ok_and(|u| u.server_name() == server)))
     }
 
     /// The state an invitee's server is shown, as full PDUs (Matrix 1.16).
     async fn stripped_state_pdus(&self, room_id: &RoomId, sender: &UserId) -> Result<Vec<RawStrippedState>> {
+        let s = self.hub.services();
         let mut out = Vec::new();
         for (kind, key) in [
             ("m.room.create", ""),
@@ -457,7 +505,7 @@ impl Services {
             ("m.room.encryption", ""),
             ("m.room.member", sender.as_str()),
         ] {
-            if let Some(row) = self.store.current_state_event(room_id.as_str(), kind, key).await? {
+            if let Some(row) = s.store.current_state_event(room_id.as_str(), kind, key).await? {
                 out.push(RawStrippedState::Pdu(raw(&row.json)?));
             }
         }
@@ -475,24 +523,25 @@ impl Services {
         origin: &ServerName,
         membership: &str,
     ) -> Result<(RoomVersionId, Box<RawJsonValue>)> {
+        let s = self.hub.services();
         if user.server_name() != origin {
             return Err(Error::Forbidden("The user is not on the asking server".to_owned()));
         }
-        if self.store.room(room_id.as_str()).await?.is_none() || !self.server_in_room(room_id).await? {
+        if s.store.room(room_id.as_str()).await?.is_none() || !s.servers.we_are_in(room_id).await? {
             return Err(Error::NotFound("This server is not in that room".to_owned()));
         }
-        self.check_server_acl(room_id, origin).await?;
-        let version = self.room_version(room_id.as_str()).await?;
-        let lock = self.room_lock(room_id);
+        s.servers.check_acl(room_id, origin).await?;
+        let version = s.rooms.version(room_id.as_str()).await?;
+        let lock = s.timeline.room_lock(room_id);
         let _guard = lock.lock().await;
         let content = serde_json::json!({"membership": membership});
-        let built = self.build_event(room_id, user, EventDraft::state("m.room.member", user.as_str(), content)).await?;
+        let built = s.timeline.build(room_id, user, EventDraft::state("m.room.member", user.as_str(), content)).await?;
         Ok((version, template_of(built.object)?))
     }
 
     /// send_join / send_leave: checks the signed membership event from `origin`, appends it
     /// and passes it on to the room's other servers.
-    pub async fn receive_membership(
+    pub async fn take_membership(
         &self,
         room_id: &RoomId,
         event_id: &EventId,
@@ -500,12 +549,13 @@ impl Services {
         origin: &ServerName,
         membership: &str,
     ) -> Result<()> {
-        if !self.server_in_room(room_id).await? {
+        let s = self.hub.services();
+        if !s.servers.we_are_in(room_id).await? {
             return Err(Error::NotFound("This server is not in that room".to_owned()));
         }
-        self.check_server_acl(room_id, origin).await?;
-        let version = self.room_version(room_id.as_str()).await?;
-        let event = self.verify_pdu(raw, &version).await?;
+        s.servers.check_acl(room_id, origin).await?;
+        let version = s.rooms.version(room_id.as_str()).await?;
+        let event = s.receiver.verify_pdu(raw, &version).await?;
         let pdu = &event.pdu;
         let content: JsonValue = serde_json::from_str(pdu.content.get()).unwrap_or_default();
         if event.event_id != event_id
@@ -517,7 +567,7 @@ impl Services {
         {
             return Err(Error::BadJson(format!("not a {membership} event of a user of {origin} for this room")));
         }
-        match self.accept_remote_event(room_id, event, origin, true).await? {
+        match s.receiver.accept(room_id, event, origin, true).await? {
             super::received::Accepted::SoftFailed => {
                 Err(Error::Forbidden("The event is not allowed by the room's current state".to_owned()))
             }
@@ -528,14 +578,15 @@ impl Services {
     /// The room's state before `except` (the join, just appended) and the auth chain of both,
     /// for send_join.
     pub async fn state_and_auth_chain(&self, room_id: &RoomId, except: &EventId) -> Result<JoinState> {
+        let s = self.hub.services();
         let mut state = Vec::new();
-        match self.state_ids_before_event(room_id, except).await? {
+        match s.state.ids_before_event(room_id, except).await? {
             Some(before) => {
                 let ids: Vec<String> = before.values().cloned().collect();
-                state.extend(self.store.any_events_json(&ids).await?.into_iter().map(|(_, _, json)| json));
+                state.extend(s.store.any_events_json(&ids).await?.into_iter().map(|(_, _, json)| json));
             }
             None => {
-                for row in self.store.current_state(room_id.as_str()).await? {
+                for row in s.store.current_state(room_id.as_str()).await? {
                     if row.event_id != except.as_str() {
                         state.push(row.json);
                     }
@@ -548,13 +599,13 @@ impl Services {
             frontier.extend(auth_event_ids(json));
         }
         // The join's own auth events too (an invite it replaced is in no state any more).
-        for (_, _, json) in self.store.any_events_json(&[except.to_string()]).await? {
+        for (_, _, json) in s.store.any_events_json(&[except.to_string()]).await? {
             frontier.extend(auth_event_ids(&json));
         }
         let mut auth_chain = Vec::new();
         while !frontier.is_empty() {
             let batch: Vec<String> = frontier.drain(..).filter(|id| seen.insert(id.clone())).collect();
-            for (_, _, json) in self.store.any_events_json(&batch).await? {
+            for (_, _, json) in s.store.any_events_json(&batch).await? {
                 frontier.extend(auth_event_ids(&json));
                 auth_chain.push(raw(&json)?);
             }
@@ -564,7 +615,7 @@ impl Services {
 
     /// An invite from another server for one of our users: checked, co-signed and stored so
     /// the user's syncs show it. Returns the co-signed event.
-    pub async fn receive_invite(
+    pub async fn take_invite(
         &self,
         room_id: &RoomId,
         event_id: &EventId,
@@ -573,22 +624,23 @@ impl Services {
         invite_room_state: &[RawStrippedState],
         origin: &ServerName,
     ) -> Result<Box<RawJsonValue>> {
+        let s = self.hub.services();
         if version.rules().is_none() {
             return Err(Error::IncompatibleRoomVersion(version.clone()));
         }
         // Invites are among the requests a room's server ACL governs.
-        self.check_server_acl(room_id, origin).await?;
-        let known = self.store.room(room_id.as_str()).await?;
+        s.servers.check_acl(room_id, origin).await?;
+        let known = s.store.room(room_id.as_str()).await?;
         if let Some(room) = &known
             && room.room_version != version.as_str()
         {
             return Err(Error::BadJson(format!("{room_id} is a room of version {}", room.room_version)));
         }
-        let event = self.verify_pdu(raw, version).await?;
+        let event = s.receiver.verify_pdu(raw, version).await?;
         let pdu = &event.pdu;
         let content: JsonValue = serde_json::from_str(pdu.content.get()).unwrap_or_default();
         let target = pdu.state_key.as_deref().and_then(|k| UserId::parse(k).ok());
-        let Some(target) = target.filter(|t| t.server_name() == self.settings.server_name) else {
+        let Some(target) = target.filter(|t| t.server_name() == s.settings.server_name) else {
             return Err(Error::BadJson("the invite is not for a user of this server".to_owned()));
         };
         if event.event_id != event_id
@@ -599,26 +651,24 @@ impl Services {
         {
             return Err(Error::BadJson("not an invite from that server for this room".to_owned()));
         }
-        if self.store.user(target.as_str()).await?.is_none() {
+        if s.store.user(target.as_str()).await?.is_none() {
             return Err(Error::NotFound("No such user".to_owned()));
         }
         let mut object = event.object.clone();
-        cosign_event(&mut object, version, &self.settings.server_name, &self.signing_key)
+        cosign_event(&mut object, version, &s.settings.server_name, &s.signing_key)
             .map_err(|e| Error::internal(e.to_string()))?;
         let json = serde_json::to_string(&object).map_err(|e| Error::internal(e.to_string()))?;
-        if self.server_in_room(room_id).await? {
+        if s.servers.we_are_in(room_id).await? {
             // We are in the room: the invite is checked like any other event (the inviting
             // server sends it through /send too; whichever comes first is kept).
             let verified = VerifiedEvent { json, object: object.clone(), ..event };
-            if self.accept_remote_event(room_id, verified, origin, false).await?
-                == super::received::Accepted::SoftFailed
-            {
+            if s.receiver.accept(room_id, verified, origin, false).await? == super::received::Accepted::SoftFailed {
                 return Err(Error::Forbidden("The invite is not allowed by the room's current state".to_owned()));
             }
         } else {
             if known.is_some() {
                 // A room we were in: what we know of it still counts.
-                self.check_invite_into_left_room(room_id, version, &event, origin).await?;
+                s.receiver.check_invite_into_left_room(room_id, version, &event, origin).await?;
             }
             let creator = invite_room_state
                 .iter()
@@ -632,7 +682,7 @@ impl Services {
             if known.is_none() {
                 // Only a room we do not know yet takes the inviting server's word for its
                 // creator; a known room's row is not the inviting server's to change.
-                self.store.upsert_remote_room(room_id.as_str(), version.as_str(), &creator, now_ms()).await?;
+                s.store.upsert_remote_room(room_id.as_str(), version.as_str(), &creator, now_ms()).await?;
             }
             // What the inviting server showed of the room (name, topic, ...), for the invite in
             // the user's syncs: stripped to type, state key, sender and content.
@@ -652,13 +702,13 @@ impl Services {
                 })
                 .collect();
             let stripped = serde_json::to_string(&stripped).map_err(|e| Error::internal(e.to_string()))?;
-            self.store.set_remote_invite_state(room_id.as_str(), target.as_str(), &stripped).await?;
-            self.room_cache.invalidate(room_id);
-            let lock = self.room_lock(room_id);
+            s.store.set_remote_invite_state(room_id.as_str(), target.as_str(), &stripped).await?;
+            s.room_cache.invalidate(room_id);
+            let lock = s.timeline.room_lock(room_id);
             let _guard = lock.lock().await;
-            if self.store.any_events_json(&[event_id.to_string()]).await?.is_empty() {
+            if s.store.any_events_json(&[event_id.to_string()]).await?.is_empty() {
                 let built = BuiltEvent::new(event.event_id, object.clone(), json, event.pdu);
-                self.persist_event(room_id, built, None, &[]).await?;
+                s.timeline.persist(room_id, built, None, &[]).await?;
             }
         }
         tracing::info!(%room_id, %target, %origin, "received an invite from another server");
@@ -667,14 +717,15 @@ impl Services {
 
     /// Servers that may know a room we are invited to or were in: the inviter's, the
     /// senders of the room's state, the room id's (before v12).
-    pub async fn servers_for_room(&self, room_id: &RoomId, user: &UserId) -> Result<Vec<OwnedServerName>> {
+    pub async fn servers_for(&self, room_id: &RoomId, user: &UserId) -> Result<Vec<OwnedServerName>> {
+        let s = self.hub.services();
         let mut servers = Vec::new();
-        if let Some(row) = self.store.current_state_event(room_id.as_str(), "m.room.member", user.as_str()).await?
+        if let Some(row) = s.store.current_state_event(room_id.as_str(), "m.room.member", user.as_str()).await?
             && let Ok(sender) = UserId::parse(row.sender.as_str())
         {
             servers.push(sender.server_name().to_owned());
         }
-        for member in self.store.room_members(room_id.as_str(), "join").await? {
+        for member in s.store.room_members(room_id.as_str(), "join").await? {
             if let Ok(member) = UserId::parse(member.as_str())
                 && !servers.iter().any(|s| s == member.server_name())
             {
@@ -697,13 +748,13 @@ fn membership_of(pdu: &Pdu) -> Option<String> {
         .and_then(|c| c["membership"].as_str().map(str::to_owned))
 }
 
-fn auth_event_ids(json: &str) -> Vec<String> {
+pub(super) fn auth_event_ids(json: &str) -> Vec<String> {
     event_ids_in(json, "auth_events")
 }
 
 /// The ids listed in an event's `field` (`auth_events`, `prev_events`), in either the
 /// current format or room versions 1 and 2's `[id, hashes]` pairs.
-fn event_ids_in(json: &str, field: &str) -> Vec<String> {
+pub(super) fn event_ids_in(json: &str, field: &str) -> Vec<String> {
     let value: JsonValue = serde_json::from_str(json).unwrap_or_default();
     value[field]
         .as_array()
@@ -770,170 +821,5 @@ impl OwnedAppend {
             promotes_outlier: false,
             state_from_outliers: &[],
         }
-    }
-}
-
-/// Most events one backfill request returns.
-pub const MAX_BACKFILL: usize = 100;
-
-impl Services {
-    // ---- history and state for other servers ----
-
-    /// One event for `origin` (`/event`): a timeline event it may see (see
-    /// [`Services::server_may_see`]), pruned if it was redacted here; or an accepted outlier
-    /// (the auth chain a join brought) for a server with a user joined now. Soft-failed
-    /// events are never served.
-    pub async fn event_for_server(&self, event_id: &EventId, origin: &ServerName) -> Result<Box<RawJsonValue>> {
-        if let Some(row) = self.store.event(event_id.as_str()).await? {
-            let room_id = RoomId::parse(row.room_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
-            self.require_server_may_read(&room_id, origin).await?;
-            if self.server_may_see(&room_id, origin, std::slice::from_ref(&row)).await?.first() != Some(&true) {
-                return Err(Error::Forbidden("Your server may not see that event".to_owned()));
-            }
-            let version = self.room_version(room_id.as_str()).await?;
-            return served_pdu(&row.json, row.redacted_by.is_some(), &version);
-        }
-        let rows = self.store.accepted_outliers(&[event_id.to_string()]).await?;
-        let (_, room_id, json) = rows.into_iter().next().ok_or_else(|| Error::NotFound("Unknown event".to_owned()))?;
-        let room_id = RoomId::parse(room_id).map_err(|e| Error::internal(e.to_string()))?;
-        self.require_server_may_read(&room_id, origin).await?;
-        if !self.server_joined(&room_id, origin).await? {
-            return Err(Error::Forbidden("Your server may not see that event".to_owned()));
-        }
-        raw(&json)
-    }
-
-    /// The room's state before `event_id` (from the state model) and the auth chain of that
-    /// state; 404 for an event whose state we do not know.
-    pub async fn state_before_event(&self, room_id: &RoomId, event_id: &EventId) -> Result<(Vec<String>, Vec<String>)> {
-        let state = self
-            .state_ids_before_event(room_id, event_id)
-            .await?
-            .ok_or_else(|| Error::NotFound("The state at that event is not known here".to_owned()))?;
-        let state_ids: Vec<String> = state.values().cloned().collect();
-        let chain = self.auth_chain_ids(room_id, &state_ids).await?;
-        Ok((state_ids, chain))
-    }
-
-    /// Every event reachable from `ids` through `auth_events` (without `ids` themselves), and
-    /// the room's create event, which room version 12 no longer lists as an auth event.
-    pub async fn auth_chain_ids(&self, room_id: &RoomId, ids: &[String]) -> Result<Vec<String>> {
-        let mut seen: HashSet<String> = HashSet::new();
-        let mut chain = Vec::new();
-        let mut frontier: Vec<String> = Vec::new();
-        for (_, _, json) in self.store.any_events_json(ids).await? {
-            frontier.extend(auth_event_ids(&json));
-        }
-        while !frontier.is_empty() {
-            let batch: Vec<String> = frontier.drain(..).filter(|id| seen.insert(id.clone())).collect();
-            for (id, _, json) in self.store.any_events_json(&batch).await? {
-                frontier.extend(auth_event_ids(&json));
-                chain.push(id);
-            }
-        }
-        if let Some(create) = self.store.current_state_event(room_id.as_str(), "m.room.create", "").await?
-            && !chain.contains(&create.event_id)
-            && !ids.contains(&create.event_id)
-        {
-            chain.push(create.event_id);
-        }
-        Ok(chain)
-    }
-
-    /// Events by id as another server gets them (`/state`, `/event_auth`): timeline events
-    /// (pruned if redacted here) and accepted outliers; soft-failed events are left out.
-    pub async fn events_for_server(&self, room_id: &RoomId, ids: &[String]) -> Result<Vec<Box<RawJsonValue>>> {
-        let version = self.room_version(room_id.as_str()).await?;
-        let rows = self.store.events_by_id(ids).await?;
-        let mut out = Vec::with_capacity(ids.len());
-        for row in rows.iter().filter(|row| row.room_id == room_id.as_str()) {
-            out.push(served_pdu(&row.json, row.redacted_by.is_some(), &version)?);
-        }
-        let on_timeline: HashSet<&str> = rows.iter().map(|row| row.event_id.as_str()).collect();
-        let rest: Vec<String> = ids.iter().filter(|id| !on_timeline.contains(id.as_str())).cloned().collect();
-        for (_, room, json) in self.store.accepted_outliers(&rest).await? {
-            if room == room_id.as_str() {
-                out.push(raw(&json)?);
-            }
-        }
-        Ok(out)
-    }
-
-    /// `/backfill` for `origin`: up to `limit` events of the room at and before the newest of
-    /// `from`, newest first; those `origin` may not see, and those redacted here, pruned.
-    pub async fn backfill_for_server(
-        &self,
-        room_id: &RoomId,
-        origin: &ServerName,
-        from: &[OwnedEventId],
-        limit: usize,
-    ) -> Result<Vec<Box<RawJsonValue>>> {
-        let ids: Vec<String> = from.iter().map(|id| id.to_string()).collect();
-        let newest = self
-            .store
-            .events_by_id(&ids)
-            .await?
-            .iter()
-            .filter(|row| row.room_id == room_id.as_str())
-            .map(|row| row.stream_ordering)
-            .max();
-        let Some(newest) = newest else { return Ok(Vec::new()) };
-        let limit = i64::try_from(limit.min(MAX_BACKFILL)).unwrap_or(1);
-        let rows = self.store.room_events(room_id.as_str(), i64::MIN, newest, limit, true).await?;
-        self.serve_rows(room_id, origin, &rows).await
-    }
-
-    /// `/get_missing_events` for `origin`: events of the room's timeline reached by walking
-    /// `prev_events` back from `latest` (breadth first, without `latest` itself) and stopping
-    /// at `earliest`, at most `limit` of them (capped like backfill) and none below
-    /// `min_depth`, oldest first; pruned like backfill. Outliers (soft-failed events among
-    /// them) are not part of the walk. A server fills a gap in its copy of the room with
-    /// these before it accepts an event.
-    pub async fn missing_events_for_server(
-        &self,
-        room_id: &RoomId,
-        origin: &ServerName,
-        earliest: &[OwnedEventId],
-        latest: &[OwnedEventId],
-        limit: usize,
-        min_depth: u64,
-    ) -> Result<Vec<Box<RawJsonValue>>> {
-        let limit = limit.min(MAX_BACKFILL);
-        let mut seen: HashSet<String> = earliest.iter().chain(latest).map(|id| id.to_string()).collect();
-        let latest: Vec<String> = latest.iter().map(|id| id.to_string()).collect();
-        let in_room = |rows: Vec<EventRow>| -> Vec<EventRow> {
-            rows.into_iter().filter(|row| row.room_id == room_id.as_str()).collect()
-        };
-        let mut front = in_room(self.store.events_by_id(&latest).await?);
-        let mut found: Vec<EventRow> = Vec::new();
-        while !front.is_empty() && found.len() < limit {
-            let next: Vec<String> = front
-                .iter()
-                .flat_map(|row| event_ids_in(&row.json, "prev_events"))
-                .filter(|id| seen.insert(id.clone()))
-                .collect();
-            front = in_room(self.store.events_by_id(&next).await?);
-            front.truncate(limit - found.len());
-            found.extend(front.iter().filter(|row| u64::try_from(row.depth).unwrap_or(0) >= min_depth).cloned());
-        }
-        // Oldest first, the order the asking server takes them in.
-        found.sort_by_key(|row| row.depth);
-        self.serve_rows(room_id, origin, &found).await
-    }
-
-    /// Timeline events as `origin` gets them in a walk of history: pruned where it may not
-    /// see them or they were redacted here.
-    async fn serve_rows(
-        &self,
-        room_id: &RoomId,
-        origin: &ServerName,
-        rows: &[EventRow],
-    ) -> Result<Vec<Box<RawJsonValue>>> {
-        let version = self.room_version(room_id.as_str()).await?;
-        let visible = self.server_may_see(room_id, origin, rows).await?;
-        rows.iter()
-            .zip(visible)
-            .map(|(row, visible)| served_pdu(&row.json, !visible || row.redacted_by.is_some(), &version))
-            .collect()
     }
 }

@@ -16,7 +16,8 @@ use std::{
 
 use ruma::{OwnedRoomId, RoomId, RoomVersionId};
 
-use crate::store::EventRow;
+use super::Hub;
+use crate::{error::Result, store::EventRow};
 
 /// Newest events kept per room, enough for a sync woken by a burst of messages.
 const RECENT_EVENTS: usize = 64;
@@ -130,12 +131,16 @@ impl RoomCache {
 }
 
 /// The caches of all rooms.
-#[derive(Default)]
 pub struct RoomCaches {
+    hub: Hub,
     rooms: Mutex<HashMap<OwnedRoomId, Arc<Mutex<RoomCache>>>>,
 }
 
 impl RoomCaches {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub, rooms: Mutex::default() }
+    }
+
     /// The cache of one room (created empty).
     pub fn get(&self, room_id: &RoomId) -> Arc<Mutex<RoomCache>> {
         let mut rooms = self.rooms.lock().unwrap_or_else(|e| e.into_inner());
@@ -155,6 +160,40 @@ impl RoomCaches {
     /// Forgets a room: for writes that bypass the append path.
     pub fn invalidate(&self, room_id: &RoomId) {
         self.rooms.lock().unwrap_or_else(|e| e.into_inner()).remove(room_id);
+    }
+    /// A current state event, through the room cache. Only for the append path, under the
+    /// room lock, which keeps the cache exact.
+    pub(crate) async fn state_event(&self, room_id: &RoomId, kind: &str, key: &str) -> Result<Option<Arc<EventRow>>> {
+        let s = self.hub.services();
+        let cache_key = (kind.to_owned(), key.to_owned());
+        if let Some(hit) = self.with(room_id, |c| c.state.get(&cache_key).cloned()) {
+            return Ok(hit);
+        }
+        let row = s.store.current_state_event(room_id.as_str(), kind, key).await?.map(Arc::new);
+        self.with(room_id, |c| c.state.insert(cache_key, row.clone()));
+        Ok(row)
+    }
+
+    /// The forward extremities, through the room cache (append path only, under the lock).
+    pub(crate) async fn extremities(&self, room_id: &RoomId) -> Result<Vec<(String, i64)>> {
+        let s = self.hub.services();
+        if let Some(hit) = self.with(room_id, |c| c.extremities.clone()) {
+            return Ok(hit);
+        }
+        let extremities = s.store.forward_extremities(room_id.as_str()).await?;
+        self.with(room_id, |c| c.extremities = Some(extremities.clone()));
+        Ok(extremities)
+    }
+
+    /// The room's joined members, through the room cache (append path, under the lock).
+    pub(crate) async fn joined_members(&self, room_id: &RoomId) -> Result<super::room_cache::JoinedMembers> {
+        let s = self.hub.services();
+        if let Some(hit) = self.with(room_id, |c| c.joined.clone()) {
+            return Ok(hit);
+        }
+        let members = Arc::new(s.store.joined_members_with_names(room_id.as_str()).await?);
+        self.with(room_id, |c| c.joined = Some(members.clone()));
+        Ok(members)
     }
 }
 

@@ -1,10 +1,11 @@
 //! Rooms: creation with presets, membership changes, state, aliases and the directory.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::Arc};
 
 use federation::pdu::{Pdu, room_version_rules};
 use ruma::{
     EventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, RoomVersionId, UserId,
+    directory::{PublicRoomsChunk, PublicRoomsChunkInit},
     events::room::power_levels::{
         RedactedRoomPowerLevelsEventContent, RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource,
     },
@@ -13,13 +14,23 @@ use ruma::{
 use serde_json::{Map, Value as JsonValue, json};
 
 use super::{
-    Services,
+    Hub, Services,
+    cache::Cache,
+    notifier::{Change, Sections},
     timeline::{CreateRoom, EventDraft},
 };
 use crate::{
     error::{Error, Result},
     store::{EventRow, now_ms},
 };
+
+/// One page of this server's public room directory.
+pub struct PublicRoomsPage {
+    pub chunk: Vec<PublicRoomsChunk>,
+    pub next_batch: Option<String>,
+    pub prev_batch: Option<String>,
+    pub total: ruma::UInt,
+}
 
 /// Room versions we create and accept for new rooms.
 pub const SUPPORTED_ROOM_VERSIONS: [RoomVersionId; 3] = [RoomVersionId::V10, RoomVersionId::V11, RoomVersionId::V12];
@@ -71,9 +82,58 @@ impl Membership {
     }
 }
 
-impl Services {
+/// Rooms: creation, upgrades, membership changes, aliases and the directory, and each user's
+/// rooms (cached for the syncs).
+pub struct Rooms {
+    hub: Hub,
+    /// Each user's rooms with their membership, for syncs (see `of_user`).
+    user_rooms: Cache<String, Arc<Vec<(String, String)>>>,
+}
+
+impl Rooms {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub, user_rooms: Cache::new(100_000) }
+    }
+
+    /// Drops a user's cached rooms: their membership somewhere changed.
+    pub fn forget_user(&self, user_id: &str) {
+        self.user_rooms.forget(&user_id.to_owned());
+    }
+
+    pub async fn version(&self, room_id: &str) -> Result<RoomVersionId> {
+        let s = self.hub.services();
+        let parsed = RoomId::parse(room_id).ok();
+        if let Some(room) = &parsed
+            && let Some(version) = s.room_cache.with(room, |c| c.version.clone())
+        {
+            return Ok(version);
+        }
+        let room = s.store.room(room_id).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
+        let version = RoomVersionId::try_from(room.room_version.as_str())
+            .map_err(|e| Error::internal(format!("stored room version: {e}")))?;
+        if let Some(room) = &parsed {
+            // A room's version never changes (an upgrade makes a new room).
+            s.room_cache.with(room, |c| c.version = Some(version.clone()));
+        }
+        Ok(version)
+    }
+
+    /// A user's rooms with their membership (`join`, `invite`, `leave`, `ban`, ...), cached
+    /// until the user's membership anywhere changes.
+    pub async fn of_user(&self, user_id: &str) -> Result<Arc<Vec<(String, String)>>> {
+        let s = self.hub.services();
+        let key = user_id.to_owned();
+        if let Some(hit) = self.user_rooms.get(&key) {
+            return Ok(hit);
+        }
+        let generation = self.user_rooms.generation();
+        let rooms = Arc::new(s.store.rooms_for_user(user_id).await?);
+        self.user_rooms.insert_if_unchanged(key, rooms.clone(), generation);
+        Ok(rooms)
+    }
     /// `POST /createRoom`.
-    pub async fn create_room(&self, creator: &UserId, req: NewRoomRequest) -> Result<OwnedRoomId> {
+    pub async fn create(&self, creator: &UserId, req: NewRoomRequest) -> Result<OwnedRoomId> {
+        let s = self.hub.services();
         let version = req.room_version.clone().unwrap_or(DEFAULT_ROOM_VERSION);
         if !SUPPORTED_ROOM_VERSIONS.contains(&version) {
             return Err(Error::UnsupportedRoomVersion(format!("Room version {version} is not supported")));
@@ -83,7 +143,7 @@ impl Services {
         let alias = match &req.room_alias_name {
             Some(name) => {
                 let alias = self.local_alias(name)?;
-                if self.store.alias(alias.as_str()).await?.is_some() {
+                if s.store.alias(alias.as_str()).await?.is_some() {
                     return Err(Error::RoomInUse);
                 }
                 Some(alias)
@@ -98,8 +158,9 @@ impl Services {
         }
         let room_id =
             if rules.authorization.room_create_event_id_as_room_id { None } else { Some(self.new_room_id()?) };
-        let room_id = self
-            .append_create_event(
+        let room_id = s
+            .timeline
+            .append_create(
                 creator,
                 CreateRoom { version: &version, published: req.public, room_id },
                 JsonValue::Object(create_content),
@@ -108,7 +169,8 @@ impl Services {
 
         // The creator joins.
         let member = self.member_content(creator, "join", None).await?;
-        self.append_event(&room_id, creator, EventDraft::state("m.room.member", creator.as_str(), member), None)
+        s.timeline
+            .append(&room_id, creator, EventDraft::state("m.room.member", creator.as_str(), member), None)
             .await?;
 
         // Power levels: the spec's defaults, the preset's, then the client's override.
@@ -144,16 +206,17 @@ impl Services {
                 map.insert(k.clone(), v.clone());
             }
         }
-        self.append_event(&room_id, creator, EventDraft::state("m.room.power_levels", "", power_levels), None).await?;
+        s.timeline.append(&room_id, creator, EventDraft::state("m.room.power_levels", "", power_levels), None).await?;
 
         if let Some(alias) = &alias {
-            self.append_event(
-                &room_id,
-                creator,
-                EventDraft::state("m.room.canonical_alias", "", json!({"alias": alias})),
-                None,
-            )
-            .await?;
+            s.timeline
+                .append(
+                    &room_id,
+                    creator,
+                    EventDraft::state("m.room.canonical_alias", "", json!({"alias": alias})),
+                    None,
+                )
+                .await?;
         }
         let (join_rule, guest_access) = match preset {
             Preset::PublicChat => ("public", "forbidden"),
@@ -166,40 +229,44 @@ impl Services {
         ];
         preset_state.retain(|(kind, _)| !req.initial_state.iter().any(|(t, k, _)| t == kind && k.is_empty()));
         for (kind, content) in preset_state {
-            self.append_event(&room_id, creator, EventDraft::state(kind, "", content), None).await?;
+            s.timeline.append(&room_id, creator, EventDraft::state(kind, "", content), None).await?;
         }
         for (kind, key, content) in &req.initial_state {
             if kind == "m.room.create" || kind == "m.room.member" || kind == "m.room.power_levels" {
                 return Err(Error::BadJson(format!("initial_state may not contain {kind}")));
             }
-            self.append_event(&room_id, creator, EventDraft::state(kind, key, content.clone()), None).await?;
+            s.timeline.append(&room_id, creator, EventDraft::state(kind, key, content.clone()), None).await?;
         }
         if let Some(name) = &req.name {
-            self.append_event(&room_id, creator, EventDraft::state("m.room.name", "", json!({"name": name})), None)
+            s.timeline
+                .append(&room_id, creator, EventDraft::state("m.room.name", "", json!({"name": name})), None)
                 .await?;
         }
         if let Some(topic) = &req.topic {
-            self.append_event(&room_id, creator, EventDraft::state("m.room.topic", "", json!({"topic": topic})), None)
+            s.timeline
+                .append(&room_id, creator, EventDraft::state("m.room.topic", "", json!({"topic": topic})), None)
                 .await?;
         }
         for invitee in &req.invite {
             self.change_membership(&room_id, creator, invitee, Membership::Invite, None, req.is_direct).await?;
         }
         if let Some(alias) = alias {
-            self.store.create_alias(alias.as_str(), room_id.as_str(), creator.as_str(), now_ms()).await?;
+            s.store.create_alias(alias.as_str(), room_id.as_str(), creator.as_str(), now_ms()).await?;
         }
         tracing::info!(%room_id, %creator, %version, "created a room");
         Ok(room_id)
     }
 
     fn new_room_id(&self) -> Result<OwnedRoomId> {
+        let s = self.hub.services();
         let local = super::credentials::random_string(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", 18);
-        RoomId::parse(format!("!{local}:{}", self.settings.server_name)).map_err(|e| Error::internal(e.to_string()))
+        RoomId::parse(format!("!{local}:{}", s.settings.server_name)).map_err(|e| Error::internal(e.to_string()))
     }
 
     /// `#name:server` for a local alias name.
     pub fn local_alias(&self, name: &str) -> Result<OwnedRoomAliasId> {
-        alias_on(name, &self.settings.server_name)
+        let s = self.hub.services();
+        alias_on(name, &s.settings.server_name)
     }
 
     /// Membership content with the member's profile (display name and avatar).
@@ -209,10 +276,11 @@ impl Services {
         membership: &str,
         reason: Option<&str>,
     ) -> Result<JsonValue> {
+        let s = self.hub.services();
         let mut content = Map::new();
         content.insert("membership".into(), JsonValue::from(membership));
         if (membership == "join" || membership == "invite")
-            && let Ok(profile) = self.profile.get(user).await
+            && let Ok(profile) = s.profile.get(user).await
         {
             for key in ["displayname", "avatar_url"] {
                 if let Some(v) = profile.get(key) {
@@ -240,7 +308,7 @@ impl Services {
         self.change_membership_via(room_id, sender, target, membership, reason, is_direct, &[]).await
     }
 
-    /// [`Services::change_membership`], with servers to try when the room is on another
+    /// [`Rooms::change_membership`], with servers to try when the room is on another
     /// server (a join or leave of a room this server is not in).
     #[allow(clippy::too_many_arguments)]
     pub async fn change_membership_via(
@@ -253,23 +321,24 @@ impl Services {
         is_direct: bool,
         via: &[ruma::OwnedServerName],
     ) -> Result<ruma::OwnedEventId> {
-        let known = self.store.room(room_id.as_str()).await?.is_some();
-        let in_room = known && self.server_in_room(room_id).await?;
+        let s = self.hub.services();
+        let known = s.store.room(room_id.as_str()).await?.is_some();
+        let in_room = known && s.servers.we_are_in(room_id).await?;
         if !in_room && sender == target && matches!(membership, Membership::Join | Membership::Leave) {
             // A room on other servers only: join or leave through one of them.
             let mut servers: Vec<ruma::OwnedServerName> = via.to_vec();
             if known {
-                servers.extend(self.servers_for_room(room_id, sender).await?);
+                servers.extend(s.remote_rooms.servers_for(room_id, sender).await?);
             } else if let Some(server) = room_id.server_name() {
                 servers.push(server.to_owned());
             }
-            servers.retain(|s| *s != self.settings.server_name);
+            servers.retain(|server| *server != s.settings.server_name);
             servers.dedup();
             // With nobody else to ask, a room we know is changed here (its auth rules decide).
             if !servers.is_empty() {
                 return match membership {
-                    Membership::Join => self.join_remote(room_id, sender, &servers, reason).await,
-                    _ => self.leave_remote(room_id, sender, &servers, reason).await,
+                    Membership::Join => s.remote_rooms.join(room_id, sender, &servers, reason).await,
+                    _ => s.remote_rooms.leave(room_id, sender, &servers, reason).await,
                 };
             }
         }
@@ -280,15 +349,16 @@ impl Services {
         if is_direct && let Some(map) = content.as_object_mut() {
             map.insert("is_direct".into(), JsonValue::Bool(true));
         }
-        if target.server_name() != self.settings.server_name && membership == Membership::Invite {
-            return self.invite_remote(room_id, sender, target, content).await;
+        if target.server_name() != s.settings.server_name && membership == Membership::Invite {
+            return s.remote_rooms.invite(room_id, sender, target, content).await;
         }
-        self.append_event(room_id, sender, EventDraft::state("m.room.member", target.as_str(), content), None).await
+        s.timeline.append(room_id, sender, EventDraft::state("m.room.member", target.as_str(), content), None).await
     }
 
     /// The user's current membership in a room, if any.
     pub async fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<String>> {
-        let row = self.store.current_state_event(room_id, "m.room.member", user_id).await?;
+        let s = self.hub.services();
+        let row = s.store.current_state_event(room_id, "m.room.member", user_id).await?;
         Ok(row.and_then(|r| {
             serde_json::from_str::<JsonValue>(&r.json)
                 .ok()
@@ -306,13 +376,16 @@ impl Services {
 
     /// `POST /rooms/{roomId}/upgrade`: a new room of `new_version` with the old room's
     /// important state, the old room tombstoned and locked, local aliases moved.
-    pub async fn upgrade_room(
+    pub async fn upgrade(
         &self,
         old_room: &RoomId,
         user: &UserId,
         new_version: RoomVersionId,
         additional_creators: Vec<OwnedUserId>,
     ) -> Result<OwnedRoomId> {
+        let services = self.hub.services();
+        // A reference, so that each `content_of` future below can take its own copy.
+        let s = &*services;
         if !SUPPORTED_ROOM_VERSIONS.contains(&new_version) {
             return Err(Error::UnsupportedRoomVersion(format!("Room version {new_version} is not supported")));
         }
@@ -323,7 +396,7 @@ impl Services {
         let rules = new_version.rules().ok_or_else(|| Error::internal("rules for a supported version"))?;
         let content_of = |kind: &'static str| async move {
             Ok::<_, Error>(
-                self.store
+                s.store
                     .current_state_event(old_room.as_str(), kind, "")
                     .await?
                     .and_then(|row| serde_json::from_str::<JsonValue>(&row.json).ok())
@@ -348,15 +421,16 @@ impl Services {
         }
         let room_id =
             if rules.authorization.room_create_event_id_as_room_id { None } else { Some(self.new_room_id()?) };
-        let new_room = self
-            .append_create_event(
+        let new_room = s
+            .timeline
+            .append_create(
                 user,
                 CreateRoom { version: &new_version, published: false, room_id },
                 JsonValue::Object(create),
             )
             .await?;
         let member = self.member_content(user, "join", None).await?;
-        self.append_event(&new_room, user, EventDraft::state("m.room.member", user.as_str(), member), None).await?;
+        s.timeline.append(&new_room, user, EventDraft::state("m.room.member", user.as_str(), member), None).await?;
 
         // Power levels: copied, with the upgrader able to finish the job; creators of a
         // version-12 room must not appear in `users`.
@@ -373,7 +447,8 @@ impl Services {
         } else if !rules.authorization.explicitly_privilege_room_creators {
             power_levels["users"] = json!({(user.as_str()): 100});
         }
-        self.append_event(&new_room, user, EventDraft::state("m.room.power_levels", "", power_levels.clone()), None)
+        s.timeline
+            .append(&new_room, user, EventDraft::state("m.room.power_levels", "", power_levels.clone()), None)
             .await?;
         for kind in [
             "m.room.join_rules",
@@ -386,47 +461,49 @@ impl Services {
             "m.room.server_acl",
         ] {
             if let Some(content) = content_of(kind).await? {
-                self.append_event(&new_room, user, EventDraft::state(kind, "", content), None).await?;
+                s.timeline.append(&new_room, user, EventDraft::state(kind, "", content), None).await?;
             }
         }
         // Local aliases follow the room.
-        let aliases = self.store.room_aliases(old_room.as_str()).await?;
+        let aliases = s.store.room_aliases(old_room.as_str()).await?;
         for alias in &aliases {
-            if let Some((_, creator)) = self.store.alias(alias).await? {
-                self.store.delete_alias(alias).await?;
-                self.store.create_alias(alias, new_room.as_str(), &creator, crate::store::now_ms()).await?;
+            if let Some((_, creator)) = s.store.alias(alias).await? {
+                s.store.delete_alias(alias).await?;
+                s.store.create_alias(alias, new_room.as_str(), &creator, crate::store::now_ms()).await?;
             }
         }
         if let Some(canonical) = content_of("m.room.canonical_alias").await? {
-            self.append_event(&new_room, user, EventDraft::state("m.room.canonical_alias", "", canonical), None)
+            s.timeline
+                .append(&new_room, user, EventDraft::state("m.room.canonical_alias", "", canonical), None)
                 .await?;
-            self.append_event(old_room, user, EventDraft::state("m.room.canonical_alias", "", json!({})), None).await?;
+            s.timeline.append(old_room, user, EventDraft::state("m.room.canonical_alias", "", json!({})), None).await?;
         }
-        if let Some(room) = self.store.room(old_room.as_str()).await?
+        if let Some(room) = s.store.room(old_room.as_str()).await?
             && room.published
         {
-            self.store.set_room_published(old_room.as_str(), false).await?;
-            self.store.set_room_published(new_room.as_str(), true).await?;
+            s.store.set_room_published(old_room.as_str(), false).await?;
+            s.store.set_room_published(new_room.as_str(), true).await?;
         }
 
-        self.append_event(
-            old_room,
-            user,
-            EventDraft::state(
-                "m.room.tombstone",
-                "",
-                json!({"body": "This room has been replaced", "replacement_room": new_room}),
-            ),
-            None,
-        )
-        .await?;
+        s.timeline
+            .append(
+                old_room,
+                user,
+                EventDraft::state(
+                    "m.room.tombstone",
+                    "",
+                    json!({"body": "This room has been replaced", "replacement_room": new_room}),
+                ),
+                None,
+            )
+            .await?;
         // Lock the old room: ordinary members can no longer talk or invite there.
-        let mut locked = power_levels_of_old(self, old_room).await?;
+        let mut locked = power_levels_of_old(s, old_room).await?;
         let users_default = locked["users_default"].as_i64().unwrap_or(0);
         let restricted = (users_default + 1).max(50);
         locked["events_default"] = json!(restricted.max(locked["events_default"].as_i64().unwrap_or(0)));
         locked["invite"] = json!(restricted.max(locked["invite"].as_i64().unwrap_or(0)));
-        self.append_event(old_room, user, EventDraft::state("m.room.power_levels", "", locked), None).await?;
+        s.timeline.append(old_room, user, EventDraft::state("m.room.power_levels", "", locked), None).await?;
         tracing::info!(%old_room, %new_room, %new_version, "upgraded a room");
         Ok(new_room)
     }
@@ -437,11 +514,12 @@ impl Services {
     /// never what another server's invite claimed about the room (`rooms.creator` once came
     /// from an invite's stripped state). Without a create event (a room we are only invited
     /// to) there are none.
-    pub async fn room_creators(&self, room_id: &str) -> Result<HashSet<OwnedUserId>> {
-        let Some(row) = self.store.current_state_event(room_id, "m.room.create", "").await? else {
+    pub async fn creators(&self, room_id: &str) -> Result<HashSet<OwnedUserId>> {
+        let s = self.hub.services();
+        let Some(row) = s.store.current_state_event(room_id, "m.room.create", "").await? else {
             return Ok(HashSet::new());
         };
-        let version = self.room_version(room_id).await?;
+        let version = self.version(room_id).await?;
         creators_of(&row, &version)
     }
 
@@ -449,13 +527,14 @@ impl Services {
     /// content (pruned if it was redacted) or the spec's defaults without one, and the
     /// creators, who hold unlimited power from room version 12.
     pub async fn power_levels(&self, room_id: &str) -> Result<RoomPowerLevels> {
-        if self.store.room(room_id).await?.is_none() {
+        let s = self.hub.services();
+        if s.store.room(room_id).await?.is_none() {
             return Err(Error::NotFound("Unknown room".to_owned()));
         }
-        let version = self.room_version(room_id).await?;
+        let version = self.version(room_id).await?;
         let rules = room_version_rules(&version).map_err(|e| Error::internal(e.to_string()))?;
-        let creators = self.room_creators(room_id).await?;
-        let row = self.store.current_state_event(room_id, "m.room.power_levels", "").await?;
+        let creators = self.creators(room_id).await?;
+        let row = s.store.current_state_event(room_id, "m.room.power_levels", "").await?;
         Ok(RoomPowerLevels::new(power_levels_source(row.as_ref())?, &rules.authorization, creators))
     }
 
@@ -466,27 +545,26 @@ impl Services {
 
     /// Resolves a room id or an alias (another server's is asked over federation), with the
     /// servers the alias names as in the room.
-    pub async fn resolve_room_with_servers(
-        &self,
-        id_or_alias: &str,
-    ) -> Result<(OwnedRoomId, Vec<ruma::OwnedServerName>)> {
+    pub async fn resolve_with_servers(&self, id_or_alias: &str) -> Result<(OwnedRoomId, Vec<ruma::OwnedServerName>)> {
+        let s = self.hub.services();
         if let Ok(alias) = RoomAliasId::parse(id_or_alias)
-            && alias.server_name() != self.settings.server_name
+            && alias.server_name() != s.settings.server_name
         {
             return self.remote_alias(&alias).await;
         }
-        Ok((self.resolve_room(id_or_alias).await?, Vec::new()))
+        Ok((self.resolve(id_or_alias).await?, Vec::new()))
     }
 
     /// Another server's alias, asked of that server (or kept from a moment ago: see
     /// `remote_cache`).
     pub async fn remote_alias(&self, alias: &RoomAliasId) -> Result<(OwnedRoomId, Vec<ruma::OwnedServerName>)> {
+        let s = self.hub.services();
         use ruma::api::federation::query::get_room_information::v1 as directory;
-        self.fed
+        s.fed
             .lookups
             .aliases
             .get_or_fetch(&alias.to_owned(), || async {
-                let answer = self.send_lookup(alias.server_name(), directory::Request::new(alias.to_owned())).await?;
+                let answer = s.fed.lookup(alias.server_name(), directory::Request::new(alias.to_owned())).await?;
                 Ok(answer.map(|a| (a.room_id, a.servers)))
             })
             .await?
@@ -499,9 +577,10 @@ impl Services {
         &self,
         query: super::fed::DirectoryQuery,
     ) -> Result<ruma::api::federation::directory::get_public_rooms::v1::Response> {
+        let s = self.hub.services();
         use ruma::api::federation::directory::{get_public_rooms, get_public_rooms_filtered};
         let not_found = || Error::NotFound(format!("{} has no room directory", query.server));
-        self.fed
+        s.fed
             .lookups
             .directories
             .get_or_fetch(&query, || async {
@@ -509,13 +588,13 @@ impl Services {
                     let mut request = get_public_rooms::v1::Request::new();
                     request.limit = query.limit;
                     request.since = query.since.clone();
-                    return self.send_lookup(&query.server, request).await?.ok_or_else(not_found);
+                    return s.fed.lookup(&query.server, request).await?.ok_or_else(not_found);
                 };
                 let mut request = get_public_rooms_filtered::v1::Request::new();
                 request.limit = query.limit;
                 request.since = query.since.clone();
                 request.filter.generic_search_term = Some(term.clone());
-                let answer = self.send_lookup(&query.server, request).await?.ok_or_else(not_found)?;
+                let answer = s.fed.lookup(&query.server, request).await?.ok_or_else(not_found)?;
                 let mut page = get_public_rooms::v1::Response::new();
                 page.chunk = answer.chunk;
                 page.next_batch = answer.next_batch;
@@ -529,12 +608,13 @@ impl Services {
     /// Aliases on this server that point at the room, for a member of it (or anyone, when
     /// its history is world-readable).
     pub async fn local_aliases(&self, room_id: &RoomId, user: &UserId) -> Result<Vec<OwnedRoomAliasId>> {
-        if self.store.room(room_id.as_str()).await?.is_none() {
+        let s = self.hub.services();
+        if s.store.room(room_id.as_str()).await?.is_none() {
             return Err(Error::NotFound("Unknown room".to_owned()));
         }
         let joined = self.membership(room_id.as_str(), user.as_str()).await?.as_deref() == Some("join");
         if !joined {
-            let visibility = self.store.current_state_event(room_id.as_str(), "m.room.history_visibility", "").await?;
+            let visibility = s.store.current_state_event(room_id.as_str(), "m.room.history_visibility", "").await?;
             let world_readable = visibility.is_some_and(|row| {
                 serde_json::from_str::<JsonValue>(&row.json)
                     .is_ok_and(|v| v["content"]["history_visibility"] == "world_readable")
@@ -543,18 +623,108 @@ impl Services {
                 return Err(Error::Forbidden("You are not a member of this room".to_owned()));
             }
         }
-        let aliases = self.store.room_aliases(room_id.as_str()).await?;
+        let aliases = s.store.room_aliases(room_id.as_str()).await?;
         Ok(aliases.into_iter().filter_map(|a| OwnedRoomAliasId::try_from(a).ok()).collect())
     }
 
     /// Resolves a room id or a local alias.
-    pub async fn resolve_room(&self, id_or_alias: &str) -> Result<OwnedRoomId> {
+    pub async fn resolve(&self, id_or_alias: &str) -> Result<OwnedRoomId> {
+        let s = self.hub.services();
         if id_or_alias.starts_with('#') {
             let (room_id, _) =
-                self.store.alias(id_or_alias).await?.ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
+                s.store.alias(id_or_alias).await?.ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
             return RoomId::parse(room_id).map_err(|e| Error::internal(e.to_string()));
         }
         RoomId::parse(id_or_alias).map_err(|e| Error::InvalidParam(format!("Invalid room id: {e}")))
+    }
+    /// A change of `user` that everyone sharing a room with them sees (presence, device
+    /// keys): the user's own scope and each of their rooms.
+    pub async fn changes_of_user_and_rooms(&self, user: &str, sections: Sections) -> Result<Vec<Change>> {
+        let mut changes = Vec::new();
+        if let Ok(user) = OwnedUserId::try_from(user) {
+            changes.push(Change::user(user, sections));
+        }
+        for (room_id, membership) in self.of_user(user).await?.iter() {
+            if (membership == "join" || membership == "invite")
+                && let Ok(room_id) = OwnedRoomId::try_from(room_id.as_str())
+            {
+                changes.push(Change::room(room_id, sections));
+            }
+        }
+        Ok(changes)
+    }
+    /// A page of public rooms (`since` is the offset of the page's first room), for clients
+    /// and for other servers.
+    pub async fn public_rooms_page(
+        &self,
+        search: Option<&str>,
+        limit: Option<ruma::UInt>,
+        since: Option<&str>,
+    ) -> Result<PublicRoomsPage> {
+        let chunk = self.public_room_chunks(search).await?;
+        let limit = limit.map(|l| usize::try_from(u64::from(l)).unwrap_or(usize::MAX)).unwrap_or(usize::MAX);
+        let start: usize = since.and_then(|s| s.parse().ok()).unwrap_or(0);
+        let total = chunk.len();
+        let page: Vec<PublicRoomsChunk> = chunk.into_iter().skip(start).take(limit).collect();
+        let next_batch = (start + page.len() < total).then(|| (start + page.len()).to_string());
+        let prev_batch = (start > 0).then(|| start.saturating_sub(limit).to_string());
+        Ok(PublicRoomsPage {
+            chunk: page,
+            next_batch,
+            prev_batch,
+            total: ruma::UInt::new(total as u64).unwrap_or_default(),
+        })
+    }
+
+    /// Public rooms on this server, filtered by a search term.
+    pub async fn public_room_chunks(&self, search: Option<&str>) -> Result<Vec<PublicRoomsChunk>> {
+        let services = self.hub.services();
+        // A reference, so that each `state` future below can take its own copy.
+        let s = &*services;
+        let mut out = Vec::new();
+        for room_id in s.store.published_rooms().await? {
+            let Ok(id) = RoomId::parse(room_id.as_str()) else { continue };
+            let state = |kind: &'static str, field: &'static str| {
+                let room_id = room_id.clone();
+                async move {
+                    Ok::<_, Error>(s.store.current_state_event(&room_id, kind, "").await?.and_then(|row| {
+                        serde_json::from_str::<JsonValue>(&row.json)
+                            .ok()
+                            .and_then(|v| v["content"][field].as_str().map(str::to_owned))
+                    }))
+                }
+            };
+            let name = state("m.room.name", "name").await?;
+            let topic = state("m.room.topic", "topic").await?;
+            let alias = state("m.room.canonical_alias", "alias").await?;
+            let avatar = state("m.room.avatar", "url").await?;
+            let join_rule = state("m.room.join_rules", "join_rule").await?;
+            let history = state("m.room.history_visibility", "history_visibility").await?;
+            if let Some(term) = search {
+                let term = term.to_lowercase();
+                let hit = [&name, &topic, &alias]
+                    .iter()
+                    .any(|f| f.as_ref().is_some_and(|v| v.to_lowercase().contains(&term)));
+                if !hit {
+                    continue;
+                }
+            }
+            let joined = s.store.room_members(&room_id, "join").await?.len();
+            let mut chunk = PublicRoomsChunk::from(PublicRoomsChunkInit {
+                num_joined_members: ruma::UInt::new(joined as u64).unwrap_or_default(),
+                room_id: id,
+                world_readable: history.as_deref() == Some("world_readable"),
+                guest_can_join: false,
+            });
+            chunk.name = name;
+            chunk.topic = topic;
+            chunk.canonical_alias = alias.and_then(|a| a.try_into().ok());
+            chunk.avatar_url = avatar.map(Into::into);
+            chunk.join_rule = join_rule.as_deref().unwrap_or("public").into();
+            out.push(chunk);
+        }
+        out.sort_by_key(|c| std::cmp::Reverse(c.num_joined_members));
+        Ok(out)
     }
 }
 
@@ -567,7 +737,7 @@ pub fn alias_on(name: &str, server: &ruma::ServerName) -> Result<OwnedRoomAliasI
     RoomAliasId::parse(format!("#{name}:{server}")).map_err(|e| Error::InvalidParam(format!("Invalid room alias: {e}")))
 }
 
-/// The creators of a room from its create event (see [`Services::room_creators`]).
+/// The creators of a room from its create event (see [`Rooms::creators`]).
 pub(crate) fn creators_of(create: &EventRow, version: &RoomVersionId) -> Result<HashSet<OwnedUserId>> {
     let rules = room_version_rules(version).map_err(|e| Error::internal(e.to_string()))?;
     let id = EventId::parse(create.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;

@@ -27,7 +27,7 @@ use ruma::{
 };
 use serde_json::value::RawValue as RawJsonValue;
 
-use super::Services;
+use super::{Hub, Services};
 use crate::error::{Error, Result};
 
 /// PDUs per transaction (the spec's limit).
@@ -46,9 +46,9 @@ struct Backoff {
     next_try: Instant,
 }
 
-/// The bookkeeping of the delivery tasks.
-#[derive(Default)]
+/// Delivery to other servers: what is queued for whom, the delivery tasks' bookkeeping.
 pub struct SendQueue {
+    hub: Hub,
     wake: tokio::sync::Notify,
     /// Destinations with new work since the dispatcher last looked.
     woken: Mutex<HashSet<String>>,
@@ -59,17 +59,29 @@ pub struct SendQueue {
     failing_since: Mutex<HashMap<String, i64>>,
 }
 
-impl Services {
+impl SendQueue {
+    pub fn new(hub: Hub) -> Self {
+        Self {
+            hub,
+            wake: tokio::sync::Notify::new(),
+            woken: Mutex::default(),
+            busy: Mutex::default(),
+            backoff: Mutex::default(),
+            failing_since: Mutex::default(),
+        }
+    }
+
     /// Queues an EDU (`{"edu_type": ..., "content": ...}`) for the other servers in a room.
-    pub async fn send_edu_to_room(&self, room_id: &ruma::RoomId, edu: serde_json::Value) -> Result<()> {
-        let mut destinations: Vec<String> = self
+    pub async fn queue_edu(&self, room_id: &ruma::RoomId, edu: serde_json::Value) -> Result<()> {
+        let s = self.hub.services();
+        let mut destinations: Vec<String> = s
             .store
             .room_members(room_id.as_str(), "join")
             .await?
             .iter()
             .filter_map(|m| ruma::UserId::parse(m.as_str()).ok())
             .map(|m| m.server_name().to_string())
-            .filter(|s| s != self.settings.server_name.as_str())
+            .filter(|server| server != s.settings.server_name.as_str())
             .collect();
         destinations.sort();
         destinations.dedup();
@@ -77,15 +89,13 @@ impl Services {
             return Ok(());
         }
         // A position of its own keeps the EDU in order with the room's events.
-        let position = self.streams.allocate();
-        self.store.enqueue_edu(&destinations, position.position(), &edu.to_string()).await?;
+        let position = s.streams.allocate();
+        s.store.enqueue_edu(&destinations, position.position(), &edu.to_string()).await?;
         position.commit_with(Vec::new());
-        self.send_queue.wake(&destinations);
+        self.wake(&destinations);
         Ok(())
     }
-}
 
-impl SendQueue {
     /// New events were queued for these destinations (after the commit).
     pub fn wake(&self, destinations: &[String]) {
         self.woken.lock().unwrap_or_else(|e| e.into_inner()).extend(destinations.iter().cloned());
@@ -105,7 +115,8 @@ impl SendQueue {
 impl SendQueue {
     /// Records a failed delivery to `destination`; past the give-up bound, cuts its backlog.
     /// Returns whether it is given up on.
-    async fn failed(&self, services: &Services, destination: &str) -> bool {
+    async fn failed(&self, destination: &str) -> bool {
+        let services = self.hub.services();
         let now = crate::store::now_ms();
         let (since, new) = {
             let mut failing = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
@@ -136,14 +147,16 @@ impl SendQueue {
     }
 
     /// `destination` accepted a delivery: it is no longer failing.
-    async fn recovered(&self, services: &Services, destination: &str) {
+    async fn recovered(&self, destination: &str) {
+        let services = self.hub.services();
         let was_failing = self.failing_since.lock().unwrap_or_else(|e| e.into_inner()).remove(destination).is_some();
         if was_failing && let Err(e) = services.store.destination_recovered(destination).await {
             tracing::warn!(%destination, error = %e, "cannot record a recovered federation destination");
         }
     }
 
-    fn update_gauges(&self, services: &Services) {
+    fn update_gauges(&self) {
+        let services = self.hub.services();
         let now = crate::store::now_ms();
         let give_up_ms = i64::try_from(services.settings.federation.give_up_after.as_millis()).unwrap_or(i64::MAX);
         let failing = self.failing_since.lock().unwrap_or_else(|e| e.into_inner());
@@ -163,7 +176,7 @@ pub async fn run(services: Arc<Services>) {
         Ok(failing) => services.send_queue.failing_since.lock().unwrap_or_else(|e| e.into_inner()).extend(failing),
         Err(e) => tracing::warn!(error = %e, "cannot read the failing federation destinations"),
     }
-    services.send_queue.update_gauges(&services);
+    services.send_queue.update_gauges();
     let queue = &services.send_queue;
     loop {
         let now = Instant::now();
@@ -188,15 +201,15 @@ pub async fn run(services: Arc<Services>) {
             queue.busy.lock().unwrap_or_else(|e| e.into_inner()).insert(destination.clone());
             let services = services.clone();
             tokio::spawn(async move {
-                let result = deliver(&services, &destination).await;
+                let result = services.send_queue.deliver(&destination).await;
                 let queue = &services.send_queue;
                 match result {
                     Ok(()) => {
                         queue.backoff.lock().unwrap_or_else(|e| e.into_inner()).remove(&destination);
-                        queue.recovered(&services, &destination).await;
+                        queue.recovered(&destination).await;
                     }
                     Err(e) => {
-                        let given_up = queue.failed(&services, &destination).await;
+                        let given_up = queue.failed(&destination).await;
                         let mut backoff = queue.backoff.lock().unwrap_or_else(|e| e.into_inner());
                         let failures = backoff.get(&destination).map_or(0, |b| b.failures) + 1;
                         let delay = if given_up {
@@ -208,7 +221,7 @@ pub async fn run(services: Arc<Services>) {
                         backoff.insert(destination.clone(), Backoff { failures, next_try: Instant::now() + delay });
                     }
                 }
-                queue.update_gauges(&services);
+                queue.update_gauges();
                 queue.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&destination);
                 queue.wake.notify_one();
             });
@@ -226,48 +239,52 @@ pub async fn run(services: Arc<Services>) {
     }
 }
 
-/// Sends everything queued for `destination`, a batch per transaction, oldest first.
-async fn deliver(services: &Services, destination: &str) -> Result<()> {
-    let server = ServerName::parse(destination).map_err(|e| Error::internal(format!("queued destination: {e}")))?;
-    loop {
-        let batch = services.store.outbox_batch(destination, BATCH).await?;
-        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
-            return Ok(());
-        };
-        // The same events give the same transaction id, so a retry after a lost answer is
-        // recognised by the destination.
-        let txn_id = OwnedTransactionId::from(format!("obmin{}-{}", first.stream_ordering, last.stream_ordering));
-        let upto = last.stream_ordering;
-        let mut pdus = Vec::new();
-        let mut edus = Vec::new();
-        for row in &batch {
-            if let Some(json) = &row.pdu_json {
-                let id = row.event_id.as_deref().unwrap_or_default();
-                pdus.push(
-                    RawJsonValue::from_string(json.clone())
-                        .map_err(|e| Error::internal(format!("stored event {id}: {e}")))?,
-                );
-            } else if let Some(json) = &row.edu_json {
-                edus.push(Raw::from_json(
-                    RawJsonValue::from_string(json.clone()).map_err(|e| Error::internal(format!("queued EDU: {e}")))?,
-                ));
+impl SendQueue {
+    /// Sends everything queued for `destination`, a batch per transaction, oldest first.
+    async fn deliver(&self, destination: &str) -> Result<()> {
+        let services = self.hub.services();
+        let server = ServerName::parse(destination).map_err(|e| Error::internal(format!("queued destination: {e}")))?;
+        loop {
+            let batch = services.store.outbox_batch(destination, BATCH).await?;
+            let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+                return Ok(());
+            };
+            // The same events give the same transaction id, so a retry after a lost answer is
+            // recognised by the destination.
+            let txn_id = OwnedTransactionId::from(format!("obmin{}-{}", first.stream_ordering, last.stream_ordering));
+            let upto = last.stream_ordering;
+            let mut pdus = Vec::new();
+            let mut edus = Vec::new();
+            for row in &batch {
+                if let Some(json) = &row.pdu_json {
+                    let id = row.event_id.as_deref().unwrap_or_default();
+                    pdus.push(
+                        RawJsonValue::from_string(json.clone())
+                            .map_err(|e| Error::internal(format!("stored event {id}: {e}")))?,
+                    );
+                } else if let Some(json) = &row.edu_json {
+                    edus.push(Raw::from_json(
+                        RawJsonValue::from_string(json.clone())
+                            .map_err(|e| Error::internal(format!("queued EDU: {e}")))?,
+                    ));
+                }
             }
-        }
-        let mut request = send_transaction_message::v1::Request::new(
-            txn_id,
-            services.settings.server_name.clone(),
-            MilliSecondsSinceUnixEpoch::now(),
-        );
-        request.pdus = pdus;
-        request.edus = edus;
-        let response = services.send_federation(&server, request).await?;
-        for (event_id, result) in &response.pdus {
-            if let Err(reason) = result {
-                // The destination refused one event; resending would not change its mind.
-                tracing::info!(%destination, %event_id, %reason, "destination refused an event");
+            let mut request = send_transaction_message::v1::Request::new(
+                txn_id,
+                services.settings.server_name.clone(),
+                MilliSecondsSinceUnixEpoch::now(),
+            );
+            request.pdus = pdus;
+            request.edus = edus;
+            let response = services.fed.send(&server, request).await?;
+            for (event_id, result) in &response.pdus {
+                if let Err(reason) = result {
+                    // The destination refused one event; resending would not change its mind.
+                    tracing::info!(%destination, %event_id, %reason, "destination refused an event");
+                }
             }
+            services.store.outbox_delivered(destination, upto).await?;
+            tracing::debug!(%destination, events = batch.len(), "federation transaction delivered");
         }
-        services.store.outbox_delivered(destination, upto).await?;
-        tracing::debug!(%destination, events = batch.len(), "federation transaction delivered");
     }
 }

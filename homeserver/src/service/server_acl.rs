@@ -11,7 +11,7 @@
 use ruma::{RoomId, ServerName, events::room::server_acl::RoomServerAclEventContent};
 use serde_json::Value as JsonValue;
 
-use super::Services;
+use super::servers::Servers;
 use crate::error::{Error, Result};
 
 /// The ACL a (possibly malformed) `m.room.server_acl` content stands for.
@@ -23,11 +23,12 @@ pub fn acl_from_content(content: &JsonValue) -> RoomServerAclEventContent {
     RoomServerAclEventContent::new(allow_ip_literals, strings("allow"), strings("deny"))
 }
 
-impl Services {
+impl Servers {
     /// Refuses `server` if the room's `m.room.server_acl` denies it (403 `M_FORBIDDEN`). A
     /// room we hold no ACL for (or do not know) allows every server.
-    pub async fn check_server_acl(&self, room_id: &RoomId, server: &ServerName) -> Result<()> {
-        let Some(row) = self.store.current_state_event(room_id.as_str(), "m.room.server_acl", "").await? else {
+    pub async fn check_acl(&self, room_id: &RoomId, server: &ServerName) -> Result<()> {
+        let s = self.hub.services();
+        let Some(row) = s.store.current_state_event(room_id.as_str(), "m.room.server_acl", "").await? else {
             return Ok(());
         };
         // A stored PDU that does not parse has no content: an empty ACL allows nobody.

@@ -3,7 +3,7 @@
 //! when one of its users could, by the visibility setting at the event (`world_readable`,
 //! `shared`, `invited`, `joined`) and that user's membership at it. Every federation read
 //! (`/event`, `/backfill`, `/get_missing_events`, `/state`, `/state_ids`, `/event_auth`) asks
-//! [`Services::server_may_see`]; an event it may not see is refused, or served pruned where
+//! [`Servers::may_see`]; an event it may not see is refused, or served pruned where
 //! the endpoint walks history (`/backfill`, `/get_missing_events`).
 //!
 //! The state at an event comes from the state model (`service::state`): the visibility
@@ -15,7 +15,7 @@
 use ruma::{CanonicalJsonObject, RoomId, RoomVersionId, ServerName, UserId, canonical_json::redact};
 use serde_json::value::RawValue as RawJsonValue;
 
-use super::Services;
+use super::servers::Servers;
 use crate::{
     error::{Error, Result},
     store::EventRow,
@@ -35,16 +35,17 @@ pub fn server_sees(visibility: &str, memberships_at_event: &[&str], joined_later
     }
 }
 
-impl Services {
+impl Servers {
     /// Whether `origin` may ask about the room at all: we are in it, its server ACL does not
     /// deny `origin`, and one of `origin`'s users has a membership in it (any: what they
     /// may see is decided per event) or the room is `world_readable` now.
-    pub async fn require_server_may_read(&self, room_id: &RoomId, origin: &ServerName) -> Result<()> {
-        if self.store.room(room_id.as_str()).await?.is_none() || !self.server_in_room(room_id).await? {
+    pub async fn require_may_read(&self, room_id: &RoomId, origin: &ServerName) -> Result<()> {
+        let s = self.hub.services();
+        if s.store.room(room_id.as_str()).await?.is_none() || !self.we_are_in(room_id).await? {
             return Err(Error::NotFound("This server is not in that room".to_owned()));
         }
-        self.check_server_acl(room_id, origin).await?;
-        let members = self.store.current_state(room_id.as_str()).await?;
+        self.check_acl(room_id, origin).await?;
+        let members = s.store.current_state(room_id.as_str()).await?;
         let known = members.iter().any(|row| {
             row.event_type == "m.room.member"
                 && row
@@ -66,12 +67,13 @@ impl Services {
     }
 
     /// For each of `rows` (timeline events of `room_id`), whether `server` may see it.
-    pub async fn server_may_see(&self, room_id: &RoomId, server: &ServerName, rows: &[EventRow]) -> Result<Vec<bool>> {
+    pub async fn may_see(&self, room_id: &RoomId, server: &ServerName, rows: &[EventRow]) -> Result<Vec<bool>> {
+        let s = self.hub.services();
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let visibility = self.store.state_history(room_id.as_str(), "m.room.history_visibility").await?;
-        let memberships: Vec<(i64, String, String)> = self
+        let visibility = s.store.state_history(room_id.as_str(), "m.room.history_visibility").await?;
+        let memberships: Vec<(i64, String, String)> = s
             .store
             .member_events_of_server(room_id.as_str(), server.as_str())
             .await?
@@ -84,7 +86,7 @@ impl Services {
         // From the state model where the state at the event is known: the setting before it,
         // the server's users' memberships after it (their own membership event included).
         let ids: Vec<String> = rows.iter().map(|row| row.event_id.clone()).collect();
-        let groups = self.store.event_state_groups(&ids).await?;
+        let groups = s.store.event_state_groups(&ids).await?;
         let mut by_group: std::collections::HashMap<(i64, i64), (String, Vec<String>)> =
             std::collections::HashMap::new();
         for (before, after) in groups.values() {
@@ -128,8 +130,9 @@ impl Services {
     /// The history visibility in the state `before` an event and the memberships of
     /// `server`'s users in the state `after` it.
     async fn visibility_in_state(&self, before: i64, after: i64, server: &ServerName) -> Result<(String, Vec<String>)> {
-        let before = self.state_ids_of_group(before).await?;
-        let after = self.state_ids_of_group(after).await?;
+        let s = self.hub.services();
+        let before = s.state.ids_of_group(before).await?;
+        let after = s.state.ids_of_group(after).await?;
         let mut ids: Vec<String> = after
             .iter()
             .filter(|((kind, key), _)| {
@@ -141,7 +144,7 @@ impl Services {
         ids.extend(setting_id.clone());
         let mut setting = "shared".to_owned();
         let mut memberships = Vec::new();
-        for stored in self.store.pdus_for_auth(&ids).await? {
+        for stored in s.store.pdus_for_auth(&ids).await? {
             let content =
                 serde_json::from_str::<serde_json::Value>(&stored.json).unwrap_or_default()["content"].clone();
             if Some(&stored.event_id) == setting_id.as_ref() {
@@ -157,24 +160,19 @@ impl Services {
 
     /// Fails unless `event_id` is an event of the room's timeline that `origin` may see (the
     /// state and auth chain at an event are as private as the event).
-    pub async fn require_server_may_see(&self, room_id: &RoomId, event_id: &str, origin: &ServerName) -> Result<()> {
-        let row = self
+    pub async fn require_may_see(&self, room_id: &RoomId, event_id: &str, origin: &ServerName) -> Result<()> {
+        let s = self.hub.services();
+        let row = s
             .store
             .event(event_id)
             .await?
             .filter(|row| row.room_id == room_id.as_str())
             .ok_or_else(|| Error::NotFound("Unknown event".to_owned()))?;
-        if self.server_may_see(room_id, origin, std::slice::from_ref(&row)).await?.first() == Some(&true) {
+        if self.may_see(room_id, origin, std::slice::from_ref(&row)).await?.first() == Some(&true) {
             Ok(())
         } else {
             Err(Error::Forbidden("Your server may not see that event".to_owned()))
         }
-    }
-
-    /// Whether a user of `server` is joined to the room now.
-    pub async fn server_joined(&self, room_id: &RoomId, server: &ServerName) -> Result<bool> {
-        let members = self.store.room_members(room_id.as_str(), "join").await?;
-        Ok(members.iter().any(|m| UserId::parse(m.as_str()).is_ok_and(|u| u.server_name() == server)))
     }
 }
 

@@ -25,7 +25,7 @@ use ruma::{
 use serde_json::{Map, Value as JsonValue, json};
 
 use super::{
-    Services,
+    Hub,
     events::{Viewer, to_raw},
     notifier::{Scope, Waiter},
     streams::Positions,
@@ -159,25 +159,40 @@ struct Candidate {
     is_dm: bool,
 }
 
-impl Services {
+/// Sliding sync (MSC4186) with the connections of every device.
+pub struct SlidingSync {
+    hub: Hub,
+    connections: SlidingSyncConnections,
+}
+
+impl SlidingSync {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub, connections: SlidingSyncConnections::default() }
+    }
+
+    /// Forgets a device's connections (the device was deleted or logged out).
+    pub fn forget_device(&self, user_id: &str, device_id: &str) {
+        self.connections.forget_device(user_id, device_id);
+    }
+
     /// `POST /_matrix/client/unstable/org.matrix.simplified_msc3575/sync`.
-    pub async fn sliding_sync(&self, user_id: &UserId, device_id: &str, req: Request) -> Result<Response> {
+    pub async fn run(&self, user_id: &UserId, device_id: &str, req: Request) -> Result<Response> {
+        let s = self.hub.services();
         validate(&req)?;
         let key = (user_id.to_string(), device_id.to_owned(), req.conn_id.clone().unwrap_or_default());
-        let previous = self.sliding_sync_connections.snapshot(&key, req.pos.as_deref())?;
+        let previous = self.connections.snapshot(&key, req.pos.as_deref())?;
         let deadline = tokio::time::Instant::now() + req.timeout.unwrap_or(Duration::ZERO).min(MAX_SYNC_TIMEOUT);
-        let _open = OpenSync::new(&self.metrics.open_syncs);
-        self.presence.on_sync(user_id, req.set_presence.as_str()).await?;
+        let _open = OpenSync::new(&s.metrics.open_syncs);
+        s.presence.on_sync(user_id, req.set_presence.as_str()).await?;
         loop {
             // Registered before the positions are read, so nothing committed from here on
             // is missed; again on every pass, as the user's rooms may have changed.
-            let waiter = self.sliding_sync_watch(user_id).await?;
-            let upto = self.streams.current();
-            let (mut response, snapshot, news) =
-                self.sliding_sync_once(user_id, device_id, &req, previous.as_ref(), upto).await?;
+            let waiter = self.watch(user_id).await?;
+            let upto = s.streams.current();
+            let (mut response, snapshot, news) = self.once(user_id, device_id, &req, previous.as_ref(), upto).await?;
             let waiting = previous.is_some() && !news && tokio::time::Instant::now() < deadline;
             if !waiting || tokio::time::timeout_at(deadline, waiter.woken()).await.is_err() {
-                response.pos = self.sliding_sync_connections.save(key, snapshot);
+                response.pos = self.connections.save(key, snapshot);
                 response.txn_id = req.txn_id.clone();
                 return Ok(response);
             }
@@ -185,9 +200,11 @@ impl Services {
     }
 
     /// The `/sync` notifier's wake-up for this user and their joined and invited rooms.
-    async fn sliding_sync_watch(&self, user_id: &UserId) -> Result<Waiter> {
-        let mut scopes: Vec<Scope> = self
-            .rooms_of_user(user_id.as_str())
+    async fn watch(&self, user_id: &UserId) -> Result<Waiter> {
+        let s = self.hub.services();
+        let mut scopes: Vec<Scope> = s
+            .rooms
+            .of_user(user_id.as_str())
             .await?
             .iter()
             .filter(|(_, m)| m == "join" || m == "invite")
@@ -195,11 +212,11 @@ impl Services {
             .map(Scope::Room)
             .collect();
         scopes.push(Scope::User(user_id.to_owned()));
-        Ok(self.streams.notifier().register(scopes))
+        Ok(s.streams.notifier().register(scopes))
     }
 
     /// One pass: the response, the snapshot it leads to, and whether it carries news.
-    async fn sliding_sync_once(
+    async fn once(
         &self,
         user_id: &UserId,
         device_id: &str,
@@ -207,6 +224,7 @@ impl Services {
         previous: Option<&Snapshot>,
         upto: Positions,
     ) -> Result<(Response, Snapshot, bool)> {
+        let s = self.hub.services();
         let viewer = Viewer { user_id: user_id.as_str(), device_id };
         let since = previous.map(|p| p.positions).unwrap_or_default();
         let mut response = Response::new(String::new());
@@ -217,9 +235,9 @@ impl Services {
         };
 
         // The user's rooms, newest first.
-        let memberships = self.rooms_of_user(user_id.as_str()).await?;
+        let memberships = s.rooms.of_user(user_id.as_str()).await?;
         let ids: Vec<&str> = memberships.iter().map(|(r, _)| r.as_str()).collect();
-        let bumps = self.store.latest_room_positions(&ids).await?;
+        let bumps = s.store.latest_room_positions(&ids).await?;
         let direct = self.direct_rooms(user_id).await?;
         let mut candidates: Vec<Candidate> = memberships
             .iter()
@@ -273,9 +291,9 @@ impl Services {
             let Some(candidate) = candidates.iter().find(|c| &c.room_id == room_id) else { continue };
             let sent = snapshot.rooms.get(room_id).copied();
             let room = if candidate.membership == "invite" {
-                self.sliding_invite(candidate, user_id, sent).await?
+                self.invite(candidate, user_id, sent).await?
             } else {
-                self.sliding_joined(candidate, config, user_id, viewer, sent, upto).await?
+                self.joined(candidate, config, user_id, viewer, sent, upto).await?
             };
             if let Some(room) = room {
                 response.rooms.insert(room_id.clone(), room);
@@ -287,7 +305,7 @@ impl Services {
             let Ok(room) = RoomId::parse(room_id.as_str()) else { continue };
             if (membership == "leave" || membership == "ban")
                 && let Some(sent) = snapshot.rooms.remove(&room)
-                && let Some(left) = self.sliding_left(&room, user_id, viewer, sent).await?
+                && let Some(left) = self.left(&room, user_id, viewer, sent).await?
             {
                 response.rooms.insert(room, left);
             }
@@ -302,9 +320,8 @@ impl Services {
             .cloned()
             .collect();
         let rooms = ExtensionRooms { known: &known, joined: &joined };
-        let news = self
-            .sliding_extensions(&mut response, &req.extensions, user_id, device_id, previous, since, upto, rooms)
-            .await?;
+        let news =
+            self.extensions(&mut response, &req.extensions, user_id, device_id, previous, since, upto, rooms).await?;
         let counts_changed = previous.is_none_or(|p| p.list_counts != snapshot.list_counts);
         let news = news || counts_changed || !response.rooms.is_empty();
         Ok((response, snapshot, news))
@@ -312,7 +329,8 @@ impl Services {
 
     /// Rooms marked as direct chats in the user's `m.direct` account data.
     async fn direct_rooms(&self, user_id: &UserId) -> Result<HashSet<String>> {
-        let stored = self.store.account_data(user_id.as_str(), "", "m.direct").await?;
+        let s = self.hub.services();
+        let stored = s.store.account_data(user_id.as_str(), "", "m.direct").await?;
         let value: JsonValue = stored.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
         Ok(value
             .as_object()
@@ -325,6 +343,7 @@ impl Services {
     }
 
     async fn list_filter_allows(&self, filters: Option<&request::ListFilters>, candidate: &Candidate) -> Result<bool> {
+        let s = self.hub.services();
         let Some(filters) = filters else { return Ok(true) };
         let room = candidate.room_id.as_str();
         if filters.is_invite.is_some_and(|want| want != (candidate.membership == "invite")) {
@@ -334,13 +353,13 @@ impl Services {
             return Ok(false);
         }
         if let Some(want) = filters.is_encrypted {
-            let encrypted = self.store.current_state_event(room, "m.room.encryption", "").await?.is_some();
+            let encrypted = s.store.current_state_event(room, "m.room.encryption", "").await?.is_some();
             if want != encrypted {
                 return Ok(false);
             }
         }
         if !filters.room_types.is_empty() || !filters.not_room_types.is_empty() {
-            let create = self.store.current_state_event(room, "m.room.create", "").await?;
+            let create = s.store.current_state_event(room, "m.room.create", "").await?;
             let kind: Option<String> = create
                 .and_then(|r| serde_json::from_str::<JsonValue>(&r.json).ok())
                 .and_then(|v| v["content"]["type"].as_str().map(str::to_owned));
@@ -359,16 +378,17 @@ impl Services {
     }
 
     /// An invite: its stripped state, when new to the connection or changed since.
-    async fn sliding_invite(
+    async fn invite(
         &self,
         candidate: &Candidate,
         user_id: &UserId,
         sent: Option<i64>,
     ) -> Result<Option<response::Room>> {
+        let s = self.hub.services();
         if sent.is_some_and(|s| s >= candidate.bump) {
             return Ok(None);
         }
-        let state = self.invite_state(candidate.room_id.as_str(), user_id.as_str()).await?;
+        let state = s.sync.invite_state(candidate.room_id.as_str(), user_id.as_str()).await?;
         let mut room = response::Room::new();
         room.initial = Some(true);
         room.name = state.iter().find_map(|e| {
@@ -382,7 +402,7 @@ impl Services {
 
     /// A joined room: everything for a room new to the connection, else what changed since
     /// it was last sent (`None` if nothing).
-    async fn sliding_joined(
+    async fn joined(
         &self,
         candidate: &Candidate,
         config: &RoomConfig,
@@ -391,28 +411,26 @@ impl Services {
         sent: Option<i64>,
         upto: Positions,
     ) -> Result<Option<response::Room>> {
+        let s = self.hub.services();
         let room_id = candidate.room_id.as_str();
         let initial = sent.is_none();
         let from = sent.unwrap_or(0);
         let own_receipt = match sent {
-            Some(from) => self
-                .store
-                .receipts_since(room_id, from, upto.stream)
-                .await?
-                .iter()
-                .any(|r| r.user_id == user_id.as_str()),
+            Some(from) => {
+                s.store.receipts_since(room_id, from, upto.stream).await?.iter().any(|r| r.user_id == user_id.as_str())
+            }
             None => false,
         };
         // One more than asked, to know whether the timeline is limited.
         let fetch = i64::try_from(config.timeline_limit.max(1) + 1).unwrap_or(i64::MAX);
-        let mut rows = self.store.room_events(room_id, from, upto.stream, fetch, true).await?;
+        let mut rows = s.store.room_events(room_id, from, upto.stream, fetch, true).await?;
         if !initial && rows.is_empty() && !own_receipt {
             return Ok(None);
         }
         let limited = rows.len() as u64 > config.timeline_limit;
         rows.truncate(usize::try_from(config.timeline_limit).unwrap_or(usize::MAX));
         rows.reverse();
-        let rows = self.visible_events(room_id, user_id.as_str(), rows).await?;
+        let rows = s.sync.visible_events(room_id, user_id.as_str(), rows).await?;
 
         let mut room = response::Room::new();
         room.initial = initial.then_some(true);
@@ -425,9 +443,9 @@ impl Services {
         }
         let lazy: HashSet<&str> = rows.iter().map(|r| r.sender.as_str()).collect();
         let state_rows: Vec<EventRow> = if initial {
-            self.state_at(room_id, upto.stream).await?
+            s.sync.state_at(room_id, upto.stream).await?
         } else {
-            let mut changed: Vec<EventRow> = self
+            let mut changed: Vec<EventRow> = s
                 .store
                 .state_events_after(room_id, from)
                 .await?
@@ -440,7 +458,7 @@ impl Services {
                     && !changed
                         .iter()
                         .any(|r| r.event_type == "m.room.member" && r.state_key.as_deref() == Some(*sender))
-                    && let Some(row) = self.store.current_state_event(room_id, "m.room.member", sender).await?
+                    && let Some(row) = s.store.current_state_event(room_id, "m.room.member", sender).await?
                 {
                     changed.push(row);
                 }
@@ -449,9 +467,9 @@ impl Services {
         };
         let wanted: Vec<&EventRow> = state_rows.iter().filter(|r| config.wants(r, user_id.as_str(), &lazy)).collect();
         for row in &wanted {
-            room.required_state.push(self.raw_client_event(row, viewer, false).await?);
+            room.required_state.push(s.events.raw_client_event(row, viewer, false).await?);
         }
-        room.timeline = self.raw_client_events(&rows, viewer, false).await?;
+        room.timeline = s.relations.raw_client_events(&rows, viewer, false).await?;
 
         // Name, avatar and member counts: for a new room, or when they changed.
         let touched = |kind: &str| initial || state_rows.iter().any(|r| r.event_type == kind);
@@ -471,8 +489,8 @@ impl Services {
             };
         }
         if touched("m.room.member") {
-            let joined = self.store.room_members(room_id, "join").await?;
-            let invited = self.store.room_members(room_id, "invite").await?;
+            let joined = s.store.room_members(room_id, "join").await?;
+            let invited = s.store.room_members(room_id, "invite").await?;
             room.joined_count = UInt::new(joined.len() as u64);
             room.invited_count = UInt::new(invited.len() as u64);
             let mut heroes: Vec<OwnedUserId> = joined
@@ -485,7 +503,7 @@ impl Services {
             heroes.truncate(5);
             let mut out = Vec::new();
             for hero in heroes {
-                let row = self.store.current_state_event(room_id, "m.room.member", hero.as_str()).await?;
+                let row = s.store.current_state_event(room_id, "m.room.member", hero.as_str()).await?;
                 let content: JsonValue = row
                     .and_then(|r| serde_json::from_str::<JsonValue>(&r.json).ok())
                     .map(|v| v["content"].clone())
@@ -497,7 +515,8 @@ impl Services {
             }
             room.heroes = Some(out);
         }
-        let (notifications, highlights) = self.unread_counts(user_id.as_str(), &candidate.room_id, upto.stream).await?;
+        let (notifications, highlights) =
+            s.sync.unread_counts(user_id.as_str(), &candidate.room_id, upto.stream).await?;
         room.unread_notifications.notification_count = UInt::new(notifications.max(0) as u64);
         room.unread_notifications.highlight_count = UInt::new(highlights.max(0) as u64);
         Ok(Some(room))
@@ -505,38 +524,39 @@ impl Services {
 
     /// A room the user left or was removed from since it was last sent: the timeline up to
     /// the leave.
-    async fn sliding_left(
+    async fn left(
         &self,
         room: &RoomId,
         user_id: &UserId,
         viewer: Viewer<'_>,
         sent: i64,
     ) -> Result<Option<response::Room>> {
-        let history = self.store.membership_history(room.as_str(), user_id.as_str()).await?;
+        let s = self.hub.services();
+        let history = s.store.membership_history(room.as_str(), user_id.as_str()).await?;
         let Some(left_at) = history.last().map(|(pos, _)| *pos) else { return Ok(None) };
         if left_at <= sent {
             return Ok(None);
         }
-        let mut rows = self.store.room_events(room.as_str(), sent, left_at, 11, true).await?;
+        let mut rows = s.store.room_events(room.as_str(), sent, left_at, 11, true).await?;
         let limited = rows.len() > 10;
         rows.truncate(10);
         rows.reverse();
-        let rows = self.visible_events(room.as_str(), user_id.as_str(), rows).await?;
+        let rows = s.sync.visible_events(room.as_str(), user_id.as_str(), rows).await?;
         let mut out = response::Room::new();
         out.limited = limited;
         out.num_live = UInt::new(rows.len() as u64);
-        out.timeline = self.raw_client_events(&rows, viewer, false).await?;
-        if let Some(row) = self.store.current_state_event(room.as_str(), "m.room.member", user_id.as_str()).await?
+        out.timeline = s.relations.raw_client_events(&rows, viewer, false).await?;
+        if let Some(row) = s.store.current_state_event(room.as_str(), "m.room.member", user_id.as_str()).await?
             && membership_of(&row).is_some()
         {
-            out.required_state.push(self.raw_client_event(&row, viewer, false).await?);
+            out.required_state.push(s.events.raw_client_event(&row, viewer, false).await?);
         }
         Ok(Some(out))
     }
 
     async fn state_content(&self, room_id: &str, kind: &str) -> Result<Option<JsonValue>> {
-        Ok(self
-            .store
+        let s = self.hub.services();
+        Ok(s.store
             .current_state_event(room_id, kind, "")
             .await?
             .and_then(|r| serde_json::from_str::<JsonValue>(&r.json).ok())
@@ -545,7 +565,7 @@ impl Services {
 
     /// Fills the extensions that are enabled; true if they carry news.
     #[allow(clippy::too_many_arguments)]
-    async fn sliding_extensions(
+    async fn extensions(
         &self,
         response: &mut Response,
         ext: &request::Extensions,
@@ -556,6 +576,7 @@ impl Services {
         upto: Positions,
         rooms: ExtensionRooms<'_>,
     ) -> Result<bool> {
+        let s = self.hub.services();
         let known = rooms.known;
         let mut news = false;
         let user = user_id.as_str();
@@ -570,7 +591,7 @@ impl Services {
                 ),
                 None => None,
             };
-            let messages = self.keys.to_device_for_sync(user, device_id, acked, upto.stream).await?;
+            let messages = s.keys.to_device_for_sync(user, device_id, acked, upto.stream).await?;
             let full = i64::try_from(messages.len()).unwrap_or(i64::MAX) >= super::keys::TO_DEVICE_PER_SYNC;
             let next = if full { messages.last().map(|m| m.stream_id).unwrap_or(upto.stream) } else { upto.stream };
             let mut out = response::ToDevice::default();
@@ -585,28 +606,23 @@ impl Services {
         if ext.e2ee.enabled == Some(true) {
             let e2ee = &mut response.extensions.e2ee;
             if previous.is_some() {
-                let (changed, left) = self.device_list_delta(user, since.stream, upto.stream).await?;
+                let (changed, left) = s.sync.device_list_delta(user, since.stream, upto.stream).await?;
                 let mut lists = DeviceLists::new();
                 lists.changed = changed;
                 lists.left = left;
                 news |= !lists.is_empty();
                 e2ee.device_lists = lists;
             }
-            for (algorithm, count) in self.store.one_time_key_counts(user, device_id).await? {
+            for (algorithm, count) in s.store.one_time_key_counts(user, device_id).await? {
                 e2ee.device_one_time_keys_count
                     .insert(algorithm.as_str().into(), UInt::new(count.max(0) as u64).unwrap_or_default());
             }
             e2ee.device_unused_fallback_key_types = Some(
-                self.store
-                    .unused_fallback_algorithms(user, device_id)
-                    .await?
-                    .iter()
-                    .map(|a| a.as_str().into())
-                    .collect(),
+                s.store.unused_fallback_algorithms(user, device_id).await?.iter().map(|a| a.as_str().into()).collect(),
             );
         }
         if ext.account_data.enabled == Some(true) {
-            for row in self.store.account_data_since(user, since.stream, upto.stream).await? {
+            for row in s.store.account_data_since(user, since.stream, upto.stream).await? {
                 let event = account_data_event(&row.data_type, &row.content);
                 if row.room_id.is_empty() {
                     response.extensions.account_data.global.push(to_raw(&event)?);
@@ -617,8 +633,8 @@ impl Services {
                 }
             }
             // Clients read their push rules here; until changed the defaults stand in.
-            if previous.is_none() && self.store.account_data(user, "", "m.push_rules").await?.is_none() {
-                let rules = self.push.rules(user_id).await?;
+            if previous.is_none() && s.store.account_data(user, "", "m.push_rules").await?.is_none() {
+                let rules = s.push.rules(user_id).await?;
                 let event = json!({"type": "m.push_rules", "content": {"global": *rules}});
                 response.extensions.account_data.global.push(to_raw(&event)?);
             }
@@ -632,7 +648,7 @@ impl Services {
                     None => 0,
                 };
                 let mut content: Map<String, JsonValue> = Map::new();
-                for r in self.store.receipts_since(room.as_str(), from, upto.stream).await? {
+                for r in s.store.receipts_since(room.as_str(), from, upto.stream).await? {
                     if r.receipt_type == "m.read.private" && r.user_id != user {
                         continue;
                     }
@@ -654,7 +670,7 @@ impl Services {
         if ext.typing.enabled == Some(true) {
             for room in rooms.joined {
                 let since_typing = if previous.is_some_and(|p| p.rooms.contains_key(room)) { since.typing } else { 0 };
-                if let Some(users) = self.typing.changed_since(room, since_typing) {
+                if let Some(users) = s.typing.changed_since(room, since_typing) {
                     let event = json!({"type": "m.typing", "content": {"user_ids": users}});
                     response.extensions.typing.rooms.insert(room.clone(), to_raw(&event)?);
                 }

@@ -15,7 +15,7 @@ use std::{
 use federation::{auth, pdu::Pdu, state::resolve_states};
 use ruma::{EventId, OwnedEventId, RoomId, RoomVersionId, events::StateEventType, state_res::StateMap};
 
-use super::Services;
+use super::Hub;
 use crate::{
     error::{Error, Result},
     store::{
@@ -96,41 +96,61 @@ pub(crate) struct StatePlan {
     pub changes: Option<Vec<CurrentStateEntry>>,
 }
 
-impl Services {
+/// The room state model: state groups, the state before and after events, resolution.
+pub struct State {
+    hub: Hub,
+    /// State groups read so far.
+    cache: StateCache,
+}
+
+impl State {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub, cache: StateCache::default() }
+    }
+
+    /// Records a group's chain length, known for good once the group is written.
+    pub(crate) fn remember_chain_len(&self, group: i64, len: i64) {
+        self.cache.insert_chain_len(group, len);
+    }
+
     /// The state of a group, read through the cache.
-    pub(crate) async fn state_ids_of_group(&self, group: i64) -> Result<Arc<StateIds>> {
-        if let Some(hit) = self.state_cache.map(group) {
+    pub(crate) async fn ids_of_group(&self, group: i64) -> Result<Arc<StateIds>> {
+        let s = self.hub.services();
+        if let Some(hit) = self.cache.map(group) {
             return Ok(hit);
         }
-        let (ids, chain_len) = self.store.state_group_entries(group).await?;
+        let (ids, chain_len) = s.store.state_group_entries(group).await?;
         let ids = Arc::new(ids);
-        self.state_cache.insert_map(group, ids.clone());
-        self.state_cache.insert_chain_len(group, chain_len);
+        self.cache.insert_map(group, ids.clone());
+        self.cache.insert_chain_len(group, chain_len);
         Ok(ids)
     }
 
     async fn group_chain_len(&self, group: i64) -> Result<i64> {
-        if let Some(hit) = self.state_cache.chain_len(group) {
+        let s = self.hub.services();
+        if let Some(hit) = self.cache.chain_len(group) {
             return Ok(hit);
         }
-        let len = self.store.state_group_chain_len(group).await?.unwrap_or(MAX_DELTA_CHAIN);
-        self.state_cache.insert_chain_len(group, len);
+        let len = s.store.state_group_chain_len(group).await?.unwrap_or(MAX_DELTA_CHAIN);
+        self.cache.insert_chain_len(group, len);
         Ok(len)
     }
 
     /// The room's current state group, through the room cache (append path, under the lock).
     pub(crate) async fn current_group(&self, room_id: &RoomId) -> Result<Option<i64>> {
-        if let Some(hit) = self.room_cache.with(room_id, |c| c.current_group) {
+        let s = self.hub.services();
+        if let Some(hit) = s.room_cache.with(room_id, |c| c.current_group) {
             return Ok(hit);
         }
-        let group = self.store.current_state_group(room_id.as_str()).await?;
-        self.room_cache.with(room_id, |c| c.current_group = Some(group));
+        let group = s.store.current_state_group(room_id.as_str()).await?;
+        s.room_cache.with(room_id, |c| c.current_group = Some(group));
         Ok(group)
     }
 
     /// The current state as the state before a new event (one whose `prev_events` are all the
     /// room's forward extremities). Call under the room lock.
     pub(crate) async fn current_state_before(&self, room_id: &RoomId) -> Result<StateBefore> {
+        let s = self.hub.services();
         match self.current_group(room_id).await? {
             Some(group) => Ok(StateBefore {
                 group: GroupRef::Existing(group),
@@ -141,7 +161,7 @@ impl Services {
             None => {
                 // A room whose current state was written outside the model (one we were
                 // invited to over federation): a snapshot of it starts the room's groups.
-                let ids = self.store.current_state_ids(room_id.as_str()).await?;
+                let ids = s.store.current_state_ids(room_id.as_str()).await?;
                 Ok(StateBefore {
                     group: GroupRef::New(snapshot(&ids)),
                     chain_len: 0,
@@ -155,14 +175,15 @@ impl Services {
     /// The state before an event with these `prev_events`: the state after the one prev
     /// event, or what state resolution makes of the states after each. Prev events whose
     /// state is not known are left out; `None` if none is known. Call under the room lock.
-    pub(crate) async fn state_before_prevs(
+    pub(crate) async fn before_prevs(
         &self,
         room_id: &RoomId,
         version: &RoomVersionId,
         prevs: &[OwnedEventId],
     ) -> Result<Option<StateBefore>> {
+        let s = self.hub.services();
         let ids: Vec<String> = prevs.iter().map(|id| id.to_string()).collect();
-        let known = self.store.event_state_groups(&ids).await?;
+        let known = s.store.event_state_groups(&ids).await?;
         let mut groups: Vec<i64> = known.values().map(|(_, after)| *after).collect();
         groups.sort_unstable();
         groups.dedup();
@@ -178,12 +199,12 @@ impl Services {
             _ => {
                 let mut maps = Vec::with_capacity(groups.len());
                 for group in &groups {
-                    maps.push(self.state_ids_of_group(*group).await?);
+                    maps.push(self.ids_of_group(*group).await?);
                 }
                 let refs: Vec<&StateIds> = maps.iter().map(|m| m.as_ref()).collect();
                 let (resolved, _) = self.resolve_maps(room_id, version, &refs, &[]).await?;
                 let is_current = match current {
-                    Some(current) => *self.state_ids_of_group(current).await? == resolved,
+                    Some(current) => *self.ids_of_group(current).await? == resolved,
                     None => false,
                 };
                 // The resolution may simply be one of the states (a branch that saw the other).
@@ -209,7 +230,7 @@ impl Services {
     /// a current group read outside the room lock is good enough.
     pub(crate) async fn group_for_state(&self, room_id: &RoomId, ids: &StateIds) -> Result<(GroupRef, i64)> {
         if let Some(current) = self.current_group(room_id).await? {
-            let current_ids = self.state_ids_of_group(current).await?;
+            let current_ids = self.ids_of_group(current).await?;
             let chain_len = self.group_chain_len(current).await?;
             if *current_ids == *ids {
                 return Ok((GroupRef::Existing(current), chain_len));
@@ -231,7 +252,7 @@ impl Services {
     pub(crate) async fn ids_of_before(&self, before: &StateBefore) -> Result<Arc<StateIds>> {
         match (&before.ids, &before.group) {
             (Some(ids), _) => Ok(ids.clone()),
-            (None, GroupRef::Existing(group)) => self.state_ids_of_group(*group).await,
+            (None, GroupRef::Existing(group)) => self.ids_of_group(*group).await,
             (None, GroupRef::New(group)) if group.prev.is_none() => {
                 Ok(Arc::new(group.entries.iter().map(|(t, k, id)| ((t.clone(), k.clone()), id.clone())).collect()))
             }
@@ -263,10 +284,11 @@ impl Services {
         before: &StateBefore,
         pdu: &Pdu,
     ) -> Result<Option<String>> {
+        let s = self.hub.services();
         let Some(state_key) = &pdu.state_key else { return Ok(None) };
         if before.is_current && before.ids.is_none() {
             // The room cache holds the current state, key by key.
-            let row = self.cached_state_event(room_id, &pdu.kind.to_string(), state_key).await?;
+            let row = s.room_cache.state_event(room_id, &pdu.kind.to_string(), state_key).await?;
             return Ok(row.map(|r| r.event_id.clone()));
         }
         let ids = self.ids_of_before(before).await?;
@@ -276,16 +298,17 @@ impl Services {
     /// How an accepted event is stored with its state, and what it makes of the room's
     /// current state: the state resolution of the room's forward extremities once the event
     /// is one of them. Call under the room lock.
-    pub(crate) async fn plan_state(
+    pub(crate) async fn plan(
         &self,
         room_id: &RoomId,
         version: &RoomVersionId,
         pdu: &Pdu,
         before: StateBefore,
     ) -> Result<StatePlan> {
+        let s = self.hub.services();
         let after = self.after_group(&before, pdu).await?;
         let prev_state = self.prev_state_of(room_id, &before, pdu).await?;
-        let extremities = self.cached_extremities(room_id).await?;
+        let extremities = s.room_cache.extremities(room_id).await?;
         let remaining: Vec<String> = extremities
             .iter()
             .map(|(id, _)| id.clone())
@@ -309,17 +332,17 @@ impl Services {
         if let Some(key) = &pdu.state_key {
             after_ids.insert((pdu.kind.to_string(), key.clone()), pdu.event_id.to_string());
         }
-        let current_ids = self.store.current_state_ids(room_id.as_str()).await?;
+        let current_ids = s.store.current_state_ids(room_id.as_str()).await?;
         let (new_ids, mut events, current) = if remaining.is_empty() {
             (after_ids, HashMap::new(), CurrentGroup::EventAfter)
         } else {
             // Other branches stay open: the current state is what state resolution makes of
             // the state after this event and the states after the other forward extremities.
-            let known = self.store.event_state_groups(&remaining).await?;
+            let known = s.store.event_state_groups(&remaining).await?;
             let mut maps: Vec<Arc<StateIds>> = vec![Arc::new(after_ids.clone())];
             for id in &remaining {
                 match known.get(id) {
-                    Some((_, group)) => maps.push(self.state_ids_of_group(*group).await?),
+                    Some((_, group)) => maps.push(self.ids_of_group(*group).await?),
                     // A head whose state is not known (history from before the model): the
                     // current state stands for it.
                     None => maps.push(Arc::new(current_ids.clone())),
@@ -353,7 +376,7 @@ impl Services {
             })
             .map(|(_, id)| id.clone())
             .collect();
-        for stored in self.store.pdus_for_auth(&unknown).await? {
+        for stored in s.store.pdus_for_auth(&unknown).await? {
             if let Ok(id) = EventId::parse(stored.event_id.as_str())
                 && let Ok(event) = Pdu::from_json(id.clone(), &stored.json)
             {
@@ -386,6 +409,7 @@ impl Services {
         states: &[&StateIds],
         extra: &[&Pdu],
     ) -> Result<(StateIds, HashMap<OwnedEventId, Pdu>)> {
+        let s = self.hub.services();
         let mut events: HashMap<OwnedEventId, Pdu> =
             extra.iter().map(|pdu| (pdu.event_id.clone(), (*pdu).clone())).collect();
         let mut frontier: Vec<String> = states.iter().flat_map(|s| s.values().cloned()).collect();
@@ -397,7 +421,7 @@ impl Services {
                 .filter(|id| seen.insert(id.clone()))
                 .filter(|id| EventId::parse(id.as_str()).is_ok_and(|id| !events.contains_key(&id)))
                 .collect();
-            for stored in self.store.pdus_for_auth(&batch).await? {
+            for stored in s.store.pdus_for_auth(&batch).await? {
                 if stored.room_id != room_id.as_str() {
                     continue;
                 }
@@ -431,7 +455,7 @@ impl Services {
     /// Authorizes `pdu` against a full room state (the state before it): the spec's auth
     /// rules with the auth events its type selects from that state. `auth_events` are the
     /// event's own auth events. `Ok(Err(reason))` when it is not allowed.
-    pub(crate) async fn authorize_against_state(
+    pub(crate) async fn authorize_against(
         &self,
         room_id: &RoomId,
         rules: &ruma::room_version_rules::RoomVersionRules,
@@ -439,6 +463,7 @@ impl Services {
         auth_events: &HashMap<OwnedEventId, Pdu>,
         state: &StateIds,
     ) -> Result<std::result::Result<(), String>> {
+        let s = self.hub.services();
         let mut wanted = match auth::auth_types(pdu, &rules.authorization) {
             Ok(types) => types,
             Err(reason) => return Ok(Err(reason)),
@@ -448,7 +473,7 @@ impl Services {
             wanted.iter().filter_map(|(kind, key)| state.get(&(kind.to_string(), key.clone())).cloned()).collect();
         let mut events = auth_events.clone();
         let mut by_key: HashMap<(StateEventType, String), Pdu> = HashMap::new();
-        for stored in self.store.pdus_for_auth(&ids).await? {
+        for stored in s.store.pdus_for_auth(&ids).await? {
             if stored.room_id != room_id.as_str() || stored.rejected {
                 continue;
             }
@@ -465,25 +490,27 @@ impl Services {
     /// The state before an event (`/state`, `/state_ids`, history visibility for other
     /// servers): `None` when it is not known (history that came with a join or by backfill,
     /// events of rooms we are not in).
-    pub async fn state_ids_before_event(&self, room_id: &RoomId, event_id: &EventId) -> Result<Option<Arc<StateIds>>> {
-        let Some(row) = self.store.event(event_id.as_str()).await?.filter(|row| row.room_id == room_id.as_str()) else {
+    pub async fn ids_before_event(&self, room_id: &RoomId, event_id: &EventId) -> Result<Option<Arc<StateIds>>> {
+        let s = self.hub.services();
+        let Some(row) = s.store.event(event_id.as_str()).await?.filter(|row| row.room_id == room_id.as_str()) else {
             return Ok(None);
         };
-        let groups = self.store.event_state_groups(std::slice::from_ref(&row.event_id)).await?;
+        let groups = s.store.event_state_groups(std::slice::from_ref(&row.event_id)).await?;
         match groups.get(&row.event_id) {
-            Some((before, _)) => Ok(Some(self.state_ids_of_group(*before).await?)),
+            Some((before, _)) => Ok(Some(self.ids_of_group(*before).await?)),
             None => Ok(None),
         }
     }
 
     /// The state after an event, when known.
-    pub async fn state_ids_after_event(&self, room_id: &RoomId, event_id: &EventId) -> Result<Option<Arc<StateIds>>> {
-        let Some(row) = self.store.event(event_id.as_str()).await?.filter(|row| row.room_id == room_id.as_str()) else {
+    pub async fn ids_after_event(&self, room_id: &RoomId, event_id: &EventId) -> Result<Option<Arc<StateIds>>> {
+        let s = self.hub.services();
+        let Some(row) = s.store.event(event_id.as_str()).await?.filter(|row| row.room_id == room_id.as_str()) else {
             return Ok(None);
         };
-        let groups = self.store.event_state_groups(std::slice::from_ref(&row.event_id)).await?;
+        let groups = s.store.event_state_groups(std::slice::from_ref(&row.event_id)).await?;
         match groups.get(&row.event_id) {
-            Some((_, after)) => Ok(Some(self.state_ids_of_group(*after).await?)),
+            Some((_, after)) => Ok(Some(self.ids_of_group(*after).await?)),
             None => Ok(None),
         }
     }

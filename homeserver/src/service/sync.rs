@@ -16,7 +16,8 @@ use ruma::{
 use serde_json::{Map, Value as JsonValue, json};
 
 use super::{
-    Services,
+    Hub,
+    cache::Cache,
     events::{Viewer, to_raw},
     notifier::{Relevance, Scope, Sections, Waiter},
     streams::Positions,
@@ -108,38 +109,51 @@ pub struct SyncRequest {
 /// The key of a state event.
 type StateKey = (String, String);
 
-impl Services {
+/// `/sync`: what changed for a user since a position, with the caches syncs read over and over.
+pub struct Sync {
+    hub: Hub,
+    /// Unread counts per (user, room), see `unread_counts`.
+    unread: Cache<(String, OwnedRoomId), UnreadCounts>,
+    /// Stored filters, parsed, by (user, filter id): a filter never changes once stored, and
+    /// clients send its id with every `/sync`.
+    filters: Cache<(String, i64), EventFilter>,
+}
+
+impl Sync {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub, unread: Cache::new(100_000), filters: Cache::new(10_000) }
+    }
+
     /// Answers a sync: at once if there is anything new (or it is an initial sync),
     /// otherwise when something arrives or the timeout passes.
-    pub async fn sync(&self, user_id: &UserId, device_id: &str, mut req: SyncRequest) -> Result<Response> {
+    pub async fn run(&self, user_id: &UserId, device_id: &str, mut req: SyncRequest) -> Result<Response> {
+        let s = self.hub.services();
         if let Some(since) = req.since.as_mut()
-            && since.typing > self.streams.current().typing
+            && since.typing > s.streams.current().typing
         {
             // Typing positions live in memory and restart with the server.
             since.typing = 0;
         }
         let deadline = tokio::time::Instant::now() + req.timeout.min(MAX_SYNC_TIMEOUT);
-        let _open = OpenSync::new(&self.metrics.open_syncs);
-        self.presence.on_sync(user_id, &req.set_presence).await?;
+        let _open = OpenSync::new(&s.metrics.open_syncs);
+        s.presence.on_sync(user_id, &req.set_presence).await?;
         let me = user_id.to_owned();
         // Registered before the first look at the positions, so nothing committed from
         // here on is missed.
         let mut watch = self.watch(&me).await?;
         loop {
-            let upto = self.streams.current();
+            let upto = s.streams.current();
             let relevance = match req.since {
                 Some(since) if !req.full_state => {
-                    let relevance = self
-                        .streams
-                        .notifier()
-                        .relevance(since.stream, upto.stream, &me, |r| watch.rooms.contains_key(r));
+                    let relevance =
+                        s.streams.notifier().relevance(since.stream, upto.stream, &me, |r| watch.rooms.contains_key(r));
                     let typing = since.typing < upto.typing
-                        && watch.rooms.keys().any(|room| self.typing.changed_after(room, since.typing));
+                        && watch.rooms.keys().any(|room| s.typing.changed_after(room, since.typing));
                     // A to-device batch cut short last time: the rest is waiting.
                     let to_device_left = since.to_device < since.stream;
                     if relevance.is_empty() && !typing && !to_device_left {
                         if tokio::time::timeout_at(deadline, watch.waiter.woken()).await.is_err() {
-                            return self.sync_once(user_id, device_id, &req, upto, &relevance, &watch).await;
+                            return self.once(user_id, device_id, &req, upto, &relevance, &watch).await;
                         }
                         continue;
                     }
@@ -154,7 +168,7 @@ impl Services {
                 watch = self.watch(&me).await?;
                 continue;
             }
-            let response = self.sync_once(user_id, device_id, &req, upto, &relevance, &watch).await?;
+            let response = self.once(user_id, device_id, &req, upto, &relevance, &watch).await?;
             let nothing_new = req.since.is_some() && is_empty(&response);
             if !nothing_new || tokio::time::Instant::now() >= deadline {
                 return Ok(response);
@@ -168,10 +182,11 @@ impl Services {
 
     /// Registers a sync's interest in the user and their joined and invited rooms.
     async fn watch(&self, user_id: &OwnedUserId) -> Result<Watch> {
+        let s = self.hub.services();
         // Memberships visible now are in the rooms read below.
-        let covers = self.streams.current().stream;
+        let covers = s.streams.current().stream;
         let mut rooms = HashMap::new();
-        for (room_id, membership) in self.rooms_of_user(user_id.as_str()).await?.iter() {
+        for (room_id, membership) in s.rooms.of_user(user_id.as_str()).await?.iter() {
             if (membership == "join" || membership == "invite")
                 && let Ok(room_id) = OwnedRoomId::try_from(room_id.as_str())
             {
@@ -180,11 +195,11 @@ impl Services {
         }
         let mut scopes: Vec<Scope> = rooms.keys().cloned().map(Scope::Room).collect();
         scopes.push(Scope::User(user_id.clone()));
-        let waiter = self.streams.notifier().register(scopes);
+        let waiter = s.streams.notifier().register(scopes);
         Ok(Watch { rooms, waiter, covers })
     }
 
-    async fn sync_once(
+    async fn once(
         &self,
         user_id: &UserId,
         device_id: &str,
@@ -193,6 +208,7 @@ impl Services {
         relevance: &Relevance,
         watch: &Watch,
     ) -> Result<Response> {
+        let s = self.hub.services();
         let viewer = Viewer { user_id: user_id.as_str(), device_id };
         let since = req.since.unwrap_or_default();
         let mut response = Response::new(String::new());
@@ -204,9 +220,7 @@ impl Services {
         // new message for the user and the last batch complete there is nothing to read (the
         // acknowledgement waits for the next read, which covers it).
         let to_device = if relevance.any(Sections::TO_DEVICE) || since.to_device < since.stream {
-            self.keys
-                .to_device_for_sync(user_id.as_str(), device_id, req.since.map(|s| s.to_device), upto.stream)
-                .await?
+            s.keys.to_device_for_sync(user_id.as_str(), device_id, req.since.map(|s| s.to_device), upto.stream).await?
         } else {
             Vec::new()
         };
@@ -230,7 +244,7 @@ impl Services {
             response.device_lists.changed = changed;
             response.device_lists.left = left;
         }
-        let key_counts = self.keys.counts(user_id.as_str(), device_id).await?;
+        let key_counts = s.keys.counts(user_id.as_str(), device_id).await?;
         for (algorithm, count) in &key_counts.one_time {
             response
                 .device_one_time_keys_count
@@ -243,7 +257,7 @@ impl Services {
             // Only rooms where something happened; the user's memberships did not change.
             for (room, membership) in &watch.rooms {
                 let sections = relevance.room(room);
-                let typing = self.typing.changed_after(room, since.typing);
+                let typing = s.typing.changed_after(room, since.typing);
                 if membership != "join" || (sections.is_empty() && !typing) || !req.filter.allows_room(room.as_str()) {
                     continue;
                 }
@@ -258,13 +272,13 @@ impl Services {
         // Membership changes in the window, per room, oldest first.
         let mut changed: HashMap<String, Vec<EventRow>> = HashMap::new();
         if req.since.is_some() && read_all {
-            for row in self.store.membership_changes(user_id.as_str(), since.stream, upto.stream).await? {
+            for row in s.store.membership_changes(user_id.as_str(), since.stream, upto.stream).await? {
                 changed.entry(row.room_id.clone()).or_default().push(row);
             }
         }
 
-        let forgotten = if read_all { self.store.forgotten_rooms(user_id.as_str()).await? } else { Vec::new() };
-        let all_rooms = if read_all { self.store.rooms_for_user(user_id.as_str()).await? } else { Vec::new() };
+        let forgotten = if read_all { s.store.forgotten_rooms(user_id.as_str()).await? } else { Vec::new() };
+        let all_rooms = if read_all { s.store.rooms_for_user(user_id.as_str()).await? } else { Vec::new() };
         let mut joined_reads = Vec::new();
         for (room_id, membership) in all_rooms {
             if !req.filter.allows_room(&room_id)
@@ -319,8 +333,8 @@ impl Services {
 
         // Clients read their push rules from account data; until a user changes them the
         // server defaults stand in, on the initial sync.
-        if req.since.is_none() && self.store.account_data(user_id.as_str(), "", "m.push_rules").await?.is_none() {
-            let rules = self.push.rules(user_id).await?;
+        if req.since.is_none() && s.store.account_data(user_id.as_str(), "", "m.push_rules").await?.is_none() {
+            let rules = s.push.rules(user_id).await?;
             response.account_data.events.push(to_raw(&json!({"type": "m.push_rules", "content": {"global": *rules}}))?);
         }
 
@@ -328,13 +342,13 @@ impl Services {
         // share a room with the user, whose presence the user has then never seen.
         let new_peers = read_all || relevance.any(Sections::DEVICE_LISTS);
         if new_peers || relevance.any(Sections::PRESENCE) {
-            for event in self.presence.events(user_id, since.stream, upto.stream, new_peers).await? {
+            for event in s.presence.events(user_id, since.stream, upto.stream, new_peers).await? {
                 response.presence.events.push(to_raw(&event)?);
             }
         }
 
         let account_data = if read_all || relevance.any(Sections::ACCOUNT_DATA) {
-            self.store.account_data_since(user_id.as_str(), since.stream, upto.stream).await?
+            s.store.account_data_since(user_id.as_str(), since.stream, upto.stream).await?
         } else {
             Vec::new()
         };
@@ -347,7 +361,7 @@ impl Services {
             {
                 joined.account_data.events.push(to_raw(&event)?);
             } else if let Ok(room) = RoomId::parse(row.room_id.as_str())
-                && self.membership(room.as_str(), user_id.as_str()).await?.as_deref() == Some("join")
+                && s.rooms.membership(room.as_str(), user_id.as_str()).await?.as_deref() == Some("join")
             {
                 let mut joined = JoinedRoom::new();
                 joined.account_data.events.push(to_raw(&event)?);
@@ -368,6 +382,7 @@ impl Services {
         upto: Positions,
         read: RoomRead,
     ) -> Result<Option<JoinedRoom>> {
+        let s = self.hub.services();
         let room_id = room.as_str();
         let full = matches!(read, RoomRead::Full);
         let sections = match read {
@@ -380,11 +395,11 @@ impl Services {
         } else if let RoomRead::Changed(_) = read {
             // Joined before the window and still joined: every event in it is visible.
             let limit = req.filter.limit.max(1);
-            let cached = self.room_cache.with(room, |c| c.recent_events(from, upto.stream, limit + 1));
+            let cached = s.room_cache.with(room, |c| c.recent_events(from, upto.stream, limit + 1));
             let mut rows = match cached {
                 Some(rows) => rows,
                 None => {
-                    self.store
+                    s.store
                         .room_events(room_id, from, upto.stream, i64::try_from(limit + 1).unwrap_or(i64::MAX), true)
                         .await?
                 }
@@ -404,7 +419,7 @@ impl Services {
         let state_rows = if full {
             self.state_at(room_id, timeline_start).await?
         } else if limited {
-            let changed: HashSet<StateKey> = self
+            let changed: HashSet<StateKey> = s
                 .store
                 .state_events_after(room_id, since.stream)
                 .await?
@@ -431,17 +446,17 @@ impl Services {
             {
                 continue;
             }
-            state_events.push(self.raw_client_event(row, viewer, false).await?);
+            state_events.push(s.events.raw_client_event(row, viewer, false).await?);
         }
         let timeline_rows: Vec<&EventRow> = rows.iter().filter(|r| req.filter.allows_event(r)).collect();
-        let timeline_events = self.raw_client_events_of(&timeline_rows, viewer, false).await?;
+        let timeline_events = s.relations.raw_client_events_of(&timeline_rows, viewer, false).await?;
 
         let mut ephemeral = Vec::new();
-        if let Some(users) = self.typing.changed_since(room, since.typing) {
+        if let Some(users) = s.typing.changed_since(room, since.typing) {
             ephemeral.push(to_raw(&json!({"type": "m.typing", "content": {"user_ids": users}}))?);
         }
         let receipts = if sections.contains(Sections::RECEIPTS) {
-            self.store.receipts_since(room_id, if full { 0 } else { since.stream }, upto.stream).await?
+            s.store.receipts_since(room_id, if full { 0 } else { since.stream }, upto.stream).await?
         } else {
             Vec::new()
         };
@@ -490,9 +505,10 @@ impl Services {
         req: &SyncRequest,
         since: Positions,
     ) -> Result<LeftRoom> {
+        let s = self.hub.services();
         let room_id = room.as_str();
         // The timeline runs up to the user's leave, nothing after it.
-        let history = self.store.membership_history(room_id, user_id.as_str()).await?;
+        let history = s.store.membership_history(room_id, user_id.as_str()).await?;
         let left_at = history.last().map(|(pos, _)| *pos).unwrap_or(since.stream);
         let from = if req.since.is_some() { since.stream } else { 0 };
         let (rows, limited) = self.timeline_rows(room_id, user_id.as_str(), from, left_at, req.filter.limit).await?;
@@ -500,7 +516,7 @@ impl Services {
         left.timeline.limited = limited;
         left.timeline.prev_batch = rows.first().map(|r| Positions::at(r.stream_ordering - 1).to_string());
         for row in &rows {
-            left.timeline.events.push(self.raw_client_event(row, viewer, false).await?);
+            left.timeline.events.push(s.events.raw_client_event(row, viewer, false).await?);
         }
         Ok(left)
     }
@@ -515,9 +531,10 @@ impl Services {
         to: i64,
         limit: usize,
     ) -> Result<(Vec<EventRow>, bool)> {
+        let s = self.hub.services();
         let limit = limit.max(1);
         let mut rows =
-            self.store.room_events(room_id, from, to, i64::try_from(limit + 1).unwrap_or(i64::MAX), true).await?;
+            s.store.room_events(room_id, from, to, i64::try_from(limit + 1).unwrap_or(i64::MAX), true).await?;
         let limited = rows.len() > limit;
         rows.truncate(limit);
         rows.reverse();
@@ -530,6 +547,7 @@ impl Services {
         room_id: &str,
         user_id: &str,
     ) -> Result<Vec<ruma::serde::Raw<ruma::events::AnyStrippedStateEvent>>> {
+        let s = self.hub.services();
         let mut out = Vec::new();
         let mut seen: Vec<(&str, &str)> = Vec::new();
         for (kind, key) in [
@@ -542,7 +560,7 @@ impl Services {
             ("m.room.encryption", ""),
             ("m.room.member", user_id),
         ] {
-            if let Some(row) = self.store.current_state_event(room_id, kind, key).await? {
+            if let Some(row) = s.store.current_state_event(room_id, kind, key).await? {
                 let pdu: JsonValue = serde_json::from_str(&row.json).unwrap_or_default();
                 out.push(to_raw(&json!({
                     "type": row.event_type, "state_key": key, "sender": row.sender, "content": pdu["content"],
@@ -551,7 +569,7 @@ impl Services {
             }
         }
         // An invite from another server: what that server showed of the room.
-        if let Some(remote) = self.store.remote_invite_state(room_id, user_id).await? {
+        if let Some(remote) = s.store.remote_invite_state(room_id, user_id).await? {
             let events: Vec<JsonValue> = serde_json::from_str(&remote).unwrap_or_default();
             for event in events {
                 let (kind, key) =
@@ -565,8 +583,9 @@ impl Services {
     }
 
     async fn room_summary(&self, room_id: &str, user_id: &str) -> Result<RoomSummary> {
-        let joined = self.store.room_members(room_id, "join").await?;
-        let invited = self.store.room_members(room_id, "invite").await?;
+        let s = self.hub.services();
+        let joined = s.store.room_members(room_id, "join").await?;
+        let invited = s.store.room_members(room_id, "invite").await?;
         let mut summary = RoomSummary::new();
         summary.joined_member_count = UInt::new(joined.len() as u64);
         summary.invited_member_count = UInt::new(invited.len() as u64);
@@ -590,29 +609,30 @@ impl Services {
         from: i64,
         to: i64,
     ) -> Result<(Vec<OwnedUserId>, Vec<OwnedUserId>)> {
+        let s = self.hub.services();
         let mut changed: std::collections::BTreeSet<String> =
-            self.store.device_list_changes_for(user_id, from, to).await?.into_iter().collect();
+            s.store.device_list_changes_for(user_id, from, to).await?.into_iter().collect();
         let mut left = std::collections::BTreeSet::new();
-        for (member, membership) in self.store.membership_changes_in_my_rooms(user_id, from, to).await? {
+        for (member, membership) in s.store.membership_changes_in_my_rooms(user_id, from, to).await? {
             if member == user_id {
                 continue;
             }
             if membership == "join" {
                 changed.insert(member);
-            } else if !self.store.share_a_room(user_id, &member).await? {
+            } else if !s.store.share_a_room(user_id, &member).await? {
                 left.insert(member);
             }
         }
         // Rooms the user left: the members there may no longer share a room with them.
-        for row in self.store.membership_changes(user_id, from, to).await? {
+        for row in s.store.membership_changes(user_id, from, to).await? {
             if membership_of(&row).as_deref() != Some("join") {
-                for member in self.store.room_members(&row.room_id, "join").await? {
-                    if member != user_id && !self.store.share_a_room(user_id, &member).await? {
+                for member in s.store.room_members(&row.room_id, "join").await? {
+                    if member != user_id && !s.store.share_a_room(user_id, &member).await? {
                         left.insert(member);
                     }
                 }
             } else {
-                for member in self.store.room_members(&row.room_id, "join").await? {
+                for member in s.store.room_members(&row.room_id, "join").await? {
                     if member != user_id {
                         changed.insert(member);
                     }
@@ -629,6 +649,7 @@ impl Services {
     /// count cached at an earlier position plus what the room cache says arrived since, or
     /// from the database. A read receipt of the user forgets the cached count.
     pub(super) async fn unread_counts(&self, user_id: &str, room: &RoomId, upto: i64) -> Result<(i64, i64)> {
+        let s = self.hub.services();
         let key = (user_id.to_owned(), room.to_owned());
         let generation = self.unread.generation();
         if let Some(hit) = self.unread.get(&key) {
@@ -636,7 +657,7 @@ impl Services {
                 return Ok((hit.notifications, hit.highlights));
             }
             if hit.upto < upto
-                && let Some((n, h)) = self.room_cache.with(room, |c| c.notifications_between(user_id, hit.upto, upto))
+                && let Some((n, h)) = s.room_cache.with(room, |c| c.notifications_between(user_id, hit.upto, upto))
             {
                 let counts =
                     UnreadCounts { notifications: hit.notifications + n, highlights: hit.highlights + h, upto };
@@ -644,19 +665,20 @@ impl Services {
                 return Ok((counts.notifications, counts.highlights));
             }
         }
-        let (notifications, highlights) = self.store.unread_counts(user_id, room.as_str(), upto).await?;
+        let (notifications, highlights) = s.store.unread_counts(user_id, room.as_str(), upto).await?;
         self.unread.insert_if_unchanged(key, UnreadCounts { notifications, highlights, upto }, generation);
         Ok((notifications, highlights))
     }
 
     /// Drops a cached unread count: the user's read receipt moved.
-    pub fn forget_unread_counts(&self, user_id: &UserId, room_id: &RoomId) {
+    pub fn forget_unread(&self, user_id: &UserId, room_id: &RoomId) {
         self.unread.forget(&(user_id.to_string(), room_id.to_owned()));
     }
 
     /// The user's membership as of position `at`.
     async fn membership_at(&self, room_id: &str, user_id: &str, at: i64) -> Result<Option<String>> {
-        let history = self.store.membership_history(room_id, user_id).await?;
+        let s = self.hub.services();
+        let history = s.store.membership_history(room_id, user_id).await?;
         Ok(history.into_iter().rev().find(|(pos, _)| *pos <= at).map(|(_, m)| m))
     }
 
@@ -664,13 +686,14 @@ impl Services {
     /// before it, from the state model (see `service::state`; across a fork that is the state
     /// on that event's branch, not a mix made by the stream order).
     pub async fn state_at(&self, room_id: &str, at: i64) -> Result<Vec<EventRow>> {
-        if let Some((group, is_current)) = self.store.state_group_at(room_id, at).await? {
+        let s = self.hub.services();
+        if let Some((group, is_current)) = s.store.state_group_at(room_id, at).await? {
             // Mostly the current state (nothing changed since `at`): one read of it.
             let mut rows = if is_current {
-                self.store.current_state(room_id).await?
+                s.store.current_state(room_id).await?
             } else {
-                let ids: Vec<String> = self.state_ids_of_group(group).await?.values().cloned().collect();
-                self.store.events_by_id(&ids).await?
+                let ids: Vec<String> = s.state.ids_of_group(group).await?.values().cloned().collect();
+                s.store.events_by_id(&ids).await?
             };
             rows.sort_by_key(|r| r.stream_ordering);
             return Ok(rows);
@@ -681,7 +704,8 @@ impl Services {
     /// For rooms without state groups (only invited to over federation): the current state
     /// with every later state change rolled back.
     async fn state_at_by_stream_order(&self, room_id: &str, at: i64) -> Result<Vec<EventRow>> {
-        let current = self.store.current_state(room_id).await?;
+        let s = self.hub.services();
+        let current = s.store.current_state(room_id).await?;
         let mut by_key: BTreeMap<StateKey, Option<String>> = BTreeMap::new();
         let mut rows: HashMap<String, EventRow> = HashMap::new();
         for row in current {
@@ -691,7 +715,7 @@ impl Services {
             );
             rows.insert(row.event_id.clone(), row);
         }
-        for later in self.store.state_events_after(room_id, at).await? {
+        for later in s.store.state_events_after(room_id, at).await? {
             let key = (later.event_type.clone(), later.state_key.clone().unwrap_or_default());
             by_key.insert(key, later.prev_state_event_id.clone());
         }
@@ -700,7 +724,7 @@ impl Services {
             match rows.remove(&event_id) {
                 Some(row) => out.push(row),
                 None => {
-                    if let Some(row) = self.store.event(&event_id).await? {
+                    if let Some(row) = s.store.event(&event_id).await? {
                         out.push(row);
                     }
                 }
@@ -714,11 +738,12 @@ impl Services {
     /// rules: world_readable; joined at the event; shared and joined at some later point;
     /// invited at the event under `invited`).
     pub async fn visible_events(&self, room_id: &str, user_id: &str, rows: Vec<EventRow>) -> Result<Vec<EventRow>> {
+        let s = self.hub.services();
         if rows.is_empty() {
             return Ok(rows);
         }
-        let memberships = self.store.membership_history(room_id, user_id).await?;
-        let visibility = self.store.state_history(room_id, "m.room.history_visibility").await?;
+        let memberships = s.store.membership_history(room_id, user_id).await?;
+        let visibility = s.store.state_history(room_id, "m.room.history_visibility").await?;
         Ok(rows
             .into_iter()
             .filter(|row| {
@@ -750,6 +775,7 @@ impl Services {
 
     /// Parses a filter given inline (JSON) or by id.
     pub async fn resolve_filter(&self, user_id: &str, filter: Option<&str>) -> Result<EventFilter> {
+        let s = self.hub.services();
         let Some(filter) = filter else { return Ok(EventFilter::default()) };
         let parse = |json: &str| -> Result<EventFilter> {
             let value: JsonValue =
@@ -765,7 +791,7 @@ impl Services {
             return Ok(cached);
         }
         let generation = self.filters.generation();
-        let json = self.store.filter(user_id, id).await?.ok_or_else(|| Error::NotFound("Unknown filter".to_owned()))?;
+        let json = s.store.filter(user_id, id).await?.ok_or_else(|| Error::NotFound("Unknown filter".to_owned()))?;
         let parsed = parse(&json)?;
         self.filters.insert_if_unchanged(key, parsed.clone(), generation);
         Ok(parsed)

@@ -18,7 +18,7 @@ use ruma::{
 use serde_json::Value as JsonValue;
 
 use super::{
-    Services,
+    Hub,
     notifier::{Change, Sections},
     redactions::RedactionVerdict,
     state::StatePlan,
@@ -137,71 +137,26 @@ pub struct CreateRoom<'a> {
     pub room_id: Option<OwnedRoomId>,
 }
 
-impl Services {
-    pub async fn room_version(&self, room_id: &str) -> Result<RoomVersionId> {
-        let parsed = RoomId::parse(room_id).ok();
-        if let Some(room) = &parsed
-            && let Some(version) = self.room_cache.with(room, |c| c.version.clone())
-        {
-            return Ok(version);
-        }
-        let room = self.store.room(room_id).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
-        let version = RoomVersionId::try_from(room.room_version.as_str())
-            .map_err(|e| Error::internal(format!("stored room version: {e}")))?;
-        if let Some(room) = &parsed {
-            // A room's version never changes (an upgrade makes a new room).
-            self.room_cache.with(room, |c| c.version = Some(version.clone()));
-        }
-        Ok(version)
-    }
+/// Building, authorizing and appending events. Appends to one room are serialized by the
+/// room's lock (`locks`); different rooms proceed in parallel.
+pub struct Timeline {
+    hub: Hub,
+    locks: RoomLocks,
+}
 
-    /// A user's rooms with their membership (`join`, `invite`, `leave`, `ban`, ...), cached
-    /// until the user's membership anywhere changes.
-    pub async fn rooms_of_user(&self, user_id: &str) -> Result<Arc<Vec<(String, String)>>> {
-        let key = user_id.to_owned();
-        if let Some(hit) = self.user_rooms.get(&key) {
-            return Ok(hit);
-        }
-        let generation = self.user_rooms.generation();
-        let rooms = Arc::new(self.store.rooms_for_user(user_id).await?);
-        self.user_rooms.insert_if_unchanged(key, rooms.clone(), generation);
-        Ok(rooms)
-    }
-
-    /// A current state event, through the room cache. Only for the append path, under the
-    /// room lock, which keeps the cache exact.
-    pub(crate) async fn cached_state_event(
-        &self,
-        room_id: &RoomId,
-        kind: &str,
-        key: &str,
-    ) -> Result<Option<Arc<EventRow>>> {
-        let cache_key = (kind.to_owned(), key.to_owned());
-        if let Some(hit) = self.room_cache.with(room_id, |c| c.state.get(&cache_key).cloned()) {
-            return Ok(hit);
-        }
-        let row = self.store.current_state_event(room_id.as_str(), kind, key).await?.map(Arc::new);
-        self.room_cache.with(room_id, |c| c.state.insert(cache_key, row.clone()));
-        Ok(row)
-    }
-
-    /// The forward extremities, through the room cache (append path only, under the lock).
-    pub(crate) async fn cached_extremities(&self, room_id: &RoomId) -> Result<Vec<(String, i64)>> {
-        if let Some(hit) = self.room_cache.with(room_id, |c| c.extremities.clone()) {
-            return Ok(hit);
-        }
-        let extremities = self.store.forward_extremities(room_id.as_str()).await?;
-        self.room_cache.with(room_id, |c| c.extremities = Some(extremities.clone()));
-        Ok(extremities)
+impl Timeline {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub, locks: RoomLocks::default() }
     }
 
     /// Creates a room with its `m.room.create` event and returns the room id.
-    pub async fn append_create_event(
+    pub async fn append_create(
         &self,
         sender: &UserId,
         create: CreateRoom<'_>,
         content: JsonValue,
     ) -> Result<OwnedRoomId> {
+        let s = self.hub.services();
         // From room version 12 the room id is the create event's hash, so the same user
         // creating two rooms with the same content in the same millisecond would get the same
         // room twice (seen under concurrent createRoom: a UNIQUE violation answered as a 500).
@@ -220,7 +175,7 @@ impl Services {
                 depth: 1,
                 origin_server_ts,
             };
-            let (event_id, object) = sign_new_event(new, create.version, &self.settings.server_name, &self.signing_key)
+            let (event_id, object) = sign_new_event(new, create.version, &s.settings.server_name, &s.signing_key)
                 .map_err(|e| Error::BadJson(e.to_string()))?;
             let room_id = match room_id_from_create_event(create.version, &event_id)
                 .map_err(|e| Error::internal(e.to_string()))?
@@ -235,8 +190,8 @@ impl Services {
             let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
             let rules = room_version_rules(create.version).map_err(|e| Error::internal(e.to_string()))?;
             auth::authorize(&rules.authorization, &pdu, &HashMap::new(), &HashMap::new()).map_err(Error::Forbidden)?;
-            let guard = self.room_locks.get(&room_id).lock_owned().await;
-            if self.store.room(room_id.as_str()).await?.is_none() {
+            let guard = self.locks.get(&room_id).lock_owned().await;
+            if s.store.room(room_id.as_str()).await?.is_none() {
                 break (event_id, room_id, json, pdu, guard);
             }
             if create.room_id.is_some() {
@@ -244,7 +199,7 @@ impl Services {
             }
             origin_server_ts = MilliSecondsSinceUnixEpoch(origin_server_ts.0 + ruma::UInt::from(1u32));
         };
-        let position = self.streams.allocate();
+        let position = s.streams.allocate();
         // The state before the create event is empty; after it, the create event.
         let state = EventStateGroups {
             before: GroupRef::New(NewStateGroup { prev: None, chain_len: 0, entries: Vec::new() }),
@@ -256,7 +211,7 @@ impl Services {
             current: CurrentGroup::EventAfter,
             prev_state: None,
         };
-        let outcome = self
+        let outcome = s
             .store
             .append_event(AppendEvent {
                 stream_ordering: position.position(),
@@ -290,14 +245,14 @@ impl Services {
         let current_group = match outcome {
             AppendOutcome::Appended { current_group, groups, .. } => {
                 if let Some((before, after)) = groups {
-                    self.state_cache.insert_chain_len(before, 0);
-                    self.state_cache.insert_chain_len(after, 1);
+                    s.state.remember_chain_len(before, 0);
+                    s.state.remember_chain_len(after, 1);
                 }
                 current_group
             }
             AppendOutcome::DuplicateTransaction(_) => None,
         };
-        self.room_cache.with(&room_id, |c| {
+        s.room_cache.with(&room_id, |c| {
             c.version = Some(create.version.clone());
             c.extremities = Some(Vec::new());
             c.current_group = Some(current_group);
@@ -329,31 +284,33 @@ impl Services {
     /// Builds, authorizes and appends an event; with a transaction, a retry returns the
     /// event stored the first time instead of a second copy. Other servers in the room get
     /// it through the send queue.
-    pub async fn append_event(
+    pub async fn append(
         &self,
         room_id: &RoomId,
         sender: &UserId,
         draft: EventDraft,
         txn: Option<Txn<'_>>,
     ) -> Result<OwnedEventId> {
+        let s = self.hub.services();
         if let Some(t) = txn
-            && let Some(existing) = self.store.event_id_for_txn(sender.as_str(), t.device_id, t.scope, t.txn_id).await?
+            && let Some(existing) = s.store.event_id_for_txn(sender.as_str(), t.device_id, t.scope, t.txn_id).await?
         {
             return EventId::parse(existing).map_err(|e| Error::internal(e.to_string()));
         }
-        let lock = self.room_locks.get(room_id);
+        let lock = self.locks.get(room_id);
         let _guard = lock.lock().await;
-        let built = self.build_event(room_id, sender, draft).await?;
+        let built = self.build(room_id, sender, draft).await?;
         let destinations = self.destinations_for(room_id, &built.pdu, None).await?;
-        self.persist_event(room_id, built, txn, &destinations).await
+        self.persist(room_id, built, txn, &destinations).await
     }
 
     /// Builds and signs an event from the current state and extremities and authorizes it.
     /// Call under the room lock.
-    pub(crate) async fn build_event(&self, room_id: &RoomId, sender: &UserId, draft: EventDraft) -> Result<BuiltEvent> {
-        let version = self.room_version(room_id.as_str()).await?;
+    pub(crate) async fn build(&self, room_id: &RoomId, sender: &UserId, draft: EventDraft) -> Result<BuiltEvent> {
+        let s = self.hub.services();
+        let version = s.rooms.version(room_id.as_str()).await?;
         let rules = room_version_rules(&version).map_err(|e| Error::internal(e.to_string()))?;
-        let extremities = self.cached_extremities(room_id).await?;
+        let extremities = s.room_cache.extremities(room_id).await?;
         let depth = extremities.iter().map(|(_, d)| *d).max().unwrap_or(0).saturating_add(1).min(MAX_DEPTH);
         let prev_events: Vec<OwnedEventId> = extremities
             .iter()
@@ -392,7 +349,7 @@ impl Services {
             origin_server_ts: now_ts(),
         };
         let (event_id, object) =
-            sign_new_event(new, &version, &self.settings.server_name, &self.signing_key).map_err(|e| match e {
+            sign_new_event(new, &version, &s.settings.server_name, &s.signing_key).map_err(|e| match e {
                 federation::pdu::PduError::TooLarge => Error::TooLarge { limit: MAX_PDU_BYTES },
                 other => Error::BadJson(other.to_string()),
             })?;
@@ -402,7 +359,7 @@ impl Services {
         }
         let pdu = Pdu::from_json(event_id.clone(), &json).map_err(|e| Error::internal(e.to_string()))?;
         auth::authorize(&rules.authorization, &pdu, &current.events, &current.state).map_err(Error::Forbidden)?;
-        match self.redaction_verdict(room_id, &pdu, &rules).await? {
+        match s.redactions.verdict(room_id, &pdu, &rules).await? {
             RedactionVerdict::Refused(reason) => return Err(Error::Forbidden(reason)),
             RedactionVerdict::TargetUnknown(target) => {
                 return Err(Error::Forbidden(format!("{target} is not an event we hold")));
@@ -412,20 +369,21 @@ impl Services {
         // The state before the event: the current state, unless there are more forward
         // extremities than an event may name (then the state of those it names).
         let before = if prev_events.len() == extremities.len() {
-            self.current_state_before(room_id).await?
+            s.state.current_state_before(room_id).await?
         } else {
-            match self.state_before_prevs(room_id, &version, &prev_events).await? {
+            match s.state.before_prevs(room_id, &version, &prev_events).await? {
                 Some(before) => {
-                    let ids = self.ids_of_before(&before).await?;
-                    self.authorize_against_state(room_id, &rules, &pdu, &current.events, &ids)
+                    let ids = s.state.ids_of_before(&before).await?;
+                    s.state
+                        .authorize_against(room_id, &rules, &pdu, &current.events, &ids)
                         .await?
                         .map_err(Error::Forbidden)?;
                     before
                 }
-                None => self.current_state_before(room_id).await?,
+                None => s.state.current_state_before(room_id).await?,
             }
         };
-        let state = self.plan_state(room_id, &version, &pdu, before).await?;
+        let state = s.state.plan(room_id, &version, &pdu, before).await?;
         Ok(BuiltEvent { state: Some(state), ..BuiltEvent::new(event_id, object, json, pdu) })
     }
 
@@ -437,6 +395,7 @@ impl Services {
         pdu: &Pdu,
         rules: &ruma::room_version_rules::RoomVersionRules,
     ) -> Result<AuthState> {
+        let s = self.hub.services();
         let auth_types = auth::auth_types(pdu, &rules.authorization).map_err(Error::BadJson)?;
         let mut out = AuthState::default();
         let mut wanted: Vec<(StateEventType, String, bool)> =
@@ -446,7 +405,7 @@ impl Services {
             if out.state.contains_key(&(kind.clone(), key.clone())) {
                 continue;
             }
-            if let Some(row) = self.cached_state_event(room_id, &kind.to_string(), &key).await? {
+            if let Some(row) = s.room_cache.state_event(room_id, &kind.to_string(), &key).await? {
                 let id = EventId::parse(row.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
                 let state_pdu = Pdu::from_json(id.clone(), &row.json).map_err(|e| Error::internal(e.to_string()))?;
                 if is_auth {
@@ -476,7 +435,8 @@ impl Services {
         pdu: &Pdu,
         except: Option<&ruma::ServerName>,
     ) -> Result<Vec<String>> {
-        let members = self.joined_members_cached(room_id).await?;
+        let s = self.hub.services();
+        let members = s.room_cache.joined_members(room_id).await?;
         let mut servers: std::collections::BTreeSet<String> = members
             .iter()
             .filter_map(|(user, _)| UserId::parse(user.as_str()).ok())
@@ -487,7 +447,7 @@ impl Services {
         {
             servers.insert(target.server_name().to_string());
         }
-        servers.remove(self.settings.server_name.as_str());
+        servers.remove(s.settings.server_name.as_str());
         if let Some(except) = except {
             servers.remove(except.as_str());
         }
@@ -496,13 +456,14 @@ impl Services {
 
     /// Persists a built or received event, updates the room cache, queues it for
     /// `destinations` and wakes the syncs. Call under the room lock.
-    pub(crate) async fn persist_event(
+    pub(crate) async fn persist(
         &self,
         room_id: &RoomId,
         built: BuiltEvent,
         txn: Option<Txn<'_>>,
         destinations: &[String],
     ) -> Result<OwnedEventId> {
+        let s = self.hub.services();
         let BuiltEvent { event_id, object, json, pdu, state, promotes_outlier } = built;
         let state = match state {
             Some(state) => Some(state),
@@ -515,15 +476,15 @@ impl Services {
         let membership = (event_type == "m.room.member").then(|| pdu_membership(&pdu)).flatten();
         let prev_ids: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
         let relates_to = relation_of(&pdu);
-        let push_actions = self.push.actions_for(room_id, &sender, &object).await?;
+        let push_actions = s.push.actions_for(room_id, &sender, &object).await?;
         let search_text = searchable_text(&event_type, &pdu);
         let origin_server_ts = i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX);
         // Only an allowed redaction marks its target (the callers refuse or soft-fail the
         // others before they get here; this is the last word for the store and the cache).
         let redacts = if pdu.kind == ruma::events::TimelineEventType::RoomRedaction {
-            let rules = room_version_rules(&self.room_version(room_id.as_str()).await?)
+            let rules = room_version_rules(&s.rooms.version(room_id.as_str()).await?)
                 .map_err(|e| Error::internal(e.to_string()))?;
-            match self.redaction_verdict(room_id, &pdu, &rules).await? {
+            match s.redactions.verdict(room_id, &pdu, &rules).await? {
                 RedactionVerdict::Apply(target) => Some(target),
                 _ => None,
             }
@@ -535,7 +496,7 @@ impl Services {
             None => Vec::new(),
         };
         let entering_kinds: Vec<String> = entering.iter().map(|(pdu, _)| pdu.kind.to_string()).collect();
-        let entering_positions: Vec<_> = entering.iter().map(|_| self.streams.allocate()).collect();
+        let entering_positions: Vec<_> = entering.iter().map(|_| s.streams.allocate()).collect();
         let entering_rows: Vec<StateFromOutlier<'_>> = entering
             .iter()
             .zip(&entering_positions)
@@ -551,8 +512,8 @@ impl Services {
                 json: json.as_str(),
             })
             .collect();
-        let position = self.streams.allocate();
-        let outcome = self
+        let position = s.streams.allocate();
+        let outcome = s
             .store
             .append_event(AppendEvent {
                 stream_ordering: position.position(),
@@ -612,15 +573,15 @@ impl Services {
             if let (Some((before, after)), Some(plan)) = (groups, &state) {
                 // Groups never change: their chain lengths are known for good.
                 if let GroupRef::New(group) = &plan.groups.before {
-                    self.state_cache.insert_chain_len(*before, group.chain_len);
+                    s.state.remember_chain_len(*before, group.chain_len);
                 }
                 if let Some(group) = &plan.groups.after {
-                    self.state_cache.insert_chain_len(*after, if group.prev.is_some() { group.chain_len } else { 0 });
+                    s.state.remember_chain_len(*after, if group.prev.is_some() { group.chain_len } else { 0 });
                 }
             }
             let current_group = *current_group;
             let unknown_state = state.is_none() && pdu.state_key.is_some();
-            self.room_cache.with(room_id, |c| {
+            s.room_cache.with(room_id, |c| {
                 c.appended(row, &prev_ids, notified);
                 if let Some(target) = &redacts {
                     c.redacted(target.as_str(), event_id.as_str());
@@ -635,10 +596,10 @@ impl Services {
             if let Some(resolved) = &resolved_state {
                 // State resolution changed more than this event's key: the cached state and
                 // members are read again.
-                self.room_cache.invalidate(room_id);
+                s.room_cache.invalidate(room_id);
                 for (kind, key, _, _) in resolved {
                     if kind == "m.room.member" {
-                        self.user_rooms.forget(key);
+                        s.rooms.forget_user(key);
                     }
                 }
             }
@@ -649,7 +610,7 @@ impl Services {
             // must pick up the room (an invite, a join, a kick).
             changes[0].sections |= Sections::DEVICE_LISTS;
             if let Some(target) = pdu.state_key.as_deref().and_then(|k| OwnedUserId::try_from(k).ok()) {
-                self.user_rooms.forget(&target.to_string());
+                s.rooms.forget_user(target.as_str());
                 changes.push(Change::user(target, Sections::MEMBERSHIP));
             }
         }
@@ -666,7 +627,7 @@ impl Services {
         if matches!(outcome, AppendOutcome::Appended { .. }) {
             position.commit_with(changes);
             if !destinations.is_empty() {
-                self.send_queue.wake(destinations);
+                s.send_queue.wake(destinations);
             }
         } else {
             // A retried transaction wrote nothing: the position stays a gap. Committing it
@@ -690,16 +651,17 @@ impl Services {
         changes: &[crate::store::CurrentStateEntry],
         event_id: &EventId,
     ) -> Result<Vec<(Pdu, String)>> {
+        let s = self.hub.services();
         let ids: Vec<String> =
             changes.iter().map(|(_, _, id, _)| id.clone()).filter(|id| id.as_str() != event_id.as_str()).collect();
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let on_timeline: std::collections::HashSet<String> =
-            self.store.events_by_id(&ids).await?.into_iter().map(|row| row.event_id).collect();
+            s.store.events_by_id(&ids).await?.into_iter().map(|row| row.event_id).collect();
         let outliers: Vec<String> = ids.into_iter().filter(|id| !on_timeline.contains(id)).collect();
         let mut out = Vec::new();
-        for stored in self.store.pdus_for_auth(&outliers).await? {
+        for stored in s.store.pdus_for_auth(&outliers).await? {
             let id = EventId::parse(stored.event_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
             let pdu = Pdu::from_json(id, &stored.json).map_err(|e| Error::internal(e.to_string()))?;
             out.push((pdu, stored.json));
@@ -713,35 +675,26 @@ impl Services {
     /// `prev_events`, or `None` (stored outside the state model) when we know none of them,
     /// as in a room we are not in. Call under the room lock.
     async fn default_state_plan(&self, room_id: &RoomId, pdu: &Pdu) -> Result<Option<StatePlan>> {
-        let extremities = self.cached_extremities(room_id).await?;
-        let version = self.room_version(room_id.as_str()).await?;
+        let s = self.hub.services();
+        let extremities = s.room_cache.extremities(room_id).await?;
+        let version = s.rooms.version(room_id.as_str()).await?;
         let extends_heads = !extremities.is_empty()
             && extremities.len() == pdu.prev_events.len()
             && extremities.iter().all(|(id, _)| pdu.prev_events.iter().any(|p| p.as_str() == id));
         let before = if extends_heads {
-            self.current_state_before(room_id).await?
+            s.state.current_state_before(room_id).await?
         } else {
-            match self.state_before_prevs(room_id, &version, &pdu.prev_events).await? {
+            match s.state.before_prevs(room_id, &version, &pdu.prev_events).await? {
                 Some(before) => before,
                 None => return Ok(None),
             }
         };
-        Ok(Some(self.plan_state(room_id, &version, pdu, before).await?))
-    }
-
-    /// The room's joined members, through the room cache (append path, under the lock).
-    pub(crate) async fn joined_members_cached(&self, room_id: &RoomId) -> Result<super::room_cache::JoinedMembers> {
-        if let Some(hit) = self.room_cache.with(room_id, |c| c.joined.clone()) {
-            return Ok(hit);
-        }
-        let members = Arc::new(self.store.joined_members_with_names(room_id.as_str()).await?);
-        self.room_cache.with(room_id, |c| c.joined = Some(members.clone()));
-        Ok(members)
+        Ok(Some(s.state.plan(room_id, &version, pdu, before).await?))
     }
 
     /// The per-room append lock, for the federation paths that write a room.
     pub(crate) fn room_lock(&self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
-        self.room_locks.get(room_id)
+        self.locks.get(room_id)
     }
 }
 
@@ -752,14 +705,14 @@ pub(crate) struct BuiltEvent {
     pub json: String,
     pub pdu: Pdu,
     /// Its state groups and what it does to the current state; `None` to let
-    /// [`Services::persist_event`] work it out (or store it outside the state model).
+    /// [`Timeline::persist`] work it out (or store it outside the state model).
     pub state: Option<StatePlan>,
     /// It was held as an outlier until now.
     pub promotes_outlier: bool,
 }
 
 impl BuiltEvent {
-    /// A signed event whose state [`Services::persist_event`] works out.
+    /// A signed event whose state [`Timeline::persist`] works out.
     pub fn new(event_id: OwnedEventId, object: ruma::CanonicalJsonObject, json: String, pdu: Pdu) -> Self {
         Self { event_id, object, json, pdu, state: None, promotes_outlier: false }
     }

@@ -84,7 +84,7 @@ pub async fn query(
     for (server, users) in remote {
         let targets: Vec<OwnedUserId> = users.keys().cloned().collect();
         let request = ruma::api::federation::keys::get_keys::v1::Request::new(users);
-        match services.send_federation(&server, request).await {
+        match services.fed.send(&server, request).await {
             Ok(answer) => {
                 response.device_keys.extend(answer.device_keys);
                 response.master_keys.extend(answer.master_keys);
@@ -152,7 +152,7 @@ pub async fn claim(
     let mut response = claim_keys::v3::Response::new(one_time_keys);
     for (server, claims) in remote {
         let request = ruma::api::federation::keys::claim_keys::v1::Request::new(claims);
-        match services.send_federation(&server, request).await {
+        match services.fed.send(&server, request).await {
             // Same shape on both APIs: user -> device -> key id -> key.
             Ok(answer) => response.one_time_keys.extend(answer.one_time_keys),
             Err(e) => {

@@ -21,7 +21,7 @@ use axum::{
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use ruma::{
-    MilliSecondsSinceUnixEpoch, UInt,
+    MilliSecondsSinceUnixEpoch, ServerName, UInt,
     api::client::{authenticated_media, media},
     http_headers::{ContentDisposition, ContentDispositionType},
 };
@@ -33,7 +33,9 @@ use crate::{
     error::{Error, Result},
     service::{
         Services,
-        media::{MediaContent, NewResumable, ResumableStatus, UploadMeta, thumbnail::Method},
+        media::{
+            Download, MediaContent, NewResumable, ResumableStatus, ThumbnailRequest, UploadMeta, thumbnail::Method,
+        },
     },
 };
 
@@ -108,7 +110,7 @@ pub async fn upload(State(services): State<Arc<Services>>, req: Request) -> Resu
     let (user, _) = authenticate_parts(&parts, &services).await?;
     services.rate_limits.check_user(crate::service::rate_limit::Class::MediaCreate, &user.user_id)?;
     let meta = upload_meta(&parts)?;
-    let content_uri = services.upload_media(&user.user_id, meta, body_stream(body)).await?;
+    let content_uri = services.media.upload(&user.user_id, meta, body_stream(body)).await?;
     Ok(RumaResponse(media::create_content::v3::Response::new(content_uri)).into_response())
 }
 
@@ -119,11 +121,9 @@ pub async fn create(
 ) -> Result<RumaResponse<media::create_mxc_uri::v1::Response>> {
     let user = req.user()?;
     services.rate_limits.check_user(crate::service::rate_limit::Class::MediaCreate, &user.user_id)?;
-    let media_id = services.create_media_reservation(&user.user_id, None).await?;
-    let row = services.store.media(&media_id).await?.ok_or_else(|| Error::internal("reservation vanished"))?;
-    let mut response =
-        media::create_mxc_uri::v1::Response::new(format!("mxc://{}/{media_id}", services.settings.server_name).into());
-    let expiry = UInt::try_from(services.reservation_expiry(row.created_ts)).unwrap_or(UInt::MAX);
+    let reservation = services.media.create_reservation(&user.user_id).await?;
+    let mut response = media::create_mxc_uri::v1::Response::new(reservation.content_uri);
+    let expiry = UInt::try_from(reservation.expires_at_ms).unwrap_or(UInt::MAX);
     response.unused_expires_at = Some(MilliSecondsSinceUnixEpoch(expiry));
     Ok(RumaResponse(response))
 }
@@ -136,13 +136,13 @@ pub async fn upload_reserved(State(services): State<Arc<Services>>, req: Request
         .await
         .map_err(|e| Error::InvalidParam(format!("Invalid path: {}", e.body_text())))?;
     let meta = upload_meta(&parts)?;
-    services.upload_reserved_media(&user.user_id, &server_name, &media_id, meta, body_stream(body)).await?;
+    services.media.upload_reserved(&user.user_id, &server_name, &media_id, meta, body_stream(body)).await?;
     // ruma's response type for this endpoint (`{}`) has no public constructor.
     Ok(axum::Json(json!({})).into_response())
 }
 
 fn upload_size(services: &Services) -> UInt {
-    UInt::try_from(services.max_upload_bytes()).unwrap_or(UInt::MAX)
+    UInt::try_from(services.media.max_upload_bytes()).unwrap_or(UInt::MAX)
 }
 
 pub async fn config(
@@ -166,7 +166,10 @@ pub async fn download(
     req: Ruma<authenticated_media::get_content::v1::Request>,
 ) -> Result<Response> {
     let r = req.body;
-    let content = services.content_for_download(r.server_name.as_str(), &r.media_id, r.timeout_ms, true).await?;
+    let content = services
+        .media
+        .content_for_download(asked(&r.server_name, &r.media_id, r.timeout_ms, Endpoint::Authenticated))
+        .await?;
     media_response(content, None, &headers).await
 }
 
@@ -176,7 +179,10 @@ pub async fn download_as(
     req: Ruma<authenticated_media::get_content_as_filename::v1::Request>,
 ) -> Result<Response> {
     let r = req.body;
-    let content = services.content_for_download(r.server_name.as_str(), &r.media_id, r.timeout_ms, true).await?;
+    let content = services
+        .media
+        .content_for_download(asked(&r.server_name, &r.media_id, r.timeout_ms, Endpoint::Authenticated))
+        .await?;
     media_response(content, Some(r.filename), &headers).await
 }
 
@@ -187,7 +193,8 @@ pub async fn download_legacy(
     req: Ruma<media::get_content::v3::Request>,
 ) -> Result<Response> {
     let r = req.body;
-    let content = services.content_for_download(r.server_name.as_str(), &r.media_id, r.timeout_ms, false).await?;
+    let content =
+        services.media.content_for_download(asked(&r.server_name, &r.media_id, r.timeout_ms, Endpoint::Legacy)).await?;
     media_response(content, None, &headers).await
 }
 
@@ -198,7 +205,8 @@ pub async fn download_as_legacy(
     req: Ruma<media::get_content_as_filename::v3::Request>,
 ) -> Result<Response> {
     let r = req.body;
-    let content = services.content_for_download(r.server_name.as_str(), &r.media_id, r.timeout_ms, false).await?;
+    let content =
+        services.media.content_for_download(asked(&r.server_name, &r.media_id, r.timeout_ms, Endpoint::Legacy)).await?;
     media_response(content, Some(r.filename), &headers).await
 }
 
@@ -210,21 +218,42 @@ pub(crate) fn method(m: Option<ruma::media::Method>) -> Result<Method> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Which endpoint a download came in on (the legacy ones serve less).
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Authenticated,
+    Legacy,
+}
+
+fn asked<'a>(server_name: &'a ServerName, media_id: &'a str, timeout: Duration, endpoint: Endpoint) -> Download<'a> {
+    Download {
+        server_name: server_name.as_str(),
+        media_id,
+        timeout,
+        authenticated: matches!(endpoint, Endpoint::Authenticated),
+    }
+}
+
+/// The size and method a thumbnail request asks for.
+struct ThumbnailAsked {
+    width: UInt,
+    height: UInt,
+    method: Option<ruma::media::Method>,
+}
+
 async fn thumbnail_response(
     services: &Services,
     headers: &HeaderMap,
-    server_name: &str,
-    media_id: &str,
-    width: UInt,
-    height: UInt,
-    m: Option<ruma::media::Method>,
-    timeout: Duration,
-    authenticated: bool,
+    media: Download<'_>,
+    asked: ThumbnailAsked,
 ) -> Result<Response> {
-    let content = services
-        .media_thumbnail(server_name, media_id, width.into(), height.into(), method(m)?, timeout, authenticated)
-        .await?;
+    let request = ThumbnailRequest {
+        media,
+        width: asked.width.into(),
+        height: asked.height.into(),
+        method: method(asked.method)?,
+    };
+    let content = services.media.thumbnail(request).await?;
     media_response(content, None, headers).await
 }
 
@@ -234,16 +263,12 @@ pub async fn thumbnail(
     req: Ruma<authenticated_media::get_content_thumbnail::v1::Request>,
 ) -> Result<Response> {
     let r = req.body;
+    let media = asked(&r.server_name, &r.media_id, r.timeout_ms, Endpoint::Authenticated);
     thumbnail_response(
         &services,
         &headers,
-        r.server_name.as_str(),
-        &r.media_id,
-        r.width,
-        r.height,
-        r.method,
-        r.timeout_ms,
-        true,
+        media,
+        ThumbnailAsked { width: r.width, height: r.height, method: r.method },
     )
     .await
 }
@@ -255,16 +280,12 @@ pub async fn thumbnail_legacy(
     req: Ruma<media::get_content_thumbnail::v3::Request>,
 ) -> Result<Response> {
     let r = req.body;
+    let media = asked(&r.server_name, &r.media_id, r.timeout_ms, Endpoint::Legacy);
     thumbnail_response(
         &services,
         &headers,
-        r.server_name.as_str(),
-        &r.media_id,
-        r.width,
-        r.height,
-        r.method,
-        r.timeout_ms,
-        false,
+        media,
+        ThumbnailAsked { width: r.width, height: r.height, method: r.method },
     )
     .await
 }
@@ -412,7 +433,8 @@ pub async fn resumable_create(State(services): State<Arc<Services>>, req: Reques
         _ => Error::NotJson(format!("The request body is not valid JSON: {e}")),
     })?;
     let media_id = services
-        .create_resumable_upload(
+        .media
+        .create_resumable(
             &user.user_id,
             NewResumable {
                 length: announced.length,
@@ -423,7 +445,7 @@ pub async fn resumable_create(State(services): State<Arc<Services>>, req: Reques
         )
         .await?;
     let status =
-        services.resumable_upload_status(&user.user_id, services.settings.server_name.as_str(), &media_id).await?;
+        services.media.resumable_status(&user.user_id, services.settings.server_name.as_str(), &media_id).await?;
     Ok(status_response(&services, status))
 }
 
@@ -439,7 +461,7 @@ pub async fn resumable_status(State(services): State<Arc<Services>>, req: Reques
     let (mut parts, _) = req.into_parts();
     let (user, _) = authenticate_parts(&parts, &services).await?;
     let (server_name, media_id) = resumable_path(&mut parts, &services).await?;
-    let status = services.resumable_upload_status(&user.user_id, &server_name, &media_id).await?;
+    let status = services.media.resumable_status(&user.user_id, &server_name, &media_id).await?;
     Ok(status_response(&services, status))
 }
 
@@ -457,7 +479,7 @@ pub async fn resumable_append(State(services): State<Arc<Services>>, req: Reques
         .and_then(|v| v.trim().parse::<u64>().ok())
         .ok_or_else(|| Error::InvalidParam("Upload-Offset must be a whole number".to_owned()))?;
     if let Some(len) = content_length(&parts.headers)? {
-        let status = services.resumable_upload_status(&user.user_id, &server_name, &media_id).await?;
+        let status = services.media.resumable_status(&user.user_id, &server_name, &media_id).await?;
         if status.complete {
             return Err(Error::Conflict("This upload is already complete".to_owned()));
         }
@@ -469,7 +491,7 @@ pub async fn resumable_append(State(services): State<Arc<Services>>, req: Reques
         }
     }
     let status =
-        services.append_resumable_upload(&user.user_id, &server_name, &media_id, offset, body_stream(body)).await?;
+        services.media.append_resumable(&user.user_id, &server_name, &media_id, offset, body_stream(body)).await?;
     Ok(status_response(&services, status))
 }
 

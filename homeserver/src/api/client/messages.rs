@@ -56,8 +56,10 @@ pub async fn send(
         return Ok(RumaResponse(send_message_event::v3::Response::new(sent)));
     }
     let txn = Txn { device_id: user.device_id.as_str(), scope: &scope, txn_id: req.body.txn_id.as_str() };
-    let event_id =
-        services.append_event(&req.body.room_id, &user.user_id, EventDraft::message(&kind, content), Some(txn)).await?;
+    let event_id = services
+        .timeline
+        .append(&req.body.room_id, &user.user_id, EventDraft::message(&kind, content), Some(txn))
+        .await?;
     Ok(RumaResponse(send_message_event::v3::Response::new(event_id)))
 }
 
@@ -73,7 +75,7 @@ pub async fn redact(
     // The auth rules let any member send a redaction; whether it may redact somebody else's
     // event is the server's check (the sender's `redact` power, a v12 creator's unlimited one).
     if target.sender != user.user_id.as_str()
-        && !services.power_levels(target.room_id.as_str()).await?.user_can_redact_event_of_other(&user.user_id)
+        && !services.rooms.power_levels(target.room_id.as_str()).await?.user_can_redact_event_of_other(&user.user_id)
     {
         return Err(Error::Forbidden("You may only redact your own events".to_owned()));
     }
@@ -94,7 +96,7 @@ pub async fn redact(
         return Ok(RumaResponse(redact_event::v3::Response::new(sent)));
     }
     let txn = Txn { device_id: user.device_id.as_str(), scope: &scope, txn_id: req.body.txn_id.as_str() };
-    let event_id = services.append_event(&req.body.room_id, &user.user_id, draft, Some(txn)).await?;
+    let event_id = services.timeline.append(&req.body.room_id, &user.user_id, draft, Some(txn)).await?;
     Ok(RumaResponse(redact_event::v3::Response::new(event_id)))
 }
 
@@ -152,6 +154,7 @@ pub async fn messages(
         };
         let page_len = page.len();
         let visible: std::collections::HashSet<String> = services
+            .sync
             .visible_events(room_id, user.user_id.as_str(), page.clone())
             .await?
             .into_iter()
@@ -169,7 +172,7 @@ pub async fn messages(
         if page_len < wanted {
             if backwards && to.is_none() && backfills < MAX_BACKFILLS_PER_REQUEST {
                 backfills += 1;
-                match services.backfill_older(&body.room_id, wanted - chunk_rows.len()).await {
+                match services.receiver.backfill_older(&body.room_id, wanted - chunk_rows.len()).await {
                     Ok(stored) if stored > 0 => continue,
                     Ok(_) => {}
                     Err(e) => tracing::info!(%room_id, error = %e, "could not backfill older history"),
@@ -182,7 +185,7 @@ pub async fn messages(
     let end = more.then_some(Positions::at(cursor));
 
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
-    let chunk = services.raw_client_events(&chunk_rows, viewer, true).await?;
+    let chunk = services.relations.raw_client_events(&chunk_rows, viewer, true).await?;
     let mut state = Vec::new();
     if filter.lazy_load_members {
         let mut senders: Vec<&str> = chunk_rows.iter().map(|r| r.sender.as_str()).collect();
@@ -190,7 +193,7 @@ pub async fn messages(
         senders.dedup();
         for sender in senders {
             if let Some(row) = services.store.current_state_event(room_id, "m.room.member", sender).await? {
-                state.push(services.raw_client_event(&row, viewer, true).await?);
+                state.push(services.events.raw_client_event(&row, viewer, true).await?);
             }
         }
     }
@@ -213,10 +216,10 @@ pub async fn event(
         return Err(not_found());
     }
     let room_id = row.room_id.clone();
-    let visible = services.visible_events(&room_id, user.user_id.as_str(), vec![row]).await?;
+    let visible = services.sync.visible_events(&room_id, user.user_id.as_str(), vec![row]).await?;
     let row = visible.into_iter().next().ok_or_else(not_found)?;
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
-    let event = services.raw_client_event_bundled(&row, viewer, true).await?;
+    let event = services.relations.raw_client_event_bundled(&row, viewer, true).await?;
     Ok(RumaResponse(get_room_event::v3::Response::new(event)))
 }
 
@@ -228,7 +231,7 @@ pub async fn typing(
     if req.body.user_id != user.user_id {
         return Err(Error::Forbidden("You may only set your own typing state".to_owned()));
     }
-    services.require_joined(req.body.room_id.as_str(), user.user_id.as_str()).await?;
+    services.rooms.require_joined(req.body.room_id.as_str(), user.user_id.as_str()).await?;
     let timeout = match req.body.state {
         ruma::api::client::typing::create_typing_event::v3::Typing::Yes(info) => Some(info.timeout),
         _ => None,
@@ -241,7 +244,7 @@ pub async fn typing(
         let edu = json!({"edu_type": "m.typing", "content": {
             "room_id": req.body.room_id, "user_id": user.user_id, "typing": timeout.is_some(),
         }});
-        services.send_edu_to_room(&req.body.room_id, edu).await?;
+        services.send_queue.queue_edu(&req.body.room_id, edu).await?;
     }
     Ok(RumaResponse(create_typing_event::v3::Response::new()))
 }
@@ -286,7 +289,7 @@ impl Services {
         };
         position.commit_with(vec![change]);
         if kind != "m.fully_read" {
-            self.forget_unread_counts(user_id, room_id);
+            self.sync.forget_unread(user_id, room_id);
         }
         Ok(())
     }
@@ -297,7 +300,7 @@ pub async fn receipt(
     req: Ruma<create_receipt::v3::Request>,
 ) -> Result<RumaResponse<create_receipt::v3::Response>> {
     let user = req.user()?.clone();
-    services.require_joined(req.body.room_id.as_str(), user.user_id.as_str()).await?;
+    services.rooms.require_joined(req.body.room_id.as_str(), user.user_id.as_str()).await?;
     let kind = match &req.body.receipt_type {
         ReceiptType::Read => "m.read",
         ReceiptType::ReadPrivate => "m.read.private",
@@ -320,7 +323,7 @@ pub async fn receipt(
         let edu = json!({"edu_type": "m.receipt", "content": {
             (req.body.room_id.as_str()): {"m.read": {(user.user_id.as_str()): {"event_ids": [req.body.event_id], "data": data}}},
         }});
-        services.send_edu_to_room(&req.body.room_id, edu).await?;
+        services.send_queue.queue_edu(&req.body.room_id, edu).await?;
     }
     Ok(RumaResponse(create_receipt::v3::Response::new()))
 }
@@ -330,7 +333,7 @@ pub async fn read_markers(
     req: Ruma<set_read_marker::v3::Request>,
 ) -> Result<RumaResponse<set_read_marker::v3::Response>> {
     let user = req.user()?.clone();
-    services.require_joined(req.body.room_id.as_str(), user.user_id.as_str()).await?;
+    services.rooms.require_joined(req.body.room_id.as_str(), user.user_id.as_str()).await?;
     for (kind, event_id) in [
         ("m.fully_read", &req.body.fully_read),
         ("m.read", &req.body.read_receipt),

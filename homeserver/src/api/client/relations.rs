@@ -47,7 +47,7 @@ async fn relations_page(
 ) -> Result<RelationsPage> {
     let parent = services.store.event(target).await?.filter(|e| e.room_id == room_id);
     let parent = parent.ok_or_else(|| Error::NotFound("Event not found".to_owned()))?;
-    if services.visible_events(room_id, user.user_id.as_str(), vec![parent]).await?.is_empty() {
+    if services.sync.visible_events(room_id, user.user_id.as_str(), vec![parent]).await?.is_empty() {
         return Err(Error::NotFound("Event not found".to_owned()));
     }
     let parse = |t: &str| {
@@ -68,13 +68,13 @@ async fn relations_page(
         }
         _ => None,
     };
-    let chunk = services.visible_events(room_id, user.user_id.as_str(), rows).await?;
+    let chunk = services.sync.visible_events(room_id, user.user_id.as_str(), rows).await?;
     Ok(RelationsPage { chunk, next_batch })
 }
 
 async fn raw_chunk<T>(services: &Services, user: &AuthedUser, rows: &[EventRow]) -> Result<Vec<ruma::serde::Raw<T>>> {
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
-    services.raw_client_events(rows, viewer, true).await
+    services.relations.raw_client_events(rows, viewer, true).await
 }
 
 pub async fn relating(
@@ -185,9 +185,9 @@ pub async fn threads(
     }
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
     let mut shown = Vec::new();
-    for row in services.visible_events(room_id, user.user_id.as_str(), rows).await? {
+    for row in services.sync.visible_events(room_id, user.user_id.as_str(), rows).await? {
         // A root the viewer saw is a thread to them only if they may see one of its replies.
-        if services.sees_a_thread_reply(&row, viewer).await? {
+        if services.relations.sees_a_thread_reply(&row, viewer).await? {
             shown.push(row);
         }
     }
@@ -210,7 +210,7 @@ pub async fn context(
         .filter(|e| e.room_id == room_id)
         .ok_or_else(not_found)?;
     let center = row.stream_ordering;
-    if services.visible_events(room_id, user.user_id.as_str(), vec![row.clone()]).await?.is_empty() {
+    if services.sync.visible_events(room_id, user.user_id.as_str(), vec![row.clone()]).await?.is_empty() {
         return Err(not_found());
     }
     let filter_json = serde_json::to_value(&req.body.filter).map_err(|e| Error::internal(e.to_string()))?;
@@ -223,19 +223,21 @@ pub async fn context(
     let start = before.last().map(|r| r.stream_ordering - 1).unwrap_or(center - 1);
     let end = after.last().map(|r| r.stream_ordering).unwrap_or(center);
     let before: Vec<EventRow> = services
+        .sync
         .visible_events(room_id, user.user_id.as_str(), before)
         .await?
         .into_iter()
         .filter(|r| filter.allows_event(r))
         .collect();
     let after: Vec<EventRow> = services
+        .sync
         .visible_events(room_id, user.user_id.as_str(), after)
         .await?
         .into_iter()
         .filter(|r| filter.allows_event(r))
         .collect();
 
-    let mut state_rows = services.state_at(room_id, center).await?;
+    let mut state_rows = services.sync.state_at(room_id, center).await?;
     if filter.lazy_load_members {
         let mut senders: Vec<String> =
             before.iter().chain(after.iter()).chain(std::iter::once(&row)).map(|r| r.sender.clone()).collect();

@@ -15,7 +15,6 @@ use ruma::{
         room::{Visibility, aliases, create_room, upgrade_room},
         state::{get_state_event_for_key, get_state_events, send_state_event},
     },
-    directory::{PublicRoomsChunk, PublicRoomsChunkInit},
 };
 use serde_json::Value as JsonValue;
 
@@ -80,7 +79,7 @@ pub async fn create(
         initial_state,
         power_level_content_override: body.power_level_content_override.as_ref().map(object_of).transpose()?,
     };
-    let room_id = services.create_room(&user.user_id, request).await?;
+    let room_id = services.rooms.create(&user.user_id, request).await?;
     Ok(RumaResponse(create_room::v3::Response::new(room_id)))
 }
 
@@ -90,7 +89,7 @@ pub async fn upgrade(
 ) -> Result<RumaResponse<upgrade_room::v3::Response>> {
     let user = req.user()?.clone();
     let b = req.body;
-    let new_room = services.upgrade_room(&b.room_id, &user.user_id, b.new_version, b.additional_creators).await?;
+    let new_room = services.rooms.upgrade(&b.room_id, &user.user_id, b.new_version, b.additional_creators).await?;
     Ok(RumaResponse(upgrade_room::v3::Response::new(new_room)))
 }
 
@@ -102,6 +101,7 @@ pub async fn join_by_id(
     let room_id = req.body.room_id;
     services.limit_join(&user.user_id, &room_id).await?;
     services
+        .rooms
         .change_membership_via(
             &room_id,
             &user.user_id,
@@ -120,10 +120,11 @@ pub async fn join_by_id_or_alias(
     req: Ruma<join_room_by_id_or_alias::v3::Request>,
 ) -> Result<RumaResponse<join_room_by_id_or_alias::v3::Response>> {
     let user = req.user()?.clone();
-    let (room_id, mut via) = services.resolve_room_with_servers(req.body.room_id_or_alias.as_str()).await?;
+    let (room_id, mut via) = services.rooms.resolve_with_servers(req.body.room_id_or_alias.as_str()).await?;
     via.extend(req.body.via.iter().cloned());
     services.limit_join(&user.user_id, &room_id).await?;
     services
+        .rooms
         .change_membership_via(
             &room_id,
             &user.user_id,
@@ -154,6 +155,7 @@ pub async fn invite(
         ],
     )?;
     services
+        .rooms
         .change_membership(
             &req.body.room_id,
             &user.user_id,
@@ -172,6 +174,7 @@ pub async fn leave(
 ) -> Result<RumaResponse<leave_room::v3::Response>> {
     let user = req.user()?.clone();
     services
+        .rooms
         .change_membership(
             &req.body.room_id,
             &user.user_id,
@@ -192,7 +195,7 @@ async fn moderate(
     change: Membership,
     reason: Option<&str>,
 ) -> Result<()> {
-    let current = services.membership(room_id.as_str(), target.as_str()).await?;
+    let current = services.rooms.membership(room_id.as_str(), target.as_str()).await?;
     match change {
         // Kicking somebody who is not in the room (or banned) is not a kick.
         Membership::Leave if !matches!(current.as_deref(), Some("join" | "invite" | "knock")) && sender != target => {
@@ -200,7 +203,7 @@ async fn moderate(
         }
         _ => {}
     }
-    services.change_membership(room_id, sender, target, change, reason, false).await?;
+    services.rooms.change_membership(room_id, sender, target, change, reason, false).await?;
     Ok(())
 }
 
@@ -243,10 +246,12 @@ pub async fn unban(
     req: Ruma<unban_user::v3::Request>,
 ) -> Result<RumaResponse<unban_user::v3::Response>> {
     let user = req.user()?.clone();
-    if services.membership(req.body.room_id.as_str(), req.body.user_id.as_str()).await?.as_deref() != Some("ban") {
+    if services.rooms.membership(req.body.room_id.as_str(), req.body.user_id.as_str()).await?.as_deref() != Some("ban")
+    {
         return Err(Error::Forbidden("The user is not banned".to_owned()));
     }
     services
+        .rooms
         .change_membership(
             &req.body.room_id,
             &user.user_id,
@@ -265,7 +270,7 @@ pub async fn forget(
 ) -> Result<RumaResponse<forget_room::v3::Response>> {
     let user = req.user()?.clone();
     let room_id = req.body.room_id.as_str();
-    match services.membership(room_id, user.user_id.as_str()).await?.as_deref() {
+    match services.rooms.membership(room_id, user.user_id.as_str()).await?.as_deref() {
         Some("join" | "invite" | "knock") => {
             return Err(Error::Unknown("Leave the room before forgetting it".to_owned()));
         }
@@ -300,7 +305,7 @@ async fn require_joined_room(services: &Services, room_id: &RoomId, user_id: &Us
     if services.store.room(room_id.as_str()).await?.is_none() {
         return Err(Error::NotFound("Unknown room".to_owned()));
     }
-    match services.membership(room_id.as_str(), user_id.as_str()).await?.as_deref() {
+    match services.rooms.membership(room_id.as_str(), user_id.as_str()).await?.as_deref() {
         Some("join") => Ok(()),
         _ => Err(Error::Forbidden("You are not a member of this room".to_owned())),
     }
@@ -315,7 +320,7 @@ pub async fn state(
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
     let mut events = Vec::new();
     for row in services.store.current_state(req.body.room_id.as_str()).await? {
-        events.push(services.raw_client_event(&row, viewer, true).await?);
+        events.push(services.events.raw_client_event(&row, viewer, true).await?);
     }
     Ok(RumaResponse(get_state_events::v3::Response::new(events)))
 }
@@ -332,7 +337,7 @@ pub async fn state_event(
         .await?
         .ok_or_else(|| Error::NotFound("Event not found".to_owned()))?;
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
-    let event = services.client_event(&row, viewer, true).await?;
+    let event = services.events.client_event(&row, viewer, true).await?;
     let value = match req.body.format {
         get_state_event_for_key::v3::StateEventFormat::Event => event,
         _ => event["content"].clone(),
@@ -357,7 +362,8 @@ pub async fn send_state(
         check_canonical_alias(&services, &req.body.room_id, &content).await?;
     }
     let event_id = services
-        .append_event(&req.body.room_id, &user.user_id, EventDraft::state(&kind, &req.body.state_key, content), None)
+        .timeline
+        .append(&req.body.room_id, &user.user_id, EventDraft::state(&kind, &req.body.state_key, content), None)
         .await?;
     Ok(RumaResponse(send_state_event::v3::Response::new(event_id)))
 }
@@ -391,7 +397,7 @@ pub async fn members(
         if row.event_type != "m.room.member" {
             continue;
         }
-        let event = services.client_event(&row, viewer, true).await?;
+        let event = services.events.client_event(&row, viewer, true).await?;
         let m = event["content"]["membership"].as_str().unwrap_or_default().to_owned();
         if membership.as_ref().is_some_and(|x| *x != m) || not_membership.as_ref().is_some_and(|x| *x == m) {
             continue;
@@ -433,7 +439,7 @@ pub async fn alias_create(
     if alias.server_name() != services.settings.server_name {
         return Err(Error::InvalidParam("Aliases must be on this server".to_owned()));
     }
-    services.require_joined(req.body.room_id.as_str(), user.user_id.as_str()).await?;
+    services.rooms.require_joined(req.body.room_id.as_str(), user.user_id.as_str()).await?;
     if !services.store.create_alias(alias.as_str(), req.body.room_id.as_str(), user.user_id.as_str(), now_ms()).await? {
         return Err(Error::Conflict("The room alias already exists".to_owned()));
     }
@@ -449,7 +455,7 @@ pub async fn alias_get(
         // Another server's alias: ask that server, for signed-in users only (anyone else
         // could make us contact any server).
         req.signed_in_user(&services).await?;
-        let (room_id, servers) = services.remote_alias(alias).await?;
+        let (room_id, servers) = services.rooms.remote_alias(alias).await?;
         return Ok(RumaResponse(get_alias::v3::Response::new(room_id, servers)));
     }
     let (room_id, _) =
@@ -474,8 +480,8 @@ pub async fn alias_delete(
     let admin = services.store.user(user.user_id.as_str()).await?.is_some_and(|u| u.is_admin);
     if creator != user.user_id.as_str()
         && !admin
-        && !(services.membership(&room_id, user.user_id.as_str()).await?.as_deref() == Some("join")
-            && services.can_send_state(&room_id, &user.user_id, "m.room.canonical_alias").await?)
+        && !(services.rooms.membership(&room_id, user.user_id.as_str()).await?.as_deref() == Some("join")
+            && services.rooms.can_send_state(&room_id, &user.user_id, "m.room.canonical_alias").await?)
     {
         return Err(Error::Forbidden("You may not delete this alias".to_owned()));
     }
@@ -505,8 +511,8 @@ pub async fn visibility_set(
     services.store.room(room_id).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
     // Only a member with the power to change the canonical alias (as Synapse): power levels
     // outlive a membership, a kicked moderator keeps their entry.
-    services.require_joined(room_id, user.user_id.as_str()).await?;
-    if !services.can_send_state(room_id, &user.user_id, "m.room.canonical_alias").await? {
+    services.rooms.require_joined(room_id, user.user_id.as_str()).await?;
+    if !services.rooms.can_send_state(room_id, &user.user_id, "m.room.canonical_alias").await? {
         return Err(Error::Forbidden("You may not change the directory visibility of this room".to_owned()));
     }
     services.store.set_room_published(room_id, req.body.visibility == Visibility::Public).await?;
@@ -571,9 +577,9 @@ async fn directory_page<T>(
     if let Some(server) = query.server.filter(|s| *s != services.settings.server_name) {
         req.signed_in_user(services).await?;
         let query = DirectoryQuery { server, limit: query.limit, since: query.since, search: query.search };
-        return services.remote_directory_page(query).await;
+        return services.rooms.remote_directory_page(query).await;
     }
-    let page = services.public_rooms_page(query.search.as_deref(), query.limit, query.since.as_deref()).await?;
+    let page = services.rooms.public_rooms_page(query.search.as_deref(), query.limit, query.since.as_deref()).await?;
     let mut response = ruma::api::federation::directory::get_public_rooms::v1::Response::new();
     response.chunk = page.chunk;
     response.next_batch = page.next_batch;
@@ -588,87 +594,6 @@ pub async fn room_aliases(
     req: Ruma<aliases::v3::Request>,
 ) -> Result<RumaResponse<aliases::v3::Response>> {
     let user = req.user()?;
-    let aliases = services.local_aliases(&req.body.room_id, &user.user_id).await?;
+    let aliases = services.rooms.local_aliases(&req.body.room_id, &user.user_id).await?;
     Ok(RumaResponse(aliases::v3::Response::new(aliases)))
-}
-
-/// One page of this server's public room directory.
-pub struct PublicRoomsPage {
-    pub chunk: Vec<PublicRoomsChunk>,
-    pub next_batch: Option<String>,
-    pub prev_batch: Option<String>,
-    pub total: ruma::UInt,
-}
-
-impl Services {
-    /// A page of public rooms (`since` is the offset of the page's first room), for clients
-    /// and for other servers.
-    pub async fn public_rooms_page(
-        &self,
-        search: Option<&str>,
-        limit: Option<ruma::UInt>,
-        since: Option<&str>,
-    ) -> Result<PublicRoomsPage> {
-        let chunk = self.public_room_chunks(search).await?;
-        let limit = limit.map(|l| usize::try_from(u64::from(l)).unwrap_or(usize::MAX)).unwrap_or(usize::MAX);
-        let start: usize = since.and_then(|s| s.parse().ok()).unwrap_or(0);
-        let total = chunk.len();
-        let page: Vec<PublicRoomsChunk> = chunk.into_iter().skip(start).take(limit).collect();
-        let next_batch = (start + page.len() < total).then(|| (start + page.len()).to_string());
-        let prev_batch = (start > 0).then(|| start.saturating_sub(limit).to_string());
-        Ok(PublicRoomsPage {
-            chunk: page,
-            next_batch,
-            prev_batch,
-            total: ruma::UInt::new(total as u64).unwrap_or_default(),
-        })
-    }
-
-    /// Public rooms on this server, filtered by a search term.
-    pub async fn public_room_chunks(&self, search: Option<&str>) -> Result<Vec<PublicRoomsChunk>> {
-        let mut out = Vec::new();
-        for room_id in self.store.published_rooms().await? {
-            let Ok(id) = RoomId::parse(room_id.as_str()) else { continue };
-            let state = |kind: &'static str, field: &'static str| {
-                let room_id = room_id.clone();
-                async move {
-                    Ok::<_, Error>(self.store.current_state_event(&room_id, kind, "").await?.and_then(|row| {
-                        serde_json::from_str::<JsonValue>(&row.json)
-                            .ok()
-                            .and_then(|v| v["content"][field].as_str().map(str::to_owned))
-                    }))
-                }
-            };
-            let name = state("m.room.name", "name").await?;
-            let topic = state("m.room.topic", "topic").await?;
-            let alias = state("m.room.canonical_alias", "alias").await?;
-            let avatar = state("m.room.avatar", "url").await?;
-            let join_rule = state("m.room.join_rules", "join_rule").await?;
-            let history = state("m.room.history_visibility", "history_visibility").await?;
-            if let Some(term) = search {
-                let term = term.to_lowercase();
-                let hit = [&name, &topic, &alias]
-                    .iter()
-                    .any(|f| f.as_ref().is_some_and(|v| v.to_lowercase().contains(&term)));
-                if !hit {
-                    continue;
-                }
-            }
-            let joined = self.store.room_members(&room_id, "join").await?.len();
-            let mut chunk = PublicRoomsChunk::from(PublicRoomsChunkInit {
-                num_joined_members: ruma::UInt::new(joined as u64).unwrap_or_default(),
-                room_id: id,
-                world_readable: history.as_deref() == Some("world_readable"),
-                guest_can_join: false,
-            });
-            chunk.name = name;
-            chunk.topic = topic;
-            chunk.canonical_alias = alias.and_then(|a| a.try_into().ok());
-            chunk.avatar_url = avatar.map(Into::into);
-            chunk.join_rule = join_rule.as_deref().unwrap_or("public").into();
-            out.push(chunk);
-        }
-        out.sort_by_key(|c| std::cmp::Reverse(c.num_joined_members));
-        Ok(out)
-    }
 }

@@ -69,13 +69,13 @@ pub async fn search(
             continue;
         }
         let room_id = row.room_id.clone();
-        if services.visible_events(&room_id, user.user_id.as_str(), vec![row.clone()]).await?.is_empty() {
+        if services.sync.visible_events(&room_id, user.user_id.as_str(), vec![row.clone()]).await?.is_empty() {
             continue;
         }
         let mut result = SearchResult::new();
         // FTS5's bm25 is "lower is better"; clients expect "higher is better".
         result.rank = Some(if services.store.backend() == crate::store::Backend::Sqlite { -rank } else { rank });
-        result.result = Some(services.raw_client_event_bundled(&row, viewer, true).await?);
+        result.result = Some(services.relations.raw_client_event_bundled(&row, viewer, true).await?);
         results.push(result);
     }
     let mut room_events = ResultRoomEvents::new();

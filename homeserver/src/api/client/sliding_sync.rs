@@ -13,6 +13,6 @@ use crate::{
 
 pub async fn sync(State(services): State<Arc<Services>>, req: Ruma<v5::Request>) -> Result<RumaResponse<v5::Response>> {
     let user = req.user()?.clone();
-    let response = services.sliding_sync(&user.user_id, user.device_id.as_str(), req.body).await?;
+    let response = services.sliding_sync.run(&user.user_id, user.device_id.as_str(), req.body).await?;
     Ok(RumaResponse(response))
 }

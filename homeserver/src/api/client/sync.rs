@@ -34,7 +34,7 @@ pub async fn sync(
         Some(_) => None,
         None => None,
     };
-    let filter = services.resolve_filter(user.user_id.as_str(), filter_text.as_deref()).await?;
+    let filter = services.sync.resolve_filter(user.user_id.as_str(), filter_text.as_deref()).await?;
     let event_fields = filter.event_fields.clone();
     let request = SyncRequest {
         since,
@@ -43,7 +43,7 @@ pub async fn sync(
         timeout: body.timeout.unwrap_or(Duration::ZERO),
         set_presence: body.set_presence.to_string(),
     };
-    let mut response = services.sync(&user.user_id, user.device_id.as_str(), request).await?;
+    let mut response = services.sync.run(&user.user_id, user.device_id.as_str(), request).await?;
     if let Some(fields) = event_fields {
         crate::service::event_fields::apply_to_sync(&mut response, &fields);
     }

@@ -32,7 +32,7 @@ pub async fn event(
     req: Ruma<get_event::v1::Request>,
 ) -> Result<RumaResponse<get_event::v1::Response>> {
     let origin = origin(&req)?;
-    let pdu = services.event_for_server(&req.body.event_id, &origin).await?;
+    let pdu = services.servers.event(&req.body.event_id, &origin).await?;
     Ok(RumaResponse(get_event::v1::Response::new(
         services.settings.server_name.clone(),
         MilliSecondsSinceUnixEpoch::now(),
@@ -46,12 +46,12 @@ pub async fn state(
 ) -> Result<RumaResponse<get_room_state::v1::Response>> {
     let origin = origin(&req)?;
     let room_id = &req.body.room_id;
-    services.require_server_may_read(room_id, &origin).await?;
-    services.require_server_may_see(room_id, req.body.event_id.as_str(), &origin).await?;
-    let (state, chain) = services.state_before_event(room_id, &req.body.event_id).await?;
+    services.servers.require_may_read(room_id, &origin).await?;
+    services.servers.require_may_see(room_id, req.body.event_id.as_str(), &origin).await?;
+    let (state, chain) = services.servers.state_before(room_id, &req.body.event_id).await?;
     Ok(RumaResponse(get_room_state::v1::Response::new(
-        services.events_for_server(room_id, &chain).await?,
-        services.events_for_server(room_id, &state).await?,
+        services.servers.events(room_id, &chain).await?,
+        services.servers.events(room_id, &state).await?,
     )))
 }
 
@@ -60,9 +60,9 @@ pub async fn state_ids(
     req: Ruma<get_room_state_ids::v1::Request>,
 ) -> Result<RumaResponse<get_room_state_ids::v1::Response>> {
     let origin = origin(&req)?;
-    services.require_server_may_read(&req.body.room_id, &origin).await?;
-    services.require_server_may_see(&req.body.room_id, req.body.event_id.as_str(), &origin).await?;
-    let (state, chain) = services.state_before_event(&req.body.room_id, &req.body.event_id).await?;
+    services.servers.require_may_read(&req.body.room_id, &origin).await?;
+    services.servers.require_may_see(&req.body.room_id, req.body.event_id.as_str(), &origin).await?;
+    let (state, chain) = services.servers.state_before(&req.body.room_id, &req.body.event_id).await?;
     Ok(RumaResponse(get_room_state_ids::v1::Response::new(parse_ids(chain)?, parse_ids(state)?)))
 }
 
@@ -71,24 +71,24 @@ pub async fn event_auth(
     req: Ruma<get_event_authorization::v1::Request>,
 ) -> Result<RumaResponse<get_event_authorization::v1::Response>> {
     let origin = origin(&req)?;
-    services.require_server_may_read(&req.body.room_id, &origin).await?;
+    services.servers.require_may_read(&req.body.room_id, &origin).await?;
     let room_id = &req.body.room_id;
     let id = req.body.event_id.to_string();
     // A timeline event the server may see, or an accepted outlier for a server joined now;
     // never a soft-failed event.
     if services.store.event(&id).await?.is_some() {
-        services.require_server_may_see(room_id, &id, &origin).await?;
+        services.servers.require_may_see(room_id, &id, &origin).await?;
     } else {
         let found = services.store.accepted_outliers(std::slice::from_ref(&id)).await?;
         if !found.iter().any(|(_, room, _)| room == room_id.as_str()) {
             return Err(Error::NotFound("Unknown event".to_owned()));
         }
-        if !services.server_joined(room_id, &origin).await? {
+        if !services.servers.joined(room_id, &origin).await? {
             return Err(Error::Forbidden("Your server may not see that event".to_owned()));
         }
     }
-    let chain = services.auth_chain_ids(room_id, &[id]).await?;
-    Ok(RumaResponse(get_event_authorization::v1::Response::new(services.events_for_server(room_id, &chain).await?)))
+    let chain = services.servers.auth_chain_ids(room_id, &[id]).await?;
+    Ok(RumaResponse(get_event_authorization::v1::Response::new(services.servers.events(room_id, &chain).await?)))
 }
 
 pub async fn backfill(
@@ -96,9 +96,9 @@ pub async fn backfill(
     req: Ruma<get_backfill::v1::Request>,
 ) -> Result<RumaResponse<get_backfill::v1::Response>> {
     let origin = origin(&req)?;
-    services.require_server_may_read(&req.body.room_id, &origin).await?;
+    services.servers.require_may_read(&req.body.room_id, &origin).await?;
     let limit = usize::try_from(u64::from(req.body.limit)).unwrap_or(usize::MAX);
-    let pdus = services.backfill_for_server(&req.body.room_id, &origin, &req.body.v, limit).await?;
+    let pdus = services.servers.backfill(&req.body.room_id, &origin, &req.body.v, limit).await?;
     Ok(RumaResponse(get_backfill::v1::Response::new(
         services.settings.server_name.clone(),
         MilliSecondsSinceUnixEpoch::now(),
@@ -111,10 +111,11 @@ pub async fn missing_events(
     req: Ruma<get_missing_events::v1::Request>,
 ) -> Result<RumaResponse<get_missing_events::v1::Response>> {
     let origin = origin(&req)?;
-    services.require_server_may_read(&req.body.room_id, &origin).await?;
+    services.servers.require_may_read(&req.body.room_id, &origin).await?;
     let limit = usize::try_from(u64::from(req.body.limit)).unwrap_or(usize::MAX);
     let events = services
-        .missing_events_for_server(
+        .servers
+        .missing_events(
             &req.body.room_id,
             &origin,
             &req.body.earliest_events,

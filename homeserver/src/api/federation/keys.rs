@@ -26,13 +26,13 @@ pub async fn server_keys(
     State(services): State<Arc<Services>>,
     _req: Ruma<get_server_keys::v2::Request>,
 ) -> Result<RumaResponse<get_server_keys::v2::Response>> {
-    Ok(RumaResponse(get_server_keys::v2::Response::new(services.own_key_document()?)))
+    Ok(RumaResponse(get_server_keys::v2::Response::new(services.fed.key_document()?)))
 }
 
 pub async fn server_keys_by_id(
     State(services): State<Arc<Services>>,
 ) -> Result<RumaResponse<get_server_keys::v2::Response>> {
-    Ok(RumaResponse(get_server_keys::v2::Response::new(services.own_key_document()?)))
+    Ok(RumaResponse(get_server_keys::v2::Response::new(services.fed.key_document()?)))
 }
 
 fn ms(ts: MilliSecondsSinceUnixEpoch) -> i64 {
@@ -44,7 +44,7 @@ pub async fn notary_one(
     req: Ruma<get_remote_server_keys::v2::Request>,
 ) -> Result<RumaResponse<get_remote_server_keys::v2::Response>> {
     let budget = AtomicUsize::new(1);
-    let keys = services.notary_keys(&req.body.server_name, ms(req.body.minimum_valid_until_ts), &budget).await?;
+    let keys = services.fed.notary_keys(&req.body.server_name, ms(req.body.minimum_valid_until_ts), &budget).await?;
     Ok(RumaResponse(get_remote_server_keys::v2::Response::new(keys)))
 }
 
@@ -74,7 +74,7 @@ pub async fn notary_batch(
     let answers: Vec<Result<_>> = stream::iter(wanted)
         .map(|(server, minimum)| {
             let (services, budget) = (services.clone(), budget.clone());
-            async move { services.notary_keys(&server, minimum, &budget).await }
+            async move { services.fed.notary_keys(&server, minimum, &budget).await }
         })
         .buffer_unordered(NOTARY_CONCURRENCY)
         .collect()

@@ -21,13 +21,16 @@ use ruma::api::federation::authenticated_media::{get_content, get_content_thumbn
 use crate::{
     api::ruma::Ruma,
     error::{Error, Result},
-    service::{Services, media::MediaContent},
+    service::{
+        Services,
+        media::{Download, MediaContent, ThumbnailRequest},
+    },
 };
 
 pub async fn download(State(services): State<Arc<Services>>, req: Ruma<get_content::v1::Request>) -> Result<Response> {
     let server_name = services.settings.server_name.clone();
     let (_, content) =
-        services.media_for_download(server_name.as_str(), &req.body.media_id, req.body.timeout_ms, true).await?;
+        services.media.local_for_download(ours(&server_name, &req.body.media_id, req.body.timeout_ms)).await?;
     multipart(content).await
 }
 
@@ -38,10 +41,17 @@ pub async fn thumbnail(
     let r = req.body;
     let method = crate::api::client::media::method(r.method)?;
     let server_name = services.settings.server_name.clone();
+    let media = ours(&server_name, &r.media_id, r.timeout_ms);
     let content = services
-        .media_thumbnail(server_name.as_str(), &r.media_id, r.width.into(), r.height.into(), method, r.timeout_ms, true)
+        .media
+        .thumbnail(ThumbnailRequest { media, width: r.width.into(), height: r.height.into(), method })
         .await?;
     multipart(content).await
+}
+
+/// Our own media, asked for by another server (always over an authenticated endpoint).
+fn ours<'a>(server_name: &'a ruma::ServerName, media_id: &'a str, timeout: std::time::Duration) -> Download<'a> {
+    Download { server_name: server_name.as_str(), media_id, timeout, authenticated: true }
 }
 
 /// The spec's answer shape: a JSON metadata part, then the content, streamed.

@@ -93,7 +93,7 @@ pub async fn public_rooms(
     State(services): State<Arc<Services>>,
     req: Ruma<get_public_rooms::v1::Request>,
 ) -> Result<RumaResponse<get_public_rooms::v1::Response>> {
-    let page = services.public_rooms_page(None, req.body.limit, req.body.since.as_deref()).await?;
+    let page = services.rooms.public_rooms_page(None, req.body.limit, req.body.since.as_deref()).await?;
     let mut response = get_public_rooms::v1::Response::new();
     response.chunk = page.chunk;
     response.next_batch = page.next_batch;
@@ -108,7 +108,7 @@ pub async fn public_rooms_filtered(
     req: Ruma<get_public_rooms_filtered::v1::Request>,
 ) -> Result<RumaResponse<get_public_rooms_filtered::v1::Response>> {
     let search = req.body.filter.generic_search_term.as_deref();
-    let page = services.public_rooms_page(search, req.body.limit, req.body.since.as_deref()).await?;
+    let page = services.rooms.public_rooms_page(search, req.body.limit, req.body.since.as_deref()).await?;
     let mut response = get_public_rooms_filtered::v1::Response::new();
     response.chunk = page.chunk;
     response.next_batch = page.next_batch;

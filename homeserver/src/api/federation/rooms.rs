@@ -37,11 +37,11 @@ pub async fn make_join(
 ) -> Result<RumaResponse<prepare_join_event::v1::Response>> {
     let origin = origin(&req)?;
     let b = &req.body;
-    let version = services.room_version(b.room_id.as_str()).await?;
+    let version = services.rooms.version(b.room_id.as_str()).await?;
     if !b.ver.contains(&version) {
         return Err(Error::IncompatibleRoomVersion(version));
     }
-    let (version, event) = services.membership_template(&b.room_id, &b.user_id, &origin, "join").await?;
+    let (version, event) = services.remote_rooms.membership_template(&b.room_id, &b.user_id, &origin, "join").await?;
     let mut response = prepare_join_event::v1::Response::new(event);
     response.room_version = Some(version);
     Ok(RumaResponse(response))
@@ -53,8 +53,8 @@ pub async fn send_join(
 ) -> Result<RumaResponse<create_join_event::v2::Response>> {
     let origin = origin(&req)?;
     let b = &req.body;
-    services.receive_membership(&b.room_id, &b.event_id, &b.pdu, &origin, "join").await?;
-    let joined = services.state_and_auth_chain(&b.room_id, &b.event_id).await?;
+    services.remote_rooms.take_membership(&b.room_id, &b.event_id, &b.pdu, &origin, "join").await?;
+    let joined = services.remote_rooms.state_and_auth_chain(&b.room_id, &b.event_id).await?;
     let mut state = create_join_event::v2::RoomState::new();
     state.state = joined.state;
     state.auth_chain = joined.auth_chain;
@@ -67,7 +67,7 @@ pub async fn make_leave(
 ) -> Result<RumaResponse<prepare_leave_event::v1::Response>> {
     let origin = origin(&req)?;
     let b = &req.body;
-    let (version, event) = services.membership_template(&b.room_id, &b.user_id, &origin, "leave").await?;
+    let (version, event) = services.remote_rooms.membership_template(&b.room_id, &b.user_id, &origin, "leave").await?;
     Ok(RumaResponse(prepare_leave_event::v1::Response::new(Some(version), event)))
 }
 
@@ -77,7 +77,7 @@ pub async fn send_leave(
 ) -> Result<RumaResponse<create_leave_event::v2::Response>> {
     let origin = origin(&req)?;
     let b = &req.body;
-    services.receive_membership(&b.room_id, &b.event_id, &b.pdu, &origin, "leave").await?;
+    services.remote_rooms.take_membership(&b.room_id, &b.event_id, &b.pdu, &origin, "leave").await?;
     Ok(RumaResponse(create_leave_event::v2::Response::new()))
 }
 
@@ -88,7 +88,8 @@ pub async fn invite(
     let origin = origin(&req)?;
     let b = &req.body;
     let event = services
-        .receive_invite(&b.room_id, &b.event_id, &b.room_version, &b.event, &b.invite_room_state, &origin)
+        .remote_rooms
+        .take_invite(&b.room_id, &b.event_id, &b.room_version, &b.event, &b.invite_room_state, &origin)
         .await?;
     Ok(RumaResponse(create_invite::v2::Response::new(event)))
 }
@@ -113,7 +114,7 @@ pub async fn send_transaction(
     if b.edus.len() > MAX_EDUS {
         return Err(Error::BadJson(format!("at most {MAX_EDUS} EDUs per transaction")));
     }
-    let Some(_turn) = services.inbound.turn(&origin, TURN_WAIT).await else {
+    let Some(_turn) = services.receiver.turn(&origin, TURN_WAIT).await else {
         return Err(Error::LimitExceeded { retry_after: ORIGIN_BUSY_RETRY });
     };
     if let Some(answer) = services.store.received_txn(origin.as_str(), b.transaction_id.as_str()).await? {
@@ -123,7 +124,7 @@ pub async fn send_transaction(
     let mut results = BTreeMap::new();
     let mut queued = Vec::new();
     for raw in &b.pdus {
-        match services.receive_pdu(&origin, raw).await {
+        match services.receiver.take_pdu(&origin, raw).await {
             Ok(Received::Done(event_id, _)) => {
                 results.insert(event_id, Ok(()));
             }
@@ -141,7 +142,7 @@ pub async fn send_transaction(
     for edu in &b.edus {
         // EDUs are best effort: a bad one is logged and skipped.
         let edu: serde_json::Value = serde_json::from_str(edu.json().get()).unwrap_or_default();
-        if let Err(e) = services.receive_edu(&origin, &edu).await {
+        if let Err(e) = services.receiver.take_edu(&origin, &edu).await {
             tracing::info!(%origin, edu_type = %edu["edu_type"], error = %e, "ignored a received EDU");
         }
     }
@@ -163,7 +164,7 @@ pub async fn send_transaction(
 /// The id of a refused PDU, when it can be computed.
 async fn event_id_hint(raw: &serde_json::value::RawValue, services: &Services) -> Option<ruma::OwnedEventId> {
     let room_id = crate::service::received::room_id_of(raw).ok()?;
-    let version = services.room_version(room_id.as_str()).await.ok()?;
+    let version = services.rooms.version(room_id.as_str()).await.ok()?;
     let object: ruma::CanonicalJsonObject = serde_json::from_str(raw.get()).ok()?;
     federation::pdu::event_id_of(&object, &version).ok()
 }

@@ -13,7 +13,7 @@ use http::header;
 use ruma::{ServerName, api::federation::authenticated_media::get_content, http_headers::ContentDisposition};
 
 use super::{
-    check_filename, clean_content_type, io_error,
+    Media, check_filename, clean_content_type, io_error,
     multipart::{self, MultipartReader},
     shared,
     single_flight::unshare,
@@ -21,7 +21,6 @@ use super::{
 };
 use crate::{
     error::{Error, Result},
-    service::Services,
     store::{RemoteMediaRow, now_ms},
 };
 
@@ -32,7 +31,7 @@ fn not_found(reason: impl std::fmt::Display) -> Error {
     Error::NotFound(format!("Media not found: {reason}"))
 }
 
-impl Services {
+impl Media {
     /// Our copy of `origin`'s media, fetched now if we have none (one fetch for all who ask
     /// at once).
     pub(super) async fn remote_media(
@@ -41,16 +40,16 @@ impl Services {
         media_id: &str,
         timeout: Duration,
     ) -> Result<RemoteMediaRow> {
-        if let Some(row) = self.store.remote_media(origin.as_str(), media_id).await? {
+        let s = self.hub.services();
+        if let Some(row) = s.store.remote_media(origin.as_str(), media_id).await? {
             return Ok(row);
         }
         let key = (origin.to_string(), media_id.to_owned());
         let fetched = self
-            .media
             .remote
             .run(key, || async {
                 // A fetch that ended between our look and now has stored it.
-                if let Some(row) = self.store.remote_media(origin.as_str(), media_id).await.map_err(shared)? {
+                if let Some(row) = s.store.remote_media(origin.as_str(), media_id).await.map_err(shared)? {
                     return Ok(row);
                 }
                 self.fetch_remote_media(origin, media_id, timeout).await.map_err(Arc::new)
@@ -66,17 +65,14 @@ impl Services {
         media_id: &str,
         timeout: Duration,
     ) -> Result<RemoteMediaRow> {
-        if origin == self.settings.server_name {
+        let s = self.hub.services();
+        if origin == s.settings.server_name {
             return Err(Error::internal("a federation media request to ourselves"));
         }
         let mut request = get_content::v1::Request::new(media_id.to_owned());
         request.timeout_ms = timeout.min(MAX_WAIT);
-        let response = self
-            .fed
-            .client
-            .send_streamed(&self.signing_key, origin, request)
-            .await
-            .map_err(|e| origin_error(origin, &e))?;
+        let response =
+            s.fed.client.send_streamed(&s.signing_key, origin, request).await.map_err(|e| origin_error(origin, &e))?;
         let content_type = header_text(&response.headers, header::CONTENT_TYPE);
         let boundary = multipart::boundary(content_type.as_deref().unwrap_or_default())
             .ok_or_else(|| not_found(format!("{origin} did not answer with multipart/mixed")))?;
@@ -92,7 +88,7 @@ impl Services {
         let (received, content_type, disposition) = match file.location {
             Some(location) => {
                 let answer =
-                    self.fed.client.get_streamed(origin, &location).await.map_err(|e| origin_error(origin, &e))?;
+                    s.fed.client.get_streamed(origin, &location).await.map_err(|e| origin_error(origin, &e))?;
                 let content_type = header_text(&answer.headers, header::CONTENT_TYPE);
                 let disposition = header_text(&answer.headers, header::CONTENT_DISPOSITION);
                 (self.receive_remote(origin, io_stream(answer.body)).await?, content_type, disposition)
@@ -103,12 +99,12 @@ impl Services {
         };
         let filename = disposition.and_then(|d| ContentDisposition::from_str(&d).ok()).and_then(|d| d.filename);
         let filename = if check_filename(&filename).is_ok() { filename } else { None };
-        let _guard = self.media.content_lock.lock().await;
+        let _guard = self.content_lock.lock().await;
         let sha256 = received.sha256.clone();
         let size = i64::try_from(received.size).unwrap_or(i64::MAX);
-        self.media.storage.commit(received.file, &sha256).await.map_err(io_error)?;
+        self.storage.commit(received.file, &sha256).await.map_err(io_error)?;
         let row = RemoteMediaRow { content_type: clean_content_type(content_type), filename, sha256, size };
-        self.store.insert_remote_media(origin.as_str(), media_id, &row, now_ms()).await?;
+        s.store.insert_remote_media(origin.as_str(), media_id, &row, now_ms()).await?;
         Ok(row)
     }
 
@@ -118,7 +114,7 @@ impl Services {
         S: Stream<Item = io::Result<Bytes>> + Unpin,
     {
         let limit = self.max_upload_bytes();
-        receive(&self.media.storage, body, limit).await.map_err(|e| match e {
+        receive(&self.storage, body, limit).await.map_err(|e| match e {
             ReceiveError::TooLarge => Error::RemoteTooLarge { limit },
             ReceiveError::Io(e) => {
                 tracing::info!(%origin, error = %e, "remote media answer broke off");

@@ -250,10 +250,10 @@ impl super::Services {
         if self.rate_limits.classes.is_none() || self.rate_limits.exempt(Some(user)) {
             return Ok(());
         }
-        if self.membership(room_id.as_str(), user.as_str()).await?.as_deref() == Some("join") {
+        if self.rooms.membership(room_id.as_str(), user.as_str()).await?.as_deref() == Some("join") {
             return Ok(());
         }
-        let local = self.store.room(room_id.as_str()).await?.is_some() && self.server_in_room(room_id).await?;
+        let local = self.store.room(room_id.as_str()).await?.is_some() && self.servers.we_are_in(room_id).await?;
         let class = if local { Class::JoinLocal } else { Class::JoinRemote };
         self.rate_limits
             .check(Some(user), &[(class, Key::Id(user.as_str())), (Class::JoinsPerRoom, Key::Id(room_id.as_str()))])

@@ -227,12 +227,13 @@ async fn user_command(settings: Settings, cmd: UserCommand) -> Result<(), String
     let result = match cmd {
         UserCommand::Create { localpart, password, admin } => {
             let password = read_password(password)?;
-            let user_id = services.create_user_admin(&localpart, password, admin).await.map_err(|e| e.to_string())?;
+            let user_id =
+                services.accounts.create_from_cli(&localpart, password, admin).await.map_err(|e| e.to_string())?;
             println!("{user_id}");
             Ok(())
         }
         UserCommand::List => {
-            let users = services.store.users().await.map_err(|e| e.to_string())?;
+            let users = services.accounts.list().await.map_err(|e| e.to_string())?;
             println!("{:<40} {:<6} {:<12} created (unix s)", "user_id", "admin", "deactivated");
             for u in users {
                 println!("{:<40} {:<6} {:<12} {}", u.user_id, u.is_admin, u.deactivated, format_ts(u.created_ts));
@@ -240,18 +241,18 @@ async fn user_command(settings: Settings, cmd: UserCommand) -> Result<(), String
             Ok(())
         }
         UserCommand::ResetPassword { user, password } => {
-            let user_id = services.resolve_local_user(&user).map_err(|e| e.to_string())?;
+            let user_id = services.accounts.resolve_local_user(&user).map_err(|e| e.to_string())?;
             let password = read_password(password)?;
-            services.reset_password_admin(&user_id, password).await.map_err(|e| e.to_string())?;
+            services.accounts.reset_password(&user_id, password).await.map_err(|e| e.to_string())?;
             println!("password changed for {user_id}; every device was logged out");
             Ok(())
         }
         UserCommand::Deactivate { user } => {
-            let user_id = services.resolve_local_user(&user).map_err(|e| e.to_string())?;
-            match services.store.user(user_id.as_str()).await.map_err(|e| e.to_string())? {
-                None => Err(format!("no such user: {user_id}")),
-                Some(_) => {
-                    if services.deactivate(&user_id).await.map_err(|e| e.to_string())? {
+            let user_id = services.accounts.resolve_local_user(&user).map_err(|e| e.to_string())?;
+            match services.accounts.exists(&user_id).await.map_err(|e| e.to_string())? {
+                false => Err(format!("no such user: {user_id}")),
+                true => {
+                    if services.accounts.deactivate(&user_id).await.map_err(|e| e.to_string())? {
                         println!("deactivated {user_id}");
                     } else {
                         println!("{user_id} was already deactivated");
@@ -307,7 +308,7 @@ async fn media_command(settings: Settings, cmd: MediaCommand) -> Result<(), Stri
     let result = match cmd {
         MediaCommand::List { user } => {
             let user_id = match user {
-                Some(u) => Some(services.resolve_local_user(&u).map_err(|e| e.to_string())?),
+                Some(u) => Some(services.accounts.resolve_local_user(&u).map_err(|e| e.to_string())?),
                 None => None,
             };
             let rows =

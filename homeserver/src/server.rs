@@ -209,7 +209,7 @@ async fn expire_presence(services: Arc<Services>) {
     let mut tick = tokio::time::interval(Duration::from_secs(15));
     loop {
         tick.tick().await;
-        if let Err(e) = services.expire_presence().await {
+        if let Err(e) = services.presence.expire().await {
             tracing::warn!(error = %e, "cannot expire presence");
         }
     }

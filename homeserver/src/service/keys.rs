@@ -19,7 +19,7 @@ use ruma::{
 use serde_json::{Map, Value as JsonValue, json};
 
 use super::{
-    Services,
+    Hub,
     cache::Cache,
     notifier::{Change, Sections},
 };
@@ -94,38 +94,52 @@ pub type KeyCountCache = Cache<(String, String), Arc<KeyCounts>>;
 /// Devices whose counts are kept.
 pub const MAX_CACHED_KEY_COUNTS: usize = 100_000;
 
-impl Services {
+/// End-to-end encryption keys and to-device messages of users and their devices.
+pub struct Keys {
+    hub: Hub,
+    /// One-time and fallback key counts per device, as every sync reports them.
+    counts: KeyCountCache,
+}
+
+impl Keys {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub, counts: KeyCountCache::new(MAX_CACHED_KEY_COUNTS) }
+    }
+
     /// The key counts of a device for a sync response.
-    pub async fn key_counts(&self, user_id: &str, device_id: &str) -> Result<Arc<KeyCounts>> {
+    pub async fn counts(&self, user_id: &str, device_id: &str) -> Result<Arc<KeyCounts>> {
+        let s = self.hub.services();
         let key = (user_id.to_owned(), device_id.to_owned());
-        if let Some(hit) = self.key_counts.get(&key) {
+        if let Some(hit) = self.counts.get(&key) {
             return Ok(hit);
         }
-        let generation = self.key_counts.generation();
+        let generation = self.counts.generation();
         let counts = Arc::new(KeyCounts {
-            one_time: self.store.one_time_key_counts(user_id, device_id).await?,
-            unused_fallback: self.store.unused_fallback_algorithms(user_id, device_id).await?,
+            one_time: s.store.one_time_key_counts(user_id, device_id).await?,
+            unused_fallback: s.store.unused_fallback_algorithms(user_id, device_id).await?,
         });
-        self.key_counts.insert_if_unchanged(key, counts.clone(), generation);
+        self.counts.insert_if_unchanged(key, counts.clone(), generation);
         Ok(counts)
     }
 
     /// Positions a device-list change of `user_id` in the stream (syncs of users who share a
     /// room with them will list them in `device_lists.changed`).
     pub async fn announce_device_change(&self, user_id: &str) -> Result<()> {
-        let changes = self.rooms.changes_of_user_and_rooms(user_id, Sections::DEVICE_LISTS).await?;
-        let position = self.streams.allocate();
-        self.store.record_device_list_change(user_id, position.position()).await?;
+        let s = self.hub.services();
+        let changes = s.rooms.changes_of_user_and_rooms(user_id, Sections::DEVICE_LISTS).await?;
+        let position = s.streams.allocate();
+        s.store.record_device_list_change(user_id, position.position()).await?;
         position.commit_with(changes);
         Ok(())
     }
 
     /// Forgets the keys and queued messages of removed devices and announces the change.
     pub async fn devices_removed(&self, user_id: &str, device_ids: &[String]) -> Result<()> {
+        let s = self.hub.services();
         for device_id in device_ids {
-            self.store.delete_device_e2ee(user_id, device_id).await?;
-            self.sliding_sync.forget_device(user_id, device_id);
-            self.key_counts.forget(&(user_id.to_owned(), device_id.to_owned()));
+            s.store.delete_device_e2ee(user_id, device_id).await?;
+            s.sliding_sync.forget_device(user_id, device_id);
+            self.counts.forget(&(user_id.to_owned(), device_id.to_owned()));
         }
         if !device_ids.is_empty() {
             self.announce_device_change(user_id).await?;
@@ -137,7 +151,7 @@ impl Services {
     }
 
     /// `POST /keys/upload`.
-    pub async fn upload_keys(
+    pub async fn upload(
         &self,
         user_id: &UserId,
         device_id: &str,
@@ -145,6 +159,7 @@ impl Services {
         one_time_keys: Vec<(String, JsonValue)>,
         fallback_keys: Vec<(String, JsonValue)>,
     ) -> Result<BTreeMap<String, i64>> {
+        let s = self.hub.services();
         if let Some(keys) = device_keys {
             if keys["user_id"] != user_id.as_str() || keys["device_id"] != device_id {
                 return Err(Error::InvalidParam("device_keys must be for this user and device".to_owned()));
@@ -156,16 +171,16 @@ impl Services {
             check_signature(&keys, user_id.as_str(), &key_id, public)?;
             // Keep signatures other parties added (cross-signing) if the keys are unchanged.
             let mut stored = keys.clone();
-            if let Some(old) = self.store.device_keys(user_id.as_str(), device_id).await? {
+            if let Some(old) = s.store.device_keys(user_id.as_str(), device_id).await? {
                 let old: JsonValue = serde_json::from_str(&old).unwrap_or_default();
                 if old["keys"] == keys["keys"] {
                     merge_signatures(&mut stored, &old);
                     merge_signatures(&mut stored, &keys);
                 }
             }
-            let changes = self.rooms.changes_of_user_and_rooms(user_id.as_str(), Sections::DEVICE_LISTS).await?;
-            let position = self.streams.allocate();
-            self.store.set_device_keys(user_id.as_str(), device_id, &stored.to_string(), position.position()).await?;
+            let changes = s.rooms.changes_of_user_and_rooms(user_id.as_str(), Sections::DEVICE_LISTS).await?;
+            let position = s.streams.allocate();
+            s.store.set_device_keys(user_id.as_str(), device_id, &stored.to_string(), position.position()).await?;
             position.commit_with(changes);
             self.federate_device_change(user_id.as_str(), device_id, Some(&stored)).await?;
         }
@@ -174,23 +189,24 @@ impl Services {
             let algorithm = key_id.split(':').next().unwrap_or_default().to_owned();
             otks.push((key_id, algorithm, key.to_string()));
         }
-        if !otks.is_empty() && !self.store.add_one_time_keys(user_id.as_str(), device_id, &otks).await? {
+        if !otks.is_empty() && !s.store.add_one_time_keys(user_id.as_str(), device_id, &otks).await? {
             return Err(Error::InvalidParam(
                 "A one-time key with this id was already uploaded with different content".to_owned(),
             ));
         }
         for (key_id, key) in fallback_keys {
             let algorithm = key_id.split(':').next().unwrap_or_default().to_owned();
-            self.store.set_fallback_key(user_id.as_str(), device_id, &algorithm, &key_id, &key.to_string()).await?;
+            s.store.set_fallback_key(user_id.as_str(), device_id, &algorithm, &key_id, &key.to_string()).await?;
         }
-        self.key_counts.forget(&(user_id.to_string(), device_id.to_owned()));
-        Ok(self.key_counts(user_id.as_str(), device_id).await?.one_time.iter().cloned().collect())
+        self.counts.forget(&(user_id.to_string(), device_id.to_owned()));
+        Ok(self.counts(user_id.as_str(), device_id).await?.one_time.iter().cloned().collect())
     }
 
     /// Device keys of a user as `/keys/query` shows them (with the device display name).
     pub async fn query_device_keys(&self, user_id: &str, only: &[String]) -> Result<BTreeMap<String, JsonValue>> {
+        let s = self.hub.services();
         let mut out = BTreeMap::new();
-        for (device_id, json, display_name) in self.store.all_device_keys(user_id).await? {
+        for (device_id, json, display_name) in s.store.all_device_keys(user_id).await? {
             if !only.is_empty() && !only.contains(&device_id) {
                 continue;
             }
@@ -216,18 +232,20 @@ impl Services {
     }
 
     pub async fn cross_signing_key(&self, user_id: &str, key_type: &str) -> Result<Option<JsonValue>> {
-        Ok(self.store.cross_signing_key(user_id, key_type).await?.and_then(|j| serde_json::from_str(&j).ok()))
+        let s = self.hub.services();
+        Ok(s.store.cross_signing_key(user_id, key_type).await?.and_then(|j| serde_json::from_str(&j).ok()))
     }
 
     /// `POST /keys/claim`: one key per (user, device, algorithm), each handed out once.
-    pub async fn claim_keys(
+    pub async fn claim(
         &self,
         wanted: Vec<(String, String, String)>,
     ) -> Result<BTreeMap<String, BTreeMap<String, Map<String, JsonValue>>>> {
+        let s = self.hub.services();
         let mut out: BTreeMap<String, BTreeMap<String, Map<String, JsonValue>>> = BTreeMap::new();
         for (user_id, device_id, algorithm) in wanted {
-            let claimed = self.store.claim_one_time_key(&user_id, &device_id, &algorithm).await?;
-            self.key_counts.forget(&(user_id.clone(), device_id.clone()));
+            let claimed = s.store.claim_one_time_key(&user_id, &device_id, &algorithm).await?;
+            self.counts.forget(&(user_id.clone(), device_id.clone()));
             if let Some((key_id, json)) = claimed {
                 let key: JsonValue = serde_json::from_str(&json).unwrap_or_default();
                 out.entry(user_id).or_default().entry(device_id).or_default().insert(key_id, key);
@@ -237,13 +255,14 @@ impl Services {
     }
 
     /// `POST /keys/device_signing/upload` (after UIA where needed).
-    pub async fn upload_cross_signing_keys(
+    pub async fn upload_cross_signing(
         &self,
         user_id: &UserId,
         master: Option<JsonValue>,
         self_signing: Option<JsonValue>,
         user_signing: Option<JsonValue>,
     ) -> Result<()> {
+        let s = self.hub.services();
         let owner = |key: &JsonValue, usage: &str| check_cross_signing_key(key, user_id, usage);
         let uploaded_master = master.is_some();
         let master = match master {
@@ -263,13 +282,13 @@ impl Services {
             }
         }
         if let Some(key) = &master {
-            self.store.set_cross_signing_key(user_id.as_str(), "master", &key.to_string()).await?;
+            s.store.set_cross_signing_key(user_id.as_str(), "master", &key.to_string()).await?;
         }
         if let Some(key) = &self_signing {
-            self.store.set_cross_signing_key(user_id.as_str(), "self_signing", &key.to_string()).await?;
+            s.store.set_cross_signing_key(user_id.as_str(), "self_signing", &key.to_string()).await?;
         }
         if let Some(key) = &user_signing {
-            self.store.set_cross_signing_key(user_id.as_str(), "user_signing", &key.to_string()).await?;
+            s.store.set_cross_signing_key(user_id.as_str(), "user_signing", &key.to_string()).await?;
         }
         self.announce_device_change(user_id.as_str()).await?;
         // The user-signing key is for its owner alone: only the other two go to other servers.
@@ -314,6 +333,7 @@ impl Services {
         key_id: &str,
         object: &JsonValue,
     ) -> Result<()> {
+        let s = self.hub.services();
         let signatures = object["signatures"][signer.as_str()].as_object().cloned().unwrap_or_default();
         if signatures.is_empty() {
             return Err(Error::InvalidParam("No signature by you".to_owned()));
@@ -321,7 +341,7 @@ impl Services {
         if target_user == signer.as_str() {
             // One of our devices (signed by our self-signing key) or our master key (signed by
             // one of our devices).
-            if let Some(json) = self.store.device_keys(target_user, key_id).await? {
+            if let Some(json) = s.store.device_keys(target_user, key_id).await? {
                 let mut stored: JsonValue = serde_json::from_str(&json).unwrap_or_default();
                 let self_signing = self
                     .cross_signing_key(signer.as_str(), "self_signing")
@@ -333,7 +353,7 @@ impl Services {
                     return Err(Error::InvalidParam("The signed device keys differ from the stored ones".to_owned()));
                 }
                 merge_signatures(&mut stored, object);
-                self.store.replace_device_keys(target_user, key_id, &stored.to_string()).await?;
+                s.store.replace_device_keys(target_user, key_id, &stored.to_string()).await?;
                 return Ok(());
             }
             let mut master = self
@@ -347,7 +367,7 @@ impl Services {
             let mut verified = false;
             for (sig_key_id, _) in &signatures {
                 let Some(device_id) = sig_key_id.strip_prefix("ed25519:") else { continue };
-                if let Some(json) = self.store.device_keys(signer.as_str(), device_id).await? {
+                if let Some(json) = s.store.device_keys(signer.as_str(), device_id).await? {
                     let device: JsonValue = serde_json::from_str(&json).unwrap_or_default();
                     if let Some(public) = device["keys"][sig_key_id.as_str()].as_str() {
                         check_signature(object, signer.as_str(), sig_key_id, public)?;
@@ -359,7 +379,7 @@ impl Services {
                 return Err(Error::InvalidSignature("No signature by a known device".to_owned()));
             }
             merge_signatures(&mut master, object);
-            self.store.set_cross_signing_key(signer.as_str(), "master", &master.to_string()).await?;
+            s.store.set_cross_signing_key(signer.as_str(), "master", &master.to_string()).await?;
             return Ok(());
         }
         // Another user's master key, signed by our user-signing key.
@@ -377,7 +397,7 @@ impl Services {
             .ok_or_else(|| Error::InvalidParam("You have no user-signing key".to_owned()))?;
         check_signature(object, signer.as_str(), &user_signing.0, &user_signing.1)?;
         merge_signatures(&mut master, object);
-        self.store.set_cross_signing_key(target_user, "master", &master.to_string()).await?;
+        s.store.set_cross_signing_key(target_user, "master", &master.to_string()).await?;
         Ok(())
     }
 
@@ -391,24 +411,25 @@ impl Services {
         event_type: &str,
         messages: Vec<(String, String, JsonValue)>,
     ) -> Result<()> {
+        let s = self.hub.services();
         let mut queued = Vec::new();
         // Other servers' users: one `m.direct_to_device` EDU per server.
         let mut remote: BTreeMap<String, serde_json::Map<String, JsonValue>> = BTreeMap::new();
         for (user_id, device, content) in messages {
             let Ok(user) = UserId::parse(user_id.as_str()) else { continue };
-            if user.server_name() != self.settings.server_name {
+            if user.server_name() != s.settings.server_name {
                 let users = remote.entry(user.server_name().to_string()).or_default();
                 let devices = users.entry(user_id.clone()).or_insert_with(|| JsonValue::Object(Default::default()));
                 devices[device.as_str()] = content;
                 continue;
             }
             let devices: Vec<String> = if device == "*" {
-                self.store.devices(&user_id).await?.into_iter().map(|d| d.device_id).collect()
+                s.store.devices(&user_id).await?.into_iter().map(|d| d.device_id).collect()
             } else {
                 vec![device]
             };
             for device_id in devices {
-                if self.store.pending_to_device_count(&user_id, &device_id).await? >= MAX_TO_DEVICE_QUEUE {
+                if s.store.pending_to_device_count(&user_id, &device_id).await? >= MAX_TO_DEVICE_QUEUE {
                     return Err(Error::LimitExceeded { retry_after: std::time::Duration::from_secs(10) });
                 }
                 queued.push((user_id.clone(), device_id, content.to_string()));
@@ -422,8 +443,8 @@ impl Services {
             .filter_map(|u| ruma::OwnedUserId::try_from(u).ok())
             .map(|u| Change::user(u, Sections::TO_DEVICE))
             .collect();
-        let position = self.streams.allocate();
-        let fresh = self
+        let position = s.streams.allocate();
+        let fresh = s
             .store
             .queue_to_device(sender.as_str(), sender_device, txn_id, event_type, &rows, position.position())
             .await?;
@@ -434,8 +455,8 @@ impl Services {
                     // Unique per sender device and endpoint, as the transaction id is.
                     "message_id": format!("{sender_device}:{event_type}:{txn_id}"), "messages": messages,
                 }});
-                self.store.enqueue_edu(std::slice::from_ref(&server), position.position(), &edu.to_string()).await?;
-                self.send_queue.wake(&[server]);
+                s.store.enqueue_edu(std::slice::from_ref(&server), position.position(), &edu.to_string()).await?;
+                s.send_queue.wake(&[server]);
             }
         }
         position.commit_with(changes);
@@ -445,11 +466,12 @@ impl Services {
     /// Tells the servers that share a room with a local user that one of their devices
     /// changed (`m.device_list_update`; `keys` is `None` for a deleted device).
     pub async fn federate_device_change(&self, user_id: &str, device_id: &str, keys: Option<&JsonValue>) -> Result<()> {
+        let s = self.hub.services();
         let servers = self.servers_sharing_a_room_with(user_id).await?;
         if servers.is_empty() {
             return Ok(());
         }
-        let position = self.streams.allocate();
+        let position = s.streams.allocate();
         let mut content = serde_json::json!({
             "user_id": user_id, "device_id": device_id, "stream_id": position.position(), "prev_id": [],
             "deleted": keys.is_none(),
@@ -459,22 +481,23 @@ impl Services {
         }
         let destinations: Vec<String> = servers.into_iter().collect();
         let edu = serde_json::json!({"edu_type": "m.device_list_update", "content": content});
-        self.store.enqueue_edu(&destinations, position.position(), &edu.to_string()).await?;
+        s.store.enqueue_edu(&destinations, position.position(), &edu.to_string()).await?;
         position.commit_with(Vec::new());
-        self.send_queue.wake(&destinations);
+        s.send_queue.wake(&destinations);
         Ok(())
     }
 
     /// The other servers with a member joined to a room that `user_id` is joined to.
     async fn servers_sharing_a_room_with(&self, user_id: &str) -> Result<Vec<String>> {
+        let s = self.hub.services();
         let mut servers = BTreeSet::new();
-        for (room_id, membership) in self.rooms.of_user(user_id).await?.iter() {
+        for (room_id, membership) in s.rooms.of_user(user_id).await?.iter() {
             if *membership != MembershipState::Join {
                 continue;
             }
-            for member in self.store.room_members(room_id, &MembershipState::Join).await? {
+            for member in s.store.room_members(room_id, &MembershipState::Join).await? {
                 if let Ok(member) = UserId::parse(member.as_str())
-                    && member.server_name() != self.settings.server_name
+                    && member.server_name() != s.settings.server_name
                 {
                     servers.insert(member.server_name().to_string());
                 }
@@ -491,6 +514,7 @@ impl Services {
         master: Option<&JsonValue>,
         self_signing: Option<&JsonValue>,
     ) -> Result<()> {
+        let s = self.hub.services();
         let destinations = self.servers_sharing_a_room_with(user_id.as_str()).await?;
         if destinations.is_empty() {
             return Ok(());
@@ -508,10 +532,10 @@ impl Services {
         content.self_signing_key = raw(self_signing)?;
         let edu = Edu::SigningKeyUpdate(content);
         let edu = serde_json::to_string(&edu).map_err(|e| Error::internal(e.to_string()))?;
-        let position = self.streams.allocate();
-        self.store.enqueue_edu(&destinations, position.position(), &edu).await?;
+        let position = s.streams.allocate();
+        s.store.enqueue_edu(&destinations, position.position(), &edu).await?;
         position.commit_with(Vec::new());
-        self.send_queue.wake(&destinations);
+        s.send_queue.wake(&destinations);
         Ok(())
     }
 
@@ -521,13 +545,14 @@ impl Services {
     /// even while that server is unreachable; local users who share a room with the user see
     /// them in `device_lists.changed`.
     pub async fn receive_signing_key_update(&self, origin: &ServerName, content: &JsonValue) -> Result<()> {
+        let s = self.hub.services();
         let user = UserId::parse(content["user_id"].as_str().unwrap_or_default())
             .map_err(|e| Error::BadJson(format!("m.signing_key_update: {e}")))?;
         if user.server_name() != origin {
             return Err(Error::Forbidden(format!("{user} is not a user of {origin}")));
         }
         // Keys of users nobody here shares a room with are not kept.
-        if self.rooms.of_user(user.as_str()).await?.iter().all(|(_, membership)| *membership != MembershipState::Join) {
+        if s.rooms.of_user(user.as_str()).await?.iter().all(|(_, membership)| *membership != MembershipState::Join) {
             return Ok(());
         }
         let master = content.get("master_key").filter(|k| !k.is_null());
@@ -551,12 +576,19 @@ impl Services {
             return Ok(());
         }
         if let Some(key) = master {
-            self.store.set_cross_signing_key(user.as_str(), "master", &key.to_string()).await?;
+            s.store.set_cross_signing_key(user.as_str(), "master", &key.to_string()).await?;
         }
         if let Some(key) = self_signing {
-            self.store.set_cross_signing_key(user.as_str(), "self_signing", &key.to_string()).await?;
+            s.store.set_cross_signing_key(user.as_str(), "self_signing", &key.to_string()).await?;
         }
         self.announce_device_change(user.as_str()).await
+    }
+
+    /// `GET /keys/changes`: the users whose devices changed between two stream positions,
+    /// among those `user` shares a room with.
+    pub async fn device_list_changes(&self, user: &UserId, from: i64, to: i64) -> Result<Vec<ruma::OwnedUserId>> {
+        let changed = self.hub.services().store.device_list_changes_for(user.as_str(), from, to).await?;
+        Ok(changed.into_iter().filter_map(|u| UserId::parse(u).ok()).collect())
     }
 
     /// To-device messages for a sync: acknowledges those before `since` and returns the next.
@@ -567,10 +599,11 @@ impl Services {
         since: Option<i64>,
         upto: i64,
     ) -> Result<Vec<ToDeviceRow>> {
+        let s = self.hub.services();
         if let Some(since) = since {
-            self.store.ack_to_device(user_id, device_id, since).await?;
+            s.store.ack_to_device(user_id, device_id, since).await?;
         }
-        Ok(self.store.to_device_messages(user_id, device_id, upto, TO_DEVICE_PER_SYNC).await?)
+        Ok(s.store.to_device_messages(user_id, device_id, upto, TO_DEVICE_PER_SYNC).await?)
     }
 }
 
@@ -589,7 +622,7 @@ fn check_cross_signing_key(key: &JsonValue, user_id: &UserId, usage: &str) -> Re
     Ok(())
 }
 
-/// A local user's keys as others see them (see [`Services::public_keys_of`]).
+/// A local user's keys as others see them (see [`Keys::public_keys_of`]).
 pub struct PublicKeys {
     pub devices: BTreeMap<String, JsonValue>,
     pub master: Option<JsonValue>,

@@ -21,6 +21,7 @@
 //!
 //! Handlers in `api/` call domains only, never the store.
 
+pub mod account_data;
 pub mod accounts;
 pub mod aggregations;
 pub mod auth;
@@ -33,6 +34,7 @@ pub mod event_fields;
 pub mod events;
 pub mod fed;
 pub mod inbound;
+pub mod key_backups;
 pub mod keys;
 pub mod media;
 pub mod notifier;
@@ -86,6 +88,15 @@ impl Hub {
 /// Everything a request handler may need, built once at start and shared by reference.
 pub struct Services {
     pub registration_tokens: registration_tokens::RegistrationTokens,
+    pub accounts: accounts::Accounts,
+    pub uiaa: uiaa::Uiaa,
+    pub devices: devices::Devices,
+    pub profile: profile::Profiles,
+    pub account_data: account_data::AccountData,
+    pub presence: presence::Presence,
+    pub push: push::Push,
+    pub keys: keys::Keys,
+    pub key_backups: key_backups::KeyBackups,
     /// Building, authorizing and appending events; the room locks.
     pub timeline: timeline::Timeline,
     /// Creating and upgrading rooms, memberships, aliases, the directory; each user's rooms.
@@ -112,7 +123,6 @@ pub struct Services {
     pub typing: typing::Typing,
     pub hashing: credentials::Hashing,
     pub media: media::Media,
-    pub push_gateway: push_gateway::PushGateway,
     /// Federation: the outbound client and the key-fetch bookkeeping.
     pub fed: fed::Federation,
     /// Delivery of our rooms' events to other servers (the queue is a table).
@@ -125,9 +135,6 @@ pub struct Services {
     /// Joins, leaves and invites across servers.
     pub remote_rooms: remote_rooms::RemoteRooms,
     pub room_cache: room_cache::RoomCaches,
-    key_counts: keys::KeyCountCache,
-    presence_touches: presence::PresenceTouches,
-    push_rule_cache: push::PushRuleCache,
 }
 
 impl Services {
@@ -154,7 +161,6 @@ impl Services {
     ) -> Self {
         let rate_limits = rate_limit::RateLimits::new(&settings.rate_limits);
         let media = media::Media::new(hub.clone(), settings.media_dir(), settings.media.thumbnail_concurrency);
-        let push_gateway = push_gateway::PushGateway::new(&settings.push);
         Self {
             registration_tokens: registration_tokens::RegistrationTokens::new(hub.clone()),
             timeline: timeline::Timeline::new(hub.clone()),
@@ -166,6 +172,15 @@ impl Services {
             auth: auth::Auth::new(hub.clone()),
             sync: sync::Sync::new(hub.clone()),
             sliding_sync: sliding_sync::SlidingSync::new(hub.clone()),
+            accounts: accounts::Accounts::new(hub.clone()),
+            uiaa: uiaa::Uiaa::new(hub.clone()),
+            devices: devices::Devices::new(hub.clone()),
+            profile: profile::Profiles::new(hub.clone()),
+            account_data: account_data::AccountData::new(hub.clone()),
+            presence: presence::Presence::new(hub.clone()),
+            push: push::Push::new(hub.clone(), &settings.push),
+            keys: keys::Keys::new(hub.clone()),
+            key_backups: key_backups::KeyBackups::new(hub.clone()),
             settings,
             store,
             signing_key,
@@ -174,17 +189,13 @@ impl Services {
             streams: streams::Streams::new(max_stream_position),
             typing: typing::Typing::default(),
             hashing: credentials::Hashing::new(),
-            push_rule_cache: push::PushRuleCache::default(),
             media,
-            push_gateway,
             fed: fed::Federation::new(hub.clone(), outbound),
             send_queue: send_queue::SendQueue::new(hub.clone()),
             receiver: inbound::Receiver::new(hub.clone()),
             servers: servers::Servers::new(hub.clone()),
             remote_rooms: remote_rooms::RemoteRooms::new(hub.clone()),
             room_cache: room_cache::RoomCaches::new(hub.clone()),
-            key_counts: keys::KeyCountCache::new(keys::MAX_CACHED_KEY_COUNTS),
-            presence_touches: presence::PresenceTouches::default(),
         }
     }
 }

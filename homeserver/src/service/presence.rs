@@ -7,7 +7,7 @@ use std::{collections::HashMap, sync::Mutex};
 use ruma::{OwnedUserId, UserId};
 use serde_json::{Value as JsonValue, json};
 
-use super::{Services, notifier::Sections};
+use super::{Hub, notifier::Sections, rate_limit::Class};
 use crate::{
     error::{Error, Result},
     store::{PresenceRow, now_ms},
@@ -55,19 +55,41 @@ pub fn valid_state(state: &str) -> bool {
     matches!(state, "online" | "unavailable" | "offline")
 }
 
-impl Services {
-    /// `PUT /presence/{userId}/status`.
-    pub async fn set_presence(&self, user: &UserId, state: &str, status_msg: Option<String>) -> Result<()> {
+/// Presence: each user's state, who sees it, and when it lapses to offline.
+pub struct Presence {
+    hub: Hub,
+    touches: PresenceTouches,
+}
+
+impl Presence {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub, touches: PresenceTouches::default() }
+    }
+
+    /// `PUT /presence/{userId}/status`: `requester` sets their own presence (`target`).
+    pub async fn set(
+        &self,
+        requester: &UserId,
+        target: &UserId,
+        state: &str,
+        status_msg: Option<String>,
+    ) -> Result<()> {
+        if requester != target {
+            return Err(Error::Forbidden("You may only set your own presence".to_owned()));
+        }
+        let user = requester;
+        let s = self.hub.services();
+        s.rate_limits.check_user(Class::Presence, user)?;
         if !valid_state(state) {
             return Err(Error::InvalidParam(format!("Unknown presence state {state}")));
         }
-        if !self.settings.presence.enabled {
+        if !s.settings.presence.enabled {
             return Ok(());
         }
-        self.presence_touches.forget(user.as_str());
-        let changes = self.rooms.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
-        let position = self.streams.allocate();
-        self.store
+        self.touches.forget(user.as_str());
+        let changes = s.rooms.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
+        let position = s.streams.allocate();
+        s.store
             .set_presence(&PresenceRow {
                 user_id: user.to_string(),
                 state: state.to_owned(),
@@ -77,23 +99,24 @@ impl Services {
             })
             .await?;
         position.commit_with(changes);
-        self.federate_presence(user.as_str()).await
+        self.federate(user.as_str()).await
     }
 
     /// Sends a local user's current presence (`m.presence`) to the servers sharing a room
     /// with them.
-    pub async fn federate_presence(&self, user_id: &str) -> Result<()> {
+    pub async fn federate(&self, user_id: &str) -> Result<()> {
+        let s = self.hub.services();
         let Ok(user) = UserId::parse(user_id) else { return Ok(()) };
-        if user.server_name() != self.settings.server_name {
+        if user.server_name() != s.settings.server_name {
             return Ok(());
         }
-        let Some(row) = self.store.presence(user_id).await? else { return Ok(()) };
+        let Some(row) = s.store.presence(user_id).await? else { return Ok(()) };
         let mut servers = std::collections::BTreeSet::new();
-        for (room_id, membership) in self.rooms.of_user(user_id).await?.iter() {
+        for (room_id, membership) in s.rooms.of_user(user_id).await?.iter() {
             if *membership == MembershipState::Join {
-                for member in self.store.room_members(room_id, &MembershipState::Join).await? {
+                for member in s.store.room_members(room_id, &MembershipState::Join).await? {
                     if let Ok(member) = UserId::parse(member.as_str())
-                        && member.server_name() != self.settings.server_name
+                        && member.server_name() != s.settings.server_name
                     {
                         servers.insert(member.server_name().to_string());
                     }
@@ -112,28 +135,28 @@ impl Services {
         }
         let edu = json!({"edu_type": "m.presence", "content": {"push": [push]}});
         let destinations: Vec<String> = servers.into_iter().collect();
-        let position = self.streams.allocate();
-        self.store.enqueue_edu(&destinations, position.position(), &edu.to_string()).await?;
+        let position = s.streams.allocate();
+        s.store.enqueue_edu(&destinations, position.position(), &edu.to_string()).await?;
         position.commit_with(Vec::new());
-        self.send_queue.wake(&destinations);
+        s.send_queue.wake(&destinations);
         Ok(())
     }
 
     /// Presence of another server's user (an `m.presence` EDU from their server).
-    pub async fn receive_remote_presence(
+    pub async fn receive_remote(
         &self,
         user: &UserId,
         state: &str,
         status_msg: Option<String>,
         last_active_ago: i64,
     ) -> Result<()> {
-        if !self.settings.presence.enabled || !valid_state(state) || self.rooms.of_user(user.as_str()).await?.is_empty()
-        {
+        let s = self.hub.services();
+        if !s.settings.presence.enabled || !valid_state(state) || s.rooms.of_user(user.as_str()).await?.is_empty() {
             return Ok(());
         }
-        let changes = self.rooms.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
-        let position = self.streams.allocate();
-        self.store
+        let changes = s.rooms.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
+        let position = s.streams.allocate();
+        s.store
             .set_presence(&PresenceRow {
                 user_id: user.to_string(),
                 state: state.to_owned(),
@@ -147,14 +170,15 @@ impl Services {
     }
 
     /// `GET /presence/{userId}/status`: the user's own, or that of somebody sharing a room.
-    pub async fn get_presence(&self, requester: &UserId, target: &UserId) -> Result<JsonValue> {
-        if requester != target && !self.store.share_a_room(requester.as_str(), target.as_str()).await? {
+    pub async fn get(&self, requester: &UserId, target: &UserId) -> Result<JsonValue> {
+        let s = self.hub.services();
+        if requester != target && !s.store.share_a_room(requester.as_str(), target.as_str()).await? {
             return Err(Error::Forbidden("You do not share a room with this user".to_owned()));
         }
-        if target.server_name() == self.settings.server_name && self.store.user(target.as_str()).await?.is_none() {
+        if target.server_name() == s.settings.server_name && s.store.user(target.as_str()).await?.is_none() {
             return Err(Error::NotFound("Unknown user".to_owned()));
         }
-        let row = if self.settings.presence.enabled { self.store.presence(target.as_str()).await? } else { None };
+        let row = if s.settings.presence.enabled { s.store.presence(target.as_str()).await? } else { None };
         Ok(match row {
             Some(row) => presence_content(&row),
             None => json!({"presence": "offline"}),
@@ -163,27 +187,28 @@ impl Services {
 
     /// A sync counts as activity: it brings an offline user online (as `set_presence`
     /// asks, default online) and keeps an online one there.
-    pub async fn presence_on_sync(&self, user: &UserId, set_presence: &str) -> Result<()> {
-        if !self.settings.presence.enabled || set_presence == "offline" {
+    pub async fn on_sync(&self, user: &UserId, set_presence: &str) -> Result<()> {
+        let s = self.hub.services();
+        if !s.settings.presence.enabled || set_presence == "offline" {
             return Ok(());
         }
         let now = now_ms();
-        if self.presence_touches.recent(user, now) {
+        if self.touches.recent(user, now) {
             return Ok(());
         }
-        match self.store.presence(user.as_str()).await? {
+        match s.store.presence(user.as_str()).await? {
             Some(row) if row.state != "offline" => {
                 if now - row.last_active_ts > TOUCH_GRANULARITY_MS {
-                    self.store.touch_presence(user.as_str(), now).await?;
-                    self.presence_touches.record(user, now);
+                    s.store.touch_presence(user.as_str(), now).await?;
+                    self.touches.record(user, now);
                 } else {
-                    self.presence_touches.record(user, row.last_active_ts);
+                    self.touches.record(user, row.last_active_ts);
                 }
             }
             previous => {
-                let changes = self.rooms.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
-                let position = self.streams.allocate();
-                self.store
+                let changes = s.rooms.changes_of_user_and_rooms(user.as_str(), Sections::PRESENCE).await?;
+                let position = s.streams.allocate();
+                s.store
                     .set_presence(&PresenceRow {
                         user_id: user.to_string(),
                         state: set_presence.to_owned(),
@@ -193,27 +218,28 @@ impl Services {
                     })
                     .await?;
                 position.commit_with(changes);
-                self.presence_touches.record(user, now);
-                self.federate_presence(user.as_str()).await?;
+                self.touches.record(user, now);
+                self.federate(user.as_str()).await?;
             }
         }
         Ok(())
     }
 
     /// Marks users offline who stopped syncing.
-    pub async fn expire_presence(&self) -> Result<()> {
-        if !self.settings.presence.enabled {
+    pub async fn expire(&self) -> Result<()> {
+        let s = self.hub.services();
+        if !s.settings.presence.enabled {
             return Ok(());
         }
-        for mut row in self.store.present_users_idle_since(now_ms() - OFFLINE_AFTER_MS).await? {
-            self.presence_touches.forget(&row.user_id);
-            let changes = self.rooms.changes_of_user_and_rooms(&row.user_id, Sections::PRESENCE).await?;
-            let position = self.streams.allocate();
+        for mut row in s.store.present_users_idle_since(now_ms() - OFFLINE_AFTER_MS).await? {
+            self.touches.forget(&row.user_id);
+            let changes = s.rooms.changes_of_user_and_rooms(&row.user_id, Sections::PRESENCE).await?;
+            let position = s.streams.allocate();
             row.state = "offline".to_owned();
             row.stream_id = position.position();
-            self.store.set_presence(&row).await?;
+            s.store.set_presence(&row).await?;
             position.commit_with(changes);
-            self.federate_presence(&row.user_id).await?;
+            self.federate(&row.user_id).await?;
         }
         Ok(())
     }
@@ -224,23 +250,24 @@ impl Services {
     /// Presence for a sync of `user` covering `(from, to]`: what changed, and with `new_peers`
     /// (memberships changed in the window) the current presence of users who came to share a
     /// room with `user`.
-    pub async fn presence_events(&self, user: &UserId, from: i64, to: i64, new_peers: bool) -> Result<Vec<JsonValue>> {
-        if !self.settings.presence.enabled {
+    pub async fn events(&self, user: &UserId, from: i64, to: i64, new_peers: bool) -> Result<Vec<JsonValue>> {
+        let s = self.hub.services();
+        if !s.settings.presence.enabled {
             return Ok(Vec::new());
         }
         let rows = if from == 0 {
             // Initial sync: the database joins presence with the user's rooms.
-            self.store.presence_changes_for(user.as_str(), from, to).await?
+            s.store.presence_changes_for(user.as_str(), from, to).await?
         } else {
             let mut kept = if to - from <= PRESENCE_WINDOW_SCAN {
                 // Incremental: the few changes in the window, kept if they share a room, from
                 // the cached room lists.
-                let my_rooms = self.rooms.of_user(user.as_str()).await?;
+                let my_rooms = s.rooms.of_user(user.as_str()).await?;
                 let mine = joined_rooms(&my_rooms);
                 let mut kept = Vec::new();
-                for row in self.store.presence_changes_between(from, to).await? {
+                for row in s.store.presence_changes_between(from, to).await? {
                     let shares = row.user_id == user.as_str()
-                        || joined_rooms(&self.rooms.of_user(&row.user_id).await?).iter().any(|r| mine.contains(r));
+                        || joined_rooms(&s.rooms.of_user(&row.user_id).await?).iter().any(|r| mine.contains(r));
                     if shares {
                         kept.push(row);
                     }
@@ -252,10 +279,10 @@ impl Services {
                 // rows, found from the user's rooms, instead of every change. Measured with
                 // 500 users coming online together: every sync read all 500 rows, 2.9 s of
                 // database time in one second and sends queued behind it.
-                self.store.presence_changes_for(user.as_str(), from, to).await?
+                s.store.presence_changes_for(user.as_str(), from, to).await?
             };
             if new_peers {
-                for row in self.store.presence_of_new_room_peers(user.as_str(), from, to).await? {
+                for row in s.store.presence_of_new_room_peers(user.as_str(), from, to).await? {
                     if !kept.iter().any(|k| k.user_id == row.user_id) {
                         kept.push(row);
                     }

@@ -6,7 +6,8 @@ use std::{
 };
 
 use ruma::{
-    CanonicalJsonObject, OwnedUserId, RoomId, UInt, UserId,
+    CanonicalJsonObject, MilliSecondsSinceUnixEpoch, OwnedUserId, RoomId, UInt, UserId,
+    api::client::push::get_notifications::v3::Notification,
     events::room::power_levels::RoomPowerLevels,
     push::{Action, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset},
     serde::Raw,
@@ -14,9 +15,14 @@ use ruma::{
 use serde_json::Value as JsonValue;
 
 use super::{
-    Services,
+    Hub,
+    auth::AuthedUser,
+    events::Viewer,
     notifier::{Change, Sections},
+    push_gateway::PushGateway,
+    streams::Positions,
 };
+use crate::config::PushSettings;
 use crate::error::{Error, Result};
 
 /// Users' rule sets, cached: every event in a room is evaluated for every member.
@@ -25,50 +31,62 @@ pub struct PushRuleCache {
     rules: Mutex<HashMap<OwnedUserId, Arc<Ruleset>>>,
 }
 
-impl Services {
+/// Push: users' push rules and what they decide for each event, their pushers, and the
+/// delivery to push gateways (see [`super::push_gateway`]).
+pub struct Push {
+    pub(super) hub: Hub,
+    rule_cache: PushRuleCache,
+    /// The gateway client and the delivery state of the background worker.
+    pub(super) gateway: PushGateway,
+}
+
+impl Push {
+    pub fn new(hub: Hub, settings: &PushSettings) -> Self {
+        Self { hub, rule_cache: PushRuleCache::default(), gateway: PushGateway::new(settings) }
+    }
+
     /// The user's push rules: their stored set, or the server defaults.
-    pub async fn push_rules(&self, user_id: &UserId) -> Result<Arc<Ruleset>> {
-        if let Some(rules) = self.push_rule_cache.rules.lock().unwrap_or_else(|e| e.into_inner()).get(user_id) {
+    pub async fn rules(&self, user_id: &UserId) -> Result<Arc<Ruleset>> {
+        let s = self.hub.services();
+        if let Some(rules) = self.rule_cache.rules.lock().unwrap_or_else(|e| e.into_inner()).get(user_id) {
             return Ok(rules.clone());
         }
-        let stored = self.store.account_data(user_id.as_str(), "", "m.push_rules").await?;
+        let stored = s.store.account_data(user_id.as_str(), "", "m.push_rules").await?;
         let rules = stored
             .and_then(|text| serde_json::from_str::<JsonValue>(&text).ok())
             .and_then(|v| serde_json::from_value::<Ruleset>(v["global"].clone()).ok())
             .unwrap_or_else(|| Ruleset::server_default(user_id));
         let rules = Arc::new(rules);
-        self.push_rule_cache.rules.lock().unwrap_or_else(|e| e.into_inner()).insert(user_id.to_owned(), rules.clone());
+        self.rule_cache.rules.lock().unwrap_or_else(|e| e.into_inner()).insert(user_id.to_owned(), rules.clone());
         Ok(rules)
     }
 
     /// Stores a changed rule set (account data `m.push_rules`, which syncs to clients).
-    pub async fn save_push_rules(&self, user_id: &UserId, rules: Ruleset) -> Result<()> {
+    pub async fn save_rules(&self, user_id: &UserId, rules: Ruleset) -> Result<()> {
+        let s = self.hub.services();
         let content = serde_json::json!({"global": rules}).to_string();
-        let position = self.streams.allocate();
-        self.store.set_account_data(user_id.as_str(), "", "m.push_rules", &content, position.position()).await?;
+        let position = s.streams.allocate();
+        s.store.set_account_data(user_id.as_str(), "", "m.push_rules", &content, position.position()).await?;
         position.commit_with(vec![Change::user(user_id.to_owned(), Sections::ACCOUNT_DATA)]);
-        self.push_rule_cache
-            .rules
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(user_id.to_owned(), Arc::new(rules));
+        self.rule_cache.rules.lock().unwrap_or_else(|e| e.into_inner()).insert(user_id.to_owned(), Arc::new(rules));
         Ok(())
     }
 
     /// Evaluates a new event against the push rules of every other joined local member:
     /// (user, highlight, actions JSON) for those it notifies.
-    pub async fn push_actions_for(
+    pub async fn actions_for(
         &self,
         room_id: &RoomId,
         sender: &UserId,
         pdu: &CanonicalJsonObject,
     ) -> Result<Vec<(String, bool, String)>> {
-        let members = match self.room_cache.with(room_id, |c| c.joined.clone()) {
+        let s = self.hub.services();
+        let members = match s.room_cache.with(room_id, |c| c.joined.clone()) {
             Some(members) => members,
             None => {
                 // Filled under the room lock of the append that asks (see room_cache).
-                let members = Arc::new(self.store.joined_members_with_names(room_id.as_str()).await?);
-                self.room_cache.with(room_id, |c| c.joined = Some(members.clone()));
+                let members = Arc::new(s.store.joined_members_with_names(room_id.as_str()).await?);
+                s.room_cache.with(room_id, |c| c.joined = Some(members.clone()));
                 members
             }
         };
@@ -80,14 +98,14 @@ impl Services {
         }
         // Without the power levels ruma's `sender_notification_permission` never holds, so
         // `@room` would never highlight.
-        let power_levels = self.push_power_levels(room_id).await?;
+        let power_levels = self.power_levels(room_id).await?;
         let mut out = Vec::new();
         for (member, display_name) in members.iter() {
             let Ok(user) = UserId::parse(member.as_str()) else { continue };
-            if user == sender || user.server_name() != self.settings.server_name {
+            if user == sender || user.server_name() != s.settings.server_name {
                 continue;
             }
-            let rules = self.push_rules(&user).await?;
+            let rules = self.rules(&user).await?;
             let name = display_name.clone().unwrap_or_else(|| user.localpart().to_owned());
             let mut ctx = PushConditionRoomCtx::new(room_id.to_owned(), member_count, user.clone(), name);
             ctx.power_levels = power_levels.clone();
@@ -102,20 +120,56 @@ impl Services {
     }
 }
 
-impl Services {
+/// One page of `GET /notifications`.
+pub struct NotificationPage {
+    pub notifications: Vec<Notification>,
+    /// Where the next page starts, when this one was full.
+    pub next_token: Option<String>,
+}
+
+impl Push {
+    /// `GET /notifications`: the events that notified `user`, newest first, before the
+    /// stream position `before`.
+    pub async fn notifications(
+        &self,
+        user: &AuthedUser,
+        before: i64,
+        limit: i64,
+        only_highlight: bool,
+    ) -> Result<NotificationPage> {
+        let s = self.hub.services();
+        let rows = s.store.notifications(user.user_id.as_str(), before, limit, only_highlight).await?;
+        let next_token = (i64::try_from(rows.len()).unwrap_or(0) == limit)
+            .then(|| rows.last().map(|(r, ..)| Positions::at(r.stream_ordering).to_string()))
+            .flatten();
+        let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
+        let mut notifications = Vec::new();
+        for (row, actions, ts, read) in rows {
+            let actions: Vec<Action> = serde_json::from_str(&actions).unwrap_or_default();
+            let room_id = RoomId::parse(row.room_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
+            let event = s.relations.raw_client_event_bundled(&row, viewer, true).await?;
+            let ts = MilliSecondsSinceUnixEpoch(UInt::new(ts.max(0) as u64).unwrap_or_default());
+            notifications.push(Notification::new(actions, event, read, room_id, ts));
+        }
+        Ok(NotificationPage { notifications, next_token })
+    }
+}
+
+impl Push {
     /// The room's current power levels as the push rules see them: who may notify the whole
     /// room (`notifications.room`), with the room version's creator privileges.
     /// Read through the room cache: only called from the append path, under the room lock.
-    async fn push_power_levels(&self, room_id: &RoomId) -> Result<Option<PushConditionPowerLevelsCtx>> {
-        let version = self.rooms.version(room_id.as_str()).await?;
+    async fn power_levels(&self, room_id: &RoomId) -> Result<Option<PushConditionPowerLevelsCtx>> {
+        let s = self.hub.services();
+        let version = s.rooms.version(room_id.as_str()).await?;
         let Ok(rules) = federation::pdu::room_version_rules(&version) else { return Ok(None) };
-        let Some(create) = self.room_cache.state_event(room_id, "m.room.create", "").await? else {
+        let Some(create) = s.room_cache.state_event(room_id, "m.room.create", "").await? else {
             return Ok(None);
         };
         // The creators as the authorization rules see them (content.creator before v11, the
         // sender since, plus the additional creators from v12).
         let creators = super::rooms::creators_of(&create, &version)?;
-        let row = self.room_cache.state_event(room_id, "m.room.power_levels", "").await?;
+        let row = s.room_cache.state_event(room_id, "m.room.power_levels", "").await?;
         // Authorized content always parses; if not, nobody may notify the room.
         let Ok(source) = super::rooms::power_levels_source(row.as_deref()) else { return Ok(None) };
         Ok(Some(RoomPowerLevels::new(source, &rules.authorization, creators).into()))

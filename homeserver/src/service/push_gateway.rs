@@ -168,14 +168,14 @@ pub async fn run(services: Arc<Services>) {
             tracing::warn!(error = %e, "cannot look for push notifications to deliver");
         }
         let next_retry = {
-            let backoff = services.push_gateway.backoff.lock().unwrap_or_else(|e| e.into_inner());
+            let backoff = services.push.gateway.backoff.lock().unwrap_or_else(|e| e.into_inner());
             backoff.values().map(|b| b.next_try).min()
         };
         let wait =
             next_retry.map(|t| t.saturating_duration_since(Instant::now())).unwrap_or(IDLE_RECHECK).min(IDLE_RECHECK);
         tokio::select! {
             changed = positions.changed() => if changed.is_err() { return },
-            () = services.push_gateway.done.notified() => {}
+            () = services.push.gateway.done.notified() => {}
             () = tokio::time::sleep(wait) => {}
         }
     }
@@ -184,7 +184,7 @@ pub async fn run(services: Arc<Services>) {
 /// Spawns a delivery task for every HTTP pusher with work that is neither busy nor waiting.
 async fn start_deliveries(services: &Arc<Services>, visible: i64) -> Result<()> {
     let pushers = services.store.pushers_with_pending("http", visible).await?;
-    let gateway = &services.push_gateway;
+    let gateway = &services.push.gateway;
     let now = Instant::now();
     for row in pushers {
         let key = key_of(&row);
@@ -200,8 +200,8 @@ async fn start_deliveries(services: &Arc<Services>, visible: i64) -> Result<()> 
                 tracing::warn!(error = %e, app_id = %row.app_id, "push delivery stopped");
                 record_failure(&services, &key);
             }
-            services.push_gateway.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-            services.push_gateway.done.notify_one();
+            services.push.gateway.busy.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+            services.push.gateway.done.notify_one();
         });
     }
     Ok(())
@@ -209,7 +209,7 @@ async fn start_deliveries(services: &Arc<Services>, visible: i64) -> Result<()> 
 
 fn record_failure(services: &Services, key: &PusherKey) -> Backoff {
     let now = Instant::now();
-    let mut backoff = services.push_gateway.backoff.lock().unwrap_or_else(|e| e.into_inner());
+    let mut backoff = services.push.gateway.backoff.lock().unwrap_or_else(|e| e.into_inner());
     let entry = backoff
         .entry(key.clone())
         .and_modify(|b| b.delay = (b.delay * 2).min(MAX_BACKOFF))
@@ -242,12 +242,12 @@ async fn deliver_pending(services: &Services, listed: &PusherRow, up_to: i64) ->
             };
             match outcome {
                 Outcome::Delivered => {
-                    services.push_gateway.backoff.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                    services.push.gateway.backoff.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
                 }
                 Outcome::Rejected => {
                     tracing::info!(app_id = %row.app_id, user_id = %row.user_id, "push gateway rejected a pushkey; removing the pusher");
                     services.store.delete_pusher(&row.user_id, &row.app_id, &row.pushkey).await?;
-                    services.push_gateway.backoff.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                    services.push.gateway.backoff.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
                     return Ok(());
                 }
                 Outcome::Drop(reason) => {
@@ -303,7 +303,7 @@ async fn deliver_one(
         Ok(uri) => uri,
         Err(e) => return Ok(Outcome::Drop(format!("gateway URL {}: {e}", data.url))),
     };
-    let Some(client) = &services.push_gateway.client else {
+    let Some(client) = &services.push.gateway.client else {
         return Ok(Outcome::Retry("push delivery has no TLS client".to_owned()));
     };
     let exchange = async {

@@ -3,7 +3,7 @@
 
 use ruma::api::client::push::{Pusher, PusherIds, PusherKind};
 
-use super::{Services, auth::AuthedUser};
+use super::{auth::AuthedUser, push::Push};
 use crate::{
     error::{Error, Result},
     store::{NewPusher, now_ms},
@@ -15,10 +15,11 @@ const MAX_PUSHKEY_BYTES: usize = 512;
 /// The only path a push gateway serves notifications on (Push Gateway API v1).
 pub const NOTIFY_PATH: &str = "/_matrix/push/v1/notify";
 
-impl Services {
+impl Push {
     /// `GET /pushers`.
     pub async fn pushers(&self, user: &AuthedUser) -> Result<Vec<Pusher>> {
-        let rows = self.store.pushers(user.user_id.as_str()).await?;
+        let s = self.hub.services();
+        let rows = s.store.pushers(user.user_id.as_str()).await?;
         rows.iter()
             .map(|row| {
                 serde_json::from_str::<Pusher>(&row.pusher_json)
@@ -30,6 +31,7 @@ impl Services {
     /// `POST /pushers/set` with a pusher: adds or replaces it. It belongs to the caller's
     /// device and is deleted with it.
     pub async fn set_pusher(&self, user: &AuthedUser, pusher: &Pusher, append: bool) -> Result<()> {
+        let s = self.hub.services();
         check_ids(&pusher.ids)?;
         let kind = match &pusher.kind {
             PusherKind::Http(data) => {
@@ -46,7 +48,7 @@ impl Services {
             _ => return Err(Error::InvalidParam("`kind` must be \"http\" or \"email\"".to_owned())),
         };
         let json = serde_json::to_string(pusher).map_err(|e| Error::internal(e.to_string()))?;
-        self.store
+        s.store
             .set_pusher(
                 NewPusher {
                     user_id: user.user_id.as_str(),
@@ -57,7 +59,7 @@ impl Services {
                     pusher_json: &json,
                     now: now_ms(),
                     // Nothing from before the pusher existed is pushed.
-                    start_after: self.streams.current().stream,
+                    start_after: s.streams.current().stream,
                 },
                 append,
             )
@@ -67,14 +69,16 @@ impl Services {
 
     /// `POST /pushers/set` with `kind: null`: deletes the pusher (no error if there is none).
     pub async fn delete_pusher(&self, user: &AuthedUser, ids: &PusherIds) -> Result<()> {
+        let s = self.hub.services();
         check_ids(ids)?;
-        self.store.delete_pusher(user.user_id.as_str(), &ids.app_id, &ids.pushkey).await?;
+        s.store.delete_pusher(user.user_id.as_str(), &ids.app_id, &ids.pushkey).await?;
         Ok(())
     }
 
     /// An HTTP pusher's `data.url`: an http(s) URL of a gateway's notify endpoint, and not
     /// a literal address the configuration refuses (names are checked when they resolve).
     fn check_gateway_url(&self, url: &str) -> Result<()> {
+        let s = self.hub.services();
         let parsed = url::Url::parse(url).map_err(|e| Error::InvalidParam(format!("`data.url` is not a URL: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(Error::InvalidParam("`data.url` must be an http or https URL".to_owned()));
@@ -88,7 +92,7 @@ impl Services {
             Some(url::Host::Domain(_)) => None,
             None => return Err(Error::InvalidParam("`data.url` has no host".to_owned())),
         };
-        if literal.is_some_and(|ip| !self.settings.push.gateway_address_allowed(ip)) {
+        if literal.is_some_and(|ip| !s.settings.push.gateway_address_allowed(ip)) {
             return Err(Error::InvalidParam("This server may not send notifications to that address".to_owned()));
         }
         Ok(())

@@ -750,7 +750,7 @@ impl Receiver {
                     let state = push["presence"].as_str().unwrap_or("offline");
                     let status = push["status_msg"].as_str().map(str::to_owned);
                     let ago = push["last_active_ago"].as_i64().unwrap_or(0);
-                    s.receive_remote_presence(&user, state, status, ago).await?;
+                    s.presence.receive_remote(&user, state, status, ago).await?;
                 }
                 Ok(())
             }
@@ -763,11 +763,11 @@ impl Receiver {
                 // We do not keep other servers' device lists: local syncs learn that it
                 // changed and query the keys again (over federation).
                 if !s.rooms.of_user(user.as_str()).await?.is_empty() {
-                    s.announce_device_change(user.as_str()).await?;
+                    s.keys.announce_device_change(user.as_str()).await?;
                 }
                 Ok(())
             }
-            Some("m.signing_key_update") => s.receive_signing_key_update(origin, content).await,
+            Some("m.signing_key_update") => s.keys.receive_signing_key_update(origin, content).await,
             Some("m.direct_to_device") => {
                 let sender = ruma::UserId::parse(content["sender"].as_str().unwrap_or_default())
                     .map_err(|e| Error::BadJson(e.to_string()))?;
@@ -790,7 +790,7 @@ impl Receiver {
                     }
                 }
                 // The message id makes a retried EDU a duplicate, like a client's txn id.
-                s.send_to_device(&sender, &format!("federation:{origin}"), message_id, event_type, messages).await
+                s.keys.send_to_device(&sender, &format!("federation:{origin}"), message_id, event_type, messages).await
             }
             _ => Ok(()),
         }

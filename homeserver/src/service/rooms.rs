@@ -451,7 +451,7 @@ impl Rooms {
         let mut content = Map::new();
         content.insert("membership".into(), JsonValue::from(membership.as_str()));
         if (*membership == MembershipState::Join || *membership == MembershipState::Invite)
-            && let Ok(profile) = s.profile(user).await
+            && let Ok(profile) = s.profile.get(user).await
         {
             for key in ["displayname", "avatar_url"] {
                 if let Some(v) = profile.get(key) {

@@ -184,7 +184,7 @@ impl SlidingSync {
         let previous = self.connections.snapshot(&key, req.pos.as_deref())?;
         let deadline = tokio::time::Instant::now() + req.timeout.unwrap_or(Duration::ZERO).min(MAX_SYNC_TIMEOUT);
         let _open = OpenSync::new(&s.metrics.open_syncs);
-        s.presence_on_sync(user_id, req.set_presence.as_str()).await?;
+        s.presence.on_sync(user_id, req.set_presence.as_str()).await?;
         loop {
             // Registered before the positions are read, so nothing committed from here on
             // is missed; again on every pass, as the user's rooms may have changed.
@@ -594,7 +594,7 @@ impl SlidingSync {
                 ),
                 None => None,
             };
-            let messages = s.to_device_for_sync(user, device_id, acked, upto.stream).await?;
+            let messages = s.keys.to_device_for_sync(user, device_id, acked, upto.stream).await?;
             let full = i64::try_from(messages.len()).unwrap_or(i64::MAX) >= super::keys::TO_DEVICE_PER_SYNC;
             let next = if full { messages.last().map(|m| m.stream_id).unwrap_or(upto.stream) } else { upto.stream };
             let mut out = response::ToDevice::default();
@@ -637,7 +637,7 @@ impl SlidingSync {
             }
             // Clients read their push rules here; until changed the defaults stand in.
             if previous.is_none() && s.store.account_data(user, "", "m.push_rules").await?.is_none() {
-                let rules = s.push_rules(user_id).await?;
+                let rules = s.push.rules(user_id).await?;
                 let event = json!({"type": "m.push_rules", "content": {"global": *rules}});
                 response.extensions.account_data.global.push(to_raw(&event)?);
             }

@@ -193,7 +193,7 @@ impl Sync {
         }
         let deadline = tokio::time::Instant::now() + req.timeout.min(MAX_SYNC_TIMEOUT);
         let _open = OpenSync::new(&s.metrics.open_syncs);
-        s.presence_on_sync(user_id, &req.set_presence).await?;
+        s.presence.on_sync(user_id, &req.set_presence).await?;
         let me = user_id.to_owned();
         // Registered before the first look at the positions, so nothing committed from
         // here on is missed.
@@ -277,7 +277,7 @@ impl Sync {
         // new message for the user and the last batch complete there is nothing to read (the
         // acknowledgement waits for the next read, which covers it).
         let to_device = if relevance.any(Sections::TO_DEVICE) || since.to_device < since.stream {
-            s.to_device_for_sync(user_id.as_str(), device_id, req.since.map(|s| s.to_device), upto.stream).await?
+            s.keys.to_device_for_sync(user_id.as_str(), device_id, req.since.map(|s| s.to_device), upto.stream).await?
         } else {
             Vec::new()
         };
@@ -301,7 +301,7 @@ impl Sync {
             response.device_lists.changed = changed;
             response.device_lists.left = left;
         }
-        let key_counts = s.key_counts(user_id.as_str(), device_id).await?;
+        let key_counts = s.keys.counts(user_id.as_str(), device_id).await?;
         for (algorithm, count) in &key_counts.one_time {
             response
                 .device_one_time_keys_count
@@ -398,7 +398,7 @@ impl Sync {
         // Clients read their push rules from account data; until a user changes them the
         // server defaults stand in, on the initial sync.
         if req.since.is_none() && s.store.account_data(user_id.as_str(), "", "m.push_rules").await?.is_none() {
-            let rules = s.push_rules(user_id).await?;
+            let rules = s.push.rules(user_id).await?;
             response.account_data.events.push(to_raw(&json!({"type": "m.push_rules", "content": {"global": *rules}}))?);
         }
 
@@ -406,7 +406,7 @@ impl Sync {
         // share a room with the user, whose presence the user has then never seen.
         let new_peers = read_all || relevance.any(Sections::DEVICE_LISTS);
         if new_peers || relevance.any(Sections::PRESENCE) {
-            for event in s.presence_events(user_id, since.stream, upto.stream, new_peers).await? {
+            for event in s.presence.events(user_id, since.stream, upto.stream, new_peers).await? {
                 response.presence.events.push(to_raw(&event)?);
             }
         }

@@ -483,7 +483,7 @@ impl Timeline {
         let membership = (event_type == "m.room.member").then(|| pdu_membership(&pdu)).flatten();
         let prev_ids: Vec<String> = pdu.prev_events.iter().map(|id| id.to_string()).collect();
         let relates_to = relation_of(&pdu);
-        let push_actions = s.push_actions_for(room_id, &sender, &object).await?;
+        let push_actions = s.push.actions_for(room_id, &sender, &object).await?;
         let search_text = searchable_text(&event_type, &pdu);
         let origin_server_ts = i64::try_from(u64::from(pdu.origin_server_ts.get())).unwrap_or(i64::MAX);
         // Only an allowed redaction marks its target (the callers refuse or soft-fail the

@@ -13,7 +13,7 @@ use ruma::{
 };
 
 use super::{
-    Services, credentials,
+    Hub, credentials,
     rate_limit::{Class, Key},
 };
 use crate::{
@@ -47,6 +47,13 @@ impl UiaaAction {
     }
 }
 
+/// What a session has established so far.
+struct Progress {
+    /// The stages passed, as their type names.
+    completed: Vec<String>,
+    registration_token: Option<String>,
+}
+
 /// A completed UIA: the session to delete once the action is committed, and what the
 /// stages established.
 #[derive(Debug)]
@@ -55,10 +62,21 @@ pub struct UiaaCompleted {
     pub registration_token: Option<String>,
 }
 
-impl Services {
-    fn uiaa_flows(&self, action: UiaaAction) -> Vec<AuthFlow> {
+/// User-interactive authentication: the flows each action needs and the sessions that
+/// track them.
+pub struct Uiaa {
+    hub: Hub,
+}
+
+impl Uiaa {
+    pub fn new(hub: Hub) -> Self {
+        Self { hub }
+    }
+
+    fn flows(&self, action: UiaaAction) -> Vec<AuthFlow> {
+        let s = self.hub.services();
         match action {
-            UiaaAction::Register => match self.settings.registration {
+            UiaaAction::Register => match s.settings.registration {
                 RegistrationMode::Token => vec![AuthFlow::new(vec![AuthType::RegistrationToken])],
                 _ => vec![AuthFlow::new(vec![AuthType::Dummy])],
             },
@@ -70,25 +88,26 @@ impl Services {
     ///
     /// Returns `Err(Error::Uiaa(..))` (a 401 with flows and session) until a flow is
     /// complete, then the completed session.
-    pub async fn check_uiaa(
+    pub async fn check(
         &self,
         action: UiaaAction,
         user: Option<&UserId>,
         auth: Option<&AuthData>,
     ) -> Result<UiaaCompleted> {
+        let s = self.hub.services();
         let now = now_ms();
-        let flows = self.uiaa_flows(action);
+        let flows = self.flows(action);
         let user_str = user.map(|u| u.as_str());
 
         let session_id = match auth.and_then(|a| a.session()) {
             Some(id) => id.to_owned(),
             None => {
                 let id = credentials::random_string(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", 24);
-                self.store.create_uiaa_session(&id, action.as_str(), user_str, now).await?;
+                s.store.create_uiaa_session(&id, action.as_str(), user_str, now).await?;
                 id
             }
         };
-        let session = self
+        let session = s
             .store
             .uiaa_session(&session_id, now - SESSION_LIFETIME_MS)
             .await?
@@ -97,55 +116,18 @@ impl Services {
             return Err(Error::Forbidden("This UIA session was started for another request".to_owned()));
         }
 
-        let mut completed = session.completed.clone();
-        let mut registration_token = session.registration_token.clone();
+        let mut progress =
+            Progress { completed: session.completed.clone(), registration_token: session.registration_token.clone() };
         let mut auth_error = None;
-
         if let Some(auth) = auth {
             let offered = auth.auth_type().is_some_and(|t| flows.iter().any(|f| f.stages.contains(&t)));
-            match (auth, offered) {
-                (_, false) => {
-                    auth_error = Some(StandardErrorBody::new(
-                        ErrorKind::Unrecognized,
-                        "This authentication stage is not offered here".to_owned(),
-                    ));
-                }
-                (AuthData::Dummy(_), true) => completed.push(AuthType::Dummy.to_string()),
-                (AuthData::RegistrationToken(t), true) => {
-                    let valid = self.store.registration_token(&t.token).await?.is_some_and(|row| row.is_valid_at(now));
-                    if valid {
-                        completed.push(AuthType::RegistrationToken.to_string());
-                        registration_token = Some(t.token.clone());
-                    } else {
-                        auth_error =
-                            Some(StandardErrorBody::new(ErrorKind::Forbidden, "Invalid registration token".to_owned()));
-                    }
-                }
-                (AuthData::Password(p), true) => {
-                    let Some(user) = user else {
-                        return Err(Error::internal("password stage offered without a user"));
-                    };
-                    // Failed password stages count with failed logins (`rc_login.failed_attempts`):
-                    // a stolen access token must not open a way to guess the password.
-                    let account = Key::Id(user.as_str());
-                    self.rate_limits.peek(None, Class::LoginFailedAttempts, account)?;
-                    if self.password_stage_matches(user, &p.identifier, &p.password).await? {
-                        completed.push(AuthType::Password.to_string());
-                    } else {
-                        self.rate_limits.record(None, Class::LoginFailedAttempts, account);
-                        auth_error = Some(StandardErrorBody::new(ErrorKind::Forbidden, "Invalid password".to_owned()));
-                    }
-                }
-                (_, true) => {
-                    auth_error = Some(StandardErrorBody::new(
-                        ErrorKind::Unrecognized,
-                        "Unsupported authentication stage".to_owned(),
-                    ));
-                }
-            }
-            completed.dedup();
-            self.store.update_uiaa_session(&session_id, &completed, registration_token.as_deref()).await?;
+            auth_error = self.apply_stage(auth, offered, user, now, &mut progress).await?;
+            progress.completed.dedup();
+            s.store
+                .update_uiaa_session(&session_id, &progress.completed, progress.registration_token.as_deref())
+                .await?;
         }
+        let Progress { completed, registration_token } = progress;
 
         let done = flows.iter().any(|flow| flow.stages.iter().all(|stage| completed.contains(&stage.to_string())));
         if done {
@@ -159,21 +141,69 @@ impl Services {
         Err(Error::Uiaa(Box::new(info)))
     }
 
+    /// Checks one stage the client offered and records it in `progress` when it passes;
+    /// the error to show the client when it does not.
+    async fn apply_stage(
+        &self,
+        auth: &AuthData,
+        offered: bool,
+        user: Option<&UserId>,
+        now: i64,
+        progress: &mut Progress,
+    ) -> Result<Option<StandardErrorBody>> {
+        let s = self.hub.services();
+        let refused = |kind, message: &str| Ok(Some(StandardErrorBody::new(kind, message.to_owned())));
+        match (auth, offered) {
+            (_, false) => refused(ErrorKind::Unrecognized, "This authentication stage is not offered here"),
+            (AuthData::Dummy(_), true) => {
+                progress.completed.push(AuthType::Dummy.to_string());
+                Ok(None)
+            }
+            (AuthData::RegistrationToken(t), true) => {
+                let valid = s.store.registration_token(&t.token).await?.is_some_and(|row| row.is_valid_at(now));
+                if !valid {
+                    return refused(ErrorKind::Forbidden, "Invalid registration token");
+                }
+                progress.completed.push(AuthType::RegistrationToken.to_string());
+                progress.registration_token = Some(t.token.clone());
+                Ok(None)
+            }
+            (AuthData::Password(p), true) => {
+                let Some(user) = user else {
+                    return Err(Error::internal("password stage offered without a user"));
+                };
+                // Failed password stages count with failed logins (`rc_login.failed_attempts`):
+                // a stolen access token must not open a way to guess the password.
+                let account = Key::Id(user.as_str());
+                s.rate_limits.peek(None, Class::LoginFailedAttempts, account)?;
+                if !self.password_stage_matches(user, &p.identifier, &p.password).await? {
+                    s.rate_limits.record(None, Class::LoginFailedAttempts, account);
+                    return refused(ErrorKind::Forbidden, "Invalid password");
+                }
+                progress.completed.push(AuthType::Password.to_string());
+                Ok(None)
+            }
+            (_, true) => refused(ErrorKind::Unrecognized, "Unsupported authentication stage"),
+        }
+    }
+
     /// Forgets a session once the action it authorised is committed.
-    pub async fn finish_uiaa(&self, completed: UiaaCompleted) {
-        if let Err(e) = self.store.delete_uiaa_session(&completed.session_id).await {
+    pub async fn finish(&self, completed: UiaaCompleted) {
+        let s = self.hub.services();
+        if let Err(e) = s.store.delete_uiaa_session(&completed.session_id).await {
             tracing::warn!(error = %e, "cannot delete a finished UIA session");
         }
     }
 
     async fn password_stage_matches(&self, user: &UserId, identifier: &UserIdentifier, password: &str) -> Result<bool> {
+        let s = self.hub.services();
         let UserIdentifier::Matrix(id) = identifier else {
             return Ok(false);
         };
-        if self.resolve_local_user(&id.user).ok().as_deref() != Some(user) {
+        if s.accounts.resolve_local_user(&id.user).ok().as_deref() != Some(user) {
             return Ok(false);
         }
-        let stored = self.store.user(user.as_str()).await?.filter(|u| !u.deactivated).and_then(|u| u.password_hash);
-        credentials::verify_password(&self.hashing, password.to_owned(), stored).await
+        let stored = s.store.user(user.as_str()).await?.filter(|u| !u.deactivated).and_then(|u| u.password_hash);
+        credentials::verify_password(&s.hashing, password.to_owned(), stored).await
     }
 }

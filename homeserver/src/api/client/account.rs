@@ -23,9 +23,9 @@ pub async fn change_password(
     req: Ruma<change_password::v3::Request>,
 ) -> Result<RumaResponse<change_password::v3::Response>> {
     let user = req.user()?;
-    let uiaa = services.check_uiaa(UiaaAction::ChangePassword, Some(&user.user_id), req.body.auth.as_ref()).await?;
-    services.change_password(user, req.body.new_password.clone(), req.body.logout_devices).await?;
-    services.finish_uiaa(uiaa).await;
+    let uiaa = services.uiaa.check(UiaaAction::ChangePassword, Some(&user.user_id), req.body.auth.as_ref()).await?;
+    services.accounts.change_password(user, req.body.new_password.clone(), req.body.logout_devices).await?;
+    services.uiaa.finish(uiaa).await;
     Ok(RumaResponse(change_password::v3::Response::new()))
 }
 
@@ -34,8 +34,8 @@ pub async fn deactivate(
     req: Ruma<deactivate::v3::Request>,
 ) -> Result<RumaResponse<deactivate::v3::Response>> {
     let user = req.user()?;
-    let uiaa = services.check_uiaa(UiaaAction::Deactivate, Some(&user.user_id), req.body.auth.as_ref()).await?;
-    services.deactivate(&user.user_id).await?;
-    services.finish_uiaa(uiaa).await;
+    let uiaa = services.uiaa.check(UiaaAction::Deactivate, Some(&user.user_id), req.body.auth.as_ref()).await?;
+    services.accounts.deactivate(&user.user_id).await?;
+    services.uiaa.finish(uiaa).await;
     Ok(RumaResponse(deactivate::v3::Response::new(ThirdPartyIdRemovalStatus::NoSupport)))
 }

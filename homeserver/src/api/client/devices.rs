@@ -28,7 +28,7 @@ pub async fn list(
     req: Ruma<get_devices::v3::Request>,
 ) -> Result<RumaResponse<get_devices::v3::Response>> {
     let user = req.user()?;
-    let devices = services.devices(user.user_id.as_str()).await?.into_iter().map(to_device).collect();
+    let devices = services.devices.list(user.user_id.as_str()).await?.into_iter().map(to_device).collect();
     Ok(RumaResponse(get_devices::v3::Response::new(devices)))
 }
 
@@ -37,7 +37,7 @@ pub async fn get(
     req: Ruma<get_device::v3::Request>,
 ) -> Result<RumaResponse<get_device::v3::Response>> {
     let user = req.user()?;
-    let device = services.device(user.user_id.as_str(), req.body.device_id.as_str()).await?;
+    let device = services.devices.get(user.user_id.as_str(), req.body.device_id.as_str()).await?;
     Ok(RumaResponse(get_device::v3::Response::new(to_device(device))))
 }
 
@@ -47,7 +47,8 @@ pub async fn update(
 ) -> Result<RumaResponse<update_device::v3::Response>> {
     let user = req.user()?;
     services
-        .rename_device(user.user_id.as_str(), req.body.device_id.as_str(), req.body.display_name.as_deref())
+        .devices
+        .rename(user.user_id.as_str(), req.body.device_id.as_str(), req.body.display_name.as_deref())
         .await?;
     Ok(RumaResponse(update_device::v3::Response::new()))
 }
@@ -58,10 +59,10 @@ pub async fn delete(
 ) -> Result<RumaResponse<delete_device::v3::Response>> {
     let user = req.user()?;
     // An unknown device is a 404 before any authentication is asked for.
-    services.device(user.user_id.as_str(), req.body.device_id.as_str()).await?;
-    let uiaa = services.check_uiaa(UiaaAction::DeleteDevices, Some(&user.user_id), req.body.auth.as_ref()).await?;
-    services.delete_devices(user.user_id.as_str(), &[req.body.device_id.as_str()]).await?;
-    services.finish_uiaa(uiaa).await;
+    services.devices.get(user.user_id.as_str(), req.body.device_id.as_str()).await?;
+    let uiaa = services.uiaa.check(UiaaAction::DeleteDevices, Some(&user.user_id), req.body.auth.as_ref()).await?;
+    services.devices.delete(user.user_id.as_str(), &[req.body.device_id.as_str()]).await?;
+    services.uiaa.finish(uiaa).await;
     Ok(RumaResponse(delete_device::v3::Response::new()))
 }
 
@@ -70,9 +71,9 @@ pub async fn delete_many(
     req: Ruma<delete_devices::v3::Request>,
 ) -> Result<RumaResponse<delete_devices::v3::Response>> {
     let user = req.user()?;
-    let uiaa = services.check_uiaa(UiaaAction::DeleteDevices, Some(&user.user_id), req.body.auth.as_ref()).await?;
+    let uiaa = services.uiaa.check(UiaaAction::DeleteDevices, Some(&user.user_id), req.body.auth.as_ref()).await?;
     let ids: Vec<&str> = req.body.devices.iter().map(|d| d.as_str()).collect();
-    services.delete_devices(user.user_id.as_str(), &ids).await?;
-    services.finish_uiaa(uiaa).await;
+    services.devices.delete(user.user_id.as_str(), &ids).await?;
+    services.uiaa.finish(uiaa).await;
     Ok(RumaResponse(delete_devices::v3::Response::new()))
 }

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use axum::extract::State;
 use ruma::{
-    OwnedDeviceId, OwnedServerName, OwnedUserId, UInt, UserId,
+    OwnedDeviceId, OwnedServerName, OwnedUserId, RoomId, UInt,
     api::client::{
         backup::{
             RoomKeyBackup, add_backup_keys, add_backup_keys_for_room, add_backup_keys_for_session,
@@ -25,6 +25,7 @@ use crate::{
     service::{
         Services,
         events::to_raw,
+        key_backups::{BackedUpKey, Selection},
         rate_limit::{Class, Key},
         streams::Positions,
         uiaa::UiaaAction,
@@ -62,7 +63,7 @@ pub async fn upload(
         .iter()
         .map(|(id, raw)| Ok((id.to_string(), json_of(raw)?)))
         .collect::<Result<Vec<_>>>()?;
-    let counts_now = services.upload_keys(&user.user_id, user.device_id.as_str(), device_keys, otks, fallback).await?;
+    let counts_now = services.keys.upload(&user.user_id, user.device_id.as_str(), device_keys, otks, fallback).await?;
     Ok(RumaResponse(upload_keys::v3::Response::new(counts(counts_now))))
 }
 
@@ -93,10 +94,10 @@ pub async fn query(
                 response.failures.insert(server.to_string(), remote_failure(&e));
                 // The cross-signing keys its `m.signing_key_update` EDUs brought still answer.
                 for target in targets {
-                    if let Some(key) = services.cross_signing_key(target.as_str(), "master").await? {
+                    if let Some(key) = services.keys.cross_signing_key(target.as_str(), "master").await? {
                         response.master_keys.insert(target.clone(), to_raw(&key)?);
                     }
-                    if let Some(key) = services.cross_signing_key(target.as_str(), "self_signing").await? {
+                    if let Some(key) = services.keys.cross_signing_key(target.as_str(), "self_signing").await? {
                         response.self_signing_keys.insert(target.clone(), to_raw(&key)?);
                     }
                 }
@@ -108,7 +109,7 @@ pub async fn query(
             continue;
         }
         let only: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
-        let public = services.public_keys_of(target.as_str(), &only).await?;
+        let public = services.keys.public_keys_of(target.as_str(), &only).await?;
         let mut keys = BTreeMap::new();
         for (device_id, value) in public.devices {
             keys.insert(OwnedDeviceId::from(device_id), to_raw(&value)?);
@@ -121,7 +122,7 @@ pub async fn query(
             response.self_signing_keys.insert(target.clone(), to_raw(&key)?);
         }
         if *target == user.user_id
-            && let Some(key) = services.cross_signing_key(target.as_str(), "user_signing").await?
+            && let Some(key) = services.keys.cross_signing_key(target.as_str(), "user_signing").await?
         {
             response.user_signing_keys.insert(target.clone(), to_raw(&key)?);
         }
@@ -145,7 +146,7 @@ pub async fn claim(
             wanted.push((user_id.to_string(), device_id.to_string(), algorithm.to_string()));
         }
     }
-    let claimed = services.claim_keys(wanted).await?;
+    let claimed = services.keys.claim(wanted).await?;
     let value = serde_json::to_value(&claimed).map_err(|e| Error::internal(e.to_string()))?;
     let one_time_keys = serde_json::from_value(value).map_err(|e| Error::internal(format!("claimed keys: {e}")))?;
     let mut response = claim_keys::v3::Response::new(one_time_keys);
@@ -169,8 +170,7 @@ pub async fn changes(
     let user = req.user()?.clone();
     let parse = |t: &str| Positions::parse(t).ok_or_else(|| Error::InvalidParam(format!("Invalid token {t}")));
     let (from, to) = (parse(&req.body.from)?, parse(&req.body.to)?);
-    let changed = services.store.device_list_changes_for(user.user_id.as_str(), from.stream, to.stream).await?;
-    let changed: Vec<OwnedUserId> = changed.into_iter().filter_map(|u| UserId::parse(u).ok()).collect();
+    let changed = services.keys.device_list_changes(&user.user_id, from.stream, to.stream).await?;
     Ok(RumaResponse(get_key_changes::v3::Response::new(changed, Vec::new())))
 }
 
@@ -184,21 +184,22 @@ pub async fn upload_cross_signing(
     let user_signing = req.body.user_signing_key.as_ref().map(json_of).transpose()?;
     // The first upload needs no re-authentication (Matrix 1.11); replacing keys does, unless
     // the same keys are uploaded again (a client retrying).
-    let existing = services.cross_signing_key(user.user_id.as_str(), "master").await?;
+    let existing = services.keys.cross_signing_key(user.user_id.as_str(), "master").await?;
     let replacing = existing.is_some()
         && master.as_ref().is_some_and(|m| Some(&m["keys"]) != existing.as_ref().map(|e| &e["keys"]));
     let uiaa = if replacing || (existing.is_some() && master.is_none()) {
         Some(
             services
-                .check_uiaa(UiaaAction::UploadCrossSigningKeys, Some(&user.user_id), req.body.auth.as_ref())
+                .uiaa
+                .check(UiaaAction::UploadCrossSigningKeys, Some(&user.user_id), req.body.auth.as_ref())
                 .await?,
         )
     } else {
         None
     };
-    services.upload_cross_signing_keys(&user.user_id, master, self_signing, user_signing).await?;
+    services.keys.upload_cross_signing(&user.user_id, master, self_signing, user_signing).await?;
     if let Some(uiaa) = uiaa {
-        services.finish_uiaa(uiaa).await;
+        services.uiaa.finish(uiaa).await;
     }
     Ok(RumaResponse(upload_signing_keys::v3::Response::new()))
 }
@@ -215,7 +216,7 @@ pub async fn upload_signatures_handler(
             signed.push((target.to_string(), key_id.to_owned(), value));
         }
     }
-    let failures = services.upload_signatures(&user.user_id, signed).await?;
+    let failures = services.keys.upload_signatures(&user.user_id, signed).await?;
     let mut response = upload_signatures::v3::Response::new();
     let value = serde_json::to_value(
         failures
@@ -261,6 +262,7 @@ pub async fn send_to_device(
         )?;
     }
     services
+        .keys
         .send_to_device(
             &user.user_id,
             user.device_id.as_str(),
@@ -274,71 +276,28 @@ pub async fn send_to_device(
 
 // Key backup.
 
-fn parse_version(version: &str) -> Result<i64> {
-    version.parse().map_err(|_| Error::NotFound("Unknown backup version".to_owned()))
-}
-
-async fn live_version(services: &Services, user: &UserId, version: &str) -> Result<crate::store::BackupVersionRow> {
-    let version = parse_version(version)?;
-    services
-        .store
-        .backup_version(user.as_str(), Some(version))
-        .await?
-        .ok_or_else(|| Error::NotFound("Unknown backup version".to_owned()))
-}
-
-/// Writes to a version other than the current one are refused (M_WRONG_ROOM_KEYS_VERSION),
-/// so a client with an outdated idea of the backup does not scatter keys.
-async fn writable_version(services: &Services, user: &UserId, version: &str) -> Result<i64> {
-    let current = services.store.backup_version(user.as_str(), None).await?;
-    let requested = parse_version(version)?;
-    match current {
-        Some(c) if c.version == requested => Ok(requested),
-        Some(c) => Err(Error::WrongRoomKeysVersion(c.version.to_string())),
-        None => Err(Error::NotFound("Unknown backup version".to_owned())),
-    }
-}
-
-/// A backup version names its `algorithm` (a string) and its `auth_data` (an object), as the
-/// spec's BackupAlgorithm does. The version is stored as given and served back through ruma's
-/// types: anything else (`{}`, say) was accepted once and then made every read of the user's
-/// backup versions a 500.
-fn check_algorithm(raw: &ruma::serde::Raw<ruma::api::client::backup::BackupAlgorithm>) -> Result<()> {
-    let value = json_of(raw)?;
-    if !value["algorithm"].is_string() || !value["auth_data"].is_object() {
-        return Err(Error::BadJson(
-            "A backup version needs an `algorithm` string and an `auth_data` object".to_owned(),
-        ));
-    }
-    Ok(())
-}
-
 fn raw_algorithm(text: &str) -> Result<ruma::serde::Raw<ruma::api::client::backup::BackupAlgorithm>> {
     let value: JsonValue = serde_json::from_str(text).map_err(|e| Error::internal(e.to_string()))?;
     to_raw(&value)
 }
 
+/// `POST /_matrix/client/v3/room_keys/version`
 pub async fn backup_create(
     State(services): State<Arc<Services>>,
     req: Ruma<create_backup_version::v3::Request>,
 ) -> Result<RumaResponse<create_backup_version::v3::Response>> {
-    let user = req.user()?.clone();
-    check_algorithm(&req.body.algorithm)?;
-    let algorithm = req.body.algorithm.json().get().to_owned();
-    let version = services.store.create_backup_version(user.user_id.as_str(), &algorithm).await?;
+    let user = req.user()?;
+    let version = services.key_backups.create_version(&user.user_id, req.body.algorithm.json().get()).await?;
     Ok(RumaResponse(create_backup_version::v3::Response::new(version.to_string())))
 }
 
+/// `GET /_matrix/client/v3/room_keys/version`
 pub async fn backup_latest(
     State(services): State<Arc<Services>>,
     req: Ruma<get_latest_backup_info::v3::Request>,
 ) -> Result<RumaResponse<get_latest_backup_info::v3::Response>> {
-    let user = req.user()?.clone();
-    let row = services
-        .store
-        .backup_version(user.user_id.as_str(), None)
-        .await?
-        .ok_or_else(|| Error::NotFound("No backup".to_owned()))?;
+    let user = req.user()?;
+    let row = services.key_backups.latest_version(&user.user_id).await?;
     Ok(RumaResponse(get_latest_backup_info::v3::Response::new(
         raw_algorithm(&row.algorithm)?,
         UInt::new(row.count as u64).unwrap_or_default(),
@@ -347,12 +306,13 @@ pub async fn backup_latest(
     )))
 }
 
+/// `GET /_matrix/client/v3/room_keys/version/{version}`
 pub async fn backup_info(
     State(services): State<Arc<Services>>,
     req: Ruma<get_backup_info::v3::Request>,
 ) -> Result<RumaResponse<get_backup_info::v3::Response>> {
-    let user = req.user()?.clone();
-    let row = live_version(&services, &user.user_id, &req.body.version).await?;
+    let user = req.user()?;
+    let row = services.key_backups.live_version(&user.user_id, &req.body.version).await?;
     Ok(RumaResponse(get_backup_info::v3::Response::new(
         raw_algorithm(&row.algorithm)?,
         UInt::new(row.count as u64).unwrap_or_default(),
@@ -361,220 +321,145 @@ pub async fn backup_info(
     )))
 }
 
+/// `PUT /_matrix/client/v3/room_keys/version/{version}`
 pub async fn backup_update(
     State(services): State<Arc<Services>>,
     req: Ruma<update_backup_version::v3::Request>,
 ) -> Result<RumaResponse<update_backup_version::v3::Response>> {
-    let user = req.user()?.clone();
-    let current = live_version(&services, &user.user_id, &req.body.version).await?;
-    check_algorithm(&req.body.algorithm)?;
-    let new: JsonValue = json_of(&req.body.algorithm)?;
-    let old: JsonValue = serde_json::from_str(&current.algorithm).unwrap_or_default();
-    if new["algorithm"] != old["algorithm"] {
-        return Err(Error::InvalidParam("The algorithm of a backup cannot change".to_owned()));
-    }
-    services.store.update_backup_version(user.user_id.as_str(), current.version, &new.to_string()).await?;
+    let user = req.user()?;
+    services.key_backups.update_version(&user.user_id, &req.body.version, req.body.algorithm.json().get()).await?;
     Ok(RumaResponse(update_backup_version::v3::Response::new()))
 }
 
+/// `DELETE /_matrix/client/v3/room_keys/version/{version}`
 pub async fn backup_delete(
     State(services): State<Arc<Services>>,
     req: Ruma<delete_backup_version::v3::Request>,
 ) -> Result<RumaResponse<delete_backup_version::v3::Response>> {
-    let user = req.user()?.clone();
-    let version = parse_version(&req.body.version)?;
-    if !services.store.delete_backup_version(user.user_id.as_str(), version).await? {
-        return Err(Error::NotFound("Unknown backup version".to_owned()));
-    }
+    let user = req.user()?;
+    services.key_backups.delete_version(&user.user_id, &req.body.version).await?;
     Ok(RumaResponse(delete_backup_version::v3::Response::new()))
 }
 
-/// Keeps the better of two backed-up copies of a session, as the spec orders them: verified
-/// over unverified, then the lower first message index, then fewer forwards.
-fn better(new: &JsonValue, old: &JsonValue) -> bool {
-    let key = |v: &JsonValue| {
-        (
-            !v["is_verified"].as_bool().unwrap_or(false),
-            v["first_message_index"].as_u64().unwrap_or(u64::MAX),
-            v["forwarded_count"].as_u64().unwrap_or(u64::MAX),
-        )
-    };
-    key(new) < key(old)
+fn backed_up<T>(room_id: &RoomId, session_id: &str, raw: &ruma::serde::Raw<T>) -> Result<BackedUpKey> {
+    Ok(BackedUpKey { room_id: room_id.to_string(), session_id: session_id.to_owned(), data: json_of(raw)? })
 }
 
-async fn store_backup_keys(
-    services: &Services,
-    user: &UserId,
-    version: &str,
-    keys: Vec<(String, String, JsonValue)>,
-) -> Result<(String, UInt)> {
-    let version = writable_version(services, user, version).await?;
-    let mut to_store = Vec::new();
-    for (room_id, session_id, data) in keys {
-        let existing = services.store.backup_keys(user.as_str(), version, Some(&room_id), Some(&session_id)).await?;
-        let keep_old =
-            existing.first().is_some_and(|(_, _, old)| !better(&data, &serde_json::from_str(old).unwrap_or_default()));
-        if !keep_old {
-            to_store.push((room_id, session_id, data.to_string()));
-        }
-    }
-    services.store.put_backup_keys(user.as_str(), version, &to_store).await?;
-    let row = services
-        .store
-        .backup_version(user.as_str(), Some(version))
-        .await?
-        .ok_or_else(|| Error::internal("backup vanished"))?;
-    Ok((row.etag.to_string(), UInt::new(row.count as u64).unwrap_or_default()))
-}
-
+/// `PUT /_matrix/client/v3/room_keys/keys`
 pub async fn backup_put_all(
     State(services): State<Arc<Services>>,
     req: Ruma<add_backup_keys::v3::Request>,
 ) -> Result<RumaResponse<add_backup_keys::v3::Response>> {
-    let user = req.user()?.clone();
+    let user = req.user()?;
     let mut keys = Vec::new();
     for (room_id, room) in &req.body.rooms {
         for (session_id, raw) in &room.sessions {
-            keys.push((room_id.to_string(), session_id.clone(), json_of(raw)?));
+            keys.push(backed_up(room_id, session_id, raw)?);
         }
     }
-    let (etag, count) = store_backup_keys(&services, &user.user_id, &req.body.version, keys).await?;
-    Ok(RumaResponse(add_backup_keys::v3::Response::new(etag, count)))
+    let state = services.key_backups.put_keys(&user.user_id, &req.body.version, keys).await?;
+    Ok(RumaResponse(add_backup_keys::v3::Response::new(state.etag, state.count)))
 }
 
+/// `PUT /_matrix/client/v3/room_keys/keys/{roomId}`
 pub async fn backup_put_room(
     State(services): State<Arc<Services>>,
     req: Ruma<add_backup_keys_for_room::v3::Request>,
 ) -> Result<RumaResponse<add_backup_keys_for_room::v3::Response>> {
-    let user = req.user()?.clone();
+    let user = req.user()?;
     let keys = req
         .body
         .sessions
         .iter()
-        .map(|(session_id, raw)| Ok((req.body.room_id.to_string(), session_id.clone(), json_of(raw)?)))
+        .map(|(session_id, raw)| backed_up(&req.body.room_id, session_id, raw))
         .collect::<Result<Vec<_>>>()?;
-    let (etag, count) = store_backup_keys(&services, &user.user_id, &req.body.version, keys).await?;
-    Ok(RumaResponse(add_backup_keys_for_room::v3::Response::new(etag, count)))
+    let state = services.key_backups.put_keys(&user.user_id, &req.body.version, keys).await?;
+    Ok(RumaResponse(add_backup_keys_for_room::v3::Response::new(state.etag, state.count)))
 }
 
+/// `PUT /_matrix/client/v3/room_keys/keys/{roomId}/{sessionId}`
 pub async fn backup_put_session(
     State(services): State<Arc<Services>>,
     req: Ruma<add_backup_keys_for_session::v3::Request>,
 ) -> Result<RumaResponse<add_backup_keys_for_session::v3::Response>> {
-    let user = req.user()?.clone();
-    let keys = vec![(req.body.room_id.to_string(), req.body.session_id.clone(), json_of(&req.body.session_data)?)];
-    let (etag, count) = store_backup_keys(&services, &user.user_id, &req.body.version, keys).await?;
-    Ok(RumaResponse(add_backup_keys_for_session::v3::Response::new(etag, count)))
+    let user = req.user()?;
+    let keys = vec![backed_up(&req.body.room_id, &req.body.session_id, &req.body.session_data)?];
+    let state = services.key_backups.put_keys(&user.user_id, &req.body.version, keys).await?;
+    Ok(RumaResponse(add_backup_keys_for_session::v3::Response::new(state.etag, state.count)))
 }
 
-async fn read_backup(
-    services: &Services,
-    user: &UserId,
-    version: &str,
-    room: Option<&str>,
-    session: Option<&str>,
-) -> Result<Vec<(String, String, JsonValue)>> {
-    let row = live_version(services, user, version).await?;
-    let keys = services.store.backup_keys(user.as_str(), row.version, room, session).await?;
-    Ok(keys.into_iter().map(|(r, s, j)| (r, s, serde_json::from_str(&j).unwrap_or_default())).collect())
-}
-
+/// `GET /_matrix/client/v3/room_keys/keys`
 pub async fn backup_get_all(
     State(services): State<Arc<Services>>,
     req: Ruma<get_backup_keys::v3::Request>,
 ) -> Result<RumaResponse<get_backup_keys::v3::Response>> {
-    let user = req.user()?.clone();
+    let user = req.user()?;
     let mut rooms: BTreeMap<ruma::OwnedRoomId, RoomKeyBackup> = BTreeMap::new();
-    for (room_id, session_id, data) in read_backup(&services, &user.user_id, &req.body.version, None, None).await? {
-        let Ok(room_id) = ruma::RoomId::parse(room_id) else { continue };
+    for key in services.key_backups.keys(&user.user_id, &req.body.version, Selection::All).await? {
+        let Ok(room_id) = ruma::RoomId::parse(key.room_id) else { continue };
         rooms
             .entry(room_id)
             .or_insert_with(|| RoomKeyBackup::new(BTreeMap::new()))
             .sessions
-            .insert(session_id, to_raw(&data)?);
+            .insert(key.session_id, to_raw(&key.data)?);
     }
     Ok(RumaResponse(get_backup_keys::v3::Response::new(rooms)))
 }
 
+/// `GET /_matrix/client/v3/room_keys/keys/{roomId}`
 pub async fn backup_get_room(
     State(services): State<Arc<Services>>,
     req: Ruma<get_backup_keys_for_room::v3::Request>,
 ) -> Result<RumaResponse<get_backup_keys_for_room::v3::Response>> {
-    let user = req.user()?.clone();
+    let user = req.user()?;
     let mut sessions = BTreeMap::new();
-    for (_, session_id, data) in
-        read_backup(&services, &user.user_id, &req.body.version, Some(req.body.room_id.as_str()), None).await?
-    {
-        sessions.insert(session_id, to_raw(&data)?);
+    let which = Selection::Room(&req.body.room_id);
+    for key in services.key_backups.keys(&user.user_id, &req.body.version, which).await? {
+        sessions.insert(key.session_id, to_raw(&key.data)?);
     }
     Ok(RumaResponse(get_backup_keys_for_room::v3::Response::new(sessions)))
 }
 
+/// `GET /_matrix/client/v3/room_keys/keys/{roomId}/{sessionId}`
 pub async fn backup_get_session(
     State(services): State<Arc<Services>>,
     req: Ruma<get_backup_keys_for_session::v3::Request>,
 ) -> Result<RumaResponse<get_backup_keys_for_session::v3::Response>> {
-    let user = req.user()?.clone();
-    let keys = read_backup(
-        &services,
-        &user.user_id,
-        &req.body.version,
-        Some(req.body.room_id.as_str()),
-        Some(&req.body.session_id),
-    )
-    .await?;
-    let (_, _, data) = keys.into_iter().next().ok_or_else(|| Error::NotFound("No key for this session".to_owned()))?;
-    Ok(RumaResponse(get_backup_keys_for_session::v3::Response::new(to_raw(&data)?)))
+    let user = req.user()?;
+    let which = Selection::Session(&req.body.room_id, &req.body.session_id);
+    let keys = services.key_backups.keys(&user.user_id, &req.body.version, which).await?;
+    let key = keys.into_iter().next().ok_or_else(|| Error::NotFound("No key for this session".to_owned()))?;
+    Ok(RumaResponse(get_backup_keys_for_session::v3::Response::new(to_raw(&key.data)?)))
 }
 
-async fn delete_backup(
-    services: &Services,
-    user: &UserId,
-    version: &str,
-    room: Option<&str>,
-    session: Option<&str>,
-) -> Result<(String, UInt)> {
-    let row = live_version(services, user, version).await?;
-    services.store.delete_backup_keys(user.as_str(), row.version, room, session).await?;
-    let row = services
-        .store
-        .backup_version(user.as_str(), Some(row.version))
-        .await?
-        .ok_or_else(|| Error::internal("backup vanished"))?;
-    Ok((row.etag.to_string(), UInt::new(row.count as u64).unwrap_or_default()))
-}
-
+/// `DELETE /_matrix/client/v3/room_keys/keys`
 pub async fn backup_delete_all(
     State(services): State<Arc<Services>>,
     req: Ruma<delete_backup_keys::v3::Request>,
 ) -> Result<RumaResponse<delete_backup_keys::v3::Response>> {
-    let user = req.user()?.clone();
-    let (etag, count) = delete_backup(&services, &user.user_id, &req.body.version, None, None).await?;
-    Ok(RumaResponse(delete_backup_keys::v3::Response::new(etag, count)))
+    let user = req.user()?;
+    let state = services.key_backups.delete_keys(&user.user_id, &req.body.version, Selection::All).await?;
+    Ok(RumaResponse(delete_backup_keys::v3::Response::new(state.etag, state.count)))
 }
 
+/// `DELETE /_matrix/client/v3/room_keys/keys/{roomId}`
 pub async fn backup_delete_room(
     State(services): State<Arc<Services>>,
     req: Ruma<delete_backup_keys_for_room::v3::Request>,
 ) -> Result<RumaResponse<delete_backup_keys_for_room::v3::Response>> {
-    let user = req.user()?.clone();
-    let (etag, count) =
-        delete_backup(&services, &user.user_id, &req.body.version, Some(req.body.room_id.as_str()), None).await?;
-    Ok(RumaResponse(delete_backup_keys_for_room::v3::Response::new(etag, count)))
+    let user = req.user()?;
+    let which = Selection::Room(&req.body.room_id);
+    let state = services.key_backups.delete_keys(&user.user_id, &req.body.version, which).await?;
+    Ok(RumaResponse(delete_backup_keys_for_room::v3::Response::new(state.etag, state.count)))
 }
 
+/// `DELETE /_matrix/client/v3/room_keys/keys/{roomId}/{sessionId}`
 pub async fn backup_delete_session(
     State(services): State<Arc<Services>>,
     req: Ruma<delete_backup_keys_for_session::v3::Request>,
 ) -> Result<RumaResponse<delete_backup_keys_for_session::v3::Response>> {
-    let user = req.user()?.clone();
-    let (etag, count) = delete_backup(
-        &services,
-        &user.user_id,
-        &req.body.version,
-        Some(req.body.room_id.as_str()),
-        Some(&req.body.session_id),
-    )
-    .await?;
-    Ok(RumaResponse(delete_backup_keys_for_session::v3::Response::new(etag, count)))
+    let user = req.user()?;
+    let which = Selection::Session(&req.body.room_id, &req.body.session_id);
+    let state = services.key_backups.delete_keys(&user.user_id, &req.body.version, which).await?;
+    Ok(RumaResponse(delete_backup_keys_for_session::v3::Response::new(state.etag, state.count)))
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use crate::{
     api::ruma::{Ruma, RumaResponse},
-    error::{Error, Result},
-    service::{Services, rate_limit::Class},
+    error::Result,
+    service::Services,
 };
 
 pub async fn set(
@@ -20,11 +20,10 @@ pub async fn set(
     req: Ruma<set_presence::v3::Request>,
 ) -> Result<RumaResponse<set_presence::v3::Response>> {
     let user = req.user()?.clone();
-    if req.body.user_id != user.user_id {
-        return Err(Error::Forbidden("You may only set your own presence".to_owned()));
-    }
-    services.rate_limits.check_user(Class::Presence, &user.user_id)?;
-    services.set_presence(&user.user_id, req.body.presence.as_str(), req.body.status_msg.clone()).await?;
+    services
+        .presence
+        .set(&user.user_id, &req.body.user_id, req.body.presence.as_str(), req.body.status_msg.clone())
+        .await?;
     Ok(RumaResponse(set_presence::v3::Response::new()))
 }
 
@@ -33,7 +32,7 @@ pub async fn get(
     req: Ruma<get_presence::v3::Request>,
 ) -> Result<RumaResponse<get_presence::v3::Response>> {
     let user = req.user()?.clone();
-    let content = services.get_presence(&user.user_id, &req.body.user_id).await?;
+    let content = services.presence.get(&user.user_id, &req.body.user_id).await?;
     let state = PresenceState::from(content["presence"].as_str().unwrap_or("offline"));
     let mut response = get_presence::v3::Response::new(state);
     response.status_msg = content["status_msg"].as_str().map(str::to_owned);

@@ -20,7 +20,7 @@ pub async fn get(
     req: Ruma<get_profile::v3::Request>,
 ) -> Result<RumaResponse<get_profile::v3::Response>> {
     require_signed_in_for_remote(&services, &req, &req.body.user_id).await?;
-    let profile = services.profile(&req.body.user_id).await?;
+    let profile = services.profile.get(&req.body.user_id).await?;
     let mut response = get_profile::v3::Response::new();
     for (field, value) in profile {
         response.data.set(field, value);
@@ -43,7 +43,7 @@ pub async fn get_field(
 ) -> Result<RumaResponse<get_profile_field::v3::Response>> {
     require_signed_in_for_remote(&services, &req, &req.body.user_id).await?;
     let field = req.body.field.as_str();
-    let value = services.profile_field(&req.body.user_id, field).await?;
+    let value = services.profile.field(&req.body.user_id, field).await?;
     let value = ProfileFieldValue::new(field, value)
         .map_err(|e| Error::internal(format!("stored profile field {field} has the wrong type: {e}")))?;
     Ok(RumaResponse(get_profile_field::v3::Response::new(value)))
@@ -58,7 +58,7 @@ pub async fn set_field(
     services.rate_limits.check_user(Class::Message, &user.user_id)?;
     let field = req.body.value.field_name();
     let value = req.body.value.value();
-    services.set_profile_field(&user.user_id, &req.body.user_id, field.as_str(), &value).await?;
+    services.profile.set_field(&user.user_id, &req.body.user_id, field.as_str(), &value).await?;
     Ok(RumaResponse(set_profile_field::v3::Response::new()))
 }
 
@@ -68,6 +68,6 @@ pub async fn delete_field(
 ) -> Result<RumaResponse<delete_profile_field::v3::Response>> {
     let user = req.user()?;
     services.rate_limits.check_user(Class::Message, &user.user_id)?;
-    services.delete_profile_field(&user.user_id, &req.body.user_id, req.body.field.as_str()).await?;
+    services.profile.delete_field(&user.user_id, &req.body.user_id, req.body.field.as_str()).await?;
     Ok(RumaResponse(delete_profile_field::v3::Response::new()))
 }

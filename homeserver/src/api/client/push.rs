@@ -3,21 +3,15 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use ruma::{
-    MilliSecondsSinceUnixEpoch, RoomId, UInt,
-    api::client::push::{
-        delete_pushrule,
-        get_notifications::{self, v3::Notification},
-        get_pushers, get_pushrule, get_pushrule_actions, get_pushrule_enabled, get_pushrules_all, set_pusher,
-        set_pushrule, set_pushrule_actions, set_pushrule_enabled,
-    },
-    push::Action,
+use ruma::api::client::push::{
+    delete_pushrule, get_notifications, get_pushers, get_pushrule, get_pushrule_actions, get_pushrule_enabled,
+    get_pushrules_all, set_pusher, set_pushrule, set_pushrule_actions, set_pushrule_enabled,
 };
 
 use crate::{
     api::ruma::{Ruma, RumaResponse},
     error::{Error, Result},
-    service::{Services, events::Viewer, streams::Positions},
+    service::{Services, streams::Positions},
 };
 
 fn not_found() -> Error {
@@ -29,7 +23,7 @@ pub async fn all(
     req: Ruma<get_pushrules_all::v3::Request>,
 ) -> Result<RumaResponse<get_pushrules_all::v3::Response>> {
     let user = req.user()?.clone();
-    let rules = services.push_rules(&user.user_id).await?;
+    let rules = services.push.rules(&user.user_id).await?;
     Ok(RumaResponse(get_pushrules_all::v3::Response::new((*rules).clone())))
 }
 
@@ -38,7 +32,7 @@ pub async fn get(
     req: Ruma<get_pushrule::v3::Request>,
 ) -> Result<RumaResponse<get_pushrule::v3::Response>> {
     let user = req.user()?.clone();
-    let rules = services.push_rules(&user.user_id).await?;
+    let rules = services.push.rules(&user.user_id).await?;
     let rule = rules.get(req.body.kind.clone(), &req.body.rule_id).ok_or_else(not_found)?;
     Ok(RumaResponse(get_pushrule::v3::Response::new(rule.into())))
 }
@@ -48,14 +42,14 @@ pub async fn set(
     req: Ruma<set_pushrule::v3::Request>,
 ) -> Result<RumaResponse<set_pushrule::v3::Response>> {
     let user = req.user()?.clone();
-    let mut rules = (*services.push_rules(&user.user_id).await?).clone();
+    let mut rules = (*services.push.rules(&user.user_id).await?).clone();
     rules.insert(req.body.rule.clone(), req.body.after.as_deref(), req.body.before.as_deref()).map_err(
         |e| match e {
             ruma::push::InsertPushRuleError::UnknownRuleId => Error::NotFound(e.to_string()),
             other => Error::InvalidParam(other.to_string()),
         },
     )?;
-    services.save_push_rules(&user.user_id, rules).await?;
+    services.push.save_rules(&user.user_id, rules).await?;
     Ok(RumaResponse(set_pushrule::v3::Response::new()))
 }
 
@@ -64,12 +58,12 @@ pub async fn delete(
     req: Ruma<delete_pushrule::v3::Request>,
 ) -> Result<RumaResponse<delete_pushrule::v3::Response>> {
     let user = req.user()?.clone();
-    let mut rules = (*services.push_rules(&user.user_id).await?).clone();
+    let mut rules = (*services.push.rules(&user.user_id).await?).clone();
     rules.remove(req.body.kind.clone(), &req.body.rule_id).map_err(|e| match e {
         ruma::push::RemovePushRuleError::NotFound => not_found(),
         other => Error::Forbidden(other.to_string()),
     })?;
-    services.save_push_rules(&user.user_id, rules).await?;
+    services.push.save_rules(&user.user_id, rules).await?;
     Ok(RumaResponse(delete_pushrule::v3::Response::new()))
 }
 
@@ -78,7 +72,7 @@ pub async fn enabled(
     req: Ruma<get_pushrule_enabled::v3::Request>,
 ) -> Result<RumaResponse<get_pushrule_enabled::v3::Response>> {
     let user = req.user()?.clone();
-    let rules = services.push_rules(&user.user_id).await?;
+    let rules = services.push.rules(&user.user_id).await?;
     let rule = rules.get(req.body.kind.clone(), &req.body.rule_id).ok_or_else(not_found)?;
     Ok(RumaResponse(get_pushrule_enabled::v3::Response::new(rule.enabled())))
 }
@@ -88,9 +82,9 @@ pub async fn set_enabled(
     req: Ruma<set_pushrule_enabled::v3::Request>,
 ) -> Result<RumaResponse<set_pushrule_enabled::v3::Response>> {
     let user = req.user()?.clone();
-    let mut rules = (*services.push_rules(&user.user_id).await?).clone();
+    let mut rules = (*services.push.rules(&user.user_id).await?).clone();
     rules.set_enabled(req.body.kind.clone(), &req.body.rule_id, req.body.enabled).map_err(|_| not_found())?;
-    services.save_push_rules(&user.user_id, rules).await?;
+    services.push.save_rules(&user.user_id, rules).await?;
     Ok(RumaResponse(set_pushrule_enabled::v3::Response::new()))
 }
 
@@ -99,7 +93,7 @@ pub async fn actions(
     req: Ruma<get_pushrule_actions::v3::Request>,
 ) -> Result<RumaResponse<get_pushrule_actions::v3::Response>> {
     let user = req.user()?.clone();
-    let rules = services.push_rules(&user.user_id).await?;
+    let rules = services.push.rules(&user.user_id).await?;
     let rule = rules.get(req.body.kind.clone(), &req.body.rule_id).ok_or_else(not_found)?;
     Ok(RumaResponse(get_pushrule_actions::v3::Response::new(rule.actions().to_vec())))
 }
@@ -109,9 +103,9 @@ pub async fn set_actions(
     req: Ruma<set_pushrule_actions::v3::Request>,
 ) -> Result<RumaResponse<set_pushrule_actions::v3::Response>> {
     let user = req.user()?.clone();
-    let mut rules = (*services.push_rules(&user.user_id).await?).clone();
+    let mut rules = (*services.push.rules(&user.user_id).await?).clone();
     rules.set_actions(req.body.kind.clone(), &req.body.rule_id, req.body.actions.clone()).map_err(|_| not_found())?;
-    services.save_push_rules(&user.user_id, rules).await?;
+    services.push.save_rules(&user.user_id, rules).await?;
     Ok(RumaResponse(set_pushrule_actions::v3::Response::new()))
 }
 
@@ -126,21 +120,9 @@ pub async fn notifications(
     };
     let limit = req.body.limit.map(|l| i64::try_from(u64::from(l)).unwrap_or(20)).unwrap_or(20).clamp(1, 100);
     let only_highlight = req.body.only.as_deref() == Some("highlight");
-    let rows = services.store.notifications(user.user_id.as_str(), before, limit, only_highlight).await?;
-    let next_token = (i64::try_from(rows.len()).unwrap_or(0) == limit)
-        .then(|| rows.last().map(|(r, ..)| Positions::at(r.stream_ordering).to_string()))
-        .flatten();
-    let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
-    let mut notifications = Vec::new();
-    for (row, actions, ts, read) in rows {
-        let actions: Vec<Action> = serde_json::from_str(&actions).unwrap_or_default();
-        let room_id = RoomId::parse(row.room_id.as_str()).map_err(|e| Error::internal(e.to_string()))?;
-        let event = services.relations.raw_client_event_bundled(&row, viewer, true).await?;
-        let ts = MilliSecondsSinceUnixEpoch(UInt::new(ts.max(0) as u64).unwrap_or_default());
-        notifications.push(Notification::new(actions, event, read, room_id, ts));
-    }
-    let mut response = get_notifications::v3::Response::new(notifications);
-    response.next_token = next_token;
+    let page = services.push.notifications(&user, before, limit, only_highlight).await?;
+    let mut response = get_notifications::v3::Response::new(page.notifications);
+    response.next_token = page.next_token;
     Ok(RumaResponse(response))
 }
 
@@ -149,7 +131,7 @@ pub async fn pushers(
     req: Ruma<get_pushers::v3::Request>,
 ) -> Result<RumaResponse<get_pushers::v3::Response>> {
     let user = req.user()?.clone();
-    Ok(RumaResponse(get_pushers::v3::Response::new(services.pushers(&user).await?)))
+    Ok(RumaResponse(get_pushers::v3::Response::new(services.push.pushers(&user).await?)))
 }
 
 pub async fn set_pusher(
@@ -158,8 +140,8 @@ pub async fn set_pusher(
 ) -> Result<RumaResponse<set_pusher::v3::Response>> {
     let user = req.user()?.clone();
     match &req.body.action {
-        set_pusher::v3::PusherAction::Post(post) => services.set_pusher(&user, &post.pusher, post.append).await?,
-        set_pusher::v3::PusherAction::Delete(ids) => services.delete_pusher(&user, ids).await?,
+        set_pusher::v3::PusherAction::Post(post) => services.push.set_pusher(&user, &post.pusher, post.append).await?,
+        set_pusher::v3::PusherAction::Delete(ids) => services.push.delete_pusher(&user, ids).await?,
         _ => return Err(Error::InvalidParam("Unknown pusher action".to_owned())),
     }
     Ok(RumaResponse(set_pusher::v3::Response::new()))

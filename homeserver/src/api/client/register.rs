@@ -22,6 +22,7 @@ pub async fn register(
     let ip = req.client_ip;
     let body = req.body;
     let registered = services
+        .accounts
         .register(
             ip,
             Registration {
@@ -51,7 +52,7 @@ pub async fn available(
     req: Ruma<get_username_availability::v3::Request>,
 ) -> Result<RumaResponse<get_username_availability::v3::Response>> {
     services.rate_limits.check_address(Class::Registration, req.client_ip)?;
-    services.check_username_available(&req.body.username).await?;
+    services.accounts.check_username_available(&req.body.username).await?;
     Ok(RumaResponse(get_username_availability::v3::Response::new(true)))
 }
 

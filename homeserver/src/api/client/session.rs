@@ -21,7 +21,7 @@ use ruma::api::client::{
 use crate::{
     api::ruma::{Ruma, RumaResponse},
     error::{Error, Result},
-    service::Services,
+    service::{Services, accounts::PasswordLogin},
 };
 
 pub async fn login_types(
@@ -47,13 +47,14 @@ pub async fn login(
         (None, None) => return Err(Error::MissingParam("identifier is required".to_owned())),
     };
     let session = services
-        .login_with_password(
+        .accounts
+        .login_with_password(PasswordLogin {
             ip,
-            &identifier,
-            password.password,
-            body.device_id.map(|d| d.to_string()),
-            body.initial_device_display_name,
-        )
+            identifier,
+            password: password.password,
+            device_id: body.device_id.map(|d| d.to_string()),
+            initial_device_display_name: body.initial_device_display_name,
+        })
         .await?;
     let mut response = login::v3::Response::new(session.user_id, session.access_token, session.device_id.into());
     response.well_known = Some(DiscoveryInfo::new(HomeserverInfo::new(
@@ -66,7 +67,7 @@ pub async fn logout(
     State(services): State<Arc<Services>>,
     req: Ruma<logout::v3::Request>,
 ) -> Result<RumaResponse<logout::v3::Response>> {
-    services.logout(req.user()?).await?;
+    services.accounts.logout(req.user()?).await?;
     Ok(RumaResponse(logout::v3::Response::new()))
 }
 
@@ -74,6 +75,6 @@ pub async fn logout_all(
     State(services): State<Arc<Services>>,
     req: Ruma<logout_all::v3::Request>,
 ) -> Result<RumaResponse<logout_all::v3::Response>> {
-    services.logout_all(req.user()?).await?;
+    services.accounts.logout_all(req.user()?).await?;
     Ok(RumaResponse(logout_all::v3::Response::new()))
 }

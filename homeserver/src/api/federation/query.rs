@@ -29,11 +29,11 @@ pub async fn profile(
     let mut response = get_profile_information::v1::Response::new();
     match &req.body.field {
         Some(field) => {
-            let value = services.profile_field(user_id, field.as_str()).await?;
+            let value = services.profile.field(user_id, field.as_str()).await?;
             response.data.set(field.as_str().to_owned(), value);
         }
         None => {
-            for (field, value) in services.profile(user_id).await? {
+            for (field, value) in services.profile.get(user_id).await? {
                 response.data.set(field, value);
             }
         }
@@ -70,8 +70,8 @@ pub async fn user_devices(
     // The stream position orders this answer against later device list updates.
     let stream_id = UInt::new(services.streams.current().stream.max(0) as u64).unwrap_or_default();
     let mut response = get_devices::v1::Response::new(user_id.clone(), stream_id);
-    let keys = services.query_device_keys(user_id.as_str(), &[]).await?;
-    for device in services.devices(user_id.as_str()).await? {
+    let keys = services.keys.query_device_keys(user_id.as_str(), &[]).await?;
+    for device in services.devices.list(user_id.as_str()).await? {
         // Devices that never uploaded keys cannot take part in encryption: not listed.
         if let Some(value) = keys.get(&device.device_id) {
             let mut entry = get_devices::v1::UserDevice::new(device.device_id.as_str().into(), to_raw(value)?);
@@ -79,10 +79,10 @@ pub async fn user_devices(
             response.devices.push(entry);
         }
     }
-    if let Some(master) = services.cross_signing_key(user_id.as_str(), "master").await? {
+    if let Some(master) = services.keys.cross_signing_key(user_id.as_str(), "master").await? {
         response.master_key = Some(to_raw(&master)?);
     }
-    if let Some(key) = services.cross_signing_key(user_id.as_str(), "self_signing").await? {
+    if let Some(key) = services.keys.cross_signing_key(user_id.as_str(), "self_signing").await? {
         response.self_signing_key = Some(to_raw(&key)?);
     }
     Ok(RumaResponse(response))

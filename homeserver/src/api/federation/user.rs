@@ -32,7 +32,7 @@ pub async fn keys_query(
             continue;
         }
         let only: Vec<String> = devices.iter().map(|d| d.to_string()).collect();
-        let public = services.public_keys_of(target.as_str(), &only).await?;
+        let public = services.keys.public_keys_of(target.as_str(), &only).await?;
         let mut keys = BTreeMap::new();
         for (device_id, value) in public.devices {
             keys.insert(OwnedDeviceId::from(device_id), to_raw(&value)?);
@@ -64,7 +64,7 @@ pub async fn keys_claim(
     if wanted.len() > MAX_USERS * 10 {
         return Err(Error::InvalidParam("too many devices in one claim".to_owned()));
     }
-    let claimed = services.claim_keys(wanted).await?;
+    let claimed = services.keys.claim(wanted).await?;
     let value = serde_json::to_value(&claimed).map_err(|e| Error::internal(e.to_string()))?;
     let one_time_keys = serde_json::from_value(value).map_err(|e| Error::internal(format!("claimed keys: {e}")))?;
     Ok(RumaResponse(claim_keys::v1::Response::new(one_time_keys)))

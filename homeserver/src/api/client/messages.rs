@@ -35,6 +35,7 @@ use crate::{
     store::{ReceiptRow, now_ms},
 };
 
+/// `PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}`
 pub async fn send(
     State(services): State<Arc<Services>>,
     req: Ruma<send_message_event::v3::Request>,
@@ -63,6 +64,7 @@ pub async fn send(
     Ok(RumaResponse(send_message_event::v3::Response::new(event_id)))
 }
 
+/// `PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}`
 pub async fn redact(
     State(services): State<Arc<Services>>,
     req: Ruma<redact_event::v3::Request>,
@@ -114,6 +116,7 @@ async fn require_ever_member(services: &Services, room_id: &RoomId, user_id: &Us
 /// Most `/backfill` rounds one `/messages` request may start.
 const MAX_BACKFILLS_PER_REQUEST: usize = 3;
 
+/// `GET /_matrix/client/v3/rooms/{roomId}/messages`
 pub async fn messages(
     State(services): State<Arc<Services>>,
     req: Ruma<get_message_events::v3::Request>,
@@ -205,6 +208,7 @@ pub async fn messages(
     Ok(RumaResponse(response))
 }
 
+/// `GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}`
 pub async fn event(
     State(services): State<Arc<Services>>,
     req: Ruma<get_room_event::v3::Request>,
@@ -223,6 +227,7 @@ pub async fn event(
     Ok(RumaResponse(get_room_event::v3::Response::new(event)))
 }
 
+/// `PUT /_matrix/client/v3/rooms/{roomId}/typing/{userId}`
 pub async fn typing(
     State(services): State<Arc<Services>>,
     req: Ruma<create_typing_event::v3::Request>,
@@ -295,6 +300,7 @@ impl Services {
     }
 }
 
+/// `POST /_matrix/client/v3/rooms/{roomId}/receipt/{receiptType}/{eventId}`
 pub async fn receipt(
     State(services): State<Arc<Services>>,
     req: Ruma<create_receipt::v3::Request>,
@@ -328,6 +334,7 @@ pub async fn receipt(
     Ok(RumaResponse(create_receipt::v3::Response::new()))
 }
 
+/// `POST /_matrix/client/v3/rooms/{roomId}/read_markers`
 pub async fn read_markers(
     State(services): State<Arc<Services>>,
     req: Ruma<set_read_marker::v3::Request>,

@@ -11,6 +11,7 @@ use crate::{
     service::{Services, uiaa::UiaaAction},
 };
 
+/// `GET /_matrix/client/v3/account/whoami`
 pub async fn whoami(req: Ruma<whoami::v3::Request>) -> Result<RumaResponse<whoami::v3::Response>> {
     let user = req.user()?;
     let mut response = whoami::v3::Response::new(user.user_id.clone(), false);
@@ -18,6 +19,7 @@ pub async fn whoami(req: Ruma<whoami::v3::Request>) -> Result<RumaResponse<whoam
     Ok(RumaResponse(response))
 }
 
+/// `POST /_matrix/client/v3/account/password`
 pub async fn change_password(
     State(services): State<Arc<Services>>,
     req: Ruma<change_password::v3::Request>,
@@ -29,6 +31,7 @@ pub async fn change_password(
     Ok(RumaResponse(change_password::v3::Response::new()))
 }
 
+/// `POST /_matrix/client/v3/account/deactivate`
 pub async fn deactivate(
     State(services): State<Arc<Services>>,
     req: Ruma<deactivate::v3::Request>,

@@ -23,6 +23,7 @@ fn to_device(row: DeviceRow) -> Device {
     device
 }
 
+/// `GET /_matrix/client/v3/devices`
 pub async fn list(
     State(services): State<Arc<Services>>,
     req: Ruma<get_devices::v3::Request>,
@@ -32,6 +33,7 @@ pub async fn list(
     Ok(RumaResponse(get_devices::v3::Response::new(devices)))
 }
 
+/// `GET /_matrix/client/v3/devices/{deviceId}`
 pub async fn get(
     State(services): State<Arc<Services>>,
     req: Ruma<get_device::v3::Request>,
@@ -41,6 +43,7 @@ pub async fn get(
     Ok(RumaResponse(get_device::v3::Response::new(to_device(device))))
 }
 
+/// `PUT /_matrix/client/v3/devices/{deviceId}`
 pub async fn update(
     State(services): State<Arc<Services>>,
     req: Ruma<update_device::v3::Request>,
@@ -53,6 +56,7 @@ pub async fn update(
     Ok(RumaResponse(update_device::v3::Response::new()))
 }
 
+/// `DELETE /_matrix/client/v3/devices/{deviceId}`
 pub async fn delete(
     State(services): State<Arc<Services>>,
     req: Ruma<delete_device::v3::Request>,
@@ -66,6 +70,7 @@ pub async fn delete(
     Ok(RumaResponse(delete_device::v3::Response::new()))
 }
 
+/// `POST /_matrix/client/v3/delete_devices`
 pub async fn delete_many(
     State(services): State<Arc<Services>>,
     req: Ruma<delete_devices::v3::Request>,

@@ -30,6 +30,7 @@ const SUPPORTED_VERSIONS: &[&str] = &[
     "v1.11", "v1.12", "v1.13", "v1.14", "v1.15", "v1.16",
 ];
 
+/// `GET /_matrix/client/versions`
 pub async fn versions(
     _req: Ruma<get_supported_versions::Request>,
 ) -> Result<RumaResponse<get_supported_versions::Response>> {
@@ -40,6 +41,7 @@ pub async fn versions(
     Ok(RumaResponse(response))
 }
 
+/// `GET /.well-known/matrix/client`
 pub async fn well_known_client(
     State(services): State<Arc<Services>>,
     _req: Ruma<discover_homeserver::Request>,
@@ -59,6 +61,7 @@ pub async fn well_known_server(State(services): State<Arc<Services>>) -> Result<
 }
 
 #[allow(deprecated)] // m.set_displayname / m.set_avatar_url: still read by older clients
+/// `GET /_matrix/client/v3/capabilities`
 pub async fn capabilities(
     _req: Ruma<get_capabilities::v3::Request>,
 ) -> Result<RumaResponse<get_capabilities::v3::Response>> {

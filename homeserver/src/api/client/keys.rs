@@ -45,6 +45,7 @@ fn counts(map: BTreeMap<String, i64>) -> BTreeMap<ruma::OneTimeKeyAlgorithm, UIn
     map.into_iter().map(|(k, v)| (k.as_str().into(), UInt::new(v.max(0) as u64).unwrap_or_default())).collect()
 }
 
+/// `POST /_matrix/client/v3/keys/upload`
 pub async fn upload(
     State(services): State<Arc<Services>>,
     req: Ruma<upload_keys::v3::Request>,
@@ -67,6 +68,7 @@ pub async fn upload(
     Ok(RumaResponse(upload_keys::v3::Response::new(counts(counts_now))))
 }
 
+/// `POST /_matrix/client/v3/keys/query`
 pub async fn query(
     State(services): State<Arc<Services>>,
     req: Ruma<get_keys::v3::Request>,
@@ -130,6 +132,7 @@ pub async fn query(
     Ok(RumaResponse(response))
 }
 
+/// `POST /_matrix/client/v3/keys/claim`
 pub async fn claim(
     State(services): State<Arc<Services>>,
     req: Ruma<claim_keys::v3::Request>,
@@ -163,6 +166,7 @@ pub async fn claim(
     Ok(RumaResponse(response))
 }
 
+/// `GET /_matrix/client/v3/keys/changes`
 pub async fn changes(
     State(services): State<Arc<Services>>,
     req: Ruma<get_key_changes::v3::Request>,
@@ -174,6 +178,7 @@ pub async fn changes(
     Ok(RumaResponse(get_key_changes::v3::Response::new(changed, Vec::new())))
 }
 
+/// `POST /_matrix/client/v3/keys/device_signing/upload`
 pub async fn upload_cross_signing(
     State(services): State<Arc<Services>>,
     req: Ruma<upload_signing_keys::v3::Request>,
@@ -204,6 +209,7 @@ pub async fn upload_cross_signing(
     Ok(RumaResponse(upload_signing_keys::v3::Response::new()))
 }
 
+/// `POST /_matrix/client/v3/keys/signatures/upload`
 pub async fn upload_signatures_handler(
     State(services): State<Arc<Services>>,
     req: Ruma<upload_signatures::v3::Request>,
@@ -236,6 +242,7 @@ pub async fn upload_signatures_handler(
     Ok(RumaResponse(response))
 }
 
+/// `PUT /_matrix/client/v3/sendToDevice/{eventType}/{txnId}`
 pub async fn send_to_device(
     State(services): State<Arc<Services>>,
     req: Ruma<send_event_to_device::v3::Request>,

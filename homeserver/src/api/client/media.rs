@@ -145,6 +145,7 @@ fn upload_size(services: &Services) -> UInt {
     UInt::try_from(services.media.max_upload_bytes()).unwrap_or(UInt::MAX)
 }
 
+/// `GET /_matrix/client/v1/media/config`
 pub async fn config(
     State(services): State<Arc<Services>>,
     _req: Ruma<authenticated_media::get_media_config::v1::Request>,
@@ -152,6 +153,7 @@ pub async fn config(
     Ok(RumaResponse(authenticated_media::get_media_config::v1::Response::new(upload_size(&services))))
 }
 
+/// `GET /_matrix/media/v3/config`
 #[allow(deprecated)]
 pub async fn config_legacy(
     State(services): State<Arc<Services>>,
@@ -160,6 +162,7 @@ pub async fn config_legacy(
     Ok(RumaResponse(media::get_media_config::v3::Response::new(upload_size(&services))))
 }
 
+/// `GET /_matrix/client/v1/media/download/{serverName}/{mediaId}`
 pub async fn download(
     State(services): State<Arc<Services>>,
     headers: HeaderMap,
@@ -173,6 +176,7 @@ pub async fn download(
     media_response(content, None, &headers).await
 }
 
+/// `GET /_matrix/client/v1/media/download/{serverName}/{mediaId}/{filename}`
 pub async fn download_as(
     State(services): State<Arc<Services>>,
     headers: HeaderMap,
@@ -186,6 +190,7 @@ pub async fn download_as(
     media_response(content, Some(r.filename), &headers).await
 }
 
+/// `GET /_matrix/media/v3/download/{serverName}/{mediaId}`
 #[allow(deprecated)]
 pub async fn download_legacy(
     State(services): State<Arc<Services>>,
@@ -198,6 +203,7 @@ pub async fn download_legacy(
     media_response(content, None, &headers).await
 }
 
+/// `GET /_matrix/media/v3/download/{serverName}/{mediaId}/{filename}`
 #[allow(deprecated)]
 pub async fn download_as_legacy(
     State(services): State<Arc<Services>>,
@@ -257,6 +263,7 @@ async fn thumbnail_response(
     media_response(content, None, headers).await
 }
 
+/// `GET /_matrix/client/v1/media/thumbnail/{serverName}/{mediaId}`
 pub async fn thumbnail(
     State(services): State<Arc<Services>>,
     headers: HeaderMap,
@@ -273,6 +280,7 @@ pub async fn thumbnail(
     .await
 }
 
+/// `GET /_matrix/media/v3/thumbnail/{serverName}/{mediaId}`
 #[allow(deprecated)]
 pub async fn thumbnail_legacy(
     State(services): State<Arc<Services>>,

@@ -33,6 +33,7 @@ use crate::{
     store::now_ms,
 };
 
+/// `PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}`
 pub async fn send(
     State(services): State<Arc<Services>>,
     req: Ruma<send_message_event::v3::Request>,
@@ -61,6 +62,7 @@ pub async fn send(
     Ok(RumaResponse(send_message_event::v3::Response::new(event_id)))
 }
 
+/// `PUT /_matrix/client/v3/rooms/{roomId}/redact/{eventId}/{txnId}`
 pub async fn redact(
     State(services): State<Arc<Services>>,
     req: Ruma<redact_event::v3::Request>,
@@ -91,6 +93,7 @@ pub async fn redact(
 /// Most `/backfill` rounds one `/messages` request may start.
 const MAX_BACKFILLS_PER_REQUEST: usize = 3;
 
+/// `GET /_matrix/client/v3/rooms/{roomId}/messages`
 pub async fn messages(
     State(services): State<Arc<Services>>,
     req: Ruma<get_message_events::v3::Request>,
@@ -184,6 +187,7 @@ pub async fn messages(
     Ok(RumaResponse(response))
 }
 
+/// `GET /_matrix/client/v3/rooms/{roomId}/event/{eventId}`
 pub async fn event(
     State(services): State<Arc<Services>>,
     req: Ruma<get_room_event::v3::Request>,
@@ -198,6 +202,7 @@ pub async fn event(
     Ok(RumaResponse(get_room_event::v3::Response::new(event)))
 }
 
+/// `PUT /_matrix/client/v3/rooms/{roomId}/typing/{userId}`
 pub async fn typing(
     State(services): State<Arc<Services>>,
     req: Ruma<create_typing_event::v3::Request>,
@@ -224,6 +229,7 @@ pub async fn typing(
     Ok(RumaResponse(create_typing_event::v3::Response::new()))
 }
 
+/// `POST /_matrix/client/v3/rooms/{roomId}/receipt/{receiptType}/{eventId}`
 pub async fn receipt(
     State(services): State<Arc<Services>>,
     req: Ruma<create_receipt::v3::Request>,
@@ -257,6 +263,7 @@ pub async fn receipt(
     Ok(RumaResponse(create_receipt::v3::Response::new()))
 }
 
+/// `POST /_matrix/client/v3/rooms/{roomId}/read_markers`
 pub async fn read_markers(
     State(services): State<Arc<Services>>,
     req: Ruma<set_read_marker::v3::Request>,

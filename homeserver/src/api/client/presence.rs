@@ -15,6 +15,7 @@ use crate::{
     service::Services,
 };
 
+/// `PUT /_matrix/client/v3/presence/{userId}/status`
 pub async fn set(
     State(services): State<Arc<Services>>,
     req: Ruma<set_presence::v3::Request>,
@@ -27,6 +28,7 @@ pub async fn set(
     Ok(RumaResponse(set_presence::v3::Response::new()))
 }
 
+/// `GET /_matrix/client/v3/presence/{userId}/status`
 pub async fn get(
     State(services): State<Arc<Services>>,
     req: Ruma<get_presence::v3::Request>,

@@ -15,6 +15,7 @@ use crate::{
     service::{Services, rate_limit::Class},
 };
 
+/// `GET /_matrix/client/v3/profile/{userId}`
 pub async fn get(
     State(services): State<Arc<Services>>,
     req: Ruma<get_profile::v3::Request>,
@@ -37,6 +38,7 @@ async fn require_signed_in_for_remote<T>(services: &Services, req: &Ruma<T>, use
     Ok(())
 }
 
+/// `GET /_matrix/client/v3/profile/{userId}/{field}`
 pub async fn get_field(
     State(services): State<Arc<Services>>,
     req: Ruma<get_profile_field::v3::Request>,
@@ -49,6 +51,7 @@ pub async fn get_field(
     Ok(RumaResponse(get_profile_field::v3::Response::new(value)))
 }
 
+/// `PUT /_matrix/client/v3/profile/{userId}/{field}`
 pub async fn set_field(
     State(services): State<Arc<Services>>,
     req: Ruma<set_profile_field::v3::Request>,
@@ -62,6 +65,7 @@ pub async fn set_field(
     Ok(RumaResponse(set_profile_field::v3::Response::new()))
 }
 
+/// `DELETE /_matrix/client/v3/profile/{userId}/{field}`
 pub async fn delete_field(
     State(services): State<Arc<Services>>,
     req: Ruma<delete_profile_field::v3::Request>,

@@ -18,6 +18,7 @@ fn not_found() -> Error {
     Error::NotFound("Unknown push rule".to_owned())
 }
 
+/// `GET /_matrix/client/v3/pushrules/`
 pub async fn all(
     State(services): State<Arc<Services>>,
     req: Ruma<get_pushrules_all::v3::Request>,
@@ -27,6 +28,7 @@ pub async fn all(
     Ok(RumaResponse(get_pushrules_all::v3::Response::new((*rules).clone())))
 }
 
+/// `GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}`
 pub async fn get(
     State(services): State<Arc<Services>>,
     req: Ruma<get_pushrule::v3::Request>,
@@ -37,6 +39,7 @@ pub async fn get(
     Ok(RumaResponse(get_pushrule::v3::Response::new(rule.into())))
 }
 
+/// `PUT /_matrix/client/v3/pushrules/global/{kind}/{ruleId}`
 pub async fn set(
     State(services): State<Arc<Services>>,
     req: Ruma<set_pushrule::v3::Request>,
@@ -53,6 +56,7 @@ pub async fn set(
     Ok(RumaResponse(set_pushrule::v3::Response::new()))
 }
 
+/// `DELETE /_matrix/client/v3/pushrules/global/{kind}/{ruleId}`
 pub async fn delete(
     State(services): State<Arc<Services>>,
     req: Ruma<delete_pushrule::v3::Request>,
@@ -67,6 +71,7 @@ pub async fn delete(
     Ok(RumaResponse(delete_pushrule::v3::Response::new()))
 }
 
+/// `GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/enabled`
 pub async fn enabled(
     State(services): State<Arc<Services>>,
     req: Ruma<get_pushrule_enabled::v3::Request>,
@@ -77,6 +82,7 @@ pub async fn enabled(
     Ok(RumaResponse(get_pushrule_enabled::v3::Response::new(rule.enabled())))
 }
 
+/// `PUT /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/enabled`
 pub async fn set_enabled(
     State(services): State<Arc<Services>>,
     req: Ruma<set_pushrule_enabled::v3::Request>,
@@ -88,6 +94,7 @@ pub async fn set_enabled(
     Ok(RumaResponse(set_pushrule_enabled::v3::Response::new()))
 }
 
+/// `GET /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/actions`
 pub async fn actions(
     State(services): State<Arc<Services>>,
     req: Ruma<get_pushrule_actions::v3::Request>,
@@ -98,6 +105,7 @@ pub async fn actions(
     Ok(RumaResponse(get_pushrule_actions::v3::Response::new(rule.actions().to_vec())))
 }
 
+/// `PUT /_matrix/client/v3/pushrules/global/{kind}/{ruleId}/actions`
 pub async fn set_actions(
     State(services): State<Arc<Services>>,
     req: Ruma<set_pushrule_actions::v3::Request>,
@@ -109,6 +117,7 @@ pub async fn set_actions(
     Ok(RumaResponse(set_pushrule_actions::v3::Response::new()))
 }
 
+/// `GET /_matrix/client/v3/notifications`
 pub async fn notifications(
     State(services): State<Arc<Services>>,
     req: Ruma<get_notifications::v3::Request>,
@@ -126,6 +135,7 @@ pub async fn notifications(
     Ok(RumaResponse(response))
 }
 
+/// `GET /_matrix/client/v3/pushers`
 pub async fn pushers(
     State(services): State<Arc<Services>>,
     req: Ruma<get_pushers::v3::Request>,
@@ -134,6 +144,7 @@ pub async fn pushers(
     Ok(RumaResponse(get_pushers::v3::Response::new(services.push.pushers(&user).await?)))
 }
 
+/// `POST /_matrix/client/v3/pushers/set`
 pub async fn set_pusher(
     State(services): State<Arc<Services>>,
     req: Ruma<set_pusher::v3::Request>,

@@ -15,6 +15,7 @@ use crate::{
     service::{Services, accounts::Registration, rate_limit::Class},
 };
 
+/// `POST /_matrix/client/v3/register`
 pub async fn register(
     State(services): State<Arc<Services>>,
     req: Ruma<register::v3::Request>,
@@ -47,6 +48,7 @@ pub async fn register(
     Ok(RumaResponse(response).into_response())
 }
 
+/// `GET /_matrix/client/v3/register/available`
 pub async fn available(
     State(services): State<Arc<Services>>,
     req: Ruma<get_username_availability::v3::Request>,
@@ -56,6 +58,7 @@ pub async fn available(
     Ok(RumaResponse(get_username_availability::v3::Response::new(true)))
 }
 
+/// `GET /_matrix/client/v1/register/m.login.registration_token/validity`
 pub async fn token_validity(
     State(services): State<Arc<Services>>,
     req: Ruma<check_registration_token_validity::v1::Request>,

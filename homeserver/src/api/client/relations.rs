@@ -34,6 +34,7 @@ async fn raw_chunk<T>(services: &Services, user: &AuthedUser, rows: &[EventRow])
     services.relations.raw_client_events(rows, viewer, true).await
 }
 
+/// `GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}`
 pub async fn relating(
     State(services): State<Arc<Services>>,
     req: Ruma<get_relating_events::v1::Request>,
@@ -61,6 +62,7 @@ pub async fn relating(
     Ok(RumaResponse(response))
 }
 
+/// `GET /_matrix/client/v1/rooms/{roomId}/relations/{eventId}/{relType}`
 pub async fn relating_with_type(
     State(services): State<Arc<Services>>,
     req: Ruma<get_relating_events_with_rel_type::v1::Request>,
@@ -121,6 +123,7 @@ pub async fn relating_with_type_and_event_type(
     Ok(RumaResponse(response))
 }
 
+/// `GET /_matrix/client/v1/rooms/{roomId}/threads`
 pub async fn threads(
     State(services): State<Arc<Services>>,
     req: Ruma<get_threads::v1::Request>,
@@ -134,6 +137,7 @@ pub async fn threads(
     Ok(RumaResponse(response))
 }
 
+/// `GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}`
 pub async fn context(
     State(services): State<Arc<Services>>,
     req: Ruma<get_context::v3::Request>,

@@ -42,6 +42,7 @@ fn object_of<T>(raw: &ruma::serde::Raw<T>) -> Result<serde_json::Map<String, Jso
     }
 }
 
+/// `POST /_matrix/client/v3/createRoom`
 pub async fn create(
     State(services): State<Arc<Services>>,
     req: Ruma<create_room::v3::Request>,
@@ -82,6 +83,7 @@ pub async fn create(
     Ok(RumaResponse(create_room::v3::Response::new(room_id)))
 }
 
+/// `POST /_matrix/client/v3/rooms/{roomId}/upgrade`
 pub async fn upgrade(
     State(services): State<Arc<Services>>,
     req: Ruma<upgrade_room::v3::Request>,
@@ -92,6 +94,7 @@ pub async fn upgrade(
     Ok(RumaResponse(upgrade_room::v3::Response::new(new_room)))
 }
 
+/// `POST /_matrix/client/v3/rooms/{roomId}/join`
 pub async fn join_by_id(
     State(services): State<Arc<Services>>,
     req: Ruma<join_room_by_id::v3::Request>,
@@ -104,6 +107,7 @@ pub async fn join_by_id(
     Ok(RumaResponse(join_room_by_id::v3::Response::new(room_id)))
 }
 
+/// `POST /_matrix/client/v3/join/{roomIdOrAlias}`
 pub async fn join_by_id_or_alias(
     State(services): State<Arc<Services>>,
     req: Ruma<join_room_by_id_or_alias::v3::Request>,
@@ -120,6 +124,7 @@ pub async fn join_by_id_or_alias(
     Ok(RumaResponse(join_room_by_id_or_alias::v3::Response::new(room_id)))
 }
 
+/// `POST /_matrix/client/v3/rooms/{roomId}/invite`
 pub async fn invite(
     State(services): State<Arc<Services>>,
     req: Ruma<invite_user::v3::Request>,
@@ -141,6 +146,7 @@ pub async fn invite(
     Ok(RumaResponse(invite_user::v3::Response::new()))
 }
 
+/// `POST /_matrix/client/v3/rooms/{roomId}/leave`
 pub async fn leave(
     State(services): State<Arc<Services>>,
     req: Ruma<leave_room::v3::Request>,
@@ -151,6 +157,7 @@ pub async fn leave(
     Ok(RumaResponse(leave_room::v3::Response::new()))
 }
 
+/// `POST /_matrix/client/v3/rooms/{roomId}/kick`
 pub async fn kick(
     State(services): State<Arc<Services>>,
     req: Ruma<kick_user::v3::Request>,
@@ -161,6 +168,7 @@ pub async fn kick(
     Ok(RumaResponse(kick_user::v3::Response::new()))
 }
 
+/// `POST /_matrix/client/v3/rooms/{roomId}/ban`
 pub async fn ban(
     State(services): State<Arc<Services>>,
     req: Ruma<ban_user::v3::Request>,
@@ -171,6 +179,7 @@ pub async fn ban(
     Ok(RumaResponse(ban_user::v3::Response::new()))
 }
 
+/// `POST /_matrix/client/v3/rooms/{roomId}/unban`
 pub async fn unban(
     State(services): State<Arc<Services>>,
     req: Ruma<unban_user::v3::Request>,
@@ -181,6 +190,7 @@ pub async fn unban(
     Ok(RumaResponse(unban_user::v3::Response::new()))
 }
 
+/// `POST /_matrix/client/v3/rooms/{roomId}/forget`
 pub async fn forget(
     State(services): State<Arc<Services>>,
     req: Ruma<forget_room::v3::Request>,
@@ -190,6 +200,7 @@ pub async fn forget(
     Ok(RumaResponse(forget_room::v3::Response::new()))
 }
 
+/// `GET /_matrix/client/v3/joined_rooms`
 pub async fn joined(
     State(services): State<Arc<Services>>,
     req: Ruma<joined_rooms::v3::Request>,
@@ -199,6 +210,7 @@ pub async fn joined(
     Ok(RumaResponse(joined_rooms::v3::Response::new(rooms)))
 }
 
+/// `GET /_matrix/client/v3/rooms/{roomId}/state`
 pub async fn state(
     State(services): State<Arc<Services>>,
     req: Ruma<get_state_events::v3::Request>,
@@ -213,6 +225,7 @@ pub async fn state(
     Ok(RumaResponse(get_state_events::v3::Response::new(events)))
 }
 
+/// `GET /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}`
 pub async fn state_event(
     State(services): State<Arc<Services>>,
     req: Ruma<get_state_event_for_key::v3::Request>,
@@ -234,6 +247,7 @@ pub async fn state_event(
     Ok(RumaResponse(get_state_event_for_key::v3::Response::new(raw)))
 }
 
+/// `PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}`
 pub async fn send_state(
     State(services): State<Arc<Services>>,
     req: Ruma<send_state_event::v3::Request>,
@@ -256,6 +270,7 @@ pub async fn send_state(
     Ok(RumaResponse(send_state_event::v3::Response::new(event_id)))
 }
 
+/// `GET /_matrix/client/v3/rooms/{roomId}/members`
 pub async fn members(
     State(services): State<Arc<Services>>,
     req: Ruma<get_member_events::v3::Request>,
@@ -280,6 +295,7 @@ pub async fn members(
     Ok(RumaResponse(get_member_events::v3::Response::new(chunk)))
 }
 
+/// `GET /_matrix/client/v3/rooms/{roomId}/joined_members`
 pub async fn joined_members_list(
     State(services): State<Arc<Services>>,
     req: Ruma<joined_members::v3::Request>,
@@ -290,6 +306,7 @@ pub async fn joined_members_list(
     Ok(RumaResponse(joined_members::v3::Response::new(joined)))
 }
 
+/// `PUT /_matrix/client/v3/directory/room/{roomAlias}`
 pub async fn alias_create(
     State(services): State<Arc<Services>>,
     req: Ruma<create_alias::v3::Request>,
@@ -299,6 +316,7 @@ pub async fn alias_create(
     Ok(RumaResponse(create_alias::v3::Response::new()))
 }
 
+/// `GET /_matrix/client/v3/directory/room/{roomAlias}`
 pub async fn alias_get(
     State(services): State<Arc<Services>>,
     req: Ruma<get_alias::v3::Request>,
@@ -315,6 +333,7 @@ pub async fn alias_get(
     Ok(RumaResponse(get_alias::v3::Response::new(room_id, vec![services.settings.server_name.clone()])))
 }
 
+/// `DELETE /_matrix/client/v3/directory/room/{roomAlias}`
 pub async fn alias_delete(
     State(services): State<Arc<Services>>,
     req: Ruma<delete_alias::v3::Request>,
@@ -324,6 +343,7 @@ pub async fn alias_delete(
     Ok(RumaResponse(delete_alias::v3::Response::new()))
 }
 
+/// `GET /_matrix/client/v3/directory/list/room/{roomId}`
 pub async fn visibility_get(
     State(services): State<Arc<Services>>,
     req: Ruma<get_room_visibility::v3::Request>,
@@ -333,6 +353,7 @@ pub async fn visibility_get(
     Ok(RumaResponse(get_room_visibility::v3::Response::new(visibility)))
 }
 
+/// `PUT /_matrix/client/v3/directory/list/room/{roomId}`
 pub async fn visibility_set(
     State(services): State<Arc<Services>>,
     req: Ruma<set_room_visibility::v3::Request>,
@@ -342,6 +363,7 @@ pub async fn visibility_set(
     Ok(RumaResponse(set_room_visibility::v3::Response::new()))
 }
 
+/// `GET /_matrix/client/v3/publicRooms`
 pub async fn public_rooms(
     State(services): State<Arc<Services>>,
     req: Ruma<get_public_rooms::v3::Request>,
@@ -360,6 +382,7 @@ pub async fn public_rooms(
     Ok(RumaResponse(response))
 }
 
+/// `POST /_matrix/client/v3/publicRooms`
 /// `POST /publicRooms`: the directory filtered by `generic_search_term` (matched against
 /// names, topics and canonical aliases).
 pub async fn public_rooms_filtered(
@@ -411,6 +434,7 @@ async fn directory_page<T>(
     Ok(response)
 }
 
+/// `GET /_matrix/client/v3/rooms/{roomId}/aliases`
 /// `GET /rooms/{room}/aliases`: this server's aliases of the room.
 pub async fn room_aliases(
     State(services): State<Arc<Services>>,

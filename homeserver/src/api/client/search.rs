@@ -25,6 +25,7 @@ use crate::{
 
 const PAGE: i64 = 20;
 
+/// `POST /_matrix/client/v3/search`
 pub async fn search(
     State(services): State<Arc<Services>>,
     req: Ruma<search_events::v3::Request>,

@@ -24,6 +24,7 @@ use crate::{
     service::{Services, accounts::PasswordLogin},
 };
 
+/// `GET /_matrix/client/v3/login`
 pub async fn login_types(
     _req: Ruma<get_login_types::v3::Request>,
 ) -> Result<RumaResponse<get_login_types::v3::Response>> {
@@ -31,6 +32,7 @@ pub async fn login_types(
 }
 
 #[allow(deprecated)] // the `user` field: older clients still send it instead of `identifier`
+/// `POST /_matrix/client/v3/login`
 pub async fn login(
     State(services): State<Arc<Services>>,
     req: Ruma<login::v3::Request>,
@@ -63,6 +65,7 @@ pub async fn login(
     Ok(RumaResponse(response))
 }
 
+/// `POST /_matrix/client/v3/logout`
 pub async fn logout(
     State(services): State<Arc<Services>>,
     req: Ruma<logout::v3::Request>,
@@ -71,6 +74,7 @@ pub async fn logout(
     Ok(RumaResponse(logout::v3::Response::new()))
 }
 
+/// `POST /_matrix/client/v3/logout/all`
 pub async fn logout_all(
     State(services): State<Arc<Services>>,
     req: Ruma<logout_all::v3::Request>,

@@ -11,6 +11,7 @@ use crate::{
     service::Services,
 };
 
+/// `POST /_matrix/client/unstable/org.matrix.simplified_msc3575/sync`
 pub async fn sync(State(services): State<Arc<Services>>, req: Ruma<v5::Request>) -> Result<RumaResponse<v5::Response>> {
     let user = req.user()?.clone();
     let response = services.sliding_sync.run(&user.user_id, user.device_id.as_str(), req.body).await?;

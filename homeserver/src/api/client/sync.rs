@@ -14,6 +14,7 @@ use crate::{
     service::{Services, streams::Positions, sync::SyncRequest},
 };
 
+/// `GET /_matrix/client/v3/sync`
 pub async fn sync(
     State(services): State<Arc<Services>>,
     req: Ruma<sync_events::v3::Request>,
@@ -50,6 +51,7 @@ pub async fn sync(
     Ok(RumaResponse(response))
 }
 
+/// `POST /_matrix/client/v3/user/{userId}/filter`
 pub async fn filter_create(
     State(services): State<Arc<Services>>,
     req: Ruma<create_filter::v3::Request>,
@@ -63,6 +65,7 @@ pub async fn filter_create(
     Ok(RumaResponse(create_filter::v3::Response::new(id.to_string())))
 }
 
+/// `GET /_matrix/client/v3/user/{userId}/filter/{filterId}`
 pub async fn filter_get(
     State(services): State<Arc<Services>>,
     req: Ruma<get_filter::v3::Request>,

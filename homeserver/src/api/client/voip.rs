@@ -25,6 +25,7 @@ pub fn turn_credentials(secret: &str, user_id: &str, expires_at_secs: i64) -> Re
     Ok((username, password))
 }
 
+/// `GET /_matrix/client/v3/voip/turnServer`
 pub async fn turn_server(
     State(services): State<Arc<Services>>,
     req: Ruma<get_turn_server_info::v3::Request>,

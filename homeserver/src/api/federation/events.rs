@@ -27,6 +27,7 @@ fn parse_ids(ids: Vec<String>) -> Result<Vec<ruma::OwnedEventId>> {
     ids.into_iter().map(|id| EventId::parse(id).map_err(|e| Error::internal(e.to_string()))).collect()
 }
 
+/// `GET /_matrix/federation/v1/event/{eventId}`
 pub async fn event(
     State(services): State<Arc<Services>>,
     req: Ruma<get_event::v1::Request>,
@@ -40,6 +41,7 @@ pub async fn event(
     )))
 }
 
+/// `GET /_matrix/federation/v1/state/{roomId}`
 pub async fn state(
     State(services): State<Arc<Services>>,
     req: Ruma<get_room_state::v1::Request>,
@@ -55,6 +57,7 @@ pub async fn state(
     )))
 }
 
+/// `GET /_matrix/federation/v1/state_ids/{roomId}`
 pub async fn state_ids(
     State(services): State<Arc<Services>>,
     req: Ruma<get_room_state_ids::v1::Request>,
@@ -91,6 +94,7 @@ pub async fn event_auth(
     Ok(RumaResponse(get_event_authorization::v1::Response::new(services.servers.events(room_id, &chain).await?)))
 }
 
+/// `GET /_matrix/federation/v1/backfill/{roomId}`
 pub async fn backfill(
     State(services): State<Arc<Services>>,
     req: Ruma<get_backfill::v1::Request>,
@@ -106,6 +110,7 @@ pub async fn backfill(
     )))
 }
 
+/// `POST /_matrix/federation/v1/get_missing_events/{roomId}`
 pub async fn missing_events(
     State(services): State<Arc<Services>>,
     req: Ruma<get_missing_events::v1::Request>,

@@ -22,6 +22,7 @@ const MAX_NOTARY_ORIGIN_FETCHES: usize = 8;
 /// Servers of one notary request looked up at once.
 const NOTARY_CONCURRENCY: usize = 4;
 
+/// `GET /_matrix/key/v2/server`
 pub async fn server_keys(
     State(services): State<Arc<Services>>,
     _req: Ruma<get_server_keys::v2::Request>,
@@ -39,6 +40,7 @@ fn ms(ts: MilliSecondsSinceUnixEpoch) -> i64 {
     i64::try_from(u64::from(ts.get())).unwrap_or(i64::MAX)
 }
 
+/// `GET /_matrix/key/v2/query/{serverName}`
 pub async fn notary_one(
     State(services): State<Arc<Services>>,
     req: Ruma<get_remote_server_keys::v2::Request>,
@@ -48,6 +50,7 @@ pub async fn notary_one(
     Ok(RumaResponse(get_remote_server_keys::v2::Response::new(keys)))
 }
 
+/// `POST /_matrix/key/v2/query`
 pub async fn notary_batch(
     State(services): State<Arc<Services>>,
     req: Ruma<get_remote_server_keys_batch::v2::Request>,

@@ -27,6 +27,7 @@ use crate::{
     },
 };
 
+/// `GET /_matrix/federation/v1/media/download/{mediaId}`
 pub async fn download(State(services): State<Arc<Services>>, req: Ruma<get_content::v1::Request>) -> Result<Response> {
     let server_name = services.settings.server_name.clone();
     let (_, content) =
@@ -34,6 +35,7 @@ pub async fn download(State(services): State<Arc<Services>>, req: Ruma<get_conte
     multipart(content).await
 }
 
+/// `GET /_matrix/federation/v1/media/thumbnail/{mediaId}`
 pub async fn thumbnail(
     State(services): State<Arc<Services>>,
     req: Ruma<get_content_thumbnail::v1::Request>,

@@ -18,6 +18,7 @@ use crate::{
     service::{Services, events::to_raw},
 };
 
+/// `GET /_matrix/federation/v1/query/profile`
 pub async fn profile(
     State(services): State<Arc<Services>>,
     req: Ruma<get_profile_information::v1::Request>,
@@ -41,6 +42,8 @@ pub async fn profile(
     Ok(RumaResponse(response))
 }
 
+/// `GET /_matrix/federation/v1/query/directory`
+///
 /// Resolves one of our room aliases for another server.
 pub async fn directory(
     State(services): State<Arc<Services>>,
@@ -88,6 +91,8 @@ pub async fn user_devices(
     Ok(RumaResponse(response))
 }
 
+/// `GET /_matrix/federation/v1/publicRooms`
+///
 /// Our public room directory, for another server's users.
 pub async fn public_rooms(
     State(services): State<Arc<Services>>,
@@ -102,6 +107,8 @@ pub async fn public_rooms(
     Ok(RumaResponse(response))
 }
 
+/// `POST /_matrix/federation/v1/publicRooms`
+///
 /// The same, filtered by a search term.
 pub async fn public_rooms_filtered(
     State(services): State<Arc<Services>>,

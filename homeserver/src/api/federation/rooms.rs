@@ -31,6 +31,7 @@ pub(super) fn origin<T>(req: &Ruma<T>) -> Result<ruma::OwnedServerName> {
     req.origin.clone().ok_or_else(|| Error::Unauthorized("The request is not signed".to_owned()))
 }
 
+/// `GET /_matrix/federation/v1/make_join/{roomId}/{userId}`
 pub async fn make_join(
     State(services): State<Arc<Services>>,
     req: Ruma<prepare_join_event::v1::Request>,
@@ -47,6 +48,7 @@ pub async fn make_join(
     Ok(RumaResponse(response))
 }
 
+/// `PUT /_matrix/federation/v2/send_join/{roomId}/{eventId}`
 pub async fn send_join(
     State(services): State<Arc<Services>>,
     req: Ruma<create_join_event::v2::Request>,
@@ -61,6 +63,7 @@ pub async fn send_join(
     Ok(RumaResponse(create_join_event::v2::Response::new(state)))
 }
 
+/// `GET /_matrix/federation/v1/make_leave/{roomId}/{userId}`
 pub async fn make_leave(
     State(services): State<Arc<Services>>,
     req: Ruma<prepare_leave_event::v1::Request>,
@@ -71,6 +74,7 @@ pub async fn make_leave(
     Ok(RumaResponse(prepare_leave_event::v1::Response::new(Some(version), event)))
 }
 
+/// `PUT /_matrix/federation/v2/send_leave/{roomId}/{eventId}`
 pub async fn send_leave(
     State(services): State<Arc<Services>>,
     req: Ruma<create_leave_event::v2::Request>,
@@ -81,6 +85,7 @@ pub async fn send_leave(
     Ok(RumaResponse(create_leave_event::v2::Response::new()))
 }
 
+/// `PUT /_matrix/federation/v2/invite/{roomId}/{eventId}`
 pub async fn invite(
     State(services): State<Arc<Services>>,
     req: Ruma<create_invite::v2::Request>,
@@ -94,6 +99,7 @@ pub async fn invite(
     Ok(RumaResponse(create_invite::v2::Response::new(event)))
 }
 
+/// `PUT /_matrix/federation/v1/send/{transactionId}`
 /// `PUT /send/{txnId}`: each PDU is taken in or refused on its own; a transaction seen
 /// before gets the answer it got then. One transaction at a time per origin (another waits
 /// its turn up to `TURN_WAIT`, then 429); PDUs that need

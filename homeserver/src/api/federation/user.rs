@@ -18,6 +18,7 @@ use crate::{
 /// Most users one request may ask about.
 const MAX_USERS: usize = 1000;
 
+/// `POST /_matrix/federation/v1/user/keys/query`
 pub async fn keys_query(
     State(services): State<Arc<Services>>,
     req: Ruma<get_keys::v1::Request>,
@@ -48,6 +49,7 @@ pub async fn keys_query(
     Ok(RumaResponse(response))
 }
 
+/// `POST /_matrix/federation/v1/user/keys/claim`
 pub async fn keys_claim(
     State(services): State<Arc<Services>>,
     req: Ruma<claim_keys::v1::Request>,

@@ -6,17 +6,50 @@
 
 use std::collections::{HashMap, HashSet};
 
-use ruma::serde::Raw;
+use ruma::{RoomId, UInt, UserId, api::Direction, serde::Raw};
 use serde_json::{Map, Value as JsonValue, json};
 
 use super::{Hub, events::Viewer};
-use crate::{error::Result, store::EventRow};
+use super::{auth::AuthedUser, streams::Positions};
+use crate::{
+    error::{Error, Result},
+    store::{EventRow, RelationsOf},
+};
 
 /// Most references listed in one bundle.
 const MAX_REFERENCES: i64 = 100;
 /// Most relations read to find the newest one a viewer may see when the newest of all is
 /// hidden from them (a former member reading a thread that went on after they left).
 const MAX_HIDDEN_SCAN: i64 = 1000;
+
+/// Which relations `/relations` lists.
+pub struct RelationsQuery<'a> {
+    pub room_id: &'a str,
+    /// The event the relations point at.
+    pub target: &'a str,
+    pub rel_type: Option<&'a str>,
+    pub event_type: Option<&'a str>,
+    /// Pagination tokens.
+    pub from: Option<&'a str>,
+    pub to: Option<&'a str>,
+    pub dir: Direction,
+    pub limit: Option<UInt>,
+}
+
+/// One page of relations.
+pub struct RelationsPage {
+    pub chunk: Vec<EventRow>,
+    pub next_batch: Option<String>,
+}
+
+/// Which threads `/threads` lists.
+pub struct ThreadsQuery<'a> {
+    /// A pagination token.
+    pub from: Option<&'a str>,
+    pub limit: Option<UInt>,
+    /// Only threads the viewer took part in.
+    pub participated: bool,
+}
 
 /// Relations: bundled aggregations and the events related to another.
 pub struct Relations {
@@ -26,6 +59,74 @@ pub struct Relations {
 impl Relations {
     pub fn new(hub: Hub) -> Self {
         Self { hub }
+    }
+
+    /// A page of the events relating to `query.target` that `user_id` may see.
+    pub async fn page(&self, user_id: &UserId, query: RelationsQuery<'_>) -> Result<RelationsPage> {
+        let s = self.hub.services();
+        let RelationsQuery { room_id, target, rel_type, event_type, from, to, dir, limit } = query;
+        let parent = s.store.event(target).await?.filter(|e| e.room_id == room_id);
+        let parent = parent.ok_or_else(|| Error::NotFound("Event not found".to_owned()))?;
+        if s.sync.visible_events(room_id, user_id.as_str(), vec![parent]).await?.is_empty() {
+            return Err(Error::NotFound("Event not found".to_owned()));
+        }
+        let parse = |t: &str| {
+            Positions::parse(t).map(|p| p.stream).ok_or_else(|| Error::InvalidParam(format!("Invalid token {t}")))
+        };
+        let limit = limit.map(|l| i64::try_from(u64::from(l)).unwrap_or(50)).unwrap_or(50).clamp(1, 100);
+        let backwards = dir == Direction::Backward;
+        let now = s.streams.current().stream;
+        let (low, high) = match (backwards, from.map(parse).transpose()?, to.map(parse).transpose()?) {
+            (true, f, t) => (t.unwrap_or(0), f.unwrap_or(now)),
+            (false, f, t) => (f.unwrap_or(0), t.unwrap_or(now).min(now)),
+        };
+        let rows = s.store.relations(RelationsOf { target, rel_type, event_type }, low, high, limit, backwards).await?;
+        let full = i64::try_from(rows.len()).unwrap_or(0) == limit;
+        let next_batch = match rows.last() {
+            Some(last) if full => {
+                Some(Positions::at(if backwards { last.stream_ordering - 1 } else { last.stream_ordering }).to_string())
+            }
+            _ => None,
+        };
+        let chunk = s.sync.visible_events(room_id, user_id.as_str(), rows).await?;
+        Ok(RelationsPage { chunk, next_batch })
+    }
+
+    /// `/threads`: the thread roots of a room the viewer may see, newest activity first, with
+    /// the next page's token. Members and former members may list them.
+    pub async fn threads(
+        &self,
+        room_id: &RoomId,
+        user: &AuthedUser,
+        query: ThreadsQuery<'_>,
+    ) -> Result<(Vec<EventRow>, Option<String>)> {
+        let s = self.hub.services();
+        s.rooms.require_ever_joined(room_id, &user.user_id).await?;
+        let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
+        let before = match query.from {
+            Some(t) => Positions::parse(t).ok_or_else(|| Error::InvalidParam(format!("Invalid token {t}")))?.stream,
+            None => i64::MAX,
+        };
+        let limit = query.limit.map(|l| i64::try_from(u64::from(l)).unwrap_or(50)).unwrap_or(50).clamp(1, 100);
+        let participant = query.participated.then_some(viewer.user_id);
+        let roots = s.store.thread_roots(room_id.as_str(), participant, before, limit).await?;
+        let next_batch = (i64::try_from(roots.len()).unwrap_or(0) == limit)
+            .then(|| roots.last().map(|(_, latest)| Positions::at(*latest).to_string()))
+            .flatten();
+        let mut rows = Vec::new();
+        for (root, _) in roots {
+            if let Some(row) = s.store.event(&root).await? {
+                rows.push(row);
+            }
+        }
+        let mut shown = Vec::new();
+        for row in s.sync.visible_events(room_id.as_str(), viewer.user_id, rows).await? {
+            // A root the viewer saw is a thread to them only if they may see one of its replies.
+            if self.sees_a_thread_reply(&row, viewer).await? {
+                shown.push(row);
+            }
+        }
+        Ok((shown, next_batch))
     }
 
     /// Client events for `rows` (see [`Events::client_event`](super::events::Events::client_event)), each with its bundled
@@ -101,7 +202,13 @@ impl Relations {
                 }
                 "m.reference" => s
                     .store
-                    .relations(&target, Some("m.reference"), None, i64::MIN, i64::MAX, MAX_REFERENCES, false)
+                    .relations(
+                        RelationsOf { target: &target, rel_type: Some("m.reference"), event_type: None },
+                        i64::MIN,
+                        i64::MAX,
+                        MAX_REFERENCES,
+                        false,
+                    )
                     .await?
                     .into_iter()
                     .filter(|r| r.redacted_by.is_none())
@@ -207,7 +314,13 @@ impl Relations {
         let s = self.hub.services();
         let rows: Vec<EventRow> = s
             .store
-            .relations(&original.event_id, Some(rel_type), None, i64::MIN, i64::MAX, MAX_HIDDEN_SCAN, true)
+            .relations(
+                RelationsOf { target: &original.event_id, rel_type: Some(rel_type), event_type: None },
+                i64::MIN,
+                i64::MAX,
+                MAX_HIDDEN_SCAN,
+                true,
+            )
             .await?
             .into_iter()
             .filter(|r| r.redacted_by.is_none())

@@ -4,6 +4,7 @@
 //! received event (signatures, content hash, authorized by its own auth events), and are
 //! stored before everything else in the room's stream.
 
+use ruma::events::room::member::MembershipState;
 use std::collections::{HashMap, HashSet};
 
 use federation::{
@@ -36,8 +37,8 @@ impl Receiver {
 
         // The event's sender's server first (it had the event), then the others in the room.
         let mut servers: Vec<OwnedServerName> = Vec::new();
-        let senders =
-            std::iter::once(from.sender.to_string()).chain(s.store.room_members(room_id.as_str(), "join").await?);
+        let senders = std::iter::once(from.sender.to_string())
+            .chain(s.store.room_members(room_id.as_str(), &MembershipState::Join).await?);
         for user in senders {
             if let Ok(user) = UserId::parse(user.as_str())
                 && user.server_name() != s.settings.server_name

@@ -1,7 +1,7 @@
 //! Events as clients see them: the client event format, redaction, and history visibility.
 
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, RoomVersionId, canonical_json::redact_content_in_place, serde::Raw,
+    CanonicalJsonObject, CanonicalJsonValue, RoomVersionId, UserId, canonical_json::redact_content_in_place, serde::Raw,
 };
 use serde::Deserialize;
 use serde_json::{Map, Value as JsonValue, value::RawValue};
@@ -19,6 +19,18 @@ pub struct Viewer<'a> {
     pub device_id: &'a str,
 }
 
+/// What `/search` looks for.
+pub struct SearchQuery<'a> {
+    /// Lowercased words, each a prefix.
+    pub terms: &'a [String],
+    /// The fields to look in (`content.body`, `content.name`, `content.topic`).
+    pub keys: &'a [&'static str],
+    /// Best matches first, else newest first.
+    pub by_rank: bool,
+    pub offset: i64,
+    pub limit: i64,
+}
+
 /// Events as clients see them: the client format, redacted content, relations left to `Relations`.
 pub struct Events {
     hub: Hub,
@@ -27,6 +39,27 @@ pub struct Events {
 impl Events {
     pub fn new(hub: Hub) -> Self {
         Self { hub }
+    }
+
+    /// The event `event_id` of `room_id` as `user_id` may see it: 404 when it is not in the
+    /// room or hidden from them.
+    pub async fn visible_in_room(&self, room_id: &str, event_id: &str, user_id: &str) -> Result<EventRow> {
+        let s = self.hub.services();
+        let not_found = || Error::NotFound("Event not found".to_owned());
+        let row = s.store.event(event_id).await?.filter(|e| e.room_id == room_id).ok_or_else(not_found)?;
+        s.sync.visible_events(room_id, user_id, vec![row]).await?.into_iter().next().ok_or_else(not_found)
+    }
+
+    /// Full-text search in the rooms of `user_id`: events with their rank, higher is better.
+    pub async fn search(&self, user_id: &UserId, query: &SearchQuery<'_>) -> Result<Vec<(EventRow, f64)>> {
+        let s = self.hub.services();
+        let rows = s
+            .store
+            .search_events(user_id.as_str(), query.terms, query.keys, query.by_rank, query.offset, query.limit)
+            .await?;
+        // FTS5's bm25 is "lower is better"; clients expect "higher is better".
+        let sign = if s.store.backend() == crate::store::Backend::Sqlite { -1.0 } else { 1.0 };
+        Ok(rows.into_iter().map(|(row, rank)| (row, sign * rank)).collect())
     }
 
     /// The client format of a stored event: content (pruned if redacted), unsigned data

@@ -3,6 +3,7 @@
 //! The server checks what it can (signatures by the keys it is given) and never holds a
 //! private key.
 
+use ruma::events::room::member::MembershipState;
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
@@ -491,10 +492,10 @@ impl Keys {
         let s = self.hub.services();
         let mut servers = BTreeSet::new();
         for (room_id, membership) in s.rooms.of_user(user_id).await?.iter() {
-            if membership != "join" {
+            if *membership != MembershipState::Join {
                 continue;
             }
-            for member in s.store.room_members(room_id, "join").await? {
+            for member in s.store.room_members(room_id, &MembershipState::Join).await? {
                 if let Ok(member) = UserId::parse(member.as_str())
                     && member.server_name() != s.settings.server_name
                 {
@@ -551,7 +552,7 @@ impl Keys {
             return Err(Error::Forbidden(format!("{user} is not a user of {origin}")));
         }
         // Keys of users nobody here shares a room with are not kept.
-        if s.rooms.of_user(user.as_str()).await?.iter().all(|(_, membership)| membership != "join") {
+        if s.rooms.of_user(user.as_str()).await?.iter().all(|(_, membership)| *membership != MembershipState::Join) {
             return Ok(());
         }
         let master = content.get("master_key").filter(|k| !k.is_null());

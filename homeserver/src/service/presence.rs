@@ -1,6 +1,7 @@
 //! Presence: online / unavailable / offline, a status message and last activity, seen by
 //! users who share a room. Can be switched off in the configuration.
 
+use ruma::events::room::member::MembershipState;
 use std::{collections::HashMap, sync::Mutex};
 
 use ruma::{OwnedUserId, UserId};
@@ -112,8 +113,8 @@ impl Presence {
         let Some(row) = s.store.presence(user_id).await? else { return Ok(()) };
         let mut servers = std::collections::BTreeSet::new();
         for (room_id, membership) in s.rooms.of_user(user_id).await?.iter() {
-            if membership == "join" {
-                for member in s.store.room_members(room_id, "join").await? {
+            if *membership == MembershipState::Join {
+                for member in s.store.room_members(room_id, &MembershipState::Join).await? {
                     if let Ok(member) = UserId::parse(member.as_str())
                         && member.server_name() != s.settings.server_name
                     {
@@ -301,8 +302,8 @@ impl Presence {
 /// change); beyond it the database finds the room-mates' changes (see `presence_events`).
 const PRESENCE_WINDOW_SCAN: i64 = 64;
 
-fn joined_rooms(rooms: &[(String, String)]) -> std::collections::HashSet<&str> {
-    rooms.iter().filter(|(_, m)| m == "join").map(|(r, _)| r.as_str()).collect()
+fn joined_rooms(rooms: &[(String, MembershipState)]) -> std::collections::HashSet<&str> {
+    rooms.iter().filter(|(_, m)| *m == MembershipState::Join).map(|(r, _)| r.as_str()).collect()
 }
 
 fn presence_content(row: &PresenceRow) -> JsonValue {

@@ -1,5 +1,6 @@
 //! Profiles: display name, avatar and custom fields (Matrix v1.16 extensible profiles).
 
+use ruma::events::room::member::MembershipState;
 use std::collections::BTreeMap;
 
 use ruma::{UserId, api::client::user_directory::search_users};
@@ -151,12 +152,12 @@ impl Profiles {
             }
         };
         for (room_id, membership) in rooms.iter() {
-            if membership != "join" {
+            if *membership != MembershipState::Join {
                 continue;
             }
             let Ok(room_id) = ruma::RoomId::parse(room_id) else { continue };
             let update = async {
-                let content = s.rooms.member_content(user, "join", None).await?;
+                let content = s.rooms.member_content(user, &MembershipState::Join, None).await?;
                 let draft = super::timeline::EventDraft::state("m.room.member", user.as_str(), content);
                 s.timeline.append(&room_id, user, draft, None).await
             };

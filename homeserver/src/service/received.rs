@@ -6,6 +6,7 @@
 //! Auth events we lack are fetched and authorized in turn; where the event's prev events are
 //! missing, the state at them is asked for and resolved with what we know.
 
+use ruma::events::room::member::MembershipState;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use federation::{
@@ -507,7 +508,7 @@ impl Receiver {
         let Some(known) = s.store.current_state_event(room_id.as_str(), "m.room.member", target).await? else {
             return Ok(());
         };
-        if s.rooms.membership(room_id.as_str(), target).await?.as_deref() != Some("ban") {
+        if s.rooms.membership(room_id.as_str(), target).await? != Some(MembershipState::Ban) {
             return Ok(());
         }
         let banned = || Error::Forbidden(format!("{target} is banned from {room_id}"));
@@ -733,7 +734,7 @@ impl Receiver {
                             continue;
                         };
                         let thread = receipt["data"]["thread_id"].as_str().unwrap_or_default();
-                        s.set_receipt(&room_id, &user, "m.read", &event_id, thread).await?;
+                        s.sync.set_receipt(&room_id, &user, "m.read", &event_id, thread).await?;
                     }
                 }
                 Ok(())
@@ -799,7 +800,7 @@ impl Receiver {
     async fn shares_a_room_with_us(&self, user: &ruma::UserId) -> Result<bool> {
         let s = self.hub.services();
         for (room, membership) in s.rooms.of_user(user.as_str()).await?.iter() {
-            if membership == "join"
+            if *membership == MembershipState::Join
                 && let Ok(room_id) = RoomId::parse(room.as_str())
                 && s.servers.we_are_in(&room_id).await?
             {
@@ -813,10 +814,10 @@ impl Receiver {
     async fn server_shares_a_room_with(&self, server: &ServerName, user: &ruma::UserId) -> Result<bool> {
         let s = self.hub.services();
         for (room, membership) in s.rooms.of_user(user.as_str()).await?.iter() {
-            if membership != "join" && membership != "invite" {
+            if *membership != MembershipState::Join && *membership != MembershipState::Invite {
                 continue;
             }
-            let members = s.store.room_members(room, "join").await?;
+            let members = s.store.room_members(room, &MembershipState::Join).await?;
             if members.iter().filter_map(|m| ruma::UserId::parse(m.as_str()).ok()).any(|m| m.server_name() == server) {
                 return Ok(true);
             }
@@ -837,7 +838,7 @@ impl Receiver {
             return Err(Error::Forbidden(format!("{user} is not a user of {origin}")));
         }
         s.servers.check_acl(room_id, origin).await?;
-        if s.rooms.membership(room_id.as_str(), user.as_str()).await?.as_deref() != Some("join") {
+        if s.rooms.membership(room_id.as_str(), user.as_str()).await? != Some(MembershipState::Join) {
             return Err(Error::Forbidden(format!("{user} is not in {room_id}")));
         }
         Ok(user)

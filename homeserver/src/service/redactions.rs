@@ -45,6 +45,23 @@ impl Redactions {
         Self { hub }
     }
 
+    /// May `user_id` redact `event_id`? The auth rules let any member send a redaction;
+    /// whether it may redact somebody else's event is the server's check (the sender's
+    /// `redact` power, a v12 creator's unlimited one).
+    pub async fn check_client_redaction(&self, room_id: &RoomId, event_id: &EventId, user_id: &UserId) -> Result<()> {
+        let s = self.hub.services();
+        let target = s.store.event(event_id.as_str()).await?;
+        let Some(target) = target.filter(|t| t.room_id == room_id.as_str()) else {
+            return Err(Error::NotFound("Event not found".to_owned()));
+        };
+        if target.sender != user_id.as_str()
+            && !s.rooms.power_levels(target.room_id.as_str()).await?.user_can_redact_event_of_other(user_id)
+        {
+            return Err(Error::Forbidden("You may only redact your own events".to_owned()));
+        }
+        Ok(())
+    }
+
     /// Decides whether `pdu` redacts an event in `room_id` (see the module), by the room's
     /// current power levels. Call under the room lock.
     pub(crate) async fn verdict(

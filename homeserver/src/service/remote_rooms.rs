@@ -1,6 +1,7 @@
 //! Membership across servers: joining, leaving and inviting through another server
 //! (make_join / send_join v2, make_leave / send_leave v2, invite v2), in both directions.
 
+use ruma::events::room::member::MembershipState;
 use std::collections::{HashMap, HashSet};
 
 use federation::{
@@ -427,7 +428,7 @@ impl RemoteRooms {
                 Outward::Leave => format!("Room version {version} cannot be left through {server}"),
             }));
         }
-        let content = s.rooms.member_content(user, membership.as_str(), reason).await?;
+        let content = s.rooms.member_content(user, &MembershipState::from(membership.as_str()), reason).await?;
         let request = MembershipRequest { room_id, user_id: user, membership: membership.as_str() };
         let (event_id, object) =
             sign_membership_template(template, request, content, &version, &s.settings.server_name, &s.signing_key)
@@ -725,7 +726,7 @@ impl RemoteRooms {
         {
             servers.push(sender.server_name().to_owned());
         }
-        for member in s.store.room_members(room_id.as_str(), "join").await? {
+        for member in s.store.room_members(room_id.as_str(), &MembershipState::Join).await? {
             if let Ok(member) = UserId::parse(member.as_str())
                 && !servers.iter().any(|s| s == member.server_name())
             {

@@ -1,11 +1,16 @@
 //! Rooms: creation with presets, membership changes, state, aliases and the directory.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashSet},
+    sync::Arc,
+};
 
 use federation::pdu::{Pdu, room_version_rules};
 use ruma::{
     EventId, OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, RoomVersionId, UserId,
+    api::client::membership::joined_members,
     directory::{PublicRoomsChunk, PublicRoomsChunkInit},
+    events::room::member::MembershipState,
     events::room::power_levels::{
         RedactedRoomPowerLevelsEventContent, RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource,
     },
@@ -30,6 +35,26 @@ pub struct PublicRoomsPage {
     pub next_batch: Option<String>,
     pub prev_batch: Option<String>,
     pub total: ruma::UInt,
+}
+
+/// A membership change: `sender` sets `target`'s membership in `room_id`.
+pub struct MembershipChange<'a> {
+    pub room_id: &'a RoomId,
+    pub sender: &'a UserId,
+    pub target: &'a UserId,
+    pub membership: MembershipState,
+    pub reason: Option<&'a str>,
+    /// An invite to a direct chat.
+    pub is_direct: bool,
+    /// Servers to try when the room is on other servers only.
+    pub via: &'a [ruma::OwnedServerName],
+}
+
+impl<'a> MembershipChange<'a> {
+    /// The change with no reason, not direct, no servers to try.
+    pub fn new(room_id: &'a RoomId, sender: &'a UserId, target: &'a UserId, membership: MembershipState) -> Self {
+        Self { room_id, sender, target, membership, reason: None, is_direct: false, via: &[] }
+    }
 }
 
 /// Room versions we create and accept for new rooms.
@@ -62,37 +87,182 @@ pub struct NewRoomRequest {
     pub power_level_content_override: Option<Map<String, JsonValue>>,
 }
 
-/// A membership change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Membership {
-    Join,
-    Invite,
-    Leave,
-    Ban,
-}
-
-impl Membership {
-    fn as_str(self) -> &'static str {
-        match self {
-            Membership::Join => "join",
-            Membership::Invite => "invite",
-            Membership::Leave => "leave",
-            Membership::Ban => "ban",
-        }
-    }
-}
-
 /// Rooms: creation, upgrades, membership changes, aliases and the directory, and each user's
 /// rooms (cached for the syncs).
 pub struct Rooms {
     hub: Hub,
     /// Each user's rooms with their membership, for syncs (see `of_user`).
-    user_rooms: Cache<String, Arc<Vec<(String, String)>>>,
+    user_rooms: Cache<String, Arc<Vec<(String, MembershipState)>>>,
 }
 
 impl Rooms {
     pub fn new(hub: Hub) -> Self {
         Self { hub, user_rooms: Cache::new(100_000) }
+    }
+
+    /// Fails with 404 unless the room is known here.
+    pub async fn require_known(&self, room_id: &RoomId) -> Result<()> {
+        let s = self.hub.services();
+        match s.store.room(room_id.as_str()).await? {
+            Some(_) => Ok(()),
+            None => Err(Error::NotFound("Unknown room".to_owned())),
+        }
+    }
+
+    /// Only joined members read a room's state, members and joined members. (The spec also
+    /// lets former members read the state as it was when they left; that is not built yet.)
+    pub async fn require_state_reader(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+        self.require_known(room_id).await?;
+        self.require_joined(room_id.as_str(), user_id.as_str()).await
+    }
+
+    /// Fails unless `user` was joined to the room at some time: members and former members
+    /// may read its history (subject to history visibility).
+    pub async fn require_ever_joined(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+        let s = self.hub.services();
+        if s.store
+            .membership_history(room_id.as_str(), user_id.as_str())
+            .await?
+            .iter()
+            .any(|(_, m)| *m == MembershipState::Join)
+        {
+            return Ok(());
+        }
+        Err(Error::Forbidden("You are not a member of this room".to_owned()))
+    }
+
+    /// `POST /rooms/{room}/forget`: only once the user is out of the room.
+    pub async fn forget(&self, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+        let s = self.hub.services();
+        match self.membership(room_id.as_str(), user_id.as_str()).await? {
+            Some(MembershipState::Join | MembershipState::Invite | MembershipState::Knock) => {
+                return Err(Error::Unknown("Leave the room before forgetting it".to_owned()));
+            }
+            None if s.store.room(room_id.as_str()).await?.is_none() => {
+                return Err(Error::NotFound("Unknown room".to_owned()));
+            }
+            _ => {}
+        }
+        Ok(s.store.forget_room(user_id.as_str(), room_id.as_str()).await?)
+    }
+
+    /// The rooms `user` is joined to.
+    pub async fn joined_by(&self, user_id: &UserId) -> Result<Vec<OwnedRoomId>> {
+        let s = self.hub.services();
+        let mut rooms = Vec::new();
+        for (room_id, membership) in s.store.rooms_for_user(user_id.as_str()).await? {
+            if membership == MembershipState::Join
+                && let Ok(id) = OwnedRoomId::try_from(room_id)
+            {
+                rooms.push(id);
+            }
+        }
+        Ok(rooms)
+    }
+
+    /// The joined members with the display name and avatar of their member events.
+    pub async fn joined_member_profiles(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<BTreeMap<OwnedUserId, joined_members::v3::RoomMember>> {
+        let s = self.hub.services();
+        let mut joined = BTreeMap::new();
+        for member in s.store.room_members(room_id.as_str(), &MembershipState::Join).await? {
+            let Some(row) = s.store.current_state_event(room_id.as_str(), "m.room.member", &member).await? else {
+                continue;
+            };
+            let pdu: JsonValue = serde_json::from_str(&row.json).unwrap_or_default();
+            let mut info = joined_members::v3::RoomMember::new();
+            info.display_name = pdu["content"]["displayname"].as_str().map(str::to_owned);
+            info.avatar_url = pdu["content"]["avatar_url"].as_str().map(|s| s.into());
+            if let Ok(id) = OwnedUserId::try_from(member) {
+                joined.insert(id, info);
+            }
+        }
+        Ok(joined)
+    }
+
+    /// A member's current member event, if any.
+    pub async fn member_event(&self, room_id: &str, user_id: &str) -> Result<Option<EventRow>> {
+        let s = self.hub.services();
+        Ok(s.store.current_state_event(room_id, "m.room.member", user_id).await?)
+    }
+
+    /// A canonical alias must point at this room.
+    pub async fn check_canonical_alias(&self, room_id: &RoomId, content: &JsonValue) -> Result<()> {
+        let s = self.hub.services();
+        let aliases = content["alias"]
+            .as_str()
+            .into_iter()
+            .chain(content["alt_aliases"].as_array().into_iter().flatten().filter_map(|a| a.as_str()));
+        for alias in aliases {
+            match s.store.alias(alias).await? {
+                Some((target, _)) if target == room_id.as_str() => {}
+                _ => return Err(Error::BadAlias(format!("{alias} does not point to this room"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// `PUT /directory/room/{alias}`: a joined member adds an alias of this server.
+    pub async fn create_alias(&self, alias: &RoomAliasId, room_id: &RoomId, user_id: &UserId) -> Result<()> {
+        let s = self.hub.services();
+        if alias.server_name() != s.settings.server_name {
+            return Err(Error::InvalidParam("Aliases must be on this server".to_owned()));
+        }
+        self.require_joined(room_id.as_str(), user_id.as_str()).await?;
+        if !s.store.create_alias(alias.as_str(), room_id.as_str(), user_id.as_str(), now_ms()).await? {
+            return Err(Error::Conflict("The room alias already exists".to_owned()));
+        }
+        Ok(())
+    }
+
+    /// The room a local alias names.
+    pub async fn alias_target(&self, alias: &RoomAliasId) -> Result<OwnedRoomId> {
+        let s = self.hub.services();
+        let (room_id, _) =
+            s.store.alias(alias.as_str()).await?.ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
+        RoomId::parse(room_id).map_err(|e| Error::internal(e.to_string()))
+    }
+
+    /// `DELETE /directory/room/{alias}`.
+    pub async fn delete_alias(&self, alias: &RoomAliasId, user_id: &UserId) -> Result<()> {
+        let s = self.hub.services();
+        let (room_id, creator) =
+            s.store.alias(alias.as_str()).await?.ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
+        // The alias's creator and server admins may delete it; anybody else needs to be in the
+        // room with the power to change its canonical alias (power levels outlive a membership:
+        // a kicked moderator keeps their entry).
+        let admin = s.store.user(user_id.as_str()).await?.is_some_and(|u| u.is_admin);
+        if creator != user_id.as_str()
+            && !admin
+            && !(self.membership(&room_id, user_id.as_str()).await? == Some(MembershipState::Join)
+                && self.can_send_state(&room_id, user_id, "m.room.canonical_alias").await?)
+        {
+            return Err(Error::Forbidden("You may not delete this alias".to_owned()));
+        }
+        s.store.delete_alias(alias.as_str()).await?;
+        Ok(())
+    }
+
+    /// Is the room in this server's public directory?
+    pub async fn is_published(&self, room_id: &RoomId) -> Result<bool> {
+        let s = self.hub.services();
+        let room = s.store.room(room_id.as_str()).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
+        Ok(room.published)
+    }
+
+    /// Publishes the room in (or removes it from) the directory: only a member with the power
+    /// to change the canonical alias (as Synapse; power levels outlive a membership, a kicked
+    /// moderator keeps their entry).
+    pub async fn set_published(&self, room_id: &RoomId, user_id: &UserId, published: bool) -> Result<()> {
+        let s = self.hub.services();
+        s.store.room(room_id.as_str()).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
+        self.require_joined(room_id.as_str(), user_id.as_str()).await?;
+        if !self.can_send_state(room_id.as_str(), user_id, "m.room.canonical_alias").await? {
+            return Err(Error::Forbidden("You may not change the directory visibility of this room".to_owned()));
+        }
+        Ok(s.store.set_room_published(room_id.as_str(), published).await?)
     }
 
     /// Drops a user's cached rooms: their membership somewhere changed.
@@ -120,7 +290,7 @@ impl Rooms {
 
     /// A user's rooms with their membership (`join`, `invite`, `leave`, `ban`, ...), cached
     /// until the user's membership anywhere changes.
-    pub async fn of_user(&self, user_id: &str) -> Result<Arc<Vec<(String, String)>>> {
+    pub async fn of_user(&self, user_id: &str) -> Result<Arc<Vec<(String, MembershipState)>>> {
         let s = self.hub.services();
         let key = user_id.to_owned();
         if let Some(hit) = self.user_rooms.get(&key) {
@@ -168,7 +338,7 @@ impl Rooms {
             .await?;
 
         // The creator joins.
-        let member = self.member_content(creator, "join", None).await?;
+        let member = self.member_content(creator, &MembershipState::Join, None).await?;
         s.timeline
             .append(&room_id, creator, EventDraft::state("m.room.member", creator.as_str(), member), None)
             .await?;
@@ -248,7 +418,8 @@ impl Rooms {
                 .await?;
         }
         for invitee in &req.invite {
-            self.change_membership(&room_id, creator, invitee, Membership::Invite, None, req.is_direct).await?;
+            let invite = MembershipChange::new(&room_id, creator, invitee, MembershipState::Invite);
+            self.change_membership(MembershipChange { is_direct: req.is_direct, ..invite }).await?;
         }
         if let Some(alias) = alias {
             s.store.create_alias(alias.as_str(), room_id.as_str(), creator.as_str(), now_ms()).await?;
@@ -273,13 +444,13 @@ impl Rooms {
     pub(crate) async fn member_content(
         &self,
         user: &UserId,
-        membership: &str,
+        membership: &MembershipState,
         reason: Option<&str>,
     ) -> Result<JsonValue> {
         let s = self.hub.services();
         let mut content = Map::new();
-        content.insert("membership".into(), JsonValue::from(membership));
-        if (membership == "join" || membership == "invite")
+        content.insert("membership".into(), JsonValue::from(membership.as_str()));
+        if (*membership == MembershipState::Join || *membership == MembershipState::Invite)
             && let Ok(profile) = s.profile.get(user).await
         {
             for key in ["displayname", "avatar_url"] {
@@ -295,36 +466,14 @@ impl Rooms {
     }
 
     /// Changes `target`'s membership as `sender`: join, invite, leave (also kick, unban) or
-    /// ban. The auth rules decide whether it is allowed.
-    pub async fn change_membership(
-        &self,
-        room_id: &RoomId,
-        sender: &UserId,
-        target: &UserId,
-        membership: Membership,
-        reason: Option<&str>,
-        is_direct: bool,
-    ) -> Result<ruma::OwnedEventId> {
-        self.change_membership_via(room_id, sender, target, membership, reason, is_direct, &[]).await
-    }
-
-    /// [`Rooms::change_membership`], with servers to try when the room is on another
-    /// server (a join or leave of a room this server is not in).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn change_membership_via(
-        &self,
-        room_id: &RoomId,
-        sender: &UserId,
-        target: &UserId,
-        membership: Membership,
-        reason: Option<&str>,
-        is_direct: bool,
-        via: &[ruma::OwnedServerName],
-    ) -> Result<ruma::OwnedEventId> {
+    /// ban. The auth rules decide whether it is allowed. A join or leave of a room this
+    /// server is not in goes through one of `via` (or the servers we know in the room).
+    pub async fn change_membership(&self, change: MembershipChange<'_>) -> Result<ruma::OwnedEventId> {
+        let MembershipChange { room_id, sender, target, membership, reason, is_direct, via } = change;
         let s = self.hub.services();
         let known = s.store.room(room_id.as_str()).await?.is_some();
         let in_room = known && s.servers.we_are_in(room_id).await?;
-        if !in_room && sender == target && matches!(membership, Membership::Join | Membership::Leave) {
+        if !in_room && sender == target && matches!(membership, MembershipState::Join | MembershipState::Leave) {
             // A room on other servers only: join or leave through one of them.
             let mut servers: Vec<ruma::OwnedServerName> = via.to_vec();
             if known {
@@ -337,7 +486,7 @@ impl Rooms {
             // With nobody else to ask, a room we know is changed here (its auth rules decide).
             if !servers.is_empty() {
                 return match membership {
-                    Membership::Join => s.remote_rooms.join(room_id, sender, &servers, reason).await,
+                    MembershipState::Join => s.remote_rooms.join(room_id, sender, &servers, reason).await,
                     _ => s.remote_rooms.leave(room_id, sender, &servers, reason).await,
                 };
             }
@@ -345,31 +494,54 @@ impl Rooms {
         if !known {
             return Err(Error::NotFound("Unknown room".to_owned()));
         }
-        let mut content = self.member_content(target, membership.as_str(), reason).await?;
+        let mut content = self.member_content(target, &membership, reason).await?;
         if is_direct && let Some(map) = content.as_object_mut() {
             map.insert("is_direct".into(), JsonValue::Bool(true));
         }
-        if target.server_name() != s.settings.server_name && membership == Membership::Invite {
+        if target.server_name() != s.settings.server_name && membership == MembershipState::Invite {
             return s.remote_rooms.invite(room_id, sender, target, content).await;
         }
         s.timeline.append(room_id, sender, EventDraft::state("m.room.member", target.as_str(), content), None).await
     }
 
     /// The user's current membership in a room, if any.
-    pub async fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<String>> {
+    pub async fn membership(&self, room_id: &str, user_id: &str) -> Result<Option<MembershipState>> {
         let s = self.hub.services();
         let row = s.store.current_state_event(room_id, "m.room.member", user_id).await?;
         Ok(row.and_then(|r| {
             serde_json::from_str::<JsonValue>(&r.json)
                 .ok()
-                .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
+                .and_then(|v| v["content"]["membership"].as_str().map(MembershipState::from))
         }))
+    }
+
+    /// A kick (a leave of somebody else) or a ban. Kicking somebody who is not in the room
+    /// (or banned) is not a kick.
+    pub async fn kick_or_ban(&self, change: MembershipChange<'_>) -> Result<()> {
+        let current = self.membership(change.room_id.as_str(), change.target.as_str()).await?;
+        if change.membership == MembershipState::Leave
+            && !matches!(current, Some(MembershipState::Join | MembershipState::Invite | MembershipState::Knock))
+            && change.sender != change.target
+        {
+            return Err(Error::Forbidden("The user is not in the room".to_owned()));
+        }
+        self.change_membership(change).await?;
+        Ok(())
+    }
+
+    /// An unban: only of a banned user.
+    pub async fn unban(&self, change: MembershipChange<'_>) -> Result<()> {
+        if self.membership(change.room_id.as_str(), change.target.as_str()).await? != Some(MembershipState::Ban) {
+            return Err(Error::Forbidden("The user is not banned".to_owned()));
+        }
+        self.change_membership(change).await?;
+        Ok(())
     }
 
     /// Fails unless `user` is joined to the room.
     pub async fn require_joined(&self, room_id: &str, user_id: &str) -> Result<()> {
-        match self.membership(room_id, user_id).await?.as_deref() {
-            Some("join") => Ok(()),
+        match self.membership(room_id, user_id).await? {
+            Some(MembershipState::Join) => Ok(()),
             _ => Err(Error::Forbidden("You are not a member of this room".to_owned())),
         }
     }
@@ -429,7 +601,7 @@ impl Rooms {
                 JsonValue::Object(create),
             )
             .await?;
-        let member = self.member_content(user, "join", None).await?;
+        let member = self.member_content(user, &MembershipState::Join, None).await?;
         s.timeline.append(&new_room, user, EventDraft::state("m.room.member", user.as_str(), member), None).await?;
 
         // Power levels: copied, with the upgrader able to finish the job; creators of a
@@ -612,7 +784,7 @@ impl Rooms {
         if s.store.room(room_id.as_str()).await?.is_none() {
             return Err(Error::NotFound("Unknown room".to_owned()));
         }
-        let joined = self.membership(room_id.as_str(), user.as_str()).await?.as_deref() == Some("join");
+        let joined = self.membership(room_id.as_str(), user.as_str()).await? == Some(MembershipState::Join);
         if !joined {
             let visibility = s.store.current_state_event(room_id.as_str(), "m.room.history_visibility", "").await?;
             let world_readable = visibility.is_some_and(|row| {
@@ -645,7 +817,7 @@ impl Rooms {
             changes.push(Change::user(user, sections));
         }
         for (room_id, membership) in self.of_user(user).await?.iter() {
-            if (membership == "join" || membership == "invite")
+            if (*membership == MembershipState::Join || *membership == MembershipState::Invite)
                 && let Ok(room_id) = OwnedRoomId::try_from(room_id.as_str())
             {
                 changes.push(Change::room(room_id, sections));
@@ -709,7 +881,7 @@ impl Rooms {
                     continue;
                 }
             }
-            let joined = s.store.room_members(&room_id, "join").await?.len();
+            let joined = s.store.room_members(&room_id, &MembershipState::Join).await?.len();
             let mut chunk = PublicRoomsChunk::from(PublicRoomsChunkInit {
                 num_joined_members: ruma::UInt::new(joined as u64).unwrap_or_default(),
                 room_id: id,

@@ -15,6 +15,7 @@
 //! is retried hourly, or at once when it contacts us. So a server that is gone for good costs
 //! a row per room, not every event since it left.
 
+use ruma::events::room::member::MembershipState;
 use std::{
     collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
@@ -76,7 +77,7 @@ impl SendQueue {
         let s = self.hub.services();
         let mut destinations: Vec<String> = s
             .store
-            .room_members(room_id.as_str(), "join")
+            .room_members(room_id.as_str(), &MembershipState::Join)
             .await?
             .iter()
             .filter_map(|m| ruma::UserId::parse(m.as_str()).ok())

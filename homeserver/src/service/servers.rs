@@ -4,6 +4,7 @@
 //! (this module). One domain, because every federation read asks all of these in turn; the
 //! receiver (`service::inbound`) and the joins (`service::remote_rooms`) ask it too.
 
+use ruma::events::room::member::MembershipState;
 use std::collections::HashSet;
 
 use ruma::{EventId, OwnedEventId, RoomId, ServerName, UserId};
@@ -32,7 +33,7 @@ impl Servers {
     /// Whether a local user is joined to the room (then we are "in" it and take its events).
     pub async fn we_are_in(&self, room_id: &RoomId) -> Result<bool> {
         let s = self.hub.services();
-        let members = s.store.room_members(room_id.as_str(), "join").await?;
+        let members = s.store.room_members(room_id.as_str(), &MembershipState::Join).await?;
         Ok(members
             .iter()
             .filter_map(|m| ruma::UserId::parse(m.as_str()).ok())
@@ -42,7 +43,7 @@ impl Servers {
     /// Whether a user of `server` is joined to the room now.
     pub async fn joined(&self, room_id: &RoomId, server: &ServerName) -> Result<bool> {
         let s = self.hub.services();
-        let members = s.store.room_members(room_id.as_str(), "join").await?;
+        let members = s.store.room_members(room_id.as_str(), &MembershipState::Join).await?;
         Ok(members.iter().any(|m| UserId::parse(m.as_str()).is_ok_and(|u| u.server_name() == server)))
     }
 }

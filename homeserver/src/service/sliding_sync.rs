@@ -7,6 +7,7 @@
 //! named by the `pos` token; a `pos` the server does not know (e.g. after a restart)
 //! answers `M_UNKNOWN_POS`, and the client starts the connection afresh, as the MSC says.
 
+use ruma::events::room::member::MembershipState;
 use std::{
     collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::Mutex,
@@ -153,7 +154,7 @@ impl RoomConfig {
 /// A room of the user with what the lists sort and filter on.
 struct Candidate {
     room_id: OwnedRoomId,
-    membership: String,
+    membership: MembershipState,
     bump: i64,
     /// In the user's `m.direct` account data.
     is_dm: bool,
@@ -207,7 +208,7 @@ impl SlidingSync {
             .of_user(user_id.as_str())
             .await?
             .iter()
-            .filter(|(_, m)| m == "join" || m == "invite")
+            .filter(|(_, m)| *m == MembershipState::Join || *m == MembershipState::Invite)
             .filter_map(|(room, _)| OwnedRoomId::try_from(room.as_str()).ok())
             .map(Scope::Room)
             .collect();
@@ -241,7 +242,7 @@ impl SlidingSync {
         let direct = self.direct_rooms(user_id).await?;
         let mut candidates: Vec<Candidate> = memberships
             .iter()
-            .filter(|(_, m)| m == "join" || m == "invite")
+            .filter(|(_, m)| *m == MembershipState::Join || *m == MembershipState::Invite)
             .filter_map(|(room, m)| {
                 Some(Candidate {
                     room_id: RoomId::parse(room.as_str()).ok()?,
@@ -290,7 +291,7 @@ impl SlidingSync {
         for (room_id, config) in &configs {
             let Some(candidate) = candidates.iter().find(|c| &c.room_id == room_id) else { continue };
             let sent = snapshot.rooms.get(room_id).copied();
-            let room = if candidate.membership == "invite" {
+            let room = if candidate.membership == MembershipState::Invite {
                 self.invite(candidate, user_id, sent).await?
             } else {
                 self.joined(candidate, config, user_id, viewer, sent, upto).await?
@@ -303,7 +304,7 @@ impl SlidingSync {
         // Rooms the connection knew that the user left: the leave, then they are forgotten.
         for (room_id, membership) in memberships.iter() {
             let Ok(room) = RoomId::parse(room_id.as_str()) else { continue };
-            if (membership == "leave" || membership == "ban")
+            if (*membership == MembershipState::Leave || *membership == MembershipState::Ban)
                 && let Some(sent) = snapshot.rooms.remove(&room)
                 && let Some(left) = self.left(&room, user_id, viewer, sent).await?
             {
@@ -316,12 +317,18 @@ impl SlidingSync {
         // who reads or types there (nor, through receipts, the ids of the room's events).
         let joined: Vec<OwnedRoomId> = known
             .iter()
-            .filter(|room| memberships.iter().any(|(id, m)| id == room.as_str() && m == "join"))
+            .filter(|room| memberships.iter().any(|(id, m)| id == room.as_str() && *m == MembershipState::Join))
             .cloned()
             .collect();
         let rooms = ExtensionRooms { known: &known, joined: &joined };
-        let news =
-            self.extensions(&mut response, &req.extensions, user_id, device_id, previous, since, upto, rooms).await?;
+        let news = self
+            .extensions(
+                &mut response,
+                &req.extensions,
+                ExtensionsAt { user_id, device_id, previous, since, upto },
+                rooms,
+            )
+            .await?;
         let counts_changed = previous.is_none_or(|p| p.list_counts != snapshot.list_counts);
         let news = news || counts_changed || !response.rooms.is_empty();
         Ok((response, snapshot, news))
@@ -346,7 +353,7 @@ impl SlidingSync {
         let s = self.hub.services();
         let Some(filters) = filters else { return Ok(true) };
         let room = candidate.room_id.as_str();
-        if filters.is_invite.is_some_and(|want| want != (candidate.membership == "invite")) {
+        if filters.is_invite.is_some_and(|want| want != (candidate.membership == MembershipState::Invite)) {
             return Ok(false);
         }
         if filters.is_dm.is_some_and(|want| want != candidate.is_dm) {
@@ -489,8 +496,8 @@ impl SlidingSync {
             };
         }
         if touched("m.room.member") {
-            let joined = s.store.room_members(room_id, "join").await?;
-            let invited = s.store.room_members(room_id, "invite").await?;
+            let joined = s.store.room_members(room_id, &MembershipState::Join).await?;
+            let invited = s.store.room_members(room_id, &MembershipState::Invite).await?;
             room.joined_count = UInt::new(joined.len() as u64);
             room.invited_count = UInt::new(invited.len() as u64);
             let mut heroes: Vec<OwnedUserId> = joined
@@ -564,19 +571,15 @@ impl SlidingSync {
     }
 
     /// Fills the extensions that are enabled; true if they carry news.
-    #[allow(clippy::too_many_arguments)]
     async fn extensions(
         &self,
         response: &mut Response,
         ext: &request::Extensions,
-        user_id: &UserId,
-        device_id: &str,
-        previous: Option<&Snapshot>,
-        since: Positions,
-        upto: Positions,
+        at: ExtensionsAt<'_>,
         rooms: ExtensionRooms<'_>,
     ) -> Result<bool> {
         let s = self.hub.services();
+        let ExtensionsAt { user_id, device_id, previous, since, upto } = at;
         let known = rooms.known;
         let mut news = false;
         let user = user_id.as_str();
@@ -679,6 +682,17 @@ impl SlidingSync {
         }
         Ok(news)
     }
+}
+
+/// Whose extensions are filled, and the positions they cover.
+#[derive(Clone, Copy)]
+struct ExtensionsAt<'a> {
+    user_id: &'a UserId,
+    device_id: &'a str,
+    /// The connection's snapshot the request continues, if any.
+    previous: Option<&'a Snapshot>,
+    since: Positions,
+    upto: Positions,
 }
 
 /// The rooms a connection's extensions cover.

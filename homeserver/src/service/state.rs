@@ -19,8 +19,8 @@ use super::Hub;
 use crate::{
     error::{Error, Result},
     store::{
-        CurrentGroup, CurrentStateEntry, EventStateGroups, GroupBase, GroupRef, MAX_DELTA_CHAIN, NewStateGroup,
-        StateIds,
+        CurrentGroup, CurrentStateEntry, EventRow, EventStateGroups, GroupBase, GroupRef, MAX_DELTA_CHAIN,
+        NewStateGroup, StateIds,
     },
 };
 
@@ -106,6 +106,16 @@ pub struct State {
 impl State {
     pub fn new(hub: Hub) -> Self {
         Self { hub, cache: StateCache::default() }
+    }
+
+    /// The room's current state events.
+    pub async fn current_events(&self, room_id: &RoomId) -> Result<Vec<EventRow>> {
+        Ok(self.hub.services().store.current_state(room_id.as_str()).await?)
+    }
+
+    /// One current state event.
+    pub async fn current_event(&self, room_id: &RoomId, kind: &str, state_key: &str) -> Result<Option<EventRow>> {
+        Ok(self.hub.services().store.current_state_event(room_id.as_str(), kind, state_key).await?)
     }
 
     /// Records a group's chain length, known for good once the group is written.

@@ -1,6 +1,7 @@
 //! `/sync` (v3): initial, incremental and long-polling, and the history visibility rules
 //! shared with `/messages`.
 
+use ruma::events::room::member::MembershipState;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     time::Duration,
@@ -19,12 +20,13 @@ use super::{
     Hub,
     cache::Cache,
     events::{Viewer, to_raw},
+    notifier::Change,
     notifier::{Relevance, Scope, Sections, Waiter},
     streams::Positions,
 };
 use crate::{
     error::{Error, Result},
-    store::EventRow,
+    store::{EventRow, ReceiptRow, now_ms},
 };
 
 /// Joined rooms read concurrently by one initial (or full-state) sync.
@@ -124,6 +126,61 @@ impl Sync {
         Self { hub, unread: Cache::new(100_000), filters: Cache::new(10_000) }
     }
 
+    /// Records a receipt (`m.read`, `m.read.private`) or the `m.fully_read` marker.
+    pub(crate) async fn set_receipt(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        kind: &str,
+        event_id: &ruma::EventId,
+        thread: &str,
+    ) -> Result<()> {
+        let s = self.hub.services();
+        let event = s.store.event(event_id.as_str()).await?;
+        if event.as_ref().is_none_or(|e| e.room_id != room_id.as_str()) {
+            return Err(Error::NotFound("Event not found".to_owned()));
+        }
+        let position = s.streams.allocate();
+        if kind == "m.fully_read" {
+            let content = json!({"event_id": event_id}).to_string();
+            s.store
+                .set_account_data(user_id.as_str(), room_id.as_str(), "m.fully_read", &content, position.position())
+                .await?;
+        } else {
+            s.store
+                .set_receipt(&ReceiptRow {
+                    room_id: room_id.to_string(),
+                    receipt_type: kind.to_owned(),
+                    user_id: user_id.to_string(),
+                    thread_id: thread.to_owned(),
+                    event_id: event_id.to_string(),
+                    ts: now_ms(),
+                    stream_id: position.position(),
+                })
+                .await?;
+        }
+        let change = if kind == "m.fully_read" {
+            Change::user(user_id.to_owned(), Sections::ACCOUNT_DATA)
+        } else {
+            Change::room(room_id.to_owned(), Sections::RECEIPTS)
+        };
+        position.commit_with(vec![change]);
+        if kind != "m.fully_read" {
+            self.forget_unread(user_id, room_id);
+        }
+        Ok(())
+    }
+
+    /// Stores a filter; its id.
+    pub async fn create_filter(&self, user_id: &UserId, json: &str) -> Result<i64> {
+        Ok(self.hub.services().store.create_filter(user_id.as_str(), json).await?)
+    }
+
+    /// A stored filter as the client gave it.
+    pub async fn filter_json(&self, user_id: &UserId, filter_id: i64) -> Result<Option<String>> {
+        Ok(self.hub.services().store.filter(user_id.as_str(), filter_id).await?)
+    }
+
     /// Answers a sync: at once if there is anything new (or it is an initial sync),
     /// otherwise when something arrives or the timeout passes.
     pub async fn run(&self, user_id: &UserId, device_id: &str, mut req: SyncRequest) -> Result<Response> {
@@ -187,7 +244,7 @@ impl Sync {
         let covers = s.streams.current().stream;
         let mut rooms = HashMap::new();
         for (room_id, membership) in s.rooms.of_user(user_id.as_str()).await?.iter() {
-            if (membership == "join" || membership == "invite")
+            if (*membership == MembershipState::Join || *membership == MembershipState::Invite)
                 && let Ok(room_id) = OwnedRoomId::try_from(room_id.as_str())
             {
                 rooms.insert(room_id, membership.clone());
@@ -258,11 +315,15 @@ impl Sync {
             for (room, membership) in &watch.rooms {
                 let sections = relevance.room(room);
                 let typing = s.typing.changed_after(room, since.typing);
-                if membership != "join" || (sections.is_empty() && !typing) || !req.filter.allows_room(room.as_str()) {
+                if *membership != MembershipState::Join
+                    || (sections.is_empty() && !typing)
+                    || !req.filter.allows_room(room.as_str())
+                {
                     continue;
                 }
-                if let Some(joined) =
-                    self.joined_room(room, user_id, viewer, req, since, upto, RoomRead::Changed(sections)).await?
+                if let Some(joined) = self
+                    .joined_room(room, user_id, viewer, SyncWindow { req, since, upto }, RoomRead::Changed(sections))
+                    .await?
                 {
                     response.rooms.join.insert(room.clone(), joined);
                 }
@@ -282,7 +343,9 @@ impl Sync {
         let mut joined_reads = Vec::new();
         for (room_id, membership) in all_rooms {
             if !req.filter.allows_room(&room_id)
-                || (forgotten.contains(&room_id) && membership != "join" && membership != "invite")
+                || (forgotten.contains(&room_id)
+                    && membership != MembershipState::Join
+                    && membership != MembershipState::Invite)
             {
                 continue;
             }
@@ -293,15 +356,16 @@ impl Sync {
                     let newly_joined = match window_changes {
                         Some(rows) => {
                             let before = self.membership_at(&room_id, user_id.as_str(), since.stream).await?;
-                            before.as_deref() != Some("join")
-                                && rows.iter().any(|r| membership_of(r).as_deref() == Some("join"))
+                            before != Some(MembershipState::Join)
+                                && rows.iter().any(|r| membership_of(r) == Some(MembershipState::Join))
                         }
                         None => false,
                     };
                     let full = req.since.is_none() || req.full_state || newly_joined;
                     let read = if full { RoomRead::Full } else { RoomRead::Incremental };
                     joined_reads.push(async move {
-                        let joined = self.joined_room(&room, user_id, viewer, req, since, upto, read).await?;
+                        let joined =
+                            self.joined_room(&room, user_id, viewer, SyncWindow { req, since, upto }, read).await?;
                         Ok::<_, Error>((room, joined))
                     });
                 }
@@ -361,7 +425,7 @@ impl Sync {
             {
                 joined.account_data.events.push(to_raw(&event)?);
             } else if let Ok(room) = RoomId::parse(row.room_id.as_str())
-                && s.rooms.membership(room.as_str(), user_id.as_str()).await?.as_deref() == Some("join")
+                && s.rooms.membership(room.as_str(), user_id.as_str()).await? == Some(MembershipState::Join)
             {
                 let mut joined = JoinedRoom::new();
                 joined.account_data.events.push(to_raw(&event)?);
@@ -371,18 +435,16 @@ impl Sync {
         Ok(response)
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn joined_room(
         &self,
         room: &RoomId,
         user_id: &UserId,
         viewer: Viewer<'_>,
-        req: &SyncRequest,
-        since: Positions,
-        upto: Positions,
+        window: SyncWindow<'_>,
         read: RoomRead,
     ) -> Result<Option<JoinedRoom>> {
         let s = self.hub.services();
+        let SyncWindow { req, since, upto } = window;
         let room_id = room.as_str();
         let full = matches!(read, RoomRead::Full);
         let sections = match read {
@@ -584,8 +646,8 @@ impl Sync {
 
     async fn room_summary(&self, room_id: &str, user_id: &str) -> Result<RoomSummary> {
         let s = self.hub.services();
-        let joined = s.store.room_members(room_id, "join").await?;
-        let invited = s.store.room_members(room_id, "invite").await?;
+        let joined = s.store.room_members(room_id, &MembershipState::Join).await?;
+        let invited = s.store.room_members(room_id, &MembershipState::Invite).await?;
         let mut summary = RoomSummary::new();
         summary.joined_member_count = UInt::new(joined.len() as u64);
         summary.invited_member_count = UInt::new(invited.len() as u64);
@@ -625,14 +687,14 @@ impl Sync {
         }
         // Rooms the user left: the members there may no longer share a room with them.
         for row in s.store.membership_changes(user_id, from, to).await? {
-            if membership_of(&row).as_deref() != Some("join") {
-                for member in s.store.room_members(&row.room_id, "join").await? {
+            if membership_of(&row) != Some(MembershipState::Join) {
+                for member in s.store.room_members(&row.room_id, &MembershipState::Join).await? {
                     if member != user_id && !s.store.share_a_room(user_id, &member).await? {
                         left.insert(member);
                     }
                 }
             } else {
-                for member in s.store.room_members(&row.room_id, "join").await? {
+                for member in s.store.room_members(&row.room_id, &MembershipState::Join).await? {
                     if member != user_id {
                         changed.insert(member);
                     }
@@ -676,7 +738,7 @@ impl Sync {
     }
 
     /// The user's membership as of position `at`.
-    async fn membership_at(&self, room_id: &str, user_id: &str, at: i64) -> Result<Option<String>> {
+    async fn membership_at(&self, room_id: &str, user_id: &str, at: i64) -> Result<Option<MembershipState>> {
         let s = self.hub.services();
         let history = s.store.membership_history(room_id, user_id).await?;
         Ok(history.into_iter().rev().find(|(pos, _)| *pos <= at).map(|(_, m)| m))
@@ -751,8 +813,7 @@ impl Sync {
                 if row.event_type == "m.room.member" && row.state_key.as_deref() == Some(user_id) {
                     return true;
                 }
-                let member_at =
-                    memberships.iter().rev().find(|(pos, _)| *pos <= row.stream_ordering).map(|(_, m)| m.as_str());
+                let member_at = memberships.iter().rev().find(|(pos, _)| *pos <= row.stream_ordering).map(|(_, m)| m);
                 let history = visibility
                     .iter()
                     .rev()
@@ -764,9 +825,11 @@ impl Sync {
                     .unwrap_or("shared");
                 match history {
                     "world_readable" => true,
-                    _ if member_at == Some("join") => true,
-                    "shared" => memberships.iter().any(|(pos, m)| *pos >= row.stream_ordering && m == "join"),
-                    "invited" => member_at == Some("invite"),
+                    _ if member_at == Some(&MembershipState::Join) => true,
+                    "shared" => {
+                        memberships.iter().any(|(pos, m)| *pos >= row.stream_ordering && *m == MembershipState::Join)
+                    }
+                    "invited" => member_at == Some(&MembershipState::Invite),
                     _ => false,
                 }
             })
@@ -821,8 +884,16 @@ pub fn event_filter_from_json(filter: &JsonValue) -> EventFilter {
 
 /// A long-polling sync's registration: the rooms it watches (joined or invited, with the
 /// membership) and its wake-up.
+/// The request a sync answers and the positions it covers.
+#[derive(Clone, Copy)]
+struct SyncWindow<'a> {
+    req: &'a SyncRequest,
+    since: Positions,
+    upto: Positions,
+}
+
 struct Watch {
-    rooms: HashMap<OwnedRoomId, String>,
+    rooms: HashMap<OwnedRoomId, MembershipState>,
     waiter: Waiter,
     /// The user's memberships up to this position are in `rooms`.
     covers: i64,
@@ -848,10 +919,10 @@ enum RoomRead {
     Changed(Sections),
 }
 
-pub(super) fn membership_of(row: &EventRow) -> Option<String> {
+pub(super) fn membership_of(row: &EventRow) -> Option<MembershipState> {
     serde_json::from_str::<JsonValue>(&row.json)
         .ok()
-        .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
+        .and_then(|v| v["content"]["membership"].as_str().map(MembershipState::from))
 }
 
 pub(super) fn account_data_event(data_type: &str, content: &str) -> JsonValue {

@@ -13,7 +13,7 @@ use federation::{
 };
 use ruma::{
     EventId, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UInt, UserId,
-    events::StateEventType,
+    api::Direction, events::StateEventType,
 };
 use serde_json::Value as JsonValue;
 
@@ -147,6 +147,13 @@ pub struct Timeline {
 impl Timeline {
     pub fn new(hub: Hub) -> Self {
         Self { hub, locks: RoomLocks::default() }
+    }
+
+    /// A room's events between the positions `from` and `to` (bounds as
+    /// `store::room_events` takes them), at most `limit`, newest first going backward.
+    pub async fn page(&self, room_id: &str, from: i64, to: i64, limit: i64, dir: Direction) -> Result<Vec<EventRow>> {
+        let s = self.hub.services();
+        Ok(s.store.room_events(room_id, from, to, limit, dir == Direction::Backward).await?)
     }
 
     /// Creates a room with its `m.room.create` event and returns the room id.

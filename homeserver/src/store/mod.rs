@@ -43,7 +43,9 @@ pub use media::{Completion, MediaRow, MediaUsageRow, NewMedia, RemoteMediaRow, T
 pub use presence::PresenceRow;
 pub use pushers::{NewPusher, PendingPush, PusherRow};
 pub use registration_tokens::RegistrationTokenRow;
-pub use rooms::{AppendEvent, AppendOutcome, CurrentStateEntry, EventRow, NewRoom, RoomRow, StateFromOutlier};
+pub use rooms::{
+    AppendEvent, AppendOutcome, CurrentStateEntry, EventRow, NewRoom, RelationsOf, RoomRow, StateFromOutlier,
+};
 pub use server_keys::{NewServerKeys, ServerKeyRow};
 pub use state::{
     CurrentGroup, EventStateGroups, EventStatus, GroupBase, GroupRef, MAX_DELTA_CHAIN, NewOutlier, NewStateGroup,

@@ -1,5 +1,6 @@
 //! Rooms and their events: appending signed PDUs, current state, timelines.
 
+use ruma::events::room::member::MembershipState;
 use sqlx::{Row, any::AnyRow};
 
 use super::Store;
@@ -559,7 +560,7 @@ impl Store {
     }
 
     /// The user's current membership in every room they ever were in: (room, membership).
-    pub async fn rooms_for_user(&self, user_id: &str) -> Result<Vec<(String, String)>, sqlx::Error> {
+    pub async fn rooms_for_user(&self, user_id: &str) -> Result<Vec<(String, MembershipState)>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT room_id, membership FROM room_current_state WHERE type = 'm.room.member' AND state_key = $1",
         )
@@ -567,17 +568,20 @@ impl Store {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("room_id")?, r.try_get::<Option<String>, _>("membership")?.unwrap_or_default())))
+            .map(|r| {
+                let membership = r.try_get::<Option<String>, _>("membership")?.unwrap_or_default();
+                Ok((r.try_get("room_id")?, MembershipState::from(membership)))
+            })
             .collect()
     }
 
     /// Current members of a room with a given membership.
-    pub async fn room_members(&self, room_id: &str, membership: &str) -> Result<Vec<String>, sqlx::Error> {
+    pub async fn room_members(&self, room_id: &str, membership: &MembershipState) -> Result<Vec<String>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT state_key FROM room_current_state WHERE room_id = $1 AND type = 'm.room.member' AND membership = $2",
         )
         .bind(room_id)
-        .bind(membership)
+        .bind(membership.as_str())
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(|r| r.try_get("state_key")).collect()
@@ -657,7 +661,11 @@ pub(super) fn prefixed_columns(prefix: &str) -> String {
 
 impl Store {
     /// Every membership event of `user_id` in the room: (position, membership), oldest first.
-    pub async fn membership_history(&self, room_id: &str, user_id: &str) -> Result<Vec<(i64, String)>, sqlx::Error> {
+    pub async fn membership_history(
+        &self,
+        room_id: &str,
+        user_id: &str,
+    ) -> Result<Vec<(i64, MembershipState)>, sqlx::Error> {
         let rows = sqlx::query(
             "SELECT stream_ordering, json FROM events WHERE room_id = $1 AND type = 'm.room.member' AND state_key = $2
              ORDER BY stream_ordering",
@@ -669,7 +677,7 @@ impl Store {
         rows.iter()
             .map(|r| {
                 let json: String = r.try_get("json")?;
-                Ok((r.try_get("stream_ordering")?, membership_in(&json)))
+                Ok((r.try_get("stream_ordering")?, MembershipState::from(membership_in(&json))))
             })
             .collect()
     }
@@ -699,20 +707,27 @@ impl Store {
     }
 }
 
+/// Which relations [`Store::relations`] reads: those pointing at `target`, of one relation
+/// type and one event type when given.
+#[derive(Debug, Clone, Copy)]
+pub struct RelationsOf<'a> {
+    pub target: &'a str,
+    pub rel_type: Option<&'a str>,
+    pub event_type: Option<&'a str>,
+}
+
 impl Store {
-    /// Events relating to `target`, with `from < stream_ordering <= to`, filtered by
+    /// Events relating to `of.target`, with `from < stream_ordering <= to`, filtered by
     /// relation and event type; newest first when `newest_first`.
-    #[allow(clippy::too_many_arguments)]
     pub async fn relations(
         &self,
-        target: &str,
-        rel_type: Option<&str>,
-        event_type: Option<&str>,
+        of: RelationsOf<'_>,
         from: i64,
         to: i64,
         limit: i64,
         newest_first: bool,
     ) -> Result<Vec<EventRow>, sqlx::Error> {
+        let RelationsOf { target, rel_type, event_type } = of;
         let order = if newest_first { "DESC" } else { "ASC" };
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {} FROM event_relations r JOIN events e ON e.event_id = r.event_id

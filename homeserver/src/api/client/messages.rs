@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use ruma::{
-    RoomId, UserId,
     api::{
         Direction,
         client::{
@@ -27,12 +26,11 @@ use crate::{
     service::{
         Services,
         events::Viewer,
-        notifier::{Change, Sections},
         streams::Positions,
         sync::{EventFilter, event_filter_from_json},
         timeline::{EventDraft, Txn},
     },
-    store::{ReceiptRow, now_ms},
+    store::now_ms,
 };
 
 /// `PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}`
@@ -70,17 +68,7 @@ pub async fn redact(
     req: Ruma<redact_event::v3::Request>,
 ) -> Result<RumaResponse<redact_event::v3::Response>> {
     let user = req.user()?.clone();
-    let target = services.store.event(req.body.event_id.as_str()).await?;
-    let Some(target) = target.filter(|t| t.room_id == req.body.room_id.as_str()) else {
-        return Err(Error::NotFound("Event not found".to_owned()));
-    };
-    // The auth rules let any member send a redaction; whether it may redact somebody else's
-    // event is the server's check (the sender's `redact` power, a v12 creator's unlimited one).
-    if target.sender != user.user_id.as_str()
-        && !services.rooms.power_levels(target.room_id.as_str()).await?.user_can_redact_event_of_other(&user.user_id)
-    {
-        return Err(Error::Forbidden("You may only redact your own events".to_owned()));
-    }
+    services.redactions.check_client_redaction(&req.body.room_id, &req.body.event_id, &user.user_id).await?;
     let mut content = serde_json::Map::new();
     if let Some(reason) = &req.body.reason {
         content.insert("reason".into(), JsonValue::from(reason.as_str()));
@@ -102,17 +90,6 @@ pub async fn redact(
     Ok(RumaResponse(redact_event::v3::Response::new(event_id)))
 }
 
-/// Members and former members may read history (subject to history visibility).
-async fn require_ever_member(services: &Services, room_id: &RoomId, user_id: &UserId) -> Result<()> {
-    if services.store.room(room_id.as_str()).await?.is_none() {
-        return Err(Error::NotFound("Unknown room".to_owned()));
-    }
-    if services.store.membership_history(room_id.as_str(), user_id.as_str()).await?.iter().any(|(_, m)| m == "join") {
-        return Ok(());
-    }
-    Err(Error::Forbidden("You are not a member of this room".to_owned()))
-}
-
 /// Most `/backfill` rounds one `/messages` request may start.
 const MAX_BACKFILLS_PER_REQUEST: usize = 3;
 
@@ -124,7 +101,9 @@ pub async fn messages(
     let user = req.user()?.clone();
     let body = req.body;
     let room_id = body.room_id.as_str();
-    require_ever_member(&services, &body.room_id, &user.user_id).await?;
+    // Members and former members may read history (subject to history visibility).
+    services.rooms.require_known(&body.room_id).await?;
+    services.rooms.require_ever_joined(&body.room_id, &user.user_id).await?;
     let parse = |t: &str| {
         Positions::parse_pagination(t).ok_or_else(|| Error::InvalidParam(format!("Invalid pagination token {t}")))
     };
@@ -150,10 +129,10 @@ pub async fn messages(
     let mut backfills = 0;
     'pages: loop {
         let page = if backwards {
-            services.store.room_events(room_id, to.unwrap_or(i64::MIN), cursor, limit, true).await?
+            services.timeline.page(room_id, to.unwrap_or(i64::MIN), cursor, limit, Direction::Backward).await?
         } else {
             let upto = to.unwrap_or(i64::MAX).min(services.streams.current().stream);
-            services.store.room_events(room_id, cursor, upto, limit, false).await?
+            services.timeline.page(room_id, cursor, upto, limit, Direction::Forward).await?
         };
         let page_len = page.len();
         let visible: std::collections::HashSet<String> = services
@@ -195,7 +174,7 @@ pub async fn messages(
         senders.sort();
         senders.dedup();
         for sender in senders {
-            if let Some(row) = services.store.current_state_event(room_id, "m.room.member", sender).await? {
+            if let Some(row) = services.rooms.member_event(room_id, sender).await? {
                 state.push(services.events.raw_client_event(&row, viewer, true).await?);
             }
         }
@@ -214,14 +193,10 @@ pub async fn event(
     req: Ruma<get_room_event::v3::Request>,
 ) -> Result<RumaResponse<get_room_event::v3::Response>> {
     let user = req.user()?.clone();
-    let not_found = || Error::NotFound("Event not found".to_owned());
-    let row = services.store.event(req.body.event_id.as_str()).await?.ok_or_else(not_found)?;
-    if row.room_id != req.body.room_id.as_str() {
-        return Err(not_found());
-    }
-    let room_id = row.room_id.clone();
-    let visible = services.sync.visible_events(&room_id, user.user_id.as_str(), vec![row]).await?;
-    let row = visible.into_iter().next().ok_or_else(not_found)?;
+    let row = services
+        .events
+        .visible_in_room(req.body.room_id.as_str(), req.body.event_id.as_str(), user.user_id.as_str())
+        .await?;
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
     let event = services.relations.raw_client_event_bundled(&row, viewer, true).await?;
     Ok(RumaResponse(get_room_event::v3::Response::new(event)))
@@ -254,52 +229,6 @@ pub async fn typing(
     Ok(RumaResponse(create_typing_event::v3::Response::new()))
 }
 
-impl Services {
-    /// Records a receipt (`m.read`, `m.read.private`) or the `m.fully_read` marker.
-    pub(crate) async fn set_receipt(
-        &self,
-        room_id: &RoomId,
-        user_id: &UserId,
-        kind: &str,
-        event_id: &ruma::EventId,
-        thread: &str,
-    ) -> Result<()> {
-        let event = self.store.event(event_id.as_str()).await?;
-        if event.as_ref().is_none_or(|e| e.room_id != room_id.as_str()) {
-            return Err(Error::NotFound("Event not found".to_owned()));
-        }
-        let position = self.streams.allocate();
-        if kind == "m.fully_read" {
-            let content = json!({"event_id": event_id}).to_string();
-            self.store
-                .set_account_data(user_id.as_str(), room_id.as_str(), "m.fully_read", &content, position.position())
-                .await?;
-        } else {
-            self.store
-                .set_receipt(&ReceiptRow {
-                    room_id: room_id.to_string(),
-                    receipt_type: kind.to_owned(),
-                    user_id: user_id.to_string(),
-                    thread_id: thread.to_owned(),
-                    event_id: event_id.to_string(),
-                    ts: now_ms(),
-                    stream_id: position.position(),
-                })
-                .await?;
-        }
-        let change = if kind == "m.fully_read" {
-            Change::user(user_id.to_owned(), Sections::ACCOUNT_DATA)
-        } else {
-            Change::room(room_id.to_owned(), Sections::RECEIPTS)
-        };
-        position.commit_with(vec![change]);
-        if kind != "m.fully_read" {
-            self.sync.forget_unread(user_id, room_id);
-        }
-        Ok(())
-    }
-}
-
 /// `POST /_matrix/client/v3/rooms/{roomId}/receipt/{receiptType}/{eventId}`
 pub async fn receipt(
     State(services): State<Arc<Services>>,
@@ -319,7 +248,7 @@ pub async fn receipt(
         ReceiptThread::Thread(id) => id.to_string(),
         _ => String::new(),
     };
-    services.set_receipt(&req.body.room_id, &user.user_id, kind, &req.body.event_id, &thread).await?;
+    services.sync.set_receipt(&req.body.room_id, &user.user_id, kind, &req.body.event_id, &thread).await?;
     if kind == "m.read" {
         // Public read receipts go to the room's other servers.
         let mut data = json!({"ts": now_ms()});
@@ -347,7 +276,7 @@ pub async fn read_markers(
         ("m.read.private", &req.body.private_read_receipt),
     ] {
         if let Some(event_id) = event_id {
-            services.set_receipt(&req.body.room_id, &user.user_id, kind, event_id, "").await?;
+            services.sync.set_receipt(&req.body.room_id, &user.user_id, kind, event_id, "").await?;
         }
     }
     Ok(RumaResponse(set_read_marker::v3::Response::new()))

@@ -1,10 +1,9 @@
 //! Rooms: creation, membership, state, aliases and the public directory.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::sync::Arc;
 
 use axum::extract::State;
 use ruma::{
-    OwnedUserId, RoomId, UserId,
     api::client::{
         alias::{create_alias, delete_alias, get_alias},
         directory::{get_public_rooms, get_public_rooms_filtered, get_room_visibility, set_room_visibility},
@@ -15,6 +14,7 @@ use ruma::{
         room::{Visibility, aliases, create_room, upgrade_room},
         state::{get_state_event_for_key, get_state_events, send_state_event},
     },
+    events::room::member::MembershipState,
 };
 use serde_json::Value as JsonValue;
 
@@ -26,10 +26,9 @@ use crate::{
         events::{Viewer, to_raw},
         fed::DirectoryQuery,
         rate_limit::{Class, Key},
-        rooms::{Membership, NewRoomRequest, Preset},
+        rooms::{MembershipChange, NewRoomRequest, Preset},
         timeline::EventDraft,
     },
-    store::now_ms,
 };
 
 fn json_of<T>(raw: &ruma::serde::Raw<T>) -> Result<JsonValue> {
@@ -103,18 +102,8 @@ pub async fn join_by_id(
     let user = req.user()?.clone();
     let room_id = req.body.room_id;
     services.limit_join(&user.user_id, &room_id).await?;
-    services
-        .rooms
-        .change_membership_via(
-            &room_id,
-            &user.user_id,
-            &user.user_id,
-            Membership::Join,
-            req.body.reason.as_deref(),
-            false,
-            &[],
-        )
-        .await?;
+    let join = MembershipChange::new(&room_id, &user.user_id, &user.user_id, MembershipState::Join);
+    services.rooms.change_membership(MembershipChange { reason: req.body.reason.as_deref(), ..join }).await?;
     Ok(RumaResponse(join_room_by_id::v3::Response::new(room_id)))
 }
 
@@ -127,17 +116,10 @@ pub async fn join_by_id_or_alias(
     let (room_id, mut via) = services.rooms.resolve_with_servers(req.body.room_id_or_alias.as_str()).await?;
     via.extend(req.body.via.iter().cloned());
     services.limit_join(&user.user_id, &room_id).await?;
+    let join = MembershipChange::new(&room_id, &user.user_id, &user.user_id, MembershipState::Join);
     services
         .rooms
-        .change_membership_via(
-            &room_id,
-            &user.user_id,
-            &user.user_id,
-            Membership::Join,
-            req.body.reason.as_deref(),
-            false,
-            &via,
-        )
+        .change_membership(MembershipChange { reason: req.body.reason.as_deref(), via: &via, ..join })
         .await?;
     Ok(RumaResponse(join_room_by_id_or_alias::v3::Response::new(room_id)))
 }
@@ -159,17 +141,8 @@ pub async fn invite(
             (Class::InvitesPerUser, Key::Id(invitee.user_id.as_str())),
         ],
     )?;
-    services
-        .rooms
-        .change_membership(
-            &req.body.room_id,
-            &user.user_id,
-            &invitee.user_id,
-            Membership::Invite,
-            invitee.reason.as_deref(),
-            false,
-        )
-        .await?;
+    let invite = MembershipChange::new(&req.body.room_id, &user.user_id, &invitee.user_id, MembershipState::Invite);
+    services.rooms.change_membership(MembershipChange { reason: invitee.reason.as_deref(), ..invite }).await?;
     Ok(RumaResponse(invite_user::v3::Response::new()))
 }
 
@@ -179,38 +152,9 @@ pub async fn leave(
     req: Ruma<leave_room::v3::Request>,
 ) -> Result<RumaResponse<leave_room::v3::Response>> {
     let user = req.user()?.clone();
-    services
-        .rooms
-        .change_membership(
-            &req.body.room_id,
-            &user.user_id,
-            &user.user_id,
-            Membership::Leave,
-            req.body.reason.as_deref(),
-            false,
-        )
-        .await?;
+    let leave = MembershipChange::new(&req.body.room_id, &user.user_id, &user.user_id, MembershipState::Leave);
+    services.rooms.change_membership(MembershipChange { reason: req.body.reason.as_deref(), ..leave }).await?;
     Ok(RumaResponse(leave_room::v3::Response::new()))
-}
-
-async fn moderate(
-    services: &Services,
-    room_id: &RoomId,
-    sender: &UserId,
-    target: &UserId,
-    change: Membership,
-    reason: Option<&str>,
-) -> Result<()> {
-    let current = services.rooms.membership(room_id.as_str(), target.as_str()).await?;
-    match change {
-        // Kicking somebody who is not in the room (or banned) is not a kick.
-        Membership::Leave if !matches!(current.as_deref(), Some("join" | "invite" | "knock")) && sender != target => {
-            return Err(Error::Forbidden("The user is not in the room".to_owned()));
-        }
-        _ => {}
-    }
-    services.rooms.change_membership(room_id, sender, target, change, reason, false).await?;
-    Ok(())
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/kick`
@@ -219,15 +163,8 @@ pub async fn kick(
     req: Ruma<kick_user::v3::Request>,
 ) -> Result<RumaResponse<kick_user::v3::Response>> {
     let user = req.user()?.clone();
-    moderate(
-        &services,
-        &req.body.room_id,
-        &user.user_id,
-        &req.body.user_id,
-        Membership::Leave,
-        req.body.reason.as_deref(),
-    )
-    .await?;
+    let change = MembershipChange::new(&req.body.room_id, &user.user_id, &req.body.user_id, MembershipState::Leave);
+    services.rooms.kick_or_ban(MembershipChange { reason: req.body.reason.as_deref(), ..change }).await?;
     Ok(RumaResponse(kick_user::v3::Response::new()))
 }
 
@@ -237,15 +174,8 @@ pub async fn ban(
     req: Ruma<ban_user::v3::Request>,
 ) -> Result<RumaResponse<ban_user::v3::Response>> {
     let user = req.user()?.clone();
-    moderate(
-        &services,
-        &req.body.room_id,
-        &user.user_id,
-        &req.body.user_id,
-        Membership::Ban,
-        req.body.reason.as_deref(),
-    )
-    .await?;
+    let change = MembershipChange::new(&req.body.room_id, &user.user_id, &req.body.user_id, MembershipState::Ban);
+    services.rooms.kick_or_ban(MembershipChange { reason: req.body.reason.as_deref(), ..change }).await?;
     Ok(RumaResponse(ban_user::v3::Response::new()))
 }
 
@@ -255,21 +185,8 @@ pub async fn unban(
     req: Ruma<unban_user::v3::Request>,
 ) -> Result<RumaResponse<unban_user::v3::Response>> {
     let user = req.user()?.clone();
-    if services.rooms.membership(req.body.room_id.as_str(), req.body.user_id.as_str()).await?.as_deref() != Some("ban")
-    {
-        return Err(Error::Forbidden("The user is not banned".to_owned()));
-    }
-    services
-        .rooms
-        .change_membership(
-            &req.body.room_id,
-            &user.user_id,
-            &req.body.user_id,
-            Membership::Leave,
-            req.body.reason.as_deref(),
-            false,
-        )
-        .await?;
+    let change = MembershipChange::new(&req.body.room_id, &user.user_id, &req.body.user_id, MembershipState::Leave);
+    services.rooms.unban(MembershipChange { reason: req.body.reason.as_deref(), ..change }).await?;
     Ok(RumaResponse(unban_user::v3::Response::new()))
 }
 
@@ -279,17 +196,7 @@ pub async fn forget(
     req: Ruma<forget_room::v3::Request>,
 ) -> Result<RumaResponse<forget_room::v3::Response>> {
     let user = req.user()?.clone();
-    let room_id = req.body.room_id.as_str();
-    match services.rooms.membership(room_id, user.user_id.as_str()).await?.as_deref() {
-        Some("join" | "invite" | "knock") => {
-            return Err(Error::Unknown("Leave the room before forgetting it".to_owned()));
-        }
-        None if services.store.room(room_id).await?.is_none() => {
-            return Err(Error::NotFound("Unknown room".to_owned()));
-        }
-        _ => {}
-    }
-    services.store.forget_room(user.user_id.as_str(), room_id).await?;
+    services.rooms.forget(&req.body.room_id, &user.user_id).await?;
     Ok(RumaResponse(forget_room::v3::Response::new()))
 }
 
@@ -299,27 +206,8 @@ pub async fn joined(
     req: Ruma<joined_rooms::v3::Request>,
 ) -> Result<RumaResponse<joined_rooms::v3::Response>> {
     let user = req.user()?;
-    let mut rooms = Vec::new();
-    for (room_id, membership) in services.store.rooms_for_user(user.user_id.as_str()).await? {
-        if membership == "join"
-            && let Ok(id) = RoomId::parse(room_id)
-        {
-            rooms.push(id);
-        }
-    }
+    let rooms = services.rooms.joined_by(&user.user_id).await?;
     Ok(RumaResponse(joined_rooms::v3::Response::new(rooms)))
-}
-
-/// Only joined members read a room's state, members and joined members here. (The spec also
-/// lets former members read the state as it was when they left; that is not built yet.)
-async fn require_joined_room(services: &Services, room_id: &RoomId, user_id: &UserId) -> Result<()> {
-    if services.store.room(room_id.as_str()).await?.is_none() {
-        return Err(Error::NotFound("Unknown room".to_owned()));
-    }
-    match services.rooms.membership(room_id.as_str(), user_id.as_str()).await?.as_deref() {
-        Some("join") => Ok(()),
-        _ => Err(Error::Forbidden("You are not a member of this room".to_owned())),
-    }
 }
 
 /// `GET /_matrix/client/v3/rooms/{roomId}/state`
@@ -328,10 +216,10 @@ pub async fn state(
     req: Ruma<get_state_events::v3::Request>,
 ) -> Result<RumaResponse<get_state_events::v3::Response>> {
     let user = req.user()?.clone();
-    require_joined_room(&services, &req.body.room_id, &user.user_id).await?;
+    services.rooms.require_state_reader(&req.body.room_id, &user.user_id).await?;
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
     let mut events = Vec::new();
-    for row in services.store.current_state(req.body.room_id.as_str()).await? {
+    for row in services.state.current_events(&req.body.room_id).await? {
         events.push(services.events.raw_client_event(&row, viewer, true).await?);
     }
     Ok(RumaResponse(get_state_events::v3::Response::new(events)))
@@ -343,10 +231,10 @@ pub async fn state_event(
     req: Ruma<get_state_event_for_key::v3::Request>,
 ) -> Result<RumaResponse<get_state_event_for_key::v3::Response>> {
     let user = req.user()?.clone();
-    require_joined_room(&services, &req.body.room_id, &user.user_id).await?;
+    services.rooms.require_state_reader(&req.body.room_id, &user.user_id).await?;
     let row = services
-        .store
-        .current_state_event(req.body.room_id.as_str(), &req.body.event_type.to_string(), &req.body.state_key)
+        .state
+        .current_event(&req.body.room_id, &req.body.event_type.to_string(), &req.body.state_key)
         .await?
         .ok_or_else(|| Error::NotFound("Event not found".to_owned()))?;
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
@@ -373,7 +261,7 @@ pub async fn send_state(
     let kind = req.body.event_type.to_string();
     crate::service::event_content::check_state_content(&kind, &content)?;
     if kind == "m.room.canonical_alias" {
-        check_canonical_alias(&services, &req.body.room_id, &content).await?;
+        services.rooms.check_canonical_alias(&req.body.room_id, &content).await?;
     }
     let event_id = services
         .timeline
@@ -382,33 +270,18 @@ pub async fn send_state(
     Ok(RumaResponse(send_state_event::v3::Response::new(event_id)))
 }
 
-/// A canonical alias must point at this room.
-async fn check_canonical_alias(services: &Services, room_id: &RoomId, content: &JsonValue) -> Result<()> {
-    let aliases = content["alias"]
-        .as_str()
-        .into_iter()
-        .chain(content["alt_aliases"].as_array().into_iter().flatten().filter_map(|a| a.as_str()));
-    for alias in aliases {
-        match services.store.alias(alias).await? {
-            Some((target, _)) if target == room_id.as_str() => {}
-            _ => return Err(Error::BadAlias(format!("{alias} does not point to this room"))),
-        }
-    }
-    Ok(())
-}
-
 /// `GET /_matrix/client/v3/rooms/{roomId}/members`
 pub async fn members(
     State(services): State<Arc<Services>>,
     req: Ruma<get_member_events::v3::Request>,
 ) -> Result<RumaResponse<get_member_events::v3::Response>> {
     let user = req.user()?.clone();
-    require_joined_room(&services, &req.body.room_id, &user.user_id).await?;
+    services.rooms.require_state_reader(&req.body.room_id, &user.user_id).await?;
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
     let membership = req.body.membership.as_ref().map(|m| m.to_string());
     let not_membership = req.body.not_membership.as_ref().map(|m| m.to_string());
     let mut chunk = Vec::new();
-    for row in services.store.current_state(req.body.room_id.as_str()).await? {
+    for row in services.state.current_events(&req.body.room_id).await? {
         if row.event_type != "m.room.member" {
             continue;
         }
@@ -428,21 +301,8 @@ pub async fn joined_members_list(
     req: Ruma<joined_members::v3::Request>,
 ) -> Result<RumaResponse<joined_members::v3::Response>> {
     let user = req.user()?.clone();
-    require_joined_room(&services, &req.body.room_id, &user.user_id).await?;
-    let mut joined = BTreeMap::new();
-    for member in services.store.room_members(req.body.room_id.as_str(), "join").await? {
-        let Some(row) = services.store.current_state_event(req.body.room_id.as_str(), "m.room.member", &member).await?
-        else {
-            continue;
-        };
-        let pdu: JsonValue = serde_json::from_str(&row.json).unwrap_or_default();
-        let mut info = joined_members::v3::RoomMember::new();
-        info.display_name = pdu["content"]["displayname"].as_str().map(str::to_owned);
-        info.avatar_url = pdu["content"]["avatar_url"].as_str().map(|s| s.into());
-        if let Ok(id) = OwnedUserId::try_from(member) {
-            joined.insert(id, info);
-        }
-    }
+    services.rooms.require_state_reader(&req.body.room_id, &user.user_id).await?;
+    let joined = services.rooms.joined_member_profiles(&req.body.room_id).await?;
     Ok(RumaResponse(joined_members::v3::Response::new(joined)))
 }
 
@@ -452,14 +312,7 @@ pub async fn alias_create(
     req: Ruma<create_alias::v3::Request>,
 ) -> Result<RumaResponse<create_alias::v3::Response>> {
     let user = req.user()?.clone();
-    let alias = req.body.room_alias;
-    if alias.server_name() != services.settings.server_name {
-        return Err(Error::InvalidParam("Aliases must be on this server".to_owned()));
-    }
-    services.rooms.require_joined(req.body.room_id.as_str(), user.user_id.as_str()).await?;
-    if !services.store.create_alias(alias.as_str(), req.body.room_id.as_str(), user.user_id.as_str(), now_ms()).await? {
-        return Err(Error::Conflict("The room alias already exists".to_owned()));
-    }
+    services.rooms.create_alias(&req.body.room_alias, &req.body.room_id, &user.user_id).await?;
     Ok(RumaResponse(create_alias::v3::Response::new()))
 }
 
@@ -476,9 +329,7 @@ pub async fn alias_get(
         let (room_id, servers) = services.rooms.remote_alias(alias).await?;
         return Ok(RumaResponse(get_alias::v3::Response::new(room_id, servers)));
     }
-    let (room_id, _) =
-        services.store.alias(alias.as_str()).await?.ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
-    let room_id = RoomId::parse(room_id).map_err(|e| Error::internal(e.to_string()))?;
+    let room_id = services.rooms.alias_target(alias).await?;
     Ok(RumaResponse(get_alias::v3::Response::new(room_id, vec![services.settings.server_name.clone()])))
 }
 
@@ -488,23 +339,7 @@ pub async fn alias_delete(
     req: Ruma<delete_alias::v3::Request>,
 ) -> Result<RumaResponse<delete_alias::v3::Response>> {
     let user = req.user()?.clone();
-    let (room_id, creator) = services
-        .store
-        .alias(req.body.room_alias.as_str())
-        .await?
-        .ok_or_else(|| Error::NotFound("Unknown room alias".to_owned()))?;
-    // The alias's creator and server admins may delete it; anybody else needs to be in the
-    // room with the power to change its canonical alias (power levels outlive a membership:
-    // a kicked moderator keeps their entry).
-    let admin = services.store.user(user.user_id.as_str()).await?.is_some_and(|u| u.is_admin);
-    if creator != user.user_id.as_str()
-        && !admin
-        && !(services.rooms.membership(&room_id, user.user_id.as_str()).await?.as_deref() == Some("join")
-            && services.rooms.can_send_state(&room_id, &user.user_id, "m.room.canonical_alias").await?)
-    {
-        return Err(Error::Forbidden("You may not delete this alias".to_owned()));
-    }
-    services.store.delete_alias(req.body.room_alias.as_str()).await?;
+    services.rooms.delete_alias(&req.body.room_alias, &user.user_id).await?;
     Ok(RumaResponse(delete_alias::v3::Response::new()))
 }
 
@@ -513,12 +348,8 @@ pub async fn visibility_get(
     State(services): State<Arc<Services>>,
     req: Ruma<get_room_visibility::v3::Request>,
 ) -> Result<RumaResponse<get_room_visibility::v3::Response>> {
-    let room = services
-        .store
-        .room(req.body.room_id.as_str())
-        .await?
-        .ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
-    let visibility = if room.published { Visibility::Public } else { Visibility::Private };
+    let published = services.rooms.is_published(&req.body.room_id).await?;
+    let visibility = if published { Visibility::Public } else { Visibility::Private };
     Ok(RumaResponse(get_room_visibility::v3::Response::new(visibility)))
 }
 
@@ -528,15 +359,7 @@ pub async fn visibility_set(
     req: Ruma<set_room_visibility::v3::Request>,
 ) -> Result<RumaResponse<set_room_visibility::v3::Response>> {
     let user = req.user()?.clone();
-    let room_id = req.body.room_id.as_str();
-    services.store.room(room_id).await?.ok_or_else(|| Error::NotFound("Unknown room".to_owned()))?;
-    // Only a member with the power to change the canonical alias (as Synapse): power levels
-    // outlive a membership, a kicked moderator keeps their entry.
-    services.rooms.require_joined(room_id, user.user_id.as_str()).await?;
-    if !services.rooms.can_send_state(room_id, &user.user_id, "m.room.canonical_alias").await? {
-        return Err(Error::Forbidden("You may not change the directory visibility of this room".to_owned()));
-    }
-    services.store.set_room_published(room_id, req.body.visibility == Visibility::Public).await?;
+    services.rooms.set_published(&req.body.room_id, &user.user_id, req.body.visibility == Visibility::Public).await?;
     Ok(RumaResponse(set_room_visibility::v3::Response::new()))
 }
 

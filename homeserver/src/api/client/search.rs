@@ -16,7 +16,11 @@ use serde_json::json;
 use crate::{
     api::ruma::{Ruma, RumaResponse},
     error::{Error, Result},
-    service::{Services, events::Viewer, sync::event_filter_from_json},
+    service::{
+        Services,
+        events::{SearchQuery, Viewer},
+        sync::event_filter_from_json,
+    },
 };
 
 const PAGE: i64 = 20;
@@ -61,7 +65,8 @@ pub async fn search(
     );
     let limit = i64::try_from(filter.limit).unwrap_or(PAGE).min(PAGE);
 
-    let rows = services.store.search_events(user.user_id.as_str(), &terms, &keys, by_rank, offset, limit + 1).await?;
+    let query = SearchQuery { terms: &terms, keys: &keys, by_rank, offset, limit: limit + 1 };
+    let rows = services.events.search(&user.user_id, &query).await?;
     let more = i64::try_from(rows.len()).unwrap_or(0) > limit;
     let viewer = Viewer { user_id: user.user_id.as_str(), device_id: user.device_id.as_str() };
     let mut results = Vec::new();
@@ -74,8 +79,7 @@ pub async fn search(
             continue;
         }
         let mut result = SearchResult::new();
-        // FTS5's bm25 is "lower is better"; clients expect "higher is better".
-        result.rank = Some(if services.store.backend() == crate::store::Backend::Sqlite { -rank } else { rank });
+        result.rank = Some(rank);
         result.result = Some(services.relations.raw_client_event_bundled(&row, viewer, true).await?);
         results.push(result);
     }

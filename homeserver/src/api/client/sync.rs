@@ -61,7 +61,7 @@ pub async fn filter_create(
         return Err(Error::Forbidden("You may only create filters for yourself".to_owned()));
     }
     let json = serde_json::to_string(&req.body.filter).map_err(|e| Error::internal(e.to_string()))?;
-    let id = services.store.create_filter(user.user_id.as_str(), &json).await?;
+    let id = services.sync.create_filter(&user.user_id, &json).await?;
     Ok(RumaResponse(create_filter::v3::Response::new(id.to_string())))
 }
 
@@ -76,7 +76,7 @@ pub async fn filter_get(
     }
     let not_found = || Error::NotFound("Unknown filter".to_owned());
     let id: i64 = req.body.filter_id.parse().map_err(|_| not_found())?;
-    let json = services.store.filter(user.user_id.as_str(), id).await?.ok_or_else(not_found)?;
+    let json = services.sync.filter_json(&user.user_id, id).await?.ok_or_else(not_found)?;
     let filter = serde_json::from_str(&json).map_err(|e| Error::internal(e.to_string()))?;
     Ok(RumaResponse(get_filter::v3::Response::new(filter)))
 }

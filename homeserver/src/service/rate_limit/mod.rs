@@ -9,6 +9,7 @@
 
 mod buckets;
 
+use ruma::events::room::member::MembershipState;
 use std::{
     collections::HashSet,
     net::IpAddr,
@@ -250,7 +251,7 @@ impl super::Services {
         if self.rate_limits.classes.is_none() || self.rate_limits.exempt(Some(user)) {
             return Ok(());
         }
-        if self.rooms.membership(room_id.as_str(), user.as_str()).await?.as_deref() == Some("join") {
+        if self.rooms.membership(room_id.as_str(), user.as_str()).await? == Some(MembershipState::Join) {
             return Ok(());
         }
         let local = self.store.room(room_id.as_str()).await?.is_some() && self.servers.we_are_in(room_id).await?;
